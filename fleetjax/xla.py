@@ -1,0 +1,197 @@
+"""implementation="xla": the chunked form in pure jnp, with a memory-lean custom VJP.
+
+Chunked form (DESIGN.md section 1), chunk of C positions, local index i, state S entering the chunk:
+
+    o_i    = scale * ( gamma^(i+1) q_i^T S  +  sum_{j <= i} gamma^(i-j) (q_i . k_j) v_j )
+    S_next = gamma^len S  +  sum_j gamma^(len-1-j) k_j v_j^T        (len = C except in the last chunk)
+
+The intra-chunk part of every chunk is computed at once as batched [C, C] products; the state is passed
+between chunks by a ``jax.lax.scan``. What is kept in memory: the inputs in chunk layout (float32), one
+[B, H, C, C] float32 score block per chunk (T * C per head, never T x T), the output, and a single
+[B, H, K, V] float32 carry: no state of every chunk. The backward pass recomputes instead of storing: its
+residuals are the inputs and the final state. It runs the forward with roles swapped for dq (query=dO,
+key=v, value=k) and one reverse scan that yields dk, dv and the initial-state gradient together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fleetjax.decay_grad import log_decay_grad
+
+f32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class XlaConfig:
+    """chunk_size: positions per chunk (the last chunk may be shorter)."""
+
+    chunk_size: int = 64
+
+    def __post_init__(self):
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ValueError(f"XlaConfig.chunk_size must be a positive int, got {self.chunk_size!r}")
+
+
+def default_config(q: jax.Array, v: jax.Array) -> XlaConfig:
+    del q, v
+    return XlaConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chunks:
+    """Static geometry of T positions cut into n chunks of C (numpy, known at trace time)."""
+
+    T: int
+    C: int
+
+    @property
+    def n(self) -> int:
+        return -(-self.T // self.C)
+
+    @property
+    def lengths(self) -> np.ndarray:  # [n]
+        return np.minimum(self.C, self.T - self.C * np.arange(self.n))
+
+    def split(self, x: jax.Array) -> jax.Array:
+        """[B, T, H, D] -> [n, B, H, C, D], zero padded."""
+        B, _, H, D = x.shape
+        x = jnp.pad(x, ((0, 0), (0, self.n * self.C - self.T), (0, 0), (0, 0)))
+        return x.reshape(B, self.n, self.C, H, D).transpose(1, 0, 3, 2, 4)
+
+    def merge(self, x: jax.Array) -> jax.Array:
+        """[n, B, H, C, D] -> [B, T, H, D]."""
+        n, B, H, C, D = x.shape
+        return x.transpose(1, 0, 3, 2, 4).reshape(B, n * C, H, D)[:, :self.T]
+
+    def decays(self, log_decay: jax.Array) -> dict[str, jax.Array]:
+        """Decay factors, each exp(exponent * log decay) with the exponent masked before exp."""
+        i = np.arange(self.C)
+        lengths = self.lengths[:, None]
+        lag = i[:, None] - i[None, :]
+        lg = log_decay[None, None, :, None]  # [1, 1, H, 1]
+        entering = (i + 1)[None, None, None, :] * lg  # [1, 1, H, C]: gamma^(i+1)
+        leaving = jnp.where(i[None] < lengths, lengths - 1 - i[None], 0)  # [n, C]
+        leaving = jnp.where((i[None] < lengths)[:, None, None, :], jnp.exp(leaving[:, None, None, :] * lg), 0.0)
+        intra = jnp.where(lag >= 0, lag, 0)[None, None, None] * log_decay[None, None, :, None, None]
+        return dict(
+            entering=jnp.exp(entering)[..., None],  # [1, 1, H, C, 1]
+            leaving=leaving[..., None],  # [n, 1, H, C, 1]
+            intra=jnp.where(lag >= 0, jnp.exp(intra), 0.0),  # [1, 1, H, C, C]
+            carry=jnp.exp(self.lengths[:, None, None] * log_decay[None, None, :]),  # [n, 1, H]
+        )
+
+    def runs(self, run_ids: jax.Array) -> jax.Array:
+        """[B, T] -> [n, B, C], edge padded (padding joins the last run; its k, v are zero)."""
+        padded = jnp.pad(run_ids, ((0, 0), (0, self.n * self.C - self.T)), mode="edge")
+        return padded.reshape(run_ids.shape[0], self.n, self.C).transpose(1, 0, 2)
+
+
+def _dot(spec: str, a, b, precision):
+    return jnp.einsum(spec, a, b, precision=precision, preferred_element_type=f32)
+
+
+def _precision(dtype) -> jax.lax.Precision:
+    # float32 inputs get full-precision products (tf32 on GPU would miss the 1e-5 contract).
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+def _causal_pass(q, k, v, log_decay, initial_state, run_ids, scale, chunk_size, precision):
+    """The forward op in float32: (o [B, T, H, V], final state [B, H, K, V])."""
+    geo = _Chunks(q.shape[1], min(chunk_size, q.shape[1]))
+    qc, kc, vc = (geo.split(x.astype(f32)) for x in (q, k, v))
+    d = geo.decays(log_decay)
+    intra = d["intra"]
+    q_factor, k_factor, carry = d["entering"], d["leaving"], d["carry"]
+    if run_ids is not None:
+        rc = geo.runs(run_ids)  # [n, B, C]
+        before = jnp.concatenate([jnp.zeros_like(rc[:1, :, 0]), rc[:-1, :, -1]])  # [n, B]
+        last = rc[:, :, -1]
+        intra = intra * (rc[:, :, None, :, None] == rc[:, :, None, None, :])
+        q_factor = q_factor * (rc == before[..., None])[:, :, None, :, None]
+        k_factor = k_factor * (rc == last[..., None])[:, :, None, :, None]
+        carry = carry * (last == before)[..., None]
+    scores = _dot("nbhik,nbhjk->nbhij", qc, kc, precision) * intra
+    o_intra = _dot("nbhij,nbhjv->nbhiv", scores, vc, precision)
+
+    def step(state, xs):
+        q_n, k_n, v_n, carry_n = xs
+        o_n = _dot("bhik,bhkv->bhiv", q_n, state, precision)
+        state = carry_n[..., None, None] * state + _dot("bhjk,bhjv->bhkv", k_n, v_n, precision)
+        return state, o_n
+
+    carry = jnp.broadcast_to(carry, (geo.n,) + qc.shape[1:3])
+    final_state, o_inter = jax.lax.scan(step, initial_state, (qc * q_factor, kc * k_factor, vc, carry))
+    return geo.merge(scale * (o_intra + o_inter)), final_state
+
+
+def _anticausal_pass(q, k, v, do, log_decay, d_final_state, run_ids, scale, chunk_size, precision):
+    """dk, dv [B, T, H, *] and d initial_state from one reverse scan over chunks.
+
+    The reverse state R (K x V) collects scale * gamma^(t-s+1) q_t dO_t^T of the later positions, starting
+    from the final state's cotangent; dk_s = gamma^(len-1-j) R v_s and dv_s = gamma^(len-1-j) R^T k_s.
+    """
+    geo = _Chunks(q.shape[1], min(chunk_size, q.shape[1]))
+    qc, kc, vc, dc = (geo.split(x.astype(f32)) for x in (q, k, v, do))
+    d = geo.decays(log_decay)
+    intra = d["intra"]
+    q_factor, k_factor, carry = d["entering"], d["leaving"], d["carry"]
+    if run_ids is not None:
+        rc = geo.runs(run_ids)
+        first = rc[:, :, 0]
+        after = jnp.concatenate([rc[1:, :, 0], rc[-1:, :, -1]])  # run reached by R from the right
+        intra = intra * (rc[:, :, None, :, None] == rc[:, :, None, None, :])
+        q_factor = q_factor * (rc == first[..., None])[:, :, None, :, None]
+        k_factor = k_factor * (rc == after[..., None])[:, :, None, :, None]
+        carry = carry * (first == after)[..., None]
+    weights = scale * intra  # [i, j], i >= j
+    scores = _dot("nbhik,nbhjk->nbhij", qc, kc, precision) * weights
+    d_scores = _dot("nbhiv,nbhjv->nbhij", dc, vc, precision) * weights
+    dv_intra = _dot("nbhij,nbhiv->nbhjv", scores, dc, precision)
+    dk_intra = _dot("nbhij,nbhik->nbhjk", d_scores, qc, precision)
+
+    def step(r, xs):
+        qd_n, d_n, kd_n, vd_n, carry_n = xs
+        dk_n = _dot("bhjv,bhkv->bhjk", vd_n, r, precision)
+        dv_n = _dot("bhjk,bhkv->bhjv", kd_n, r, precision)
+        r = carry_n[..., None, None] * r + scale * _dot("bhik,bhiv->bhkv", qd_n, d_n, precision)
+        return r, (dk_n, dv_n)
+
+    carry = jnp.broadcast_to(carry, (geo.n,) + qc.shape[1:3])
+    d_initial, (dk_inter, dv_inter) = jax.lax.scan(
+        step, d_final_state, (qc * q_factor, dc, kc * k_factor, vc * k_factor, carry), reverse=True)
+    return geo.merge(dk_intra + dk_inter), geo.merge(dv_intra + dv_inter), d_initial
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _xla(q, k, v, log_decay, initial_state, run_ids, scale, chunk_size):
+    return _causal_pass(q, k, v, log_decay, initial_state, run_ids, scale, chunk_size, _precision(q.dtype))
+
+
+def _xla_fwd(q, k, v, log_decay, initial_state, run_ids, scale, chunk_size):
+    o, final_state = _xla(q, k, v, log_decay, initial_state, run_ids, scale, chunk_size)
+    return (o, final_state), (q, k, v, log_decay, initial_state, run_ids, final_state)
+
+
+def _xla_bwd(scale, chunk_size, residuals, cotangents):
+    q, k, v, log_decay, initial_state, run_ids, final_state = residuals
+    do, d_final = cotangents
+    precision = _precision(q.dtype)
+    dq, _ = _causal_pass(do, v, k, log_decay, jnp.swapaxes(initial_state, -1, -2), run_ids, scale,
+                         chunk_size, precision)
+    dk, dv, d_initial = _anticausal_pass(q, k, v, do, log_decay, d_final, run_ids, scale, chunk_size, precision)
+    d_log_decay = log_decay_grad(q, dq, k, dk, final_state, d_final)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_log_decay, d_initial, None)
+
+
+_xla.defvjp(_xla_fwd, _xla_bwd)
+
+
+def xla_impl(q, k, v, log_decay, initial_state, run_ids, *, scale: float, config: XlaConfig):
+    """Chunked pure-jnp implementation; returns (o float32 [B, T, H, V], final state [B, H, K, V])."""
+    return _xla(q, k, v, log_decay, initial_state, run_ids, scale, config.chunk_size)
