@@ -1,0 +1,237 @@
+"""Flax layers built on :func:`fleetjax.fleet_attention`.
+
+``FleetAttention`` (flax.nnx, this module) and ``fleetjax.nn.linen.FleetAttention`` (flax.linen) are the same
+multi-head layer (RetNet's multi-scale retention, arXiv:2307.08621, without the rotary part):
+
+    q, k, v = x W_q, x W_k, x W_v                       split into H heads: [B, T, H, K], [B, T, H, V]
+    o       = fleet_attention(q, k, v, decay, scale)    per-head decay in (0, 1), decay = sigmoid(decay_logit)
+    o       = RMSNorm_per_head(o)                       optional (normalize_heads)
+    o       = o * swish(x W_g)                          optional (output_gate)
+    y       = o W_o                                     [B, T, out_features]
+
+The decay is learned through its logit, so it stays inside (0, 1) whatever the optimizer does and its
+gradient flows from the op's custom VJP through the sigmoid. The default initialisation is RetNet's
+multi-scale schedule: decay_h = 1 - 2^(-e_h) with exponents e_h spread evenly over [5, 12] (exactly RetNet's
+1 - 2^(-5-h) for 8 heads), so the heads remember from about 32 to about 4096 positions.
+
+Decoding keeps the [B, H, K, V] float32 state in a cache: one new token costs O(1) work (``decode_step``);
+several tokens at once (a prompt) go through ``fleet_attention(..., initial_state=cache,
+return_final_state=True)``. Feeding a sequence token by token equals the full forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fleetjax.api import decode_step, fleet_attention
+
+__all__ = ["FleetAttention", "multiscale_decays", "decay_logits_init"]
+
+f32 = jnp.float32
+Dtype = Any
+
+
+def multiscale_decays(num_heads: int, exponent_range: tuple[float, float] = (5.0, 12.0)) -> np.ndarray:
+    """RetNet's multi-scale decays [H] float64: 1 - 2^(-e_h), e_h evenly spaced over ``exponent_range``.
+
+    With 8 heads and the default range this is RetNet's 1 - 2^(-5-h), h = 0..7.
+    """
+    if not isinstance(num_heads, (int, np.integer)) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    low, high = exponent_range
+    if not 0 < low <= high:
+        raise ValueError(f"exponent_range must satisfy 0 < low <= high, got {exponent_range!r}")
+    exponents = np.linspace(low, high, num_heads) if num_heads > 1 else np.array([low], np.float64)
+    return 1.0 - np.exp2(-exponents)
+
+
+def decay_logits_init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = f32) -> jax.Array:
+    """Initializer of the decay logits [H]: logit(multiscale_decays(H)); ``key`` is unused (deterministic)."""
+    del key
+    (num_heads,) = shape
+    decays = multiscale_decays(num_heads)
+    return jnp.asarray(np.log(decays) - np.log1p(-decays), dtype)
+
+
+def decay_from_logits(logits: jax.Array) -> jax.Array:
+    """[H] logits -> [H] float32 decays in (0, 1)."""
+    return jax.nn.sigmoid(jnp.asarray(logits, f32))
+
+
+def head_rms_norm(o: jax.Array, scale: jax.Array | None, eps: float = 1e-6) -> jax.Array:
+    """RMS normalization over the last axis of o [B, T, H, V] in float32, times scale [H, V] if given."""
+    o32 = o.astype(f32)
+    o32 = o32 * jax.lax.rsqrt(jnp.mean(jnp.square(o32), axis=-1, keepdims=True) + eps)
+    if scale is not None:
+        o32 = o32 * jnp.asarray(scale, f32)
+    return o32.astype(o.dtype)
+
+
+def check_layer_input(x: jax.Array, in_features: int | None, segment_ids: jax.Array | None) -> None:
+    """x [B, T, F] float with F = in_features (when known); segment_ids None or [B, T] integers."""
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        raise TypeError(f"x must have a floating dtype, got {jnp.result_type(x)}")
+    if x.ndim != 3:
+        raise ValueError(f"x must have shape [B, T, features], got shape {x.shape}")
+    if in_features is not None and x.shape[-1] != in_features:
+        raise ValueError(f"x must have {in_features} features (in_features), got shape {x.shape}")
+    if segment_ids is not None:
+        if not jnp.issubdtype(jnp.result_type(segment_ids), jnp.integer):
+            raise TypeError(f"segment_ids must have an integer dtype, got {jnp.result_type(segment_ids)}")
+        if tuple(segment_ids.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"segment_ids must have shape [B, T] = {tuple(x.shape[:2])}, "
+                             f"got {tuple(segment_ids.shape)}")
+
+
+def retention(q: jax.Array, k: jax.Array, v: jax.Array, decay: jax.Array, *, scale: float,
+              segment_ids: jax.Array | None, implementation: str | None, config: Any,
+              state: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+    """The attention core shared by both layers: (o [B, T, H, V], new state or None).
+
+    ``state`` None: the plain forward over the sequence. ``state`` [B, H, K, V]: decoding; one position with
+    no segment ids takes ``decode_step`` (O(1) per token), several positions continue from the state with
+    ``fleet_attention(initial_state=state, return_final_state=True)``.
+    """
+    if state is None:
+        o = fleet_attention(q, k, v, decay, scale=scale, segment_ids=segment_ids,
+                            implementation=implementation, config=config)
+        return o, None
+    if q.shape[1] == 1 and segment_ids is None:
+        o_t, new_state = decode_step(q[:, 0], k[:, 0], v[:, 0], decay, state.astype(f32), scale=scale)
+        return o_t[:, None], new_state.astype(state.dtype)
+    o, new_state = fleet_attention(q, k, v, decay, scale=scale, initial_state=state.astype(f32),
+                                   return_final_state=True, segment_ids=segment_ids,
+                                   implementation=implementation, config=config)
+    return o, new_state.astype(state.dtype)
+
+
+def _split_features(name: str, features: int, num_heads: int) -> int:
+    if features % num_heads:
+        raise ValueError(f"{name} ({features}) must be divisible by num_heads ({num_heads})")
+    return features // num_heads
+
+
+class FleetAttention(nnx.Module):
+    """Multi-head decaying linear attention (retention) for flax.nnx: [B, T, in_features] -> [B, T, out_features].
+
+    Example::
+
+        layer = FleetAttention(256, 8, rngs=nnx.Rngs(0))
+        y = layer(x)                                  # x [B, T, 256]
+        layer.init_cache((B, 1, 256))
+        y_t = layer(x_t, decode=True)                 # x_t [B, 1, 256], O(1) per token
+
+    Args:
+      in_features: features of the input.
+      num_heads: number of heads H; each has its own learned decay.
+      qkv_features: total query/key features (H * K); defaults to in_features.
+      value_features: total value features (H * V); defaults to qkv_features.
+      out_features: output features; defaults to in_features.
+      normalize_heads: RMS-normalize each head's output (learned scale [H, V]), as RetNet's group norm.
+      output_gate: multiply by swish(x W_g) before the output projection, as RetNet does.
+      use_bias: biases in the projections.
+      scale: multiplies every attention output; defaults to K^-1/2.
+      dtype: computation dtype (None: from the input and parameters); param_dtype: parameters' dtype.
+      kernel_init: initializer of the projection kernels.
+      decay_init: initializer of the decay logits [H] (default: RetNet's multi-scale schedule).
+      implementation, config: passed to :func:`fleetjax.fleet_attention` ("pallas", "xla", ...).
+      decode: default of ``__call__``'s decode flag.
+      rngs: random keys for the parameters.
+    """
+
+    def __init__(self, in_features: int, num_heads: int, *, qkv_features: int | None = None,
+                 value_features: int | None = None, out_features: int | None = None,
+                 normalize_heads: bool = True, output_gate: bool = True, use_bias: bool = False,
+                 scale: float | None = None, dtype: Dtype | None = None, param_dtype: Dtype = f32,
+                 kernel_init: Callable = nnx.initializers.lecun_normal(),
+                 decay_init: Callable = decay_logits_init, implementation: str | None = None,
+                 config: Any = None, decode: bool = False, rngs: nnx.Rngs):
+        for name, value in (("in_features", in_features), ("num_heads", num_heads)):
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.in_features = int(in_features)
+        self.num_heads = int(num_heads)
+        self.qkv_features = int(qkv_features or in_features)
+        self.value_features = int(value_features or self.qkv_features)
+        self.out_features = int(out_features or in_features)
+        self.head_dim = _split_features("qkv_features", self.qkv_features, num_heads)
+        self.value_head_dim = _split_features("value_features", self.value_features, num_heads)
+        self.scale = float(self.head_dim ** -0.5 if scale is None else scale)
+        self.normalize_heads = normalize_heads
+        self.output_gate = output_gate
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.implementation = implementation
+        self.config = config
+        self.decode = decode
+
+        def linear(n_in: int, n_out: int) -> nnx.Linear:
+            return nnx.Linear(n_in, n_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                              kernel_init=kernel_init, rngs=rngs)
+
+        self.query = linear(self.in_features, self.qkv_features)
+        self.key = linear(self.in_features, self.qkv_features)
+        self.value = linear(self.in_features, self.value_features)
+        self.gate = linear(self.in_features, self.value_features) if output_gate else nnx.data(None)
+        self.out = linear(self.value_features, self.out_features)
+        self.decay_logit = nnx.Param(decay_init(rngs.params(), (self.num_heads,), param_dtype))
+        self.head_norm_scale = (nnx.Param(jnp.ones((self.num_heads, self.value_head_dim), param_dtype))
+                                if normalize_heads else nnx.data(None))
+        self.cached_state: nnx.Cache | None = nnx.data(None)
+        self.cache_index: nnx.Cache | None = nnx.data(None)
+
+    @property
+    def decay(self) -> jax.Array:
+        """The per-head decays [H] float32, in (0, 1)."""
+        return decay_from_logits(self.decay_logit[...])
+
+    def init_cache(self, input_shape: tuple[int, ...], dtype: Dtype = f32) -> None:
+        """Create the decoding cache (zero state) for inputs of shape [B, T, in_features] (T is ignored).
+
+        The cache holds ``cached_state`` [B, H, K, V] (``dtype``, float32 recommended: it is the running sum)
+        and ``cache_index``, the number of positions decoded so far.
+        """
+        if len(input_shape) not in (2, 3) or input_shape[-1] != self.in_features:
+            raise ValueError(f"input_shape must be [B, T, {self.in_features}] or [B, {self.in_features}], "
+                             f"got {tuple(input_shape)}")
+        shape = (input_shape[0], self.num_heads, self.head_dim, self.value_head_dim)
+        self.cached_state = nnx.Cache(jnp.zeros(shape, dtype))
+        self.cache_index = nnx.Cache(jnp.array(0, jnp.int32))
+
+    def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
+                 decode: bool | None = None) -> jax.Array:
+        """x [B, T, in_features] -> [B, T, out_features].
+
+        segment_ids [B, T]: packed sequences, positions of different segments never interact.
+        decode: continue from the cache (``init_cache`` first) and update it; any T is allowed, T = 1 is the
+        O(1) step. None takes the constructor's flag.
+        """
+        check_layer_input(x, self.in_features, segment_ids)
+        decode = self.decode if decode is None else decode
+        B, T, _ = x.shape
+        q = self.query(x).reshape(B, T, self.num_heads, self.head_dim)
+        k = self.key(x).reshape(B, T, self.num_heads, self.head_dim)
+        v = self.value(x).reshape(B, T, self.num_heads, self.value_head_dim)
+        state = None
+        if decode:
+            if self.cached_state is None:
+                raise ValueError("decode=True needs the cache: call init_cache(input_shape) first")
+            state = self.cached_state[...]
+            if state.shape[0] != B:
+                raise ValueError(f"the cache was made for batch {state.shape[0]}, got x of shape {x.shape}")
+        o, new_state = retention(q, k, v, self.decay, scale=self.scale, segment_ids=segment_ids,
+                                 implementation=self.implementation, config=self.config, state=state)
+        if decode:
+            self.cached_state[...] = new_state
+            self.cache_index[...] += T
+        if self.normalize_heads:
+            o = head_rms_norm(o, self.head_norm_scale[...])
+        o = o.reshape(B, T, self.value_features)
+        if self.output_gate:
+            o = o * jax.nn.swish(self.gate(x)).astype(o.dtype)
+        return self.out(o)
