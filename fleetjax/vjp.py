@@ -1,39 +1,71 @@
-"""The decay gradient, shared by every custom VJP (DESIGN.md section 2).
+"""What every custom VJP of fleetjax shares (DESIGN.md section 2): the decay gradient and the terms of
+the final state's cotangent.
 
-    d log gamma = sum_t (t+1) q_t . dq_t - sum_s (s+1) k_s . dk_s + T <dS_T, S_T>
+    d log gamma = sum_{s <= t} (t - s) A_ts (q_t . k_s)(dO_t . v_s)  + initial- and final-state terms
 
-where dq, dk are the full gradients (initial-state and final-state terms included), S_T the final state and
-dS_T its cotangent (the initial state sits at position -1 and the final state at position T). Taken
-literally this subtracts two sums of size ~T * sum|q . dq| and cancels catastrophically in float32 at long
-T. Here every position is weighted by its offset inside a block of ``block`` positions, and the long-range
-part becomes sum_b len_b F_b, where F_b, the flow of (s, t) pairs across the boundary after block b, is a
-suffix sum of per-block differences: no term is ever multiplied by an absolute position.
+The identity  sum_t (t+1) q_t . dq_t - sum_s (s+1) k_s . dk_s + T <dS_T, S_T>  gives it from the gradients,
+but taken literally it cancels catastrophically in float32: at long T (absolute positions multiply huge
+sums) and at small decay (a lag-0 pair such as (q_t . k_t)(dO_t . v_t) dominates both sides while
+contributing nothing). So the backward kernels split their work:
+
+- intra-chunk pairs are summed directly with their lag as weight: ``intra`` [B, H, T] holds, per query
+  position i, sum_{j <= i in its chunk} (i - j) A_ij (q_i . k_j)(dO_i . v_j);
+- pairs across chunks enter the identity only through their inter-chunk parts ``w`` = q_t . dq_t^inter
+  (initial state included) and ``u`` = k_s . dk_s^inter, [B, H, T]; it is evaluated with offsets local to
+  blocks, the long-range part becoming sum_b len_b F_b, where F_b, the flow of pairs across the boundary
+  after block b, is a suffix sum of per-block differences: nothing is multiplied by an absolute position;
+- the final state's cotangent dS_T is kept out of the kernels (their reverse state starts at zero) and its
+  terms are computed here directly, each with its own weight (T-1-s): ``final_state_terms``. They are
+  skipped entirely when the cotangent is a symbolic zero (the final state was not used).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 f32 = jnp.float32
+HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def log_decay_grad(q: jax.Array, dq: jax.Array, k: jax.Array, dk: jax.Array, final_state: jax.Array,
-                   d_final_state: jax.Array, block: int = 64) -> jax.Array:
-    """d loss / d log decay [H] from q, dq, k, dk [B, T, H, K] and the final state and its cotangent
-    [B, H, K, V] (all read in float32)."""
-    B, T, H, _ = q.shape
-    w = jnp.einsum("bthk,bthk->bht", q.astype(f32), dq.astype(f32))
-    u = jnp.einsum("bthk,bthk->bht", k.astype(f32), dk.astype(f32))
+def is_zero(cotangent) -> bool:
+    return isinstance(cotangent, SymbolicZero)
+
+
+def log_decay_grad(w: jax.Array, u: jax.Array, intra: jax.Array, block: int = 64) -> jax.Array:
+    """d loss / d log decay [H] of the pairs among positions and of the initial state, from w, u, intra
+    [B, H, T] float32 (see the module docstring)."""
+    B, H, T = w.shape
     block = min(block, T)
     n = -(-T // block)
     diff = jnp.pad(w - u, ((0, 0), (0, 0), (0, n * block - T))).reshape(B, H, n, block)
     offsets = jnp.arange(1, block + 1, dtype=f32)
     local = jnp.sum(diff * offsets, axis=(-1, -2))  # [B, H]
     per_block = jnp.sum(diff, axis=-1)  # [B, H, n]
-    end_flow = jnp.sum(final_state.astype(f32) * d_final_state.astype(f32), axis=(-1, -2))  # [B, H]
-    # F_b = <dS_T, S_T> + sum_{m > b} per_block[m]: a reverse exclusive cumsum.
-    later = jnp.flip(jnp.cumsum(jnp.flip(per_block, -1), axis=-1), -1) - per_block
-    flow = end_flow[..., None] + later
+    # F_b = sum_{m > b} per_block[m]: a reverse exclusive cumsum.
+    flow = jnp.flip(jnp.cumsum(jnp.flip(per_block, -1), axis=-1), -1) - per_block
     lengths = jnp.full((n,), block, f32).at[-1].set(T - (n - 1) * block)
-    return jnp.sum(local + jnp.sum(flow * lengths, axis=-1), axis=0)
+    return jnp.sum(local + jnp.sum(flow * lengths, axis=-1) + jnp.sum(intra, axis=-1), axis=0)
+
+
+def final_state_terms(k: jax.Array, v: jax.Array, log_decay: jax.Array, initial_state: jax.Array,
+                      run_ids: jax.Array | None, d_final: jax.Array):
+    """The gradients that flow from the final state S_T = sum_s gamma^(T-1-s) k_s v_s^T (+ gamma^T S0 when the
+    row is one run): (dk [B, T, H, K], dv [B, T, H, V], d initial_state [B, H, K, V], d log decay [H])."""
+    B, T, H, _ = k.shape
+    s = jnp.arange(T)
+    lag = (T - 1 - s).astype(f32)
+    weight = jnp.exp(lag[None, :, None] * log_decay[None, None, :])  # [1, T, H]
+    whole = jnp.exp(T * log_decay)[None, :] * jnp.ones((B, 1), f32)  # [B, H]
+    if run_ids is not None:
+        weight = jnp.where((run_ids == run_ids[:, -1:])[:, :, None], weight, 0.0)  # [B, T, H]
+        whole = jnp.where((run_ids[:, -1] == 0)[:, None], whole, 0.0)
+    kf, vf, d_final = k.astype(f32), v.astype(f32), d_final.astype(f32)
+    dk_raw = jnp.einsum("bhkv,bshv->bshk", d_final, vf, precision=HIGHEST)
+    dv_raw = jnp.einsum("bhkv,bshk->bshv", d_final, kf, precision=HIGHEST)
+    pair = jnp.einsum("bshk,bshk->bsh", dk_raw, kf)  # k_s^T dS_T v_s
+    d_log_decay = (jnp.sum(lag[None, :, None] * weight * pair, axis=(0, 1))
+                   + jnp.sum(T * whole * jnp.sum(d_final * initial_state, axis=(-1, -2)), axis=0))
+    return (weight[..., None] * dk_raw, weight[..., None] * dv_raw, whole[..., None, None] * d_final,
+            d_log_decay)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fleetjax.decay_grad import log_decay_grad
+from fleetjax import vjp
 
 f32 = jnp.float32
 
@@ -101,8 +101,11 @@ def _precision(dtype) -> jax.lax.Precision:
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
-def _causal_pass(q, k, v, log_decay, initial_state, run_ids, scale, chunk_size, precision):
-    """The forward op in float32: (o [B, T, H, V], final state [B, H, K, V])."""
+def _causal_pass(q, k, v, log_decay, initial_state, run_ids, scale, chunk_size, precision, dot_with=None):
+    """The forward op in float32: (o [B, T, H, V], final state [B, H, K, V]).
+
+    With ``dot_with`` [B, T, H, V] (the dq pass: the original q), also returns dot_with_t . o_t^inter
+    [B, H, T], the inter-chunk part that fleetjax.vjp needs."""
     geo = _Chunks(q.shape[1], min(chunk_size, q.shape[1]))
     qc, kc, vc = (geo.split(x.astype(f32)) for x in (q, k, v))
     d = geo.decays(log_decay)
@@ -127,11 +130,16 @@ def _causal_pass(q, k, v, log_decay, initial_state, run_ids, scale, chunk_size, 
 
     carry = jnp.broadcast_to(carry, (geo.n,) + qc.shape[1:3])
     final_state, o_inter = jax.lax.scan(step, initial_state, (qc * q_factor, kc * k_factor, vc, carry))
-    return geo.merge(scale * (o_intra + o_inter)), final_state
+    o = geo.merge(scale * (o_intra + o_inter))
+    if dot_with is None:
+        return o, final_state
+    w = jnp.einsum("bthv,bthv->bht", geo.merge(scale * o_inter), dot_with.astype(f32))
+    return o, final_state, w
 
 
 def _anticausal_pass(q, k, v, do, log_decay, d_final_state, run_ids, scale, chunk_size, precision):
-    """dk, dv [B, T, H, *] and d initial_state from one reverse scan over chunks.
+    """dk, dv [B, T, H, *], d initial_state, and the decay-gradient parts u, intra [B, H, T] (see
+    fleetjax.vjp) from one reverse scan over chunks.
 
     The reverse state R (K x V) collects scale * gamma^(t-s+1) q_t dO_t^T of the later positions, starting
     from the final state's cotangent; dk_s = gamma^(len-1-j) R v_s and dv_s = gamma^(len-1-j) R^T k_s.
@@ -151,7 +159,10 @@ def _anticausal_pass(q, k, v, do, log_decay, d_final_state, run_ids, scale, chun
         carry = carry * (first == after)[..., None]
     weights = scale * intra  # [i, j], i >= j
     scores = _dot("nbhik,nbhjk->nbhij", qc, kc, precision) * weights
-    d_scores = _dot("nbhiv,nbhjv->nbhij", dc, vc, precision) * weights
+    d_products = _dot("nbhiv,nbhjv->nbhij", dc, vc, precision)
+    d_scores = d_products * weights
+    lag = np.arange(geo.C)[:, None] - np.arange(geo.C)[None, :]
+    intra_lag = jnp.sum(scores * d_products * np.maximum(lag, 0), axis=-1)  # [n, B, H, C]
     dv_intra = _dot("nbhij,nbhiv->nbhjv", scores, dc, precision)
     dk_intra = _dot("nbhij,nbhik->nbhjk", d_scores, qc, precision)
 
@@ -165,7 +176,9 @@ def _anticausal_pass(q, k, v, do, log_decay, d_final_state, run_ids, scale, chun
     carry = jnp.broadcast_to(carry, (geo.n,) + qc.shape[1:3])
     d_initial, (dk_inter, dv_inter) = jax.lax.scan(
         step, d_final_state, (qc * q_factor, dc, kc * k_factor, vc * k_factor, carry), reverse=True)
-    return geo.merge(dk_intra + dk_inter), geo.merge(dv_intra + dv_inter), d_initial
+    u = jnp.einsum("bthk,bthk->bht", geo.merge(dk_inter), k.astype(f32))
+    intra_lag = geo.merge(intra_lag[..., None])[..., 0].transpose(0, 2, 1)
+    return geo.merge(dk_intra + dk_inter), geo.merge(dv_intra + dv_inter), d_initial, u, intra_lag
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
@@ -174,22 +187,30 @@ def _xla(q, k, v, log_decay, initial_state, run_ids, scale, chunk_size):
 
 
 def _xla_fwd(q, k, v, log_decay, initial_state, run_ids, scale, chunk_size):
+    q, k, v, log_decay, initial_state, run_ids = jax.custom_derivatives.custom_vjp_primal_tree_values(
+        (q, k, v, log_decay, initial_state, run_ids))
     o, final_state = _xla(q, k, v, log_decay, initial_state, run_ids, scale, chunk_size)
-    return (o, final_state), (q, k, v, log_decay, initial_state, run_ids, final_state)
+    return (o, final_state), (q, k, v, log_decay, initial_state, run_ids)
 
 
 def _xla_bwd(scale, chunk_size, residuals, cotangents):
-    q, k, v, log_decay, initial_state, run_ids, final_state = residuals
+    q, k, v, log_decay, initial_state, run_ids = residuals
     do, d_final = cotangents
     precision = _precision(q.dtype)
-    dq, _ = _causal_pass(do, v, k, log_decay, jnp.swapaxes(initial_state, -1, -2), run_ids, scale,
-                         chunk_size, precision)
-    dk, dv, d_initial = _anticausal_pass(q, k, v, do, log_decay, d_final, run_ids, scale, chunk_size, precision)
-    d_log_decay = log_decay_grad(q, dq, k, dk, final_state, d_final)
+    do = jnp.zeros(v.shape, f32) if vjp.is_zero(do) else do
+    dq, _, w = _causal_pass(do, v, k, log_decay, jnp.swapaxes(initial_state, -1, -2), run_ids, scale,
+                            chunk_size, precision, dot_with=q)
+    zero_state = jnp.zeros(initial_state.shape, f32)
+    dk, dv, d_initial, u, intra = _anticausal_pass(q, k, v, do, log_decay, zero_state, run_ids, scale,
+                                                   chunk_size, precision)
+    d_log_decay = vjp.log_decay_grad(w, u, intra)
+    if not vjp.is_zero(d_final):
+        terms = vjp.final_state_terms(k, v, log_decay, initial_state, run_ids, d_final)
+        dk, dv, d_initial, d_log_decay = (a + b for a, b in zip((dk, dv, d_initial, d_log_decay), terms))
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_log_decay, d_initial, None)
 
 
-_xla.defvjp(_xla_fwd, _xla_bwd)
+_xla.defvjp(_xla_fwd, _xla_bwd, symbolic_zeros=True)
 
 
 def xla_impl(q, k, v, log_decay, initial_state, run_ids, *, scale: float, config: XlaConfig):
