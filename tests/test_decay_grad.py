@@ -1,0 +1,103 @@
+"""The decay gradient at long T (DESIGN.md section 2).
+
+    d log gamma = sum_{s <= t} (t - s) A_ts (q_t . k_s)(dO_t . v_s)  (+ initial- and final-state terms)
+                = sum_t t (q_t . dq_t) - sum_s s (k_s . dk_s)
+
+The second line, taken literally in float32, subtracts two sums of size ~T * sum |q . dq| and loses most
+digits at T = 16384. These tests hold the implementations with a custom VJP to the float64 recurrent
+oracle there, and show how much the literal identity loses (which is why the careful computation exists).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fleetjax
+import oracle
+
+LONG_T = 16384
+
+
+def _inputs(B, T, H, K, V, seed, initial_state, aligned=False):
+    """Random inputs and cotangents. ``aligned``: q_t = k_t and dO_t = v_t, so every lag-0 pair
+    (q_t . k_t)(dO_t . v_t) is positive: these pairs carry no decay gradient but dominate both sums of
+    the literal identity (queries that match their own keys do this in a trained model)."""
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+    x = dict(q=normal(B, T, H, K), k=normal(B, T, H, K), v=normal(B, T, H, V), do=normal(B, T, H, V),
+             initial_state=normal(B, H, K, V) if initial_state else None,
+             d_final=normal(B, H, K, V) if initial_state else None)
+    if aligned:
+        x["k"], x["do"] = x["q"], x["v"]
+    return x
+
+
+def test_recurrent_oracle_matches_quadratic_oracle():
+    """The O(T)-memory recurrence and the masked-matrix form agree, initial state, segments, final state
+    cotangent and all."""
+    B, T, H, K, V = 4, 150, 3, 4, 3
+    x = _inputs(B, T, H, K, V, 0, initial_state=True)
+    decay = np.array([1.0, 0.97, 0.3])
+    seg = oracle.segment_pattern(B, T, 5)
+    kw = dict(scale=0.6, initial_state=x["initial_state"], segment_ids=seg)
+    o, final = oracle.forward(x["q"], x["k"], x["v"], decay, **kw)
+    grads = oracle.gradients(x["q"], x["k"], x["v"], decay, do=x["do"], d_final=x["d_final"], **kw)
+    rec = oracle.recurrent(x["q"], x["k"], x["v"], decay, do=x["do"], d_final=x["d_final"], **kw)
+    np.testing.assert_allclose(rec["o"], o, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(rec["final_state"], final, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(rec["log_decay"], grads["log_decay"], rtol=1e-10)
+    np.testing.assert_allclose(rec["decay"], grads["decay"], rtol=1e-10)
+
+
+def _implementation_log_decay_grad(implementation, x, decay, scale=1.0):
+    """(d log decay [H], dq, dk) of <do, o> + <d_final, S_T> from the implementation's VJP."""
+    def f(q, k, v, log_decay):
+        o, final = fleetjax.fleet_attention(q, k, v, jnp.exp(log_decay), scale=scale,
+                                            initial_state=x["initial_state"], return_final_state=True,
+                                            implementation=implementation)
+        return o, final
+
+    @jax.jit
+    def run(q, k, v, log_decay, do, d_final):
+        (o, final), vjp = jax.vjp(f, q, k, v, log_decay)
+        dq, dk, _, dlog = vjp((do, jnp.zeros_like(final) if d_final is None else d_final))
+        return dlog, dq, dk
+
+    return run(x["q"], x["k"], x["v"], jnp.log(jnp.asarray(decay, jnp.float32)), x["do"], x["d_final"])
+
+
+@pytest.mark.parametrize("aligned", [False, True], ids=["random", "aligned"])
+@pytest.mark.parametrize("initial_state", [False, True], ids=["no-state", "initial+final-state"])
+def test_xla_decay_gradient_at_long_T(initial_state, aligned):
+    decay = np.array([0.999, 0.9], np.float32)
+    x = _inputs(1, LONG_T, 2, 8, 8, 1, initial_state, aligned)
+    dlog, _, _ = _implementation_log_decay_grad("xla", x, decay)
+    ref = oracle.recurrent(x["q"], x["k"], x["v"], decay, do=x["do"], d_final=x["d_final"],
+                           initial_state=x["initial_state"])
+    err = np.abs(np.asarray(dlog, np.float64) - ref["log_decay"]) / np.abs(ref["log_decay"])
+    assert np.all(err <= 1e-3), f"relative error per head {err} (oracle {ref['log_decay']}, got {dlog})"
+
+
+def test_literal_identity_in_float32_is_much_worse():
+    """sum_t t q.dq - sum_s s k.dk with absolute positions, in float32, from the very same dq and dk, on
+    aligned inputs: it misses the 1e-3 bound and is far worse than the implementation's d log decay.
+
+    (At decay 0.999 the true gradient is so large that the literal identity happens to survive; the
+    cancellation bites where the gradient is small against T * sum |q . dq|, that is at smaller decay.)
+    """
+    decay = np.array([0.9, 0.5], np.float32)
+    x = _inputs(1, LONG_T, 2, 8, 8, 1, initial_state=False, aligned=True)
+    dlog, dq, dk = _implementation_log_decay_grad("xla", x, decay)
+    ref = oracle.recurrent(x["q"], x["k"], x["v"], decay, do=x["do"])["log_decay"]
+
+    t = jnp.arange(LONG_T, dtype=jnp.float32)[None, :, None]
+    naive = (jnp.sum(t * jnp.sum(x["q"] * dq, axis=-1), axis=(0, 1))
+             - jnp.sum(t * jnp.sum(x["k"] * dk, axis=-1), axis=(0, 1)))
+    careful_err = np.abs(np.asarray(dlog, np.float64) - ref) / np.abs(ref)
+    naive_err = np.abs(np.asarray(naive, np.float64) - ref) / np.abs(ref)
+    assert np.all(careful_err <= 1e-3), careful_err
+    assert np.all(naive_err > 1e-3), naive_err
+    assert np.all(naive_err >= 30 * careful_err), (naive_err, careful_err)
