@@ -422,12 +422,20 @@ def _pallas_fleet(q, k, v, log_decay, initial_state, run_ids, scale, config):
 
 
 def _pallas_fleet_fwd(q, k, v, log_decay, initial_state, run_ids, scale, config):
+    # symbolic_zeros=True: the primals arrive wrapped; an unused output's cotangent stays a SymbolicZero,
+    # which lets the backward skip its terms (the final state's, most often).
+    q, k, v, log_decay, initial_state, run_ids = jax.custom_derivatives.custom_vjp_primal_tree_values(
+        (q, k, v, log_decay, initial_state, run_ids))
     o, final_state = _forward(q, k, v, log_decay, initial_state, run_ids, scale=scale, config=config)
-    return (o, final_state), (q, k, v, log_decay, initial_state, run_ids, final_state)
+    return (o, final_state), (q, k, v, log_decay, initial_state, run_ids)
 
 
 def _backward(scale: float, residuals, cotangents):
-    """The gradient; it does not depend on the forward's partition. Today: the chunked XLA backward."""
+    """The gradient; it does not depend on the forward's partition. Today: the chunked XLA backward.
+
+    residuals: (q, k, v, log_decay, initial_state, run_ids); cotangents: (do, d final state), either may be
+    a SymbolicZero. Returns the cotangents of (q, k, v, log_decay, initial_state, run_ids).
+    """
     return xla._xla_bwd(scale, 64, residuals, cotangents)
 
 
@@ -436,7 +444,7 @@ def _pallas_fleet_bwd(scale, config, residuals, cotangents):
     return _backward(scale, residuals, cotangents)
 
 
-_pallas_fleet.defvjp(_pallas_fleet_fwd, _pallas_fleet_bwd)
+_pallas_fleet.defvjp(_pallas_fleet_fwd, _pallas_fleet_bwd, symbolic_zeros=True)
 
 
 def pallas_fleet_impl(q, k, v, log_decay, initial_state, run_ids, *, scale: float, config: FleetConfig):
