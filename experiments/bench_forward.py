@@ -1,0 +1,57 @@
+"""Forward benchmark (issue 4): fleetjax's implementations against the peers, DESIGN.md section 6.
+
+    PYTHONPATH=. python -m experiments.bench_forward [--out DIR] [--smoke] [--budget-s 450] ...
+
+Writes <date>-<device>-forward.json and .png to --out (default experiments/results) and prints a table.
+Shapes, most important first (what does not fit the budget is recorded as skipped): bfloat16 B4 H16
+K=V=128 at T in {1024, 4096, 16384}; bfloat16 B1 H8 K=V=128 at T in {4096, 32768}; bfloat16 B4 H16 at
+T=4096 with K=V=64; float32 B4 H16 K=V=128 at T in {1024, 4096, 16384}; bfloat16 B4 H16 K=V=256 at T=4096
+last (fla autotunes for minutes there, and fla runs last in every case). "fleetjax.scan" runs at
+T <= 4096 only. --smoke runs tiny shapes on the CPU (Pallas in interpret mode; torch peers under
+TRITON_INTERPRET=1 if torch is installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from experiments import benchlib  # noqa: E402
+
+benchlib.setup_jax_environment()
+
+from experiments.peers import Case, forward_impls  # noqa: E402
+
+
+def forward_cases(smoke: bool) -> list[Case]:
+    if smoke:
+        return ([Case(1, T, 2, 32, 32, "bfloat16") for T in (16, 40)]
+                + [Case(1, T, 2, 32, 32, "float32") for T in (16, 40)]
+                + [Case(1, 24, 2, 16, 16, "bfloat16")])
+    return ([Case(4, T, 16, 128, 128, "bfloat16") for T in (1024, 4096, 16384)]
+            + [Case(1, T, 8, 128, 128, "bfloat16") for T in (4096, 32768)]
+            + [Case(4, 4096, 16, 64, 64, "bfloat16")]
+            + [Case(4, T, 16, 128, 128, "float32") for T in (1024, 4096, 16384)]
+            + [Case(4, 4096, 16, 256, 256, "bfloat16")])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    benchlib.add_common_args(parser)
+    args = parser.parse_args(argv)
+    impls = forward_impls(smoke=args.smoke, skip_slow_autotune=args.skip_slow_autotune)
+    if args.smoke:
+        for impl in impls:  # the Triton interpreter runs LeetDecoding's per-position loop very slowly
+            if impl.name == "leetdecoding.fleet":
+                impl.max_T = 16
+    impls = benchlib.select_impls(impls, args.impls)
+    benchlib.run_main(args, "fwd", forward_cases(args.smoke), impls, "forward")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
