@@ -368,7 +368,7 @@ def _forward_launch(q, k, v, lg, states, run_ids, run_before, plan: _Plan, *, sc
 def _backward_launch(q, k, v, do, lg, states, run_ids, run_after, plan: _Plan, *, scale, block_v, num_warps,
                      num_stages, precision):
     """Reverse kernel. With k None, only the pieces' reverse states are computed (reads q and dO).
-    Returns (dk [B, T, H, K] f32, dv [B, T, H, V] f32, u, intra [B, H, T] f32 (see fleetjax.vjp), reverse
+    Returns (dk [B, T, H, K], dv [B, T, H, V], u, intra [B, H, T] f32 (see fleetjax.vjp), reverse
     states [B, H, P, kp, vp]); the first four are None without k."""
     B, T, H, K = q.shape
     V = do.shape[-1]
@@ -388,7 +388,9 @@ def _backward_launch(q, k, v, do, lg, states, run_ids, run_after, plan: _Plan, *
     out_specs = [s["state"]]
     if with_grads:
         position = jax.ShapeDtypeStruct((nv, B, H, T), f32)
-        out_shape = [jax.ShapeDtypeStruct((nv, B, T, H, K), f32), jax.ShapeDtypeStruct((B, T, H, V), f32),
+        # With one value block dk is complete in one program and is written in the input dtype.
+        dk_dtype = q.dtype if nv == 1 else f32
+        out_shape = [jax.ShapeDtypeStruct((nv, B, T, H, K), dk_dtype), jax.ShapeDtypeStruct((B, T, H, V), v.dtype),
                      position, position] + out_shape
         out_specs = [s["partial"], s["values"], s["per_position"], s["per_position"]] + out_specs
     out = _call(kernel, (nv, B * H, plan.P), in_specs, args, out_specs, out_shape, num_warps, num_stages,
@@ -397,7 +399,8 @@ def _backward_launch(q, k, v, do, lg, states, run_ids, run_after, plan: _Plan, *
         return None, None, None, None, out[0]
     # Each value block holds part of the sums over the value dimension; add them in a fixed order.
     dk_parts, dv, u_parts, intra_parts, r = out
-    return jnp.sum(dk_parts, axis=0), dv, jnp.sum(u_parts, axis=0), jnp.sum(intra_parts, axis=0), r
+    dk = dk_parts[0] if nv == 1 else jnp.sum(dk_parts, axis=0)
+    return dk, dv, jnp.sum(u_parts, axis=0), jnp.sum(intra_parts, axis=0), r
 
 
 def _pad_state(x: jax.Array, kp: int, vp: int) -> jax.Array:
@@ -455,7 +458,7 @@ def _forward(q, k, v, lg, initial_state, run_ids, scale, config: PallasConfig, o
 
 
 def _backward(q, k, v, do, lg, run_ids, scale, config: PallasConfig):
-    """(dk, dv [B, T, H, *] f32, d initial_state [B, H, K, V] f32, u, intra [B, H, T]) by the reverse walk
+    """(dk, dv [B, T, H, *], d initial_state [B, H, K, V] f32, u, intra [B, H, T]) by the reverse walk
     from a zero reverse state (the final state's cotangent is handled by fleetjax.vjp)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -511,7 +514,7 @@ def pallas_backward(scale: float, config: PallasConfig, residuals, cotangents):
     q, k, v, lg, initial_state, run_ids = residuals
     do, d_final = cotangents
     do = jnp.zeros(v.shape, q.dtype) if vjp.is_zero(do) else do.astype(q.dtype)
-    dq, _, w = _forward(do, v, k, lg, jnp.swapaxes(initial_state, -1, -2), run_ids, scale, config, f32,
+    dq, _, w = _forward(do, v, k, lg, jnp.swapaxes(initial_state, -1, -2), run_ids, scale, config, q.dtype,
                         dot_with=q)
     dk, dv, d_initial, u, intra = _backward(q, k, v, do, lg, run_ids, scale, config)
     d_lg = vjp.log_decay_grad(w, u, intra)
