@@ -53,20 +53,39 @@ def _varying_axes(x: jax.Array) -> frozenset | None:
     return None if vma is None else frozenset(vma)
 
 
-def _vary_like(x: jax.Array, *refs: jax.Array) -> jax.Array:
-    """x marked as varying over every mesh axis over which one of refs varies (check_vma typing).
+def vary_like(x: jax.Array, *refs: jax.Array) -> jax.Array:
+    """x marked as varying over every mesh axis over which one of refs varies (shard_map's check_vma typing).
 
-    The implementations carry the state through lax.scan / fori_loop next to the varying q, k, v; a state
-    typed invariant (zeros, or a replicated initial state) would not match the carry's type.
+    Inside ``jax.shard_map(check_vma=True)`` every value carries the set of mesh axes over which it may
+    differ. A fresh ``jnp.zeros`` or a replicated input is invariant, and lax.scan / fori_loop carries and
+    custom-VJP cotangents must keep their input's type: a state carried next to the varying q, k, v must
+    enter varying. Outside shard_map, or with check_vma=False, x is returned unchanged.
     """
     have = _varying_axes(x)
     if have is None:
         return x
-    need = set()
+    need: set = set()
     for ref in refs:
         need |= _varying_axes(ref) or set()
     missing = tuple(sorted(need - have, key=str))
     return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def shape_dtype_like(shape: tuple[int, ...], dtype: Any, *refs: jax.Array) -> jax.ShapeDtypeStruct:
+    """A ``jax.ShapeDtypeStruct`` for a ``pallas_call`` output, varying over the mesh axes of refs.
+
+    With check_vma=True, pallas_call requires its out_shape to say over which manual mesh axes the output
+    varies (jax 0.10 names the field ``manual_axis_type``; later versions may call it ``vma``).
+    """
+    axes: set = set()
+    for ref in refs:
+        axes |= _varying_axes(ref) or set()
+    if not axes:
+        return jax.ShapeDtypeStruct(shape, dtype)
+    aval = jax.typeof(vary_like(jnp.zeros((), dtype), *refs))
+    if getattr(aval, "mat", None) is not None:
+        return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=aval.mat)
+    return jax.ShapeDtypeStruct(shape, dtype, vma=frozenset(axes))
 
 
 def _axis_size(axis_name: AxisName) -> int:
@@ -156,12 +175,16 @@ def sequence_parallel(impl: Any, q: jax.Array, k: jax.Array, v: jax.Array, log_d
     _check_layout(axis_name, tracks_vma, q=q, k=k, v=v, segment_ids=segment_ids)
     B, T, H, _ = q.shape
 
+    # Mark log_decay varying once, here: a custom VJP must return cotangents typed like its inputs (a
+    # replicated log_decay would get a varying cotangent), and autodiff then sums d log_decay over the
+    # devices with one psum of [H] floats instead of one of each per-position use.
+    log_decay = vary_like(log_decay, q, k, v)
+
     if P == 1:  # nothing to exchange: exactly the unsharded call
         run_ids = None if segment_ids is None else run_ids_from_segment_ids(segment_ids)
         if T == 0 or B == 0:
             return jnp.zeros((B, T, H, v.shape[-1]), f32), state
-        return impl.fn(q, k, v, _vary_like(log_decay, q, k, v), _vary_like(state, q, k, v), run_ids,
-                       scale=scale, config=config)
+        return impl.fn(q, k, v, log_decay, vary_like(state, q, k, v), run_ids, scale=scale, config=config)
 
     if T == 0 or B == 0:  # global T = P * 0; no position reads or changes the state
         return jnp.zeros((B, T, H, v.shape[-1]), f32), state
@@ -183,11 +206,8 @@ def sequence_parallel(impl: Any, q: jax.Array, k: jax.Array, v: jax.Array, log_d
         # The block's own computation starts from a zero state, so the run numbering may start at 0 here.
         run_ids = run_ids_from_segment_ids(segment_ids)
 
-    zeros = _vary_like(jnp.zeros_like(state), q, k, v)
-    # A custom VJP must return cotangents typed like its inputs: a replicated log_decay would get a varying
-    # cotangent, so it enters varying (the transpose of that cast is the psum over devices).
-    o_local, local_final = impl.fn(q, k, v, _vary_like(log_decay, q, k, v), zeros, run_ids, scale=scale,
-                                   config=config)
+    zeros = vary_like(jnp.zeros_like(state), q, k, v)
+    o_local, local_final = impl.fn(q, k, v, log_decay, zeros, run_ids, scale=scale, config=config)
 
     carry = jnp.where(continues[:, None], jnp.exp(T * log_decay)[None, :], 0.0)  # [B, H]
     first = index == 0

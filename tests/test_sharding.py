@@ -1,0 +1,355 @@
+"""Sequence parallelism (``sequence_axis_name``): sharded equals unsharded, on CPU with fake devices.
+
+JAX fixes its device count when it starts, and the rest of the suite runs with one CPU device, so the
+multi-device checks run in one subprocess (this file executed as a script with
+XLA_FLAGS=--xla_force_host_platform_device_count=8). It computes every case and prints JSON; each pytest test
+below reads its own case from that output. The refusals that one device can show run in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+DEVICES = 8
+B, T, H, K, V = 2, 32, 4, 4, 5
+DECAY = [1.0, 0.9, 0.3, 1e-4]
+SCALE = 0.7
+# Row 0: a reset in the middle of a block (13), one exactly on every device boundary at 16, and a segment
+# covering whole blocks (16..31). Row 1: the same id before and after another one (a reset, not a join),
+# a segment covering whole blocks (5..24) and a boundary inside a block.
+SEGMENT_IDS = [[0] * 13 + [1] * 3 + [2] * 16, [5] * 5 + [3] * 20 + [5] * 7]
+TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
+
+
+def _cases() -> list[dict[str, Any]]:
+    """The matrix: every cheap implementation over 2, 4 and 8 devices, plus layouts and modes."""
+    cases = []
+    impls = ["scan", "quadratic", "xla"]
+    for impl in impls:
+        for n in (2, 4, 8):
+            cases.append(dict(impl=impl, seq=n))
+    # Pallas kernels run in interpret mode on CPU (slow): one small case each when they are registered,
+    # with check_vma=False, because interpret mode does not follow check_vma typing (jax 0.10.2 raises
+    # "dynamic_slice requires varying manual axes to match" inside the interpreted kernel).
+    cases += [dict(impl=name, seq=2, check_vma=False) for name in ("pallas", "pallas_fleet")
+              if _registered(name)]
+    cases += [
+        # No segment_ids (every block continues from the left), no initial or final state: the LM's call.
+        dict(impl="xla", seq=4, segments=False, initial_state=False, final_state=False),
+        dict(impl="scan", seq=4, check_vma=False),  # shard_map(check_vma=False) takes the varying all_gather
+        dict(impl="xla", seq=8, check_vma=False, segments=False),
+        dict(impl="xla", seq=4, data=2),  # 2-D mesh: B over "data", T over "seq"
+        dict(impl="xla", seq=4, dtype="bfloat16"),
+        # T split over a tuple of mesh axes; only the first device holds the initial state (others: garbage).
+        dict(impl="xla", seq=(2, 2), state_on_first_device_only=True),
+    ]
+    for case in cases:
+        case.setdefault("segments", True)
+        case.setdefault("initial_state", True)
+        case.setdefault("final_state", True)
+        case.setdefault("check_vma", True)
+        case.setdefault("data", 1)
+        case.setdefault("state_on_first_device_only", False)
+        case.setdefault("dtype", "float32")
+        seq = case["seq"]
+        flags = [k for k in ("segments", "initial_state", "final_state", "check_vma") if not case[k]]
+        extra = [k for k in ("state_on_first_device_only",) if case[k]]
+        case["id"] = "-".join([case["impl"], f"seq{'x'.join(map(str, np.atleast_1d(seq)))}"]
+                              + ([f"data{case['data']}"] if case["data"] > 1 else [])
+                              + [f"no_{f}" for f in flags] + extra
+                              + ([case["dtype"]] if case["dtype"] != "float32" else []))
+    return cases
+
+
+def _registered(name: str) -> bool:
+    import fleetjax
+    return name in fleetjax.IMPLEMENTATIONS
+
+
+# ------------------------------------------------------------------------------------ subprocess worker
+
+def _inputs(dtype):
+    import jax.numpy as jnp
+    rng = np.random.default_rng(7)
+    arrays = dict(
+        q=rng.standard_normal((B, T, H, K)), k=rng.standard_normal((B, T, H, K)),
+        v=rng.standard_normal((B, T, H, V)), initial_state=rng.standard_normal((B, H, K, V)),
+        do=rng.standard_normal((B, T, H, V)), d_final=rng.standard_normal((B, H, K, V)))
+    out = {name: jnp.asarray(x, jnp.float32) for name, x in arrays.items()}
+    for name in ("q", "k", "v"):
+        out[name] = out[name].astype(dtype)
+    out["decay"] = jnp.asarray(DECAY, jnp.float32)
+    out["segment_ids"] = jnp.asarray(SEGMENT_IDS, jnp.int32)
+    return out
+
+
+def _config(impl: str):
+    # Chunks of 3 do not divide the per-device blocks (16, 8, 4): partial chunks at every block end.
+    from fleetjax.xla import XlaConfig
+    return XlaConfig(chunk_size=3) if impl == "xla" else None
+
+
+def _loss_and_grads(fn, x, case):
+    """value_and_grad of <o, dO> (+ <S, dS>) over q, k, v, decay and the initial state; aux (o, S)."""
+    import jax
+    import jax.numpy as jnp
+
+    def loss(q, k, v, decay, initial_state):
+        o, final = fn(q, k, v, decay, initial_state)
+        value = jnp.sum(o.astype(jnp.float32) * x["do"])
+        if case["final_state"]:
+            value = value + jnp.sum(final * x["d_final"])
+        return value, (o, final)
+
+    args = (x["q"], x["k"], x["v"], x["decay"], x["initial_state"])
+    argnums = (0, 1, 2, 3, 4) if case["initial_state"] else (0, 1, 2, 3)
+    (_, (o, final)), grads = jax.jit(jax.value_and_grad(loss, argnums=argnums, has_aux=True))(*args)
+    names = ["dq", "dk", "dv", "d_decay", "d_initial_state"][:len(argnums)]
+    out = {"o": o, **dict(zip(names, grads))}
+    if case["final_state"]:
+        out["final_state"] = final
+    return out
+
+
+def _call(case, sequence_axis_name=None):
+    """fleet_attention with the case's options, as fn(q, k, v, decay, initial_state) -> (o, final)."""
+    import jax
+    import jax.numpy as jnp
+
+    import fleetjax
+
+    def fn(q, k, v, decay, initial_state, segment_ids):
+        if sequence_axis_name is not None and case["state_on_first_device_only"]:
+            first = jax.lax.axis_index(sequence_axis_name) == 0
+            initial_state = jnp.where(first, initial_state, 1e3)  # only device 0's value may be read
+        return fleetjax.fleet_attention(
+            q, k, v, decay, scale=SCALE, initial_state=initial_state if case["initial_state"] else None,
+            return_final_state=True, segment_ids=segment_ids if case["segments"] else None,
+            sequence_axis_name=sequence_axis_name, implementation=case["impl"], config=_config(case["impl"]))
+    return fn
+
+
+def _sharded(case, x):
+    import jax
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    seq = case["seq"]
+    seq_shape = tuple(np.atleast_1d(seq))
+    seq_names = ("seq",) if len(seq_shape) == 1 else tuple(f"seq{i}" for i in range(len(seq_shape)))
+    axis = seq_names[0] if len(seq_names) == 1 else seq_names
+    n = case["data"] * int(np.prod(seq_shape))
+    mesh = Mesh(np.array(jax.devices()[:n]).reshape((case["data"],) + seq_shape), ("data",) + seq_names)
+    data = "data" if case["data"] > 1 else None
+    fn = _call(case, axis)
+    mapped = jax.shard_map(
+        fn, mesh=mesh, check_vma=case["check_vma"],
+        in_specs=(P(data, axis), P(data, axis), P(data, axis), P(), P(data), P(data, axis)),
+        out_specs=(P(data, axis), P(data)))
+    return lambda q, k, v, decay, s0: mapped(q, k, v, decay, s0, x["segment_ids"])
+
+
+def _relative_errors(got: dict, want: dict) -> dict[str, float]:
+    errors = {}
+    for name, w in want.items():
+        g = np.asarray(got[name], np.float64)
+        w = np.asarray(w, np.float64)
+        errors[name] = float(np.max(np.abs(g - w)) / max(np.max(np.abs(w)), 1e-30))
+    return errors
+
+
+def _collectives(case: dict[str, Any], t: int) -> list[str]:
+    """The shapes of every collective in the compiled sharded forward+backward, at total length t."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    import fleetjax
+
+    mesh = Mesh(np.array(jax.devices()[:case["seq"]]), ("seq",))
+    q = jnp.ones((B, t, H, K))
+    v = jnp.ones((B, t, H, V))
+    segment_ids = jnp.zeros((B, t), jnp.int32)
+
+    def fn(q, k, v, decay, s0, seg):
+        return fleetjax.fleet_attention(q, k, v, decay, initial_state=s0, segment_ids=seg,
+                                        return_final_state=True, sequence_axis_name="seq",
+                                        implementation=case["impl"])
+
+    mapped = jax.shard_map(fn, mesh=mesh, check_vma=case["check_vma"],
+                           in_specs=(P(None, "seq"),) * 3 + (P(), P(), P(None, "seq")),
+                           out_specs=(P(None, "seq"), P()))
+
+    def loss(q, k, v, decay, s0):
+        o, final = mapped(q, k, v, decay, s0, segment_ids)
+        return jnp.sum(o) + jnp.sum(final)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+    text = grad.lower(q, q, v, jnp.full((H,), 0.9), jnp.ones((B, H, K, V))).compile().as_text()
+    pattern = r"=\s*(.*?)\s+(all-gather|all-reduce|collective-permute|reduce-scatter|all-to-all)(-start)?\("
+    return sorted(f"{m.group(2)} {m.group(1)}" for m in re.finditer(pattern, text))
+
+
+def _refusals() -> dict[str, str]:
+    """Error messages of layouts that only several devices can show."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    import fleetjax
+
+    mesh = Mesh(np.array(jax.devices()[:4]), ("seq",))
+    decay = jnp.full((H,), 0.9)
+    messages = {}
+
+    def attempt(name, fn, *args):
+        try:
+            jax.block_until_ready(fn(*args))
+            messages[name] = "no error"
+        except (ValueError, TypeError) as error:
+            messages[name] = f"{type(error).__name__}: {error}"
+
+    def body(q):
+        return fleetjax.fleet_attention(q, q, q, decay, sequence_axis_name="seq", implementation="xla")
+
+    # T = 30 over 4 devices: shard_map itself refuses before the op runs.
+    attempt("indivisible_T", jax.shard_map(body, mesh=mesh, in_specs=P(None, "seq"), out_specs=P(None, "seq")),
+            jnp.ones((1, 30, H, K)))
+    # q, k, v replicated over the axis (T not split on it): refused by the op, with check_vma typing.
+    attempt("replicated_T", jax.shard_map(body, mesh=mesh, in_specs=P(), out_specs=P()), jnp.ones((1, 8, H, K)))
+    return messages
+
+
+def _worker() -> None:
+    import jax
+    import jax.numpy as jnp
+    assert len(jax.devices()) >= DEVICES, jax.devices()
+    results: dict[str, Any] = {}
+    references: dict[tuple, dict] = {}
+    for case in _cases():
+        start = time.perf_counter()
+        try:
+            x = _inputs(jnp.dtype(case["dtype"]))
+            key = tuple(case[k] for k in ("impl", "segments", "initial_state", "final_state", "dtype"))
+            if key not in references:
+                unsharded = _call(case)
+                references[key] = _loss_and_grads(
+                    lambda q, k, v, d, s0: unsharded(q, k, v, d, s0, x["segment_ids"]), x, case)
+            got = _loss_and_grads(_sharded(case, x), x, case)
+            results[case["id"]] = {"errors": _relative_errors(got, references[key])}
+        except Exception as error:  # reported by the test of this case
+            results[case["id"]] = {"exception": f"{type(error).__name__}: {error}"}
+        results[case["id"]]["seconds"] = time.perf_counter() - start
+    for check_vma in (True, False):
+        case = dict(impl="xla", seq=4, check_vma=check_vma)
+        try:
+            results[f"collectives-vma{check_vma}"] = {t: _collectives(case, t) for t in (32, 64)}
+        except Exception as error:
+            results[f"collectives-vma{check_vma}"] = {"exception": f"{type(error).__name__}: {error}"}
+    try:
+        results["refusals"] = _refusals()
+    except Exception as error:
+        results["refusals"] = {"exception": f"{type(error).__name__}: {error}"}
+    print("RESULTS " + json.dumps(results))
+
+
+# ------------------------------------------------------------------------------------------- the tests
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, Any]:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}", JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker"], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=900)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]
+    assert done.returncode == 0 and lines, f"worker failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return json.loads(lines[-1][len("RESULTS "):])
+
+
+@pytest.mark.parametrize("case", _cases(), ids=lambda case: case["id"])
+def test_sharded_equals_unsharded(results, case):
+    """Output, final state and the gradients in q, k, v, decay, initial_state match the unsharded call."""
+    result = results[case["id"]]
+    assert "exception" not in result, result.get("exception")
+    tolerance = TOLERANCE[case["dtype"]]
+    expected = {"o", "dq", "dk", "dv", "d_decay"} | ({"final_state"} if case["final_state"] else set()) \
+        | ({"d_initial_state"} if case["initial_state"] else set())
+    assert set(result["errors"]) == expected
+    bad = {name: err for name, err in result["errors"].items() if not err <= tolerance}
+    assert not bad, f"relative error above {tolerance}: {bad}"
+
+
+@pytest.mark.parametrize("check_vma", [True, False])
+def test_exchange_does_not_grow_with_T(results, check_vma):
+    """Forward+backward move only [B, H, K, V]-sized states (and scalars per head), whatever T is."""
+    by_length = results[f"collectives-vma{check_vma}"]
+    assert "exception" not in by_length, by_length["exception"]
+    assert by_length["32"] == by_length["64"], by_length
+    assert any(op.startswith("all-gather") and f"f32[4,{B},{H},{K},{V}]" in op for op in by_length["32"])
+
+
+def test_indivisible_T_is_refused(results):
+    message = results["refusals"]["indivisible_T"]
+    assert message.startswith("ValueError") and "divisible" in message, message
+
+
+def test_replicated_sequence_is_refused(results):
+    message = results["refusals"]["replicated_T"]
+    assert message.startswith("ValueError") and "replicated over sequence_axis_name='seq'" in message, message
+
+
+# ------------------------------------------------------------------------ refusals on a single device
+
+def _one_device_call(axis_name, in_spec):
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    import fleetjax
+    mesh = Mesh(np.array(jax.devices()[:1]), ("seq",))
+    body = lambda q: fleetjax.fleet_attention(q, q, q, jnp.full((2,), 0.5), sequence_axis_name=axis_name)
+    mapped = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=in_spec, out_specs=P(None, "seq")))
+    return mapped(jnp.ones((1, 4, 2, 3)))
+
+
+def test_outside_shard_map_is_refused():
+    import jax.numpy as jnp
+
+    import fleetjax
+    q = jnp.ones((1, 4, 2, 3))
+    with pytest.raises(ValueError, match=r"sequence_axis_name='seq' is not a mesh axis .* inside jax.shard_map"):
+        fleetjax.fleet_attention(q, q, q, jnp.full((2,), 0.5), sequence_axis_name="seq")
+
+
+def test_unknown_axis_name_is_refused():
+    from jax.sharding import PartitionSpec as P
+    with pytest.raises(ValueError, match=r"sequence_axis_name='sequence' is not a mesh axis"):
+        _one_device_call("sequence", P(None, "seq"))
+
+
+def test_one_device_axis_is_the_plain_call():
+    """A mesh axis of size 1 runs the unsharded computation (the baseline of bench_multigpu.py)."""
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    import fleetjax
+    q = jnp.ones((1, 4, 2, 3))
+    want = fleetjax.fleet_attention(q, q, q, jnp.full((2,), 0.5))
+    np.testing.assert_allclose(np.asarray(_one_device_call("seq", P(None, "seq"))), np.asarray(want), rtol=1e-6)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
+    _worker()
