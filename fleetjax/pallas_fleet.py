@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -198,7 +197,7 @@ def default_config(q: jax.Array, v: jax.Array) -> FleetConfig:
     # Value blocks of 64 when they alone give every SM a program, else 32 (each value block re-reads q, k
     # and recomputes the q k^T scores, so narrower blocks only pay off when they fill the GPU).
     block_v = 64 if B * H * -(-V // 64) >= num_sms else 32
-    programs = B * H * -(-V // block_v)
+    programs = -(-K // 128) * B * H * -(-V // block_v)  # rank blocks x batch*head x value blocks
     pieces = 1
     if programs < num_sms:
         # Pieces of at least 1024 positions: shorter ones spend more on the state passing than they save.
@@ -298,8 +297,7 @@ def _fleet_kernel(log_decay_ref, q_ref, k_ref, v_ref, s0_ref, *refs, geo: _Geome
         scores = _dot(q, k, 1, 1, precision) * weights  # [C, C]
         o = _dot(scores.astype(dot_dtype), v, 1, 0, precision)
         o = o + _dot(q, state.astype(dot_dtype), 1, 0, precision) * q_factor[:, None]
-        plgpu.store(o_ref.at[rows, :], (scale * o).astype(o_ref.dtype),
-                 mask=valid[:, None] & v_cols[None, :])
+        plgpu.store(o_ref.at[rows, :], (scale * o).astype(o_ref.dtype), mask=valid[:, None] & v_cols[None, :])
         k_weighted = (k.astype(f32) * k_decay[:, None]).astype(dot_dtype)
         state = carry_decay * state + _dot(k_weighted, v, 0, 0, precision)  # [BK, BV]
         return state, before
