@@ -136,10 +136,13 @@ def _oracle(case: Case, x: dict) -> tuple[np.ndarray, np.ndarray, dict]:
     return o, final, grads
 
 
-def _uses_decay_grad_module(implementation: str) -> bool:
-    """Implementations whose custom VJP takes d log decay from fleetjax.decay_grad (all but the autodiff
-    references)."""
-    return implementation not in ("scan", "quadratic")
+def _known_decay_grad_weakness(implementation: str, case: Case) -> bool:
+    """"pallas" with bfloat16/float16 inputs rounds its reverse state to the input dtype before the
+    inter-chunk dots; the inter-chunk part of d log decay (the identity sum t q.dq - sum s k.dk over
+    chunk-local offsets up to the chunk size) multiplies that rounding by up to ~chunk size, which shows
+    on heads with a tiny decay gradient (decay 1e-4: ~10% of that head's value, 1e-4 of the largest head's).
+    """
+    return implementation == "pallas" and case.dtype != "float32" and min(case.decay) < 0.5
 
 
 # ------------------------------------------------------------------------------------------- the table
@@ -171,12 +174,11 @@ def test_matches_oracle(implementation: str, case: Case):
     bad = {name: err for name, err in errors.items() if not err <= tol}
     assert not bad, f"relative error above {tol}: {bad} (all: {errors})"
 
-    # The decay gradient last, so that a known weakness there cannot hide a failure above.
+    # The decay gradient last, so that the known weakness there cannot hide a failure above.
     err = oracle.rel_err(grads["decay"], ref_grads["decay"], axis=0)
-    if not err <= tol and _uses_decay_grad_module(implementation) and min(case.decay) <= 0.5:
-        pytest.xfail(f"known: the shared d log decay (sum_t t q.dq - sum_s s k.dk) cancels catastrophically "
-                     f"in float32 for small decay: relative error {err:.2g} on d decay "
-                     f"(got {np.asarray(grads['decay'])}, oracle {ref_grads['decay']})")
+    if not err <= tol and _known_decay_grad_weakness(implementation, case):
+        pytest.xfail(f"known: low-precision reverse state in the inter-chunk decay gradient: relative error "
+                     f"{err:.2g} on d decay (got {np.asarray(grads['decay'])}, oracle {ref_grads['decay']})")
     assert err <= tol, f"d decay relative error {err:.3g} > {tol}"
 
 
@@ -284,10 +286,13 @@ def test_jit_vmap_grad_compose(implementation):
                                             scale=0.5, implementation=implementation)
         return jnp.sum(jnp.sin(o)) + jnp.sum(final * 0.1)
 
-    batched = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1, 2, 3, 4))))(*stacked)
-    summed = jax.jit(jax.grad(lambda *a: jnp.sum(jax.vmap(loss)(*a)), argnums=(0, 1, 2, 3, 4)))(*stacked)
+    grad = jax.grad(loss, argnums=(0, 1, 2, 3, 4))
+    batched, summed = jax.jit(lambda *a: (jax.vmap(grad)(*a),
+                                          jax.grad(lambda *b: jnp.sum(jax.vmap(loss)(*b)),
+                                                   argnums=(0, 1, 2, 3, 4))(*a)))(*stacked)
+    grad = jax.jit(grad)
     for n in range(N):
-        single = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*(x[n] for x in stacked))
+        single = grad(*(x[n] for x in stacked))
         for a, b, c in zip(batched, summed, single):
             np.testing.assert_allclose(np.asarray(a[n]), np.asarray(c), rtol=2e-5, atol=2e-5)
             np.testing.assert_allclose(np.asarray(b[n]), np.asarray(c), rtol=2e-5, atol=2e-5)
