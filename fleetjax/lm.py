@@ -260,7 +260,7 @@ class Trainer:
         model, optimizer = nnx.merge(self.graphdef, state)
         loss, grads = nnx.value_and_grad(loss_fn)(model, inputs, targets, mask)
         optimizer.update(model, grads)
-        return nnx.state((model, optimizer)), {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return nnx.state((model, optimizer)), {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     def _eval_fn(self, state, inputs, targets, mask):
         model, _ = nnx.merge(self.graphdef, state)
@@ -325,7 +325,7 @@ def _load_flat(target: nnx.Module, flat: dict[str, Any], what: str) -> None:
             raise ValueError(f"checkpoint {what} entry {name} has {new.dtype}{list(new.shape)}, the model "
                              f"expects {jnp.dtype(old.dtype)}{list(old.shape)}")
         expected[path].set_value(jnp.asarray(new))
-    nnx.update(target, nnx.State.from_flat_path(expected))
+    nnx.update(target, nnx.from_flat_state(expected))
 
 
 def save_checkpoint(path: str | os.PathLike, model: LanguageModel, optimizer: nnx.Optimizer | None = None, *,
