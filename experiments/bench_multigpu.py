@@ -1,0 +1,341 @@
+"""Sequence-parallel scaling (issue 8): fleet_attention with sequence_axis_name over 1, 2, 4 and 8 devices.
+
+    PYTHONPATH=. python experiments/bench_multigpu.py [--devices 1,2,4,8] [--impl pallas] [--smoke] ...
+
+T is split in contiguous blocks over a 1-D mesh axis "seq" (jax.shard_map); each device runs the kernel on
+its block and the blocks exchange one [B, H, K, V] float32 state each (fleetjax/sharding.py). Two series:
+
+- weak scaling: fixed T per device (default 32768 and 131072), total T = P * T_local: ideal is flat time;
+- strong scaling: fixed total T (default 262144 and 1048576), T_local = T / P: ideal is time / P.
+
+Shape B1 H16 K=V=128 bfloat16 by default; forward ("fwd") and forward+backward ("fwd_bwd": jax.vjp with a
+random dO, gradients for q, k, v and decay). Device counts above jax.device_count() are skipped, so the same
+command runs on one GPU (the baseline) and on eight. Each sharded result is compared with the single-device
+call of the same implementation on the gathered inputs, where that fits on device 0 (relerr: max abs
+difference over max abs of the reference, over o and, for fwd_bwd, dq, dk, dv).
+
+Writes <date>-<device>-multigpu.json and .png to --out (default experiments/results) and prints a table.
+--smoke runs tiny shapes on 8 fake CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8).
+
+NVLink multicast stays off: NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and NVSHMEM_DISABLE_NVLS=1
+are set here if the environment lacks them, and never unset or overridden.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+# The device machines must keep NVLink multicast off (see the device tool's README): set, never unset.
+for _name, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+                      ("NVSHMEM_DISABLE_NVLS", "1")):
+    os.environ.setdefault(_name, _value)
+
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SMOKE_DEVICES = 8
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--devices", default="1,2,4,8",
+                        help="device counts on the sequence axis (those above jax.device_count() are skipped)")
+    parser.add_argument("--weak", default=None,
+                        help="T per device for weak scaling, comma-separated (default 32768,131072)")
+    parser.add_argument("--strong", default=None,
+                        help="total T for strong scaling, comma-separated (default 262144,1048576)")
+    parser.add_argument("--ops", default="fwd,fwd_bwd", help="fwd, fwd_bwd or both")
+    parser.add_argument("--impl", default=None, help="fleetjax implementation (default: pallas on GPU, xla else)")
+    parser.add_argument("--dtype", default=None, help="bfloat16 (default) or float32")
+    parser.add_argument("--B", type=int, default=None)
+    parser.add_argument("--H", type=int, default=None)
+    parser.add_argument("--K", type=int, default=None, help="head dim of q and k (V follows unless --V)")
+    parser.add_argument("--V", type=int, default=None)
+    parser.add_argument("--check-vma", action="store_true",
+                        help="shard_map(check_vma=True); off by default because a pallas_call inside needs "
+                             "out_shape typed with its mesh axes (fleetjax.sharding.shape_dtype_like)")
+    parser.add_argument("--no-check", action="store_true", help="skip the comparison with one device")
+    parser.add_argument("--out", default=None, help="results folder (default experiments/results)")
+    parser.add_argument("--name", default="multigpu", help="results file name part")
+    parser.add_argument("--budget-s", type=float, default=540.0, help="wall-clock budget for all cases")
+    parser.add_argument("--case-timeout-s", type=float, default=180.0, help="time limit of one case")
+    parser.add_argument("--target-s", type=float, default=None, help="seconds of timed calls per measurement")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"tiny shapes on {SMOKE_DEVICES} fake CPU devices: checks every code path")
+    args = parser.parse_args(argv)
+    ints = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
+    args.devices = ints(args.devices)
+    args.weak = ints(args.weak) if args.weak else ([16, 32] if args.smoke else [32768, 131072])
+    args.strong = ints(args.strong) if args.strong else ([128] if args.smoke else [262144, 1048576])
+    args.ops = [op.strip() for op in args.ops.split(",") if op.strip()]
+    for op in args.ops:
+        if op not in ("fwd", "fwd_bwd"):
+            parser.error(f"--ops: unknown {op!r}; use fwd, fwd_bwd")
+    defaults = dict(B=1, H=2, K=16, dtype="float32") if args.smoke else dict(B=1, H=16, K=128, dtype="bfloat16")
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.V = args.K if args.V is None else args.V
+    return args
+
+
+def setup_environment(args: argparse.Namespace) -> None:
+    """Before jax is imported: fake CPU devices for --smoke."""
+    if args.smoke:
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_force_host_platform_device_count" not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={SMOKE_DEVICES}".strip()
+        os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+def plan(args: argparse.Namespace, available: int) -> list[dict[str, Any]]:
+    """The cases, baselines (P = 1) first within each series, as dicts (scaling, P, T, T_local, op)."""
+    cases = []
+    counts = [p for p in args.devices if p <= available]
+    for op in args.ops:
+        for t_local in args.weak:
+            cases += [dict(op=op, scaling="weak", P=p, T=p * t_local, T_local=t_local) for p in counts]
+        for total in args.strong:
+            cases += [dict(op=op, scaling="strong", P=p, T=total, T_local=total // p) for p in counts
+                      if total % p == 0]
+    return cases
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_environment(args)
+
+    from experiments import benchlib
+    benchlib.setup_jax_environment()
+    import jax
+
+    import fleetjax
+
+    budget = benchlib.Budget(args.budget_s)
+    info = benchlib.device_info()
+    slug = benchlib.device_slug(info)
+    impl = args.impl or fleetjax.default_implementation()
+    if impl not in fleetjax.IMPLEMENTATIONS:
+        raise SystemExit(f"--impl {impl!r} is not available; known: {sorted(fleetjax.IMPLEMENTATIONS)}")
+    skipped_counts = [p for p in args.devices if p > jax.device_count()]
+    cases = plan(args, jax.device_count())
+    out_dir = args.out or str(benchlib.RESULTS_DIR)
+    path = benchlib.results_path(args.name, device=slug, out_dir=out_dir)
+    bandwidth = benchlib.copy_bandwidth(64 if args.smoke else 1024)
+    results = benchlib.ResultsFile(
+        path, device=slug, date=benchlib.today(), versions=benchlib.versions(), device_info=info,
+        copy_bandwidth=bandwidth, smoke=bool(args.smoke), implementation=impl, check_vma=bool(args.check_vma),
+        skipped_device_counts=skipped_counts, decays="RetNet: 1 - 2^(-5 - h) for head h", scale=1.0,
+        environment={k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
+                                                    "NVSHMEM_DISABLE_NVLS", "XLA_FLAGS")},
+        reference=("the single-device call of the same implementation on the gathered inputs, on device 0; "
+                   "relerr = max over o (and dq, dk, dv for fwd_bwd) of max|sharded - single| / max|single|"),
+        timing="median wall-clock ms per call of the jitted shard_map (benchlib.time_calls, one input set)",
+        exchange=("exchange_bytes_per_device: bytes each device receives in the forward all_gather of the "
+                  "[B, H, K, V] float32 states and [B, H] carries from the other P - 1 devices"),
+        hbm_floor=("hbm_floor_ms: one device's share (T_local positions) of the bytes that must move, at the "
+                   "measured copy bandwidth"))
+    print(f"[bench_multigpu] {len(cases)} cases, impl {impl}, {jax.device_count()} x "
+          f"{info.get('torch_device') or info['device_kind']}; device counts skipped: {skipped_counts}; "
+          f"results {path}", flush=True)
+    target_s = args.target_s if args.target_s is not None else (0.02 if args.smoke else 0.3)
+    for case in cases:
+        record = dict(op=case["op"], impl=f"fleetjax.{impl}", dtype=args.dtype, B=args.B, T=case["T"], H=args.H,
+                      K=args.K, V=args.V, ms=None, relerr=None, scaling=case["scaling"], devices=case["P"],
+                      T_per_device=case["T_local"],
+                      hbm_floor_ms=benchlib.hbm_floor_ms(case["op"], args.B, case["T_local"], args.H, args.K,
+                                                         args.V, 2 if args.dtype == "bfloat16" else 4,
+                                                         bandwidth["gbps"]),
+                      exchange_bytes_per_device=(case["P"] - 1) * (args.B * args.H * args.K * args.V + args.B
+                                                                   * args.H) * 4)
+        if budget.remaining() < 10:
+            record["skipped"] = "budget exhausted"
+        else:
+            try:
+                with benchlib.time_limit(min(args.case_timeout_s, budget.remaining())):
+                    record.update(run_case(case, args, impl, target_s))
+            except benchlib.CallTimeout as error:
+                record["skipped"] = f"timeout: {error}"
+            except Exception as error:  # noqa: BLE001 - one failed case (OOM, ...) must not lose the others
+                record["error"] = f"{type(error).__name__}: {str(error)[:400]}"
+        results.add(record)
+        print(f"  {record['op']:7s} {record['scaling']:6s} P={record['devices']} T={record['T']:>8d} "
+              f"T/dev={record['T_per_device']:>7d}  ms={_fmt(record['ms'])}  relerr={_fmt(record['relerr'], 'e')}"
+              f"{'  ' + str(record.get('error') or record.get('skipped') or '')[:120]}", flush=True)
+    add_efficiency(results.records)
+    results.write()
+    results.set("wall_s", budget.elapsed())
+    png = plot(path)
+    print(f"[bench_multigpu] wrote {path} and {png}", flush=True)
+    return 0
+
+
+def _fmt(value: float | None, kind: str = "f") -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1e}" if kind == "e" else f"{value:.3f}"
+
+
+# ------------------------------------------------------------------------------------------------ one case
+
+def run_case(case: dict[str, Any], args: argparse.Namespace, impl: str, target_s: float) -> dict[str, Any]:
+    """Time the sharded call at one (P, T); compare with the single-device call where it fits."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from experiments import benchlib
+    from fleetjax import fleet_attention
+
+    mesh = Mesh(np.array(jax.devices()[:case["P"]]), ("seq",))
+    split = NamedSharding(mesh, P(None, "seq"))
+    replicated = NamedSharding(mesh, P())
+    dtype = jnp.dtype(args.dtype)
+    B, T, H, K, V = args.B, case["T"], args.H, args.K, args.V
+    with_do = case["op"] == "fwd_bwd"
+
+    @jax.jit
+    def draw(key):
+        kq, kk, kv, kd = jax.random.split(key, 4)
+        out = {"q": (jax.random.normal(kq, (B, T, H, K), jnp.float32) * K ** -0.5).astype(dtype),
+               "k": (jax.random.normal(kk, (B, T, H, K), jnp.float32) * K ** -0.5).astype(dtype),
+               "v": jax.random.normal(kv, (B, T, H, V), jnp.float32).astype(dtype)}
+        if with_do:
+            out["do"] = jax.random.normal(kd, (B, T, H, V), jnp.float32).astype(dtype)
+        return out
+
+    # Drawn directly in the sharded layout: no device ever holds the whole sequence for the timed call.
+    x = jax.jit(draw, out_shardings={name: split for name in ("q", "k", "v", "do")[:4 if with_do else 3]})(
+        jax.random.PRNGKey(case["T"]))
+    decay = jax.device_put(jnp.exp(jnp.asarray(benchlib.retnet_log_decay(H))), replicated)
+
+    def attend(q, k, v, d):
+        return fleet_attention(q, k, v, d, sequence_axis_name="seq", implementation=impl)
+
+    sharded = jax.shard_map(attend, mesh=mesh, in_specs=(P(None, "seq"),) * 3 + (P(),),
+                            out_specs=P(None, "seq"), check_vma=args.check_vma)
+    if with_do:
+        def call(q, k, v, d, do):
+            o, vjp = jax.vjp(sharded, q, k, v, d)
+            return (o,) + tuple(vjp(do))
+        fn, call_args = jax.jit(call), (x["q"], x["k"], x["v"], decay, x["do"])
+    else:
+        fn, call_args = jax.jit(sharded), (x["q"], x["k"], x["v"], decay)
+    timing = benchlib.time_calls(fn, [call_args], benchlib.jax_sync, target_s=target_s,
+                                 min_samples=2 if args.smoke else 5)
+    out = dict(ms=timing.ms, ms_min=timing.ms_min, samples=timing.samples, first_call_s=timing.first_call_s,
+               tokens_per_s=B * T / (timing.ms * 1e-3))
+    if args.no_check:
+        return out
+    if case["P"] == 1:
+        out["relerr_note"] = "one device: this is the single-device call"
+        return out
+    got = fn(*call_args)
+    try:
+        out.update(compare_with_one_device(got, call_args, impl, with_do, split))
+    except Exception as error:  # noqa: BLE001 - typically out of memory on device 0 at the longest T
+        out["relerr_note"] = f"single-device reference did not run: {type(error).__name__}: {str(error)[:200]}"
+    return out
+
+
+def compare_with_one_device(got: Any, call_args: tuple, impl: str, with_do: bool, split: Any) -> dict[str, Any]:
+    """relerr of the sharded outputs against the unsharded call on device 0 (inputs gathered there)."""
+    import jax
+
+    from experiments import benchlib
+    from fleetjax import fleet_attention
+
+    device = jax.devices()[0]
+    local = [jax.device_put(a, device) for a in call_args]
+    attend = lambda q, k, v, d: fleet_attention(q, k, v, d, implementation=impl)  # noqa: E731
+    if with_do:
+        def call(q, k, v, d, do):
+            o, vjp = jax.vjp(attend, q, k, v, d)
+            return (o,) + tuple(vjp(do))[:3]
+        names = ("o", "dq", "dk", "dv")
+    else:
+        call = lambda q, k, v, d: (attend(q, k, v, d),)  # noqa: E731
+        names = ("o",)
+    want = jax.jit(call)(*local)
+    del local
+    errors = {}
+    got = got if isinstance(got, tuple) else (got,)
+    for name, g, w in zip(names, got, want):
+        errors[name] = benchlib.rel_errors(g, jax.device_put(w, split))["relerr"]
+    worst = max((e for e in errors.values() if e is not None), default=None)
+    return {"relerr": worst, "relerr_by_output": errors}
+
+
+# --------------------------------------------------------------------------------------- scaling, the plot
+
+def add_efficiency(records: list[dict[str, Any]]) -> None:
+    """Parallel efficiency against the P = 1 record of the same series: weak t1 / tP, strong t1 / (P tP)."""
+    base = {}
+    for r in records:
+        if r.get("ms") is not None and r["devices"] == 1:
+            key = (r["op"], r["scaling"], r["T_per_device"] if r["scaling"] == "weak" else r["T"])
+            base[key] = r["ms"]
+    for r in records:
+        if r.get("ms") is None:
+            continue
+        key = (r["op"], r["scaling"], r["T_per_device"] if r["scaling"] == "weak" else r["T"])
+        if key in base:
+            ideal = base[key] if r["scaling"] == "weak" else base[key] / r["devices"]
+            r["efficiency"] = ideal / r["ms"]
+
+
+def plot(json_path: Path) -> Path:
+    """ms against device count: one panel per (op, scaling), one line per T (weak: per device), ideal dotted."""
+    import json
+    import math
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(Path(json_path).read_text())
+    records = [r for r in data["records"] if r.get("ms") is not None]
+    panels = sorted({(r["op"], r["scaling"]) for r in records}) or [("fwd", "weak")]
+    cols = min(2, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.4 * cols, 4.2 * rows), squeeze=False)
+    for ax, (op, scaling) in zip(axes.flat, panels):
+        recs = [r for r in records if (r["op"], r["scaling"]) == (op, scaling)]
+        key = "T_per_device" if scaling == "weak" else "T"
+        for i, size in enumerate(sorted({r[key] for r in recs})):
+            pts = sorted((r["devices"], r["ms"]) for r in recs if r[key] == size)
+            color = plt.get_cmap("tab10")(i)
+            ax.plot(*zip(*pts), marker="o", color=color, label=f"{'T/dev' if scaling == 'weak' else 'T'}={size}")
+            one = dict(pts).get(1)
+            if one is not None:
+                ps = [p for p, _ in pts]
+                ideal = [one if scaling == "weak" else one / p for p in ps]
+                ax.plot(ps, ideal, linestyle=":", color=color, linewidth=1)
+        counts = sorted({r["devices"] for r in recs})
+        ax.set(xscale="log", yscale="log", xlabel="devices on the sequence axis", ylabel="ms (median)",
+               title=f"{op} {scaling} scaling ({'fixed T per device' if scaling == 'weak' else 'fixed total T'})")
+        ax.set_xticks(counts, [str(c) for c in counts])
+        ax.minorticks_off()
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    first = records[0] if records else {}
+    fig.suptitle(f"fleet_attention sequence_axis_name, {data.get('implementation')} {first.get('dtype', '')} "
+                 f"B{first.get('B', '')} H{first.get('H', '')} K{first.get('K', '')} V{first.get('V', '')} on "
+                 f"{data.get('device')} ({data.get('date')}); dotted: ideal", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    png = Path(json_path).with_suffix(".png")
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+if __name__ == "__main__":
+    sys.exit(main())
