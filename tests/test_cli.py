@@ -125,3 +125,15 @@ def test_module_entry_point():
     done = subprocess.run([sys.executable, "-m", "fleetjax.cli", "--version"], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == f"fleetjax {fleetjax.__version__}", done
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run runs the README's test command, the same text, so what CI checks is what a user types."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    readme, ci = (root / "README.md").read_text(), (root / ".ci" / "run").read_text()
+    command = ".venv/bin/pip install -e '.[dev]' && .venv/bin/python -m pytest"
+    readme_lines = [line.strip() for line in readme.splitlines() if command in line]
+    ci_lines = [line.strip() for line in ci.splitlines() if command in line]
+    assert len(readme_lines) == 1 and ci_lines == readme_lines, (readme_lines, ci_lines)
