@@ -51,6 +51,7 @@ class PallasConfig:
     chunk_size: positions per chunk (power of two, >= 16).
     block_v: value-dimension block of one forward program (power of two, >= 16).
     num_sequence_pieces: pieces of the sequence run in parallel (state passing joins them).
+    backward_num_sequence_pieces: the same for the reverse kernel.
     num_warps, num_stages: Triton launch parameters of the forward kernels.
     backward_block_v, backward_num_warps, backward_num_stages: the same for the reverse kernel.
     precision: dots of float32/float16 inputs: "ieee" (exact float32) or "tf32" (faster, ~1e-3).
@@ -64,6 +65,7 @@ class PallasConfig:
     backward_block_v: int = 64
     backward_num_warps: int = 4
     backward_num_stages: int = 2
+    backward_num_sequence_pieces: int = 1
     precision: str = "ieee"
 
     def __post_init__(self):
@@ -72,7 +74,7 @@ class PallasConfig:
             if not isinstance(value, int) or not _pow2(value) or value < 16:
                 raise ValueError(f"PallasConfig.{name} must be a power of two >= 16, got {value!r}")
         for name in ("num_sequence_pieces", "num_warps", "num_stages", "backward_num_warps",
-                     "backward_num_stages"):
+                     "backward_num_stages", "backward_num_sequence_pieces"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"PallasConfig.{name} must be a positive int, got {value!r}")
@@ -91,23 +93,32 @@ def _sm_count() -> int:
         return 132
 
 
+def _pieces(programs: int, T: int, cap: int) -> int:
+    """Split the sequence only while the grid cannot fill the GPU and each piece keeps >= 1024 positions."""
+    pieces = 1
+    target = 3 * _sm_count() // 2
+    while programs * pieces < target and T // (2 * pieces) >= 1024 and pieces < cap:
+        pieces *= 2
+    return pieces
+
+
 def default_config(q: jax.Array, v: jax.Array) -> PallasConfig:
-    """Heuristic by shape, dtype and device (measured starting point on H100: chunk 64, block_v 64)."""
+    """Heuristic by shape, dtype and device, from a sweep on an H100 (experiments/tune_pallas.py,
+    2026-11-25, bf16 K=V=128): forward chunk 64, block_v 32, 4 warps, 3 stages; backward with the whole value
+    dimension in one program (8 warps) when batch*head alone nearly fills the GPU."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     vp = pl.next_power_of_2(max(V, 16))
-    block_v = min(64, vp) if T <= 8192 else min(32, vp)
-    if K > 128 or q.dtype == jnp.float32:
-        block_v = min(block_v, 32)
-    pieces = 1
-    if _on_gpu():
-        programs = B * H * (vp // block_v)
-        target = 2 * _sm_count()
-        # Split the sequence only when the grid cannot fill the GPU and each piece keeps >= 1024 positions.
-        while programs * pieces < target and T // (2 * pieces) >= 1024:
-            pieces *= 2
-    return PallasConfig(block_v=block_v, num_sequence_pieces=pieces,
-                        backward_block_v=min(64, vp) if K <= 128 else min(32, vp))
+    block_v = min(32, vp)
+    backward_block_v = min(128 if B * H >= 32 and K <= 128 else 64, vp)
+    if K > 128:
+        backward_block_v = min(32, vp)
+    if not _on_gpu():
+        return PallasConfig(block_v=block_v, backward_block_v=backward_block_v)
+    return PallasConfig(
+        block_v=block_v, num_stages=3, backward_block_v=backward_block_v, backward_num_warps=8,
+        num_sequence_pieces=_pieces(B * H * (vp // block_v), T, cap=16),
+        backward_num_sequence_pieces=_pieces(B * H * (vp // backward_block_v), T, cap=8))
 
 
 # ------------------------------------------------------------------------------------------- kernel bodies
@@ -462,7 +473,7 @@ def _backward(q, k, v, do, lg, run_ids, scale, config: PallasConfig):
     from a zero reverse state (the final state's cotangent is handled by fleetjax.vjp)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    plan = _Plan(T, config.chunk_size, config.num_sequence_pieces)
+    plan = _Plan(T, config.chunk_size, config.backward_num_sequence_pieces)
     kp, bv, vp = _dims(K, V, config.backward_block_v)
     launch = functools.partial(_backward_launch, lg=lg, plan=plan, scale=scale, block_v=config.backward_block_v,
                                num_warps=config.backward_num_warps, num_stages=config.backward_num_stages,

@@ -50,7 +50,7 @@ the columns beyond K and V), so nothing is read or written out of bounds. On CPU
 interpret mode.
 
 The gradient does not depend on the forward partition: the custom VJP's backward is ``_backward`` (one small
-function, today the chunked XLA backward of fleetjax.xla).
+function: the fused chunked Pallas backward of fleetjax.pallas_chunked, shared with implementation="pallas").
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from fleetjax import xla
+from fleetjax import pallas_chunked
 
 f32 = jnp.float32
 
@@ -429,12 +429,13 @@ def _pallas_fleet_fwd(q, k, v, log_decay, initial_state, run_ids, scale, config)
 
 
 def _backward(scale: float, residuals, cotangents):
-    """The gradient; it does not depend on the forward's partition. Today: the chunked XLA backward.
+    """The gradient; it does not depend on the forward's partition: the fused chunked Pallas backward.
 
     residuals: (q, k, v, log_decay, initial_state, run_ids); cotangents: (do, d final state), either may be
     a SymbolicZero. Returns the cotangents of (q, k, v, log_decay, initial_state, run_ids).
     """
-    return xla._xla_bwd(scale, 64, residuals, cotangents)
+    q, v = residuals[0], residuals[2]
+    return pallas_chunked.pallas_backward(scale, pallas_chunked.default_config(q, v), residuals, cotangents)
 
 
 def _pallas_fleet_bwd(scale, config, residuals, cotangents):
