@@ -1,0 +1,230 @@
+"""Multi-query associative recall (MQAR, Arora et al. 2023, "Zoology", arXiv:2312.04927): FleetAttention
+against causal softmax attention in the same 2-layer model of fleetjax.lm.
+
+    PYTHONPATH=. python experiments/mqar.py [--out DIR] [--smoke] [--d-models 64,128,256] [--steps 2000]
+
+The task: a sequence opens with N key-value pairs ``k_1 v_1 ... k_N v_N`` (keys distinct, drawn from the
+lower half of the vocabulary, values from the upper half); later every key appears once more, at random
+pair-aligned positions, followed by its value. The model is trained (next-token cross entropy) and scored
+(argmax accuracy) only on predicting those values. Positions that hold no pair hold the filler token 0.
+Training batches are fresh random sequences every step (generated on the device); the accuracy is measured
+on a fixed held-out set of --eval-examples sequences.
+
+Writes <date>-<device>-mqar.json, .png (accuracy against d_model, accuracy during training) and .md into
+--out (default experiments/results). --smoke runs a small vocabulary, short sequences and few steps on the
+CPU to check every code path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from experiments import benchlib  # noqa: E402
+
+benchlib.setup_jax_environment()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from fleetjax import lm  # noqa: E402
+
+
+def mqar_example(key: jax.Array, seq_len: int, num_pairs: int, vocab_size: int
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One MQAR sequence: (inputs int32 [T], targets int32 [T], mask bool [T]); targets[t] = x[t + 1].
+
+    The mask marks the inputs that are a queried key (its target is the key's value).
+    """
+    if vocab_size < 4 or num_pairs > vocab_size // 2 - 1:
+        raise ValueError(f"vocab_size={vocab_size} leaves too few distinct keys for num_pairs={num_pairs}")
+    slots = (seq_len + 1 - 2 * num_pairs) // 2  # pair-aligned places for the queries after the context
+    if slots < num_pairs:
+        raise ValueError(f"seq_len={seq_len} is too short for {num_pairs} pairs and their {num_pairs} queries "
+                         f"(needs seq_len >= {4 * num_pairs - 1})")
+    half = vocab_size // 2
+    k_keys, k_values, k_slots, k_order = jax.random.split(key, 4)
+    keys = jax.random.permutation(k_keys, jnp.arange(1, half))[:num_pairs]  # distinct, never the filler 0
+    values = jax.random.randint(k_values, (num_pairs,), half, vocab_size)
+    x = jnp.zeros(seq_len + 1, jnp.int32)
+    context = jnp.stack([keys, values], axis=1).reshape(-1)
+    x = x.at[:2 * num_pairs].set(context)
+    where = 2 * num_pairs + 2 * jax.random.permutation(k_slots, slots)[:num_pairs]  # query positions
+    order = jax.random.permutation(k_order, num_pairs)
+    x = x.at[where].set(keys[order]).at[where + 1].set(values[order])
+    mask = jnp.zeros(seq_len + 1, bool).at[where].set(True)
+    return x[:-1], x[1:], mask[:-1]
+
+
+def mqar_batch(key: jax.Array, batch_size: int, seq_len: int, num_pairs: int, vocab_size: int):
+    """[B, T] inputs, targets and mask (see :func:`mqar_example`)."""
+    return jax.vmap(lambda k: mqar_example(k, seq_len, num_pairs, vocab_size))(jax.random.split(key, batch_size))
+
+
+def run_one(attention: str, d_model: int, args: argparse.Namespace, log) -> dict[str, Any]:
+    heads = max(1, d_model // args.head_dim)
+    implementation = args.fleet_implementation if attention == "fleet" else args.softmax_implementation
+    config = lm.LMConfig(vocab_size=args.vocab_size, d_model=d_model, num_layers=args.num_layers, num_heads=heads,
+                         attention=attention, implementation=implementation, dtype=args.dtype)
+    opt = lm.OptimizerConfig(learning_rate=args.learning_rate, warmup_steps=max(1, args.steps // 10),
+                             total_steps=args.steps, weight_decay=0.1)
+    trainer = lm.Trainer(lm.LanguageModel(config, rngs=nnx.Rngs(args.seed)), lm.make_optimizer(opt))
+    make_batch = jax.jit(lambda k: mqar_batch(k, args.batch_size, args.seq_len, args.num_pairs, args.vocab_size))
+    eval_sets = [make_batch(k) for k in jax.random.split(jax.random.key(10_000 + args.seed),
+                                                           max(1, args.eval_examples // args.batch_size))]
+
+    def accuracy() -> float:
+        return float(np.mean([float(trainer.evaluate(*batch)["accuracy"]) for batch in eval_sets]))
+
+    started = time.perf_counter()
+    compile_info = trainer.compile(*make_batch(jax.random.key(0)))
+    curve, losses = [], []
+    key = jax.random.key(args.seed)
+    for step in range(1, args.steps + 1):
+        key, sub = jax.random.split(key)
+        losses.append(trainer.step(*make_batch(sub))["loss"])
+        if step % args.eval_every == 0 or step == args.steps:
+            curve.append({"step": step, "accuracy": accuracy(), "loss": float(np.mean(jax.device_get(losses[-20:])))})
+    wall = time.perf_counter() - started
+    final = curve[-1]
+    log(f"{attention:8s} d_model={d_model:4d} H={heads}: accuracy {final['accuracy']:.3f}, loss {final['loss']:.3f} "
+        f"({wall:.0f}s, compile {compile_info['compile_s']:.1f}s)")
+    return {"op": "mqar", "impl": f"{'fleetjax' if attention == 'fleet' else 'softmax'}.{implementation or 'auto'}",
+            "attention": attention, "dtype": args.dtype, "B": args.batch_size, "T": args.seq_len, "H": heads,
+            "K": d_model // heads, "V": d_model // heads, "ms": wall / args.steps * 1e3, "relerr": None,
+            "hbm_floor_ms": None, "d_model": d_model, "num_pairs": args.num_pairs, "vocab_size": args.vocab_size,
+            "accuracy": final["accuracy"], "final_loss": final["loss"], "curve": curve,
+            "parameters": lm.count_params(trainer.model), "compile_s": compile_info["compile_s"], "wall_s": wall,
+            "trace_count": trainer.trace_count}
+
+
+def _plot(results: dict[str, Any], png: Path) -> Path | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return None
+    records = [r for r in results["records"] if "accuracy" in r]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for n, attention in enumerate(("fleet", "softmax")):
+        rows = sorted((r for r in records if r["attention"] == attention), key=lambda r: r["d_model"])
+        if not rows:
+            continue
+        left.plot([r["d_model"] for r in rows], [r["accuracy"] for r in rows], "o-", color=f"C{n}", label=attention)
+        for m, r in enumerate(rows):
+            right.plot([c["step"] for c in r["curve"]], [c["accuracy"] for c in r["curve"]], color=f"C{n}",
+                       ls=("-", "--", ":", "-.")[m % 4], label=f"{attention} d={r['d_model']}")
+    left.set_xscale("log", base=2)
+    left.set_xlabel("d_model")
+    left.set_ylabel("MQAR accuracy (held out)")
+    left.set_ylim(-0.02, 1.02)
+    left.grid(alpha=0.3)
+    left.legend()
+    right.set_xlabel("step")
+    right.set_ylabel("accuracy")
+    right.set_ylim(-0.02, 1.02)
+    right.grid(alpha=0.3)
+    right.legend(fontsize=7)
+    s = results["settings"]
+    fig.suptitle(f"MQAR on {results['device']}: T={s['seq_len']}, {s['num_pairs']} pairs, vocab {s['vocab_size']}, "
+                 f"{s['num_layers']} layers, {s['steps']} steps", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+def format_table(records: list[dict[str, Any]]) -> str:
+    lines = ["| attention | d_model | heads | parameters | accuracy | loss | ms/step | compile s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        if "error" in r:
+            lines.append(f"| {r['attention']} | {r['d_model']} | | | failed: {r['error'][:80]} | | | |")
+        else:
+            lines.append(f"| {r['attention']} ({r['impl']}) | {r['d_model']} | {r['H']} | {r['parameters']:,} | "
+                         f"{r['accuracy']:.3f} | {r['final_loss']:.3f} | {r['ms']:.2f} | {r['compile_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(benchlib.RESULTS_DIR))
+    parser.add_argument("--smoke", action="store_true", help="small and short, on the CPU")
+    parser.add_argument("--d-models", default=None, help="comma-separated widths (default 64,128,256; smoke 32)")
+    parser.add_argument("--attentions", default="fleet,softmax")
+    parser.add_argument("--seq-len", type=int, default=None, help="default 256 (smoke 32)")
+    parser.add_argument("--num-pairs", type=int, default=None, help="key-value pairs (default 16; smoke 4)")
+    parser.add_argument("--vocab-size", type=int, default=None, help="default 8192, as Zoology (smoke 64)")
+    parser.add_argument("--num-layers", type=int, default=2)
+    parser.add_argument("--head-dim", type=int, default=32, help="heads = d_model // head_dim")
+    parser.add_argument("--steps", type=int, default=None, help="default 2000 (smoke 60)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 64 (smoke 16)")
+    parser.add_argument("--learning-rate", type=float, default=None, help="peak (default 1e-3; smoke 3e-3)")
+    parser.add_argument("--eval-every", type=int, default=None, help="default 250 (smoke 20)")
+    parser.add_argument("--eval-examples", type=int, default=None, help="default 1024 (smoke 64)")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--fleet-implementation", default=None, help="fleet_attention implementation (auto)")
+    parser.add_argument("--softmax-implementation", default=None, help="jax.nn.dot_product_attention's")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="mqar")
+    args = parser.parse_args(argv)
+    smoke = args.smoke
+    defaults = dict(d_models="32" if smoke else "64,128,256", seq_len=32 if smoke else 256,
+                    num_pairs=4 if smoke else 16, vocab_size=64 if smoke else 8192, steps=60 if smoke else 2000,
+                    batch_size=16 if smoke else 64, learning_rate=3e-3 if smoke else 1e-3,
+                    eval_every=20 if smoke else 250, eval_examples=64 if smoke else 1024)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    d_models = [int(d) for d in args.d_models.split(",")]
+    attentions = [a.strip() for a in args.attentions.split(",")]
+    mqar_example(jax.random.key(0), args.seq_len, args.num_pairs, args.vocab_size)  # validate the settings early
+
+    info = benchlib.device_info()
+    slug = benchlib.device_slug(info)
+    path = benchlib.results_path(args.name, device=slug, out_dir=args.out)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "name")}
+    results = benchlib.ResultsFile(path, device=slug, date=benchlib.today(), versions=benchlib.versions(),
+                                   device_info=info, smoke=smoke, settings=settings,
+                                   task=("MQAR (Zoology): N key-value pairs then every key queried once at random "
+                                         "pair-aligned positions; accuracy = argmax of the value after each "
+                                         "queried key, on a fixed held-out set"))
+    started = time.perf_counter()
+    log = lambda message: print(f"[{time.perf_counter() - started:6.1f}s] {message}", flush=True)
+    log(f"MQAR on {info.get('device_kind')}: T={args.seq_len}, {args.num_pairs} pairs, vocab {args.vocab_size}, "
+        f"{args.steps} steps of {args.batch_size}; results {path}")
+    for d_model in d_models:
+        for attention in attentions:
+            try:
+                record = run_one(attention, d_model, args, log)
+            except Exception as error:  # noqa: BLE001 - one failed configuration is recorded, the rest still run
+                log(f"{attention} d_model={d_model}: {type(error).__name__}: {error}")
+                record = {"op": "mqar", "impl": attention, "attention": attention, "dtype": args.dtype,
+                          "B": args.batch_size, "T": args.seq_len, "H": None, "K": None, "V": None, "ms": None,
+                          "relerr": None, "hbm_floor_ms": None, "d_model": d_model,
+                          "error": f"{type(error).__name__}: {error}"}
+            results.add(record)
+    results.set("wall_s", time.perf_counter() - started)
+    table = format_table(results.records)
+    path.with_suffix(".md").write_text(
+        f"MQAR on {slug}: T={args.seq_len}, {args.num_pairs} pairs, vocab {args.vocab_size}, {args.num_layers} "
+        f"layers, {args.steps} steps of {args.batch_size}\n\n{table}\n")
+    png = _plot(results.data, path.with_suffix(".png"))
+    print(table)
+    print(f"wrote {path}, {path.with_suffix('.md')}" + (f", {png}" if png else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
