@@ -5,29 +5,40 @@ Inside ``jax.shard_map`` with T split in P contiguous blocks over a mesh axis, d
 devices to its left, and it is small: [B, H, K, V] float32, whatever T is (DESIGN.md section 1, "state
 passing"):
 
-1. Every device runs the implementation on its block from a zero entering state: o_p (the output without
-   the contribution of earlier blocks) and L_p (its final state).
-2. It publishes E_p = L_p (device 0: L_0 + a_0 S_init) and a_p, the factor by which its block carries an
-   entering state to its end: gamma^T_local when the whole block is one run continuing from the left,
-   else 0 (a reset inside, or at its first position, stops the entering state). One all_gather over the
-   axis moves these P small states.
+1. Every device computes L_p, the final state of its block from a zero entering state, and a_p, the factor
+   by which its block carries an entering state to its end: gamma^T_local when the whole block is one run
+   continuing from the left, else 0 (a reset inside the block, or at its first position, stops it).
+2. It publishes E_p = L_p (device 0: L_0 + a_0 S_init). One all_gather over the axis moves the P small
+   states and factors; segment ids need one more exchange of B integers (the previous device's last id).
 3. Every device runs the same tiny exclusive scan over the gathered values, S_1 = E_0,
    S_{p+1} = a_p S_p + E_p, and takes its entering state S_p (device 0 keeps S_init); S_P is the whole
    sequence's final state, computed identically everywhere.
-4. It adds scale * gamma^(i+1) q_i^T S_p to the positions i of its first run, if that run continues from
-   the previous device.
+4. The block's output gains scale * gamma^(i+1) q_i^T S_p at the positions i of its first run, if that run
+   continues from the previous device.
+
+Two ways to order this work (:func:`combine_method`), same result:
+
+- "entering_state" (default): L_p by one small product over the block's k and v (the positions of its last
+  run, weighted by gamma^(T_local-1-j)); then the implementation runs once per block with S_p as its initial
+  state, and its own entering-state term does step 4. Extra memory traffic: one read of k and v.
+- "correction": the implementation runs from a zero state (o_p and L_p together), and step 4 is a separate
+  product q S_p added to o_p. Extra traffic: q read, a float32 [B, T_local, H, V] product written and read,
+  and o_p read and written again: about three times the bytes of the other order at K = V (see
+  experiments/README.md).
 
 Gradients come from plain autodiff through this composition and the implementations' own VJPs: the
 transpose of the all_gather sends each device the state cotangents that the devices to its right produced
-(the reverse direction), and the transpose of the correction gives dq, d S_p and the decay terms.
-With ``check_vma=True`` (shard_map's default) the gathered values are typed invariant across the axis, so the
-final state may be returned with ``out_specs=P()``; with ``check_vma=False`` the plain varying all_gather is
-used, whose transpose (a reduce-scatter) is the right one in that mode.
+(the reverse direction). With ``check_vma=True`` (shard_map's default) the gathered values are typed
+invariant across the axis, so the final state may be returned with ``out_specs=P()``; with
+``check_vma=False`` the plain varying all_gather is used, whose transpose (a reduce-scatter) is the right one
+in that mode.
 """
 
 from __future__ import annotations
 
-from typing import Any, Hashable
+import contextlib
+import contextvars
+from typing import Any, Hashable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +48,24 @@ from fleetjax.segments import run_ids_from_segment_ids
 f32 = jnp.float32
 
 AxisName = Hashable | tuple[Hashable, ...]
+METHODS = ("entering_state", "correction")
+_method: contextvars.ContextVar[str] = contextvars.ContextVar("fleetjax_sequence_method", default="entering_state")
+
+
+@contextlib.contextmanager
+def combine_method(name: str) -> Iterator[None]:
+    """Within the block, sequence_axis_name calls traced use ``name`` ("entering_state" or "correction").
+
+    Both give the same result (tested); the choice is about speed, for benchmarks:
+    ``with fleetjax.sharding.combine_method("correction"): jax.jit(f).lower(...)``. It acts at trace time.
+    """
+    if name not in METHODS:
+        raise ValueError(f"combine_method must be one of {METHODS}, got {name!r}")
+    token = _method.set(name)
+    try:
+        yield
+    finally:
+        _method.reset(token)
 
 
 def _names(axis_name: AxisName) -> tuple[Hashable, ...]:
@@ -117,22 +146,50 @@ def _check_layout(axis_name: AxisName, tracks_vma: bool, **arrays: jax.Array | N
                 "every device of the axis")
 
 
-def _state_contribution(q: jax.Array, state: jax.Array, log_decay: jax.Array, reached: jax.Array,
+def _half_on_accelerator(x: jax.Array) -> bool:
+    """Half-precision products with float32 accumulation run natively here (the CPU runtime has no
+    bfloat16 x bfloat16 -> float32 dot, so there inputs are upcast)."""
+    return x.dtype != jnp.float32 and jax.default_backend() != "cpu"
+
+
+def _state_contribution(q: jax.Array, state: jax.Array, log_decay: jax.Array, reached: jax.Array | None,
                         scale: float) -> jax.Array:
     """scale * gamma^(i+1) q_i^T S at the positions the entering state reaches, else 0.
 
-    q [B, T, H, K], state [B, H, K, V] float32, log_decay [H], reached [B, T] bool.
+    q [B, T, H, K], state [B, H, K, V] float32, log_decay [H], reached [B, T] bool or None (everywhere).
     Returns [B, T, H, V] float32. Plain jnp: its gradient is ordinary autodiff.
     """
     T = q.shape[1]
-    # float32 inputs get full-precision products (tf32 on GPU would miss the 1e-5 contract), as in xla.py.
-    precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+    if _half_on_accelerator(q):
+        # Tensor cores in q's dtype with float32 accumulation, as the kernels' own state term does.
+        qs = jnp.einsum("bthk,bhkv->bthv", q, state.astype(q.dtype), preferred_element_type=f32)
+    else:
+        # Full-precision products: tf32 on GPU would miss the float32 contract (as in xla.py).
+        qs = jnp.einsum("bthk,bhkv->bthv", q.astype(f32), state, precision=jax.lax.Precision.HIGHEST)
     # Exponents (i + 1) log gamma are <= 0: decay -> 0 gives exact zeros, decay = 1 gives ones.
-    powers = jnp.exp(jnp.arange(1, T + 1, dtype=f32)[:, None] * log_decay[None, :])  # [T, H]
-    weights = jnp.where(reached[:, :, None], scale * powers[None], 0.0)  # [B, T, H]
-    qs = jnp.einsum("bthk,bhkv->bthv", q.astype(f32), state, precision=precision,
-                    preferred_element_type=f32)
+    powers = scale * jnp.exp(jnp.arange(1, T + 1, dtype=f32)[:, None] * log_decay[None, :])  # [T, H]
+    weights = powers[None] if reached is None else jnp.where(reached[:, :, None], powers[None], 0.0)
     return weights[..., None] * qs
+
+
+def _block_final_state(k: jax.Array, v: jax.Array, log_decay: jax.Array, runs: jax.Array | None) -> jax.Array:
+    """The state after the block from a zero entering state: sum_j gamma^(T-1-j) k_j v_j^T over the
+    positions j of the block's last run.
+
+    k [B, T, H, K], v [B, T, H, V], log_decay [H], runs [B, T] run ids or None (one run).
+    Returns [B, H, K, V] float32; plain jnp, so autodiff gives dk, dv and the decay term.
+    """
+    T = k.shape[1]
+    # Exponents (T - 1 - j) log gamma are <= 0: no overflow, exact zeros for decay -> 0.
+    powers = jnp.exp(jnp.arange(T - 1, -1, -1, dtype=f32)[:, None] * log_decay[None, :])  # [T, H]
+    if runs is None:
+        weights = powers[None]  # [1, T, H]
+    else:
+        weights = jnp.where((runs == runs[:, -1:])[:, :, None], powers[None], 0.0)  # [B, T, H]
+    weighted_k = k.astype(f32) * weights[..., None]
+    if _half_on_accelerator(k):
+        return jnp.einsum("bthk,bthv->bhkv", weighted_k.astype(k.dtype), v, preferred_element_type=f32)
+    return jnp.einsum("bthk,bthv->bhkv", weighted_k, v.astype(f32), precision=jax.lax.Precision.HIGHEST)
 
 
 def _combine(exits: jax.Array, carries: jax.Array) -> tuple[list[jax.Array], jax.Array]:
@@ -180,19 +237,14 @@ def sequence_parallel(impl: Any, q: jax.Array, k: jax.Array, v: jax.Array, log_d
     # devices with one psum of [H] floats instead of one of each per-position use.
     log_decay = vary_like(log_decay, q, k, v)
 
+    if T == 0 or B == 0:  # no position reads or changes the state
+        return jnp.zeros((B, T, H, v.shape[-1]), f32), state
     if P == 1:  # nothing to exchange: exactly the unsharded call
         run_ids = None if segment_ids is None else run_ids_from_segment_ids(segment_ids)
-        if T == 0 or B == 0:
-            return jnp.zeros((B, T, H, v.shape[-1]), f32), state
         return impl.fn(q, k, v, log_decay, vary_like(state, q, k, v), run_ids, scale=scale, config=config)
 
-    if T == 0 or B == 0:  # global T = P * 0; no position reads or changes the state
-        return jnp.zeros((B, T, H, v.shape[-1]), f32), state
-
     if segment_ids is None:
-        run_ids = None
-        # Every block is one run continuing from the left: the entering state reaches every position.
-        reached = jnp.ones((B, T), bool)
+        runs = None  # every block is one run continuing from the left
         continues = jnp.ones((B,), bool)
     else:
         segment_ids = jnp.asarray(segment_ids)
@@ -200,14 +252,19 @@ def sequence_parallel(impl: Any, q: jax.Array, k: jax.Array, v: jax.Array, log_d
         # run is the one the initial state feeds, so it compares with itself).
         from_left = jax.lax.ppermute(segment_ids[:, -1], axis_name, [(p, p + 1) for p in range(P - 1)])
         previous_id = jnp.where(index == 0, segment_ids[:, 0], from_left)
-        runs_from_left = run_ids_from_segment_ids(segment_ids, previous_id=previous_id)
-        reached = runs_from_left == 0  # positions the entering state reaches
-        continues = reached[:, -1]  # the whole block is one run continuing from the left
-        # The block's own computation starts from a zero state, so the run numbering may start at 0 here.
-        run_ids = run_ids_from_segment_ids(segment_ids)
+        # Run 0 = the positions the entering state reaches (none when a segment starts at the first position).
+        runs = run_ids_from_segment_ids(segment_ids, previous_id=previous_id)
+        continues = runs[:, -1] == 0  # the whole block is one run continuing from the left
 
+    method = _method.get()
     zeros = vary_like(jnp.zeros_like(state), q, k, v)
-    o_local, local_final = impl.fn(q, k, v, log_decay, zeros, run_ids, scale=scale, config=config)
+    # The implementations take run ids that start at 0 (their entering state feeds run 0); where a segment
+    # starts at the block's first position the entering state reaches nothing, so that row gets a zero one.
+    local_runs = None if runs is None else runs - runs[:, :1]
+    if method == "correction":
+        o_local, local_final = impl.fn(q, k, v, log_decay, zeros, local_runs, scale=scale, config=config)
+    else:
+        local_final = _block_final_state(k, v, log_decay, runs)
 
     carry = jnp.where(continues[:, None], jnp.exp(T * log_decay)[None, :], 0.0)  # [B, H]
     first = index == 0
@@ -218,5 +275,11 @@ def sequence_parallel(impl: Any, q: jax.Array, k: jax.Array, v: jax.Array, log_d
     entering, final_state = _combine(exits, carries)
     entering_state = jnp.where(first, state, jnp.stack([zeros] + entering)[index])
 
-    o = o_local.astype(f32) + _state_contribution(q, entering_state, log_decay, reached, scale)
+    if method == "correction":
+        reached = None if runs is None else runs == 0
+        o = o_local.astype(f32) + _state_contribution(q, entering_state, log_decay, reached, scale)
+    else:
+        if runs is not None:
+            entering_state = jnp.where((runs[:, 0] == 0)[:, None, None, None], entering_state, 0.0)
+        o, _ = impl.fn(q, k, v, log_decay, entering_state, local_runs, scale=scale, config=config)
     return o, final_state

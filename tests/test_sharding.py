@@ -51,6 +51,11 @@ def _cases() -> list[dict[str, Any]]:
         dict(impl="xla", seq=4, dtype="bfloat16"),
         # T split over a tuple of mesh axes; only the first device holds the initial state (others: garbage).
         dict(impl="xla", seq=(2, 2), state_on_first_device_only=True),
+        # The other order of the work: each block from a zero state, then a separate correction q S_p.
+        dict(impl="quadratic", seq=4, method="correction"),
+        dict(impl="xla", seq=8, method="correction"),
+        dict(impl="xla", seq=2, method="correction", check_vma=False, segments=False),
+        dict(impl="xla", seq=4, method="correction", dtype="bfloat16"),
     ]
     for case in cases:
         case.setdefault("segments", True)
@@ -60,13 +65,15 @@ def _cases() -> list[dict[str, Any]]:
         case.setdefault("data", 1)
         case.setdefault("state_on_first_device_only", False)
         case.setdefault("dtype", "float32")
+        case.setdefault("method", "entering_state")
         seq = case["seq"]
         flags = [k for k in ("segments", "initial_state", "final_state", "check_vma") if not case[k]]
         extra = [k for k in ("state_on_first_device_only",) if case[k]]
         case["id"] = "-".join([case["impl"], f"seq{'x'.join(map(str, np.atleast_1d(seq)))}"]
                               + ([f"data{case['data']}"] if case["data"] > 1 else [])
                               + [f"no_{f}" for f in flags] + extra
-                              + ([case["dtype"]] if case["dtype"] != "float32" else []))
+                              + ([case["dtype"]] if case["dtype"] != "float32" else [])
+                              + ([case["method"]] if case["method"] != "entering_state" else []))
     return cases
 
 
@@ -234,6 +241,8 @@ def _refusals() -> dict[str, str]:
 def _worker() -> None:
     import jax
     import jax.numpy as jnp
+
+    from fleetjax.sharding import combine_method
     assert len(jax.devices()) >= DEVICES, jax.devices()
     results: dict[str, Any] = {}
     references: dict[tuple, dict] = {}
@@ -246,7 +255,8 @@ def _worker() -> None:
                 unsharded = _call(case)
                 references[key] = _loss_and_grads(
                     lambda q, k, v, d, s0: unsharded(q, k, v, d, s0, x["segment_ids"]), x, case)
-            got = _loss_and_grads(_sharded(case, x), x, case)
+            with combine_method(case["method"]):  # acts while the jitted function is traced
+                got = _loss_and_grads(_sharded(case, x), x, case)
             results[case["id"]] = {"errors": _relative_errors(got, references[key])}
         except Exception as error:  # reported by the test of this case
             results[case["id"]] = {"exception": f"{type(error).__name__}: {error}"}
@@ -323,6 +333,13 @@ def _one_device_call(axis_name, in_spec):
     body = lambda q: fleetjax.fleet_attention(q, q, q, jnp.full((2,), 0.5), sequence_axis_name=axis_name)
     mapped = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=in_spec, out_specs=P(None, "seq")))
     return mapped(jnp.ones((1, 4, 2, 3)))
+
+
+def test_unknown_combine_method_is_refused():
+    from fleetjax.sharding import combine_method
+    with pytest.raises(ValueError, match=r"combine_method must be one of \('entering_state', 'correction'\)"):
+        with combine_method("ring"):
+            pass
 
 
 def test_outside_shard_map_is_refused():
