@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="total T for strong scaling, comma-separated (default 262144,1048576)")
     parser.add_argument("--ops", default="fwd,fwd_bwd", help="fwd, fwd_bwd or both")
     parser.add_argument("--impl", default=None, help="fleetjax implementation (default: pallas on GPU, xla else)")
+    parser.add_argument("--methods", default="entering_state",
+                        help="order of the work, fleetjax.sharding.combine_method: entering_state, correction "
+                             "or both (comma-separated)")
     parser.add_argument("--dtype", default=None, help="bfloat16 (default) or float32")
     parser.add_argument("--B", type=int, default=None)
     parser.add_argument("--H", type=int, default=None)
@@ -72,6 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.weak = ints(args.weak) if args.weak else ([16, 32] if args.smoke else [32768, 131072])
     args.strong = ints(args.strong) if args.strong else ([128] if args.smoke else [262144, 1048576])
     args.ops = [op.strip() for op in args.ops.split(",") if op.strip()]
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for method in args.methods:
+        if method not in ("entering_state", "correction"):
+            parser.error(f"--methods: unknown {method!r}; use entering_state, correction")
     for op in args.ops:
         if op not in ("fwd", "fwd_bwd"):
             parser.error(f"--ops: unknown {op!r}; use fwd, fwd_bwd")
@@ -93,15 +100,22 @@ def setup_environment(args: argparse.Namespace) -> None:
 
 
 def plan(args: argparse.Namespace, available: int) -> list[dict[str, Any]]:
-    """The cases, baselines (P = 1) first within each series, as dicts (scaling, P, T, T_local, op)."""
+    """The cases, baselines (P = 1) first within each series, as dicts (op, method, scaling, P, T, T_local).
+
+    One device runs no exchange at all (the plain call), so P = 1 is measured once and shared by the methods.
+    """
     cases = []
     counts = [p for p in args.devices if p <= available]
     for op in args.ops:
-        for t_local in args.weak:
-            cases += [dict(op=op, scaling="weak", P=p, T=p * t_local, T_local=t_local) for p in counts]
-        for total in args.strong:
-            cases += [dict(op=op, scaling="strong", P=p, T=total, T_local=total // p) for p in counts
-                      if total % p == 0]
+        for scaling, sizes in (("weak", args.weak), ("strong", args.strong)):
+            for size in sizes:
+                for i, method in enumerate(args.methods):
+                    for p in counts:
+                        T, t_local = (p * size, size) if scaling == "weak" else (size, size // p)
+                        if (p == 1 and i > 0) or T % p:
+                            continue
+                        cases.append(dict(op=op, method=method if p > 1 else "none", scaling=scaling, P=p, T=T,
+                                          T_local=t_local))
     return cases
 
 
@@ -145,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     target_s = args.target_s if args.target_s is not None else (0.02 if args.smoke else 0.3)
     for case in cases:
         record = dict(op=case["op"], impl=f"fleetjax.{impl}", dtype=args.dtype, B=args.B, T=case["T"], H=args.H,
-                      K=args.K, V=args.V, ms=None, relerr=None, scaling=case["scaling"], devices=case["P"],
+                      K=args.K, V=args.V, ms=None, relerr=None, method=case["method"], scaling=case["scaling"],
+                      devices=case["P"],
                       T_per_device=case["T_local"],
                       hbm_floor_ms=benchlib.hbm_floor_ms(case["op"], args.B, case["T_local"], args.H, args.K,
                                                          args.V, 2 if args.dtype == "bfloat16" else 4,
@@ -163,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as error:  # noqa: BLE001 - one failed case (OOM, ...) must not lose the others
                 record["error"] = f"{type(error).__name__}: {str(error)[:400]}"
         results.add(record)
-        print(f"  {record['op']:7s} {record['scaling']:6s} P={record['devices']} T={record['T']:>8d} "
+        print(f"  {record['op']:7s} {record['method'][:8]:8s} {record['scaling']:6s} P={record['devices']} "
+              f"T={record['T']:>8d} "
               f"T/dev={record['T_per_device']:>7d}  ms={_fmt(record['ms'])}  relerr={_fmt(record['relerr'], 'e')}"
               f"{'  ' + str(record.get('error') or record.get('skipped') or '')[:120]}", flush=True)
     add_efficiency(results.records)
@@ -192,6 +208,7 @@ def run_case(case: dict[str, Any], args: argparse.Namespace, impl: str, target_s
 
     from experiments import benchlib
     from fleetjax import fleet_attention
+    from fleetjax.sharding import combine_method
 
     mesh = Mesh(np.array(jax.devices()[:case["P"]]), ("seq",))
     split = NamedSharding(mesh, P(None, "seq"))
@@ -227,8 +244,9 @@ def run_case(case: dict[str, Any], args: argparse.Namespace, impl: str, target_s
         fn, call_args = jax.jit(call), (x["q"], x["k"], x["v"], decay, x["do"])
     else:
         fn, call_args = jax.jit(sharded), (x["q"], x["k"], x["v"], decay)
-    timing = benchlib.time_calls(fn, [call_args], benchlib.jax_sync, target_s=target_s,
-                                 min_samples=2 if args.smoke else 5)
+    with combine_method(case["method"] if case["P"] > 1 else "entering_state"):  # acts while fn is traced
+        timing = benchlib.time_calls(fn, [call_args], benchlib.jax_sync, target_s=target_s,
+                                     min_samples=2 if args.smoke else 5)
     out = dict(ms=timing.ms, ms_min=timing.ms_min, samples=timing.samples, first_call_s=timing.first_call_s,
                tokens_per_s=B * T / (timing.ms * 1e-3))
     if args.no_check:
@@ -308,13 +326,19 @@ def plot(json_path: Path) -> Path:
     for ax, (op, scaling) in zip(axes.flat, panels):
         recs = [r for r in records if (r["op"], r["scaling"]) == (op, scaling)]
         key = "T_per_device" if scaling == "weak" else "T"
+        methods = sorted({r["method"] for r in recs if r["devices"] > 1}) or ["none"]
         for i, size in enumerate(sorted({r[key] for r in recs})):
-            pts = sorted((r["devices"], r["ms"]) for r in recs if r[key] == size)
             color = plt.get_cmap("tab10")(i)
-            ax.plot(*zip(*pts), marker="o", color=color, label=f"{'T/dev' if scaling == 'weak' else 'T'}={size}")
-            one = dict(pts).get(1)
+            one = next((r["ms"] for r in recs if r[key] == size and r["devices"] == 1), None)
+            for j, method in enumerate(methods):
+                # The one-device point (no exchange) starts every method's line.
+                pts = sorted((r["devices"], r["ms"]) for r in recs
+                             if r[key] == size and (r["method"] == method or r["devices"] == 1))
+                label = f"{'T/dev' if scaling == 'weak' else 'T'}={size}" + (f" {method}" if len(methods) > 1 else "")
+                ax.plot(*zip(*pts), marker="os^"[j % 3], color=color, linestyle=["-", "--", "-."][j % 3],
+                        label=label)
             if one is not None:
-                ps = [p for p, _ in pts]
+                ps = sorted({r["devices"] for r in recs if r[key] == size})
                 ideal = [one if scaling == "weak" else one / p for p in ps]
                 ax.plot(ps, ideal, linestyle=":", color=color, linewidth=1)
         counts = sorted({r["devices"] for r in recs})
