@@ -7,7 +7,8 @@ float32 reference, the results file (written again after every record, so a run 
 measured), a time budget with a per-call time limit, and the plot.
 
 Usage as a script: ``python -m experiments.benchlib plot RESULTS.json [OUT.png]`` redraws the plot of a
-results file (the GPU script does this when a benchmark was stopped before it drew its own).
+results file and ``python -m experiments.benchlib table RESULTS.json`` prints its table (the GPU script
+does both when a benchmark was stopped before it finished).
 """
 
 from __future__ import annotations
@@ -432,7 +433,7 @@ def time_limit(seconds: float | None) -> Iterator[None]:
 
     def handler(signum, frame):
         del signum, frame
-        raise CallTimeout(f"ran past its limit of {seconds:.0f} s")
+        raise CallTimeout(f"ran past its limit of {seconds:.3g} s")
 
     previous = signal.signal(signal.SIGALRM, handler)
     signal.setitimer(signal.ITIMER_REAL, seconds)
@@ -533,8 +534,7 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
         row = [r["impl"], shape, fmt(r.get("ms"), "ms"), fmt(r.get("hbm_floor_ms"), "ms"),
                fmt(r.get("relerr"), "err")]
         if has_mem:
-            mem = r.get("extra_peak_mb")
-            row.append("-" if mem is None else f"{mem:.0f}")
+            row.append(fmt(r.get("extra_peak_mb"), "mb"))
         rows.append(row + [note])
     widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
@@ -733,9 +733,16 @@ def measure(impl, case, op: str, input_sets: list[dict[str, Any]], ref: dict[str
             if memory is not None:
                 rec["extra_peak_mb"] = memory["temp"]
                 rec["outputs_mb"] = memory["output"]
-        compiles_before = CompileCounter.count()
+        # After the explicit compile: the first call on data set 0 (Pallas interpret mode may compile
+        # callbacks here), then every other data set and the timed calls, which must compile nothing.
+        count = CompileCounter.count()
+        jax_sync(bound.jitted(*arg_sets[0]))
+        rec["compiles_first_call"] = CompileCounter.count() - count
+        count = CompileCounter.count()
+        for args in arg_sets[1:]:
+            jax_sync(bound.jitted(*args))
         timing = time_calls(bound.jitted, arg_sets, jax_sync, target_s=target_s, min_samples=min_samples)
-        rec["recompiles_on_new_data"] = CompileCounter.count() - compiles_before
+        rec["recompiles_on_new_data"] = CompileCounter.count() - count
         rec["jit_cache_size"] = jit_cache_size(bound.jitted)
     else:
         if op == "fwd_bwd":
@@ -765,59 +772,81 @@ def measure(impl, case, op: str, input_sets: list[dict[str, Any]], ref: dict[str
     return rec
 
 
+def _record_line(rec: dict[str, Any], label: str) -> str:
+    if rec.get("ms") is None:
+        return f"{rec['impl']:22s} {label}: {rec.get('skipped') or rec.get('error')}"[:300]
+    relerr = rec.get("relerr")
+    return (f"{rec['impl']:22s} {label}: {rec['ms']:.3f} ms (floor {rec['hbm_floor_ms']:.3f}) relerr "
+            + ("-" if relerr is None else f"{relerr:.1e}")
+            + (f" compile {rec['compile_s']:.1f}s" if "compile_s" in rec else "")
+            + (f" first call {rec['first_call_s']:.1f}s" if rec.get("first_call_s", 0) > 2 else "")
+            + (f" extra {rec['extra_peak_mb']:.0f}MB" if rec.get("extra_peak_mb") is not None else ""))
+
+
 def run_benchmark(op: str, cases: Sequence[Any], impls: Sequence[Any], *, results: ResultsFile,
                   budget: Budget, impl_timeout_s: float, target_s: float, n_sets: int = 3,
                   min_samples: int = 5, gbps: float) -> None:
     """Every impl on every case, in order; each record added to ``results`` as soon as it exists.
 
-    A case starts only with at least 20 s of budget left, an implementation with 5 s; each runs under a
-    time limit of min(impl_timeout_s, what is left). What does not run is recorded as skipped, with why.
+    Inputs and the reference of a case are made only if some implementation runs on it. An implementation
+    starts only with at least 10 s of budget left and runs under a time limit of min(impl_timeout_s, what
+    is left). An implementation that autotunes (``impl.autotunes``) and timed out is not started again on
+    a case with the same autotuning key (H, K, V, dtype): it would start the same search again. What does
+    not run is recorded as skipped, with why.
     """
+    timed_out: set[tuple] = set()
     for case in cases:
         base = {"op": op, **case.fields(), "ms": None, "relerr": None,
                 "hbm_floor_ms": hbm_floor_ms(op, case.B, case.T, case.H, case.K, case.V, case.itemsize, gbps)}
-        if budget.remaining() < 20:
-            for impl in impls:
-                results.add({**base, "impl": impl.name, "skipped": "global time budget spent"})
-            _log(budget, f"{case.label}: skipped, budget spent")
-            continue
         log_decay = retnet_log_decay(case.H)
-        try:
-            # Rotation beats L2 with 2 sets as well as 3; the largest shapes keep 2 to spare memory.
-            one_set = case.B * case.T * case.H * (2 * case.K + 2 * case.V) * case.itemsize
-            sets = n_sets if one_set < 2 ** 30 else 2
-            input_sets = [make_inputs(case, seed, with_do=op == "fwd_bwd") for seed in range(sets)]
-            ref = reference_outputs(case, op, input_sets[0], log_decay)
-        except Exception as e:  # noqa: BLE001 - a case whose inputs or reference fail is recorded, not fatal
-            for impl in impls:
-                results.add({**base, "impl": impl.name, "error": f"inputs/reference: {type(e).__name__}: {e}"[:400]})
-            _log(budget, f"{case.label}: inputs/reference failed: {type(e).__name__}: {e}")
-            _release_memory()
-            continue
+        data: dict[str, Any] = {}
+
+        def case_data() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+            """Inputs and reference, made once per case under their own time limit; a failure is kept
+            and raised again for every later implementation of the case."""
+            if not data:
+                try:
+                    with time_limit(min(120.0, budget.remaining())):
+                        # Rotation beats L2 with 2 sets as well as 3; the largest shapes keep 2 (memory).
+                        one_set = case.B * case.T * case.H * (2 * case.K + 2 * case.V) * case.itemsize
+                        sets = n_sets if one_set < 2 ** 30 else 2
+                        inputs = [make_inputs(case, seed, with_do=op == "fwd_bwd") for seed in range(sets)]
+                        ref = reference_outputs(case, op, inputs[0], log_decay)
+                    data["value"] = (inputs, ref)
+                except Exception as e:  # noqa: BLE001 - CallTimeout included
+                    data["error"] = RuntimeError(f"inputs/reference failed: {type(e).__name__}: {e}")
+            if "error" in data:
+                raise data["error"]
+            return data["value"]
+
         for impl in impls:
             rec = {**base, "impl": impl.name, "framework": impl.framework, "input_layout": impl.input_layout}
             if op == "fwd_bwd":
                 rec["decay_grad"] = impl.decay_grad
+            tune_key = (impl.name, case.H, case.K, case.V, case.dtype)
             reason = impl.unavailable()
             if reason is None:
                 try:
                     reason = impl.skip_reason(case, op)
                 except Exception as e:  # noqa: BLE001
                     reason = f"skip check failed: {type(e).__name__}: {e}"
-            if reason is None and budget.remaining() < 5:
+            if reason is None and getattr(impl, "autotunes", False) and tune_key in timed_out:
+                reason = "its autotuning timed out on an earlier case with the same H, K, V and dtype"
+            if reason is None and budget.remaining() < 10:
                 reason = "global time budget spent"
             if reason is not None:
                 rec["skipped"] = reason[:400]
                 results.add(rec)
                 continue
-            limit = min(impl_timeout_s, budget.remaining())
             t0 = time.perf_counter()
             try:
-                with time_limit(limit):
+                input_sets, ref = case_data()
+                with time_limit(min(impl_timeout_s, budget.remaining())):
                     rec.update(measure(impl, case, op, input_sets, ref, log_decay, target_s=target_s,
                                        min_samples=min_samples))
             except CallTimeout as e:
                 rec.update(ms=None, relerr=None, skipped=f"timeout: {e}")
+                timed_out.add(tune_key)
             except Exception as e:  # noqa: BLE001 - one failing peer must not stop the run
                 import traceback
                 rec.update(ms=None, relerr=None, error=f"{type(e).__name__}: {e}"[:400])
@@ -827,15 +856,8 @@ def run_benchmark(op: str, cases: Sequence[Any], impls: Sequence[Any], *, result
                 rec["relerr_note"] = "this is the reference computation (float32 inputs): error 0 by construction"
             results.add(rec)
             _release_memory()
-            if rec.get("ms") is not None:
-                _log(budget, f"{impl.name:22s} {case.label}: {rec['ms']:.3f} ms (floor {rec['hbm_floor_ms']:.3f}) "
-                     f"relerr {rec['relerr'] if rec['relerr'] is None else format(rec['relerr'], '.1e')}"
-                     + (f" compile {rec['compile_s']:.1f}s" if "compile_s" in rec else "")
-                     + (f" first {rec['first_call_s']:.1f}s" if rec.get("first_call_s", 0) > 2 else "")
-                     + (f" extra {rec['extra_peak_mb']:.0f}MB" if rec.get("extra_peak_mb") is not None else ""))
-            else:
-                _log(budget, f"{impl.name:22s} {case.label}: {rec.get('skipped') or rec.get('error')}"[:300])
-        del input_sets, ref
+            _log(budget, _record_line(rec, case.label))
+        data.clear()
         _release_memory()
 
 
@@ -845,10 +867,12 @@ def add_common_args(parser) -> None:
                         help="folder for <date>-<device>-<name>.json and .png (default experiments/results)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes, quick timing: checks every code path on the CPU in about a minute")
-    parser.add_argument("--budget-s", type=float, default=450.0,
+    parser.add_argument("--budget-s", type=float, default=470.0,
                         help="wall-clock budget for all cases; what does not fit is recorded as skipped")
-    parser.add_argument("--impl-timeout-s", type=float, default=150.0,
-                        help="time limit of one implementation on one case (compile and autotune included)")
+    parser.add_argument("--impl-timeout-s", type=float, default=120.0,
+                        help="time limit of one implementation on one case (compilation included)")
+    parser.add_argument("--autotune-timeout-s", type=float, default=240.0,
+                        help="time limit of one autotuning implementation (fla) on one case")
     parser.add_argument("--target-s", type=float, default=None,
                         help="seconds of timed calls per measurement (default 0.25, smoke 0.02)")
     parser.add_argument("--impls", default=None,
@@ -893,9 +917,22 @@ def run_main(args, op: str, cases: Sequence[Any], impls: Sequence[Any], name: st
                                   "peak delta, known only when the call set a new process-wide peak); torch: "
                                   "torch.cuda.max_memory_allocated() after reset_peak_memory_stats()"))
     target_s = args.target_s if args.target_s is not None else (0.02 if args.smoke else 0.25)
-    run_benchmark(op, cases, impls, results=results, budget=budget, impl_timeout_s=args.impl_timeout_s,
-                  target_s=target_s, n_sets=2 if args.smoke else 3, min_samples=2 if args.smoke else 5,
-                  gbps=bandwidth["gbps"])
+    # Two passes: every implementation that does not autotune on all cases first, then the autotuning ones
+    # (fla), whose first call per shape can take minutes; they get the time that is left.
+    passes = [[impl for impl in impls if not getattr(impl, "autotunes", False)],
+              [impl for impl in impls if getattr(impl, "autotunes", False)]]
+    for n, group in enumerate(passes):
+        if group:
+            _log(budget, f"pass {n + 1}: {', '.join(impl.name for impl in group)}")
+            run_benchmark(op, cases, group, results=results, budget=budget,
+                          impl_timeout_s=args.impl_timeout_s if n == 0 else args.autotune_timeout_s,
+                          target_s=target_s, n_sets=2 if args.smoke else 3,
+                          min_samples=2 if args.smoke else 5, gbps=bandwidth["gbps"])
+    # Records in case order, then implementation order, for the table and the file.
+    case_index = {(c.dtype, c.B, c.T, c.H, c.K, c.V): i for i, c in enumerate(cases)}
+    impl_index = {impl.name: i for i, impl in enumerate(impls)}
+    results.records.sort(key=lambda r: (case_index.get((r["dtype"], r["B"], r["T"], r["H"], r["K"], r["V"]), 0),
+                                        impl_index.get(r["impl"], 0)))
     results.set("wall_s", budget.elapsed())
     try:
         png = plot_results(path)
@@ -912,7 +949,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(argv) in (2, 3) and argv[0] == "plot":
         print(plot_results(argv[1], argv[2] if len(argv) == 3 else None))
         return 0
-    print("usage: python -m experiments.benchlib plot RESULTS.json [OUT.png]", file=sys.stderr)
+    if len(argv) == 2 and argv[0] == "table":
+        print(format_table(json.loads(Path(argv[1]).read_text())["records"]))
+        return 0
+    print("usage: python -m experiments.benchlib plot RESULTS.json [OUT.png]\n"
+          "       python -m experiments.benchlib table RESULTS.json", file=sys.stderr)
     return 2
 
 

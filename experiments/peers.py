@@ -93,6 +93,7 @@ class Impl:
     name: str = ""
     framework: str = "jax"
     ops: tuple[str, ...] = ("fwd", "fwd_bwd")
+    autotunes: bool = False  # its first call per shape searches configurations (the benchmark runs it last)
     decay_grad: bool | None = None  # whether its fwd_bwd returns a gradient for the decay
     input_layout: str = "BTHD"
 
@@ -424,6 +425,7 @@ def _fla_ops() -> tuple[Any, str | None]:
 class FlaChunkImpl(TorchImpl):
     name = "fla.chunk"
     decay_grad = False
+    autotunes = True
 
     def __init__(self, max_head_dim: int | None = None):
         self.max_head_dim = max_head_dim
