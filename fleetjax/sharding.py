@@ -97,7 +97,11 @@ def vary_like(x: jax.Array, *refs: jax.Array) -> jax.Array:
     for ref in refs:
         need |= _varying_axes(ref) or set()
     missing = tuple(sorted(need - have, key=str))
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
+    if not missing:
+        return x
+    if hasattr(jax.lax, "pcast"):
+        return jax.lax.pcast(x, missing, to="varying")
+    return jax.lax.pvary(x, missing)  # JAX before pcast
 
 
 def shape_dtype_like(shape: tuple[int, ...], dtype: Any, *refs: jax.Array) -> jax.ShapeDtypeStruct:
@@ -192,6 +196,18 @@ def _block_final_state(k: jax.Array, v: jax.Array, log_decay: jax.Array, runs: j
     return jnp.einsum("bthk,bthv->bhkv", weighted_k, v.astype(f32), precision=jax.lax.Precision.HIGHEST)
 
 
+def _all_gather(x: Any, axis_name: AxisName, *, invariant: bool) -> Any:
+    """all_gather over the axis; ``invariant``: typed the same on every device (check_vma), so its transpose
+    is a psum then a slice, and values computed from it may leave shard_map with out_specs P()."""
+    if not invariant:
+        return jax.lax.all_gather(x, axis_name)
+    try:
+        return jax.lax.all_gather(x, axis_name, to="invarying")
+    except TypeError:  # a JAX whose all_gather has no ``to``: the primitive behind it
+        from jax._src.lax.parallel import all_gather_invariant
+        return all_gather_invariant(x, axis_name)
+
+
 def _combine(exits: jax.Array, carries: jax.Array) -> tuple[list[jax.Array], jax.Array]:
     """The exclusive scan over devices: S_1 = E_0, S_{p+1} = a_p S_p + E_p.
 
@@ -270,8 +286,7 @@ def sequence_parallel(impl: Any, q: jax.Array, k: jax.Array, v: jax.Array, log_d
     first = index == 0
     # Device 0 folds the initial state into what it publishes; the others never read their copy of it.
     exit_state = local_final + jnp.where(first, carry[..., None, None] * state, 0.0)
-    exits, carries = jax.lax.all_gather((exit_state, carry), axis_name,
-                                        to="invarying" if tracks_vma else "varying")
+    exits, carries = _all_gather((exit_state, carry), axis_name, invariant=tracks_vma)
     entering, final_state = _combine(exits, carries)
     entering_state = jnp.where(first, state, jnp.stack([zeros] + entering)[index])
 
