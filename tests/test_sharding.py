@@ -368,5 +368,31 @@ def test_one_device_axis_is_the_plain_call():
     np.testing.assert_allclose(np.asarray(_one_device_call("seq", P(None, "seq"))), np.asarray(want), rtol=1e-6)
 
 
+def test_vary_like_and_shape_dtype_like_follow_the_mesh_axes():
+    """The helpers for implementations: a scan carry made with vary_like matches varying data; a
+    pallas_call out_shape from shape_dtype_like says which axes it varies over; outside shard_map, no-ops."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    from fleetjax.sharding import shape_dtype_like, vary_like
+    mesh = Mesh(np.array(jax.devices()[:1]), ("seq",))
+    seen = {}
+
+    def body(x):
+        carry = vary_like(jnp.zeros(x.shape[1:]), x)
+        total, _ = jax.lax.scan(lambda c, row: (c + row, None), carry, x)
+        seen["struct"] = shape_dtype_like((2, 3), jnp.float32, x)
+        return total[None]
+
+    out = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("seq"), out_specs=P("seq")))(jnp.ones((4, 3)))
+    np.testing.assert_allclose(np.asarray(out), np.full((1, 3), 4.0))
+    assert seen["struct"].shape == (2, 3) and "seq" in seen["struct"].manual_axis_type.varying
+    x = jnp.ones((2,))
+    assert vary_like(x, x) is x
+    assert shape_dtype_like((2,), jnp.float32, x) == jax.ShapeDtypeStruct((2,), jnp.float32)
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
     _worker()
