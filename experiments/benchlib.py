@@ -623,17 +623,17 @@ def plot_results(json_path: str | os.PathLike, png_path: str | os.PathLike | Non
         biggest = max(groups, key=lambda k: sum(1 for r in groups[k] if r.get("extra_peak_mb") is not None))
         recs = [r for r in mem_records if _group_key(r) == biggest]
         draw_lines(ax, recs, "T", "extra_peak_mb")
-        _exact_ticks(ax, sorted({r["T"] for r in recs}))
         dtype, B, H, K, V = biggest
         ax.set(xscale="log", yscale="log", xlabel="T", ylabel="extra peak MiB",
                title=f"fwd_bwd extra peak memory {dtype} B{B} H{H} K{K}")
+        _exact_ticks(ax, sorted({r["T"] for r in recs}))
         ax.grid(True, which="both", alpha=0.3)
     for ax in axes_list[i:]:
         ax.axis("off")
-    handles, labels = {}, {}
+    handles: dict[str, Any] = {}  # one legend for all panels, each label once
     for ax in axes_list[:i]:
-        for h, l in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(l, h)
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
     if handles:
         fig.legend(list(handles.values()), list(handles.keys()), loc="lower center",
                    ncol=min(5, len(handles)), fontsize=8, frameon=False)
@@ -745,11 +745,13 @@ def measure(impl, case, op: str, input_sets: list[dict[str, Any]], ref: dict[str
         rec["recompiles_on_new_data"] = CompileCounter.count() - count
         rec["jit_cache_size"] = jit_cache_size(bound.jitted)
     else:
+        # Timing first: its first call carries Triton's compilation and autotuning (first_call_s), whose
+        # scratch buffers must not count as the peer's memory.
+        timing = time_calls(bound.call, arg_sets, torch_sync, target_s=target_s, min_samples=min_samples)
         if op == "fwd_bwd":
             extra, out_mb = torch_extra_peak_mb(bound.call, arg_sets[0])
             if extra is not None:
                 rec["extra_peak_mb"], rec["outputs_mb"] = extra, out_mb
-        timing = time_calls(bound.call, arg_sets, torch_sync, target_s=target_s, min_samples=min_samples)
         rec["ms_do_bench"] = torch_do_bench_ms(lambda: bound.call(*arg_sets[0]))
     rec.update(ms=timing.ms, ms_min=timing.ms_min, samples=timing.samples,
                calls_per_sample=timing.calls_per_sample, first_call_s=timing.first_call_s)
@@ -785,7 +787,7 @@ def _record_line(rec: dict[str, Any], label: str) -> str:
 
 def run_benchmark(op: str, cases: Sequence[Any], impls: Sequence[Any], *, results: ResultsFile,
                   budget: Budget, impl_timeout_s: float, target_s: float, n_sets: int = 3,
-                  min_samples: int = 5, gbps: float) -> None:
+                  min_samples: int = 5, gbps: float, timed_out: set[tuple] | None = None) -> None:
     """Every impl on every case, in order; each record added to ``results`` as soon as it exists.
 
     Inputs and the reference of a case are made only if some implementation runs on it. An implementation
@@ -794,7 +796,7 @@ def run_benchmark(op: str, cases: Sequence[Any], impls: Sequence[Any], *, result
     a case with the same autotuning key (H, K, V, dtype): it would start the same search again. What does
     not run is recorded as skipped, with why.
     """
-    timed_out: set[tuple] = set()
+    timed_out = set() if timed_out is None else timed_out  # shared between calls by run_main
     for case in cases:
         base = {"op": op, **case.fields(), "ms": None, "relerr": None,
                 "hbm_floor_ms": hbm_floor_ms(op, case.B, case.T, case.H, case.K, case.V, case.itemsize, gbps)}
@@ -893,17 +895,20 @@ def select_impls(impls: Sequence[Any], names: str | None) -> list[Any]:
     return [impl for impl in impls if impl.name in wanted]
 
 
-def run_main(args, op: str, cases: Sequence[Any], impls: Sequence[Any], name: str) -> ResultsFile:
-    """Measure the copy bandwidth, run the benchmark, draw the plot, print the table."""
+def run_main(args, op: str, case_groups: Sequence[Sequence[Any]], impls: Sequence[Any], name: str) -> ResultsFile:
+    """Measure the copy bandwidth, run the benchmark over the groups of cases (most important first),
+    draw the plot, print the table."""
     import jax
     budget = Budget(args.budget_s)
     info = device_info()
     slug = device_slug(info)
     path = results_path(args.name or name, device=slug, out_dir=args.out)
-    _log(budget, f"{op}: {len(cases)} cases x {len(impls)} implementations on {info.get('torch_device') or info['device_kind']} "
-         f"(jax {jax.__version__}, backend {info['backend']}); results {path}")
+    _log(budget, f"{op}: {sum(map(len, case_groups))} cases x {len(impls)} implementations on "
+         f"{info.get('torch_device') or info['device_kind']} (jax {jax.__version__}, backend {info['backend']}); "
+         f"results {path}")
     bandwidth = copy_bandwidth(64 if args.smoke else 1024)
-    _log(budget, f"copy bandwidth {bandwidth['gbps']:.0f} GB/s (jax {bandwidth['jax_gbps']}, torch {bandwidth['torch_gbps']})")
+    _log(budget, f"copy bandwidth {bandwidth['gbps']:.0f} GB/s (jax {bandwidth['jax_gbps']}, "
+         f"torch {bandwidth['torch_gbps']})")
     results = ResultsFile(path, device=slug, date=today(), versions=versions(), device_info=info,
                           copy_bandwidth=bandwidth, reference=REFERENCE, smoke=bool(args.smoke),
                           decays="RetNet: 1 - 2^(-5 - h) for head h", scale=1.0,
@@ -917,17 +922,26 @@ def run_main(args, op: str, cases: Sequence[Any], impls: Sequence[Any], name: st
                                   "peak delta, known only when the call set a new process-wide peak); torch: "
                                   "torch.cuda.max_memory_allocated() after reset_peak_memory_stats()"))
     target_s = args.target_s if args.target_s is not None else (0.02 if args.smoke else 0.25)
-    # Two passes: every implementation that does not autotune on all cases first, then the autotuning ones
-    # (fla), whose first call per shape can take minutes; they get the time that is left.
-    passes = [[impl for impl in impls if not getattr(impl, "autotunes", False)],
-              [impl for impl in impls if getattr(impl, "autotunes", False)]]
-    for n, group in enumerate(passes):
-        if group:
-            _log(budget, f"pass {n + 1}: {', '.join(impl.name for impl in group)}")
-            run_benchmark(op, cases, group, results=results, budget=budget,
-                          impl_timeout_s=args.impl_timeout_s if n == 0 else args.autotune_timeout_s,
+    # Cases come in groups, most important first. Within a group, every implementation that does not
+    # autotune runs on all its cases first, then the autotuning ones (fla), whose first call per shape can
+    # take minutes and whose time limit cannot interrupt a compilation already under way.
+    timed_out: set[tuple] = set()
+    quick = [impl for impl in impls if not getattr(impl, "autotunes", False)]
+    tuning = [impl for impl in impls if getattr(impl, "autotunes", False)]
+    for g, group in enumerate(case_groups):
+        for kind, members in (("quick", quick), ("autotuning", tuning)):
+            if not members or not group:
+                continue
+            _log(budget, f"case group {g + 1}, {kind}: {', '.join(impl.name for impl in members)}")
+            run_benchmark(op, group, members, results=results, budget=budget,
+                          impl_timeout_s=args.impl_timeout_s if kind == "quick" else args.autotune_timeout_s,
                           target_s=target_s, n_sets=2 if args.smoke else 3,
-                          min_samples=2 if args.smoke else 5, gbps=bandwidth["gbps"])
+                          min_samples=2 if args.smoke else 5, gbps=bandwidth["gbps"], timed_out=timed_out)
+    cases = [case for group in case_groups for case in group]
+    notes = {name: getattr(sys.modules[name], "fleetjax_note") for name in ("fla",)
+             if hasattr(sys.modules.get(name), "fleetjax_note")}
+    if notes:
+        results.set("import_notes", notes)
     # Records in case order, then implementation order, for the table and the file.
     case_index = {(c.dtype, c.B, c.T, c.H, c.K, c.V): i for i, c in enumerate(cases)}
     impl_index = {impl.name: i for i, impl in enumerate(impls)}

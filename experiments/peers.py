@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import importlib.metadata
 import importlib.util
 import os
 import sys
@@ -247,13 +248,26 @@ class SoftmaxImpl(Impl):
 
 # --------------------------------------------------------------------------------------------- ejkernel
 
+_JAX_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_entry_size_bytes",
+                      "jax_persistent_cache_min_compile_time_secs", "jax_persistent_cache_enable_xla_caches")
+
+
 @functools.lru_cache(maxsize=None)
 def _ejkernel_recurrent() -> tuple[Callable | None, str | None]:
+    """ejkernel's recurrent. Importing ejkernel turns on JAX's persistent compilation cache for the whole
+    process (its ejit decorator sets jax_compilation_cache_dir at import); the options are put back so
+    that fleetjax's compile times and compile counts mean the same before and after the import."""
+    import jax
+    saved = {name: getattr(jax.config, name) for name in _JAX_CACHE_OPTIONS if hasattr(jax.config, name)}
     try:
         from ejkernel.kernels._triton.recurrent import recurrent
         return recurrent, None
     except Exception as e:  # noqa: BLE001 - recorded as the skip reason
         return None, f"import ejkernel.kernels._triton.recurrent failed: {type(e).__name__}: {e}"
+    finally:
+        for name, value in saved.items():
+            if getattr(jax.config, name) != value:
+                jax.config.update(name, value)
 
 
 class EjkernelImpl(Impl):
@@ -413,7 +427,11 @@ def _fla_ops() -> tuple[Any, str | None]:
             return None, f"import fla.ops.simple_gla failed: {type(first).__name__}: {first}"
         package = types.ModuleType("fla")
         package.__path__ = list(spec.submodule_search_locations)
-        package.__version__ = "bare package (fla/__init__ failed: " + f"{type(first).__name__}: {first})"[:200]
+        try:  # fla's modules read the package version
+            package.__version__ = importlib.metadata.version("fla-core")
+        except importlib.metadata.PackageNotFoundError:
+            package.__version__ = "0.0.0"
+        package.fleetjax_note = f"imported without fla/__init__, which failed: {type(first).__name__}: {first}"
         sys.modules["fla"] = package
         try:
             return importlib.import_module("fla.ops.simple_gla"), None
@@ -531,12 +549,13 @@ class LeetImpl(TorchImpl):
 # ------------------------------------------------------------------------------------------------ lists
 
 def forward_impls(*, smoke: bool = False, skip_slow_autotune: bool = False) -> list[Impl]:
-    """Issue 4's forward list, fla's chunk kernel last (its first call per shape autotunes)."""
+    """Issue 4's forward list; fla's kernels (their first call per shape autotunes) last."""
     impls: list[Impl] = [FleetjaxImpl("pallas"), FleetjaxImpl("pallas_fleet"), FleetjaxImpl("xla"),
                          FleetjaxImpl("scan", max_T=4096),
                          SoftmaxImpl(None if smoke else "cudnn"),
-                         LightningImpl(), EjkernelImpl(), FlaRecurrentImpl(), LeetImpl(),
-                         FlaChunkImpl(max_head_dim=128 if skip_slow_autotune else None)]
+                         LightningImpl(), EjkernelImpl(), LeetImpl(),
+                         FlaChunkImpl(max_head_dim=128 if skip_slow_autotune else None),
+                         FlaRecurrentImpl(max_head_dim=128 if skip_slow_autotune else None)]
     return impls
 
 
