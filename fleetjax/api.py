@@ -11,6 +11,7 @@ import numpy as np
 
 from fleetjax import reference, xla
 from fleetjax.segments import run_ids_from_segment_ids
+from fleetjax.sharding import vary_like
 
 f32 = jnp.float32
 
@@ -180,6 +181,8 @@ def fleet_attention(q, k, v, decay, *, scale=1.0, initial_state=None, return_fin
         o, final_state = jnp.zeros((B, T, H, V), out_dtype), state
     else:
         run_ids = None if segment_ids is None else run_ids_from_segment_ids(jnp.asarray(segment_ids))
+        # Inside jax.shard_map(check_vma=True) (data parallelism): the state and decay enter typed like q, k, v.
+        log_decay, state = vary_like(log_decay, q, k, v), vary_like(state, q, k, v)
         o, final_state = impl.fn(q, k, v, log_decay, state, run_ids, scale=scale, config=config)
     o = o.astype(out_dtype)
     return (o, final_state) if return_final_state else o

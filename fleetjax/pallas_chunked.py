@@ -189,10 +189,9 @@ def _forward_kernel(lg_ref, state_ref, *refs, T, C, K, V, block_v, chunks_per_pi
         if with_output:
             q = plt.load(q_ref.at[pl.ds(start, C), :], mask=in_seq[:, None] & k_mask[None, :], other=0.0)
             scores = _dot(q, k, precision, trans_b=True) * weights
-            q_in = q.astype(f32) * entering[:, None]
-            if gate_in is not None:
-                q_in = jnp.where(gate_in[:, None], q_in, 0.0)
-            o_inter = scale * _dot(q_in.astype(dtype), state.astype(dtype), precision)
+            # gamma^(i+1) scales the rows of the [C, block_v] product, cheaper than scaling q [C, K].
+            row_factor = scale * entering if gate_in is None else jnp.where(gate_in, scale * entering, 0.0)
+            o_inter = _dot(q, state.astype(dtype), precision) * row_factor[:, None]
             o = scale * _dot(scores.astype(dtype), v, precision) + o_inter
             out_mask = in_seq[:, None] & v_mask[None, :]
             plt.store(o_ref.at[pl.ds(start, C), :], o.astype(o_ref.dtype), mask=out_mask)

@@ -197,10 +197,10 @@ def _xla_bwd(scale, chunk_size, residuals, cotangents):
     q, k, v, log_decay, initial_state, run_ids = residuals
     do, d_final = cotangents
     precision = _precision(q.dtype)
-    do = jnp.zeros(v.shape, f32) if vjp.is_zero(do) else do
+    do = jnp.zeros_like(v, f32) if vjp.is_zero(do) else do
     dq, _, w = _causal_pass(do, v, k, log_decay, jnp.swapaxes(initial_state, -1, -2), run_ids, scale,
                             chunk_size, precision, dot_with=q)
-    zero_state = jnp.zeros(initial_state.shape, f32)
+    zero_state = jnp.zeros_like(initial_state, f32)
     dk, dv, d_initial, u, intra = _anticausal_pass(q, k, v, do, log_decay, zero_state, run_ids, scale,
                                                    chunk_size, precision)
     d_log_decay = vjp.log_decay_grad(w, u, intra)
