@@ -76,14 +76,20 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
 
     losses = []
     start = time.perf_counter()
+    deadline = time.perf_counter() + spec["train_budget_s"]
     for i in range(steps):
         if i == warmup:
             jax.block_until_ready(losses)
             timed_start = time.perf_counter()
+        if i > warmup and i % 25 == 0 and time.perf_counter() > deadline:
+            jax.block_until_ready(losses)
+            if time.perf_counter() > deadline:  # out of time: stop here, the record says how far it got
+                break
         losses.append(trainer.step(batches[i, :, :-1], batches[i, :, 1:])["loss"])
     jax.block_until_ready(losses)
     end = time.perf_counter()
-    timed = steps - warmup
+    steps_done = len(losses)
+    timed = steps_done - warmup
     ms = (end - timed_start) / timed * 1e3
     val_loss = float(np.mean([float(trainer.evaluate(b[:, :-1], b[:, 1:])["loss"]) for b in val]))
 
@@ -97,7 +103,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         "tokens_per_s": timed * B * T / (end - timed_start),
         "peak_memory_mb": stats["peak_bytes_in_use"] / benchlib.MIB if stats and "peak_bytes_in_use" in stats else None,
         "xla_memory_mb": {k: v / benchlib.MIB for k, v in compiled.items() if k != "compile_s"} or None,
-        "compile_s": compiled["compile_s"], "wall_s": end - start, "steps": steps, "timed_steps": timed,
+        "compile_s": compiled["compile_s"], "wall_s": end - start, "steps": steps, "steps_done": steps_done,
+        "timed_steps": timed,
         "parameters": lm.count_params(trainer.model), "model": config.to_dict(),
         "losses": [float(x) for x in jax.device_get(losses)], "validation_loss": val_loss,
         "final_loss": float(np.mean(jax.device_get(losses[-10:]))), "trace_count": trainer.trace_count,
@@ -164,15 +171,15 @@ def _plot(results: dict[str, Any], png: Path) -> Path | None:
 
 
 def format_table(records: list[dict[str, Any]]) -> str:
-    lines = ["| variant | T | B | tokens/s | ms/step | peak MiB | XLA temp MiB | compile s | loss (last 10) | val loss |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | T | B | steps | tokens/s | ms/step | peak MiB | XLA temp MiB | compile s | loss (last 10) | val loss |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         if "error" in r:
-            lines.append(f"| {r['variant']} | {r['T']} | | failed: {r['error'][:80]} | | | | | | |")
+            lines.append(f"| {r['variant']} | {r['T']} | | | failed: {r['error'][:80]} | | | | | | |")
             continue
         temp = (r.get("xla_memory_mb") or {}).get("temp")
         peak = r.get("peak_memory_mb")
-        lines.append(f"| {r['variant']} | {r['T']} | {r['B']} | {r['tokens_per_s']:,.0f} | {r['ms']:.2f} | "
+        lines.append(f"| {r['variant']} | {r['T']} | {r['B']} | {r['steps_done']} | {r['tokens_per_s']:,.0f} | {r['ms']:.2f} | "
                      f"{'-' if peak is None else f'{peak:,.0f}'} | {'-' if temp is None else f'{temp:,.0f}'} | "
                      f"{r['compile_s']:.1f} | {r['final_loss']:.3f} | {r['validation_loss']:.3f} |")
     return "\n".join(lines)
@@ -192,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--dtype", default=None, help="computation dtype (default bfloat16; smoke float32)")
     parser.add_argument("--eval-batches", type=int, default=2)
+    parser.add_argument("--budget-s", type=float, default=270.0,
+                        help="wall-clock budget of all runs; each run's training loop gets an equal share of what "
+                             "is left and stops early (recorded as steps_done) when it passes it")
     parser.add_argument("--run-timeout-s", type=float, default=240.0, help="time limit of one run (one process)")
     parser.add_argument("--name", default="lm_bench")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -230,31 +240,34 @@ def main(argv: list[str] | None = None) -> int:
                 "xla_memory_mb: compiled.memory_analysis() of the training step"))
     print(f"lm_bench on {info.get('device_kind')}: {summary}; results {path}", flush=True)
     started = time.perf_counter()
+    runs = [(T, variant) for T in seq_lens for variant in variants]
     with tempfile.TemporaryDirectory() as tmp:
-        for T in seq_lens:
-            for variant in variants:
-                spec = {**base, "variant": variant, "T": T, "result_path": str(Path(tmp) / "record.json")}
-                spec_path = Path(tmp) / "spec.json"
-                spec_path.write_text(json.dumps(spec))
-                Path(spec["result_path"]).unlink(missing_ok=True)
-                t0 = time.perf_counter()
-                try:
-                    proc = subprocess.run([sys.executable, __file__, "--child", str(spec_path)], capture_output=True,
-                                          text=True, timeout=args.run_timeout_s, env={**os.environ})
-                    if proc.returncode != 0:
-                        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-                        raise RuntimeError(" | ".join(tail) or f"exit status {proc.returncode}")
-                    record = json.loads(Path(spec["result_path"]).read_text())
-                except (RuntimeError, subprocess.TimeoutExpired) as error:
-                    record = {"op": "lm_train", "impl": variant, "variant": variant, "dtype": base["dtype"], "B": None,
-                              "T": T, "H": model["num_heads"], "K": None, "V": None, "ms": None, "relerr": None,
-                              "hbm_floor_ms": None, "error": f"{type(error).__name__}: {error}"}
-                results.add(record)
-                status = record.get("error") or (f"{record['tokens_per_s']:,.0f} tokens/s, {record['ms']:.2f} ms/step, "
-                                                 f"peak {record['peak_memory_mb'] or float('nan'):,.0f} MiB, "
-                                                 f"loss {record['final_loss']:.3f}")
-                print(f"[{time.perf_counter() - started:6.1f}s] T={T} {variant}: {status} "
-                      f"({time.perf_counter() - t0:.0f}s)", flush=True)
+        for n, (T, variant) in enumerate(runs):
+            share = (args.budget_s - (time.perf_counter() - started)) / (len(runs) - n)
+            # The share covers the whole process; about 40 s of it go to start-up, data and compilation.
+            spec = {**base, "variant": variant, "T": T, "result_path": str(Path(tmp) / "record.json"),
+                    "train_budget_s": max(5.0, share - (5.0 if smoke else 40.0))}
+            spec_path = Path(tmp) / "spec.json"
+            spec_path.write_text(json.dumps(spec))
+            Path(spec["result_path"]).unlink(missing_ok=True)
+            t0 = time.perf_counter()
+            try:
+                proc = subprocess.run([sys.executable, __file__, "--child", str(spec_path)], capture_output=True,
+                                      text=True, timeout=args.run_timeout_s, env={**os.environ})
+                if proc.returncode != 0:
+                    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+                    raise RuntimeError(" | ".join(tail) or f"exit status {proc.returncode}")
+                record = json.loads(Path(spec["result_path"]).read_text())
+            except (RuntimeError, subprocess.TimeoutExpired) as error:
+                record = {"op": "lm_train", "impl": variant, "variant": variant, "dtype": base["dtype"], "B": None,
+                          "T": T, "H": model["num_heads"], "K": None, "V": None, "ms": None, "relerr": None,
+                          "hbm_floor_ms": None, "error": f"{type(error).__name__}: {error}"}
+            results.add(record)
+            status = record.get("error") or (f"{record['tokens_per_s']:,.0f} tokens/s, {record['ms']:.2f} ms/step, "
+                                             f"peak {record['peak_memory_mb'] or float('nan'):,.0f} MiB, "
+                                             f"loss {record['final_loss']:.3f}")
+            print(f"[{time.perf_counter() - started:6.1f}s] T={T} {variant}: {status} "
+                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
     results.set("wall_s", time.perf_counter() - started)
     table = format_table(results.records)
     path.with_suffix(".md").write_text(f"LM benchmark on {slug} ({summary})\n\n{table}\n")

@@ -70,7 +70,8 @@ def mqar_batch(key: jax.Array, batch_size: int, seq_len: int, num_pairs: int, vo
     return jax.vmap(lambda k: mqar_example(k, seq_len, num_pairs, vocab_size))(jax.random.split(key, batch_size))
 
 
-def run_one(attention: str, d_model: int, args: argparse.Namespace, log) -> dict[str, Any]:
+def run_one(attention: str, d_model: int, args: argparse.Namespace, log, deadline: float) -> dict[str, Any]:
+    """Train one model for args.steps steps (fewer if time.perf_counter() passes ``deadline``)."""
     heads = max(1, d_model // args.head_dim)
     implementation = args.fleet_implementation if attention == "fleet" else args.softmax_implementation
     config = lm.LMConfig(vocab_size=args.vocab_size, d_model=d_model, num_layers=args.num_layers, num_heads=heads,
@@ -92,17 +93,21 @@ def run_one(attention: str, d_model: int, args: argparse.Namespace, log) -> dict
     for step in range(1, args.steps + 1):
         key, sub = jax.random.split(key)
         losses.append(trainer.step(*make_batch(sub))["loss"])
-        if step % args.eval_every == 0 or step == args.steps:
+        out_of_time = step % 50 == 0 and time.perf_counter() > deadline
+        if step % args.eval_every == 0 or step == args.steps or out_of_time:
             curve.append({"step": step, "accuracy": accuracy(), "loss": float(np.mean(jax.device_get(losses[-20:])))})
+        if out_of_time:
+            break
     wall = time.perf_counter() - started
     final = curve[-1]
     log(f"{attention:8s} d_model={d_model:4d} H={heads}: accuracy {final['accuracy']:.3f}, loss {final['loss']:.3f} "
-        f"({wall:.0f}s, compile {compile_info['compile_s']:.1f}s)")
+        f"after {final['step']} steps ({wall:.0f}s, compile {compile_info['compile_s']:.1f}s)"
+        + ("" if final["step"] == args.steps else " STOPPED by the time budget"))
     return {"op": "mqar", "impl": f"{'fleetjax' if attention == 'fleet' else 'softmax'}.{implementation or 'auto'}",
             "attention": attention, "dtype": args.dtype, "B": args.batch_size, "T": args.seq_len, "H": heads,
-            "K": d_model // heads, "V": d_model // heads, "ms": wall / args.steps * 1e3, "relerr": None,
+            "K": d_model // heads, "V": d_model // heads, "ms": wall / final["step"] * 1e3, "relerr": None,
             "hbm_floor_ms": None, "d_model": d_model, "num_pairs": args.num_pairs, "vocab_size": args.vocab_size,
-            "accuracy": final["accuracy"], "final_loss": final["loss"], "curve": curve,
+            "steps_done": final["step"], "accuracy": final["accuracy"], "final_loss": final["loss"], "curve": curve,
             "parameters": lm.count_params(trainer.model), "compile_s": compile_info["compile_s"], "wall_s": wall,
             "trace_count": trainer.trace_count}
 
@@ -177,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fleet-implementation", default=None, help="fleet_attention implementation (auto)")
     parser.add_argument("--softmax-implementation", default=None, help="jax.nn.dot_product_attention's")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--budget-s", type=float, default=270.0,
+                        help="wall-clock budget of all runs: a run that passes its share stops early (recorded)")
     parser.add_argument("--name", default="mqar")
     args = parser.parse_args(argv)
     smoke = args.smoke
@@ -204,17 +211,19 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda message: print(f"[{time.perf_counter() - started:6.1f}s] {message}", flush=True)
     log(f"MQAR on {info.get('device_kind')}: T={args.seq_len}, {args.num_pairs} pairs, vocab {args.vocab_size}, "
         f"{args.steps} steps of {args.batch_size}; results {path}")
-    for d_model in d_models:
-        for attention in attentions:
-            try:
-                record = run_one(attention, d_model, args, log)
-            except Exception as error:  # noqa: BLE001 - one failed configuration is recorded, the rest still run
-                log(f"{attention} d_model={d_model}: {type(error).__name__}: {error}")
-                record = {"op": "mqar", "impl": attention, "attention": attention, "dtype": args.dtype,
-                          "B": args.batch_size, "T": args.seq_len, "H": None, "K": None, "V": None, "ms": None,
-                          "relerr": None, "hbm_floor_ms": None, "d_model": d_model,
-                          "error": f"{type(error).__name__}: {error}"}
-            results.add(record)
+    runs = [(d_model, attention) for d_model in d_models for attention in attentions]
+    for n, (d_model, attention) in enumerate(runs):
+        # Each run may use an equal share of what is left of the budget (the rest keeps its share).
+        deadline = time.perf_counter() + (args.budget_s - (time.perf_counter() - started)) / (len(runs) - n)
+        try:
+            record = run_one(attention, d_model, args, log, deadline)
+        except Exception as error:  # noqa: BLE001 - one failed configuration is recorded, the rest still run
+            log(f"{attention} d_model={d_model}: {type(error).__name__}: {error}")
+            record = {"op": "mqar", "impl": attention, "attention": attention, "dtype": args.dtype,
+                      "B": args.batch_size, "T": args.seq_len, "H": None, "K": None, "V": None, "ms": None,
+                      "relerr": None, "hbm_floor_ms": None, "d_model": d_model,
+                      "error": f"{type(error).__name__}: {error}"}
+        results.add(record)
     results.set("wall_s", time.perf_counter() - started)
     table = format_table(results.records)
     path.with_suffix(".md").write_text(

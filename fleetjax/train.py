@@ -26,15 +26,15 @@ from fleetjax import data as text_data
 from fleetjax import lm
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # About 2-3 minutes on 2 CPU cores (a 0.4M-parameter model, 1.2M tokens).
+    # About 2-3 minutes on 2 CPU cores (a 0.46M-parameter model, 1.2M tokens).
     "cpu": dict(steps=600, batch_size=16, seq_len=128, d_model=128, num_layers=2, num_heads=4,
-                learning_rate=3e-3, warmup_steps=50, dtype="float32", eval_every=100),
+                learning_rate=6e-3, warmup_steps=50, dtype="float32", eval_every=100),
     # A few minutes on one H100: 19M parameters, 66M tokens.
     "gpu": dict(steps=2000, batch_size=32, seq_len=1024, d_model=512, num_layers=6, num_heads=8,
                 learning_rate=2e-3, warmup_steps=200, dtype="bfloat16", eval_every=250),
-    # fleetjax demo: under a minute of training on 2 CPU cores.
-    "demo": dict(steps=200, batch_size=16, seq_len=128, d_model=128, num_layers=2, num_heads=4,
-                 learning_rate=3e-3, warmup_steps=20, dtype="float32", eval_every=100),
+    # fleetjax demo: about a minute of training on 2 CPU cores.
+    "demo": dict(steps=300, batch_size=16, seq_len=128, d_model=128, num_layers=2, num_heads=4,
+                 learning_rate=6e-3, warmup_steps=30, dtype="float32", eval_every=100),
 }
 
 
@@ -51,7 +51,7 @@ class TrainOptions:
     attention: str = "fleet"
     implementation: str | None = None
     dtype: str = "float32"
-    learning_rate: float = 3e-3
+    learning_rate: float = 6e-3
     warmup_steps: int = 50
     weight_decay: float = 0.1
     clip_norm: float = 1.0
@@ -102,7 +102,9 @@ def add_train_arguments(parser: argparse.ArgumentParser, default_preset: str = "
     parser.add_argument("--max-bytes", type=int, default=None, help="read at most this much of the stdlib")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="fleetjax-train", help="directory for log.json, loss.png, checkpoint")
-    parser.add_argument("--resume", default=None, help="continue from this checkpoint (model and optimizer)")
+    parser.add_argument("--resume", default=None, help="continue from this checkpoint (model, optimizer and step count; the model's size flags are "
+                        "ignored); the learning-rate schedule from --steps/--warmup-steps is read at the restored "
+                        "step count, so steps past its end run at the final rate")
     parser.add_argument("--prompt", default="def ", help="prompt of the sample printed at the end")
     parser.add_argument("--sample-tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
