@@ -527,6 +527,7 @@ def pallas_backward(scale: float, config: PallasConfig, residuals, cotangents):
     dq, _, w = _forward(do, v, k, lg, jnp.swapaxes(initial_state, -1, -2), run_ids, scale, config, q.dtype,
                         dot_with=q)
     dk, dv, d_initial, u, intra = _backward(q, k, v, do, lg, run_ids, scale, config)
+    d_initial = vjp.only_first_run(d_initial, run_ids)
     d_lg = vjp.log_decay_grad(w, u, intra)
     if not vjp.is_zero(d_final):
         terms = vjp.final_state_terms(k, v, lg, initial_state, run_ids, d_final)

@@ -40,7 +40,8 @@ def scan_impl(q, k, v, log_decay, initial_state, run_ids, *, scale: float, confi
     if run_ids is None:
         resets = jnp.zeros(q.shape[:2], bool)
     else:
-        resets = jnp.concatenate([jnp.zeros_like(run_ids[:, :1], bool), run_ids[:, 1:] != run_ids[:, :-1]], 1)
+        # Run 0 continues the entering state; a row whose first run is not 0 starts from zero.
+        resets = jnp.concatenate([run_ids[:, :1] != 0, run_ids[:, 1:] != run_ids[:, :-1]], 1)
 
     def step(state, xs):
         q_t, k_t, v_t, reset_t = xs

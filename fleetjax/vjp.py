@@ -33,6 +33,14 @@ def is_zero(cotangent) -> bool:
     return isinstance(cotangent, SymbolicZero)
 
 
+def only_first_run(d_initial: jax.Array, run_ids: jax.Array | None) -> jax.Array:
+    """The reverse walk ends with the reverse state of the row's first run; the initial state reaches that
+    run only if it is run 0 (a row may start a new run at its first position under sequence parallelism)."""
+    if run_ids is None:
+        return d_initial
+    return jnp.where((run_ids[:, 0] == 0)[:, None, None, None], d_initial, 0.0)
+
+
 def log_decay_grad(w: jax.Array, u: jax.Array, intra: jax.Array, block: int = 64) -> jax.Array:
     """d loss / d log decay [H] of the pairs among positions and of the initial state, from w, u, intra
     [B, H, T] float32 (see the module docstring)."""

@@ -203,6 +203,7 @@ def _xla_bwd(scale, chunk_size, residuals, cotangents):
     zero_state = jnp.zeros_like(initial_state, f32)
     dk, dv, d_initial, u, intra = _anticausal_pass(q, k, v, do, log_decay, zero_state, run_ids, scale,
                                                    chunk_size, precision)
+    d_initial = vjp.only_first_run(d_initial, run_ids)
     d_log_decay = vjp.log_decay_grad(w, u, intra)
     if not vjp.is_zero(d_final):
         terms = vjp.final_state_terms(k, v, log_decay, initial_state, run_ids, d_final)
