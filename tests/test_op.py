@@ -138,8 +138,9 @@ def _oracle(case: Case, x: dict) -> tuple[np.ndarray, np.ndarray, dict]:
 
 def _known_decay_grad_weakness(implementation: str, case: Case) -> bool:
     """"pallas" and "pallas_fleet" (which shares its backward) with bfloat16/float16 inputs round their
-    states and decayed keys to the input dtype before the inter-chunk dots; the inter-chunk part of d log decay (the identity sum t q.dq - sum s k.dk over
-    chunk-local offsets up to the chunk size) multiplies that rounding by up to ~chunk size, which shows
+    states and decayed keys to the input dtype before the inter-chunk dots; the inter-chunk part of d log
+    decay (the identity sum t q.dq - sum s k.dk over chunk-local offsets up to the chunk size) multiplies
+    that rounding by up to ~chunk size, which shows
     on heads with a tiny decay gradient (decay 1e-4: ~10% of that head's value, 1e-4 of the largest head's).
     """
     return implementation in ("pallas", "pallas_fleet") and case.dtype != "float32" and min(case.decay) < 0.5
