@@ -1,7 +1,7 @@
 """Multi-query associative recall (MQAR, Arora et al. 2023, "Zoology", arXiv:2312.04927): FleetAttention
 against causal softmax attention in the same 2-layer model of fleetjax.lm.
 
-    PYTHONPATH=. python experiments/mqar.py [--out DIR] [--smoke] [--d-models 64,128,256] [--steps 2000]
+    PYTHONPATH=. python experiments/mqar.py [--out DIR] [--smoke] [--d-models 64,128,256] [--steps 6000]
 
 The task: a sequence opens with N key-value pairs ``k_1 v_1 ... k_N v_N`` (keys distinct, drawn from the
 lower half of the vocabulary, values from the upper half); later every key appears once more, at random
@@ -151,13 +151,14 @@ def _plot(results: dict[str, Any], png: Path) -> Path | None:
 
 
 def format_table(records: list[dict[str, Any]]) -> str:
-    lines = ["| attention | d_model | heads | parameters | accuracy | loss | ms/step | compile s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| attention | d_model | heads | parameters | steps | accuracy | loss | ms/step | compile s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         if "error" in r:
-            lines.append(f"| {r['attention']} | {r['d_model']} | | | failed: {r['error'][:80]} | | | |")
+            lines.append(f"| {r['attention']} | {r['d_model']} | | | | failed: {r['error'][:80]} | | | |")
         else:
             lines.append(f"| {r['attention']} ({r['impl']}) | {r['d_model']} | {r['H']} | {r['parameters']:,} | "
+                         f"{r['steps_done']} | "
                          f"{r['accuracy']:.3f} | {r['final_loss']:.3f} | {r['ms']:.2f} | {r['compile_s']:.1f} |")
     return "\n".join(lines)
 
@@ -173,10 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab-size", type=int, default=None, help="default 8192, as Zoology (smoke 64)")
     parser.add_argument("--num-layers", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=32, help="heads = d_model // head_dim")
-    parser.add_argument("--steps", type=int, default=None, help="default 2000 (smoke 60)")
+    parser.add_argument("--steps", type=int, default=None, help="default 6000 (smoke 60); --budget-s may stop a run earlier")
     parser.add_argument("--batch-size", type=int, default=None, help="default 64 (smoke 16)")
-    parser.add_argument("--learning-rate", type=float, default=None, help="peak (default 1e-3; smoke 3e-3)")
-    parser.add_argument("--eval-every", type=int, default=None, help="default 250 (smoke 20)")
+    parser.add_argument("--learning-rate", type=float, default=None, help="peak (default 3e-3)")
+    parser.add_argument("--eval-every", type=int, default=None, help="default 500 (smoke 20)")
     parser.add_argument("--eval-examples", type=int, default=None, help="default 1024 (smoke 64)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--fleet-implementation", default=None, help="fleet_attention implementation (auto)")
@@ -188,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     smoke = args.smoke
     defaults = dict(d_models="32" if smoke else "64,128,256", seq_len=32 if smoke else 256,
-                    num_pairs=4 if smoke else 16, vocab_size=64 if smoke else 8192, steps=60 if smoke else 2000,
-                    batch_size=16 if smoke else 64, learning_rate=3e-3 if smoke else 1e-3,
-                    eval_every=20 if smoke else 250, eval_examples=64 if smoke else 1024)
+                    num_pairs=4 if smoke else 16, vocab_size=64 if smoke else 8192, steps=60 if smoke else 6000,
+                    batch_size=16 if smoke else 64, learning_rate=3e-3,
+                    eval_every=20 if smoke else 500, eval_examples=64 if smoke else 1024)
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
