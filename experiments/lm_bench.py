@@ -225,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
                 tokens_per_step=args.tokens_per_step or (256 if smoke else 16384), learning_rate=args.learning_rate,
                 dtype=args.dtype or ("float32" if smoke else "bfloat16"), eval_batches=args.eval_batches, seed=0)
 
+    # The parent touches the device only to describe it; without preallocation it leaves the memory to the runs.
+    benchlib.setup_jax_environment()
     info = benchlib.device_info()
     slug = benchlib.device_slug(info)
     path = benchlib.results_path(args.name, device=slug, out_dir=args.out)
