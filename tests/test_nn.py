@@ -182,3 +182,18 @@ def test_linen_equals_nnx_with_the_same_parameters():
     params["decay_logit"] = nnx_layer.decay_logit[...]
     params["head_norm_scale"] = nnx_layer.head_norm_scale[...]
     np.testing.assert_allclose(lin.apply({"params": params}, x), nnx_layer(x), **TOL)
+
+
+def test_sequence_axis_name_reaches_fleet_attention():
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    x = _x()
+    plain = _nnx_layer()
+    sharded = _nnx_layer(sequence_axis_name="seq")
+    mesh = Mesh(np.array(jax.devices()[:1]), ("seq",))
+    graphdef, state = nnx.split(sharded)
+    body = lambda state, x: nnx.merge(graphdef, state)(x)
+    y = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(None, "seq")), out_specs=P(None, "seq")))(state, x)
+    np.testing.assert_allclose(y, plain(x), **TOL)
+    with pytest.raises(ValueError, match="sequence_axis_name"):  # really used: outside shard_map it is unbound
+        sharded(x)

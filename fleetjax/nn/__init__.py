@@ -90,23 +90,25 @@ def check_layer_input(x: jax.Array, in_features: int | None, segment_ids: jax.Ar
 
 def retention(q: jax.Array, k: jax.Array, v: jax.Array, decay: jax.Array, *, scale: float,
               segment_ids: jax.Array | None, implementation: str | None, config: Any,
-              state: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+              state: jax.Array | None, sequence_axis_name: str | None = None) -> tuple[jax.Array, jax.Array | None]:
     """The attention core shared by both layers: (o [B, T, H, V], new state or None).
 
     ``state`` None: the plain forward over the sequence. ``state`` [B, H, K, V]: decoding; one position with
     no segment ids takes ``decode_step`` (O(1) per token), several positions continue from the state with
-    ``fleet_attention(initial_state=state, return_final_state=True)``.
+    ``fleet_attention(initial_state=state, return_final_state=True)``. ``sequence_axis_name`` goes to every
+    fleet_attention call (inside jax.shard_map with T split over that axis); the one-token step ignores it.
     """
     if state is None:
         o = fleet_attention(q, k, v, decay, scale=scale, segment_ids=segment_ids,
-                            implementation=implementation, config=config)
+                            sequence_axis_name=sequence_axis_name, implementation=implementation, config=config)
         return o, None
     if q.shape[1] == 1 and segment_ids is None:
         o_t, new_state = decode_step(q[:, 0], k[:, 0], v[:, 0], decay, state.astype(f32), scale=scale)
         return o_t[:, None], new_state.astype(state.dtype)
     o, new_state = fleet_attention(q, k, v, decay, scale=scale, initial_state=state.astype(f32),
                                    return_final_state=True, segment_ids=segment_ids,
-                                   implementation=implementation, config=config)
+                                   sequence_axis_name=sequence_axis_name, implementation=implementation,
+                                   config=config)
     return o, new_state.astype(state.dtype)
 
 
@@ -140,6 +142,8 @@ class FleetAttention(nnx.Module):
       kernel_init: initializer of the projection kernels.
       decay_init: initializer of the decay logits [H] (default: RetNet's multi-scale schedule).
       implementation, config: passed to :func:`fleetjax.fleet_attention` ("pallas", "xla", ...).
+      sequence_axis_name: passed to :func:`fleetjax.fleet_attention`: inside jax.shard_map with T split in
+        contiguous blocks over this mesh axis, the layer equals the unsharded one.
       decode: default of ``__call__``'s decode flag.
       rngs: random keys for the parameters.
     """
@@ -150,7 +154,8 @@ class FleetAttention(nnx.Module):
                  scale: float | None = None, dtype: Dtype | None = None, param_dtype: Dtype = f32,
                  kernel_init: Callable = nnx.initializers.lecun_normal(),
                  decay_init: Callable = decay_logits_init, implementation: str | None = None,
-                 config: Any = None, decode: bool = False, rngs: nnx.Rngs):
+                 config: Any = None, sequence_axis_name: str | None = None, decode: bool = False,
+                 rngs: nnx.Rngs):
         for name, value in (("in_features", in_features), ("num_heads", num_heads)):
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -168,6 +173,7 @@ class FleetAttention(nnx.Module):
         self.param_dtype = param_dtype
         self.implementation = implementation
         self.config = config
+        self.sequence_axis_name = sequence_axis_name
         self.decode = decode
 
         def linear(n_in: int, n_out: int) -> nnx.Linear:
@@ -225,7 +231,8 @@ class FleetAttention(nnx.Module):
             if state.shape[0] != B:
                 raise ValueError(f"the cache was made for batch {state.shape[0]}, got x of shape {x.shape}")
         o, new_state = retention(q, k, v, self.decay, scale=self.scale, segment_ids=segment_ids,
-                                 implementation=self.implementation, config=self.config, state=state)
+                                 implementation=self.implementation, config=self.config, state=state,
+                                 sequence_axis_name=self.sequence_axis_name)
         if decode:
             self.cached_state[...] = new_state
             self.cache_index[...] += T

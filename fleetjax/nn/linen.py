@@ -42,7 +42,7 @@ class FleetAttention(nn.Module):
       dtype: computation dtype (None: from the input and parameters); param_dtype: parameters' dtype.
       kernel_init: initializer of the projection kernels.
       decay_init: initializer of the decay logits [H] (default: RetNet's multi-scale schedule).
-      implementation, config: passed to :func:`fleetjax.fleet_attention`.
+      implementation, config, sequence_axis_name: passed to :func:`fleetjax.fleet_attention`.
       decode: default of ``__call__``'s decode flag.
     """
 
@@ -60,6 +60,7 @@ class FleetAttention(nn.Module):
     decay_init: Callable = decay_logits_init
     implementation: str | None = None
     config: Any = None
+    sequence_axis_name: str | None = None
     decode: bool = False
 
     @nn.compact
@@ -102,7 +103,8 @@ class FleetAttention(nn.Module):
                     raise ValueError(f"the cache holds a state of shape {state.shape}, x of shape {x.shape} "
                                      f"needs {(B, H, K, V)}")
         o, new_state = retention(q, k, v, decay, scale=scale, segment_ids=segment_ids,
-                                 implementation=self.implementation, config=self.config, state=state)
+                                 implementation=self.implementation, config=self.config, state=state,
+                                 sequence_axis_name=self.sequence_axis_name)
         if new_state is not None:
             cached_state.value = new_state
             cache_index.value = cache_index.value + T
