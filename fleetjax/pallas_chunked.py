@@ -11,7 +11,7 @@ kernel computes each piece's local final state from a zero state (it reads only 
 state of every piece follows from the exclusive scan S_{p+1} = gamma^len_p S_p + L_p (a few [K, V] adds in
 XLA); the second launch runs every piece from its entering state.
 
-Backward (DESIGN.md section 2), through ``jax.custom_vjp``; residuals are the inputs and the final state:
+Backward (DESIGN.md section 2), through ``jax.custom_vjp``; the residuals are the inputs alone:
 - dq is the forward op with roles swapped (query=dO, key=v, value=k, initial state S0^T): the same kernel.
 - dk, dv and d initial_state come from one reverse walk over the chunks with a reverse state R (K x V on
   chip): dv_j = sum_i A_ij dO_i + gamma^(len-1-j) R^T k_j, dk_j = sum_i dP_ij q_i + gamma^(len-1-j) R v_j,
@@ -494,26 +494,15 @@ def _backward(q, k, v, do, lg, run_ids, scale, config: PallasConfig):
     return dk, dv, r[:, :, 0, :K, :V], u, intra
 
 
-@jax.custom_jvp
-def _first_order_only(x):
-    return x
-
-
-@_first_order_only.defjvp
-def _first_order_only_jvp(primals, tangents):
-    raise NotImplementedError(
-        "fleetjax: second derivatives through implementation='pallas' or 'pallas_fleet' are not supported "
-        "(the Pallas backward kernels have no derivative rules); use implementation='xla' for higher-order "
-        "derivatives.")
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _pallas(q, k, v, lg, initial_state, run_ids, scale, config):
     return _forward(q, k, v, lg, initial_state, run_ids, scale, config, q.dtype)[:2]
 
 
 def _pallas_fwd(q, k, v, lg, initial_state, run_ids, scale, config):
-    primals = jax.custom_derivatives.custom_vjp_primal_tree_values((q, k, v, lg, initial_state, run_ids))
+    *floats, run_ids = jax.custom_derivatives.custom_vjp_primal_tree_values((q, k, v, lg, initial_state, run_ids))
+    # A second derivative would differentiate this forward's kernels too: refuse it there as well.
+    primals = tuple(vjp.first_order_only(x) for x in floats) + (run_ids,)
     return _pallas(*primals, scale, config), primals
 
 
@@ -533,12 +522,26 @@ def pallas_backward(scale: float, config: PallasConfig, residuals, cotangents):
         terms = vjp.final_state_terms(k, v, lg, initial_state, run_ids, d_final)
         dk, dv, d_initial, d_lg = (a + b for a, b in zip((dk, dv, d_initial, d_lg), terms))
     grads = (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_lg, d_initial)
-    return tuple(_first_order_only(g) for g in grads) + (None,)
+    return tuple(vjp.first_order_only(g) for g in grads) + (None,)
 
 
 _pallas.defvjp(_pallas_fwd, pallas_backward, symbolic_zeros=True)
 
 
+_MAX_STATE_TILE = 128 * 128  # float32 values of one program's on-chip state (registers): 64 KiB
+
+
+def _check_fits(config: PallasConfig, K: int, V: int) -> None:
+    kp = pl.next_power_of_2(max(K, 16))
+    for name in ("block_v", "backward_block_v"):
+        bv = _dims(K, V, getattr(config, name))[1]
+        if kp * bv > _MAX_STATE_TILE:
+            raise ValueError(f"config cannot fit: PallasConfig.{name}={getattr(config, name)} with K={K} gives a "
+                             f"[{kp}, {bv}] float32 state per program, more than {_MAX_STATE_TILE} values; "
+                             f"use {name} <= {max(16, _MAX_STATE_TILE // kp)}")
+
+
 def pallas_impl(q, k, v, log_decay, initial_state, run_ids, *, scale: float, config: PallasConfig):
     """The fused chunked Pallas kernels; returns (o [B, T, H, V] in q's dtype, final state f32)."""
+    _check_fits(config, q.shape[-1], v.shape[-1])
     return _pallas(q, k, v, log_decay, initial_state, run_ids, scale, config)

@@ -64,7 +64,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from fleetjax import pallas_chunked
+from fleetjax import pallas_chunked, vjp
 
 f32 = jnp.float32
 
@@ -424,6 +424,8 @@ def _pallas_fleet_fwd(q, k, v, log_decay, initial_state, run_ids, scale, config)
     # which lets the backward skip its terms (the final state's, most often).
     q, k, v, log_decay, initial_state, run_ids = jax.custom_derivatives.custom_vjp_primal_tree_values(
         (q, k, v, log_decay, initial_state, run_ids))
+    # A second derivative would differentiate this forward's kernel: refuse it with a clear message.
+    q, k, v, log_decay, initial_state = (vjp.first_order_only(x) for x in (q, k, v, log_decay, initial_state))
     o, final_state = _forward(q, k, v, log_decay, initial_state, run_ids, scale=scale, config=config)
     return (o, final_state), (q, k, v, log_decay, initial_state, run_ids)
 

@@ -77,3 +77,17 @@ def final_state_terms(k: jax.Array, v: jax.Array, log_decay: jax.Array, initial_
                    + jnp.sum(T * whole * jnp.sum(d_final * initial_state, axis=(-1, -2)), axis=0))
     return (weight[..., None] * dk_raw, weight[..., None] * dv_raw, whole[..., None, None] * d_final,
             d_log_decay)
+
+
+@jax.custom_jvp
+def first_order_only(x):
+    """Identity whose derivative raises: wraps what the Pallas VJPs compute, so that a second derivative
+    fails with this message instead of differentiating kernels that have no derivative rules."""
+    return x
+
+
+@first_order_only.defjvp
+def _first_order_only_jvp(primals, tangents):
+    raise NotImplementedError(
+        "fleetjax: second derivatives through implementation='pallas' or 'pallas_fleet' are not supported "
+        "(the Pallas kernels have no derivative rules); use implementation='xla' for higher-order derivatives.")

@@ -1,0 +1,81 @@
+"""implementation="pallas" beyond the shared table: sequence pieces (forward and backward), value blocks,
+the config, and the refusals. Pallas runs in interpret mode here; shapes stay tiny."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fleetjax
+from fleetjax.pallas_chunked import PallasConfig
+
+SMALL = dict(chunk_size=16, block_v=16, backward_block_v=16)
+
+
+def _inputs(B=2, T=70, H=2, K=5, V=24, seed=0):
+    rng = np.random.default_rng(seed)
+    q, k = (rng.standard_normal((B, T, H, K)).astype(np.float32) for _ in range(2))
+    v = rng.standard_normal((B, T, H, V)).astype(np.float32)
+    decay = np.array([0.97, 0.5][:H], np.float32)
+    s0 = rng.standard_normal((B, H, K, V)).astype(np.float32)
+    seg = np.sort(rng.integers(0, 4, (B, T)), axis=1)
+    seg[0, 16] = seg[0, 15] + 7  # a segment starting exactly at a chunk boundary
+    seg[0, 17:] = np.maximum(seg[0, 17:], seg[0, 16])
+    wo = rng.standard_normal((B, T, H, V)).astype(np.float32)
+    wf = rng.standard_normal((B, H, K, V)).astype(np.float32)
+    return q, k, v, decay, s0, seg, wo, wf
+
+
+def _all(implementation, config, q, k, v, decay, s0, seg, wo, wf):
+    def loss(q, k, v, decay, s0):
+        o, f = fleetjax.fleet_attention(q, k, v, decay, initial_state=s0, segment_ids=seg, scale=0.7,
+                                        return_final_state=True, implementation=implementation, config=config)
+        return jnp.sum(o * wo) + jnp.sum(f * wf), (o, f)
+    (_, (o, f)), g = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)(q, k, v, decay, s0)
+    return (o, f) + tuple(g)
+
+
+@pytest.mark.parametrize("pieces, backward_pieces", [(3, 1), (1, 4), (5, 2)])
+def test_sequence_pieces_match_the_reference(pieces, backward_pieces):
+    x = _inputs()
+    config = PallasConfig(**SMALL, num_sequence_pieces=pieces, backward_num_sequence_pieces=backward_pieces)
+    got = _all("pallas", config, *x)
+    ref = _all("quadratic", None, *x)
+    for name, a, b in zip(("o", "final", "dq", "dk", "dv", "ddecay", "dinitial"), got, ref):
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * float(jnp.abs(b).max()), err_msg=name)
+
+
+def test_several_value_blocks_and_bitwise_determinism():
+    x = _inputs(K=20, V=40)
+    config = PallasConfig(**SMALL)  # V = 40 -> three value blocks of 16, the last one partial
+    first = _all("pallas", config, *x)
+    second = _all("pallas", config, *x)
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+    ref = _all("quadratic", None, *x)
+    for a, b in zip(first, ref):
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * float(jnp.abs(b).max()))
+
+
+@pytest.mark.parametrize("implementation", ["pallas", "pallas_fleet"])
+def test_second_derivatives_are_refused(implementation):
+    q, k, v, decay, *_ = _inputs(T=20)
+    f = lambda d: jnp.sum(fleetjax.fleet_attention(q, k, v, d, implementation=implementation))
+    with pytest.raises(NotImplementedError, match="second derivatives"):
+        jax.grad(lambda d: jnp.sum(jax.grad(f)(d)))(decay)
+
+
+@pytest.mark.parametrize("field, value", [("chunk_size", 24), ("block_v", 8), ("num_warps", 0),
+                                          ("num_sequence_pieces", 0), ("precision", "fast")])
+def test_bad_config_is_refused(field, value):
+    with pytest.raises(ValueError, match=field):
+        PallasConfig(**{field: value})
+
+
+def test_a_config_that_cannot_fit_is_refused():
+    q = jnp.ones((1, 8, 1, 256))
+    with pytest.raises(ValueError, match="cannot fit"):
+        fleetjax.fleet_attention(q, q, q, jnp.array([0.5]), implementation="pallas",
+                                 config=PallasConfig(block_v=128))
