@@ -87,7 +87,7 @@ def _check_decay(decay, H: int) -> None:
 
 def _static_scale(scale) -> float:
     value = _concrete(scale)
-    if value is None or value.shape != () or not np.isfinite(value):
+    if value is None or value.shape != () or not np.issubdtype(value.dtype, np.number) or not np.isfinite(value):
         raise TypeError(f"scale must be a concrete finite number (it is static), got {scale!r}")
     return float(value)
 
