@@ -29,11 +29,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-# The device machines must keep NVLink multicast off (see the device tool's README): set, never unset.
-for _name, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
-                      ("NVSHMEM_DISABLE_NVLS", "1")):
-    os.environ.setdefault(_name, _value)
-
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -90,15 +85,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def setup_environment(args: argparse.Namespace) -> None:
-    """Before jax is imported: fake CPU devices for --smoke."""
-    if args.smoke:
-        flags = os.environ.get("XLA_FLAGS", "")
-        if "xla_force_host_platform_device_count" not in flags:
-            os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={SMOKE_DEVICES}".strip()
-        os.environ["JAX_PLATFORMS"] = "cpu"
-
-
 def plan(args: argparse.Namespace, available: int) -> list[dict[str, Any]]:
     """The cases, baselines (P = 1) first within each series, as dicts (op, method, scaling, P, T, T_local).
 
@@ -121,7 +107,8 @@ def plan(args: argparse.Namespace, available: int) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_environment(args)
+    from experiments import benchlib
+    benchlib.prepare_devices(smoke_devices=SMOKE_DEVICES if args.smoke else 0)
 
     from experiments import benchlib
     benchlib.setup_jax_environment()

@@ -24,15 +24,10 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
-
-for _name, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
-                      ("NVSHMEM_DISABLE_NVLS", "1")):
-    os.environ.setdefault(_name, _value)
 
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -71,18 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def setup_environment(args: argparse.Namespace) -> None:
-    """Before jax is imported: fake CPU devices for --smoke."""
-    if args.smoke:
-        flags = os.environ.get("XLA_FLAGS", "")
-        if "xla_force_host_platform_device_count" not in flags:
-            os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={SMOKE_DEVICES}".strip()
-        os.environ["JAX_PLATFORMS"] = "cpu"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_environment(args)
+    from experiments import benchlib
+    benchlib.prepare_devices(smoke_devices=SMOKE_DEVICES if args.smoke else 0)
 
     import jax
     import jax.numpy as jnp

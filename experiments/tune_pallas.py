@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fleetjax  # noqa: E402
-from fleetjax.pallas_chunked import PallasConfig, default_config  # noqa: E402
+from fleetjax.pallas_chunked import default_config  # noqa: E402
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 

@@ -7,7 +7,6 @@ import dataclasses
 import subprocess
 import sys
 
-import jax.numpy as jnp
 import pytest
 
 import fleetjax
