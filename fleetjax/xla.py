@@ -9,8 +9,9 @@ The intra-chunk part of every chunk is computed at once as batched [C, C] produc
 between chunks by a ``jax.lax.scan``. What is kept in memory: the inputs in chunk layout (float32), one
 [B, H, C, C] float32 score block per chunk (T * C per head, never T x T), the output, and a single
 [B, H, K, V] float32 carry: no state of every chunk. The backward pass recomputes instead of storing: its
-residuals are the inputs and the final state. It runs the forward with roles swapped for dq (query=dO,
-key=v, value=k) and one reverse scan that yields dk, dv and the initial-state gradient together.
+residuals are the inputs alone. It runs the forward with roles swapped for dq (query=dO, key=v, value=k)
+and one reverse scan that yields dk, dv and the initial-state gradient together; the final state's
+cotangent and the decay gradient come from fleetjax.vjp.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fleetjax import vjp
+from fleetjax.sharding import vary_like
 
 f32 = jnp.float32
 
@@ -137,12 +139,13 @@ def _causal_pass(q, k, v, log_decay, initial_state, run_ids, scale, chunk_size, 
     return o, final_state, w
 
 
-def _anticausal_pass(q, k, v, do, log_decay, d_final_state, run_ids, scale, chunk_size, precision):
+def _anticausal_pass(q, k, v, do, log_decay, run_ids, scale, chunk_size, precision):
     """dk, dv [B, T, H, *], d initial_state, and the decay-gradient parts u, intra [B, H, T] (see
     fleetjax.vjp) from one reverse scan over chunks.
 
     The reverse state R (K x V) collects scale * gamma^(t-s+1) q_t dO_t^T of the later positions, starting
-    from the final state's cotangent; dk_s = gamma^(len-1-j) R v_s and dv_s = gamma^(len-1-j) R^T k_s.
+    from zero (the final state's cotangent is fleetjax.vjp.final_state_terms' part);
+    dk_s = gamma^(len-1-j) R v_s and dv_s = gamma^(len-1-j) R^T k_s.
     """
     geo = _Chunks(q.shape[1], min(chunk_size, q.shape[1]))
     qc, kc, vc, dc = (geo.split(x.astype(f32)) for x in (q, k, v, do))
@@ -175,7 +178,8 @@ def _anticausal_pass(q, k, v, do, log_decay, d_final_state, run_ids, scale, chun
 
     carry = jnp.broadcast_to(carry, (geo.n,) + qc.shape[1:3])
     d_initial, (dk_inter, dv_inter) = jax.lax.scan(
-        step, d_final_state, (qc * q_factor, dc, kc * k_factor, vc * k_factor, carry), reverse=True)
+        step, vary_like(jnp.zeros(qc.shape[1:3] + (qc.shape[-1], dc.shape[-1]), f32), q, k, v, do),
+        (qc * q_factor, dc, kc * k_factor, vc * k_factor, carry), reverse=True)
     u = jnp.einsum("bthk,bthk->bht", geo.merge(dk_inter), k.astype(f32))
     intra_lag = geo.merge(intra_lag[..., None])[..., 0].transpose(0, 2, 1)
     return geo.merge(dk_intra + dk_inter), geo.merge(dv_intra + dv_inter), d_initial, u, intra_lag
@@ -200,9 +204,7 @@ def _xla_bwd(scale, chunk_size, residuals, cotangents):
     do = jnp.zeros_like(v, f32) if vjp.is_zero(do) else do
     dq, _, w = _causal_pass(do, v, k, log_decay, jnp.swapaxes(initial_state, -1, -2), run_ids, scale,
                             chunk_size, precision, dot_with=q)
-    zero_state = jnp.zeros_like(initial_state, f32)
-    dk, dv, d_initial, u, intra = _anticausal_pass(q, k, v, do, log_decay, zero_state, run_ids, scale,
-                                                   chunk_size, precision)
+    dk, dv, d_initial, u, intra = _anticausal_pass(q, k, v, do, log_decay, run_ids, scale, chunk_size, precision)
     d_initial = vjp.only_first_run(d_initial, run_ids)
     d_log_decay = vjp.log_decay_grad(w, u, intra)
     if not vjp.is_zero(d_final):
