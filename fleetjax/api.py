@@ -34,15 +34,16 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
 
 
 def _register_pallas() -> None:
-    """Add the Pallas kernels; a JAX without a working Pallas keeps the other implementations."""
-    import importlib
-    for name, module, fn, config_type in (("pallas", "pallas_chunked", "pallas_impl", "PallasConfig"),
-                                          ("pallas_fleet", "pallas_fleet", "pallas_fleet_impl", "FleetConfig")):
-        try:
-            mod = importlib.import_module(f"fleetjax.{module}")
-        except ImportError:  # pragma: no cover - only on a JAX without Pallas, or before the kernel exists
-            continue
-        IMPLEMENTATIONS[name] = Implementation(getattr(mod, fn), getattr(mod, config_type), mod.default_config)
+    """Add the Pallas kernels, unless this JAX has no working Pallas (the other implementations stay)."""
+    try:
+        import jax.experimental.pallas  # noqa: F401
+    except ImportError:  # pragma: no cover - only on a JAX built without Pallas
+        return
+    from fleetjax import pallas_chunked, pallas_fleet
+    IMPLEMENTATIONS["pallas"] = Implementation(pallas_chunked.pallas_impl, pallas_chunked.PallasConfig,
+                                               pallas_chunked.default_config)
+    IMPLEMENTATIONS["pallas_fleet"] = Implementation(pallas_fleet.pallas_fleet_impl, pallas_fleet.FleetConfig,
+                                                     pallas_fleet.default_config)
 
 
 def default_implementation() -> str:
