@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Any, Callable
 
 import jax
@@ -36,7 +37,7 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
 def _register_pallas() -> None:
     """Add the Pallas kernels, unless this JAX has no working Pallas (the other implementations stay)."""
     try:
-        import jax.experimental.pallas  # noqa: F401
+        importlib.import_module("jax.experimental.pallas")
     except ImportError:  # pragma: no cover - only on a JAX built without Pallas
         return
     from fleetjax import pallas_chunked, pallas_fleet

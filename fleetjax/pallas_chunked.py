@@ -123,8 +123,9 @@ def default_config(q: jax.Array, v: jax.Array) -> PallasConfig:
 
 # ------------------------------------------------------------------------------------------- kernel bodies
 
-def _decays(lg, C: int):
-    """In-chunk decay factors; every exponent is masked before exp (no overflow for tiny decay)."""
+def chunk_decays(lg, C: int):
+    """In-chunk decay factors (i [C], gamma^(i-j) masked to i >= j [C, C], gamma^(i+1) [C]); every exponent
+    is masked before exp, so a tiny decay gives exact zeros and no overflow. Shared with pallas_fleet."""
     i = jnp.arange(C)
     lag = i[:, None] - i[None, :]
     causal = lag >= 0
@@ -133,7 +134,7 @@ def _decays(lg, C: int):
     return i, intra, entering
 
 
-def _leaving(lg, i, length):
+def leaving_decays(lg, i, length):
     """gamma^(length-1-j) for j < length, else 0."""
     valid = i < length
     return jnp.where(valid, jnp.exp(jnp.where(valid, length - 1 - i, 0).astype(f32) * lg), 0.0)
@@ -158,7 +159,7 @@ def _forward_kernel(lg_ref, state_ref, *refs, T, C, K, V, block_v, chunks_per_pi
     (final_ref,) = refs
     j, p = pl.program_id(0), pl.program_id(2)
     lg = lg_ref[0]
-    i, intra, entering = _decays(lg, C)
+    i, intra, entering = chunk_decays(lg, C)
     kp = k_ref.shape[-1]
     k_mask = jnp.arange(kp) < K
     v_mask = j * block_v + jnp.arange(block_v) < V
@@ -174,7 +175,7 @@ def _forward_kernel(lg_ref, state_ref, *refs, T, C, K, V, block_v, chunks_per_pi
         length = jnp.minimum(C, T - start)
         k = plt.load(k_ref.at[pl.ds(start, C), :], mask=in_seq[:, None] & k_mask[None, :], other=0.0)
         v = plt.load(v_ref.at[pl.ds(start, C), :], mask=in_seq[:, None] & v_mask[None, :], other=0.0)
-        leave = _leaving(lg, i, length)
+        leave = leaving_decays(lg, i, length)
         carry_factor = jnp.exp(length.astype(f32) * lg)
         weights = intra
         gate_in = None
@@ -221,7 +222,7 @@ def _backward_kernel(lg_ref, state_ref, *refs, T, C, K, V, block_v, chunks_per_p
     r_out_ref = refs[-1]
     j, p = pl.program_id(0), pl.program_id(2)
     lg = lg_ref[0]
-    i, intra, entering = _decays(lg, C)
+    i, intra, entering = chunk_decays(lg, C)
     kp = q_ref.shape[-1]
     k_mask = jnp.arange(kp) < K
     v_mask = j * block_v + jnp.arange(block_v) < V
@@ -242,7 +243,7 @@ def _backward_kernel(lg_ref, state_ref, *refs, T, C, K, V, block_v, chunks_per_p
         carry_factor = jnp.exp(length.astype(f32) * lg)
         weights = scale * intra
         q_gate = None
-        leave = _leaving(lg, i, length)
+        leave = leaving_decays(lg, i, length)
         if has_runs:
             run = plt.load(run_ref.at[pl.ds(start, C)], mask=in_seq, other=-1)
             run_first = jnp.min(jnp.where(in_seq, run, jnp.iinfo(jnp.int32).max))

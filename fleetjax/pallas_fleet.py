@@ -266,11 +266,7 @@ def _fleet_kernel(log_decay_ref, q_ref, k_ref, v_ref, s0_ref, *refs, geo: _Geome
         return
 
     # Loop-invariant decay factors of a full tile; exponents are masked before exp (no gamma^-n anywhere).
-    i = jnp.arange(C)
-    lag = i[:, None] - i[None, :]
-    causal = lag >= 0
-    intra = jnp.where(causal, jnp.exp(jnp.where(causal, lag, 0).astype(f32) * log_g), 0.0)  # [C, C]
-    q_decay = jnp.exp((i + 1).astype(f32) * log_g)  # [C]: gamma^(i+1)
+    i, intra, q_decay = pallas_chunked.chunk_decays(log_g, C)  # [C], [C, C], [C]: gamma^(i+1)
 
     def tile(step, carry):
         state, before = carry
@@ -281,7 +277,7 @@ def _fleet_kernel(log_decay_ref, q_ref, k_ref, v_ref, s0_ref, *refs, geo: _Geome
         q = plgpu.load(q_ref.at[rows, :], mask=valid[:, None] & k_cols[None, :], other=0.0)
         k = plgpu.load(k_ref.at[rows, :], mask=valid[:, None] & k_cols[None, :], other=0.0)
         v = plgpu.load(v_ref.at[rows, :], mask=valid[:, None] & v_cols[None, :], other=0.0)
-        k_decay = jnp.where(valid, jnp.exp(jnp.where(valid, length - 1 - i, 0).astype(f32) * log_g), 0.0)
+        k_decay = pallas_chunked.leaving_decays(log_g, i, length)
         carry_decay = jnp.exp(length.astype(f32) * log_g)
         weights = intra
         q_factor = q_decay
