@@ -35,6 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from fleetjax import vjp
+from fleetjax.state_passing import pass_states
 
 f32 = jnp.float32
 _PRECISIONS = {"ieee": jax.lax.Precision.HIGHEST, "tf32": jax.lax.Precision.DEFAULT}
@@ -428,17 +429,10 @@ def _piece_runs(run_ids, plan: _Plan):
     return before, first, last, after
 
 
-def _chain(start: jax.Array, local: jax.Array, carry: jax.Array, reverse: bool) -> jax.Array:
-    """State passing across pieces: entering[p+1] = carry[p] * entering[p] + local[p] (left to right),
-    or the mirror image for reverse states. start [B, H, kp, vp], local [B, H, P, kp, vp], carry [B, H, P]."""
-    P = local.shape[2]
-    order = range(P - 1, -1, -1) if reverse else range(P)
-    entering = [None] * P
-    state = start
-    for p in order:
-        entering[p] = state
-        state = carry[:, :, p, None, None] * state + local[:, :, p]
-    return jnp.stack(entering, axis=2)
+def _entering(start, local, carry, reverse: bool) -> jax.Array:
+    """Entering states [B, H, P, kp, vp] of the pieces from their local ones (same layout), carry [B, H, P]."""
+    entering, _ = pass_states(start, jnp.moveaxis(local, 2, 0), jnp.moveaxis(carry, 2, 0), reverse=reverse)
+    return jnp.moveaxis(entering, 0, 2)
 
 
 def _forward(q, k, v, lg, initial_state, run_ids, scale, config: PallasConfig, out_dtype, dot_with=None):
@@ -463,7 +457,7 @@ def _forward(q, k, v, lg, initial_state, run_ids, scale, config: PallasConfig, o
         carry = jnp.broadcast_to(jnp.exp(plan.lengths[None, :] * lg[:, None]), (B, H, plan.P))
         if run_ids is not None:
             carry = carry * (run_last == run_before)[:, None, :]
-        states = _chain(start, local, carry, reverse=False)
+        states = _entering(start, local, carry, reverse=False)
     o, w, finals = launch(q, k, v, states=states, run_ids=run_ids, run_before=run_before, dot_with=dot_with)
     return o, finals[:, :, -1, :K, :V], w
 
@@ -490,7 +484,7 @@ def _backward(q, k, v, do, lg, run_ids, scale, config: PallasConfig):
         carry = jnp.broadcast_to(jnp.exp(plan.lengths[None, :] * lg[:, None]), (B, H, plan.P))
         if run_ids is not None:
             carry = carry * (run_first == run_after)[:, None, :]
-        states = _chain(start, local, carry, reverse=True)
+        states = _entering(start, local, carry, reverse=True)
     dk, dv, u, intra, r = launch(q, k, v, do, states=states, run_ids=run_ids, run_after=run_after)
     return dk, dv, r[:, :, 0, :K, :V], u, intra
 

@@ -65,6 +65,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from fleetjax import pallas_chunked, vjp
+from fleetjax.state_passing import pass_states
 
 f32 = jnp.float32
 
@@ -374,11 +375,9 @@ def _join_pieces(q, o, local_final, log_decay, run_ids, scale: float, geo: _Geom
         keeps = (run_ids[:, ends - 1] == entering_run).T  # [P, B]
     carry = jnp.exp(jnp.asarray(geo.piece_lengths, f32)[:, None] * log_decay[None, :])  # [P, H]
     carry = carry[:, None, :] * keeps[:, :, None]  # [P, B, H]
-    entering = [jnp.zeros_like(local_final[0]), local_final[0]]  # S_0 is inside piece 0's own result
-    for piece in range(1, P):
-        entering.append(carry[piece][..., None, None] * entering[-1] + local_final[piece])
-    final_state = entering.pop()
-    entering = jnp.stack(entering)  # [P, B, H, K, V]
+    # S_1 = L_0 (piece 0 already started from the initial state, so it needs no correction).
+    later, final_state = pass_states(local_final[0], local_final[1:], carry[1:])
+    entering = jnp.concatenate([jnp.zeros_like(local_final[:1]), later])  # [P, B, H, K, V]
 
     pad = P * L - T
     qp = jnp.pad(q.astype(f32), ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, P, L, H, -1)

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from fleetjax.segments import run_ids_from_segment_ids
+from fleetjax.state_passing import pass_states
 
 f32 = jnp.float32
 
@@ -208,20 +209,6 @@ def _all_gather(x: Any, axis_name: AxisName, *, invariant: bool) -> Any:
         return all_gather_invariant(x, axis_name)
 
 
-def _combine(exits: jax.Array, carries: jax.Array) -> tuple[list[jax.Array], jax.Array]:
-    """The exclusive scan over devices: S_1 = E_0, S_{p+1} = a_p S_p + E_p.
-
-    exits [P, B, H, K, V] (E_0 already holds the initial state's share), carries [P, B, H].
-    Returns ([S_1, ..., S_{P-1}], S_P). P is static and small, so a Python loop that XLA fuses suffices.
-    """
-    entering = []
-    state = exits[0]
-    for p in range(1, exits.shape[0]):
-        entering.append(state)
-        state = carries[p][..., None, None] * state + exits[p]
-    return entering, state
-
-
 def sequence_parallel(impl: Any, q: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array,
                       state: jax.Array, segment_ids: jax.Array | None, *, scale: float, config: Any,
                       axis_name: AxisName) -> tuple[jax.Array, jax.Array]:
@@ -287,8 +274,9 @@ def sequence_parallel(impl: Any, q: jax.Array, k: jax.Array, v: jax.Array, log_d
     # Device 0 folds the initial state into what it publishes; the others never read their copy of it.
     exit_state = local_final + jnp.where(first, carry[..., None, None] * state, 0.0)
     exits, carries = _all_gather((exit_state, carry), axis_name, invariant=tracks_vma)
-    entering, final_state = _combine(exits, carries)
-    entering_state = jnp.where(first, state, jnp.stack([zeros] + entering)[index])
+    # S_1 = E_0 (the initial state's share is in it), S_{p+1} = a_p S_p + E_p.
+    entering, final_state = pass_states(exits[0], exits[1:], carries[1:])
+    entering_state = jnp.where(first, state, jnp.concatenate([zeros[None], entering])[index])
 
     if method == "correction":
         reached = None if runs is None else runs == 0
