@@ -141,6 +141,16 @@ def leaving_decays(lg, i, length):
     return jnp.where(valid, jnp.exp(jnp.where(valid, length - 1 - i, 0).astype(f32) * lg), 0.0)
 
 
+def _program_span(kp: int, K: int, V: int, block_v: int, chunks_per_piece: int, n_chunks: int):
+    """What one (value block j, batch*head, piece p) program covers: the masks of the real key columns
+    [kp] and of its value block's real columns [block_v], its first chunk and its number of chunks."""
+    j, p = pl.program_id(0), pl.program_id(2)
+    k_mask = jnp.arange(kp) < K
+    v_mask = j * block_v + jnp.arange(block_v) < V
+    first = p * chunks_per_piece
+    return k_mask, v_mask, first, jnp.minimum(chunks_per_piece, n_chunks - first)
+
+
 def _dot(a, b, precision, trans_a=False, trans_b=False):
     dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
     return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=f32)
@@ -158,14 +168,9 @@ def _forward_kernel(lg_ref, state_ref, *refs, T, C, K, V, block_v, chunks_per_pi
     o_ref = refs.pop(0) if with_output else None
     w_ref = refs.pop(0) if with_dot else None
     (final_ref,) = refs
-    j, p = pl.program_id(0), pl.program_id(2)
     lg = lg_ref[0]
     i, intra, entering = chunk_decays(lg, C)
-    kp = k_ref.shape[-1]
-    k_mask = jnp.arange(kp) < K
-    v_mask = j * block_v + jnp.arange(block_v) < V
-    first = p * chunks_per_piece
-    count = jnp.minimum(chunks_per_piece, n_chunks - first)
+    k_mask, v_mask, first, count = _program_span(k_ref.shape[-1], K, V, block_v, chunks_per_piece, n_chunks)
     dtype = k_ref.dtype
 
     def body(c, carry):
@@ -221,14 +226,9 @@ def _backward_kernel(lg_ref, state_ref, *refs, T, C, K, V, block_v, chunks_per_p
     run_ref, run_after_ref = (refs.pop(0), refs.pop(0)) if has_runs else (None, None)
     dk_ref, dv_ref, u_ref, intra_ref = refs[:4] if with_grads else (None,) * 4
     r_out_ref = refs[-1]
-    j, p = pl.program_id(0), pl.program_id(2)
     lg = lg_ref[0]
     i, intra, entering = chunk_decays(lg, C)
-    kp = q_ref.shape[-1]
-    k_mask = jnp.arange(kp) < K
-    v_mask = j * block_v + jnp.arange(block_v) < V
-    first = p * chunks_per_piece
-    count = jnp.minimum(chunks_per_piece, n_chunks - first)
+    k_mask, v_mask, first, count = _program_span(q_ref.shape[-1], K, V, block_v, chunks_per_piece, n_chunks)
     dtype = q_ref.dtype
 
     def body(c_rev, carry):
