@@ -267,7 +267,8 @@ def _fleet_kernel(log_decay_ref, q_ref, k_ref, v_ref, s0_ref, *refs, geo: _Geome
         return
 
     # Loop-invariant decay factors of a full tile; exponents are masked before exp (no gamma^-n anywhere).
-    i, intra, q_decay = pallas_chunked.chunk_decays(log_g, C)  # [C], [C, C], [C]: gamma^(i+1)
+    _, intra = pallas_chunked.intra_decays(log_g, C)  # [C, C]: gamma^(i-j) on j <= i
+    i = jnp.arange(C)
 
     def tile(step, carry):
         state, before = carry
@@ -278,10 +279,9 @@ def _fleet_kernel(log_decay_ref, q_ref, k_ref, v_ref, s0_ref, *refs, geo: _Geome
         q = plgpu.load(q_ref.at[rows, :], mask=valid[:, None] & k_cols[None, :], other=0.0)
         k = plgpu.load(k_ref.at[rows, :], mask=valid[:, None] & k_cols[None, :], other=0.0)
         v = plgpu.load(v_ref.at[rows, :], mask=valid[:, None] & v_cols[None, :], other=0.0)
-        k_decay = pallas_chunked.leaving_decays(log_g, i, length)
+        q_factor, k_decay = pallas_chunked.edge_decays(log_g, C, length)  # gamma^(i+1), gamma^(length-1-j)
         carry_decay = jnp.exp(length.astype(f32) * log_g)
         weights = intra
-        q_factor = q_decay
         if has_runs:
             run = plgpu.load(run_ref.at[rows], mask=valid, other=-1)  # padding joins no run
             last = run_ref[t0 + length - 1]
