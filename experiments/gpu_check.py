@@ -65,6 +65,7 @@ def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=".")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--skip-timing", action="store_true", help="only the correctness checks")
     p.add_argument("--impls", default=",".join(n for n in ("pallas", "pallas_fleet", "xla")
                                                if n in fleetjax.IMPLEMENTATIONS))
     args = p.parse_args(argv)
@@ -98,6 +99,8 @@ def main(argv=None):
     shapes = [(4, 4096, 16, 128, 128), (4, 16384, 16, 128, 128), (1, 32768, 8, 128, 128), (1, 4096, 8, 128, 128)]
     if args.quick:
         shapes = shapes[:1]
+    if args.skip_timing:
+        shapes = []
     for B, T, H, K, V in shapes:
         q, k, v, decay, _, _ = make(rng, B, T, H, K, V, jnp.bfloat16, False, False)
         do = jnp.asarray(rng.standard_normal((B, T, H, V)), jnp.bfloat16)

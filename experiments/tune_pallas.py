@@ -1,16 +1,19 @@
-"""Sweep PallasConfig on the GPU: forward and backward times per shape; prints the best configs.
+"""Sweep PallasConfig on the GPU: forward and forward+backward times per shape, around the default config.
 
-    PYTHONPATH=. python experiments/tune_pallas.py --out DIR [--budget-s 400]
+    PYTHONPATH=. python experiments/tune_pallas.py --out DIR [--budget-s 300] [--only-default] [--label L]
+
+Times with experiments/benchlib.time_calls (two input sets rotated, back-to-back calls, one sync per
+sample), the same method as the benchmarks. --only-default times the default config alone (run it with
+PYTHONPATH pointing at another checkout to compare two versions of the package in one device call).
+Appends to DIR/tune_pallas.jsonl, one record per (op, shape, config).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import os
-import sys
 import time
 import warnings
 
@@ -18,79 +21,74 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import fleetjax  # noqa: E402
-from fleetjax.pallas_chunked import default_config  # noqa: E402
+import fleetjax
+from experiments import benchlib
+from fleetjax.pallas_chunked import default_config
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
+SHAPES = [(4, 4096, 16, 128, 128), (4, 16384, 16, 128, 128), (1, 4096, 8, 128, 128), (1, 32768, 8, 128, 128)]
 
-def median_ms(fn, *args, reps=15):
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(ts))
+
+def _candidates(base, op: str, B: int, T: int, H: int) -> list[dict]:
+    """Configs near the default: the fields that the sweep of 2026-11-25 found to matter."""
+    if op == "fwd":
+        pieces = base.num_sequence_pieces
+        out = [dict(), dict(num_stages=4), dict(block_v=64), dict(num_stages=2)]
+        out += [dict(num_sequence_pieces=p) for p in (pieces * 2, pieces * 4, max(1, pieces // 2)) if p != pieces]
+        return out
+    pieces = base.backward_num_sequence_pieces
+    out = [dict(), dict(backward_block_v=64), dict(backward_num_warps=8), dict(backward_num_stages=2),
+           dict(backward_num_stages=4), dict(backward_block_v=64, backward_num_warps=8)]
+    out += [dict(backward_num_sequence_pieces=p) for p in (pieces * 2, pieces * 4, max(1, pieces // 2))
+            if p != pieces]
+    return out
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
-    ap.add_argument("--budget-s", type=float, default=400)
+    ap.add_argument("--budget-s", type=float, default=300)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--only-default", action="store_true")
+    ap.add_argument("--label", default="current")
     args = ap.parse_args(argv)
     start = time.time()
     rng = np.random.default_rng(0)
     dtype = jnp.dtype(args.dtype)
-    shapes = [(4, 4096, 16, 128, 128), (4, 16384, 16, 128, 128), (1, 32768, 8, 128, 128), (1, 4096, 8, 128, 128)]
-    records = []
-    for B, T, H, K, V in shapes:
-        q, k = (jnp.asarray(rng.standard_normal((B, T, H, K)) / np.sqrt(K), dtype) for _ in range(2))
-        v, do = (jnp.asarray(rng.standard_normal((B, T, H, V)), dtype) for _ in range(2))
-        decay = jnp.asarray(1 - 2.0 ** (-5 - np.arange(H) * 5 / (H - 1)), jnp.float32)
-        base = default_config(q, v)
-        fwd_grid = [dict(chunk_size=c, block_v=bv, num_warps=w, num_stages=st, num_sequence_pieces=p)
-                    for c, bv, w, st, p in itertools.product((64, 128), (32, 64, 128), (4, 8), (2,), (1, 2, 4, 8))
-                    if not (c == 128 and bv == 128)]
-        best = None
-        for kw in fwd_grid:
-            if time.time() - start > args.budget_s * 0.6 * (shapes.index((B, T, H, K, V)) + 1) / len(shapes):
-                break
-            cfg = dataclasses.replace(base, **kw)
-            f = jax.jit(lambda q, k, v, d, cfg=cfg: fleetjax.fleet_attention(q, k, v, d, implementation="pallas",
-                                                                            config=cfg))
-            try:
-                ms = median_ms(f, q, k, v, decay)
-            except Exception as e:
-                ms = None
-                print("fail", kw, repr(e)[:200], flush=True)
-            records.append(dict(op="fwd", B=B, T=T, H=H, K=K, V=V, cfg=kw, ms=ms))
-            if ms is not None and (best is None or ms < best[0]):
-                best = (ms, cfg)
-        print(f"FWD B{B} T{T} H{H}: default {base} ; best {best}", flush=True)
-        fcfg = best[1] if best else base
-        bwd_grid = [dict(backward_block_v=bv, backward_num_warps=w, backward_num_stages=st, num_sequence_pieces=p)
-                    for bv, w, st, p in itertools.product((64, 128), (4, 8), (1, 2), (1, 2, 4))]
-        bbest = None
-        for kw in bwd_grid:
-            if time.time() - start > args.budget_s * (shapes.index((B, T, H, K, V)) + 1) / len(shapes):
-                break
-            cfg = dataclasses.replace(fcfg, **kw)
-            g = jax.jit(lambda q, k, v, d, do, cfg=cfg: jax.vjp(
-                lambda *a: fleetjax.fleet_attention(*a, implementation="pallas", config=cfg), q, k, v, d)[1](do))
-            try:
-                ms = median_ms(g, q, k, v, decay, do)
-            except Exception as e:
-                ms = None
-                print("fail", kw, repr(e)[:200], flush=True)
-            records.append(dict(op="fwd_bwd", B=B, T=T, H=H, K=K, V=V, cfg=dataclasses.asdict(cfg), ms=ms))
-            if ms is not None and (bbest is None or ms < bbest[0]):
-                bbest = (ms, cfg)
-        print(f"FWD+BWD B{B} T{T} H{H}: best {bbest}", flush=True)
-    with open(os.path.join(args.out, "tune_pallas.json"), "w") as fh:
-        json.dump(dict(device=jax.devices()[0].device_kind, records=records), fh)
+    path = os.path.join(args.out, "tune_pallas.jsonl")
+    device = jax.devices()[0].device_kind
+    for B, T, H, K, V in SHAPES:
+        sets = []
+        for _ in range(2):
+            q, k = (jnp.asarray(rng.standard_normal((B, T, H, K)) / np.sqrt(K), dtype) for _ in range(2))
+            v, do = (jnp.asarray(rng.standard_normal((B, T, H, V)), dtype) for _ in range(2))
+            sets.append((q, k, v, do))
+        decay = jnp.asarray(np.exp(benchlib.retnet_log_decay(H)), jnp.float32)
+        base = default_config(sets[0][0], sets[0][2])
+        for op in ("fwd", "fwd_bwd"):
+            for kw in [dict()] if args.only_default else _candidates(base, op, B, T, H):
+                if time.time() - start > args.budget_s:
+                    print("budget spent", flush=True)
+                    return
+                cfg = dataclasses.replace(base, **kw)
+                attend = lambda q, k, v, cfg=cfg: fleetjax.fleet_attention(q, k, v, decay, implementation="pallas",
+                                                                           config=cfg)
+                if op == "fwd":
+                    fn = jax.jit(lambda q, k, v, do: attend(q, k, v))
+                else:
+                    fn = jax.jit(lambda q, k, v, do: jax.vjp(attend, q, k, v)[1](do))
+                try:
+                    ms = benchlib.time_calls(fn, sets, benchlib.jax_sync, target_s=0.2).ms
+                except Exception as e:  # a config that does not compile is a result too
+                    ms = None
+                    print("fail", kw, repr(e)[:300], flush=True)
+                rec = dict(label=args.label, device=device, op=op, B=B, T=T, H=H, K=K, V=V, dtype=args.dtype,
+                           changed=kw, cfg=dataclasses.asdict(cfg), ms=ms)
+                print(f"{args.label:8s} {op:7s} B{B} T{T} H{H}: {ms and round(ms, 4)} ms  {kw or 'default'}",
+                      flush=True)
+                with open(path, "a") as fh:
+                    fh.write(json.dumps(rec) + "\n")
 
 
 if __name__ == "__main__":
