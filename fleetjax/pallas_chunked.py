@@ -110,21 +110,22 @@ def _sm_count() -> int:
 
 
 def _pieces(programs: int, T: int, cap: int) -> int:
-    """Split the sequence only while the grid cannot fill the GPU and each piece keeps >= 1024 positions."""
+    """Split the sequence only while the grid cannot fill the GPU and each piece keeps >= 512 positions."""
     pieces = 1
     target = 3 * _sm_count() // 2
-    while programs * pieces < target and T // (2 * pieces) >= 1024 and pieces < cap:
+    while programs * pieces < target and T // (2 * pieces) >= 512 and pieces < cap:
         pieces *= 2
     return pieces
 
 
 def default_config(q: jax.Array, v: jax.Array) -> PallasConfig:
-    """Heuristic by shape, dtype and device, from a sweep on an H100 (experiments/tune_pallas.py,
-    2026-11-25, bf16 K=V=128): chunk 64, block_v 32, 4 warps, 3 stages, sequence pieces while the grid is
-    smaller than 1.5 programs per SM; the backward's walks alike."""
+    """Heuristic by shape, dtype and device, from sweeps on an H100 (experiments/tune_pallas.py, 2026-11-25,
+    bf16 K=V=128; results/2026-11-25-h100-tune_pallas*.jsonl): chunk 64, 4 warps, 3 stages; forward value
+    blocks of 64, the backward's walks of 32; sequence pieces while the grid holds fewer than 1.5 programs
+    per SM."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    block_v = min(32, pl.next_power_of_2(max(V, 16)))
+    block_v = min(64, pl.next_power_of_2(max(V, 16)))
     backward_block_v = min(32, pl.next_power_of_2(max(min(K, V), 16)))
     if not _on_gpu():
         return PallasConfig(block_v=block_v, backward_block_v=backward_block_v)
@@ -132,8 +133,8 @@ def default_config(q: jax.Array, v: jax.Array) -> PallasConfig:
     backward_blocks = -(-max(K, V) // backward_block_v)
     return PallasConfig(
         block_v=block_v, backward_block_v=backward_block_v,
-        num_sequence_pieces=_pieces(B * H * blocks, T, cap=16),
-        backward_num_sequence_pieces=_pieces(B * H * backward_blocks, T, cap=16))
+        num_sequence_pieces=_pieces(B * H * blocks, T, cap=32),
+        backward_num_sequence_pieces=_pieces(B * H * backward_blocks, T, cap=32))
 
 
 # ------------------------------------------------------------------------------------------- kernel body
