@@ -109,32 +109,33 @@ def _sm_count() -> int:
         return 132
 
 
-def _pieces(programs: int, T: int, cap: int) -> int:
-    """Split the sequence only while the grid cannot fill the GPU and each piece keeps >= 512 positions."""
+def _pieces(programs: int, T: int) -> int:
+    """Split the sequence only while the grid holds fewer programs than half the SMs (the kernel runs one
+    program per SM: its tiles take more than half an SM's shared memory) and pieces keep >= 512 positions."""
     pieces = 1
-    target = 3 * _sm_count() // 2
-    while programs * pieces < target and T // (2 * pieces) >= 512 and pieces < cap:
+    while programs * pieces < _sm_count() // 2 and T // (2 * pieces) >= 512 and pieces < 64:
         pieces *= 2
     return pieces
 
 
 def default_config(q: jax.Array, v: jax.Array) -> PallasConfig:
     """Heuristic by shape, dtype and device, from sweeps on an H100 (experiments/tune_pallas.py, 2026-11-25,
-    bf16 K=V=128; results/2026-11-25-h100-tune_pallas*.jsonl): chunk 64, 4 warps, 3 stages; forward value
-    blocks of 64, the backward's walks of 32; sequence pieces while the grid holds fewer than 1.5 programs
-    per SM."""
+    bf16 K=V=128; results/2026-11-25-h100-tune_pallas.jsonl): chunk 64, 4 warps, 3 stages; forward value
+    blocks of 64; the backward's walks in blocks of 32 where batch*head alone fills the GPU, else 64; then
+    sequence pieces up to about one program per SM."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    block_v = min(64, pl.next_power_of_2(max(V, 16)))
-    backward_block_v = min(32, pl.next_power_of_2(max(min(K, V), 16)))
+    # Key dims over 128 leave shared memory for three stages of value blocks of 32 only.
+    wide = max(K, V) <= 128
+    block_v = min(64 if wide else 32, pl.next_power_of_2(max(V, 16)))
+    narrow = min(32, pl.next_power_of_2(max(min(K, V), 16)))
+    backward_block_v = narrow if not wide or B * H * -(-max(K, V) // narrow) >= _sm_count() else 2 * narrow
     if not _on_gpu():
         return PallasConfig(block_v=block_v, backward_block_v=backward_block_v)
-    blocks = -(-V // block_v)
-    backward_blocks = -(-max(K, V) // backward_block_v)
     return PallasConfig(
         block_v=block_v, backward_block_v=backward_block_v,
-        num_sequence_pieces=_pieces(B * H * blocks, T, cap=32),
-        backward_num_sequence_pieces=_pieces(B * H * backward_blocks, T, cap=32))
+        num_sequence_pieces=_pieces(B * H * -(-V // block_v), T),
+        backward_num_sequence_pieces=_pieces(B * H * -(-max(K, V) // backward_block_v), T))
 
 
 # ------------------------------------------------------------------------------------------- kernel body
