@@ -896,6 +896,7 @@ def add_common_args(parser) -> None:
     parser.add_argument("--skip-slow-autotune", action="store_true",
                         help="skip fla at head dim > 128, whose first call autotunes for minutes")
     parser.add_argument("--name", default=None, help="results file name part (default forward/backward)")
+    parser.add_argument("--dtypes", default=None, help="comma-separated dtypes of the cases to run (default: all)")
 
 
 def select_impls(impls: Sequence[Any], names: str | None) -> list[Any]:
@@ -912,6 +913,9 @@ def select_impls(impls: Sequence[Any], names: str | None) -> list[Any]:
 def run_main(args, op: str, case_groups: Sequence[Sequence[Any]], impls: Sequence[Any], name: str) -> ResultsFile:
     """Measure the copy bandwidth, run the benchmark over the groups of cases (most important first),
     draw the plot, print the table."""
+    if getattr(args, "dtypes", None):
+        wanted = args.dtypes.split(",")
+        case_groups = [[case for case in group if case.dtype in wanted] for group in case_groups]
     import jax
     budget = Budget(args.budget_s)
     info = device_info()

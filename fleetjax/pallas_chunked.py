@@ -42,7 +42,8 @@ from fleetjax import vjp
 from fleetjax.state_passing import pass_states
 
 f32 = jnp.float32
-_PRECISIONS = {"ieee": jax.lax.Precision.HIGHEST, "tf32": jax.lax.Precision.DEFAULT}
+_PRECISIONS = {"ieee": jax.lax.Precision.HIGHEST, "tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+               "tf32": jax.lax.Precision.DEFAULT}
 
 
 def _pow2(n: int) -> bool:
@@ -59,7 +60,9 @@ class PallasConfig:
     num_warps, num_stages: Triton launch parameters of the forward walk.
     backward_block_v, backward_num_warps, backward_num_stages, backward_num_sequence_pieces: the same for
     the backward's three walks (dq, dv, dk).
-    precision: dots of float32/float16 inputs: "ieee" (exact float32) or "tf32" (faster, ~1e-3).
+    precision: dots of float32 inputs: "tf32x3" (three tensor-core passes, about float32's accuracy), "ieee"
+    (exact float32 without tensor cores, many times slower) or "tf32" (one pass, ~1e-3). Off-GPU "tf32x3"
+    runs exact. Other dtypes use their own tensor-core dots.
     """
 
     chunk_size: int = 64
@@ -71,7 +74,7 @@ class PallasConfig:
     backward_num_warps: int = 4
     backward_num_stages: int = 3
     backward_num_sequence_pieces: int = 1
-    precision: str = "ieee"
+    precision: str = "tf32x3"
 
     def __post_init__(self):
         for name in ("chunk_size", "block_v", "backward_block_v"):
@@ -90,9 +93,9 @@ class PallasConfig:
         """Launch parameters of the forward walk, or of the backward's walks."""
         if backward:
             return dict(block_v=self.backward_block_v, num_warps=self.backward_num_warps,
-                        num_stages=self.backward_num_stages, precision=_PRECISIONS[self.precision])
+                        num_stages=self.backward_num_stages, precision=self.precision)
         return dict(block_v=self.block_v, num_warps=self.num_warps, num_stages=self.num_stages,
-                    precision=_PRECISIONS[self.precision])
+                    precision=self.precision)
 
     def plan(self, T: int, backward: bool) -> "_Plan":
         return _Plan(T, self.chunk_size, self.backward_num_sequence_pieces if backward else self.num_sequence_pieces)
@@ -100,6 +103,15 @@ class PallasConfig:
 
 def _on_gpu() -> bool:
     return jax.default_backend() == "gpu"
+
+
+def _dot_precision(name: str, dtype):
+    """The dots' precision for inputs of ``dtype``: the config's choice for float32, else the default."""
+    if dtype != jnp.float32:
+        return None
+    if name == "tf32x3" and not _on_gpu():  # no tf32 off-GPU: exact is what tf32x3 approximates
+        return jax.lax.Precision.HIGHEST
+    return _PRECISIONS[name]
 
 
 def _sm_count() -> int:
@@ -132,8 +144,13 @@ def default_config(q: jax.Array, v: jax.Array) -> PallasConfig:
     backward_block_v = narrow if not wide or B * H * -(-max(K, V) // narrow) >= _sm_count() else 2 * narrow
     if not _on_gpu():
         return PallasConfig(block_v=block_v, backward_block_v=backward_block_v)
+    if q.dtype == jnp.float32:  # tiles twice as large: two stages and value blocks of 32 fit shared memory
+        block_v = backward_block_v = min(32, block_v)
+        stages = dict(num_stages=2, backward_num_stages=2)
+    else:
+        stages = {}
     return PallasConfig(
-        block_v=block_v, backward_block_v=backward_block_v,
+        block_v=block_v, backward_block_v=backward_block_v, **stages,
         num_sequence_pieces=_pieces(B * H * -(-V // block_v), T),
         backward_num_sequence_pieces=_pieces(B * H * -(-max(K, V) // backward_block_v), T))
 
@@ -311,7 +328,7 @@ def _launch(query, key, value, lg, states, run_ids, run_edge, plan: _Plan, *, re
     kernel = functools.partial(
         _kernel, T=T, C=plan.C, K=K, V=V, block_v=bv, chunks_per_piece=plan.chunks_per_piece,
         n_chunks=plan.n_chunks, scale=scale, reverse=reverse, has_runs=has_runs, with_output=with_output,
-        with_dot=with_dot, with_intra=with_intra, precision=precision)
+        with_dot=with_dot, with_intra=with_intra, precision=_dot_precision(precision, key.dtype))
     args = ([lg, states] + ([query] if with_output else []) + [key, value]
             + ([run_ids, run_edge] if has_runs else []) + ([dot_with] if with_dot else []))
     in_specs = ([s["lg"], s["state"]] + ([s["keys"]] if with_output else []) + [s["keys"], s["values"]]
