@@ -51,13 +51,19 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--only-default", action="store_true")
     ap.add_argument("--label", default="current")
+    ap.add_argument("--shapes", default=None, help="B,T,H,K,V;... (default: the four benchmark shapes)")
+    ap.add_argument("--configs", default=None,
+                    help='JSON list of {"op": "fwd" or "fwd_bwd", field: value, ...} to time instead of the '
+                         'built-in candidates (the default config is always timed first)')
     args = ap.parse_args(argv)
     start = time.time()
     rng = np.random.default_rng(0)
     dtype = jnp.dtype(args.dtype)
     path = os.path.join(args.out, "tune_pallas.jsonl")
     device = jax.devices()[0].device_kind
-    for B, T, H, K, V in SHAPES:
+    shapes = SHAPES if args.shapes is None else [tuple(map(int, x.split(","))) for x in args.shapes.split(";")]
+    configs = None if args.configs is None else json.loads(args.configs)
+    for B, T, H, K, V in shapes:
         sets = []
         for _ in range(2):
             q, k = (jnp.asarray(rng.standard_normal((B, T, H, K)) / np.sqrt(K), dtype) for _ in range(2))
@@ -65,8 +71,15 @@ def main(argv=None):
             sets.append((q, k, v, do))
         decay = jnp.asarray(np.exp(benchlib.retnet_log_decay(H)), jnp.float32)
         base = default_config(sets[0][0], sets[0][2])
+        warm = True
         for op in ("fwd", "fwd_bwd"):
-            for kw in [dict()] if args.only_default else _candidates(base, op, B, T, H):
+            if args.only_default:
+                todo = [dict()]
+            elif configs is not None:
+                todo = [dict()] + [{k: v for k, v in c.items() if k != "op"} for c in configs if c["op"] == op]
+            else:
+                todo = _candidates(base, op, B, T, H)
+            for kw in todo:
                 if time.time() - start > args.budget_s:
                     print("budget spent", flush=True)
                     return
@@ -78,6 +91,9 @@ def main(argv=None):
                 else:
                     fn = jax.jit(lambda q, k, v, do: jax.vjp(attend, q, k, v)[1](do))
                 try:
+                    if warm:  # the GPU idled while the inputs were drawn: let its clocks come up first
+                        benchlib.time_calls(fn, sets, benchlib.jax_sync, target_s=0.5)
+                        warm = False
                     ms = benchlib.time_calls(fn, sets, benchlib.jax_sync, target_s=0.2).ms
                 except Exception as e:  # a config that does not compile is a result too
                     ms = None
