@@ -286,6 +286,31 @@ def test_jit_vmap_grad_compose(implementation):
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_checkpoint_recomputes_to_the_same_gradients(implementation):
+    """Two stacked calls, each under jax.checkpoint (nothing saved: the backward recomputes the forward),
+    give the gradients of the plain composition, under jit."""
+    q, k, v, decay, s0 = _small_inputs(seed=4)
+
+    def block(x, k, v, decay, s0):
+        o, final = fleetjax.fleet_attention(x, k, v, decay, initial_state=s0, return_final_state=True,
+                                            scale=0.5, implementation=implementation)
+        return jnp.tanh(o[..., : x.shape[-1]]), final
+
+    def loss(wrap, q, k, v, decay, s0):
+        layer = wrap(block)
+        h, f1 = layer(q, k, v, decay, s0)
+        h, f2 = layer(h, k, v, decay, f1)
+        return jnp.sum(h ** 2) + jnp.sum(f2 * 0.1)
+
+    remat = functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+    args = (q, k, v, decay, s0)
+    want = jax.jit(jax.grad(functools.partial(loss, lambda f: f), argnums=(0, 1, 2, 3, 4)))(*args)
+    got = jax.jit(jax.grad(functools.partial(loss, remat), argnums=(0, 1, 2, 3, 4)))(*args)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_check_grads(implementation):
     """jax.test_util.check_grads (reverse mode, order 1) on a tiny case with segments and state."""
     q, k, v, decay, s0 = _small_inputs(B=2, T=6, H=2, K=2, V=3)
