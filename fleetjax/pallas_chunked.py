@@ -233,13 +233,13 @@ def _kernel(lg_ref, state_ref, *refs, T, C, K, V, block_v, chunks_per_piece, n_c
         if with_output:
             q = plt.load(q_ref.at[pl.ds(start, C), :], mask=in_seq[:, None] & k_mask[None, :], other=0.0)
             scores = _dot(q, k, precision, trans_b=True) * weights
-            # The decay scales the rows of the [C, block_v] product, cheaper than scaling the query [C, K].
             state_in = state.astype(dtype)
             o_inter = _dot(q, state_in, precision)
             if with_dot and dtype != f32:
                 # w feeds the decay gradient, where the offsets of fleetjax.vjp amplify the state's rounding to
                 # the input dtype ~chunk-size-fold: add the rounding's own product (a hi/lo split of the state).
                 o_inter = o_inter + _dot(q, (state - state_in.astype(f32)).astype(dtype), precision)
+            # The decay scales the rows of the [C, block_v] product, cheaper than scaling the query [C, K].
             o_inter = o_inter * (scale * entering)[:, None]
             o = scale * _dot(scores.astype(dtype), v, precision) + o_inter
             out_mask = in_seq[:, None] & v_mask[None, :]
@@ -248,8 +248,9 @@ def _kernel(lg_ref, state_ref, *refs, T, C, K, V, block_v, chunks_per_piece, n_c
                 other = plt.load(dot_ref.at[pl.ds(start, C), :], mask=out_mask, other=0.0)
                 plt.store(w_ref.at[pl.ds(start, C)], jnp.sum(o_inter * other.astype(f32), axis=1), mask=in_seq)
                 if with_intra:
-                    # This value block's share of (other_i . value_j), times the pair's (query_i . key_j):
-                    # summed over the blocks, the lag-weighted intra-chunk part of the decay gradient.
+                    # This value block's share of (other_i . value_j), times the pair's weighted score
+                    # (query_i . key_j) gamma^lag: summed over the blocks, the lag-weighted intra-chunk part of
+                    # the decay gradient.
                     pair = _dot(other, v, precision, trans_b=True) * scores
                     plt.store(intra_ref.at[pl.ds(start, C)], scale * jnp.sum(lag.astype(f32) * pair, axis=1),
                               mask=in_seq)
