@@ -26,9 +26,7 @@ import dataclasses
 import datetime
 import json
 import os
-import statistics
 import sys
-import time
 import traceback
 import warnings
 
@@ -41,25 +39,12 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fleetjax  # noqa: E402
+from experiments import benchlib  # noqa: E402
+from experiments.gpu_check import make, relerr  # noqa: E402
 from fleetjax.pallas_fleet import FleetConfig, default_config  # noqa: E402
 
+
 TOL = {"float32": 1e-5, "bfloat16": 2e-2}
-
-
-def make(seed: int, B: int, T: int, H: int, K: int, V: int, dtype: str, segments: bool, with_state: bool):
-    """Inputs with moderate magnitudes (q, k ~ 1/sqrt(K)), RetNet-like decays from 1 - 2^-5 to 1 - 2^-10."""
-    rng = np.random.default_rng(seed)
-    q, k = (jnp.asarray(rng.standard_normal((B, T, H, K)) / np.sqrt(K), dtype) for _ in range(2))
-    v = jnp.asarray(rng.standard_normal((B, T, H, V)), dtype)
-    decay = jnp.asarray(1 - 2.0 ** (-5 - np.arange(H) * 5 / max(H - 1, 1)), jnp.float32)
-    s0 = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32) if with_state else None
-    seg = jnp.asarray(np.sort(rng.integers(0, 4, (B, T)), axis=1), jnp.int32) if segments else None
-    return q, k, v, decay, s0, seg
-
-
-def relerr(x, ref) -> float:
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    return float(np.max(np.abs(x - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
 
 
 def run_op(impl: str, config, q, k, v, decay, s0, seg, scale: float):
@@ -67,25 +52,6 @@ def run_op(impl: str, config, q, k, v, decay, s0, seg, scale: float):
         q, k, v, decay, scale=scale, initial_state=s0, return_final_state=True, segment_ids=seg,
         implementation=impl, config=config))
     return jax.block_until_ready(fn(q, k, v, decay, s0, seg))
-
-
-def median_ms(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile
-    for _ in range(2):
-        jax.block_until_ready(fn(*args))  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
-def copy_bandwidth(nbytes: int, repeats: int) -> float:
-    """Bytes per second of a device copy (read + write) of a float32 array of ``nbytes``."""
-    x = jnp.zeros(nbytes // 4, jnp.float32)
-    ms = median_ms(jax.jit(lambda x: x + 1.0), x, repeats=repeats)
-    return 2 * nbytes / (ms * 1e-3)
 
 
 def check_correctness(smoke: bool) -> list[dict]:
@@ -101,7 +67,7 @@ def check_correctness(smoke: bool) -> list[dict]:
     for B, T, H, K, V in shapes:
         for dtype in dtypes:
             for segments, with_state in ((False, True), (True, True)):
-                args = make(0, B, T, H, K, V, dtype, segments, with_state)
+                args = make(np.random.default_rng(0), B, T, H, K, V, dtype, segments, with_state)
                 q, k, v, decay, s0, seg = args
                 up = lambda x: x.astype(jnp.float32)
                 o_ref, f_ref = run_op("scan", None, up(q), up(k), up(v), decay, s0, seg, 0.5)
@@ -129,7 +95,7 @@ def check_correctness(smoke: bool) -> list[dict]:
 
 def check_determinism(smoke: bool) -> dict:
     B, T, H, K, V = (1, 40, 2, 24, 40) if smoke else (2, 4096, 4, 128, 128)
-    q, k, v, decay, s0, seg = make(1, B, T, H, K, V, "bfloat16", True, True)
+    q, k, v, decay, s0, seg = make(np.random.default_rng(1), B, T, H, K, V, "bfloat16", True, True)
     config = FleetConfig(block_k=16 if smoke else 64, block_v=32, num_sequence_pieces=2)
     first = run_op("pallas_fleet", config, q, k, v, decay, s0, seg, 0.5)
     same = all(bool(np.array_equal(np.asarray(a), np.asarray(b)))
@@ -141,9 +107,9 @@ def check_determinism(smoke: bool) -> dict:
 
 def timings(smoke: bool, bandwidth: float) -> list[dict]:
     B, T, H, K, V = (1, 128, 2, 32, 32) if smoke else (4, 4096, 16, 128, 128)
-    repeats = 2 if smoke else 20
+    target_s = 0.02 if smoke else 0.25
     dtype = "bfloat16"
-    q, k, v, decay, _, _ = make(2, B, T, H, K, V, dtype, False, False)
+    q, k, v, decay, _, _ = make(np.random.default_rng(2), B, T, H, K, V, dtype, False, False)
     scale = K ** -0.5
     up = lambda x: x.astype(jnp.float32)
     o_ref = run_op("scan", None, up(q), up(k), up(v), decay, None, None, scale)[0]
@@ -171,7 +137,7 @@ def timings(smoke: bool, bandwidth: float) -> list[dict]:
         rec = dict(op=op, impl=impl, variant=variant, dtype=dtype, B=B, T=T, H=H, K=K, V=V,
                    hbm_floor_ms=floor_ms if op == "fwd" else None)
         try:
-            rec["ms"] = median_ms(fn, *args, repeats=repeats)
+            rec["ms"] = benchlib.time_calls(fn, [args], benchlib.jax_sync, target_s=target_s).ms
             if op == "fwd":
                 rec["relerr"] = relerr(fn(*args), o_ref)
         except Exception as e:  # noqa: BLE001 - a config that does not compile is a result too
@@ -226,7 +192,7 @@ def main() -> None:
     args = parser.parse_args()
     device = jax.devices()[0]
     print(f"jax {jax.__version__} on {jax.default_backend()}: {device.device_kind}", flush=True)
-    bandwidth = copy_bandwidth(2 ** 24 if args.smoke else 2 ** 30, repeats=3 if args.smoke else 20)
+    bandwidth = benchlib.copy_bandwidth(16 if args.smoke else 1024)["gbps"] * 1e9
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     checks = check_correctness(args.smoke)
     determinism = check_determinism(args.smoke)

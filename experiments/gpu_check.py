@@ -22,6 +22,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fleetjax  # noqa: E402
+from experiments import benchlib  # noqa: E402
 
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"jax\._src\.pallas.*")
 
@@ -48,17 +49,6 @@ def grads(impl, q, k, v, decay, s0, seg, wo, wf):
 def relerr(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.abs(a - b).max() / (np.abs(b).max() + 1e-30))
-
-
-def bench(fn, *args, reps=20):
-    out = fn(*args)
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(times))
 
 
 def main(argv=None):
@@ -111,8 +101,10 @@ def main(argv=None):
             fb = jax.jit(lambda q, k, v, d, impl=impl: jax.vjp(
                 lambda *a: fleetjax.fleet_attention(*a, implementation=impl), q, k, v, d)[1](do))
             try:
-                t0 = time.time(); ms_f = bench(fwd, q, k, v, decay); c_f = time.time() - t0
-                ms_b = bench(fb, q, k, v, decay) if impl != "pallas_fleet" else float("nan")
+                timing = benchlib.time_calls(fwd, [(q, k, v, decay)], benchlib.jax_sync)
+                ms_f, c_f = timing.ms, timing.first_call_s
+                ms_b = (benchlib.time_calls(fb, [(q, k, v, decay)], benchlib.jax_sync).ms
+                        if impl != "pallas_fleet" else float("nan"))
             except Exception as e:
                 print("bench failed", impl, B, T, H, repr(e)[:500], flush=True)
                 continue
