@@ -897,6 +897,7 @@ def add_common_args(parser) -> None:
                         help="skip fla at head dim > 128, whose first call autotunes for minutes")
     parser.add_argument("--name", default=None, help="results file name part (default forward/backward)")
     parser.add_argument("--dtypes", default=None, help="comma-separated dtypes of the cases to run (default: all)")
+    parser.add_argument("--shapes", default=None, help="B,T,H,K,V;... : run only these shapes (default: all)")
 
 
 def select_impls(impls: Sequence[Any], names: str | None) -> list[Any]:
@@ -916,6 +917,10 @@ def run_main(args, op: str, case_groups: Sequence[Sequence[Any]], impls: Sequenc
     if getattr(args, "dtypes", None):
         wanted = args.dtypes.split(",")
         case_groups = [[case for case in group if case.dtype in wanted] for group in case_groups]
+    if getattr(args, "shapes", None):
+        shapes = {tuple(int(n) for n in shape.split(",")) for shape in args.shapes.split(";")}
+        case_groups = [[case for case in group if (case.B, case.T, case.H, case.K, case.V) in shapes]
+                       for group in case_groups]
     import jax
     budget = Budget(args.budget_s)
     info = device_info()

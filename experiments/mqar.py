@@ -96,6 +96,8 @@ def run_one(attention: str, d_model: int, args: argparse.Namespace, log, deadlin
         out_of_time = step % 50 == 0 and time.perf_counter() > deadline
         if step % args.eval_every == 0 or step == args.steps or out_of_time:
             curve.append({"step": step, "accuracy": accuracy(), "loss": float(np.mean(jax.device_get(losses[-20:])))})
+            log(f"  {attention} d_model={d_model} step {step}: accuracy {curve[-1]['accuracy']:.3f}, "
+                f"loss {curve[-1]['loss']:.3f}")
         if out_of_time:
             break
     wall = time.perf_counter() - started

@@ -9,9 +9,9 @@ gamma^d_j key_j value_j^T. No state of any chunk is written to HBM. ``reverse`` 
 to the first and mirrors every lag (o_s = scale sum_{t >= s} gamma^(t-s) (query_s . key_t) value_t).
 
 Sequence pieces (when batch*head*value blocks cannot fill the GPU): a first, cheaper launch computes each
-piece's local final state from a zero state (it reads only keys and values); the entering state of every
-piece follows from the exclusive scan of fleetjax.state_passing (a few [K, V] adds in XLA); the second
-launch runs every piece from its entering state.
+piece's local final state from a zero state (it reads only keys and values; the walk's last piece needs
+none); the second launch runs every piece, each program first folding the local states of the pieces before
+its own into its entering state (the state passing of fleetjax.state_passing, on chip).
 
 Backward (DESIGN.md section 2), through ``jax.custom_vjp``; the residuals are the inputs alone. The three
 input gradients are three walks of the same kernel, each with a small on-chip state, none of which carries
@@ -39,7 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from fleetjax import vjp
-from fleetjax.state_passing import pass_states
+from fleetjax.state_passing import pass_piece
 
 f32 = jnp.float32
 _PRECISIONS = {"ieee": jax.lax.Precision.HIGHEST, "tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
@@ -60,6 +60,10 @@ class PallasConfig:
     num_warps, num_stages: Triton launch parameters of the forward walk.
     backward_block_v, backward_num_warps, backward_num_stages, backward_num_sequence_pieces: the same for
     the backward's three walks (dq, dv, dk).
+    state_chunk_size, state_block_v, state_num_warps: the launch that computes the pieces' local states
+    before a walk with sequence pieces (it reads keys and values only and has no chunk-by-chunk products, so
+    it can take longer chunks or wider value blocks); None: the walk's own. A state chunk that does not
+    divide the pieces falls back to the walk's chunk.
     precision: dots of float32 inputs: "tf32x3" (three tensor-core passes, about float32's accuracy), "ieee"
     (exact float32 without tensor cores, many times slower) or "tf32" (one pass, ~1e-3). Off-GPU "tf32x3"
     runs exact. Other dtypes use their own tensor-core dots.
@@ -74,28 +78,42 @@ class PallasConfig:
     backward_num_warps: int = 4
     backward_num_stages: int = 3
     backward_num_sequence_pieces: int = 1
+    state_chunk_size: int | None = None
+    state_block_v: int | None = None
+    state_num_warps: int | None = None
     precision: str = "tf32x3"
 
     def __post_init__(self):
-        for name in ("chunk_size", "block_v", "backward_block_v"):
+        for name in ("chunk_size", "block_v", "backward_block_v", "state_chunk_size", "state_block_v"):
             value = getattr(self, name)
+            if name.startswith("state_") and value is None:
+                continue
             if not isinstance(value, int) or not _pow2(value) or value < 16:
                 raise ValueError(f"PallasConfig.{name} must be a power of two >= 16, got {value!r}")
         for name in ("num_sequence_pieces", "num_warps", "num_stages", "backward_num_warps",
-                     "backward_num_stages", "backward_num_sequence_pieces"):
+                     "backward_num_stages", "backward_num_sequence_pieces", "state_num_warps"):
             value = getattr(self, name)
+            if name.startswith("state_") and value is None:
+                continue
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"PallasConfig.{name} must be a positive int, got {value!r}")
         if self.precision not in _PRECISIONS:
             raise ValueError(f"PallasConfig.precision must be one of {sorted(_PRECISIONS)}, got {self.precision!r}")
 
-    def launch(self, backward: bool) -> dict:
-        """Launch parameters of the forward walk, or of the backward's walks."""
+    def launch(self, backward: bool, states: bool = False) -> dict:
+        """Launch parameters of the forward walk, or of the backward's walks; with ``states``, of the launch
+        that computes their pieces' local states."""
         if backward:
-            return dict(block_v=self.backward_block_v, num_warps=self.backward_num_warps,
+            walk = dict(block_v=self.backward_block_v, num_warps=self.backward_num_warps,
                         num_stages=self.backward_num_stages, precision=self.precision)
-        return dict(block_v=self.block_v, num_warps=self.num_warps, num_stages=self.num_stages,
-                    precision=self.precision)
+        else:
+            walk = dict(block_v=self.block_v, num_warps=self.num_warps, num_stages=self.num_stages,
+                        precision=self.precision)
+        if states:
+            walk.update(block_v=self.state_block_v or walk["block_v"],
+                        num_warps=self.state_num_warps or walk["num_warps"],
+                        chunk_size=self.state_chunk_size or self.chunk_size)
+        return walk
 
     def plan(self, T: int, backward: bool) -> "_Plan":
         return _Plan(T, self.chunk_size, self.backward_num_sequence_pieces if backward else self.num_sequence_pieces)
@@ -146,13 +164,17 @@ def default_config(q: jax.Array, v: jax.Array) -> PallasConfig:
         return PallasConfig(block_v=block_v, backward_block_v=backward_block_v)
     if q.dtype == jnp.float32:  # tiles twice as large: two stages and value blocks of 32 fit shared memory
         block_v = backward_block_v = min(32, block_v)
-        stages = dict(num_stages=2, backward_num_stages=2)
+        extra = dict(num_stages=2, backward_num_stages=2)
     else:
-        stages = {}
-    return PallasConfig(
-        block_v=block_v, backward_block_v=backward_block_v, **stages,
-        num_sequence_pieces=_pieces(B * H * -(-V // block_v), T),
-        backward_num_sequence_pieces=_pieces(B * H * -(-max(K, V) // backward_block_v), T))
+        extra = {}
+    pieces = _pieces(B * H * -(-V // block_v), T)
+    backward_pieces = _pieces(B * H * -(-max(K, V) // backward_block_v), T)
+    if q.dtype != jnp.float32 and wide and max(pieces, backward_pieces) > 1:
+        # With pieces: their local states in chunks of 128 with 8 warps (fewer, fuller loads), and a forward
+        # walk with four stages (its programs are few and long: loads further ahead hide more latency).
+        extra = dict(state_chunk_size=128, state_num_warps=8, num_stages=4 if pieces > 1 else 3)
+    return PallasConfig(block_v=block_v, backward_block_v=backward_block_v, num_sequence_pieces=pieces,
+                        backward_num_sequence_pieces=backward_pieces, **extra)
 
 
 # ------------------------------------------------------------------------------------------- kernel body
@@ -188,11 +210,15 @@ def _dot(a, b, precision, trans_a=False, trans_b=False):
     return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=f32)
 
 
-def _kernel(lg_ref, state_ref, *refs, T, C, K, V, block_v, chunks_per_piece, n_chunks, scale, reverse,
-            has_runs, with_output, with_dot, with_intra, precision):
-    """One (value block, batch*head, piece) program. Refs: [query], key, value, [runs, run at the piece's
-    edge], [dot_with], [o], [w], [intra], final state. K and V are the key and value dims of this walk."""
+def _kernel(lg_ref, *refs, T, C, K, V, block_v, chunks_per_piece, n_chunks, pieces, piece_offset, scale,
+            reverse, has_start, has_local, has_runs, with_output, with_dot, with_intra, precision):
+    """One (value block, batch*head, piece) program. Refs: [start], [the pieces' local states, [links]],
+    [query], key, value, [runs, run at the piece's edge], [dot_with], [o], [w], [intra], final state. K and V
+    are the key and value dims of this walk."""
     refs = list(refs)
+    start_ref = refs.pop(0) if has_start else None
+    local_ref = refs.pop(0) if has_local else None
+    link_ref = refs.pop(0) if has_local and has_runs else None
     q_ref = refs.pop(0) if with_output else None
     k_ref, v_ref = refs.pop(0), refs.pop(0)
     run_ref, edge_ref = (refs.pop(0), refs.pop(0)) if has_runs else (None, None)
@@ -202,7 +228,7 @@ def _kernel(lg_ref, state_ref, *refs, T, C, K, V, block_v, chunks_per_piece, n_c
     intra_ref = refs.pop(0) if with_intra else None
     (final_ref,) = refs
     lg = lg_ref[0]
-    j, p = pl.program_id(0), pl.program_id(2)
+    j, p = pl.program_id(0), pl.program_id(2) + piece_offset
     i = jnp.arange(C)
     k_mask = jnp.arange(k_ref.shape[-1]) < K
     v_mask = j * block_v + jnp.arange(block_v) < V
@@ -210,6 +236,19 @@ def _kernel(lg_ref, state_ref, *refs, T, C, K, V, block_v, chunks_per_piece, n_c
     count = jnp.minimum(chunks_per_piece, n_chunks - first)
     lag, intra = intra_decays(lg, C, reverse)
     dtype = k_ref.dtype
+    state = start_ref[...] if has_start else jnp.zeros(final_ref.shape, f32)
+    if has_local:
+        # The state entering this piece: fold in the local states of the pieces the walk passes first (the
+        # state passing of fleetjax.state_passing, here in registers: no entering states go through HBM).
+        def enter(n, state):
+            before = (pieces - 1 - n) if reverse else n
+            length = jnp.minimum(chunks_per_piece * C, T - before * chunks_per_piece * C)
+            carry = jnp.exp(length.astype(f32) * lg)
+            if has_runs:
+                carry = carry * link_ref[before]
+            return pass_piece(state, carry, local_ref[before])
+
+        state = jax.lax.fori_loop(0, (pieces - 1 - p) if reverse else p, enter, state)
 
     def body(c, carry):
         state, edge_run = carry
@@ -254,12 +293,20 @@ def _kernel(lg_ref, state_ref, *refs, T, C, K, V, block_v, chunks_per_piece, n_c
                     pair = _dot(other, v, precision, trans_b=True) * scores
                     plt.store(intra_ref.at[pl.ds(start, C)], scale * jnp.sum(lag.astype(f32) * pair, axis=1),
                               mask=in_seq)
-        k_out = (k.astype(f32) * leaving[:, None]).astype(dtype)
-        state = carry_factor * state + _dot(k_out, v, precision, trans_a=True)
+        if with_dot and dtype != f32:
+            # The same for the decay factors of the state's terms: their products with the inputs, rounded
+            # to the input dtype, would enter w too. A hi/lo pair on the value side (the narrower tile).
+            v_decayed = v.astype(f32) * leaving[:, None]
+            v_hi = v_decayed.astype(dtype)
+            update = _dot(k, v_hi, precision, trans_a=True) + _dot(
+                k, (v_decayed - v_hi.astype(f32)).astype(dtype), precision, trans_a=True)
+        else:
+            update = _dot((k.astype(f32) * leaving[:, None]).astype(dtype), v, precision, trans_a=True)
+        state = carry_factor * state + update
         return state, edge_run
 
     edge = edge_ref[0] if has_runs else jnp.int32(0)
-    state, _ = jax.lax.fori_loop(0, count, body, (state_ref[...], edge))
+    state, _ = jax.lax.fori_loop(0, count, body, (state, edge))
     final_ref[...] = state
 
 
@@ -301,48 +348,60 @@ def _dims(K: int, V: int, block_v: int) -> tuple[int, int, int]:
     return kp, bv, -(-V // bv) * bv
 
 
-def _specs(H: int, T_block: int, kp: int, bv: int):
-    """BlockSpecs over the grid (value block j, batch*head g, piece p)."""
+def _specs(H: int, T_block: int, kp: int, bv: int, P: int, piece_offset: int = 0):
+    """BlockSpecs over the grid (value block j, batch*head g, piece p); the piece is p + piece_offset."""
     return dict(
         lg=pl.BlockSpec((1,), lambda j, g, p: (g % H,)),
-        state=pl.BlockSpec((None, None, None, kp, bv), lambda j, g, p: (g // H, g % H, p, 0, j)),
+        start=pl.BlockSpec((None, None, kp, bv), lambda j, g, p: (g // H, g % H, 0, j)),
+        local=pl.BlockSpec((None, None, P, kp, bv), lambda j, g, p: (g // H, g % H, 0, 0, j)),
+        links=pl.BlockSpec((None, P), lambda j, g, p: (g // H, 0)),
+        state=pl.BlockSpec((None, None, None, kp, bv), lambda j, g, p: (g // H, g % H, p + piece_offset, 0, j)),
         keys=pl.BlockSpec((None, T_block, None, kp), lambda j, g, p: (g // H, 0, g % H, 0)),
         values=pl.BlockSpec((None, T_block, None, bv), lambda j, g, p: (g // H, 0, g % H, j)),
         runs=pl.BlockSpec((None, T_block), lambda j, g, p: (g // H, 0)),
-        run_edge=pl.BlockSpec((None, 1), lambda j, g, p: (g // H, p)),
+        run_edge=pl.BlockSpec((None, 1), lambda j, g, p: (g // H, p + piece_offset)),
         per_position=pl.BlockSpec((None, None, None, T_block), lambda j, g, p: (j, g // H, g % H, 0)),
     )
 
 
-def _launch(query, key, value, lg, states, run_ids, run_edge, plan: _Plan, *, reverse, scale, block_v,
+def _launch(query, key, value, lg, start, local, links, run_ids, run_edge, plan: _Plan, *, reverse, scale, block_v,
             num_warps, num_stages, precision, out_dtype, dot_with=None, with_intra=False):
-    """The kernel over all pieces from their entering states [B, H, P, kp, vp]; returns (o or None, w or None,
-    intra or None, the pieces' final states). With query None only the final states are computed (keys and
-    values are read, nothing else); with dot_with [B, T, H, V], also w = dot_with . o^inter [B, H, T], and
-    with with_intra the intra-chunk decay-gradient sums [B, H, T] (see _kernel)."""
+    """The kernel over the pieces; returns (o or None, w or None, intra or None, the pieces' final states
+    [B, H, P, kp, vp]). ``start`` [B, H, kp, vp]: the state entering the walk (None: zero); ``local``
+    [B, H, P, kp, vp]: the pieces' local states (None with one piece), ``links`` [B, P]: 1 where a state
+    passes through the piece unbroken by a segment start, else 0 (with run_ids only).
+
+    With query None only the final states of the pieces walked from zero are computed (keys and values are
+    read, nothing else), and the last piece of the walk is skipped: no later piece needs its state. With
+    dot_with [B, T, H, V], also w = dot_with . o^inter [B, H, T], and with with_intra the intra-chunk
+    decay-gradient sums [B, H, T] (see _kernel)."""
     B, T, H, K = key.shape
     V = value.shape[-1]
     kp, bv, vp = _dims(K, V, block_v)
-    s = _specs(H, plan.n_chunks * plan.C, kp, bv)
     with_output, with_dot, has_runs = query is not None, dot_with is not None, run_ids is not None
+    has_start, has_local = start is not None, local is not None
+    # Only pieces' local states: the last piece of the walk (reverse: the first) is not launched.
+    launched, offset = (plan.P, 0) if with_output else (plan.P - 1, int(reverse))
+    s = _specs(H, plan.n_chunks * plan.C, kp, bv, plan.P, offset)
     nv = vp // bv
     kernel = functools.partial(
         _kernel, T=T, C=plan.C, K=K, V=V, block_v=bv, chunks_per_piece=plan.chunks_per_piece,
-        n_chunks=plan.n_chunks, scale=scale, reverse=reverse, has_runs=has_runs, with_output=with_output,
-        with_dot=with_dot, with_intra=with_intra, precision=_dot_precision(precision, key.dtype))
-    args = ([lg, states] + ([query] if with_output else []) + [key, value]
-            + ([run_ids, run_edge] if has_runs else []) + ([dot_with] if with_dot else []))
-    in_specs = ([s["lg"], s["state"]] + ([s["keys"]] if with_output else []) + [s["keys"], s["values"]]
-                + ([s["runs"], s["run_edge"]] if has_runs else []) + ([s["values"]] if with_dot else []))
+        n_chunks=plan.n_chunks, pieces=plan.P, piece_offset=offset, scale=scale, reverse=reverse,
+        has_start=has_start, has_local=has_local, has_runs=has_runs, with_output=with_output, with_dot=with_dot,
+        with_intra=with_intra, precision=_dot_precision(precision, key.dtype))
+    inputs = ([(start, s["start"])] * has_start + [(local, s["local"])] * has_local
+              + [(links, s["links"])] * (has_local and has_runs) + [(query, s["keys"])] * with_output
+              + [(key, s["keys"]), (value, s["values"])] + [(run_ids, s["runs"]), (run_edge, s["run_edge"])] * has_runs
+              + [(dot_with, s["values"])] * with_dot)
     per_position = jax.ShapeDtypeStruct((nv, B, H, T), f32)
     out_shape = ([jax.ShapeDtypeStruct((B, T, H, V), out_dtype)] if with_output else []) + \
         [per_position] * (with_dot + with_intra) + [jax.ShapeDtypeStruct((B, H, plan.P, kp, vp), f32)]
     out_specs = [s["values"]] * with_output + [s["per_position"]] * (with_dot + with_intra) + [s["state"]]
     name = "fleet_chunked_" + ("reverse" if reverse else "forward") + ("" if with_output else "_piece_states")
     out = list(pl.pallas_call(
-        kernel, grid=(nv, B * H, plan.P), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=not _on_gpu(), name=name)(*args))
+        kernel, grid=(nv, B * H, launched), in_specs=[s["lg"]] + [spec for _, spec in inputs], out_specs=out_specs,
+        out_shape=out_shape, compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=not _on_gpu(), name=name)(lg, *(x for x, _ in inputs)))
     o = out.pop(0) if with_output else None
     # Each value block holds part of the sums over the value dimension; add them in a fixed order.
     w = jnp.sum(out.pop(0), axis=0) if with_dot else None
@@ -366,49 +425,50 @@ def _piece_edges(run_ids, plan: _Plan, reverse: bool):
     return before, run_ids[:, ends]
 
 
-def _piece_states(key, value, lg, run_ids, plan: _Plan, *, reverse: bool, **launch):
-    """Local final states [B, H, P, K, V] of the pieces, each walked from a zero state."""
-    B, T, H, K = key.shape
-    V = value.shape[-1]
-    kp, _, vp = _dims(K, V, launch["block_v"])
+def _piece_states(key, value, lg, run_ids, plan: _Plan, *, reverse: bool, chunk_size: int, **launch):
+    """Local final states [B, H, P, K, V] of the pieces, each walked from a zero state in chunks of
+    ``chunk_size`` where those tile the pieces (else the plan's). The last piece of the walk (reverse: the
+    first) is left unwritten: nothing reads it."""
+    K, V = key.shape[-1], value.shape[-1]
+    rechunked = _Plan(plan.T, chunk_size, plan.P)
+    if (rechunked.P, rechunked.piece_len) == (plan.P, plan.piece_len):
+        plan = rechunked
     edge = _piece_edges(run_ids, plan, reverse)[0] if run_ids is not None else None
-    *_, local = _launch(None, key, value, lg, jnp.zeros((B, H, plan.P, kp, vp), f32), run_ids, edge, plan,
-                        reverse=reverse, scale=1.0, out_dtype=None, **launch)
+    *_, local = _launch(None, key, value, lg, None, None, None, run_ids, edge, plan, reverse=reverse, scale=1.0,
+                        out_dtype=None, **launch)
     return local[..., :K, :V]
 
 
 def _walk(query, key, value, lg, start, run_ids, plan: _Plan, *, reverse, scale, dot_with=None, with_intra=False,
-          local=None, **launch):
+          local=None, state_launch=None, **launch):
     """The op forward in time (reverse: mirrored) from the state ``start`` [B, H, K, V] (None: zero).
     Returns (o [B, T, H, V] in the query's dtype, the state after the walk [B, H, K, V] f32, w, intra).
-    ``local``: the pieces' local states [B, H, P, K, V] if already known."""
-    B, T, H, K = key.shape
-    V = value.shape[-1]
+    ``local``: the pieces' local states [B, H, P, K, V] if already known, else computed with the launch
+    parameters ``state_launch``."""
+    K, V = key.shape[-1], value.shape[-1]
     kp, _, vp = _dims(K, V, launch["block_v"])
-    start = jnp.zeros((B, H, kp, vp), f32) if start is None else _pad_state(start, kp, vp)
-    edge = None
+    edge = links = None
     if run_ids is not None:
         edge, leave = _piece_edges(run_ids, plan, reverse)
-    if plan.P == 1:
-        states = start[:, :, None]
-    else:
+    if plan.P > 1:
         if local is None:
-            local = _piece_states(key, value, lg, run_ids, plan, reverse=reverse, **launch)
-        carry = jnp.broadcast_to(jnp.exp(plan.lengths[None, :] * lg[:, None]), (B, H, plan.P))
+            local = _piece_states(key, value, lg, run_ids, plan, reverse=reverse, **state_launch)
+        local = _pad_state(local, kp, vp)
         if run_ids is not None:
-            carry = carry * (leave == edge)[:, None, :]
-        entering, _ = pass_states(start, jnp.moveaxis(_pad_state(local, kp, vp), 2, 0), jnp.moveaxis(carry, 2, 0),
-                                  reverse=reverse)
-        states = jnp.moveaxis(entering, 0, 2)
-    o, w, intra, finals = _launch(query, key, value, lg, states, run_ids, edge, plan, reverse=reverse, scale=scale,
-                                  out_dtype=query.dtype, dot_with=dot_with, with_intra=with_intra, **launch)
+            links = (leave == edge).astype(f32)
+    else:
+        local = None
+    start = None if start is None else _pad_state(start, kp, vp)
+    o, w, intra, finals = _launch(query, key, value, lg, start, local, links, run_ids, edge, plan, reverse=reverse,
+                                  scale=scale, out_dtype=query.dtype, dot_with=dot_with, with_intra=with_intra,
+                                  **launch)
     return o, finals[:, :, 0 if reverse else -1, :K, :V], w, intra
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _pallas(q, k, v, lg, initial_state, run_ids, scale, config):
     o, final, _, _ = _walk(q, k, v, lg, initial_state, run_ids, config.plan(q.shape[1], False), reverse=False,
-                           scale=scale, **config.launch(False))
+                           scale=scale, state_launch=config.launch(False, states=True), **config.launch(False))
     return o, final
 
 
@@ -426,12 +486,13 @@ def pallas_backward(scale: float, config: PallasConfig, residuals, cotangents):
     q, k, v, lg, initial_state, run_ids = residuals
     do, d_final = cotangents
     do = jnp.zeros(v.shape, q.dtype) if vjp.is_zero(do) else do.astype(q.dtype)
-    plan, launch = config.plan(q.shape[1], True), config.launch(True)
-    walk = functools.partial(_walk, lg=lg, run_ids=run_ids, plan=plan, scale=scale, **launch)
+    plan, launch, state_launch = config.plan(q.shape[1], True), config.launch(True), config.launch(True, states=True)
+    walk = functools.partial(_walk, lg=lg, run_ids=run_ids, plan=plan, scale=scale, state_launch=state_launch,
+                             **launch)
     dq, _, w, intra = walk(do, v, k, start=jnp.swapaxes(initial_state, -1, -2), reverse=False, dot_with=q,
                            with_intra=True)
     # The dv and dk walks' pieces start from the same local reverse states, transposed.
-    local = _piece_states(q, do, lg, run_ids, plan, reverse=True, **launch) if plan.P > 1 else None
+    local = _piece_states(q, do, lg, run_ids, plan, reverse=True, **state_launch) if plan.P > 1 else None
     dv, r, _, _ = walk(k, q, do, start=None, reverse=True, local=local)
     dk, _, u, _ = walk(v, do, q, start=None, reverse=True, dot_with=k,
                        local=None if local is None else jnp.swapaxes(local, -1, -2))
@@ -452,7 +513,9 @@ _MAX_STATE_TILE = 128 * 128  # float32 values of one program's on-chip state (re
 
 def _check_fits(config: PallasConfig, K: int, V: int) -> None:
     # The forward walk's state is [K, block_v]; the backward's walks hold [V, K block] and [K, V block].
-    for name, key_dims in (("block_v", (K,)), ("backward_block_v", (K, V))):
+    for name, key_dims in (("block_v", (K,)), ("backward_block_v", (K, V)), ("state_block_v", (K, V))):
+        if getattr(config, name) is None:
+            continue
         for key_dim in key_dims:
             value_dim = K + V - key_dim
             kp, bv, _ = _dims(key_dim, value_dim, getattr(config, name))

@@ -200,7 +200,7 @@ def default_config(q: jax.Array, v: jax.Array) -> FleetConfig:
     block_v = 64 if B * H * -(-V // 64) >= num_sms else 32
     programs = -(-K // 128) * B * H * -(-V // block_v)  # rank blocks x batch*head x value blocks
     pieces = 1
-    if programs < num_sms:
+    if 0 < programs < num_sms:  # (no programs: an empty batch)
         # Pieces of at least 1024 positions: shorter ones spend more on the state passing than they save.
         pieces = max(1, min(-(-num_sms // programs), T // 1024))
     num_warps = 4

@@ -13,6 +13,12 @@ import jax
 import jax.numpy as jnp
 
 
+def pass_piece(state: jax.Array, carry: jax.Array, local: jax.Array) -> jax.Array:
+    """The state after one piece: carry * state + local (state, local [..., K, V]; carry [...]). Also used
+    inside the Pallas kernels, where each program folds the pieces before its own."""
+    return carry[..., None, None] * state + local
+
+
 def pass_states(start: jax.Array, local: jax.Array, carry: jax.Array, *,
                 reverse: bool = False) -> tuple[jax.Array, jax.Array]:
     """entering[0] = start, entering[p+1] = carry[p] * entering[p] + local[p]; with ``reverse``, the same
@@ -28,5 +34,5 @@ def pass_states(start: jax.Array, local: jax.Array, carry: jax.Array, *,
     state = start
     for p in (reversed(pieces) if reverse else pieces):
         entering[p] = state
-        state = carry[p][..., None, None] * state + local[p]
+        state = pass_piece(state, carry[p], local[p])
     return jnp.stack(entering), state

@@ -103,11 +103,19 @@ def _precision(dtype) -> jax.lax.Precision:
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
+# The backward's products with the float32 states (and with the decayed keys and queries that build them)
+# feed w and u, whose differences the decay gradient sums with offsets (fleetjax.vjp): rounded to tf32 (the
+# GPU's default for float32 products) they gave a 10% error there on a bfloat16 case. The products of raw
+# bfloat16/float16 inputs stay exact under the default precision.
+_STATE_PRECISION = jax.lax.Precision.HIGHEST
+
+
 def _causal_pass(q, k, v, log_decay, initial_state, run_ids, scale, chunk_size, precision, dot_with=None):
     """The forward op in float32: (o [B, T, H, V], final state [B, H, K, V]).
 
     With ``dot_with`` [B, T, H, V] (the dq pass: the original q), also returns dot_with_t . o_t^inter
-    [B, H, T], the inter-chunk part that fleetjax.vjp needs."""
+    [B, H, T], the inter-chunk part that fleetjax.vjp needs; the products with the state then run in full
+    float32 whatever the input dtype (see _STATE_PRECISION)."""
     geo = _Chunks(q.shape[1], min(chunk_size, q.shape[1]))
     qc, kc, vc = (geo.split(x.astype(f32)) for x in (q, k, v))
     d = geo.decays(log_decay)
@@ -124,10 +132,12 @@ def _causal_pass(q, k, v, log_decay, initial_state, run_ids, scale, chunk_size, 
     scores = _dot("nbhik,nbhjk->nbhij", qc, kc, precision) * intra
     o_intra = _dot("nbhij,nbhjv->nbhiv", scores, vc, precision)
 
+    state_precision = precision if dot_with is None else _STATE_PRECISION
+
     def step(state, xs):
         q_n, k_n, v_n, carry_n = xs
-        o_n = _dot("bhik,bhkv->bhiv", q_n, state, precision)
-        state = carry_n[..., None, None] * state + _dot("bhjk,bhjv->bhkv", k_n, v_n, precision)
+        o_n = _dot("bhik,bhkv->bhiv", q_n, state, state_precision)
+        state = carry_n[..., None, None] * state + _dot("bhjk,bhjv->bhkv", k_n, v_n, state_precision)
         return state, o_n
 
     carry = jnp.broadcast_to(carry, (geo.n,) + qc.shape[1:3])
@@ -171,9 +181,9 @@ def _anticausal_pass(q, k, v, do, log_decay, run_ids, scale, chunk_size, precisi
 
     def step(r, xs):
         qd_n, d_n, kd_n, vd_n, carry_n = xs
-        dk_n = _dot("bhjv,bhkv->bhjk", vd_n, r, precision)
+        dk_n = _dot("bhjv,bhkv->bhjk", vd_n, r, _STATE_PRECISION)
         dv_n = _dot("bhjk,bhkv->bhjv", kd_n, r, precision)
-        r = carry_n[..., None, None] * r + scale * _dot("bhik,bhiv->bhkv", qd_n, d_n, precision)
+        r = carry_n[..., None, None] * r + scale * _dot("bhik,bhiv->bhkv", qd_n, d_n, _STATE_PRECISION)
         return r, (dk_n, dv_n)
 
     carry = jnp.broadcast_to(carry, (geo.n,) + qc.shape[1:3])

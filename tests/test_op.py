@@ -5,8 +5,8 @@ Each case compares the output, the final state and the gradients in q, k, v, dec
 are max |x - oracle| / max |oracle|, taken per head, so a head with small values (decay 1e-4) is checked
 as strictly as a head with large ones (decay 1).
 
-Implementations whose names start with "pallas" run in Pallas interpret mode off-GPU, which is slow: they
-get the cases that fit PALLAS_CAP only.
+Implementations whose names start with "pallas" run in Pallas interpret mode off-GPU, which is slow: there
+they get the cases that fit PALLAS_CAP only; on a GPU, every case.
 """
 
 from __future__ import annotations
@@ -25,6 +25,19 @@ import oracle
 
 IMPLEMENTATIONS = sorted(fleetjax.IMPLEMENTATIONS)
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 2e-3}
+
+
+def tolerance(implementation: str, case: "Case") -> float:
+    """TOLERANCE, widened for float32 where an implementation's arithmetic cannot reach 1e-5 (both seen on an
+    H100): the scan multiplies its state by gamma = exp(log gamma), within an ulp or two, once per step, so
+    its error grows as T ulps; the Pallas kernels' default float32 products on a GPU (precision "tf32x3")
+    keep about 22 bits, and the decay gradient's offset sums amplify that past 1e-5 at T=1000."""
+    tol = TOLERANCE[case.dtype]
+    if case.dtype == "float32" and implementation == "scan":
+        tol = max(tol, case.T * 2.0 ** -23)
+    if case.dtype == "float32" and implementation.startswith("pallas") and jax.default_backend() == "gpu":
+        tol = max(tol, 3e-5)
+    return tol
 # Interpret mode runs the kernels' grid sequentially: keep their cases small.
 PALLAS_CAP = dict(T=130, KV=33, BH=8)
 ALL_DECAYS = (1.0, 0.999, 0.5, 1e-4)
@@ -60,7 +73,7 @@ class Case:
         return "-".join(parts)
 
     def fits(self, implementation: str) -> bool:
-        if not implementation.startswith("pallas"):
+        if not implementation.startswith("pallas") or jax.default_backend() == "gpu":
             return True
         return (self.T <= PALLAS_CAP["T"] and max(self.K, self.V) <= PALLAS_CAP["KV"]
                 and self.B * self.H <= PALLAS_CAP["BH"])
@@ -145,7 +158,7 @@ def test_matches_oracle(implementation: str, case: Case):
     o, final, grads = _value_and_grads_fn(implementation, case)(
         x["q"], x["k"], x["v"], x["decay"], x["initial_state"], x["segment_ids"], x["do"], x["d_final"])
     ref_o, ref_final, ref_grads = _oracle(case, x)
-    tol = TOLERANCE[case.dtype]
+    tol = tolerance(implementation, case)
 
     assert o.shape == ref_o.shape and o.dtype == jnp.dtype(case.dtype)
     checks = [("o", o, ref_o, 2)]

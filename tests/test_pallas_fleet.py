@@ -165,3 +165,14 @@ def test_config_that_cannot_fit_the_shape():
     problem = Problem(1, 4, 1, 200, 200, initial_state=False)  # K padded to 256: 256 x 128 state tile
     with pytest.raises(ValueError, match="block_k"):
         pallas_fleet_impl(*problem.arrays(), scale=1.0, config=FleetConfig(block_v=128))
+
+
+@pytest.mark.parametrize("B, T", [(0, 64), (2, 0)])
+def test_gpu_default_configs_of_empty_inputs(monkeypatch, B, T):
+    """The GPU heuristics of both Pallas kernels accept an empty batch or sequence (pallas_fleet's once divided
+    by its zero program count there: seen on an H100)."""
+    from fleetjax import pallas_chunked
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    q = jnp.zeros((B, T, 2, 16), jnp.bfloat16)
+    assert isinstance(default_config(q, q), FleetConfig)
+    assert isinstance(pallas_chunked.default_config(q, q), pallas_chunked.PallasConfig)
