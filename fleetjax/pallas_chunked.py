@@ -246,7 +246,8 @@ def _kernel(lg_ref, *refs, T, C, K, V, block_v, chunks_per_piece, n_chunks, piec
             carry = jnp.exp(length.astype(f32) * lg)
             if has_runs:
                 carry = carry * link_ref[before]
-            return pass_piece(state, carry, local_ref[before])
+            # local holds the pieces that have a successor in the walk: forward 0..P-2, reverse 1..P-1.
+            return pass_piece(state, carry, local_ref[before - int(reverse)])
 
         state = jax.lax.fori_loop(0, (pieces - 1 - p) if reverse else p, enter, state)
 
@@ -349,13 +350,14 @@ def _dims(K: int, V: int, block_v: int) -> tuple[int, int, int]:
 
 
 def _specs(H: int, T_block: int, kp: int, bv: int, P: int, piece_offset: int = 0):
-    """BlockSpecs over the grid (value block j, batch*head g, piece p); the piece is p + piece_offset."""
+    """BlockSpecs over the grid (value block j, batch*head g, program p along the sequence); the piece is
+    p + piece_offset."""
     return dict(
         lg=pl.BlockSpec((1,), lambda j, g, p: (g % H,)),
         start=pl.BlockSpec((None, None, kp, bv), lambda j, g, p: (g // H, g % H, 0, j)),
-        local=pl.BlockSpec((None, None, P, kp, bv), lambda j, g, p: (g // H, g % H, 0, 0, j)),
+        local=pl.BlockSpec((None, None, P - 1, kp, bv), lambda j, g, p: (g // H, g % H, 0, 0, j)),
         links=pl.BlockSpec((None, P), lambda j, g, p: (g // H, 0)),
-        state=pl.BlockSpec((None, None, None, kp, bv), lambda j, g, p: (g // H, g % H, p + piece_offset, 0, j)),
+        state=pl.BlockSpec((None, None, None, kp, bv), lambda j, g, p: (g // H, g % H, p, 0, j)),
         keys=pl.BlockSpec((None, T_block, None, kp), lambda j, g, p: (g // H, 0, g % H, 0)),
         values=pl.BlockSpec((None, T_block, None, bv), lambda j, g, p: (g // H, 0, g % H, j)),
         runs=pl.BlockSpec((None, T_block), lambda j, g, p: (g // H, 0)),
@@ -366,13 +368,14 @@ def _specs(H: int, T_block: int, kp: int, bv: int, P: int, piece_offset: int = 0
 
 def _launch(query, key, value, lg, start, local, links, run_ids, run_edge, plan: _Plan, *, reverse, scale, block_v,
             num_warps, num_stages, precision, out_dtype, dot_with=None, with_intra=False):
-    """The kernel over the pieces; returns (o or None, w or None, intra or None, the pieces' final states
-    [B, H, P, kp, vp]). ``start`` [B, H, kp, vp]: the state entering the walk (None: zero); ``local``
-    [B, H, P, kp, vp]: the pieces' local states (None with one piece), ``links`` [B, P]: 1 where a state
-    passes through the piece unbroken by a segment start, else 0 (with run_ids only).
+    """The kernel over the pieces; returns (o or None, w or None, intra or None, the final states of the
+    pieces launched [B, H, P or P - 1, kp, vp]). ``start`` [B, H, kp, vp]: the state entering the walk (None:
+    zero); ``local`` [B, H, P - 1, kp, vp]: the local states of the pieces that have a successor in the walk
+    (forward: 0..P-2; reverse: 1..P-1), None with one piece; ``links`` [B, P]: 1 where a state passes through
+    the piece unbroken by a segment start, else 0 (with run_ids only).
 
-    With query None only the final states of the pieces walked from zero are computed (keys and values are
-    read, nothing else), and the last piece of the walk is skipped: no later piece needs its state. With
+    With query None only those local states are computed, each piece walked from zero (keys and values are
+    read, nothing else): the last piece of the walk is not launched, no later piece needs its state. With
     dot_with [B, T, H, V], also w = dot_with . o^inter [B, H, T], and with with_intra the intra-chunk
     decay-gradient sums [B, H, T] (see _kernel)."""
     B, T, H, K = key.shape
@@ -395,7 +398,7 @@ def _launch(query, key, value, lg, start, local, links, run_ids, run_edge, plan:
               + [(dot_with, s["values"])] * with_dot)
     per_position = jax.ShapeDtypeStruct((nv, B, H, T), f32)
     out_shape = ([jax.ShapeDtypeStruct((B, T, H, V), out_dtype)] if with_output else []) + \
-        [per_position] * (with_dot + with_intra) + [jax.ShapeDtypeStruct((B, H, plan.P, kp, vp), f32)]
+        [per_position] * (with_dot + with_intra) + [jax.ShapeDtypeStruct((B, H, launched, kp, vp), f32)]
     out_specs = [s["values"]] * with_output + [s["per_position"]] * (with_dot + with_intra) + [s["state"]]
     name = "fleet_chunked_" + ("reverse" if reverse else "forward") + ("" if with_output else "_piece_states")
     out = list(pl.pallas_call(
@@ -426,9 +429,9 @@ def _piece_edges(run_ids, plan: _Plan, reverse: bool):
 
 
 def _piece_states(key, value, lg, run_ids, plan: _Plan, *, reverse: bool, chunk_size: int, **launch):
-    """Local final states [B, H, P, K, V] of the pieces, each walked from a zero state in chunks of
-    ``chunk_size`` where those tile the pieces (else the plan's). The last piece of the walk (reverse: the
-    first) is left unwritten: nothing reads it."""
+    """Local final states [B, H, P - 1, K, V] of the pieces that have a successor in the walk (forward:
+    0..P-2; reverse: 1..P-1), each walked from a zero state in chunks of ``chunk_size`` where those tile the
+    pieces (else the plan's)."""
     K, V = key.shape[-1], value.shape[-1]
     rechunked = _Plan(plan.T, chunk_size, plan.P)
     if (rechunked.P, rechunked.piece_len) == (plan.P, plan.piece_len):
@@ -443,8 +446,8 @@ def _walk(query, key, value, lg, start, run_ids, plan: _Plan, *, reverse, scale,
           local=None, state_launch=None, **launch):
     """The op forward in time (reverse: mirrored) from the state ``start`` [B, H, K, V] (None: zero).
     Returns (o [B, T, H, V] in the query's dtype, the state after the walk [B, H, K, V] f32, w, intra).
-    ``local``: the pieces' local states [B, H, P, K, V] if already known, else computed with the launch
-    parameters ``state_launch``."""
+    ``local``: the pieces' local states [B, H, P - 1, K, V] (see _piece_states) if already known, else
+    computed with the launch parameters ``state_launch``."""
     K, V = key.shape[-1], value.shape[-1]
     kp, _, vp = _dims(K, V, launch["block_v"])
     edge = links = None
