@@ -38,6 +38,8 @@ def tolerance(implementation: str, case: "Case") -> float:
     if case.dtype == "float32" and implementation.startswith("pallas") and jax.default_backend() == "gpu":
         tol = max(tol, 3e-5)
     return tol
+
+
 # Interpret mode runs the kernels' grid sequentially: keep their cases small.
 PALLAS_CAP = dict(T=130, KV=33, BH=8)
 ALL_DECAYS = (1.0, 0.999, 0.5, 1e-4)
