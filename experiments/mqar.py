@@ -77,7 +77,7 @@ def run_one(attention: str, d_model: int, args: argparse.Namespace, log, deadlin
     config = lm.LMConfig(vocab_size=args.vocab_size, d_model=d_model, num_layers=args.num_layers, num_heads=heads,
                          attention=attention, implementation=implementation, dtype=args.dtype)
     opt = lm.OptimizerConfig(learning_rate=args.learning_rate, warmup_steps=max(1, args.steps // 10),
-                             total_steps=args.steps, weight_decay=0.1)
+                             total_steps=args.steps, weight_decay=args.weight_decay)
     trainer = lm.Trainer(lm.LanguageModel(config, rngs=nnx.Rngs(args.seed)), lm.make_optimizer(opt))
     make_batch = jax.jit(lambda k: mqar_batch(k, args.batch_size, args.seq_len, args.num_pairs, args.vocab_size))
     eval_sets = [make_batch(k) for k in jax.random.split(jax.random.key(10_000 + args.seed),
@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="default 6000 (smoke 60); --budget-s may stop a run earlier")
     parser.add_argument("--batch-size", type=int, default=None, help="default 64 (smoke 16)")
     parser.add_argument("--learning-rate", type=float, default=None, help="peak (default 3e-3)")
+    parser.add_argument("--weight-decay", type=float, default=0.1,
+                        help="AdamW's, on the matrices (embedding included)")
     parser.add_argument("--eval-every", type=int, default=None, help="default 500 (smoke 20)")
     parser.add_argument("--eval-examples", type=int, default=None, help="default 1024 (smoke 64)")
     parser.add_argument("--dtype", default="float32")
