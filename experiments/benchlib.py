@@ -911,6 +911,11 @@ def select_impls(impls: Sequence[Any], names: str | None) -> list[Any]:
     return [impl for impl in impls if impl.name in wanted]
 
 
+def parse_shapes(text: str) -> list[tuple[int, ...]]:
+    """"B,T,H,K,V;B,T,H,K,V;..." -> [(B, T, H, K, V), ...] (the --shapes option of the benchmarks and tunes)."""
+    return [tuple(int(n) for n in shape.split(",")) for shape in text.split(";")]
+
+
 def run_main(args, op: str, case_groups: Sequence[Sequence[Any]], impls: Sequence[Any], name: str) -> ResultsFile:
     """Measure the copy bandwidth, run the benchmark over the groups of cases (most important first),
     draw the plot, print the table."""
@@ -918,7 +923,7 @@ def run_main(args, op: str, case_groups: Sequence[Sequence[Any]], impls: Sequenc
         wanted = args.dtypes.split(",")
         case_groups = [[case for case in group if case.dtype in wanted] for group in case_groups]
     if getattr(args, "shapes", None):
-        shapes = {tuple(int(n) for n in shape.split(",")) for shape in args.shapes.split(";")}
+        shapes = set(parse_shapes(args.shapes))
         case_groups = [[case for case in group if (case.B, case.T, case.H, case.K, case.V) in shapes]
                        for group in case_groups]
     import jax

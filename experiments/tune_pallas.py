@@ -61,7 +61,7 @@ def main(argv=None):
     dtype = jnp.dtype(args.dtype)
     path = os.path.join(args.out, "tune_pallas.jsonl")
     device = jax.devices()[0].device_kind
-    shapes = SHAPES if args.shapes is None else [tuple(map(int, x.split(","))) for x in args.shapes.split(";")]
+    shapes = SHAPES if args.shapes is None else benchlib.parse_shapes(args.shapes)
     configs = None if args.configs is None else json.loads(args.configs)
     for B, T, H, K, V in shapes:
         sets = []

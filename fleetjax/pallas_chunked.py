@@ -337,10 +337,6 @@ class _Plan:
     def piece_len(self) -> int:
         return self.chunks_per_piece * self.C
 
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.minimum(self.piece_len, self.T - self.piece_len * np.arange(self.P))
-
 
 def _dims(K: int, V: int, block_v: int) -> tuple[int, int, int]:
     """(padded key dim, value block, padded value dim)."""
