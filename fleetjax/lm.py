@@ -254,6 +254,7 @@ class Trainer:
         self.graphdef, self.state = nnx.split((model, optimizer))
         self.trace_count = 0
         self._step = jax.jit(self._step_fn, donate_argnums=0)
+        self._steps = jax.jit(self._steps_fn, static_argnums=(1, 3), donate_argnums=0)
         self._eval = jax.jit(self._eval_fn)
         self._compiled: dict[tuple, Any] = {}
 
@@ -263,6 +264,13 @@ class Trainer:
         loss, grads = nnx.value_and_grad(loss_fn)(model, inputs, targets, mask)
         optimizer.update(model, grads)
         return nnx.state((model, optimizer)), {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+    def _steps_fn(self, state, make_batch, key, num_steps):
+        def one(state, step_key):
+            state, metrics = self._step_fn(state, *make_batch(step_key))
+            return state, metrics
+
+        return jax.lax.scan(one, state, jax.random.split(key, num_steps))
 
     def _eval_fn(self, state, inputs, targets, mask):
         model, _ = nnx.merge(self.graphdef, state)
@@ -298,6 +306,19 @@ class Trainer:
         """One optimizer step on inputs/targets int [B, T] (mask [B, T]: positions that count in the loss)."""
         step = self._compiled.get(self._signature(inputs, targets, mask), self._step)
         self.state, metrics = step(self.state, inputs, targets, mask)
+        return metrics
+
+    def run_steps(self, make_batch, key: jax.Array, num_steps: int) -> dict[str, jax.Array]:
+        """num_steps optimizer steps in one compiled call, each on ``make_batch(k)`` for its own key k.
+
+        For small models whose step is shorter than the host's dispatch of it. make_batch(key) -> (inputs,
+        targets, mask) must be a traceable function of the key that returns the same shapes every time (data
+        made on the device); it is a static argument: pass the same function object to reuse the compilation.
+        Returns the metrics of every step, stacked: {"loss": [num_steps], "grad_norm": [num_steps]}.
+        """
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+        self.state, metrics = self._steps(self.state, make_batch, key, num_steps)
         return metrics
 
     def evaluate(self, inputs: jax.Array, targets: jax.Array, mask: jax.Array | None = None

@@ -69,6 +69,27 @@ def test_a_few_steps_reduce_the_loss_without_recompiling():
     assert trainer.step_count == 31
 
 
+def test_run_steps_equals_single_steps():
+    text = jnp.asarray(np.frombuffer(b"def add(a, b):\n    return a + b\n\n" * 40, np.uint8).astype(np.int32))
+
+    def make_batch(key):
+        starts = jax.random.randint(key, (4,), 0, text.shape[0] - 25)
+        windows = jax.vmap(lambda s: jax.lax.dynamic_slice(text, (s,), (25,)))(starts)
+        return windows[:, :-1], windows[:, 1:], None
+
+    key = jax.random.key(3)
+    fused, single = lm.Trainer(_model(), _tx()), lm.Trainer(_model(), _tx())
+    losses = fused.run_steps(make_batch, key, 6)["loss"]
+    expected = [float(single.step(*make_batch(k))["loss"]) for k in jax.random.split(key, 6)]
+    np.testing.assert_allclose(np.asarray(losses), expected, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 nnx.state(fused.model, nnx.Param), nnx.state(single.model, nnx.Param))
+    fused.run_steps(make_batch, jax.random.key(4), 6)
+    assert fused.trace_count == 1 and fused.step_count == 12  # same function and count: compiled once
+    with pytest.raises(ValueError, match="num_steps"):
+        fused.run_steps(make_batch, key, 0)
+
+
 def test_decay_parameters_are_trained():
     model = _model()
     before = np.asarray(model.blocks[0].attention.decay_logit[...])
