@@ -77,8 +77,10 @@ def run_one(attention: str, d_model: int, args: argparse.Namespace, log, deadlin
     """Train one model for args.steps steps (fewer if time.perf_counter() passes ``deadline``)."""
     heads = max(1, d_model // args.head_dim)
     implementation = args.fleet_implementation if attention == "fleet" else args.softmax_implementation
+    positions = {} if attention == "fleet" else {
+        "learned": dict(rope_base=None, learned_positions=args.seq_len), "rotary": {}}[args.softmax_positions]
     config = lm.LMConfig(vocab_size=args.vocab_size, d_model=d_model, num_layers=args.num_layers, num_heads=heads,
-                         attention=attention, implementation=implementation, dtype=args.dtype)
+                         attention=attention, implementation=implementation, dtype=args.dtype, **positions)
     opt = lm.OptimizerConfig(learning_rate=args.learning_rate, warmup_steps=max(1, args.steps // 10),
                              total_steps=args.steps, weight_decay=args.weight_decay)
     trainer = lm.Trainer(lm.LanguageModel(config, rngs=nnx.Rngs(args.seed)), lm.make_optimizer(opt))
@@ -197,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--fleet-implementation", default=None, help="fleet_attention implementation (auto)")
     parser.add_argument("--softmax-implementation", default=None, help="jax.nn.dot_product_attention's")
+    parser.add_argument("--softmax-positions", choices=("learned", "rotary"), default="learned",
+                        help="the softmax baseline's positions: a learned absolute table (Zoology's attention "
+                             "baseline) or rotary embeddings; FleetAttention has none (its decays give the order)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget-s", type=float, default=270.0,
                         help="wall-clock budget of all runs: a run that passes its share stops early (recorded)")

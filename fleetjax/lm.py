@@ -43,6 +43,9 @@ class LMConfig:
     implementation: for "fleet", passed to fleet_attention ("pallas", "xla", "scan", ..., None = auto);
       for "softmax", passed to jax.nn.dot_product_attention (None, "xla" or "cudnn").
     dtype: computation dtype; param_dtype: parameters' dtype.
+    rope_base: rotary embeddings' base in softmax attention; None for none.
+    learned_positions: rows of a learned absolute position table added to the token embeddings (GPT-2's, and
+      Zoology's attention baseline's); 0 for none. Sequences may not be longer; no decoding with it.
     """
 
     vocab_size: int = 256
@@ -56,7 +59,8 @@ class LMConfig:
     output_gate: bool = True
     dtype: str = "float32"
     param_dtype: str = "float32"
-    rope_base: float = 10000.0
+    rope_base: float | None = 10000.0
+    learned_positions: int = 0
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_ratio"):
@@ -67,7 +71,9 @@ class LMConfig:
             raise ValueError(f"LMConfig.d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
         if self.attention not in _ATTENTIONS:
             raise ValueError(f"LMConfig.attention must be one of {_ATTENTIONS}, got {self.attention!r}")
-        if self.attention == "softmax" and (self.d_model // self.num_heads) % 2:
+        if not isinstance(self.learned_positions, int) or self.learned_positions < 0:
+            raise ValueError(f"LMConfig.learned_positions must be an int >= 0, got {self.learned_positions!r}")
+        if self.attention == "softmax" and self.rope_base is not None and (self.d_model // self.num_heads) % 2:
             raise ValueError(f"softmax attention uses rotary embeddings and needs an even head dim, got "
                              f"{self.d_model // self.num_heads}")
         for name in ("dtype", "param_dtype"):
@@ -101,9 +107,9 @@ def rotary(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
 
 
 class SoftmaxAttention(nnx.Module):
-    """Causal softmax attention with rotary embeddings, the baseline: [B, T, d] -> [B, T, d]."""
+    """Causal softmax attention (rotary embeddings unless rope_base is None), the baseline: [B, T, d] -> [B, T, d]."""
 
-    def __init__(self, d_model: int, num_heads: int, *, implementation: str | None, rope_base: float,
+    def __init__(self, d_model: int, num_heads: int, *, implementation: str | None, rope_base: float | None,
                  dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         self.num_heads, self.head_dim = num_heads, d_model // num_heads
         self.implementation, self.rope_base = implementation, rope_base
@@ -117,8 +123,9 @@ class SoftmaxAttention(nnx.Module):
             raise ValueError("the softmax baseline supports neither segment_ids nor decode; use attention='fleet'")
         B, T, d = x.shape
         q, k, v = jnp.split(self.qkv(x).reshape(B, T, 3 * self.num_heads, self.head_dim), 3, axis=2)
-        positions = jnp.arange(T)
-        q, k = rotary(q, positions, self.rope_base), rotary(k, positions, self.rope_base)
+        if self.rope_base is not None:
+            positions = jnp.arange(T)
+            q, k = rotary(q, positions, self.rope_base), rotary(k, positions, self.rope_base)
         o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation)
         return self.out(o.reshape(B, T, d))
 
@@ -168,6 +175,10 @@ class LanguageModel(nnx.Module):
         self.embed = nnx.Embed(config.vocab_size, config.d_model, dtype=jnp.dtype(config.dtype),
                                param_dtype=jnp.dtype(config.param_dtype),
                                embedding_init=nnx.initializers.normal(config.d_model ** -0.5), rngs=rngs)
+        if config.learned_positions:
+            self.position = nnx.Embed(config.learned_positions, config.d_model, dtype=jnp.dtype(config.dtype),
+                                      param_dtype=jnp.dtype(config.param_dtype),
+                                      embedding_init=nnx.initializers.normal(config.d_model ** -0.5), rngs=rngs)
         self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
         self.final_norm = nnx.RMSNorm(config.d_model, dtype=jnp.dtype(config.dtype),
                                       param_dtype=jnp.dtype(config.param_dtype), rngs=rngs)
@@ -177,7 +188,14 @@ class LanguageModel(nnx.Module):
         """tokens int [B, T]; segment_ids [B, T] (fleet only); decode: continue from the cache."""
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must be integer [B, T], got {tokens.dtype} {tokens.shape}")
-        x = self.embed(tokens) * jnp.asarray(self.config.d_model ** 0.5, self.embed.dtype)
+        x = self.embed(tokens)
+        if self.config.learned_positions:
+            T = tokens.shape[1]
+            if decode or T > self.config.learned_positions:
+                raise ValueError(f"this model has {self.config.learned_positions} learned positions: it takes "
+                                 f"sequences of at most that length and cannot decode, got T={T}, decode={decode}")
+            x = x + self.position.embedding[:T].astype(x.dtype)
+        x = x * jnp.asarray(self.config.d_model ** 0.5, self.embed.dtype)
         for block in self.blocks:
             x = block(x, segment_ids=segment_ids, decode=decode)
         x = self.final_norm(x)

@@ -57,6 +57,25 @@ def test_config_validation():
         lm.LMConfig.from_dict({"d_model": 16, "width": 3})
 
 
+def test_learned_positions():
+    model = _model(attention="softmax", implementation=None, rope_base=None, learned_positions=24)
+    inputs, _ = _batch()
+    assert model(inputs).shape == (4, 24, 256)
+    assert model.position.embedding.shape == (24, 16)
+    same = jnp.full((1, 8), 7)  # one token repeated: only positions can tell the places apart
+    assert not np.allclose(model(same)[0, 0], model(same)[0, 5], atol=1e-3)
+    blind = _model(attention="softmax", implementation=None, rope_base=None)
+    np.testing.assert_allclose(blind(same)[0, 0], blind(same)[0, 5], atol=1e-5)
+    with pytest.raises(ValueError, match="learned positions"):
+        model(jnp.concatenate([inputs, inputs], axis=1))
+    fleet = _model(learned_positions=24)
+    fleet.init_cache(4)
+    with pytest.raises(ValueError, match="cannot decode"):
+        fleet(inputs[:, :1], decode=True)
+    with pytest.raises(ValueError, match="learned_positions"):
+        lm.LMConfig(learned_positions=-1)
+
+
 def test_a_few_steps_reduce_the_loss_without_recompiling():
     trainer = lm.Trainer(_model(), _tx())
     inputs, targets = _batch()
