@@ -103,7 +103,9 @@ def device_slug(info: dict[str, Any] | None = None) -> str:
 
 
 def versions() -> dict[str, Any]:
-    """Versions of Python, the packages in _PACKAGES, fleetjax and the git commit (when the tree has one)."""
+    """Versions of Python, the packages in _PACKAGES, fleetjax, the git commit (when the tree has one) and
+    git_modified: the tracked files that differ from that commit (a tree copied onto another machine may
+    carry a stale commit under newer files)."""
     out: dict[str, Any] = {"python": platform.python_version()}
     for name in _PACKAGES:
         try:
@@ -116,10 +118,12 @@ def versions() -> dict[str, Any]:
     except Exception:  # noqa: BLE001
         out["fleetjax"] = None
     try:
-        out["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                                           text=True, timeout=10).stdout.strip() or None
+        git = lambda *args: subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                                           timeout=10).stdout
+        out["git_commit"] = git("rev-parse", "HEAD").strip() or None
+        out["git_modified"] = git("diff", "--name-only", "HEAD").split() if out["git_commit"] else None
     except (OSError, subprocess.SubprocessError):
-        out["git_commit"] = None
+        out["git_commit"] = out["git_modified"] = None
     return out
 
 

@@ -19,6 +19,7 @@ CPU to check every code path.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -178,6 +179,73 @@ def format_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def summarize(paths: list[Path], out: Path) -> str:
+    """One table and plot of the runs in several result files of one task (a sweep made of separate calls).
+
+    Writes out.md and out.png: every run's accuracy by d_model, and per model the best over the runs, as
+    Zoology reports its learning-rate sweeps. Files of another task setting (T, pairs, vocabulary) are refused.
+    """
+    runs, task = [], None
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        s = data["settings"]
+        setting = (s["seq_len"], s["num_pairs"], s["vocab_size"], s["num_layers"])
+        if task is None:
+            task = setting
+        elif setting != task:
+            raise ValueError(f"{path} is another task (T, pairs, vocab, layers) {setting}, expected {task}")
+        for r in data["records"]:
+            if "accuracy" not in r:
+                continue
+            # Files written before --softmax-positions existed used rotary embeddings.
+            model = (f"softmax ({s.get('softmax_positions', 'rotary')} positions)" if r["attention"] == "softmax"
+                     else "fleet")
+            runs.append({"model": model, "d_model": r["d_model"], "lr": s["learning_rate"], "B": s["batch_size"],
+                         "steps": r["steps_done"], "planned": s["steps"], "accuracy": r["accuracy"],
+                         "file": Path(path).name})
+    runs.sort(key=lambda r: (r["model"], r["d_model"], r["lr"], r["B"], r["planned"]))
+    lines = ["| model | d_model | peak lr | batch | steps (planned) | accuracy | file |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['d_model']} | {r['lr']:g} | {r['B']} | {r['steps']} ({r['planned']}) | "
+              f"{r['accuracy']:.3f} | {r['file']} |" for r in runs]
+    models = sorted({r["model"] for r in runs})
+    widths = sorted({r["d_model"] for r in runs})
+    best = {(m, d): max((r["accuracy"] for r in runs if r["model"] == m and r["d_model"] == d), default=None)
+            for m in models for d in widths}
+    lines += ["", "Best over the runs:", "", "| model | " + " | ".join(f"d_model {d}" for d in widths) + " |",
+              "|---|" + "---|" * len(widths)]
+    lines += [f"| {m} | " + " | ".join("-" if best[m, d] is None else f"{best[m, d]:.3f}" for d in widths) + " |"
+              for m in models]
+    table = "\n".join(lines)
+    T, pairs, vocab, layers = task
+    out.with_suffix(".md").write_text(f"MQAR: T={T}, {pairs} pairs, vocab {vocab}, {layers} layers\n\n{table}\n")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return table
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for n, m in enumerate(models):
+        mine = [r for r in runs if r["model"] == m]
+        ax.scatter([r["d_model"] * (1 + 0.04 * (n - 1)) for r in mine], [r["accuracy"] for r in mine],
+                   color=f"C{n}", alpha=0.45, s=18)
+        ds = [d for d in widths if best[m, d] is not None]
+        ax.plot(ds, [best[m, d] for d in ds], "o-", color=f"C{n}", label=f"{m}: best")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(widths, [str(d) for d in widths])
+    ax.set_xlabel("d_model")
+    ax.set_ylabel("MQAR accuracy (held out)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"MQAR T={T}, {pairs} pairs, vocab {vocab}: every run (dots), best per width (lines)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+    plt.close(fig)
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(benchlib.RESULTS_DIR))
@@ -206,7 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=270.0,
                         help="wall-clock budget of all runs: a run that passes its share stops early (recorded)")
     parser.add_argument("--name", default="mqar")
+    parser.add_argument("--summarize", nargs="+", metavar="JSON", default=None,
+                        help="no training: gather these result files into <out>/<name>.md and .png")
     args = parser.parse_args(argv)
+    if args.summarize:
+        print(summarize([Path(p) for p in args.summarize], Path(args.out) / args.name))
+        return 0
     smoke = args.smoke
     defaults = dict(d_models="32" if smoke else "64,128,256", seq_len=32 if smoke else 256,
                     num_pairs=4 if smoke else 16, vocab_size=64 if smoke else 8192, steps=60 if smoke else 6000,
