@@ -175,7 +175,7 @@ def format_table(records: list[dict[str, Any]]) -> str:
         else:
             lines.append(f"| {r['attention']} ({r['impl']}) | {r['d_model']} | {r['H']} | {r['parameters']:,} | "
                          f"{r['steps_done']} | "
-                         f"{r['accuracy']:.3f} | {r['final_loss']:.3f} | {r['ms']:.2f} | {r.get('first_call_s', r.get('compile_s', float('nan'))):.1f} |")
+                         f"{r['accuracy']:.3f} | {r['final_loss']:.3f} | {r['ms']:.2f} | {r['first_call_s']:.1f} |")
     return "\n".join(lines)
 
 
@@ -204,7 +204,8 @@ def summarize(paths: list[Path], out: Path) -> str:
                          "steps": r["steps_done"], "planned": s["steps"], "accuracy": r["accuracy"],
                          "file": Path(path).name})
     runs.sort(key=lambda r: (r["model"], r["d_model"], r["lr"], r["B"], r["planned"]))
-    lines = ["| model | d_model | peak lr | batch | steps (planned) | accuracy | file |", "|---|---|---|---|---|---|---|"]
+    lines = ["| model | d_model | peak lr | batch | steps (planned) | accuracy | file |",
+             "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['d_model']} | {r['lr']:g} | {r['B']} | {r['steps']} ({r['planned']}) | "
               f"{r['accuracy']:.3f} | {r['file']} |" for r in runs]
     models = sorted({r["model"] for r in runs})
@@ -257,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab-size", type=int, default=None, help="default 8192, as Zoology (smoke 64)")
     parser.add_argument("--num-layers", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=32, help="heads = d_model // head_dim")
-    parser.add_argument("--steps", type=int, default=None, help="default 6000 (smoke 60); --budget-s may stop a run earlier")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="default 6000 (smoke 60); --budget-s may stop a run earlier")
     parser.add_argument("--batch-size", type=int, default=None, help="default 64 (smoke 16)")
     parser.add_argument("--learning-rate", type=float, default=None, help="peak (default 3e-3)")
     parser.add_argument("--weight-decay", type=float, default=0.1,

@@ -5,7 +5,8 @@
 
 The attention is FleetAttention (no positional encoding: the per-head decays give the order), or, for
 comparison, causal softmax attention through ``jax.nn.dot_product_attention(is_causal=True)`` with rotary
-position embeddings (``LMConfig.attention = "softmax"``).
+position embeddings (``LMConfig.attention = "softmax"``); either may add a learned absolute position table
+(``LMConfig.learned_positions``).
 
 Also here: the optax optimizer (gradient clipping, AdamW, warmup + cosine learning rate), a jit-compiled
 :class:`Trainer` whose step function is traced once, checkpoint save/restore (one msgpack file, no extra
@@ -107,7 +108,7 @@ def rotary(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
 
 
 class SoftmaxAttention(nnx.Module):
-    """Causal softmax attention (rotary embeddings unless rope_base is None), the baseline: [B, T, d] -> [B, T, d]."""
+    """Causal softmax attention, the baseline: [B, T, d] -> [B, T, d] (rotary embeddings unless rope_base is None)."""
 
     def __init__(self, d_model: int, num_heads: int, *, implementation: str | None, rope_base: float | None,
                  dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
