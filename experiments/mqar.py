@@ -1,7 +1,7 @@
 """Multi-query associative recall (MQAR, Arora et al. 2023, "Zoology", arXiv:2312.04927): FleetAttention
 against causal softmax attention in the same 2-layer model of fleetjax.lm.
 
-    PYTHONPATH=. python experiments/mqar.py [--out DIR] [--smoke] [--d-models 64,128,256] [--steps 6000]
+    PYTHONPATH=. python experiments/mqar.py [--out DIR] [--smoke] [--d-models 64,128,256] [--steps 40000]
 
 The task: a sequence opens with N key-value pairs ``k_1 v_1 ... k_N v_N`` (keys distinct, drawn from the
 lower half of the vocabulary, values from the upper half); later every key appears once more, at random
@@ -253,18 +253,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="small and short, on the CPU")
     parser.add_argument("--d-models", default=None, help="comma-separated widths (default 64,128,256; smoke 32)")
     parser.add_argument("--attentions", default="fleet,softmax")
-    parser.add_argument("--seq-len", type=int, default=None, help="default 256 (smoke 32)")
-    parser.add_argument("--num-pairs", type=int, default=None, help="key-value pairs (default 16; smoke 4)")
+    parser.add_argument("--seq-len", type=int, default=None, help="default 128 (smoke 32)")
+    parser.add_argument("--num-pairs", type=int, default=None, help="key-value pairs (default 8; smoke 4)")
     parser.add_argument("--vocab-size", type=int, default=None, help="default 8192, as Zoology (smoke 64)")
     parser.add_argument("--num-layers", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=32, help="heads = d_model // head_dim")
     parser.add_argument("--steps", type=int, default=None,
-                        help="default 6000 (smoke 60); --budget-s may stop a run earlier")
+                        help="default 40000 (smoke 60); --budget-s may stop a run earlier")
     parser.add_argument("--batch-size", type=int, default=None, help="default 64 (smoke 16)")
     parser.add_argument("--learning-rate", type=float, default=None, help="peak (default 3e-3)")
     parser.add_argument("--weight-decay", type=float, default=0.1,
                         help="AdamW's, on the matrices (embedding included)")
-    parser.add_argument("--eval-every", type=int, default=None, help="default 500 (smoke 20)")
+    parser.add_argument("--eval-every", type=int, default=None, help="default 2000 (smoke 20); also the steps of one compiled call")
     parser.add_argument("--eval-examples", type=int, default=None, help="default 1024 (smoke 64)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--fleet-implementation", default=None, help="fleet_attention implementation (auto)")
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the softmax baseline's positions: a learned absolute table (Zoology's attention "
                              "baseline) or rotary embeddings; FleetAttention has none (its decays give the order)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--budget-s", type=float, default=270.0,
+    parser.add_argument("--budget-s", type=float, default=540.0,
                         help="wall-clock budget of all runs: a run that passes its share stops early (recorded)")
     parser.add_argument("--name", default="mqar")
     parser.add_argument("--summarize", nargs="+", metavar="JSON", default=None,
@@ -283,10 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         print(summarize([Path(p) for p in args.summarize], Path(args.out) / args.name))
         return 0
     smoke = args.smoke
-    defaults = dict(d_models="32" if smoke else "64,128,256", seq_len=32 if smoke else 256,
-                    num_pairs=4 if smoke else 16, vocab_size=64 if smoke else 8192, steps=60 if smoke else 6000,
+    defaults = dict(d_models="32" if smoke else "64,128,256", seq_len=32 if smoke else 128,
+                    num_pairs=4 if smoke else 8, vocab_size=64 if smoke else 8192, steps=60 if smoke else 40000,
                     batch_size=16 if smoke else 64, learning_rate=3e-3,
-                    eval_every=20 if smoke else 500, eval_examples=64 if smoke else 1024)
+                    eval_every=20 if smoke else 2000, eval_examples=64 if smoke else 1024)
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
