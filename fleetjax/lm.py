@@ -46,7 +46,8 @@ class LMConfig:
     dtype: computation dtype; param_dtype: parameters' dtype.
     rope_base: rotary embeddings' base in softmax attention; None for none.
     learned_positions: rows of a learned absolute position table added to the token embeddings (GPT-2's, and
-      Zoology's attention baseline's); 0 for none. Sequences may not be longer; no decoding with it.
+      Zoology's attention baseline's), indexed from each row's start (segment_ids do not restart it); 0 for
+      none. Sequences may not be longer; no decoding with it.
     """
 
     vocab_size: int = 256
