@@ -286,10 +286,7 @@ class Trainer:
         return nnx.state((model, optimizer)), {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     def _steps_fn(self, state, make_batch, key, num_steps):
-        def one(state, step_key):
-            state, metrics = self._step_fn(state, *make_batch(step_key))
-            return state, metrics
-
+        one = lambda state, step_key: self._step_fn(state, *make_batch(step_key))
         return jax.lax.scan(one, state, jax.random.split(key, num_steps))
 
     def _eval_fn(self, state, inputs, targets, mask):
