@@ -177,24 +177,37 @@ def _state_contribution(q: jax.Array, state: jax.Array, log_decay: jax.Array, re
     return weights[..., None] * qs
 
 
-def _block_final_state(k: jax.Array, v: jax.Array, log_decay: jax.Array, runs: jax.Array | None) -> jax.Array:
+def _groups(T: int, max_groups: int = 64, min_group: int = 512) -> int:
+    """How many equal groups of positions the local-state product sums (1: one product over all of T)."""
+    return max((g for g in range(1, max_groups + 1) if T % g == 0 and T // g >= min_group), default=1)
+
+
+def _block_final_state(k: jax.Array, v: jax.Array, log_decay: jax.Array, runs: jax.Array | None,
+                       groups: int | None = None) -> jax.Array:
     """The state after the block from a zero entering state: sum_j gamma^(T-1-j) k_j v_j^T over the
     positions j of the block's last run.
 
-    k [B, T, H, K], v [B, T, H, V], log_decay [H], runs [B, T] run ids or None (one run).
+    k [B, T, H, K], v [B, T, H, V], log_decay [H], runs [B, T] run ids or None (one run); groups (a divisor
+    of T, default :func:`_groups`): the product is summed over that many equal groups of positions, each its
+    own matrix product. One product per (batch, head) would contract a long T into one K x V tile: a few
+    dozen tiles for the whole GPU.
     Returns [B, H, K, V] float32; plain jnp, so autodiff gives dk, dv and the decay term.
     """
-    T = k.shape[1]
+    B, T, H, K = k.shape
+    G = _groups(T) if groups is None else groups
     # Exponents (T - 1 - j) log gamma are <= 0: no overflow, exact zeros for decay -> 0.
     powers = jnp.exp(jnp.arange(T - 1, -1, -1, dtype=f32)[:, None] * log_decay[None, :])  # [T, H]
     if runs is None:
         weights = powers[None]  # [1, T, H]
     else:
         weights = jnp.where((runs == runs[:, -1:])[:, :, None], powers[None], 0.0)  # [B, T, H]
-    weighted_k = k.astype(f32) * weights[..., None]
+    weighted_k = (k.astype(f32) * weights[..., None]).reshape(B, G, T // G, H, K)
+    v = v.reshape(B, G, T // G, H, v.shape[-1])
     if _half_on_accelerator(k):
-        return jnp.einsum("bthk,bthv->bhkv", weighted_k.astype(k.dtype), v, preferred_element_type=f32)
-    return jnp.einsum("bthk,bthv->bhkv", weighted_k, v.astype(f32), precision=jax.lax.Precision.HIGHEST)
+        parts = jnp.einsum("bgthk,bgthv->bghkv", weighted_k.astype(k.dtype), v, preferred_element_type=f32)
+    else:
+        parts = jnp.einsum("bgthk,bgthv->bghkv", weighted_k, v.astype(f32), precision=jax.lax.Precision.HIGHEST)
+    return jnp.sum(parts, axis=1)
 
 
 def _all_gather(x: Any, axis_name: AxisName, *, invariant: bool) -> Any:

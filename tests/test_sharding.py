@@ -396,3 +396,24 @@ def test_vary_like_and_shape_dtype_like_follow_the_mesh_axes():
 
 if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
     _worker()
+
+
+@pytest.mark.parametrize("with_runs", [False, True])
+def test_grouped_local_state_equals_one_product(with_runs):
+    import jax
+    import jax.numpy as jnp
+
+    from fleetjax.sharding import _block_final_state, _groups
+    assert _groups(131072) == 64 and _groups(1000) == 1 and _groups(3000) == 5
+    rng = np.random.default_rng(0)
+    B, T, H, K, V = 2, 24, 3, 4, 5
+    k, v = jnp.asarray(rng.standard_normal((B, T, H, K))), jnp.asarray(rng.standard_normal((B, T, H, V)))
+    log_decay = jnp.log(jnp.asarray([1.0, 0.9, 1e-3], jnp.float32))
+    runs = jnp.asarray(np.repeat(np.array([[0, 1, 1], [0, 0, 2]]), 8, axis=1)) if with_runs else None
+    k, v = k.astype(jnp.float32), v.astype(jnp.float32)
+    grads = lambda groups: jax.grad(lambda k, v, d: jnp.sum(jnp.sin(_block_final_state(k, v, d, runs, groups))),
+                                    argnums=(0, 1, 2))(k, v, log_decay)
+    one, six = _block_final_state(k, v, log_decay, runs, 1), _block_final_state(k, v, log_decay, runs, 6)
+    np.testing.assert_allclose(six, one, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads(6), grads(1)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
