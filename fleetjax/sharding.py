@@ -189,8 +189,8 @@ def _block_final_state(k: jax.Array, v: jax.Array, log_decay: jax.Array, runs: j
 
     k [B, T, H, K], v [B, T, H, V], log_decay [H], runs [B, T] run ids or None (one run); groups (a divisor
     of T, default :func:`_groups`): the product is summed over that many equal groups of positions, each its
-    own matrix product. One product per (batch, head) would contract a long T into one K x V tile: a few
-    dozen tiles for the whole GPU.
+    own matrix product: one product per (batch, head) would contract all of T into one K x V output, only
+    B * H outputs to spread over a GPU's SMs.
     Returns [B, H, K, V] float32; plain jnp, so autodiff gives dk, dv and the decay term.
     """
     B, T, H, K = k.shape
