@@ -210,6 +210,14 @@ def _dot(a, b, precision, trans_a=False, trans_b=False):
     return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=f32)
 
 
+def _dot_hi_lo(a, b, dtype, precision, trans_a=False):
+    """a @ b for a float32 ``b`` taken as a hi/lo pair in ``dtype`` (b = hi + lo): two products that keep b
+    to about float32's accuracy, where rounding it to ``dtype`` once would not."""
+    hi = b.astype(dtype)
+    lo = (b - hi.astype(f32)).astype(dtype)
+    return _dot(a, hi, precision, trans_a=trans_a) + _dot(a, lo, precision, trans_a=trans_a)
+
+
 def _kernel(lg_ref, *refs, T, C, K, V, block_v, chunks_per_piece, n_chunks, pieces, piece_offset, scale,
             reverse, has_start, has_local, has_runs, with_output, with_dot, with_intra, precision):
     """One (value block, batch*head, piece) program. Refs: [start], [the pieces' local states, [links]],
@@ -273,12 +281,12 @@ def _kernel(lg_ref, *refs, T, C, K, V, block_v, chunks_per_piece, n_chunks, piec
         if with_output:
             q = plt.load(q_ref.at[pl.ds(start, C), :], mask=in_seq[:, None] & k_mask[None, :], other=0.0)
             scores = _dot(q, k, precision, trans_b=True) * weights
-            state_in = state.astype(dtype)
-            o_inter = _dot(q, state_in, precision)
             if with_dot and dtype != f32:
                 # w feeds the decay gradient, where the offsets of fleetjax.vjp amplify the state's rounding to
-                # the input dtype ~chunk-size-fold: add the rounding's own product (a hi/lo split of the state).
-                o_inter = o_inter + _dot(q, (state - state_in.astype(f32)).astype(dtype), precision)
+                # the input dtype ~chunk-size-fold: a hi/lo split of the state.
+                o_inter = _dot_hi_lo(q, state, dtype, precision)
+            else:
+                o_inter = _dot(q, state.astype(dtype), precision)
             # The decay scales the rows of the [C, block_v] product, cheaper than scaling the query [C, K].
             o_inter = o_inter * (scale * entering)[:, None]
             o = scale * _dot(scores.astype(dtype), v, precision) + o_inter
@@ -297,10 +305,7 @@ def _kernel(lg_ref, *refs, T, C, K, V, block_v, chunks_per_piece, n_chunks, piec
         if with_dot and dtype != f32:
             # The same for the decay factors of the state's terms: their products with the inputs, rounded
             # to the input dtype, would enter w too. A hi/lo pair on the value side (the narrower tile).
-            v_decayed = v.astype(f32) * leaving[:, None]
-            v_hi = v_decayed.astype(dtype)
-            update = _dot(k, v_hi, precision, trans_a=True) + _dot(
-                k, (v_decayed - v_hi.astype(f32)).astype(dtype), precision, trans_a=True)
+            update = _dot_hi_lo(k, v.astype(f32) * leaving[:, None], dtype, precision, trans_a=True)
         else:
             update = _dot((k.astype(f32) * leaving[:, None]).astype(dtype), v, precision, trans_a=True)
         state = carry_factor * state + update
