@@ -574,6 +574,19 @@ def _exact_ticks(ax, values: Sequence[int]) -> None:
     ax.set_xticklabels([str(v) for v in values])
 
 
+def pyplot_or_none() -> Any:
+    """matplotlib.pyplot on the Agg backend, or None (with a note on stderr) where matplotlib is missing: the
+    experiments still write their JSON without it."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return None
+    return plt
+
+
 def plot_results(json_path: str | os.PathLike, png_path: str | os.PathLike | None = None) -> Path:
     """Time against T per implementation (log-log), one panel per (dtype, B, H, K, V) group with several T,
     plus one panel of time against head dim for groups measured at a single T; the HBM floor dashed. For

@@ -163,12 +163,8 @@ def timings(smoke: bool, bandwidth: float) -> list[dict]:
 
 
 def plot(records: list[dict], path: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not available: no plot")
+    plt = benchlib.pyplot_or_none()
+    if plt is None:
         return
     rows = [r for r in records if "ms" in r and r["op"] == "fwd"]
     if not rows:

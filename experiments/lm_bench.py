@@ -123,12 +123,8 @@ def _value(record: dict[str, Any], key: str, have_peak: bool) -> float:
 
 
 def _plot(results: dict[str, Any], png: Path) -> Path | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot", file=sys.stderr)
+    plt = benchlib.pyplot_or_none()
+    if plt is None:
         return None
     import numpy as np
     records = [r for r in results["records"] if "losses" in r]

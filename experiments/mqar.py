@@ -129,12 +129,8 @@ def run_one(attention: str, d_model: int, args: argparse.Namespace, log, deadlin
 
 
 def _plot(results: dict[str, Any], png: Path) -> Path | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot", file=sys.stderr)
+    plt = benchlib.pyplot_or_none()
+    if plt is None:
         return None
     records = [r for r in results["records"] if "accuracy" in r]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -219,12 +215,8 @@ def summarize(paths: list[Path], out: Path) -> str:
     table = "\n".join(lines)
     T, pairs, vocab, layers = task
     out.with_suffix(".md").write_text(f"MQAR: T={T}, {pairs} pairs, vocab {vocab}, {layers} layers\n\n{table}\n")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot", file=sys.stderr)
+    plt = benchlib.pyplot_or_none()
+    if plt is None:
         return table
     fig, ax = plt.subplots(figsize=(6, 4))
     for n, m in enumerate(models):
