@@ -13,6 +13,7 @@ import numpy as np
 from fleetjax import reference, xla
 from fleetjax.segments import run_ids_from_segment_ids
 from fleetjax.sharding import vary_like
+from fleetjax.state_passing import BlockKernels
 
 f32 = jnp.float32
 
@@ -25,6 +26,7 @@ class Implementation:
     fn: Callable[..., tuple[jax.Array, jax.Array]]
     config_type: type | None = None
     default_config: Callable[[jax.Array, jax.Array], Any] | None = None
+    block_kernels: BlockKernels | None = None  # its steps for sequence parallelism, if it has them
 
 
 IMPLEMENTATIONS: dict[str, Implementation] = {
@@ -42,7 +44,7 @@ def _register_pallas() -> None:
         return
     from fleetjax import pallas_chunked, pallas_fleet
     IMPLEMENTATIONS["pallas"] = Implementation(pallas_chunked.pallas_impl, pallas_chunked.PallasConfig,
-                                               pallas_chunked.default_config)
+                                               pallas_chunked.default_config, pallas_chunked.BLOCK_KERNELS)
     IMPLEMENTATIONS["pallas_fleet"] = Implementation(pallas_fleet.pallas_fleet_impl, pallas_fleet.FleetConfig,
                                                      pallas_fleet.default_config)
 

@@ -39,7 +39,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from fleetjax import vjp
-from fleetjax.state_passing import pass_piece
+from fleetjax.sharding import shape_dtype_like
+from fleetjax.state_passing import BlockKernels, pass_piece, pass_states
 
 f32 = jnp.float32
 _PRECISIONS = {"ieee": jax.lax.Precision.HIGHEST, "tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
@@ -219,12 +220,14 @@ def _dot_hi_lo(a, b, dtype, precision, trans_a=False):
 
 
 def _kernel(lg_ref, *refs, T, C, K, V, block_v, chunks_per_piece, n_chunks, pieces, piece_offset, scale,
-            reverse, has_start, has_local, has_runs, with_output, with_dot, with_intra, precision):
-    """One (value block, batch*head, piece) program. Refs: [start], [the pieces' local states, [links]],
-    [query], key, value, [runs, run at the piece's edge], [dot_with], [o], [w], [intra], final state. K and V
-    are the key and value dims of this walk."""
+            reverse, has_start, has_exit, has_local, has_runs, with_output, with_dot, with_intra, precision):
+    """One (value block, batch*head, piece) program. Refs: [start], [exit, [the row's last run]], [the pieces'
+    local states, [links]], [query], key, value, [runs, run at the piece's edge], [dot_with], [o], [w],
+    [intra], [x], final state. K and V are the key and value dims of this walk."""
     refs = list(refs)
     start_ref = refs.pop(0) if has_start else None
+    exit_ref = refs.pop(0) if has_exit else None
+    last_run_ref = refs.pop(0) if has_exit and has_runs else None
     local_ref = refs.pop(0) if has_local else None
     link_ref = refs.pop(0) if has_local and has_runs else None
     q_ref = refs.pop(0) if with_output else None
@@ -234,6 +237,7 @@ def _kernel(lg_ref, *refs, T, C, K, V, block_v, chunks_per_piece, n_chunks, piec
     o_ref = refs.pop(0) if with_output else None
     w_ref = refs.pop(0) if with_dot else None
     intra_ref = refs.pop(0) if with_intra else None
+    x_ref = refs.pop(0) if has_exit and with_dot else None
     (final_ref,) = refs
     lg = lg_ref[0]
     j, p = pl.program_id(0), pl.program_id(2) + piece_offset
@@ -291,9 +295,24 @@ def _kernel(lg_ref, *refs, T, C, K, V, block_v, chunks_per_piece, n_chunks, piec
             o_inter = o_inter * (scale * entering)[:, None]
             o = scale * _dot(scores.astype(dtype), v, precision) + o_inter
             out_mask = in_seq[:, None] & v_mask[None, :]
-            plt.store(o_ref.at[pl.ds(start, C), :], o.astype(o_ref.dtype), mask=out_mask)
             if with_dot:
                 other = plt.load(dot_ref.at[pl.ds(start, C), :], mask=out_mask, other=0.0)
+            if has_exit:
+                # The cotangent of the state after the walk's last position (forward in time) reaches position
+                # s with gamma^(T-1-s), in the row's last run only. Its own product, not part of the carried
+                # state: its share x of the decay gradient is weighted by T-1-s, not by the position.
+                reach = in_seq & (run == last_run_ref[0]) if has_runs else in_seq
+                exit_tile = exit_ref[...]
+                if with_dot and dtype != f32:
+                    o_exit = _dot_hi_lo(q, exit_tile, dtype, precision)
+                else:
+                    o_exit = _dot(q, exit_tile.astype(dtype), precision)
+                o_exit = o_exit * _masked_pow(lg, T - 1 - (start + i), reach)[:, None]
+                o = o + o_exit
+                if with_dot:
+                    plt.store(x_ref.at[pl.ds(start, C)], jnp.sum(o_exit * other.astype(f32), axis=1), mask=in_seq)
+            plt.store(o_ref.at[pl.ds(start, C), :], o.astype(o_ref.dtype), mask=out_mask)
+            if with_dot:
                 plt.store(w_ref.at[pl.ds(start, C)], jnp.sum(o_inter * other.astype(f32), axis=1), mask=in_seq)
                 if with_intra:
                     # This value block's share of (other_i . value_j), times the pair's weighted score
@@ -362,45 +381,53 @@ def _specs(H: int, T_block: int, kp: int, bv: int, P: int, piece_offset: int = 0
         keys=pl.BlockSpec((None, T_block, None, kp), lambda j, g, p: (g // H, 0, g % H, 0)),
         values=pl.BlockSpec((None, T_block, None, bv), lambda j, g, p: (g // H, 0, g % H, j)),
         runs=pl.BlockSpec((None, T_block), lambda j, g, p: (g // H, 0)),
+        row=pl.BlockSpec((None, 1), lambda j, g, p: (g // H, 0)),
         run_edge=pl.BlockSpec((None, 1), lambda j, g, p: (g // H, p + piece_offset)),
         per_position=pl.BlockSpec((None, None, None, T_block), lambda j, g, p: (j, g // H, g % H, 0)),
     )
 
 
 def _launch(query, key, value, lg, start, local, links, run_ids, run_edge, plan: _Plan, *, reverse, scale, block_v,
-            num_warps, num_stages, precision, out_dtype, dot_with=None, with_intra=False):
-    """The kernel over the pieces; returns (o or None, w or None, intra or None, the final states of the
-    pieces launched [B, H, P or P - 1, kp, vp]). ``start`` [B, H, kp, vp]: the state entering the walk (None:
-    zero); ``local`` [B, H, P - 1, kp, vp]: the local states of the pieces that have a successor in the walk
-    (forward: 0..P-2; reverse: 1..P-1), None with one piece; ``links`` [B, P]: 1 where a state passes through
-    the piece unbroken by a segment start, else 0 (with run_ids only).
+            num_warps, num_stages, precision, out_dtype, dot_with=None, with_intra=False, exit=None,
+            all_pieces=False):
+    """The kernel over the pieces; returns (o or None, w or None, intra or None, x or None, the final states of
+    the pieces launched [B, H, P or P - 1, kp, vp]). ``start`` [B, H, kp, vp]: the state entering the walk
+    (None: zero); ``local`` [B, H, P - 1, kp, vp]: the local states of the pieces that have a successor in the
+    walk (forward: 0..P-2; reverse: 1..P-1), None with one piece; ``links`` [B, P]: 1 where a state passes
+    through the piece unbroken by a segment start, else 0 (with run_ids only).
 
     With query None only those local states are computed, each piece walked from zero (keys and values are
-    read, nothing else): the last piece of the walk is not launched, no later piece needs its state. With
-    dot_with [B, T, H, V], also w = dot_with . o^inter [B, H, T], and with with_intra the intra-chunk
-    decay-gradient sums [B, H, T] (see _kernel)."""
+    read, nothing else): the last piece of the walk is not launched, no later piece needs its state, unless
+    ``all_pieces``. With dot_with [B, T, H, V], also w = dot_with . o^inter [B, H, T], and with with_intra
+    the intra-chunk decay-gradient sums [B, H, T]. ``exit`` [B, H, kp, vp] (reverse walks): the cotangent of
+    the state after position T - 1, whose terms the outputs gain; with dot_with also their share x [B, H, T]
+    of dot_with . o (see _kernel)."""
     B, T, H, K = key.shape
     V = value.shape[-1]
     kp, bv, vp = _dims(K, V, block_v)
     with_output, with_dot, has_runs = query is not None, dot_with is not None, run_ids is not None
-    has_start, has_local = start is not None, local is not None
+    has_start, has_local, has_exit = start is not None, local is not None, exit is not None
     # Only pieces' local states: the last piece of the walk (reverse: the first) is not launched.
-    launched, offset = (plan.P, 0) if with_output else (plan.P - 1, int(reverse))
+    launched, offset = (plan.P, 0) if with_output or all_pieces else (plan.P - 1, int(reverse))
     s = _specs(H, plan.n_chunks * plan.C, kp, bv, plan.P, offset)
     nv = vp // bv
     kernel = functools.partial(
         _kernel, T=T, C=plan.C, K=K, V=V, block_v=bv, chunks_per_piece=plan.chunks_per_piece,
         n_chunks=plan.n_chunks, pieces=plan.P, piece_offset=offset, scale=scale, reverse=reverse,
-        has_start=has_start, has_local=has_local, has_runs=has_runs, with_output=with_output, with_dot=with_dot,
-        with_intra=with_intra, precision=_dot_precision(precision, key.dtype))
-    inputs = ([(start, s["start"])] * has_start + [(local, s["local"])] * has_local
+        has_start=has_start, has_exit=has_exit, has_local=has_local, has_runs=has_runs, with_output=with_output,
+        with_dot=with_dot, with_intra=with_intra, precision=_dot_precision(precision, key.dtype))
+    last_run = run_ids[:, -1:] if has_exit and has_runs else None
+    inputs = ([(start, s["start"])] * has_start + [(exit, s["start"])] * has_exit
+              + [(last_run, s["row"])] * (has_exit and has_runs) + [(local, s["local"])] * has_local
               + [(links, s["links"])] * (has_local and has_runs) + [(query, s["keys"])] * with_output
               + [(key, s["keys"]), (value, s["values"])] + [(run_ids, s["runs"]), (run_edge, s["run_edge"])] * has_runs
               + [(dot_with, s["values"])] * with_dot)
-    per_position = jax.ShapeDtypeStruct((nv, B, H, T), f32)
-    out_shape = ([jax.ShapeDtypeStruct((B, T, H, V), out_dtype)] if with_output else []) + \
-        [per_position] * (with_dot + with_intra) + [jax.ShapeDtypeStruct((B, H, launched, kp, vp), f32)]
-    out_specs = [s["values"]] * with_output + [s["per_position"]] * (with_dot + with_intra) + [s["state"]]
+    with_x = has_exit and with_dot
+    # Typed like the inputs inside shard_map(check_vma=True) (fleetjax.sharding.shape_dtype_like).
+    per_position = shape_dtype_like((nv, B, H, T), f32, key, value)
+    out_shape = ([shape_dtype_like((B, T, H, V), out_dtype, key, value)] if with_output else []) + \
+        [per_position] * (with_dot + with_intra + with_x) + [shape_dtype_like((B, H, launched, kp, vp), f32, key, value)]
+    out_specs = [s["values"]] * with_output + [s["per_position"]] * (with_dot + with_intra + with_x) + [s["state"]]
     name = "fleet_chunked_" + ("reverse" if reverse else "forward") + ("" if with_output else "_piece_states")
     out = list(pl.pallas_call(
         kernel, grid=(nv, B * H, launched), in_specs=[s["lg"]] + [spec for _, spec in inputs], out_specs=out_specs,
@@ -410,7 +437,8 @@ def _launch(query, key, value, lg, start, local, links, run_ids, run_edge, plan:
     # Each value block holds part of the sums over the value dimension; add them in a fixed order.
     w = jnp.sum(out.pop(0), axis=0) if with_dot else None
     intra = jnp.sum(out.pop(0), axis=0) if with_intra else None
-    return o, w, intra, out[0]
+    x = jnp.sum(out.pop(0), axis=0) if with_x else None
+    return o, w, intra, x, out[0]
 
 
 def _pad_state(x: jax.Array, kp: int, vp: int) -> jax.Array:
@@ -429,50 +457,130 @@ def _piece_edges(run_ids, plan: _Plan, reverse: bool):
     return before, run_ids[:, ends]
 
 
-def _piece_states(key, value, lg, run_ids, plan: _Plan, *, reverse: bool, chunk_size: int, **launch):
+def _piece_links(run_ids, plan: _Plan, reverse: bool):
+    """[B, P] float: 1 where a state passes through the piece unbroken by a segment start, else 0; None
+    without run_ids."""
+    if run_ids is None:
+        return None
+    edge, leave = _piece_edges(run_ids, plan, reverse)
+    return (leave == edge).astype(f32)
+
+
+def _piece_states(key, value, lg, run_ids, plan: _Plan, *, reverse: bool, chunk_size: int, all_pieces=False,
+                  **launch):
     """Local final states [B, H, P - 1, K, V] of the pieces that have a successor in the walk (forward:
-    0..P-2; reverse: 1..P-1), each walked from a zero state in chunks of ``chunk_size`` where those tile the
-    pieces (else the plan's)."""
+    0..P-2; reverse: 1..P-1), or of all P pieces with ``all_pieces``, each walked from a zero state in chunks
+    of ``chunk_size`` where those tile the pieces (else the plan's)."""
     K, V = key.shape[-1], value.shape[-1]
     rechunked = _Plan(plan.T, chunk_size, plan.P)
     if (rechunked.P, rechunked.piece_len) == (plan.P, plan.piece_len):
         plan = rechunked
     edge = _piece_edges(run_ids, plan, reverse)[0] if run_ids is not None else None
     *_, local = _launch(None, key, value, lg, None, None, None, run_ids, edge, plan, reverse=reverse, scale=1.0,
-                        out_dtype=None, **launch)
+                        out_dtype=None, all_pieces=all_pieces, **launch)
     return local[..., :K, :V]
 
 
 def _walk(query, key, value, lg, start, run_ids, plan: _Plan, *, reverse, scale, dot_with=None, with_intra=False,
-          local=None, state_launch=None, **launch):
+          local=None, exit=None, state_launch=None, **launch):
     """The op forward in time (reverse: mirrored) from the state ``start`` [B, H, K, V] (None: zero).
-    Returns (o [B, T, H, V] in the query's dtype, the state after the walk [B, H, K, V] f32, w, intra).
+    Returns (o [B, T, H, V] in the query's dtype, the state after the walk [B, H, K, V] f32, w, intra, x).
     ``local``: the pieces' local states [B, H, P - 1, K, V] (see _piece_states) if already known, else
-    computed with the launch parameters ``state_launch``."""
+    computed with the launch parameters ``state_launch``. ``exit`` [B, H, K, V]: see _launch."""
     K, V = key.shape[-1], value.shape[-1]
     kp, _, vp = _dims(K, V, launch["block_v"])
-    edge = links = None
+    edge = None
     if run_ids is not None:
-        edge, leave = _piece_edges(run_ids, plan, reverse)
+        edge = _piece_edges(run_ids, plan, reverse)[0]
+    links = _piece_links(run_ids, plan, reverse) if plan.P > 1 else None
     if plan.P > 1:
         if local is None:
             local = _piece_states(key, value, lg, run_ids, plan, reverse=reverse, **state_launch)
         local = _pad_state(local, kp, vp)
-        if run_ids is not None:
-            links = (leave == edge).astype(f32)
     else:
         local = None
     start = None if start is None else _pad_state(start, kp, vp)
-    o, w, intra, finals = _launch(query, key, value, lg, start, local, links, run_ids, edge, plan, reverse=reverse,
-                                  scale=scale, out_dtype=query.dtype, dot_with=dot_with, with_intra=with_intra,
-                                  **launch)
-    return o, finals[:, :, 0 if reverse else -1, :K, :V], w, intra
+    exit = None if exit is None else _pad_state(exit, kp, vp)
+    o, w, intra, x, finals = _launch(query, key, value, lg, start, local, links, run_ids, edge, plan,
+                                     reverse=reverse, scale=scale, out_dtype=query.dtype, dot_with=dot_with,
+                                     with_intra=with_intra, exit=exit, **launch)
+    return o, finals[:, :, 0 if reverse else -1, :K, :V], w, intra, x
+
+
+def _fold_pieces(local, lg, run_ids, plan: _Plan, reverse: bool):
+    """The state after all pieces from a zero one, from the local states of all P pieces [B, H, P, K, V]:
+    the state passing of fleetjax.state_passing over the pieces (reverse: from the last piece to the first)."""
+    lengths = np.minimum(plan.piece_len, plan.T - plan.piece_len * np.arange(plan.P))
+    carry = jnp.exp(jnp.asarray(lengths, f32)[None, None, :] * lg[None, :, None])  # [1, H, P]
+    links = _piece_links(run_ids, plan, reverse)
+    if links is not None:
+        carry = carry * links[:, None, :]
+    carry = jnp.broadcast_to(carry, local.shape[:3])
+    zero = jnp.zeros_like(local[:, :, 0])
+    _, total = pass_states(zero, jnp.moveaxis(local, 2, 0), jnp.moveaxis(carry, 2, 0), reverse=reverse)
+    return total
+
+
+# ------------------------------------------------------------------------------- forward, backward, blocks
+
+def local_state(k, v, lg, run_ids, *, config: PallasConfig):
+    """A block's final state from a zero entering state (its last run's), [B, H, K, V] float32, and what the
+    forward walk reuses of it (the local states of its pieces but the last, or None). One launch reads k and
+    v; ``block_forward`` then reads them once more, as a walk with sequence pieces does anyway."""
+    _check_fits(config, k.shape[-1], v.shape[-1])
+    plan = config.plan(k.shape[1], False)
+    local = _piece_states(k, v, lg, run_ids, plan, reverse=False, all_pieces=True, **config.launch(False, states=True))
+    return _fold_pieces(local, lg, run_ids, plan, False), (local[:, :, :-1] if plan.P > 1 else None)
+
+
+def block_forward(q, k, v, lg, start, run_ids, reuse, *, scale: float, config: PallasConfig):
+    """o [B, T, H, V] from the entering state ``start``, with ``reuse`` from :func:`local_state`."""
+    o, *_ = _walk(q, k, v, lg, start, run_ids, config.plan(q.shape[1], False), reverse=False, scale=scale,
+                  local=reuse, state_launch=config.launch(False, states=True), **config.launch(False))
+    return o
+
+
+def local_reverse_state(q, do, lg, run_ids, *, scale: float, config: PallasConfig):
+    """The cotangent of a block's entering state from its outputs alone (no later block): scale sum_t
+    gamma^(t+1) q_t dO_t^T over its first run, [B, H, K, V] float32, and what ``block_backward`` reuses of
+    it (the local reverse states of its pieces but the first, or None)."""
+    plan = config.plan(q.shape[1], True)
+    local = _piece_states(q, do, lg, run_ids, plan, reverse=True, all_pieces=True, **config.launch(True, states=True))
+    total = scale * jnp.exp(lg)[None, :, None, None] * _fold_pieces(local, lg, run_ids, plan, True)
+    return vjp.only_first_run(total, run_ids), (local[:, :, 1:] if plan.P > 1 else None)
+
+
+def block_backward(q, k, v, lg, start, run_ids, do, exit_cotangent, reuse, *, scale: float, config: PallasConfig):
+    """The three walks of the module docstring, for a block entered with the state ``start`` whose final state
+    has the cotangent ``exit_cotangent`` [B, H, K, V] (None: unused). ``reuse``: from
+    :func:`local_reverse_state`, or None (computed here).
+
+    Returns (dq, dk, dv in the inputs' dtype, d log_decay [H] of every term but the one through the carry
+    gamma^T of ``start`` into the final state, d start [B, H, K, V] through the outputs alone)."""
+    do = do.astype(q.dtype)
+    plan, launch, state_launch = config.plan(q.shape[1], True), config.launch(True), config.launch(True, states=True)
+    walk = functools.partial(_walk, lg=lg, run_ids=run_ids, plan=plan, scale=scale, state_launch=state_launch,
+                             **launch)
+    dq, _, w, intra, _ = walk(do, v, k, start=jnp.swapaxes(start, -1, -2), reverse=False, dot_with=q,
+                              with_intra=True)
+    # The dv and dk walks' pieces start from the same local reverse states, transposed.
+    if reuse is None and plan.P > 1:
+        reuse = _piece_states(q, do, lg, run_ids, plan, reverse=True, **state_launch)
+    transpose = lambda x: None if x is None else jnp.swapaxes(x, -1, -2)  # noqa: E731
+    dv, r, _, _, _ = walk(k, q, do, start=None, reverse=True, local=reuse, exit=exit_cotangent)
+    dk, _, u, _, x = walk(v, do, q, start=None, reverse=True, dot_with=k, local=transpose(reuse),
+                          exit=transpose(exit_cotangent))
+    d_start = vjp.only_first_run(scale * jnp.exp(lg)[None, :, None, None] * r, run_ids)
+    d_lg = vjp.log_decay_grad(w, u, intra)
+    if x is not None:
+        d_lg = d_lg + vjp.exit_log_decay_grad(x)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_lg, d_start
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _pallas(q, k, v, lg, initial_state, run_ids, scale, config):
-    o, final, _, _ = _walk(q, k, v, lg, initial_state, run_ids, config.plan(q.shape[1], False), reverse=False,
-                           scale=scale, state_launch=config.launch(False, states=True), **config.launch(False))
+    o, final, *_ = _walk(q, k, v, lg, initial_state, run_ids, config.plan(q.shape[1], False), reverse=False,
+                         scale=scale, state_launch=config.launch(False, states=True), **config.launch(False))
     return o, final
 
 
@@ -486,30 +594,27 @@ def _pallas_fwd(q, k, v, lg, initial_state, run_ids, scale, config):
 def pallas_backward(scale: float, config: PallasConfig, residuals, cotangents):
     """The VJP shared by both Pallas implementations: residuals (q, k, v, log_decay, initial_state, run_ids),
     cotangents (dO, d final_state), either possibly a symbolic zero. Returns
-    (dq, dk, dv, d log_decay, d initial_state, None). The three walks are the module docstring's."""
+    (dq, dk, dv, d log_decay, d initial_state, None): :func:`block_backward` with the final state's
+    cotangent as the exit's, plus the terms of the carry gamma^T of the initial state into the final state."""
     q, k, v, lg, initial_state, run_ids = residuals
     do, d_final = cotangents
-    do = jnp.zeros(v.shape, q.dtype) if vjp.is_zero(do) else do.astype(q.dtype)
-    plan, launch, state_launch = config.plan(q.shape[1], True), config.launch(True), config.launch(True, states=True)
-    walk = functools.partial(_walk, lg=lg, run_ids=run_ids, plan=plan, scale=scale, state_launch=state_launch,
-                             **launch)
-    dq, _, w, intra = walk(do, v, k, start=jnp.swapaxes(initial_state, -1, -2), reverse=False, dot_with=q,
-                           with_intra=True)
-    # The dv and dk walks' pieces start from the same local reverse states, transposed.
-    local = _piece_states(q, do, lg, run_ids, plan, reverse=True, **state_launch) if plan.P > 1 else None
-    dv, r, _, _ = walk(k, q, do, start=None, reverse=True, local=local)
-    dk, _, u, _ = walk(v, do, q, start=None, reverse=True, dot_with=k,
-                       local=None if local is None else jnp.swapaxes(local, -1, -2))
-    d_initial = vjp.only_first_run(scale * jnp.exp(lg)[None, :, None, None] * r, run_ids)
-    d_lg = vjp.log_decay_grad(w, u, intra)
-    if not vjp.is_zero(d_final):
-        terms = vjp.final_state_terms(k, v, lg, initial_state, run_ids, d_final)
-        dk, dv, d_initial, d_lg = (a + b for a, b in zip((dk, dv, d_initial, d_lg), terms))
-    grads = (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_lg, d_initial)
+    do = jnp.zeros(v.shape, q.dtype) if vjp.is_zero(do) else do
+    d_final = None if vjp.is_zero(d_final) else d_final
+    dq, dk, dv, d_lg, d_initial = block_backward(q, k, v, lg, initial_state, run_ids, do, d_final, None,
+                                                 scale=scale, config=config)
+    if d_final is not None:
+        carry = vjp.whole_row_carry(lg, run_ids, q.shape[0], q.shape[1])
+        d_initial = d_initial + carry[..., None, None] * d_final
+        d_lg = d_lg + vjp.carry_log_decay_grad(carry, q.shape[1], d_final, initial_state)
+    grads = (dq, dk, dv, d_lg, d_initial)
     return tuple(vjp.first_order_only(g) for g in grads) + (None,)
 
 
 _pallas.defvjp(_pallas_fwd, pallas_backward, symbolic_zeros=True)
+
+# Sequence parallelism (fleetjax.sharding) with no pass over a block beyond what one device's call makes,
+# except the launch of the last (in reverse: the first) piece's local state.
+BLOCK_KERNELS = BlockKernels(local_state, block_forward, local_reverse_state, block_backward)
 
 
 _MAX_STATE_TILE = 128 * 128  # float32 values of one program's on-chip state (registers): 64 KiB

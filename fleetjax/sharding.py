@@ -38,19 +38,23 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from typing import Any, Hashable, Iterator
 
 import jax
 import jax.numpy as jnp
 
+from fleetjax import vjp
 from fleetjax.segments import run_ids_from_segment_ids
-from fleetjax.state_passing import pass_states
+from fleetjax.state_passing import BlockKernels, pass_states
 
 f32 = jnp.float32
 
 AxisName = Hashable | tuple[Hashable, ...]
 METHODS = ("entering_state", "correction")
 _method: contextvars.ContextVar[str] = contextvars.ContextVar("fleetjax_sequence_method", default="entering_state")
+_exchange_on_one_device: contextvars.ContextVar[bool] = contextvars.ContextVar("fleetjax_exchange_on_one_device",
+                                                                              default=False)
 
 
 @contextlib.contextmanager
@@ -67,6 +71,18 @@ def combine_method(name: str) -> Iterator[None]:
         yield
     finally:
         _method.reset(token)
+
+
+@contextlib.contextmanager
+def exchange_on_one_device() -> Iterator[None]:
+    """Within the block, sequence_axis_name calls traced on a mesh axis of one device run the exchange
+    anyway instead of the plain call (same result): one device's share of a larger mesh, without the
+    communication, for benchmarks on one GPU (experiments/bench_multigpu.py --emulate). Acts at trace time."""
+    token = _exchange_on_one_device.set(True)
+    try:
+        yield
+    finally:
+        _exchange_on_one_device.reset(token)
 
 
 def _names(axis_name: AxisName) -> tuple[Hashable, ...]:
@@ -222,6 +238,86 @@ def _all_gather(x: Any, axis_name: AxisName, *, invariant: bool) -> Any:
         return all_gather_invariant(x, axis_name)
 
 
+def _pass_forward(local_final: jax.Array, carry: jax.Array, state: jax.Array, axis_name: AxisName,
+                  invariant: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Steps 2 and 3 of the module docstring: (this device's entering state, the final state of the whole
+    sequence, every device's carry [P, B, H]) from its local final state L_p and carry a_p [B, H]."""
+    index = jax.lax.axis_index(axis_name)
+    first = index == 0
+    # Device 0 folds the initial state into what it publishes; the others never read their copy of it.
+    exit_state = local_final + jnp.where(first, carry[..., None, None] * state, 0.0)
+    exits, carries = _all_gather((exit_state, carry), axis_name, invariant=invariant)
+    # S_1 = E_0 (the initial state's share is in it), S_{p+1} = a_p S_p + E_p.
+    entering, final_state = pass_states(exits[0], exits[1:], carries[1:])
+    zeros = jnp.zeros_like(local_final)
+    return jnp.where(first, state, jnp.concatenate([zeros[None], entering])[index]), final_state, carries
+
+
+def _pass_backward(local_reverse: jax.Array, carries: jax.Array, d_final: jax.Array, axis_name: AxisName,
+                   invariant: bool) -> tuple[jax.Array, jax.Array]:
+    """The forward exchange mirrored: (R_p, the cotangent of this device's block's final state, and the
+    cotangent of the initial state) from D_p, the cotangent that the block's outputs give its entering state,
+    every device's carry [P, B, H] and the final state's cotangent (the same on every device):
+    R_{P-1} = d_final, R_{p-1} = a_p R_p + D_p; d initial_state = a_0 R_0 + D_0."""
+    reverse = _all_gather(local_reverse, axis_name, invariant=invariant)
+    exit_cotangents, d_initial = pass_states(d_final, reverse, carries, reverse=True)
+    return exit_cotangents[jax.lax.axis_index(axis_name)], d_initial
+
+
+def _carry(continues: jax.Array, log_decay: jax.Array, T: int) -> jax.Array:
+    """a_p [B, H]: gamma^T where the whole block is one run continuing from the left, else 0."""
+    return jnp.where(continues[:, None], jnp.exp(T * log_decay)[None, :], 0.0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _block(kernels: BlockKernels, scale: float, config: Any, axis_name: AxisName, invariant: bool, q, k, v,
+           log_decay, state, runs, continues, reached):
+    """The block of one device with an implementation's BlockKernels: (o, final state of the sequence).
+
+    runs: run ids of the block starting at 0, or None; continues [B]: the block is one run continuing from the
+    left; reached [B]: the entering state reaches its first position. The custom VJP runs the exchange
+    mirrored, so that the reverse walks start from each block's exit cotangent (no extra pass over the
+    block, unlike autodiff through the forward's order)."""
+    (o, final_state), _ = _block_fwd(kernels, scale, config, axis_name, invariant, q, k, v, log_decay, state,
+                                     runs, continues, reached)
+    return o, final_state
+
+
+def _block_fwd(kernels, scale, config, axis_name, invariant, q, k, v, log_decay, state, runs, continues,
+               reached):
+    # A second derivative would differentiate the kernels: refuse it with fleetjax.vjp's message.
+    q, k, v, log_decay, state = (vjp.first_order_only(x) for x in (q, k, v, log_decay, state))
+    local_final, reuse = kernels.local_state(k, v, log_decay, runs, config=config)
+    carry = _carry(continues, log_decay, q.shape[1])
+    entering, final_state, carries = _pass_forward(local_final, carry, state, axis_name, invariant)
+    entering = jnp.where(reached[:, None, None, None], entering, 0.0)
+    o = kernels.forward(q, k, v, log_decay, entering, runs, reuse, scale=scale, config=config)
+    return (o, final_state), (q, k, v, log_decay, entering, runs, continues, reached, carries)
+
+
+def _block_bwd(kernels, scale, config, axis_name, invariant, residuals, cotangents):
+    q, k, v, log_decay, entering, runs, continues, reached, carries = residuals
+    do, d_final = cotangents
+    if not invariant:
+        # Without check_vma typing every device holds its own copy of the final state, each with its share
+        # of the cotangent (shard_map divides an out_specs P() cotangent over the devices): their sum.
+        d_final = jax.lax.psum(d_final, axis_name)
+    local_reverse, reuse = kernels.local_reverse_state(q, do, log_decay, runs, scale=scale, config=config)
+    local_reverse = jnp.where(reached[:, None, None, None], local_reverse, 0.0)
+    exit_cotangent, d_initial = _pass_backward(local_reverse, carries, d_final, axis_name, invariant)
+    dq, dk, dv, d_log_decay, _ = kernels.backward(q, k, v, log_decay, entering, runs, do, exit_cotangent, reuse,
+                                                  scale=scale, config=config)
+    T = q.shape[1]
+    d_log_decay = d_log_decay + vjp.carry_log_decay_grad(_carry(continues, log_decay, T), T, exit_cotangent,
+                                                         entering)
+    d_initial = jnp.where(jax.lax.axis_index(axis_name) == 0, d_initial, 0.0)
+    grads = tuple(vjp.first_order_only(g) for g in (dq, dk, dv, d_log_decay, d_initial))
+    return grads + (None, None, None)
+
+
+_block.defvjp(_block_fwd, _block_bwd)
+
+
 def sequence_parallel(impl: Any, q: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array,
                       state: jax.Array, segment_ids: jax.Array | None, *, scale: float, config: Any,
                       axis_name: AxisName) -> tuple[jax.Array, jax.Array]:
@@ -255,7 +351,7 @@ def sequence_parallel(impl: Any, q: jax.Array, k: jax.Array, v: jax.Array, log_d
 
     if T == 0 or B == 0:  # no position reads or changes the state
         return jnp.zeros((B, T, H, v.shape[-1]), f32), state
-    if P == 1:  # nothing to exchange: exactly the unsharded call
+    if P == 1 and not _exchange_on_one_device.get():  # nothing to exchange: exactly the unsharded call
         run_ids = None if segment_ids is None else run_ids_from_segment_ids(segment_ids)
         return impl.fn(q, k, v, log_decay, vary_like(state, q, k, v), run_ids, scale=scale, config=config)
 
@@ -277,19 +373,17 @@ def sequence_parallel(impl: Any, q: jax.Array, k: jax.Array, v: jax.Array, log_d
     # The implementations take run ids that start at 0 (their entering state feeds run 0); where a segment
     # starts at the block's first position the entering state reaches nothing, so that row gets a zero one.
     local_runs = None if runs is None else runs - runs[:, :1]
+    if method == "entering_state" and impl.block_kernels is not None:
+        reached = jnp.ones((B,), bool) if runs is None else runs[:, 0] == 0
+        return _block(impl.block_kernels, scale, config, axis_name, tracks_vma, q, k, v, log_decay,
+                      vary_like(state, q, k, v), local_runs, continues, reached)
     if method == "correction":
         o_local, local_final = impl.fn(q, k, v, log_decay, zeros, local_runs, scale=scale, config=config)
     else:
         local_final = _block_final_state(k, v, log_decay, runs)
 
-    carry = jnp.where(continues[:, None], jnp.exp(T * log_decay)[None, :], 0.0)  # [B, H]
-    first = index == 0
-    # Device 0 folds the initial state into what it publishes; the others never read their copy of it.
-    exit_state = local_final + jnp.where(first, carry[..., None, None] * state, 0.0)
-    exits, carries = _all_gather((exit_state, carry), axis_name, invariant=tracks_vma)
-    # S_1 = E_0 (the initial state's share is in it), S_{p+1} = a_p S_p + E_p.
-    entering, final_state = pass_states(exits[0], exits[1:], carries[1:])
-    entering_state = jnp.where(first, state, jnp.concatenate([zeros[None], entering])[index])
+    carry = _carry(continues, log_decay, T)
+    entering_state, final_state, _ = _pass_forward(local_final, carry, state, axis_name, tracks_vma)
 
     if method == "correction":
         reached = None if runs is None else runs == 0

@@ -9,6 +9,9 @@ across devices.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -36,3 +39,31 @@ def pass_states(start: jax.Array, local: jax.Array, carry: jax.Array, *,
         entering[p] = state
         state = pass_piece(state, carry[p], local[p])
     return jnp.stack(entering), state
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockKernels:
+    """The steps by which an implementation runs one block of a sequence split over devices without extra
+    passes over the block (fleetjax.sharding). The forward needs the block's local state before the exchange
+    and its walk after it; the backward is the same, mirrored: the local reverse state (the cotangent that the
+    block's own outputs give its entering state) before a reverse exchange, the reverse walks after it,
+    entered from the right with the cotangent of the block's final state.
+
+    All take and return [B, T, H, *] blocks, log_decay [H] float32, states [B, H, K, V] float32 and run ids
+    that start at 0 (run 0 is the one the entering state feeds), or None:
+
+    - local_state(k, v, log_decay, run_ids, *, config) -> (L, reuse): the block's final state from a zero
+      entering state (its last run's), and anything ``forward`` may reuse (or None);
+    - forward(q, k, v, log_decay, start, run_ids, reuse, *, scale, config) -> o, entered with ``start``;
+    - local_reverse_state(q, do, log_decay, run_ids, *, scale, config) -> (D, reuse): scale sum_t
+      gamma^(t+1) q_t dO_t^T over run 0, and what ``backward`` may reuse;
+    - backward(q, k, v, log_decay, start, run_ids, do, exit_cotangent, reuse, *, scale, config) ->
+      (dq, dk, dv, d log_decay, d start): the gradients of the block entered with ``start`` whose final state
+      has the cotangent ``exit_cotangent`` (None: unused), except the terms of the carry gamma^T of start
+      into the final state, which belong to the exchange.
+    """
+
+    local_state: Callable[..., tuple[jax.Array, Any]]
+    forward: Callable[..., jax.Array]
+    local_reverse_state: Callable[..., tuple[jax.Array, Any]]
+    backward: Callable[..., tuple[jax.Array, ...]]

@@ -8,6 +8,7 @@ below reads its own case from that output. The refusals that one device can show
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -27,7 +28,16 @@ SCALE = 0.7
 # covering whole blocks (16..31). Row 1: the same id before and after another one (a reset, not a join),
 # a segment covering whole blocks (5..24) and a boundary inside a block.
 SEGMENT_IDS = [[0] * 13 + [1] * 3 + [2] * 16, [5] * 5 + [3] * 20 + [5] * 7]
+# T = 64 over 2 devices in chunks of 16 and 2 pieces per block: pieces [0, 16), [16, 32) | [32, 48), [48, 64).
+# Row 0: a reset inside a piece (13), a segment through a whole piece and across the device boundary, a
+# reset inside the second block's first piece (42). Row 1: resets on piece boundaries (16, 48) and a segment
+# across the device boundary.
+SEGMENT_IDS_64 = [[0] * 13 + [1] * 29 + [2] * 22, [5] * 16 + [3] * 32 + [6] * 16]
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
+# Reference steps for the BlockKernels path of fleetjax.sharding (tests/test_sharding.py registers it in
+# the worker): the exchange and its custom VJP checked on the CPU under both check_vma modes, which the
+# Pallas kernels cannot do in interpret mode.
+BLOCKS = "scan_blocks"
 
 
 def _cases() -> list[dict[str, Any]]:
@@ -42,6 +52,14 @@ def _cases() -> list[dict[str, Any]]:
     # "dynamic_slice requires varying manual axes to match" inside the interpreted kernel).
     cases += [dict(impl=name, seq=2, check_vma=False) for name in ("pallas", "pallas_fleet")
               if _registered(name)]
+    # Each device's block in sequence pieces (forward and backward): the local states of all pieces, folded.
+    if _registered("pallas"):
+        cases.append(dict(impl="pallas", seq=2, check_vma=False, T=64, config="pieces"))
+    cases += [dict(impl=BLOCKS, seq=n) for n in (2, 4, 8)]
+    cases += [dict(impl=BLOCKS, seq=4, check_vma=False), dict(impl=BLOCKS, seq=4, data=2),
+              dict(impl=BLOCKS, seq=(2, 2), state_on_first_device_only=True),
+              dict(impl=BLOCKS, seq=4, check_vma=False, state_on_first_device_only=True),
+              dict(impl=BLOCKS, seq=8, segments=False, initial_state=False, final_state=False)]
     cases += [
         # No segment_ids (every block continues from the left), no initial or final state: the LM's call.
         dict(impl="xla", seq=4, segments=False, initial_state=False, final_state=False),
@@ -66,6 +84,8 @@ def _cases() -> list[dict[str, Any]]:
         case.setdefault("state_on_first_device_only", False)
         case.setdefault("dtype", "float32")
         case.setdefault("method", "entering_state")
+        case.setdefault("T", T)
+        case.setdefault("config", None)
         seq = case["seq"]
         flags = [k for k in ("segments", "initial_state", "final_state", "check_vma") if not case[k]]
         extra = [k for k in ("state_on_first_device_only",) if case[k]]
@@ -73,7 +93,9 @@ def _cases() -> list[dict[str, Any]]:
                               + ([f"data{case['data']}"] if case["data"] > 1 else [])
                               + [f"no_{f}" for f in flags] + extra
                               + ([case["dtype"]] if case["dtype"] != "float32" else [])
-                              + ([case["method"]] if case["method"] != "entering_state" else []))
+                              + ([case["method"]] if case["method"] != "entering_state" else [])
+                              + ([f"T{case['T']}"] if case["T"] != T else [])
+                              + ([case["config"]] if case["config"] else []))
     return cases
 
 
@@ -84,25 +106,73 @@ def _registered(name: str) -> bool:
 
 # ------------------------------------------------------------------------------------ subprocess worker
 
-def _inputs(dtype):
+def _inputs(dtype, t: int = T):
     import jax.numpy as jnp
     rng = np.random.default_rng(7)
     arrays = dict(
-        q=rng.standard_normal((B, T, H, K)), k=rng.standard_normal((B, T, H, K)),
-        v=rng.standard_normal((B, T, H, V)), initial_state=rng.standard_normal((B, H, K, V)),
-        do=rng.standard_normal((B, T, H, V)), d_final=rng.standard_normal((B, H, K, V)))
+        q=rng.standard_normal((B, t, H, K)), k=rng.standard_normal((B, t, H, K)),
+        v=rng.standard_normal((B, t, H, V)), initial_state=rng.standard_normal((B, H, K, V)),
+        do=rng.standard_normal((B, t, H, V)), d_final=rng.standard_normal((B, H, K, V)))
     out = {name: jnp.asarray(x, jnp.float32) for name, x in arrays.items()}
     for name in ("q", "k", "v"):
         out[name] = out[name].astype(dtype)
     out["decay"] = jnp.asarray(DECAY, jnp.float32)
-    out["segment_ids"] = jnp.asarray(SEGMENT_IDS, jnp.int32)
+    out["segment_ids"] = jnp.asarray({T: SEGMENT_IDS, 64: SEGMENT_IDS_64}[t], jnp.int32)
     return out
 
 
-def _config(impl: str):
+def _config(case):
     # Chunks of 3 do not divide the per-device blocks (16, 8, 4): partial chunks at every block end.
     from fleetjax.xla import XlaConfig
-    return XlaConfig(chunk_size=3) if impl == "xla" else None
+    if case["impl"] == "xla":
+        return XlaConfig(chunk_size=3)
+    if case["config"] == "pieces":
+        from fleetjax.pallas_chunked import PallasConfig
+        return PallasConfig(chunk_size=16, block_v=16, backward_block_v=16, num_sequence_pieces=2,
+                            backward_num_sequence_pieces=2)
+    return None
+
+
+def _register_reference_blocks() -> None:
+    """fleetjax.IMPLEMENTATIONS[BLOCKS]: the scan reference, with BlockKernels made of its own autodiff."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    import fleetjax
+    from fleetjax import reference, vjp
+    from fleetjax.sharding import vary_like
+    from fleetjax.state_passing import BlockKernels
+
+    def scan(q, k, v, lg, start, runs, scale):
+        return reference.scan_impl(q, k, v, lg, start, runs, scale=scale)
+
+    def local_state(k, v, lg, runs, *, config):
+        zero = vary_like(jnp.zeros(k.shape[:1] + k.shape[2:] + v.shape[-1:], jnp.float32), k, v)
+        return scan(jnp.zeros_like(k), k, v, lg, zero, runs, 1.0)[1], None
+
+    def forward(q, k, v, lg, start, runs, reuse, *, scale, config):
+        return scan(q, k, v, lg, start, runs, scale)[0]
+
+    def local_reverse_state(q, do, lg, runs, *, scale, config):
+        # The entering state's terms of o do not involve k or v.
+        zero_v = jnp.zeros(do.shape, q.dtype)
+        start = vary_like(jnp.zeros(q.shape[:1] + q.shape[2:] + do.shape[-1:], jnp.float32), q, do)
+        o, pullback = jax.vjp(lambda s: scan(q, jnp.zeros_like(q), zero_v, lg, s, runs, scale)[0], start)
+        return pullback(do.astype(o.dtype))[0], None
+
+    def backward(q, k, v, lg, start, runs, do, exit_cotangent, reuse, *, scale, config):
+        (o, final), pullback = jax.vjp(lambda *a: scan(*a, runs, scale), q, k, v, lg, start)
+        exit_cotangent = jnp.zeros_like(final) if exit_cotangent is None else exit_cotangent
+        dq, dk, dv, d_lg, d_start = pullback((do.astype(o.dtype), exit_cotangent))
+        carry = vjp.whole_row_carry(lg, runs, q.shape[0], q.shape[1])  # its terms belong to the exchange
+        return (dq, dk, dv, d_lg - vjp.carry_log_decay_grad(carry, q.shape[1], exit_cotangent, start),
+                d_start - carry[..., None, None] * exit_cotangent)
+
+    fleetjax.IMPLEMENTATIONS[BLOCKS] = dataclasses.replace(
+        fleetjax.IMPLEMENTATIONS["scan"],
+        block_kernels=BlockKernels(local_state, forward, local_reverse_state, backward))
 
 
 def _loss_and_grads(fn, x, case):
@@ -141,7 +211,7 @@ def _call(case, sequence_axis_name=None):
         return fleetjax.fleet_attention(
             q, k, v, decay, scale=SCALE, initial_state=initial_state if case["initial_state"] else None,
             return_final_state=True, segment_ids=segment_ids if case["segments"] else None,
-            sequence_axis_name=sequence_axis_name, implementation=case["impl"], config=_config(case["impl"]))
+            sequence_axis_name=sequence_axis_name, implementation=case["impl"], config=_config(case))
     return fn
 
 
@@ -244,13 +314,15 @@ def _worker() -> None:
 
     from fleetjax.sharding import combine_method
     assert len(jax.devices()) >= DEVICES, jax.devices()
+    _register_reference_blocks()
     results: dict[str, Any] = {}
     references: dict[tuple, dict] = {}
     for case in _cases():
         start = time.perf_counter()
         try:
-            x = _inputs(jnp.dtype(case["dtype"]))
-            key = tuple(case[k] for k in ("impl", "segments", "initial_state", "final_state", "dtype"))
+            x = _inputs(jnp.dtype(case["dtype"]), case["T"])
+            key = tuple(case[k] for k in ("impl", "segments", "initial_state", "final_state", "dtype", "T",
+                                          "config"))
             if key not in references:
                 unsharded = _call(case)
                 references[key] = _loss_and_grads(
@@ -417,3 +489,44 @@ def test_grouped_local_state_equals_one_product(with_runs):
     np.testing.assert_allclose(six, one, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads(6), grads(1)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_exchange_on_one_device_equals_the_plain_call(impl):
+    """exchange_on_one_device runs the sharded algorithm on a one-device axis (the benchmark's emulation of
+    one device of a larger mesh): output, final state and gradients as the plain call."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    import fleetjax
+    from fleetjax.sharding import exchange_on_one_device
+    if impl not in fleetjax.IMPLEMENTATIONS:
+        pytest.skip(f"{impl} is not registered")
+    rng = np.random.default_rng(3)
+    t = 24
+    q, k = (jnp.asarray(rng.standard_normal((1, t, 2, 4)), jnp.float32) for _ in range(2))
+    v = jnp.asarray(rng.standard_normal((1, t, 2, 5)), jnp.float32)
+    s0 = jnp.asarray(rng.standard_normal((1, 2, 4, 5)), jnp.float32)
+    decay = jnp.asarray([0.9, 0.5])
+    segments = jnp.asarray([[0] * 10 + [1] * 14], jnp.int32)
+
+    def loss(fn, q, k, v, decay, s0):
+        o, final = fn(q, k, v, decay, s0, segments)
+        return jnp.sum(jnp.sin(o)) + jnp.sum(jnp.cos(final))
+
+    def attend(axis):
+        return lambda q, k, v, decay, s0, seg: fleetjax.fleet_attention(
+            q, k, v, decay, initial_state=s0, segment_ids=seg, return_final_state=True,
+            sequence_axis_name=axis, implementation=impl)
+
+    mesh = Mesh(np.array(jax.devices()[:1]), ("seq",))
+    mapped = jax.shard_map(attend("seq"), mesh=mesh, in_specs=(P(None, "seq"),) * 3 + (P(), P(), P(None, "seq")),
+                           out_specs=(P(None, "seq"), P()), check_vma=impl != "pallas")
+    grad = lambda fn: jax.jit(jax.value_and_grad(functools.partial(loss, fn), argnums=(0, 1, 2, 3, 4)))  # noqa: E731
+    with exchange_on_one_device():
+        got = grad(mapped)(q, k, v, decay, s0)
+    want = grad(attend(None))(q, k, v, decay, s0)
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-5)
