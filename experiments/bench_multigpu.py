@@ -8,14 +8,23 @@ its block and the blocks exchange one [B, H, K, V] float32 state each (fleetjax/
 - weak scaling: fixed T per device (default 32768 and 131072), total T = P * T_local: ideal is flat time;
 - strong scaling: fixed total T (default 262144 and 1048576), T_local = T / P: ideal is time / P.
 
-Shape B1 H16 K=V=128 bfloat16 by default; forward ("fwd") and forward+backward ("fwd_bwd": jax.vjp with a
-random dO, gradients for q, k, v and decay). Device counts above jax.device_count() are skipped, so the same
-command runs on one GPU (the baseline) and on eight. Each sharded result is compared with the single-device
-call of the same implementation on the gathered inputs, where that fits on device 0 (relerr: max abs
-difference over max abs of the reference, over o and, for fwd_bwd, dq, dk, dv).
+Shape B1 H16 K=V=128 bfloat16 by default; forward ("fwd") and forward+backward ("fwd_bwd": jax.vjp with
+random cotangents for o and the final state, gradients for q, k, v and decay). The final state is an output
+(a model that carries state uses it; and one device emulating device 0 of P would otherwise drop L_p as
+dead code). Device counts above jax.device_count() are skipped, so the same command runs on one GPU (the
+baseline) and on eight. Each sharded result is compared with the single-device call of the same
+implementation on the gathered inputs, where that fits on device 0 (relerr: max abs difference over max
+abs of the reference, over o, the final state and, for fwd_bwd, dq, dk, dv).
 
 Writes <date>-<device>-multigpu.json and .png to --out (default experiments/results) and prints a table.
 --smoke runs tiny shapes on 8 fake CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8).
+
+--emulate 2,4,8 (for one GPU): each of those device counts is emulated by one device's share of the work,
+timed alone: the sharded program at T_local on a mesh axis of one device, with the exchange run anyway
+(fleetjax.sharding.exchange_on_one_device; its all_gather then moves nothing). Its efficiency,
+t_1(T) / (P t_device(T / P)), is an upper bound of the real one: it leaves out the communication (a few
+microseconds to tens of them for the 1 MiB states) and any slowdown of P GPUs running at once. Those
+records say "emulated": true; their relerr is against the plain call at T_local (the emulated device 0).
 
 NVLink multicast stays off: NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and NVSHMEM_DISABLE_NVLS=1
 are set here if the environment lacks them, and never unset or overridden.
@@ -24,6 +33,7 @@ are set here if the environment lacks them, and never unset or overridden.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -46,8 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ops", default="fwd,fwd_bwd", help="fwd, fwd_bwd or both")
     parser.add_argument("--impl", default=None, help="fleetjax implementation (default: pallas on GPU, xla else)")
     parser.add_argument("--methods", default="entering_state",
-                        help="order of the work, fleetjax.sharding.combine_method: entering_state, correction "
-                             "or both (comma-separated)")
+                        help="order of the work, fleetjax.sharding.combine_method: entering_state, generic, "
+                             "correction (comma-separated)")
+    parser.add_argument("--emulate", default="",
+                        help="device counts to emulate on one device (comma-separated; see the module docstring)")
     parser.add_argument("--dtype", default=None, help="bfloat16 (default) or float32")
     parser.add_argument("--B", type=int, default=None)
     parser.add_argument("--H", type=int, default=None)
@@ -57,6 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="shard_map(check_vma=True); off by default because a pallas_call inside needs "
                              "out_shape typed with its mesh axes (fleetjax.sharding.shape_dtype_like)")
     parser.add_argument("--no-check", action="store_true", help="skip the comparison with one device")
+    parser.add_argument("--no-final-state", action="store_true",
+                        help="return o alone (training without a carried state). With --emulate the generic "
+                             "method's L_p then feeds nothing on the emulated device 0 and is dropped as dead "
+                             "code: its emulated times are too low; entering_state's are not (the walk reuses "
+                             "its pieces' states, and the reverse walks run their exit terms, zero or not)")
     parser.add_argument("--out", default=None, help="results folder (default experiments/results)")
     parser.add_argument("--name", default="multigpu", help="results file name part")
     parser.add_argument("--budget-s", type=float, default=540.0, help="wall-clock budget for all cases")
@@ -67,13 +84,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     ints = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
     args.devices = ints(args.devices)
+    args.emulate = ints(args.emulate)
     args.weak = ints(args.weak) if args.weak else ([16, 32] if args.smoke else [32768, 131072])
     args.strong = ints(args.strong) if args.strong else ([128] if args.smoke else [262144, 1048576])
     args.ops = [op.strip() for op in args.ops.split(",") if op.strip()]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for method in args.methods:
-        if method not in ("entering_state", "correction"):
-            parser.error(f"--methods: unknown {method!r}; use entering_state, correction")
+        if method not in ("entering_state", "generic", "correction"):
+            parser.error(f"--methods: unknown {method!r}; use entering_state, generic, correction")
     for op in args.ops:
         if op not in ("fwd", "fwd_bwd"):
             parser.error(f"--ops: unknown {op!r}; use fwd, fwd_bwd")
@@ -86,22 +104,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def plan(args: argparse.Namespace, available: int) -> list[dict[str, Any]]:
-    """The cases, baselines (P = 1) first within each series, as dicts (op, method, scaling, P, T, T_local).
+    """The cases, baselines (P = 1) first within each series, as dicts (op, method, scaling, P, T, T_local,
+    emulated).
 
     One device runs no exchange at all (the plain call), so P = 1 is measured once and shared by the methods.
+    Emulated device counts (--emulate) come after the real ones.
     """
     cases = []
-    counts = [p for p in args.devices if p <= available]
+    counts = [(p, False) for p in args.devices if p <= available]
+    counts += [(p, True) for p in args.emulate if p > 1 and (p, False) not in counts]
     for op in args.ops:
         for scaling, sizes in (("weak", args.weak), ("strong", args.strong)):
             for size in sizes:
                 for i, method in enumerate(args.methods):
-                    for p in counts:
+                    for p, emulated in counts:
                         T, t_local = (p * size, size) if scaling == "weak" else (size, size // p)
                         if (p == 1 and i > 0) or T % p:
                             continue
                         cases.append(dict(op=op, method=method if p > 1 else "none", scaling=scaling, P=p, T=T,
-                                          T_local=t_local))
+                                          T_local=t_local, emulated=emulated))
     return cases
 
 
@@ -122,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     impl = args.impl or fleetjax.default_implementation()
     if impl not in fleetjax.IMPLEMENTATIONS:
         raise SystemExit(f"--impl {impl!r} is not available; known: {sorted(fleetjax.IMPLEMENTATIONS)}")
-    skipped_counts = [p for p in args.devices if p > jax.device_count()]
+    skipped_counts = [p for p in args.devices if p > jax.device_count() and p not in args.emulate]
     cases = plan(args, jax.device_count())
     out_dir = args.out or str(benchlib.RESULTS_DIR)
     path = benchlib.results_path(args.name, device=slug, out_dir=out_dir)
@@ -130,11 +151,16 @@ def main(argv: list[str] | None = None) -> int:
     results = benchlib.ResultsFile(
         path, device=slug, date=benchlib.today(), versions=benchlib.versions(), device_info=info,
         copy_bandwidth=bandwidth, smoke=bool(args.smoke), implementation=impl, check_vma=bool(args.check_vma),
-        skipped_device_counts=skipped_counts, decays="RetNet: 1 - 2^(-5 - h) for head h", scale=1.0,
+        final_state=not args.no_final_state,
+        skipped_device_counts=skipped_counts, emulated_device_counts=args.emulate,
+        decays="RetNet: 1 - 2^(-5 - h) for head h", scale=1.0,
         environment={k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
                                                     "NVSHMEM_DISABLE_NVLS", "XLA_FLAGS")},
         reference=("the single-device call of the same implementation on the gathered inputs, on device 0; "
-                   "relerr = max over o (and dq, dk, dv for fwd_bwd) of max|sharded - single| / max|single|"),
+                   "relerr = max over o, the final state (and dq, dk, dv for fwd_bwd) of "
+                   "max|sharded - single| / max|single|"),
+        outputs=("o and the final state (random cotangents for both in fwd_bwd): the state is live, as in a "
+                 "model that carries it, and in an emulation L_p is not dropped as dead code"),
         timing="median wall-clock ms per call of the jitted shard_map (benchlib.time_calls, one input set)",
         exchange=("exchange_bytes_per_device: bytes each device receives in the forward all_gather of the "
                   "[B, H, K, V] float32 states and [B, H] carries from the other P - 1 devices"),
@@ -147,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     for case in cases:
         record = dict(op=case["op"], impl=f"fleetjax.{impl}", dtype=args.dtype, B=args.B, T=case["T"], H=args.H,
                       K=args.K, V=args.V, ms=None, relerr=None, method=case["method"], scaling=case["scaling"],
-                      devices=case["P"],
+                      devices=case["P"], emulated=case["emulated"],
                       T_per_device=case["T_local"],
                       hbm_floor_ms=benchlib.hbm_floor_ms(case["op"], args.B, case["T_local"], args.H, args.K,
                                                          args.V, 2 if args.dtype == "bfloat16" else 4,
@@ -165,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as error:  # noqa: BLE001 - one failed case (OOM, ...) must not lose the others
                 record["error"] = f"{type(error).__name__}: {str(error)[:400]}"
         results.add(record)
-        print(f"  {record['op']:7s} {record['method'][:8]:8s} {record['scaling']:6s} P={record['devices']} "
+        print(f"  {record['op']:7s} {record['method'][:8]:8s} {record['scaling']:6s} P={record['devices']}"
+              f"{'e' if record['emulated'] else ' '} "
               f"T={record['T']:>8d} "
               f"T/dev={record['T_per_device']:>7d}  ms={_fmt(record['ms'])}  relerr={_fmt(record['relerr'], 'e')}"
               f"{'  ' + str(record.get('error') or record.get('skipped') or '')[:120]}", flush=True)
@@ -195,13 +222,15 @@ def run_case(case: dict[str, Any], args: argparse.Namespace, impl: str, target_s
 
     from experiments import benchlib
     from fleetjax import fleet_attention
-    from fleetjax.sharding import combine_method
+    from fleetjax.sharding import combine_method, exchange_on_one_device
 
-    mesh = Mesh(np.array(jax.devices()[:case["P"]]), ("seq",))
+    emulated = case["emulated"]
+    mesh = Mesh(np.array(jax.devices()[:1 if emulated else case["P"]]), ("seq",))
     split = NamedSharding(mesh, P(None, "seq"))
     replicated = NamedSharding(mesh, P())
     dtype = jnp.dtype(args.dtype)
-    B, T, H, K, V = args.B, case["T"], args.H, args.K, args.V
+    # Emulated: one device's block, the first (its entering state is the zero initial state).
+    B, T, H, K, V = args.B, case["T_local"] if emulated else case["T"], args.H, args.K, args.V
     with_do = case["op"] == "fwd_bwd"
 
     @jax.jit
@@ -218,20 +247,27 @@ def run_case(case: dict[str, Any], args: argparse.Namespace, impl: str, target_s
     x = jax.jit(draw, out_shardings={name: split for name in ("q", "k", "v", "do")[:4 if with_do else 3]})(
         jax.random.PRNGKey(case["T"]))
     decay = jax.device_put(jnp.exp(jnp.asarray(benchlib.retnet_log_decay(H))), replicated)
+    d_final = jax.device_put(jax.random.normal(jax.random.PRNGKey(1), (B, H, K, V), jnp.float32), replicated)
+    final = not args.no_final_state
 
+    # By default the final state is returned (and has a cotangent), as a model that carries its state uses
+    # it: with one device emulating device 0 of P, nothing else would read L_p, and XLA would drop it.
     def attend(q, k, v, d):
-        return fleet_attention(q, k, v, d, sequence_axis_name="seq", implementation=impl)
+        out = fleet_attention(q, k, v, d, sequence_axis_name="seq", implementation=impl, return_final_state=final)
+        return out if final else (out,)
 
     sharded = jax.shard_map(attend, mesh=mesh, in_specs=(P(None, "seq"),) * 3 + (P(),),
-                            out_specs=P(None, "seq"), check_vma=args.check_vma)
+                            out_specs=(P(None, "seq"), P()) if final else (P(None, "seq"),),
+                            check_vma=args.check_vma)
     if with_do:
-        def call(q, k, v, d, do):
-            o, vjp = jax.vjp(sharded, q, k, v, d)
-            return (o,) + tuple(vjp(do))
-        fn, call_args = jax.jit(call), (x["q"], x["k"], x["v"], decay, x["do"])
+        def call(q, k, v, d, do, d_final):
+            out, vjp = jax.vjp(sharded, q, k, v, d)
+            return out + tuple(vjp((do, d_final) if final else (do,)))
+        fn, call_args = jax.jit(call), (x["q"], x["k"], x["v"], decay, x["do"], d_final)
     else:
         fn, call_args = jax.jit(sharded), (x["q"], x["k"], x["v"], decay)
-    with combine_method(case["method"] if case["P"] > 1 else "entering_state"):  # acts while fn is traced
+    exchange = exchange_on_one_device() if emulated else contextlib.nullcontext()
+    with combine_method(case["method"] if case["P"] > 1 else "entering_state"), exchange:  # act while traced
         timing = benchlib.time_calls(fn, [call_args], benchlib.jax_sync, target_s=target_s,
                                      min_samples=2 if args.smoke else 5)
     out = dict(ms=timing.ms, ms_min=timing.ms_min, samples=timing.samples, first_call_s=timing.first_call_s,
@@ -241,16 +277,20 @@ def run_case(case: dict[str, Any], args: argparse.Namespace, impl: str, target_s
     if case["P"] == 1:
         out["relerr_note"] = "one device: this is the single-device call"
         return out
+    if emulated:
+        out["relerr_note"] = "emulated: against the plain call at T_local, the first device's block alone"
     got = fn(*call_args)
     try:
-        out.update(compare_with_one_device(got, call_args, impl, with_do, split))
+        out.update(compare_with_one_device(got, call_args, impl, with_do, split, replicated, final))
     except Exception as error:  # noqa: BLE001 - typically out of memory on device 0 at the longest T
         out["relerr_note"] = f"single-device reference did not run: {type(error).__name__}: {str(error)[:200]}"
     return out
 
 
-def compare_with_one_device(got: Any, call_args: tuple, impl: str, with_do: bool, split: Any) -> dict[str, Any]:
-    """relerr of the sharded outputs against the unsharded call on device 0 (inputs gathered there)."""
+def compare_with_one_device(got: Any, call_args: tuple, impl: str, with_do: bool, split: Any,
+                            replicated: Any, final: bool) -> dict[str, Any]:
+    """relerr of the sharded outputs (o, final state and, for fwd_bwd, dq, dk, dv) against the unsharded call
+    on device 0 (inputs gathered there)."""
     import jax
 
     from experiments import benchlib
@@ -258,21 +298,23 @@ def compare_with_one_device(got: Any, call_args: tuple, impl: str, with_do: bool
 
     device = jax.devices()[0]
     local = [jax.device_put(a, device) for a in call_args]
-    attend = lambda q, k, v, d: fleet_attention(q, k, v, d, implementation=impl)  # noqa: E731
+    def attend(q, k, v, d):
+        out = fleet_attention(q, k, v, d, implementation=impl, return_final_state=final)
+        return out if final else (out,)
+
     if with_do:
-        def call(q, k, v, d, do):
-            o, vjp = jax.vjp(attend, q, k, v, d)
-            return (o,) + tuple(vjp(do))[:3]
-        names = ("o", "dq", "dk", "dv")
+        def call(q, k, v, d, do, d_final):
+            out, vjp = jax.vjp(attend, q, k, v, d)
+            return out + tuple(vjp((do, d_final) if final else (do,)))[:3]
     else:
-        call = lambda q, k, v, d: (attend(q, k, v, d),)  # noqa: E731
-        names = ("o",)
+        call = attend
+    names = ("o",) + ("final_state",) * final + ("dq", "dk", "dv") * with_do
     want = jax.jit(call)(*local)
     del local
     errors = {}
-    got = got if isinstance(got, tuple) else (got,)
     for name, g, w in zip(names, got, want):
-        errors[name] = benchlib.rel_errors(g, jax.device_put(w, split))["relerr"]
+        layout = replicated if name == "final_state" else split
+        errors[name] = benchlib.rel_errors(g, jax.device_put(w, layout))["relerr"]
     worst = max((e for e in errors.values() if e is not None), default=None)
     return {"relerr": worst, "relerr_by_output": errors}
 
@@ -296,9 +338,9 @@ def add_efficiency(records: list[dict[str, Any]]) -> None:
 
 
 def plot(json_path: Path) -> Path:
-    """ms against device count: one panel per (op, scaling), one line per T (weak: per device), ideal dotted."""
+    """One row per (op, scaling): ms against device count (one line per T, weak: per device, and method;
+    ideal dotted) and the parallel efficiency (strong-scaling target 0.9 dashed)."""
     import json
-    import math
 
     import matplotlib
     matplotlib.use("Agg")
@@ -307,10 +349,8 @@ def plot(json_path: Path) -> Path:
     data = json.loads(Path(json_path).read_text())
     records = [r for r in data["records"] if r.get("ms") is not None]
     panels = sorted({(r["op"], r["scaling"]) for r in records}) or [("fwd", "weak")]
-    cols = min(2, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.4 * cols, 4.2 * rows), squeeze=False)
-    for ax, (op, scaling) in zip(axes.flat, panels):
+    fig, axes = plt.subplots(len(panels), 2, figsize=(11, 3.8 * len(panels)), squeeze=False)
+    for (ax, eff_ax), (op, scaling) in zip(axes, panels):
         recs = [r for r in records if (r["op"], r["scaling"]) == (op, scaling)]
         key = "T_per_device" if scaling == "weak" else "T"
         methods = sorted({r["method"] for r in recs if r["devices"] > 1}) or ["none"]
@@ -319,31 +359,42 @@ def plot(json_path: Path) -> Path:
             one = next((r["ms"] for r in recs if r[key] == size and r["devices"] == 1), None)
             for j, method in enumerate(methods):
                 # The one-device point (no exchange) starts every method's line.
-                pts = sorted((r["devices"], r["ms"]) for r in recs
-                             if r[key] == size and (r["method"] == method or r["devices"] == 1))
+                line = sorted((r["devices"], r["ms"], r.get("efficiency")) for r in recs
+                              if r[key] == size and (r["method"] == method or r["devices"] == 1))
                 label = f"{'T/dev' if scaling == 'weak' else 'T'}={size}" + (f" {method}" if len(methods) > 1 else "")
-                ax.plot(*zip(*pts), marker="os^"[j % 3], color=color, linestyle=["-", "--", "-."][j % 3],
-                        label=label)
+                style = dict(marker="os^"[j % 3], color=color, linestyle=["-", "--", "-."][j % 3], label=label)
+                ax.plot([p for p, _, _ in line], [ms for _, ms, _ in line], **style)
+                eff_ax.plot([p for p, _, e in line if e is not None], [e for _, _, e in line if e is not None],
+                            **style)
             if one is not None:
                 ps = sorted({r["devices"] for r in recs if r[key] == size})
-                ideal = [one if scaling == "weak" else one / p for p in ps]
-                ax.plot(ps, ideal, linestyle=":", color=color, linewidth=1)
+                ax.plot(ps, [one if scaling == "weak" else one / p for p in ps], linestyle=":", color=color,
+                        linewidth=1)
         counts = sorted({r["devices"] for r in recs})
-        ax.set(xscale="log", yscale="log", xlabel="devices on the sequence axis", ylabel="ms (median)",
-               title=f"{op} {scaling} scaling ({'fixed T per device' if scaling == 'weak' else 'fixed total T'})")
-        ax.set_xticks(counts, [str(c) for c in counts])
-        ax.minorticks_off()
-        ax.grid(True, which="both", alpha=0.3)
+        title = f"{op} {scaling} scaling ({'fixed T per device' if scaling == 'weak' else 'fixed total T'})"
+        ax.set(xscale="log", yscale="log" if scaling == "strong" else "linear", xlabel="devices on the sequence axis",
+               ylabel="ms (median)", title=title)
+        if scaling == "weak":
+            ax.set_ylim(bottom=0)
+        eff_ax.set(xscale="log", ylim=(0, 1.1), xlabel="devices on the sequence axis",
+                   ylabel="efficiency (ideal time / time)", title=title)
+        if scaling == "strong":
+            eff_ax.axhline(0.9, color="gray", linestyle="--", linewidth=1)
+        for a in (ax, eff_ax):
+            a.set_xticks(counts, [str(c) for c in counts])
+            a.minorticks_off()
+            a.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
     first = records[0] if records else {}
+    emulated = sorted({r["devices"] for r in records if r.get("emulated")})
+    note = f"; P = {', '.join(map(str, emulated))} emulated on one device (no communication)" if emulated else ""
+    state = "" if data.get("final_state", True) else ", final state unused"
     fig.suptitle(f"fleet_attention sequence_axis_name, {data.get('implementation')} {first.get('dtype', '')} "
-                 f"B{first.get('B', '')} H{first.get('H', '')} K{first.get('K', '')} V{first.get('V', '')} on "
-                 f"{data.get('device')} ({data.get('date')}); dotted: ideal", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+                 f"B{first.get('B', '')} H{first.get('H', '')} K{first.get('K', '')} V{first.get('V', '')}{state} "
+                 f"on {data.get('device')} ({data.get('date')}); dotted: ideal{note}", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     png = Path(json_path).with_suffix(".png")
-    fig.savefig(png, dpi=110)
+    fig.savefig(png, dpi=100)
     plt.close(fig)
     return png
 

@@ -52,6 +52,8 @@ def main(argv=None):
     ap.add_argument("--only-default", action="store_true")
     ap.add_argument("--label", default="current")
     ap.add_argument("--shapes", default=None, help="B,T,H,K,V;... (default: the four benchmark shapes)")
+    ap.add_argument("--final-state", action="store_true",
+                    help="fwd_bwd with a random cotangent for the final state too (the state is returned)")
     ap.add_argument("--configs", default=None,
                     help='JSON list of {"op": "fwd" or "fwd_bwd", field: value, ...} to time instead of the '
                          'built-in candidates (the default config is always timed first)')
@@ -84,10 +86,13 @@ def main(argv=None):
                     print("budget spent", flush=True)
                     return
                 cfg = dataclasses.replace(base, **kw)
-                attend = lambda q, k, v, cfg=cfg: fleetjax.fleet_attention(q, k, v, decay, implementation="pallas",
-                                                                           config=cfg)
+                attend = lambda q, k, v, cfg=cfg: fleetjax.fleet_attention(  # noqa: E731
+                    q, k, v, decay, implementation="pallas", config=cfg, return_final_state=args.final_state)
                 if op == "fwd":
                     fn = jax.jit(lambda q, k, v, do: attend(q, k, v))
+                elif args.final_state:
+                    d_final = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32)
+                    fn = jax.jit(lambda q, k, v, do, d_final=d_final: jax.vjp(attend, q, k, v)[1]((do, d_final)))
                 else:
                     fn = jax.jit(lambda q, k, v, do: jax.vjp(attend, q, k, v)[1](do))
                 try:
@@ -99,7 +104,7 @@ def main(argv=None):
                     ms = None
                     print("fail", kw, repr(e)[:300], flush=True)
                 rec = dict(label=args.label, device=device, op=op, B=B, T=T, H=H, K=K, V=V, dtype=args.dtype,
-                           changed=kw, cfg=dataclasses.asdict(cfg), ms=ms)
+                           changed=kw, cfg=dataclasses.asdict(cfg), ms=ms, final_state=args.final_state)
                 print(f"{args.label:8s} {op:7s} B{B} T{T} H{H}: {ms and round(ms, 4)} ms  {kw or 'default'}",
                       flush=True)
                 with open(path, "a") as fh:

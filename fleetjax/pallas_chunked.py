@@ -23,8 +23,15 @@ all value columns (so many programs, few registers each):
   reverse state R gives d initial_state = scale gamma R;
 - dk_s = scale sum_{t >= s} gamma^(t-s) (dO_t . v_s) q_t: reverse, query=v, key=dO, value=q, returning
   u_s = k_s . dk_s^inter. Its pieces' local reverse states are the dv walk's, transposed.
-The final state's cotangent terms come from fleetjax.vjp (the reverse walks start from zero).
+The final state's cotangent dS_T enters the dv and dk walks as a term of its own, gamma^(T-1-s) k_s^T dS_T and
+gamma^(T-1-s) dS_T v_s (one more product per chunk, not part of the carried state), and the dk walk returns
+its share x of the decay gradient, which fleetjax.vjp weights by T-1-s.
 Asking for second derivatives raises an error: the kernels have no derivative rules.
+
+Sequence parallelism (fleetjax.sharding) takes the same launches in another order (``BLOCK_KERNELS``):
+the local states of all pieces first (folded, they are the block's local state L_p; the walk reuses them),
+the walk after the exchange; in the backward the local reverse states first, then the reverse walks from
+the exit cotangent of the block.
 """
 
 from __future__ import annotations
@@ -298,16 +305,12 @@ def _kernel(lg_ref, *refs, T, C, K, V, block_v, chunks_per_piece, n_chunks, piec
             if with_dot:
                 other = plt.load(dot_ref.at[pl.ds(start, C), :], mask=out_mask, other=0.0)
             if has_exit:
-                # The cotangent of the state after the walk's last position (forward in time) reaches position
-                # s with gamma^(T-1-s), in the row's last run only. Its own product, not part of the carried
-                # state: its share x of the decay gradient is weighted by T-1-s, not by the position.
+                # The cotangent of the state after position T - 1 reaches position s with gamma^(T-1-s), in the
+                # row's last run only. Its own product, not part of the carried state, so that its share x of
+                # the decay gradient is weighted by T-1-s, not by the position. One product in the inputs'
+                # dtype: x has no offsets to amplify its rounding, unlike w and u.
                 reach = in_seq & (run == last_run_ref[0]) if has_runs else in_seq
-                exit_tile = exit_ref[...]
-                if with_dot and dtype != f32:
-                    o_exit = _dot_hi_lo(q, exit_tile, dtype, precision)
-                else:
-                    o_exit = _dot(q, exit_tile.astype(dtype), precision)
-                o_exit = o_exit * _masked_pow(lg, T - 1 - (start + i), reach)[:, None]
+                o_exit = _dot(q, exit_ref[...], precision) * _masked_pow(lg, T - 1 - (start + i), reach)[:, None]
                 o = o + o_exit
                 if with_dot:
                     plt.store(x_ref.at[pl.ds(start, C)], jnp.sum(o_exit * other.astype(f32), axis=1), mask=in_seq)
@@ -399,9 +402,9 @@ def _launch(query, key, value, lg, start, local, links, run_ids, run_edge, plan:
     With query None only those local states are computed, each piece walked from zero (keys and values are
     read, nothing else): the last piece of the walk is not launched, no later piece needs its state, unless
     ``all_pieces``. With dot_with [B, T, H, V], also w = dot_with . o^inter [B, H, T], and with with_intra
-    the intra-chunk decay-gradient sums [B, H, T]. ``exit`` [B, H, kp, vp] (reverse walks): the cotangent of
-    the state after position T - 1, whose terms the outputs gain; with dot_with also their share x [B, H, T]
-    of dot_with . o (see _kernel)."""
+    the intra-chunk decay-gradient sums [B, H, T]. ``exit`` [B, H, kp, vp] in the inputs' dtype (reverse
+    walks): the cotangent of the state after position T - 1, whose terms the outputs gain; with dot_with also
+    their share x [B, H, T] of dot_with . o (see _kernel)."""
     B, T, H, K = key.shape
     V = value.shape[-1]
     kp, bv, vp = _dims(K, V, block_v)
@@ -425,8 +428,9 @@ def _launch(query, key, value, lg, start, local, links, run_ids, run_edge, plan:
     with_x = has_exit and with_dot
     # Typed like the inputs inside shard_map(check_vma=True) (fleetjax.sharding.shape_dtype_like).
     per_position = shape_dtype_like((nv, B, H, T), f32, key, value)
+    states = shape_dtype_like((B, H, launched, kp, vp), f32, key, value)
     out_shape = ([shape_dtype_like((B, T, H, V), out_dtype, key, value)] if with_output else []) + \
-        [per_position] * (with_dot + with_intra + with_x) + [shape_dtype_like((B, H, launched, kp, vp), f32, key, value)]
+        [per_position] * (with_dot + with_intra + with_x) + [states]
     out_specs = [s["values"]] * with_output + [s["per_position"]] * (with_dot + with_intra + with_x) + [s["state"]]
     name = "fleet_chunked_" + ("reverse" if reverse else "forward") + ("" if with_output else "_piece_states")
     out = list(pl.pallas_call(
@@ -500,7 +504,7 @@ def _walk(query, key, value, lg, start, run_ids, plan: _Plan, *, reverse, scale,
     else:
         local = None
     start = None if start is None else _pad_state(start, kp, vp)
-    exit = None if exit is None else _pad_state(exit, kp, vp)
+    exit = None if exit is None else _pad_state(exit, kp, vp).astype(key.dtype)
     o, w, intra, x, finals = _launch(query, key, value, lg, start, local, links, run_ids, edge, plan,
                                      reverse=reverse, scale=scale, out_dtype=query.dtype, dot_with=dot_with,
                                      with_intra=with_intra, exit=exit, **launch)

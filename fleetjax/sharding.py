@@ -16,22 +16,29 @@ passing"):
 4. The block's output gains scale * gamma^(i+1) q_i^T S_p at the positions i of its first run, if that run
    continues from the previous device.
 
-Two ways to order this work (:func:`combine_method`), same result:
+Three ways to order this work (:func:`combine_method`), same result:
 
-- "entering_state" (default): L_p by one small product over the block's k and v (the positions of its last
-  run, weighted by gamma^(T_local-1-j)); then the implementation runs once per block with S_p as its initial
-  state, and its own entering-state term does step 4. Extra memory traffic: one read of k and v.
+- "entering_state" (default). With an implementation that has BlockKernels (fleetjax.state_passing;
+  "pallas" has them), L_p comes from the launch that the kernel makes anyway for its sequence pieces, now
+  over all of them and folded, and the walk then reuses the pieces' states: a block costs what one device's
+  call costs, plus the local state of one piece. The custom VJP runs the exchange mirrored: every device
+  computes D_p, the cotangent its own outputs give its entering state (the same launch, reversed), one
+  all_gather and the mirrored scan give R_p, the cotangent of the state leaving its block, and the reverse
+  walks start from it, so the backward makes no extra pass either. Other implementations take the generic
+  composition below.
+- "generic": L_p by one XLA product over the block's k and v (the positions of its last run, weighted by
+  gamma^(T_local-1-j)); then the implementation runs once per block with S_p as its initial state, and its
+  own entering-state term does step 4. Gradients by autodiff through this and the implementation's VJP
+  (the transpose of the all_gather sends each device the state cotangents of the devices to its right).
+  Extra memory traffic: one read of k and v, and in the backward the product's transpose.
 - "correction": the implementation runs from a zero state (o_p and L_p together), and step 4 is a separate
   product q S_p added to o_p. Extra traffic: q read, a float32 [B, T_local, H, V] product written and read,
-  and o_p read and written again: about three times the bytes of the other order at K = V (see
-  experiments/README.md).
+  and o_p read and written again: about three times the bytes of the generic order at K = V (see
+  experiments/README.md). Gradients by autodiff.
 
-Gradients come from plain autodiff through this composition and the implementations' own VJPs: the
-transpose of the all_gather sends each device the state cotangents that the devices to its right produced
-(the reverse direction). With ``check_vma=True`` (shard_map's default) the gathered values are typed
-invariant across the axis, so the final state may be returned with ``out_specs=P()``; with
-``check_vma=False`` the plain varying all_gather is used, whose transpose (a reduce-scatter) is the right one
-in that mode.
+With ``check_vma=True`` (shard_map's default) the gathered values are typed invariant across the axis, so
+the final state may be returned with ``out_specs=P()``; with ``check_vma=False`` the plain varying
+all_gather is used, whose transpose (a reduce-scatter) is the right one in that mode.
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ from fleetjax.state_passing import BlockKernels, pass_states
 f32 = jnp.float32
 
 AxisName = Hashable | tuple[Hashable, ...]
-METHODS = ("entering_state", "correction")
+METHODS = ("entering_state", "generic", "correction")
 _method: contextvars.ContextVar[str] = contextvars.ContextVar("fleetjax_sequence_method", default="entering_state")
 _exchange_on_one_device: contextvars.ContextVar[bool] = contextvars.ContextVar("fleetjax_exchange_on_one_device",
                                                                               default=False)
@@ -59,9 +66,10 @@ _exchange_on_one_device: contextvars.ContextVar[bool] = contextvars.ContextVar("
 
 @contextlib.contextmanager
 def combine_method(name: str) -> Iterator[None]:
-    """Within the block, sequence_axis_name calls traced use ``name`` ("entering_state" or "correction").
+    """Within the block, sequence_axis_name calls traced use ``name`` (one of METHODS, see the module
+    docstring).
 
-    Both give the same result (tested); the choice is about speed, for benchmarks:
+    All give the same result (tested); the choice is about speed, for benchmarks:
     ``with fleetjax.sharding.combine_method("correction"): jax.jit(f).lower(...)``. It acts at trace time.
     """
     if name not in METHODS:
@@ -353,7 +361,10 @@ def sequence_parallel(impl: Any, q: jax.Array, k: jax.Array, v: jax.Array, log_d
         return jnp.zeros((B, T, H, v.shape[-1]), f32), state
     if P == 1 and not _exchange_on_one_device.get():  # nothing to exchange: exactly the unsharded call
         run_ids = None if segment_ids is None else run_ids_from_segment_ids(segment_ids)
-        return impl.fn(q, k, v, log_decay, vary_like(state, q, k, v), run_ids, scale=scale, config=config)
+        o, final_state = impl.fn(q, k, v, log_decay, vary_like(state, q, k, v), run_ids, scale=scale,
+                                 config=config)
+        # Typed the same on every device of the axis, as with P > 1 (a sum over one device changes nothing).
+        return o, jax.lax.psum(final_state, axis_name) if tracks_vma else final_state
 
     if segment_ids is None:
         runs = None  # every block is one run continuing from the left
