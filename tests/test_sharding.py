@@ -35,8 +35,8 @@ SEGMENT_IDS = [[0] * 13 + [1] * 3 + [2] * 16, [5] * 5 + [3] * 20 + [5] * 7]
 # across the device boundary.
 SEGMENT_IDS_64 = [[0] * 13 + [1] * 29 + [2] * 22, [5] * 16 + [3] * 32 + [6] * 16]
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
-# Reference steps for the BlockKernels path of fleetjax.sharding (tests/test_sharding.py registers it in
-# the worker): the exchange and its custom VJP checked on the CPU under both check_vma modes, which the
+# An implementation with reference BlockKernels (registered in the worker, _register_reference_blocks): the
+# exchange of fleetjax.sharding and its custom VJP checked on the CPU under both check_vma modes, which the
 # Pallas kernels cannot do in interpret mode.
 BLOCKS = "scan_blocks"
 
