@@ -221,7 +221,6 @@ def run_case(case: dict[str, Any], args: argparse.Namespace, impl: str, target_s
     from jax.sharding import PartitionSpec as P
 
     from experiments import benchlib
-    from fleetjax import fleet_attention
     from fleetjax.sharding import combine_method, exchange_on_one_device
 
     emulated = case["emulated"]
@@ -252,18 +251,11 @@ def run_case(case: dict[str, Any], args: argparse.Namespace, impl: str, target_s
 
     # By default the final state is returned (and has a cotangent), as a model that carries its state uses
     # it: with one device emulating device 0 of P, nothing else would read L_p, and XLA would drop it.
-    def attend(q, k, v, d):
-        out = fleet_attention(q, k, v, d, sequence_axis_name="seq", implementation=impl, return_final_state=final)
-        return out if final else (out,)
-
-    sharded = jax.shard_map(attend, mesh=mesh, in_specs=(P(None, "seq"),) * 3 + (P(),),
+    sharded = jax.shard_map(_attend(impl, final, "seq"), mesh=mesh, in_specs=(P(None, "seq"),) * 3 + (P(),),
                             out_specs=(P(None, "seq"), P()) if final else (P(None, "seq"),),
                             check_vma=args.check_vma)
     if with_do:
-        def call(q, k, v, d, do, d_final):
-            out, vjp = jax.vjp(sharded, q, k, v, d)
-            return out + tuple(vjp((do, d_final) if final else (do,)))
-        fn, call_args = jax.jit(call), (x["q"], x["k"], x["v"], decay, x["do"], d_final)
+        fn, call_args = jax.jit(_with_gradients(sharded, final)), (x["q"], x["k"], x["v"], decay, x["do"], d_final)
     else:
         fn, call_args = jax.jit(sharded), (x["q"], x["k"], x["v"], decay)
     exchange = exchange_on_one_device() if emulated else contextlib.nullcontext()
@@ -287,6 +279,27 @@ def run_case(case: dict[str, Any], args: argparse.Namespace, impl: str, target_s
     return out
 
 
+def _attend(impl: str, final: bool, axis_name: str | None = None):
+    """fleet_attention(q, k, v, decay) returning a tuple: (o, final state), or (o,) without ``final``."""
+    from fleetjax import fleet_attention
+
+    def attend(q, k, v, d):
+        out = fleet_attention(q, k, v, d, sequence_axis_name=axis_name, implementation=impl,
+                              return_final_state=final)
+        return out if final else (out,)
+    return attend
+
+
+def _with_gradients(attend, final: bool):
+    """(q, k, v, decay, dO, d final state) -> the outputs of ``attend`` and the gradients in q, k, v, decay."""
+    import jax
+
+    def call(q, k, v, d, do, d_final):
+        out, vjp = jax.vjp(attend, q, k, v, d)
+        return out + tuple(vjp((do, d_final) if final else (do,)))
+    return call
+
+
 def compare_with_one_device(got: Any, call_args: tuple, impl: str, with_do: bool, split: Any,
                             replicated: Any, final: bool) -> dict[str, Any]:
     """relerr of the sharded outputs (o, final state and, for fwd_bwd, dq, dk, dv) against the unsharded call
@@ -294,20 +307,12 @@ def compare_with_one_device(got: Any, call_args: tuple, impl: str, with_do: bool
     import jax
 
     from experiments import benchlib
-    from fleetjax import fleet_attention
 
     device = jax.devices()[0]
     local = [jax.device_put(a, device) for a in call_args]
-    def attend(q, k, v, d):
-        out = fleet_attention(q, k, v, d, implementation=impl, return_final_state=final)
-        return out if final else (out,)
-
-    if with_do:
-        def call(q, k, v, d, do, d_final):
-            out, vjp = jax.vjp(attend, q, k, v, d)
-            return out + tuple(vjp((do, d_final) if final else (do,)))[:3]
-    else:
-        call = attend
+    attend = _attend(impl, final)
+    call = _with_gradients(attend, final) if with_do else attend
+    # zip stops at the names: the decay's gradient is not compared.
     names = ("o",) + ("final_state",) * final + ("dq", "dk", "dv") * with_do
     want = jax.jit(call)(*local)
     del local

@@ -544,14 +544,20 @@ def block_forward(q, k, v, lg, start, run_ids, reuse, *, scale: float, config: P
     return o
 
 
+def _entering_cotangent(reverse_state, lg, run_ids, scale: float):
+    """The cotangent of the state entering a walk, scale gamma R, from the reverse state R [B, H, K, V] that
+    the reverse walks reach at its first position (run 0 only)."""
+    return vjp.only_first_run(scale * jnp.exp(lg)[None, :, None, None] * reverse_state, run_ids)
+
+
 def local_reverse_state(q, do, lg, run_ids, *, scale: float, config: PallasConfig):
     """The cotangent of a block's entering state from its outputs alone (no later block): scale sum_t
     gamma^(t+1) q_t dO_t^T over its first run, [B, H, K, V] float32, and what ``block_backward`` reuses of
     it (the local reverse states of its pieces but the first, or None)."""
     plan = config.plan(q.shape[1], True)
     local = _piece_states(q, do, lg, run_ids, plan, reverse=True, all_pieces=True, **config.launch(True, states=True))
-    total = scale * jnp.exp(lg)[None, :, None, None] * _fold_pieces(local, lg, run_ids, plan, True)
-    return vjp.only_first_run(total, run_ids), (local[:, :, 1:] if plan.P > 1 else None)
+    total = _entering_cotangent(_fold_pieces(local, lg, run_ids, plan, True), lg, run_ids, scale)
+    return total, (local[:, :, 1:] if plan.P > 1 else None)
 
 
 def block_backward(q, k, v, lg, start, run_ids, do, exit_cotangent, reuse, *, scale: float, config: PallasConfig):
@@ -574,7 +580,7 @@ def block_backward(q, k, v, lg, start, run_ids, do, exit_cotangent, reuse, *, sc
     dv, r, _, _, _ = walk(k, q, do, start=None, reverse=True, local=reuse, exit=exit_cotangent)
     dk, _, u, _, x = walk(v, do, q, start=None, reverse=True, dot_with=k, local=transpose(reuse),
                           exit=transpose(exit_cotangent))
-    d_start = vjp.only_first_run(scale * jnp.exp(lg)[None, :, None, None] * r, run_ids)
+    d_start = _entering_cotangent(r, lg, run_ids, scale)
     d_lg = vjp.log_decay_grad(w, u, intra)
     if x is not None:
         d_lg = d_lg + vjp.exit_log_decay_grad(x)

@@ -272,55 +272,56 @@ def _pass_backward(local_reverse: jax.Array, carries: jax.Array, d_final: jax.Ar
     return exit_cotangents[jax.lax.axis_index(axis_name)], d_initial
 
 
-def _carry(continues: jax.Array, log_decay: jax.Array, T: int) -> jax.Array:
-    """a_p [B, H]: gamma^T where the whole block is one run continuing from the left, else 0."""
-    return jnp.where(continues[:, None], jnp.exp(T * log_decay)[None, :], 0.0)
+def _local_runs(runs: jax.Array | None, B: int) -> tuple[jax.Array | None, jax.Array]:
+    """(run ids of the block starting at 0, as the implementations take them, or None; reached [B]: the
+    entering state reaches the block's first position) from its run ids (run 0 = continuing from the left)."""
+    if runs is None:
+        return None, jnp.ones((B,), bool)
+    return runs - runs[:, :1], runs[:, 0] == 0
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
 def _block(kernels: BlockKernels, scale: float, config: Any, axis_name: AxisName, invariant: bool, q, k, v,
-           log_decay, state, runs, continues, reached):
+           log_decay, state, runs):
     """The block of one device with an implementation's BlockKernels: (o, final state of the sequence).
 
-    runs: run ids of the block starting at 0, or None; continues [B]: the block is one run continuing from the
-    left; reached [B]: the entering state reaches its first position. The custom VJP runs the exchange
-    mirrored, so that the reverse walks start from each block's exit cotangent (no extra pass over the
-    block, unlike autodiff through the forward's order)."""
+    runs: the block's run ids (run 0 = the positions the entering state reaches), or None. The custom VJP
+    runs the exchange mirrored, so that the reverse walks start from each block's exit cotangent (no extra
+    pass over the block, unlike autodiff through the forward's order)."""
     (o, final_state), _ = _block_fwd(kernels, scale, config, axis_name, invariant, q, k, v, log_decay, state,
-                                     runs, continues, reached)
+                                     runs)
     return o, final_state
 
 
-def _block_fwd(kernels, scale, config, axis_name, invariant, q, k, v, log_decay, state, runs, continues,
-               reached):
+def _block_fwd(kernels, scale, config, axis_name, invariant, q, k, v, log_decay, state, runs):
     # A second derivative would differentiate the kernels: refuse it with fleetjax.vjp's message.
     q, k, v, log_decay, state = (vjp.first_order_only(x) for x in (q, k, v, log_decay, state))
-    local_final, reuse = kernels.local_state(k, v, log_decay, runs, config=config)
-    carry = _carry(continues, log_decay, q.shape[1])
+    local_runs, reached = _local_runs(runs, q.shape[0])
+    local_final, reuse = kernels.local_state(k, v, log_decay, local_runs, config=config)
+    carry = vjp.whole_row_carry(log_decay, runs, q.shape[0], q.shape[1])
     entering, final_state, carries = _pass_forward(local_final, carry, state, axis_name, invariant)
     entering = jnp.where(reached[:, None, None, None], entering, 0.0)
-    o = kernels.forward(q, k, v, log_decay, entering, runs, reuse, scale=scale, config=config)
-    return (o, final_state), (q, k, v, log_decay, entering, runs, continues, reached, carries)
+    o = kernels.forward(q, k, v, log_decay, entering, local_runs, reuse, scale=scale, config=config)
+    return (o, final_state), (q, k, v, log_decay, entering, runs, carry, carries)
 
 
 def _block_bwd(kernels, scale, config, axis_name, invariant, residuals, cotangents):
-    q, k, v, log_decay, entering, runs, continues, reached, carries = residuals
+    q, k, v, log_decay, entering, runs, carry, carries = residuals
+    local_runs, reached = _local_runs(runs, q.shape[0])
     do, d_final = cotangents
     if not invariant:
         # Without check_vma typing every device holds its own copy of the final state, each with its share
         # of the cotangent (shard_map divides an out_specs P() cotangent over the devices): their sum.
         d_final = jax.lax.psum(d_final, axis_name)
-    local_reverse, reuse = kernels.local_reverse_state(q, do, log_decay, runs, scale=scale, config=config)
+    local_reverse, reuse = kernels.local_reverse_state(q, do, log_decay, local_runs, scale=scale, config=config)
     local_reverse = jnp.where(reached[:, None, None, None], local_reverse, 0.0)
     exit_cotangent, d_initial = _pass_backward(local_reverse, carries, d_final, axis_name, invariant)
-    dq, dk, dv, d_log_decay, _ = kernels.backward(q, k, v, log_decay, entering, runs, do, exit_cotangent, reuse,
-                                                  scale=scale, config=config)
-    T = q.shape[1]
-    d_log_decay = d_log_decay + vjp.carry_log_decay_grad(_carry(continues, log_decay, T), T, exit_cotangent,
-                                                         entering)
+    dq, dk, dv, d_log_decay, _ = kernels.backward(q, k, v, log_decay, entering, local_runs, do, exit_cotangent,
+                                                  reuse, scale=scale, config=config)
+    d_log_decay = d_log_decay + vjp.carry_log_decay_grad(carry, q.shape[1], exit_cotangent, entering)
     d_initial = jnp.where(jax.lax.axis_index(axis_name) == 0, d_initial, 0.0)
     grads = tuple(vjp.first_order_only(g) for g in (dq, dk, dv, d_log_decay, d_initial))
-    return grads + (None, None, None)
+    return grads + (None,)
 
 
 _block.defvjp(_block_fwd, _block_bwd)
@@ -368,7 +369,6 @@ def sequence_parallel(impl: Any, q: jax.Array, k: jax.Array, v: jax.Array, log_d
 
     if segment_ids is None:
         runs = None  # every block is one run continuing from the left
-        continues = jnp.ones((B,), bool)
     else:
         segment_ids = jnp.asarray(segment_ids)
         # The id just before this block: the last id of the previous device (device 0 has none, and its first
@@ -377,30 +377,28 @@ def sequence_parallel(impl: Any, q: jax.Array, k: jax.Array, v: jax.Array, log_d
         previous_id = jnp.where(index == 0, segment_ids[:, 0], from_left)
         # Run 0 = the positions the entering state reaches (none when a segment starts at the first position).
         runs = run_ids_from_segment_ids(segment_ids, previous_id=previous_id)
-        continues = runs[:, -1] == 0  # the whole block is one run continuing from the left
 
     method = _method.get()
     zeros = vary_like(jnp.zeros_like(state), q, k, v)
+    if method == "entering_state" and impl.block_kernels is not None:
+        return _block(impl.block_kernels, scale, config, axis_name, tracks_vma, q, k, v, log_decay,
+                      vary_like(state, q, k, v), runs)
     # The implementations take run ids that start at 0 (their entering state feeds run 0); where a segment
     # starts at the block's first position the entering state reaches nothing, so that row gets a zero one.
-    local_runs = None if runs is None else runs - runs[:, :1]
-    if method == "entering_state" and impl.block_kernels is not None:
-        reached = jnp.ones((B,), bool) if runs is None else runs[:, 0] == 0
-        return _block(impl.block_kernels, scale, config, axis_name, tracks_vma, q, k, v, log_decay,
-                      vary_like(state, q, k, v), local_runs, continues, reached)
+    local_runs, first_reached = _local_runs(runs, B)
     if method == "correction":
         o_local, local_final = impl.fn(q, k, v, log_decay, zeros, local_runs, scale=scale, config=config)
     else:
         local_final = _block_final_state(k, v, log_decay, runs)
 
-    carry = _carry(continues, log_decay, T)
+    # a_p: gamma^T where the whole block is one run continuing from the left (run 0), else 0.
+    carry = vjp.whole_row_carry(log_decay, runs, B, T)
     entering_state, final_state, _ = _pass_forward(local_final, carry, state, axis_name, tracks_vma)
 
     if method == "correction":
         reached = None if runs is None else runs == 0
         o = o_local.astype(f32) + _state_contribution(q, entering_state, log_decay, reached, scale)
     else:
-        if runs is not None:
-            entering_state = jnp.where((runs[:, 0] == 0)[:, None, None, None], entering_state, 0.0)
+        entering_state = jnp.where(first_reached[:, None, None, None], entering_state, 0.0)
         o, _ = impl.fn(q, k, v, log_decay, entering_state, local_runs, scale=scale, config=config)
     return o, final_state
