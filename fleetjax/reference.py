@@ -1,12 +1,34 @@
-"""The readable definitions of the operator (DESIGN.md section 1).
+"""The operator, and its readable definitions: the references every fast implementation is tested against.
 
-    O_t = scale * sum_{s <= t} decay_h^(t-s) (q_t . k_s) v_s,   S_t = decay_h S_{t-1} + k_t v_t^T
+For batch b, head h, positions t = 0..T-1, with one decay gamma_h in (0, 1] per head:
+
+    O_t = scale * sum_{s <= t} gamma_h^(t-s) (q_t . k_s) v_s            (scale defaults to K^-1/2)
+
+Recurrent form, with a K x V state per (batch, head) kept in float32:
+
+    S_t = gamma S_{t-1} + k_t v_t^T,   S_{-1} = initial_state (or 0),   o_t = scale * q_t^T S_t
+
+Chunked form (what the fast implementations compute), for a chunk of C positions with local index i and the
+state S entering it:
+
+    o_i    = scale * ( gamma^(i+1) q_i^T S  +  sum_{j <= i} gamma^(i-j) (q_i . k_j) v_j )
+    S_next = gamma^C S  +  sum_j gamma^(C-1-j) k_j v_j^T
+
+Numerics: gamma^(-i) is never formed (it overflows for small gamma); decay factors are exp(n * log gamma)
+with the mask applied to the exponent before exp, so gamma -> 0 gives exact zeros and gamma = 1 gives ones.
+States and products accumulate in float32 whatever the input dtype.
+
+Packed sequences: with segment_ids [B, T], positions with different ids never interact; the state resets
+wherever the id changes (so two stretches of one id separated by another are separate sequences). The
+initial state feeds the first segment of each row; the final state is the state after the row's last
+position. Implementations receive run ids instead of the user's ids (fleetjax.segments).
+
+The gradients (fleetjax.vjp) and the splitting of a sequence into pieces joined by their states
+(fleetjax.state_passing) follow from these forms.
 
 ``scan`` walks the recurrence one position at a time; ``quadratic`` builds the masked decay matrix. Both take
-the arguments of :func:`fleetjax.fleet_attention` (without ``implementation``/``config``), are plain
-autodiff, and are what every fast implementation is tested against. The functions ending in ``_impl`` are
-the implementation-level forms behind them: canonical inputs (log decay, run ids, a float32 initial state),
-already validated.
+the arguments of :func:`fleetjax.fleet_attention` (without ``implementation``/``config``) and are plain
+autodiff. The functions ending in ``_impl`` are their implementation-level forms (fleetjax.implementation).
 """
 
 from __future__ import annotations
@@ -15,6 +37,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from fleetjax.implementation import Implementation, run
 
 HIGHEST = jax.lax.Precision.HIGHEST
 f32 = jnp.float32
@@ -33,9 +57,10 @@ def recurrent_step(q_t: jax.Array, k_t: jax.Array, v_t: jax.Array, decay: jax.Ar
     return o_t, state
 
 
-def scan_impl(q, k, v, log_decay, initial_state, run_ids, *, scale: float, config: Any = None):
+def scan_impl(q, k, v, log_decay, initial_state, run_ids, *, scale: float, config: Any = None,
+              final_state: bool = True):
     """``jax.lax.scan`` over time with a float32 [B, H, K, V] state; the state resets where the run changes."""
-    del config
+    del config, final_state
     decay = jnp.exp(log_decay)
     if run_ids is None:
         resets = jnp.zeros(q.shape[:2], bool)
@@ -54,9 +79,10 @@ def scan_impl(q, k, v, log_decay, initial_state, run_ids, *, scale: float, confi
     return jnp.moveaxis(o, 0, 1), final_state
 
 
-def quadratic_impl(q, k, v, log_decay, initial_state, run_ids, *, scale: float, config: Any = None):
+def quadratic_impl(q, k, v, log_decay, initial_state, run_ids, *, scale: float, config: Any = None,
+                   final_state: bool = True):
     """The masked [T, T] decay matrix, O(T^2) memory: for small T and tests."""
-    del config
+    del config, final_state
     T = q.shape[1]
     t = jnp.arange(T)
     if run_ids is None:
@@ -83,19 +109,21 @@ def quadratic_impl(q, k, v, log_decay, initial_state, run_ids, *, scale: float, 
     return o, final_state
 
 
-def scan(q, k, v, decay, *, scale=1.0, initial_state=None, return_final_state=False, segment_ids=None,
+SCAN = Implementation("scan", scan_impl, "jax.lax.scan over time with the float32 state: the recurrence, readable")
+QUADRATIC = Implementation("quadratic", quadratic_impl, "the masked T x T decay matrix, O(T^2) memory")
+
+
+def scan(q, k, v, decay, *, scale=None, initial_state=None, return_final_state=False, segment_ids=None,
          sequence_axis_name=None):
     """Reference by recurrence; arguments and result as :func:`fleetjax.fleet_attention`."""
-    from fleetjax.api import fleet_attention
-    return fleet_attention(q, k, v, decay, scale=scale, initial_state=initial_state,
-                           return_final_state=return_final_state, segment_ids=segment_ids,
-                           sequence_axis_name=sequence_axis_name, implementation="scan")
+    return run(SCAN, q, k, v, decay, scale=scale, initial_state=initial_state,
+               return_final_state=return_final_state, segment_ids=segment_ids,
+               sequence_axis_name=sequence_axis_name)
 
 
-def quadratic(q, k, v, decay, *, scale=1.0, initial_state=None, return_final_state=False, segment_ids=None,
+def quadratic(q, k, v, decay, *, scale=None, initial_state=None, return_final_state=False, segment_ids=None,
               sequence_axis_name=None):
     """Reference by the masked decay matrix; arguments and result as :func:`fleetjax.fleet_attention`."""
-    from fleetjax.api import fleet_attention
-    return fleet_attention(q, k, v, decay, scale=scale, initial_state=initial_state,
-                           return_final_state=return_final_state, segment_ids=segment_ids,
-                           sequence_axis_name=sequence_axis_name, implementation="quadratic")
+    return run(QUADRATIC, q, k, v, decay, scale=scale, initial_state=initial_state,
+               return_final_state=return_final_state, segment_ids=segment_ids,
+               sequence_axis_name=sequence_axis_name)

@@ -16,18 +16,22 @@ import jax
 import jax.numpy as jnp
 
 
-def pass_piece(state: jax.Array, carry: jax.Array, local: jax.Array) -> jax.Array:
-    """The state after one piece: carry * state + local (state, local [..., K, V]; carry [...]). Also used
-    inside the Pallas kernels, where each program folds the pieces before its own."""
-    return carry[..., None, None] * state + local
+def pass_piece(state: jax.Array, carry: jax.Array, local: jax.Array, keep: jax.Array | None = None) -> jax.Array:
+    """The state after one piece: carry * state + local (state, local [..., K, V]; carry [...]); where
+    ``keep`` [...] is False (a segment starts inside the piece) the entering state is dropped by selection,
+    so a NaN in it does not reach the next segment."""
+    carried = carry[..., None, None] * state
+    if keep is not None:
+        carried = jnp.where(keep[..., None, None], carried, 0.0)
+    return carried + local
 
 
-def pass_states(start: jax.Array, local: jax.Array, carry: jax.Array, *,
+def pass_states(start: jax.Array, local: jax.Array, carry: jax.Array, keep: jax.Array | None = None, *,
                 reverse: bool = False) -> tuple[jax.Array, jax.Array]:
-    """entering[0] = start, entering[p+1] = carry[p] * entering[p] + local[p]; with ``reverse``, the same
-    from the last piece to the first.
+    """entering[0] = start, entering[p+1] = carry[p] * entering[p] + local[p] (dropped where keep[p] is False);
+    with ``reverse``, the same from the last piece to the first.
 
-    start [..., K, V]; local [P, ..., K, V]; carry [P, ...]. Returns (entering [P, ..., K, V], the state
+    start [..., K, V]; local [P, ..., K, V]; carry, keep [P, ...]. Returns (entering [P, ..., K, V], the state
     after every piece). P is static and small: a Python loop, which XLA fuses.
     """
     if local.shape[0] == 0:
@@ -37,7 +41,7 @@ def pass_states(start: jax.Array, local: jax.Array, carry: jax.Array, *,
     state = start
     for p in (reversed(pieces) if reverse else pieces):
         entering[p] = state
-        state = pass_piece(state, carry[p], local[p])
+        state = pass_piece(state, carry[p], local[p], None if keep is None else keep[p])
     return jnp.stack(entering), state
 
 

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fleetjax import vjp
-from fleetjax.sharding import vary_like
+from fleetjax.implementation import Implementation
+from fleetjax.vma import vary_like
 
 f32 = jnp.float32
 
@@ -226,6 +227,13 @@ def _xla_bwd(scale, chunk_size, residuals, cotangents):
 _xla.defvjp(_xla_fwd, _xla_bwd, symbolic_zeros=True)
 
 
-def xla_impl(q, k, v, log_decay, initial_state, run_ids, *, scale: float, config: XlaConfig):
+def xla_impl(q, k, v, log_decay, initial_state, run_ids, *, scale: float, config: XlaConfig,
+             final_state: bool = True):
     """Chunked pure-jnp implementation; returns (o float32 [B, T, H, V], final state [B, H, K, V])."""
+    del final_state  # always float32-accurate
     return _xla(q, k, v, log_decay, initial_state, run_ids, scale, config.chunk_size)
+
+
+IMPLEMENTATION = Implementation(
+    "xla", xla_impl, "the chunked form in pure jnp: [C, C] products per chunk, lax.scan over chunks carrying one "
+    "state", config_type=XlaConfig, default_config=default_config, custom_vjp=True, higher_order=False)

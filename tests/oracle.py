@@ -50,8 +50,14 @@ class _Terms:
     carry: np.ndarray  # [B, H]: gamma^T if the whole row is run 0, else 0
 
 
+def _default_scale(scale, K: int) -> float:
+    """None means K^-1/2 (the op's default)."""
+    return K ** -0.5 if scale is None else float(scale)
+
+
 def _terms(q, k, v, decay, scale, initial_state, segment_ids) -> _Terms:
     q, k, v = _as64(q), _as64(k), _as64(v)
+    scale = _default_scale(scale, q.shape[-1])
     B, T, H, K = q.shape
     V = v.shape[-1]
     gamma = _as64(decay)
@@ -73,7 +79,7 @@ def _terms(q, k, v, decay, scale, initial_state, segment_ids) -> _Terms:
     return _Terms(q, k, v, log_gamma, float(scale), s0, weights, lags, enter, leave, carry)
 
 
-def forward(q, k, v, decay, *, scale: float = 1.0, initial_state=None, segment_ids=None
+def forward(q, k, v, decay, *, scale: float | None = None, initial_state=None, segment_ids=None
             ) -> tuple[np.ndarray, np.ndarray]:
     """(o [B, T, H, V], final state [B, H, K, V]), float64, from the user-level arguments."""
     z = _terms(q, k, v, decay, scale, initial_state, segment_ids)
@@ -84,7 +90,7 @@ def forward(q, k, v, decay, *, scale: float = 1.0, initial_state=None, segment_i
     return o, final
 
 
-def gradients(q, k, v, decay, *, do, d_final=None, scale: float = 1.0, initial_state=None, segment_ids=None
+def gradients(q, k, v, decay, *, do, d_final=None, scale: float | None = None, initial_state=None, segment_ids=None
               ) -> dict[str, np.ndarray]:
     """The analytic gradients of DESIGN.md section 2, float64, for the loss <do, o> + <d_final, final state>.
 
@@ -118,7 +124,7 @@ def gradients(q, k, v, decay, *, do, d_final=None, scale: float = 1.0, initial_s
     return dict(q=dq, k=dk, v=dv, decay=dlog / np.exp(z.log_gamma), log_decay=dlog, initial_state=ds0)
 
 
-def recurrent(q, k, v, decay, *, do, d_final=None, scale: float = 1.0, initial_state=None, segment_ids=None
+def recurrent(q, k, v, decay, *, do, d_final=None, scale: float | None = None, initial_state=None, segment_ids=None
               ) -> dict[str, np.ndarray]:
     """The recurrence S_t = gamma S_{t-1} + k_t v_t^T, o_t = scale q_t^T S_t, in float64 with O(T) time and
     O(B H K V) memory, together with d log gamma of <do, o> + <d_final, S_T>.
@@ -133,6 +139,7 @@ def recurrent(q, k, v, decay, *, do, d_final=None, scale: float = 1.0, initial_s
     q, k, v, do = _as64(q), _as64(k), _as64(v), _as64(do)
     B, T, H, K = q.shape
     V = v.shape[-1]
+    scale = _default_scale(scale, K)
     gamma = _as64(decay)[None, :, None, None]
     run = runs(segment_ids, B, T)
     state = np.zeros((B, H, K, V)) if initial_state is None else _as64(initial_state).copy()

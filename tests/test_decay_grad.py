@@ -52,7 +52,7 @@ def test_recurrent_oracle_matches_quadratic_oracle():
     np.testing.assert_allclose(rec["decay"], grads["decay"], rtol=1e-10)
 
 
-def _implementation_log_decay_grad(implementation, x, decay, scale=1.0):
+def _implementation_log_decay_grad(implementation, x, decay, scale=None):
     """(d log decay [H], dq, dk) of <do, o> + <d_final, S_T> from the implementation's VJP."""
     def f(q, k, v, log_decay):
         o, final = fleetjax.fleet_attention(q, k, v, jnp.exp(log_decay), scale=scale,

@@ -5,8 +5,8 @@ Each case compares the output, the final state and the gradients in q, k, v, dec
 are max |x - oracle| / max |oracle|, taken per head, so a head with small values (decay 1e-4) is checked
 as strictly as a head with large ones (decay 1).
 
-Implementations whose names start with "pallas" run in Pallas interpret mode off-GPU, which is slow: there
-they get the cases that fit PALLAS_CAP only; on a GPU, every case.
+Implementations that run here in Pallas interpret mode (``Implementation.interpreted()``) are slow: they get
+the cases that fit PALLAS_CAP only; where they run compiled (a GPU), every case.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def tolerance(implementation: str, case: "Case") -> float:
     tol = TOLERANCE[case.dtype]
     if case.dtype == "float32" and implementation == "scan":
         tol = max(tol, case.T * 2.0 ** -23)
-    if case.dtype == "float32" and implementation.startswith("pallas") and jax.default_backend() == "gpu":
+    impl = fleetjax.IMPLEMENTATIONS[implementation]
+    if case.dtype == "float32" and impl.interpret and impl.runs_compiled():
         tol = max(tol, 3e-5)
     return tol
 
@@ -75,7 +76,7 @@ class Case:
         return "-".join(parts)
 
     def fits(self, implementation: str) -> bool:
-        if not implementation.startswith("pallas") or jax.default_backend() == "gpu":
+        if not fleetjax.IMPLEMENTATIONS[implementation].interpreted():
             return True
         return (self.T <= PALLAS_CAP["T"] and max(self.K, self.V) <= PALLAS_CAP["KV"]
                 and self.B * self.H <= PALLAS_CAP["BH"])
@@ -342,7 +343,7 @@ def test_check_grads(implementation):
 @pytest.mark.parametrize("decay", [1.0, 1e-4], ids=["decay=1", "decay=1e-4"])
 def test_extreme_decay_is_finite(implementation, decay):
     """decay = 1 (no decay) and decay = 1e-4 (almost none kept) give finite values and gradients."""
-    T = 130 if implementation.startswith("pallas") else 300
+    T = 130 if fleetjax.IMPLEMENTATIONS[implementation].interpreted() else 300
     q, k, v, _, s0 = _small_inputs(T=T, H=1)
     decay = jnp.asarray([decay])
 
@@ -356,7 +357,7 @@ def test_extreme_decay_is_finite(implementation, decay):
         assert bool(jnp.all(jnp.isfinite(x)))
 
 
-def _compare_to_oracle(o, final, q, k, v, decay, s0, tol, scale=1.0, segment_ids=None):
+def _compare_to_oracle(o, final, q, k, v, decay, s0, tol, scale=None, segment_ids=None):
     as64 = lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)
     ref_o, ref_final = oracle.forward(as64(q), as64(k), as64(v), as64(decay), scale=scale,
                                       initial_state=as64(s0), segment_ids=segment_ids)

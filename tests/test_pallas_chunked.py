@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 import fleetjax
-from fleetjax.pallas_chunked import PallasConfig
+from fleetjax.pallas.chunked import PallasConfig, WalkConfig
 
-SMALL = dict(chunk_size=16, block_v=16, backward_block_v=16)
+TILE = WalkConfig(chunk_size=16, block_v=16)
+SMALL = dict(forward=TILE, dq=TILE, dv=TILE, dk=TILE)
 
 
 def _inputs(B=2, T=70, H=2, K=5, V=24, seed=0):
@@ -39,8 +40,9 @@ def _all(implementation, config, q, k, v, decay, s0, seg, wo, wf):
 
 # The last two: the pieces' local states in wider value blocks than the walks' 16, and in chunks of 32 (T=70
 # in three pieces of 32 positions; the backward's two pieces of 48 keep the walks' chunks of 16).
-@pytest.mark.parametrize("pieces, backward_pieces, state", [(3, 1, {}), (1, 4, {}), (5, 2, dict(state_block_v=32)),
-                                                            (3, 2, dict(state_chunk_size=32, state_num_warps=2))])
+@pytest.mark.parametrize("pieces, backward_pieces, state", [
+    (3, 1, {}), (1, 4, {}), (5, 2, dict(piece_states=WalkConfig(chunk_size=16, block_v=32))),
+    (3, 2, dict(piece_states=WalkConfig(chunk_size=32, block_v=16, num_warps=2)))])
 def test_sequence_pieces_match_the_reference(pieces, backward_pieces, state):
     x = _inputs()
     config = PallasConfig(**SMALL, num_sequence_pieces=pieces, backward_num_sequence_pieces=backward_pieces, **state)
@@ -70,10 +72,17 @@ def test_second_derivatives_are_refused(implementation):
         jax.grad(lambda d: jnp.sum(jax.grad(f)(d)))(decay)
 
 
-@pytest.mark.parametrize("field, value", [("chunk_size", 24), ("block_v", 8), ("num_warps", 0), ("state_block_v", 48),
-                                          ("num_sequence_pieces", 0), ("precision", "fast")])
-def test_bad_config_is_refused(field, value):
+@pytest.mark.parametrize("field, value", [("chunk_size", 24), ("block_v", 8), ("num_warps", 0), ("num_warps", 3),
+                                          ("num_stages", 0)])
+def test_bad_walk_config_is_refused(field, value):
     with pytest.raises(ValueError, match=field):
+        WalkConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field, value", [("num_sequence_pieces", 0), ("precision", "fast"),
+                                          ("dk", WalkConfig(chunk_size=32))])
+def test_bad_config_is_refused(field, value):
+    with pytest.raises(ValueError, match=field if field != "dk" else "chunk_size"):
         PallasConfig(**{field: value})
 
 
@@ -81,7 +90,7 @@ def test_a_config_that_cannot_fit_is_refused():
     q = jnp.ones((1, 8, 1, 256))
     with pytest.raises(ValueError, match="cannot fit"):
         fleetjax.fleet_attention(q, q, q, jnp.array([0.5]), implementation="pallas",
-                                 config=PallasConfig(block_v=128))
+                                 config=PallasConfig(forward=WalkConfig(block_v=128)))
 
 
 def test_bfloat16_decay_gradient_at_long_range():

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from fleetjax import reference
-from fleetjax.pallas_fleet import FleetConfig, default_config, pallas_fleet_impl
+from fleetjax.pallas.fleet import FleetConfig, default_config, pallas_fleet_impl
 
 f32 = jnp.float32
 DECAYS = (1.0, 0.999, 0.5, 1e-4)
@@ -171,7 +171,7 @@ def test_config_that_cannot_fit_the_shape():
 def test_gpu_default_configs_of_empty_inputs(monkeypatch, B, T):
     """The GPU heuristics of both Pallas kernels accept an empty batch or sequence (pallas_fleet's once divided
     by its zero program count there: seen on an H100)."""
-    from fleetjax import pallas_chunked
+    from fleetjax.pallas import chunked as pallas_chunked
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     q = jnp.zeros((B, T, 2, 16), jnp.bfloat16)
     assert isinstance(default_config(q, q), FleetConfig)

@@ -8,7 +8,6 @@ below reads its own case from that output. The refusals that one device can show
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -35,9 +34,9 @@ SEGMENT_IDS = [[0] * 13 + [1] * 3 + [2] * 16, [5] * 5 + [3] * 20 + [5] * 7]
 # across the device boundary.
 SEGMENT_IDS_64 = [[0] * 13 + [1] * 29 + [2] * 22, [5] * 16 + [3] * 32 + [6] * 16]
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
-# An implementation with reference BlockKernels (registered in the worker, _register_reference_blocks): the
-# exchange of fleetjax.sharding and its custom VJP checked on the CPU under both check_vma modes, which the
-# Pallas kernels cannot do in interpret mode.
+# An implementation with reference BlockKernels (_reference_blocks, passed as implementation=): the exchange of
+# fleetjax.sharding and its custom VJP checked on the CPU under both check_vma modes, which the Pallas kernels
+# cannot do in interpret mode.
 BLOCKS = "scan_blocks"
 
 
@@ -48,16 +47,14 @@ def _cases() -> list[dict[str, Any]]:
     for impl in impls:
         for n in (2, 4, 8):
             cases.append(dict(impl=impl, seq=n))
-    # Pallas kernels run in interpret mode on CPU (slow): one small case each when they are registered,
-    # with check_vma=False, because interpret mode does not follow check_vma typing (jax 0.10.2 raises
-    # "dynamic_slice requires varying manual axes to match" inside the interpreted kernel).
-    cases += [dict(impl=name, seq=2, check_vma=False) for name in ("pallas", "pallas_fleet")
-              if _registered(name)]
+    # Pallas kernels run in interpret mode on CPU (slow): one small case each when they are registered, under
+    # shard_map's default check_vma=True (interpret mode then runs every device's kernel on gathered inputs).
+    cases += [dict(impl=name, seq=2) for name in ("pallas", "pallas_fleet") if _registered(name)]
     # Each device's block in sequence pieces (forward and backward): the local states of all pieces, folded.
     if _registered("pallas"):
         cases.append(dict(impl="pallas", seq=2, check_vma=False, T=64, config="pieces"))
     cases += [dict(impl=BLOCKS, seq=n) for n in (2, 4, 8)]
-    # The generic composition for an implementation that has BlockKernels (what "entering_state" was).
+    # The generic composition for an implementation that has BlockKernels (its record without them).
     cases += [dict(impl=BLOCKS, seq=4, method="generic")]
     if _registered("pallas"):
         cases.append(dict(impl="pallas", seq=2, check_vma=False, method="generic"))
@@ -74,11 +71,6 @@ def _cases() -> list[dict[str, Any]]:
         dict(impl="xla", seq=4, dtype="bfloat16"),
         # T split over a tuple of mesh axes; only the first device holds the initial state (others: garbage).
         dict(impl="xla", seq=(2, 2), state_on_first_device_only=True),
-        # The other order of the work: each block from a zero state, then a separate correction q S_p.
-        dict(impl="quadratic", seq=4, method="correction"),
-        dict(impl="xla", seq=8, method="correction"),
-        dict(impl="xla", seq=2, method="correction", check_vma=False, segments=False),
-        dict(impl="xla", seq=4, method="correction", dtype="bfloat16"),
     ]
     for case in cases:
         case.setdefault("segments", True)
@@ -88,7 +80,7 @@ def _cases() -> list[dict[str, Any]]:
         case.setdefault("data", 1)
         case.setdefault("state_on_first_device_only", False)
         case.setdefault("dtype", "float32")
-        case.setdefault("method", "entering_state")
+        case.setdefault("method", "block_kernels")
         case.setdefault("T", T)
         case.setdefault("config", None)
         seq = case["seq"]
@@ -98,7 +90,7 @@ def _cases() -> list[dict[str, Any]]:
                               + ([f"data{case['data']}"] if case["data"] > 1 else [])
                               + [f"no_{f}" for f in flags] + extra
                               + ([case["dtype"]] if case["dtype"] != "float32" else [])
-                              + ([case["method"]] if case["method"] != "entering_state" else [])
+                              + ([case["method"]] if case["method"] != "block_kernels" else [])
                               + ([f"T{case['T']}"] if case["T"] != T else [])
                               + ([case["config"]] if case["config"] else []))
     return cases
@@ -132,14 +124,15 @@ def _config(case):
     if case["impl"] == "xla":
         return XlaConfig(chunk_size=3)
     if case["config"] == "pieces":
-        from fleetjax.pallas_chunked import PallasConfig
-        return PallasConfig(chunk_size=16, block_v=16, backward_block_v=16, num_sequence_pieces=2,
+        from fleetjax.pallas.chunked import PallasConfig, WalkConfig
+        tile = WalkConfig(chunk_size=16, block_v=16)
+        return PallasConfig(forward=tile, dq=tile, dv=tile, dk=tile, num_sequence_pieces=2,
                             backward_num_sequence_pieces=2)
     return None
 
 
-def _register_reference_blocks() -> None:
-    """fleetjax.IMPLEMENTATIONS[BLOCKS]: the scan reference, with BlockKernels made of its own autodiff."""
+def _reference_blocks():
+    """The scan reference's record named BLOCKS, with BlockKernels made of its own autodiff."""
     import dataclasses
 
     import jax
@@ -147,8 +140,8 @@ def _register_reference_blocks() -> None:
 
     import fleetjax
     from fleetjax import reference, vjp
-    from fleetjax.sharding import vary_like
     from fleetjax.state_passing import BlockKernels
+    from fleetjax.vma import vary_like
 
     def scan(q, k, v, lg, start, runs, scale):
         return reference.scan_impl(q, k, v, lg, start, runs, scale=scale)
@@ -175,9 +168,19 @@ def _register_reference_blocks() -> None:
         return (dq, dk, dv, d_lg - vjp.carry_log_decay_grad(carry, q.shape[1], exit_cotangent, start),
                 d_start - carry[..., None, None] * exit_cotangent)
 
-    fleetjax.IMPLEMENTATIONS[BLOCKS] = dataclasses.replace(
-        fleetjax.IMPLEMENTATIONS["scan"],
-        block_kernels=BlockKernels(local_state, forward, local_reverse_state, backward))
+    return dataclasses.replace(fleetjax.IMPLEMENTATIONS["scan"], name=BLOCKS,
+                               block_kernels=BlockKernels(local_state, forward, local_reverse_state, backward))
+
+
+def _implementation(case, sharded: bool):
+    """The record the case runs: BLOCKS is built here; method "generic" drops the block kernels (sharded)."""
+    import dataclasses
+
+    import fleetjax
+    record = _reference_blocks() if case["impl"] == BLOCKS else fleetjax.IMPLEMENTATIONS[case["impl"]]
+    if sharded and case["method"] == "generic":
+        record = dataclasses.replace(record, block_kernels=None)
+    return record
 
 
 def _loss_and_grads(fn, x, case):
@@ -216,7 +219,8 @@ def _call(case, sequence_axis_name=None):
         return fleetjax.fleet_attention(
             q, k, v, decay, scale=SCALE, initial_state=initial_state if case["initial_state"] else None,
             return_final_state=True, segment_ids=segment_ids if case["segments"] else None,
-            sequence_axis_name=sequence_axis_name, implementation=case["impl"], config=_config(case))
+            sequence_axis_name=sequence_axis_name, implementation=_implementation(case, sequence_axis_name is not None),
+            config=_config(case))
     return fn
 
 
@@ -317,9 +321,7 @@ def _worker() -> None:
     import jax
     import jax.numpy as jnp
 
-    from fleetjax.sharding import combine_method
     assert len(jax.devices()) >= DEVICES, jax.devices()
-    _register_reference_blocks()
     results: dict[str, Any] = {}
     references: dict[tuple, dict] = {}
     for case in _cases():
@@ -332,8 +334,7 @@ def _worker() -> None:
                 unsharded = _call(case)
                 references[key] = _loss_and_grads(
                     lambda q, k, v, d, s0: unsharded(q, k, v, d, s0, x["segment_ids"]), x, case)
-            with combine_method(case["method"]):  # acts while the jitted function is traced
-                got = _loss_and_grads(_sharded(case, x), x, case)
+            got = _loss_and_grads(_sharded(case, x), x, case)
             results[case["id"]] = {"errors": _relative_errors(got, references[key])}
         except Exception as error:  # reported by the test of this case
             results[case["id"]] = {"exception": f"{type(error).__name__}: {error}"}
@@ -412,14 +413,6 @@ def _one_device_call(axis_name, in_spec):
     return mapped(jnp.ones((1, 4, 2, 3)))
 
 
-def test_unknown_combine_method_is_refused():
-    from fleetjax.sharding import combine_method
-    message = r"combine_method must be one of \('entering_state', 'generic', 'correction'\)"
-    with pytest.raises(ValueError, match=message):
-        with combine_method("ring"):
-            pass
-
-
 def test_outside_shard_map_is_refused():
     import jax.numpy as jnp
 
@@ -454,8 +447,12 @@ def test_vary_like_and_shape_dtype_like_follow_the_mesh_axes():
     from jax.sharding import Mesh
     from jax.sharding import PartitionSpec as P
 
-    from fleetjax.sharding import shape_dtype_like, vary_like
+    from fleetjax.vma import shape_dtype_like, vary_like
     mesh = Mesh(np.array(jax.devices()[:1]), ("seq",))
+
+    def varying_axes_of(struct):
+        mat = getattr(struct, "manual_axis_type", None)
+        return set(getattr(mat, "varying", None) or getattr(struct, "vma", None) or ())
     seen = {}
 
     def body(x):
@@ -466,10 +463,10 @@ def test_vary_like_and_shape_dtype_like_follow_the_mesh_axes():
 
     out = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("seq"), out_specs=P("seq")))(jnp.ones((4, 3)))
     np.testing.assert_allclose(np.asarray(out), np.full((1, 3), 4.0))
-    assert seen["struct"].shape == (2, 3) and "seq" in seen["struct"].manual_axis_type.varying
+    assert seen["struct"].shape == (2, 3) and "seq" in varying_axes_of(seen["struct"])
     x = jnp.ones((2,))
     assert vary_like(x, x) is x
-    assert shape_dtype_like((2,), jnp.float32, x) == jax.ShapeDtypeStruct((2,), jnp.float32)
+    assert shape_dtype_like((2,), jnp.float32, x).shape == (2,) and not varying_axes_of(shape_dtype_like((2,), jnp.float32, x))
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
@@ -501,21 +498,19 @@ def test_grouped_local_state_equals_one_product(with_runs):
 @pytest.mark.parametrize("exchange", [True, False])
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_one_device_axis_equals_the_plain_call(impl, exchange, check_vma):
-    """On a one-device axis the op is the plain call; with exchange_on_one_device it runs the sharded
-    algorithm anyway (the benchmark's emulation of one device of a larger mesh). Output, final state and
-    gradients as the plain call, also under shard_map's check_vma typing (Pallas: on a GPU only)."""
+    """On a one-device axis the op is the plain call; fleetjax.sharding.exchange runs the sharded algorithm
+    anyway (the benchmark's emulation of one device of a larger mesh). Output, final state and gradients as
+    the plain call, also under shard_map's check_vma typing."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import Mesh
     from jax.sharding import PartitionSpec as P
 
     import fleetjax
-    from fleetjax.sharding import exchange_on_one_device
+    from fleetjax import sharding
+    from fleetjax.vma import vary_like
     if impl not in fleetjax.IMPLEMENTATIONS:
         pytest.skip(f"{impl} is not registered")
-    if impl == "pallas" and check_vma and jax.default_backend() == "cpu":
-        pytest.skip("Pallas interpret mode does not follow check_vma typing (jax 0.10: dynamic_slice refuses "
-                    "mixed varying axes inside the interpreted kernel)")
     rng = np.random.default_rng(3)
     t = 24
     q, k = (jnp.asarray(rng.standard_normal((1, t, 2, 4)), jnp.float32) for _ in range(2))
@@ -523,6 +518,7 @@ def test_one_device_axis_equals_the_plain_call(impl, exchange, check_vma):
     s0 = jnp.asarray(rng.standard_normal((1, 2, 4, 5)), jnp.float32)
     decay = jnp.asarray([0.9, 0.5])
     segments = jnp.asarray([[0] * 10 + [1] * 14], jnp.int32)
+    record = fleetjax.IMPLEMENTATIONS[impl]
 
     def loss(fn, q, k, v, decay, s0):
         o, final = fn(q, k, v, decay, s0, segments)
@@ -530,15 +526,20 @@ def test_one_device_axis_equals_the_plain_call(impl, exchange, check_vma):
 
     def attend(axis):
         return lambda q, k, v, decay, s0, seg: fleetjax.fleet_attention(
-            q, k, v, decay, initial_state=s0, segment_ids=seg, return_final_state=True,
+            q, k, v, decay, scale=0.5, initial_state=s0, segment_ids=seg, return_final_state=True,
             sequence_axis_name=axis, implementation=impl)
 
+    def exchanged(q, k, v, decay, s0, seg):
+        log_decay = vary_like(jnp.log(decay), q, k, v)
+        return sharding.exchange(record, q, k, v, log_decay, s0, sharding.block_run_ids(seg, "seq"), scale=0.5,
+                                 config=record.config_for(None, q, v), axis_name="seq")
+
     mesh = Mesh(np.array(jax.devices()[:1]), ("seq",))
-    mapped = jax.shard_map(attend("seq"), mesh=mesh, in_specs=(P(None, "seq"),) * 3 + (P(), P(), P(None, "seq")),
+    mapped = jax.shard_map(exchanged if exchange else attend("seq"), mesh=mesh,
+                           in_specs=(P(None, "seq"),) * 3 + (P(), P(), P(None, "seq")),
                            out_specs=(P(None, "seq"), P()), check_vma=check_vma)
     grad = lambda fn: jax.jit(jax.value_and_grad(functools.partial(loss, fn), argnums=(0, 1, 2, 3, 4)))  # noqa: E731
-    with exchange_on_one_device() if exchange else contextlib.nullcontext():
-        got = grad(mapped)(q, k, v, decay, s0)
+    got = grad(mapped)(q, k, v, decay, s0)
     want = grad(attend(None))(q, k, v, decay, s0)
     for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-5)

@@ -1,0 +1,169 @@
+"""Shared memory, registers and spills of fleetjax's Pallas kernels for sm_90, measured on a machine without a
+GPU: the kernels are lowered to Triton IR for the CUDA platform (jax.export), compiled by Triton for sm_90
+and assembled by ptxas, and the numbers are compared with the model in fleetjax.pallas.launch.
+
+    PYTHONPATH=. python -m experiments.footprint --triton-python /tmp/tvenv/bin/python [--grid small|full]
+
+``--triton-python``: a Python with ``triton`` installed (``python3 -m venv /tmp/tvenv && /tmp/tvenv/bin/pip
+install triton==3.6.0``; the GPU machine has Triton 3.6 too, and XLA's Triton agreed with it to the byte on
+the kernels measured). Writes one JSON line per kernel and configuration to --out and prints the largest
+ratio of measured to modelled shared memory; the model is used to choose default configs, so it must not
+under-estimate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax import export  # noqa: E402
+from jax._src.pallas.triton import pallas_call_registration as registration  # noqa: E402
+
+import fleetjax  # noqa: E402
+from fleetjax.pallas import chunked, fleet, launch  # noqa: E402
+
+_COMPILE = r'''
+import json, os, re, subprocess, sys, tempfile, triton
+from triton.backends.compiler import GPUTarget
+ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
+for line in sys.stdin:
+    job = json.loads(line)
+    try:
+        kernel = triton.compile(job["path"], target=GPUTarget("cuda", 90, 32),
+                                options=dict(num_warps=job["num_warps"], num_stages=job["num_stages"]))
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(kernel.asm["ptx"])
+        report = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
+                                text=True).stderr
+        regs = re.search(r"Used (\d+) registers", report)
+        spill = re.search(r"(\d+) bytes spill stores", report)
+        job.update(shared=kernel.metadata.shared, registers=int(regs.group(1)) if regs else None,
+                   spill_bytes=int(spill.group(1)) if spill else None,
+                   wgmma=kernel.asm["ptx"].count("wgmma.mma_async"))
+    except Exception as error:  # a kernel Triton refuses is a result too
+        job.update(error=str(error)[-300:])
+    print(json.dumps(job), flush=True)
+'''
+
+
+class Capture:
+    """Collects the Triton modules that Pallas lowers, with each kernel's launch parameters."""
+
+    def __init__(self):
+        self.modules: list[str] = []
+        self._lower = registration.lowering.lower_jaxpr_to_triton_module
+
+        def lower(*args, **kwargs):
+            result = self._lower(*args, **kwargs)
+            self.modules.append(result.module.operation.get_asm())
+            return result
+
+        registration.lowering.lower_jaxpr_to_triton_module = lower
+
+    def kernels(self, fn, *avals, directory: str) -> list[dict]:
+        start = len(self.modules)
+        exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
+            export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*avals)
+        params = re.findall(r'name = "([^"]+)", num_stages = (\d+) : i32, num_warps = (\d+) : i32',
+                            exported.mlir_module())
+        jobs, seen = [], {}
+        for module in self.modules[start:]:
+            name = re.search(r"module @(\S+)", module).group(1)
+            matches = [p for p in params if p[0] == name]
+            index = seen.get(name, 0)
+            seen[name] = index + 1
+            _, stages, warps = matches[index]
+            path = os.path.join(directory, f"{len(os.listdir(directory))}_{name}.ttir")
+            Path(path).write_text(module)
+            jobs.append(dict(kernel=name, path=path, num_warps=int(warps), num_stages=int(stages)))
+        return jobs
+
+
+_KERNEL_OF = {"fleet_forward": "forward", "fleet_piece_states": "piece_states",
+              "fleet_piece_states_reverse": "piece_states", "fleet_backward_dq": "dq", "fleet_backward_dv": "dv",
+              "fleet_backward_dk": "dk"}
+
+
+def grid(size: str):
+    dims = [(64, 64), (128, 128), (128, 256), (256, 128), (256, 256), (100, 200)]
+    if size == "small":
+        dims = [(128, 128), (128, 256), (256, 256)]
+    for dtype in ("bfloat16", "float16", "float32"):
+        for K, V in dims:
+            for chunk_size, block_v, stages in ((64, 64, 3), (64, 32, 3), (64, 32, 2), (32, 32, 3), (64, 16, 2)):
+                yield dtype, K, V, chunked.WalkConfig(chunk_size=chunk_size, block_v=block_v, num_stages=stages)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--triton-python", required=True)
+    parser.add_argument("--grid", choices=("small", "full"), default="small")
+    parser.add_argument("--out", default="footprint.jsonl")
+    args = parser.parse_args(argv)
+    for module in (launch, chunked, fleet):  # lower as a GPU would: Triton, not interpret mode
+        module.on_gpu = lambda: True
+    chunked.check_fits = lambda *args, **kwargs: None  # measure what the model would refuse, too
+    capture = Capture()
+    directory = tempfile.mkdtemp(prefix="fleetjax-ttir-")
+    jobs = []
+    for dtype, K, V, walk in grid(args.grid):
+        dt = jnp.dtype(dtype)
+        q, v = jax.ShapeDtypeStruct((2, 256, 2, K), dt), jax.ShapeDtypeStruct((2, 256, 2, V), dt)
+        decay = jax.ShapeDtypeStruct((2,), jnp.float32)
+        config = chunked.PallasConfig(forward=walk, dq=walk, dv=walk, dk=walk, num_sequence_pieces=2,
+                                      backward_num_sequence_pieces=2)
+
+        def loss(q, k, v, decay):
+            o, final = fleetjax.fleet_attention(q, k, v, decay, implementation="pallas", config=config,
+                                                return_final_state=True, initial_state=jnp.ones(
+                                                    (2, 2, K, V), jnp.float32))
+            return jnp.sum(o.astype(jnp.float32)) + jnp.sum(final)
+
+        try:
+            found = capture.kernels(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)), q, q, v, decay,
+                                    directory=directory)
+        except ValueError as error:  # the config check refused it: record the refusal
+            print(json.dumps(dict(dtype=dtype, K=K, V=V, walk=dataclasses.asdict(walk), refused=str(error))))
+            continue
+        for job in found:
+            kind = _KERNEL_OF[job["kernel"]]
+            walk_used = dataclasses.replace(walk, num_stages=job["num_stages"])
+            job.update(dtype=dtype, K=K, V=V, walk=dataclasses.asdict(walk_used),
+                       model=chunked.footprint(kind, walk_used, K, V, dt)["shared"])
+            jobs.append(job)
+    result = subprocess.run([args.triton_python, "-c", _COMPILE], input="\n".join(json.dumps(j) for j in jobs),
+                            capture_output=True, text=True)
+    worst = 0.0
+    with open(args.out, "w") as out:
+        for line in result.stdout.splitlines():
+            job = json.loads(line)
+            out.write(line + "\n")
+            if "shared" in job:
+                worst = max(worst, job["shared"] / job["model"])
+                print(f"{job['kernel']:28s} {job['dtype']:9s} K{job['K']:<4d} V{job['V']:<4d} {job['walk']} "
+                      f"shared {job['shared']:7d} model {job['model']:7d} regs {job['registers']} "
+                      f"spill {job['spill_bytes']}")
+            else:
+                print(job.get("kernel"), job.get("error"))
+    print(f"largest measured / modelled shared memory: {worst:.3f}")
+    if result.stderr.strip():
+        print(result.stderr[-2000:], file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

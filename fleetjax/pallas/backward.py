@@ -1,0 +1,227 @@
+"""The backward kernels of implementation="pallas": three walks, each the forward walk with other roles
+(fleetjax.pallas.chunk), each with a small on-chip state and none holding all value columns.
+
+dq walk, forward in time: query=dO, key=v, value=k (state [V, K block]), entered with S0^T:
+    dq_t = scale sum_{s <= t} gamma^(t-s) (dO_t . v_s) k_s + scale gamma^(t+1) S0 dO_t
+  It also returns, per value block (summed after in a fixed order), the parts of the decay gradient that
+  fleetjax.vjp needs: w_t = q_t . dq_t^inter (the state's part) and intra_t = scale sum_{s <= t in the chunk}
+  (t - s) gamma^(t-s) (q_t . k_s)(dO_t . v_s).
+dv walk, reverse in time: query=k, key=q, value=dO (state [K, V block]):
+    dv_s = scale sum_{t >= s} gamma^(t-s) (q_t . k_s) dO_t;
+  its state after the first position is R = sum_t gamma^(t+1) q_t dO_t^T, and d initial_state = scale R.
+dk walk, reverse in time: query=v, key=dO, value=q (state [V, K block]):
+    dk_s = scale sum_{t >= s} gamma^(t-s) (dO_t . v_s) q_t,  and u_s = k_s . dk_s^inter.
+The final state's cotangent dS_T reaches position s with gamma^(T-1-s) (in the row's last run): the dv and
+dk walks add gamma^(T-1-s) dS_T^T k_s and gamma^(T-1-s) dS_T v_s as a product of their own, not part of the
+carried state, and the dk walk returns x_s = gamma^(T-1-s) k_s^T dS_T v_s, its share of the decay gradient.
+
+Every product that feeds w, u, x or a state leaving the kernel keeps float32's accuracy with 16-bit inputs
+(hi/lo pairs, fleetjax.pallas.chunk.dot_exact): the decay gradient's offset sums amplify roundings.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from fleetjax.chunking import Chunking
+from fleetjax.pallas import chunk as cm
+from fleetjax.pallas.launch import call
+from fleetjax.pallas.walk import (Specs, columns, enter_piece, program_id, load_rows, pad_state, padded, piece_edges,
+                                  piece_links, store_positions, store_rows, value_blocks, walk)
+
+f32 = jnp.float32
+
+
+def _entered(state, local_ref, link_ref, *, piece, chunking, reverse, log_decay):
+    if local_ref is None:
+        return state
+    return enter_piece(state, piece=piece, chunking=chunking, reverse=reverse, log_decay=log_decay,
+                       local_ref=local_ref, link_ref=link_ref)
+
+
+def dq_kernel(*, log_decay_ref, do_ref, v_ref, k_ref, q_ref, dq_ref, w_ref, intra_ref, start_ref=None,
+              local_ref=None, link_ref=None, run_ref=None, edge_ref=None, chunking: Chunking, K: int, V: int,
+              block: int, scale: float, precision):
+    """One (K block, batch*head, piece) program of the dq walk. Refs: do, v [T, V]; k, q, dq [T, block];
+    start [V, block] (S0^T); local [P-1, V, block], link [P]; run [T], edge [1]; w, intra [T]."""
+    j, piece = program_id(0, log_decay_ref), program_id(2, log_decay_ref)
+    log_decay = log_decay_ref[0]
+    v_cols, k_cols = columns(v_ref, V), columns(k_ref, K, block, j)
+    dtype = v_ref.dtype
+    state = start_ref[...] if start_ref is not None else jnp.zeros((v_ref.shape[-1], block), f32)
+    state = _entered(state, local_ref, link_ref, piece=piece, chunking=chunking, reverse=False, log_decay=log_decay)
+
+    def body(ch: cm.Chunk, state):
+        do, v = load_rows(do_ref, ch, v_cols), load_rows(v_ref, ch, v_cols)
+        k, bad = cm.finite_part(load_rows(k_ref, ch, k_cols))
+        q = load_rows(q_ref, ch, k_cols)
+        scores = cm.scores(do, v, ch, precision)
+        dq, inter = cm.output(do, scores, k, state, ch, scale=scale, dtype=dtype, precision=precision, exact=True)
+        # This block's share of (q_i . k_j), times the pair's weighted (dO_i . v_j), weighted by the lag.
+        pair = cm.dot(q, k, precision, trans_b=True) * scores
+        intra = scale * jnp.sum(ch.lag * pair, axis=1)
+        state = cm.update(state, v, k, ch, dtype=dtype, precision=precision, exact=True)
+        dq, state, reached = cm.poison(dq, state, bad, ch)
+        store_rows(dq_ref, ch, dq, k_cols)
+        store_positions(w_ref, ch, jnp.sum(inter * q.astype(f32), axis=1))
+        store_positions(intra_ref, ch, jnp.where(jnp.max(jnp.where(reached, 1, 0), axis=1) > 0, jnp.nan, intra))
+        return state
+
+    walk(body, state, piece=piece, chunking=chunking, reverse=False, log_decay=log_decay, run_ref=run_ref,
+         edge_ref=edge_ref)
+
+
+def dv_kernel(*, log_decay_ref, k_ref, q_ref, do_ref, dv_ref, reverse_ref, exit_ref=None, last_run_ref=None,
+              local_ref=None, link_ref=None, run_ref=None, edge_ref=None, chunking: Chunking, K: int, V: int,
+              block: int, scale: float, precision):
+    """One (V block, batch*head, piece) program of the dv walk. Refs: k, q [T, K]; do, dv [T, block]; exit
+    [K, block] (dS_T), last_run [1]; local [P-1, K, block], link [P]; run [T], edge [1]; reverse
+    [K, block]: the reverse state after the piece's first position."""
+    j, piece = program_id(0, log_decay_ref), program_id(2, log_decay_ref)
+    log_decay = log_decay_ref[0]
+    k_cols, v_cols = columns(k_ref, K), columns(do_ref, V, block, j)
+    dtype = k_ref.dtype
+    state = _entered(jnp.zeros(reverse_ref.shape, f32), local_ref, link_ref, piece=piece, chunking=chunking,
+                     reverse=True, log_decay=log_decay)
+    exit_state = None if exit_ref is None else exit_ref[...].astype(dtype)
+    last_run = None if last_run_ref is None else last_run_ref[0]
+
+    def body(ch: cm.Chunk, state):
+        k, q = load_rows(k_ref, ch, k_cols), load_rows(q_ref, ch, k_cols)
+        do, bad = cm.finite_part(load_rows(do_ref, ch, v_cols))
+        dv, _ = cm.output(k, cm.scores(k, q, ch, precision), do, state, ch, scale=scale, dtype=dtype,
+                          precision=precision, exact=False)
+        if exit_state is not None:
+            dv = dv + cm.dot(k, exit_state, precision) * cm.exit_decay(ch, chunking.T, last_run)[:, None]
+        state = cm.update(state, q, do, ch, dtype=dtype, precision=precision, exact=True)
+        dv, state, _ = cm.poison(dv, state, bad, ch)
+        store_rows(dv_ref, ch, dv, v_cols)
+        return state
+
+    reverse_ref[...] = walk(body, state, piece=piece, chunking=chunking, reverse=True, log_decay=log_decay,
+                            run_ref=run_ref, edge_ref=edge_ref)
+
+
+def dk_kernel(*, log_decay_ref, v_ref, do_ref, q_ref, k_ref, dk_ref, u_ref, x_ref=None, exit_ref=None,
+              last_run_ref=None, local_ref=None, link_ref=None, run_ref=None, edge_ref=None, chunking: Chunking,
+              K: int, V: int, block: int, scale: float, precision):
+    """One (K block, batch*head, piece) program of the dk walk. Refs: v, do [T, V]; q, k, dk [T, block];
+    exit [V, block] (dS_T^T, float32), last_run [1]; local [P-1, V, block], link [P]; run [T], edge [1];
+    u, x [T]."""
+    j, piece = program_id(0, log_decay_ref), program_id(2, log_decay_ref)
+    log_decay = log_decay_ref[0]
+    v_cols, k_cols = columns(v_ref, V), columns(q_ref, K, block, j)
+    dtype = v_ref.dtype
+    state = _entered(jnp.zeros((v_ref.shape[-1], block), f32), local_ref, link_ref, piece=piece,
+                     chunking=chunking, reverse=True, log_decay=log_decay)
+    last_run = None if last_run_ref is None else last_run_ref[0]
+
+    def body(ch: cm.Chunk, state):
+        v, do = load_rows(v_ref, ch, v_cols), load_rows(do_ref, ch, v_cols)
+        q, bad = cm.finite_part(load_rows(q_ref, ch, k_cols))
+        k = load_rows(k_ref, ch, k_cols)
+        dk, inter = cm.output(v, cm.scores(v, do, ch, precision), q, state, ch, scale=scale, dtype=dtype,
+                              precision=precision, exact=True)
+        if exit_ref is not None:
+            # Its own product, so that its share of the decay gradient is weighted by T-1-s (fleetjax.vjp).
+            o_exit = (cm.dot_exact(v, exit_ref[...], dtype, precision)
+                      * cm.exit_decay(ch, chunking.T, last_run)[:, None])
+            dk = dk + o_exit
+            store_positions(x_ref, ch, jnp.sum(o_exit * k.astype(f32), axis=1))
+        state = cm.update(state, do, q, ch, dtype=dtype, precision=precision, exact=True)
+        dk, state, _ = cm.poison(dk, state, bad, ch)
+        store_rows(dk_ref, ch, dk, k_cols)
+        store_positions(u_ref, ch, jnp.sum(inter * k.astype(f32), axis=1))
+        return state
+
+    walk(body, state, piece=piece, chunking=chunking, reverse=True, log_decay=log_decay, run_ref=run_ref,
+         edge_ref=edge_ref)
+
+
+# ------------------------------------------------------------------------------------------------ launches
+
+def _common(query_key_dim: int, value_dim: int, block: int, H: int, chunking: Chunking, run_ids, reverse: bool,
+            local):
+    """Specs and the inputs every walk shares: pieces, links, runs."""
+    kp = padded(query_key_dim)
+    bv, nv = value_blocks(value_dim, block)
+    s = Specs(H, chunking, kp, bv)
+    P = chunking.pieces
+    links = piece_links(run_ids, chunking, reverse) if P > 1 else None
+    inputs = dict(
+        local_ref=None if P == 1 else (pad_state(local, kp, nv * bv), s.piece_states(P - 1)),
+        link_ref=None if links is None else (links, s.row(P)),
+        run_ref=None if run_ids is None else (run_ids, s.runs()),
+        edge_ref=None if run_ids is None else (piece_edges(run_ids, chunking, reverse)[0], s.edge()))
+    return s, kp, bv, nv, inputs
+
+
+def _exit_inputs(exit_state, run_ids, s: Specs, kp: int, width: int, dtype=None):
+    if exit_state is None:
+        return dict()
+    exit_state = pad_state(exit_state, kp, width)
+    return dict(exit_ref=(exit_state if dtype is None else exit_state.astype(dtype), s.state()),
+                last_run_ref=None if run_ids is None else (run_ids[:, -1:], s.row(1)))
+
+
+def dq_walk(q, k, v, do, log_decay, start, run_ids, chunking: Chunking, *, scale: float, local, block_v: int,
+            num_warps: int, num_stages: int, precision):
+    """(dq [B, T, H, K] in q's dtype, w, intra [B, H, T] float32). start: S0 [B, H, K, V] or None."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    s, kp, bk, nk, inputs = _common(V, K, block_v, H, chunking, run_ids, False, local)
+    if start is not None:
+        inputs["start_ref"] = (pad_state(jnp.swapaxes(start, -1, -2), kp, nk * bk), s.state())
+    kernel = functools.partial(dq_kernel, chunking=chunking, K=K, V=V, block=bk, scale=scale, precision=precision)
+    out = call(kernel, name="fleet_backward_dq", grid=(nk, B * H, chunking.pieces),
+               inputs=dict(log_decay_ref=(log_decay, s.head()), do_ref=(do, s.keys()), v_ref=(v, s.keys()),
+                           k_ref=(k, s.values()), q_ref=(q, s.values()), **inputs),
+               outputs=dict(dq_ref=(((B, T, H, K), q.dtype), s.values()),
+                            w_ref=(((nk, B, H, T), f32), s.per_position()),
+                            intra_ref=(((nk, B, H, T), f32), s.per_position())),
+               num_warps=num_warps, num_stages=num_stages)
+    # Each K block holds part of the sums over K; add them in a fixed order.
+    return out["dq_ref"], jnp.sum(out["w_ref"], axis=0), jnp.sum(out["intra_ref"], axis=0)
+
+
+def dv_walk(q, k, do, log_decay, exit_state, run_ids, chunking: Chunking, *, scale: float, local, block_v: int,
+            num_warps: int, num_stages: int, precision):
+    """(dv [B, T, H, V] in do's dtype, R [B, H, K, V] float32: the reverse state after the first position).
+    exit_state: dS_T [B, H, K, V] or None."""
+    B, T, H, K = q.shape
+    V = do.shape[-1]
+    s, kp, bv, nv, inputs = _common(K, V, block_v, H, chunking, run_ids, True, local)
+    inputs.update(_exit_inputs(exit_state, run_ids, s, kp, nv * bv))
+    kernel = functools.partial(dv_kernel, chunking=chunking, K=K, V=V, block=bv, scale=scale, precision=precision)
+    out = call(kernel, name="fleet_backward_dv", grid=(nv, B * H, chunking.pieces),
+               inputs=dict(log_decay_ref=(log_decay, s.head()), k_ref=(k, s.keys()), q_ref=(q, s.keys()),
+                           do_ref=(do, s.values()), **inputs),
+               outputs=dict(dv_ref=(((B, T, H, V), do.dtype), s.values()),
+                            reverse_ref=(((B, H, chunking.pieces, kp, nv * bv), f32), s.piece_state())),
+               num_warps=num_warps, num_stages=num_stages)
+    return out["dv_ref"], out["reverse_ref"][:, :, 0, :K, :V]
+
+
+def dk_walk(q, k, v, do, log_decay, exit_state, run_ids, chunking: Chunking, *, scale: float, local, block_v: int,
+            num_warps: int, num_stages: int, precision):
+    """(dk [B, T, H, K] in k's dtype, u [B, H, T], x [B, H, T] or None) float32. local: the dv walk's local
+    states [B, H, P-1, K, V] (transposed here); exit_state: dS_T [B, H, K, V] or None."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    local = None if local is None else jnp.swapaxes(local, -1, -2)
+    s, kp, bk, nk, inputs = _common(V, K, block_v, H, chunking, run_ids, True, local)
+    exit_t = None if exit_state is None else jnp.swapaxes(exit_state, -1, -2)
+    inputs.update(_exit_inputs(exit_t, run_ids, s, kp, nk * bk))
+    kernel = functools.partial(dk_kernel, chunking=chunking, K=K, V=V, block=bk, scale=scale, precision=precision)
+    per_position = (((nk, B, H, T), f32), s.per_position())
+    out = call(kernel, name="fleet_backward_dk", grid=(nk, B * H, chunking.pieces),
+               inputs=dict(log_decay_ref=(log_decay, s.head()), v_ref=(v, s.keys()), do_ref=(do, s.keys()),
+                           q_ref=(q, s.values()), k_ref=(k, s.values()), **inputs),
+               outputs=dict(dk_ref=(((B, T, H, K), k.dtype), s.values()), u_ref=per_position,
+                            x_ref=per_position if exit_state is not None else None),
+               num_warps=num_warps, num_stages=num_stages)
+    x = jnp.sum(out["x_ref"], axis=0) if exit_state is not None else None
+    return out["dk_ref"], jnp.sum(out["u_ref"], axis=0), x

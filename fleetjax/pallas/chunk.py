@@ -1,0 +1,187 @@
+"""The math of one chunk, shared by every Pallas kernel of fleetjax (in-kernel code: jnp on tiles).
+
+A walk visits the sequence in chunks of C positions, carrying a float32 state S on chip. For a chunk with
+local positions i (queries) and j (keys), the chunked form of the operator (fleetjax.reference) is
+
+    forward:  o_i = scale (sum_{j <= i} gamma^(i-j) (query_i . key_j) value_j + gamma^(i+1) query_i^T S)
+              S  <- gamma^len S + sum_j gamma^(len-1-j) key_j value_j^T
+    reverse:  o_i = scale (sum_{j >= i} gamma^(j-i) (query_i . key_j) value_j + gamma^(len-1-i) query_i^T S)
+              S  <- gamma^len S + sum_j gamma^(j+1) key_j value_j^T
+
+The forward walk runs from the first chunk to the last; the reverse walk from the last to the first, and its
+state after the first chunk is sum_t gamma^(t+1) key_t value_t^T, the cotangent of an entering state. Every
+kernel (the forward, the sequence pieces' states, the dq, dv and dk walks of the backward, and the Fleet
+partition) is one of these walks with its own query, key and value (see fleetjax.pallas.chunked).
+
+Decay factors are exp(exponent) with the exponent masked before exp (exponents <= 0 only): a decay near 0
+gives exact zeros, a decay of 1 gives ones, and nothing overflows.
+
+Non-finite inputs stay where they belong: a NaN or inf at one position reaches only the outputs that depend
+on it. So every mask is applied by selection (``jnp.where``), never by multiplying with a 0/1 factor
+(0 * inf = NaN); and since a product over positions multiplies every value by its weight, masked or not, the
+value tile enters the products with its non-finite entries set to 0, and the outputs and state columns that
+depend on one of them are set to NaN afterwards (:func:`poison`, taken only when the tile has one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+f32 = jnp.float32
+
+
+def dot(a, b, precision, trans_a: bool = False, trans_b: bool = False):
+    """a @ b with float32 accumulation; ``trans_a``/``trans_b`` contract a's rows / b's columns instead."""
+    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+    return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=f32)
+
+
+def dot_exact(a, b, dtype, precision, trans_a: bool = False):
+    """a @ b for a float32 ``b`` taken as a pair hi + lo in ``dtype``: two products in ``dtype`` that keep b to
+    about float32's accuracy, where rounding b to ``dtype`` once would keep 8 or 11 bits. For float32 inputs
+    it is one product."""
+    if dtype == f32:
+        return dot(a, b, precision, trans_a=trans_a)
+    hi = b.astype(dtype)
+    lo = (b - hi.astype(f32)).astype(dtype)
+    return dot(a, hi, precision, trans_a=trans_a) + dot(a, lo, precision, trans_a=trans_a)
+
+
+def _decayed(mask, exponent):
+    """exp(exponent) where mask, exactly 0 elsewhere; the exponent is masked before exp."""
+    return jnp.where(mask, jnp.exp(jnp.where(mask, exponent, 0.0)), 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """One chunk of a walk: its positions and its decay factors. Factors are float32 and exactly 0 where the
+    matching mask is False (selected, see the module docstring).
+
+    rows: the slice of positions; valid [C]: positions < T.
+    pairs [C, C]: query i and key j interact (in the walk's direction, same run, both valid); weights: their
+      decay; lag: |i - j| on pairs, else 0 (float32, for the decay gradient).
+    enters [C]: the state entering the chunk reaches query i; entering: its decay.
+    leaves [C]: key j enters the state handed on; leaving: its decay.
+    carries (scalar): the entering state passes through the chunk; carry: its decay.
+    far_run: the run next to the chunk the walk visits next (its last run; reverse: its first).
+    position [C]: the positions; runs [C]: their run ids (None: one run); log_decay: the head's (scalar).
+    """
+
+    rows: Any
+    valid: jax.Array
+    pairs: jax.Array
+    weights: jax.Array
+    lag: jax.Array
+    enters: jax.Array
+    entering: jax.Array
+    leaves: jax.Array
+    leaving: jax.Array
+    carries: jax.Array
+    carry: jax.Array
+    far_run: jax.Array
+    position: jax.Array
+    runs: jax.Array | None
+    log_decay: jax.Array
+
+
+def chunk(start, C: int, T: int, log_decay, *, reverse: bool, runs=None, edge_run=None) -> Chunk:
+    """The chunk of C positions from ``start`` of a walk over T positions with the per-head ``log_decay``
+    (a float32 scalar). ``runs`` [C]: the chunk's run ids (-1 beyond T), with ``edge_run`` the run of the
+    state entering the chunk; None: one run."""
+    i = jnp.arange(C)
+    valid = start + i < T
+    length = jnp.minimum(C, T - start)
+    lag = (i[None, :] - i[:, None]) if reverse else (i[:, None] - i[None, :])
+    pairs = (lag >= 0) & valid[:, None] & valid[None, :]
+    enter_exponent = (length - 1 - i) if reverse else (i + 1)
+    leave_exponent = (i + 1) if reverse else (length - 1 - i)
+    enters = leaves = valid
+    carries = jnp.bool_(True)
+    far_run = jnp.int32(0)
+    if runs is not None:
+        far_run = (jnp.min(jnp.where(valid, runs, jnp.iinfo(jnp.int32).max)) if reverse
+                   else jnp.max(jnp.where(valid, runs, -1)))
+        pairs = pairs & (runs[:, None] == runs[None, :])
+        enters = valid & (runs == edge_run)
+        leaves = valid & (runs == far_run)
+        carries = far_run == edge_run
+    lg = jnp.asarray(log_decay, f32)
+    return Chunk(
+        rows=pl.ds(start, C), valid=valid, pairs=pairs,
+        weights=_decayed(pairs, lag.astype(f32) * lg),
+        lag=jnp.where(pairs, lag, 0).astype(f32),
+        enters=enters, entering=_decayed(enters, enter_exponent.astype(f32) * lg),
+        leaves=leaves, leaving=_decayed(leaves, leave_exponent.astype(f32) * lg),
+        carries=carries, carry=jnp.where(carries, jnp.exp(length.astype(f32) * lg), 0.0), far_run=far_run,
+        position=start + i, runs=runs, log_decay=lg)
+
+
+def exit_decay(ch: Chunk, T: int, last_run=None):
+    """[C]: gamma^(T-1-t), the factor by which position t reaches the state after the last position (in the
+    row's last run ``last_run`` only, when the walk has runs), 0 elsewhere."""
+    reach = ch.valid if ch.runs is None else ch.valid & (ch.runs == last_run)
+    return _decayed(reach, (T - 1 - ch.position).astype(f32) * ch.log_decay)
+
+
+def finite_part(value):
+    """(value with its non-finite entries set to 0, the mask of those entries)."""
+    bad = ~jnp.isfinite(value)
+    return jnp.where(bad, jnp.zeros_like(value), value), bad
+
+
+def scores(query, key, ch: Chunk, precision):
+    """[C, C] float32: (query_i . key_j) times the pair's decay on pairs, exactly 0 elsewhere."""
+    return jnp.where(ch.pairs, dot(query, key, precision, trans_b=True) * ch.weights, 0.0)
+
+
+def output(query, pair_scores, value, state, ch: Chunk, *, scale: float, dtype, precision, exact: bool):
+    """(o [C, bv] float32, its part from the entering state) of the chunk, from the finite value tile.
+
+    The scale is applied before the score tile and the state are rounded to the inputs' dtype for the
+    tensor cores, so that float16 intermediates stay in range where the result does. ``exact``: the state as a
+    hi/lo pair (its term then has float32's accuracy, for the decay gradient's sums)."""
+    intra = dot((scale * pair_scores).astype(dtype), value, precision)
+    if exact:
+        inter = dot_exact(query, scale * state, dtype, precision)
+    else:
+        inter = dot(query, (scale * state).astype(dtype), precision)
+    inter = jnp.where(ch.enters[:, None], inter * ch.entering[:, None], 0.0)
+    return intra + inter, inter
+
+
+def update(state, key, value, ch: Chunk, *, dtype, precision, exact: bool):
+    """The state handed on: carry * state + sum_j leaving_j key_j value_j^T, from the finite value tile.
+
+    ``exact``: the decayed values as a hi/lo pair, so that the new state has float32's accuracy with 16-bit
+    inputs (a state that leaves the kernel, or feeds a gradient's sums); else one product in ``dtype``."""
+    key = jnp.where(ch.leaves[:, None], key, jnp.zeros_like(key))
+    weighted = jnp.where(ch.leaves[:, None], value.astype(f32) * ch.leaving[:, None], 0.0)
+    if exact:
+        new = dot_exact(key, weighted, dtype, precision, trans_a=True)
+    else:
+        new = dot(key, weighted.astype(dtype), precision, trans_a=True)
+    return jnp.where(ch.carries, ch.carry * state, 0.0) + new
+
+
+def poison(o, state, bad, ch: Chunk):
+    """NaN into the outputs and state columns that depend on a non-finite value (``bad`` [C, bv], from
+    :func:`finite_part`): o_i[c] for every pair (i, j) with a bad value_j[c], and column c of the state handed
+    on if a key j that leaves has one. Returns (o, state, reached [C, bv]: the entries of o set to NaN);
+    ``o`` may be None (a walk with no outputs). Branches on the device only when the tile holds a bad value."""
+    shape = bad.shape if o is None else o.shape
+
+    def mark(args):
+        o, state, _ = args
+        # A pair reaches o_i[c] through a bad value_j[c]: a [C, C] x [C, bv] product of 0/1 values.
+        reached = dot(ch.pairs.astype(f32), bad.astype(f32), None) > 0
+        column = jnp.max(jnp.where(ch.leaves[:, None] & bad, 1, 0), axis=0) > 0
+        o = None if o is None else jnp.where(reached, jnp.nan, o)
+        return o, jnp.where(column[None, :], jnp.nan, state), reached
+
+    any_bad = jnp.max(jnp.where(bad, 1, 0)) > 0
+    return jax.lax.cond(any_bad, mark, lambda args: args, (o, state, jnp.zeros(shape, bool)))

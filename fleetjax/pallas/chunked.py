@@ -1,0 +1,386 @@
+"""implementation="pallas": the fused chunked walk (Pallas, Triton lowering on GPU), its exact custom VJP, and
+its steps for sequence parallelism.
+
+Forward (fleetjax.pallas.forward): one program per (value block, batch*head, sequence piece) walks the
+chunks of its piece with the [K, block_v] float32 state on chip; no state of any chunk is written to HBM.
+With sequence pieces (when batch*head*value blocks cannot fill the GPU) a cheaper launch first computes
+each piece's local state, and each walk program folds those of the pieces before its own into its entering
+state.
+
+Backward (fleetjax.pallas.backward): the residuals are the inputs alone; three walks give dq (forward in
+time), dv and d initial_state, and dk (both reverse in time), with the decay gradient from their per-position
+sums (fleetjax.vjp). Second derivatives raise an error: the kernels have no derivative rules.
+
+Sequence parallelism (fleetjax.sharding) takes the same launches in another order (``BLOCK_KERNELS``): the
+local states of all pieces first (folded, they are the block's local state; the walk reuses them), the walk
+after the exchange; in the backward the local reverse states first, then the reverse walks entered with the
+block's exit cotangent.
+
+Every kernel has its own tiling (:class:`WalkConfig`); :func:`default_config` picks them by shape, dtype and
+device, within the device's shared memory (fleetjax.pallas.launch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from fleetjax import vjp
+from fleetjax.chunking import Chunking
+from fleetjax.implementation import Implementation
+from fleetjax.pallas import backward as bwd
+from fleetjax.pallas import forward as fwd
+from fleetjax.pallas.launch import multiprocessor_count, on_gpu, shared_memory_bytes, shared_memory_per_block
+from fleetjax.pallas.walk import padded
+from fleetjax.state_passing import BlockKernels
+
+f32 = jnp.float32
+_PRECISIONS = {"ieee": jax.lax.Precision.HIGHEST, "tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+               "tf32": jax.lax.Precision.DEFAULT}
+# float32 values of one program's on-chip state (registers): [key dim, block] <= 128 x 128 (64 KiB).
+MAX_STATE_TILE = 128 * 128
+KERNELS = ("forward", "piece_states", "dq", "dv", "dk")
+
+
+def _pow2(n) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 1 and n & (n - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class WalkConfig:
+    """Tiling of one walk kernel.
+
+    chunk_size: positions per chunk (a power of two >= 16); block_v: columns of the walk's values per program
+    (a power of two >= 16); num_warps, num_stages: Triton's launch parameters (stages: how many chunks'
+    tiles are loaded ahead, each a copy in shared memory).
+    """
+
+    chunk_size: int = 64
+    block_v: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        for name in ("chunk_size", "block_v"):
+            if not _pow2(getattr(self, name)) or getattr(self, name) < 16:
+                raise ValueError(f"WalkConfig.{name} must be a power of two >= 16, got {getattr(self, name)!r}")
+        if not _pow2(self.num_warps) or self.num_warps > 32:
+            raise ValueError(f"WalkConfig.num_warps must be a power of two in [1, 32], got {self.num_warps!r}")
+        if not isinstance(self.num_stages, int) or isinstance(self.num_stages, bool) or self.num_stages < 1:
+            raise ValueError(f"WalkConfig.num_stages must be a positive int, got {self.num_stages!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasConfig:
+    """The tiling of every kernel of implementation="pallas".
+
+    forward: the forward walk. dq, dv, dk: the backward's walks (one chunk size: the decay gradient pairs
+    their chunks). piece_states: the launches that compute the sequence pieces' local states before a walk
+    (they read keys and values only, so they can take longer chunks or more warps); None: each walk's own
+    tiling. A piece-state chunk that does not tile the pieces falls back to the walk's.
+    num_sequence_pieces, backward_num_sequence_pieces: pieces of the sequence walked in parallel (state
+    passing joins them), forward and backward.
+    precision: products of float32 inputs: "tf32x3" (three tensor-core passes, about float32's accuracy),
+    "ieee" (exact float32 without tensor cores, many times slower) or "tf32" (one pass, ~1e-3). Off-GPU
+    "tf32x3" runs exact. 16-bit inputs use their own tensor-core products (hi/lo pairs where float32's
+    accuracy is owed).
+    """
+
+    forward: WalkConfig = WalkConfig()
+    dq: WalkConfig = WalkConfig(block_v=32)
+    dv: WalkConfig = WalkConfig(block_v=32)
+    dk: WalkConfig = WalkConfig(block_v=32)
+    piece_states: WalkConfig | None = None
+    num_sequence_pieces: int = 1
+    backward_num_sequence_pieces: int = 1
+    precision: str = "tf32x3"
+
+    def __post_init__(self):
+        for name in ("forward", "dq", "dv", "dk", "piece_states"):
+            value = getattr(self, name)
+            if not isinstance(value, WalkConfig) and not (name == "piece_states" and value is None):
+                raise TypeError(f"PallasConfig.{name} must be a WalkConfig, got {value!r}")
+        if len({self.dq.chunk_size, self.dv.chunk_size, self.dk.chunk_size}) != 1:
+            raise ValueError("PallasConfig.dq, dv and dk must have one chunk_size, got "
+                             f"{self.dq.chunk_size}, {self.dv.chunk_size}, {self.dk.chunk_size}")
+        for name in ("num_sequence_pieces", "backward_num_sequence_pieces"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"PallasConfig.{name} must be a positive int, got {value!r}")
+        if self.precision not in _PRECISIONS:
+            raise ValueError(f"PallasConfig.precision must be one of {sorted(_PRECISIONS)}, got {self.precision!r}")
+
+    def chunking(self, T: int, backward: bool) -> Chunking:
+        if backward:
+            return Chunking(T, self.dq.chunk_size, self.backward_num_sequence_pieces)
+        return Chunking(T, self.forward.chunk_size, self.num_sequence_pieces)
+
+    def launch(self, name: str, dtype) -> dict:
+        """The keyword arguments of kernel ``name``'s launch function."""
+        walk = getattr(self, name)
+        return dict(block_v=walk.block_v, num_warps=walk.num_warps, num_stages=walk.num_stages,
+                    precision=_dot_precision(self.precision, dtype))
+
+    def piece_launch(self, walk: str, dtype) -> dict:
+        """The launch of the pieces' states before walk ``walk`` (its own tiling unless piece_states is set)."""
+        own = getattr(self, walk)
+        states = self.piece_states or own
+        return dict(chunk_size=states.chunk_size, block_v=states.block_v, num_warps=states.num_warps,
+                    num_stages=states.num_stages, precision=_dot_precision(self.precision, dtype))
+
+
+def _dot_precision(name: str, dtype):
+    """The products' precision for inputs of ``dtype``: the config's choice for float32, else the default."""
+    if jnp.dtype(dtype) != f32:
+        return None
+    if name == "tf32x3" and not on_gpu():  # no tf32 off-GPU: exact is what tf32x3 approximates
+        return jax.lax.Precision.HIGHEST
+    return _PRECISIONS[name]
+
+
+# ------------------------------------------------------------------------------------- footprint, defaults
+
+def footprint(kernel: str, walk: WalkConfig, K: int, V: int, dtype) -> dict:
+    """What kernel ``kernel`` holds on chip with tiling ``walk`` for key dim K and value dim V: its state tile
+    (float32 elements) and its shared memory in bytes (fleetjax.pallas.launch.shared_memory_bytes)."""
+    C = walk.chunk_size
+    if kernel in ("dq", "dk"):  # query and key are dO and v [C, V]; the values and dot_with q, k [C, K block]
+        kq, block = padded(V), min(walk.block_v, padded(K))
+        loads = ((C, kq), (C, kq), (C, block), (C, block))
+    elif kernel == "dv":  # query, key: k, q [C, K]; values dO [C, V block]
+        kq, block = padded(K), min(walk.block_v, padded(V))
+        loads = ((C, kq), (C, kq), (C, block))
+    elif kernel == "forward":
+        kq, block = padded(K), min(walk.block_v, padded(V))
+        loads = ((C, kq), (C, kq), (C, block))
+    else:  # piece states: keys and values only (any of the walks' roles: the wider key dim)
+        kq, block = padded(max(K, V)), min(walk.block_v, padded(min(K, V)))
+        loads = ((C, kq), (C, block))
+    exact = jnp.dtype(dtype).itemsize < 4  # hi/lo pairs: a second staged copy
+    state_copies = {"forward": 1, "piece_states": 0, "dq": 1 + exact, "dv": 2, "dk": 2 * (1 + exact)}[kernel]
+    staged = ((kq, block),) * state_copies + ((C, C),) + ((C, block),) * (1 + exact)
+    return dict(state=kq * block,
+                shared=shared_memory_bytes(loads=loads, staged=staged, dtype=dtype, num_stages=walk.num_stages))
+
+
+def check_fits(config: PallasConfig, K: int, V: int, dtype, kernels=KERNELS) -> None:
+    """ValueError naming the field of ``config`` whose kernel cannot fit the device (its state in registers,
+    its tiles in shared memory)."""
+    limit = shared_memory_per_block()
+    for name in kernels:
+        walk = getattr(config, name) or (config.forward if name == "piece_states" else None)
+        use = footprint(name, walk, K, V, dtype)
+        if use["state"] > MAX_STATE_TILE:
+            raise ValueError(f"config cannot fit: PallasConfig.{name}.block_v={walk.block_v} gives a float32 state "
+                             f"of {use['state']} values per program for K={K}, V={V}, more than {MAX_STATE_TILE}; "
+                             f"use a smaller block_v")
+        if use["shared"] > limit:
+            raise ValueError(f"config cannot fit: PallasConfig.{name} = {walk} needs about {use['shared']} bytes "
+                             f"of shared memory for K={K}, V={V}, {jnp.dtype(dtype).name}, more than the "
+                             f"device's {limit}; use fewer num_stages, a smaller block_v or chunk_size")
+
+
+def _shrink(name: str, walk: WalkConfig, K: int, V: int, dtype, limit: int, chunk_fixed: bool) -> WalkConfig | None:
+    """The largest tiling at or below ``walk`` that fits: fewer stages first, then narrower blocks, then
+    (unless ``chunk_fixed``) shorter chunks. None if nothing fits."""
+    chunks = [walk.chunk_size] if chunk_fixed else [c for c in (walk.chunk_size, 32, 16) if c <= walk.chunk_size]
+    for chunk_size in chunks:
+        for block_v in [b for b in (walk.block_v, 64, 32, 16) if b <= walk.block_v]:
+            for num_stages in sorted({walk.num_stages, min(walk.num_stages, 2), 1}, reverse=True):
+                candidate = dataclasses.replace(walk, chunk_size=chunk_size, block_v=block_v, num_stages=num_stages)
+                use = footprint(name, candidate, K, V, dtype)
+                if use["state"] <= MAX_STATE_TILE and use["shared"] <= limit:
+                    return candidate
+    return None
+
+
+def _pieces(programs: int, T: int) -> int:
+    """Split the sequence only while the grid holds fewer programs than half the SMs (a walk runs about one
+    program per SM) and pieces keep >= 512 positions."""
+    pieces = 1
+    while programs * pieces < multiprocessor_count() // 2 and T // (2 * pieces) >= 512 and pieces < 64:
+        pieces *= 2
+    return pieces
+
+
+def default_config(q: jax.Array, v: jax.Array) -> PallasConfig:
+    """By shape, dtype and device, from sweeps on an H100 and H200 (experiments/tune_pallas.py: bf16 K=V=128,
+    chunk 64, 4 warps, 3 stages; forward value blocks of 64; the backward's walks in blocks of 32 where
+    batch*head alone fills the GPU, else 64; then sequence pieces up to about one program per SM), each
+    kernel's tiling then shrunk until it fits the device's shared memory."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    dtype = jnp.dtype(q.dtype)
+    sms = multiprocessor_count()
+    wide = dtype.itemsize >= 4
+    forward_block = 32 if wide else 64
+    narrow = min(32, padded(min(K, V)))
+    backward_block = narrow if wide or B * H * -(-max(K, V) // narrow) >= sms else 2 * narrow
+    stages = 2 if wide else 3
+    pieces = _pieces(B * H * -(-V // forward_block), T)
+    backward_pieces = _pieces(B * H * -(-max(K, V) // backward_block), T)
+    piece_states = None
+    if not wide and max(pieces, backward_pieces) > 1:
+        # Few, long programs: pieces' states in chunks of 128 with 8 warps (fewer, fuller loads), and a
+        # forward walk with four stages (loads further ahead hide more latency).
+        piece_states = WalkConfig(chunk_size=128, block_v=forward_block, num_warps=8, num_stages=2)
+        if pieces > 1:
+            stages_forward = 4
+        else:
+            stages_forward = stages
+    else:
+        stages_forward = stages
+    limit = shared_memory_per_block()
+    fit = functools.partial(_shrink, K=K, V=V, dtype=dtype, limit=limit)
+    forward = fit("forward", WalkConfig(block_v=forward_block, num_stages=stages_forward), chunk_fixed=False)
+    walks = {}
+    for chunk_size in (64, 32, 16):  # the backward's walks share one chunk size
+        walks = {name: fit(name, WalkConfig(chunk_size=chunk_size, block_v=backward_block, num_stages=stages),
+                           chunk_fixed=True) for name in ("dq", "dv", "dk")}
+        if all(walks.values()):
+            break
+    if piece_states is not None:
+        piece_states = fit("piece_states", piece_states, chunk_fixed=False)
+    if forward is None or not all(walks.values()):
+        raise ValueError(f"fleetjax: no tiling of implementation='pallas' fits this device for K={K}, V={V}, "
+                         f"{dtype.name} ({limit} bytes of shared memory per program)")
+    return PallasConfig(forward=forward, piece_states=piece_states, num_sequence_pieces=pieces,
+                        backward_num_sequence_pieces=backward_pieces, **walks)
+
+
+# ---------------------------------------------------------------------------------------- the walks
+
+def local_state(k, v, log_decay, run_ids, *, config: PallasConfig):
+    """A block's final state from a zero entering state (its last run's), [B, H, K, V] float32, and what the
+    forward walk reuses of it (the local states of its pieces but the last, or None)."""
+    chunking = config.chunking(k.shape[1], False)
+    local = fwd.piece_states(k, v, log_decay, run_ids, chunking, reverse=False, all_pieces=True,
+                             **config.piece_launch("forward", k.dtype))
+    return fwd.fold_pieces(local, log_decay, run_ids, chunking, False), (local[:, :, :-1] if chunking.pieces > 1
+                                                                          else None)
+
+
+def _forward(q, k, v, log_decay, start, run_ids, reuse, *, scale: float, config: PallasConfig, exact_state: bool):
+    chunking = config.chunking(q.shape[1], False)
+    local = reuse
+    if chunking.pieces > 1 and local is None:
+        local = fwd.piece_states(k, v, log_decay, run_ids, chunking, reverse=False, all_pieces=False,
+                                 **config.piece_launch("forward", q.dtype))
+    return fwd.forward_walk(q, k, v, log_decay, start, run_ids, chunking, scale=scale, exact_state=exact_state,
+                            local=local, **config.launch("forward", q.dtype))
+
+
+def block_forward(q, k, v, log_decay, start, run_ids, reuse, *, scale: float, config: PallasConfig):
+    """o [B, T, H, V] from the entering state ``start``, with ``reuse`` from :func:`local_state`."""
+    return _forward(q, k, v, log_decay, start, run_ids, reuse, scale=scale, config=config, exact_state=False)[0]
+
+
+def local_reverse_state(q, do, log_decay, run_ids, *, scale: float, config: PallasConfig):
+    """The cotangent of a block's entering state from its outputs alone: scale sum_t gamma^(t+1) q_t dO_t^T
+    over its first run, [B, H, K, V] float32, and what ``block_backward`` reuses of it (the local reverse
+    states of its pieces but the first, or None)."""
+    chunking = config.chunking(q.shape[1], True)
+    local = fwd.piece_states(q, do, log_decay, run_ids, chunking, reverse=True, all_pieces=True,
+                             **config.piece_launch("dv", q.dtype))
+    total = fwd.fold_pieces(local, log_decay, run_ids, chunking, True)
+    return vjp.only_first_run(scale * total, run_ids), (local[:, :, 1:] if chunking.pieces > 1 else None)
+
+
+def block_backward(q, k, v, log_decay, start, run_ids, do, exit_cotangent, reuse, *, scale: float,
+                   config: PallasConfig):
+    """The three walks of fleetjax.pallas.backward, for a block entered with the state ``start`` whose final
+    state has the cotangent ``exit_cotangent`` [B, H, K, V] (None: unused). ``reuse``: from
+    :func:`local_reverse_state`, or None (computed here).
+
+    Returns (dq, dk, dv in the inputs' dtype, d log_decay [H] of every term but the one through the carry
+    gamma^T of ``start`` into the final state, d start [B, H, K, V] through the outputs alone)."""
+    do = do.astype(q.dtype)
+    chunking = config.chunking(q.shape[1], True)
+    common = dict(scale=scale)
+    dq_local = None
+    if chunking.pieces > 1:
+        dq_local = fwd.piece_states(v, k, log_decay, run_ids, chunking, reverse=False, all_pieces=False,
+                                    **config.piece_launch("dq", q.dtype))
+        if reuse is None:
+            reuse = fwd.piece_states(q, do, log_decay, run_ids, chunking, reverse=True, all_pieces=False,
+                                     **config.piece_launch("dv", q.dtype))
+    dq, w, intra = bwd.dq_walk(q, k, v, do, log_decay, start, run_ids, chunking, local=dq_local, **common,
+                               **config.launch("dq", q.dtype))
+    dv, reverse_state = bwd.dv_walk(q, k, do, log_decay, exit_cotangent, run_ids, chunking, local=reuse, **common,
+                                    **config.launch("dv", q.dtype))
+    dk, u, x = bwd.dk_walk(q, k, v, do, log_decay, exit_cotangent, run_ids, chunking, local=reuse, **common,
+                           **config.launch("dk", q.dtype))
+    d_start = vjp.only_first_run(scale * reverse_state, run_ids)
+    d_log_decay = vjp.log_decay_grad(w, u, intra)
+    if x is not None:
+        d_log_decay = d_log_decay + vjp.exit_log_decay_grad(x)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_log_decay, d_start
+
+
+# ------------------------------------------------------------------------------------------- custom VJP
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _pallas(q, k, v, log_decay, initial_state, run_ids, scale, config, exact_state):
+    return _forward(q, k, v, log_decay, initial_state, run_ids, None, scale=scale, config=config,
+                    exact_state=exact_state)
+
+
+def _pallas_fwd(q, k, v, log_decay, initial_state, run_ids, scale, config, exact_state):
+    *floats, run_ids = jax.custom_derivatives.custom_vjp_primal_tree_values((q, k, v, log_decay, initial_state,
+                                                                            run_ids))
+    # A second derivative would differentiate this forward's kernels too: refuse it there as well.
+    primals = tuple(vjp.first_order_only(x) for x in floats) + (run_ids,)
+    return _pallas(*primals, scale, config, exact_state), primals
+
+
+def pallas_backward(scale: float, config: PallasConfig, residuals, cotangents):
+    """The VJP shared by both Pallas implementations: residuals (q, k, v, log_decay, initial_state, run_ids),
+    cotangents (dO, d final_state), either possibly a symbolic zero. Returns (dq, dk, dv, d log_decay,
+    d initial_state, None): :func:`block_backward` with the final state's cotangent as the exit's, plus the
+    terms of the carry gamma^T of the initial state into the final state."""
+    q, k, v, log_decay, initial_state, run_ids = residuals
+    do, d_final = cotangents
+    do = jnp.zeros(v.shape, q.dtype) if vjp.is_zero(do) else do
+    d_final = None if vjp.is_zero(d_final) else d_final
+    dq, dk, dv, d_log_decay, d_initial = block_backward(q, k, v, log_decay, initial_state, run_ids, do, d_final,
+                                                        None, scale=scale, config=config)
+    if d_final is not None:
+        carry = vjp.whole_row_carry(log_decay, run_ids, q.shape[0], q.shape[1])
+        d_initial = d_initial + jnp.where(carry[..., None, None] > 0, carry[..., None, None] * d_final, 0.0)
+        d_log_decay = d_log_decay + vjp.carry_log_decay_grad(carry, q.shape[1], d_final, initial_state)
+    grads = (dq, dk, dv, d_log_decay, d_initial)
+    return tuple(vjp.first_order_only(g) for g in grads) + (None,)
+
+
+_pallas.defvjp(_pallas_fwd, lambda scale, config, exact_state, residuals, cotangents:
+               pallas_backward(scale, config, residuals, cotangents), symbolic_zeros=True)
+
+# Sequence parallelism (fleetjax.sharding) with no pass over a block beyond what one device's call makes,
+# except the launch of the last (in reverse: the first) piece's local state.
+BLOCK_KERNELS = BlockKernels(local_state, block_forward, local_reverse_state, block_backward)
+
+
+def canonical_dtype(q, k, v):
+    """The kernels take bfloat16, float16 or float32 inputs; others (float64 with x64) run in float32."""
+    if q.dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
+        return q, k, v
+    return tuple(x.astype(f32) for x in (q, k, v))
+
+
+def pallas_impl(q, k, v, log_decay, initial_state, run_ids, *, scale: float, config: PallasConfig,
+                final_state: bool = True):
+    """The fused chunked Pallas kernels; returns (o [B, T, H, V] in the kernels' dtype, final state f32).
+    ``final_state``: the caller uses the final state (its updates are then float32-accurate)."""
+    q, k, v = canonical_dtype(q, k, v)
+    check_fits(config, q.shape[-1], v.shape[-1], q.dtype)
+    return _pallas(q, k, v, log_decay, initial_state, run_ids, scale, config, final_state)
+
+
+IMPLEMENTATION = Implementation(
+    "pallas", pallas_impl, "the fused chunked walk: one program per (batch*head, value block[, sequence piece]) "
+    "keeps the [K, block_v] state on chip across the chunks", platforms=("gpu",), interpret=True,
+    config_type=PallasConfig, default_config=default_config, custom_vjp=True, higher_order=False,
+    block_kernels=BLOCK_KERNELS)

@@ -1,0 +1,145 @@
+"""The forward kernels of implementation="pallas": the forward walk, and the pieces' local states.
+
+forward walk: one program per (value block, batch*head, sequence piece) walks its piece from the entering
+  state, writing o = scale (masked scores @ v + decayed q @ S) per chunk and handing the [K, block_v]
+  float32 state on (fleetjax.pallas.chunk); it returns the state after its piece.
+piece states: the local final state of each piece from a zero state (k and v only), forward or reverse.
+  A walk with sequence pieces launches it first: each walk program then folds the states of the pieces
+  before its own into its entering state on chip, so no entering state goes through HBM. The backward's
+  reverse walks use the reverse form (query=k, key=q's pieces, see fleetjax.pallas.backward).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from fleetjax.chunking import Chunking
+from fleetjax.pallas import chunk as cm
+from fleetjax.pallas.launch import call
+from fleetjax.state_passing import pass_states
+from fleetjax.pallas.walk import (Specs, columns, enter_piece, program_id, load_rows, pad_state, padded, piece_edges,
+                                  piece_links, store_rows, value_blocks, walk)
+
+f32 = jnp.float32
+
+
+def forward_kernel(*, log_decay_ref, q_ref, k_ref, v_ref, o_ref, final_ref, start_ref=None, local_ref=None,
+                   link_ref=None, run_ref=None, edge_ref=None, chunking: Chunking, K: int, V: int, block_v: int,
+                   scale: float, exact_state: bool, precision):
+    """One (value block, batch*head, piece) program of the forward walk. Refs: q, k [T, K]; v, o [T, block_v];
+    start [K, block_v] (the state entering the walk); local [P-1, K, block_v], link [P] (pieces); run [T],
+    edge [1] (segments); final [K, block_v]: the state after the piece."""
+    j, piece = program_id(0, log_decay_ref), program_id(2, log_decay_ref)
+    log_decay = log_decay_ref[0]
+    k_cols, v_cols = columns(k_ref, K), columns(v_ref, V, block_v, j)
+    dtype = k_ref.dtype
+    state = start_ref[...] if start_ref is not None else jnp.zeros(final_ref.shape, f32)
+    if local_ref is not None:
+        state = enter_piece(state, piece=piece, chunking=chunking, reverse=False, log_decay=log_decay,
+                            local_ref=local_ref, link_ref=link_ref)
+
+    def body(ch: cm.Chunk, state):
+        q, k = load_rows(q_ref, ch, k_cols), load_rows(k_ref, ch, k_cols)
+        v, bad = cm.finite_part(load_rows(v_ref, ch, v_cols))
+        o, _ = cm.output(q, cm.scores(q, k, ch, precision), v, state, ch, scale=scale, dtype=dtype,
+                         precision=precision, exact=False)
+        state = cm.update(state, k, v, ch, dtype=dtype, precision=precision, exact=exact_state)
+        o, state, _ = cm.poison(o, state, bad, ch)
+        store_rows(o_ref, ch, o, v_cols)
+        return state
+
+    final_ref[...] = walk(body, state, piece=piece, chunking=chunking, reverse=False, log_decay=log_decay,
+                          run_ref=run_ref, edge_ref=edge_ref)
+
+
+def piece_states_kernel(*, log_decay_ref, k_ref, v_ref, final_ref, run_ref=None, edge_ref=None,
+                        chunking: Chunking, K: int, V: int, block_v: int, reverse: bool, piece_offset: int,
+                        precision):
+    """One (value block, batch*head, piece) program: the piece's state from a zero one, float32-accurate (it
+    enters the walks of the other pieces). Refs: k [T, K]; v [T, block_v]; run [T], edge [1]; final
+    [K, block_v]."""
+    j, piece = program_id(0, log_decay_ref), program_id(2, log_decay_ref) + piece_offset
+    log_decay = log_decay_ref[0]
+    k_cols, v_cols = columns(k_ref, K), columns(v_ref, V, block_v, j)
+    dtype = k_ref.dtype
+
+    def body(ch: cm.Chunk, state):
+        k = load_rows(k_ref, ch, k_cols)
+        v, bad = cm.finite_part(load_rows(v_ref, ch, v_cols))
+        state = cm.update(state, k, v, ch, dtype=dtype, precision=precision, exact=True)
+        return cm.poison(None, state, bad, ch)[1]
+
+    final_ref[...] = walk(body, jnp.zeros(final_ref.shape, f32), piece=piece, chunking=chunking, reverse=reverse,
+                          log_decay=log_decay, run_ref=run_ref, edge_ref=edge_ref)
+
+
+# ------------------------------------------------------------------------------------------------ launches
+
+def piece_states(key, value, log_decay, run_ids, chunking: Chunking, *, reverse: bool, all_pieces: bool,
+                 chunk_size: int, block_v: int, num_warps: int, num_stages: int, precision):
+    """The local states [B, H, n, K, V] float32 of the pieces that have a successor in the walk (forward:
+    0..P-2; reverse: 1..P-1), or of all P pieces with ``all_pieces``; each piece walked from a zero state with
+    its keys ``key`` [B, T, H, K] and values ``value`` [B, T, H, V], in chunks of ``chunk_size`` where those
+    tile the pieces (else the walk's)."""
+    B, T, H, K = key.shape
+    V = value.shape[-1]
+    chunking = chunking.with_chunk_size(chunk_size)
+    kp = padded(K)
+    bv, nv = value_blocks(V, block_v)
+    launched, offset = (chunking.pieces, 0) if all_pieces else (chunking.pieces - 1, int(reverse))
+    s = Specs(H, chunking, kp, bv, offset)
+    edge = piece_edges(run_ids, chunking, reverse)[0] if run_ids is not None else None
+    kernel = functools.partial(piece_states_kernel, chunking=chunking, K=K, V=V, block_v=bv, reverse=reverse,
+                               piece_offset=offset, precision=precision)
+    out = call(kernel, name="fleet_piece_states" + ("_reverse" if reverse else ""), grid=(nv, B * H, launched),
+               inputs=dict(log_decay_ref=(log_decay, s.head()), k_ref=(key, s.keys()), v_ref=(value, s.values()),
+                           run_ref=None if run_ids is None else (run_ids, s.runs()),
+                           edge_ref=None if run_ids is None else (edge, s.edge())),
+               outputs=dict(final_ref=(((B, H, launched, kp, nv * bv), f32), s.piece_state())),
+               num_warps=num_warps, num_stages=num_stages)
+    return out["final_ref"][..., :K, :V]
+
+
+def forward_walk(q, k, v, log_decay, start, run_ids, chunking: Chunking, *, scale: float, exact_state: bool,
+                 local, block_v: int, num_warps: int, num_stages: int, precision):
+    """o [B, T, H, V] in q's dtype and the state after the walk [B, H, K, V] float32, from the entering state
+    ``start`` (None: zero). ``local``: the pieces' local states (see :func:`piece_states`), None with one
+    piece."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    kp = padded(K)
+    bv, nv = value_blocks(V, block_v)
+    s = Specs(H, chunking, kp, bv)
+    P = chunking.pieces
+    edge = piece_edges(run_ids, chunking, False)[0] if run_ids is not None else None
+    links = piece_links(run_ids, chunking, False) if P > 1 else None
+    kernel = functools.partial(forward_kernel, chunking=chunking, K=K, V=V, block_v=bv, scale=scale,
+                               exact_state=exact_state, precision=precision)
+    out = call(kernel, name="fleet_forward", grid=(nv, B * H, P),
+               inputs=dict(log_decay_ref=(log_decay, s.head()), q_ref=(q, s.keys()), k_ref=(k, s.keys()),
+                           v_ref=(v, s.values()),
+                           start_ref=None if start is None else (pad_state(start, kp, nv * bv), s.state()),
+                           local_ref=None if P == 1 else (pad_state(local, kp, nv * bv), s.piece_states(P - 1)),
+                           link_ref=None if links is None else (links, s.row(P)),
+                           run_ref=None if run_ids is None else (run_ids, s.runs()),
+                           edge_ref=None if run_ids is None else (edge, s.edge())),
+               outputs=dict(o_ref=(((B, T, H, V), q.dtype), s.values()),
+                            final_ref=(((B, H, P, kp, nv * bv), f32), s.piece_state())),
+               num_warps=num_warps, num_stages=num_stages)
+    return out["o_ref"], out["final_ref"][:, :, -1, :K, :V]
+
+
+def fold_pieces(local, log_decay, run_ids, chunking: Chunking, reverse: bool):
+    """The state after all pieces from a zero one, from the local states of all P pieces [B, H, P, K, V]:
+    the state passing of fleetjax.state_passing over the pieces (reverse: from the last piece to the first)."""
+    carry = jnp.exp(jnp.asarray(chunking.piece_lengths, f32)[None, None, :] * log_decay[None, :, None])
+    links = piece_links(run_ids, chunking, reverse)
+    carry = jnp.broadcast_to(carry, local.shape[:3])
+    keep = None if links is None else jnp.broadcast_to(links[:, None, :] > 0, local.shape[:3])
+    zero = jnp.zeros_like(local[:, :, 0])
+    _, total = pass_states(zero, jnp.moveaxis(local, 2, 0), jnp.moveaxis(carry, 2, 0),
+                           None if keep is None else jnp.moveaxis(keep, 2, 0), reverse=reverse)
+    return total

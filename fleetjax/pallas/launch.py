@@ -1,0 +1,137 @@
+"""Launching the Pallas kernels: refs passed by name, the device's limits, and each kernel's footprint.
+
+Every kernel of fleetjax is a function of keyword refs (``q_ref=..., o_ref=...``, None where a ref is
+absent); :func:`call` builds the ``pallas_call`` from dicts of named inputs and outputs, so a kernel's
+signature and its launch can never disagree on the order of its refs.
+
+Shared memory decides which tilings compile: Triton keeps ``num_stages`` copies of every tile a walk loads
+per chunk (software pipelining), plus staging buffers for the tensor-core operands that do not come from a
+load. :func:`shared_memory_bytes` models that from a kernel's tiles; the configs' defaults shrink the tiling
+until the model fits :func:`shared_memory_per_block`, and an explicit config that does not fit is refused
+before compilation.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from fleetjax.vma import shape_dtype_like, varying_axes
+
+Named = Mapping[str, "tuple[Any, pl.BlockSpec] | None"]
+
+
+def on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def call(kernel: Callable[..., None], *, name: str, grid: tuple[int, ...], inputs: Named, outputs: Named,
+         num_warps: int, num_stages: int) -> dict[str, jax.Array]:
+    """``kernel(**refs)`` over ``grid``. inputs: name -> (array, BlockSpec); outputs: name -> ((shape, dtype),
+    BlockSpec); entries that are None are left out (the kernel's parameter keeps its default, None). The
+    outputs are typed like the inputs for shard_map's check_vma (fleetjax.vma). Returns name -> array."""
+    inputs = {n: x for n, x in inputs.items() if x is not None}
+    outputs = {n: x for n, x in outputs.items() if x is not None}
+    names = list(inputs) + list(outputs)
+
+    def body(*refs):
+        kernel(**dict(zip(names, refs)))
+
+    def launch(*arrays):
+        out_shape = [shape_dtype_like(shape, dtype, *arrays) for (shape, dtype), _ in outputs.values()]
+        return pl.pallas_call(
+            body, grid=grid, in_specs=[s for _, s in inputs.values()], out_specs=[s for _, s in outputs.values()],
+            out_shape=out_shape, compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+            interpret=not on_gpu(), name=name)(*arrays)
+
+    arrays = [a for a, _ in inputs.values()]
+    axes = set().union(*(varying_axes(a) or set() for a in arrays))
+    if on_gpu() or not axes:
+        return dict(zip(outputs, launch(*arrays)))
+    # Interpret mode inside shard_map(check_vma=True): the interpreter evaluates the kernel with indices that
+    # are not typed like the sliced arrays, which check_vma refuses. So every device runs the kernel on all
+    # devices' inputs, gathered (typed alike everywhere), and keeps its own outputs: exact, and P times the
+    # work, in a mode meant for tests.
+    axes = tuple(sorted(axes, key=str))
+    gathered, batched = [], []
+    for a in arrays:
+        varies = bool(varying_axes(a))
+        gathered.append(_gather(a, axes) if varies else a)
+        batched.append(0 if varies else None)
+    results = jax.vmap(launch, in_axes=batched)(*gathered)
+    index = jax.lax.axis_index(axes)
+    return {n: r[index] for n, r in zip(outputs, results)}
+
+
+def _gather(x: jax.Array, axes: tuple) -> jax.Array:
+    """x from every device of ``axes``, stacked [devices, ...], typed the same on every device."""
+    missing = tuple(a for a in axes if a not in (varying_axes(x) or ()))
+    if missing:  # all_gather over every axis needs x varying over each
+        x = jax.lax.pcast(x, missing, to="varying") if hasattr(jax.lax, "pcast") else jax.lax.pvary(x, missing)
+    try:
+        return jax.lax.all_gather(x, axes, to="invarying")
+    except TypeError:  # a JAX whose all_gather has no ``to``: the primitive behind it
+        from jax._src.lax.parallel import all_gather_invariant
+        return all_gather_invariant(x, axes)
+
+
+# ------------------------------------------------------------------------------------ the device's limits
+
+# Opt-in shared memory per block by compute capability, where the driver cannot be asked.
+_SHARED_MEMORY_BY_CAPABILITY = {"7.0": 96 * 1024, "7.5": 64 * 1024, "8.0": 163 * 1024, "8.6": 99 * 1024,
+                                "8.7": 163 * 1024, "8.9": 99 * 1024, "9.0": 227 * 1024, "10.0": 227 * 1024,
+                                "12.0": 99 * 1024}
+_CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN = 97
+
+
+def _driver_shared_memory(ordinal: int) -> int | None:
+    """The opt-in shared memory per block that the CUDA driver reports, or None if it cannot be asked."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+        device, value = ctypes.c_int(), ctypes.c_int()
+        if cuda.cuInit(0) != 0 or cuda.cuDeviceGet(ctypes.byref(device), ordinal) != 0:
+            return None
+        status = cuda.cuDeviceGetAttribute(ctypes.byref(value),
+                                           _CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, device)
+        return int(value.value) if status == 0 and value.value > 0 else None
+    except (OSError, AttributeError):
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def shared_memory_per_block() -> int:
+    """Bytes of shared memory one program may use on the default device: the driver's answer on an NVIDIA
+    GPU, else the table by compute capability; off-GPU (interpret mode) the H100's 227 KiB, so that configs
+    chosen on a CPU are the ones a Hopper GPU would take."""
+    if not on_gpu():
+        return 227 * 1024
+    device = jax.devices()[0]
+    queried = _driver_shared_memory(int(getattr(device, "local_hardware_id", None) or 0))
+    if queried is not None:
+        return queried
+    return _SHARED_MEMORY_BY_CAPABILITY.get(str(getattr(device, "compute_capability", "")), 99 * 1024)
+
+
+@functools.lru_cache(maxsize=None)
+def multiprocessor_count() -> int:
+    """Streaming multiprocessors of the default device (132 off-GPU: an H100's, for the same reason)."""
+    if not on_gpu():
+        return 132
+    return int(getattr(jax.devices()[0], "core_count", 0) or 132)
+
+
+def shared_memory_bytes(*, loads: tuple[tuple[int, int], ...], staged: tuple[tuple[int, int], ...], dtype,
+                        num_stages: int) -> int:
+    """The shared memory a walk kernel takes: ``num_stages`` copies of the tiles it loads per chunk
+    (rows x columns, in the inputs' dtype) and the tiles it stages for the tensor cores once (in the inputs'
+    dtype). Fitted to Triton's allocation for sm_90 (see experiments/footprint.py)."""
+    itemsize = jnp.dtype(dtype).itemsize
+    loaded = sum(r * c for r, c in loads) * itemsize
+    staging = sum(r * c for r, c in staged) * itemsize
+    return num_stages * loaded + staging
