@@ -1,4 +1,4 @@
-"""Forward+backward benchmark (issue 5): time and extra peak memory, DESIGN.md section 6.
+"""Forward+backward benchmark (issue 5): time and extra peak memory.
 
     PYTHONPATH=. python -m experiments.bench_backward [--out DIR] [--smoke] [--budget-s 450] ...
 
@@ -6,7 +6,8 @@ Writes <date>-<device>-backward.json (op "fwd_bwd") and .png to --out (default e
 prints a table. One call computes o and the gradients for q, k, v (fleetjax: and the decay) from the same
 dO; each record says whether the implementation returns a decay gradient ("decay_grad"), its relative
 errors per gradient against the float32 reference (relerr = the largest of dq, dk, dv), and its extra
-peak memory (peak above the inputs, less the outputs). Shapes and order as bench_forward.
+peak memory (peak above the inputs, less the outputs). Shapes and order as bench_forward, the long-context
+row B1 H16 T=131072 K=V=128 included.
 """
 
 from __future__ import annotations
@@ -18,21 +19,22 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from experiments import benchlib  # noqa: E402
+from experiments.environment import setup_jax_environment  # noqa: E402
 
-benchlib.setup_jax_environment()
+setup_jax_environment()
 
+from experiments import runner  # noqa: E402
 from experiments.bench_forward import forward_cases  # noqa: E402
 from experiments.peers import backward_impls  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    benchlib.add_common_args(parser)
+    runner.add_common_args(parser)
     args = parser.parse_args(argv)
-    impls = benchlib.select_impls(backward_impls(smoke=args.smoke, skip_slow_autotune=args.skip_slow_autotune),
-                                  args.impls)
-    benchlib.run_main(args, "fwd_bwd", forward_cases(args.smoke), impls, "backward")
+    impls = runner.select_impls(backward_impls(smoke=args.smoke, skip_slow_autotune=args.skip_slow_autotune),
+                                args.impls)
+    runner.run_main(args, "fwd_bwd", forward_cases(args.smoke), impls, "backward")
     return 0
 
 

@@ -13,15 +13,21 @@ random cotangents for o and the final state, gradients for q, k, v and decay). T
 (a model that carries state uses it; and one device emulating device 0 of P would otherwise drop L_p as
 dead code). Device counts above jax.device_count() are skipped, so the same command runs on one GPU (the
 baseline) and on eight. Each sharded result is compared with the single-device call of the same
-implementation on the gathered inputs, where that fits on device 0 (relerr: max abs difference over max
-abs of the reference, over o, the final state and, for fwd_bwd, dq, dk, dv).
+implementation on the gathered inputs, where that fits on device 0 (relerr: fleetjax.check.relative_error,
+max abs difference over max abs of the reference, the largest over o, the final state and, for fwd_bwd,
+dq, dk, dv).
+
+--methods: the order of the work (experiments/combine_methods.py): entering_state (the library's, with the
+implementation's BlockKernels where it has them), generic (the same implementation record without them),
+correction (the block from a zero state, then the entering state's share added as a separate product).
 
 Writes <date>-<device>-multigpu.json and .png to --out (default experiments/results) and prints a table.
 --smoke runs tiny shapes on 8 fake CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8).
 
 --emulate 2,4,8 (for one GPU): each of those device counts is emulated by one device's share of the work,
 timed alone: the sharded program at T_local on a mesh axis of one device, with the exchange run anyway
-(fleetjax.sharding.exchange_on_one_device; its all_gather then moves nothing). Its efficiency,
+(fleetjax.sharding.exchange called directly, where fleet_attention would run the plain call; its
+all_gather then moves nothing). Its efficiency,
 t_1(T) / (P t_device(T / P)), is an upper bound of the real one: it leaves out the communication (a few
 microseconds to tens of them for the 1 MiB states) and any slowdown of P GPUs running at once. Those
 records say "emulated": true; their relerr is against the plain call at T_local (the emulated device 0).
@@ -33,14 +39,15 @@ are set here if the environment lacks them, and never unset or overridden.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from experiments.accuracy import SCALE  # noqa: E402 - numpy only: jax is imported after prepare_devices
 
 SMOKE_DEVICES = 8
 
@@ -56,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ops", default="fwd,fwd_bwd", help="fwd, fwd_bwd or both")
     parser.add_argument("--impl", default=None, help="fleetjax implementation (default: pallas on GPU, xla else)")
     parser.add_argument("--methods", default="entering_state",
-                        help="order of the work, fleetjax.sharding.combine_method: entering_state, generic, "
+                        help="orders of the work (experiments/combine_methods.py): entering_state, generic, "
                              "correction (comma-separated)")
     parser.add_argument("--emulate", default="",
                         help="device counts to emulate on one device (comma-separated; see the module docstring)")
@@ -66,8 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--K", type=int, default=None, help="head dim of q and k (V follows unless --V)")
     parser.add_argument("--V", type=int, default=None)
     parser.add_argument("--check-vma", action="store_true",
-                        help="shard_map(check_vma=True); off by default because a pallas_call inside needs "
-                             "out_shape typed with its mesh axes (fleetjax.sharding.shape_dtype_like)")
+                        help="shard_map(check_vma=True): values typed by the mesh axes they vary over "
+                             "(fleetjax.vma); off by default, as in the earlier measurements")
     parser.add_argument("--no-check", action="store_true", help="skip the comparison with one device")
     parser.add_argument("--no-final-state", action="store_true",
                         help="return o alone (training without a carried state). With --emulate the generic "
@@ -128,40 +135,45 @@ def plan(args: argparse.Namespace, available: int) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from experiments import benchlib
-    benchlib.prepare_devices(smoke_devices=SMOKE_DEVICES if args.smoke else 0)
-
-    from experiments import benchlib
-    benchlib.setup_jax_environment()
+    from experiments.environment import prepare_devices, setup_jax_environment
+    prepare_devices(smoke_devices=SMOKE_DEVICES if args.smoke else 0)
+    setup_jax_environment()
     import jax
 
     import fleetjax
+    from experiments.bandwidth import copy_bandwidth, hbm_floor_ms
+    from experiments.combine_methods import uses_block_kernels
+    from experiments.records import (RESULTS_DIR, ResultsFile, device_info, device_slug, results_path, today,
+                                     versions)
+    from experiments.timing import Budget, CallTimeout, time_limit
 
-    budget = benchlib.Budget(args.budget_s)
-    info = benchlib.device_info()
-    slug = benchlib.device_slug(info)
+    budget = Budget(args.budget_s)
+    info = device_info()
+    slug = device_slug(info)
     impl = args.impl or fleetjax.default_implementation()
-    if impl not in fleetjax.IMPLEMENTATIONS:
-        raise SystemExit(f"--impl {impl!r} is not available; known: {sorted(fleetjax.IMPLEMENTATIONS)}")
+    if impl not in fleetjax.IMPLEMENTATIONS or not fleetjax.IMPLEMENTATIONS[impl].available():
+        usable = sorted(name for name, record in fleetjax.IMPLEMENTATIONS.items() if record.available())
+        raise SystemExit(f"--impl {impl!r} is not available here; usable: {usable}")
     skipped_counts = [p for p in args.devices if p > jax.device_count() and p not in args.emulate]
     cases = plan(args, jax.device_count())
-    out_dir = args.out or str(benchlib.RESULTS_DIR)
-    path = benchlib.results_path(args.name, device=slug, out_dir=out_dir)
-    bandwidth = benchlib.copy_bandwidth(64 if args.smoke else 1024)
-    results = benchlib.ResultsFile(
-        path, device=slug, date=benchlib.today(), versions=benchlib.versions(), device_info=info,
+    out_dir = args.out or str(RESULTS_DIR)
+    path = results_path(args.name, device=slug, out_dir=out_dir)
+    bandwidth = copy_bandwidth(64 if args.smoke else 1024)
+    results = ResultsFile(
+        path, device=slug, date=today(), versions=versions(), device_info=info,
         copy_bandwidth=bandwidth, smoke=bool(args.smoke), implementation=impl, check_vma=bool(args.check_vma),
         final_state=not args.no_final_state,
         skipped_device_counts=skipped_counts, emulated_device_counts=args.emulate,
-        decays="RetNet: 1 - 2^(-5 - h) for head h", scale=1.0,
+        decays="RetNet: 1 - 2^(-5 - h) for head h", scale=SCALE,
         environment={k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
                                                     "NVSHMEM_DISABLE_NVLS", "XLA_FLAGS")},
         reference=("the single-device call of the same implementation on the gathered inputs, on device 0; "
                    "relerr = max over o, the final state (and dq, dk, dv for fwd_bwd) of "
-                   "max|sharded - single| / max|single|"),
+                   "fleetjax.check.relative_error(sharded, single) = max|sharded - single| / max|single| "
+                   "(outputs above 2^26 elements: every relerr_stride-th position)"),
         outputs=("o and the final state (random cotangents for both in fwd_bwd): the state is live, as in a "
                  "model that carries it, and in an emulation L_p is not dropped as dead code"),
-        timing="median wall-clock ms per call of the jitted shard_map (benchlib.time_calls, one input set)",
+        timing="median wall-clock ms per call of the jitted shard_map (experiments/timing.time_calls, one input set)",
         exchange=("exchange_bytes_per_device: bytes each device receives in the forward all_gather of the "
                   "[B, H, K, V] float32 states and [B, H] carries from the other P - 1 devices"),
         hbm_floor=("hbm_floor_ms: one device's share (T_local positions) of the bytes that must move, at the "
@@ -174,19 +186,19 @@ def main(argv: list[str] | None = None) -> int:
         record = dict(op=case["op"], impl=f"fleetjax.{impl}", dtype=args.dtype, B=args.B, T=case["T"], H=args.H,
                       K=args.K, V=args.V, ms=None, relerr=None, method=case["method"], scaling=case["scaling"],
                       devices=case["P"], emulated=case["emulated"],
+                      block_kernels=uses_block_kernels(case["method"], impl) if case["P"] > 1 else None,
                       T_per_device=case["T_local"],
-                      hbm_floor_ms=benchlib.hbm_floor_ms(case["op"], args.B, case["T_local"], args.H, args.K,
-                                                         args.V, 2 if args.dtype == "bfloat16" else 4,
-                                                         bandwidth["gbps"]),
+                      hbm_floor_ms=hbm_floor_ms(case["op"], args.B, case["T_local"], args.H, args.K, args.V,
+                                                2 if args.dtype == "bfloat16" else 4, bandwidth["gbps"]),
                       exchange_bytes_per_device=(case["P"] - 1) * (args.B * args.H * args.K * args.V + args.B
                                                                    * args.H) * 4)
         if budget.remaining() < 10:
             record["skipped"] = "budget exhausted"
         else:
             try:
-                with benchlib.time_limit(min(args.case_timeout_s, budget.remaining())):
+                with time_limit(min(args.case_timeout_s, budget.remaining())):
                     record.update(run_case(case, args, impl, target_s))
-            except benchlib.CallTimeout as error:
+            except CallTimeout as error:
                 record["skipped"] = f"timeout: {error}"
             except Exception as error:  # noqa: BLE001 - one failed case (OOM, ...) must not lose the others
                 record["error"] = f"{type(error).__name__}: {str(error)[:400]}"
@@ -200,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     results.write()
     results.set("wall_s", budget.elapsed())
     png = plot(path)
-    print(f"[bench_multigpu] wrote {path} and {png}", flush=True)
+    print(f"[bench_multigpu] wrote {path}" + (f" and {png}" if png else ""), flush=True)
     return 0
 
 
@@ -220,8 +232,9 @@ def run_case(case: dict[str, Any], args: argparse.Namespace, impl: str, target_s
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from experiments import benchlib
-    from fleetjax.sharding import combine_method, exchange_on_one_device
+    from experiments.combine_methods import sharded_attention
+    from experiments.inputs import retnet_log_decay
+    from experiments.timing import jax_sync, time_calls
 
     emulated = case["emulated"]
     mesh = Mesh(np.array(jax.devices()[:1 if emulated else case["P"]]), ("seq",))
@@ -245,23 +258,22 @@ def run_case(case: dict[str, Any], args: argparse.Namespace, impl: str, target_s
     # Drawn directly in the sharded layout: no device ever holds the whole sequence for the timed call.
     x = jax.jit(draw, out_shardings={name: split for name in ("q", "k", "v", "do")[:4 if with_do else 3]})(
         jax.random.PRNGKey(case["T"]))
-    decay = jax.device_put(jnp.exp(jnp.asarray(benchlib.retnet_log_decay(H))), replicated)
+    decay = jax.device_put(jnp.exp(jnp.asarray(retnet_log_decay(H))), replicated)
     d_final = jax.device_put(jax.random.normal(jax.random.PRNGKey(1), (B, H, K, V), jnp.float32), replicated)
     final = not args.no_final_state
 
     # By default the final state is returned (and has a cotangent), as a model that carries its state uses
     # it: with one device emulating device 0 of P, nothing else would read L_p, and XLA would drop it.
-    sharded = jax.shard_map(_attend(impl, final, "seq"), mesh=mesh, in_specs=(P(None, "seq"),) * 3 + (P(),),
+    attend = _outputs(sharded_attention(case["method"], impl, axis_name="seq", emulated=emulated, scale=SCALE),
+                      final)
+    sharded = jax.shard_map(attend, mesh=mesh, in_specs=(P(None, "seq"),) * 3 + (P(),),
                             out_specs=(P(None, "seq"), P()) if final else (P(None, "seq"),),
                             check_vma=args.check_vma)
     if with_do:
         fn, call_args = jax.jit(_with_gradients(sharded, final)), (x["q"], x["k"], x["v"], decay, x["do"], d_final)
     else:
         fn, call_args = jax.jit(sharded), (x["q"], x["k"], x["v"], decay)
-    exchange = exchange_on_one_device() if emulated else contextlib.nullcontext()
-    with combine_method(case["method"] if case["P"] > 1 else "entering_state"), exchange:  # act while traced
-        timing = benchlib.time_calls(fn, [call_args], benchlib.jax_sync, target_s=target_s,
-                                     min_samples=2 if args.smoke else 5)
+    timing = time_calls(fn, [call_args], jax_sync, target_s=target_s, min_samples=2 if args.smoke else 5)
     out = dict(ms=timing.ms, ms_min=timing.ms_min, samples=timing.samples, first_call_s=timing.first_call_s,
                tokens_per_s=B * T / (timing.ms * 1e-3))
     if args.no_check:
@@ -279,18 +291,24 @@ def run_case(case: dict[str, Any], args: argparse.Namespace, impl: str, target_s
     return out
 
 
-def _attend(impl: str, final: bool, axis_name: str | None = None):
-    """fleet_attention(q, k, v, decay) returning a tuple: (o, final state), or (o,) without ``final``."""
+def _outputs(attend: Callable[..., tuple], final: bool) -> Callable[..., tuple]:
+    """attend(q, k, v, decay) returning a tuple: (o, final state), or (o,) without ``final``."""
+    def call(q, k, v, d):
+        o, final_state = attend(q, k, v, d)
+        return (o, final_state) if final else (o,)
+    return call
+
+
+def _plain(impl: str) -> Callable[..., tuple]:
+    """The unsharded fleet_attention(q, k, v, decay) -> (o, final state), at the benchmark's scale."""
     from fleetjax import fleet_attention
 
     def attend(q, k, v, d):
-        out = fleet_attention(q, k, v, d, sequence_axis_name=axis_name, implementation=impl,
-                              return_final_state=final)
-        return out if final else (out,)
+        return fleet_attention(q, k, v, d, scale=SCALE, implementation=impl, return_final_state=True)
     return attend
 
 
-def _with_gradients(attend, final: bool):
+def _with_gradients(attend: Callable[..., tuple], final: bool) -> Callable[..., tuple]:
     """(q, k, v, decay, dO, d final state) -> the outputs of ``attend`` and the gradients in q, k, v, decay."""
     import jax
 
@@ -306,22 +324,23 @@ def compare_with_one_device(got: Any, call_args: tuple, impl: str, with_do: bool
     on device 0 (inputs gathered there)."""
     import jax
 
-    from experiments import benchlib
+    from experiments.accuracy import output_errors
 
     device = jax.devices()[0]
     local = [jax.device_put(a, device) for a in call_args]
-    attend = _attend(impl, final)
+    attend = _outputs(_plain(impl), final)
     call = _with_gradients(attend, final) if with_do else attend
     # zip stops at the names: the decay's gradient is not compared.
     names = ("o",) + ("final_state",) * final + ("dq", "dk", "dv") * with_do
     want = jax.jit(call)(*local)
     del local
-    errors = {}
+    errors, stride = {}, 1
     for name, g, w in zip(names, got, want):
         layout = replicated if name == "final_state" else split
-        errors[name] = benchlib.rel_errors(g, jax.device_put(w, layout))["relerr"]
+        result = output_errors(g, jax.device_put(w, layout))
+        errors[name], stride = result["relerr"], max(stride, result["stride"])
     worst = max((e for e in errors.values() if e is not None), default=None)
-    return {"relerr": worst, "relerr_by_output": errors}
+    return {"relerr": worst, "relerr_by_output": errors, **({"relerr_stride": stride} if stride > 1 else {})}
 
 
 # --------------------------------------------------------------------------------------- scaling, the plot
@@ -342,14 +361,15 @@ def add_efficiency(records: list[dict[str, Any]]) -> None:
             r["efficiency"] = ideal / r["ms"]
 
 
-def plot(json_path: Path) -> Path:
+def plot(json_path: Path) -> Path | None:
     """One row per (op, scaling): ms against device count (one line per T, weak: per device, and method;
-    ideal dotted) and the parallel efficiency (strong-scaling target 0.9 dashed)."""
+    ideal dotted) and the parallel efficiency (strong-scaling target 0.9 dashed). None without matplotlib."""
     import json
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from experiments.plots import pyplot_or_none
+    plt = pyplot_or_none()
+    if plt is None:
+        return None
 
     data = json.loads(Path(json_path).read_text())
     records = [r for r in data["records"] if r.get("ms") is not None]

@@ -1,0 +1,59 @@
+"""fleetjax itself: ``fleet_attention(q, k, v, decay, scale=1, implementation=...)`` in [B, T, H, K]; its
+fwd_bwd returns the decay gradient too. What an implementation supports here (whether it is installed, runs
+compiled or only in Pallas interpret mode) is read from its record in ``fleetjax.IMPLEMENTATIONS``."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from experiments.accuracy import SCALE
+from experiments.inputs import Case
+from experiments.peers.base import Bound, Impl, jax_bound, with_vjp
+
+
+class FleetjaxImpl(Impl):
+    """fleetjax.fleet_attention with one implementation; fwd_bwd includes the decay gradient."""
+
+    framework = "jax"
+    decay_grad = True
+
+    def __init__(self, implementation: str, max_T: int | None = None):
+        self.implementation = implementation
+        self.name = f"fleetjax.{implementation}"
+        self.max_T = max_T
+
+    def record(self):
+        """The implementation's ``fleetjax.implementation.Implementation`` record."""
+        import fleetjax
+        return fleetjax.IMPLEMENTATIONS[self.implementation]
+
+    def unavailable(self) -> str | None:
+        try:
+            import fleetjax
+        except Exception as e:  # noqa: BLE001
+            return f"import fleetjax failed: {type(e).__name__}: {e}"
+        if self.implementation not in fleetjax.IMPLEMENTATIONS:
+            return (f"implementation {self.implementation!r} is not registered in fleetjax.IMPLEMENTATIONS "
+                    "(its module is missing or failed to import)")
+        record = self.record()
+        if not record.available():
+            import jax
+            return f"{self.name} runs on {', '.join(record.platforms)} only (jax backend is {jax.default_backend()})"
+        return None
+
+    def skip_reason(self, case: Case, op: str) -> str | None:
+        if self.max_T is not None and case.T > self.max_T:
+            return f"{self.name} is timed at T <= {self.max_T} only"
+        return super().skip_reason(case, op)
+
+    def bind(self, case: Case, op: str, log_decay: np.ndarray) -> Bound:
+        import jax.numpy as jnp
+        from fleetjax import fleet_attention
+
+        decay = jnp.exp(jnp.asarray(log_decay, jnp.float32))
+        attend = functools.partial(fleet_attention, scale=SCALE, implementation=self.implementation)
+        notes = "Pallas interpret mode: exact, but its times say nothing" if self.record().interpreted() else ""
+        return jax_bound(attend, with_vjp(attend), op, extra=(decay,), grads=("dq", "dk", "dv", "ddecay"),
+                         notes=notes)

@@ -1,0 +1,191 @@
+"""Wall-clock measurement: one timing method for every implementation (JAX and torch alike, so the numbers
+compare), compile and recompilation accounting for jitted JAX functions, and the time budget of a run with
+a per-step time limit."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import signal
+import statistics
+import threading
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+from experiments.memory import xla_memory_mb
+
+
+@dataclasses.dataclass
+class Timing:
+    """Median milliseconds per call, and how they were measured."""
+
+    ms: float
+    ms_min: float
+    samples: int
+    calls_per_sample: int
+    first_call_s: float
+
+
+def _perf() -> float:
+    return time.perf_counter()
+
+
+def time_calls(call: Callable[..., Any], arg_sets: Sequence[tuple], sync: Callable[[Any], None], *,
+               target_s: float = 0.25, min_samples: int = 5, max_samples: int = 25,
+               sample_floor_s: float = 2e-3) -> Timing:
+    """Wall-clock time per call of ``call(*args)``, the argument sets rotated from call to call.
+
+    The first call (compilation, autotuning) is timed on its own and reported as first_call_s; every set is
+    then run once as a warm-up. A sample is ``calls_per_sample`` back-to-back calls (enough to last about
+    ``sample_floor_s``, so launch overhead overlaps the work as in a real program) followed by one ``sync``;
+    the result is the median over samples of the time per call. Rotating inputs keeps a later call from
+    finding its inputs in L2. The same method times JAX (sync = block_until_ready) and torch (sync =
+    torch.cuda.synchronize), so their numbers compare.
+    """
+    if not arg_sets:
+        raise ValueError("arg_sets must hold at least one tuple of arguments")
+    n = len(arg_sets)
+    t0 = _perf()
+    sync(call(*arg_sets[0]))
+    first = _perf() - t0
+    for args in arg_sets[1:]:
+        sync(call(*args))
+    t0 = _perf()
+    sync(call(*arg_sets[1 % n]))
+    estimate = max(_perf() - t0, 1e-7)
+    per_sample = int(min(50, max(1, math.ceil(sample_floor_s / estimate))))
+    if estimate > 0.5:
+        min_samples = min(min_samples, 3)
+    samples = int(min(max_samples, max(min_samples, target_s // (estimate * per_sample))))
+    times = []
+    i = 0
+    for _ in range(samples):
+        t0 = _perf()
+        out = None
+        for _ in range(per_sample):
+            out = call(*arg_sets[i % n])
+            i += 1
+        sync(out)
+        times.append((_perf() - t0) / per_sample)
+        del out
+    return Timing(ms=statistics.median(times) * 1e3, ms_min=min(times) * 1e3, samples=samples,
+                  calls_per_sample=per_sample, first_call_s=first)
+
+
+def jax_sync(out: Any) -> None:
+    import jax
+    jax.block_until_ready(out)
+
+
+def torch_sync(out: Any) -> None:
+    del out
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def torch_do_bench_ms(fn: Callable[[], Any]) -> float | None:
+    """triton.testing.do_bench's median (CUDA events, L2 flushed between calls), recorded beside our own
+    number for the torch peers; None without CUDA or triton."""
+    try:
+        import torch
+        import triton.testing
+        if not torch.cuda.is_available():
+            return None
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    except Exception:  # noqa: BLE001 - a second opinion only; its absence must not lose the record
+        return None
+
+
+class CompileCounter:
+    """Counts XLA backend compilations (jax.monitoring events), to show that new data does not recompile."""
+
+    _count = 0
+    _installed = False
+
+    @classmethod
+    def install(cls) -> None:
+        if cls._installed:
+            return
+        import jax.monitoring
+        try:
+            from jax._src.dispatch import BACKEND_COMPILE_EVENT as event
+        except ImportError:  # pragma: no cover - name moved in a later jax
+            event = "/jax/core/compile/backend_compile_duration"
+
+        def listener(name: str, duration: float, **kwargs) -> None:
+            del duration, kwargs
+            if name == event:
+                cls._count += 1
+
+        jax.monitoring.register_event_duration_secs_listener(listener)
+        cls._installed = True
+
+    @classmethod
+    def count(cls) -> int:
+        return cls._count
+
+
+def jit_cache_size(jitted: Any) -> int | None:
+    """Entries in a jax.jit function's dispatch cache (None where jax hides it)."""
+    size = getattr(jitted, "_cache_size", None)
+    try:
+        return int(size()) if callable(size) else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def compile_jax(jitted: Any, args: tuple) -> tuple[Any, float, dict[str, float] | None]:
+    """Lower and compile ``jitted`` for ``args``: (compiled, seconds, XLA's memory analysis in MiB)."""
+    t0 = _perf()
+    compiled = jitted.lower(*args).compile()
+    seconds = _perf() - t0
+    return compiled, seconds, xla_memory_mb(compiled)
+
+
+# ---------------------------------------------------------------------------------------- budget, limits
+
+class Budget:
+    """A wall-clock budget for a whole benchmark: what is left, and whether a step may still start."""
+
+    def __init__(self, seconds: float):
+        self.seconds = float(seconds)
+        self.start = _perf()
+
+    def elapsed(self) -> float:
+        return _perf() - self.start
+
+    def remaining(self) -> float:
+        return self.seconds - self.elapsed()
+
+
+class CallTimeout(Exception):
+    """Raised inside a step that ran past its time limit."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None) -> Iterator[None]:
+    """Raise CallTimeout in the main thread after ``seconds`` (SIGALRM). Python checks signals between
+    bytecodes, so a long C++ call (an XLA or Triton compile) finishes before the timeout lands; autotuning
+    loops are Python, so they stop at the next configuration. No limit off the main thread or where
+    SIGALRM does not exist."""
+    usable = (seconds is not None and hasattr(signal, "setitimer")
+              and threading.current_thread() is threading.main_thread())
+    if not usable:
+        yield
+        return
+    if seconds <= 0:
+        raise CallTimeout("no time left")
+
+    def handler(signum, frame):
+        del signum, frame
+        raise CallTimeout(f"ran past its limit of {seconds:.3g} s")
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
