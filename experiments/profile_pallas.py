@@ -3,23 +3,31 @@
     ncu --kernel-name regex:fleet --launch-count 4 --section SpeedOfLight ... \
         python -m experiments.profile_pallas --B 4 --T 16384 --H 16 --ops fwd_bwd
 
-Prints the kernels' wall time per call too, so that a profile's counters can be read against it.
+Prints the default PallasConfig it runs with (fleetjax.pallas.chunked.default_config: each kernel's tiling
+and the piece counts) and the kernels' wall time per call, so that a profile's counters can be read
+against both.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import fleetjax
-from experiments import benchlib
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import fleetjax  # noqa: E402
+from experiments.inputs import retnet_log_decay  # noqa: E402
+from experiments.timing import jax_sync, time_calls  # noqa: E402
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for name, default in (("B", 4), ("T", 16384), ("H", 16), ("K", 128), ("V", 128), ("calls", 3)):
         ap.add_argument(f"--{name}", type=int, default=default)
     ap.add_argument("--dtype", default="bfloat16")
@@ -30,8 +38,11 @@ def main(argv=None):
     B, T, H, K, V = args.B, args.T, args.H, args.K, args.V
     q, k = (jnp.asarray(rng.standard_normal((B, T, H, K)) / np.sqrt(K), dtype) for _ in range(2))
     v, do = (jnp.asarray(rng.standard_normal((B, T, H, V)), dtype) for _ in range(2))
-    decay = jnp.asarray(np.exp(benchlib.retnet_log_decay(H)), jnp.float32)
-    attend = lambda q, k, v: fleetjax.fleet_attention(q, k, v, decay, implementation="pallas")
+    decay = jnp.asarray(np.exp(retnet_log_decay(H)), jnp.float32)
+    record = fleetjax.IMPLEMENTATIONS["pallas"]
+    print("config", record.config_for(None, q, v), "(Pallas interpret mode)" if record.interpreted() else "",
+          flush=True)
+    attend = lambda q, k, v: fleetjax.fleet_attention(q, k, v, decay, implementation="pallas")  # noqa: E731
     fwd = jax.jit(attend)
     fwd_bwd = jax.jit(lambda q, k, v, do: jax.vjp(attend, q, k, v)[1](do))
     runs = {"fwd": (fwd, (q, k, v)), "fwd_bwd": (fwd_bwd, (q, k, v, do))}
@@ -39,8 +50,9 @@ def main(argv=None):
         fn, xs = runs[name]
         for _ in range(args.calls):
             jax.block_until_ready(fn(*xs))
-        print(name, benchlib.time_calls(fn, [xs], benchlib.jax_sync, target_s=0.1).ms, "ms", flush=True)
+        print(name, time_calls(fn, [xs], jax_sync, target_s=0.1).ms, "ms", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -43,8 +43,8 @@ rc=${PIPESTATUS[0]}
 for json in "$out"/*-"$what".json; do
   [ -f "$json" ] || continue
   if [ ! -f "${json%.json}.png" ]; then  # stopped before its end: draw the plot, print the table
-    python3 -m experiments.benchlib plot "$json" || true
-    python3 -m experiments.benchlib table "$json" || true
+    python3 -m experiments.plots "$json" || true
+    python3 -m experiments.records table "$json" || true
   fi
 done
 exit "$rc"

@@ -1,11 +1,18 @@
-"""Sweep PallasConfig on the GPU: forward and forward+backward times per shape, around the default config.
+"""Sweep the "pallas" implementation's PallasConfig on the GPU: forward and forward+backward times per shape,
+around the default config.
 
-    PYTHONPATH=. python experiments/tune_pallas.py --out DIR [--budget-s 300] [--only-default] [--label L]
+    PYTHONPATH=. python -m experiments.tune_pallas --out DIR [--budget-s 300] [--only-default] [--label L]
 
-Times with experiments/benchlib.time_calls (two input sets rotated, back-to-back calls, one sync per
-sample), the same method as the benchmarks. --only-default times the default config alone (run it with
-PYTHONPATH pointing at another checkout to compare two versions of the package in one device call).
-Appends to DIR/tune_pallas.jsonl, one record per (op, shape, config).
+A PallasConfig holds one WalkConfig (chunk_size, block_v, num_warps, num_stages) per kernel: the forward walk,
+the backward's dq, dv and dk walks (one chunk size between them) and optionally the sequence pieces' state
+launches; and the number of sequence pieces, forward and backward (fleetjax/pallas/chunked.py). The built-in
+candidates change one thing of the default at a time: a kernel's value block (halved, doubled), its stages
+(one fewer, one more) or its warps (4 <-> 8), the piece counts (halved, doubled); fwd varies the forward's
+fields, fwd_bwd the backward's. Times with experiments/timing.time_calls (two input sets rotated,
+back-to-back calls, one sync per sample), the same method as the benchmarks. --only-default times the
+default config alone (run it with PYTHONPATH pointing at another checkout to compare two versions of the
+package in one device call). --smoke: a tiny shape on the CPU (Pallas interpret mode), the default and two
+candidates per op. Appends to DIR/tune_pallas.jsonl, one record per (op, shape, config).
 """
 
 from __future__ import annotations
@@ -14,38 +21,73 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 import warnings
+from pathlib import Path
+from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import fleetjax
-from experiments import benchlib
-from fleetjax.pallas_chunked import default_config
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import fleetjax  # noqa: E402
+from experiments.inputs import retnet_log_decay  # noqa: E402
+from experiments.runner import parse_shapes  # noqa: E402
+from experiments.timing import jax_sync, time_calls  # noqa: E402
+from fleetjax.pallas.chunked import PallasConfig, WalkConfig  # noqa: E402
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 SHAPES = [(4, 4096, 16, 128, 128), (4, 16384, 16, 128, 128), (1, 4096, 8, 128, 128), (1, 32768, 8, 128, 128)]
+SMOKE_SHAPES = [(1, 64, 2, 32, 32)]
+WALKS = {"fwd": ("forward",), "fwd_bwd": ("dq", "dv", "dk")}
+PIECES = {"fwd": "num_sequence_pieces", "fwd_bwd": "backward_num_sequence_pieces"}
 
 
-def _candidates(base, op: str, B: int, T: int, H: int) -> list[dict]:
-    """Configs near the default: the fields that the earlier sweeps found to matter."""
-    if op == "fwd":
-        pieces = base.num_sequence_pieces
-        out = [dict(), dict(num_warps=8), dict(num_stages=2), dict(num_stages=4), dict(block_v=32),
-               dict(chunk_size=128, num_warps=8)]
-        out += [dict(num_sequence_pieces=p) for p in (pieces * 2, max(1, pieces // 2)) if p != pieces]
-        return out
-    pieces = base.backward_num_sequence_pieces
-    out = [dict(), dict(backward_num_stages=4), dict(backward_block_v=64)]
-    out += [dict(backward_num_sequence_pieces=p) for p in (pieces * 2, max(1, pieces // 2)) if p != pieces]
+def _walk_variants(walk: WalkConfig, widest: int) -> list[dict[str, int]]:
+    """One-field changes of a kernel's tiling: value block halved and doubled (16 to ``widest``), one stage
+    fewer and one more, the other of 4 and 8 warps."""
+    out = [dict(block_v=b) for b in (walk.block_v // 2, walk.block_v * 2) if 16 <= b <= widest]
+    out += [dict(num_stages=s) for s in (walk.num_stages - 1, walk.num_stages + 1) if s >= 1]
+    out.append(dict(num_warps=8 if walk.num_warps == 4 else 4))
     return out
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser()
+def candidates(base: PallasConfig, op: str, K: int, V: int) -> list[dict[str, Any]]:
+    """The default (an empty change) and the changes around it for ``op``, as :func:`apply_changes` takes them:
+    {kernel: {WalkConfig field: value}} or {PallasConfig field: value}."""
+    widest = 1 << max(4, (max(K, V) - 1).bit_length())
+    out: list[dict[str, Any]] = [{}]
+    for name in WALKS[op]:
+        out += [{name: change} for change in _walk_variants(getattr(base, name), widest)]
+    if op == "fwd":
+        out.append({"forward": dict(chunk_size=128, num_warps=8)})  # longer chunks need more warps
+        if base.piece_states is not None:  # the pieces' states in each walk's own tiling instead
+            out.append({"piece_states": None})
+    pieces = getattr(base, PIECES[op])
+    out += [{PIECES[op]: p} for p in (pieces * 2, pieces // 2) if p >= 1 and p != pieces]
+    return out
+
+
+def apply_changes(base: PallasConfig, changes: dict[str, Any]) -> PallasConfig:
+    """``base`` with ``changes``: a dict value changes fields of that kernel's WalkConfig (of the walk's own
+    tiling where piece_states is None), any other value replaces the PallasConfig field."""
+    fields: dict[str, Any] = {}
+    for name, value in changes.items():
+        if isinstance(value, dict):
+            current = getattr(base, name) or (base.forward if name == "piece_states" else None)
+            fields[name] = dataclasses.replace(current, **value)
+        else:
+            fields[name] = value
+    return dataclasses.replace(base, **fields)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=".")
     ap.add_argument("--budget-s", type=float, default=300)
     ap.add_argument("--dtype", default="bfloat16")
@@ -55,37 +97,44 @@ def main(argv=None):
     ap.add_argument("--final-state", action="store_true",
                     help="fwd_bwd with a random cotangent for the final state too (the state is returned)")
     ap.add_argument("--configs", default=None,
-                    help='JSON list of {"op": "fwd" or "fwd_bwd", field: value, ...} to time instead of the '
-                         'built-in candidates (the default config is always timed first)')
+                    help='JSON list of {"op": "fwd" or "fwd_bwd", ...changes} to time instead of the built-in '
+                         'candidates, a change being {kernel: {WalkConfig field: value}} (kernels: forward, dq, '
+                         'dv, dk, piece_states) or {PallasConfig field: value}, e.g. {"op": "fwd", "forward": '
+                         '{"block_v": 32}, "num_sequence_pieces": 2}; the default config is always timed first')
+    ap.add_argument("--smoke", action="store_true",
+                    help="a tiny shape on the CPU (Pallas interpret mode): the default and two candidates per op")
     args = ap.parse_args(argv)
     start = time.time()
     rng = np.random.default_rng(0)
     dtype = jnp.dtype(args.dtype)
+    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "tune_pallas.jsonl")
     device = jax.devices()[0].device_kind
-    shapes = SHAPES if args.shapes is None else benchlib.parse_shapes(args.shapes)
+    record = fleetjax.IMPLEMENTATIONS["pallas"]
+    shapes = (SMOKE_SHAPES if args.smoke else SHAPES) if args.shapes is None else parse_shapes(args.shapes)
     configs = None if args.configs is None else json.loads(args.configs)
+    warm_s, target_s = (0.02, 0.02) if args.smoke else (0.5, 0.2)
     for B, T, H, K, V in shapes:
         sets = []
         for _ in range(2):
             q, k = (jnp.asarray(rng.standard_normal((B, T, H, K)) / np.sqrt(K), dtype) for _ in range(2))
             v, do = (jnp.asarray(rng.standard_normal((B, T, H, V)), dtype) for _ in range(2))
             sets.append((q, k, v, do))
-        decay = jnp.asarray(np.exp(benchlib.retnet_log_decay(H)), jnp.float32)
-        base = default_config(sets[0][0], sets[0][2])
+        decay = jnp.asarray(np.exp(retnet_log_decay(H)), jnp.float32)
+        base = record.config_for(None, sets[0][0], sets[0][2])
         warm = True
         for op in ("fwd", "fwd_bwd"):
             if args.only_default:
-                todo = [dict()]
+                todo = [{}]
             elif configs is not None:
-                todo = [dict()] + [{k: v for k, v in c.items() if k != "op"} for c in configs if c["op"] == op]
+                todo = [{}] + [{k: v for k, v in c.items() if k != "op"} for c in configs if c["op"] == op]
             else:
-                todo = _candidates(base, op, B, T, H)
-            for kw in todo:
+                todo = candidates(base, op, K, V)[:3 if args.smoke else None]
+            for changes in todo:
                 if time.time() - start > args.budget_s:
                     print("budget spent", flush=True)
-                    return
-                cfg = dataclasses.replace(base, **kw)
+                    return 0
+                cfg = apply_changes(base, changes)
                 attend = lambda q, k, v, cfg=cfg: fleetjax.fleet_attention(  # noqa: E731
                     q, k, v, decay, implementation="pallas", config=cfg, return_final_state=args.final_state)
                 if op == "fwd":
@@ -97,19 +146,21 @@ def main(argv=None):
                     fn = jax.jit(lambda q, k, v, do: jax.vjp(attend, q, k, v)[1](do))
                 try:
                     if warm:  # the GPU idled while the inputs were drawn: let its clocks come up first
-                        benchlib.time_calls(fn, sets, benchlib.jax_sync, target_s=0.5)
+                        time_calls(fn, sets, jax_sync, target_s=warm_s)
                         warm = False
-                    ms = benchlib.time_calls(fn, sets, benchlib.jax_sync, target_s=0.2).ms
-                except Exception as e:  # a config that does not compile is a result too
+                    ms = time_calls(fn, sets, jax_sync, target_s=target_s).ms
+                except Exception as e:  # noqa: BLE001 - a config that does not compile is a result too
                     ms = None
-                    print("fail", kw, repr(e)[:300], flush=True)
+                    print("fail", changes, repr(e)[:300], flush=True)
                 rec = dict(label=args.label, device=device, op=op, B=B, T=T, H=H, K=K, V=V, dtype=args.dtype,
-                           changed=kw, cfg=dataclasses.asdict(cfg), ms=ms, final_state=args.final_state)
-                print(f"{args.label:8s} {op:7s} B{B} T{T} H{H}: {ms and round(ms, 4)} ms  {kw or 'default'}",
+                           changed=changes, cfg=dataclasses.asdict(cfg), ms=ms, final_state=args.final_state,
+                           interpreted=record.interpreted())
+                print(f"{args.label:8s} {op:7s} B{B} T{T} H{H}: {ms and round(ms, 4)} ms  {changes or 'default'}",
                       flush=True)
                 with open(path, "a") as fh:
                     fh.write(json.dumps(rec) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
