@@ -1,0 +1,191 @@
+"""The benchmarks' own pieces (experiments/): the sequence-parallel compositions that bench_multigpu.py times,
+the relative error, the cases, the tune sweep's configs and the plot.
+
+The compositions need several devices. JAX fixes its device count when it starts and the rest of the suite
+runs with one CPU device, so they run in one subprocess (this file executed as a script with
+XLA_FLAGS=--xla_force_host_platform_device_count=4), which prints every case's errors as JSON; each pytest
+test reads its case from that output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+import pytest
+
+DEVICES = 4
+B, T, H, K, V = 2, 32, 2, 8, 16
+DECAY = [0.95, 0.5]
+# Row 0: a reset inside the second block (13) and one on the last block's first position (24), where the
+# entering state reaches nothing. Row 1: one run through every block.
+SEGMENT_IDS = [[0] * 13 + [1] * 11 + [2] * 8, [4] * 32]
+TOLERANCE = 2e-5  # float32 inputs: the orders of the work differ only in float32 rounding
+OUTPUTS = ("o", "final_state", "dq", "dk", "dv", "d_decay", "d_initial_state")
+
+# (id, method, emulated, check_vma, with segment ids and an initial state)
+# ("generic" emulated is the same program as "entering_state" for "xla", which has no BlockKernels.)
+CASES = [("correction-novma", "correction", False, False, False),
+         ("correction-segments", "correction", False, True, True),
+         ("correction-segments-novma", "correction", False, False, True),
+         ("emulated-entering_state", "entering_state", True, True, True),
+         ("emulated-correction", "correction", True, True, True)]
+
+
+# ------------------------------------------------------------------------------------ subprocess worker
+
+def _inputs(t: int) -> dict[str, Any]:
+    import jax.numpy as jnp
+    rng = np.random.default_rng(3)
+    shapes = dict(q=(B, t, H, K), k=(B, t, H, K), v=(B, t, H, V), initial_state=(B, H, K, V), do=(B, t, H, V),
+                  d_final=(B, H, K, V))
+    out = {name: jnp.asarray(rng.standard_normal(shape), jnp.float32) for name, shape in shapes.items()}
+    out["decay"] = jnp.asarray(DECAY, jnp.float32)
+    out["segment_ids"] = jnp.asarray([row[:t] for row in SEGMENT_IDS], jnp.int32)
+    return out
+
+
+def _with_gradients(attend, x: dict[str, Any]) -> dict[str, Any]:
+    """attend(q, k, v, decay, initial_state, segment_ids) -> (o, final state): its outputs and gradients."""
+    import jax
+
+    def primal(q, k, v, decay, initial_state):
+        return attend(q, k, v, decay, initial_state, x["segment_ids"])
+
+    out, vjp = jax.vjp(primal, x["q"], x["k"], x["v"], x["decay"], x["initial_state"])
+    return dict(zip(OUTPUTS, out + vjp((x["do"], x["d_final"]))))
+
+
+def _run_case(method: str, emulated: bool, check_vma: bool, segments: bool) -> dict[str, float]:
+    import jax
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    from experiments.combine_methods import sharded_attention
+    from fleetjax import fleet_attention
+    from fleetjax.check import relative_error
+
+    # Emulated: one device's share, the first block, on a mesh axis of one device.
+    devices = 1 if emulated else DEVICES
+    x = _inputs(T // DEVICES if emulated else T)
+    if not segments:
+        x["initial_state"] = x["initial_state"] * 0
+    block = sharded_attention(method, "xla", axis_name="seq", emulated=emulated)
+
+    def sharded(q, k, v, decay, initial_state, segment_ids):
+        mapped = jax.shard_map(
+            lambda q, k, v, d, s, ids: block(q, k, v, d, s, ids if segments else None),
+            mesh=Mesh(np.array(jax.devices()[:devices]), ("seq",)),
+            in_specs=(P(None, "seq"),) * 3 + (P(), P(), P(None, "seq")), out_specs=(P(None, "seq"), P()),
+            check_vma=check_vma)
+        return mapped(q, k, v, decay, initial_state, segment_ids)
+
+    def plain(q, k, v, decay, initial_state, segment_ids):
+        return fleet_attention(q, k, v, decay, initial_state=initial_state, return_final_state=True,
+                               segment_ids=segment_ids if segments else None, implementation="xla")
+
+    got = jax.jit(lambda x: _with_gradients(sharded, x))(x)
+    want = jax.jit(lambda x: _with_gradients(plain, x))(x)
+    return {name: relative_error(got[name], want[name]) for name in OUTPUTS}
+
+
+def _worker() -> None:
+    results: dict[str, Any] = {}
+    for case_id, *case in CASES:
+        try:
+            results[case_id] = {"errors": _run_case(*case)}
+        except Exception as error:  # noqa: BLE001 - reported by that case's test
+            results[case_id] = {"exception": f"{type(error).__name__}: {error}"}
+    print("RESULTS " + json.dumps(results))
+
+
+# ------------------------------------------------------------------------------------------- the tests
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, Any]:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}", JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker"], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]
+    assert done.returncode == 0 and lines, f"worker failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return json.loads(lines[-1][len("RESULTS "):])
+
+
+@pytest.mark.parametrize("case_id", [case[0] for case in CASES])
+def test_composition_equals_unsharded(results, case_id):
+    """bench_multigpu's orders of the work (correction over 4 devices; every method emulated on one) give the
+    unsharded call's output, final state and gradients in q, k, v, decay and the initial state."""
+    result = results[case_id]
+    assert "exception" not in result, result.get("exception")
+    bad = {name: err for name, err in result["errors"].items() if not err <= TOLERANCE}
+    assert not bad, f"relative error above {TOLERANCE}: {bad}"
+
+
+def test_output_errors_strides_large_outputs():
+    """relerr reads every stride-th position above the element cap; the L2 ratio and the non-finite check
+    read everything."""
+    import jax.numpy as jnp
+
+    from experiments.accuracy import output_errors
+    ref = jnp.asarray(np.random.default_rng(0).standard_normal((1, 64, 2, 4)), jnp.float32)
+    off = ref.at[0, 1].add(1.0)  # an error at an odd position only
+    full = output_errors(off, ref)
+    strided = output_errors(off, ref, max_elements=128)
+    assert full["stride"] == 1 and full["relerr"] > 0.1
+    assert strided["stride"] == 4 and strided["relerr"] == 0.0 and strided["relerr_l2"] == full["relerr_l2"]
+    nan = output_errors(ref.at[0, 1, 0, 0].set(jnp.nan), ref, max_elements=128)
+    assert nan["relerr"] is None and nan["nonfinite"]
+
+
+def test_long_context_row():
+    """The long-context row comes after the main rows, before the secondary group; its HBM floor counts
+    2^28 elements per tensor in bfloat16 exactly; the per-position scan is not timed there."""
+    from experiments.bandwidth import hbm_bytes
+    from experiments.bench_forward import LONG_CONTEXT, forward_cases
+    from experiments.peers import forward_impls
+    main, secondary = forward_cases(smoke=False)
+    assert main[-1] == LONG_CONTEXT and LONG_CONTEXT not in secondary
+    assert hbm_bytes("fwd", *LONG_CONTEXT.shape, LONG_CONTEXT.itemsize) == 4 * 2 ** 29
+    assert hbm_bytes("fwd_bwd", *LONG_CONTEXT.shape, LONG_CONTEXT.itemsize) == 8 * 2 ** 29
+    scan = next(impl for impl in forward_impls() if impl.name == "fleetjax.scan")
+    assert scan.skip_reason(LONG_CONTEXT, "fwd") is not None
+
+
+def test_tune_candidates_are_valid_configs():
+    """Every built-in candidate of the sweep is a valid PallasConfig differing from the default."""
+    import jax.numpy as jnp
+
+    from experiments.tune_pallas import apply_changes, candidates
+    from fleetjax.pallas.chunked import default_config
+    q, v = jnp.zeros((1, 32768, 8, 128), jnp.bfloat16), jnp.zeros((1, 32768, 8, 128), jnp.bfloat16)
+    base = default_config(q, v)
+    for op in ("fwd", "fwd_bwd"):
+        changes = candidates(base, op, 128, 128)
+        assert changes[0] == {} and len(changes) > 5
+        configs = [apply_changes(base, c) for c in changes]
+        assert all(c != base for c in configs[1:]) and len(set(configs)) == len(configs)
+
+
+def test_plot_draws_every_panel_kind(tmp_path):
+    """Several T (lines), several head dims at one T (against K), a shape alone (bars), fwd_bwd memory."""
+    pytest.importorskip("matplotlib")
+    from experiments.plots import plot_results
+    records = []
+    for impl, ms in (("fleetjax.pallas", 1.0), ("fla.chunk", 2.0)):
+        shapes = [(4, t, 16, 128) for t in (1024, 4096)] + [(4, 4096, 16, 64), (1, 131072, 16, 128)]
+        records += [dict(op="fwd_bwd", impl=impl, dtype="bfloat16", B=b, T=t, H=h, K=k, V=k, ms=ms * t / 1024,
+                         relerr=1e-3, hbm_floor_ms=0.1 * t / 1024, extra_peak_mb=float(t))
+                    for b, t, h, k in shapes]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"device": "cpu", "date": "2026-01-01", "records": records}))
+    assert plot_results(path).stat().st_size > 0
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    _worker()
