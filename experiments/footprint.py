@@ -34,7 +34,7 @@ from jax import export  # noqa: E402
 from jax._src.pallas.triton import pallas_call_registration as registration  # noqa: E402
 
 import fleetjax  # noqa: E402
-from fleetjax.pallas import chunked, fleet, launch  # noqa: E402
+from fleetjax.pallas import chunked, fleet, launch, walk  # noqa: E402
 
 _COMPILE = r'''
 import json, os, re, subprocess, sys, tempfile, triton
@@ -99,13 +99,20 @@ _KERNEL_OF = {"fleet_forward": "forward", "fleet_piece_states": "piece_states",
 
 
 def grid(size: str):
-    dims = [(64, 64), (128, 128), (128, 256), (256, 128), (256, 256), (100, 200)]
+    """(dtype, K, V, walk) to measure. float16 takes the shared memory of bfloat16 (both 2 bytes)."""
     if size == "small":
-        dims = [(128, 128), (128, 256), (256, 256)]
-    for dtype in ("bfloat16", "float16", "float32"):
-        for K, V in dims:
-            for chunk_size, block_v, stages in ((64, 64, 3), (64, 32, 3), (64, 32, 2), (32, 32, 3), (64, 16, 2)):
-                yield dtype, K, V, chunked.WalkConfig(chunk_size=chunk_size, block_v=block_v, num_stages=stages)
+        for dtype in ("bfloat16", "float16", "float32"):
+            for K, V in [(128, 128), (128, 256), (256, 256)]:
+                for chunk_size, block_v, stages in ((64, 64, 3), (64, 32, 3), (64, 32, 2), (32, 32, 3), (64, 16, 2)):
+                    yield dtype, K, V, chunked.WalkConfig(chunk_size=chunk_size, block_v=block_v, num_stages=stages)
+        return
+    for dtype in ("bfloat16", "float32"):
+        for K, V in [(64, 64), (128, 128), (128, 256), (256, 128), (256, 256)]:
+            for chunk_size in (32, 64):
+                for block_v in (16, 32, 64):
+                    for stages in (1, 2, 3, 4):
+                        yield dtype, K, V, chunked.WalkConfig(chunk_size=chunk_size, block_v=block_v,
+                                                              num_stages=stages)
 
 
 def main(argv=None) -> int:
@@ -114,7 +121,7 @@ def main(argv=None) -> int:
     parser.add_argument("--grid", choices=("small", "full"), default="small")
     parser.add_argument("--out", default="footprint.jsonl")
     args = parser.parse_args(argv)
-    for module in (launch, chunked, fleet):  # lower as a GPU would: Triton, not interpret mode
+    for module in (launch, chunked, fleet, walk):  # lower as a GPU would: Triton, not interpret mode
         module.on_gpu = lambda: True
     chunked.check_fits = lambda *args, **kwargs: None  # measure what the model would refuse, too
     capture = Capture()

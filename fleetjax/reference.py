@@ -79,34 +79,59 @@ def scan_impl(q, k, v, log_decay, initial_state, run_ids, *, scale: float, confi
     return jnp.moveaxis(o, 0, 1), final_state
 
 
+def _finite(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(x in float32 with its non-finite entries set to 0, the mask of those entries)."""
+    x = x.astype(f32)
+    bad = ~jnp.isfinite(x)
+    return jnp.where(bad, 0.0, x), bad
+
+
+def _poison(x: jax.Array, reached: jax.Array) -> jax.Array:
+    """x, NaN where ``reached``, with the gradient of x everywhere."""
+    return x + jax.lax.stop_gradient(jnp.where(reached, jnp.nan, 0.0))
+
+
 def quadratic_impl(q, k, v, log_decay, initial_state, run_ids, *, scale: float, config: Any = None,
                    final_state: bool = True):
-    """The masked [T, T] decay matrix, O(T^2) memory: for small T and tests."""
+    """The masked [T, T] decay matrix, O(T^2) memory: for small T and tests.
+
+    A non-finite input must reach only what depends on it, also through autodiff, whose products multiply
+    by the masked zeros too (0 * inf = NaN): q, k and v enter the products finite, and the outputs that
+    depend on a non-finite entry are made NaN afterwards by adding a NaN that carries no gradient (the
+    gradient of those outputs is still their finite one, as the terms it sends to other inputs are)."""
     del config, final_state
     T = q.shape[1]
     t = jnp.arange(T)
     if run_ids is None:
         run_ids = jnp.zeros(q.shape[:2], jnp.int32)
+    (q, bad_q), (k, bad_k), (v, bad_v) = _finite(q), _finite(k), _finite(v)
     # Mask before exp: exponents stay <= 0, so decay -> 0 gives exact zeros and decay = 1 gives ones.
     lag = t[:, None] - t[None, :]
     mask = (lag >= 0)[None] & (run_ids[:, :, None] == run_ids[:, None, :])  # [B, T, S]
     exponent = jnp.where(mask[:, None], lag[None, None] * log_decay[None, :, None, None], -jnp.inf)
     weights = scale * jnp.exp(exponent)  # [B, H, T, S]
-    scores = jnp.einsum("bthk,bshk->bhts", q.astype(f32), k.astype(f32), precision=HIGHEST) * weights
-    o = jnp.einsum("bhts,bshv->bthv", scores, v.astype(f32), precision=HIGHEST)
+    scores = jnp.einsum("bthk,bshk->bhts", q, k, precision=HIGHEST) * weights
+    o = jnp.einsum("bhts,bshv->bthv", scores, v, precision=HIGHEST)
 
     first_run = (run_ids == 0)[:, :, None, None]  # [B, T, 1, 1]: positions the initial state reaches
     q_decay = jnp.exp((t + 1)[:, None] * log_decay[None, :])[None, :, :, None]  # [1, T, H, 1]
     o = o + jnp.where(first_run, scale * q_decay * jnp.einsum(
-        "bthk,bhkv->bthv", q.astype(f32), initial_state, precision=HIGHEST), 0.0)
+        "bthk,bhkv->bthv", q, initial_state, precision=HIGHEST), 0.0)
+    # o_t[c] depends on q_t, and on k_s (all of it) and v_s[c] for every pair (t, s).
+    bad_kv = jnp.any(bad_k, axis=-1, keepdims=True) | bad_v  # [B, S, H, V]
+    reached = jnp.einsum("bts,bshv->bthv", mask.astype(f32), bad_kv.astype(f32)) > 0
+    o = _poison(o, reached | jnp.any(bad_q, axis=-1, keepdims=True))
 
     last_run = run_ids[:, -1:]
-    k_weight = jnp.where((run_ids == last_run)[:, :, None],
-                         jnp.exp((T - 1 - t)[:, None] * log_decay[None, :])[None], 0.0)  # [B, T, H]
-    final_state = jnp.einsum("bsh,bshk,bshv->bhkv", k_weight, k.astype(f32), v.astype(f32), precision=HIGHEST)
-    carried = jnp.where(last_run[:, 0] == 0, 1.0, 0.0)[:, None] * jnp.exp(T * log_decay)[None]  # [B, H]
-    final_state = final_state + carried[:, :, None, None] * initial_state
-    return o, final_state
+    in_last = (run_ids == last_run)[:, :, None]  # [B, T, 1]
+    k_weight = jnp.where(in_last, jnp.exp((T - 1 - t)[:, None] * log_decay[None, :])[None], 0.0)  # [B, T, H]
+    final_state = jnp.einsum("bsh,bshk,bshv->bhkv", k_weight, k, v, precision=HIGHEST)
+    carried = jnp.where((last_run[:, 0] == 0)[:, None, None, None],
+                        jnp.exp(T * log_decay)[None, :, None, None] * initial_state, 0.0)
+    final_state = final_state + carried
+    # The final state's columns that a non-finite k or v of the last run reaches.
+    reached = jnp.any(in_last[..., None] & bad_kv, axis=1)[:, :, None, :]  # [B, H, 1, V]
+    return o, _poison(final_state, reached)
 
 
 SCAN = Implementation("scan", scan_impl, "jax.lax.scan over time with the float32 state: the recurrence, readable")

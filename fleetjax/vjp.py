@@ -1,25 +1,37 @@
-"""What every custom VJP of fleetjax shares (DESIGN.md section 2): the decay gradient and the terms of
-the final state's cotangent.
+"""The backward of the operator, and what every custom VJP of fleetjax shares: the decay gradient and the
+terms of the final state's cotangent.
 
-    d log gamma = sum_{s <= t} (t - s) A_ts (q_t . k_s)(dO_t . v_s)  + initial- and final-state terms
+With A_ts = scale * gamma^(t-s) for s <= t in the same segment (0 otherwise) and dO the output's cotangent:
 
-The identity  sum_t (t+1) q_t . dq_t - sum_s (s+1) k_s . dk_s + T <dS_T, S_T>  gives it from the gradients,
-but taken literally it cancels catastrophically in float32: at long T (absolute positions multiply huge
-sums) and at small decay (a lag-0 pair such as (q_t . k_t)(dO_t . v_t) dominates both sides while
-contributing nothing). So the backward kernels split their work:
+    dq_t = sum_{s <= t} A_ts (dO_t . v_s) k_s        (the op with query=dO, key=v, value=k)
+    dk_s = sum_{t >= s} A_ts (dO_t . v_s) q_t        (the op reversed in time: query=v, key=dO, value=q)
+    dv_s = sum_{t >= s} A_ts (q_t . k_s) dO_t        (reversed: query=k, key=q, value=dO)
+    d log gamma = sum_{s <= t} (t - s) A_ts (q_t . k_s)(dO_t . v_s)
+                  + sum_t (t+1) scale gamma^(t+1) q_t^T S0 dO_t          (the initial state S0, first segment)
+                  + sum_s (T-1-s) gamma^(T-1-s) k_s^T dS_T v_s + T gamma^T <dS_T, S0>   (the final state's dS_T)
+    d S0 = scale sum_t gamma^(t+1) q_t dO_t^T + gamma^T dS_T,    d gamma = d log gamma / gamma.
 
-- intra-chunk pairs are summed directly with their lag as weight: ``intra`` [B, H, T] holds, per query
-  position i, sum_{j <= i in its chunk} (i - j) A_ij (q_i . k_j)(dO_i . v_j);
-- pairs across chunks enter the identity only through their inter-chunk parts ``w`` = q_t . dq_t^inter
-  (initial state included) and ``u`` = k_s . dk_s^inter, [B, H, T]; it is evaluated with offsets local to
-  blocks, the long-range part becoming sum_b len_b F_b, where F_b, the flow of pairs across the boundary
-  after block b, is a suffix sum of per-block differences: nothing is multiplied by an absolute position;
-- the final state's cotangent dS_T is kept out of every carried reverse state (those start at zero), so it
-  never enters ``u``: its terms over the positions, x_s = gamma^(T-1-s) k_s^T dS_T v_s, are summed with
-  their own weight T-1-s (``exit_log_decay_grad``), and the term of the carry gamma^T of the entering state
-  with weight T (``carry_log_decay_grad``). The xla backward computes them here (``final_state_terms``);
-  the Pallas reverse walks add dS_T's terms to dk and dv as their own product and return x. All of them are
-  skipped when the cotangent is a symbolic zero (the final state was not used).
+The identity d log gamma = sum_t t (q_t . dq_t) - sum_s s (k_s . dk_s) would give the decay gradient from the
+other gradients, but in float32 it cancels catastrophically: at long T absolute positions multiply huge sums,
+and at small decay the lag-0 pairs (q_t . k_t)(dO_t . v_t), which carry nothing, dominate both sides. So the
+implementations sum every pair with its own non-negative lag weight instead, in chunks of C positions
+(position t is at index i of its chunk, s at index j of its chunk, m whole chunks lie between them):
+
+- pairs inside a chunk: ``intra`` [B, H, T], per query i, sum_{j <= i} (i - j) A_ij (q_i . k_j)(dO_i . v_j);
+- pairs across chunks have lag (i + 1) + (len_s - 1 - j) + C m, summed as three positive-weighted parts:
+  ``w`` = q_t . dq_t^inter (the part of dq from earlier chunks, initial state included) weighted by i + 1;
+  ``u`` = k_s . dk_s^inter (from later chunks) weighted by len_s - 1 - j; and ``counts`` = q_t . dq'_t^inter
+  weighted by C, where dq' comes from a second state that counts, for every term of the dq state, the whole
+  chunks it has crossed (the initial state's term crosses all chunks before t, so its lag t + 1 comes out
+  whole as well). Nothing large is subtracted; the rounding of each part is relative to itself.
+- the final state's cotangent dS_T is kept out of every carried reverse state, so it never enters ``u``: its
+  terms x_s = gamma^(T-1-s) k_s^T dS_T v_s are summed with their own weight T-1-s (``exit_log_decay_grad``),
+  and the term of the carry gamma^T of the entering state with weight T (``carry_log_decay_grad``). The xla
+  backward computes them here (``final_state_terms``); the Pallas reverse walks add dS_T's terms to dk and dv
+  as their own product and return x. All of them are skipped when the cotangent is a symbolic zero.
+
+implementation="xla" carries the exact derivative of its dq state in log gamma instead of the count (one
+more product per chunk, cheap there), which gives the whole across-chunk sum from the dq pass alone.
 """
 
 from __future__ import annotations
@@ -44,20 +56,16 @@ def only_first_run(d_initial: jax.Array, run_ids: jax.Array | None) -> jax.Array
     return jnp.where((run_ids[:, 0] == 0)[:, None, None, None], d_initial, 0.0)
 
 
-def log_decay_grad(w: jax.Array, u: jax.Array, intra: jax.Array, block: int = 64) -> jax.Array:
-    """d loss / d log decay [H] of the pairs among positions and of the initial state, from w, u, intra
-    [B, H, T] float32 (see the module docstring)."""
-    B, H, T = w.shape
-    block = min(block, T)
-    n = -(-T // block)
-    diff = jnp.pad(w - u, ((0, 0), (0, 0), (0, n * block - T))).reshape(B, H, n, block)
-    offsets = jnp.arange(1, block + 1, dtype=f32)
-    local = jnp.sum(diff * offsets, axis=(-1, -2))  # [B, H]
-    per_block = jnp.sum(diff, axis=-1)  # [B, H, n]
-    # F_b = sum_{m > b} per_block[m]: a reverse exclusive cumsum.
-    flow = jnp.flip(jnp.cumsum(jnp.flip(per_block, -1), axis=-1), -1) - per_block
-    lengths = jnp.full((n,), block, f32).at[-1].set(T - (n - 1) * block)
-    return jnp.sum(local + jnp.sum(flow * lengths, axis=-1) + jnp.sum(intra, axis=-1), axis=0)
+def log_decay_grad(w: jax.Array, u: jax.Array, counts: jax.Array, intra: jax.Array, chunk_size: int) -> jax.Array:
+    """d loss / d log decay [H] of the pairs among positions and of the initial state, from the per-position
+    parts w, u, counts and intra [B, H, T] float32 of chunks of ``chunk_size`` (see the module docstring):
+    sum intra + (i + 1) w + (len - 1 - i) u + C counts, with i a position's index in its chunk."""
+    T = w.shape[-1]
+    t = jnp.arange(T)
+    i = t % chunk_size
+    length = jnp.minimum(chunk_size, T - (t - i))
+    weighted = intra + (i + 1).astype(f32) * w + (length - 1 - i).astype(f32) * u + float(chunk_size) * counts
+    return jnp.sum(weighted, axis=(0, 2))
 
 
 def whole_row_carry(log_decay: jax.Array, run_ids: jax.Array | None, B: int, T: int) -> jax.Array:

@@ -1,17 +1,22 @@
 """implementation="xla": the chunked form in pure jnp, with a memory-lean custom VJP.
 
-Chunked form (DESIGN.md section 1), chunk of C positions, local index i, state S entering the chunk:
-
-    o_i    = scale * ( gamma^(i+1) q_i^T S  +  sum_{j <= i} gamma^(i-j) (q_i . k_j) v_j )
-    S_next = gamma^len S  +  sum_j gamma^(len-1-j) k_j v_j^T        (len = C except in the last chunk)
-
-The intra-chunk part of every chunk is computed at once as batched [C, C] products; the state is passed
+The chunked form (fleetjax.reference) with the decay factors and masks of fleetjax.chunk, computed for all
+chunks at once: the intra-chunk products of every chunk are batched [C, C] products, and the state is passed
 between chunks by a ``jax.lax.scan``. What is kept in memory: the inputs in chunk layout (float32), one
 [B, H, C, C] float32 score block per chunk (T * C per head, never T x T), the output, and a single
-[B, H, K, V] float32 carry: no state of every chunk. The backward pass recomputes instead of storing: its
-residuals are the inputs alone. It runs the forward with roles swapped for dq (query=dO, key=v, value=k)
-and one reverse scan that yields dk, dv and the initial-state gradient together; the final state's
-cotangent and the decay gradient come from fleetjax.vjp.
+[B, H, K, V] float32 carry: no state of every chunk. The backward recomputes instead of storing (its
+residuals are the inputs alone): the forward with roles swapped gives dq (query=dO, key=v, value=k), one
+reverse scan gives dk, dv and the initial state's gradient together, and fleetjax.vjp the final state's terms.
+
+The decay gradient comes from the dq pass without cancellation: besides the dq state
+Sigma_c = sum_{s < c} gamma^(c-1-s) v_s k_s^T it carries its derivative in log gamma,
+Sigma'_c = sum_{s < c} (c-1-s) gamma^(c-1-s) v_s k_s^T (c the chunk's start), so that the pairs across chunks
+give sum_t ((i+1) w_t + q_t . scale gamma^(i+1) dO_t^T Sigma'_c) with w_t = q_t . dq_t^inter: every term has
+its own non-negative lag weight; nothing large is subtracted (fleetjax.vjp explains why that matters).
+
+Non-finite values: masks select; the value operand of each product (v; in the backward k, dO and q) enters
+with its non-finite entries zeroed and the outputs and states that depend on one are set to NaN
+(fleetjax.chunk).
 """
 
 from __future__ import annotations
@@ -23,11 +28,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fleetjax import chunk as cm
 from fleetjax import vjp
+from fleetjax.chunking import Chunking
 from fleetjax.implementation import Implementation
 from fleetjax.vma import vary_like
 
 f32 = jnp.float32
+HIGHEST = jax.lax.Precision.HIGHEST
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +45,7 @@ class XlaConfig:
     chunk_size: int = 64
 
     def __post_init__(self):
-        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+        if not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool) or self.chunk_size < 1:
             raise ValueError(f"XlaConfig.chunk_size must be a positive int, got {self.chunk_size!r}")
 
 
@@ -46,159 +54,156 @@ def default_config(q: jax.Array, v: jax.Array) -> XlaConfig:
     return XlaConfig()
 
 
-@dataclasses.dataclass(frozen=True)
-class _Chunks:
-    """Static geometry of T positions cut into n chunks of C (numpy, known at trace time)."""
-
-    T: int
-    C: int
-
-    @property
-    def n(self) -> int:
-        return -(-self.T // self.C)
-
-    @property
-    def lengths(self) -> np.ndarray:  # [n]
-        return np.minimum(self.C, self.T - self.C * np.arange(self.n))
-
-    def split(self, x: jax.Array) -> jax.Array:
-        """[B, T, H, D] -> [n, B, H, C, D], zero padded."""
-        B, _, H, D = x.shape
-        x = jnp.pad(x, ((0, 0), (0, self.n * self.C - self.T), (0, 0), (0, 0)))
-        return x.reshape(B, self.n, self.C, H, D).transpose(1, 0, 3, 2, 4)
-
-    def merge(self, x: jax.Array) -> jax.Array:
-        """[n, B, H, C, D] -> [B, T, H, D]."""
-        n, B, H, C, D = x.shape
-        return x.transpose(1, 0, 3, 2, 4).reshape(B, n * C, H, D)[:, :self.T]
-
-    def decays(self, log_decay: jax.Array) -> dict[str, jax.Array]:
-        """Decay factors, each exp(exponent * log decay) with the exponent masked before exp."""
-        i = np.arange(self.C)
-        lengths = self.lengths[:, None]
-        lag = i[:, None] - i[None, :]
-        lg = log_decay[None, None, :, None]  # [1, 1, H, 1]
-        entering = (i + 1)[None, None, None, :] * lg  # [1, 1, H, C]: gamma^(i+1)
-        leaving = jnp.where(i[None] < lengths, lengths - 1 - i[None], 0)  # [n, C]
-        leaving = jnp.where((i[None] < lengths)[:, None, None, :], jnp.exp(leaving[:, None, None, :] * lg), 0.0)
-        intra = jnp.where(lag >= 0, lag, 0)[None, None, None] * log_decay[None, None, :, None, None]
-        return dict(
-            entering=jnp.exp(entering)[..., None],  # [1, 1, H, C, 1]
-            leaving=leaving[..., None],  # [n, 1, H, C, 1]
-            intra=jnp.where(lag >= 0, jnp.exp(intra), 0.0),  # [1, 1, H, C, C]
-            carry=jnp.exp(self.lengths[:, None, None] * log_decay[None, None, :]),  # [n, 1, H]
-        )
-
-    def runs(self, run_ids: jax.Array) -> jax.Array:
-        """[B, T] -> [n, B, C], edge padded (padding joins the last run; its k, v are zero)."""
-        padded = jnp.pad(run_ids, ((0, 0), (0, self.n * self.C - self.T)), mode="edge")
-        return padded.reshape(run_ids.shape[0], self.n, self.C).transpose(1, 0, 2)
+def _precision(dtype) -> jax.lax.Precision:
+    """Products of raw inputs: full float32 for float32 inputs (tf32 on GPU would miss the 1e-5 contract);
+    the default for 16-bit inputs, whose values the tensor cores' tf32 holds exactly. Products with states
+    and decayed values always run at HIGHEST: the outputs that leave as float32 (states, the decay
+    gradient) must keep float32's accuracy."""
+    return HIGHEST if jnp.dtype(dtype) == f32 else jax.lax.Precision.DEFAULT
 
 
-def _dot(spec: str, a, b, precision):
+def _dot(spec: str, a, b, precision=HIGHEST):
     return jnp.einsum(spec, a, b, precision=precision, preferred_element_type=f32)
 
 
-def _precision(dtype) -> jax.lax.Precision:
-    # float32 inputs get full-precision products (tf32 on GPU would miss the 1e-5 contract).
-    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+def _chunks(chunking: Chunking, log_decay: jax.Array, run_ids: jax.Array | None, reverse: bool) -> cm.Chunk:
+    """The decay factors and masks of every chunk (fleetjax.chunk.chunk), fields [n, B or 1, H, ...]."""
+    n, C, T = chunking.n_chunks, chunking.chunk_size, chunking.T
+    starts = jnp.arange(n) * C
+    one = functools.partial(cm.chunk, C=C, T=T, reverse=reverse)
+    if run_ids is None:
+        per_head = jax.vmap(lambda start, lg: one(start, log_decay=lg), in_axes=(None, 0))
+        return jax.tree.map(lambda x: x[:, None], jax.vmap(per_head, in_axes=(0, None))(starts, log_decay))
+    B = run_ids.shape[0]
+    padded = jnp.pad(run_ids, ((0, 0), (0, chunking.padded_T - T)), constant_values=-1)
+    runs = padded.reshape(B, n, C).transpose(1, 0, 2)  # [n, B, C]
+    ends = np.minimum(np.arange(n) * C + C, T)
+    if reverse:  # the run after each chunk (the row's last for the last chunk)
+        edge = jnp.concatenate([run_ids[:, ends[:-1]], run_ids[:, -1:]], axis=1).T
+    else:  # the run before each chunk (0, the entering state's run, for the first)
+        edge = jnp.concatenate([jnp.zeros((B, 1), run_ids.dtype), run_ids[:, np.arange(1, n) * C - 1]], axis=1).T
+    per_head = jax.vmap(lambda start, lg, r, e: one(start, log_decay=lg, runs=r, edge_run=e),
+                        in_axes=(None, 0, None, None))
+    per_row = jax.vmap(per_head, in_axes=(None, None, 0, 0))
+    return jax.vmap(per_row, in_axes=(0, None, 0, 0))(starts, log_decay, runs, edge)
 
 
-# The backward's products with the float32 states (and with the decayed keys and queries that build them)
-# feed w and u, whose differences the decay gradient sums with offsets (fleetjax.vjp): rounded to tf32 (the
-# GPU's default for float32 products) they gave a 10% error there on a bfloat16 case. The products of raw
-# bfloat16/float16 inputs stay exact under the default precision.
-_STATE_PRECISION = jax.lax.Precision.HIGHEST
+def _reach(ch: cm.Chunk, bad: jax.Array) -> jax.Array:
+    """[n, B, H, C, D] bool: the outputs that a bad value entry (bad [n, B, H, C, D]) reaches within chunks."""
+    return _dot("nbhij,nbhjd->nbhid", ch.pairs.astype(f32), bad.astype(f32)) > 0
 
 
-def _causal_pass(q, k, v, log_decay, initial_state, run_ids, scale, chunk_size, precision, dot_with=None):
+def _poisoned(x: jax.Array, ch: cm.Chunk, bad: jax.Array) -> jax.Array:
+    """x [n, B, H, C, D] with NaN where a bad value reaches it; the product is made only if there is one."""
+    return jax.lax.cond(jnp.any(bad), lambda x: jnp.where(_reach(ch, bad), jnp.nan, x), lambda x: x, x)
+
+
+def _columns(ch: cm.Chunk, bad: jax.Array) -> jax.Array:
+    """[n, B, H, D] bool: columns of the state handed on that a bad value of a leaving key makes NaN."""
+    return jnp.any(ch.leaves[..., None] & bad, axis=-2)
+
+
+def _causal_pass(q, k, v, log_decay, initial_state, run_ids, scale, chunking: Chunking, precision,
+                 dot_with=None):
     """The forward op in float32: (o [B, T, H, V], final state [B, H, K, V]).
 
-    With ``dot_with`` [B, T, H, V] (the dq pass: the original q), also returns dot_with_t . o_t^inter
-    [B, H, T], the inter-chunk part that fleetjax.vjp needs; the products with the state then run in full
-    float32 whatever the input dtype (see _STATE_PRECISION)."""
-    geo = _Chunks(q.shape[1], min(chunk_size, q.shape[1]))
-    qc, kc, vc = (geo.split(x.astype(f32)) for x in (q, k, v))
-    d = geo.decays(log_decay)
-    intra = d["intra"]
-    q_factor, k_factor, carry = d["entering"], d["leaving"], d["carry"]
-    if run_ids is not None:
-        rc = geo.runs(run_ids)  # [n, B, C]
-        before = jnp.concatenate([jnp.zeros_like(rc[:1, :, 0]), rc[:-1, :, -1]])  # [n, B]
-        last = rc[:, :, -1]
-        intra = intra * (rc[:, :, None, :, None] == rc[:, :, None, None, :])
-        q_factor = q_factor * (rc == before[..., None])[:, :, None, :, None]
-        k_factor = k_factor * (rc == last[..., None])[:, :, None, :, None]
-        carry = carry * (last == before)[..., None]
-    scores = _dot("nbhik,nbhjk->nbhij", qc, kc, precision) * intra
+    With ``dot_with`` [B, T, H, V] (the dq pass, where it is the original q), also the decay gradient of the
+    pairs [H] (see the module docstring)."""
+    ch = _chunks(chunking, log_decay, run_ids, reverse=False)
+    qc, kc, vc = (chunking.split(x.astype(f32)) for x in (q, k, v))
+    vc, bad = cm.finite_part(vc)
+    scores = jnp.where(ch.pairs, _dot("nbhik,nbhjk->nbhij", qc, kc, precision) * ch.weights, 0.0)
     o_intra = _dot("nbhij,nbhjv->nbhiv", scores, vc, precision)
+    queries = jnp.where(ch.enters[..., None], qc * ch.entering[..., None], 0.0)
+    # The state's rows of the output are selected as well: a NaN state must not reach another segment.
+    enters = jnp.broadcast_to(ch.enters, qc.shape[:-1])
+    keys = jnp.where(ch.leaves[..., None], kc * ch.leaving[..., None], 0.0)
+    poison = _columns(ch, bad)
+    tangent = dot_with is not None
+    lengths = jnp.asarray(chunking.chunk_lengths, f32)[:, None, None, None]  # [n, 1, 1, 1]
+    # The leaving keys' own lags (len-1-j): the derivative of their decay in log gamma. [n, 1, 1, C]
+    leave_lag = jnp.maximum(lengths - 1 - jnp.arange(chunking.chunk_size, dtype=f32), 0.0)
 
-    state_precision = precision if dot_with is None else _STATE_PRECISION
+    def step(carry, xs):
+        state, derivative = carry
+        q_n, enters_n, k_n, v_n, carry_n, carries_n, poison_n, length_n, lag_n = xs
+        o_n = jnp.where(enters_n[..., None], _dot("bhik,bhkv->bhiv", q_n, state), 0.0)
+        new = jnp.where(carries_n[..., None, None], carry_n[..., None, None] * state, 0.0)
+        new = jnp.where(poison_n[..., None, :], jnp.nan, new + _dot("bhjk,bhjv->bhkv", k_n, v_n))
+        if not tangent:
+            return (new, derivative), (o_n, o_n)
+        d_n = jnp.where(enters_n[..., None], _dot("bhik,bhkv->bhiv", q_n, derivative), 0.0)
+        moved = carry_n[..., None, None] * (derivative + length_n * state)
+        derivative = jnp.where(carries_n[..., None, None], moved, 0.0) + _dot(
+            "bhjk,bhjv->bhkv", k_n * lag_n[..., None], v_n)
+        return (new, derivative), (o_n, d_n)
 
-    def step(state, xs):
-        q_n, k_n, v_n, carry_n = xs
-        o_n = _dot("bhik,bhkv->bhiv", q_n, state, state_precision)
-        state = carry_n[..., None, None] * state + _dot("bhjk,bhjv->bhkv", k_n, v_n, state_precision)
-        return state, o_n
+    B, H = qc.shape[1:3]
+    carries = jnp.broadcast_to(ch.carries, (chunking.n_chunks, B, H))
+    carry = jnp.broadcast_to(ch.carry, (chunking.n_chunks, B, H))
+    (final_state, _), (o_inter, d_inter) = jax.lax.scan(
+        step, (initial_state, jnp.zeros_like(initial_state)),
+        (queries, enters, keys, vc, carry, carries, poison, lengths, leave_lag))
+    o = _poisoned(scale * (o_intra + o_inter), ch, bad)
+    if not tangent:
+        return chunking.merge(o), final_state
+    other = chunking.split(dot_with.astype(f32))
+    # Per query: its lag-weighted intra-chunk pairs, and the pairs across chunks through both states.
+    pairs = _dot("nbhik,nbhjk->nbhij", other, vc, precision) * scores
+    intra = jnp.sum(ch.lag * pairs, axis=-1)
+    enter_lag = jnp.arange(1, chunking.chunk_size + 1, dtype=f32)
+    across = jnp.sum((enter_lag[:, None] * o_inter + d_inter) * other, axis=-1)
+    d_log_decay = scale * jnp.sum(intra + across, axis=(0, 1, 3))
+    # A bad value poisons the decay gradient as it does its outputs (the gradient sums over all pairs).
+    d_log_decay = jnp.where(jnp.any(bad, axis=(0, 1, 3, 4)), jnp.nan, d_log_decay)
+    return chunking.merge(o), final_state, d_log_decay
 
-    carry = jnp.broadcast_to(carry, (geo.n,) + qc.shape[1:3])
-    final_state, o_inter = jax.lax.scan(step, initial_state, (qc * q_factor, kc * k_factor, vc, carry))
-    o = geo.merge(scale * (o_intra + o_inter))
-    if dot_with is None:
-        return o, final_state
-    w = jnp.einsum("bthv,bthv->bht", geo.merge(scale * o_inter), dot_with.astype(f32))
-    return o, final_state, w
 
+def _anticausal_pass(q, k, v, do, log_decay, run_ids, scale, chunking: Chunking, precision):
+    """dk, dv [B, T, H, *] and d initial_state from one reverse scan over chunks.
 
-def _anticausal_pass(q, k, v, do, log_decay, run_ids, scale, chunk_size, precision):
-    """dk, dv [B, T, H, *], d initial_state, and the decay-gradient parts u, intra [B, H, T] (see
-    fleetjax.vjp) from one reverse scan over chunks.
-
-    The reverse state R (K x V) collects scale * gamma^(t-s+1) q_t dO_t^T of the later positions, starting
-    from zero (the final state's cotangent is fleetjax.vjp.final_state_terms' part);
-    dk_s = gamma^(len-1-j) R v_s and dv_s = gamma^(len-1-j) R^T k_s.
-    """
-    geo = _Chunks(q.shape[1], min(chunk_size, q.shape[1]))
-    qc, kc, vc, dc = (geo.split(x.astype(f32)) for x in (q, k, v, do))
-    d = geo.decays(log_decay)
-    intra = d["intra"]
-    q_factor, k_factor, carry = d["entering"], d["leaving"], d["carry"]
-    if run_ids is not None:
-        rc = geo.runs(run_ids)
-        first = rc[:, :, 0]
-        after = jnp.concatenate([rc[1:, :, 0], rc[-1:, :, -1]])  # run reached by R from the right
-        intra = intra * (rc[:, :, None, :, None] == rc[:, :, None, None, :])
-        q_factor = q_factor * (rc == first[..., None])[:, :, None, :, None]
-        k_factor = k_factor * (rc == after[..., None])[:, :, None, :, None]
-        carry = carry * (first == after)[..., None]
-    weights = scale * intra  # [i, j], i >= j
-    scores = _dot("nbhik,nbhjk->nbhij", qc, kc, precision) * weights
-    d_products = _dot("nbhiv,nbhjv->nbhij", dc, vc, precision)
-    d_scores = d_products * weights
-    lag = np.arange(geo.C)[:, None] - np.arange(geo.C)[None, :]
-    intra_lag = jnp.sum(scores * d_products * np.maximum(lag, 0), axis=-1)  # [n, B, H, C]
-    dv_intra = _dot("nbhij,nbhiv->nbhjv", scores, dc, precision)
-    dk_intra = _dot("nbhij,nbhik->nbhjk", d_scores, qc, precision)
+    The reverse state R (K x V) collects gamma^(t-c+1) q_t dO_t^T of the positions t from chunk start c on,
+    starting from zero (the final state's cotangent is fleetjax.vjp.final_state_terms' part);
+    dk_s = scale gamma^(len-1-s) R v_s and dv_s = scale gamma^(len-1-s) R^T k_s within a chunk, and
+    d initial_state = scale R after the first chunk."""
+    ch = _chunks(chunking, log_decay, run_ids, reverse=True)
+    qc, kc, vc, dc_raw = (chunking.split(x.astype(f32)) for x in (q, k, v, do))
+    # The values of these products: dO (for dv and the reverse state) and q (for dk); as keys they stay raw.
+    dc, bad_do = cm.finite_part(dc_raw)
+    qv, bad_q = cm.finite_part(qc)
+    scores = jnp.where(ch.pairs, _dot("nbhik,nbhjk->nbhij", kc, qc, precision) * ch.weights, 0.0)  # [s, t]
+    d_scores = jnp.where(ch.pairs, _dot("nbhiv,nbhjv->nbhij", vc, dc_raw, precision) * ch.weights, 0.0)
+    dv_intra = _dot("nbhij,nbhjv->nbhiv", scores, dc, precision)
+    dk_intra = _dot("nbhij,nbhjk->nbhik", d_scores, qv, precision)
+    k_in = jnp.where(ch.enters[..., None], kc * ch.entering[..., None], 0.0)
+    v_in = jnp.where(ch.enters[..., None], vc * ch.entering[..., None], 0.0)
+    enters = jnp.broadcast_to(ch.enters, qc.shape[:-1])
+    q_out = jnp.where(ch.leaves[..., None], qc * ch.leaving[..., None], 0.0)
+    poison = _columns(ch, bad_do)
 
     def step(r, xs):
-        qd_n, d_n, kd_n, vd_n, carry_n = xs
-        dk_n = _dot("bhjv,bhkv->bhjk", vd_n, r, _STATE_PRECISION)
-        dv_n = _dot("bhjk,bhkv->bhjv", kd_n, r, precision)
-        r = carry_n[..., None, None] * r + scale * _dot("bhik,bhiv->bhkv", qd_n, d_n, _STATE_PRECISION)
+        k_n, v_n, enters_n, q_n, d_n, carry_n, carries_n, poison_n = xs
+        dv_n = jnp.where(enters_n[..., None], _dot("bhsk,bhkv->bhsv", k_n, r), 0.0)
+        dk_n = jnp.where(enters_n[..., None], _dot("bhsv,bhkv->bhsk", v_n, r), 0.0)
+        new = jnp.where(carries_n[..., None, None], carry_n[..., None, None] * r, 0.0)
+        r = jnp.where(poison_n[..., None, :], jnp.nan, new + _dot("bhtk,bhtv->bhkv", q_n, d_n))
         return r, (dk_n, dv_n)
 
-    carry = jnp.broadcast_to(carry, (geo.n,) + qc.shape[1:3])
-    d_initial, (dk_inter, dv_inter) = jax.lax.scan(
-        step, vary_like(jnp.zeros(qc.shape[1:3] + (qc.shape[-1], dc.shape[-1]), f32), q, k, v, do),
-        (qc * q_factor, dc, kc * k_factor, vc * k_factor, carry), reverse=True)
-    u = jnp.einsum("bthk,bthk->bht", geo.merge(dk_inter), k.astype(f32))
-    intra_lag = geo.merge(intra_lag[..., None])[..., 0].transpose(0, 2, 1)
-    return geo.merge(dk_intra + dk_inter), geo.merge(dv_intra + dv_inter), d_initial, u, intra_lag
+    B, H = qc.shape[1:3]
+    carries = jnp.broadcast_to(ch.carries, (chunking.n_chunks, B, H))
+    carry = jnp.broadcast_to(ch.carry, (chunking.n_chunks, B, H))
+    start = vary_like(jnp.zeros((B, H, qc.shape[-1], dc.shape[-1]), f32), q, k, v, do)
+    r, (dk_inter, dv_inter) = jax.lax.scan(step, start, (k_in, v_in, enters, q_out, dc, carry, carries, poison),
+                                           reverse=True)
+    dk = _poisoned(scale * (dk_intra + dk_inter), ch, bad_q)
+    dv = _poisoned(scale * (dv_intra + dv_inter), ch, bad_do)
+    return chunking.merge(dk), chunking.merge(dv), scale * r
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _xla(q, k, v, log_decay, initial_state, run_ids, scale, chunk_size):
-    return _causal_pass(q, k, v, log_decay, initial_state, run_ids, scale, chunk_size, _precision(q.dtype))
+    chunking = Chunking(q.shape[1], min(chunk_size, q.shape[1]))
+    return _causal_pass(q, k, v, log_decay, initial_state, run_ids, scale, chunking, _precision(q.dtype))
 
 
 def _xla_fwd(q, k, v, log_decay, initial_state, run_ids, scale, chunk_size):
@@ -211,13 +216,13 @@ def _xla_fwd(q, k, v, log_decay, initial_state, run_ids, scale, chunk_size):
 def _xla_bwd(scale, chunk_size, residuals, cotangents):
     q, k, v, log_decay, initial_state, run_ids = residuals
     do, d_final = cotangents
+    chunking = Chunking(q.shape[1], min(chunk_size, q.shape[1]))
     precision = _precision(q.dtype)
     do = jnp.zeros_like(v, f32) if vjp.is_zero(do) else do
-    dq, _, w = _causal_pass(do, v, k, log_decay, jnp.swapaxes(initial_state, -1, -2), run_ids, scale,
-                            chunk_size, precision, dot_with=q)
-    dk, dv, d_initial, u, intra = _anticausal_pass(q, k, v, do, log_decay, run_ids, scale, chunk_size, precision)
+    dq, _, d_log_decay = _causal_pass(do, v, k, log_decay, jnp.swapaxes(initial_state, -1, -2), run_ids, scale,
+                                      chunking, precision, dot_with=q)
+    dk, dv, d_initial = _anticausal_pass(q, k, v, do, log_decay, run_ids, scale, chunking, precision)
     d_initial = vjp.only_first_run(d_initial, run_ids)
-    d_log_decay = vjp.log_decay_grad(w, u, intra)
     if not vjp.is_zero(d_final):
         terms = vjp.final_state_terms(k, v, log_decay, initial_state, run_ids, d_final)
         dk, dv, d_initial, d_log_decay = (a + b for a, b in zip((dk, dv, d_initial, d_log_decay), terms))

@@ -4,8 +4,9 @@
 dq walk, forward in time: query=dO, key=v, value=k (state [V, K block]), entered with S0^T:
     dq_t = scale sum_{s <= t} gamma^(t-s) (dO_t . v_s) k_s + scale gamma^(t+1) S0 dO_t
   It also returns, per value block (summed after in a fixed order), the parts of the decay gradient that
-  fleetjax.vjp needs: w_t = q_t . dq_t^inter (the state's part) and intra_t = scale sum_{s <= t in the chunk}
-  (t - s) gamma^(t-s) (q_t . k_s)(dO_t . v_s).
+  fleetjax.vjp needs: w_t = q_t . dq_t^inter (the state's part), counts_t (the same through a second state
+  that counts the whole chunks each term of the first has crossed) and intra_t = scale sum_{s <= t in the
+  chunk} (t - s) gamma^(t-s) (q_t . k_s)(dO_t . v_s).
 dv walk, reverse in time: query=k, key=q, value=dO (state [K, V block]):
     dv_s = scale sum_{t >= s} gamma^(t-s) (q_t . k_s) dO_t;
   its state after the first position is R = sum_t gamma^(t+1) q_t dO_t^T, and d initial_state = scale R.
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from fleetjax.chunking import Chunking
-from fleetjax.pallas import chunk as cm
+from fleetjax import chunk as cm
 from fleetjax.pallas.launch import call
 from fleetjax.pallas.walk import (Specs, columns, enter_piece, program_id, load_rows, pad_state, padded, piece_edges,
                                   piece_links, store_positions, store_rows, value_blocks, walk)
@@ -42,36 +43,46 @@ def _entered(state, local_ref, link_ref, *, piece, chunking, reverse, log_decay)
                        local_ref=local_ref, link_ref=link_ref)
 
 
-def dq_kernel(*, log_decay_ref, do_ref, v_ref, k_ref, q_ref, dq_ref, w_ref, intra_ref, start_ref=None,
-              local_ref=None, link_ref=None, run_ref=None, edge_ref=None, chunking: Chunking, K: int, V: int,
-              block: int, scale: float, precision):
+def dq_kernel(*, log_decay_ref, do_ref, v_ref, k_ref, q_ref, dq_ref, w_ref, counts_ref, intra_ref, start_ref=None,
+              local_ref=None, local_counts_ref=None, link_ref=None, run_ref=None, edge_ref=None,
+              chunking: Chunking, K: int, V: int, block: int, scale: float, precision):
     """One (K block, batch*head, piece) program of the dq walk. Refs: do, v [T, V]; k, q, dq [T, block];
-    start [V, block] (S0^T); local [P-1, V, block], link [P]; run [T], edge [1]; w, intra [T]."""
+    start [V, block] (S0^T); local, local_counts [P-1, V, block], link [P]; run [T], edge [1]; w, counts,
+    intra [T]."""
     j, piece = program_id(0, log_decay_ref), program_id(2, log_decay_ref)
     log_decay = log_decay_ref[0]
     v_cols, k_cols = columns(v_ref, V), columns(k_ref, K, block, j)
     dtype = v_ref.dtype
     state = start_ref[...] if start_ref is not None else jnp.zeros((v_ref.shape[-1], block), f32)
-    state = _entered(state, local_ref, link_ref, piece=piece, chunking=chunking, reverse=False, log_decay=log_decay)
+    counts = jnp.zeros_like(state)
+    if local_ref is not None:
+        state, counts = enter_piece(state, piece=piece, chunking=chunking, reverse=False, log_decay=log_decay,
+                                    local_ref=local_ref, link_ref=link_ref, counts=counts,
+                                    local_counts_ref=local_counts_ref)
 
-    def body(ch: cm.Chunk, state):
+    def body(ch: cm.Chunk, carry):
+        state, counts = carry
         do, v = load_rows(do_ref, ch, v_cols), load_rows(v_ref, ch, v_cols)
         k, bad = cm.finite_part(load_rows(k_ref, ch, k_cols))
         q = load_rows(q_ref, ch, k_cols)
         scores = cm.scores(do, v, ch, precision)
         dq, inter = cm.output(do, scores, k, state, ch, scale=scale, dtype=dtype, precision=precision, exact=True)
+        counted = cm.dot_exact(do, scale * counts, dtype, precision)
+        counted = jnp.where(ch.enters[:, None], counted * ch.entering[:, None], 0.0)
         # This block's share of (q_i . k_j), times the pair's weighted (dO_i . v_j), weighted by the lag.
         pair = cm.dot(q, k, precision, trans_b=True) * scores
         intra = scale * jnp.sum(ch.lag * pair, axis=1)
+        counts = cm.count_crossings(counts, state, ch)
         state = cm.update(state, v, k, ch, dtype=dtype, precision=precision, exact=True)
         dq, state, reached = cm.poison(dq, state, bad, ch)
         store_rows(dq_ref, ch, dq, k_cols)
         store_positions(w_ref, ch, jnp.sum(inter * q.astype(f32), axis=1))
+        store_positions(counts_ref, ch, jnp.sum(counted * q.astype(f32), axis=1))
         store_positions(intra_ref, ch, jnp.where(jnp.max(jnp.where(reached, 1, 0), axis=1) > 0, jnp.nan, intra))
-        return state
+        return state, counts
 
-    walk(body, state, piece=piece, chunking=chunking, reverse=False, log_decay=log_decay, run_ref=run_ref,
-         edge_ref=edge_ref)
+    walk(body, (state, counts), piece=piece, chunking=chunking, reverse=False, log_decay=log_decay,
+         run_ref=run_ref, edge_ref=edge_ref)
 
 
 def dv_kernel(*, log_decay_ref, k_ref, q_ref, do_ref, dv_ref, reverse_ref, exit_ref=None, last_run_ref=None,
@@ -144,8 +155,8 @@ def dk_kernel(*, log_decay_ref, v_ref, do_ref, q_ref, k_ref, dk_ref, u_ref, x_re
 # ------------------------------------------------------------------------------------------------ launches
 
 def _common(query_key_dim: int, value_dim: int, block: int, H: int, chunking: Chunking, run_ids, reverse: bool,
-            local):
-    """Specs and the inputs every walk shares: pieces, links, runs."""
+            local, local_counts=None):
+    """Specs and the inputs every walk shares: pieces (and their crossing counts), links, runs."""
     kp = padded(query_key_dim)
     bv, nv = value_blocks(value_dim, block)
     s = Specs(H, chunking, kp, bv)
@@ -153,6 +164,8 @@ def _common(query_key_dim: int, value_dim: int, block: int, H: int, chunking: Ch
     links = piece_links(run_ids, chunking, reverse) if P > 1 else None
     inputs = dict(
         local_ref=None if P == 1 else (pad_state(local, kp, nv * bv), s.piece_states(P - 1)),
+        local_counts_ref=None if P == 1 or local_counts is None else (pad_state(local_counts, kp, nv * bv),
+                                                                      s.piece_states(P - 1)),
         link_ref=None if links is None else (links, s.row(P)),
         run_ref=None if run_ids is None else (run_ids, s.runs()),
         edge_ref=None if run_ids is None else (piece_edges(run_ids, chunking, reverse)[0], s.edge()))
@@ -169,10 +182,12 @@ def _exit_inputs(exit_state, run_ids, s: Specs, kp: int, width: int, dtype=None)
 
 def dq_walk(q, k, v, do, log_decay, start, run_ids, chunking: Chunking, *, scale: float, local, block_v: int,
             num_warps: int, num_stages: int, precision):
-    """(dq [B, T, H, K] in q's dtype, w, intra [B, H, T] float32). start: S0 [B, H, K, V] or None."""
+    """(dq [B, T, H, K] in q's dtype, w, counts, intra [B, H, T] float32). start: S0 [B, H, K, V] or None;
+    local: (the pieces' local states, their crossing counts) or None."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    s, kp, bk, nk, inputs = _common(V, K, block_v, H, chunking, run_ids, False, local)
+    local, local_counts = (None, None) if local is None else local
+    s, kp, bk, nk, inputs = _common(V, K, block_v, H, chunking, run_ids, False, local, local_counts)
     if start is not None:
         inputs["start_ref"] = (pad_state(jnp.swapaxes(start, -1, -2), kp, nk * bk), s.state())
     kernel = functools.partial(dq_kernel, chunking=chunking, K=K, V=V, block=bk, scale=scale, precision=precision)
@@ -181,10 +196,12 @@ def dq_walk(q, k, v, do, log_decay, start, run_ids, chunking: Chunking, *, scale
                            k_ref=(k, s.values()), q_ref=(q, s.values()), **inputs),
                outputs=dict(dq_ref=(((B, T, H, K), q.dtype), s.values()),
                             w_ref=(((nk, B, H, T), f32), s.per_position()),
+                            counts_ref=(((nk, B, H, T), f32), s.per_position()),
                             intra_ref=(((nk, B, H, T), f32), s.per_position())),
                num_warps=num_warps, num_stages=num_stages)
     # Each K block holds part of the sums over K; add them in a fixed order.
-    return out["dq_ref"], jnp.sum(out["w_ref"], axis=0), jnp.sum(out["intra_ref"], axis=0)
+    total = lambda name: jnp.sum(out[name], axis=0)  # noqa: E731
+    return out["dq_ref"], total("w_ref"), total("counts_ref"), total("intra_ref")
 
 
 def dv_walk(q, k, do, log_decay, exit_state, run_ids, chunking: Chunking, *, scale: float, local, block_v: int,

@@ -303,18 +303,18 @@ def block_backward(q, k, v, log_decay, start, run_ids, do, exit_cotangent, reuse
     dq_local = None
     if chunking.pieces > 1:
         dq_local = fwd.piece_states(v, k, log_decay, run_ids, chunking, reverse=False, all_pieces=False,
-                                    **config.piece_launch("dq", q.dtype))
+                                    counts=True, **config.piece_launch("dq", q.dtype))
         if reuse is None:
             reuse = fwd.piece_states(q, do, log_decay, run_ids, chunking, reverse=True, all_pieces=False,
                                      **config.piece_launch("dv", q.dtype))
-    dq, w, intra = bwd.dq_walk(q, k, v, do, log_decay, start, run_ids, chunking, local=dq_local, **common,
-                               **config.launch("dq", q.dtype))
+    dq, w, counts, intra = bwd.dq_walk(q, k, v, do, log_decay, start, run_ids, chunking, local=dq_local,
+                                       **common, **config.launch("dq", q.dtype))
     dv, reverse_state = bwd.dv_walk(q, k, do, log_decay, exit_cotangent, run_ids, chunking, local=reuse, **common,
                                     **config.launch("dv", q.dtype))
     dk, u, x = bwd.dk_walk(q, k, v, do, log_decay, exit_cotangent, run_ids, chunking, local=reuse, **common,
                            **config.launch("dk", q.dtype))
     d_start = vjp.only_first_run(scale * reverse_state, run_ids)
-    d_log_decay = vjp.log_decay_grad(w, u, intra)
+    d_log_decay = vjp.log_decay_grad(w, u, counts, intra, chunking.chunk_size)
     if x is not None:
         d_log_decay = d_log_decay + vjp.exit_log_decay_grad(x)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_log_decay, d_start

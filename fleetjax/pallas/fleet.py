@@ -68,7 +68,7 @@ from jax.experimental.pallas import triton as plt
 from fleetjax import vjp
 from fleetjax.chunking import Chunking
 from fleetjax.implementation import Implementation
-from fleetjax.pallas import chunk as cm
+from fleetjax import chunk as cm
 from fleetjax.pallas import chunked
 from fleetjax.pallas.launch import call, multiprocessor_count, on_gpu, shared_memory_bytes, shared_memory_per_block
 from fleetjax.pallas.walk import columns, load_rows, padded, program_id, store_rows, walk

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from fleetjax.chunking import Chunking
-from fleetjax.pallas import chunk as cm
+from fleetjax import chunk as cm
 from fleetjax.pallas.launch import call
 from fleetjax.state_passing import pass_states
 from fleetjax.pallas.walk import (Specs, columns, enter_piece, program_id, load_rows, pad_state, padded, piece_edges,
@@ -55,35 +55,44 @@ def forward_kernel(*, log_decay_ref, q_ref, k_ref, v_ref, o_ref, final_ref, star
                           run_ref=run_ref, edge_ref=edge_ref)
 
 
-def piece_states_kernel(*, log_decay_ref, k_ref, v_ref, final_ref, run_ref=None, edge_ref=None,
+def piece_states_kernel(*, log_decay_ref, k_ref, v_ref, final_ref, counts_ref=None, run_ref=None, edge_ref=None,
                         chunking: Chunking, K: int, V: int, block_v: int, reverse: bool, piece_offset: int,
                         precision):
     """One (value block, batch*head, piece) program: the piece's state from a zero one, float32-accurate (it
     enters the walks of the other pieces). Refs: k [T, K]; v [T, block_v]; run [T], edge [1]; final
-    [K, block_v]."""
+    [K, block_v]; counts [K, block_v]: the state's crossing counts (fleetjax.vjp), for the dq walk."""
     j, piece = program_id(0, log_decay_ref), program_id(2, log_decay_ref) + piece_offset
     log_decay = log_decay_ref[0]
     k_cols, v_cols = columns(k_ref, K), columns(v_ref, V, block_v, j)
     dtype = k_ref.dtype
 
-    def body(ch: cm.Chunk, state):
+    def body(ch: cm.Chunk, carry):
+        state, counts = carry
         k = load_rows(k_ref, ch, k_cols)
         v, bad = cm.finite_part(load_rows(v_ref, ch, v_cols))
+        if counts is not None:
+            counts = cm.count_crossings(counts, state, ch)
         state = cm.update(state, k, v, ch, dtype=dtype, precision=precision, exact=True)
-        return cm.poison(None, state, bad, ch)[1]
+        return cm.poison(None, state, bad, ch)[1], counts
 
-    final_ref[...] = walk(body, jnp.zeros(final_ref.shape, f32), piece=piece, chunking=chunking, reverse=reverse,
-                          log_decay=log_decay, run_ref=run_ref, edge_ref=edge_ref)
+    zero = jnp.zeros(final_ref.shape, f32)
+    final_ref[...], counts = walk(body, (zero, None if counts_ref is None else zero), piece=piece,
+                                  chunking=chunking, reverse=reverse, log_decay=log_decay, run_ref=run_ref,
+                                  edge_ref=edge_ref)
+    if counts_ref is not None:
+        counts_ref[...] = counts
 
 
 # ------------------------------------------------------------------------------------------------ launches
 
 def piece_states(key, value, log_decay, run_ids, chunking: Chunking, *, reverse: bool, all_pieces: bool,
-                 chunk_size: int, block_v: int, num_warps: int, num_stages: int, precision):
+                 chunk_size: int, block_v: int, num_warps: int, num_stages: int, precision, counts: bool = False):
     """The local states [B, H, n, K, V] float32 of the pieces that have a successor in the walk (forward:
     0..P-2; reverse: 1..P-1), or of all P pieces with ``all_pieces``; each piece walked from a zero state with
     its keys ``key`` [B, T, H, K] and values ``value`` [B, T, H, V], in chunks of ``chunk_size`` where those
-    tile the pieces (else the walk's)."""
+    tile the pieces (else the walk's). With ``counts``, (states, their crossing counts) in the walk's chunks."""
+    if counts:
+        chunk_size = chunking.chunk_size  # counts are of the walk's own chunks
     B, T, H, K = key.shape
     V = value.shape[-1]
     chunking = chunking.with_chunk_size(chunk_size)
@@ -98,8 +107,11 @@ def piece_states(key, value, log_decay, run_ids, chunking: Chunking, *, reverse:
                inputs=dict(log_decay_ref=(log_decay, s.head()), k_ref=(key, s.keys()), v_ref=(value, s.values()),
                            run_ref=None if run_ids is None else (run_ids, s.runs()),
                            edge_ref=None if run_ids is None else (edge, s.edge())),
-               outputs=dict(final_ref=(((B, H, launched, kp, nv * bv), f32), s.piece_state())),
+               outputs=dict(final_ref=(((B, H, launched, kp, nv * bv), f32), s.piece_state()),
+                            counts_ref=(((B, H, launched, kp, nv * bv), f32), s.piece_state()) if counts else None),
                num_warps=num_warps, num_stages=num_stages)
+    if counts:
+        return out["final_ref"][..., :K, :V], out["counts_ref"][..., :K, :V]
     return out["final_ref"][..., :K, :V]
 
 

@@ -18,7 +18,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from fleetjax.chunking import Chunking
-from fleetjax.pallas.chunk import Chunk, chunk
+from fleetjax.chunk import Chunk, chunk
 from fleetjax.pallas.launch import on_gpu
 
 f32 = jnp.float32
@@ -36,18 +36,22 @@ def program_id(axis: int, like_ref):
     x = like_ref[0]
     return index + jnp.where(x == x, 0, 0).astype(index.dtype)  # an integer 0, typed like x
 
+def _rows(ch: Chunk):
+    return pl.ds(ch.start, ch.valid.shape[0])
+
+
 def load_rows(ref, ch: Chunk, columns):
     """The chunk's rows of a [T, D] ref, masked to valid positions and ``columns`` [D] (0 elsewhere)."""
-    return plt.load(ref.at[ch.rows, :], mask=ch.valid[:, None] & columns[None, :], other=0.0)
+    return plt.load(ref.at[_rows(ch), :], mask=ch.valid[:, None] & columns[None, :], other=0.0)
 
 
 def store_rows(ref, ch: Chunk, x, columns) -> None:
-    plt.store(ref.at[ch.rows, :], x.astype(ref.dtype), mask=ch.valid[:, None] & columns[None, :])
+    plt.store(ref.at[_rows(ch), :], x.astype(ref.dtype), mask=ch.valid[:, None] & columns[None, :])
 
 
 def store_positions(ref, ch: Chunk, x) -> None:
     """x [C] into a [T] ref at the chunk's valid positions."""
-    plt.store(ref.at[ch.rows], x, mask=ch.valid)
+    plt.store(ref.at[_rows(ch)], x, mask=ch.valid)
 
 
 def columns(ref, n: int, block: int = 0, index=0):
@@ -56,28 +60,36 @@ def columns(ref, n: int, block: int = 0, index=0):
     return index * block + jnp.arange(width) < n
 
 
-def enter_piece(state, *, piece, chunking: Chunking, reverse: bool, log_decay, local_ref, link_ref=None):
+def enter_piece(state, *, piece, chunking: Chunking, reverse: bool, log_decay, local_ref, link_ref=None,
+                counts=None, local_counts_ref=None):
     """The state entering ``piece``: ``state`` (entering the walk) carried through the pieces the walk passes
     first, each adding its local state. local_ref [P - 1, ...]: the local states of the pieces that have a
     successor in the walk (forward: 0..P-2; reverse: 1..P-1); link_ref [P]: a state passes the piece unbroken
-    by a segment start (None: always)."""
+    by a segment start (None: always). With ``counts`` (the crossing counts of fleetjax.vjp) and the pieces'
+    local counts, returns (state, counts): passing a piece of n whole chunks adds n to every count."""
     P, L, T = chunking.pieces, chunking.piece_len, chunking.T
     zero = piece - piece  # typed like the program id (see program_id)
 
-    def fold(n, state):
+    def fold(n, carry):
+        state, counts = carry
         before = ((P - 1 - n) if reverse else n) + zero
         length = jnp.minimum(L, T - before * L)
-        carried = jnp.exp(length.astype(f32) * log_decay) * state
-        if link_ref is not None:
-            carried = jnp.where(link_ref[before] > 0, carried, 0.0)  # selected: a reset drops a NaN state
-        return carried + local_ref[before - int(reverse)]
+        decay = jnp.exp(length.astype(f32) * log_decay)
+        keep = True if link_ref is None else link_ref[before] > 0  # selected: a reset drops a NaN state
+        index = before - int(reverse)
+        if counts is not None:
+            moved = decay * (counts + chunking.chunks_per_piece * state)
+            counts = jnp.where(keep, moved, 0.0) + local_counts_ref[index]
+        return jnp.where(keep, decay * state, 0.0) + local_ref[index], counts
 
-    return jax.lax.fori_loop(0, (P - 1 - piece) if reverse else piece, fold, state)
+    state, counts = jax.lax.fori_loop(0, (P - 1 - piece) if reverse else piece, fold, (state, counts))
+    return state if counts is None else (state, counts)
 
 
 def walk(body: Callable[[Chunk, jax.Array], jax.Array], state, *, piece, chunking: Chunking, reverse: bool,
          log_decay, run_ref=None, edge_ref=None):
-    """``state = body(chunk, state)`` over the chunks of ``piece``, first to last (reverse: last to first).
+    """``state = body(chunk, state)`` over the chunks of ``piece``, first to last (reverse: last to first);
+    ``state`` may be any pytree of arrays.
     run_ref [T]: run ids; edge_ref [1]: the run of the state entering the piece (None: one run)."""
     C, T = chunking.chunk_size, chunking.T
     first = piece * chunking.chunks_per_piece

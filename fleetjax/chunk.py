@@ -1,4 +1,5 @@
-"""The math of one chunk, shared by every Pallas kernel of fleetjax (in-kernel code: jnp on tiles).
+"""The math of one chunk, shared by every chunked implementation: the Pallas kernels apply it to one chunk
+in a program (jnp on tiles), implementation="xla" to all chunks at once (vmapped).
 
 A walk visits the sequence in chunks of C positions, carrying a float32 state S on chip. For a chunk with
 local positions i (queries) and j (keys), the chunked form of the operator (fleetjax.reference) is
@@ -10,8 +11,8 @@ local positions i (queries) and j (keys), the chunked form of the operator (flee
 
 The forward walk runs from the first chunk to the last; the reverse walk from the last to the first, and its
 state after the first chunk is sum_t gamma^(t+1) key_t value_t^T, the cotangent of an entering state. Every
-kernel (the forward, the sequence pieces' states, the dq, dv and dk walks of the backward, and the Fleet
-partition) is one of these walks with its own query, key and value (see fleetjax.pallas.chunked).
+Pallas kernel (the forward, the sequence pieces' states, the dq, dv and dk walks of the backward, and the
+Fleet partition) is one of these walks with its own query, key and value (see fleetjax.pallas.chunked).
 
 Decay factors are exp(exponent) with the exponent masked before exp (exponents <= 0 only): a decay near 0
 gives exact zeros, a decay of 1 gives ones, and nothing overflows.
@@ -26,11 +27,8 @@ depend on one of them are set to NaN afterwards (:func:`poison`, taken only when
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
-
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
 
 f32 = jnp.float32
 
@@ -57,12 +55,13 @@ def _decayed(mask, exponent):
     return jnp.where(mask, jnp.exp(jnp.where(mask, exponent, 0.0)), 0.0)
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Chunk:
     """One chunk of a walk: its positions and its decay factors. Factors are float32 and exactly 0 where the
     matching mask is False (selected, see the module docstring).
 
-    rows: the slice of positions; valid [C]: positions < T.
+    start: the first position; valid [C]: positions < T.
     pairs [C, C]: query i and key j interact (in the walk's direction, same run, both valid); weights: their
       decay; lag: |i - j| on pairs, else 0 (float32, for the decay gradient).
     enters [C]: the state entering the chunk reaches query i; entering: its decay.
@@ -72,7 +71,7 @@ class Chunk:
     position [C]: the positions; runs [C]: their run ids (None: one run); log_decay: the head's (scalar).
     """
 
-    rows: Any
+    start: jax.Array
     valid: jax.Array
     pairs: jax.Array
     weights: jax.Array
@@ -112,7 +111,7 @@ def chunk(start, C: int, T: int, log_decay, *, reverse: bool, runs=None, edge_ru
         carries = far_run == edge_run
     lg = jnp.asarray(log_decay, f32)
     return Chunk(
-        rows=pl.ds(start, C), valid=valid, pairs=pairs,
+        start=jnp.asarray(start), valid=valid, pairs=pairs,
         weights=_decayed(pairs, lag.astype(f32) * lg),
         lag=jnp.where(pairs, lag, 0).astype(f32),
         enters=enters, entering=_decayed(enters, enter_exponent.astype(f32) * lg),
@@ -166,6 +165,12 @@ def update(state, key, value, ch: Chunk, *, dtype, precision, exact: bool):
     else:
         new = dot(key, weighted.astype(dtype), precision, trans_a=True)
     return jnp.where(ch.carries, ch.carry * state, 0.0) + new
+
+
+def count_crossings(counts, state, ch: Chunk):
+    """The crossing count handed on (fleetjax.vjp): every term of the state entering the chunk has crossed
+    one more whole chunk, counts <- carry * (counts + state); the chunk's own keys enter with count 0."""
+    return jnp.where(ch.carries, ch.carry * (counts + state), 0.0)
 
 
 def poison(o, state, bad, ch: Chunk):
