@@ -44,7 +44,8 @@ def _exact_ticks(ax, values: Sequence[int]) -> None:
 def plot_results(json_path: str | os.PathLike, png_path: str | os.PathLike | None = None) -> Path:
     """Time against T per implementation (log-log), one panel per (dtype, B, H, K, V) group with several T;
     one panel of time against head dim for the groups measured at a single T in several head dims; one bar
-    panel per shape measured alone (one T, one head dim: the long-context row); the HBM floor dotted. For
+    panel per shape measured alone (one T, one head dim: the long-context row), with each bar's extra peak
+    memory where known; the HBM floor dotted. For
     fwd_bwd files a last panel shows extra peak memory against T."""
     plt = pyplot_or_none()
     if plt is None:
@@ -119,6 +120,8 @@ def plot_results(json_path: str | os.PathLike, png_path: str | os.PathLike | Non
         recs = sorted(recs, key=lambda r: impls.index(r["impl"]))
         for y, r in enumerate(recs):
             ax.barh(y, r["ms"], color=color[r["impl"]], label=r["impl"])
+            if r.get("extra_peak_mb") is not None:  # this shape is in no memory panel: its memory on the bar
+                ax.text(r["ms"], y, f" {r['extra_peak_mb']:.0f} MiB", va="center", fontsize=6)
         floor = next((r["hbm_floor_ms"] for r in recs if r.get("hbm_floor_ms")), None)
         if floor:
             ax.axvline(floor, color="black", linestyle=":", linewidth=1, label="HBM floor")
