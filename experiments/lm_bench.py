@@ -1,4 +1,4 @@
-"""The byte-level LM of fleetjax.lm trained with different attentions: tokens/s, peak memory, loss curves.
+"""The byte-level LM of fleetjax.models.lm trained with different attentions: tokens/s, peak memory, loss curves.
 
     PYTHONPATH=. python experiments/lm_bench.py [--out DIR] [--smoke] [--steps 300] [--seq-lens 2048,8192]
 
@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from experiments import benchlib  # noqa: E402
+from experiments import environment, memory, plots, records  # noqa: E402
 
 GPU_MODEL = dict(d_model=512, num_layers=4, num_heads=8)
 SMOKE_MODEL = dict(d_model=32, num_layers=2, num_heads=2)
@@ -52,13 +52,13 @@ def _variant(name: str) -> tuple[str, str | None]:
 
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     """Train one variant at one T; returns its record. Runs in a fresh process (see the module docstring)."""
-    benchlib.setup_jax_environment()
+    environment.setup_jax_environment()
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
-    from fleetjax import data, lm
+    from fleetjax.models import data, lm
 
     attention, implementation = _variant(spec["variant"])
     T, steps, warmup = spec["T"], spec["steps"], spec["warmup_steps"]
@@ -101,8 +101,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         "variant": spec["variant"], "dtype": spec["dtype"], "B": B, "T": T, "H": config.num_heads, "K": K, "V": K,
         "ms": ms, "relerr": None, "hbm_floor_ms": None,
         "tokens_per_s": timed * B * T / (end - timed_start),
-        "peak_memory_mb": stats["peak_bytes_in_use"] / benchlib.MIB if stats and "peak_bytes_in_use" in stats else None,
-        "xla_memory_mb": {k: v / benchlib.MIB for k, v in compiled.items() if k != "compile_s"} or None,
+        "peak_memory_mb": stats["peak_bytes_in_use"] / memory.MIB if stats and "peak_bytes_in_use" in stats else None,
+        "xla_memory_mb": {k: v / memory.MIB for k, v in compiled.items() if k != "compile_s"} or None,
         "compile_s": compiled["compile_s"], "wall_s": end - start, "steps": steps, "steps_done": steps_done,
         "timed_steps": timed,
         "parameters": lm.count_params(trainer.model), "model": config.to_dict(),
@@ -123,7 +123,7 @@ def _value(record: dict[str, Any], key: str, have_peak: bool) -> float:
 
 
 def _plot(results: dict[str, Any], png: Path) -> Path | None:
-    plt = benchlib.pyplot_or_none()
+    plt = plots.pyplot_or_none()
     if plt is None:
         return None
     import numpy as np
@@ -183,7 +183,7 @@ def format_table(records: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(benchlib.RESULTS_DIR), help="folder for the results")
+    parser.add_argument("--out", default=str(records.RESULTS_DIR), help="folder for the results")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the code paths")
     parser.add_argument("--variants", default=None,
                         help="comma-separated attention:implementation (default fleet:pallas,fleet:xla,softmax:cudnn; "
@@ -222,15 +222,15 @@ def main(argv: list[str] | None = None) -> int:
                 dtype=args.dtype or ("float32" if smoke else "bfloat16"), eval_batches=args.eval_batches, seed=0)
 
     # The parent touches the device only to describe it; without preallocation it leaves the memory to the runs.
-    benchlib.setup_jax_environment()
-    info = benchlib.device_info()
-    slug = benchlib.device_slug(info)
-    path = benchlib.results_path(args.name, device=slug, out_dir=args.out)
+    environment.setup_jax_environment()
+    info = records.device_info()
+    slug = records.device_slug(info)
+    path = records.results_path(args.name, device=slug, out_dir=args.out)
     model = base["model"]
     summary = (f"d={model['d_model']}, L={model['num_layers']}, H={model['num_heads']}, {base['dtype']}, "
                f"{base['tokens_per_step']} tokens/step, {steps} steps")
-    results = benchlib.ResultsFile(
-        path, device=slug, date=benchlib.today(), versions=benchlib.versions(), device_info=info, smoke=smoke,
+    results = records.ResultsFile(
+        path, device=slug, date=records.today(), versions=records.versions(), device_info=info, smoke=smoke,
         model_summary=summary, settings=base,
         timing=f"tokens/s and ms/step over steps {warmup + 1}..{steps} (one sync before and after)",
         memory=("peak_memory_mb: device.memory_stats()['peak_bytes_in_use'] at the end of a run in its own "

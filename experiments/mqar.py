@@ -1,5 +1,5 @@
 """Multi-query associative recall (MQAR, Arora et al. 2023, "Zoology", arXiv:2312.04927): FleetAttention
-against causal softmax attention in the same 2-layer model of fleetjax.lm.
+against causal softmax attention in the same 2-layer model of fleetjax.models.lm.
 
     PYTHONPATH=. python experiments/mqar.py [--out DIR] [--smoke] [--d-models 64,128,256] [--steps 40000]
 
@@ -29,16 +29,16 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from experiments import benchlib  # noqa: E402
+from experiments import environment, plots, records  # noqa: E402
 
-benchlib.setup_jax_environment()
+environment.setup_jax_environment()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from fleetjax import lm  # noqa: E402
+from fleetjax.models import lm  # noqa: E402
 
 
 def mqar_example(key: jax.Array, seq_len: int, num_pairs: int, vocab_size: int
@@ -129,7 +129,7 @@ def run_one(attention: str, d_model: int, args: argparse.Namespace, log, deadlin
 
 
 def _plot(results: dict[str, Any], png: Path) -> Path | None:
-    plt = benchlib.pyplot_or_none()
+    plt = plots.pyplot_or_none()
     if plt is None:
         return None
     records = [r for r in results["records"] if "accuracy" in r]
@@ -215,7 +215,7 @@ def summarize(paths: list[Path], out: Path) -> str:
     table = "\n".join(lines)
     T, pairs, vocab, layers = task
     out.with_suffix(".md").write_text(f"MQAR: T={T}, {pairs} pairs, vocab {vocab}, {layers} layers\n\n{table}\n")
-    plt = benchlib.pyplot_or_none()
+    plt = plots.pyplot_or_none()
     if plt is None:
         return table
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -241,7 +241,7 @@ def summarize(paths: list[Path], out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(benchlib.RESULTS_DIR))
+    parser.add_argument("--out", default=str(records.RESULTS_DIR))
     parser.add_argument("--smoke", action="store_true", help="small and short, on the CPU")
     parser.add_argument("--d-models", default=None, help="comma-separated widths (default 64,128,256; smoke 32)")
     parser.add_argument("--attentions", default="fleet,softmax")
@@ -286,11 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     attentions = [a.strip() for a in args.attentions.split(",")]
     mqar_example(jax.random.key(0), args.seq_len, args.num_pairs, args.vocab_size)  # validate the settings early
 
-    info = benchlib.device_info()
-    slug = benchlib.device_slug(info)
-    path = benchlib.results_path(args.name, device=slug, out_dir=args.out)
+    info = records.device_info()
+    slug = records.device_slug(info)
+    path = records.results_path(args.name, device=slug, out_dir=args.out)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "name")}
-    results = benchlib.ResultsFile(path, device=slug, date=benchlib.today(), versions=benchlib.versions(),
+    results = records.ResultsFile(path, device=slug, date=records.today(), versions=records.versions(),
                                    device_info=info, smoke=smoke, settings=settings,
                                    task=("MQAR (Zoology): N key-value pairs then every key queried once at random "
                                          "pair-aligned positions; accuracy = argmax of the value after each "

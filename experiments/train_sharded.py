@@ -1,4 +1,4 @@
-"""Train the byte-level LM (fleetjax.lm) on a 2-D mesh, data x sequence (issue 7, item 2).
+"""Train the byte-level LM (fleetjax.models.lm) on a 2-D mesh, data x sequence (issue 7, item 2).
 
     PYTHONPATH=. python experiments/train_sharded.py [--data 2 --seq 4] [--steps 300] [--smoke]
 
@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     from jax.sharding import PartitionSpec as P
 
     from experiments import benchlib
-    from fleetjax import data as text_data
-    from fleetjax import lm
+    from fleetjax.models import data as text_data
+    from fleetjax.models import lm
     from fleetjax.nn import FleetAttention
 
     if "sequence_axis_name" not in inspect.signature(FleetAttention.__init__).parameters:

@@ -1,4 +1,6 @@
-"""The ``fleetjax`` command line: ``check`` passes on the real implementations and fails on a wrong one."""
+"""The ``fleetjax`` command line and the checker behind ``fleetjax check`` (fleetjax.check): the checker passes
+on the real implementations and fails on wrong ones; a usage mistake is one line and exit status 2; the
+parser starts without JAX."""
 
 from __future__ import annotations
 
@@ -6,102 +8,170 @@ import argparse
 import dataclasses
 import subprocess
 import sys
+import types
 
+import jax
+import numpy as np
 import pytest
 
 import fleetjax
-from fleetjax import cli
+from fleetjax import api, check, cli
+
+# The smallest shape that still crosses a segment boundary and carries an initial state.
+TINY = check.CheckShape(B=1, T=9, H=2, K=8, V=16, segments=True, min_decay=0.3)
 
 
-def test_check_quick_covers_every_implementation(capsys):
-    """Every implementation (Pallas ones in interpret mode off-GPU) runs the quick shape and matches."""
-    assert cli.main(["check", "--quick", "--repeats", "1"]) == 0
-    out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith("B2 T67")]
-    assert len(rows) == len(fleetjax.IMPLEMENTATIONS), out
-    for name in fleetjax.IMPLEMENTATIONS:
-        assert any(f"  {name}" in row and row.rstrip().endswith("ok") for row in rows), (name, out)
-    assert f"{len(fleetjax.IMPLEMENTATIONS)} ok, 0 failed" in out
+def _with_record(monkeypatch, name: str, **changes) -> None:
+    """Replace implementation ``name`` of the registry by a copy of its record with ``changes``."""
+    record = dataclasses.replace(api.IMPLEMENTATIONS[name], **changes)
+    monkeypatch.setattr(api, "IMPLEMENTATIONS", types.MappingProxyType({**api.IMPLEMENTATIONS, name: record}))
 
 
-def test_check_long_shapes(capsys):
-    """The default shapes past the first (T = 513 and 1031), on the implementations that run them here."""
-    assert cli.main(["check", "--implementations", "xla", "--repeats", "1"]) == 0
-    out = capsys.readouterr().out
-    assert sum(line.rstrip().endswith("ok") for line in out.splitlines() if line.startswith("B")) == 3, out
+# The wrong implementations below are "xla" records whose function wraps the reference's: it compiles fastest.
+SCAN_FN = api.IMPLEMENTATIONS["scan"].fn
 
 
-def _wrong(fn, factor):
-    def wrong(*args, **kwargs):
-        o, final = fn(*args, **kwargs)
-        return o * factor, final
-    return wrong
+def _row(rows: list[check.CheckRow], implementation: str) -> check.CheckRow:
+    return next(row for row in rows if row.implementation == implementation)
+
+
+# ------------------------------------------------------------------------------------------ the checker
+
+def test_every_implementation_passes_the_check():
+    """Every registered implementation (those that run here only interpreted, in Pallas interpret mode)."""
+    rows = check.run_check(sorted(api.IMPLEMENTATIONS), [TINY], repeats=1)
+    assert [row.implementation for row in rows] == sorted(api.IMPLEMENTATIONS)
+    for row in rows:
+        impl = api.IMPLEMENTATIONS[row.implementation]
+        assert row.status == "ok" and row.repeatable, row
+        assert set(row.errors) == set(check.FORWARD_OUTPUTS + check.GRADIENTS), row
+        expected_mode = "reference" if row.implementation == check.REFERENCE else (
+            "interpret" if impl.interpreted() else "compiled")
+        assert row.mode == expected_mode, row
 
 
 @pytest.mark.parametrize("factor", [1.001, float("nan")], ids=["off-by-0.1%", "nan"])
-def test_check_fails_on_a_wrong_implementation(monkeypatch, capsys, factor):
-    impl = fleetjax.IMPLEMENTATIONS["xla"]
-    monkeypatch.setitem(fleetjax.IMPLEMENTATIONS, "xla", dataclasses.replace(impl, fn=_wrong(impl.fn, factor)))
-    assert cli.main(["check", "--quick", "--implementations", "xla,quadratic", "--repeats", "1"]) == 1
-    out = capsys.readouterr().out
-    xla_line = next(line for line in out.splitlines() if "  xla" in line)
-    assert xla_line.rstrip().endswith("FAIL"), out
-    assert "1 ok, 1 failed" in out
+def test_check_fails_on_a_wrong_forward(monkeypatch, factor):
+    def wrong(*args, **kwargs):
+        o, final = SCAN_FN(*args, **kwargs)
+        return o * factor, final
+
+    _with_record(monkeypatch, "xla", fn=wrong)
+    row = _row(check.run_check(["xla"], [TINY], repeats=1), "xla")
+    assert row.status == "FAIL" and not row.forward_error <= check.TOLERANCE["float32"], row
+    assert row.errors["final_state"] < 1e-5  # the error is reported where it is: in o
 
 
-def test_check_fails_on_a_wrong_gradient_only(monkeypatch, capsys):
-    """A forward that is right but whose gradient is not (here: dq is doubled) fails too."""
-    import jax
-
-    impl = fleetjax.IMPLEMENTATIONS["xla"]
+def test_check_fails_on_a_wrong_gradient_only(monkeypatch):
+    """A forward that is right but whose gradient is not (dq doubled) fails too."""
 
     @jax.custom_vjp
     def double_grad(q):
         return q
 
     double_grad.defvjp(lambda q: (q, None), lambda _, g: (2 * g,))
-
-    def wrong(q, *args, **kwargs):
-        return impl.fn(double_grad(q), *args, **kwargs)
-
-    monkeypatch.setitem(fleetjax.IMPLEMENTATIONS, "xla", dataclasses.replace(impl, fn=wrong))
-    assert cli.main(["check", "--quick", "--implementations", "xla", "--repeats", "1"]) == 1
-    line = next(line for line in capsys.readouterr().out.splitlines() if "  xla" in line)
-    fwd_err, grad_err = (float(cell) for cell in line.split()[-5:-3])
-    assert fwd_err < 1e-5 and grad_err > 0.1, line
+    _with_record(monkeypatch, "xla", fn=lambda q, *args, **kwargs: SCAN_FN(double_grad(q), *args, **kwargs))
+    row = _row(check.run_check(["xla"], [TINY], repeats=1), "xla")
+    assert row.status == "FAIL" and row.forward_error < 1e-5 and row.errors["dq"] > 0.1, row
+    assert max(row.errors[name] for name in ("dk", "dv", "dinitial_state")) < 1e-5, row
 
 
-def test_check_reports_a_crashing_implementation(monkeypatch, capsys):
-    impl = fleetjax.IMPLEMENTATIONS["xla"]
+def test_check_fails_on_different_bits_from_the_same_inputs(monkeypatch):
+    """Two calls on the same inputs must agree in every bit; a result that drifts within the tolerance
+    fails on that alone."""
+    rng = np.random.default_rng(0)
+    noise = lambda: np.float32(1 + 1e-7 * rng.standard_normal())
+
+    def drifting(*args, **kwargs):
+        o, final = SCAN_FN(*args, **kwargs)
+        factor = jax.pure_callback(noise, jax.ShapeDtypeStruct((), np.float32))
+        return o * jax.lax.stop_gradient(factor).astype(o.dtype), final
+
+    _with_record(monkeypatch, "xla", fn=drifting)
+    row = _row(check.run_check(["xla"], [TINY], repeats=2), "xla")
+    assert row.forward_error <= check.TOLERANCE["float32"] and row.repeatable is False and row.status == "FAIL"
+
+
+def test_capabilities_come_from_the_record(monkeypatch):
+    """Where an implementation runs, and whether only interpreted, is read from its record, not its name."""
+    _with_record(monkeypatch, "quadratic", platforms=("no-such-backend",), interpret=True)  # here: interpreted
+    _with_record(monkeypatch, "xla", platforms=("no-such-backend",))  # not here at all
+    big = check.CheckShape(B=1, T=4000, H=1, K=8, V=8)
+    rows = check.run_check(["quadratic", "xla"], [TINY, big], repeats=1)
+    not_here = f"skipped (runs on no-such-backend, not {jax.default_backend()})"
+    assert [(row.mode, row.status) for row in rows] == [
+        ("interpret", "ok"), ("-", not_here),
+        ("interpret", "skipped (Pallas interpret mode: small shapes only)"), ("-", not_here)]
+    assert not any(row.failed for row in rows)
+
+
+def test_an_implementation_missing_from_the_registry_is_skipped(monkeypatch):
+    others = {name: record for name, record in api.IMPLEMENTATIONS.items() if name != "quadratic"}
+    monkeypatch.setattr(api, "IMPLEMENTATIONS", types.MappingProxyType(others))
+    row = check.run_check(["quadratic"], [TINY], repeats=1)[0]
+    assert row.status == "skipped (not in this installation's IMPLEMENTATIONS)" and not row.failed
+
+
+# ------------------------------------------------------------------------------------- fleetjax check
+
+def test_check_command_prints_the_table_and_exit_status(monkeypatch, capsys):
+    """The table of the check; bfloat16 inputs to both (float32 accumulation) agree within its tolerance."""
+    monkeypatch.setattr(check, "CPU_SHAPES", (TINY,))
+    monkeypatch.setattr(check, "GPU_SHAPES", (TINY,))
+    argv = ["check", "--quick", "--dtype", "bfloat16", "--implementations", "xla,scan", "--repeats", "1"]
+    assert cli.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "bfloat16 inputs against implementation='scan', tolerance 0.03" in lines[0]
+    assert lines[1] == check.Table.fitting(["xla", "scan"], [TINY]).header
+    assert len(lines) == 5 and lines[4].startswith("2 ok, 0 failed, 0 skipped"), lines
+    for line, name in zip(lines[2:4], ("xla", "scan")):
+        assert line.startswith(str(TINY)) and f"  {name}  " in line and line.endswith("  ok"), line
+    assert float(lines[2].split()[-5]) > 0  # xla's gradients differ from the reference's in rounding
 
     def crash(*args, **kwargs):
-        raise RuntimeError("kernel exploded")
+        raise RuntimeError("boom")
 
-    monkeypatch.setitem(fleetjax.IMPLEMENTATIONS, "xla", dataclasses.replace(impl, fn=crash))
-    assert cli.main(["check", "--quick", "--implementations", "xla", "--repeats", "1"]) == 1
-    assert "ERROR RuntimeError: kernel exploded" in capsys.readouterr().out
-
-
-def test_check_unknown_implementation(capsys):
-    assert cli.main(["check", "--implementations", "xla,flash"]) == 2
-    assert "flash" in capsys.readouterr().err
+    _with_record(monkeypatch, "xla", fn=crash)
+    assert cli.main(argv) == 1
+    assert "ERROR RuntimeError: boom" in capsys.readouterr().out
 
 
-def test_bfloat16_check(capsys):
-    assert cli.main(["check", "--quick", "--dtype", "bfloat16", "--implementations", "xla", "--repeats", "1"]) == 0
-    assert "bfloat16 inputs" in capsys.readouterr().out
+def test_the_parsers_names_are_the_librarys():
+    """The parser's choices are written out (it imports no JAX): they must be the library's."""
+    assert set(cli.IMPLEMENTATION_NAMES) == set(api.IMPLEMENTATIONS)
+    assert set(cli.CHECK_DTYPES) == set(check.TOLERANCE)
 
 
-def test_usage_errors():
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main([])
-    assert exit_info.value.code == 2
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["--version"])
-    assert exit_info.value.code == 0
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["check", "--implementations", ","])
-    assert exit_info.value.code == 2
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_building_the_parser_imports_no_jax():
+    done = _run("-c", "import sys, fleetjax.cli; fleetjax.cli.build_parser(); "
+                      "assert 'jax' not in sys.modules, 'jax imported'")
+    assert done.returncode == 0, done.stderr
+
+
+USAGE_MISTAKES = [
+    (["train", "--implementation", "flash"], "invalid choice: 'flash'"),
+    (["train", "--steps", "0"], "--steps must be a positive integer, got 0"),
+    (["train", "--d-model", "10", "--num-heads", "3"], "--d-model (10) must be divisible by --num-heads (3)"),
+    (["train", "--resume", "no/such/dir"], "--resume must be a checkpoint directory"),
+    (["train", "--attention", "softmax", "--implementation", "pallas"], "--attention softmax must be one of"),
+    (["train", "--implementation", "cudnn"], "--attention fleet must be one of fleet_attention's"),
+    (["demo", "--temperature", "-1"], "--temperature must be >= 0"),
+    (["check", "--implementations", "xla,flash"], "unknown implementation(s) 'flash'"),
+    (["check", "--repeats", "0"], "expected a positive integer, got 0"),
+    ([], "the following arguments are required: COMMAND"),
+]
+
+
+@pytest.mark.parametrize("args, says", USAGE_MISTAKES, ids=[" ".join(args) or "no command" for args, _ in USAGE_MISTAKES])
+def test_a_usage_mistake_is_one_line_and_status_2(args, says):
+    """Refused before any data is read or anything compiles: one line on stderr, nothing on stdout."""
+    done = _run("-m", "fleetjax.cli", *args)
+    assert done.returncode == 2 and done.stdout == "", done
+    assert len(done.stderr.splitlines()) == 1 and says in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
 def test_adding_a_subcommand_is_one_function_and_one_registration(monkeypatch, capsys):
@@ -121,8 +191,7 @@ def test_adding_a_subcommand_is_one_function_and_one_registration(monkeypatch, c
 
 def test_module_entry_point():
     """``python -m fleetjax.cli`` (what the ``fleetjax`` console script calls) runs in a fresh process."""
-    done = subprocess.run([sys.executable, "-m", "fleetjax.cli", "--version"], capture_output=True, text=True,
-                          timeout=120)
+    done = _run("-m", "fleetjax.cli", "--version")
     assert done.returncode == 0 and done.stdout.strip() == f"fleetjax {fleetjax.__version__}", done
 
 

@@ -30,7 +30,7 @@ from flax import nnx
 
 from fleetjax.api import decode_step, fleet_attention
 
-__all__ = ["FleetAttention", "multiscale_decays", "decay_logits_init"]
+__all__ = ["FleetAttention", "multiscale_decays", "decay_logits_init", "head_dim"]
 
 f32 = jnp.float32
 Dtype = Any
@@ -112,7 +112,9 @@ def retention(q: jax.Array, k: jax.Array, v: jax.Array, decay: jax.Array, *, sca
     return o, new_state.astype(state.dtype)
 
 
-def _split_features(name: str, features: int, num_heads: int) -> int:
+def head_dim(name: str, features: int, num_heads: int) -> int:
+    """Features per head of the ``features`` total features called ``name`` (qkv_features: K; value_features:
+    V); raises ValueError naming both numbers unless num_heads divides features."""
     if features % num_heads:
         raise ValueError(f"{name} ({features}) must be divisible by num_heads ({num_heads})")
     return features // num_heads
@@ -121,16 +123,16 @@ def _split_features(name: str, features: int, num_heads: int) -> int:
 class FleetAttention(nnx.Module):
     """Multi-head decaying linear attention (retention) for flax.nnx: [B, T, in_features] -> [B, T, out_features].
 
-    Example::
+    The arguments come in ``flax.nnx.MultiHeadAttention``'s order, heads first. Example::
 
-        layer = FleetAttention(256, 8, rngs=nnx.Rngs(0))
-        y = layer(x)                                  # x [B, T, 256]
+        layer = FleetAttention(8, 256, rngs=nnx.Rngs(0))   # 8 heads, 256 input features
+        y = layer(x)                                        # x [B, T, 256]
         layer.init_cache((B, 1, 256))
-        y_t = layer(x_t, decode=True)                 # x_t [B, 1, 256], O(1) per token
+        y_t = layer(x_t, decode=True)                       # x_t [B, 1, 256], O(1) per token
 
     Args:
-      in_features: features of the input.
       num_heads: number of heads H; each has its own learned decay.
+      in_features: features of the input.
       qkv_features: total query/key features (H * K); defaults to in_features.
       value_features: total value features (H * V); defaults to qkv_features.
       out_features: output features; defaults to in_features.
@@ -148,7 +150,7 @@ class FleetAttention(nnx.Module):
       rngs: random keys for the parameters.
     """
 
-    def __init__(self, in_features: int, num_heads: int, *, qkv_features: int | None = None,
+    def __init__(self, num_heads: int, in_features: int, *, qkv_features: int | None = None,
                  value_features: int | None = None, out_features: int | None = None,
                  normalize_heads: bool = True, output_gate: bool = True, use_bias: bool = False,
                  scale: float | None = None, dtype: Dtype | None = None, param_dtype: Dtype = f32,
@@ -156,16 +158,23 @@ class FleetAttention(nnx.Module):
                  decay_init: Callable = decay_logits_init, implementation: str | None = None,
                  config: Any = None, sequence_axis_name: str | None = None, decode: bool = False,
                  rngs: nnx.Rngs):
-        for name, value in (("in_features", in_features), ("num_heads", num_heads)):
+        for name, value in (("num_heads", num_heads), ("in_features", in_features)):
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        self.in_features = int(in_features)
         self.num_heads = int(num_heads)
+        self.in_features = int(in_features)
         self.qkv_features = int(qkv_features or in_features)
         self.value_features = int(value_features or self.qkv_features)
         self.out_features = int(out_features or in_features)
-        self.head_dim = _split_features("qkv_features", self.qkv_features, num_heads)
-        self.value_head_dim = _split_features("value_features", self.value_features, num_heads)
+        try:
+            self.head_dim = head_dim("qkv_features", self.qkv_features, self.num_heads)
+            self.value_head_dim = head_dim("value_features", self.value_features, self.num_heads)
+        except ValueError as error:
+            if self.num_heads > self.in_features:  # likely the arguments of the old order, features first
+                raise ValueError(f"{error}; FleetAttention takes (num_heads, in_features), in "
+                                 f"flax.nnx.MultiHeadAttention's order, got num_heads={self.num_heads}, "
+                                 f"in_features={self.in_features}") from None
+            raise
         self.scale = float(self.head_dim ** -0.5 if scale is None else scale)
         self.normalize_heads = normalize_heads
         self.output_gate = output_gate
@@ -202,9 +211,12 @@ class FleetAttention(nnx.Module):
         The cache holds ``cached_state`` [B, H, K, V] (``dtype``, float32 recommended: it is the running sum)
         and ``cache_index``, the number of positions decoded so far.
         """
-        if len(input_shape) not in (2, 3) or input_shape[-1] != self.in_features:
-            raise ValueError(f"input_shape must be [B, T, {self.in_features}] or [B, {self.in_features}], "
-                             f"got {tuple(input_shape)}")
+        if (not isinstance(input_shape, (tuple, list)) or len(input_shape) not in (2, 3)
+                or input_shape[-1] != self.in_features):
+            hint = (f"; for a batch of {input_shape}: init_cache(({input_shape}, 1, {self.in_features}))"
+                    if isinstance(input_shape, (int, np.integer)) else "")
+            raise ValueError(f"input_shape must be a tuple [B, T, {self.in_features}] or [B, {self.in_features}] "
+                             f"(the input's shape, in_features last), got {input_shape!r}{hint}")
         shape = (input_shape[0], self.num_heads, self.head_dim, self.value_head_dim)
         self.cached_state = nnx.Cache(jnp.zeros(shape, dtype))
         self.cache_index = nnx.Cache(jnp.array(0, jnp.int32))

@@ -19,8 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fleetjax.nn import (Dtype, _split_features, check_layer_input, decay_from_logits, decay_logits_init,
-                         head_rms_norm, retention)
+from fleetjax.nn import (Dtype, check_layer_input, decay_from_logits, decay_logits_init, head_dim, head_rms_norm,
+                         retention)
 
 __all__ = ["FleetAttention"]
 
@@ -78,8 +78,8 @@ class FleetAttention(nn.Module):
         H = self.num_heads
         qkv_features = self.qkv_features or features
         value_features = self.value_features or qkv_features
-        K = _split_features("qkv_features", qkv_features, H)
-        V = _split_features("value_features", value_features, H)
+        K = head_dim("qkv_features", qkv_features, H)
+        V = head_dim("value_features", value_features, H)
         scale = float(K ** -0.5 if self.scale is None else self.scale)
 
         def dense(n_out: int, name: str) -> nn.Dense:

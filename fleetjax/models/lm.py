@@ -9,31 +9,27 @@ position embeddings (``LMConfig.attention = "softmax"``); either may add a learn
 (``LMConfig.learned_positions``).
 
 Also here: the optax optimizer (gradient clipping, AdamW, warmup + cosine learning rate), a jit-compiled
-:class:`Trainer` whose step function is traced once, checkpoint save/restore (one msgpack file, no extra
-dependency) and :func:`generate`, which decodes from the FleetAttention cache with O(1) work per new token.
+:class:`Trainer` whose step function is traced once, and :func:`generate`, which decodes from the
+FleetAttention cache with O(1) work per new token. Checkpoints: :mod:`fleetjax.models.checkpoint`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx, serialization
+from flax import nnx
 
 from fleetjax.nn import FleetAttention
 
 f32 = jnp.float32
 _ATTENTIONS = ("fleet", "softmax")
-_CHECKPOINT_FORMAT = "fleetjax.lm/1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +147,7 @@ class Block(nnx.Module):
         norm = functools.partial(nnx.RMSNorm, config.d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.attention_norm, self.mlp_norm = norm(), norm()
         if config.attention == "fleet":
-            self.attention = FleetAttention(config.d_model, config.num_heads, normalize_heads=config.normalize_heads,
+            self.attention = FleetAttention(config.num_heads, config.d_model, normalize_heads=config.normalize_heads,
                                             output_gate=config.output_gate, dtype=dtype, param_dtype=param_dtype,
                                             implementation=config.implementation, rngs=rngs)
         else:
@@ -355,81 +351,6 @@ class Trainer:
     @property
     def step_count(self) -> int:
         return int(self.optimizer.step[...])
-
-    def save(self, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
-        model, optimizer = nnx.merge(self.graphdef, self.state)
-        return save_checkpoint(path, model, optimizer, metadata=metadata)
-
-    @classmethod
-    def restore(cls, path: str | os.PathLike, tx: optax.GradientTransformation) -> "Trainer":
-        """A trainer continuing from a checkpoint written by :meth:`save` (model and optimizer state)."""
-        model, optimizer, _ = restore_checkpoint(path, tx)
-        return cls(model, tx, optimizer)
-
-
-# ------------------------------------------------------------------------------------------- checkpoints
-
-def _flat_arrays(state: nnx.State) -> dict[str, np.ndarray]:
-    return {"/".join(map(str, path)): np.asarray(jax.device_get(variable.get_value()))
-            for path, variable in nnx.to_flat_state(state)}
-
-
-def _load_flat(target: nnx.Module, flat: dict[str, Any], what: str) -> None:
-    """Set every variable of target from flat (path -> array), checking that keys, shapes and dtypes agree."""
-    state = nnx.state(target)
-    expected = dict(nnx.to_flat_state(state))
-    by_name = {"/".join(map(str, path)): path for path in expected}
-    if set(by_name) != set(flat):
-        missing, extra = sorted(set(by_name) - set(flat)), sorted(set(flat) - set(by_name))
-        raise ValueError(f"checkpoint {what} does not match the model: missing {missing[:5]}, extra {extra[:5]}")
-    for name, path in by_name.items():
-        old, new = expected[path].get_value(), np.asarray(flat[name])
-        if tuple(old.shape) != new.shape or jnp.dtype(old.dtype) != new.dtype:
-            raise ValueError(f"checkpoint {what} entry {name} has {new.dtype}{list(new.shape)}, the model "
-                             f"expects {jnp.dtype(old.dtype)}{list(old.shape)}")
-        expected[path].set_value(jnp.asarray(new))
-    nnx.update(target, nnx.from_flat_state(expected))
-
-
-def save_checkpoint(path: str | os.PathLike, model: LanguageModel, optimizer: nnx.Optimizer | None = None, *,
-                    metadata: dict[str, Any] | None = None) -> Path:
-    """Write the config, the parameters (and the optimizer state) to one msgpack file, atomically."""
-    path = Path(path)
-    payload = {
-        "format": _CHECKPOINT_FORMAT,
-        "config": json.dumps(model.config.to_dict()),
-        "metadata": json.dumps(metadata or {}),
-        "params": _flat_arrays(nnx.state(model, nnx.Param)),
-    }
-    if optimizer is not None:
-        payload["optimizer"] = _flat_arrays(nnx.state(optimizer))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(serialization.msgpack_serialize(payload))
-    os.replace(tmp, path)
-    return path
-
-
-def restore_checkpoint(path: str | os.PathLike, tx: optax.GradientTransformation | None = None
-                       ) -> tuple[LanguageModel, nnx.Optimizer | None, dict[str, Any]]:
-    """Rebuild (model, optimizer or None, metadata) from :func:`save_checkpoint`'s file.
-
-    tx: the optimizer's transformation; with it (and an optimizer state in the file) the optimizer is
-    restored too.
-    """
-    payload = serialization.msgpack_restore(Path(path).read_bytes())
-    if not isinstance(payload, dict) or payload.get("format") != _CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a fleetjax LM checkpoint (format {_CHECKPOINT_FORMAT!r})")
-    config = LMConfig.from_dict(json.loads(payload["config"]))
-    model = LanguageModel(config, rngs=nnx.Rngs(0))
-    _load_flat(model, payload["params"], "params")
-    optimizer = None
-    if tx is not None:
-        if "optimizer" not in payload:
-            raise ValueError(f"{path} holds no optimizer state")
-        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-        _load_flat(optimizer, payload["optimizer"], "optimizer state")
-    return model, optimizer, json.loads(payload["metadata"])
 
 
 # -------------------------------------------------------------------------------------------- generation
