@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import time
 from typing import Callable, NoReturn, Sequence
 
 from fleetjax import __version__
@@ -58,7 +59,7 @@ def _positive_int(text: str) -> int:
 def _implementation_list(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
-        raise argparse.ArgumentTypeError("give at least one implementation name")
+        raise argparse.ArgumentTypeError(f"expected comma-separated implementation names, got {text!r}")
     unknown = [name for name in names if name not in IMPLEMENTATION_NAMES]
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown implementation(s) {', '.join(map(repr, unknown))}; "
@@ -127,8 +128,6 @@ def train_command(args: argparse.Namespace) -> int:
 
 def demo_command(args: argparse.Namespace) -> int:
     """``fleetjax demo``: the quick check, then a short training run and a sample."""
-    import time
-
     options = options_from_args(args)
     started = time.perf_counter()
     print("== fleetjax check (quick) ==")

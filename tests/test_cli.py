@@ -166,6 +166,15 @@ USAGE_MISTAKES = [
 ]
 
 
+def test_the_op_and_the_layers_never_import_the_application():
+    """The package's floors: the op (fleetjax.api and what it imports) and fleetjax.nn stand without
+    fleetjax.models and fleetjax.cli above them."""
+    done = _run("-c", "import sys, fleetjax.api, fleetjax.nn, fleetjax.nn.linen; "
+                      "above = [m for m in sys.modules if m.startswith(('fleetjax.models', 'fleetjax.cli'))]; "
+                      "assert not above, above")
+    assert done.returncode == 0, done.stderr
+
+
 @pytest.mark.parametrize("args, says", USAGE_MISTAKES, ids=[" ".join(args) or "no command" for args, _ in USAGE_MISTAKES])
 def test_a_usage_mistake_is_one_line_and_status_2(args, says):
     """Refused before any data is read or anything compiles: one line on stderr, nothing on stdout."""
