@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from fleetjax import fleet_attention, vjp
 from fleetjax.implementation import Implementation
+from fleetjax.decay import Decays
 from fleetjax.sharding import block_run_ids, exchange, local_runs, pass_forward, tracks_vma
 from fleetjax.vma import vary_like
 
@@ -66,10 +67,10 @@ def correction_exchange(impl: Implementation, q: jax.Array, k: jax.Array, v: jax
     B, T = q.shape[:2]
     state = vary_like(state, q, k, v)
     block_runs, _ = local_runs(runs, B)
-    o_local, local_final = impl.fn(q, k, v, log_decay, jnp.zeros_like(state), block_runs, scale=scale,
+    o_local, local_final = impl.fn(q, k, v, log_decay, None, jnp.zeros_like(state), block_runs, scale=scale,
                                    config=config)
     # a_p: gamma^T where the whole block is one run continuing from the left (run 0), else 0.
-    carry = vjp.whole_row_carry(log_decay, runs, B, T)
+    carry = vjp.whole_row_carry(Decays(log_decay), runs, B, T)
     entering, final_state, _ = pass_forward(local_final, carry, state, axis_name, tracks_vma(axis_name))
     reached = None if runs is None else runs == 0
     return o_local.astype(f32) + state_contribution(q, entering, log_decay, reached, scale), final_state
@@ -100,9 +101,12 @@ def sharded_attention(method: str, implementation: str | Implementation, *, axis
         state = (jnp.zeros((B, H, K, v.shape[-1]), f32) if initial_state is None
                  else jnp.asarray(initial_state, f32))
         runs = block_run_ids(segment_ids, axis_name)
-        combine = correction_exchange if method == "correction" else exchange
-        o, final_state = combine(record, q, k, v, log_decay, state, runs, scale=block_scale,
-                                 config=record.config_for(None, q, v), axis_name=axis_name)
+        if method == "correction":
+            o, final_state = correction_exchange(record, q, k, v, log_decay, state, runs, scale=block_scale,
+                                                 config=record.config_for(None, q, v), axis_name=axis_name)
+        else:
+            o, final_state = exchange(record, q, k, v, log_decay, None, state, runs, scale=block_scale,
+                                      config=record.config_for(None, q, v), axis_name=axis_name)
         return o.astype(q.dtype), final_state
 
     return attend

@@ -48,11 +48,12 @@ def get_implementation(name: str | Implementation | None) -> Implementation:
     return IMPLEMENTATIONS[name]
 
 
-def fleet_attention(q, k, v, decay, *, scale=None, initial_state=None, return_final_state=False,
+def fleet_attention(q, k, v, decay, *, scale=None, log_gate=None, initial_state=None, return_final_state=False,
                     segment_ids=None, sequence_axis_name=None, implementation=None, config=None):
-    """Exponentially decaying causal linear attention (retention).
+    """Exponentially decaying causal linear attention (retention), constant per head or gated per token.
 
         O_t = scale * sum_{s <= t} decay_h^(t-s) (q_t . k_s) v_s
+        S_t = decay_h * exp(log_gate[b, t, h]) * S_{t-1} + k_t v_t^T,   o_t = scale * q_t^T S_t
 
     Args:
       q, k: [B, T, H, K]; v: [B, T, H, V] (batch, time, heads, dim, as Flax and fla); any float dtype
@@ -60,9 +61,11 @@ def fleet_attention(q, k, v, decay, *, scale=None, initial_state=None, return_fi
       decay: [H], values in (0, 1]. Checked when concrete. A traced decay (a learned one, under jit) is
         checked under ``jax.experimental.checkify.checkify``; unchecked, a decay > 1 computes the growing sum
         and may overflow, and decay <= 0 gives NaN. Parametrize a learned decay into (0, 1) (a sigmoid), as
-        fleetjax.nn does.
+        fleetjax.nn does. None with a log_gate means 1 (the gate alone decays).
       scale: multiplies every output; None (the default) means K^-1/2, as jax.nn.dot_product_attention and
         fla. A concrete number otherwise (it is static).
+      log_gate: [B, T, H] float, finite and <= 0 (the log of a forget gate in (0, 1], as fla's ``g``, Mamba-2's
+        dt * A, GLA's log forget gate), or None (the constant decay alone). Differentiable.
       initial_state: [B, H, K, V] or None (zeros); it feeds the first segment of each row.
       return_final_state: also return the state after the last position, [B, H, K, V] float32.
       segment_ids: [B, T] integers or None; the state resets wherever the id changes (packed sequences).
@@ -74,22 +77,27 @@ def fleet_attention(q, k, v, decay, *, scale=None, initial_state=None, return_fi
 
     Returns:
       o [B, T, H, V] in the inputs' result dtype, or (o, final_state) with return_final_state=True.
-      Differentiable in q, k, v, decay and initial_state. A NaN or inf input changes only the outputs that
+      Differentiable in q, k, v, decay, log_gate and initial_state. A NaN or inf input changes only the outputs that
       depend on it (later positions of its segment), never earlier positions or other segments.
     """
-    return run(get_implementation(implementation), q, k, v, decay, scale=scale, initial_state=initial_state,
-               return_final_state=return_final_state, segment_ids=segment_ids,
+    return run(get_implementation(implementation), q, k, v, decay, scale=scale, log_gate=log_gate,
+               initial_state=initial_state, return_final_state=return_final_state, segment_ids=segment_ids,
                sequence_axis_name=sequence_axis_name, config=config)
 
 
-def decode_step(q_t, k_t, v_t, decay, state, *, scale=None):
-    """One new position from a cached state: q_t, k_t [B, H, K], v_t [B, H, V], state [B, H, K, V].
+def decode_step(q_t, k_t, v_t, decay, state, *, scale=None, log_gate=None):
+    """One new position from a cached state: q_t, k_t [B, H, K], v_t [B, H, V], state [B, H, K, V],
+    log_gate [B, H] or None (decay may then be None).
 
     Returns (o_t [B, H, V] in the inputs' dtype, new state [B, H, K, V] float32); feeding positions one by
     one from the initial state equals fleet_attention over the whole sequence (same ``scale``: None is
     K^-1/2 in both).
     """
-    validation.check_step(q_t, k_t, v_t, decay, state)
-    scale = validation.static_scale(scale, validation.shape(q_t)[2])
-    o_t, state = reference.recurrent_step(q_t, k_t, v_t, jnp.asarray(decay, f32), jnp.asarray(state, f32), scale)
+    validation.check_step(q_t, k_t, v_t, decay, state, log_gate)
+    B, H, K = validation.shape(q_t)
+    scale = validation.static_scale(scale, K)
+    log_decay = jnp.zeros((H,), f32) if decay is None else jnp.log(jnp.asarray(decay, f32))
+    step_decay = jnp.exp(log_decay[None, :] + (0.0 if log_gate is None else jnp.asarray(log_gate, f32)))
+    o_t, state = reference.recurrent_step(q_t, k_t, v_t, jnp.broadcast_to(step_decay, (B, H)),
+                                          jnp.asarray(state, f32), scale)
     return o_t.astype(jnp.result_type(q_t, k_t, v_t)), state

@@ -20,8 +20,9 @@ gives exact zeros, a decay of 1 gives ones, and nothing overflows.
 Non-finite inputs stay where they belong: a NaN or inf at one position reaches only the outputs that depend
 on it. So every mask is applied by selection (``jnp.where``), never by multiplying with a 0/1 factor
 (0 * inf = NaN); and since a product over positions multiplies every value by its weight, masked or not, the
-value tile enters the products with its non-finite entries set to 0, and the outputs and state columns that
-depend on one of them are set to NaN afterwards (:func:`poison`, taken only when the tile has one).
+value tile enters the products with its non-finite entries set to 0 (:func:`finite_part`). The walks report
+whether they saw one (:func:`any_bad`), and the outputs that depend on it are set to NaN after the kernels
+(fleetjax.nonfinite; implementation="xla" does it in its scan).
 """
 
 from __future__ import annotations
@@ -88,17 +89,23 @@ class Chunk:
     log_decay: jax.Array
 
 
-def chunk(start, C: int, T: int, log_decay, *, reverse: bool, runs=None, edge_run=None) -> Chunk:
+def chunk_log_decays(log_decay, gate, valid):
+    """L [C]: the log decay accumulated from the chunk's start through each position (inclusive), and its
+    total over the chunk's valid positions; gate [C] is the chunk's log gate (None: the constant decay, where
+    L_i = (i + 1) log gamma)."""
+    la = jnp.where(valid, log_decay + (0.0 if gate is None else gate.astype(f32)), 0.0)
+    return jnp.cumsum(la), jnp.sum(la)
+
+
+def chunk(start, C: int, T: int, log_decay, *, reverse: bool, runs=None, edge_run=None, gate=None) -> Chunk:
     """The chunk of C positions from ``start`` of a walk over T positions with the per-head ``log_decay``
-    (a float32 scalar). ``runs`` [C]: the chunk's run ids (-1 beyond T), with ``edge_run`` the run of the
-    state entering the chunk; None: one run."""
+    (a float32 scalar) and, gated, the chunk's log gate ``gate`` [C]. ``runs`` [C]: the chunk's run ids (-1
+    beyond T), with ``edge_run`` the run of the state entering the chunk; None: one run."""
     i = jnp.arange(C)
     valid = start + i < T
     length = jnp.minimum(C, T - start)
     lag = (i[None, :] - i[:, None]) if reverse else (i[:, None] - i[None, :])
     pairs = (lag >= 0) & valid[:, None] & valid[None, :]
-    enter_exponent = (length - 1 - i) if reverse else (i + 1)
-    leave_exponent = (i + 1) if reverse else (length - 1 - i)
     enters = leaves = valid
     carries = jnp.bool_(True)
     far_run = jnp.int32(0)
@@ -110,21 +117,33 @@ def chunk(start, C: int, T: int, log_decay, *, reverse: bool, runs=None, edge_ru
         leaves = valid & (runs == far_run)
         carries = far_run == edge_run
     lg = jnp.asarray(log_decay, f32)
+    if gate is None:  # lags times log gamma: exact for the constant decay
+        pair_exponent = lag.astype(f32) * lg
+        enter_exponent = ((length - 1 - i) if reverse else (i + 1)).astype(f32) * lg
+        leave_exponent = ((i + 1) if reverse else (length - 1 - i)).astype(f32) * lg
+        total = length.astype(f32) * lg
+    else:  # differences of the cumulative log decay, masked to the pairs where they are <= 0
+        L, total = chunk_log_decays(lg, gate, valid)
+        pair_exponent = (L[None, :] - L[:, None]) if reverse else (L[:, None] - L[None, :])
+        enter_exponent = (total - L) if reverse else L
+        leave_exponent = L if reverse else (total - L)
     return Chunk(
         start=jnp.asarray(start), valid=valid, pairs=pairs,
-        weights=_decayed(pairs, lag.astype(f32) * lg),
+        weights=_decayed(pairs, pair_exponent),
         lag=jnp.where(pairs, lag, 0).astype(f32),
-        enters=enters, entering=_decayed(enters, enter_exponent.astype(f32) * lg),
-        leaves=leaves, leaving=_decayed(leaves, leave_exponent.astype(f32) * lg),
-        carries=carries, carry=jnp.where(carries, jnp.exp(length.astype(f32) * lg), 0.0), far_run=far_run,
+        enters=enters, entering=_decayed(enters, enter_exponent),
+        leaves=leaves, leaving=_decayed(leaves, leave_exponent),
+        carries=carries, carry=jnp.where(carries, jnp.exp(total), 0.0), far_run=far_run,
         position=start + i, runs=runs, log_decay=lg)
 
 
-def exit_decay(ch: Chunk, T: int, last_run=None):
-    """[C]: gamma^(T-1-t), the factor by which position t reaches the state after the last position (in the
-    row's last run ``last_run`` only, when the walk has runs), 0 elsewhere."""
+def exit_decay(ch: Chunk, T: int, last_run=None, to_end=None):
+    """[C]: the factor by which position t reaches the state after the last position, gamma^(T-1-t) (gated:
+    exp(to_end), the chunk's [C] sums of la after each position), in the row's last run ``last_run`` only
+    when the walk has runs, 0 elsewhere."""
     reach = ch.valid if ch.runs is None else ch.valid & (ch.runs == last_run)
-    return _decayed(reach, (T - 1 - ch.position).astype(f32) * ch.log_decay)
+    exponent = (T - 1 - ch.position).astype(f32) * ch.log_decay if to_end is None else to_end
+    return _decayed(reach, exponent)
 
 
 def finite_part(value):
@@ -173,20 +192,16 @@ def count_crossings(counts, state, ch: Chunk):
     return jnp.where(ch.carries, ch.carry * (counts + state), 0.0)
 
 
-def poison(o, state, bad, ch: Chunk):
-    """NaN into the outputs and state columns that depend on a non-finite value (``bad`` [C, bv], from
-    :func:`finite_part`): o_i[c] for every pair (i, j) with a bad value_j[c], and column c of the state handed
-    on if a key j that leaves has one. Returns (o, state, reached [C, bv]: the entries of o set to NaN);
-    ``o`` may be None (a walk with no outputs). Branches on the device only when the tile holds a bad value."""
-    shape = bad.shape if o is None else o.shape
+def spanned(pair_terms):
+    """[C]: for each position r, the sum of pair_terms [C, C] (query i, key j, zero off the pairs) over the
+    pairs with j < r <= i: the pairs whose decay spans r, the intra-chunk part of d log_gate_r. A prefix sum
+    along the keys, then a masked sum over the queries: every term keeps its sign, nothing cancels."""
+    C = pair_terms.shape[0]
+    before = jnp.cumsum(pair_terms, axis=1) - pair_terms  # [i, r]: sum over j < r
+    i = jnp.arange(C)
+    return jnp.sum(jnp.where(i[:, None] >= i[None, :], before, 0.0), axis=0)
 
-    def mark(args):
-        o, state, _ = args
-        # A pair reaches o_i[c] through a bad value_j[c]: a [C, C] x [C, bv] product of 0/1 values.
-        reached = dot(ch.pairs.astype(f32), bad.astype(f32), None) > 0
-        column = jnp.max(jnp.where(ch.leaves[:, None] & bad, 1, 0), axis=0) > 0
-        o = None if o is None else jnp.where(reached, jnp.nan, o)
-        return o, jnp.where(column[None, :], jnp.nan, state), reached
 
-    any_bad = jnp.max(jnp.where(bad, 1, 0)) > 0
-    return jax.lax.cond(any_bad, mark, lambda args: args, (o, state, jnp.zeros(shape, bool)))
+def any_bad(bad) -> jax.Array:
+    """int32 1 if the tile holds a non-finite value (bad from :func:`finite_part`), else 0."""
+    return jnp.max(jnp.where(bad, 1, 0))

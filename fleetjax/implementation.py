@@ -26,10 +26,11 @@ f32 = jnp.float32
 class Implementation:
     """One way to compute the op.
 
-    fn(q, k, v, log_decay, initial_state, run_ids, *, scale, config, final_state) -> (o [B, T, H, V],
+    fn(q, k, v, log_decay, log_gate, initial_state, run_ids, *, scale, config, final_state) -> (o [B, T, H, V],
       final state [B, H, K, V] float32), on validated canonical inputs: q, k, v of one float dtype,
-      log_decay [H] float32, initial_state float32, run ids int32 [B, T] or None (fleetjax.segments);
-      ``final_state`` says whether the caller uses the final state.
+      log_decay [H] float32, log_gate [B, T, H] float32 or None, initial_state float32, run ids int32 [B, T]
+      or None (fleetjax.segments); ``final_state`` says whether the caller uses the final state. The state
+      update at t multiplies by exp(log_decay + log_gate_t).
     platforms: JAX backends where it runs compiled. interpret: elsewhere it runs in Pallas interpret mode
       (exact but slow: tests keep its shapes small).
     config_type, default_config(q, v): its config dataclass and heuristic default (None: it takes none).
@@ -72,21 +73,22 @@ class Implementation:
         return config
 
 
-def run(impl: Implementation, q, k, v, decay, *, scale=None, initial_state=None, return_final_state=False,
-        segment_ids=None, sequence_axis_name=None, config=None):
+def run(impl: Implementation, q, k, v, decay, *, scale=None, log_gate=None, initial_state=None,
+        return_final_state=False, segment_ids=None, sequence_axis_name=None, config=None):
     """``impl`` called with the arguments of :func:`fleetjax.fleet_attention` (validated here)."""
-    validation.check_inputs(q, k, v, decay, initial_state, segment_ids)
+    validation.check_inputs(q, k, v, decay, initial_state, segment_ids, log_gate)
     B, T, H, K = validation.shape(q)
     V = validation.shape(v)[3]
     scale = validation.static_scale(scale, K)
     out_dtype = jnp.result_type(q, k, v)
     q, k, v = (jnp.asarray(x, out_dtype) for x in (q, k, v))
     config = impl.config_for(config, q, v)
-    log_decay = jnp.log(jnp.asarray(decay, f32))
+    log_decay = jnp.zeros((H,), f32) if decay is None else jnp.log(jnp.asarray(decay, f32))
+    log_gate = None if log_gate is None else jnp.asarray(log_gate, f32)
     state = jnp.zeros((B, H, K, V), f32) if initial_state is None else jnp.asarray(initial_state, f32)
     if sequence_axis_name is not None:
         from fleetjax.sharding import sequence_parallel
-        o, final_state = sequence_parallel(impl, q, k, v, log_decay, state, segment_ids, scale=scale,
+        o, final_state = sequence_parallel(impl, q, k, v, log_decay, log_gate, state, segment_ids, scale=scale,
                                            config=config, axis_name=sequence_axis_name)
     elif T == 0 or B == 0:
         o, final_state = jnp.zeros((B, T, H, V), out_dtype), state
@@ -94,7 +96,7 @@ def run(impl: Implementation, q, k, v, decay, *, scale=None, initial_state=None,
         run_ids = None if segment_ids is None else run_ids_from_segment_ids(jnp.asarray(segment_ids))
         # Inside jax.shard_map(check_vma=True) (data parallelism): the state and decay enter typed like q, k, v.
         log_decay, state = vary_like(log_decay, q, k, v), vary_like(state, q, k, v)
-        o, final_state = impl.fn(q, k, v, log_decay, state, run_ids, scale=scale, config=config,
+        o, final_state = impl.fn(q, k, v, log_decay, log_gate, state, run_ids, scale=scale, config=config,
                                  final_state=bool(return_final_state))
     o = o.astype(out_dtype)
     return (o, final_state) if return_final_state else o

@@ -18,6 +18,12 @@ Numerics: gamma^(-i) is never formed (it overflows for small gamma); decay facto
 with the mask applied to the exponent before exp, so gamma -> 0 gives exact zeros and gamma = 1 gives ones.
 States and products accumulate in float32 whatever the input dtype.
 
+Gated form: with a per-token log gate g [B, T, H] (<= 0, as fla's ``g``, Mamba-2's dt * A, GLA's log forget
+gate) the update at t multiplies by a_t = gamma_h exp(g_t). With la_t = log gamma_h + g_t and L the cumulative
+sum of la inside a chunk (relative to the chunk's start), gamma^(i-j) becomes exp(L_i - L_j), gamma^(i+1)
+becomes exp(L_i), gamma^(C-1-j) becomes exp(L_last - L_j) and gamma^C becomes exp(L_last); only differences
+with i >= j are exponentiated, so a hard forget (g = -40) gives exact zeros. The constant decay is g = 0.
+
 Packed sequences: with segment_ids [B, T], positions with different ids never interact; the state resets
 wherever the id changes (so two stretches of one id separated by another are separate sequences). The
 initial state feeds the first segment of each row; the final state is the state after the row's last
@@ -38,6 +44,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from fleetjax.decay import Decays
 from fleetjax.implementation import Implementation, run
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -48,20 +55,22 @@ def recurrent_step(q_t: jax.Array, k_t: jax.Array, v_t: jax.Array, decay: jax.Ar
                    scale: float) -> tuple[jax.Array, jax.Array]:
     """One position: ``S <- decay S + k v^T``, ``o = scale q^T S``.
 
-    q_t, k_t: [B, H, K]; v_t: [B, H, V]; decay: [H]; state: [B, H, K, V] float32.
+    q_t, k_t: [B, H, K]; v_t: [B, H, V]; decay: [H] or [B, H] (gated); state: [B, H, K, V] float32.
     Returns (o_t [B, H, V] float32, new state [B, H, K, V] float32).
     """
     outer = jnp.einsum("bhk,bhv->bhkv", k_t.astype(f32), v_t.astype(f32), precision=HIGHEST)
-    state = decay.astype(f32)[None, :, None, None] * state + outer
+    state = jnp.broadcast_to(decay.astype(f32), state.shape[:2])[..., None, None] * state + outer
     o_t = scale * jnp.einsum("bhk,bhkv->bhv", q_t.astype(f32), state, precision=HIGHEST)
     return o_t, state
 
 
-def scan_impl(q, k, v, log_decay, initial_state, run_ids, *, scale: float, config: Any = None,
+def scan_impl(q, k, v, log_decay, log_gate, initial_state, run_ids, *, scale: float, config: Any = None,
               final_state: bool = True):
     """``jax.lax.scan`` over time with a float32 [B, H, K, V] state; the state resets where the run changes."""
     del config, final_state
-    decay = jnp.exp(log_decay)
+    B, T, H, _ = q.shape
+    gate = jnp.zeros((B, T, H), f32) if log_gate is None else log_gate
+    decays = jnp.exp(log_decay[None, None, :] + gate)  # [B, T, H]: the update's factor at each position
     if run_ids is None:
         resets = jnp.zeros(q.shape[:2], bool)
     else:
@@ -69,13 +78,13 @@ def scan_impl(q, k, v, log_decay, initial_state, run_ids, *, scale: float, confi
         resets = jnp.concatenate([run_ids[:, :1] != 0, run_ids[:, 1:] != run_ids[:, :-1]], 1)
 
     def step(state, xs):
-        q_t, k_t, v_t, reset_t = xs
+        q_t, k_t, v_t, decay_t, reset_t = xs
         state = jnp.where(reset_t[:, None, None, None], 0.0, state)
-        return recurrent_step(q_t, k_t, v_t, decay, state, scale)[::-1]
+        return recurrent_step(q_t, k_t, v_t, decay_t, state, scale)[::-1]
 
     time_major = lambda x: jnp.moveaxis(x, 1, 0)
     final_state, o = jax.lax.scan(step, initial_state, (time_major(q), time_major(k), time_major(v),
-                                                        time_major(resets)))
+                                                        time_major(decays), time_major(resets)))
     return jnp.moveaxis(o, 0, 1), final_state
 
 
@@ -91,7 +100,7 @@ def _poison(x: jax.Array, reached: jax.Array) -> jax.Array:
     return x + jax.lax.stop_gradient(jnp.where(reached, jnp.nan, 0.0))
 
 
-def quadratic_impl(q, k, v, log_decay, initial_state, run_ids, *, scale: float, config: Any = None,
+def quadratic_impl(q, k, v, log_decay, log_gate, initial_state, run_ids, *, scale: float, config: Any = None,
                    final_state: bool = True):
     """The masked [T, T] decay matrix, O(T^2) memory: for small T and tests.
 
@@ -105,16 +114,23 @@ def quadratic_impl(q, k, v, log_decay, initial_state, run_ids, *, scale: float, 
     if run_ids is None:
         run_ids = jnp.zeros(q.shape[:2], jnp.int32)
     (q, bad_q), (k, bad_k), (v, bad_v) = _finite(q), _finite(k), _finite(v)
+    B = q.shape[0]
+    decays = Decays(log_decay, log_gate)
     # Mask before exp: exponents stay <= 0, so decay -> 0 gives exact zeros and decay = 1 gives ones.
     lag = t[:, None] - t[None, :]
     mask = (lag >= 0)[None] & (run_ids[:, :, None] == run_ids[:, None, :])  # [B, T, S]
-    exponent = jnp.where(mask[:, None], lag[None, None] * log_decay[None, :, None, None], -jnp.inf)
+    if log_gate is None:  # the lag times log gamma: exact for the constant decay
+        pair_exponent = lag[None, None] * log_decay[None, :, None, None]
+    else:  # the sum of la over s < r <= t, each pair's from its own terms: [B, H, T, S]
+        la = log_decay[None, :, None] + jnp.swapaxes(log_gate, 1, 2)  # [B, H, T]
+        pair_exponent = jnp.cumsum(jnp.where((lag > 0)[None, None], la[:, :, :, None], 0.0), axis=2)
+    exponent = jnp.where(mask[:, None], pair_exponent, -jnp.inf)
     weights = scale * jnp.exp(exponent)  # [B, H, T, S]
     scores = jnp.einsum("bthk,bshk->bhts", q, k, precision=HIGHEST) * weights
     o = jnp.einsum("bhts,bshv->bthv", scores, v, precision=HIGHEST)
 
     first_run = (run_ids == 0)[:, :, None, None]  # [B, T, 1, 1]: positions the initial state reaches
-    q_decay = jnp.exp((t + 1)[:, None] * log_decay[None, :])[None, :, :, None]  # [1, T, H, 1]
+    q_decay = jnp.exp(jnp.swapaxes(decays.from_start(B, T), 1, 2))[..., None]  # [B, T, H, 1]
     o = o + jnp.where(first_run, scale * q_decay * jnp.einsum(
         "bthk,bhkv->bthv", q, initial_state, precision=HIGHEST), 0.0)
     # o_t[c] depends on q_t, and on k_s (all of it) and v_s[c] for every pair (t, s).
@@ -124,10 +140,10 @@ def quadratic_impl(q, k, v, log_decay, initial_state, run_ids, *, scale: float, 
 
     last_run = run_ids[:, -1:]
     in_last = (run_ids == last_run)[:, :, None]  # [B, T, 1]
-    k_weight = jnp.where(in_last, jnp.exp((T - 1 - t)[:, None] * log_decay[None, :])[None], 0.0)  # [B, T, H]
+    k_weight = jnp.where(in_last, jnp.exp(jnp.swapaxes(decays.to_end(B, T), 1, 2)), 0.0)  # [B, T, H]
     final_state = jnp.einsum("bsh,bshk,bshv->bhkv", k_weight, k, v, precision=HIGHEST)
     carried = jnp.where((last_run[:, 0] == 0)[:, None, None, None],
-                        jnp.exp(T * log_decay)[None, :, None, None] * initial_state, 0.0)
+                        jnp.exp(decays.total(B, T))[..., None, None] * initial_state, 0.0)
     final_state = final_state + carried
     # The final state's columns that a non-finite k or v of the last run reaches.
     reached = jnp.any(in_last[..., None] & bad_kv, axis=1)[:, :, None, :]  # [B, H, 1, V]
@@ -138,17 +154,17 @@ SCAN = Implementation("scan", scan_impl, "jax.lax.scan over time with the float3
 QUADRATIC = Implementation("quadratic", quadratic_impl, "the masked T x T decay matrix, O(T^2) memory")
 
 
-def scan(q, k, v, decay, *, scale=None, initial_state=None, return_final_state=False, segment_ids=None,
-         sequence_axis_name=None):
+def scan(q, k, v, decay, *, scale=None, log_gate=None, initial_state=None, return_final_state=False,
+         segment_ids=None, sequence_axis_name=None):
     """Reference by recurrence; arguments and result as :func:`fleetjax.fleet_attention`."""
-    return run(SCAN, q, k, v, decay, scale=scale, initial_state=initial_state,
+    return run(SCAN, q, k, v, decay, scale=scale, log_gate=log_gate, initial_state=initial_state,
                return_final_state=return_final_state, segment_ids=segment_ids,
                sequence_axis_name=sequence_axis_name)
 
 
-def quadratic(q, k, v, decay, *, scale=None, initial_state=None, return_final_state=False, segment_ids=None,
-              sequence_axis_name=None):
+def quadratic(q, k, v, decay, *, scale=None, log_gate=None, initial_state=None, return_final_state=False,
+              segment_ids=None, sequence_axis_name=None):
     """Reference by the masked decay matrix; arguments and result as :func:`fleetjax.fleet_attention`."""
-    return run(QUADRATIC, q, k, v, decay, scale=scale, initial_state=initial_state,
+    return run(QUADRATIC, q, k, v, decay, scale=scale, log_gate=log_gate, initial_state=initial_state,
                return_final_state=return_final_state, segment_ids=segment_ids,
                sequence_axis_name=sequence_axis_name)

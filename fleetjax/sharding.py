@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 
 from fleetjax import vjp
+from fleetjax.decay import Decays
 from fleetjax.segments import run_ids_from_segment_ids
 from fleetjax.state_passing import BlockKernels, pass_states
 from fleetjax.vma import varying_axes, vary_like
@@ -99,12 +100,12 @@ def _groups(T: int, max_groups: int = 64, min_group: int = 512) -> int:
     return max((g for g in range(1, max_groups + 1) if T % g == 0 and T // g >= min_group), default=1)
 
 
-def _block_final_state(k: jax.Array, v: jax.Array, log_decay: jax.Array, runs: jax.Array | None,
+def _block_final_state(k: jax.Array, v: jax.Array, decays: Decays, runs: jax.Array | None,
                        groups: int | None = None) -> jax.Array:
-    """The state after the block from a zero entering state: sum_j gamma^(T-1-j) k_j v_j^T over the
-    positions j of the block's last run.
+    """The state after the block from a zero entering state: sum_j exp(the sum of la after j) k_j v_j^T over
+    the positions j of the block's last run.
 
-    k [B, T, H, K], v [B, T, H, V], log_decay [H], runs [B, T] run ids or None (one run); groups (a divisor
+    k [B, T, H, K], v [B, T, H, V], runs [B, T] run ids or None (one run); groups (a divisor
     of T, default :func:`_groups`): the product is summed over that many equal groups of positions, each its
     own matrix product: one product per (batch, head) would contract all of T into one K x V output, only
     B * H outputs to spread over a GPU's SMs.
@@ -112,16 +113,16 @@ def _block_final_state(k: jax.Array, v: jax.Array, log_decay: jax.Array, runs: j
     """
     B, T, H, K = k.shape
     G = _groups(T) if groups is None else groups
-    # Exponents (T - 1 - j) log gamma are <= 0: no overflow, exact zeros for decay -> 0.
-    powers = jnp.exp(jnp.arange(T - 1, -1, -1, dtype=f32)[:, None] * log_decay[None, :])  # [T, H]
-    if runs is None:
-        weights = powers[None]  # [1, T, H]
-    else:
-        weights = jnp.where((runs == runs[:, -1:])[:, :, None], powers[None], 0.0)  # [B, T, H]
-    weighted_k = (k.astype(f32) * weights[..., None]).reshape(B, G, T // G, H, K)
-    v = v.reshape(B, G, T // G, H, v.shape[-1])
+    # Exponents (sums of la <= 0) are <= 0: no overflow, exact zeros for decay -> 0.
+    powers = jnp.swapaxes(jnp.exp(decays.to_end(B, T)), 1, 2)  # [B, T, H]
+    keep = jnp.ones((1, T), bool) if runs is None else runs == runs[:, -1:]
+    weighted_k = jnp.where(keep[:, :, None, None], k.astype(f32) * powers[..., None], 0.0).reshape(B, G, T // G, H, K)
+    v = jnp.where(keep[:, :, None, None], v, jnp.zeros((), v.dtype)).reshape(B, G, T // G, H, v.shape[-1])
+    product = lambda a: jnp.einsum("bgthk,bgthv->bghkv", a, v, preferred_element_type=f32)  # noqa: E731
     if _half_on_accelerator(k):
-        parts = jnp.einsum("bgthk,bgthv->bghkv", weighted_k.astype(k.dtype), v, preferred_element_type=f32)
+        # The state leaves as float32: the decayed keys as a hi/lo pair in k's dtype, two tensor-core products.
+        hi = weighted_k.astype(k.dtype)
+        parts = product(hi) + product((weighted_k - hi.astype(f32)).astype(k.dtype))
     else:
         parts = jnp.einsum("bgthk,bgthv->bghkv", weighted_k, v.astype(f32), precision=jax.lax.Precision.HIGHEST)
     return jnp.sum(parts, axis=1)
@@ -175,45 +176,52 @@ def local_runs(runs: jax.Array | None, B: int) -> tuple[jax.Array | None, jax.Ar
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
 def _block(kernels: BlockKernels, scale: float, config: Any, axis_name: AxisName, invariant: bool, q, k, v,
-           log_decay, state, runs):
+           log_decay, log_gate, state, runs):
     """The block of one device with an implementation's BlockKernels: (o, final state of the sequence).
 
     runs: the block's run ids (run 0 = the positions the entering state reaches), or None. The custom VJP
     runs the exchange mirrored, so that the reverse walks start from each block's exit cotangent (no extra
     pass over the block, unlike autodiff through the forward's order)."""
-    (o, final_state), _ = _block_fwd(kernels, scale, config, axis_name, invariant, q, k, v, log_decay, state,
-                                     runs)
+    (o, final_state), _ = _block_fwd(kernels, scale, config, axis_name, invariant, q, k, v, log_decay, log_gate,
+                                     state, runs)
     return o, final_state
 
 
-def _block_fwd(kernels, scale, config, axis_name, invariant, q, k, v, log_decay, state, runs):
+def _block_fwd(kernels, scale, config, axis_name, invariant, q, k, v, log_decay, log_gate, state, runs):
     # A second derivative would differentiate the kernels: refuse it with fleetjax.vjp's message.
-    q, k, v, log_decay, state = (vjp.first_order_only(x) for x in (q, k, v, log_decay, state))
+    q, k, v, log_decay, log_gate, state = (None if x is None else vjp.first_order_only(x)
+                                           for x in (q, k, v, log_decay, log_gate, state))
+    decays = Decays(log_decay, log_gate)
     block_runs, reached = local_runs(runs, q.shape[0])
-    local_final, reuse = kernels.local_state(k, v, log_decay, block_runs, config=config)
-    carry = vjp.whole_row_carry(log_decay, runs, q.shape[0], q.shape[1])
+    local_final, reuse = kernels.local_state(k, v, decays, block_runs, config=config)
+    carry = vjp.whole_row_carry(decays, runs, q.shape[0], q.shape[1])
     entering, final_state, carries = pass_forward(local_final, carry, state, axis_name, invariant)
     entering = jnp.where(reached[:, None, None, None], entering, 0.0)
-    o = kernels.forward(q, k, v, log_decay, entering, block_runs, reuse, scale=scale, config=config)
-    return (o, final_state), (q, k, v, log_decay, entering, runs, carry, carries)
+    o = kernels.forward(q, k, v, decays, entering, block_runs, reuse, scale=scale, config=config)
+    return (o, final_state), (q, k, v, decays, entering, runs, carry, carries)
 
 
 def _block_bwd(kernels, scale, config, axis_name, invariant, residuals, cotangents):
-    q, k, v, log_decay, entering, runs, carry, carries = residuals
+    q, k, v, decays, entering, runs, carry, carries = residuals
     block_runs, reached = local_runs(runs, q.shape[0])
     do, d_final = cotangents
     if not invariant:
         # Without check_vma typing every device holds its own copy of the final state, each with its share
         # of the cotangent (shard_map divides an out_specs P() cotangent over the devices): their sum.
         d_final = jax.lax.psum(d_final, axis_name)
-    local_reverse, reuse = kernels.local_reverse_state(q, do, log_decay, block_runs, scale=scale, config=config)
+    local_reverse, reuse = kernels.local_reverse_state(q, do, decays, block_runs, scale=scale, config=config)
     local_reverse = jnp.where(reached[:, None, None, None], local_reverse, 0.0)
     exit_cotangent, d_initial = _pass_backward(local_reverse, carries, d_final, axis_name, invariant)
-    dq, dk, dv, d_log_decay, _ = kernels.backward(q, k, v, log_decay, entering, block_runs, do, exit_cotangent,
-                                                  reuse, scale=scale, config=config)
-    d_log_decay = d_log_decay + vjp.carry_log_decay_grad(carry, q.shape[1], exit_cotangent, entering)
+    dq, dk, dv, d_log_decay, d_gate, _ = kernels.backward(q, k, v, decays, entering, block_runs, do,
+                                                          exit_cotangent, reuse, scale=scale, config=config)
+    # The carry of the entering state through the block into its final state spans every position.
+    term = vjp.carry_term(carry, exit_cotangent, entering)
+    d_log_decay = d_log_decay + q.shape[1] * jnp.sum(term, axis=0)
+    if d_gate is not None:
+        d_gate = jnp.swapaxes(d_gate + term[:, :, None], 1, 2)
     d_initial = jnp.where(jax.lax.axis_index(axis_name) == 0, d_initial, 0.0)
-    grads = tuple(vjp.first_order_only(g) for g in (dq, dk, dv, d_log_decay, d_initial))
+    grads = tuple(None if g is None else vjp.first_order_only(g) for g in (dq, dk, dv, d_log_decay, d_gate,
+                                                                           d_initial))
     return grads + (None,)
 
 
@@ -241,38 +249,40 @@ def tracks_vma(axis_name: AxisName) -> bool:
     return varying is not None and set(_names(axis_name)) <= varying
 
 
-def exchange(impl: Any, q: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array, state: jax.Array,
-             runs: jax.Array | None, *, scale: float, config: Any, axis_name: AxisName
-             ) -> tuple[jax.Array, jax.Array]:
+def exchange(impl: Any, q: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array,
+             log_gate: jax.Array | None, state: jax.Array, runs: jax.Array | None, *, scale: float, config: Any,
+             axis_name: AxisName) -> tuple[jax.Array, jax.Array]:
     """Steps 1-4 of the module docstring for this device's block, whatever the axis size: (o [B, T_local, H,
     V] float32, final state of the whole sequence). runs: from :func:`block_run_ids`; log_decay typed like
-    q, k, v (fleetjax.vma)."""
+    q, k, v (fleetjax.vma); log_gate: this block's [B, T_local, H] or None."""
     B, T, _, _ = q.shape
     invariant = tracks_vma(axis_name)
     state = vary_like(state, q, k, v)
     if impl.block_kernels is not None:
-        return _block(impl.block_kernels, scale, config, axis_name, invariant, q, k, v, log_decay, state, runs)
+        return _block(impl.block_kernels, scale, config, axis_name, invariant, q, k, v, log_decay, log_gate, state,
+                      runs)
     # The implementations take run ids that start at 0 (their entering state feeds run 0); where a segment
     # starts at the block's first position the entering state reaches nothing, so that row gets a zero one.
+    decays = Decays(log_decay, log_gate)
     block_runs, first_reached = local_runs(runs, B)
-    local_final = _block_final_state(k, v, log_decay, runs)
-    # a_p: gamma^T where the whole block is one run continuing from the left (run 0), else 0.
-    carry = vjp.whole_row_carry(log_decay, runs, B, T)
+    local_final = _block_final_state(k, v, decays, runs)
+    # a_p: the block's whole decay where it is one run continuing from the left (run 0), else 0.
+    carry = vjp.whole_row_carry(decays, runs, B, T)
     entering_state, final_state, _ = pass_forward(local_final, carry, state, axis_name, invariant)
     entering_state = jnp.where(first_reached[:, None, None, None], entering_state, 0.0)
-    o, _ = impl.fn(q, k, v, log_decay, entering_state, block_runs, scale=scale, config=config)
+    o, _ = impl.fn(q, k, v, log_decay, log_gate, entering_state, block_runs, scale=scale, config=config)
     return o, final_state
 
 
 def sequence_parallel(impl: Any, q: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array,
-                      state: jax.Array, segment_ids: jax.Array | None, *, scale: float, config: Any,
-                      axis_name: AxisName) -> tuple[jax.Array, jax.Array]:
+                      log_gate: jax.Array | None, state: jax.Array, segment_ids: jax.Array | None, *, scale: float,
+                      config: Any, axis_name: AxisName) -> tuple[jax.Array, jax.Array]:
     """The op on one device's block of a sequence split over the mesh axis ``axis_name``.
 
     Args:
       impl: an ``fleetjax.implementation.Implementation``; ``impl.fn`` computes each block.
       q, k: [B, T_local, H, K]; v: [B, T_local, H, V]: this device's contiguous block of T.
-      log_decay: [H] float32, the same on every device.
+      log_decay: [H] float32, the same on every device; log_gate: this block's [B, T_local, H] or None.
       state: [B, H, K, V] float32, the initial state of the whole sequence; only the first device's value is
         read (replicated inputs are the usual way to pass it).
       segment_ids: [B, T_local] integers (the user's ids) or None.
@@ -285,7 +295,7 @@ def sequence_parallel(impl: Any, q: jax.Array, k: jax.Array, v: jax.Array, log_d
     """
     P = _axis_size(axis_name)
     typed = tracks_vma(axis_name)
-    _check_layout(axis_name, typed, q=q, k=k, v=v, segment_ids=segment_ids)
+    _check_layout(axis_name, typed, q=q, k=k, v=v, segment_ids=segment_ids, log_gate=log_gate)
     B, T, H, _ = q.shape
     # Mark log_decay varying once, here: a custom VJP must return cotangents typed like its inputs (a
     # replicated log_decay would get a varying cotangent), and autodiff then sums d log_decay over the
@@ -295,9 +305,9 @@ def sequence_parallel(impl: Any, q: jax.Array, k: jax.Array, v: jax.Array, log_d
         return jnp.zeros((B, T, H, v.shape[-1]), f32), state
     if P == 1:  # nothing to exchange: exactly the unsharded call
         run_ids = None if segment_ids is None else run_ids_from_segment_ids(jnp.asarray(segment_ids))
-        o, final_state = impl.fn(q, k, v, log_decay, vary_like(state, q, k, v), run_ids, scale=scale,
+        o, final_state = impl.fn(q, k, v, log_decay, log_gate, vary_like(state, q, k, v), run_ids, scale=scale,
                                  config=config)
         # Typed the same on every device of the axis, as with P > 1 (a sum over one device changes nothing).
         return o, jax.lax.psum(final_state, axis_name) if typed else final_state
-    return exchange(impl, q, k, v, log_decay, state, block_run_ids(segment_ids, axis_name), scale=scale,
+    return exchange(impl, q, k, v, log_decay, log_gate, state, block_run_ids(segment_ids, axis_name), scale=scale,
                     config=config, axis_name=axis_name)

@@ -53,18 +53,19 @@ class BlockKernels:
     block's own outputs give its entering state) before a reverse exchange, the reverse walks after it,
     entered from the right with the cotangent of the block's final state.
 
-    All take and return [B, T, H, *] blocks, log_decay [H] float32, states [B, H, K, V] float32 and run ids
-    that start at 0 (run 0 is the one the entering state feeds), or None:
+    All take and return [B, T, H, *] blocks, ``decays`` (a fleetjax.decay.Decays: log gamma [H] and the
+    block's log gate [B, T, H] or None), states [B, H, K, V] float32 and run ids that start at 0 (run 0 is
+    the one the entering state feeds), or None:
 
-    - local_state(k, v, log_decay, run_ids, *, config) -> (L, reuse): the block's final state from a zero
+    - local_state(k, v, decays, run_ids, *, config) -> (L, reuse): the block's final state from a zero
       entering state (its last run's), and anything ``forward`` may reuse (or None);
-    - forward(q, k, v, log_decay, start, run_ids, reuse, *, scale, config) -> o, entered with ``start``;
-    - local_reverse_state(q, do, log_decay, run_ids, *, scale, config) -> (D, reuse): scale sum_t
-      gamma^(t+1) q_t dO_t^T over run 0, and what ``backward`` may reuse;
-    - backward(q, k, v, log_decay, start, run_ids, do, exit_cotangent, reuse, *, scale, config) ->
-      (dq, dk, dv, d log_decay, d start): the gradients of the block entered with ``start`` whose final state
-      has the cotangent ``exit_cotangent`` (None: unused), except the terms of the carry gamma^T of start
-      into the final state, which belong to the exchange.
+    - forward(q, k, v, decays, start, run_ids, reuse, *, scale, config) -> o, entered with ``start``;
+    - local_reverse_state(q, do, decays, run_ids, *, scale, config) -> (D, reuse): the cotangent that the
+      block's outputs give its entering state (over run 0), and what ``backward`` may reuse;
+    - backward(q, k, v, decays, start, run_ids, do, exit_cotangent, reuse, *, scale, config) ->
+      (dq, dk, dv, d log_decay [H], d log_gate [B, H, T] or None, d start): the gradients of the block entered
+      with ``start`` whose final state has the cotangent ``exit_cotangent`` (None: unused), except the terms
+      of the carry of start into the final state, which belong to the exchange.
     """
 
     local_state: Callable[..., tuple[jax.Array, Any]]

@@ -44,8 +44,14 @@ def check_float(name: str, x) -> None:
         raise TypeError(f"{name} must have a floating dtype (float32, bfloat16, float16, float64), got {dtype(x)}")
 
 
-def check_decay(decay, H: int, *, head_first_hint: str = "") -> None:
-    """decay [H] float in (0, 1]; concrete values are checked now, traced ones under checkify."""
+def check_decay(decay, H: int, *, head_first_hint: str = "", optional: bool = False) -> None:
+    """decay [H] float in (0, 1]; concrete values are checked now, traced ones under checkify. ``optional``:
+    None is allowed (a log gate carries the decay)."""
+    if decay is None and optional:
+        return
+    if decay is None:
+        raise TypeError("decay must be an array [H] of values in (0, 1], got None (None is allowed only with "
+                        "a log_gate)")
     check_float("decay", decay)
     if shape(decay) != (H,):
         raise ValueError(f"decay must have shape [H] = ({H},), one decay per head, got {shape(decay)}"
@@ -61,6 +67,25 @@ def check_decay(decay, H: int, *, head_first_hint: str = "") -> None:
                          low=jnp.min(decay), high=jnp.max(decay))
 
 
+def check_log_gate(log_gate, B: int, T: int, H: int) -> None:
+    """log_gate [B, T, H] float, finite and <= 0 (the log of a forget gate in (0, 1]); concrete values are
+    checked now, traced ones under checkify."""
+    check_float("log_gate", log_gate)
+    if shape(log_gate) != (B, T, H):
+        raise ValueError(f"log_gate must have shape [B, T, H] = {(B, T, H)}, one log forget gate per position "
+                         f"and head, got {shape(log_gate)}")
+    value = concrete(log_gate)
+    if value is not None:
+        if value.size and not (np.all(np.isfinite(value)) and np.all(value <= 0)):
+            raise ValueError(f"log_gate must be finite and <= 0 (the log of a gate in (0, 1]), got values in "
+                             f"[{np.min(value)}, {np.max(value)}]")
+        return
+    log_gate = jnp.asarray(log_gate)
+    checkify.debug_check(jnp.all(jnp.isfinite(log_gate) & (log_gate <= 0)),
+                         "log_gate must be finite and <= 0, got values in [{low}, {high}]",
+                         low=jnp.min(log_gate), high=jnp.max(log_gate))
+
+
 def static_scale(scale, K: int) -> float:
     """The scale as a Python float: K^-1/2 for None, else a concrete finite number."""
     if scale is None:
@@ -71,7 +96,7 @@ def static_scale(scale, K: int) -> float:
     return float(value)
 
 
-def check_inputs(q, k, v, decay, initial_state, segment_ids) -> None:
+def check_inputs(q, k, v, decay, initial_state, segment_ids, log_gate=None) -> None:
     """The arguments of fleet_attention (layout [B, T, H, D])."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_float(name, x)
@@ -88,7 +113,9 @@ def check_inputs(q, k, v, decay, initial_state, segment_ids) -> None:
     if len(shape(decay)) == 1 and shape(decay)[0] == T != H:
         hint = (f"; q, k, v are laid out [B, T, H, K] (batch, time, heads, dim) and q has shape {shape(q)}: if "
                 "your arrays are head-first [B, H, T, K], swap axes 1 and 2")
-    check_decay(decay, H, head_first_hint=hint)
+    check_decay(decay, H, head_first_hint=hint, optional=log_gate is not None)
+    if log_gate is not None:
+        check_log_gate(log_gate, B, T, H)
     if initial_state is not None:
         check_float("initial_state", initial_state)
         if shape(initial_state) != (B, H, K, V):
@@ -101,7 +128,7 @@ def check_inputs(q, k, v, decay, initial_state, segment_ids) -> None:
             raise ValueError(f"segment_ids must have shape [B, T] = {(B, T)}, got {shape(segment_ids)}")
 
 
-def check_step(q_t, k_t, v_t, decay, state) -> None:
+def check_step(q_t, k_t, v_t, decay, state, log_gate=None) -> None:
     """The arguments of decode_step (one position: [B, H, D])."""
     for name, x in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
         check_float(name, x)
@@ -119,4 +146,9 @@ def check_step(q_t, k_t, v_t, decay, state) -> None:
     V = shape(v_t)[2]
     if shape(state) != (B, H, K, V):
         raise ValueError(f"state must have shape [B, H, K, V] = {(B, H, K, V)}, got {shape(state)}")
-    check_decay(decay, H)
+    check_decay(decay, H, optional=log_gate is not None)
+    if log_gate is not None:
+        check_float("log_gate", log_gate)
+        if shape(log_gate) != (B, H):
+            raise ValueError(f"log_gate must have shape [B, H] = {(B, H)} (one position), got {shape(log_gate)}")
+        check_log_gate(jnp.asarray(log_gate)[:, None], B, 1, H)

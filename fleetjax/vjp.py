@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
+from fleetjax.decay import Decays
+
 f32 = jnp.float32
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -68,9 +70,38 @@ def log_decay_grad(w: jax.Array, u: jax.Array, counts: jax.Array, intra: jax.Arr
     return jnp.sum(weighted, axis=(0, 2))
 
 
-def whole_row_carry(log_decay: jax.Array, run_ids: jax.Array | None, B: int, T: int) -> jax.Array:
-    """[B, H]: gamma^T where the row is one run (the entering state reaches the final state), else 0."""
-    carry = jnp.exp(T * log_decay)[None, :] * jnp.ones((B, 1), f32)
+def log_gate_grad(w: jax.Array, u: jax.Array, spanned: jax.Array, x: jax.Array | None, chunk_size: int) -> jax.Array:
+    """d loss / d log_gate [B, H, T]: per position r, the terms whose decay spans r, from the parts w, u
+    (see the module docstring), spanned (the intra-chunk pairs j < r <= i) and x (the final state's terms,
+    or None), [B, H, T] float32, of chunks of ``chunk_size``:
+
+        spanned_r + sum_{t >= r in r's chunk} w_t + sum_{s < r in r's chunk} u_s + sum_{s < r} x_s
+        + (the pairs from before r's chunk to after it: the flow into the chunk, less what ends in it)
+
+    The last part is the only difference of sums (fla forms the whole gradient so); its rounding is relative
+    to the flow across one chunk boundary, not to anything absolute in T. The carry of the initial state into
+    the final state spans every position: the caller adds it."""
+    B, H, T = w.shape
+    C = chunk_size
+    n = -(-T // C)
+    chunks = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, n * C - T))).reshape(B, H, n, C)  # noqa: E731
+    w_c, u_c = chunks(w), chunks(u)
+    from_here = jnp.flip(jnp.cumsum(jnp.flip(w_c, -1), axis=-1), -1)  # sum over t >= r in the chunk
+    before_here = jnp.cumsum(u_c, axis=-1) - u_c  # sum over s < r in the chunk
+    into, out_of = jnp.sum(w_c, axis=-1), jnp.sum(u_c, axis=-1)  # [B, H, n]
+    # Pairs across the boundary after chunk m: the flow F_m = sum over later chunks of (into - out_of).
+    flow_after = jnp.flip(jnp.cumsum(jnp.flip(into - out_of, -1), axis=-1), -1) - (into - out_of)
+    through = flow_after - out_of  # pairs from before chunk m to after it
+    d = spanned + (from_here + before_here + through[..., None]).reshape(B, H, n * C)[..., :T]
+    if x is not None:
+        d = d + jnp.cumsum(x, axis=-1) - x
+    return d
+
+
+def whole_row_carry(decays: Decays, run_ids: jax.Array | None, B: int, T: int) -> jax.Array:
+    """[B, H]: the decay of the state entering the row through all of it, where the row is one run (the
+    entering state reaches the final state), else 0."""
+    carry = jnp.exp(decays.total(B, T))
     if run_ids is None:
         return carry
     return jnp.where((run_ids[:, -1] == 0)[:, None], carry, 0.0)
@@ -78,34 +109,43 @@ def whole_row_carry(log_decay: jax.Array, run_ids: jax.Array | None, B: int, T: 
 
 def exit_log_decay_grad(x: jax.Array) -> jax.Array:
     """d log decay [H] of the final state's terms over the positions: sum_s (T-1-s) x_s, where x [B, H, T]
-    holds gamma^(T-1-s) k_s^T dS_T v_s (its own weight, so nothing cancels)."""
+    holds the decayed k_s^T dS_T v_s (its own weight, so nothing cancels)."""
     T = x.shape[-1]
     return jnp.sum(x * jnp.arange(T - 1, -1, -1, dtype=f32), axis=(0, 2))
 
 
+def carry_term(carry: jax.Array, d_final: jax.Array, start: jax.Array) -> jax.Array:
+    """[B, H]: carry * <d_final, start>, the term of the entering state carried into the final state; its
+    decay spans every position (d log decay: T times it, d log_gate_r: it)."""
+    return carry * jnp.sum(d_final * start, axis=(-1, -2))
+
+
 def carry_log_decay_grad(carry: jax.Array, T: int, d_final: jax.Array, start: jax.Array) -> jax.Array:
     """d log decay [H] of the term carry * start in the final state (carry [B, H] from whole_row_carry)."""
-    return T * jnp.sum(carry * jnp.sum(d_final * start, axis=(-1, -2)), axis=0)
+    return T * jnp.sum(carry_term(carry, d_final, start), axis=0)
 
 
-def final_state_terms(k: jax.Array, v: jax.Array, log_decay: jax.Array, initial_state: jax.Array,
+def final_state_terms(k: jax.Array, v: jax.Array, decays: Decays, initial_state: jax.Array,
                       run_ids: jax.Array | None, d_final: jax.Array):
-    """The gradients that flow from the final state S_T = sum_s gamma^(T-1-s) k_s v_s^T (+ gamma^T S0 when the
-    row is one run): (dk [B, T, H, K], dv [B, T, H, V], d initial_state [B, H, K, V], d log decay [H])."""
+    """The gradients that flow from the final state S_T = sum_s exp(sum of la after s) k_s v_s^T (+ the
+    carried S0 when the row is one run): (dk [B, T, H, K], dv [B, T, H, V], d initial_state [B, H, K, V],
+    d log decay [H], d log_gate [B, H, T] or None)."""
     B, T, H, _ = k.shape
-    lag = jnp.arange(T - 1, -1, -1, dtype=f32)
-    weight = jnp.exp(lag[None, :, None] * log_decay[None, None, :])  # [1, T, H]
-    whole = whole_row_carry(log_decay, run_ids, B, T)  # [B, H]
+    weight = jnp.swapaxes(jnp.exp(decays.to_end(B, T)), 1, 2)  # [B, T, H]
+    whole = whole_row_carry(decays, run_ids, B, T)  # [B, H]
     if run_ids is not None:
-        weight = jnp.where((run_ids == run_ids[:, -1:])[:, :, None], weight, 0.0)  # [B, T, H]
+        weight = jnp.where((run_ids == run_ids[:, -1:])[:, :, None], weight, 0.0)
     kf, vf, d_final = k.astype(f32), v.astype(f32), d_final.astype(f32)
     dk_raw = jnp.einsum("bhkv,bshv->bshk", d_final, vf, precision=HIGHEST)
     dv_raw = jnp.einsum("bhkv,bshk->bshv", d_final, kf, precision=HIGHEST)
-    pair = jnp.einsum("bshk,bshk->bhs", dk_raw, kf)  # k_s^T dS_T v_s
-    d_log_decay = (exit_log_decay_grad(jnp.swapaxes(weight, 1, 2) * pair)
-                   + carry_log_decay_grad(whole, T, d_final, initial_state))
+    x = jnp.swapaxes(weight, 1, 2) * jnp.einsum("bshk,bshk->bhs", dk_raw, kf)  # [B, H, T]
+    term = carry_term(whole, d_final, initial_state)
+    d_log_decay = exit_log_decay_grad(x) + T * jnp.sum(term, axis=0)
+    d_gate = None
+    if decays.gated:
+        d_gate = jnp.cumsum(x, axis=-1) - x + term[:, :, None]
     return (weight[..., None] * dk_raw, weight[..., None] * dv_raw, whole[..., None, None] * d_final,
-            d_log_decay)
+            d_log_decay, d_gate)
 
 
 @jax.custom_jvp

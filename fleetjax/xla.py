@@ -31,6 +31,7 @@ import numpy as np
 from fleetjax import chunk as cm
 from fleetjax import vjp
 from fleetjax.chunking import Chunking
+from fleetjax.decay import Decays
 from fleetjax.implementation import Implementation
 from fleetjax.vma import vary_like
 
@@ -66,26 +67,41 @@ def _dot(spec: str, a, b, precision=HIGHEST):
     return jnp.einsum(spec, a, b, precision=precision, preferred_element_type=f32)
 
 
-def _chunks(chunking: Chunking, log_decay: jax.Array, run_ids: jax.Array | None, reverse: bool) -> cm.Chunk:
+def _chunks(chunking: Chunking, decays: Decays, run_ids: jax.Array | None, reverse: bool) -> cm.Chunk:
     """The decay factors and masks of every chunk (fleetjax.chunk.chunk), fields [n, B or 1, H, ...]."""
     n, C, T = chunking.n_chunks, chunking.chunk_size, chunking.T
     starts = jnp.arange(n) * C
     one = functools.partial(cm.chunk, C=C, T=T, reverse=reverse)
-    if run_ids is None:
+    if run_ids is None and not decays.gated:
         per_head = jax.vmap(lambda start, lg: one(start, log_decay=lg), in_axes=(None, 0))
-        return jax.tree.map(lambda x: x[:, None], jax.vmap(per_head, in_axes=(0, None))(starts, log_decay))
-    B = run_ids.shape[0]
-    padded = jnp.pad(run_ids, ((0, 0), (0, chunking.padded_T - T)), constant_values=-1)
-    runs = padded.reshape(B, n, C).transpose(1, 0, 2)  # [n, B, C]
-    ends = np.minimum(np.arange(n) * C + C, T)
-    if reverse:  # the run after each chunk (the row's last for the last chunk)
-        edge = jnp.concatenate([run_ids[:, ends[:-1]], run_ids[:, -1:]], axis=1).T
-    else:  # the run before each chunk (0, the entering state's run, for the first)
-        edge = jnp.concatenate([jnp.zeros((B, 1), run_ids.dtype), run_ids[:, np.arange(1, n) * C - 1]], axis=1).T
-    per_head = jax.vmap(lambda start, lg, r, e: one(start, log_decay=lg, runs=r, edge_run=e),
-                        in_axes=(None, 0, None, None))
-    per_row = jax.vmap(per_head, in_axes=(None, None, 0, 0))
-    return jax.vmap(per_row, in_axes=(0, None, 0, 0))(starts, log_decay, runs, edge)
+        return jax.tree.map(lambda x: x[:, None], jax.vmap(per_head, in_axes=(0, None))(starts, decays.log_decay))
+    B = (decays.log_gate if run_ids is None else run_ids).shape[0]
+    H = decays.log_decay.shape[0]
+    if run_ids is None:
+        runs, edge = jnp.zeros((n, B, C), jnp.int32), jnp.zeros((n, B), jnp.int32)
+    else:
+        padded = jnp.pad(run_ids, ((0, 0), (0, chunking.padded_T - T)), constant_values=-1)
+        runs = padded.reshape(B, n, C).transpose(1, 0, 2)  # [n, B, C]
+        ends = np.minimum(np.arange(n) * C + C, T)
+        if reverse:  # the run after each chunk (the row's last for the last chunk)
+            edge = jnp.concatenate([run_ids[:, ends[:-1]], run_ids[:, -1:]], axis=1).T
+        else:  # the run before each chunk (0, the entering state's run, for the first)
+            edge = jnp.concatenate([jnp.zeros((B, 1), run_ids.dtype), run_ids[:, np.arange(1, n) * C - 1]],
+                                   axis=1).T
+    if decays.gated:  # [n, B, H, C]
+        gate = jnp.pad(decays.gate_tiles(), ((0, 0), (0, 0), (0, chunking.padded_T - T)))
+        gate = gate.reshape(B, H, n, C).transpose(2, 0, 1, 3)
+    else:
+        gate = jnp.zeros((n, B, H, C), f32)
+    with_runs = run_ids is not None
+
+    def at(start, lg, r, e, g):
+        return one(start, log_decay=lg, runs=r if with_runs else None, edge_run=e if with_runs else None,
+                   gate=g if decays.gated else None)
+
+    per_head = jax.vmap(at, in_axes=(None, 0, None, None, 0))
+    per_row = jax.vmap(per_head, in_axes=(None, None, 0, 0, 0))
+    return jax.vmap(per_row, in_axes=(0, None, 0, 0, 0))(starts, decays.log_decay, runs, edge, gate)
 
 
 def _reach(ch: cm.Chunk, bad: jax.Array) -> jax.Array:
@@ -103,13 +119,13 @@ def _columns(ch: cm.Chunk, bad: jax.Array) -> jax.Array:
     return jnp.any(ch.leaves[..., None] & bad, axis=-2)
 
 
-def _causal_pass(q, k, v, log_decay, initial_state, run_ids, scale, chunking: Chunking, precision,
+def _causal_pass(q, k, v, decays: Decays, initial_state, run_ids, scale, chunking: Chunking, precision,
                  dot_with=None):
     """The forward op in float32: (o [B, T, H, V], final state [B, H, K, V]).
 
     With ``dot_with`` [B, T, H, V] (the dq pass, where it is the original q), also the decay gradient of the
-    pairs [H] (see the module docstring)."""
-    ch = _chunks(chunking, log_decay, run_ids, reverse=False)
+    pairs [H] (see the module docstring), and w, spanned [B, H, T] for the log gate's (fleetjax.vjp)."""
+    ch = _chunks(chunking, decays, run_ids, reverse=False)
     qc, kc, vc = (chunking.split(x.astype(f32)) for x in (q, k, v))
     vc, bad = cm.finite_part(vc)
     scores = jnp.where(ch.pairs, _dot("nbhik,nbhjk->nbhij", qc, kc, precision) * ch.weights, 0.0)
@@ -156,17 +172,20 @@ def _causal_pass(q, k, v, log_decay, initial_state, run_ids, scale, chunking: Ch
     d_log_decay = scale * jnp.sum(intra + across, axis=(0, 1, 3))
     # A bad value poisons the decay gradient as it does its outputs (the gradient sums over all pairs).
     d_log_decay = jnp.where(jnp.any(bad, axis=(0, 1, 3, 4)), jnp.nan, d_log_decay)
-    return chunking.merge(o), final_state, d_log_decay
+    per_position = lambda x: jnp.swapaxes(chunking.merge(x[..., None])[..., 0], 1, 2)  # noqa: E731  [B, H, T]
+    w = per_position(scale * jnp.sum(o_inter * other, axis=-1))
+    spanned = per_position(scale * jax.vmap(jax.vmap(jax.vmap(cm.spanned)))(pairs))
+    return chunking.merge(o), final_state, d_log_decay, w, spanned
 
 
-def _anticausal_pass(q, k, v, do, log_decay, run_ids, scale, chunking: Chunking, precision):
-    """dk, dv [B, T, H, *] and d initial_state from one reverse scan over chunks.
+def _anticausal_pass(q, k, v, do, decays: Decays, run_ids, scale, chunking: Chunking, precision):
+    """dk, dv [B, T, H, *], d initial_state and u = k . dk^inter [B, H, T] from one reverse scan over chunks.
 
     The reverse state R (K x V) collects gamma^(t-c+1) q_t dO_t^T of the positions t from chunk start c on,
     starting from zero (the final state's cotangent is fleetjax.vjp.final_state_terms' part);
     dk_s = scale gamma^(len-1-s) R v_s and dv_s = scale gamma^(len-1-s) R^T k_s within a chunk, and
     d initial_state = scale R after the first chunk."""
-    ch = _chunks(chunking, log_decay, run_ids, reverse=True)
+    ch = _chunks(chunking, decays, run_ids, reverse=True)
     qc, kc, vc, dc_raw = (chunking.split(x.astype(f32)) for x in (q, k, v, do))
     # The values of these products: dO (for dv and the reverse state) and q (for dk); as keys they stay raw.
     dc, bad_do = cm.finite_part(dc_raw)
@@ -197,46 +216,57 @@ def _anticausal_pass(q, k, v, do, log_decay, run_ids, scale, chunking: Chunking,
                                            reverse=True)
     dk = _poisoned(scale * (dk_intra + dk_inter), ch, bad_q)
     dv = _poisoned(scale * (dv_intra + dv_inter), ch, bad_do)
-    return chunking.merge(dk), chunking.merge(dv), scale * r
+    u = jnp.swapaxes(chunking.merge(scale * jnp.sum(dk_inter * kc, axis=-1)[..., None])[..., 0], 1, 2)
+    return chunking.merge(dk), chunking.merge(dv), scale * r, u
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _xla(q, k, v, log_decay, initial_state, run_ids, scale, chunk_size):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _xla(q, k, v, log_decay, log_gate, initial_state, run_ids, scale, chunk_size):
     chunking = Chunking(q.shape[1], min(chunk_size, q.shape[1]))
-    return _causal_pass(q, k, v, log_decay, initial_state, run_ids, scale, chunking, _precision(q.dtype))
+    return _causal_pass(q, k, v, Decays(log_decay, log_gate), initial_state, run_ids, scale, chunking,
+                        _precision(q.dtype))
 
 
-def _xla_fwd(q, k, v, log_decay, initial_state, run_ids, scale, chunk_size):
-    q, k, v, log_decay, initial_state, run_ids = jax.custom_derivatives.custom_vjp_primal_tree_values(
-        (q, k, v, log_decay, initial_state, run_ids))
-    o, final_state = _xla(q, k, v, log_decay, initial_state, run_ids, scale, chunk_size)
-    return (o, final_state), (q, k, v, log_decay, initial_state, run_ids)
+def _xla_fwd(q, k, v, log_decay, log_gate, initial_state, run_ids, scale, chunk_size):
+    primals = jax.custom_derivatives.custom_vjp_primal_tree_values(
+        (q, k, v, log_decay, log_gate, initial_state, run_ids))
+    return _xla(*primals, scale, chunk_size), primals
 
 
 def _xla_bwd(scale, chunk_size, residuals, cotangents):
-    q, k, v, log_decay, initial_state, run_ids = residuals
+    q, k, v, log_decay, log_gate, initial_state, run_ids = residuals
+    decays = Decays(log_decay, log_gate)
     do, d_final = cotangents
     chunking = Chunking(q.shape[1], min(chunk_size, q.shape[1]))
     precision = _precision(q.dtype)
     do = jnp.zeros_like(v, f32) if vjp.is_zero(do) else do
-    dq, _, d_log_decay = _causal_pass(do, v, k, log_decay, jnp.swapaxes(initial_state, -1, -2), run_ids, scale,
-                                      chunking, precision, dot_with=q)
-    dk, dv, d_initial = _anticausal_pass(q, k, v, do, log_decay, run_ids, scale, chunking, precision)
+    dq, _, d_log_decay, w, spanned = _causal_pass(do, v, k, decays, jnp.swapaxes(initial_state, -1, -2), run_ids,
+                                                  scale, chunking, precision, dot_with=q)
+    dk, dv, d_initial, u = _anticausal_pass(q, k, v, do, decays, run_ids, scale, chunking, precision)
     d_initial = vjp.only_first_run(d_initial, run_ids)
+    x = d_gate_final = None
     if not vjp.is_zero(d_final):
-        terms = vjp.final_state_terms(k, v, log_decay, initial_state, run_ids, d_final)
-        dk, dv, d_initial, d_log_decay = (a + b for a, b in zip((dk, dv, d_initial, d_log_decay), terms))
-    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_log_decay, d_initial, None)
+        dk_f, dv_f, d_initial_f, d_log_decay_f, d_gate_final = vjp.final_state_terms(k, v, decays, initial_state,
+                                                                                     run_ids, d_final)
+        dk, dv, d_initial, d_log_decay = dk + dk_f, dv + dv_f, d_initial + d_initial_f, d_log_decay + d_log_decay_f
+    d_gate = None
+    if decays.gated:
+        d_gate = vjp.log_gate_grad(w, u, spanned, x, chunking.chunk_size)
+        if d_gate_final is not None:
+            d_gate = d_gate + d_gate_final
+        d_gate = jnp.swapaxes(d_gate, 1, 2)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_log_decay, d_gate, d_initial, None)
 
 
 _xla.defvjp(_xla_fwd, _xla_bwd, symbolic_zeros=True)
 
 
-def xla_impl(q, k, v, log_decay, initial_state, run_ids, *, scale: float, config: XlaConfig,
+def xla_impl(q, k, v, log_decay, log_gate, initial_state, run_ids, *, scale: float, config: XlaConfig,
              final_state: bool = True):
-    """Chunked pure-jnp implementation; returns (o float32 [B, T, H, V], final state [B, H, K, V])."""
+    """Chunked pure-jnp implementation; returns (o float32 [B, T, H, V], final state [B, H, K, V]).
+    log_gate: [B, T, H] float32 or None (constant decay)."""
     del final_state  # always float32-accurate
-    return _xla(q, k, v, log_decay, initial_state, run_ids, scale, config.chunk_size)
+    return _xla(q, k, v, log_decay, log_gate, initial_state, run_ids, scale, config.chunk_size)
 
 
 IMPLEMENTATION = Implementation(

@@ -66,21 +66,24 @@ class Case:
     segments: bool = False
     dtype: str = "float32"
     magnitude: float = 1.0  # q and k drawn as magnitude * N(0, 1)
+    gated: bool = False  # a per-token log gate (with a hard forget, -40, a third of the way in)
 
     @property
     def H(self) -> int:
-        return len(self.decay)
+        return len(self.decay) or 2  # no decay (decay=None): two heads decayed by their gates alone
 
     @property
     def id(self) -> str:
         parts = [f"B{self.B}T{self.T}H{self.H}K{self.K}V{self.V}", self.dtype,
-                 "decay=" + ",".join(f"{d:g}" for d in self.decay)]
+                 "decay=" + (",".join(f"{d:g}" for d in self.decay) or "None")]
         if self.scale != 1.0:
             parts.append(f"scale={self.scale:g}")
         parts += [name for name, on in (("init", self.initial_state), ("final", self.final_state),
                                         ("segments", self.segments)) if on]
         if self.magnitude != 1.0:
             parts.append(f"qk*{self.magnitude:g}")
+        if self.gated:
+            parts.append("gated")
         return "-".join(parts)
 
     def fits(self, implementation: str) -> bool:
@@ -114,6 +117,11 @@ CASES = [
     Case(B=1, T=40, K=256, V=128, decay=(0.99,), initial_state=True, segments=True, dtype="float16"),
     Case(B=1, T=40, K=64, V=128, decay=(0.9, 0.999), initial_state=True),
     Case(B=1, T=40, K=200, V=100, decay=(0.95,), scale=0.1, dtype="float32"),
+    # Per-token log gates: with segments and an initial state, without a per-head decay (decay None), and
+    # in bfloat16 across several chunks.
+    Case(B=4, T=65, K=8, V=5, decay=(0.999, 0.5), scale=0.7, initial_state=True, segments=True, gated=True),
+    Case(B=2, T=70, K=6, V=9, decay=(), initial_state=True, gated=True),
+    Case(B=1, T=130, K=16, V=24, decay=(0.99, 1.0), initial_state=True, dtype="bfloat16", gated=True),
 ]
 
 
@@ -135,35 +143,49 @@ def _inputs(case: Case, seed: int = 0) -> dict:
     return dict(
         q=jnp.asarray(case.magnitude * normal(B, T, H, K), dtype),
         k=jnp.asarray(case.magnitude * normal(B, T, H, K), dtype),
-        v=jnp.asarray(normal(B, T, H, V), dtype), decay=jnp.asarray(case.decay, jnp.float32),
+        v=jnp.asarray(normal(B, T, H, V), dtype),
+        decay=jnp.asarray(case.decay, jnp.float32) if case.decay else None,
         initial_state=jnp.asarray(normal(B, H, K, V)) if case.initial_state else None,
         segment_ids=jnp.asarray(oracle.segment_pattern(B, T, seed)) if case.segments else None,
+        log_gate=jnp.asarray(_log_gate(rng, B, T, H)) if case.gated else None,
         do=jnp.asarray(normal(B, T, H, V), dtype),
         d_final=jnp.asarray(normal(B, H, K, V)) if case.final_state else None)
+
+
+def _log_gate(rng, B: int, T: int, H: int) -> np.ndarray:
+    """Log forget gates [B, T, H] <= 0: mostly small, and a hard forget (-40) a third of the way in."""
+    gate = -np.abs(rng.standard_normal((B, T, H))).astype(np.float32) * 0.2
+    gate[:, T // 3, 0] = -40.0
+    return gate
 
 
 @functools.lru_cache(maxsize=None)
 def _value_and_grads_fn(implementation: str, case: Case):
     """jit(inputs -> (o, final state or None, gradients dict)) for one implementation and case."""
 
-    def run(q, k, v, decay, initial_state, segment_ids, do, d_final):
-        def f(q, k, v, decay, initial_state):
+    def run(q, k, v, decay, initial_state, segment_ids, log_gate, do, d_final):
+        def f(q, k, v, decay, initial_state, log_gate):
             return fleetjax.fleet_attention(q, k, v, decay, scale=case.scale, initial_state=initial_state,
                                             return_final_state=case.final_state, segment_ids=segment_ids,
-                                            implementation=implementation)
+                                            log_gate=log_gate, implementation=implementation)
 
-        out, vjp = jax.vjp(f, q, k, v, decay, initial_state)
-        dq, dk, dv, ddecay, dinit = vjp((do, d_final) if case.final_state else do)
+        out, vjp = jax.vjp(f, q, k, v, decay, initial_state, log_gate)
+        dq, dk, dv, ddecay, dinit, dgate = vjp((do, d_final) if case.final_state else do)
         o, final = out if case.final_state else (out, None)
-        return o, final, dict(q=dq, k=dk, v=dv, decay=ddecay, initial_state=dinit)
+        return o, final, dict(q=dq, k=dk, v=dv, decay=ddecay, initial_state=dinit, log_gate=dgate)
 
     return jax.jit(run)
 
 
+def _run(implementation: str, case: Case, x: dict):
+    return _value_and_grads_fn(implementation, case)(x["q"], x["k"], x["v"], x["decay"], x["initial_state"],
+                                                     x["segment_ids"], x["log_gate"], x["do"], x["d_final"])
+
+
 def _oracle(case: Case, x: dict) -> tuple[np.ndarray, np.ndarray, dict]:
     args = {name: None if x[name] is None else np.asarray(x[name], np.float64)
-            for name in ("q", "k", "v", "decay", "initial_state", "do", "d_final")}
-    kwargs = dict(scale=case.scale, initial_state=args["initial_state"],
+            for name in ("q", "k", "v", "decay", "initial_state", "do", "d_final", "log_gate")}
+    kwargs = dict(scale=case.scale, initial_state=args["initial_state"], log_gate=args["log_gate"],
                   segment_ids=None if x["segment_ids"] is None else np.asarray(x["segment_ids"]))
     o, final = oracle.forward(args["q"], args["k"], args["v"], args["decay"], **kwargs)
     grads = oracle.gradients(args["q"], args["k"], args["v"], args["decay"], do=args["do"],
@@ -176,8 +198,7 @@ def _oracle(case: Case, x: dict) -> tuple[np.ndarray, np.ndarray, dict]:
 @pytest.mark.parametrize("implementation, case", list(_table()))
 def test_matches_oracle(implementation: str, case: Case):
     x = _inputs(case)
-    o, final, grads = _value_and_grads_fn(implementation, case)(
-        x["q"], x["k"], x["v"], x["decay"], x["initial_state"], x["segment_ids"], x["do"], x["d_final"])
+    o, final, grads = _run(implementation, case, x)
     ref_o, ref_final, ref_grads = _oracle(case, x)
     tol = tolerance(implementation, case)
 
@@ -203,9 +224,17 @@ def test_matches_oracle(implementation: str, case: Case):
     bad = {name: err for name, err in errors.items() if not err <= tols[name]}
     assert not bad, f"relative error above {tols}: {bad} (all: {errors})"
     decay_tol = max(tol, DECAY_GRAD_TOLERANCE["float32"]) if case.dtype == "float32" else DECAY_GRAD_TOLERANCE[case.dtype]
-    err = oracle.rel_err(grads["decay"], ref_grads["decay"], axis=0)
-    assert err <= decay_tol, (f"d decay relative error {err:.3g} > {decay_tol} (got {grads['decay']}, "
-                              f"oracle {ref_grads['decay']})")
+    if case.decay:
+        err = oracle.rel_err(grads["decay"], ref_grads["decay"], axis=0)
+        assert err <= decay_tol, (f"d decay relative error {err:.3g} > {decay_tol} (got {grads['decay']}, "
+                                  f"oracle {ref_grads['decay']})")
+    else:
+        assert grads["decay"] is None
+    if case.gated:
+        err = oracle.rel_err(grads["log_gate"], ref_grads["log_gate"], axis=2)
+        assert err <= decay_tol, f"d log_gate relative error {err:.3g} > {decay_tol}"
+    else:
+        assert grads["log_gate"] is None
 
 
 # ------------------------------------------------------------------------------ the oracle checks itself

@@ -58,6 +58,11 @@ def _cases() -> list[dict[str, Any]]:
     cases += [dict(impl=BLOCKS, seq=4, method="generic")]
     if _registered("pallas"):
         cases.append(dict(impl="pallas", seq=2, check_vma=False, method="generic"))
+    # Per-token log gates: the exchange carries the blocks' gated decays; d log_gate through every order.
+    cases += [dict(impl=name, seq=4, gated=True) for name in ("xla", BLOCKS)]
+    cases += [dict(impl=BLOCKS, seq=2, gated=True, method="generic")]
+    if _registered("pallas"):
+        cases.append(dict(impl="pallas", seq=2, check_vma=False, gated=True))
     cases += [dict(impl=BLOCKS, seq=4, check_vma=False), dict(impl=BLOCKS, seq=4, data=2),
               dict(impl=BLOCKS, seq=(2, 2), state_on_first_device_only=True),
               dict(impl=BLOCKS, seq=4, check_vma=False, state_on_first_device_only=True),
@@ -83,6 +88,7 @@ def _cases() -> list[dict[str, Any]]:
         case.setdefault("method", "block_kernels")
         case.setdefault("T", T)
         case.setdefault("config", None)
+        case.setdefault("gated", False)
         seq = case["seq"]
         flags = [k for k in ("segments", "initial_state", "final_state", "check_vma") if not case[k]]
         extra = [k for k in ("state_on_first_device_only",) if case[k]]
@@ -92,6 +98,7 @@ def _cases() -> list[dict[str, Any]]:
                               + ([case["dtype"]] if case["dtype"] != "float32" else [])
                               + ([case["method"]] if case["method"] != "block_kernels" else [])
                               + ([f"T{case['T']}"] if case["T"] != T else [])
+                              + (["gated"] if case["gated"] else [])
                               + ([case["config"]] if case["config"] else []))
     return cases
 
@@ -114,6 +121,9 @@ def _inputs(dtype, t: int = T):
     for name in ("q", "k", "v"):
         out[name] = out[name].astype(dtype)
     out["decay"] = jnp.asarray(DECAY, jnp.float32)
+    gate = -np.abs(rng.standard_normal((B, t, H))) * 0.2
+    gate[0, t // 3, 1] = -40.0  # a hard forget
+    out["log_gate"] = jnp.asarray(gate, jnp.float32)
     out["segment_ids"] = jnp.asarray({T: SEGMENT_IDS, 64: SEGMENT_IDS_64}[t], jnp.int32)
     return out
 
@@ -143,29 +153,33 @@ def _reference_blocks():
     from fleetjax.state_passing import BlockKernels
     from fleetjax.vma import vary_like
 
-    def scan(q, k, v, lg, start, runs, scale):
-        return reference.scan_impl(q, k, v, lg, start, runs, scale=scale)
+    def scan(q, k, v, lg, gate, start, runs, scale):
+        return reference.scan_impl(q, k, v, lg, gate, start, runs, scale=scale)
 
-    def local_state(k, v, lg, runs, *, config):
+    def local_state(k, v, decays, runs, *, config):
         zero = vary_like(jnp.zeros(k.shape[:1] + k.shape[2:] + v.shape[-1:], jnp.float32), k, v)
-        return scan(jnp.zeros_like(k), k, v, lg, zero, runs, 1.0)[1], None
+        return scan(jnp.zeros_like(k), k, v, decays.log_decay, decays.log_gate, zero, runs, 1.0)[1], None
 
-    def forward(q, k, v, lg, start, runs, reuse, *, scale, config):
-        return scan(q, k, v, lg, start, runs, scale)[0]
+    def forward(q, k, v, decays, start, runs, reuse, *, scale, config):
+        return scan(q, k, v, decays.log_decay, decays.log_gate, start, runs, scale)[0]
 
-    def local_reverse_state(q, do, lg, runs, *, scale, config):
+    def local_reverse_state(q, do, decays, runs, *, scale, config):
         # The entering state's terms of o do not involve k or v.
         zero_v = jnp.zeros(do.shape, q.dtype)
         start = vary_like(jnp.zeros(q.shape[:1] + q.shape[2:] + do.shape[-1:], jnp.float32), q, do)
-        o, pullback = jax.vjp(lambda s: scan(q, jnp.zeros_like(q), zero_v, lg, s, runs, scale)[0], start)
+        o, pullback = jax.vjp(lambda s: scan(q, jnp.zeros_like(q), zero_v, decays.log_decay, decays.log_gate, s,
+                                             runs, scale)[0], start)
         return pullback(do.astype(o.dtype))[0], None
 
-    def backward(q, k, v, lg, start, runs, do, exit_cotangent, reuse, *, scale, config):
-        (o, final), pullback = jax.vjp(lambda *a: scan(*a, runs, scale), q, k, v, lg, start)
+    def backward(q, k, v, decays, start, runs, do, exit_cotangent, reuse, *, scale, config):
+        (o, final), pullback = jax.vjp(lambda *a: scan(*a, runs, scale), q, k, v, decays.log_decay, decays.log_gate,
+                                       start)
         exit_cotangent = jnp.zeros_like(final) if exit_cotangent is None else exit_cotangent
-        dq, dk, dv, d_lg, d_start = pullback((do.astype(o.dtype), exit_cotangent))
-        carry = vjp.whole_row_carry(lg, runs, q.shape[0], q.shape[1])  # its terms belong to the exchange
-        return (dq, dk, dv, d_lg - vjp.carry_log_decay_grad(carry, q.shape[1], exit_cotangent, start),
+        dq, dk, dv, d_lg, d_gate, d_start = pullback((do.astype(o.dtype), exit_cotangent))
+        carry = vjp.whole_row_carry(decays, runs, q.shape[0], q.shape[1])  # its terms belong to the exchange
+        term = vjp.carry_term(carry, exit_cotangent, start)
+        d_gate = None if d_gate is None else jnp.swapaxes(d_gate, 1, 2) - term[:, :, None]
+        return (dq, dk, dv, d_lg - q.shape[1] * jnp.sum(term, axis=0), d_gate,
                 d_start - carry[..., None, None] * exit_cotangent)
 
     return dataclasses.replace(fleetjax.IMPLEMENTATIONS["scan"], name=BLOCKS,
@@ -188,17 +202,17 @@ def _loss_and_grads(fn, x, case):
     import jax
     import jax.numpy as jnp
 
-    def loss(q, k, v, decay, initial_state):
-        o, final = fn(q, k, v, decay, initial_state)
+    def loss(q, k, v, decay, initial_state, log_gate):
+        o, final = fn(q, k, v, decay, initial_state, log_gate)
         value = jnp.sum(o.astype(jnp.float32) * x["do"])
         if case["final_state"]:
             value = value + jnp.sum(final * x["d_final"])
         return value, (o, final)
 
-    args = (x["q"], x["k"], x["v"], x["decay"], x["initial_state"])
-    argnums = (0, 1, 2, 3, 4) if case["initial_state"] else (0, 1, 2, 3)
+    args = (x["q"], x["k"], x["v"], x["decay"], x["initial_state"], x["log_gate"])
+    argnums = (0, 1, 2, 3) + ((4,) if case["initial_state"] else ()) + ((5,) if case["gated"] else ())
     (_, (o, final)), grads = jax.jit(jax.value_and_grad(loss, argnums=argnums, has_aux=True))(*args)
-    names = ["dq", "dk", "dv", "d_decay", "d_initial_state"][:len(argnums)]
+    names = [{0: "dq", 1: "dk", 2: "dv", 3: "d_decay", 4: "d_initial_state", 5: "d_log_gate"}[i] for i in argnums]
     out = {"o": o, **dict(zip(names, grads))}
     if case["final_state"]:
         out["final_state"] = final
@@ -212,12 +226,13 @@ def _call(case, sequence_axis_name=None):
 
     import fleetjax
 
-    def fn(q, k, v, decay, initial_state, segment_ids):
+    def fn(q, k, v, decay, initial_state, log_gate, segment_ids):
         if sequence_axis_name is not None and case["state_on_first_device_only"]:
             first = jax.lax.axis_index(sequence_axis_name) == 0
             initial_state = jnp.where(first, initial_state, 1e3)  # only device 0's value may be read
         return fleetjax.fleet_attention(
             q, k, v, decay, scale=SCALE, initial_state=initial_state if case["initial_state"] else None,
+            log_gate=log_gate if case["gated"] else None,
             return_final_state=True, segment_ids=segment_ids if case["segments"] else None,
             sequence_axis_name=sequence_axis_name, implementation=_implementation(case, sequence_axis_name is not None),
             config=_config(case))
@@ -239,9 +254,9 @@ def _sharded(case, x):
     fn = _call(case, axis)
     mapped = jax.shard_map(
         fn, mesh=mesh, check_vma=case["check_vma"],
-        in_specs=(P(data, axis), P(data, axis), P(data, axis), P(), P(data), P(data, axis)),
+        in_specs=(P(data, axis), P(data, axis), P(data, axis), P(), P(data), P(data, axis), P(data, axis)),
         out_specs=(P(data, axis), P(data)))
-    return lambda q, k, v, decay, s0: mapped(q, k, v, decay, s0, x["segment_ids"])
+    return lambda q, k, v, decay, s0, gate: mapped(q, k, v, decay, s0, gate, x["segment_ids"])
 
 
 def _relative_errors(got: dict, want: dict) -> dict[str, float]:
@@ -329,11 +344,11 @@ def _worker() -> None:
         try:
             x = _inputs(jnp.dtype(case["dtype"]), case["T"])
             key = tuple(case[k] for k in ("impl", "segments", "initial_state", "final_state", "dtype", "T",
-                                          "config"))
+                                          "config", "gated"))
             if key not in references:
                 unsharded = _call(case)
                 references[key] = _loss_and_grads(
-                    lambda q, k, v, d, s0: unsharded(q, k, v, d, s0, x["segment_ids"]), x, case)
+                    lambda q, k, v, d, s0, g: unsharded(q, k, v, d, s0, g, x["segment_ids"]), x, case)
             got = _loss_and_grads(_sharded(case, x), x, case)
             results[case["id"]] = {"errors": _relative_errors(got, references[key])}
         except Exception as error:  # reported by the test of this case
@@ -373,7 +388,7 @@ def test_sharded_equals_unsharded(results, case):
     assert "exception" not in result, result.get("exception")
     tolerance = TOLERANCE[case["dtype"]]
     expected = {"o", "dq", "dk", "dv", "d_decay"} | ({"final_state"} if case["final_state"] else set()) \
-        | ({"d_initial_state"} if case["initial_state"] else set())
+        | ({"d_initial_state"} if case["initial_state"] else set()) | ({"d_log_gate"} if case["gated"] else set())
     assert set(result["errors"]) == expected
     bad = {name: err for name, err in result["errors"].items() if not err <= tolerance}
     assert not bad, f"relative error above {tolerance}: {bad}"
@@ -478,6 +493,7 @@ def test_grouped_local_state_equals_one_product(with_runs):
     import jax
     import jax.numpy as jnp
 
+    from fleetjax.decay import Decays
     from fleetjax.sharding import _block_final_state, _groups
     assert _groups(131072) == 64 and _groups(1000) == 1 and _groups(3000) == 5
     rng = np.random.default_rng(0)
@@ -486,9 +502,10 @@ def test_grouped_local_state_equals_one_product(with_runs):
     log_decay = jnp.log(jnp.asarray([1.0, 0.9, 1e-3], jnp.float32))
     runs = jnp.asarray(np.repeat(np.array([[0, 1, 1], [0, 0, 2]]), 8, axis=1)) if with_runs else None
     k, v = k.astype(jnp.float32), v.astype(jnp.float32)
-    grads = lambda groups: jax.grad(lambda k, v, d: jnp.sum(jnp.sin(_block_final_state(k, v, d, runs, groups))),
+    state = lambda k, v, d, groups: _block_final_state(k, v, Decays(d), runs, groups)  # noqa: E731
+    grads = lambda groups: jax.grad(lambda k, v, d: jnp.sum(jnp.sin(state(k, v, d, groups))),
                                     argnums=(0, 1, 2))(k, v, log_decay)
-    one, six = _block_final_state(k, v, log_decay, runs, 1), _block_final_state(k, v, log_decay, runs, 6)
+    one, six = state(k, v, log_decay, 1), state(k, v, log_decay, 6)
     np.testing.assert_allclose(six, one, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads(6), grads(1)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
@@ -531,8 +548,8 @@ def test_one_device_axis_equals_the_plain_call(impl, exchange, check_vma):
 
     def exchanged(q, k, v, decay, s0, seg):
         log_decay = vary_like(jnp.log(decay), q, k, v)
-        return sharding.exchange(record, q, k, v, log_decay, s0, sharding.block_run_ids(seg, "seq"), scale=0.5,
-                                 config=record.config_for(None, q, v), axis_name="seq")
+        return sharding.exchange(record, q, k, v, log_decay, None, s0, sharding.block_run_ids(seg, "seq"),
+                                 scale=0.5, config=record.config_for(None, q, v), axis_name="seq")
 
     mesh = Mesh(np.array(jax.devices()[:1]), ("seq",))
     mapped = jax.shard_map(exchanged if exchange else attend("seq"), mesh=mesh,

@@ -30,25 +30,28 @@ from jax.experimental import pallas as pl
 from fleetjax.chunking import Chunking
 from fleetjax import chunk as cm
 from fleetjax.pallas.launch import call
-from fleetjax.pallas.walk import (Specs, columns, enter_piece, program_id, load_rows, pad_state, padded, piece_edges,
-                                  piece_links, store_positions, store_rows, value_blocks, walk)
+from fleetjax.pallas.walk import (Specs, columns, enter_piece, load_positions, load_rows, pad_state, padded,
+                                  piece_edges, piece_links, program_id, store_positions, store_rows, value_blocks,
+                                  walk)
 
 f32 = jnp.float32
 
 
-def _entered(state, local_ref, link_ref, *, piece, chunking, reverse, log_decay):
+def _entered(state, local_ref, link_ref, piece_log_ref, *, piece, chunking, reverse, log_decay):
     if local_ref is None:
         return state
     return enter_piece(state, piece=piece, chunking=chunking, reverse=reverse, log_decay=log_decay,
-                       local_ref=local_ref, link_ref=link_ref)
+                       local_ref=local_ref, link_ref=link_ref, piece_log_ref=piece_log_ref)
 
 
-def dq_kernel(*, log_decay_ref, do_ref, v_ref, k_ref, q_ref, dq_ref, w_ref, counts_ref, intra_ref, start_ref=None,
-              local_ref=None, local_counts_ref=None, link_ref=None, run_ref=None, edge_ref=None,
-              chunking: Chunking, K: int, V: int, block: int, scale: float, precision):
+def dq_kernel(*, log_decay_ref, do_ref, v_ref, k_ref, q_ref, dq_ref, w_ref, counts_ref, intra_ref, flag_ref,
+              start_ref=None, local_ref=None, local_counts_ref=None, link_ref=None, run_ref=None, edge_ref=None,
+              gate_ref=None, piece_log_ref=None, spanned_ref=None, chunking: Chunking, K: int, V: int, block: int,
+              scale: float, precision):
     """One (K block, batch*head, piece) program of the dq walk. Refs: do, v [T, V]; k, q, dq [T, block];
     start [V, block] (S0^T); local, local_counts [P-1, V, block], link [P]; run [T], edge [1]; w, counts,
-    intra [T]."""
+    intra [T]; flag [1]: a non-finite k was seen. Gated: gate [T], piece_log [P], and spanned [T]: per
+    position r, the chunk's pairs i >= r > j (the intra-chunk part of d log_gate_r, fleetjax.vjp)."""
     j, piece = program_id(0, log_decay_ref), program_id(2, log_decay_ref)
     log_decay = log_decay_ref[0]
     v_cols, k_cols = columns(v_ref, V), columns(k_ref, K, block, j)
@@ -58,10 +61,10 @@ def dq_kernel(*, log_decay_ref, do_ref, v_ref, k_ref, q_ref, dq_ref, w_ref, coun
     if local_ref is not None:
         state, counts = enter_piece(state, piece=piece, chunking=chunking, reverse=False, log_decay=log_decay,
                                     local_ref=local_ref, link_ref=link_ref, counts=counts,
-                                    local_counts_ref=local_counts_ref)
+                                    local_counts_ref=local_counts_ref, piece_log_ref=piece_log_ref)
 
     def body(ch: cm.Chunk, carry):
-        state, counts = carry
+        state, counts, flag = carry
         do, v = load_rows(do_ref, ch, v_cols), load_rows(v_ref, ch, v_cols)
         k, bad = cm.finite_part(load_rows(k_ref, ch, k_cols))
         q = load_rows(q_ref, ch, k_cols)
@@ -72,65 +75,73 @@ def dq_kernel(*, log_decay_ref, do_ref, v_ref, k_ref, q_ref, dq_ref, w_ref, coun
         # This block's share of (q_i . k_j), times the pair's weighted (dO_i . v_j), weighted by the lag.
         pair = cm.dot(q, k, precision, trans_b=True) * scores
         intra = scale * jnp.sum(ch.lag * pair, axis=1)
+        if spanned_ref is not None:
+            store_positions(spanned_ref, ch, scale * cm.spanned(pair))
         counts = cm.count_crossings(counts, state, ch)
         state = cm.update(state, v, k, ch, dtype=dtype, precision=precision, exact=True)
-        dq, state, reached = cm.poison(dq, state, bad, ch)
         store_rows(dq_ref, ch, dq, k_cols)
         store_positions(w_ref, ch, jnp.sum(inter * q.astype(f32), axis=1))
         store_positions(counts_ref, ch, jnp.sum(counted * q.astype(f32), axis=1))
-        store_positions(intra_ref, ch, jnp.where(jnp.max(jnp.where(reached, 1, 0), axis=1) > 0, jnp.nan, intra))
-        return state, counts
+        store_positions(intra_ref, ch, intra)
+        return state, counts, jnp.maximum(flag, cm.any_bad(bad))
 
-    walk(body, (state, counts), piece=piece, chunking=chunking, reverse=False, log_decay=log_decay,
-         run_ref=run_ref, edge_ref=edge_ref)
+    *_, flag = walk(body, (state, counts, jnp.int32(0)), piece=piece, chunking=chunking, reverse=False,
+                    log_decay=log_decay, run_ref=run_ref, edge_ref=edge_ref, gate_ref=gate_ref)
+    flag_ref[...] = jnp.full(flag_ref.shape, flag)
 
 
-def dv_kernel(*, log_decay_ref, k_ref, q_ref, do_ref, dv_ref, reverse_ref, exit_ref=None, last_run_ref=None,
-              local_ref=None, link_ref=None, run_ref=None, edge_ref=None, chunking: Chunking, K: int, V: int,
-              block: int, scale: float, precision):
+def dv_kernel(*, log_decay_ref, k_ref, q_ref, do_ref, dv_ref, reverse_ref, flag_ref, exit_ref=None,
+              last_run_ref=None, local_ref=None, link_ref=None, run_ref=None, edge_ref=None, gate_ref=None,
+              piece_log_ref=None, to_end_ref=None, chunking: Chunking, K: int, V: int, block: int, scale: float,
+              precision):
     """One (V block, batch*head, piece) program of the dv walk. Refs: k, q [T, K]; do, dv [T, block]; exit
     [K, block] (dS_T), last_run [1]; local [P-1, K, block], link [P]; run [T], edge [1]; reverse
-    [K, block]: the reverse state after the piece's first position."""
+    [K, block]: the reverse state after the piece's first position; flag [1]: a non-finite dO was seen.
+    Gated: gate [T], piece_log [P], to_end [T] (the sums of la after each position, with exit)."""
     j, piece = program_id(0, log_decay_ref), program_id(2, log_decay_ref)
     log_decay = log_decay_ref[0]
     k_cols, v_cols = columns(k_ref, K), columns(do_ref, V, block, j)
     dtype = k_ref.dtype
-    state = _entered(jnp.zeros(reverse_ref.shape, f32), local_ref, link_ref, piece=piece, chunking=chunking,
-                     reverse=True, log_decay=log_decay)
+    state = _entered(jnp.zeros(reverse_ref.shape, f32), local_ref, link_ref, piece_log_ref, piece=piece,
+                     chunking=chunking, reverse=True, log_decay=log_decay)
     exit_state = None if exit_ref is None else exit_ref[...].astype(dtype)
     last_run = None if last_run_ref is None else last_run_ref[0]
 
-    def body(ch: cm.Chunk, state):
+    def body(ch: cm.Chunk, carry):
+        state, flag = carry
         k, q = load_rows(k_ref, ch, k_cols), load_rows(q_ref, ch, k_cols)
         do, bad = cm.finite_part(load_rows(do_ref, ch, v_cols))
         dv, _ = cm.output(k, cm.scores(k, q, ch, precision), do, state, ch, scale=scale, dtype=dtype,
                           precision=precision, exact=False)
         if exit_state is not None:
-            dv = dv + cm.dot(k, exit_state, precision) * cm.exit_decay(ch, chunking.T, last_run)[:, None]
+            to_end = None if to_end_ref is None else load_positions(to_end_ref, ch)
+            dv = dv + cm.dot(k, exit_state, precision) * cm.exit_decay(ch, chunking.T, last_run, to_end)[:, None]
         state = cm.update(state, q, do, ch, dtype=dtype, precision=precision, exact=True)
-        dv, state, _ = cm.poison(dv, state, bad, ch)
         store_rows(dv_ref, ch, dv, v_cols)
-        return state
+        return state, jnp.maximum(flag, cm.any_bad(bad))
 
-    reverse_ref[...] = walk(body, state, piece=piece, chunking=chunking, reverse=True, log_decay=log_decay,
-                            run_ref=run_ref, edge_ref=edge_ref)
+    reverse_ref[...], flag = walk(body, (state, jnp.int32(0)), piece=piece, chunking=chunking, reverse=True,
+                                  log_decay=log_decay, run_ref=run_ref, edge_ref=edge_ref, gate_ref=gate_ref)
+    flag_ref[...] = jnp.full(flag_ref.shape, flag)
 
 
-def dk_kernel(*, log_decay_ref, v_ref, do_ref, q_ref, k_ref, dk_ref, u_ref, x_ref=None, exit_ref=None,
-              last_run_ref=None, local_ref=None, link_ref=None, run_ref=None, edge_ref=None, chunking: Chunking,
-              K: int, V: int, block: int, scale: float, precision):
+def dk_kernel(*, log_decay_ref, v_ref, do_ref, q_ref, k_ref, dk_ref, u_ref, flag_ref, x_ref=None, exit_ref=None,
+              last_run_ref=None, local_ref=None, link_ref=None, run_ref=None, edge_ref=None, gate_ref=None,
+              piece_log_ref=None, to_end_ref=None, chunking: Chunking, K: int, V: int, block: int, scale: float,
+              precision):
     """One (K block, batch*head, piece) program of the dk walk. Refs: v, do [T, V]; q, k, dk [T, block];
     exit [V, block] (dS_T^T, float32), last_run [1]; local [P-1, V, block], link [P]; run [T], edge [1];
-    u, x [T]."""
+    u, x [T]; flag [1]: a non-finite q was seen. Gated: gate [T], piece_log [P], to_end [T]."""
     j, piece = program_id(0, log_decay_ref), program_id(2, log_decay_ref)
     log_decay = log_decay_ref[0]
     v_cols, k_cols = columns(v_ref, V), columns(q_ref, K, block, j)
     dtype = v_ref.dtype
-    state = _entered(jnp.zeros((v_ref.shape[-1], block), f32), local_ref, link_ref, piece=piece,
+    state = _entered(jnp.zeros((v_ref.shape[-1], block), f32), local_ref, link_ref, piece_log_ref, piece=piece,
                      chunking=chunking, reverse=True, log_decay=log_decay)
     last_run = None if last_run_ref is None else last_run_ref[0]
 
-    def body(ch: cm.Chunk, state):
+    def body(ch: cm.Chunk, carry):
+        state, flag = carry
         v, do = load_rows(v_ref, ch, v_cols), load_rows(do_ref, ch, v_cols)
         q, bad = cm.finite_part(load_rows(q_ref, ch, k_cols))
         k = load_rows(k_ref, ch, k_cols)
@@ -138,25 +149,26 @@ def dk_kernel(*, log_decay_ref, v_ref, do_ref, q_ref, k_ref, dk_ref, u_ref, x_re
                               precision=precision, exact=True)
         if exit_ref is not None:
             # Its own product, so that its share of the decay gradient is weighted by T-1-s (fleetjax.vjp).
+            to_end = None if to_end_ref is None else load_positions(to_end_ref, ch)
             o_exit = (cm.dot_exact(v, exit_ref[...], dtype, precision)
-                      * cm.exit_decay(ch, chunking.T, last_run)[:, None])
+                      * cm.exit_decay(ch, chunking.T, last_run, to_end)[:, None])
             dk = dk + o_exit
             store_positions(x_ref, ch, jnp.sum(o_exit * k.astype(f32), axis=1))
         state = cm.update(state, do, q, ch, dtype=dtype, precision=precision, exact=True)
-        dk, state, _ = cm.poison(dk, state, bad, ch)
         store_rows(dk_ref, ch, dk, k_cols)
         store_positions(u_ref, ch, jnp.sum(inter * k.astype(f32), axis=1))
-        return state
+        return state, jnp.maximum(flag, cm.any_bad(bad))
 
-    walk(body, state, piece=piece, chunking=chunking, reverse=True, log_decay=log_decay, run_ref=run_ref,
-         edge_ref=edge_ref)
+    _, flag = walk(body, (state, jnp.int32(0)), piece=piece, chunking=chunking, reverse=True, log_decay=log_decay,
+                   run_ref=run_ref, edge_ref=edge_ref, gate_ref=gate_ref)
+    flag_ref[...] = jnp.full(flag_ref.shape, flag)
 
 
 # ------------------------------------------------------------------------------------------------ launches
 
 def _common(query_key_dim: int, value_dim: int, block: int, H: int, chunking: Chunking, run_ids, reverse: bool,
-            local, local_counts=None):
-    """Specs and the inputs every walk shares: pieces (and their crossing counts), links, runs."""
+            local, local_counts=None, gate=None, piece_log=None):
+    """Specs and the inputs every walk shares: pieces (and their crossing counts), links, runs, the gate."""
     kp = padded(query_key_dim)
     bv, nv = value_blocks(value_dim, block)
     s = Specs(H, chunking, kp, bv)
@@ -168,26 +180,31 @@ def _common(query_key_dim: int, value_dim: int, block: int, H: int, chunking: Ch
                                                                       s.piece_states(P - 1)),
         link_ref=None if links is None else (links, s.row(P)),
         run_ref=None if run_ids is None else (run_ids, s.runs()),
-        edge_ref=None if run_ids is None else (piece_edges(run_ids, chunking, reverse)[0], s.edge()))
+        edge_ref=None if run_ids is None else (piece_edges(run_ids, chunking, reverse)[0], s.edge()),
+        gate_ref=None if gate is None else (gate, s.positions()),
+        piece_log_ref=None if gate is None or P == 1 else (piece_log, s.pieces()))
     return s, kp, bv, nv, inputs
 
 
-def _exit_inputs(exit_state, run_ids, s: Specs, kp: int, width: int, dtype=None):
+def _exit_inputs(exit_state, run_ids, s: Specs, kp: int, width: int, dtype=None, to_end=None):
     if exit_state is None:
         return dict()
     exit_state = pad_state(exit_state, kp, width)
     return dict(exit_ref=(exit_state if dtype is None else exit_state.astype(dtype), s.state()),
-                last_run_ref=None if run_ids is None else (run_ids[:, -1:], s.row(1)))
+                last_run_ref=None if run_ids is None else (run_ids[:, -1:], s.row(1)),
+                to_end_ref=None if to_end is None else (to_end, s.positions()))
 
 
 def dq_walk(q, k, v, do, log_decay, start, run_ids, chunking: Chunking, *, scale: float, local, block_v: int,
-            num_warps: int, num_stages: int, precision):
-    """(dq [B, T, H, K] in q's dtype, w, counts, intra [B, H, T] float32). start: S0 [B, H, K, V] or None;
-    local: (the pieces' local states, their crossing counts) or None."""
+            num_warps: int, num_stages: int, precision, gate=None, piece_log=None):
+    """(dq [B, T, H, K] in q's dtype, w, counts, intra, spanned [B, H, T] float32 (spanned: gated only, else
+    None), non-finite flags). start: S0 [B, H, K, V] or None; local: (the pieces' local states, their crossing
+    counts) or None; gate [B, H, T], piece_log [B, H, P]: the gated decay."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     local, local_counts = (None, None) if local is None else local
-    s, kp, bk, nk, inputs = _common(V, K, block_v, H, chunking, run_ids, False, local, local_counts)
+    s, kp, bk, nk, inputs = _common(V, K, block_v, H, chunking, run_ids, False, local, local_counts, gate,
+                                    piece_log)
     if start is not None:
         inputs["start_ref"] = (pad_state(jnp.swapaxes(start, -1, -2), kp, nk * bk), s.state())
     kernel = functools.partial(dq_kernel, chunking=chunking, K=K, V=V, block=bk, scale=scale, precision=precision)
@@ -197,48 +214,53 @@ def dq_walk(q, k, v, do, log_decay, start, run_ids, chunking: Chunking, *, scale
                outputs=dict(dq_ref=(((B, T, H, K), q.dtype), s.values()),
                             w_ref=(((nk, B, H, T), f32), s.per_position()),
                             counts_ref=(((nk, B, H, T), f32), s.per_position()),
-                            intra_ref=(((nk, B, H, T), f32), s.per_position())),
+                            intra_ref=(((nk, B, H, T), f32), s.per_position()),
+                            spanned_ref=None if gate is None else (((nk, B, H, T), f32), s.per_position()),
+                            flag_ref=(((nk, B * H, chunking.pieces, 1), jnp.int32), s.flag())),
                num_warps=num_warps, num_stages=num_stages)
     # Each K block holds part of the sums over K; add them in a fixed order.
-    total = lambda name: jnp.sum(out[name], axis=0)  # noqa: E731
-    return out["dq_ref"], total("w_ref"), total("counts_ref"), total("intra_ref")
+    total = lambda name: None if name not in out else jnp.sum(out[name], axis=0)  # noqa: E731
+    return (out["dq_ref"], total("w_ref"), total("counts_ref"), total("intra_ref"), total("spanned_ref"),
+            out["flag_ref"])
 
 
 def dv_walk(q, k, do, log_decay, exit_state, run_ids, chunking: Chunking, *, scale: float, local, block_v: int,
-            num_warps: int, num_stages: int, precision):
-    """(dv [B, T, H, V] in do's dtype, R [B, H, K, V] float32: the reverse state after the first position).
-    exit_state: dS_T [B, H, K, V] or None."""
+            num_warps: int, num_stages: int, precision, gate=None, piece_log=None, to_end=None):
+    """(dv [B, T, H, V] in do's dtype, R [B, H, K, V] float32: the reverse state after the first position,
+    non-finite flags). exit_state: dS_T [B, H, K, V] or None."""
     B, T, H, K = q.shape
     V = do.shape[-1]
-    s, kp, bv, nv, inputs = _common(K, V, block_v, H, chunking, run_ids, True, local)
-    inputs.update(_exit_inputs(exit_state, run_ids, s, kp, nv * bv))
+    s, kp, bv, nv, inputs = _common(K, V, block_v, H, chunking, run_ids, True, local, None, gate, piece_log)
+    inputs.update(_exit_inputs(exit_state, run_ids, s, kp, nv * bv, to_end=to_end))
     kernel = functools.partial(dv_kernel, chunking=chunking, K=K, V=V, block=bv, scale=scale, precision=precision)
     out = call(kernel, name="fleet_backward_dv", grid=(nv, B * H, chunking.pieces),
                inputs=dict(log_decay_ref=(log_decay, s.head()), k_ref=(k, s.keys()), q_ref=(q, s.keys()),
                            do_ref=(do, s.values()), **inputs),
                outputs=dict(dv_ref=(((B, T, H, V), do.dtype), s.values()),
-                            reverse_ref=(((B, H, chunking.pieces, kp, nv * bv), f32), s.piece_state())),
+                            reverse_ref=(((B, H, chunking.pieces, kp, nv * bv), f32), s.piece_state()),
+                            flag_ref=(((nv, B * H, chunking.pieces, 1), jnp.int32), s.flag())),
                num_warps=num_warps, num_stages=num_stages)
-    return out["dv_ref"], out["reverse_ref"][:, :, 0, :K, :V]
+    return out["dv_ref"], out["reverse_ref"][:, :, 0, :K, :V], out["flag_ref"]
 
 
 def dk_walk(q, k, v, do, log_decay, exit_state, run_ids, chunking: Chunking, *, scale: float, local, block_v: int,
-            num_warps: int, num_stages: int, precision):
-    """(dk [B, T, H, K] in k's dtype, u [B, H, T], x [B, H, T] or None) float32. local: the dv walk's local
-    states [B, H, P-1, K, V] (transposed here); exit_state: dS_T [B, H, K, V] or None."""
+            num_warps: int, num_stages: int, precision, gate=None, piece_log=None, to_end=None):
+    """(dk [B, T, H, K] in k's dtype, u [B, H, T], x [B, H, T] or None (float32), non-finite flags). local: the
+    dv walk's local states [B, H, P-1, K, V] (transposed here); exit_state: dS_T [B, H, K, V] or None."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     local = None if local is None else jnp.swapaxes(local, -1, -2)
-    s, kp, bk, nk, inputs = _common(V, K, block_v, H, chunking, run_ids, True, local)
+    s, kp, bk, nk, inputs = _common(V, K, block_v, H, chunking, run_ids, True, local, None, gate, piece_log)
     exit_t = None if exit_state is None else jnp.swapaxes(exit_state, -1, -2)
-    inputs.update(_exit_inputs(exit_t, run_ids, s, kp, nk * bk))
+    inputs.update(_exit_inputs(exit_t, run_ids, s, kp, nk * bk, to_end=to_end))
     kernel = functools.partial(dk_kernel, chunking=chunking, K=K, V=V, block=bk, scale=scale, precision=precision)
     per_position = (((nk, B, H, T), f32), s.per_position())
     out = call(kernel, name="fleet_backward_dk", grid=(nk, B * H, chunking.pieces),
                inputs=dict(log_decay_ref=(log_decay, s.head()), v_ref=(v, s.keys()), do_ref=(do, s.keys()),
                            q_ref=(q, s.values()), k_ref=(k, s.values()), **inputs),
                outputs=dict(dk_ref=(((B, T, H, K), k.dtype), s.values()), u_ref=per_position,
-                            x_ref=per_position if exit_state is not None else None),
+                            x_ref=per_position if exit_state is not None else None,
+                            flag_ref=(((nk, B * H, chunking.pieces, 1), jnp.int32), s.flag())),
                num_warps=num_warps, num_stages=num_stages)
     x = jnp.sum(out["x_ref"], axis=0) if exit_state is not None else None
-    return out["dk_ref"], jnp.sum(out["u_ref"], axis=0), x
+    return out["dk_ref"], jnp.sum(out["u_ref"], axis=0), x, out["flag_ref"]

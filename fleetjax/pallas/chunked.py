@@ -28,8 +28,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from fleetjax import vjp
+from fleetjax import nonfinite, vjp
 from fleetjax.chunking import Chunking
+from fleetjax.decay import Decays
 from fleetjax.implementation import Implementation
 from fleetjax.pallas import backward as bwd
 from fleetjax.pallas import forward as fwd
@@ -253,106 +254,180 @@ def default_config(q: jax.Array, v: jax.Array) -> PallasConfig:
 
 # ---------------------------------------------------------------------------------------- the walks
 
-def local_state(k, v, log_decay, run_ids, *, config: PallasConfig):
+def _gated(decays: Decays, chunking: Chunking, B: int) -> dict:
+    """The gated decay as the kernels read it: the gate [B, H, T] and the pieces' sums of la [B, H, P] (empty
+    for the constant decay, which the kernels form from log gamma)."""
+    if not decays.gated:
+        return {}
+    return dict(gate=decays.gate_tiles(), piece_log=decays.block_sums(B, chunking.T, chunking.piece_len))
+
+
+def _piece_log(decays: Decays, chunking: Chunking, B: int) -> jax.Array:
+    return decays.block_sums(B, chunking.T, chunking.piece_len)
+
+
+def local_state(k, v, decays: Decays, run_ids, *, config: PallasConfig):
     """A block's final state from a zero entering state (its last run's), [B, H, K, V] float32, and what the
-    forward walk reuses of it (the local states of its pieces but the last, or None)."""
+    forward walk reuses of it (the local states of its pieces but the last, and the flags, or None)."""
+    B = k.shape[0]
     chunking = config.chunking(k.shape[1], False)
-    local = fwd.piece_states(k, v, log_decay, run_ids, chunking, reverse=False, all_pieces=True,
-                             **config.piece_launch("forward", k.dtype))
-    return fwd.fold_pieces(local, log_decay, run_ids, chunking, False), (local[:, :, :-1] if chunking.pieces > 1
-                                                                          else None)
+    local, flags = fwd.piece_states(k, v, decays.log_decay, run_ids, chunking, reverse=False, all_pieces=True,
+                                    gate=decays.gate_tiles(), **config.piece_launch("forward", k.dtype))
+    total = fwd.fold_pieces(local, _piece_log(decays, chunking, B), run_ids, chunking, False)
+    total = _mark_final(total, flags, v, run_ids)
+    return total, ((local[:, :, :-1], flags) if chunking.pieces > 1 else None)
 
 
-def _forward(q, k, v, log_decay, start, run_ids, reuse, *, scale: float, config: PallasConfig, exact_state: bool):
+def _mark_final(final, flags, v, run_ids):
+    """The final state's columns that a non-finite value of the last run reaches."""
+    fix = lambda final, v: (nonfinite.mark(final, nonfinite.in_run(nonfinite.bad(v), run_ids, "last")[:, :, None]),)
+    return nonfinite.unless_finite([flags], fix, (final,), (v,))[0]
+
+
+def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, config: PallasConfig,
+             exact_state: bool):
+    """(o, the state after the walk), NaN where a non-finite value reaches (fleetjax.nonfinite)."""
+    B = q.shape[0]
     chunking = config.chunking(q.shape[1], False)
-    local = reuse
+    local, piece_flags = reuse if reuse is not None else (None, None)
     if chunking.pieces > 1 and local is None:
-        local = fwd.piece_states(k, v, log_decay, run_ids, chunking, reverse=False, all_pieces=False,
-                                 **config.piece_launch("forward", q.dtype))
-    return fwd.forward_walk(q, k, v, log_decay, start, run_ids, chunking, scale=scale, exact_state=exact_state,
-                            local=local, **config.launch("forward", q.dtype))
+        local, piece_flags = fwd.piece_states(k, v, decays.log_decay, run_ids, chunking, reverse=False,
+                                              all_pieces=False, gate=decays.gate_tiles(),
+                                              **config.piece_launch("forward", q.dtype))
+    o, final, flags = fwd.forward_walk(q, k, v, decays.log_decay, start, run_ids, chunking, scale=scale,
+                                       exact_state=exact_state, local=local, **_gated(decays, chunking, B),
+                                       **config.launch("forward", q.dtype))
+
+    def fix(o, final, v):
+        bad = nonfinite.bad(v)
+        return (nonfinite.mark(o, nonfinite.reached(bad, run_ids)),
+                nonfinite.mark(final, nonfinite.in_run(bad, run_ids, "last")[:, :, None]))
+
+    return nonfinite.unless_finite([flags, piece_flags], fix, (o, final), (v,))
 
 
-def block_forward(q, k, v, log_decay, start, run_ids, reuse, *, scale: float, config: PallasConfig):
+def block_forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, config: PallasConfig):
     """o [B, T, H, V] from the entering state ``start``, with ``reuse`` from :func:`local_state`."""
-    return _forward(q, k, v, log_decay, start, run_ids, reuse, scale=scale, config=config, exact_state=False)[0]
+    return _forward(q, k, v, decays, start, run_ids, reuse, scale=scale, config=config, exact_state=False)[0]
 
 
-def local_reverse_state(q, do, log_decay, run_ids, *, scale: float, config: PallasConfig):
+def local_reverse_state(q, do, decays: Decays, run_ids, *, scale: float, config: PallasConfig):
     """The cotangent of a block's entering state from its outputs alone: scale sum_t gamma^(t+1) q_t dO_t^T
     over its first run, [B, H, K, V] float32, and what ``block_backward`` reuses of it (the local reverse
-    states of its pieces but the first, or None)."""
+    states of its pieces but the first, and the flags, or None)."""
+    B = q.shape[0]
     chunking = config.chunking(q.shape[1], True)
-    local = fwd.piece_states(q, do, log_decay, run_ids, chunking, reverse=True, all_pieces=True,
-                             **config.piece_launch("dv", q.dtype))
-    total = fwd.fold_pieces(local, log_decay, run_ids, chunking, True)
-    return vjp.only_first_run(scale * total, run_ids), (local[:, :, 1:] if chunking.pieces > 1 else None)
+    local, flags = fwd.piece_states(q, do, decays.log_decay, run_ids, chunking, reverse=True, all_pieces=True,
+                                    gate=decays.gate_tiles(), **config.piece_launch("dv", q.dtype))
+    total = vjp.only_first_run(scale * fwd.fold_pieces(local, _piece_log(decays, chunking, B), run_ids,
+                                                       chunking, True), run_ids)
+    fix = lambda total, do: (nonfinite.mark(total, nonfinite.in_run(nonfinite.bad(do), run_ids, "first")[:, :, None]),)  # noqa: E731
+    total = nonfinite.unless_finite([flags], fix, (total,), (do,))[0]
+    return total, ((local[:, :, 1:], flags) if chunking.pieces > 1 else None)
 
 
-def block_backward(q, k, v, log_decay, start, run_ids, do, exit_cotangent, reuse, *, scale: float,
+def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, reuse, *, scale: float,
                    config: PallasConfig):
     """The three walks of fleetjax.pallas.backward, for a block entered with the state ``start`` whose final
     state has the cotangent ``exit_cotangent`` [B, H, K, V] (None: unused). ``reuse``: from
     :func:`local_reverse_state`, or None (computed here).
 
-    Returns (dq, dk, dv in the inputs' dtype, d log_decay [H] of every term but the one through the carry
-    gamma^T of ``start`` into the final state, d start [B, H, K, V] through the outputs alone)."""
+    Returns (dq, dk, dv in the inputs' dtype, d log_decay [H] and d log_gate [B, T, H] (None for the
+    constant decay) of every term but the one through the carry of ``start`` into the final state, d start
+    [B, H, K, V] through the outputs alone)."""
     do = do.astype(q.dtype)
-    chunking = config.chunking(q.shape[1], True)
-    common = dict(scale=scale)
-    dq_local = None
+    B, T = q.shape[:2]
+    chunking = config.chunking(T, True)
+    gated = _gated(decays, chunking, B)
+    common = dict(scale=scale, **gated)
+    dq_local = dq_piece_flags = reverse_flags = None
     if chunking.pieces > 1:
-        dq_local = fwd.piece_states(v, k, log_decay, run_ids, chunking, reverse=False, all_pieces=False,
-                                    counts=True, **config.piece_launch("dq", q.dtype))
+        dq_local, dq_piece_flags = fwd.piece_states(v, k, decays.log_decay, run_ids, chunking, reverse=False,
+                                                    all_pieces=False, counts=True, gate=decays.gate_tiles(),
+                                                    **config.piece_launch("dq", q.dtype))
         if reuse is None:
-            reuse = fwd.piece_states(q, do, log_decay, run_ids, chunking, reverse=True, all_pieces=False,
-                                     **config.piece_launch("dv", q.dtype))
-    dq, w, counts, intra = bwd.dq_walk(q, k, v, do, log_decay, start, run_ids, chunking, local=dq_local,
-                                       **common, **config.launch("dq", q.dtype))
-    dv, reverse_state = bwd.dv_walk(q, k, do, log_decay, exit_cotangent, run_ids, chunking, local=reuse, **common,
-                                    **config.launch("dv", q.dtype))
-    dk, u, x = bwd.dk_walk(q, k, v, do, log_decay, exit_cotangent, run_ids, chunking, local=reuse, **common,
-                           **config.launch("dk", q.dtype))
+            reuse = fwd.piece_states(q, do, decays.log_decay, run_ids, chunking, reverse=True, all_pieces=False,
+                                     gate=decays.gate_tiles(), **config.piece_launch("dv", q.dtype))
+        reuse, reverse_flags = reuse
+    to_end = decays.to_end(B, T) if decays.gated and exit_cotangent is not None else None
+    dq, w, counts, intra, spanned, dq_flags = bwd.dq_walk(q, k, v, do, decays.log_decay, start, run_ids, chunking,
+                                                          local=dq_local, **common, **config.launch("dq", q.dtype))
+    dv, reverse_state, dv_flags = bwd.dv_walk(q, k, do, decays.log_decay, exit_cotangent, run_ids, chunking,
+                                              local=reuse, to_end=to_end, **common, **config.launch("dv", q.dtype))
+    dk, u, x, dk_flags = bwd.dk_walk(q, k, v, do, decays.log_decay, exit_cotangent, run_ids, chunking, local=reuse,
+                                     to_end=to_end, **common, **config.launch("dk", q.dtype))
     d_start = vjp.only_first_run(scale * reverse_state, run_ids)
     d_log_decay = vjp.log_decay_grad(w, u, counts, intra, chunking.chunk_size)
     if x is not None:
         d_log_decay = d_log_decay + vjp.exit_log_decay_grad(x)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_log_decay, d_start
+    d_gate = None
+    if decays.gated:
+        d_gate = vjp.log_gate_grad(w, u, spanned, x, chunking.chunk_size)
+    grads = (dq, dk, dv, d_log_decay, d_gate, d_start)
+    grads = nonfinite.unless_finite([dq_flags, dv_flags, dk_flags, dq_piece_flags, reverse_flags],
+                                    functools.partial(_mark_gradients, run_ids=run_ids), grads, (q, k, v, do))
+    dq, dk, dv, d_log_decay, d_gate, d_start = grads
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_log_decay, d_gate, d_start
+
+
+def _mark_gradients(dq, dk, dv, d_log_decay, d_gate, d_start, q, k, v, do, *, run_ids):
+    """NaN into the gradients that a non-finite q, k, v or dO reaches (the kernels took the values of their
+    products finite: k in the dq walk, dO in the dv walk, q in the dk walk)."""
+    bad_q, bad_k, bad_v, bad_do = (nonfinite.bad(x) for x in (q, k, v, do))
+    dq = nonfinite.mark(dq, nonfinite.reached(bad_k, run_ids))
+    dv = nonfinite.mark(dv, nonfinite.reached(bad_do, run_ids, reverse=True))
+    dk = nonfinite.mark(dk, nonfinite.reached(bad_q, run_ids, reverse=True))
+    d_start = nonfinite.mark(d_start, nonfinite.in_run(bad_do, run_ids, "first")[:, :, None])
+    any_bad = lambda x: jnp.any(x, axis=(1, 3))  # noqa: E731  [B, H]
+    head = jnp.any(any_bad(bad_q) | any_bad(bad_k) | any_bad(bad_v) | any_bad(bad_do), axis=0)
+    d_log_decay = nonfinite.mark(d_log_decay, head)
+    if d_gate is not None:
+        # d log_gate_r collects the pairs (t >= r > s): a bad key side at s < r, or a bad query side at t >= r.
+        key_side = jnp.any(bad_k, -1) | jnp.any(bad_v, -1)
+        query_side = jnp.any(bad_q, -1) | jnp.any(bad_do, -1)
+        after = nonfinite.reached(key_side[..., None], run_ids, exclusive=True)[..., 0]
+        before = nonfinite.reached(query_side[..., None], run_ids, reverse=True)[..., 0]
+        d_gate = nonfinite.mark(d_gate, jnp.swapaxes(after | before, 1, 2))
+    return dq, dk, dv, d_log_decay, d_gate, d_start
 
 
 # ------------------------------------------------------------------------------------------- custom VJP
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _pallas(q, k, v, log_decay, initial_state, run_ids, scale, config, exact_state):
-    return _forward(q, k, v, log_decay, initial_state, run_ids, None, scale=scale, config=config,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _pallas(q, k, v, log_decay, log_gate, initial_state, run_ids, scale, config, exact_state):
+    return _forward(q, k, v, Decays(log_decay, log_gate), initial_state, run_ids, None, scale=scale, config=config,
                     exact_state=exact_state)
 
 
-def _pallas_fwd(q, k, v, log_decay, initial_state, run_ids, scale, config, exact_state):
-    *floats, run_ids = jax.custom_derivatives.custom_vjp_primal_tree_values((q, k, v, log_decay, initial_state,
-                                                                            run_ids))
+def _pallas_fwd(q, k, v, log_decay, log_gate, initial_state, run_ids, scale, config, exact_state):
+    *floats, run_ids = jax.custom_derivatives.custom_vjp_primal_tree_values(
+        (q, k, v, log_decay, log_gate, initial_state, run_ids))
     # A second derivative would differentiate this forward's kernels too: refuse it there as well.
-    primals = tuple(vjp.first_order_only(x) for x in floats) + (run_ids,)
+    primals = tuple(None if x is None else vjp.first_order_only(x) for x in floats) + (run_ids,)
     return _pallas(*primals, scale, config, exact_state), primals
 
 
 def pallas_backward(scale: float, config: PallasConfig, residuals, cotangents):
-    """The VJP shared by both Pallas implementations: residuals (q, k, v, log_decay, initial_state, run_ids),
-    cotangents (dO, d final_state), either possibly a symbolic zero. Returns (dq, dk, dv, d log_decay,
-    d initial_state, None): :func:`block_backward` with the final state's cotangent as the exit's, plus the
-    terms of the carry gamma^T of the initial state into the final state."""
-    q, k, v, log_decay, initial_state, run_ids = residuals
+    """The VJP shared by both Pallas implementations: residuals (q, k, v, log_decay, log_gate, initial_state,
+    run_ids), cotangents (dO, d final_state), either possibly a symbolic zero. Returns (dq, dk, dv,
+    d log_decay, d log_gate, d initial_state, None): :func:`block_backward` with the final state's cotangent
+    as the exit's, plus the terms of the carry of the initial state into the final state."""
+    q, k, v, log_decay, log_gate, initial_state, run_ids = residuals
+    decays = Decays(log_decay, log_gate)
     do, d_final = cotangents
     do = jnp.zeros(v.shape, q.dtype) if vjp.is_zero(do) else do
     d_final = None if vjp.is_zero(d_final) else d_final
-    dq, dk, dv, d_log_decay, d_initial = block_backward(q, k, v, log_decay, initial_state, run_ids, do, d_final,
-                                                        None, scale=scale, config=config)
+    dq, dk, dv, d_log_decay, d_gate, d_initial = block_backward(q, k, v, decays, initial_state, run_ids, do,
+                                                                d_final, None, scale=scale, config=config)
     if d_final is not None:
-        carry = vjp.whole_row_carry(log_decay, run_ids, q.shape[0], q.shape[1])
-        d_initial = d_initial + jnp.where(carry[..., None, None] > 0, carry[..., None, None] * d_final, 0.0)
-        d_log_decay = d_log_decay + vjp.carry_log_decay_grad(carry, q.shape[1], d_final, initial_state)
-    grads = (dq, dk, dv, d_log_decay, d_initial)
-    return tuple(vjp.first_order_only(g) for g in grads) + (None,)
+        carry = vjp.whole_row_carry(decays, run_ids, q.shape[0], q.shape[1])
+        d_initial = d_initial + carry[..., None, None] * d_final
+        term = vjp.carry_term(carry, d_final, initial_state)  # [B, H]
+        d_log_decay = d_log_decay + q.shape[1] * jnp.sum(term, axis=0)
+        if d_gate is not None:
+            d_gate = d_gate + term[:, :, None]
+    grads = (dq, dk, dv, d_log_decay, None if d_gate is None else jnp.swapaxes(d_gate, 1, 2), d_initial)
+    return tuple(None if g is None else vjp.first_order_only(g) for g in grads) + (None,)
 
 
 _pallas.defvjp(_pallas_fwd, lambda scale, config, exact_state, residuals, cotangents:
@@ -370,13 +445,13 @@ def canonical_dtype(q, k, v):
     return tuple(x.astype(f32) for x in (q, k, v))
 
 
-def pallas_impl(q, k, v, log_decay, initial_state, run_ids, *, scale: float, config: PallasConfig,
+def pallas_impl(q, k, v, log_decay, log_gate, initial_state, run_ids, *, scale: float, config: PallasConfig,
                 final_state: bool = True):
     """The fused chunked Pallas kernels; returns (o [B, T, H, V] in the kernels' dtype, final state f32).
     ``final_state``: the caller uses the final state (its updates are then float32-accurate)."""
     q, k, v = canonical_dtype(q, k, v)
     check_fits(config, q.shape[-1], v.shape[-1], q.dtype)
-    return _pallas(q, k, v, log_decay, initial_state, run_ids, scale, config, final_state)
+    return _pallas(q, k, v, log_decay, log_gate, initial_state, run_ids, scale, config, final_state)
 
 
 IMPLEMENTATION = Implementation(

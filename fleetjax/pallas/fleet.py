@@ -65,8 +65,9 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from fleetjax import vjp
+from fleetjax import nonfinite, vjp
 from fleetjax.chunking import Chunking
+from fleetjax.decay import Decays
 from fleetjax.implementation import Implementation
 from fleetjax import chunk as cm
 from fleetjax.pallas import chunked
@@ -211,11 +212,13 @@ def default_config(q: jax.Array, v: jax.Array) -> FleetConfig:
 
 # ------------------------------------------------------------------------------------------------- kernel
 
-def fleet_kernel(*, log_decay_ref, q_ref, k_ref, v_ref, s0_ref, o_ref, final_ref, run_ref=None,
-                 blocks: _Blocks, n_heads: int, K: int, V: int, scale: float, exact_state: bool, precision):
+def fleet_kernel(*, log_decay_ref, q_ref, k_ref, v_ref, s0_ref, o_ref, final_ref, flag_ref, run_ref=None,
+                 gate_ref=None, blocks: _Blocks, n_heads: int, K: int, V: int, scale: float, exact_state: bool,
+                 precision):
     """One program: rank block r, (batch, head) bh, value block j, sequence piece p. Refs (leading grid dims
     squeezed): q, k [T, block_k]; v, o [T, block_v]; s0 [block_k, block_v] float32 (read by piece 0);
-    run [T] int32; final [block_k, block_v] float32 (the piece's state from its entering one)."""
+    run [T] int32; gate [T] (gated); final [block_k, block_v] float32 (the piece's state from its entering
+    one); flag [1]: a non-finite v was seen."""
     r, bh, j, p = (program_id(axis, log_decay_ref) for axis in range(4))
     log_decay = log_decay_ref[jax.lax.rem(bh, n_heads)]
     chunking = blocks.chunking
@@ -229,44 +232,51 @@ def fleet_kernel(*, log_decay_ref, q_ref, k_ref, v_ref, s0_ref, o_ref, final_ref
     edge = None if run_ref is None else jnp.where(start > 0, run_ref[jnp.maximum(start - 1, 0)], 0)
 
     if chunking.chunk_size == 1:
-        gamma = jnp.exp(log_decay)
         end = jnp.minimum(start + chunking.piece_len, chunking.T)
 
         def token(t, carry):
-            state, before = carry
+            state, before, flag = carry
             q_t = plt.load(q_ref.at[t, :], mask=k_cols, other=0.0).astype(f32)
             k_t = plt.load(k_ref.at[t, :], mask=k_cols, other=0.0).astype(f32)
             v_t = plt.load(v_ref.at[t, :], mask=v_cols, other=0.0).astype(f32)
+            bad = ~jnp.isfinite(v_t)
+            v_t = jnp.where(bad, 0.0, v_t)
             if run_ref is not None:
                 run_t = run_ref[t]
                 state = jnp.where(run_t == before, state, 0.0)  # a new run starts from zero (selected)
                 before = run_t
-            state = gamma * state + k_t[:, None] * v_t[None, :]
+            la = log_decay if gate_ref is None else log_decay + gate_ref[t]
+            state = jnp.exp(la) * state + k_t[:, None] * v_t[None, :]
             o_t = scale * jnp.sum(q_t[:, None] * state, axis=0)
             plt.store(o_ref.at[t, :], o_t.astype(o_ref.dtype), mask=v_cols)
-            return state, before
+            return state, before, jnp.maximum(flag, cm.any_bad(bad))
 
-        state, _ = jax.lax.fori_loop(start, end, token, (state, jnp.int32(0) if edge is None else edge))
+        state, _, flag = jax.lax.fori_loop(start, end, token, (state, jnp.int32(0) if edge is None else edge,
+                                                               jnp.int32(0)))
         final_ref[...] = state
+        flag_ref[...] = jnp.full(flag_ref.shape, flag)
         return
 
-    def body(ch: cm.Chunk, state):
+    def body(ch: cm.Chunk, carry):
+        state, flag = carry
         q, k = load_rows(q_ref, ch, k_cols), load_rows(k_ref, ch, k_cols)
         v, bad = cm.finite_part(load_rows(v_ref, ch, v_cols))
         o, _ = cm.output(q, cm.scores(q, k, ch, precision), v, state, ch, scale=scale, dtype=dtype,
                          precision=precision, exact=False)
         state = cm.update(state, k, v, ch, dtype=dtype, precision=precision, exact=exact_state)
-        o, state, _ = cm.poison(o, state, bad, ch)
         store_rows(o_ref, ch, o, v_cols)
-        return state
+        return state, jnp.maximum(flag, cm.any_bad(bad))
 
-    final_ref[...] = walk(body, state, piece=p, chunking=chunking, reverse=False, log_decay=log_decay,
-                          run_ref=run_ref, edge_ref=None if edge is None else edge[None])
+    final_ref[...], flag = walk(body, (state, jnp.int32(0)), piece=p, chunking=chunking, reverse=False,
+                                log_decay=log_decay, run_ref=run_ref, edge_ref=None if edge is None else edge[None],
+                                gate_ref=gate_ref)
+    flag_ref[...] = jnp.full(flag_ref.shape, flag)
 
 
-def _fleet_call(q, k, v, log_decay, initial_state, run_ids, *, scale: float, config: FleetConfig, blocks: _Blocks,
-                exact_state: bool):
-    """The pallas_call. Returns (o or rank-block partials, local final states [P, B, H, K, V] float32)."""
+def _fleet_call(q, k, v, log_decay, gate, initial_state, run_ids, *, scale: float, config: FleetConfig,
+                blocks: _Blocks, exact_state: bool):
+    """The pallas_call. Returns (o or rank-block partials, local final states [P, B, H, K, V] float32, the
+    programs' non-finite flags). gate: the log gate [B, H, T] or None."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     nk, nv = blocks.count(K, V)
@@ -293,14 +303,18 @@ def _fleet_call(q, k, v, log_decay, initial_state, run_ids, *, scale: float, con
                            s0_ref=(initial_state, pl.BlockSpec((None, None, BK, BV),
                                                                lambda r, bh, j, p: (batch(bh), head(bh), r, j))),
                            run_ref=None if run_ids is None else (run_ids, pl.BlockSpec(
-                               (None, T), lambda r, bh, j, p: (batch(bh), 0)))),
+                               (None, T), lambda r, bh, j, p: (batch(bh), 0))),
+                           gate_ref=None if gate is None else (gate, pl.BlockSpec(
+                               (None, None, T), lambda r, bh, j, p: (batch(bh), head(bh), 0)))),
                outputs=dict(o_ref=o_out, final_ref=(((P, B, H, K, V), f32), pl.BlockSpec(
-                   (None, None, None, BK, BV), lambda r, bh, j, p: (p, batch(bh), head(bh), r, j)))),
+                   (None, None, None, BK, BV), lambda r, bh, j, p: (p, batch(bh), head(bh), r, j))),
+                   flag_ref=(((nk, B * H, nv, P, 1), jnp.int32), pl.BlockSpec(
+                       (None, None, None, None, 1), lambda r, bh, j, p: (r, bh, j, p, 0)))),
                num_warps=config.num_warps, num_stages=config.num_stages)
-    return out["o_ref"], out["final_ref"]
+    return out["o_ref"], out["final_ref"], out["flag_ref"]
 
 
-def _join_pieces(q, o, local_final, log_decay, run_ids, scale: float, chunking: Chunking):
+def _join_pieces(q, o, local_final, decays: Decays, run_ids, scale: float, chunking: Chunking):
     """State passing between sequence pieces: entering states by an exclusive scan, then the correction.
 
     o [B, T, H, V] float32 from pieces that started from zero (piece 0 from the initial state);
@@ -317,8 +331,7 @@ def _join_pieces(q, o, local_final, log_decay, run_ids, scale: float, chunking: 
     else:
         entering_run = jnp.concatenate([jnp.zeros((B, 1), run_ids.dtype), run_ids[:, starts[1:] - 1]], 1)  # [B, P]
         keeps = (run_ids[:, ends - 1] == entering_run).T  # [P, B]
-    carry = jnp.exp(jnp.asarray(chunking.piece_lengths, f32)[:, None] * log_decay[None, :])  # [P, H]
-    carry = jnp.broadcast_to(carry[:, None, :], (P, B, H))
+    carry = jnp.moveaxis(jnp.exp(decays.block_sums(B, T, L)), 2, 0)  # [P, B, H]
     keep = jnp.broadcast_to(keeps[:, :, None], (P, B, H))
     # S_1 = L_0 (piece 0 already started from the initial state, so it needs no correction).
     later, final_state = pass_states(local_final[0], local_final[1:], carry[1:], keep[1:])
@@ -326,49 +339,61 @@ def _join_pieces(q, o, local_final, log_decay, run_ids, scale: float, chunking: 
 
     pad = P * L - T
     qp = jnp.pad(q.astype(f32), ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, P, L, H, -1)
-    local = np.arange(L)
-    factor = jnp.exp((local + 1)[:, None].astype(np.float32) * log_decay[None, :])  # [L, H]
+    # The decay from each piece's start through each of its positions: the entering state's factor.
+    la = jnp.pad(decays.per_position(B, T), ((0, 0), (0, 0), (0, pad))).reshape(B, H, P, L)
+    factor = jnp.exp(jnp.cumsum(la, axis=-1)).transpose(0, 2, 3, 1)  # [B, P, L, H]
     reached = jnp.ones((B, P, L, H), bool)
     if run_ids is not None:
         runs = jnp.pad(run_ids, ((0, 0), (0, pad)), mode="edge").reshape(B, P, L)
         reached = jnp.broadcast_to((runs == entering_run[:, :, None])[..., None], (B, P, L, H))
     correction = jnp.einsum("bplhk,pbhkv->bplhv", qp, entering, precision=jax.lax.Precision.HIGHEST)
     # Selected, not multiplied: a NaN state of one segment must not reach another.
-    correction = jnp.where(reached[..., None], scale * factor[None, None, :, :, None] * correction, 0.0)
+    correction = jnp.where(reached[..., None], scale * factor[..., None] * correction, 0.0)
     return o + correction.reshape(B, P * L, H, -1)[:, :T], final_state
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "config", "exact_state"))
-def _forward(q, k, v, log_decay, initial_state, run_ids, *, scale: float, config: FleetConfig, exact_state: bool):
+def _forward(q, k, v, log_decay, log_gate, initial_state, run_ids, *, scale: float, config: FleetConfig,
+             exact_state: bool):
     q, k, v = chunked.canonical_dtype(q, k, v)
+    decays = Decays(log_decay.astype(f32), log_gate)
     blocks = _blocks(config, q.shape[1], q.shape[3], v.shape[3], q.dtype)
-    o, local_final = _fleet_call(q, k, v, log_decay.astype(f32), initial_state.astype(f32), run_ids,
-                                 scale=scale, config=config, blocks=blocks, exact_state=exact_state)
+    o, local_final, flags = _fleet_call(q, k, v, decays.log_decay, decays.gate_tiles(), initial_state.astype(f32),
+                                        run_ids, scale=scale, config=config, blocks=blocks, exact_state=exact_state)
     if blocks.count(q.shape[3], v.shape[3])[0] > 1:
         # Fixed-order sum of the rank blocks' float32 partials: element-wise, no atomics, same bits every run.
         o = functools.reduce(jnp.add, list(o))
     if blocks.chunking.pieces > 1:
-        return _join_pieces(q, o, local_final, log_decay.astype(f32), run_ids, scale, blocks.chunking)
-    return o, local_final[0]
+        o, final = _join_pieces(q, o, local_final, decays, run_ids, scale, blocks.chunking)
+    else:
+        o, final = o, local_final[0]
+
+    def fix(o, final, v):
+        bad = nonfinite.bad(v)
+        return (nonfinite.mark(o, nonfinite.reached(bad, run_ids)),
+                nonfinite.mark(final, nonfinite.in_run(bad, run_ids, "last")[:, :, None]))
+
+    return nonfinite.unless_finite([flags], fix, (o, final), (v,))
 
 
 # ---------------------------------------------------------------------------------------------- custom VJP
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _pallas_fleet(q, k, v, log_decay, initial_state, run_ids, scale, config, exact_state):
-    return _forward(q, k, v, log_decay, initial_state, run_ids, scale=scale, config=config, exact_state=exact_state)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _pallas_fleet(q, k, v, log_decay, log_gate, initial_state, run_ids, scale, config, exact_state):
+    return _forward(q, k, v, log_decay, log_gate, initial_state, run_ids, scale=scale, config=config,
+                    exact_state=exact_state)
 
 
-def _pallas_fleet_fwd(q, k, v, log_decay, initial_state, run_ids, scale, config, exact_state):
+def _pallas_fleet_fwd(q, k, v, log_decay, log_gate, initial_state, run_ids, scale, config, exact_state):
     # symbolic_zeros=True: the primals arrive wrapped; an unused output's cotangent stays a SymbolicZero,
     # which lets the backward skip its terms (the final state's, most often).
-    q, k, v, log_decay, initial_state, run_ids = jax.custom_derivatives.custom_vjp_primal_tree_values(
-        (q, k, v, log_decay, initial_state, run_ids))
+    *floats, run_ids = jax.custom_derivatives.custom_vjp_primal_tree_values(
+        (q, k, v, log_decay, log_gate, initial_state, run_ids))
     # A second derivative would differentiate this forward's kernel: refuse it with a clear message.
-    q, k, v, log_decay, initial_state = (vjp.first_order_only(x) for x in (q, k, v, log_decay, initial_state))
-    o, final_state = _forward(q, k, v, log_decay, initial_state, run_ids, scale=scale, config=config,
+    q, k, v, log_decay, log_gate, initial_state = (None if x is None else vjp.first_order_only(x) for x in floats)
+    o, final_state = _forward(q, k, v, log_decay, log_gate, initial_state, run_ids, scale=scale, config=config,
                               exact_state=exact_state)
-    return (o, final_state), (q, k, v, log_decay, initial_state, run_ids)
+    return (o, final_state), (q, k, v, log_decay, log_gate, initial_state, run_ids)
 
 
 def _pallas_fleet_bwd(scale, config, exact_state, residuals, cotangents):
@@ -384,7 +409,7 @@ def _pallas_fleet_bwd(scale, config, exact_state, residuals, cotangents):
 _pallas_fleet.defvjp(_pallas_fleet_fwd, _pallas_fleet_bwd, symbolic_zeros=True)
 
 
-def pallas_fleet_impl(q, k, v, log_decay, initial_state, run_ids, *, scale: float, config: FleetConfig,
+def pallas_fleet_impl(q, k, v, log_decay, log_gate, initial_state, run_ids, *, scale: float, config: FleetConfig,
                       final_state: bool = True):
     """FleetAttention's partition; returns (o [B, T, H, V], final state [B, H, K, V] float32).
 
@@ -395,7 +420,7 @@ def pallas_fleet_impl(q, k, v, log_decay, initial_state, run_ids, *, scale: floa
     """
     if not isinstance(config, FleetConfig):
         raise TypeError(f"config must be a FleetConfig, got {type(config).__name__}")
-    return _pallas_fleet(q, k, v, log_decay, initial_state, run_ids, float(scale), config, final_state)
+    return _pallas_fleet(q, k, v, log_decay, log_gate, initial_state, run_ids, float(scale), config, final_state)
 
 
 IMPLEMENTATION = Implementation(

@@ -26,12 +26,13 @@ from fleetjax.pallas.walk import (Specs, columns, enter_piece, program_id, load_
 f32 = jnp.float32
 
 
-def forward_kernel(*, log_decay_ref, q_ref, k_ref, v_ref, o_ref, final_ref, start_ref=None, local_ref=None,
-                   link_ref=None, run_ref=None, edge_ref=None, chunking: Chunking, K: int, V: int, block_v: int,
-                   scale: float, exact_state: bool, precision):
+def forward_kernel(*, log_decay_ref, q_ref, k_ref, v_ref, o_ref, final_ref, flag_ref, start_ref=None,
+                   local_ref=None, link_ref=None, run_ref=None, edge_ref=None, gate_ref=None, piece_log_ref=None,
+                   chunking: Chunking, K: int, V: int, block_v: int, scale: float, exact_state: bool, precision):
     """One (value block, batch*head, piece) program of the forward walk. Refs: q, k [T, K]; v, o [T, block_v];
     start [K, block_v] (the state entering the walk); local [P-1, K, block_v], link [P] (pieces); run [T],
-    edge [1] (segments); final [K, block_v]: the state after the piece."""
+    edge [1] (segments); gate [T], piece_log [P] (gated); final [K, block_v]: the state after the piece;
+    flag [1]: a non-finite v was seen."""
     j, piece = program_id(0, log_decay_ref), program_id(2, log_decay_ref)
     log_decay = log_decay_ref[0]
     k_cols, v_cols = columns(k_ref, K), columns(v_ref, V, block_v, j)
@@ -39,25 +40,26 @@ def forward_kernel(*, log_decay_ref, q_ref, k_ref, v_ref, o_ref, final_ref, star
     state = start_ref[...] if start_ref is not None else jnp.zeros(final_ref.shape, f32)
     if local_ref is not None:
         state = enter_piece(state, piece=piece, chunking=chunking, reverse=False, log_decay=log_decay,
-                            local_ref=local_ref, link_ref=link_ref)
+                            local_ref=local_ref, link_ref=link_ref, piece_log_ref=piece_log_ref)
 
-    def body(ch: cm.Chunk, state):
+    def body(ch: cm.Chunk, carry):
+        state, flag = carry
         q, k = load_rows(q_ref, ch, k_cols), load_rows(k_ref, ch, k_cols)
         v, bad = cm.finite_part(load_rows(v_ref, ch, v_cols))
         o, _ = cm.output(q, cm.scores(q, k, ch, precision), v, state, ch, scale=scale, dtype=dtype,
                          precision=precision, exact=False)
         state = cm.update(state, k, v, ch, dtype=dtype, precision=precision, exact=exact_state)
-        o, state, _ = cm.poison(o, state, bad, ch)
         store_rows(o_ref, ch, o, v_cols)
-        return state
+        return state, jnp.maximum(flag, cm.any_bad(bad))
 
-    final_ref[...] = walk(body, state, piece=piece, chunking=chunking, reverse=False, log_decay=log_decay,
-                          run_ref=run_ref, edge_ref=edge_ref)
+    final_ref[...], flag = walk(body, (state, jnp.int32(0)), piece=piece, chunking=chunking, reverse=False,
+                                log_decay=log_decay, run_ref=run_ref, edge_ref=edge_ref, gate_ref=gate_ref)
+    flag_ref[...] = jnp.full(flag_ref.shape, flag)
 
 
-def piece_states_kernel(*, log_decay_ref, k_ref, v_ref, final_ref, counts_ref=None, run_ref=None, edge_ref=None,
-                        chunking: Chunking, K: int, V: int, block_v: int, reverse: bool, piece_offset: int,
-                        precision):
+def piece_states_kernel(*, log_decay_ref, k_ref, v_ref, final_ref, flag_ref, counts_ref=None, run_ref=None,
+                        edge_ref=None, gate_ref=None, chunking: Chunking, K: int, V: int, block_v: int,
+                        reverse: bool, piece_offset: int, precision):
     """One (value block, batch*head, piece) program: the piece's state from a zero one, float32-accurate (it
     enters the walks of the other pieces). Refs: k [T, K]; v [T, block_v]; run [T], edge [1]; final
     [K, block_v]; counts [K, block_v]: the state's crossing counts (fleetjax.vjp), for the dq walk."""
@@ -67,18 +69,19 @@ def piece_states_kernel(*, log_decay_ref, k_ref, v_ref, final_ref, counts_ref=No
     dtype = k_ref.dtype
 
     def body(ch: cm.Chunk, carry):
-        state, counts = carry
+        state, counts, flag = carry
         k = load_rows(k_ref, ch, k_cols)
         v, bad = cm.finite_part(load_rows(v_ref, ch, v_cols))
         if counts is not None:
             counts = cm.count_crossings(counts, state, ch)
         state = cm.update(state, k, v, ch, dtype=dtype, precision=precision, exact=True)
-        return cm.poison(None, state, bad, ch)[1], counts
+        return state, counts, jnp.maximum(flag, cm.any_bad(bad))
 
     zero = jnp.zeros(final_ref.shape, f32)
-    final_ref[...], counts = walk(body, (zero, None if counts_ref is None else zero), piece=piece,
-                                  chunking=chunking, reverse=reverse, log_decay=log_decay, run_ref=run_ref,
-                                  edge_ref=edge_ref)
+    final_ref[...], counts, flag = walk(body, (zero, None if counts_ref is None else zero, jnp.int32(0)),
+                                        piece=piece, chunking=chunking, reverse=reverse, log_decay=log_decay,
+                                        run_ref=run_ref, edge_ref=edge_ref, gate_ref=gate_ref)
+    flag_ref[...] = jnp.full(flag_ref.shape, flag)
     if counts_ref is not None:
         counts_ref[...] = counts
 
@@ -86,11 +89,13 @@ def piece_states_kernel(*, log_decay_ref, k_ref, v_ref, final_ref, counts_ref=No
 # ------------------------------------------------------------------------------------------------ launches
 
 def piece_states(key, value, log_decay, run_ids, chunking: Chunking, *, reverse: bool, all_pieces: bool,
-                 chunk_size: int, block_v: int, num_warps: int, num_stages: int, precision, counts: bool = False):
-    """The local states [B, H, n, K, V] float32 of the pieces that have a successor in the walk (forward:
-    0..P-2; reverse: 1..P-1), or of all P pieces with ``all_pieces``; each piece walked from a zero state with
-    its keys ``key`` [B, T, H, K] and values ``value`` [B, T, H, V], in chunks of ``chunk_size`` where those
-    tile the pieces (else the walk's). With ``counts``, (states, their crossing counts) in the walk's chunks."""
+                 chunk_size: int, block_v: int, num_warps: int, num_stages: int, precision, counts: bool = False,
+                 gate=None):
+    """(The local states [B, H, n, K, V] float32 of the pieces that have a successor in the walk (forward:
+    0..P-2; reverse: 1..P-1), or of all P pieces with ``all_pieces``, the programs' non-finite flags). Each
+    piece is walked from a zero state with its keys ``key`` [B, T, H, K] and values ``value`` [B, T, H, V], in
+    chunks of ``chunk_size`` where those tile the pieces (else the walk's). With ``counts`` the states come as
+    (states, their crossing counts) in the walk's chunks. gate: the log gate [B, H, T] (None: constant)."""
     if counts:
         chunk_size = chunking.chunk_size  # counts are of the walk's own chunks
     B, T, H, K = key.shape
@@ -106,20 +111,24 @@ def piece_states(key, value, log_decay, run_ids, chunking: Chunking, *, reverse:
     out = call(kernel, name="fleet_piece_states" + ("_reverse" if reverse else ""), grid=(nv, B * H, launched),
                inputs=dict(log_decay_ref=(log_decay, s.head()), k_ref=(key, s.keys()), v_ref=(value, s.values()),
                            run_ref=None if run_ids is None else (run_ids, s.runs()),
-                           edge_ref=None if run_ids is None else (edge, s.edge())),
+                           edge_ref=None if run_ids is None else (edge, s.edge()),
+                           gate_ref=None if gate is None else (gate, s.positions())),
                outputs=dict(final_ref=(((B, H, launched, kp, nv * bv), f32), s.piece_state()),
+                            flag_ref=(((nv, B * H, launched, 1), jnp.int32), s.flag()),
                             counts_ref=(((B, H, launched, kp, nv * bv), f32), s.piece_state()) if counts else None),
                num_warps=num_warps, num_stages=num_stages)
+    states = out["final_ref"][..., :K, :V]
     if counts:
-        return out["final_ref"][..., :K, :V], out["counts_ref"][..., :K, :V]
-    return out["final_ref"][..., :K, :V]
+        states = (states, out["counts_ref"][..., :K, :V])
+    return states, out["flag_ref"]
 
 
 def forward_walk(q, k, v, log_decay, start, run_ids, chunking: Chunking, *, scale: float, exact_state: bool,
-                 local, block_v: int, num_warps: int, num_stages: int, precision):
-    """o [B, T, H, V] in q's dtype and the state after the walk [B, H, K, V] float32, from the entering state
-    ``start`` (None: zero). ``local``: the pieces' local states (see :func:`piece_states`), None with one
-    piece."""
+                 local, block_v: int, num_warps: int, num_stages: int, precision, gate=None, piece_log=None):
+    """(o [B, T, H, V] in q's dtype, the state after the walk [B, H, K, V] float32, the programs' non-finite
+    flags), from the entering state ``start`` (None: zero). ``local``: the pieces' local states (see
+    :func:`piece_states`), None with one piece. gate [B, H, T] and piece_log [B, H, P] (the pieces' sums of
+    la): the gated decay (None: constant)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     kp = padded(K)
@@ -137,19 +146,22 @@ def forward_walk(q, k, v, log_decay, start, run_ids, chunking: Chunking, *, scal
                            local_ref=None if P == 1 else (pad_state(local, kp, nv * bv), s.piece_states(P - 1)),
                            link_ref=None if links is None else (links, s.row(P)),
                            run_ref=None if run_ids is None else (run_ids, s.runs()),
-                           edge_ref=None if run_ids is None else (edge, s.edge())),
+                           edge_ref=None if run_ids is None else (edge, s.edge()),
+                           gate_ref=None if gate is None else (gate, s.positions()),
+                           piece_log_ref=None if gate is None or P == 1 else (piece_log, s.pieces())),
                outputs=dict(o_ref=(((B, T, H, V), q.dtype), s.values()),
-                            final_ref=(((B, H, P, kp, nv * bv), f32), s.piece_state())),
+                            final_ref=(((B, H, P, kp, nv * bv), f32), s.piece_state()),
+                            flag_ref=(((nv, B * H, P, 1), jnp.int32), s.flag())),
                num_warps=num_warps, num_stages=num_stages)
-    return out["o_ref"], out["final_ref"][:, :, -1, :K, :V]
+    return out["o_ref"], out["final_ref"][:, :, -1, :K, :V], out["flag_ref"]
 
 
-def fold_pieces(local, log_decay, run_ids, chunking: Chunking, reverse: bool):
-    """The state after all pieces from a zero one, from the local states of all P pieces [B, H, P, K, V]:
-    the state passing of fleetjax.state_passing over the pieces (reverse: from the last piece to the first)."""
-    carry = jnp.exp(jnp.asarray(chunking.piece_lengths, f32)[None, None, :] * log_decay[None, :, None])
+def fold_pieces(local, piece_log, run_ids, chunking: Chunking, reverse: bool):
+    """The state after all pieces from a zero one, from the local states of all P pieces [B, H, P, K, V] and
+    the pieces' sums of la [B, H, P]: the state passing of fleetjax.state_passing over the pieces (reverse:
+    from the last piece to the first)."""
+    carry = jnp.broadcast_to(jnp.exp(piece_log), local.shape[:3])
     links = piece_links(run_ids, chunking, reverse)
-    carry = jnp.broadcast_to(carry, local.shape[:3])
     keep = None if links is None else jnp.broadcast_to(links[:, None, :] > 0, local.shape[:3])
     zero = jnp.zeros_like(local[:, :, 0])
     _, total = pass_states(zero, jnp.moveaxis(local, 2, 0), jnp.moveaxis(carry, 2, 0),

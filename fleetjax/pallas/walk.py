@@ -49,6 +49,11 @@ def store_rows(ref, ch: Chunk, x, columns) -> None:
     plt.store(ref.at[_rows(ch), :], x.astype(ref.dtype), mask=ch.valid[:, None] & columns[None, :])
 
 
+def load_positions(ref, ch: Chunk):
+    """The chunk's [C] entries of a [T] ref, 0 beyond T."""
+    return plt.load(ref.at[_rows(ch)], mask=ch.valid, other=0.0)
+
+
 def store_positions(ref, ch: Chunk, x) -> None:
     """x [C] into a [T] ref at the chunk's valid positions."""
     plt.store(ref.at[_rows(ch)], x, mask=ch.valid)
@@ -61,20 +66,23 @@ def columns(ref, n: int, block: int = 0, index=0):
 
 
 def enter_piece(state, *, piece, chunking: Chunking, reverse: bool, log_decay, local_ref, link_ref=None,
-                counts=None, local_counts_ref=None):
+                counts=None, local_counts_ref=None, piece_log_ref=None):
     """The state entering ``piece``: ``state`` (entering the walk) carried through the pieces the walk passes
     first, each adding its local state. local_ref [P - 1, ...]: the local states of the pieces that have a
     successor in the walk (forward: 0..P-2; reverse: 1..P-1); link_ref [P]: a state passes the piece unbroken
     by a segment start (None: always). With ``counts`` (the crossing counts of fleetjax.vjp) and the pieces'
-    local counts, returns (state, counts): passing a piece of n whole chunks adds n to every count."""
+    local counts, returns (state, counts): passing a piece of n whole chunks adds n to every count.
+    piece_log_ref [P]: each piece's sum of la (gated; None: its length times log gamma)."""
     P, L, T = chunking.pieces, chunking.piece_len, chunking.T
     zero = piece - piece  # typed like the program id (see program_id)
 
     def fold(n, carry):
         state, counts = carry
         before = ((P - 1 - n) if reverse else n) + zero
-        length = jnp.minimum(L, T - before * L)
-        decay = jnp.exp(length.astype(f32) * log_decay)
+        if piece_log_ref is None:
+            decay = jnp.exp(jnp.minimum(L, T - before * L).astype(f32) * log_decay)
+        else:
+            decay = jnp.exp(piece_log_ref[before])
         keep = True if link_ref is None else link_ref[before] > 0  # selected: a reset drops a NaN state
         index = before - int(reverse)
         if counts is not None:
@@ -87,10 +95,10 @@ def enter_piece(state, *, piece, chunking: Chunking, reverse: bool, log_decay, l
 
 
 def walk(body: Callable[[Chunk, jax.Array], jax.Array], state, *, piece, chunking: Chunking, reverse: bool,
-         log_decay, run_ref=None, edge_ref=None):
+         log_decay, run_ref=None, edge_ref=None, gate_ref=None):
     """``state = body(chunk, state)`` over the chunks of ``piece``, first to last (reverse: last to first);
-    ``state`` may be any pytree of arrays.
-    run_ref [T]: run ids; edge_ref [1]: the run of the state entering the piece (None: one run)."""
+    ``state`` may be any pytree of arrays. run_ref [T]: run ids; edge_ref [1]: the run of the state entering
+    the piece (None: one run); gate_ref [T]: the log gate (None: the constant decay)."""
     C, T = chunking.chunk_size, chunking.T
     first = piece * chunking.chunks_per_piece
     count = jnp.minimum(chunking.chunks_per_piece, chunking.n_chunks - first)
@@ -98,10 +106,10 @@ def walk(body: Callable[[Chunk, jax.Array], jax.Array], state, *, piece, chunkin
     def step(c, carry):
         state, edge_run = carry
         start = (first + (count - 1 - c if reverse else c)) * C
-        runs = None
-        if run_ref is not None:
-            runs = plt.load(run_ref.at[pl.ds(start, C)], mask=start + jnp.arange(C) < T, other=-1)
-        ch = chunk(start, C, T, log_decay, reverse=reverse, runs=runs, edge_run=edge_run)
+        valid = start + jnp.arange(C) < T
+        runs = None if run_ref is None else plt.load(run_ref.at[pl.ds(start, C)], mask=valid, other=-1)
+        gate = None if gate_ref is None else plt.load(gate_ref.at[pl.ds(start, C)], mask=valid, other=0.0)
+        ch = chunk(start, C, T, log_decay, reverse=reverse, runs=runs, edge_run=edge_run, gate=gate)
         return body(ch, state), (edge_run if runs is None else ch.far_run)
 
     edge = edge_ref[0] if edge_ref is not None else jnp.int32(0)
@@ -168,6 +176,18 @@ class Specs:
     def edge(self):
         """[B, P] -> the program's piece's entry."""
         return pl.BlockSpec((None, 1), lambda j, g, p: (g // self.H, p + self.offset))
+
+    def flag(self):
+        """[value blocks, batch*head, programs, 1] -> the program's own flag [1]."""
+        return pl.BlockSpec((None, None, None, 1), lambda j, g, p: (j, g, p, 0))
+
+    def positions(self):
+        """[B, H, T] -> the program's [T] (a per-position input, such as the log gate)."""
+        return pl.BlockSpec((None, None, self.T), lambda j, g, p: (g // self.H, g % self.H, 0))
+
+    def pieces(self):
+        """[B, H, P] -> the program's row's [P]."""
+        return pl.BlockSpec((None, None, self.P), lambda j, g, p: (g // self.H, g % self.H, 0))
 
     def per_position(self):
         """[value blocks, B, H, T] -> the program's [T]."""
