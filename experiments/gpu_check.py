@@ -4,22 +4,23 @@
                                                  [--implementations NAMES] [--repeats N] [--out DIR]
 
 Runs :func:`fleetjax.check.report` (every implementation against implementation="scan": output, final state,
-every gradient, repeated calls bit for bit, median times) on the default shapes of this backend plus T = 1 and
-T = 7; --large adds T = 1000 and 4096 with head dims up to 256; --configs also runs the Pallas implementations
-with configs that take their other paths (rank and value blocks, sequence pieces, the per-token walk), built
-from each record's config type. Writes every row, with its per-output errors, to
-experiments/results/<date>-<device>-gpu_check.json (or --out). Off the GPU the Pallas implementations run
-interpreted, on the small shapes only. Exits 1 if any check fails.
+every gradient, repeated calls bit for bit, median times) on the default shapes of this backend plus T = 1
+and T = 7; --large adds T = 1000 and 4096 with head dims up to 256; --configs also runs the Pallas
+implementations with configs that take their other paths (rank and value blocks, sequence pieces, the
+per-token walk): fields changed in the default config that each record gives for the shape. Writes every
+row, with its per-output errors, to experiments/results/<date>-<device>-gpu_check.json (or --out). Off the
+GPU the Pallas implementations run interpreted, on the small shapes only. Exits 1 if any check fails.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -38,7 +39,7 @@ LARGE_SHAPES = (
     CheckShape(B=2, T=4096, H=4, K=128, V=128),
     CheckShape(B=1, T=4096, H=2, K=256, V=256, initial_state=False),
 )
-# Extra configs per implementation, as the fields of its record's config_type.
+# Extra configs per implementation: changes to the fields of its default config for each shape.
 CONFIGS = {
     "pallas_fleet": {
         "rank blocks": dict(block_k=16, block_v=16, tokens_per_step=16),
@@ -50,14 +51,19 @@ CONFIGS = {
 
 
 def variants(names: Sequence[str], with_configs: bool) -> list[Variant]:
-    """Each implementation with its default config, then (with_configs) with each of CONFIGS."""
+    """Each implementation with its default config, then (with_configs) with each of CONFIGS, applied to the
+    default config that its record gives for each shape."""
     chosen = [Variant(name) for name in names]
     for name in names if with_configs else ():
         impl = api.IMPLEMENTATIONS.get(name)
-        if impl is not None and impl.config_type is not None:
-            chosen += [Variant(name, impl.config_type(**fields), label)
-                       for label, fields in CONFIGS.get(name, {}).items()]
+        for label, changes in CONFIGS.get(name, {}).items() if impl is not None else ():
+            config = functools.partial(_changed_default, impl.default_config, changes)
+            chosen.append(Variant(name, config, label))
     return chosen
+
+
+def _changed_default(default_config: Callable, changes: dict, q, v):
+    return dataclasses.replace(default_config(q, v), **changes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -93,8 +93,9 @@ def default_shapes(backend: str | None = None) -> tuple[CheckShape, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """An implementation of the registry, by name, run with ``config`` (None: its default); ``label`` names
-    the config in the table."""
+    """An implementation of the registry, by name, run with ``config``: None (its default), a config, or a
+    function (q, v) -> config for each shape (the default with a field changed, say); ``label`` names the
+    config in the table."""
 
     implementation: str
     config: Any = None
@@ -149,9 +150,10 @@ def _functions(implementation: Implementation, config: Any, shape: CheckShape):
     of one implementation, x being :func:`inputs`'s dict."""
 
     def forward(x):
+        chosen = config(x["q"], x["v"]) if callable(config) else config
         return api.fleet_attention(x["q"], x["k"], x["v"], x["decay"], scale=shape.scale,
                                    initial_state=x["initial_state"], return_final_state=True,
-                                   segment_ids=x["segment_ids"], implementation=implementation, config=config)
+                                   segment_ids=x["segment_ids"], implementation=implementation, config=chosen)
 
     def forward_backward(x):
         differentiable = ("q", "k", "v", "decay") + (("initial_state",) if shape.initial_state else ())

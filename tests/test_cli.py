@@ -105,6 +105,20 @@ def test_capabilities_come_from_the_record(monkeypatch):
     assert not any(row.failed for row in rows)
 
 
+def test_a_variant_takes_a_config_or_a_function_of_the_shape():
+    """A config function runs for each shape and its result goes to the implementation (here a wrong one,
+    refused before anything compiles)."""
+    seen = []
+
+    def config(q, v):
+        seen.append((q.shape, v.shape))
+        return "not a config"
+
+    row = check.run_check([check.Variant("xla", config, "wrong")], [TINY], repeats=1)[0]
+    assert row.implementation == "xla [wrong]" and seen == [((1, 9, 2, 8), (1, 9, 2, 16))]
+    assert row.status.startswith("ERROR TypeError: config for implementation='xla' must be a XlaConfig"), row
+
+
 def test_an_implementation_missing_from_the_registry_is_skipped(monkeypatch):
     others = {name: record for name, record in api.IMPLEMENTATIONS.items() if name != "quadratic"}
     monkeypatch.setattr(api, "IMPLEMENTATIONS", types.MappingProxyType(others))
