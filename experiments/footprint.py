@@ -34,7 +34,8 @@ from jax import export  # noqa: E402
 from jax._src.pallas.triton import pallas_call_registration as registration  # noqa: E402
 
 import fleetjax  # noqa: E402
-from fleetjax.pallas import chunked, fleet, launch, walk  # noqa: E402
+from fleetjax.pallas import chunked, fleet, launch  # noqa: E402
+from fleetjax.pallas import walk as walk_module  # noqa: E402
 
 _COMPILE = r'''
 import json, os, re, subprocess, sys, tempfile, triton
@@ -100,19 +101,15 @@ _KERNEL_OF = {"fleet_forward": "forward", "fleet_piece_states": "piece_states",
 
 def grid(size: str):
     """(dtype, K, V, walk) to measure. float16 takes the shared memory of bfloat16 (both 2 bytes)."""
-    if size == "small":
-        for dtype in ("bfloat16", "float16", "float32"):
-            for K, V in [(128, 128), (128, 256), (256, 256)]:
-                for chunk_size, block_v, stages in ((64, 64, 3), (64, 32, 3), (64, 32, 2), (32, 32, 3), (64, 16, 2)):
-                    yield dtype, K, V, chunked.WalkConfig(chunk_size=chunk_size, block_v=block_v, num_stages=stages)
-        return
+    dims = [(128, 128), (128, 256), (256, 256)] if size == "small" else [(64, 64), (128, 128), (128, 256),
+                                                                       (256, 128), (256, 256)]
+    walks = ((64, 64, 3), (64, 32, 3), (64, 32, 2), (32, 32, 3), (64, 16, 2))
+    if size == "full":
+        walks = tuple((c, b, s) for c in (32, 64) for b in (16, 32, 64) for s in (1, 2, 3, 4))
     for dtype in ("bfloat16", "float32"):
-        for K, V in [(64, 64), (128, 128), (128, 256), (256, 128), (256, 256)]:
-            for chunk_size in (32, 64):
-                for block_v in (16, 32, 64):
-                    for stages in (1, 2, 3, 4):
-                        yield dtype, K, V, chunked.WalkConfig(chunk_size=chunk_size, block_v=block_v,
-                                                              num_stages=stages)
+        for K, V in dims:
+            for chunk_size, block_v, stages in walks:
+                yield dtype, K, V, chunked.WalkConfig(chunk_size=chunk_size, block_v=block_v, num_stages=stages)
 
 
 def main(argv=None) -> int:
@@ -121,12 +118,13 @@ def main(argv=None) -> int:
     parser.add_argument("--grid", choices=("small", "full"), default="small")
     parser.add_argument("--out", default="footprint.jsonl")
     args = parser.parse_args(argv)
-    for module in (launch, chunked, fleet, walk):  # lower as a GPU would: Triton, not interpret mode
+    for module in (launch, chunked, fleet, walk_module):  # lower as a GPU would: Triton, not interpret mode
         module.on_gpu = lambda: True
     chunked.check_fits = lambda *args, **kwargs: None  # measure what the model would refuse, too
     capture = Capture()
     directory = tempfile.mkdtemp(prefix="fleetjax-ttir-")
     jobs = []
+    seen_pieces: dict = {}
     for dtype, K, V, walk in grid(args.grid):
         dt = jnp.dtype(dtype)
         q, v = jax.ShapeDtypeStruct((2, 256, 2, K), dt), jax.ShapeDtypeStruct((2, 256, 2, V), dt)
@@ -149,11 +147,16 @@ def main(argv=None) -> int:
         for job in found:
             kind = _KERNEL_OF[job["kernel"]]
             walk_used = dataclasses.replace(walk, num_stages=job["num_stages"])
-            job.update(dtype=dtype, K=K, V=V, walk=dataclasses.asdict(walk_used),
-                       model=chunked.footprint(kind, walk_used, K, V, dt)["shared"])
+            dims = chunked.walk_dims(kind, K, V)
+            if job["kernel"] == "fleet_piece_states":  # the forward's (K, V) and the dq walk's (V, K) pieces
+                dims = dims[seen_pieces.get((dtype, K, V, str(walk)), 0) % 2:][:1]
+                seen_pieces[(dtype, K, V, str(walk))] = seen_pieces.get((dtype, K, V, str(walk)), 0) + 1
+            job.update(dtype=dtype, K=K, V=V, key_dim=dims[0][0], value_dim=dims[0][1],
+                       walk=dataclasses.asdict(walk_used),
+                       model=chunked.footprint(kind, walk_used, *dims[0], dt)["shared"])
             jobs.append(job)
     result = subprocess.run([args.triton_python, "-c", _COMPILE], input="\n".join(json.dumps(j) for j in jobs),
-                            capture_output=True, text=True)
+                            capture_output=True, text=True) if jobs else None
     worst = 0.0
     with open(args.out, "w") as out:
         for line in result.stdout.splitlines():

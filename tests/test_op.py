@@ -569,3 +569,18 @@ def test_non_finite_values_stay_where_they_belong(implementation, where):
         others[b, h] = False
     np.testing.assert_allclose(final[others], ref[1][others], rtol=1e-5, atol=1e-6, err_msg="final state")
     np.testing.assert_allclose(ds0, ref[5], rtol=1e-5, atol=1e-6, err_msg="d initial_state")
+
+
+def test_gated_decode_steps_equal_full_forward():
+    """decode_step with per-token log gates (and decay None) equals the gated full forward."""
+    q, k, v, _, s0 = _small_inputs(T=11)
+    gate = jnp.asarray(-np.abs(np.random.default_rng(5).standard_normal((2, 11, 2))) * 0.5, jnp.float32)
+    for decay in (jnp.asarray([0.95, 0.5]), None):
+        state, outputs = s0, []
+        for t in range(q.shape[1]):
+            o_t, state = fleetjax.decode_step(q[:, t], k[:, t], v[:, t], decay, state, log_gate=gate[:, t])
+            outputs.append(o_t)
+        o, final = fleetjax.fleet_attention(q, k, v, decay, log_gate=gate, initial_state=s0, return_final_state=True,
+                                            implementation="scan")
+        np.testing.assert_allclose(np.asarray(jnp.stack(outputs, axis=1)), np.asarray(o), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(state), np.asarray(final), rtol=1e-5, atol=1e-6)

@@ -35,6 +35,7 @@ class Problem:
     first_run: int = 0  # 1: the row opens a new run, so the initial state reaches no position
     dtype: str = "float32"
     scale: float = 0.75
+    gated: bool = False  # per-token log gates
 
     def arrays(self, seed: int = 0):
         keys = jax.random.split(jax.random.PRNGKey(seed), 5)
@@ -45,11 +46,14 @@ class Problem:
         log_decay = jnp.log(jnp.asarray([DECAYS[h % len(DECAYS)] for h in range(self.H)], f32))
         state = (jax.random.normal(keys[3], (self.B, self.H, self.K, self.V)) if self.initial_state
                  else jnp.zeros((self.B, self.H, self.K, self.V), f32))
+        log_gate = None
+        if self.gated:
+            log_gate = -jnp.abs(jax.random.normal(keys[4], (self.B, self.T, self.H))) * 0.3
         run_ids = None
         if self.runs:
             starts = jax.random.bernoulli(keys[4], 0.2, (self.B, self.T)).at[:, 0].set(self.first_run == 1)
             run_ids = jnp.cumsum(starts.astype(jnp.int32), axis=1, dtype=jnp.int32)
-        return q, k, v, log_decay, state, run_ids
+        return q, k, v, log_decay, log_gate, state, run_ids
 
 
 def _relative_error(x, ref) -> float:
@@ -58,12 +62,12 @@ def _relative_error(x, ref) -> float:
 
 
 def _check(problem: Problem, config: FleetConfig, tol: float, oracle=reference.scan_impl):
-    q, k, v, log_decay, state, run_ids = problem.arrays()
-    o, final = pallas_fleet_impl(q, k, v, log_decay, state, run_ids, scale=problem.scale, config=config)
+    q, k, v, log_decay, log_gate, state, run_ids = problem.arrays()
+    o, final = pallas_fleet_impl(q, k, v, log_decay, log_gate, state, run_ids, scale=problem.scale, config=config)
     assert o.shape == (problem.B, problem.T, problem.H, problem.V)
     assert final.shape == (problem.B, problem.H, problem.K, problem.V) and final.dtype == f32
     up = lambda x: x.astype(f32)
-    o_ref, final_ref = oracle(up(q), up(k), up(v), log_decay, state, run_ids, scale=problem.scale)
+    o_ref, final_ref = oracle(up(q), up(k), up(v), log_decay, log_gate, state, run_ids, scale=problem.scale)
     assert np.all(np.isfinite(np.asarray(o, np.float32)))
     assert _relative_error(o, o_ref) < tol, _relative_error(o, o_ref)
     assert _relative_error(final, final_ref) < tol, _relative_error(final, final_ref)
@@ -81,6 +85,9 @@ CASES = [
     (Problem(1, 70, 2, 5, 24, runs=True), FleetConfig(tokens_per_step=16, num_sequence_pieces=3)),
     (Problem(1, 70, 2, 24, 24), dataclasses.replace(TILE, num_sequence_pieces=4)),  # pieces x rank blocks
     (Problem(1, 37, 2, 24, 16, runs=True), FleetConfig(tokens_per_step=1, num_sequence_pieces=3)),
+    # Per-token log gates: the tile walk with rank blocks and pieces, and the per-token walk.
+    (Problem(1, 50, 2, 24, 16, runs=True, gated=True), dataclasses.replace(TILE, num_sequence_pieces=2)),
+    (Problem(1, 21, 2, 5, 16, gated=True), FleetConfig(tokens_per_step=1)),
 ]
 
 
@@ -121,14 +128,14 @@ def test_deterministic():
 
 def test_gradients_through_custom_vjp():
     problem = Problem(1, 20, 2, 5, 24, runs=True)
-    q, k, v, log_decay, state, run_ids = problem.arrays(seed=1)
+    q, k, v, log_decay, log_gate, state, run_ids = problem.arrays(seed=1)
     keys = jax.random.split(jax.random.PRNGKey(7), 2)
     d_o = jax.random.normal(keys[0], (problem.B, problem.T, problem.H, problem.V))
     d_final = jax.random.normal(keys[1], state.shape)
 
     def loss(fn, config):
         def f(q, k, v, log_decay, state):
-            o, final = fn(q, k, v, log_decay, state, run_ids, scale=0.75, config=config)
+            o, final = fn(q, k, v, log_decay, None, state, run_ids, scale=0.75, config=config)
             return jnp.sum(o * d_o) + jnp.sum(final * d_final)
         return f
 
@@ -142,7 +149,7 @@ def test_gradients_through_custom_vjp():
 def test_api_dispatch_and_default_config():
     import fleetjax
     problem = Problem(1, 9, 2, 5, 7, initial_state=False)
-    q, k, v, log_decay, _, _ = problem.arrays()
+    q, k, v, log_decay, *_ = problem.arrays()
     config = default_config(q, v)
     assert isinstance(config, FleetConfig)
     decay = jnp.exp(log_decay)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import fleetjax
+import fleetjax.api
 
 B, T, H, K, V = 2, 5, 3, 4, 6
 
@@ -69,6 +70,12 @@ BAD = [
     ("segment_ids", ValueError, dict(segment_ids=jnp.zeros((B, T, 1), jnp.int32))),
     ("segment_ids", TypeError, dict(segment_ids=jnp.zeros((B, T), f32))),
     ("segment_ids", TypeError, dict(segment_ids=jnp.zeros((B, T), bool))),
+    ("log_gate", ValueError, dict(log_gate=jnp.full((B, T, H), 0.1, f32))),  # a gate above 1
+    ("log_gate", ValueError, dict(log_gate=jnp.full((B, T, H), -np.inf, f32))),
+    ("log_gate", ValueError, dict(log_gate=jnp.zeros((B, H, T), f32))),
+    ("log_gate", ValueError, dict(log_gate=jnp.zeros((B, T), f32))),
+    ("log_gate", TypeError, dict(log_gate=jnp.zeros((B, T, H), jnp.int32))),
+    ("decay", TypeError, dict(decay=None)),  # None needs a log_gate
     ("implementation", ValueError, dict(implementation="flash")),
     ("implementation", ValueError, dict(implementation="XLA")),
     ("config", TypeError, dict(implementation="xla", config={"chunk_size": 16})),
@@ -186,6 +193,9 @@ BAD_STEP = [
     ("decay", ValueError, dict(decay=jnp.asarray([0.9, 0.5], f32))),
     ("decay", ValueError, dict(decay=jnp.asarray([0.9, 0.0, 1.0], f32))),
     ("decay", ValueError, dict(decay=jnp.asarray([0.9, 1.01, 1.0], f32))),
+    ("log_gate", ValueError, dict(log_gate=jnp.zeros((B, H, 1), f32))),
+    ("log_gate", ValueError, dict(log_gate=jnp.full((B, H), 0.5, f32))),
+    ("state", TypeError, dict(state=None)),
 ]
 
 
@@ -193,10 +203,37 @@ BAD_STEP = [
 def test_decode_step_bad_input_names_the_argument(argument, error, override):
     args = _step_args(**override)
     with pytest.raises(error, match=_names(argument)):
-        fleetjax.decode_step(args["q_t"], args["k_t"], args["v_t"], args["decay"], args["state"])
+        fleetjax.decode_step(args["q_t"], args["k_t"], args["v_t"], args["decay"], args["state"],
+                             log_gate=args.get("log_gate"))
 
 
 def test_decode_step_traced_scale_is_rejected():
     args = _step_args()
     with pytest.raises(TypeError, match=_names("scale")):
         jax.jit(lambda s: fleetjax.decode_step(*args.values(), scale=s))(1.0)
+
+
+def test_head_first_layout_is_named():
+    """q, k, v given as [B, H, T, K] with the decay's length equal to axis 1: the message says so."""
+    args = _args()
+    swap = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
+    decay = jnp.full((H,), 0.9, f32)  # one per head: the length of axis 1 of the head-first arrays
+    with pytest.raises(ValueError, match="head-first"):
+        fleetjax.fleet_attention(swap(args["q"]), swap(args["k"]), swap(args["v"]), decay)
+
+
+def test_traced_decay_and_gate_are_checked_under_checkify():
+    """Traced values cannot be checked at trace time; jax.experimental.checkify reports them."""
+    from jax.experimental import checkify
+    args = _args()
+
+    def f(decay, log_gate):
+        return fleetjax.fleet_attention(args["q"], args["k"], args["v"], decay, log_gate=log_gate)
+
+    checked = checkify.checkify(jax.jit(f))
+    error, _ = checked(jnp.asarray([0.9, 1.5, 0.5], f32), jnp.zeros((B, T, H), f32))
+    assert error.get() is not None and "decay must lie in (0, 1]" in error.get()
+    error, _ = checked(args["decay"], jnp.full((B, T, H), 0.2, f32))
+    assert error.get() is not None and "log_gate must be finite and <= 0" in error.get()
+    error, _ = checked(args["decay"], jnp.zeros((B, T, H), f32))
+    assert error.get() is None

@@ -144,27 +144,48 @@ def _dot_precision(name: str, dtype):
 
 # ------------------------------------------------------------------------------------- footprint, defaults
 
-def footprint(kernel: str, walk: WalkConfig, K: int, V: int, dtype) -> dict:
-    """What kernel ``kernel`` holds on chip with tiling ``walk`` for key dim K and value dim V: its state tile
-    (float32 elements) and its shared memory in bytes (fleetjax.pallas.launch.shared_memory_bytes)."""
-    C = walk.chunk_size
-    if kernel in ("dq", "dk"):  # query and key are dO and v [C, V]; the values and dot_with q, k [C, K block]
-        kq, block = padded(V), min(walk.block_v, padded(K))
-        loads = ((C, kq), (C, kq), (C, block), (C, block))
-    elif kernel == "dv":  # query, key: k, q [C, K]; values dO [C, V block]
-        kq, block = padded(K), min(walk.block_v, padded(V))
-        loads = ((C, kq), (C, kq), (C, block))
-    elif kernel == "forward":
-        kq, block = padded(K), min(walk.block_v, padded(V))
-        loads = ((C, kq), (C, kq), (C, block))
-    else:  # piece states: keys and values only (any of the walks' roles: the wider key dim)
-        kq, block = padded(max(K, V)), min(walk.block_v, padded(min(K, V)))
-        loads = ((C, kq), (C, block))
-    exact = jnp.dtype(dtype).itemsize < 4  # hi/lo pairs: a second staged copy
-    state_copies = {"forward": 1, "piece_states": 0, "dq": 1 + exact, "dv": 2, "dk": 2 * (1 + exact)}[kernel]
-    staged = ((kq, block),) * state_copies + ((C, C),) + ((C, block),) * (1 + exact)
+# The walks' query/key and value widths, for key dim K and value dim V (the dq and dk walks run with the value
+# dim as their key: query=dO or v, key=v or dO), and those of the pieces' states each walk launches.
+def walk_dims(kernel: str, K: int, V: int) -> tuple[tuple[int, int], ...]:
+    if kernel in ("dq", "dk"):
+        return ((V, K),)
+    if kernel == "piece_states":  # the forward's and the reverse walks' (K, V), the dq walk's (V, K)
+        return ((K, V), (V, K))
+    return ((K, V),)
+
+
+# Tiles loaded per chunk (rows x columns): query/key tiles [C, key width], value tiles [C, block].
+_LOADS = {"forward": (2, 1), "dq": (2, 2), "dv": (2, 1), "dk": (2, 2), "piece_states": (1, 1)}
+
+
+def footprint(kernel: str, walk: WalkConfig, key_dim: int, value_dim: int, dtype) -> dict:
+    """What kernel ``kernel`` holds on chip with tiling ``walk`` for its key width ``key_dim`` and value width
+    ``value_dim`` (see :func:`walk_dims`): its state tile (float32 elements) and its shared memory in bytes
+    (fleetjax.pallas.launch.shared_memory_bytes, fitted to Triton's allocation for sm_90 by
+    experiments/footprint.py)."""
+    C, kq = walk.chunk_size, padded(key_dim)
+    block = min(walk.block_v, padded(value_dim))
+    keys, values = _LOADS[kernel]
+    loads = ((C, kq),) * keys + ((C, block),) * values
+    staged = _STAGED[kernel](C, kq, block, jnp.dtype(dtype).itemsize < 4)
     return dict(state=kq * block,
                 shared=shared_memory_bytes(loads=loads, staged=staged, dtype=dtype, num_stages=walk.num_stages))
+
+
+def _staged_tiles(C: int, kq: int, block: int, half: bool, *, states: int, chunk_square: int = 1,
+                  rows: int = 1) -> tuple:
+    """The tiles a walk stages once per chunk for the tensor cores: copies of its state [kq, block] (the state
+    products; hi/lo pairs with 16-bit inputs double them), [C, C] score tiles and [C, block] value tiles."""
+    return ((kq, block),) * (states * (1 + half)) + ((C, C),) * chunk_square + ((C, block),) * (rows * (1 + half))
+
+
+_STAGED = {
+    "forward": lambda C, kq, b, half: _staged_tiles(C, kq, b, half, states=1),
+    "dq": lambda C, kq, b, half: _staged_tiles(C, kq, b, half, states=2),
+    "dv": lambda C, kq, b, half: _staged_tiles(C, kq, b, half, states=2),
+    "dk": lambda C, kq, b, half: _staged_tiles(C, kq, b, half, states=2),
+    "piece_states": lambda C, kq, b, half: _staged_tiles(C, kq, b, half, states=0, chunk_square=0),
+}
 
 
 def check_fits(config: PallasConfig, K: int, V: int, dtype, kernels=KERNELS) -> None:
@@ -172,16 +193,19 @@ def check_fits(config: PallasConfig, K: int, V: int, dtype, kernels=KERNELS) -> 
     its tiles in shared memory)."""
     limit = shared_memory_per_block()
     for name in kernels:
-        walk = getattr(config, name) or (config.forward if name == "piece_states" else None)
-        use = footprint(name, walk, K, V, dtype)
-        if use["state"] > MAX_STATE_TILE:
-            raise ValueError(f"config cannot fit: PallasConfig.{name}.block_v={walk.block_v} gives a float32 state "
-                             f"of {use['state']} values per program for K={K}, V={V}, more than {MAX_STATE_TILE}; "
-                             f"use a smaller block_v")
-        if use["shared"] > limit:
-            raise ValueError(f"config cannot fit: PallasConfig.{name} = {walk} needs about {use['shared']} bytes "
-                             f"of shared memory for K={K}, V={V}, {jnp.dtype(dtype).name}, more than the "
-                             f"device's {limit}; use fewer num_stages, a smaller block_v or chunk_size")
+        walk = getattr(config, name)
+        if walk is None:  # the pieces' states then take each walk's own tiling, checked with it
+            continue
+        for key_dim, value_dim in walk_dims(name, K, V):
+            use = footprint(name, walk, key_dim, value_dim, dtype)
+            if use["state"] > MAX_STATE_TILE:
+                raise ValueError(f"config cannot fit: PallasConfig.{name}.block_v={walk.block_v} gives a float32 "
+                                 f"state of {use['state']} values per program for K={K}, V={V}, more than "
+                                 f"{MAX_STATE_TILE}; use a smaller block_v")
+            if use["shared"] > limit:
+                raise ValueError(f"config cannot fit: PallasConfig.{name} = {walk} needs about {use['shared']} "
+                                 f"bytes of shared memory for K={K}, V={V}, {jnp.dtype(dtype).name}, more than the "
+                                 f"device's {limit}; use fewer num_stages, a smaller block_v or chunk_size")
 
 
 def _shrink(name: str, walk: WalkConfig, K: int, V: int, dtype, limit: int, chunk_fixed: bool) -> WalkConfig | None:
@@ -192,8 +216,8 @@ def _shrink(name: str, walk: WalkConfig, K: int, V: int, dtype, limit: int, chun
         for block_v in [b for b in (walk.block_v, 64, 32, 16) if b <= walk.block_v]:
             for num_stages in sorted({walk.num_stages, min(walk.num_stages, 2), 1}, reverse=True):
                 candidate = dataclasses.replace(walk, chunk_size=chunk_size, block_v=block_v, num_stages=num_stages)
-                use = footprint(name, candidate, K, V, dtype)
-                if use["state"] <= MAX_STATE_TILE and use["shared"] <= limit:
+                uses = [footprint(name, candidate, *dims, dtype) for dims in walk_dims(name, K, V)]
+                if all(use["state"] <= MAX_STATE_TILE and use["shared"] <= limit for use in uses):
                     return candidate
     return None
 
