@@ -55,7 +55,7 @@ def test_multiscale_initialisation_is_retnets():
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"normalize_heads": False, "output_gate": False},
-                                    {"qkv_features": 6, "value_features": 9}])
+                                    {"qkv_features": 6, "value_features": 9}, {"gate_rank": 4}])
 def test_nnx_decode_token_by_token_equals_forward(kwargs):
     layer = _nnx_layer(**kwargs)
     x = _x()
@@ -222,3 +222,36 @@ def test_sequence_axis_name_reaches_fleet_attention():
     np.testing.assert_allclose(y, plain(x), **TOL)
     with pytest.raises(ValueError, match="sequence_axis_name"):  # really used: outside shard_map it is unbound
         sharded(x)
+
+
+# ------------------------------------------------------------------------------------- the per-token gate
+
+def test_gated_layers_train_their_gate_and_agree():
+    """gate_rank: a GLA-style per-token log gate, logsigmoid(x W_1 W_2 + b) / tau; its parameters receive
+    gradients through the op's d log_gate, and linen computes what nnx does with the same parameters."""
+    nnx_layer = _nnx_layer(gate_rank=4, gate_bias_init=1.0)
+    x = _x()
+    gate = nnx_layer.log_gate(x)
+    assert gate.shape == (2, 11, 3) and bool(jnp.all(gate <= 0))
+    graphdef, params, rest = nnx.split(nnx_layer, nnx.Param, ...)
+    loss = lambda p: jnp.mean(nnx.merge(graphdef, p, rest)(x) ** 2)  # noqa: E731
+    grads = jax.grad(loss)(params)
+    for name in ("gate_down", "gate_up"):
+        g = np.asarray(getattr(grads, name).kernel[...])
+        assert np.all(np.isfinite(g)) and np.any(g != 0), name
+
+    lin = fleet_linen.FleetAttention(num_heads=3, gate_rank=4, gate_bias_init=1.0, implementation="scan")
+    variables = lin.init(jax.random.key(0), x)
+    params = jax.tree.map(lambda a: a, variables["params"])
+    for name in ("query", "key", "value", "gate", "out", "gate_down"):
+        params[name]["kernel"] = getattr(nnx_layer, name).kernel[...]
+    params["gate_up"] = {"kernel": nnx_layer.gate_up.kernel[...], "bias": nnx_layer.gate_up.bias[...]}
+    params["decay_logit"] = nnx_layer.decay_logit[...]
+    params["head_norm_scale"] = nnx_layer.head_norm_scale[...]
+    np.testing.assert_allclose(lin.apply({"params": params}, x), nnx_layer(x), **TOL)
+
+
+@pytest.mark.parametrize("bad", [dict(gate_rank=0), dict(gate_rank=2.5), dict(gate_rank=2, gate_temperature=0.0)])
+def test_bad_gate_options_are_refused(bad):
+    with pytest.raises(ValueError, match="gate_"):
+        _nnx_layer(**bad)

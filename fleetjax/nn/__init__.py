@@ -4,13 +4,18 @@
 multi-head layer (RetNet's multi-scale retention, arXiv:2307.08621, without the rotary part):
 
     q, k, v = x W_q, x W_k, x W_v                       split into H heads: [B, T, H, K], [B, T, H, V]
-    o       = fleet_attention(q, k, v, decay, scale)    per-head decay in (0, 1), decay = sigmoid(decay_logit)
+    g       = logsigmoid(x W_1 W_2 + b) / tau           optional (gate_rank): a per-token log gate [B, T, H]
+    o       = fleet_attention(q, k, v, decay, scale, log_gate=g)
+                                                        per-head decay in (0, 1), decay = sigmoid(decay_logit)
     o       = RMSNorm_per_head(o)                       optional (normalize_heads)
     o       = o * swish(x W_g)                          optional (output_gate)
     y       = o W_o                                     [B, T, out_features]
 
 The decay is learned through its logit, so it stays inside (0, 1) whatever the optimizer does and its
-gradient flows from the op's custom VJP through the sigmoid. The default initialisation is RetNet's
+gradient flows from the op's custom VJP through the sigmoid. The data-dependent gate is GLA's (Yang et al.,
+arXiv:2312.06635): a low-rank projection to one logit per head, its log-sigmoid divided by a temperature tau
+(16 in GLA) so that the gates start near 1; with it the state forgets more where the input says so, on top
+of the per-head decay. Its bias starts at ``gate_bias_init``. The default initialisation is RetNet's
 multi-scale schedule: decay_h = 1 - 2^(-e_h) with exponents e_h spread evenly over [5, 12] (exactly RetNet's
 1 - 2^(-5-h) for 8 heads), so the heads remember from about 32 to about 4096 positions.
 
@@ -90,26 +95,42 @@ def check_layer_input(x: jax.Array, in_features: int | None, segment_ids: jax.Ar
 
 def retention(q: jax.Array, k: jax.Array, v: jax.Array, decay: jax.Array, *, scale: float,
               segment_ids: jax.Array | None, implementation: str | None, config: Any,
-              state: jax.Array | None, sequence_axis_name: str | None = None) -> tuple[jax.Array, jax.Array | None]:
+              state: jax.Array | None, sequence_axis_name: str | None = None,
+              log_gate: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
     """The attention core shared by both layers: (o [B, T, H, V], new state or None).
 
     ``state`` None: the plain forward over the sequence. ``state`` [B, H, K, V]: decoding; one position with
     no segment ids takes ``decode_step`` (O(1) per token), several positions continue from the state with
     ``fleet_attention(initial_state=state, return_final_state=True)``. ``sequence_axis_name`` goes to every
     fleet_attention call (inside jax.shard_map with T split over that axis); the one-token step ignores it.
+    ``log_gate`` [B, T, H] or None: the per-token log gate.
     """
     if state is None:
-        o = fleet_attention(q, k, v, decay, scale=scale, segment_ids=segment_ids,
+        o = fleet_attention(q, k, v, decay, scale=scale, log_gate=log_gate, segment_ids=segment_ids,
                             sequence_axis_name=sequence_axis_name, implementation=implementation, config=config)
         return o, None
     if q.shape[1] == 1 and segment_ids is None:
-        o_t, new_state = decode_step(q[:, 0], k[:, 0], v[:, 0], decay, state.astype(f32), scale=scale)
+        o_t, new_state = decode_step(q[:, 0], k[:, 0], v[:, 0], decay, state.astype(f32), scale=scale,
+                                     log_gate=None if log_gate is None else log_gate[:, 0])
         return o_t[:, None], new_state.astype(state.dtype)
-    o, new_state = fleet_attention(q, k, v, decay, scale=scale, initial_state=state.astype(f32),
+    o, new_state = fleet_attention(q, k, v, decay, scale=scale, log_gate=log_gate, initial_state=state.astype(f32),
                                    return_final_state=True, segment_ids=segment_ids,
                                    sequence_axis_name=sequence_axis_name, implementation=implementation,
                                    config=config)
     return o, new_state.astype(state.dtype)
+
+
+def gate_from_logits(logits: jax.Array, temperature: float) -> jax.Array:
+    """The per-token log gate [B, T, H] float32 from the gate logits: logsigmoid(logits) / temperature (<= 0,
+    finite for finite logits)."""
+    return jax.nn.log_sigmoid(jnp.asarray(logits, f32)) / temperature
+
+
+def check_gate_options(gate_rank: int | None, gate_temperature: float) -> None:
+    if gate_rank is not None and (not isinstance(gate_rank, (int, np.integer)) or gate_rank < 1):
+        raise ValueError(f"gate_rank must be None (no per-token gate) or a positive int, got {gate_rank!r}")
+    if not gate_temperature > 0:
+        raise ValueError(f"gate_temperature must be positive, got {gate_temperature!r}")
 
 
 def head_dim(name: str, features: int, num_heads: int) -> int:
@@ -143,6 +164,9 @@ class FleetAttention(nnx.Module):
       dtype: computation dtype (None: from the input and parameters); param_dtype: parameters' dtype.
       kernel_init: initializer of the projection kernels.
       decay_init: initializer of the decay logits [H] (default: RetNet's multi-scale schedule).
+      gate_rank: None (no per-token gate) or the rank of the gate's projection x W_1 W_2 (GLA uses 16).
+      gate_temperature: tau of the gate, logsigmoid(x W_1 W_2 + b) / tau (GLA: 16).
+      gate_bias_init: the gate bias's initial value (a large bias keeps the gates near 1 at the start).
       implementation, config: passed to :func:`fleetjax.fleet_attention` ("pallas", "xla", ...).
       sequence_axis_name: passed to :func:`fleetjax.fleet_attention`: inside jax.shard_map with T split in
         contiguous blocks over this mesh axis, the layer equals the unsharded one.
@@ -155,7 +179,8 @@ class FleetAttention(nnx.Module):
                  normalize_heads: bool = True, output_gate: bool = True, use_bias: bool = False,
                  scale: float | None = None, dtype: Dtype | None = None, param_dtype: Dtype = f32,
                  kernel_init: Callable = nnx.initializers.lecun_normal(),
-                 decay_init: Callable = decay_logits_init, implementation: str | None = None,
+                 decay_init: Callable = decay_logits_init, gate_rank: int | None = None,
+                 gate_temperature: float = 16.0, gate_bias_init: float = 0.0, implementation: str | None = None,
                  config: Any = None, sequence_axis_name: str | None = None, decode: bool = False,
                  rngs: nnx.Rngs):
         for name, value in (("num_heads", num_heads), ("in_features", in_features)):
@@ -175,7 +200,9 @@ class FleetAttention(nnx.Module):
                                  f"flax.nnx.MultiHeadAttention's order, got num_heads={self.num_heads}, "
                                  f"in_features={self.in_features}") from None
             raise
+        check_gate_options(gate_rank, gate_temperature)
         self.scale = float(self.head_dim ** -0.5 if scale is None else scale)
+        self.gate_temperature = float(gate_temperature)
         self.normalize_heads = normalize_heads
         self.output_gate = output_gate
         self.dtype = dtype
@@ -195,6 +222,14 @@ class FleetAttention(nnx.Module):
         self.gate = linear(self.in_features, self.value_features) if output_gate else nnx.data(None)
         self.out = linear(self.value_features, self.out_features)
         self.decay_logit = nnx.Param(decay_init(rngs.params(), (self.num_heads,), param_dtype))
+        if gate_rank is None:
+            self.gate_down = self.gate_up = nnx.data(None)
+        else:
+            self.gate_down = nnx.Linear(self.in_features, int(gate_rank), use_bias=False, dtype=dtype,
+                                        param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
+            self.gate_up = nnx.Linear(int(gate_rank), self.num_heads, use_bias=True, dtype=dtype,
+                                      param_dtype=param_dtype, kernel_init=kernel_init,
+                                      bias_init=nnx.initializers.constant(gate_bias_init), rngs=rngs)
         self.head_norm_scale = (nnx.Param(jnp.ones((self.num_heads, self.value_head_dim), param_dtype))
                                 if normalize_heads else nnx.data(None))
         self.cached_state: nnx.Cache | None = nnx.data(None)
@@ -204,6 +239,12 @@ class FleetAttention(nnx.Module):
     def decay(self) -> jax.Array:
         """The per-head decays [H] float32, in (0, 1)."""
         return decay_from_logits(self.decay_logit[...])
+
+    def log_gate(self, x: jax.Array) -> jax.Array | None:
+        """The per-token log gate [B, T, H] float32 of x [B, T, in_features] (None without gate_rank)."""
+        if self.gate_down is None:
+            return None
+        return gate_from_logits(self.gate_up(self.gate_down(x)), self.gate_temperature)
 
     def init_cache(self, input_shape: tuple[int, ...], dtype: Dtype = f32) -> None:
         """Create the decoding cache (zero state) for inputs of shape [B, T, in_features] (T is ignored).
@@ -244,7 +285,7 @@ class FleetAttention(nnx.Module):
                 raise ValueError(f"the cache was made for batch {state.shape[0]}, got x of shape {x.shape}")
         o, new_state = retention(q, k, v, self.decay, scale=self.scale, segment_ids=segment_ids,
                                  implementation=self.implementation, config=self.config, state=state,
-                                 sequence_axis_name=self.sequence_axis_name)
+                                 sequence_axis_name=self.sequence_axis_name, log_gate=self.log_gate(x))
         if decode:
             self.cached_state[...] = new_state
             self.cache_index[...] += T

@@ -19,8 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fleetjax.nn import (Dtype, check_layer_input, decay_from_logits, decay_logits_init, head_dim, head_rms_norm,
-                         retention)
+from fleetjax.nn import (Dtype, check_gate_options, check_layer_input, decay_from_logits, decay_logits_init,
+                         gate_from_logits, head_dim, head_rms_norm, retention)
 
 __all__ = ["FleetAttention"]
 
@@ -42,6 +42,8 @@ class FleetAttention(nn.Module):
       dtype: computation dtype (None: from the input and parameters); param_dtype: parameters' dtype.
       kernel_init: initializer of the projection kernels.
       decay_init: initializer of the decay logits [H] (default: RetNet's multi-scale schedule).
+      gate_rank, gate_temperature, gate_bias_init: the optional per-token gate, logsigmoid(x W_1 W_2 + b) / tau
+        (see fleetjax.nn.FleetAttention).
       implementation, config, sequence_axis_name: passed to :func:`fleetjax.fleet_attention`.
       decode: default of ``__call__``'s decode flag.
     """
@@ -58,6 +60,9 @@ class FleetAttention(nn.Module):
     param_dtype: Dtype = f32
     kernel_init: Callable = nn.initializers.lecun_normal()
     decay_init: Callable = decay_logits_init
+    gate_rank: int | None = None
+    gate_temperature: float = 16.0
+    gate_bias_init: float = 0.0
     implementation: str | None = None
     config: Any = None
     sequence_axis_name: str | None = None
@@ -73,6 +78,7 @@ class FleetAttention(nn.Module):
         check_layer_input(x, None, segment_ids)
         if not isinstance(self.num_heads, int) or self.num_heads < 1:
             raise ValueError(f"num_heads must be a positive int, got {self.num_heads!r}")
+        check_gate_options(self.gate_rank, self.gate_temperature)
         decode = self.decode if decode is None else decode
         B, T, features = x.shape
         H = self.num_heads
@@ -90,6 +96,13 @@ class FleetAttention(nn.Module):
         k = dense(qkv_features, "key")(x).reshape(B, T, H, K)
         v = dense(value_features, "value")(x).reshape(B, T, H, V)
         decay = decay_from_logits(self.param("decay_logit", self.decay_init, (H,), self.param_dtype))
+        log_gate = None
+        if self.gate_rank is not None:
+            down = nn.Dense(self.gate_rank, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                            kernel_init=self.kernel_init, name="gate_down")(x)
+            logits = nn.Dense(H, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init,
+                              bias_init=nn.initializers.constant(self.gate_bias_init), name="gate_up")(down)
+            log_gate = gate_from_logits(logits, self.gate_temperature)
 
         state = None
         if decode:
@@ -104,7 +117,7 @@ class FleetAttention(nn.Module):
                                      f"needs {(B, H, K, V)}")
         o, new_state = retention(q, k, v, decay, scale=scale, segment_ids=segment_ids,
                                  implementation=self.implementation, config=self.config, state=state,
-                                 sequence_axis_name=self.sequence_axis_name)
+                                 sequence_axis_name=self.sequence_axis_name, log_gate=log_gate)
         if new_state is not None:
             cached_state.value = new_state
             cache_index.value = cache_index.value + T
