@@ -12,6 +12,7 @@ larger shapes and configs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 import time
 from typing import Any, Callable, Sequence
@@ -203,20 +204,36 @@ def run_check(variants: Sequence[str | Variant], shapes: Sequence[CheckShape], *
     rows = []
     for n, shape in enumerate(shapes):
         x = inputs(shape, jnp.dtype(dtype), seed + n)
-        _, reference = _functions(registry[REFERENCE], None, shape)
-        ref_out, ref_grads = reference(x)
+        reference = _Reference(registry[REFERENCE], shape, x)
         for variant in variants:
             row = CheckRow(str(shape), str(variant))
             rows.append(row)
-            _check_one(row, registry.get(variant.implementation), variant, shape, x, ref_out, ref_grads,
+            _check_one(row, registry.get(variant.implementation), variant, shape, x, reference,
                        tolerance=TOLERANCE[dtype], repeats=repeats)
             if echo is not None:
                 echo(row)
     return rows
 
 
-def _check_one(row: CheckRow, impl: Implementation | None, variant: Variant, shape: CheckShape, x, ref_out,
-               ref_grads, *, tolerance: float, repeats: int) -> None:
+class _Reference:
+    """The reference's functions and results on one shape's inputs, made when first asked for: a shape
+    whose variants are all skipped costs nothing, and the reference's own row reuses them."""
+
+    def __init__(self, implementation: Implementation, shape: CheckShape, x: dict[str, Any]):
+        self.implementation, self.shape, self.x = implementation, shape, x
+
+    @functools.cached_property
+    def functions(self) -> tuple[Callable, Callable]:
+        return _functions(self.implementation, None, self.shape)
+
+    @functools.cached_property
+    def results(self) -> tuple[Any, Any]:
+        """(output and final state, gradients)."""
+        return self.functions[1](self.x)
+
+
+def _check_one(row: CheckRow, impl: Implementation | None, variant: Variant, shape: CheckShape, x,
+               reference: _Reference, *, tolerance: float, repeats: int) -> None:
     if impl is None:
         row.status = "skipped (not in this installation's IMPLEMENTATIONS)"
         return
@@ -227,12 +244,13 @@ def _check_one(row: CheckRow, impl: Implementation | None, variant: Variant, sha
     if row.mode == "interpret" and not shape.interpret_sized:
         row.status = "skipped (Pallas interpret mode: small shapes only)"
         return
-    if variant.implementation == REFERENCE and variant.config is None:
+    is_reference = variant.implementation == REFERENCE and variant.config is None
+    if is_reference:
         row.mode = "reference"
     try:
-        forward, forward_backward = _functions(impl, variant.config, shape)
+        forward, forward_backward = reference.functions if is_reference else _functions(impl, variant.config, shape)
         out, grads = forward_backward(x)
-        _compare(row, out, grads, ref_out, ref_grads)
+        _compare(row, out, grads, *reference.results)
         row.forward_ms, _ = _timed(lambda: forward(x), repeats)
         row.forward_backward_ms, again = _timed(lambda: forward_backward(x), repeats)
         row.repeatable = _bitwise_equal((out, grads), again)

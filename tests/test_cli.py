@@ -19,20 +19,17 @@ from fleetjax import api, check, cli
 
 # The smallest shape that still crosses a segment boundary and carries an initial state.
 TINY = check.CheckShape(B=1, T=9, H=2, K=8, V=16, segments=True, min_decay=0.3)
+SCAN_FN = api.IMPLEMENTATIONS["scan"].fn
+
+
+def _with_records(monkeypatch, **records: api.Implementation) -> None:
+    """The registry with ``records`` added or replacing those of their names."""
+    monkeypatch.setattr(api, "IMPLEMENTATIONS", types.MappingProxyType({**api.IMPLEMENTATIONS, **records}))
 
 
 def _with_record(monkeypatch, name: str, **changes) -> None:
     """Replace implementation ``name`` of the registry by a copy of its record with ``changes``."""
-    record = dataclasses.replace(api.IMPLEMENTATIONS[name], **changes)
-    monkeypatch.setattr(api, "IMPLEMENTATIONS", types.MappingProxyType({**api.IMPLEMENTATIONS, name: record}))
-
-
-# The wrong implementations below are "xla" records whose function wraps the reference's: it compiles fastest.
-SCAN_FN = api.IMPLEMENTATIONS["scan"].fn
-
-
-def _row(rows: list[check.CheckRow], implementation: str) -> check.CheckRow:
-    return next(row for row in rows if row.implementation == implementation)
+    _with_records(monkeypatch, **{name: dataclasses.replace(api.IMPLEMENTATIONS[name], **changes)})
 
 
 # ------------------------------------------------------------------------------------------ the checker
@@ -50,46 +47,61 @@ def test_every_implementation_passes_the_check():
         assert row.mode == expected_mode, row
 
 
-@pytest.mark.parametrize("factor", [1.001, float("nan")], ids=["off-by-0.1%", "nan"])
-def test_check_fails_on_a_wrong_forward(monkeypatch, factor):
-    def wrong(*args, **kwargs):
+def _scaled_output(factor: float):
+    def fn(*args, **kwargs):
         o, final = SCAN_FN(*args, **kwargs)
         return o * factor, final
-
-    _with_record(monkeypatch, "xla", fn=wrong)
-    row = _row(check.run_check(["xla"], [TINY], repeats=1), "xla")
-    assert row.status == "FAIL" and not row.forward_error <= check.TOLERANCE["float32"], row
-    assert row.errors["final_state"] < 1e-5  # the error is reported where it is: in o
+    return fn
 
 
-def test_check_fails_on_a_wrong_gradient_only(monkeypatch):
-    """A forward that is right but whose gradient is not (dq doubled) fails too."""
-
-    @jax.custom_vjp
-    def double_grad(q):
-        return q
-
-    double_grad.defvjp(lambda q: (q, None), lambda _, g: (2 * g,))
-    _with_record(monkeypatch, "xla", fn=lambda q, *args, **kwargs: SCAN_FN(double_grad(q), *args, **kwargs))
-    row = _row(check.run_check(["xla"], [TINY], repeats=1), "xla")
-    assert row.status == "FAIL" and row.forward_error < 1e-5 and row.errors["dq"] > 0.1, row
-    assert max(row.errors[name] for name in ("dk", "dv", "dinitial_state")) < 1e-5, row
+@jax.custom_vjp
+def _double_gradient(q):
+    return q
 
 
-def test_check_fails_on_different_bits_from_the_same_inputs(monkeypatch):
-    """Two calls on the same inputs must agree in every bit; a result that drifts within the tolerance
-    fails on that alone."""
-    rng = np.random.default_rng(0)
-    noise = lambda: np.float32(1 + 1e-7 * rng.standard_normal())
+_double_gradient.defvjp(lambda q: (q, None), lambda _, g: (2 * g,))
 
-    def drifting(*args, **kwargs):
-        o, final = SCAN_FN(*args, **kwargs)
-        factor = jax.pure_callback(noise, jax.ShapeDtypeStruct((), np.float32))
-        return o * jax.lax.stop_gradient(factor).astype(o.dtype), final
 
-    _with_record(monkeypatch, "xla", fn=drifting)
-    row = _row(check.run_check(["xla"], [TINY], repeats=2), "xla")
-    assert row.forward_error <= check.TOLERANCE["float32"] and row.repeatable is False and row.status == "FAIL"
+def _drifting(*args, **kwargs):
+    """The reference's output times 1 + 1e-7 noise drawn at each call: within the tolerance, never the same
+    bits twice."""
+    o, final = SCAN_FN(*args, **kwargs)
+    noise = lambda: np.float32(1 + 1e-7 * np.random.default_rng().standard_normal())
+    factor = jax.pure_callback(noise, jax.ShapeDtypeStruct((), np.float32))
+    return o * jax.lax.stop_gradient(factor).astype(o.dtype), final
+
+
+def _crash(*args, **kwargs):
+    raise RuntimeError("kernel exploded")
+
+
+# Wrong implementations, each the reference's function changed in one way (it compiles fastest).
+WRONG = {
+    "off_by_0.1%": _scaled_output(1.001),
+    "nan": _scaled_output(float("nan")),
+    "doubled_dq": lambda q, *args, **kwargs: SCAN_FN(_double_gradient(q), *args, **kwargs),
+    "drifting": _drifting,
+    "crashing": _crash,
+}
+
+
+def test_the_check_fails_on_wrong_implementations(monkeypatch):
+    """A wrong forward, a wrong gradient only, different bits from the same inputs and a crash each fail,
+    reported where they are."""
+    scan = api.IMPLEMENTATIONS["scan"]
+    _with_records(monkeypatch, **{name: dataclasses.replace(scan, name=name, fn=fn) for name, fn in WRONG.items()})
+    rows = {row.implementation: row for row in check.run_check(list(WRONG), [TINY], repeats=2)}
+    assert all(row.failed for row in rows.values()), rows
+    tolerance = check.TOLERANCE["float32"]
+    for name in ("off_by_0.1%", "nan"):
+        row = rows[name]
+        assert row.status == "FAIL" and not row.errors["o"] <= tolerance and row.errors["final_state"] == 0, row
+    dq = rows["doubled_dq"]
+    assert dq.status == "FAIL" and dq.forward_error == 0 and dq.errors["dq"] > 0.1, dq
+    assert max(dq.errors[name] for name in ("dk", "dv", "ddecay", "dinitial_state")) < 1e-6, dq
+    drifting = rows["drifting"]
+    assert drifting.status == "FAIL" and drifting.forward_error <= tolerance and drifting.repeatable is False
+    assert rows["crashing"].status == "ERROR RuntimeError: kernel exploded"
 
 
 def test_capabilities_come_from_the_record(monkeypatch):
@@ -142,12 +154,9 @@ def test_check_command_prints_the_table_and_exit_status(monkeypatch, capsys):
         assert line.startswith(str(TINY)) and f"  {name}  " in line and line.endswith("  ok"), line
     assert float(lines[2].split()[-5]) > 0  # xla's gradients differ from the reference's in rounding
 
-    def crash(*args, **kwargs):
-        raise RuntimeError("boom")
-
-    _with_record(monkeypatch, "xla", fn=crash)
+    failing = [check.CheckRow(str(TINY), "xla", status="ok"), check.CheckRow(str(TINY), "scan", status="FAIL")]
+    monkeypatch.setattr(check, "report", lambda *args, **kwargs: failing)
     assert cli.main(argv) == 1
-    assert "ERROR RuntimeError: boom" in capsys.readouterr().out
 
 
 def test_the_parsers_names_are_the_librarys():
