@@ -33,9 +33,10 @@ environment.setup_jax_environment()
 from fleetjax import api, check  # noqa: E402
 from fleetjax.check import CheckShape, Variant  # noqa: E402
 
-EDGE_SHAPES = (CheckShape(B=1, T=1, H=2, K=16, V=16), CheckShape(B=2, T=7, H=3, K=33, V=24, segments=True))
+EDGE_SHAPES = (CheckShape(B=1, T=1, H=2, K=16, V=16),
+               CheckShape(B=2, T=7, H=3, K=33, V=24, segments=True, gated=True))
 LARGE_SHAPES = (
-    CheckShape(B=2, T=1000, H=3, K=64, V=48, segments=True),
+    CheckShape(B=2, T=1000, H=3, K=64, V=48, segments=True, gated=True),
     CheckShape(B=2, T=4096, H=4, K=128, V=128),
     CheckShape(B=1, T=4096, H=2, K=256, V=256, initial_state=False),
 )

@@ -28,7 +28,7 @@ from fleetjax.implementation import Implementation
 TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 5e-3}
 REFERENCE = "scan"
 FORWARD_OUTPUTS = ("o", "final_state")
-GRADIENTS = ("dq", "dk", "dv", "ddecay", "dinitial_state")
+GRADIENTS = ("dq", "dk", "dv", "ddecay", "dinitial_state", "dlog_gate")
 
 
 def relative_error(got: Any, ref: Any) -> float:
@@ -53,7 +53,8 @@ def relative_error(got: Any, ref: Any) -> float:
 @dataclasses.dataclass(frozen=True)
 class CheckShape:
     """One problem: q, k [B, T, H, K], v [B, T, H, V]; ``decay`` spreads over the heads from near 1 (a
-    memory of about 4T positions) down to ``min_decay``. scale None is the op's default, K^-1/2."""
+    memory of about 4T positions) down to ``min_decay``; ``gated``: per-token log gates [B, T, H] too (small,
+    with one hard forget). scale None is the op's default, K^-1/2."""
 
     B: int
     T: int
@@ -64,9 +65,11 @@ class CheckShape:
     segments: bool = False
     scale: float | None = None
     min_decay: float = 0.5
+    gated: bool = False
 
     def __str__(self) -> str:
-        extras = [name for name, on in (("init", self.initial_state), ("segments", self.segments)) if on]
+        extras = [name for name, on in (("init", self.initial_state), ("segments", self.segments),
+                                        ("gated", self.gated)) if on]
         return f"B{self.B} T{self.T} H{self.H} K{self.K} V{self.V}" + "".join(f" {e}" for e in extras)
 
     @property
@@ -75,21 +78,24 @@ class CheckShape:
         return self.T <= 130 and self.B * self.H <= 8 and max(self.K, self.V) <= 64
 
 
-# Odd T, K != V, head dims that are not powers of two, chunk edges crossed, packed sequences.
+# Odd T, K != V, head dims that are not powers of two, chunk edges crossed, packed sequences, per-token gates.
+# The first two are small (Pallas interpret mode runs them): --quick's.
 CPU_SHAPES = (
     CheckShape(B=2, T=67, H=2, K=24, V=40, segments=True, scale=0.5, min_decay=1e-3),
+    CheckShape(B=1, T=70, H=2, K=16, V=24, segments=True, gated=True, min_decay=0.9),
     CheckShape(B=2, T=513, H=4, K=32, V=48),
     CheckShape(B=1, T=1031, H=2, K=16, V=16, segments=True, scale=1.0, min_decay=0.9),
 )
-GPU_SHAPES = (
-    CPU_SHAPES[0],
-    CheckShape(B=4, T=2049, H=8, K=128, V=128, segments=True),
+GPU_SHAPES = CPU_SHAPES[:2] + (
+    CheckShape(B=4, T=2049, H=8, K=128, V=128, segments=True, gated=True),
     CheckShape(B=1, T=8191, H=4, K=64, V=96, scale=0.125, min_decay=0.9),
 )
 
 
-def default_shapes(backend: str | None = None) -> tuple[CheckShape, ...]:
-    return GPU_SHAPES if (backend or jax.default_backend()) == "gpu" else CPU_SHAPES
+def default_shapes(backend: str | None = None, *, quick: bool = False) -> tuple[CheckShape, ...]:
+    """The shapes of ``fleetjax check`` on ``backend`` (default: JAX's); quick: the two small ones."""
+    shapes = GPU_SHAPES if (backend or jax.default_backend()) == "gpu" else CPU_SHAPES
+    return shapes[:2] if quick else shapes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +135,8 @@ class CheckRow:
 
 def inputs(shape: CheckShape, dtype: Any, seed: int) -> dict[str, Any]:
     """The arguments of one check: q, k, v in ``dtype``, decay [H], initial_state [B, H, K, V] or None,
-    segment_ids [B, T] or None, and the cotangents do [B, T, H, V] and d_final [B, H, K, V]."""
+    segment_ids [B, T] or None, log_gate [B, T, H] float32 or None, and the cotangents do [B, T, H, V] and
+    d_final [B, H, K, V]."""
     rng = np.random.default_rng(seed)
     B, T, H, K, V = shape.B, shape.T, shape.H, shape.K, shape.V
     normal = lambda *s: rng.standard_normal(s).astype(np.float32)
@@ -139,28 +146,35 @@ def inputs(shape: CheckShape, dtype: Any, seed: int) -> dict[str, Any]:
         starts = rng.random((B, T)) < 8.0 / T
         starts[:, [t for t in (T // 2, 64) if t < T]] = True  # a boundary inside and one at a chunk edge
         segment_ids = jnp.asarray(np.cumsum(starts, axis=1) % 3, jnp.int32)  # ids recur after other ids
+    log_gate = None
+    if shape.gated:
+        log_gate = -0.2 * np.abs(normal(B, T, H))
+        log_gate[:, T // 3, 0] = -40.0  # a hard forget: the state before it all but vanishes
     return dict(q=jnp.asarray(normal(B, T, H, K) / np.sqrt(K), dtype), k=jnp.asarray(normal(B, T, H, K), dtype),
                 v=jnp.asarray(normal(B, T, H, V), dtype), decay=jnp.asarray(decay, jnp.float32),
                 initial_state=jnp.asarray(normal(B, H, K, V)) if shape.initial_state else None,
-                segment_ids=segment_ids, do=jnp.asarray(normal(B, T, H, V), dtype),
+                segment_ids=segment_ids, log_gate=None if log_gate is None else jnp.asarray(log_gate),
+                do=jnp.asarray(normal(B, T, H, V), dtype),
                 d_final=jnp.asarray(normal(B, H, K, V)))
 
 
 def _functions(implementation: Implementation, config: Any, shape: CheckShape):
-    """jit-compiled forward(x) -> (o, final_state) and forward_backward(x) -> ((o, final_state), gradients)
-    of one implementation, x being :func:`inputs`'s dict."""
+    """jit-compiled forward(x) -> (o, final_state) and forward_backward(x) -> ((o, final_state), gradients
+    by GRADIENTS' names) of one implementation, x being :func:`inputs`'s dict."""
 
     def forward(x):
         chosen = config(x["q"], x["v"]) if callable(config) else config
         return api.fleet_attention(x["q"], x["k"], x["v"], x["decay"], scale=shape.scale,
-                                   initial_state=x["initial_state"], return_final_state=True,
-                                   segment_ids=x["segment_ids"], implementation=implementation, config=chosen)
+                                   log_gate=x["log_gate"], initial_state=x["initial_state"],
+                                   return_final_state=True, segment_ids=x["segment_ids"],
+                                   implementation=implementation, config=chosen)
 
     def forward_backward(x):
-        differentiable = ("q", "k", "v", "decay") + (("initial_state",) if shape.initial_state else ())
+        differentiable = [name for name in ("q", "k", "v", "decay", "initial_state", "log_gate")
+                          if x[name] is not None]
         run = lambda *values: forward({**x, **dict(zip(differentiable, values))})
         out, vjp = jax.vjp(run, *(x[name] for name in differentiable))
-        return out, vjp((x["do"], x["d_final"]))
+        return out, {"d" + name: g for name, g in zip(differentiable, vjp((x["do"], x["d_final"])))}
 
     return jax.jit(forward), jax.jit(forward_backward)
 
@@ -178,7 +192,7 @@ def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
 
 def _compare(row: CheckRow, out, grads, ref_out, ref_grads) -> None:
     row.errors = {name: relative_error(g, r) for name, g, r in zip(FORWARD_OUTPUTS, out, ref_out)}
-    row.errors.update({name: relative_error(g, r) for name, g, r in zip(GRADIENTS, grads, ref_grads)})
+    row.errors.update({name: relative_error(grads[name], ref_grads[name]) for name in GRADIENTS if name in grads})
     row.forward_error = max(row.errors[name] for name in FORWARD_OUTPUTS)
     row.gradient_error = max(row.errors[name] for name in GRADIENTS if name in row.errors)
 

@@ -72,7 +72,7 @@ def check_command(args: argparse.Namespace) -> int:
     from fleetjax import api, check
 
     names = args.implementations if args.implementations is not None else sorted(api.IMPLEMENTATIONS)
-    shapes = check.default_shapes()[:1] if args.quick else check.default_shapes()
+    shapes = check.default_shapes(quick=args.quick)
     repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
     rows = check.report(names, shapes, dtype=args.dtype, repeats=repeats, seed=args.seed)
     return 1 if any(row.failed for row in rows) else 0
@@ -82,12 +82,13 @@ def register_check(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "check", help="compare every implementation with the scan reference and time them",
         description="Run every available implementation (those that run here only in Pallas interpret mode "
-                    "on the small shape) on a few shapes with initial state, packed sequences and odd T; "
-                    "compare the output, the final state and every gradient with implementation='scan'; "
-                    "print errors, median times and whether a repeated call gives the same bits. Exits 1 "
-                    "on any mismatch beyond the tolerance, any difference between repeated calls or any "
-                    "error.")
-    parser.add_argument("--quick", action="store_true", help="the first shape only, fewer timing repeats")
+                    "on the small shapes) on a few shapes with initial state, packed sequences, per-token gates "
+                    "and odd T; compare the output, the final state and every gradient with "
+                    "implementation='scan'; print errors, median times and whether a repeated call gives the "
+                    "same bits. Exits 1 on any mismatch beyond the tolerance, any difference between repeated "
+                    "calls or any error.")
+    parser.add_argument("--quick", action="store_true",
+                        help="the two small shapes only (plain and gated), fewer timing repeats")
     parser.add_argument("--implementations", type=_implementation_list, default=None, metavar="NAMES",
                         help=f"comma-separated, of {', '.join(IMPLEMENTATION_NAMES)} (default: all available)")
     parser.add_argument("--dtype", choices=CHECK_DTYPES, default="float32", help="input dtype")

@@ -35,8 +35,9 @@ def _with_record(monkeypatch, name: str, **changes) -> None:
 # ------------------------------------------------------------------------------------------ the checker
 
 def test_every_implementation_passes_the_check():
-    """Every registered implementation (those that run here only interpreted, in Pallas interpret mode)."""
-    rows = check.run_check(sorted(api.IMPLEMENTATIONS), [TINY], repeats=1)
+    """Every registered implementation (those that run here only interpreted, in Pallas interpret mode), with
+    per-token gates: every gradient, d log_gate too."""
+    rows = check.run_check(sorted(api.IMPLEMENTATIONS), [dataclasses.replace(TINY, gated=True)], repeats=1)
     assert [row.implementation for row in rows] == sorted(api.IMPLEMENTATIONS)
     for row in rows:
         impl = api.IMPLEMENTATIONS[row.implementation]
