@@ -2,19 +2,24 @@
 GPU: the kernels are lowered to Triton IR for the CUDA platform (jax.export), compiled by Triton for sm_90
 and assembled by ptxas, and the numbers are compared with the model in fleetjax.pallas.launch.
 
-    PYTHONPATH=. python -m experiments.footprint --triton-python /tmp/tvenv/bin/python [--grid small|full]
+    PYTHONPATH=. python -m experiments.footprint --triton-python /tmp/tvenv/bin/python [--grid small|full|defaults]
 
 ``--triton-python``: a Python with ``triton`` installed (``python3 -m venv /tmp/tvenv && /tmp/tvenv/bin/pip
 install triton==3.6.0``; the GPU machine has Triton 3.6 too, and XLA's Triton agreed with it to the byte on
 the kernels measured). Writes one JSON line per kernel and configuration to --out and prints the largest
 ratio of measured to modelled shared memory; the model is used to choose default configs, so it must not
-under-estimate.
+under-estimate. ``--grid defaults`` instead compiles every Pallas implementation with its *default* config
+(as chosen for an H100/H200: 227 KiB of shared memory, 132 SMs) over the head dims {64, 100, 128, 130, 200,
+256} x {K = V, V = 2K, K = 2V} x {bfloat16, float32} (float16 takes bfloat16's tiles) and exits 1 if a
+kernel needs more shared memory than the device has or Triton refuses it: the crash a user would meet on
+the GPU, found without one.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -112,17 +117,90 @@ def grid(size: str):
                 yield dtype, K, V, chunked.WalkConfig(chunk_size=chunk_size, block_v=block_v, num_stages=stages)
 
 
+H100_SHARED_MEMORY = 227 * 1024  # opt-in bytes per block on sm_90 (H100 and H200 alike)
+DEFAULT_DIMS = (64, 100, 128, 130, 200, 256)
+DEFAULT_LAYOUTS = {"K=V": lambda d: (d, d), "V=2K": lambda d: (d, 2 * d), "K=2V": lambda d: (2 * d, d)}
+
+
+def default_jobs(capture: Capture, directory: str) -> list[dict]:
+    """Every compiled Pallas implementation with the config its record chooses, forward and backward, on the
+    head-dim grid; shapes as tests/test_head_dims.py and a long one (its defaults split the sequence)."""
+    jobs = []
+    for implementation in ("pallas", "pallas_fleet"):
+        record = fleetjax.IMPLEMENTATIONS[implementation]
+        for dtype in ("bfloat16", "float32"):
+            dt = jnp.dtype(dtype)
+            for dim in DEFAULT_DIMS:
+                for layout, dims in DEFAULT_LAYOUTS.items():
+                    K, V = dims(dim)
+                    for B, T, H in ((1, 150, 2), (1, 16384, 8)):
+                        q, v = jax.ShapeDtypeStruct((B, T, H, K), dt), jax.ShapeDtypeStruct((B, T, H, V), dt)
+                        decay = jax.ShapeDtypeStruct((H,), jnp.float32)
+                        config = record.config_for(None, jnp.zeros(q.shape, dt), jnp.zeros(v.shape, dt))
+
+                        def loss(q, k, v, decay):
+                            o, final = fleetjax.fleet_attention(q, k, v, decay, implementation=implementation,
+                                                                config=config, return_final_state=True)
+                            return jnp.sum(o.astype(jnp.float32)) + jnp.sum(final)
+
+                        label = dict(implementation=implementation, dtype=dtype, K=K, V=V, layout=layout,
+                                     shape=[B, T, H], config=str(config))
+                        try:
+                            found = capture.kernels(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)), q, q, v,
+                                                    decay, directory=directory)
+                        except ValueError as error:  # the default refused by its own check: a failure
+                            jobs.append(dict(label, kernel="(config check)", error=str(error)))
+                            continue
+                        jobs.extend(dict(job, **label) for job in found)
+    return jobs
+
+
+def report_defaults(lines: list[str], out) -> int:
+    failures = 0
+    for line in lines:
+        job = json.loads(line)
+        out.write(line + "\n")
+        over = job.get("shared", 0) > H100_SHARED_MEMORY
+        failed = "error" in job or over
+        failures += failed
+        print(f"{'FAIL' if failed else 'ok  '} {job['implementation']:12s} {job['dtype']:9s} {job['layout']:5s} "
+              f"K{job['K']:<4d} V{job['V']:<4d} T{job['shape'][1]:<6d} {job['kernel']:28s} "
+              f"shared {job.get('shared', '-')!s:>7s} regs {job.get('registers')} spill {job.get('spill_bytes')}"
+              + (f" {job['error'][-160:]}" if "error" in job else ""))
+    print(f"{failures} of {len(lines)} kernels fail (limit {H100_SHARED_MEMORY} bytes of shared memory)")
+    return 1 if failures else 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--triton-python", required=True)
-    parser.add_argument("--grid", choices=("small", "full"), default="small")
+    parser.add_argument("--grid", choices=("small", "full", "defaults"), default="small")
     parser.add_argument("--out", default="footprint.jsonl")
     args = parser.parse_args(argv)
     for module in (launch, chunked, fleet, walk_module):  # lower as a GPU would: Triton, not interpret mode
         module.on_gpu = lambda: True
-    chunked.check_fits = lambda *args, **kwargs: None  # measure what the model would refuse, too
+    for module in (launch, chunked, fleet):  # the limits of an sm_90 GPU, as its driver reports them
+        module.shared_memory_per_block = lambda: H100_SHARED_MEMORY
+        module.multiprocessor_count = lambda: 132
     capture = Capture()
     directory = tempfile.mkdtemp(prefix="fleetjax-ttir-")
+    if args.grid == "defaults":
+        jobs = default_jobs(capture, directory)
+        # Many shapes lower to the same kernel: compile each distinct module and launch once.
+        key = lambda job: (hashlib.sha1(Path(job["path"]).read_bytes()).hexdigest(), job["num_warps"],  # noqa: E731
+                           job["num_stages"])
+        unique = {key(j): j for j in jobs if "error" not in j}
+        result = subprocess.run([args.triton_python, "-c", _COMPILE], capture_output=True, text=True,
+                                input="\n".join(json.dumps(j) for j in unique.values()))
+        if result.stderr.strip():
+            print(result.stderr[-2000:], file=sys.stderr)
+        measured = {key(m): m for m in map(json.loads, result.stdout.splitlines())}
+        fields = ("shared", "registers", "spill_bytes", "wgmma", "error")
+        lines = [json.dumps(dict(j, **{f: measured[key(j)][f] for f in fields if f in measured[key(j)]})
+                                if "error" not in j else j) for j in jobs]
+        with open(args.out, "w") as out:
+            return report_defaults(lines, out)
+    chunked.check_fits = lambda *args, **kwargs: None  # measure what the model would refuse, too
     jobs = []
     seen_pieces: dict = {}
     for dtype, K, V, walk in grid(args.grid):

@@ -1,5 +1,6 @@
 """Multi-query associative recall (MQAR, Arora et al. 2023, "Zoology", arXiv:2312.04927): FleetAttention
-against causal softmax attention in the same 2-layer model of fleetjax.models.lm.
+(with the learned per-head decay alone, or with a per-token gate too: --attentions fleet_gated) against
+causal softmax attention in the same 2-layer model of fleetjax.models.lm.
 
     PYTHONPATH=. python experiments/mqar.py [--out DIR] [--smoke] [--d-models 64,128,256] [--steps 40000]
 
@@ -74,14 +75,20 @@ def mqar_batch(key: jax.Array, batch_size: int, seq_len: int, num_pairs: int, vo
     return jax.vmap(lambda k: mqar_example(k, seq_len, num_pairs, vocab_size))(jax.random.split(key, batch_size))
 
 
+# FleetAttention's variants: the learned per-head decay alone, and with the GLA-style per-token gate of rank 16.
+FLEET_VARIANTS = {"fleet": None, "fleet_gated": 16}
+
+
 def run_one(attention: str, d_model: int, args: argparse.Namespace, log, deadline: float) -> dict[str, Any]:
     """Train one model for args.steps steps (fewer if time.perf_counter() passes ``deadline``)."""
     heads = max(1, d_model // args.head_dim)
-    implementation = args.fleet_implementation if attention == "fleet" else args.softmax_implementation
-    positions = {} if attention == "fleet" else {
-        "learned": dict(rope_base=None, learned_positions=args.seq_len), "rotary": {}}[args.softmax_positions]
+    fleet = attention in FLEET_VARIANTS
+    implementation = args.fleet_implementation if fleet else args.softmax_implementation
+    layer = dict(attention="fleet", gate_rank=FLEET_VARIANTS[attention]) if fleet else dict(
+        attention="softmax", **{"learned": dict(rope_base=None, learned_positions=args.seq_len),
+                                "rotary": {}}[args.softmax_positions])
     config = lm.LMConfig(vocab_size=args.vocab_size, d_model=d_model, num_layers=args.num_layers, num_heads=heads,
-                         attention=attention, implementation=implementation, dtype=args.dtype, **positions)
+                         implementation=implementation, dtype=args.dtype, **layer)
     opt = lm.OptimizerConfig(learning_rate=args.learning_rate, warmup_steps=max(1, args.steps // 10),
                              total_steps=args.steps, weight_decay=args.weight_decay)
     trainer = lm.Trainer(lm.LanguageModel(config, rngs=nnx.Rngs(args.seed)), lm.make_optimizer(opt))
@@ -119,7 +126,7 @@ def run_one(attention: str, d_model: int, args: argparse.Namespace, log, deadlin
     log(f"{attention:8s} d_model={d_model:4d} H={heads}: accuracy {final['accuracy']:.3f}, loss {final['loss']:.3f} "
         f"after {final['step']} steps ({wall:.0f}s, first call {first_call_s:.1f}s)"
         + ("" if final["step"] == args.steps else " STOPPED by the time budget"))
-    return {"op": "mqar", "impl": f"{'fleetjax' if attention == 'fleet' else 'softmax'}.{implementation or 'auto'}",
+    return {"op": "mqar", "impl": f"{'fleetjax' if fleet else 'softmax'}.{implementation or 'auto'}",
             "attention": attention, "dtype": args.dtype, "B": args.batch_size, "T": args.seq_len, "H": heads,
             "K": d_model // heads, "V": d_model // heads, "ms": ms, "relerr": None,
             "hbm_floor_ms": None, "d_model": d_model, "num_pairs": args.num_pairs, "vocab_size": args.vocab_size,
@@ -134,7 +141,7 @@ def _plot(results: dict[str, Any], png: Path) -> Path | None:
         return None
     records = [r for r in results["records"] if "accuracy" in r]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for n, attention in enumerate(("fleet", "softmax")):
+    for n, attention in enumerate((*FLEET_VARIANTS, "softmax")):
         rows = sorted((r for r in records if r["attention"] == attention), key=lambda r: r["d_model"])
         if not rows:
             continue
@@ -195,7 +202,7 @@ def summarize(paths: list[Path], out: Path) -> str:
                 continue
             # Files written before --softmax-positions existed used rotary embeddings.
             model = (f"softmax ({s.get('softmax_positions', 'rotary')} positions)" if r["attention"] == "softmax"
-                     else "fleet")
+                     else r["attention"])
             runs.append({"model": model, "d_model": r["d_model"], "lr": s["learning_rate"], "B": s["batch_size"],
                          "steps": r["steps_done"], "planned": s["steps"], "accuracy": r["accuracy"],
                          "file": Path(path).name})
@@ -244,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(records.RESULTS_DIR))
     parser.add_argument("--smoke", action="store_true", help="small and short, on the CPU")
     parser.add_argument("--d-models", default=None, help="comma-separated widths (default 64,128,256; smoke 32)")
-    parser.add_argument("--attentions", default="fleet,softmax")
+    parser.add_argument("--attentions", default="fleet,softmax",
+                        help="comma-separated: fleet (per-head decay), fleet_gated (plus a per-token gate), softmax")
     parser.add_argument("--seq-len", type=int, default=None, help="default 128 (smoke 32)")
     parser.add_argument("--num-pairs", type=int, default=None, help="key-value pairs (default 8; smoke 4)")
     parser.add_argument("--vocab-size", type=int, default=None, help="default 8192, as Zoology (smoke 64)")
@@ -284,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, name, value)
     d_models = [int(d) for d in args.d_models.split(",")]
     attentions = [a.strip() for a in args.attentions.split(",")]
+    unknown = [a for a in attentions if a not in (*FLEET_VARIANTS, "softmax")]
+    if unknown:
+        parser.error(f"--attentions: unknown {unknown}; choose from {', '.join((*FLEET_VARIANTS, 'softmax'))}")
     mqar_example(jax.random.key(0), args.seq_len, args.num_pairs, args.vocab_size)  # validate the settings early
 
     info = records.device_info()

@@ -22,7 +22,6 @@ NVSHMEM_DISABLE_NVLS=1 are set when absent, never unset).
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 import time
@@ -68,8 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from experiments import benchlib
-    benchlib.prepare_devices(smoke_devices=SMOKE_DEVICES if args.smoke else 0)
+    from experiments.environment import prepare_devices
+    prepare_devices(smoke_devices=SMOKE_DEVICES if args.smoke else 0)
 
     import jax
     import jax.numpy as jnp
@@ -79,14 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from experiments import benchlib
+    from experiments import records
     from fleetjax.models import data as text_data
     from fleetjax.models import lm
     from fleetjax.nn import FleetAttention
-
-    if "sequence_axis_name" not in inspect.signature(FleetAttention.__init__).parameters:
-        raise SystemExit("fleetjax.nn.FleetAttention has no sequence_axis_name attribute yet: this example "
-                         "needs the layer to pass sequence_axis_name to fleet_attention")
 
     # ----------------------------------------------------------------------------------------- the mesh
     count = jax.device_count()
@@ -156,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         windows = text_data.random_windows(source, args.batch_size, args.seq_len + 1, rng)
         return (jax.device_put(windows[:, :-1], tokens_sharding), jax.device_put(windows[:, 1:], tokens_sharding))
 
-    info = benchlib.device_info()
+    info = records.device_info()
     print(f"[train_sharded] mesh data={data_size} x seq={seq_size} on {count} x "
           f"{info.get('torch_device') or info['device_kind']}; model {lm.count_params(model):,} parameters, "
           f"{args.num_layers} layers, d_model {args.d_model}, {args.num_heads} heads; batch {args.batch_size} x "
@@ -202,11 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[train_sharded] validation loss {np.mean(eval_losses):.4f} nats/byte after {args.steps} steps "
           f"({wall:.1f} s)", flush=True)
 
-    out_dir = Path(args.out) if args.out else benchlib.RESULTS_DIR
-    path = benchlib.results_path("train_sharded", device=benchlib.device_slug(info), out_dir=out_dir)
+    out_dir = Path(args.out) if args.out else records.RESULTS_DIR
+    path = records.results_path("train_sharded", device=records.device_slug(info), out_dir=out_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({
-        "device": benchlib.device_slug(info), "date": benchlib.today(), "versions": benchlib.versions(),
+        "device": records.device_slug(info), "date": records.today(), "versions": records.versions(),
         "device_info": info, "smoke": bool(args.smoke), "mesh": {"data": data_size, "seq": seq_size},
         "config": config.to_dict(), "args": {k: v for k, v in vars(args).items()},
         "check_first_batch": agreement, "log": log, "validation_loss": float(np.mean(eval_losses)),

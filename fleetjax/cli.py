@@ -163,6 +163,8 @@ def add_train_arguments(parser: argparse.ArgumentParser, preset: str) -> None:
     size.add_argument("--eval-every", type=int, help="validation loss every N steps")
     parser.add_argument("--attention", choices=ATTENTIONS, default=default["attention"],
                         help="FleetAttention or the causal softmax baseline (default: %(default)s)")
+    parser.add_argument("--gate-rank", type=int, help="fleet: add a GLA-style per-token gate of this rank to the "
+                        "learned per-head decay (default: none)")
     parser.add_argument("--implementation", choices=IMPLEMENTATION_NAMES + SOFTMAX_IMPLEMENTATIONS[1:],
                         help="fleet: fleet_attention's implementation; softmax: jax.nn.dot_product_attention's "
                              f"({', '.join(SOFTMAX_IMPLEMENTATIONS)}); default: the backend's")

@@ -1,7 +1,7 @@
 """Packed sequences: the canonical form of ``segment_ids`` that every implementation reads.
 
-The public argument ``segment_ids`` [B, T] may hold any integers; the state resets wherever the id changes
-(DESIGN.md section 1), so two runs of the same id separated by another id do not interact. Implementations
+The public argument ``segment_ids`` [B, T] may hold any integers; the state resets wherever the id changes,
+so two runs of the same id separated by another id do not interact. Implementations
 never see the user's ids. They receive *run ids*: int32 [B, T], non-decreasing along T, where position t
 belongs to run ``run_ids[b, t]`` and the state entering the sequence (the initial state, or the state
 passed in from an earlier piece) feeds exactly the positions of run 0.

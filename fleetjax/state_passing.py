@@ -1,4 +1,4 @@
-"""State passing (DESIGN.md section 1): one mechanism, three uses.
+"""State passing: one mechanism, three uses.
 
 Pieces of a sequence each run from a zero state and return their local final state L_p; the state entering
 every piece then follows from the exclusive scan S_0 = start, S_{p+1} = a_p S_p + L_p, where a_p =

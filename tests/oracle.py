@@ -1,4 +1,4 @@
-"""A float64 numpy oracle for the operator, written from DESIGN.md alone (it never imports fleetjax).
+"""A float64 numpy oracle for the operator, written from the operator's definition alone (it never imports fleetjax).
 
     O_t = scale * sum_{s <= t, same run} gamma_h^(t-s) (q_t . k_s) v_s  +  scale gamma_h^(t+1) q_t^T S0  [t in run 0]
 

@@ -183,6 +183,8 @@ USAGE_MISTAKES = [
     (["train", "--resume", "no/such/dir"], "--resume must be a checkpoint directory"),
     (["train", "--attention", "softmax", "--implementation", "pallas"], "--attention softmax must be one of"),
     (["train", "--implementation", "cudnn"], "--attention fleet must be one of fleet_attention's"),
+    (["train", "--gate-rank", "0"], "--gate-rank must be a positive integer, got 0"),
+    (["train", "--attention", "softmax", "--gate-rank", "4"], "--gate-rank is FleetAttention's per-token gate"),
     (["demo", "--temperature", "-1"], "--temperature must be >= 0"),
     (["check", "--implementations", "xla,flash"], "unknown implementation(s) 'flash'"),
     (["check", "--repeats", "0"], "expected a positive integer, got 0"),

@@ -1,4 +1,4 @@
-"""The decay gradient at long T (DESIGN.md section 2).
+"""The decay gradient at long T.
 
     d log gamma = sum_{s <= t} (t - s) A_ts (q_t . k_s)(dO_t . v_s)  (+ initial- and final-state terms)
                 = sum_t t (q_t . dq_t) - sum_s s (k_s . dk_s)

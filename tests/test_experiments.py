@@ -2,21 +2,21 @@
 the relative error, the cases, the tune sweep's configs and the plot.
 
 The compositions need several devices. JAX fixes its device count when it starts and the rest of the suite
-runs with one CPU device, so they run in one subprocess (this file executed as a script with
-XLA_FLAGS=--xla_force_host_platform_device_count=4), which prints every case's errors as JSON; each pytest
-test reads its case from that output.
+runs with one CPU device, so they run in subprocesses (tests/devices.py: this file executed as a script with
+4 fake CPU devices), which print every case's errors as JSON; each pytest test reads its case from that
+output.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from typing import Any
 
 import numpy as np
 import pytest
+
+import devices
 
 DEVICES = 4
 WORKERS = 2  # subprocesses that share the cases
@@ -103,7 +103,7 @@ def _worker(case_ids: list[str]) -> None:
             results[case_id] = {"errors": _run_case(*case)}
         except Exception as error:  # noqa: BLE001 - reported by that case's test
             results[case_id] = {"exception": f"{type(error).__name__}: {error}"}
-    print("RESULTS " + json.dumps(results))
+    devices.print_results(results)
 
 
 # ------------------------------------------------------------------------------------------- the tests
@@ -111,20 +111,8 @@ def _worker(case_ids: list[str]) -> None:
 @pytest.fixture(scope="module")
 def results() -> dict[str, Any]:
     """Every case's errors, from WORKERS subprocesses running at once (the cases' time is compilation)."""
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}", JAX_PLATFORMS="cpu")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
     ids = [case[0] for case in CASES]
-    workers = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", ",".join(ids[i::WORKERS])],
-                                env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for i in range(WORKERS)]
-    out: dict[str, Any] = {}
-    for worker in workers:
-        stdout, stderr = worker.communicate(timeout=600)
-        lines = [line for line in stdout.splitlines() if line.startswith("RESULTS ")]
-        assert worker.returncode == 0 and lines, f"worker failed:\n{stdout[-3000:]}\n{stderr[-6000:]}"
-        out.update(json.loads(lines[-1][len("RESULTS "):]))
-    return out
+    return devices.run_workers(__file__, DEVICES, [ids[i::WORKERS] for i in range(WORKERS)], timeout=600)
 
 
 @pytest.mark.parametrize("case_id", [case[0] for case in CASES])
@@ -197,5 +185,5 @@ def test_plot_draws_every_panel_kind(tmp_path):
     assert plot_results(path).stat().st_size > 0
 
 
-if __name__ == "__main__" and "--worker" in sys.argv:
-    _worker(sys.argv[sys.argv.index("--worker") + 1].split(","))
+if __name__ == "__main__" and devices.worker_ids(sys.argv) is not None:
+    _worker(devices.worker_ids(sys.argv))

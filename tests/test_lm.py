@@ -94,6 +94,24 @@ def test_a_few_steps_reduce_the_loss_and_train_the_decays_without_recompiling():
         assert not np.array_equal(np.asarray(block.attention.decay_logit[...]), before)
 
 
+def test_the_gated_model_trains_its_gates_and_decays():
+    """gate_rank adds the per-token gate to every layer; its parameters and the decays learn together."""
+    model = _model(gate_rank=4)
+    before = nnx.state(model, nnx.Param)
+    trainer = lm.Trainer(model, _tx())
+    inputs, targets = _batch()
+    losses = [float(trainer.step(inputs, targets)["loss"]) for _ in range(5)]
+    assert losses[-1] < losses[0], losses
+    after = nnx.state(trainer.model, nnx.Param)
+    for block_before, block_after in zip(before["blocks"].values(), after["blocks"].values()):
+        for name in ("gate_down", "gate_up", "decay_logit"):
+            changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), block_before["attention"][name],
+                                   block_after["attention"][name])
+            assert all(jax.tree.leaves(changed)), name
+    with pytest.raises(ValueError, match="gate_rank"):
+        lm.LMConfig(**TINY, attention="softmax", gate_rank=4)
+
+
 def test_run_steps_equals_single_steps():
     text = jnp.asarray(np.frombuffer(b"def add(a, b):\n    return a + b\n\n" * 40, np.uint8).astype(np.int32))
 

@@ -1,4 +1,4 @@
-"""One table of cases, run against every implementation in fleetjax.IMPLEMENTATIONS (DESIGN.md section 5).
+"""One table of cases, run against every implementation in fleetjax.IMPLEMENTATIONS.
 
 Each case compares the output, the final state and the gradients in q, k, v, decay and initial_state
 (random cotangents for the output and the final state) with the float64 oracle in tests/oracle.py. Errors

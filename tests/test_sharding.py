@@ -1,24 +1,23 @@
 """Sequence parallelism (``sequence_axis_name``): sharded equals unsharded, on CPU with fake devices.
 
 JAX fixes its device count when it starts, and the rest of the suite runs with one CPU device, so the
-multi-device checks run in one subprocess (this file executed as a script with
-XLA_FLAGS=--xla_force_host_platform_device_count=8). It computes every case and prints JSON; each pytest test
-below reads its own case from that output. The refusals that one device can show run in this process.
+multi-device checks run in two subprocesses at once (tests/devices.py: this file executed as a script with
+8 fake CPU devices), which compute the cases and print JSON; each pytest test below reads its own case from
+that output. The refusals that one device can show run in this process.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import os
 import re
-import subprocess
 import sys
 import time
 from typing import Any
 
 import numpy as np
 import pytest
+
+import devices
 
 DEVICES = 8
 B, T, H, K, V = 2, 32, 4, 4, 5
@@ -332,14 +331,14 @@ def _refusals() -> dict[str, str]:
     return messages
 
 
-def _worker() -> None:
+def _worker(ids: list[str]) -> None:
     import jax
     import jax.numpy as jnp
 
     assert len(jax.devices()) >= DEVICES, jax.devices()
     results: dict[str, Any] = {}
     references: dict[tuple, dict] = {}
-    for case in _cases():
+    for case in (case for case in _cases() if case["id"] in ids):
         start = time.perf_counter()
         try:
             x = _inputs(jnp.dtype(case["dtype"]), case["T"])
@@ -355,30 +354,36 @@ def _worker() -> None:
             results[case["id"]] = {"exception": f"{type(error).__name__}: {error}"}
         results[case["id"]]["seconds"] = time.perf_counter() - start
     for check_vma in (True, False):
+        if f"collectives-vma{check_vma}" not in ids:
+            continue
         case = dict(impl="xla", seq=4, check_vma=check_vma)
         try:
             results[f"collectives-vma{check_vma}"] = {t: _collectives(case, t) for t in (32, 64)}
         except Exception as error:
             results[f"collectives-vma{check_vma}"] = {"exception": f"{type(error).__name__}: {error}"}
-    try:
-        results["refusals"] = _refusals()
-    except Exception as error:
-        results["refusals"] = {"exception": f"{type(error).__name__}: {error}"}
-    print("RESULTS " + json.dumps(results))
+    if "refusals" in ids:
+        try:
+            results["refusals"] = _refusals()
+        except Exception as error:
+            results["refusals"] = {"exception": f"{type(error).__name__}: {error}"}
+    devices.print_results(results)
 
 
 # ------------------------------------------------------------------------------------------- the tests
 
+def _groups() -> list[list[str]]:
+    """The cases in two workers of about equal cost: the interpret-mode Pallas cases (compile-bound, the
+    slowest) dealt out first, then the rest; the shape-independent checks ride with the second."""
+    ordered = sorted(_cases(), key=lambda case: not case["impl"].startswith("pallas"))
+    groups = [[case["id"] for case in ordered[i::2]] for i in range(2)]
+    groups[0] += ["collectives-vmaTrue", "collectives-vmaFalse"]
+    groups[1] += ["refusals"]
+    return groups
+
+
 @pytest.fixture(scope="module")
 def results() -> dict[str, Any]:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}", JAX_PLATFORMS="cpu")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
-    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker"], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=900)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]
-    assert done.returncode == 0 and lines, f"worker failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
-    return json.loads(lines[-1][len("RESULTS "):])
+    return devices.run_workers(__file__, DEVICES, _groups())
 
 
 @pytest.mark.parametrize("case", _cases(), ids=lambda case: case["id"])
@@ -484,8 +489,8 @@ def test_vary_like_and_shape_dtype_like_follow_the_mesh_axes():
     assert shape_dtype_like((2,), jnp.float32, x).shape == (2,) and not varying_axes_of(shape_dtype_like((2,), jnp.float32, x))
 
 
-if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
-    _worker()
+if __name__ == "__main__" and devices.worker_ids(sys.argv) is not None:
+    _worker(devices.worker_ids(sys.argv))
 
 
 @pytest.mark.parametrize("with_runs", [False, True])

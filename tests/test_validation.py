@@ -1,5 +1,5 @@
 """Bad input at the public boundary raises ValueError/TypeError whose message names the argument
-(DESIGN.md section 3)."""
+and what was expected."""
 
 from __future__ import annotations
 

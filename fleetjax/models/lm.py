@@ -44,6 +44,8 @@ class LMConfig:
     learned_positions: rows of a learned absolute position table added to the token embeddings (GPT-2's, and
       Zoology's attention baseline's), indexed from each row's start (segment_ids do not restart it); 0 for
       none. Sequences may not be longer; no decoding with it.
+    gate_rank: "fleet" only: None for the learned per-head decay alone, or the rank of the GLA-style per-token
+      gate on top of it (fleetjax.nn.FleetAttention's gate_rank).
     """
 
     vocab_size: int = 256
@@ -59,6 +61,7 @@ class LMConfig:
     param_dtype: str = "float32"
     rope_base: float | None = 10000.0
     learned_positions: int = 0
+    gate_rank: int | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_ratio"):
@@ -74,6 +77,9 @@ class LMConfig:
         if self.attention == "softmax" and self.rope_base is not None and (self.d_model // self.num_heads) % 2:
             raise ValueError(f"softmax attention uses rotary embeddings and needs an even head dim, got "
                              f"{self.d_model // self.num_heads}")
+        if self.gate_rank is not None and self.attention != "fleet":
+            raise ValueError(f"LMConfig.gate_rank is FleetAttention's per-token gate; attention={self.attention!r} "
+                             "has none (set gate_rank=None)")
         for name in ("dtype", "param_dtype"):
             try:
                 jnp.dtype(getattr(self, name))
@@ -148,7 +154,8 @@ class Block(nnx.Module):
         self.attention_norm, self.mlp_norm = norm(), norm()
         if config.attention == "fleet":
             self.attention = FleetAttention(config.num_heads, config.d_model, normalize_heads=config.normalize_heads,
-                                            output_gate=config.output_gate, dtype=dtype, param_dtype=param_dtype,
+                                            output_gate=config.output_gate, gate_rank=config.gate_rank,
+                                            dtype=dtype, param_dtype=param_dtype,
                                             implementation=config.implementation, rngs=rngs)
         else:
             self.attention = SoftmaxAttention(config.d_model, config.num_heads, implementation=config.implementation,

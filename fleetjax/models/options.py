@@ -40,6 +40,7 @@ class TrainOptions:
     num_heads: int = 4
     attention: str = "fleet"
     implementation: str | None = None
+    gate_rank: int | None = None
     dtype: str = "float32"
     learning_rate: float = 6e-3
     warmup_steps: int = 50
@@ -87,6 +88,11 @@ class TrainOptions:
             raise ValueError(f"--d-model ({self.d_model}) must be divisible by --num-heads ({self.num_heads})")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"--attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
+        if self.gate_rank is not None and (not isinstance(self.gate_rank, int) or self.gate_rank < 1):
+            raise ValueError(f"--gate-rank must be a positive integer, got {self.gate_rank!r}")
+        if self.gate_rank is not None and self.attention != "fleet":
+            raise ValueError("--gate-rank is FleetAttention's per-token gate: it needs --attention fleet, "
+                             f"got --attention {self.attention}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.attention == "softmax" and self.implementation not in (None, *SOFTMAX_IMPLEMENTATIONS):

@@ -88,7 +88,7 @@ def run_train(options: TrainOptions, *, echo: Callable[[str], None] = print) -> 
     else:
         config = lm.LMConfig(d_model=options.d_model, num_layers=options.num_layers, num_heads=options.num_heads,
                              attention=options.attention, implementation=options.implementation,
-                             dtype=options.dtype)
+                             gate_rank=options.gate_rank, dtype=options.dtype)
         trainer = lm.Trainer(lm.LanguageModel(config, rngs=nnx.Rngs(options.seed)), tx)
     first_step = trainer.step_count
     n_params = lm.count_params(trainer.model)

@@ -184,7 +184,9 @@ _STAGED = {
     "dq": lambda C, kq, b, half: _staged_tiles(C, kq, b, half, states=2),
     "dv": lambda C, kq, b, half: _staged_tiles(C, kq, b, half, states=2),
     "dk": lambda C, kq, b, half: _staged_tiles(C, kq, b, half, states=2),
-    "piece_states": lambda C, kq, b, half: _staged_tiles(C, kq, b, half, states=0, chunk_square=0),
+    # Float32 inputs: Triton stages the key tile once more for the IEEE-exact k^T v product (measured).
+    "piece_states": lambda C, kq, b, half: (_staged_tiles(C, kq, b, half, states=0, chunk_square=0)
+                                            + (() if half else ((C, kq),))),
 }
 
 

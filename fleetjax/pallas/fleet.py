@@ -61,7 +61,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
@@ -231,6 +230,12 @@ def fleet_kernel(*, log_decay_ref, q_ref, k_ref, v_ref, s0_ref, o_ref, final_ref
     # The run of the position before the piece: the entering state reaches only that run (run 0 at the start).
     edge = None if run_ref is None else jnp.where(start > 0, run_ref[jnp.maximum(start - 1, 0)], 0)
 
+    def store_state(state):
+        # Masked: the final state is [K, V], not padded to the blocks, and a compiled kernel does not bound
+        # a plain block write, so the rows beyond K and the columns beyond V would land in other programs'
+        # states and in whatever buffer follows the array.
+        plt.store(final_ref, state, mask=k_cols[:, None] & v_cols[None, :])
+
     if chunking.chunk_size == 1:
         end = jnp.minimum(start + chunking.piece_len, chunking.T)
 
@@ -253,7 +258,7 @@ def fleet_kernel(*, log_decay_ref, q_ref, k_ref, v_ref, s0_ref, o_ref, final_ref
 
         state, _, flag = jax.lax.fori_loop(start, end, token, (state, jnp.int32(0) if edge is None else edge,
                                                                jnp.int32(0)))
-        final_ref[...] = state
+        store_state(state)
         flag_ref[...] = jnp.full(flag_ref.shape, flag)
         return
 
@@ -267,9 +272,10 @@ def fleet_kernel(*, log_decay_ref, q_ref, k_ref, v_ref, s0_ref, o_ref, final_ref
         store_rows(o_ref, ch, o, v_cols)
         return state, jnp.maximum(flag, cm.any_bad(bad))
 
-    final_ref[...], flag = walk(body, (state, jnp.int32(0)), piece=p, chunking=chunking, reverse=False,
+    state, flag = walk(body, (state, jnp.int32(0)), piece=p, chunking=chunking, reverse=False,
                                 log_decay=log_decay, run_ref=run_ref, edge_ref=None if edge is None else edge[None],
                                 gate_ref=gate_ref)
+    store_state(state)
     flag_ref[...] = jnp.full(flag_ref.shape, flag)
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
 
 from fleetjax.chunking import Chunking
 from fleetjax import chunk as cm
