@@ -22,11 +22,14 @@ MAX_ERROR_ELEMENTS = 2 ** 26
 SCALE = 1.0
 
 REFERENCE = ("fleetjax.xla on the benchmark's own inputs upcast to float32 (exact), float32 arithmetic with "
-             "Precision.HIGHEST; fwd_bwd: jax.vjp with the same dO, gradients for q, k, v and decay")
+             "Precision.HIGHEST; fwd_bwd: jax.vjp with the same dO, gradients for q, k, v and decay (gated "
+             "cases: for q, k, v and log_gate, with decay None)")
 
 
 def reference_outputs(op: str, inputs: dict[str, Any], log_decay: np.ndarray) -> dict[str, Any]:
     """The float32 reference (see REFERENCE): {"o"} for fwd, {"o", "dq", "dk", "dv", "ddecay"} for fwd_bwd.
+    With a "log_gate" among the inputs (a gated case) the gate alone decays (decay None, ``log_decay``
+    unused) and fwd_bwd returns "dlog_gate" in place of "ddecay".
 
     The chunked XLA form holds O(T) memory (no T x T product), so it stays feasible at the long-context row:
     at B1 H16 T=131072 K=V=128 each float32 tensor is 1 GiB, the forward+backward about 10 in all."""
@@ -34,21 +37,27 @@ def reference_outputs(op: str, inputs: dict[str, Any], log_decay: np.ndarray) ->
     import jax.numpy as jnp
     from fleetjax import fleet_attention
     up = {name: x.astype(jnp.float32) for name, x in inputs.items()}
-    decay = jnp.exp(jnp.asarray(log_decay, jnp.float32))
+    if "log_gate" in up:
+        def attend(q, k, v, g):
+            return fleet_attention(q, k, v, None, log_gate=g, scale=SCALE, implementation="xla")
 
-    def attend(q, k, v, d):
-        return fleet_attention(q, k, v, d, scale=SCALE, implementation="xla")
+        last, last_name = up["log_gate"], "dlog_gate"
+    else:
+        def attend(q, k, v, d):
+            return fleet_attention(q, k, v, d, scale=SCALE, implementation="xla")
+
+        last, last_name = jnp.exp(jnp.asarray(log_decay, jnp.float32)), "ddecay"
 
     if op == "fwd":
-        return {"o": jax.block_until_ready(jax.jit(attend)(up["q"], up["k"], up["v"], decay))}
+        return {"o": jax.block_until_ready(jax.jit(attend)(up["q"], up["k"], up["v"], last))}
 
     @jax.jit
     def fwd_bwd(q, k, v, d, do):
         o, vjp = jax.vjp(attend, q, k, v, d)
         return (o,) + tuple(vjp(do))
 
-    out = jax.block_until_ready(fwd_bwd(up["q"], up["k"], up["v"], decay, up["do"]))
-    return dict(zip(("o", "dq", "dk", "dv", "ddecay"), out))
+    out = jax.block_until_ready(fwd_bwd(up["q"], up["k"], up["v"], last, up["do"]))
+    return dict(zip(("o", "dq", "dk", "dv", last_name), out))
 
 
 def error_stride(shape: tuple[int, ...], max_elements: int = MAX_ERROR_ELEMENTS) -> int:

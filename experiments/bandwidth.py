@@ -48,15 +48,18 @@ def copy_bandwidth(mib: int = 1024) -> dict[str, float | None]:
     return out
 
 
-def hbm_bytes(op: str, B: int, T: int, H: int, K: int, V: int, itemsize: int) -> int:
-    """Bytes that must move: fwd reads q, k, v and writes o; fwd_bwd also reads dO and writes dq, dk, dv.
+def hbm_bytes(op: str, B: int, T: int, H: int, K: int, V: int, itemsize: int, *, gated: bool = False) -> int:
+    """Bytes that must move: fwd reads q, k, v and writes o; fwd_bwd also reads dO and writes dq, dk, dv;
+    ``gated``: the float32 log gate [B, T, H] read too (fwd_bwd: and its gradient written).
     Python integers: exact at any size (B1 H16 T=131072 K=V=128 bfloat16 moves 2 GiB forward)."""
     per_position = {"fwd": 2 * K + V + V, "fwd_bwd": 2 * K + V + V + V + 2 * K + V}
     if op not in per_position:
         raise ValueError(f"op must be 'fwd' or 'fwd_bwd', got {op!r}")
-    return B * T * H * per_position[op] * itemsize
+    gate = (4 if op == "fwd" else 8) if gated else 0
+    return B * T * H * (per_position[op] * itemsize + gate)
 
 
-def hbm_floor_ms(op: str, B: int, T: int, H: int, K: int, V: int, itemsize: int, gbps: float) -> float:
+def hbm_floor_ms(op: str, B: int, T: int, H: int, K: int, V: int, itemsize: int, gbps: float, *,
+                 gated: bool = False) -> float:
     """Milliseconds to move hbm_bytes at the measured copy bandwidth (GB/s)."""
-    return hbm_bytes(op, B, T, H, K, V, itemsize) / (gbps * 1e9) * 1e3
+    return hbm_bytes(op, B, T, H, K, V, itemsize, gated=gated) / (gbps * 1e9) * 1e3

@@ -8,6 +8,11 @@ dO; each record says whether the implementation returns a decay gradient ("decay
 errors per gradient against the float32 reference (relerr = the largest of dq, dk, dv), and its extra
 peak memory (peak above the inputs, less the outputs). Shapes and order as bench_forward, the long-context
 row B1 H16 T=131072 K=V=128 included.
+
+--gated: per-token log gates and no per-head decay, cases as bench_forward --gated; fleetjax (``log_gate``)
+against fla's chunk_simple_gla (``g=``), both returning the log gate's gradient: the records say
+"gate_grad" instead of "decay_grad" and carry relerr_dlog_gate (relerr stays the largest of dq, dk, dv).
+Results file <date>-<device>-backward-gated.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     impls = runner.select_impls(backward_impls(smoke=args.smoke, skip_slow_autotune=args.skip_slow_autotune),
                                 args.impls)
-    runner.run_main(args, "fwd_bwd", forward_cases(args.smoke), impls, "backward")
+    runner.run_main(args, "fwd_bwd", forward_cases(args.smoke, args.gated), impls, "backward")
     return 0
 
 

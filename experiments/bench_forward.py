@@ -11,11 +11,17 @@ H16 T=4096 K=V=64, float32 B4 H16 K=V=128 at T in {1024, 4096, 16384}, bfloat16 
 autotunes for minutes there). In each group the implementations that do not autotune run first, then fla.
 "fleetjax.scan" (one position at a time) runs at T <= 4096 only. --smoke runs tiny shapes on the CPU
 (Pallas in interpret mode; torch peers under TRITON_INTERPRET=1 if torch is installed).
+
+--gated: every case carries a per-token log gate [B, T, H] float32 = logsigmoid(N(0, 1)) / 16 and no
+per-head decay: fleetjax's ``log_gate`` (decay None) against fla's ``g=``; the peers without a per-token
+gate are recorded as skipped. A first group of the issue's target shapes, bfloat16 B4 H16 K=V=128 at T in
+{4096, 16384}, comes before the groups above (without those two). Results file <date>-<device>-forward-gated.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -36,18 +42,30 @@ LONG_CONTEXT = Case(1, 131072, 16, 128, 128, "bfloat16")
 SMOKE_LONG_CONTEXT = Case(1, 96, 4, 32, 32, "bfloat16")
 
 
-def forward_cases(smoke: bool) -> list[list[Case]]:
+# The gated mode's first group: the per-token gate issue's target shapes.
+GATED_TARGETS = [Case(4, T, 16, 128, 128, "bfloat16", gated=True) for T in (4096, 16384)]
+
+
+def forward_cases(smoke: bool, gated: bool = False) -> list[list[Case]]:
     """Groups of cases, most important first: the main comparison and the long-context row, then the other
-    dtypes and head dims."""
+    dtypes and head dims. ``gated``: the same cases with a per-token log gate, GATED_TARGETS first (not in
+    smoke, whose shapes stay as they are)."""
     if smoke:
-        return [[Case(1, T, 2, 32, 32, "bfloat16") for T in (16, 40)] + [SMOKE_LONG_CONTEXT],
-                [Case(1, T, 2, 32, 32, "float32") for T in (16, 40)] + [Case(1, 24, 2, 16, 16, "bfloat16")]]
-    return [[Case(4, T, 16, 128, 128, "bfloat16") for T in (1024, 4096, 16384)]
-            + [Case(1, T, 8, 128, 128, "bfloat16") for T in (4096, 32768)]
-            + [LONG_CONTEXT],
-            [Case(4, 4096, 16, 64, 64, "bfloat16")]
-            + [Case(4, T, 16, 128, 128, "float32") for T in (1024, 4096, 16384)]
-            + [Case(4, 4096, 16, 256, 256, "bfloat16")]]
+        groups = [[Case(1, T, 2, 32, 32, "bfloat16") for T in (16, 40)] + [SMOKE_LONG_CONTEXT],
+                  [Case(1, T, 2, 32, 32, "float32") for T in (16, 40)] + [Case(1, 24, 2, 16, 16, "bfloat16")]]
+    else:
+        groups = [[Case(4, T, 16, 128, 128, "bfloat16") for T in (1024, 4096, 16384)]
+                  + [Case(1, T, 8, 128, 128, "bfloat16") for T in (4096, 32768)]
+                  + [LONG_CONTEXT],
+                  [Case(4, 4096, 16, 64, 64, "bfloat16")]
+                  + [Case(4, T, 16, 128, 128, "float32") for T in (1024, 4096, 16384)]
+                  + [Case(4, 4096, 16, 256, 256, "bfloat16")]]
+    if not gated:
+        return groups
+    groups = [[dataclasses.replace(case, gated=True) for case in group] for group in groups]
+    if smoke:
+        return groups
+    return [list(GATED_TARGETS)] + [[case for case in group if case not in GATED_TARGETS] for group in groups]
 
 
 def smoke_limits(impls: list, smoke: bool) -> list:
@@ -68,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     impls = smoke_limits(forward_impls(smoke=args.smoke, skip_slow_autotune=args.skip_slow_autotune), args.smoke)
     impls = runner.select_impls(impls, args.impls)
-    runner.run_main(args, "fwd", forward_cases(args.smoke), impls, "forward")
+    runner.run_main(args, "fwd", forward_cases(args.smoke, args.gated), impls, "forward")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""What a benchmark runs on: its shapes (:class:`Case`), the decays and the random inputs."""
+"""What a benchmark runs on: its shapes (:class:`Case`), the decays, the per-token gates and the random inputs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ DTYPES = ("bfloat16", "float32", "float16")
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One benchmark shape: q, k [B, T, H, K], v [B, T, H, V] in ``dtype`` (one of DTYPES)."""
+    """One benchmark shape: q, k [B, T, H, K], v [B, T, H, V] in ``dtype`` (one of DTYPES); ``gated``: the
+    case also carries a per-token log gate [B, T, H] (:func:`make_inputs`) and no per-head decay."""
 
     B: int
     T: int
@@ -20,6 +21,7 @@ class Case:
     K: int
     V: int
     dtype: str
+    gated: bool = False
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -30,7 +32,7 @@ class Case:
 
     @property
     def label(self) -> str:
-        return f"{self.dtype} B{self.B} H{self.H} T{self.T} K{self.K} V{self.V}"
+        return f"{self.dtype} B{self.B} H{self.H} T{self.T} K{self.K} V{self.V}" + (" gated" if self.gated else "")
 
     @property
     def itemsize(self) -> int:
@@ -41,7 +43,17 @@ class Case:
         return (self.B, self.T, self.H, self.K, self.V)
 
     def fields(self) -> dict[str, Any]:
-        return {"dtype": self.dtype, "B": self.B, "T": self.T, "H": self.H, "K": self.K, "V": self.V}
+        """The record's case fields; "gated" only when set, so that records of ungated runs stay as before."""
+        out: dict[str, Any] = {"dtype": self.dtype, "B": self.B, "T": self.T, "H": self.H, "K": self.K,
+                               "V": self.V}
+        if self.gated:
+            out["gated"] = True
+        return out
+
+
+# The results file's "decays" in gated mode: the per-token gate alone, as fla's ``g=`` (no g_gamma).
+GATED_DECAYS = "none: per-token log_gate [B, T, H] float32 = logsigmoid(N(0, 1)) / 16, no per-head decay"
+RETNET_DECAYS = "RetNet: 1 - 2^(-5 - h) for head h"
 
 
 def retnet_log_decay(H: int) -> np.ndarray:
@@ -51,21 +63,27 @@ def retnet_log_decay(H: int) -> np.ndarray:
 
 def make_inputs(case: Case, seed: int, *, with_do: bool = True) -> dict[str, Any]:
     """q, k ~ N(0, 1/K) (so q . k stays O(1)), v, dO ~ N(0, 1), drawn in float32 on the default device and
-    cast to the case's dtype. Returns JAX arrays {"q", "k", "v"[, "do"]} in [B, T, H, D]."""
+    cast to the case's dtype; for a gated case also log_gate [B, T, H] float32 = logsigmoid(N(0, 1)) / 16
+    (GLA's normalization, gates close to 1, as fla's tests draw ``g``). Returns JAX arrays {"q", "k", "v"[,
+    "do"][, "log_gate"]} in [B, T, H, D]."""
     import jax
     import jax.numpy as jnp
     dtype = jnp.dtype(case.dtype)
-    kq, kk, kv, kd = jax.random.split(jax.random.PRNGKey(seed), 4)
+    root = jax.random.PRNGKey(seed)
+    kq, kk, kv, kd = jax.random.split(root, 4)
+    kg = jax.random.fold_in(root, 4)  # a key of its own: q, k, v and dO stay the ungated cases' draws
     qk_shape, v_shape = (case.B, case.T, case.H, case.K), (case.B, case.T, case.H, case.V)
 
     @jax.jit
-    def draw(kq, kk, kv, kd):
+    def draw(kq, kk, kv, kd, kg):
         scale = case.K ** -0.5
         out = {"q": (jax.random.normal(kq, qk_shape, jnp.float32) * scale).astype(dtype),
                "k": (jax.random.normal(kk, qk_shape, jnp.float32) * scale).astype(dtype),
                "v": jax.random.normal(kv, v_shape, jnp.float32).astype(dtype)}
         if with_do:
             out["do"] = jax.random.normal(kd, v_shape, jnp.float32).astype(dtype)
+        if case.gated:
+            out["log_gate"] = jax.nn.log_sigmoid(jax.random.normal(kg, qk_shape[:3], jnp.float32)) / 16
         return out
 
-    return jax.block_until_ready(draw(kq, kk, kv, kd))
+    return jax.block_until_ready(draw(kq, kk, kv, kd, kg))

@@ -153,8 +153,9 @@ def plot_results(json_path: str | os.PathLike, png_path: str | os.PathLike | Non
     if handles:
         fig.legend(list(handles.values()), list(handles.keys()), loc="lower center",
                    ncol=min(5, len(handles)), fontsize=8, frameon=False)
+    gated = "  per-token gates (log_gate), no decay" if any(r.get("gated") for r in records) else ""
     fig.suptitle(f"{data.get('device', '?')}  {data.get('date', '')}  "
-                 f"copy {data.get('copy_bandwidth', {}).get('gbps', 0) or 0:.0f} GB/s", fontsize=10)
+                 f"copy {data.get('copy_bandwidth', {}).get('gbps', 0) or 0:.0f} GB/s{gated}", fontsize=10)
     fig.tight_layout(rect=(0, 0.07 + 0.02 * math.ceil(len(handles) / 5), 1, 0.96))
     fig.savefig(png_path, dpi=110)
     plt.close(fig)

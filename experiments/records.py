@@ -177,7 +177,8 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
     header = ["impl", "shape", "ms", "floor", "relerr"] + (["xtra_MB"] if has_mem else []) + ["note"]
     rows, skips = [], {}
     for r in records:
-        shape = f"{DTYPE_SHORT.get(r['dtype'], r['dtype'])} {r['B']}x{r['H']}x{r['T']}x{r['K']}"
+        shape = (f"{DTYPE_SHORT.get(r['dtype'], r['dtype'])} {r['B']}x{r['H']}x{r['T']}x{r['K']}"
+                 + (" gated" if r.get("gated") else ""))
         if r.get("skipped") and not str(r["skipped"]).startswith("timeout"):
             skips.setdefault((r["impl"], str(r["skipped"])[:90]), []).append(shape)
             continue

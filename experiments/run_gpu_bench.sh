@@ -8,7 +8,7 @@
 # Writes <date>-<device>-forward.json, .png and forward.log (or backward) to $OUT, else to
 # experiments/results. Each benchmark keeps to --budget-s (default 470 s) plus start-up; whatever does not
 # fit is recorded as skipped. Options after the first argument go to the benchmark (see --help), e.g.
-# --impls fleetjax.pallas,fla.chunk or --skip-slow-autotune.
+# --impls fleetjax.pallas,fla.chunk, --skip-slow-autotune or --gated (per-token gates: <what>-gated.json).
 set -uo pipefail
 
 what=${1:-}
@@ -40,7 +40,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 timeout -k 10 "${BENCH_HARD_LIMIT_S:-555}" python3 -m "experiments.$module" --out "$out" "$@" 2>&1 | tee "$out/$what.log"
 rc=${PIPESTATUS[0]}
 [ "$rc" = 0 ] || echo "run_gpu_bench: the benchmark exited with status $rc"
-for json in "$out"/*-"$what".json; do
+for json in "$out"/*-"$what".json "$out"/*-"$what"-gated.json; do
   [ -f "$json" ] || continue
   if [ ! -f "${json%.json}.png" ]; then  # stopped before its end: draw the plot, print the table
     python3 -m experiments.plots "$json" || true

@@ -15,7 +15,7 @@ import numpy as np
 
 from experiments.accuracy import REFERENCE, SCALE, output_errors, reference_outputs
 from experiments.bandwidth import copy_bandwidth, hbm_floor_ms
-from experiments.inputs import Case, make_inputs, retnet_log_decay
+from experiments.inputs import GATED_DECAYS, RETNET_DECAYS, Case, make_inputs, retnet_log_decay
 from experiments.memory import MIB, jax_runtime_extra_peak_mb, release_memory, torch_extra_peak_mb, tree_bytes
 from experiments.peers import Impl
 from experiments.plots import plot_results
@@ -119,7 +119,8 @@ def run_benchmark(op: str, cases: Sequence[Case], impls: Sequence[Impl], *, resu
     timed_out = set() if timed_out is None else timed_out  # shared between calls by run_main
     for case in cases:
         base = {"op": op, **case.fields(), "ms": None, "relerr": None,
-                "hbm_floor_ms": hbm_floor_ms(op, case.B, case.T, case.H, case.K, case.V, case.itemsize, gbps)}
+                "hbm_floor_ms": hbm_floor_ms(op, case.B, case.T, case.H, case.K, case.V, case.itemsize, gbps,
+                                             gated=case.gated)}
         log_decay = retnet_log_decay(case.H)
         data: dict[str, Any] = {}
 
@@ -143,8 +144,8 @@ def run_benchmark(op: str, cases: Sequence[Case], impls: Sequence[Impl], *, resu
 
         for impl in impls:
             rec = {**base, "impl": impl.name, "framework": impl.framework, "input_layout": impl.input_layout}
-            if op == "fwd_bwd":
-                rec["decay_grad"] = impl.decay_grad
+            if op == "fwd_bwd":  # gated cases have no decay: whether the log gate's gradient comes back
+                rec.update({"gate_grad": impl.gate_grad} if case.gated else {"decay_grad": impl.decay_grad})
             tune_key = (impl.name, case.H, case.K, case.V, case.dtype)
             reason = impl.unavailable()
             if reason is None:
@@ -201,9 +202,14 @@ def add_common_args(parser) -> None:
                         help="comma-separated implementation names to run (default: all)")
     parser.add_argument("--skip-slow-autotune", action="store_true",
                         help="skip fla at head dim > 128, whose first call autotunes for minutes")
-    parser.add_argument("--name", default=None, help="results file name part (default forward/backward)")
+    parser.add_argument("--name", default=None,
+                        help="results file name part (default forward/backward; --gated: forward-gated/backward-gated)")
     parser.add_argument("--dtypes", default=None, help="comma-separated dtypes of the cases to run (default: all)")
     parser.add_argument("--shapes", default=None, help="B,T,H,K,V;... : run only these shapes (default: all)")
+    parser.add_argument("--gated", action="store_true",
+                        help="per-token log gates [B, T, H] (logsigmoid(N(0,1))/16) and no per-head decay, "
+                             "as fla's g=; peers without a per-token gate are skipped; results file "
+                             "<name>-gated")
 
 
 def select_impls(impls: Sequence[Impl], names: str | None) -> list[Impl]:
@@ -224,7 +230,8 @@ def parse_shapes(text: str) -> list[tuple[int, ...]]:
 
 def run_main(args, op: str, case_groups: Sequence[Sequence[Case]], impls: Sequence[Impl], name: str) -> ResultsFile:
     """Measure the copy bandwidth, run the benchmark over the groups of cases (most important first),
-    draw the plot, print the table."""
+    draw the plot, print the table. With ``args.gated`` (whose cases the caller made gated) the results
+    file is <name>-gated and its "decays" says that the per-token gate alone decays."""
     if getattr(args, "dtypes", None):
         wanted = args.dtypes.split(",")
         case_groups = [[case for case in group if case.dtype in wanted] for group in case_groups]
@@ -235,7 +242,8 @@ def run_main(args, op: str, case_groups: Sequence[Sequence[Case]], impls: Sequen
     budget = Budget(args.budget_s)
     info = device_info()
     slug = device_slug(info)
-    path = results_path(args.name or name, device=slug, out_dir=args.out)
+    gated = bool(getattr(args, "gated", False))
+    path = results_path(args.name or (f"{name}-gated" if gated else name), device=slug, out_dir=args.out)
     log(budget, f"{op}: {sum(map(len, case_groups))} cases x {len(impls)} implementations on "
         f"{info.get('torch_device') or info['device_kind']} (jax {jax.__version__}, backend {info['backend']}); "
         f"results {path}")
@@ -244,7 +252,7 @@ def run_main(args, op: str, case_groups: Sequence[Sequence[Case]], impls: Sequen
         f"torch {bandwidth['torch_gbps']})")
     results = ResultsFile(path, device=slug, date=today(), versions=versions(), device_info=info,
                           copy_bandwidth=bandwidth, reference=REFERENCE, smoke=bool(args.smoke),
-                          decays="RetNet: 1 - 2^(-5 - h) for head h", scale=SCALE,
+                          decays=GATED_DECAYS if gated else RETNET_DECAYS, scale=SCALE,
                           timing=("median over samples of wall-clock time per call; each sample is back-to-back "
                                   "calls on rotated input sets followed by one sync (jax.block_until_ready or "
                                   "torch.cuda.synchronize); torch peers also carry triton's do_bench median as "
@@ -276,9 +284,10 @@ def run_main(args, op: str, case_groups: Sequence[Sequence[Case]], impls: Sequen
     if notes:
         results.set("import_notes", notes)
     # Records in case order, then implementation order, for the table and the file.
-    case_index = {(c.dtype, c.B, c.T, c.H, c.K, c.V): i for i, c in enumerate(cases)}
+    case_index = {(c.dtype, c.B, c.T, c.H, c.K, c.V, c.gated): i for i, c in enumerate(cases)}
     impl_index = {impl.name: i for i, impl in enumerate(impls)}
-    results.records.sort(key=lambda r: (case_index.get((r["dtype"], r["B"], r["T"], r["H"], r["K"], r["V"]), 0),
+    results.records.sort(key=lambda r: (case_index.get((r["dtype"], r["B"], r["T"], r["H"], r["K"], r["V"],
+                                                        r.get("gated", False)), 0),
                                         impl_index.get(r["impl"], 0)))
     results.set("wall_s", budget.elapsed())
     try:

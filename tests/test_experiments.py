@@ -155,6 +155,27 @@ def test_long_context_row():
     assert scan.skip_reason(LONG_CONTEXT, "fwd") is not None
 
 
+def test_gated_smoke_benchmark(tmp_path):
+    """bench_backward --gated on one smoke shape: fleetjax runs with the log gate and returns its gradient
+    (relerr_dlog_gate against the gated reference), a peer without a per-token gate is skipped, and the file
+    is named backward-gated."""
+    from experiments import bench_backward
+    from experiments.inputs import Case, make_inputs
+    case = Case(1, 16, 2, 32, 32, "bfloat16", gated=True)
+    assert case.fields()["gated"] is True and "gated" not in Case(1, 16, 2, 32, 32, "bfloat16").fields()
+    assert make_inputs(case, 0)["log_gate"].shape == (1, 16, 2)
+    assert bench_backward.main(["--smoke", "--gated", "--impls", "fleetjax.xla,softmax.xla", "--shapes",
+                                "1,16,2,32,32", "--dtypes", "bfloat16", "--out", str(tmp_path)]) == 0
+    [path] = tmp_path.glob("*-backward-gated.json")
+    data = json.loads(path.read_text())
+    assert data["decays"].startswith("none")
+    records = {r["impl"]: r for r in data["records"]}
+    xla = records["fleetjax.xla"]
+    assert xla["gated"] and xla["gate_grad"] and "decay_grad" not in xla
+    assert xla["relerr"] < 2e-2 and xla["relerr_dlog_gate"] < 1e-4
+    assert records["softmax.xla"]["skipped"] == "no per-token gate"
+
+
 def test_tune_candidates_are_valid_configs():
     """Every built-in candidate of the sweep is a valid PallasConfig differing from the default."""
     import jax.numpy as jnp

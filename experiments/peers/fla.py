@@ -1,6 +1,8 @@
 """flash-linear-attention ("fla") 0.6.0: ``chunk_simple_gla`` / ``fused_recurrent_simple_gla(q, k, v,
 g_gamma=log gamma [H] float32, scale=1.0)`` in [B, T, H, K]; they return (o, final_state), and the backward
-returns no g_gamma gradient. Their first call per shape autotunes (minutes at head dims above 128)."""
+returns no g_gamma gradient. Gated cases: ``g=log_gate`` [B, T, H] float32 in place of g_gamma; chunk's
+backward returns dg, the log gate's gradient. Their first call per shape autotunes (minutes at head dims
+above 128)."""
 
 from __future__ import annotations
 
@@ -48,6 +50,8 @@ def _fla_ops() -> tuple[Any, str | None]:
 class FlaChunkImpl(TorchImpl):
     name = "fla.chunk"
     decay_grad = False
+    gated = True
+    gate_grad = True
     autotunes = True
     kernel = "chunk_simple_gla"
 
@@ -65,6 +69,8 @@ class FlaChunkImpl(TorchImpl):
 
     def _forward(self, case, log_decay, device):
         kernel = getattr(self._import()[0], self.kernel)
+        if case.gated:  # the per-token gate alone, as fleetjax's log_gate with decay None
+            return lambda q, k, v, g: kernel(q, k, v, g=g, scale=SCALE)[0]
         g_gamma = torch_tensor(log_decay, device)
         return lambda q, k, v: kernel(q, k, v, g_gamma=g_gamma, scale=SCALE)[0]
 

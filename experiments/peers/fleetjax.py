@@ -1,6 +1,8 @@
 """fleetjax itself: ``fleet_attention(q, k, v, decay, scale=1, implementation=...)`` in [B, T, H, K]; its
-fwd_bwd returns the decay gradient too. What an implementation supports here (whether it is installed, runs
-compiled or only in Pallas interpret mode) is read from its record in ``fleetjax.IMPLEMENTATIONS``."""
+fwd_bwd returns the decay gradient too. Gated cases: ``fleet_attention(q, k, v, None, log_gate=log_gate,
+...)`` (the gate alone, as fla's ``g=``), fwd_bwd with the log gate's gradient. What an implementation
+supports here (whether it is installed, runs compiled or only in Pallas interpret mode) is read from its
+record in ``fleetjax.IMPLEMENTATIONS``."""
 
 from __future__ import annotations
 
@@ -14,10 +16,13 @@ from experiments.peers.base import Bound, Impl, jax_bound, with_vjp
 
 
 class FleetjaxImpl(Impl):
-    """fleetjax.fleet_attention with one implementation; fwd_bwd includes the decay gradient."""
+    """fleetjax.fleet_attention with one implementation; fwd_bwd includes the decay (gated: log gate)
+    gradient."""
 
     framework = "jax"
     decay_grad = True
+    gated = True
+    gate_grad = True
 
     def __init__(self, implementation: str, max_T: int | None = None):
         self.implementation = implementation
@@ -52,8 +57,15 @@ class FleetjaxImpl(Impl):
         import jax.numpy as jnp
         from fleetjax import fleet_attention
 
+        notes = "Pallas interpret mode: exact, but its times say nothing" if self.record().interpreted() else ""
+        if case.gated:
+            def gated(q, k, v, log_gate):
+                return fleet_attention(q, k, v, None, log_gate=log_gate, scale=SCALE,
+                                       implementation=self.implementation)
+
+            return jax_bound(gated, with_vjp(gated), op, inputs=("log_gate",),
+                             grads=("dq", "dk", "dv", "dlog_gate"), notes=notes)
         decay = jnp.exp(jnp.asarray(log_decay, jnp.float32))
         attend = functools.partial(fleet_attention, scale=SCALE, implementation=self.implementation)
-        notes = "Pallas interpret mode: exact, but its times say nothing" if self.record().interpreted() else ""
         return jax_bound(attend, with_vjp(attend), op, extra=(decay,), grads=("dq", "dk", "dv", "ddecay"),
                          notes=notes)

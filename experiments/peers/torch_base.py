@@ -86,7 +86,8 @@ def torch_tensor(values: np.ndarray, device: str) -> Any:
 
 class TorchImpl(Impl):
     """A torch peer: inputs converted once (not timed), fwd under no_grad, fwd_bwd through
-    torch.autograd.grad with the same dO."""
+    torch.autograd.grad with the same dO. Gated cases (a peer with ``gated = True``): the log gate [B, T, H]
+    float32 is a fourth argument of the forward, and fwd_bwd returns its gradient as "dlog_gate"."""
 
     framework = "torch"
 
@@ -100,7 +101,7 @@ class TorchImpl(Impl):
         return self._import()[1]
 
     def _forward(self, case: Case, log_decay: np.ndarray, device: str) -> Callable:
-        """fn(q, k, v) -> o, all in the peer's own layout."""
+        """fn(q, k, v) -> o (gated cases: fn(q, k, v, log_gate)), all in the peer's own layout."""
         raise NotImplementedError
 
     def bind(self, case: Case, op: str, log_decay: np.ndarray) -> Bound:
@@ -109,27 +110,33 @@ class TorchImpl(Impl):
         forward = self._forward(case, log_decay, device)
         to_native = (lambda t: t) if self.input_layout == "BTHD" else (lambda t: t.transpose(1, 2).contiguous())
         from_native = (lambda t: t) if self.input_layout == "BTHD" else (lambda t: t.transpose(1, 2))
+        # The differentiable inputs: q, k, v, and the log gate in gated cases ([B, T, H]: the same transpose
+        # of axes 1 and 2 gives a head-first peer's [B, H, T]).
+        names = ("q", "k", "v") + (("log_gate",) if case.gated else ())
 
         if op == "fwd":
             def prepare(x):
-                return tuple(to_native(to_torch(x[n], device)) for n in ("q", "k", "v"))
+                return tuple(to_native(to_torch(x[n], device)) for n in names)
 
-            def call(q, k, v):
+            def call(*args):
                 with torch.no_grad():
-                    return forward(q, k, v)
+                    return forward(*args)
 
             return Bound(prepare=prepare, call=call, unpack=lambda o: {"o": to_jax(from_native(o))},
                          framework="torch")
 
         def prepare(x):
-            q, k, v = (to_native(to_torch(x[n], device)).requires_grad_(True) for n in ("q", "k", "v"))
-            return q, k, v, to_native(to_torch(x["do"], device))
+            return (*(to_native(to_torch(x[n], device)).requires_grad_(True) for n in names),
+                    to_native(to_torch(x["do"], device)))
 
-        def call(q, k, v, do):
-            o = forward(q, k, v)
-            return (o,) + tuple(torch.autograd.grad(o, (q, k, v), do))
+        def call(*args):
+            *inputs, do = args
+            o = forward(*inputs)
+            return (o,) + tuple(torch.autograd.grad(o, inputs, do))
+
+        grads = ("o", "dq", "dk", "dv", "dlog_gate")[:len(names) + 1]
 
         def unpack(out):
-            return {name: to_jax(from_native(t)) for name, t in zip(("o", "dq", "dk", "dv"), out)}
+            return {name: to_jax(from_native(t)) for name, t in zip(grads, out)}
 
         return Bound(prepare=prepare, call=call, unpack=unpack, framework="torch")
