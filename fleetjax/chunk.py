@@ -105,7 +105,9 @@ def chunk(start, C: int, T: int, log_decay, *, reverse: bool, runs=None, edge_ru
     valid = start + i < T
     length = jnp.minimum(C, T - start)
     lag = (i[None, :] - i[:, None]) if reverse else (i[:, None] - i[None, :])
-    pairs = (lag >= 0) & valid[:, None] & valid[None, :]
+    # Causal pairs only: beyond T every walk's tiles are loaded as zeros and its rows are not stored, and a
+    # loop-invariant mask lets the compiler keep it out of each chunk's register budget.
+    pairs = lag >= 0
     enters = leaves = valid
     carries = jnp.bool_(True)
     far_run = jnp.int32(0)
@@ -146,6 +148,13 @@ def exit_decay(ch: Chunk, T: int, last_run=None, to_end=None):
     return _decayed(reach, exponent)
 
 
+def select_rows(ch: Chunk, rows, x):
+    """x [C, n] where rows [C], exactly 0 elsewhere. Without runs the rows left out are the positions beyond
+    T, whose tiles are zeros and whose outputs are not stored: then x as it is, which saves the select's
+    registers in every walk."""
+    return x if ch.runs is None else jnp.where(rows[:, None], x, 0.0)
+
+
 def finite_part(value):
     """(value with its non-finite entries set to 0, the mask of those entries)."""
     bad = ~jnp.isfinite(value)
@@ -168,7 +177,7 @@ def output(query, pair_scores, value, state, ch: Chunk, *, scale: float, dtype, 
         inter = dot_exact(query, scale * state, dtype, precision)
     else:
         inter = dot(query, (scale * state).astype(dtype), precision)
-    inter = jnp.where(ch.enters[:, None], inter * ch.entering[:, None], 0.0)
+    inter = select_rows(ch, ch.enters, inter * ch.entering[:, None])
     return intra + inter, inter
 
 
@@ -177,13 +186,14 @@ def update(state, key, value, ch: Chunk, *, dtype, precision, exact: bool):
 
     ``exact``: the decayed values as a hi/lo pair, so that the new state has float32's accuracy with 16-bit
     inputs (a state that leaves the kernel, or feeds a gradient's sums); else one product in ``dtype``."""
-    key = jnp.where(ch.leaves[:, None], key, jnp.zeros_like(key))
-    weighted = jnp.where(ch.leaves[:, None], value.astype(f32) * ch.leaving[:, None], 0.0)
+    if ch.runs is not None:
+        key = jnp.where(ch.leaves[:, None], key, jnp.zeros_like(key))
+    weighted = select_rows(ch, ch.leaves, value.astype(f32) * ch.leaving[:, None])
     if exact:
         new = dot_exact(key, weighted, dtype, precision, trans_a=True)
     else:
         new = dot(key, weighted.astype(dtype), precision, trans_a=True)
-    return jnp.where(ch.carries, ch.carry * state, 0.0) + new
+    return (ch.carry * state if ch.runs is None else jnp.where(ch.carries, ch.carry * state, 0.0)) + new
 
 
 def count_crossings(counts, state, ch: Chunk):

@@ -70,7 +70,7 @@ def dq_kernel(*, log_decay_ref, do_ref, v_ref, k_ref, q_ref, dq_ref, w_ref, coun
         scores = cm.scores(do, v, ch, precision)
         dq, inter = cm.output(do, scores, k, state, ch, scale=scale, dtype=dtype, precision=precision, exact=True)
         counted = cm.dot_exact(do, scale * counts, dtype, precision)
-        counted = jnp.where(ch.enters[:, None], counted * ch.entering[:, None], 0.0)
+        counted = cm.select_rows(ch, ch.enters, counted * ch.entering[:, None])
         # This block's share of (q_i . k_j), times the pair's weighted (dO_i . v_j), weighted by the lag.
         pair = cm.dot(q, k, precision, trans_b=True) * scores
         intra = scale * jnp.sum(ch.lag * pair, axis=1)

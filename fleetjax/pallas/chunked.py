@@ -235,7 +235,7 @@ def _pieces(programs: int, T: int) -> int:
 
 def default_config(q: jax.Array, v: jax.Array) -> PallasConfig:
     """By shape, dtype and device, from sweeps on an H100 and H200 (experiments/tune_pallas.py: bf16 K=V=128,
-    chunk 64, 4 warps, 3 stages; forward value blocks of 64; the backward's walks in blocks of 32 where
+    chunk 64, 8 warps, 3 stages; forward value blocks of 64; the backward's walks in blocks of 32 where
     batch*head alone fills the GPU, else 64; then sequence pieces up to about one program per SM), each
     kernel's tiling then shrunk until it fits the device's shared memory."""
     B, T, H, K = q.shape
@@ -262,11 +262,17 @@ def default_config(q: jax.Array, v: jax.Array) -> PallasConfig:
         stages_forward = stages
     limit = shared_memory_per_block()
     fit = functools.partial(_shrink, K=K, V=V, dtype=dtype, limit=limit)
-    forward = fit("forward", WalkConfig(block_v=forward_block, num_stages=stages_forward), chunk_fixed=False)
+    # 16-bit inputs, head dims <= 128: eight warps. A walk program holds its state, a [C, C] score tile and
+    # the chunk's operands in registers; with four warps that takes more than 255 registers a thread and
+    # spills (sm_90, measured offline), with eight it fits, and the SM runs one program either way (shared
+    # memory). Measured on the H200 only there (bf16 K=V=128); elsewhere four, as before.
+    warps = 8 if not wide and max(K, V) <= 128 else 4
+    forward = fit("forward", WalkConfig(block_v=forward_block, num_warps=warps, num_stages=stages_forward),
+                  chunk_fixed=False)
     walks = {}
     for chunk_size in (64, 32, 16):  # the backward's walks share one chunk size
-        walks = {name: fit(name, WalkConfig(chunk_size=chunk_size, block_v=backward_block, num_stages=stages),
-                           chunk_fixed=True) for name in ("dq", "dv", "dk")}
+        walks = {name: fit(name, WalkConfig(chunk_size=chunk_size, block_v=backward_block, num_warps=warps,
+                                            num_stages=stages), chunk_fixed=True) for name in ("dq", "dv", "dk")}
         if all(walks.values()):
             break
     if piece_states is not None:
