@@ -169,15 +169,21 @@ def scores(query, key, ch: Chunk, precision):
 def output(query, pair_scores, value, state, ch: Chunk, *, scale: float, dtype, precision, exact: bool):
     """(o [C, bv] float32, its part from the entering state) of the chunk, from the finite value tile.
 
-    The scale is applied before the score tile and the state are rounded to the inputs' dtype for the
-    tensor cores, so that float16 intermediates stay in range where the result does. ``exact``: the state as a
-    hi/lo pair (its term then has float32's accuracy, for the decay gradient's sums)."""
+    The scale is applied before the score tile is rounded to the inputs' dtype for the tensor cores, and
+    before the state is with float16 inputs, so that float16 intermediates stay in range where the result
+    does; with bfloat16 (float32's range) it scales the state's [C] row factors instead. ``exact``: the state
+    as a hi/lo pair (its term then has float32's accuracy, for the decay gradient's sums)."""
     intra = dot((scale * pair_scores).astype(dtype), value, precision)
     if exact:
         inter = dot_exact(query, scale * state, dtype, precision)
-    else:
+        entering = ch.entering
+    elif dtype == jnp.float16:
         inter = dot(query, (scale * state).astype(dtype), precision)
-    inter = select_rows(ch, ch.enters, inter * ch.entering[:, None])
+        entering = ch.entering
+    else:  # bfloat16 and float32 keep float32's range: scale the [C] row factors, not the [K, bv] state
+        inter = dot(query, state.astype(dtype), precision)
+        entering = scale * ch.entering
+    inter = select_rows(ch, ch.enters, inter * entering[:, None])
     return intra + inter, inter
 
 
@@ -210,6 +216,13 @@ def spanned(pair_terms):
     before = jnp.cumsum(pair_terms, axis=1) - pair_terms  # [i, r]: sum over j < r
     i = jnp.arange(C)
     return jnp.sum(jnp.where(i[:, None] >= i[None, :], before, 0.0), axis=0)
+
+
+def no_bad(C: int, width: int) -> jax.Array:
+    """The [C, width] tile of a walk that has seen no non-finite value: a walk ORs each chunk's ``bad`` of
+    :func:`finite_part` into it and reduces it once after its last chunk (:func:`any_bad`), not in every
+    chunk, where the reduction across the program's warps costs a barrier."""
+    return jnp.zeros((C, width), bool)
 
 
 def any_bad(bad) -> jax.Array:

@@ -63,7 +63,7 @@ def dq_kernel(*, log_decay_ref, do_ref, v_ref, k_ref, q_ref, dq_ref, w_ref, coun
                                     local_counts_ref=local_counts_ref, piece_log_ref=piece_log_ref)
 
     def body(ch: cm.Chunk, carry):
-        state, counts, flag = carry
+        state, counts, seen = carry
         do, v = load_rows(do_ref, ch, v_cols), load_rows(v_ref, ch, v_cols)
         k, bad = cm.finite_part(load_rows(k_ref, ch, k_cols))
         q = load_rows(q_ref, ch, k_cols)
@@ -82,11 +82,12 @@ def dq_kernel(*, log_decay_ref, do_ref, v_ref, k_ref, q_ref, dq_ref, w_ref, coun
         store_positions(w_ref, ch, jnp.sum(inter * q.astype(f32), axis=1))
         store_positions(counts_ref, ch, jnp.sum(counted * q.astype(f32), axis=1))
         store_positions(intra_ref, ch, intra)
-        return state, counts, jnp.maximum(flag, cm.any_bad(bad))
+        return state, counts, seen | bad
 
-    *_, flag = walk(body, (state, counts, jnp.int32(0)), piece=piece, chunking=chunking, reverse=False,
-                    log_decay=log_decay, run_ref=run_ref, edge_ref=edge_ref, gate_ref=gate_ref)
-    flag_ref[...] = jnp.full(flag_ref.shape, flag)
+    *_, seen = walk(body, (state, counts, cm.no_bad(chunking.chunk_size, k_ref.shape[-1])), piece=piece,
+                    chunking=chunking, reverse=False, log_decay=log_decay, run_ref=run_ref, edge_ref=edge_ref,
+                    gate_ref=gate_ref)
+    flag_ref[...] = jnp.full(flag_ref.shape, cm.any_bad(seen))
 
 
 def dv_kernel(*, log_decay_ref, k_ref, q_ref, do_ref, dv_ref, reverse_ref, flag_ref, exit_ref=None,
@@ -107,7 +108,7 @@ def dv_kernel(*, log_decay_ref, k_ref, q_ref, do_ref, dv_ref, reverse_ref, flag_
     last_run = None if last_run_ref is None else last_run_ref[0]
 
     def body(ch: cm.Chunk, carry):
-        state, flag = carry
+        state, seen = carry
         k, q = load_rows(k_ref, ch, k_cols), load_rows(q_ref, ch, k_cols)
         do, bad = cm.finite_part(load_rows(do_ref, ch, v_cols))
         dv, _ = cm.output(k, cm.scores(k, q, ch, precision), do, state, ch, scale=scale, dtype=dtype,
@@ -117,11 +118,12 @@ def dv_kernel(*, log_decay_ref, k_ref, q_ref, do_ref, dv_ref, reverse_ref, flag_
             dv = dv + cm.dot(k, exit_state, precision) * cm.exit_decay(ch, chunking.T, last_run, to_end)[:, None]
         state = cm.update(state, q, do, ch, dtype=dtype, precision=precision, exact=True)
         store_rows(dv_ref, ch, dv, v_cols)
-        return state, jnp.maximum(flag, cm.any_bad(bad))
+        return state, seen | bad
 
-    reverse_ref[...], flag = walk(body, (state, jnp.int32(0)), piece=piece, chunking=chunking, reverse=True,
-                                  log_decay=log_decay, run_ref=run_ref, edge_ref=edge_ref, gate_ref=gate_ref)
-    flag_ref[...] = jnp.full(flag_ref.shape, flag)
+    reverse_ref[...], seen = walk(body, (state, cm.no_bad(chunking.chunk_size, do_ref.shape[-1])), piece=piece,
+                                  chunking=chunking, reverse=True, log_decay=log_decay, run_ref=run_ref,
+                                  edge_ref=edge_ref, gate_ref=gate_ref)
+    flag_ref[...] = jnp.full(flag_ref.shape, cm.any_bad(seen))
 
 
 def dk_kernel(*, log_decay_ref, v_ref, do_ref, q_ref, k_ref, dk_ref, u_ref, flag_ref, x_ref=None, exit_ref=None,
@@ -140,7 +142,7 @@ def dk_kernel(*, log_decay_ref, v_ref, do_ref, q_ref, k_ref, dk_ref, u_ref, flag
     last_run = None if last_run_ref is None else last_run_ref[0]
 
     def body(ch: cm.Chunk, carry):
-        state, flag = carry
+        state, seen = carry
         v, do = load_rows(v_ref, ch, v_cols), load_rows(do_ref, ch, v_cols)
         q, bad = cm.finite_part(load_rows(q_ref, ch, k_cols))
         k = load_rows(k_ref, ch, k_cols)
@@ -156,11 +158,11 @@ def dk_kernel(*, log_decay_ref, v_ref, do_ref, q_ref, k_ref, dk_ref, u_ref, flag
         state = cm.update(state, do, q, ch, dtype=dtype, precision=precision, exact=True)
         store_rows(dk_ref, ch, dk, k_cols)
         store_positions(u_ref, ch, jnp.sum(inter * k.astype(f32), axis=1))
-        return state, jnp.maximum(flag, cm.any_bad(bad))
+        return state, seen | bad
 
-    _, flag = walk(body, (state, jnp.int32(0)), piece=piece, chunking=chunking, reverse=True, log_decay=log_decay,
-                   run_ref=run_ref, edge_ref=edge_ref, gate_ref=gate_ref)
-    flag_ref[...] = jnp.full(flag_ref.shape, flag)
+    _, seen = walk(body, (state, cm.no_bad(chunking.chunk_size, q_ref.shape[-1])), piece=piece, chunking=chunking,
+                   reverse=True, log_decay=log_decay, run_ref=run_ref, edge_ref=edge_ref, gate_ref=gate_ref)
+    flag_ref[...] = jnp.full(flag_ref.shape, cm.any_bad(seen))
 
 
 # ------------------------------------------------------------------------------------------------ launches

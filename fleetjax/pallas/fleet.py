@@ -263,20 +263,20 @@ def fleet_kernel(*, log_decay_ref, q_ref, k_ref, v_ref, s0_ref, o_ref, final_ref
         return
 
     def body(ch: cm.Chunk, carry):
-        state, flag = carry
+        state, seen = carry
         q, k = load_rows(q_ref, ch, k_cols), load_rows(k_ref, ch, k_cols)
         v, bad = cm.finite_part(load_rows(v_ref, ch, v_cols))
         o, _ = cm.output(q, cm.scores(q, k, ch, precision), v, state, ch, scale=scale, dtype=dtype,
                          precision=precision, exact=False)
         state = cm.update(state, k, v, ch, dtype=dtype, precision=precision, exact=exact_state)
         store_rows(o_ref, ch, o, v_cols)
-        return state, jnp.maximum(flag, cm.any_bad(bad))
+        return state, seen | bad
 
-    state, flag = walk(body, (state, jnp.int32(0)), piece=p, chunking=chunking, reverse=False,
-                                log_decay=log_decay, run_ref=run_ref, edge_ref=None if edge is None else edge[None],
-                                gate_ref=gate_ref)
+    state, seen = walk(body, (state, cm.no_bad(chunking.chunk_size, v_ref.shape[-1])), piece=p, chunking=chunking,
+                       reverse=False, log_decay=log_decay, run_ref=run_ref,
+                       edge_ref=None if edge is None else edge[None], gate_ref=gate_ref)
     store_state(state)
-    flag_ref[...] = jnp.full(flag_ref.shape, flag)
+    flag_ref[...] = jnp.full(flag_ref.shape, cm.any_bad(seen))
 
 
 def _fleet_call(q, k, v, log_decay, gate, initial_state, run_ids, *, scale: float, config: FleetConfig,

@@ -42,18 +42,19 @@ def forward_kernel(*, log_decay_ref, q_ref, k_ref, v_ref, o_ref, final_ref, flag
                             local_ref=local_ref, link_ref=link_ref, piece_log_ref=piece_log_ref)
 
     def body(ch: cm.Chunk, carry):
-        state, flag = carry
+        state, seen = carry
         q, k = load_rows(q_ref, ch, k_cols), load_rows(k_ref, ch, k_cols)
         v, bad = cm.finite_part(load_rows(v_ref, ch, v_cols))
         o, _ = cm.output(q, cm.scores(q, k, ch, precision), v, state, ch, scale=scale, dtype=dtype,
                          precision=precision, exact=False)
         state = cm.update(state, k, v, ch, dtype=dtype, precision=precision, exact=exact_state)
         store_rows(o_ref, ch, o, v_cols)
-        return state, jnp.maximum(flag, cm.any_bad(bad))
+        return state, seen | bad
 
-    final_ref[...], flag = walk(body, (state, jnp.int32(0)), piece=piece, chunking=chunking, reverse=False,
-                                log_decay=log_decay, run_ref=run_ref, edge_ref=edge_ref, gate_ref=gate_ref)
-    flag_ref[...] = jnp.full(flag_ref.shape, flag)
+    final_ref[...], seen = walk(body, (state, cm.no_bad(chunking.chunk_size, v_ref.shape[-1])), piece=piece,
+                                chunking=chunking, reverse=False, log_decay=log_decay, run_ref=run_ref,
+                                edge_ref=edge_ref, gate_ref=gate_ref)
+    flag_ref[...] = jnp.full(flag_ref.shape, cm.any_bad(seen))
 
 
 def piece_states_kernel(*, log_decay_ref, k_ref, v_ref, final_ref, flag_ref, counts_ref=None, run_ref=None,
@@ -68,19 +69,20 @@ def piece_states_kernel(*, log_decay_ref, k_ref, v_ref, final_ref, flag_ref, cou
     dtype = k_ref.dtype
 
     def body(ch: cm.Chunk, carry):
-        state, counts, flag = carry
+        state, counts, seen = carry
         k = load_rows(k_ref, ch, k_cols)
         v, bad = cm.finite_part(load_rows(v_ref, ch, v_cols))
         if counts is not None:
             counts = cm.count_crossings(counts, state, ch)
         state = cm.update(state, k, v, ch, dtype=dtype, precision=precision, exact=True)
-        return state, counts, jnp.maximum(flag, cm.any_bad(bad))
+        return state, counts, seen | bad
 
     zero = jnp.zeros(final_ref.shape, f32)
-    final_ref[...], counts, flag = walk(body, (zero, None if counts_ref is None else zero, jnp.int32(0)),
+    final_ref[...], counts, seen = walk(body, (zero, None if counts_ref is None else zero,
+                                               cm.no_bad(chunking.chunk_size, v_ref.shape[-1])),
                                         piece=piece, chunking=chunking, reverse=reverse, log_decay=log_decay,
                                         run_ref=run_ref, edge_ref=edge_ref, gate_ref=gate_ref)
-    flag_ref[...] = jnp.full(flag_ref.shape, flag)
+    flag_ref[...] = jnp.full(flag_ref.shape, cm.any_bad(seen))
     if counts_ref is not None:
         counts_ref[...] = counts
 
