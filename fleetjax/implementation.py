@@ -36,6 +36,8 @@ class Implementation:
     config_type, default_config(q, v): its config dataclass and heuristic default (None: it takes none).
     custom_vjp: its gradient is a hand-written VJP (else JAX's autodiff). higher_order: second derivatives.
     block_kernels: its steps for sequence parallelism without extra passes (fleetjax.state_passing), if any.
+    backward_of: the implementation whose backward its VJP runs, from the inputs alone (so its gradients are
+      that one's, bit for bit), if any.
     """
 
     name: str
@@ -48,6 +50,7 @@ class Implementation:
     custom_vjp: bool = False
     higher_order: bool = True
     block_kernels: BlockKernels | None = None
+    backward_of: str | None = None
 
     def runs_compiled(self, backend: str | None = None) -> bool:
         return (backend or jax.default_backend()) in self.platforms

@@ -126,24 +126,28 @@ def test_deterministic():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_gradients_through_custom_vjp():
-    problem = Problem(1, 20, 2, 5, 24, runs=True)
-    q, k, v, log_decay, log_gate, state, run_ids = problem.arrays(seed=1)
-    keys = jax.random.split(jax.random.PRNGKey(7), 2)
-    d_o = jax.random.normal(keys[0], (problem.B, problem.T, problem.H, problem.V))
-    d_final = jax.random.normal(keys[1], state.shape)
+def test_gradients_are_those_of_the_implementation_its_record_names():
+    """The record's backward_of holds: every gradient is implementation="pallas"'s, bit for bit (the shared
+    table checks pallas_fleet's gradients in pallas's rows only)."""
+    import fleetjax
+    assert fleetjax.IMPLEMENTATIONS["pallas_fleet"].backward_of == "pallas"
+    problem = Problem(2, 37, 2, 6, 20, runs=True)
+    q, k, v, log_decay, _, state, _ = problem.arrays(seed=3)
+    segments = jnp.asarray(np.repeat(np.arange(3), [10, 20, 7])[None].repeat(2, 0))
+    keys = jax.random.split(jax.random.PRNGKey(2), 3)
+    log_gate = -jax.nn.softplus(jax.random.normal(keys[0], (2, 37, 2)))
+    d_o, d_final = jax.random.normal(keys[1], v.shape), jax.random.normal(keys[2], state.shape)
 
-    def loss(fn, config):
-        def f(q, k, v, log_decay, state):
-            o, final = fn(q, k, v, log_decay, None, state, run_ids, scale=0.75, config=config)
+    def grads(implementation):  # the same cotangents for both (a loss linear in o and the final state)
+        def loss(q, k, v, decay, state, log_gate):
+            o, final = fleetjax.fleet_attention(q, k, v, decay, initial_state=state, log_gate=log_gate,
+                                                segment_ids=segments, return_final_state=True,
+                                                implementation=implementation)
             return jnp.sum(o * d_o) + jnp.sum(final * d_final)
-        return f
+        return jax.grad(loss, argnums=tuple(range(6)))(q, k, v, jnp.exp(log_decay), state, log_gate)
 
-    argnums = (0, 1, 2, 3, 4)
-    got = jax.grad(loss(pallas_fleet_impl, TILE), argnums)(q, k, v, log_decay, state)
-    want = jax.grad(loss(reference.scan_impl, None), argnums)(q, k, v, log_decay, state)
-    for name, g, w in zip(("q", "k", "v", "log_decay", "initial_state"), got, want):
-        assert _relative_error(g, w) < 1e-4, (name, _relative_error(g, w))
+    for got, want in zip(grads("pallas_fleet"), grads("pallas")):
+        assert np.array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_api_dispatch_and_default_config():

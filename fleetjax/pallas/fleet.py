@@ -432,4 +432,5 @@ def pallas_fleet_impl(q, k, v, log_decay, log_gate, initial_state, run_ids, *, s
 IMPLEMENTATION = Implementation(
     "pallas_fleet", pallas_fleet_impl, "FleetAttention's partition (rank block x batch*head x value block) with "
     "a running accumulator on chip, rank blocks reduced deterministically", platforms=("gpu",), interpret=True,
-    config_type=FleetConfig, default_config=default_config, custom_vjp=True, higher_order=False)
+    config_type=FleetConfig, default_config=default_config, custom_vjp=True, higher_order=False,
+    backward_of="pallas")
