@@ -63,8 +63,9 @@ class Chunk:
     matching mask is False (selected, see the module docstring).
 
     start: the first position; valid [C]: positions < T.
-    pairs [C, C]: query i and key j interact (in the walk's direction, same run, both valid); weights: their
-      decay; lag: |i - j| on pairs, else 0 (float32, for the decay gradient).
+    pairs [C, C]: query i and key j interact (in the walk's direction, same run; positions beyond T are not
+      masked out: their tiles are zeros and their rows unused); weights: their decay; lag: |i - j| on pairs,
+      else 0 (float32, for the decay gradient).
     enters [C]: the state entering the chunk reaches query i; entering: its decay.
     leaves [C]: key j enters the state handed on; leaving: its decay.
     carries (scalar): the entering state passes through the chunk; carry: its decay.
