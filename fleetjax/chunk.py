@@ -156,6 +156,12 @@ def select_rows(ch: Chunk, rows, x):
     return x if ch.runs is None else jnp.where(rows[:, None], x, 0.0)
 
 
+def carried(ch: Chunk, x):
+    """carry * x, exactly 0 where the entering state does not pass the chunk (a run starts in it); without
+    runs it always passes, and no select is made."""
+    return ch.carry * x if ch.runs is None else jnp.where(ch.carries, ch.carry * x, 0.0)
+
+
 def finite_part(value):
     """(value with its non-finite entries set to 0, the mask of those entries)."""
     bad = ~jnp.isfinite(value)
@@ -193,20 +199,19 @@ def update(state, key, value, ch: Chunk, *, dtype, precision, exact: bool):
 
     ``exact``: the decayed values as a hi/lo pair, so that the new state has float32's accuracy with 16-bit
     inputs (a state that leaves the kernel, or feeds a gradient's sums); else one product in ``dtype``."""
-    if ch.runs is not None:
-        key = jnp.where(ch.leaves[:, None], key, jnp.zeros_like(key))
+    key = select_rows(ch, ch.leaves, key)
     weighted = select_rows(ch, ch.leaves, value.astype(f32) * ch.leaving[:, None])
     if exact:
         new = dot_exact(key, weighted, dtype, precision, trans_a=True)
     else:
         new = dot(key, weighted.astype(dtype), precision, trans_a=True)
-    return (ch.carry * state if ch.runs is None else jnp.where(ch.carries, ch.carry * state, 0.0)) + new
+    return carried(ch, state) + new
 
 
 def count_crossings(counts, state, ch: Chunk):
     """The crossing count handed on (fleetjax.vjp): every term of the state entering the chunk has crossed
     one more whole chunk, counts <- carry * (counts + state); the chunk's own keys enter with count 0."""
-    return jnp.where(ch.carries, ch.carry * (counts + state), 0.0)
+    return carried(ch, counts + state)
 
 
 def spanned(pair_terms):

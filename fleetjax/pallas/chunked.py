@@ -291,7 +291,7 @@ def _gated(decays: Decays, chunking: Chunking, B: int) -> dict:
     for the constant decay, which the kernels form from log gamma)."""
     if not decays.gated:
         return {}
-    return dict(gate=decays.gate_tiles(), piece_log=decays.block_sums(B, chunking.T, chunking.piece_len))
+    return dict(gate=decays.gate_tiles(), piece_log=_piece_log(decays, chunking, B))
 
 
 def _piece_log(decays: Decays, chunking: Chunking, B: int) -> jax.Array:
@@ -310,9 +310,14 @@ def local_state(k, v, decays: Decays, run_ids, *, config: PallasConfig):
     return total, ((local[:, :, :-1], flags) if chunking.pieces > 1 else None)
 
 
+def _final_marked(final, bad_v, run_ids):
+    """NaN in the final state's columns that a non-finite value of the last run reaches."""
+    return nonfinite.mark(final, nonfinite.in_run(bad_v, run_ids, "last")[:, :, None])
+
+
 def _mark_final(final, flags, v, run_ids):
-    """The final state's columns that a non-finite value of the last run reaches."""
-    fix = lambda final, v: (nonfinite.mark(final, nonfinite.in_run(nonfinite.bad(v), run_ids, "last")[:, :, None]),)
+    """The final state, marked (:func:`_final_marked`) if a kernel flagged a non-finite value."""
+    fix = lambda final, v: (_final_marked(final, nonfinite.bad(v), run_ids),)  # noqa: E731
     return nonfinite.unless_finite([flags], fix, (final,), (v,))[0]
 
 
@@ -332,8 +337,7 @@ def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, co
 
     def fix(o, final, v):
         bad = nonfinite.bad(v)
-        return (nonfinite.mark(o, nonfinite.reached(bad, run_ids)),
-                nonfinite.mark(final, nonfinite.in_run(bad, run_ids, "last")[:, :, None]))
+        return nonfinite.mark(o, nonfinite.reached(bad, run_ids)), _final_marked(final, bad, run_ids)
 
     return nonfinite.unless_finite([flags, piece_flags], fix, (o, final), (v,))
 
