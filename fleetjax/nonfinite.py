@@ -57,6 +57,19 @@ def mark(x: jax.Array, where: jax.Array) -> jax.Array:
     return jnp.where(where, jnp.nan, x)
 
 
+def mark_final(final: jax.Array, bad_v: jax.Array, run_ids: jax.Array | None) -> jax.Array:
+    """The final state [B, H, K, V] with NaN in the columns that a bad value (bad_v [B, T, H, V]) of the
+    row's last run reaches."""
+    return mark(final, in_run(bad_v, run_ids, "last")[:, :, None])
+
+
+def mark_forward(o: jax.Array, final: jax.Array, v: jax.Array, run_ids: jax.Array | None) -> tuple:
+    """(o, final state) of a forward walk with NaN where a non-finite v reaches: o_t[c] from v_s[c] of t's
+    segment with s <= t, and the final state's columns (:func:`mark_final`)."""
+    bad_v = bad(v)
+    return mark(o, reached(bad_v, run_ids)), mark_final(final, bad_v, run_ids)
+
+
 def unless_finite(flags, fix: Callable, outputs: tuple, inputs: tuple) -> tuple:
     """``fix(*outputs, *inputs)`` (the outputs, marked) if a kernel flagged a non-finite value, else
     ``outputs``."""

@@ -26,7 +26,7 @@ implementations sum every pair with its own non-negative lag weight instead, in 
   whole as well). Nothing large is subtracted; the rounding of each part is relative to itself.
 - the final state's cotangent dS_T is kept out of every carried reverse state, so it never enters ``u``: its
   terms x_s = gamma^(T-1-s) k_s^T dS_T v_s are summed with their own weight T-1-s (``exit_log_decay_grad``),
-  and the term of the carry gamma^T of the entering state with weight T (``carry_log_decay_grad``). The xla
+  and the term of the carry gamma^T of the entering state with weight T (``carry_term``). The xla
   backward computes them here (``final_state_terms``); the Pallas reverse walks add dS_T's terms to dk and dv
   as their own product and return x. All of them are skipped when the cotangent is a symbolic zero.
 
@@ -118,11 +118,6 @@ def carry_term(carry: jax.Array, d_final: jax.Array, start: jax.Array) -> jax.Ar
     """[B, H]: carry * <d_final, start>, the term of the entering state carried into the final state; its
     decay spans every position (d log decay: T times it, d log_gate_r: it)."""
     return carry * jnp.sum(d_final * start, axis=(-1, -2))
-
-
-def carry_log_decay_grad(carry: jax.Array, T: int, d_final: jax.Array, start: jax.Array) -> jax.Array:
-    """d log decay [H] of the term carry * start in the final state (carry [B, H] from whole_row_carry)."""
-    return T * jnp.sum(carry_term(carry, d_final, start), axis=0)
 
 
 def final_state_terms(k: jax.Array, v: jax.Array, decays: Decays, initial_state: jax.Array,

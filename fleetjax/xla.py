@@ -244,14 +244,15 @@ def _xla_bwd(scale, chunk_size, residuals, cotangents):
                                                   scale, chunking, precision, dot_with=q)
     dk, dv, d_initial, u = _anticausal_pass(q, k, v, do, decays, run_ids, scale, chunking, precision)
     d_initial = vjp.only_first_run(d_initial, run_ids)
-    x = d_gate_final = None
+    d_gate_final = None
     if not vjp.is_zero(d_final):
         dk_f, dv_f, d_initial_f, d_log_decay_f, d_gate_final = vjp.final_state_terms(k, v, decays, initial_state,
                                                                                      run_ids, d_final)
         dk, dv, d_initial, d_log_decay = dk + dk_f, dv + dv_f, d_initial + d_initial_f, d_log_decay + d_log_decay_f
     d_gate = None
     if decays.gated:
-        d_gate = vjp.log_gate_grad(w, u, spanned, x, chunking.chunk_size)
+        # The final state's terms come whole from vjp.final_state_terms, not as the kernels' per-position x.
+        d_gate = vjp.log_gate_grad(w, u, spanned, None, chunking.chunk_size)
         if d_gate_final is not None:
             d_gate = d_gate + d_gate_final
         d_gate = jnp.swapaxes(d_gate, 1, 2)

@@ -310,14 +310,9 @@ def local_state(k, v, decays: Decays, run_ids, *, config: PallasConfig):
     return total, ((local[:, :, :-1], flags) if chunking.pieces > 1 else None)
 
 
-def _final_marked(final, bad_v, run_ids):
-    """NaN in the final state's columns that a non-finite value of the last run reaches."""
-    return nonfinite.mark(final, nonfinite.in_run(bad_v, run_ids, "last")[:, :, None])
-
-
 def _mark_final(final, flags, v, run_ids):
-    """The final state, marked (:func:`_final_marked`) if a kernel flagged a non-finite value."""
-    fix = lambda final, v: (_final_marked(final, nonfinite.bad(v), run_ids),)  # noqa: E731
+    """The final state, marked (fleetjax.nonfinite.mark_final) if a kernel flagged a non-finite value."""
+    fix = lambda final, v: (nonfinite.mark_final(final, nonfinite.bad(v), run_ids),)  # noqa: E731
     return nonfinite.unless_finite([flags], fix, (final,), (v,))[0]
 
 
@@ -334,11 +329,7 @@ def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, co
     o, final, flags = fwd.forward_walk(q, k, v, decays.log_decay, start, run_ids, chunking, scale=scale,
                                        exact_state=exact_state, local=local, **_gated(decays, chunking, B),
                                        **config.launch("forward", q.dtype))
-
-    def fix(o, final, v):
-        bad = nonfinite.bad(v)
-        return nonfinite.mark(o, nonfinite.reached(bad, run_ids)), _final_marked(final, bad, run_ids)
-
+    fix = functools.partial(nonfinite.mark_forward, run_ids=run_ids)
     return nonfinite.unless_finite([flags, piece_flags], fix, (o, final), (v,))
 
 

@@ -373,12 +373,7 @@ def _forward(q, k, v, log_decay, log_gate, initial_state, run_ids, *, scale: flo
         o, final = _join_pieces(q, o, local_final, decays, run_ids, scale, blocks.chunking)
     else:
         o, final = o, local_final[0]
-
-    def fix(o, final, v):
-        bad = nonfinite.bad(v)
-        return (nonfinite.mark(o, nonfinite.reached(bad, run_ids)),
-                nonfinite.mark(final, nonfinite.in_run(bad, run_ids, "last")[:, :, None]))
-
+    fix = functools.partial(nonfinite.mark_forward, run_ids=run_ids)
     return nonfinite.unless_finite([flags], fix, (o, final), (v,))
 
 
