@@ -1,15 +1,20 @@
-"""Where the "pallas" implementation's time goes on a GPU: the op, the op with the non-finite marking's
-``lax.cond`` removed, and the forward walk kernel alone, at the long-context benchmark shapes (bf16,
-K = V = 128), with XLA's temp allocation of each compiled call.
+"""Where the "pallas" implementation's time goes on a GPU, at the long-context benchmark shapes (bf16,
+K = V = 128): the op (forward, forward+backward) with XLA's temp allocation, the op without the choice
+between contained and plain kernels (fleetjax.nonfinite.contained_if_needed: the plain kernels called
+directly), and each walk kernel alone, plain and with containment, at the default warps and others.
 
-    PYTHONPATH=. python -m experiments.cost_split [--out DIR] [--smoke]
+    PYTHONPATH=. python -m experiments.cost_split [--out DIR] [--smoke] [--op-only] [--warps 4,8]
 
-Writes DIR/cost_split.json. A diagnostic for the speed work: it reaches into fleetjax.pallas.forward.
+``--op-only`` times the public op alone (it runs against an older checkout too, for a before/after in one
+device call: ``PYTHONPATH=old_tree:. python -m experiments.cost_split --op-only --label old``). Writes
+DIR/cost_split[-label].json. A diagnostic for the speed work: it reaches into fleetjax.pallas.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -25,52 +30,112 @@ import numpy as np  # noqa: E402
 import fleetjax  # noqa: E402
 from experiments.inputs import retnet_log_decay  # noqa: E402
 from experiments.timing import jax_sync, time_calls  # noqa: E402
-from fleetjax import nonfinite  # noqa: E402
-from fleetjax.pallas import forward as fwd  # noqa: E402
 
 SHAPES = ((4, 16384, 16), (1, 32768, 8))
+
+
+@contextlib.contextmanager
+def patched(module, **attributes):
+    """Module attributes replaced while tracing inside the block (every call is jitted afresh)."""
+    saved = {name: getattr(module, name) for name in attributes}
+    for name, value in attributes.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+def _time(fn, sets, op_sets=None):
+    jitted = jax.jit(fn)
+    ms = time_calls(jitted, sets, jax_sync, target_s=0.3).ms
+    try:
+        temp = jitted.lower(*sets[0]).compile().memory_analysis().temp_size_in_bytes / 2 ** 20
+    except Exception:  # noqa: BLE001 - memory analysis is optional on some backends
+        temp = None
+    return ms, temp
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=".")
     parser.add_argument("--smoke", action="store_true", help="one tiny shape (CPU, Pallas interpret mode)")
+    parser.add_argument("--op-only", action="store_true", help="the public op alone (any checkout)")
+    parser.add_argument("--label", default="", help="suffix of the results file")
+    parser.add_argument("--warps", default="", help="kernel ablations also at these num_warps, e.g. 4,8")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     records = []
+
+    def record(**fields):
+        records.append(fields)
+        print(json.dumps(fields), flush=True)
+
     for B, T, H in ((1, 128, 2),) if args.smoke else SHAPES:
         K = V = 32 if args.smoke else 128
         sets = [tuple(jnp.asarray(rng.standard_normal((B, T, H, d)) / 8, jnp.bfloat16) for d in (K, K, V, V))
                 for _ in range(2)]
         log_decay = jnp.asarray(retnet_log_decay(H))
-        attend = lambda q, k, v: fleetjax.fleet_attention(q, k, v, jnp.exp(log_decay), implementation="pallas")  # noqa: E731
-        calls = {"fwd": lambda q, k, v, do: attend(q, k, v),
-                 "fwd_bwd": lambda q, k, v, do: jax.vjp(attend, q, k, v)[1](do)}
-        config = fleetjax.IMPLEMENTATIONS["pallas"].config_for(None, sets[0][0], sets[0][2])
-        chunking = config.chunking(T, False)
-        local = None if chunking.pieces == 1 else jnp.zeros((B, H, chunking.pieces - 1, K, V), jnp.float32)
+        shape = dict(B=B, T=T, H=H, K=K, V=V)
 
-        def walk_alone(q, k, v, do):
-            return fwd.forward_walk(q, k, v, log_decay, None, None, chunking, scale=K ** -0.5, exact_state=False,
-                                    local=local, **config.launch("forward", q.dtype))[0]
+        def ops():
+            attend = lambda q, k, v: fleetjax.fleet_attention(q, k, v, jnp.exp(log_decay), scale=K ** -0.5,  # noqa: E731
+                                                              implementation="pallas")
+            return {"fwd": lambda q, k, v, do: attend(q, k, v),
+                    "fwd_bwd": lambda q, k, v, do: jax.vjp(attend, q, k, v)[1](do)}
 
-        real = nonfinite.unless_finite
-        for what, patched in (("op", False), ("op without the non-finite cond", True)):
-            nonfinite.unless_finite = (lambda flags, fix, outputs, inputs: tuple(outputs)) if patched else real
-            for op, call in calls.items():
-                jitted = jax.jit(call)
-                ms = time_calls(jitted, sets, jax_sync, target_s=0.3).ms
-                temp = jitted.lower(*sets[0]).compile().memory_analysis().temp_size_in_bytes / 2 ** 20
-                records.append(dict(B=B, T=T, H=H, K=K, V=V, what=what, op=op, ms=ms, temp_mb=temp))
-                print(records[-1], flush=True)
-        nonfinite.unless_finite = real
-        ms = time_calls(jax.jit(walk_alone), sets, jax_sync, target_s=0.3).ms
-        records.append(dict(B=B, T=T, H=H, K=K, V=V, what="forward walk kernel alone", op="fwd", ms=ms))
-        print(records[-1], flush=True)
+        for op, fn in ops().items():
+            ms, temp = _time(fn, sets)
+            record(**shape, what="op", op=op, ms=ms, temp_mb=temp)
+        if args.op_only:
+            continue
+        from fleetjax import nonfinite
+        with patched(nonfinite, contained_if_needed=lambda inputs, walks: walks(False)):
+            for op, fn in ops().items():  # fresh functions: a cached trace would keep the cond
+                ms, temp = _time(fn, sets)
+                record(**shape, what="op without the cond", op=op, ms=ms, temp_mb=temp)
+        for warps in [None] + [int(w) for w in args.warps.split(",") if w]:
+            for contain in (False, True):
+                for kernel, fn in _kernels(B, T, H, K, V, log_decay, sets[0], warps, contain).items():
+                    ms, _ = _time(fn, sets)
+                    record(**shape, what=f"{kernel} kernel alone", contain=contain, num_warps=warps or "default",
+                           ms=ms)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "cost_split.json"), "w") as fh:
+    name = "cost_split" + (f"-{args.label}" if args.label else "") + ".json"
+    with open(os.path.join(args.out, name), "w") as fh:
         json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, records=records), fh, indent=1)
     return 0
+
+
+def _kernels(B, T, H, K, V, log_decay, example, warps, contain):
+    """kernel name -> fn(q, k, v, do): each walk kernel of implementation="pallas" launched alone with the
+    default config (``warps``: num_warps of every walk instead), pieces' states given as zeros."""
+    from fleetjax.pallas import backward as bwd
+    from fleetjax.pallas import forward as fwd
+
+    config = fleetjax.IMPLEMENTATIONS["pallas"].config_for(None, example[0], example[2])
+    if warps is not None:
+        config = dataclasses.replace(config, **{n: dataclasses.replace(getattr(config, n), num_warps=warps)
+                                                for n in ("forward", "dq", "dv", "dk")})
+    f32 = jnp.float32
+    scale = K ** -0.5
+    forward, backward = config.chunking(T, False), config.chunking(T, True)
+    zeros = lambda chunking, a, b: (None if chunking.pieces == 1  # noqa: E731
+                                    else jnp.zeros((B, H, chunking.pieces - 1, a, b), f32))
+    dq_local = None if backward.pieces == 1 else (zeros(backward, V, K), zeros(backward, V, K))
+    walk = dict(scale=scale, contain=contain)
+    return {
+        "forward": lambda q, k, v, do: fwd.forward_walk(
+            q, k, v, log_decay, None, None, forward, exact_state=False, local=zeros(forward, K, V), **walk,
+            **config.launch("forward", q.dtype))[0],
+        "dq": lambda q, k, v, do: bwd.dq_walk(q, k, v, do, log_decay, None, None, backward, local=dq_local, **walk,
+                                              **config.launch("dq", q.dtype))[:4],
+        "dv": lambda q, k, v, do: bwd.dv_walk(q, k, do, log_decay, None, None, backward, local=zeros(backward, K, V),
+                                              **walk, **config.launch("dv", q.dtype))[:2],
+        "dk": lambda q, k, v, do: bwd.dk_walk(q, k, v, do, log_decay, None, None, backward,
+                                              local=zeros(backward, K, V), **walk, **config.launch("dk", q.dtype))[:2],
+    }
 
 
 if __name__ == "__main__":

@@ -168,9 +168,17 @@ def finite_part(value):
     return jnp.where(bad, jnp.zeros_like(value), value), bad
 
 
-def scores(query, key, ch: Chunk, precision):
-    """[C, C] float32: (query_i . key_j) times the pair's decay on pairs, exactly 0 elsewhere."""
-    return jnp.where(ch.pairs, dot(query, key, precision, trans_b=True) * ch.weights, 0.0)
+def finite_values(value, contain: bool):
+    """The value tile with its non-finite entries set to 0 when ``contain``, else as it is (every input
+    finite: the walk then spends no registers or instructions on containment)."""
+    return finite_part(value)[0] if contain else value
+
+
+def scores(query, key, ch: Chunk, precision, contain: bool = True):
+    """[C, C] float32: (query_i . key_j) times the pair's decay on pairs, 0 elsewhere: exactly 0 (selected)
+    with ``contain``, else by the weights' zeros (the same for finite inputs)."""
+    product = dot(query, key, precision, trans_b=True) * ch.weights
+    return jnp.where(ch.pairs, product, 0.0) if contain else product
 
 
 def output(query, pair_scores, value, state, ch: Chunk, *, scale: float, dtype, precision, exact: bool):

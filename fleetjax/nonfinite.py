@@ -1,16 +1,19 @@
 """Non-finite inputs in the Pallas kernels: what a NaN or inf may reach, marked after the kernels ran.
 
 A product over positions multiplies every value by its weight, masked pairs included (0 * inf = NaN), so
-the kernels take the value operand of their products (v; in the backward k, dO and q) with its non-finite
-entries set to 0, and report per program whether they saw one (fleetjax.chunk.finite_part). Only then, under
-``jax.lax.cond``, the outputs that depend on such an entry are set to NaN here: output column c at position
-t depends on the value entries [s, c] of the same segment with s <= t (forward in time) or s >= t (the
-reverse walks). A run without non-finite values pays one reduction over the kernels' flags.
+containment costs a walk registers and instructions in every chunk. implementation="pallas" therefore runs
+its kernels in one of two forms (:func:`contained_if_needed`): without containment when every input of the
+walks is finite (a reduction over the inputs decides), else with it: the kernels take the value operand of
+their products (v; in the backward k, dO and q) with its non-finite entries set to 0 and keep masked pairs
+exactly 0 (fleetjax.chunk), and the outputs that depend on a non-finite entry are set to NaN here: output
+column c at position t depends on the value entries [s, c] of the same segment with s <= t (forward in time)
+or s >= t (the reverse walks). implementation="pallas_fleet" contains always and marks under
+:func:`unless_finite` (its kernels report what they saw).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +48,51 @@ def reached(bad: jax.Array, run_ids: jax.Array | None, *, reverse: bool = False,
     return count - before > 0
 
 
+def _segment_ends(run_ids: jax.Array | None, B: int, T: int) -> jax.Array:
+    """[B, T]: the last position of each position's segment."""
+    t = jnp.arange(T)
+    if run_ids is None:
+        return jnp.full((B, T), T - 1, jnp.int32)
+    last = jnp.concatenate([run_ids[:, 1:] != run_ids[:, :-1], jnp.ones((B, 1), bool)], axis=1)
+    return jax.lax.cummin(jnp.where(last, t, T), axis=1, reverse=True)
+
+
+def mark_reached(x: jax.Array, source: jax.Array, run_ids: jax.Array | None, *, reverse: bool = False,
+                 block: int = 256) -> jax.Array:
+    """x [B, T, H, D] with NaN where ``reached(bad(source))`` (a non-finite source entry at s <= t of t's
+    segment; reverse: s >= t), in blocks of ``block`` positions: what it holds beyond x is one block's worth,
+    never a full-size array (the nearest non-finite position so far is carried from block to block)."""
+    B, T = x.shape[:2]
+    edge = (_segment_ends if reverse else _segment_starts)(run_ids, B, T)
+    full, tail = divmod(T, block)
+
+    def visit(s0, n, carry, x):
+        t = s0 + jnp.arange(n)[None, :, None, None]
+        bad_here = bad(jax.lax.dynamic_slice_in_dim(source, s0, n, axis=1))
+        edges = jax.lax.dynamic_slice_in_dim(edge, s0, n, axis=1)[:, :, None, None]
+        if reverse:  # the nearest non-finite position at or after t
+            near = jnp.minimum(jax.lax.cummin(jnp.where(bad_here, t, T), axis=1, reverse=True), carry[:, None])
+            hit, carry = near <= edges, near[:, 0]
+        else:  # at or before t
+            near = jnp.maximum(jax.lax.cummax(jnp.where(bad_here, t, -1), axis=1), carry[:, None])
+            hit, carry = near >= edges, near[:, -1]
+        marked = jnp.where(hit, jnp.nan, jax.lax.dynamic_slice_in_dim(x, s0, n, axis=1)).astype(x.dtype)
+        return carry, jax.lax.dynamic_update_slice_in_dim(x, marked, s0, axis=1)
+
+    def body(i, state):
+        start = ((full - 1 - i) if reverse else i) * block
+        return visit(start, block, *state)
+
+    state = (jnp.full((B,) + x.shape[2:], T if reverse else -1, jnp.int32), x)
+    if reverse and tail:  # the walk starts at the end: the partial block first
+        state = visit(full * block, tail, *state)
+    if full:
+        state = jax.lax.fori_loop(0, full, body, state)
+    if not reverse and tail:
+        state = visit(full * block, tail, *state)
+    return state[1]
+
+
 def in_run(bad: jax.Array, run_ids: jax.Array | None, which: str) -> jax.Array:
     """[B, H, D] bool: a bad entry in the row's first (``which="first"``: run 0) or last run."""
     if run_ids is not None:
@@ -66,8 +114,18 @@ def mark_final(final: jax.Array, bad_v: jax.Array, run_ids: jax.Array | None) ->
 def mark_forward(o: jax.Array, final: jax.Array, v: jax.Array, run_ids: jax.Array | None) -> tuple:
     """(o, final state) of a forward walk with NaN where a non-finite v reaches: o_t[c] from v_s[c] of t's
     segment with s <= t, and the final state's columns (:func:`mark_final`)."""
-    bad_v = bad(v)
-    return mark(o, reached(bad_v, run_ids)), mark_final(final, bad_v, run_ids)
+    return mark_reached(o, v, run_ids), mark_final(final, bad(v), run_ids)
+
+
+def all_finite(*xs: jax.Array | None) -> jax.Array:
+    """True if no entry of the arrays (None: left out) is NaN or inf."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs if x is not None]))
+
+
+def contained_if_needed(inputs: tuple, walks: Callable[[bool], Any]) -> Any:
+    """``walks(contain=False)`` if every array of ``inputs`` is finite, else ``walks(contain=True)`` (the
+    kernels with containment and the marking after them). One branch runs; both are compiled."""
+    return jax.lax.cond(all_finite(*inputs), lambda: walks(False), lambda: walks(True))
 
 
 def unless_finite(flags, fix: Callable, outputs: tuple, inputs: tuple) -> tuple:

@@ -43,13 +43,12 @@ def _entered(state, local_ref, link_ref, piece_log_ref, *, piece, chunking, reve
                        local_ref=local_ref, link_ref=link_ref, piece_log_ref=piece_log_ref)
 
 
-def dq_kernel(*, log_decay_ref, do_ref, v_ref, k_ref, q_ref, dq_ref, w_ref, counts_ref, intra_ref, flag_ref,
-              start_ref=None, local_ref=None, local_counts_ref=None, link_ref=None, run_ref=None, edge_ref=None,
+def dq_kernel(*, log_decay_ref, do_ref, v_ref, k_ref, q_ref, dq_ref, w_ref, counts_ref, intra_ref, start_ref=None, local_ref=None, local_counts_ref=None, link_ref=None, run_ref=None, edge_ref=None,
               gate_ref=None, piece_log_ref=None, spanned_ref=None, chunking: Chunking, K: int, V: int, block: int,
-              scale: float, precision):
+              scale: float, contain: bool, precision):
     """One (K block, batch*head, piece) program of the dq walk. Refs: do, v [T, V]; k, q, dq [T, block];
     start [V, block] (S0^T); local, local_counts [P-1, V, block], link [P]; run [T], edge [1]; w, counts,
-    intra [T]; flag [1]: a non-finite k was seen. Gated: gate [T], piece_log [P], and spanned [T]: per
+    intra [T]. Gated: gate [T], piece_log [P], and spanned [T]: per
     position r, the chunk's pairs i >= r > j (the intra-chunk part of d log_gate_r, fleetjax.vjp)."""
     j, piece = program_id(0, log_decay_ref), program_id(2, log_decay_ref)
     log_decay = log_decay_ref[0]
@@ -63,11 +62,11 @@ def dq_kernel(*, log_decay_ref, do_ref, v_ref, k_ref, q_ref, dq_ref, w_ref, coun
                                     local_counts_ref=local_counts_ref, piece_log_ref=piece_log_ref)
 
     def body(ch: cm.Chunk, carry):
-        state, counts, seen = carry
+        state, counts = carry
         do, v = load_rows(do_ref, ch, v_cols), load_rows(v_ref, ch, v_cols)
-        k, bad = cm.finite_part(load_rows(k_ref, ch, k_cols))
+        k = cm.finite_values(load_rows(k_ref, ch, k_cols), contain)
         q = load_rows(q_ref, ch, k_cols)
-        scores = cm.scores(do, v, ch, precision)
+        scores = cm.scores(do, v, ch, precision, contain)
         dq, inter = cm.output(do, scores, k, state, ch, scale=scale, dtype=dtype, precision=precision, exact=True)
         counted = cm.dot_exact(do, scale * counts, dtype, precision)
         counted = cm.select_rows(ch, ch.enters, counted * ch.entering[:, None])
@@ -82,21 +81,19 @@ def dq_kernel(*, log_decay_ref, do_ref, v_ref, k_ref, q_ref, dq_ref, w_ref, coun
         store_positions(w_ref, ch, jnp.sum(inter * q.astype(f32), axis=1))
         store_positions(counts_ref, ch, jnp.sum(counted * q.astype(f32), axis=1))
         store_positions(intra_ref, ch, intra)
-        return state, counts, seen | bad
+        return state, counts
 
-    *_, seen = walk(body, (state, counts, cm.no_bad(chunking.chunk_size, k_ref.shape[-1])), piece=piece,
-                    chunking=chunking, reverse=False, log_decay=log_decay, run_ref=run_ref, edge_ref=edge_ref,
-                    gate_ref=gate_ref)
-    flag_ref[...] = jnp.full(flag_ref.shape, cm.any_bad(seen))
+    walk(body, (state, counts), piece=piece, chunking=chunking, reverse=False, log_decay=log_decay,
+         run_ref=run_ref, edge_ref=edge_ref, gate_ref=gate_ref)
 
 
-def dv_kernel(*, log_decay_ref, k_ref, q_ref, do_ref, dv_ref, reverse_ref, flag_ref, exit_ref=None,
+def dv_kernel(*, log_decay_ref, k_ref, q_ref, do_ref, dv_ref, reverse_ref, exit_ref=None,
               last_run_ref=None, local_ref=None, link_ref=None, run_ref=None, edge_ref=None, gate_ref=None,
               piece_log_ref=None, to_end_ref=None, chunking: Chunking, K: int, V: int, block: int, scale: float,
-              precision):
+              contain: bool, precision):
     """One (V block, batch*head, piece) program of the dv walk. Refs: k, q [T, K]; do, dv [T, block]; exit
     [K, block] (dS_T), last_run [1]; local [P-1, K, block], link [P]; run [T], edge [1]; reverse
-    [K, block]: the reverse state after the piece's first position; flag [1]: a non-finite dO was seen.
+    [K, block]: the reverse state after the piece's first position.
     Gated: gate [T], piece_log [P], to_end [T] (the sums of la after each position, with exit)."""
     j, piece = program_id(0, log_decay_ref), program_id(2, log_decay_ref)
     log_decay = log_decay_ref[0]
@@ -107,32 +104,29 @@ def dv_kernel(*, log_decay_ref, k_ref, q_ref, do_ref, dv_ref, reverse_ref, flag_
     exit_state = None if exit_ref is None else exit_ref[...].astype(dtype)
     last_run = None if last_run_ref is None else last_run_ref[0]
 
-    def body(ch: cm.Chunk, carry):
-        state, seen = carry
+    def body(ch: cm.Chunk, state):
         k, q = load_rows(k_ref, ch, k_cols), load_rows(q_ref, ch, k_cols)
-        do, bad = cm.finite_part(load_rows(do_ref, ch, v_cols))
-        dv, _ = cm.output(k, cm.scores(k, q, ch, precision), do, state, ch, scale=scale, dtype=dtype,
+        do = cm.finite_values(load_rows(do_ref, ch, v_cols), contain)
+        dv, _ = cm.output(k, cm.scores(k, q, ch, precision, contain), do, state, ch, scale=scale, dtype=dtype,
                           precision=precision, exact=False)
         if exit_state is not None:
             to_end = None if to_end_ref is None else load_positions(to_end_ref, ch)
             dv = dv + cm.dot(k, exit_state, precision) * cm.exit_decay(ch, chunking.T, last_run, to_end)[:, None]
         state = cm.update(state, q, do, ch, dtype=dtype, precision=precision, exact=True)
         store_rows(dv_ref, ch, dv, v_cols)
-        return state, seen | bad
+        return state
 
-    reverse_ref[...], seen = walk(body, (state, cm.no_bad(chunking.chunk_size, do_ref.shape[-1])), piece=piece,
-                                  chunking=chunking, reverse=True, log_decay=log_decay, run_ref=run_ref,
-                                  edge_ref=edge_ref, gate_ref=gate_ref)
-    flag_ref[...] = jnp.full(flag_ref.shape, cm.any_bad(seen))
+    reverse_ref[...] = walk(body, state, piece=piece, chunking=chunking, reverse=True, log_decay=log_decay,
+                            run_ref=run_ref, edge_ref=edge_ref, gate_ref=gate_ref)
 
 
-def dk_kernel(*, log_decay_ref, v_ref, do_ref, q_ref, k_ref, dk_ref, u_ref, flag_ref, x_ref=None, exit_ref=None,
+def dk_kernel(*, log_decay_ref, v_ref, do_ref, q_ref, k_ref, dk_ref, u_ref, x_ref=None, exit_ref=None,
               last_run_ref=None, local_ref=None, link_ref=None, run_ref=None, edge_ref=None, gate_ref=None,
               piece_log_ref=None, to_end_ref=None, chunking: Chunking, K: int, V: int, block: int, scale: float,
-              precision):
+              contain: bool, precision):
     """One (K block, batch*head, piece) program of the dk walk. Refs: v, do [T, V]; q, k, dk [T, block];
     exit [V, block] (dS_T^T, float32), last_run [1]; local [P-1, V, block], link [P]; run [T], edge [1];
-    u, x [T]; flag [1]: a non-finite q was seen. Gated: gate [T], piece_log [P], to_end [T]."""
+    u, x [T]. Gated: gate [T], piece_log [P], to_end [T]."""
     j, piece = program_id(0, log_decay_ref), program_id(2, log_decay_ref)
     log_decay = log_decay_ref[0]
     v_cols, k_cols = columns(v_ref, V), columns(q_ref, K, block, j)
@@ -141,12 +135,11 @@ def dk_kernel(*, log_decay_ref, v_ref, do_ref, q_ref, k_ref, dk_ref, u_ref, flag
                      chunking=chunking, reverse=True, log_decay=log_decay)
     last_run = None if last_run_ref is None else last_run_ref[0]
 
-    def body(ch: cm.Chunk, carry):
-        state, seen = carry
+    def body(ch: cm.Chunk, state):
         v, do = load_rows(v_ref, ch, v_cols), load_rows(do_ref, ch, v_cols)
-        q, bad = cm.finite_part(load_rows(q_ref, ch, k_cols))
+        q = cm.finite_values(load_rows(q_ref, ch, k_cols), contain)
         k = load_rows(k_ref, ch, k_cols)
-        dk, inter = cm.output(v, cm.scores(v, do, ch, precision), q, state, ch, scale=scale, dtype=dtype,
+        dk, inter = cm.output(v, cm.scores(v, do, ch, precision, contain), q, state, ch, scale=scale, dtype=dtype,
                               precision=precision, exact=True)
         if exit_ref is not None:
             # Its own product, so that its share of the decay gradient is weighted by T-1-s (fleetjax.vjp).
@@ -158,11 +151,10 @@ def dk_kernel(*, log_decay_ref, v_ref, do_ref, q_ref, k_ref, dk_ref, u_ref, flag
         state = cm.update(state, do, q, ch, dtype=dtype, precision=precision, exact=True)
         store_rows(dk_ref, ch, dk, k_cols)
         store_positions(u_ref, ch, jnp.sum(inter * k.astype(f32), axis=1))
-        return state, seen | bad
+        return state
 
-    _, seen = walk(body, (state, cm.no_bad(chunking.chunk_size, q_ref.shape[-1])), piece=piece, chunking=chunking,
-                   reverse=True, log_decay=log_decay, run_ref=run_ref, edge_ref=edge_ref, gate_ref=gate_ref)
-    flag_ref[...] = jnp.full(flag_ref.shape, cm.any_bad(seen))
+    walk(body, state, piece=piece, chunking=chunking, reverse=True, log_decay=log_decay, run_ref=run_ref,
+         edge_ref=edge_ref, gate_ref=gate_ref)
 
 
 # ------------------------------------------------------------------------------------------------ launches
@@ -196,10 +188,10 @@ def _exit_inputs(exit_state, run_ids, s: Specs, kp: int, width: int, dtype=None,
                 to_end_ref=None if to_end is None else (to_end, s.positions()))
 
 
-def dq_walk(q, k, v, do, log_decay, start, run_ids, chunking: Chunking, *, scale: float, local, block_v: int,
-            num_warps: int, num_stages: int, precision, gate=None, piece_log=None):
+def dq_walk(q, k, v, do, log_decay, start, run_ids, chunking: Chunking, *, scale: float, contain: bool, local,
+            block_v: int, num_warps: int, num_stages: int, precision, gate=None, piece_log=None):
     """(dq [B, T, H, K] in q's dtype, w, counts, intra, spanned [B, H, T] float32 (spanned: gated only, else
-    None), non-finite flags). start: S0 [B, H, K, V] or None; local: (the pieces' local states, their crossing
+    None)). start: S0 [B, H, K, V] or None; local: (the pieces' local states, their crossing
     counts) or None; gate [B, H, T], piece_log [B, H, P]: the gated decay."""
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -208,7 +200,8 @@ def dq_walk(q, k, v, do, log_decay, start, run_ids, chunking: Chunking, *, scale
                                     piece_log)
     if start is not None:
         inputs["start_ref"] = (pad_state(jnp.swapaxes(start, -1, -2), kp, nk * bk), s.state())
-    kernel = functools.partial(dq_kernel, chunking=chunking, K=K, V=V, block=bk, scale=scale, precision=precision)
+    kernel = functools.partial(dq_kernel, chunking=chunking, K=K, V=V, block=bk, scale=scale, contain=contain,
+                               precision=precision)
     out = call(kernel, name="fleet_backward_dq", grid=(nk, B * H, chunking.pieces),
                inputs=dict(log_decay_ref=(log_decay, s.head()), do_ref=(do, s.keys()), v_ref=(v, s.keys()),
                            k_ref=(k, s.values()), q_ref=(q, s.values()), **inputs),
@@ -216,37 +209,34 @@ def dq_walk(q, k, v, do, log_decay, start, run_ids, chunking: Chunking, *, scale
                             w_ref=(((nk, B, H, T), f32), s.per_position()),
                             counts_ref=(((nk, B, H, T), f32), s.per_position()),
                             intra_ref=(((nk, B, H, T), f32), s.per_position()),
-                            spanned_ref=None if gate is None else (((nk, B, H, T), f32), s.per_position()),
-                            flag_ref=(((nk, B * H, chunking.pieces, 1), jnp.int32), s.flag())),
+                            spanned_ref=None if gate is None else (((nk, B, H, T), f32), s.per_position())),
                num_warps=num_warps, num_stages=num_stages)
     # Each K block holds part of the sums over K; add them in a fixed order.
     total = lambda name: None if name not in out else jnp.sum(out[name], axis=0)  # noqa: E731
-    return (out["dq_ref"], total("w_ref"), total("counts_ref"), total("intra_ref"), total("spanned_ref"),
-            out["flag_ref"])
+    return out["dq_ref"], total("w_ref"), total("counts_ref"), total("intra_ref"), total("spanned_ref")
 
 
-def dv_walk(q, k, do, log_decay, exit_state, run_ids, chunking: Chunking, *, scale: float, local, block_v: int,
-            num_warps: int, num_stages: int, precision, gate=None, piece_log=None, to_end=None):
-    """(dv [B, T, H, V] in do's dtype, R [B, H, K, V] float32: the reverse state after the first position,
-    non-finite flags). exit_state: dS_T [B, H, K, V] or None."""
+def dv_walk(q, k, do, log_decay, exit_state, run_ids, chunking: Chunking, *, scale: float, contain: bool, local,
+            block_v: int, num_warps: int, num_stages: int, precision, gate=None, piece_log=None, to_end=None):
+    """(dv [B, T, H, V] in do's dtype, R [B, H, K, V] float32: the reverse state after the first position). exit_state: dS_T [B, H, K, V] or None."""
     B, T, H, K = q.shape
     V = do.shape[-1]
     s, kp, bv, nv, inputs = _common(K, V, block_v, H, chunking, run_ids, True, local, None, gate, piece_log)
     inputs.update(_exit_inputs(exit_state, run_ids, s, kp, nv * bv, to_end=to_end))
-    kernel = functools.partial(dv_kernel, chunking=chunking, K=K, V=V, block=bv, scale=scale, precision=precision)
+    kernel = functools.partial(dv_kernel, chunking=chunking, K=K, V=V, block=bv, scale=scale, contain=contain,
+                               precision=precision)
     out = call(kernel, name="fleet_backward_dv", grid=(nv, B * H, chunking.pieces),
                inputs=dict(log_decay_ref=(log_decay, s.head()), k_ref=(k, s.keys()), q_ref=(q, s.keys()),
                            do_ref=(do, s.values()), **inputs),
                outputs=dict(dv_ref=(((B, T, H, V), do.dtype), s.values()),
-                            reverse_ref=(((B, H, chunking.pieces, kp, nv * bv), f32), s.piece_state()),
-                            flag_ref=(((nv, B * H, chunking.pieces, 1), jnp.int32), s.flag())),
+                            reverse_ref=(((B, H, chunking.pieces, kp, nv * bv), f32), s.piece_state())),
                num_warps=num_warps, num_stages=num_stages)
-    return out["dv_ref"], out["reverse_ref"][:, :, 0, :K, :V], out["flag_ref"]
+    return out["dv_ref"], out["reverse_ref"][:, :, 0, :K, :V]
 
 
-def dk_walk(q, k, v, do, log_decay, exit_state, run_ids, chunking: Chunking, *, scale: float, local, block_v: int,
-            num_warps: int, num_stages: int, precision, gate=None, piece_log=None, to_end=None):
-    """(dk [B, T, H, K] in k's dtype, u [B, H, T], x [B, H, T] or None (float32), non-finite flags). local: the
+def dk_walk(q, k, v, do, log_decay, exit_state, run_ids, chunking: Chunking, *, scale: float, contain: bool, local,
+            block_v: int, num_warps: int, num_stages: int, precision, gate=None, piece_log=None, to_end=None):
+    """(dk [B, T, H, K] in k's dtype, u [B, H, T], x [B, H, T] or None (float32)). local: the
     dv walk's local states [B, H, P-1, K, V] (transposed here); exit_state: dS_T [B, H, K, V] or None."""
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -254,14 +244,14 @@ def dk_walk(q, k, v, do, log_decay, exit_state, run_ids, chunking: Chunking, *, 
     s, kp, bk, nk, inputs = _common(V, K, block_v, H, chunking, run_ids, True, local, None, gate, piece_log)
     exit_t = None if exit_state is None else jnp.swapaxes(exit_state, -1, -2)
     inputs.update(_exit_inputs(exit_t, run_ids, s, kp, nk * bk, to_end=to_end))
-    kernel = functools.partial(dk_kernel, chunking=chunking, K=K, V=V, block=bk, scale=scale, precision=precision)
+    kernel = functools.partial(dk_kernel, chunking=chunking, K=K, V=V, block=bk, scale=scale, contain=contain,
+                               precision=precision)
     per_position = (((nk, B, H, T), f32), s.per_position())
     out = call(kernel, name="fleet_backward_dk", grid=(nk, B * H, chunking.pieces),
                inputs=dict(log_decay_ref=(log_decay, s.head()), v_ref=(v, s.keys()), do_ref=(do, s.keys()),
                            q_ref=(q, s.values()), k_ref=(k, s.values()), **inputs),
                outputs=dict(dk_ref=(((B, T, H, K), k.dtype), s.values()), u_ref=per_position,
-                            x_ref=per_position if exit_state is not None else None,
-                            flag_ref=(((nk, B * H, chunking.pieces, 1), jnp.int32), s.flag())),
+                            x_ref=per_position if exit_state is not None else None),
                num_warps=num_warps, num_stages=num_stages)
     x = jnp.sum(out["x_ref"], axis=0) if exit_state is not None else None
-    return out["dk_ref"], jnp.sum(out["u_ref"], axis=0), x, out["flag_ref"]
+    return out["dk_ref"], jnp.sum(out["u_ref"], axis=0), x

@@ -234,8 +234,8 @@ def _pieces(programs: int, T: int) -> int:
 
 
 def default_config(q: jax.Array, v: jax.Array) -> PallasConfig:
-    """By shape, dtype and device, from sweeps on an H100 and H200 (experiments/tune_pallas.py: bf16 K=V=128,
-    chunk 64, 8 warps, 3 stages; forward value blocks of 64; the backward's walks in blocks of 32 where
+    """By shape, dtype and device, from sweeps on an H100 and H200 (experiments/tune_pallas.py and
+    cost_split.py: bf16 K=V=128, chunk 64, 4 warps (dq with blocks of 64: 8), 3 stages; forward value blocks of 64; the backward's walks in blocks of 32 where
     batch*head alone fills the GPU, else 64; then sequence pieces up to about one program per SM), each
     kernel's tiling then shrunk until it fits the device's shared memory."""
     B, T, H, K = q.shape
@@ -262,16 +262,16 @@ def default_config(q: jax.Array, v: jax.Array) -> PallasConfig:
         stages_forward = stages
     limit = shared_memory_per_block()
     fit = functools.partial(_shrink, K=K, V=V, dtype=dtype, limit=limit)
-    # 16-bit inputs, head dims <= 128: eight warps. A walk program holds its state, a [C, C] score tile and
-    # the chunk's operands in registers; with four warps that takes more than 255 registers a thread and
-    # spills (sm_90, measured offline), with eight it fits, and the SM runs one program either way (shared
-    # memory). Measured on the H200 only there (bf16 K=V=128); elsewhere four, as before.
-    warps = 8 if not wide and max(K, V) <= 128 else 4
-    forward = fit("forward", WalkConfig(block_v=forward_block, num_warps=warps, num_stages=stages_forward),
-                  chunk_fixed=False)
+    # Four warps a walk, as the walks run on finite inputs (no containment, fleetjax.nonfinite): faster than
+    # eight in every walk at bf16 K=V=128 on the H200 (experiments/cost_split.py), except the dq walk with
+    # value blocks of 64 for 16-bit inputs, whose two [V, 64] float32 states (the state and its crossing
+    # counts) spill at four (1.65 vs 0.67 ms at B1 H8 T=32768).
+    warps = dict(forward=4, dq=8 if not wide and backward_block >= 64 and max(K, V) <= 128 else 4, dv=4, dk=4)
+    forward = fit("forward", WalkConfig(block_v=forward_block, num_warps=warps["forward"],
+                                        num_stages=stages_forward), chunk_fixed=False)
     walks = {}
     for chunk_size in (64, 32, 16):  # the backward's walks share one chunk size
-        walks = {name: fit(name, WalkConfig(chunk_size=chunk_size, block_v=backward_block, num_warps=warps,
+        walks = {name: fit(name, WalkConfig(chunk_size=chunk_size, block_v=backward_block, num_warps=warps[name],
                                             num_stages=stages), chunk_fixed=True) for name in ("dq", "dv", "dk")}
         if all(walks.values()):
             break
@@ -300,20 +300,18 @@ def _piece_log(decays: Decays, chunking: Chunking, B: int) -> jax.Array:
 
 def local_state(k, v, decays: Decays, run_ids, *, config: PallasConfig):
     """A block's final state from a zero entering state (its last run's), [B, H, K, V] float32, and what the
-    forward walk reuses of it (the local states of its pieces but the last, and the flags, or None)."""
+    forward walk reuses of it (the local states of its pieces but the last, or None)."""
     B = k.shape[0]
     chunking = config.chunking(k.shape[1], False)
-    local, flags = fwd.piece_states(k, v, decays.log_decay, run_ids, chunking, reverse=False, all_pieces=True,
-                                    gate=decays.gate_tiles(), **config.piece_launch("forward", k.dtype))
-    total = fwd.fold_pieces(local, _piece_log(decays, chunking, B), run_ids, chunking, False)
-    total = _mark_final(total, flags, v, run_ids)
-    return total, ((local[:, :, :-1], flags) if chunking.pieces > 1 else None)
 
+    def states(contain: bool):
+        local = fwd.piece_states(k, v, decays.log_decay, run_ids, chunking, reverse=False, all_pieces=True,
+                                 contain=contain, gate=decays.gate_tiles(), **config.piece_launch("forward", k.dtype))
+        total = fwd.fold_pieces(local, _piece_log(decays, chunking, B), run_ids, chunking, False)
+        return (nonfinite.mark_final(total, nonfinite.bad(v), run_ids) if contain else total), local
 
-def _mark_final(final, flags, v, run_ids):
-    """The final state, marked (fleetjax.nonfinite.mark_final) if a kernel flagged a non-finite value."""
-    fix = lambda final, v: (nonfinite.mark_final(final, nonfinite.bad(v), run_ids),)  # noqa: E731
-    return nonfinite.unless_finite([flags], fix, (final,), (v,))[0]
+    total, local = nonfinite.contained_if_needed((k, v), states)
+    return total, (local[:, :, :-1] if chunking.pieces > 1 else None)
 
 
 def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, config: PallasConfig,
@@ -321,16 +319,20 @@ def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, co
     """(o, the state after the walk), NaN where a non-finite value reaches (fleetjax.nonfinite)."""
     B = q.shape[0]
     chunking = config.chunking(q.shape[1], False)
-    local, piece_flags = reuse if reuse is not None else (None, None)
-    if chunking.pieces > 1 and local is None:
-        local, piece_flags = fwd.piece_states(k, v, decays.log_decay, run_ids, chunking, reverse=False,
-                                              all_pieces=False, gate=decays.gate_tiles(),
-                                              **config.piece_launch("forward", q.dtype))
-    o, final, flags = fwd.forward_walk(q, k, v, decays.log_decay, start, run_ids, chunking, scale=scale,
-                                       exact_state=exact_state, local=local, **_gated(decays, chunking, B),
-                                       **config.launch("forward", q.dtype))
-    fix = functools.partial(nonfinite.mark_forward, run_ids=run_ids)
-    return nonfinite.unless_finite([flags, piece_flags], fix, (o, final), (v,))
+
+    def walks(contain: bool):
+        local = reuse
+        if chunking.pieces > 1 and local is None:
+            local = fwd.piece_states(k, v, decays.log_decay, run_ids, chunking, reverse=False, all_pieces=False,
+                                     contain=contain, gate=decays.gate_tiles(),
+                                     **config.piece_launch("forward", q.dtype))
+        o, final = fwd.forward_walk(q, k, v, decays.log_decay, start, run_ids, chunking, scale=scale,
+                                    exact_state=exact_state, contain=contain, local=local,
+                                    **_gated(decays, chunking, B), **config.launch("forward", q.dtype))
+        return nonfinite.mark_forward(o, final, v, run_ids) if contain else (o, final)
+
+    # q needs no containment: a non-finite query reaches its own output row alone.
+    return nonfinite.contained_if_needed((k, v), walks)
 
 
 def block_forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, config: PallasConfig):
@@ -341,16 +343,21 @@ def block_forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: floa
 def local_reverse_state(q, do, decays: Decays, run_ids, *, scale: float, config: PallasConfig):
     """The cotangent of a block's entering state from its outputs alone: scale sum_t gamma^(t+1) q_t dO_t^T
     over its first run, [B, H, K, V] float32, and what ``block_backward`` reuses of it (the local reverse
-    states of its pieces but the first, and the flags, or None)."""
+    states of its pieces but the first, or None)."""
     B = q.shape[0]
     chunking = config.chunking(q.shape[1], True)
-    local, flags = fwd.piece_states(q, do, decays.log_decay, run_ids, chunking, reverse=True, all_pieces=True,
-                                    gate=decays.gate_tiles(), **config.piece_launch("dv", q.dtype))
-    total = vjp.only_first_run(scale * fwd.fold_pieces(local, _piece_log(decays, chunking, B), run_ids,
-                                                       chunking, True), run_ids)
-    fix = lambda total, do: (nonfinite.mark(total, nonfinite.in_run(nonfinite.bad(do), run_ids, "first")[:, :, None]),)  # noqa: E731
-    total = nonfinite.unless_finite([flags], fix, (total,), (do,))[0]
-    return total, ((local[:, :, 1:], flags) if chunking.pieces > 1 else None)
+
+    def states(contain: bool):
+        local = fwd.piece_states(q, do, decays.log_decay, run_ids, chunking, reverse=True, all_pieces=True,
+                                 contain=contain, gate=decays.gate_tiles(), **config.piece_launch("dv", q.dtype))
+        total = vjp.only_first_run(scale * fwd.fold_pieces(local, _piece_log(decays, chunking, B), run_ids,
+                                                           chunking, True), run_ids)
+        if contain:
+            total = nonfinite.mark(total, nonfinite.in_run(nonfinite.bad(do), run_ids, "first")[:, :, None])
+        return total, local
+
+    total, local = nonfinite.contained_if_needed((q, do), states)
+    return total, (local[:, :, 1:] if chunking.pieces > 1 else None)
 
 
 def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, reuse, *, scale: float,
@@ -367,33 +374,35 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
     chunking = config.chunking(T, True)
     gated = _gated(decays, chunking, B)
     common = dict(scale=scale, **gated)
-    dq_local = dq_piece_flags = reverse_flags = None
-    if chunking.pieces > 1:
-        dq_local, dq_piece_flags = fwd.piece_states(v, k, decays.log_decay, run_ids, chunking, reverse=False,
-                                                    all_pieces=False, counts=True, gate=decays.gate_tiles(),
-                                                    **config.piece_launch("dq", q.dtype))
-        if reuse is None:
-            reuse = fwd.piece_states(q, do, decays.log_decay, run_ids, chunking, reverse=True, all_pieces=False,
-                                     gate=decays.gate_tiles(), **config.piece_launch("dv", q.dtype))
-        reuse, reverse_flags = reuse
     to_end = decays.to_end(B, T) if decays.gated and exit_cotangent is not None else None
-    dq, w, counts, intra, spanned, dq_flags = bwd.dq_walk(q, k, v, do, decays.log_decay, start, run_ids, chunking,
-                                                          local=dq_local, **common, **config.launch("dq", q.dtype))
-    dv, reverse_state, dv_flags = bwd.dv_walk(q, k, do, decays.log_decay, exit_cotangent, run_ids, chunking,
-                                              local=reuse, to_end=to_end, **common, **config.launch("dv", q.dtype))
-    dk, u, x, dk_flags = bwd.dk_walk(q, k, v, do, decays.log_decay, exit_cotangent, run_ids, chunking, local=reuse,
-                                     to_end=to_end, **common, **config.launch("dk", q.dtype))
-    d_start = vjp.only_first_run(scale * reverse_state, run_ids)
-    d_log_decay = vjp.log_decay_grad(w, u, counts, intra, chunking.chunk_size)
-    if x is not None:
-        d_log_decay = d_log_decay + vjp.exit_log_decay_grad(x)
-    d_gate = None
-    if decays.gated:
-        d_gate = vjp.log_gate_grad(w, u, spanned, x, chunking.chunk_size)
-    grads = (dq, dk, dv, d_log_decay, d_gate, d_start)
-    grads = nonfinite.unless_finite([dq_flags, dv_flags, dk_flags, dq_piece_flags, reverse_flags],
-                                    functools.partial(_mark_gradients, run_ids=run_ids), grads, (q, k, v, do))
-    dq, dk, dv, d_log_decay, d_gate, d_start = grads
+
+    def walks(contain: bool):
+        dq_local, reverse_local = None, reuse
+        if chunking.pieces > 1:
+            dq_local = fwd.piece_states(v, k, decays.log_decay, run_ids, chunking, reverse=False, all_pieces=False,
+                                        counts=True, contain=contain, gate=decays.gate_tiles(),
+                                        **config.piece_launch("dq", q.dtype))
+            if reverse_local is None:
+                reverse_local = fwd.piece_states(q, do, decays.log_decay, run_ids, chunking, reverse=True,
+                                                 all_pieces=False, contain=contain, gate=decays.gate_tiles(),
+                                                 **config.piece_launch("dv", q.dtype))
+        dq, w, counts, intra, spanned = bwd.dq_walk(q, k, v, do, decays.log_decay, start, run_ids, chunking,
+                                                    contain=contain, local=dq_local, **common,
+                                                    **config.launch("dq", q.dtype))
+        dv, reverse_state = bwd.dv_walk(q, k, do, decays.log_decay, exit_cotangent, run_ids, chunking,
+                                        contain=contain, local=reverse_local, to_end=to_end, **common,
+                                        **config.launch("dv", q.dtype))
+        dk, u, x = bwd.dk_walk(q, k, v, do, decays.log_decay, exit_cotangent, run_ids, chunking, contain=contain,
+                               local=reverse_local, to_end=to_end, **common, **config.launch("dk", q.dtype))
+        d_start = vjp.only_first_run(scale * reverse_state, run_ids)
+        d_log_decay = vjp.log_decay_grad(w, u, counts, intra, chunking.chunk_size)
+        if x is not None:
+            d_log_decay = d_log_decay + vjp.exit_log_decay_grad(x)
+        d_gate = vjp.log_gate_grad(w, u, spanned, x, chunking.chunk_size) if decays.gated else None
+        grads = (dq, dk, dv, d_log_decay, d_gate, d_start)
+        return _mark_gradients(*grads, q, k, v, do, run_ids=run_ids) if contain else grads
+
+    dq, dk, dv, d_log_decay, d_gate, d_start = nonfinite.contained_if_needed((q, k, v, do), walks)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_log_decay, d_gate, d_start
 
 
@@ -401,9 +410,9 @@ def _mark_gradients(dq, dk, dv, d_log_decay, d_gate, d_start, q, k, v, do, *, ru
     """NaN into the gradients that a non-finite q, k, v or dO reaches (the kernels took the values of their
     products finite: k in the dq walk, dO in the dv walk, q in the dk walk)."""
     bad_q, bad_k, bad_v, bad_do = (nonfinite.bad(x) for x in (q, k, v, do))
-    dq = nonfinite.mark(dq, nonfinite.reached(bad_k, run_ids))
-    dv = nonfinite.mark(dv, nonfinite.reached(bad_do, run_ids, reverse=True))
-    dk = nonfinite.mark(dk, nonfinite.reached(bad_q, run_ids, reverse=True))
+    dq = nonfinite.mark_reached(dq, k, run_ids)
+    dv = nonfinite.mark_reached(dv, do, run_ids, reverse=True)
+    dk = nonfinite.mark_reached(dk, q, run_ids, reverse=True)
     d_start = nonfinite.mark(d_start, nonfinite.in_run(bad_do, run_ids, "first")[:, :, None])
     any_bad = lambda x: jnp.any(x, axis=(1, 3))  # noqa: E731  [B, H]
     head = jnp.any(any_bad(bad_q) | any_bad(bad_k) | any_bad(bad_v) | any_bad(bad_do), axis=0)

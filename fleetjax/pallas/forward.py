@@ -25,13 +25,13 @@ from fleetjax.pallas.walk import (Specs, columns, enter_piece, program_id, load_
 f32 = jnp.float32
 
 
-def forward_kernel(*, log_decay_ref, q_ref, k_ref, v_ref, o_ref, final_ref, flag_ref, start_ref=None,
-                   local_ref=None, link_ref=None, run_ref=None, edge_ref=None, gate_ref=None, piece_log_ref=None,
-                   chunking: Chunking, K: int, V: int, block_v: int, scale: float, exact_state: bool, precision):
+def forward_kernel(*, log_decay_ref, q_ref, k_ref, v_ref, o_ref, final_ref, start_ref=None, local_ref=None,
+                   link_ref=None, run_ref=None, edge_ref=None, gate_ref=None, piece_log_ref=None, chunking: Chunking,
+                   K: int, V: int, block_v: int, scale: float, exact_state: bool, contain: bool, precision):
     """One (value block, batch*head, piece) program of the forward walk. Refs: q, k [T, K]; v, o [T, block_v];
     start [K, block_v] (the state entering the walk); local [P-1, K, block_v], link [P] (pieces); run [T],
-    edge [1] (segments); gate [T], piece_log [P] (gated); final [K, block_v]: the state after the piece;
-    flag [1]: a non-finite v was seen."""
+    edge [1] (segments); gate [T], piece_log [P] (gated); final [K, block_v]: the state after the piece.
+    ``contain``: keep non-finite values where they belong (fleetjax.chunk), for inputs that hold some."""
     j, piece = program_id(0, log_decay_ref), program_id(2, log_decay_ref)
     log_decay = log_decay_ref[0]
     k_cols, v_cols = columns(k_ref, K), columns(v_ref, V, block_v, j)
@@ -41,25 +41,22 @@ def forward_kernel(*, log_decay_ref, q_ref, k_ref, v_ref, o_ref, final_ref, flag
         state = enter_piece(state, piece=piece, chunking=chunking, reverse=False, log_decay=log_decay,
                             local_ref=local_ref, link_ref=link_ref, piece_log_ref=piece_log_ref)
 
-    def body(ch: cm.Chunk, carry):
-        state, seen = carry
+    def body(ch: cm.Chunk, state):
         q, k = load_rows(q_ref, ch, k_cols), load_rows(k_ref, ch, k_cols)
-        v, bad = cm.finite_part(load_rows(v_ref, ch, v_cols))
-        o, _ = cm.output(q, cm.scores(q, k, ch, precision), v, state, ch, scale=scale, dtype=dtype,
+        v = cm.finite_values(load_rows(v_ref, ch, v_cols), contain)
+        o, _ = cm.output(q, cm.scores(q, k, ch, precision, contain), v, state, ch, scale=scale, dtype=dtype,
                          precision=precision, exact=False)
         state = cm.update(state, k, v, ch, dtype=dtype, precision=precision, exact=exact_state)
         store_rows(o_ref, ch, o, v_cols)
-        return state, seen | bad
+        return state
 
-    final_ref[...], seen = walk(body, (state, cm.no_bad(chunking.chunk_size, v_ref.shape[-1])), piece=piece,
-                                chunking=chunking, reverse=False, log_decay=log_decay, run_ref=run_ref,
-                                edge_ref=edge_ref, gate_ref=gate_ref)
-    flag_ref[...] = jnp.full(flag_ref.shape, cm.any_bad(seen))
+    final_ref[...] = walk(body, state, piece=piece, chunking=chunking, reverse=False, log_decay=log_decay,
+                          run_ref=run_ref, edge_ref=edge_ref, gate_ref=gate_ref)
 
 
-def piece_states_kernel(*, log_decay_ref, k_ref, v_ref, final_ref, flag_ref, counts_ref=None, run_ref=None,
-                        edge_ref=None, gate_ref=None, chunking: Chunking, K: int, V: int, block_v: int,
-                        reverse: bool, piece_offset: int, precision):
+def piece_states_kernel(*, log_decay_ref, k_ref, v_ref, final_ref, counts_ref=None, run_ref=None, edge_ref=None,
+                        gate_ref=None, chunking: Chunking, K: int, V: int, block_v: int, reverse: bool,
+                        piece_offset: int, contain: bool, precision):
     """One (value block, batch*head, piece) program: the piece's state from a zero one, float32-accurate (it
     enters the walks of the other pieces). Refs: k [T, K]; v [T, block_v]; run [T], edge [1]; final
     [K, block_v]; counts [K, block_v]: the state's crossing counts (fleetjax.vjp), for the dq walk."""
@@ -69,20 +66,18 @@ def piece_states_kernel(*, log_decay_ref, k_ref, v_ref, final_ref, flag_ref, cou
     dtype = k_ref.dtype
 
     def body(ch: cm.Chunk, carry):
-        state, counts, seen = carry
+        state, counts = carry
         k = load_rows(k_ref, ch, k_cols)
-        v, bad = cm.finite_part(load_rows(v_ref, ch, v_cols))
+        v = cm.finite_values(load_rows(v_ref, ch, v_cols), contain)
         if counts is not None:
             counts = cm.count_crossings(counts, state, ch)
         state = cm.update(state, k, v, ch, dtype=dtype, precision=precision, exact=True)
-        return state, counts, seen | bad
+        return state, counts
 
     zero = jnp.zeros(final_ref.shape, f32)
-    final_ref[...], counts, seen = walk(body, (zero, None if counts_ref is None else zero,
-                                               cm.no_bad(chunking.chunk_size, v_ref.shape[-1])),
-                                        piece=piece, chunking=chunking, reverse=reverse, log_decay=log_decay,
-                                        run_ref=run_ref, edge_ref=edge_ref, gate_ref=gate_ref)
-    flag_ref[...] = jnp.full(flag_ref.shape, cm.any_bad(seen))
+    final_ref[...], counts = walk(body, (zero, None if counts_ref is None else zero), piece=piece,
+                                  chunking=chunking, reverse=reverse, log_decay=log_decay, run_ref=run_ref,
+                                  edge_ref=edge_ref, gate_ref=gate_ref)
     if counts_ref is not None:
         counts_ref[...] = counts
 
@@ -90,10 +85,10 @@ def piece_states_kernel(*, log_decay_ref, k_ref, v_ref, final_ref, flag_ref, cou
 # ------------------------------------------------------------------------------------------------ launches
 
 def piece_states(key, value, log_decay, run_ids, chunking: Chunking, *, reverse: bool, all_pieces: bool,
-                 chunk_size: int, block_v: int, num_warps: int, num_stages: int, precision, counts: bool = False,
-                 gate=None):
-    """(The local states [B, H, n, K, V] float32 of the pieces that have a successor in the walk (forward:
-    0..P-2; reverse: 1..P-1), or of all P pieces with ``all_pieces``, the programs' non-finite flags). Each
+                 chunk_size: int, block_v: int, num_warps: int, num_stages: int, precision, contain: bool,
+                 counts: bool = False, gate=None):
+    """The local states [B, H, n, K, V] float32 of the pieces that have a successor in the walk (forward:
+    0..P-2; reverse: 1..P-1), or of all P pieces with ``all_pieces``. Each
     piece is walked from a zero state with its keys ``key`` [B, T, H, K] and values ``value`` [B, T, H, V], in
     chunks of ``chunk_size`` where those tile the pieces (else the walk's). With ``counts`` the states come as
     (states, their crossing counts) in the walk's chunks. gate: the log gate [B, H, T] (None: constant)."""
@@ -108,26 +103,25 @@ def piece_states(key, value, log_decay, run_ids, chunking: Chunking, *, reverse:
     s = Specs(H, chunking, kp, bv, offset)
     edge = piece_edges(run_ids, chunking, reverse)[0] if run_ids is not None else None
     kernel = functools.partial(piece_states_kernel, chunking=chunking, K=K, V=V, block_v=bv, reverse=reverse,
-                               piece_offset=offset, precision=precision)
+                               piece_offset=offset, contain=contain, precision=precision)
     out = call(kernel, name="fleet_piece_states" + ("_reverse" if reverse else ""), grid=(nv, B * H, launched),
                inputs=dict(log_decay_ref=(log_decay, s.head()), k_ref=(key, s.keys()), v_ref=(value, s.values()),
                            run_ref=None if run_ids is None else (run_ids, s.runs()),
                            edge_ref=None if run_ids is None else (edge, s.edge()),
                            gate_ref=None if gate is None else (gate, s.positions())),
                outputs=dict(final_ref=(((B, H, launched, kp, nv * bv), f32), s.piece_state()),
-                            flag_ref=(((nv, B * H, launched, 1), jnp.int32), s.flag()),
                             counts_ref=(((B, H, launched, kp, nv * bv), f32), s.piece_state()) if counts else None),
                num_warps=num_warps, num_stages=num_stages)
     states = out["final_ref"][..., :K, :V]
     if counts:
         states = (states, out["counts_ref"][..., :K, :V])
-    return states, out["flag_ref"]
+    return states
 
 
 def forward_walk(q, k, v, log_decay, start, run_ids, chunking: Chunking, *, scale: float, exact_state: bool,
-                 local, block_v: int, num_warps: int, num_stages: int, precision, gate=None, piece_log=None):
-    """(o [B, T, H, V] in q's dtype, the state after the walk [B, H, K, V] float32, the programs' non-finite
-    flags), from the entering state ``start`` (None: zero). ``local``: the pieces' local states (see
+                 contain: bool, local, block_v: int, num_warps: int, num_stages: int, precision, gate=None,
+                 piece_log=None):
+    """(o [B, T, H, V] in q's dtype, the state after the walk [B, H, K, V] float32), from the entering state ``start`` (None: zero). ``local``: the pieces' local states (see
     :func:`piece_states`), None with one piece. gate [B, H, T] and piece_log [B, H, P] (the pieces' sums of
     la): the gated decay (None: constant)."""
     B, T, H, K = q.shape
@@ -139,7 +133,7 @@ def forward_walk(q, k, v, log_decay, start, run_ids, chunking: Chunking, *, scal
     edge = piece_edges(run_ids, chunking, False)[0] if run_ids is not None else None
     links = piece_links(run_ids, chunking, False) if P > 1 else None
     kernel = functools.partial(forward_kernel, chunking=chunking, K=K, V=V, block_v=bv, scale=scale,
-                               exact_state=exact_state, precision=precision)
+                               exact_state=exact_state, contain=contain, precision=precision)
     out = call(kernel, name="fleet_forward", grid=(nv, B * H, P),
                inputs=dict(log_decay_ref=(log_decay, s.head()), q_ref=(q, s.keys()), k_ref=(k, s.keys()),
                            v_ref=(v, s.values()),
@@ -151,10 +145,9 @@ def forward_walk(q, k, v, log_decay, start, run_ids, chunking: Chunking, *, scal
                            gate_ref=None if gate is None else (gate, s.positions()),
                            piece_log_ref=None if gate is None or P == 1 else (piece_log, s.pieces())),
                outputs=dict(o_ref=(((B, T, H, V), q.dtype), s.values()),
-                            final_ref=(((B, H, P, kp, nv * bv), f32), s.piece_state()),
-                            flag_ref=(((nv, B * H, P, 1), jnp.int32), s.flag())),
+                            final_ref=(((B, H, P, kp, nv * bv), f32), s.piece_state())),
                num_warps=num_warps, num_stages=num_stages)
-    return out["o_ref"], out["final_ref"][:, :, -1, :K, :V], out["flag_ref"]
+    return out["o_ref"], out["final_ref"][:, :, -1, :K, :V]
 
 
 def fold_pieces(local, piece_log, run_ids, chunking: Chunking, reverse: bool):

@@ -177,10 +177,6 @@ class Specs:
         """[B, P] -> the program's piece's entry."""
         return pl.BlockSpec((None, 1), lambda j, g, p: (g // self.H, p + self.offset))
 
-    def flag(self):
-        """[value blocks, batch*head, programs, 1] -> the program's own flag [1]."""
-        return pl.BlockSpec((None, None, None, 1), lambda j, g, p: (j, g, p, 0))
-
     def positions(self):
         """[B, H, T] -> the program's [T] (a per-position input, such as the log gate)."""
         return pl.BlockSpec((None, None, self.T), lambda j, g, p: (g // self.H, g % self.H, 0))
