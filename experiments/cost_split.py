@@ -108,13 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _kernels(B, T, H, K, V, log_decay, example, warps, contain):
-    """kernel name -> fn(q, k, v, do): each walk kernel of implementation="pallas" launched alone with the
-    default config (``warps``: num_warps of every walk instead), pieces' states given as zeros."""
+def _kernels(B, T, H, K, V, log_decay, example, warps, contain, config=None):
+    """kernel name -> fn(q, k, v, do): each walk kernel of implementation="pallas" launched alone with
+    ``config`` (None: the default; ``warps``: num_warps of every walk instead), pieces' states given as
+    zeros."""
     from fleetjax.pallas import backward as bwd
     from fleetjax.pallas import forward as fwd
 
-    config = fleetjax.IMPLEMENTATIONS["pallas"].config_for(None, example[0], example[2])
+    config = config or fleetjax.IMPLEMENTATIONS["pallas"].config_for(None, example[0], example[2])
     if warps is not None:
         config = dataclasses.replace(config, **{n: dataclasses.replace(getattr(config, n), num_warps=warps)
                                                 for n in ("forward", "dq", "dv", "dk")})

@@ -93,6 +93,57 @@ def test_a_config_that_cannot_fit_is_refused():
                                  config=PallasConfig(forward=WalkConfig(block_v=128)))
 
 
+@pytest.mark.parametrize("pieces", [1, 3])
+def test_plain_walks_equal_the_contained_ones_on_finite_inputs(monkeypatch, pieces):
+    """With every input finite the op runs the walks without containment (fleetjax.nonfinite); they must give
+    what the contained walks give, segments, states and sequence pieces included."""
+    from fleetjax import nonfinite
+    x = _inputs(K=20, V=40)
+    config = PallasConfig(**SMALL, num_sequence_pieces=pieces, backward_num_sequence_pieces=pieces)
+    results = {}
+    for contain in (False, True):
+        monkeypatch.setattr(nonfinite, "contained_if_needed", lambda inputs, walks, c=contain: walks(c))
+        results[contain] = _all("pallas", config, *x)
+    for name, a, b in zip(("o", "final", "dq", "dk", "dv", "ddecay", "dinitial"), results[False], results[True]):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * float(jnp.abs(b).max()), err_msg=name)
+
+
+@pytest.mark.parametrize("T, segments, reverse", [(7, False, False), (300, True, False), (300, True, True),
+                                                  (256, False, True), (1000, True, True)])
+def test_blockwise_marking_equals_the_whole_array_marking(T, segments, reverse):
+    """nonfinite.mark_reached (block by block over T, a partial block first or last) marks what reached()
+    marks on the whole array."""
+    from fleetjax import nonfinite
+    rng = np.random.default_rng(T)
+    B, H, D = 2, 3, 4
+    source = rng.standard_normal((B, T, H, D)).astype(np.float32)
+    source[rng.random(source.shape) < 0.004] = np.nan
+    source[0, T // 2, 0, 0] = np.inf
+    x = jnp.asarray(rng.standard_normal((B, T, H, D)), jnp.bfloat16)
+    runs = jnp.asarray(np.sort(rng.integers(0, 5, (B, T)), axis=1), jnp.int32) if segments else None
+    want = nonfinite.mark(x, nonfinite.reached(nonfinite.bad(jnp.asarray(source)), runs, reverse=reverse))
+    got = nonfinite.mark_reached(x, jnp.asarray(source), runs, reverse=reverse, block=64)
+    assert got.dtype == x.dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_float32_tf32x3_footprint_counts_twice():
+    """Float32 inputs with tf32x3 products take twice the modelled shared memory (XLA's Triton on the H200
+    asked for up to twice Triton 3.6's offline allocation): a forward tiling that fits with "ieee" products
+    is refused with "tf32x3", and the default config fits."""
+    from fleetjax.pallas import chunked
+    walk = WalkConfig(chunk_size=64, block_v=32, num_stages=2)
+    ieee = chunked.footprint("forward", walk, 128, 128, jnp.float32, "ieee")["shared"]
+    assert chunked.footprint("forward", walk, 128, 128, jnp.float32, "tf32x3")["shared"] == 2 * ieee
+    assert chunked.footprint("forward", walk, 128, 128, jnp.bfloat16, "tf32x3")["shared"] < ieee
+    config = PallasConfig(forward=walk, precision="ieee")
+    chunked.check_fits(config, 128, 128, jnp.float32, kernels=("forward",))
+    with pytest.raises(ValueError, match="cannot fit"):
+        chunked.check_fits(PallasConfig(forward=walk), 128, 128, jnp.float32, kernels=("forward",))
+    q = jnp.zeros((1, 150, 2, 128), jnp.float32)
+    chunked.check_fits(chunked.default_config(q, q), 128, 128, jnp.float32)
+
+
 def test_bfloat16_decay_gradient_at_long_range():
     """bfloat16 at T=1000 with decay 0.999: the decay gradient's offset sums amplify roundings of the state and
     of its decayed terms to bfloat16 (4.9% error before the hi/lo pairs of the backward walks, 2e-4 after,

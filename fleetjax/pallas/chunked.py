@@ -158,18 +158,22 @@ def walk_dims(kernel: str, K: int, V: int) -> tuple[tuple[int, int], ...]:
 _LOADS = {"forward": (2, 1), "dq": (2, 2), "dv": (2, 1), "dk": (2, 2), "piece_states": (1, 1)}
 
 
-def footprint(kernel: str, walk: WalkConfig, key_dim: int, value_dim: int, dtype) -> dict:
+def footprint(kernel: str, walk: WalkConfig, key_dim: int, value_dim: int, dtype, precision: str = "tf32x3") -> dict:
     """What kernel ``kernel`` holds on chip with tiling ``walk`` for its key width ``key_dim`` and value width
     ``value_dim`` (see :func:`walk_dims`): its state tile (float32 elements) and its shared memory in bytes
     (fleetjax.pallas.launch.shared_memory_bytes, fitted to Triton's allocation for sm_90 by
-    experiments/footprint.py)."""
+    experiments/footprint.py). Float32 inputs with ``precision`` "tf32x3" count twice: XLA's Triton on the
+    H200 (jax 0.11.2) asked for up to twice what Triton 3.6 allocates offline for those kernels (262144 vs
+    131072 bytes, the forward walk at K=200, V=100), and crashed where the offline model said they fit."""
     C, kq = walk.chunk_size, padded(key_dim)
     block = min(walk.block_v, padded(value_dim))
     keys, values = _LOADS[kernel]
     loads = ((C, kq),) * keys + ((C, block),) * values
     staged = _STAGED[kernel](C, kq, block, jnp.dtype(dtype).itemsize < 4)
-    return dict(state=kq * block,
-                shared=shared_memory_bytes(loads=loads, staged=staged, dtype=dtype, num_stages=walk.num_stages))
+    shared = shared_memory_bytes(loads=loads, staged=staged, dtype=dtype, num_stages=walk.num_stages)
+    if jnp.dtype(dtype) == f32 and precision == "tf32x3":
+        shared *= 2
+    return dict(state=kq * block, shared=shared)
 
 
 def _staged_tiles(C: int, kq: int, block: int, half: bool, *, states: int, chunk_square: int = 1,
@@ -199,7 +203,7 @@ def check_fits(config: PallasConfig, K: int, V: int, dtype, kernels=KERNELS) -> 
         if walk is None:  # the pieces' states then take each walk's own tiling, checked with it
             continue
         for key_dim, value_dim in walk_dims(name, K, V):
-            use = footprint(name, walk, key_dim, value_dim, dtype)
+            use = footprint(name, walk, key_dim, value_dim, dtype, config.precision)
             if use["state"] > MAX_STATE_TILE:
                 raise ValueError(f"config cannot fit: PallasConfig.{name}.block_v={walk.block_v} gives a float32 "
                                  f"state of {use['state']} values per program for K={K}, V={V}, more than "
