@@ -20,9 +20,11 @@ gives exact zeros, a decay of 1 gives ones, and nothing overflows.
 Non-finite inputs stay where they belong: a NaN or inf at one position reaches only the outputs that depend
 on it. So every mask is applied by selection (``jnp.where``), never by multiplying with a 0/1 factor
 (0 * inf = NaN); and since a product over positions multiplies every value by its weight, masked or not, the
-value tile enters the products with its non-finite entries set to 0 (:func:`finite_part`). The walks report
-whether they saw one (:func:`any_bad`), and the outputs that depend on it are set to NaN after the kernels
-(fleetjax.nonfinite; implementation="xla" does it in its scan).
+value tile enters the products with its non-finite entries set to 0 (:func:`finite_part`), and the outputs
+that depend on it are set to NaN after the kernels (fleetjax.nonfinite; implementation="xla" does it in its
+scan). That containment costs the Pallas walks registers in every chunk, so they also come in a plain form,
+run when every input is finite (``contain=False`` in :func:`finite_values` and :func:`scores`; the selects
+that only segments need stay, as their masks are needed for finite inputs too).
 """
 
 from __future__ import annotations
