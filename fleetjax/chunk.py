@@ -232,15 +232,3 @@ def spanned(pair_terms):
     before = jnp.cumsum(pair_terms, axis=1) - pair_terms  # [i, r]: sum over j < r
     i = jnp.arange(C)
     return jnp.sum(jnp.where(i[:, None] >= i[None, :], before, 0.0), axis=0)
-
-
-def no_bad(C: int, width: int) -> jax.Array:
-    """The [C, width] tile of a walk that has seen no non-finite value: a walk ORs each chunk's ``bad`` of
-    :func:`finite_part` into it and reduces it once after its last chunk (:func:`any_bad`), not in every
-    chunk, where the reduction across the program's warps costs a barrier."""
-    return jnp.zeros((C, width), bool)
-
-
-def any_bad(bad) -> jax.Array:
-    """int32 1 if the tile holds a non-finite value (bad from :func:`finite_part`), else 0."""
-    return jnp.max(jnp.where(bad, 1, 0))

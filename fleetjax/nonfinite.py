@@ -7,8 +7,7 @@ walks is finite (a reduction over the inputs decides), else with it: the kernels
 their products (v; in the backward k, dO and q) with its non-finite entries set to 0 and keep masked pairs
 exactly 0 (fleetjax.chunk), and the outputs that depend on a non-finite entry are set to NaN here: output
 column c at position t depends on the value entries [s, c] of the same segment with s <= t (forward in time)
-or s >= t (the reverse walks). implementation="pallas_fleet" contains always and marks under
-:func:`unless_finite` (its kernels report what they saw).
+or s >= t (the reverse walks). implementation="pallas_fleet" takes the same two forms.
 """
 
 from __future__ import annotations
@@ -17,11 +16,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-
-
-def any_flag(*flags: jax.Array | None) -> jax.Array:
-    """True if a kernel reported a non-finite value (flags: arrays of 0/1, or None)."""
-    return jnp.any(jnp.stack([jnp.max(f) > 0 for f in flags if f is not None]))
 
 
 def _segment_starts(run_ids: jax.Array | None, B: int, T: int) -> jax.Array:
@@ -126,12 +120,6 @@ def contained_if_needed(inputs: tuple, walks: Callable[[bool], Any]) -> Any:
     """``walks(contain=False)`` if every array of ``inputs`` is finite, else ``walks(contain=True)`` (the
     kernels with containment and the marking after them). One branch runs; both are compiled."""
     return jax.lax.cond(all_finite(*inputs), lambda: walks(False), lambda: walks(True))
-
-
-def unless_finite(flags, fix: Callable, outputs: tuple, inputs: tuple) -> tuple:
-    """``fix(*outputs, *inputs)`` (the outputs, marked) if a kernel flagged a non-finite value, else
-    ``outputs``."""
-    return jax.lax.cond(any_flag(*flags), lambda o, i: tuple(fix(*o, *i)), lambda o, i: tuple(o), outputs, inputs)
 
 
 def bad(x: jax.Array) -> jax.Array:

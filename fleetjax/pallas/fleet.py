@@ -211,13 +211,13 @@ def default_config(q: jax.Array, v: jax.Array) -> FleetConfig:
 
 # ------------------------------------------------------------------------------------------------- kernel
 
-def fleet_kernel(*, log_decay_ref, q_ref, k_ref, v_ref, s0_ref, o_ref, final_ref, flag_ref, run_ref=None,
-                 gate_ref=None, blocks: _Blocks, n_heads: int, K: int, V: int, scale: float, exact_state: bool,
+def fleet_kernel(*, log_decay_ref, q_ref, k_ref, v_ref, s0_ref, o_ref, final_ref, run_ref=None, gate_ref=None,
+                 blocks: _Blocks, n_heads: int, K: int, V: int, scale: float, exact_state: bool, contain: bool,
                  precision):
     """One program: rank block r, (batch, head) bh, value block j, sequence piece p. Refs (leading grid dims
     squeezed): q, k [T, block_k]; v, o [T, block_v]; s0 [block_k, block_v] float32 (read by piece 0);
     run [T] int32; gate [T] (gated); final [block_k, block_v] float32 (the piece's state from its entering
-    one); flag [1]: a non-finite v was seen."""
+    one). ``contain``: keep non-finite values where they belong (fleetjax.nonfinite)."""
     r, bh, j, p = (program_id(axis, log_decay_ref) for axis in range(4))
     log_decay = log_decay_ref[jax.lax.rem(bh, n_heads)]
     chunking = blocks.chunking
@@ -240,12 +240,12 @@ def fleet_kernel(*, log_decay_ref, q_ref, k_ref, v_ref, s0_ref, o_ref, final_ref
         end = jnp.minimum(start + chunking.piece_len, chunking.T)
 
         def token(t, carry):
-            state, before, flag = carry
+            state, before = carry
             q_t = plt.load(q_ref.at[t, :], mask=k_cols, other=0.0).astype(f32)
             k_t = plt.load(k_ref.at[t, :], mask=k_cols, other=0.0).astype(f32)
             v_t = plt.load(v_ref.at[t, :], mask=v_cols, other=0.0).astype(f32)
-            bad = ~jnp.isfinite(v_t)
-            v_t = jnp.where(bad, 0.0, v_t)
+            if contain:
+                v_t = jnp.where(jnp.isfinite(v_t), v_t, 0.0)
             if run_ref is not None:
                 run_t = run_ref[t]
                 state = jnp.where(run_t == before, state, 0.0)  # a new run starts from zero (selected)
@@ -254,35 +254,29 @@ def fleet_kernel(*, log_decay_ref, q_ref, k_ref, v_ref, s0_ref, o_ref, final_ref
             state = jnp.exp(la) * state + k_t[:, None] * v_t[None, :]
             o_t = scale * jnp.sum(q_t[:, None] * state, axis=0)
             plt.store(o_ref.at[t, :], o_t.astype(o_ref.dtype), mask=v_cols)
-            return state, before, jnp.maximum(flag, cm.any_bad(bad))
+            return state, before
 
-        state, _, flag = jax.lax.fori_loop(start, end, token, (state, jnp.int32(0) if edge is None else edge,
-                                                               jnp.int32(0)))
+        state, _ = jax.lax.fori_loop(start, end, token, (state, jnp.int32(0) if edge is None else edge))
         store_state(state)
-        flag_ref[...] = jnp.full(flag_ref.shape, flag)
         return
 
-    def body(ch: cm.Chunk, carry):
-        state, seen = carry
+    def body(ch: cm.Chunk, state):
         q, k = load_rows(q_ref, ch, k_cols), load_rows(k_ref, ch, k_cols)
-        v, bad = cm.finite_part(load_rows(v_ref, ch, v_cols))
-        o, _ = cm.output(q, cm.scores(q, k, ch, precision), v, state, ch, scale=scale, dtype=dtype,
+        v = cm.finite_values(load_rows(v_ref, ch, v_cols), contain)
+        o, _ = cm.output(q, cm.scores(q, k, ch, precision, contain), v, state, ch, scale=scale, dtype=dtype,
                          precision=precision, exact=False)
         state = cm.update(state, k, v, ch, dtype=dtype, precision=precision, exact=exact_state)
         store_rows(o_ref, ch, o, v_cols)
-        return state, seen | bad
+        return state
 
-    state, seen = walk(body, (state, cm.no_bad(chunking.chunk_size, v_ref.shape[-1])), piece=p, chunking=chunking,
-                       reverse=False, log_decay=log_decay, run_ref=run_ref,
-                       edge_ref=None if edge is None else edge[None], gate_ref=gate_ref)
-    store_state(state)
-    flag_ref[...] = jnp.full(flag_ref.shape, cm.any_bad(seen))
+    store_state(walk(body, state, piece=p, chunking=chunking, reverse=False, log_decay=log_decay, run_ref=run_ref,
+                     edge_ref=None if edge is None else edge[None], gate_ref=gate_ref))
 
 
 def _fleet_call(q, k, v, log_decay, gate, initial_state, run_ids, *, scale: float, config: FleetConfig,
-                blocks: _Blocks, exact_state: bool):
-    """The pallas_call. Returns (o or rank-block partials, local final states [P, B, H, K, V] float32, the
-    programs' non-finite flags). gate: the log gate [B, H, T] or None."""
+                blocks: _Blocks, exact_state: bool, contain: bool):
+    """The pallas_call. Returns (o or rank-block partials, local final states [P, B, H, K, V] float32). gate:
+    the log gate [B, H, T] or None."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     nk, nv = blocks.count(K, V)
@@ -301,7 +295,7 @@ def _fleet_call(q, k, v, log_decay, gate, initial_state, run_ids, *, scale: floa
         o_out = (((nk, B, T, H, V), f32),
                  pl.BlockSpec((None, None, T, None, BV), lambda r, bh, j, p: (r, batch(bh), 0, head(bh), j)))
     kernel = functools.partial(fleet_kernel, blocks=blocks, n_heads=H, K=K, V=V, scale=scale,
-                               exact_state=exact_state, precision=precision)
+                               exact_state=exact_state, contain=contain, precision=precision)
     out = call(kernel, name="fleet_attention_fwd", grid=(nk, B * H, nv, P),
                inputs=dict(log_decay_ref=(log_decay, pl.BlockSpec((H,), lambda r, bh, j, p: (0,))),
                            q_ref=(q, rows(BK, lambda r, j: r)), k_ref=(k, rows(BK, lambda r, j: r)),
@@ -313,11 +307,9 @@ def _fleet_call(q, k, v, log_decay, gate, initial_state, run_ids, *, scale: floa
                            gate_ref=None if gate is None else (gate, pl.BlockSpec(
                                (None, None, T), lambda r, bh, j, p: (batch(bh), head(bh), 0)))),
                outputs=dict(o_ref=o_out, final_ref=(((P, B, H, K, V), f32), pl.BlockSpec(
-                   (None, None, None, BK, BV), lambda r, bh, j, p: (p, batch(bh), head(bh), r, j))),
-                   flag_ref=(((nk, B * H, nv, P, 1), jnp.int32), pl.BlockSpec(
-                       (None, None, None, None, 1), lambda r, bh, j, p: (r, bh, j, p, 0)))),
+                   (None, None, None, BK, BV), lambda r, bh, j, p: (p, batch(bh), head(bh), r, j)))),
                num_warps=config.num_warps, num_stages=config.num_stages)
-    return out["o_ref"], out["final_ref"], out["flag_ref"]
+    return out["o_ref"], out["final_ref"]
 
 
 def _join_pieces(q, o, local_final, decays: Decays, run_ids, scale: float, chunking: Chunking):
@@ -364,17 +356,21 @@ def _forward(q, k, v, log_decay, log_gate, initial_state, run_ids, *, scale: flo
     q, k, v = chunked.canonical_dtype(q, k, v)
     decays = Decays(log_decay.astype(f32), log_gate)
     blocks = _blocks(config, q.shape[1], q.shape[3], v.shape[3], q.dtype)
-    o, local_final, flags = _fleet_call(q, k, v, decays.log_decay, decays.gate_tiles(), initial_state.astype(f32),
-                                        run_ids, scale=scale, config=config, blocks=blocks, exact_state=exact_state)
-    if blocks.count(q.shape[3], v.shape[3])[0] > 1:
-        # Fixed-order sum of the rank blocks' float32 partials: element-wise, no atomics, same bits every run.
-        o = functools.reduce(jnp.add, list(o))
-    if blocks.chunking.pieces > 1:
-        o, final = _join_pieces(q, o, local_final, decays, run_ids, scale, blocks.chunking)
-    else:
-        o, final = o, local_final[0]
-    fix = functools.partial(nonfinite.mark_forward, run_ids=run_ids)
-    return nonfinite.unless_finite([flags], fix, (o, final), (v,))
+
+    def walks(contain: bool):
+        o, local_final = _fleet_call(q, k, v, decays.log_decay, decays.gate_tiles(), initial_state.astype(f32),
+                                     run_ids, scale=scale, config=config, blocks=blocks, exact_state=exact_state,
+                                     contain=contain)
+        if blocks.count(q.shape[3], v.shape[3])[0] > 1:
+            # Fixed-order sum of the rank blocks' float32 partials: element-wise, no atomics, same bits every run.
+            o = functools.reduce(jnp.add, list(o))
+        if blocks.chunking.pieces > 1:
+            o, final = _join_pieces(q, o, local_final, decays, run_ids, scale, blocks.chunking)
+        else:
+            o, final = o, local_final[0]
+        return nonfinite.mark_forward(o, final, v, run_ids) if contain else (o, final)
+
+    return nonfinite.contained_if_needed((k, v), walks)
 
 
 # ---------------------------------------------------------------------------------------------- custom VJP
