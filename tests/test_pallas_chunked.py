@@ -3,6 +3,8 @@ the config, and the refusals. Pallas runs in interpret mode here; shapes stay ti
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -142,6 +144,13 @@ def test_float32_tf32x3_footprint_counts_twice():
         chunked.check_fits(PallasConfig(forward=walk), 128, 128, jnp.float32, kernels=("forward",))
     q = jnp.zeros((1, 150, 2, 128), jnp.float32)
     chunked.check_fits(chunked.default_config(q, q), 128, 128, jnp.float32)
+    # Too wide for tf32x3's staging at any tiling: the default falls back to IEEE products, and fits.
+    q, v = jnp.zeros((1, 150, 2, 130), jnp.float32), jnp.zeros((1, 150, 2, 260), jnp.float32)
+    config = chunked.default_config(q, v)
+    assert config.precision == "ieee"
+    chunked.check_fits(config, 130, 260, jnp.float32)
+    with pytest.raises(ValueError, match="precision='ieee'"):
+        chunked.check_fits(dataclasses.replace(config, precision="tf32x3"), 130, 260, jnp.float32)
 
 
 def test_bfloat16_decay_gradient_at_long_range():

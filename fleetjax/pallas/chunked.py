@@ -211,10 +211,13 @@ def check_fits(config: PallasConfig, K: int, V: int, dtype, kernels=KERNELS) -> 
             if use["shared"] > limit:
                 raise ValueError(f"config cannot fit: PallasConfig.{name} = {walk} needs about {use['shared']} "
                                  f"bytes of shared memory for K={K}, V={V}, {jnp.dtype(dtype).name}, more than the "
-                                 f"device's {limit}; use fewer num_stages, a smaller block_v or chunk_size")
+                                 f"device's {limit}; use fewer num_stages, a smaller block_v or chunk_size"
+                                 + (", or precision='ieee'" if jnp.dtype(dtype) == f32 and config.precision == "tf32x3"
+                                    else ""))
 
 
-def _shrink(name: str, walk: WalkConfig, K: int, V: int, dtype, limit: int, chunk_fixed: bool) -> WalkConfig | None:
+def _shrink(name: str, walk: WalkConfig, K: int, V: int, dtype, limit: int, chunk_fixed: bool,
+            precision: str = "tf32x3") -> WalkConfig | None:
     """The largest tiling at or below ``walk`` that fits: fewer stages first, then narrower blocks, then
     (unless ``chunk_fixed``) shorter chunks. None if nothing fits."""
     chunks = [walk.chunk_size] if chunk_fixed else [c for c in (walk.chunk_size, 32, 16) if c <= walk.chunk_size]
@@ -222,7 +225,7 @@ def _shrink(name: str, walk: WalkConfig, K: int, V: int, dtype, limit: int, chun
         for block_v in [b for b in (walk.block_v, 64, 32, 16) if b <= walk.block_v]:
             for num_stages in sorted({walk.num_stages, min(walk.num_stages, 2), 1}, reverse=True):
                 candidate = dataclasses.replace(walk, chunk_size=chunk_size, block_v=block_v, num_stages=num_stages)
-                uses = [footprint(name, candidate, *dims, dtype) for dims in walk_dims(name, K, V)]
+                uses = [footprint(name, candidate, *dims, dtype, precision) for dims in walk_dims(name, K, V)]
                 if all(use["state"] <= MAX_STATE_TILE and use["shared"] <= limit for use in uses):
                     return candidate
     return None
@@ -239,9 +242,10 @@ def _pieces(programs: int, T: int) -> int:
 
 def default_config(q: jax.Array, v: jax.Array) -> PallasConfig:
     """By shape, dtype and device, from sweeps on an H100 and H200 (experiments/tune_pallas.py and
-    cost_split.py: bf16 K=V=128, chunk 64, 4 warps (dq with blocks of 64: 8), 3 stages; forward value blocks of 64; the backward's walks in blocks of 32 where
-    batch*head alone fills the GPU, else 64; then sequence pieces up to about one program per SM), each
-    kernel's tiling then shrunk until it fits the device's shared memory."""
+    cost_split.py: bf16 K=V=128, chunk 64, 4 warps (dq with blocks of 64: 8), 3 stages; forward value blocks
+    of 64; the backward's walks in blocks of 32 where batch*head alone fills the GPU, else 64; then sequence
+    pieces up to about one program per SM), each kernel's tiling then shrunk until it fits the device's
+    shared memory (float32: with tf32x3 products, else IEEE ones)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     dtype = jnp.dtype(q.dtype)
@@ -265,27 +269,29 @@ def default_config(q: jax.Array, v: jax.Array) -> PallasConfig:
     else:
         stages_forward = stages
     limit = shared_memory_per_block()
-    fit = functools.partial(_shrink, K=K, V=V, dtype=dtype, limit=limit)
     # Four warps a walk, as the walks run on finite inputs (no containment, fleetjax.nonfinite): faster than
     # eight in every walk at bf16 K=V=128 on the H200 (experiments/cost_split.py), except the dq walk with
     # value blocks of 64 for 16-bit inputs, whose two [V, 64] float32 states (the state and its crossing
     # counts) spill at four (1.65 vs 0.67 ms at B1 H8 T=32768).
     warps = dict(forward=4, dq=8 if not wide and backward_block >= 64 and max(K, V) <= 128 else 4, dv=4, dk=4)
-    forward = fit("forward", WalkConfig(block_v=forward_block, num_warps=warps["forward"],
-                                        num_stages=stages_forward), chunk_fixed=False)
-    walks = {}
-    for chunk_size in (64, 32, 16):  # the backward's walks share one chunk size
-        walks = {name: fit(name, WalkConfig(chunk_size=chunk_size, block_v=backward_block, num_warps=warps[name],
-                                            num_stages=stages), chunk_fixed=True) for name in ("dq", "dv", "dk")}
-        if all(walks.values()):
-            break
-    if piece_states is not None:
-        piece_states = fit("piece_states", piece_states, chunk_fixed=False)
-    if forward is None or not all(walks.values()):
-        raise ValueError(f"fleetjax: no tiling of implementation='pallas' fits this device for K={K}, V={V}, "
-                         f"{dtype.name} ({limit} bytes of shared memory per program)")
-    return PallasConfig(forward=forward, piece_states=piece_states, num_sequence_pieces=pieces,
-                        backward_num_sequence_pieces=backward_pieces, **walks)
+    # Float32 heads too wide for tf32x3's staging fall back to IEEE products (exact, slower).
+    for precision in ("tf32x3", "ieee") if wide else ("tf32x3",):
+        fit = functools.partial(_shrink, K=K, V=V, dtype=dtype, limit=limit, precision=precision)
+        forward = fit("forward", WalkConfig(block_v=forward_block, num_warps=warps["forward"],
+                                            num_stages=stages_forward), chunk_fixed=False)
+        walks = {}
+        for chunk_size in (64, 32, 16):  # the backward's walks share one chunk size
+            walks = {name: fit(name, WalkConfig(chunk_size=chunk_size, block_v=backward_block,
+                                                num_warps=warps[name], num_stages=stages), chunk_fixed=True)
+                     for name in ("dq", "dv", "dk")}
+            if all(walks.values()):
+                break
+        states = None if piece_states is None else fit("piece_states", piece_states, chunk_fixed=False)
+        if forward is not None and all(walks.values()) and (piece_states is None or states is not None):
+            return PallasConfig(forward=forward, piece_states=states, num_sequence_pieces=pieces,
+                                backward_num_sequence_pieces=backward_pieces, precision=precision, **walks)
+    raise ValueError(f"fleetjax: no tiling of implementation='pallas' fits this device for K={K}, V={V}, "
+                     f"{dtype.name} ({limit} bytes of shared memory per program)")
 
 
 # ---------------------------------------------------------------------------------------- the walks
@@ -327,8 +333,9 @@ def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, co
     def walks(contain: bool):
         local = reuse
         if chunking.pieces > 1 and local is None:
+            # Float32-accurate only where the final state is used: otherwise they feed 16-bit outputs alone.
             local = fwd.piece_states(k, v, decays.log_decay, run_ids, chunking, reverse=False, all_pieces=False,
-                                     contain=contain, gate=decays.gate_tiles(),
+                                     contain=contain, exact=exact_state, gate=decays.gate_tiles(),
                                      **config.piece_launch("forward", q.dtype))
         o, final = fwd.forward_walk(q, k, v, decays.log_decay, start, run_ids, chunking, scale=scale,
                                     exact_state=exact_state, contain=contain, local=local,

@@ -56,10 +56,11 @@ def forward_kernel(*, log_decay_ref, q_ref, k_ref, v_ref, o_ref, final_ref, star
 
 def piece_states_kernel(*, log_decay_ref, k_ref, v_ref, final_ref, counts_ref=None, run_ref=None, edge_ref=None,
                         gate_ref=None, chunking: Chunking, K: int, V: int, block_v: int, reverse: bool,
-                        piece_offset: int, contain: bool, precision):
-    """One (value block, batch*head, piece) program: the piece's state from a zero one, float32-accurate (it
-    enters the walks of the other pieces). Refs: k [T, K]; v [T, block_v]; run [T], edge [1]; final
-    [K, block_v]; counts [K, block_v]: the state's crossing counts (fleetjax.vjp), for the dq walk."""
+                        piece_offset: int, contain: bool, exact: bool, precision):
+    """One (value block, batch*head, piece) program: the piece's state from a zero one (``exact``:
+    float32-accurate with 16-bit inputs, for a final state or a gradient's sums it enters). Refs: k [T, K];
+    v [T, block_v]; run [T], edge [1]; final [K, block_v]; counts [K, block_v]: the state's crossing counts
+    (fleetjax.vjp), for the dq walk."""
     j, piece = program_id(0, log_decay_ref), program_id(2, log_decay_ref) + piece_offset
     log_decay = log_decay_ref[0]
     k_cols, v_cols = columns(k_ref, K), columns(v_ref, V, block_v, j)
@@ -71,7 +72,7 @@ def piece_states_kernel(*, log_decay_ref, k_ref, v_ref, final_ref, counts_ref=No
         v = cm.finite_values(load_rows(v_ref, ch, v_cols), contain)
         if counts is not None:
             counts = cm.count_crossings(counts, state, ch)
-        state = cm.update(state, k, v, ch, dtype=dtype, precision=precision, exact=True)
+        state = cm.update(state, k, v, ch, dtype=dtype, precision=precision, exact=exact)
         return state, counts
 
     zero = jnp.zeros(final_ref.shape, f32)
@@ -86,7 +87,7 @@ def piece_states_kernel(*, log_decay_ref, k_ref, v_ref, final_ref, counts_ref=No
 
 def piece_states(key, value, log_decay, run_ids, chunking: Chunking, *, reverse: bool, all_pieces: bool,
                  chunk_size: int, block_v: int, num_warps: int, num_stages: int, precision, contain: bool,
-                 counts: bool = False, gate=None):
+                 exact: bool = True, counts: bool = False, gate=None):
     """The local states [B, H, n, K, V] float32 of the pieces that have a successor in the walk (forward:
     0..P-2; reverse: 1..P-1), or of all P pieces with ``all_pieces``. Each
     piece is walked from a zero state with its keys ``key`` [B, T, H, K] and values ``value`` [B, T, H, V], in
@@ -103,7 +104,7 @@ def piece_states(key, value, log_decay, run_ids, chunking: Chunking, *, reverse:
     s = Specs(H, chunking, kp, bv, offset)
     edge = piece_edges(run_ids, chunking, reverse)[0] if run_ids is not None else None
     kernel = functools.partial(piece_states_kernel, chunking=chunking, K=K, V=V, block_v=bv, reverse=reverse,
-                               piece_offset=offset, contain=contain, precision=precision)
+                               piece_offset=offset, contain=contain, exact=exact, precision=precision)
     out = call(kernel, name="fleet_piece_states" + ("_reverse" if reverse else ""), grid=(nv, B * H, launched),
                inputs=dict(log_decay_ref=(log_decay, s.head()), k_ref=(key, s.keys()), v_ref=(value, s.values()),
                            run_ref=None if run_ids is None else (run_ids, s.runs()),
