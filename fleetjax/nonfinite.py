@@ -27,21 +27,6 @@ def _segment_starts(run_ids: jax.Array | None, B: int, T: int) -> jax.Array:
     return jax.lax.cummax(jnp.where(changed, t, 0), axis=1)
 
 
-def reached(bad: jax.Array, run_ids: jax.Array | None, *, reverse: bool = False, exclusive: bool = False
-            ) -> jax.Array:
-    """[B, T, H, D] bool: a bad entry (bad [B, T, H, D]) at a position s <= t of t's segment (reverse:
-    s >= t; ``exclusive``: s < t, or s > t)."""
-    if reverse:
-        flip = lambda x: None if x is None else jnp.flip(x, axis=1)  # noqa: E731
-        # Run ids decrease along the flipped row; only where they change matters.
-        return flip(reached(flip(bad), None if run_ids is None else -flip(run_ids), exclusive=exclusive))
-    B, T = bad.shape[:2]
-    count = jnp.cumsum(bad.astype(jnp.int32), axis=1) - (bad.astype(jnp.int32) if exclusive else 0)
-    start = _segment_starts(run_ids, B, T)
-    before = jnp.take_along_axis(jnp.pad(count, ((0, 0), (1, 0), (0, 0), (0, 0))), start[:, :, None, None], axis=1)
-    return count - before > 0
-
-
 def _segment_ends(run_ids: jax.Array | None, B: int, T: int) -> jax.Array:
     """[B, T]: the last position of each position's segment."""
     t = jnp.arange(T)
@@ -51,33 +36,63 @@ def _segment_ends(run_ids: jax.Array | None, B: int, T: int) -> jax.Array:
     return jax.lax.cummin(jnp.where(last, t, T), axis=1, reverse=True)
 
 
+def _segment_edges(run_ids: jax.Array | None, B: int, T: int, reverse: bool) -> jax.Array:
+    """[B, T]: where each position's segment begins in the walk's direction (reverse: its last position)."""
+    return (_segment_ends if reverse else _segment_starts)(run_ids, B, T)
+
+
+def _hits(bad: jax.Array, positions: jax.Array, edges: jax.Array, nearest: jax.Array, T: int, reverse: bool):
+    """(hit, nearest) over a stretch of positions [B, n, ...]: the nearest bad entry at or before each position
+    (reverse: at or after) in the walk's order, ``nearest`` [B, ...] being the one before the stretch (-1 or
+    T: none), and whether it lies in the position's segment (edges [B, n, 1, 1]). ``positions``: the
+    positions the bad entries stand for."""
+    if reverse:
+        near = jnp.minimum(jax.lax.cummin(jnp.where(bad, positions, T), axis=1, reverse=True), nearest[:, None])
+        return near <= edges, near[:, 0]
+    near = jnp.maximum(jax.lax.cummax(jnp.where(bad, positions, -1), axis=1), nearest[:, None])
+    return near >= edges, near[:, -1]
+
+
+def _none_yet(shape: tuple, T: int, reverse: bool) -> jax.Array:
+    return jnp.full(shape, T if reverse else -1, jnp.int32)
+
+
+def reached(bad: jax.Array, run_ids: jax.Array | None, *, reverse: bool = False, exclusive: bool = False
+            ) -> jax.Array:
+    """[B, T, H, D] bool: a bad entry (bad [B, T, H, D]) at a position s <= t of t's segment (reverse:
+    s >= t; ``exclusive``: s < t, or s > t). Whole arrays: for [B, T, H, 1] masks; :func:`mark_reached`
+    marks [B, T, H, D] outputs block by block."""
+    B, T = bad.shape[:2]
+    positions = jnp.arange(T)[None, :, None, None]
+    if exclusive:  # each bad entry is seen one position later in the walk, as itself
+        step = -1 if reverse else 1
+        bad = jnp.roll(bad, step, axis=1).at[:, -1 if reverse else 0].set(False)
+        positions = positions - step
+    edges = _segment_edges(run_ids, B, T, reverse)[:, :, None, None]
+    return _hits(bad, positions, edges, _none_yet((B,) + bad.shape[2:], T, reverse), T, reverse)[0]
+
+
 def mark_reached(x: jax.Array, source: jax.Array, run_ids: jax.Array | None, *, reverse: bool = False,
                  block: int = 256) -> jax.Array:
     """x [B, T, H, D] with NaN where ``reached(bad(source))`` (a non-finite source entry at s <= t of t's
     segment; reverse: s >= t), in blocks of ``block`` positions: what it holds beyond x is one block's worth,
     never a full-size array (the nearest non-finite position so far is carried from block to block)."""
     B, T = x.shape[:2]
-    edge = (_segment_ends if reverse else _segment_starts)(run_ids, B, T)
+    edge = _segment_edges(run_ids, B, T, reverse)
     full, tail = divmod(T, block)
 
-    def visit(s0, n, carry, x):
-        t = s0 + jnp.arange(n)[None, :, None, None]
+    def visit(s0, n, nearest, x):
         bad_here = bad(jax.lax.dynamic_slice_in_dim(source, s0, n, axis=1))
         edges = jax.lax.dynamic_slice_in_dim(edge, s0, n, axis=1)[:, :, None, None]
-        if reverse:  # the nearest non-finite position at or after t
-            near = jnp.minimum(jax.lax.cummin(jnp.where(bad_here, t, T), axis=1, reverse=True), carry[:, None])
-            hit, carry = near <= edges, near[:, 0]
-        else:  # at or before t
-            near = jnp.maximum(jax.lax.cummax(jnp.where(bad_here, t, -1), axis=1), carry[:, None])
-            hit, carry = near >= edges, near[:, -1]
+        hit, nearest = _hits(bad_here, s0 + jnp.arange(n)[None, :, None, None], edges, nearest, T, reverse)
         marked = jnp.where(hit, jnp.nan, jax.lax.dynamic_slice_in_dim(x, s0, n, axis=1)).astype(x.dtype)
-        return carry, jax.lax.dynamic_update_slice_in_dim(x, marked, s0, axis=1)
+        return nearest, jax.lax.dynamic_update_slice_in_dim(x, marked, s0, axis=1)
 
     def body(i, state):
         start = ((full - 1 - i) if reverse else i) * block
         return visit(start, block, *state)
 
-    state = (jnp.full((B,) + x.shape[2:], T if reverse else -1, jnp.int32), x)
+    state = (_none_yet((B,) + x.shape[2:], T, reverse), x)
     if reverse and tail:  # the walk starts at the end: the partial block first
         state = visit(full * block, tail, *state)
     if full:

@@ -129,6 +129,29 @@ def test_blockwise_marking_equals_the_whole_array_marking(T, segments, reverse):
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("exclusive", [False, True])
+def test_reached_is_the_definition(reverse, exclusive):
+    """nonfinite.reached against loops: a bad entry at s <= t (s < t exclusive; reverse: s >= t, s > t) of
+    t's segment, never one of a neighbouring segment (a bad last entry of a segment does not reach the next
+    segment's first position)."""
+    from fleetjax import nonfinite
+    rng = np.random.default_rng(3)
+    B, T = 2, 40
+    bad = rng.random((B, T, 2, 1)) < 0.1
+    runs = np.sort(rng.integers(0, 6, (B, T)), axis=1)
+    edge = int(np.nonzero(np.diff(runs[0]))[0][0])  # the last position of row 0's first segment
+    bad[0, edge + (1 if reverse else 0), 0, 0] = True
+    want = np.zeros_like(bad)
+    for b in range(B):
+        for t in range(T):
+            for s in range(T):
+                before = (s >= t if reverse else s <= t) and (s != t or not exclusive)
+                want[b, t] |= bad[b, s] & before & (runs[b, s] == runs[b, t])
+    got = nonfinite.reached(jnp.asarray(bad), jnp.asarray(runs, jnp.int32), reverse=reverse, exclusive=exclusive)
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
 def test_float32_tf32x3_footprint_counts_twice():
     """Float32 inputs with tf32x3 products take twice the modelled shared memory (XLA's Triton on the H200
     asked for up to twice Triton 3.6's offline allocation): a forward tiling that fits with "ieee" products
