@@ -214,7 +214,7 @@ def add_common_args(parser) -> None:
 
 def select_impls(impls: Sequence[Impl], names: str | None) -> list[Impl]:
     if names is None:
-        return list(impls)
+        return [impl for impl in impls if not impl.by_name_only]
     wanted = [n.strip() for n in names.split(",") if n.strip()]
     known = {impl.name for impl in impls}
     unknown = [n for n in wanted if n not in known]

@@ -176,6 +176,17 @@ def test_gated_smoke_benchmark(tmp_path):
     assert records["softmax.xla"]["skipped"] == "no per-token gate"
 
 
+def test_unguarded_fla_runs_only_when_named():
+    """The peer that lifts fla's Triton-version guard is in the backward's list but runs only when --impls
+    names it; the default selection keeps fla.chunk."""
+    from experiments.peers import backward_impls
+    from experiments.runner import select_impls
+    impls = backward_impls()
+    default = {impl.name for impl in select_impls(impls, None)}
+    assert "fla.chunk" in default and "fla.chunk_unguarded" not in default
+    assert [impl.name for impl in select_impls(impls, "fla.chunk_unguarded")] == ["fla.chunk_unguarded"]
+
+
 def test_tune_candidates_are_valid_configs():
     """Every built-in candidate of the sweep is a valid PallasConfig differing from the default."""
     import jax.numpy as jnp

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from experiments.peers.base import Bound, Impl
 from experiments.peers.ejkernel import EjkernelImpl
-from experiments.peers.fla import FlaChunkImpl, FlaRecurrentImpl
+from experiments.peers.fla import FlaChunkImpl, FlaChunkUnguardedImpl, FlaRecurrentImpl
 from experiments.peers.fleetjax import FleetjaxImpl
 from experiments.peers.leetdecoding import LeetImpl
 from experiments.peers.lightning import LightningImpl
@@ -40,10 +40,12 @@ def forward_impls(*, smoke: bool = False, skip_slow_autotune: bool = False) -> l
 
 
 def backward_impls(*, smoke: bool = False, skip_slow_autotune: bool = False) -> list[Impl]:
-    """The forward+backward benchmark's implementations, fla last."""
+    """The forward+backward benchmark's implementations, fla last (``fla.chunk_unguarded``: its gated backward
+    where its own Triton-version guard refuses it, selected by name only)."""
     return [FleetjaxImpl("pallas"), FleetjaxImpl("pallas_fleet"), FleetjaxImpl("xla"),
             SoftmaxImpl(None if smoke else "cudnn"), LightningImpl(), EjkernelImpl(),
-            FlaChunkImpl(max_head_dim=128 if skip_slow_autotune else None)]
+            FlaChunkImpl(max_head_dim=128 if skip_slow_autotune else None),
+            FlaChunkUnguardedImpl(max_head_dim=128 if skip_slow_autotune else None)]
 
 
 def availability() -> dict[str, str]:

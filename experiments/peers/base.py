@@ -41,6 +41,7 @@ class Impl:
     gated: bool = False  # it takes a per-token log gate [B, T, H] (runs the gated cases)
     gate_grad: bool = False  # whether its fwd_bwd returns a gradient for the log gate
     input_layout: str = "BTHD"
+    by_name_only: bool = False  # runs only when --impls names it
 
     def unavailable(self) -> str | None:
         """None if usable here, else why not (import failure, missing device)."""

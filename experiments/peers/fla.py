@@ -2,7 +2,11 @@
 g_gamma=log gamma [H] float32, scale=1.0)`` in [B, T, H, K]; they return (o, final_state), and the backward
 returns no g_gamma gradient. Gated cases: ``g=log_gate`` [B, T, H] float32 in place of g_gamma; chunk's
 backward returns dg, the log gate's gradient. Their first call per shape autotunes (minutes at head dims
-above 128)."""
+above 128).
+
+fla 0.6.0 refuses its gated chunk backward on Hopper with Triton >= 3.4 and < 3.7.1 (fla issue #640: that
+Triton miscompiles ``chunk_bwd_dqkwg`` there). ``fla.chunk_unguarded`` times the same kernels with that
+guard lifted, for the time alone: its relerr column says whether the gradients came out right."""
 
 from __future__ import annotations
 
@@ -79,3 +83,16 @@ class FlaRecurrentImpl(FlaChunkImpl):
     name = "fla.fused_recurrent"
     ops = ("fwd",)
     kernel = "fused_recurrent_simple_gla"
+
+
+class FlaChunkUnguardedImpl(FlaChunkImpl):
+    """fla.chunk with the Triton-version guard of its gated backward lifted (see the module docstring)."""
+    name = "fla.chunk_unguarded"
+    by_name_only = True
+
+    def _import(self):
+        ops, reason = _fla_ops()
+        if ops is not None:
+            chunk_o = importlib.import_module("fla.ops.common.chunk_o")
+            chunk_o.TRITON_ABOVE_3_7_1 = True  # the module-level flag its guard reads at each call
+        return ops, reason
