@@ -541,6 +541,64 @@ def test_references_are_public():
                            segment_ids=np.asarray(seg))
 
 
+# ------------------------------------------------------------------------------------ the scan's step factor
+
+# Factors near 1 (the long memories, where a factor's error compounds), far from it, a hard forget, and 1.
+STEP_LOG_FACTORS = np.float32([np.log(0.999), np.log(0.9999), -1e-6, -0.01, -0.3, -3.0, -40.0, 0.0])
+
+
+def test_step_factor_pair_is_exp_to_logs_rounding():
+    """hi + lo is exp(la) (float64, of the float32 la) to within log's rounding of a value near la (up to 2
+    ulp of la, at most 2^-22 |la| of the factor, plus float64-level terms): far below hi's own rounding
+    where the factor is near 1, below 1e-12 for |la| <= 1e-6. hi alone misses that bound. Jitted, as the
+    scan runs it: XLA rewrites an unguarded log(exp(la)) to la, which would make lo 0 and fail this."""
+    hi, lo = (np.asarray(a, np.float64) for a in jax.jit(fleetjax.reference.step_factor)(STEP_LOG_FACTORS))
+    exact = np.exp(STEP_LOG_FACTORS.astype(np.float64))
+    bound = 2.0 ** -22 * np.abs(STEP_LOG_FACTORS) + 1e-13
+    pair_err, hi_err = np.abs(hi + lo - exact) / exact, np.abs(hi - exact) / exact
+    assert np.all(pair_err <= bound), dict(zip(STEP_LOG_FACTORS.tolist(), pair_err.tolist()))
+    assert np.any(hi_err > bound), "hi alone meets the bound: the test cannot tell the pair from hi"
+
+
+def test_step_factor_of_log_gamma_is_gamma():
+    """For a constant decay near 1 the scan's factor, the pair's float32 sum, is gamma itself (as the
+    oracle's), so nothing compounds over the steps; hi alone need not be (it is not where exp is an ulp
+    off, as on an H200). la = log gamma in float32, as fleetjax.implementation.run forms it."""
+    gamma = np.float32([0.9, 0.99, 0.995, 0.999, 0.9999, 0.99999, 1.0])
+    hi, lo = jax.jit(lambda g: fleetjax.reference.step_factor(jnp.log(g)))(gamma)
+    np.testing.assert_array_equal(np.asarray(hi + lo), gamma)
+
+
+def test_step_through_an_underflowing_factor_is_finite():
+    """la = -200 (a hard forget on a small decay): exp underflows to 0 in float32. hi + lo is 0 there (as
+    at -100 and -120), and recurrent_step's value and gradients, in la too, are finite: the new state is
+    the outer product alone. The other head's d la is (hi + lo) times the state's cotangent paired with
+    the state."""
+    for la in (-100.0, -120.0, -200.0):
+        hi, lo = jax.jit(fleetjax.reference.step_factor)(jnp.float32(la))
+        assert float(lo) == 0.0 and 0.0 <= float(hi) < np.finfo(np.float32).tiny, (la, hi, lo)
+    q, k, v, _, s0 = _small_inputs(T=1)
+    q, k, v = q[:, 0], k[:, 0], v[:, 0]
+    la = jnp.float32([-200.0, np.log(0.9)])
+    rng = np.random.default_rng(3)
+    normal = lambda shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    do, ds = normal(v.shape), normal(s0.shape)
+
+    def loss(la, q, k, v, s0):
+        o, state = fleetjax.reference.recurrent_step(q, k, v, la, s0, 0.5)
+        return jnp.sum(o * do) + jnp.sum(state * ds), state
+
+    (value, state), grads = jax.jit(jax.value_and_grad(loss, argnums=range(5), has_aux=True))(la, q, k, v, s0)
+    assert all(bool(jnp.all(jnp.isfinite(a))) for a in (value, state, *grads)), "NaN or inf"
+    outer = np.einsum("bk,bv->bkv", np.float64(k[:, 0]), np.float64(v[:, 0]))
+    np.testing.assert_allclose(np.asarray(state[:, 0]), outer, rtol=1e-6, atol=1e-6)
+    dla = np.asarray(grads[0])
+    assert dla[0] == 0.0
+    # d state_new = ds + 0.5 q do^T; d la = (hi + lo) sum(s0 * d state_new), with hi + lo = 0.9.
+    d_state = np.float64(ds) + 0.5 * np.einsum("bhk,bhv->bhkv", np.float64(q), np.float64(do))
+    np.testing.assert_allclose(dla[1], 0.9 * np.sum(np.float64(s0[:, 1]) * d_state[:, 1]), rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------------- non-finite values
 
 def _poisoned_case(where: str):
