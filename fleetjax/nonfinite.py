@@ -127,14 +127,20 @@ def mark_forward(o: jax.Array, final: jax.Array, v: jax.Array, run_ids: jax.Arra
 
 
 def all_finite(*xs: jax.Array | None) -> jax.Array:
-    """True if no entry of the arrays (None: left out) is NaN or inf."""
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs if x is not None]))
+    """True if no entry of the arrays (None: left out; none at all: True) is NaN or inf."""
+    checks = [jnp.all(jnp.isfinite(x)) for x in xs if x is not None]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
 
 
-def contained_if_needed(inputs: tuple, walks: Callable[[bool], Any]) -> Any:
+def contained_if_needed(inputs: tuple, walks: Callable[[bool], Any], *, finite: jax.Array | None = None) -> Any:
     """``walks(contain=False)`` if every array of ``inputs`` is finite, else ``walks(contain=True)`` (the
-    kernels with containment and the marking after them). One branch runs; both are compiled."""
-    return jax.lax.cond(all_finite(*inputs), lambda: walks(False), lambda: walks(True))
+    kernels with containment and the marking after them). One branch runs; both are compiled. ``finite``:
+    the verdict of :func:`all_finite` on other inputs of the walks, taken before (the backward reuses the
+    forward's on k and v: each check reads its arrays once from memory, as long as a walk kernel's share)."""
+    verdict = all_finite(*inputs)
+    if finite is not None:
+        verdict = verdict & finite
+    return jax.lax.cond(verdict, lambda: walks(False), lambda: walks(True))
 
 
 def bad(x: jax.Array) -> jax.Array:

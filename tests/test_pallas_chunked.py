@@ -104,10 +104,38 @@ def test_plain_walks_equal_the_contained_ones_on_finite_inputs(monkeypatch, piec
     config = PallasConfig(**SMALL, num_sequence_pieces=pieces, backward_num_sequence_pieces=pieces)
     results = {}
     for contain in (False, True):
-        monkeypatch.setattr(nonfinite, "contained_if_needed", lambda inputs, walks, c=contain: walks(c))
+        monkeypatch.setattr(nonfinite, "contained_if_needed", lambda inputs, walks, c=contain, **_: walks(c))
         results[contain] = _all("pallas", config, *x)
     for name, a, b in zip(("o", "final", "dq", "dk", "dv", "ddecay", "dinitial"), results[False], results[True]):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * float(jnp.abs(b).max()), err_msg=name)
+
+
+def _finiteness_checks(jaxpr) -> int:
+    """is_finite equations outside lax.cond branches (the contained branches' marking has its own)."""
+    from jax.extend import core as jcore
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += eqn.primitive.name == "is_finite"
+        if eqn.primitive.name == "cond":
+            continue
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                if isinstance(sub, (jcore.ClosedJaxpr, jcore.Jaxpr)):
+                    count += _finiteness_checks(getattr(sub, "jaxpr", sub))
+    return count
+
+
+@pytest.mark.parametrize("implementation", ["pallas", "pallas_fleet"])
+def test_backward_reuses_the_forward_check_of_k_and_v(implementation):
+    """Which walks run is decided by checking the inputs (each check reads its array once): the forward checks
+    k and v, and the backward adds q and dO to the forward's verdict instead of reading k and v again."""
+    q = jnp.ones((1, 16, 2, 8), jnp.float32)
+
+    def loss(q, k, v):
+        return jnp.sum(fleetjax.fleet_attention(q, k, v, jnp.asarray([0.9, 0.5]), implementation=implementation))
+
+    assert _finiteness_checks(jax.make_jaxpr(loss)(q, q, q).jaxpr) == 2
+    assert _finiteness_checks(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, q, q).jaxpr) == 4
 
 
 @pytest.mark.parametrize("T, segments, reverse", [(7, False, False), (300, True, False), (300, True, True),

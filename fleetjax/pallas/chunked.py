@@ -325,8 +325,9 @@ def local_state(k, v, decays: Decays, run_ids, *, config: PallasConfig):
 
 
 def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, config: PallasConfig,
-             exact_state: bool):
-    """(o, the state after the walk), NaN where a non-finite value reaches (fleetjax.nonfinite)."""
+             exact_state: bool, kv_finite: jax.Array | None = None):
+    """(o, the state after the walk), NaN where a non-finite value reaches (fleetjax.nonfinite). kv_finite:
+    ``nonfinite.all_finite(k, v)`` if the caller has it (else taken here)."""
     B = q.shape[0]
     chunking = config.chunking(q.shape[1], False)
 
@@ -343,7 +344,7 @@ def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, co
         return nonfinite.mark_forward(o, final, v, run_ids) if contain else (o, final)
 
     # q needs no containment: a non-finite query reaches its own output row alone.
-    return nonfinite.contained_if_needed((k, v), walks)
+    return nonfinite.contained_if_needed((k, v) if kv_finite is None else (), walks, finite=kv_finite)
 
 
 def block_forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, config: PallasConfig):
@@ -372,10 +373,11 @@ def local_reverse_state(q, do, decays: Decays, run_ids, *, scale: float, config:
 
 
 def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, reuse, *, scale: float,
-                   config: PallasConfig):
+                   config: PallasConfig, kv_finite: jax.Array | None = None):
     """The three walks of fleetjax.pallas.backward, for a block entered with the state ``start`` whose final
     state has the cotangent ``exit_cotangent`` [B, H, K, V] (None: unused). ``reuse``: from
-    :func:`local_reverse_state`, or None (computed here).
+    :func:`local_reverse_state`, or None (computed here). ``kv_finite``: the forward's
+    ``nonfinite.all_finite(k, v)``, or None (taken here).
 
     Returns (dq, dk, dv in the inputs' dtype, d log_decay [H] and d log_gate [B, T, H] (None for the
     constant decay) of every term but the one through the carry of ``start`` into the final state, d start
@@ -413,7 +415,8 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
         grads = (dq, dk, dv, d_log_decay, d_gate, d_start)
         return _mark_gradients(*grads, q, k, v, do, run_ids=run_ids) if contain else grads
 
-    dq, dk, dv, d_log_decay, d_gate, d_start = nonfinite.contained_if_needed((q, k, v, do), walks)
+    dq, dk, dv, d_log_decay, d_gate, d_start = nonfinite.contained_if_needed(
+        (q, do) if kv_finite is not None else (q, k, v, do), walks, finite=kv_finite)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_log_decay, d_gate, d_start
 
 
@@ -450,22 +453,26 @@ def _pallas_fwd(q, k, v, log_decay, log_gate, initial_state, run_ids, scale, con
     *floats, run_ids = jax.custom_derivatives.custom_vjp_primal_tree_values(
         (q, k, v, log_decay, log_gate, initial_state, run_ids))
     # A second derivative would differentiate this forward's kernels too: refuse it there as well.
-    primals = tuple(None if x is None else vjp.first_order_only(x) for x in floats) + (run_ids,)
-    return _pallas(*primals, scale, config, exact_state), primals
+    q, k, v, log_decay, log_gate, initial_state = (None if x is None else vjp.first_order_only(x) for x in floats)
+    kv_finite = nonfinite.all_finite(k, v)
+    out = _forward(q, k, v, Decays(log_decay, log_gate), initial_state, run_ids, None, scale=scale, config=config,
+                   exact_state=exact_state, kv_finite=kv_finite)
+    return out, (q, k, v, log_decay, log_gate, initial_state, run_ids, kv_finite)
 
 
 def pallas_backward(scale: float, config: PallasConfig, residuals, cotangents):
     """The VJP shared by both Pallas implementations: residuals (q, k, v, log_decay, log_gate, initial_state,
-    run_ids), cotangents (dO, d final_state), either possibly a symbolic zero. Returns (dq, dk, dv,
-    d log_decay, d log_gate, d initial_state, None): :func:`block_backward` with the final state's cotangent
-    as the exit's, plus the terms of the carry of the initial state into the final state."""
-    q, k, v, log_decay, log_gate, initial_state, run_ids = residuals
+    run_ids, ``nonfinite.all_finite(k, v)``), cotangents (dO, d final_state), either possibly a symbolic zero.
+    Returns (dq, dk, dv, d log_decay, d log_gate, d initial_state, None): :func:`block_backward` with the final
+    state's cotangent as the exit's, plus the terms of the carry of the initial state into the final state."""
+    q, k, v, log_decay, log_gate, initial_state, run_ids, kv_finite = residuals
     decays = Decays(log_decay, log_gate)
     do, d_final = cotangents
     do = jnp.zeros(v.shape, q.dtype) if vjp.is_zero(do) else do
     d_final = None if vjp.is_zero(d_final) else d_final
     dq, dk, dv, d_log_decay, d_gate, d_initial = block_backward(q, k, v, decays, initial_state, run_ids, do,
-                                                                d_final, None, scale=scale, config=config)
+                                                                d_final, None, scale=scale, config=config,
+                                                                kv_finite=kv_finite)
     if d_final is not None:
         carry = vjp.whole_row_carry(decays, run_ids, q.shape[0], q.shape[1])
         d_initial = d_initial + carry[..., None, None] * d_final
