@@ -135,8 +135,8 @@ def all_finite(*xs: jax.Array | None) -> jax.Array:
 def contained_if_needed(inputs: tuple, walks: Callable[[bool], Any], *, finite: jax.Array | None = None) -> Any:
     """``walks(contain=False)`` if every array of ``inputs`` is finite, else ``walks(contain=True)`` (the
     kernels with containment and the marking after them). One branch runs; both are compiled. ``finite``:
-    the verdict of :func:`all_finite` on other inputs of the walks, taken before (the backward reuses the
-    forward's on k and v: each check reads its arrays once from memory, as long as a walk kernel's share)."""
+    the verdict of :func:`all_finite` on other inputs of the walks, taken before: the backward reuses the
+    forward's on k and v, since each check is one more pass over its arrays in memory."""
     verdict = all_finite(*inputs)
     if finite is not None:
         verdict = verdict & finite
