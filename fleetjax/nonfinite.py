@@ -2,8 +2,10 @@
 
 A product over positions multiplies every value by its weight, masked pairs included (0 * inf = NaN), so
 containment costs a walk registers and instructions in every chunk. implementation="pallas" therefore runs
-its kernels in one of two forms (:func:`contained_if_needed`): without containment when every input of the
-walks is finite (a reduction over the inputs decides), else with it: the kernels take the value operand of
+its kernels in one of two forms: without containment when every input of the walks is finite, else with
+it. The plain walks run first, and one of their outputs that every non-finite input reaches decides
+(:func:`contained_if_reached`); the sequence-parallel steps' local states check their inputs instead
+(:func:`contained_if_needed`). With containment the kernels take the value operand of
 their products (v; in the backward k, dO and q) with its non-finite entries set to 0 and keep masked pairs
 exactly 0 (fleetjax.chunk), and the outputs that depend on a non-finite entry are set to NaN here: output
 column c at position t depends on the value entries [s, c] of the same segment with s <= t (forward in time)
@@ -127,20 +129,27 @@ def mark_forward(o: jax.Array, final: jax.Array, v: jax.Array, run_ids: jax.Arra
 
 
 def all_finite(*xs: jax.Array | None) -> jax.Array:
-    """True if no entry of the arrays (None: left out; none at all: True) is NaN or inf."""
-    checks = [jnp.all(jnp.isfinite(x)) for x in xs if x is not None]
-    return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
+    """True if no entry of the arrays (None: left out) is NaN or inf."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs if x is not None]))
 
 
-def contained_if_needed(inputs: tuple, walks: Callable[[bool], Any], *, finite: jax.Array | None = None) -> Any:
+def contained_if_needed(inputs: tuple, walks: Callable[[bool], Any]) -> Any:
     """``walks(contain=False)`` if every array of ``inputs`` is finite, else ``walks(contain=True)`` (the
-    kernels with containment and the marking after them). One branch runs; both are compiled. ``finite``:
-    the verdict of :func:`all_finite` on other inputs of the walks, taken before: the backward reuses the
-    forward's on k and v, since each check is one more pass over its arrays in memory."""
-    verdict = all_finite(*inputs)
-    if finite is not None:
-        verdict = verdict & finite
-    return jax.lax.cond(verdict, lambda: walks(False), lambda: walks(True))
+    kernels with containment and the marking after them). One branch runs; both are compiled."""
+    return jax.lax.cond(all_finite(*inputs), lambda: walks(False), lambda: walks(True))
+
+
+def contained_if_reached(walks: Callable[[bool], tuple[Any, jax.Array]]) -> Any:
+    """The plain walks' result, unless a NaN or inf reached their ``witness``: then the contained walks'.
+
+    ``walks(contain)`` returns (result, witness). The witness must be non-finite whenever any input of the
+    walks is: an output that every input entry reaches through its own position's product (the diagonal of
+    the chunk's pairs, whose decay weight is exp(0) = 1 and which no mask removes), where 0 * inf is NaN, not
+    0. Then a finite witness says every input was finite, and the plain walks' result is the contained
+    one's. Unlike :func:`contained_if_needed` this reads the witness instead of the inputs; the plain walks
+    run in both cases (wasted when an input is non-finite)."""
+    plain, witness = walks(False)
+    return jax.lax.cond(all_finite(witness), lambda: plain, lambda: walks(True)[0])
 
 
 def bad(x: jax.Array) -> jax.Array:

@@ -12,6 +12,7 @@ import pytest
 
 import fleetjax
 from fleetjax.pallas.chunked import PallasConfig, WalkConfig
+from fleetjax.pallas.fleet import FleetConfig
 
 TILE = WalkConfig(chunk_size=16, block_v=16)
 SMALL = dict(forward=TILE, dq=TILE, dv=TILE, dk=TILE)
@@ -104,38 +105,100 @@ def test_plain_walks_equal_the_contained_ones_on_finite_inputs(monkeypatch, piec
     config = PallasConfig(**SMALL, num_sequence_pieces=pieces, backward_num_sequence_pieces=pieces)
     results = {}
     for contain in (False, True):
-        monkeypatch.setattr(nonfinite, "contained_if_needed", lambda inputs, walks, c=contain, **_: walks(c))
+        monkeypatch.setattr(nonfinite, "contained_if_reached", lambda walks, c=contain: walks(c)[0])
         results[contain] = _all("pallas", config, *x)
     for name, a, b in zip(("o", "final", "dq", "dk", "dv", "ddecay", "dinitial"), results[False], results[True]):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * float(jnp.abs(b).max()), err_msg=name)
 
 
-def _finiteness_checks(jaxpr) -> int:
-    """is_finite equations outside lax.cond branches (the contained branches' marking has its own)."""
+def _finiteness_checks(jaxpr) -> list[tuple[int, ...]]:
+    """The shapes that is_finite reads outside lax.cond branches (the contained branches' marking has its
+    own)."""
     from jax.extend import core as jcore
-    count = 0
+    shapes = []
     for eqn in jaxpr.eqns:
-        count += eqn.primitive.name == "is_finite"
+        if eqn.primitive.name == "is_finite":
+            shapes.append(tuple(eqn.invars[0].aval.shape))
         if eqn.primitive.name == "cond":
             continue
         for param in eqn.params.values():
             for sub in param if isinstance(param, (list, tuple)) else [param]:
                 if isinstance(sub, (jcore.ClosedJaxpr, jcore.Jaxpr)):
-                    count += _finiteness_checks(getattr(sub, "jaxpr", sub))
-    return count
+                    shapes += _finiteness_checks(getattr(sub, "jaxpr", sub))
+    return shapes
 
 
 @pytest.mark.parametrize("implementation", ["pallas", "pallas_fleet"])
-def test_backward_reuses_the_forward_check_of_k_and_v(implementation):
-    """Which walks run is decided by checking the inputs (each check reads its array once): the forward checks
-    k and v, and the backward adds q and dO to the forward's verdict instead of reading k and v again."""
-    q = jnp.ones((1, 16, 2, 8), jnp.float32)
+def test_walks_check_their_witness_not_their_inputs(implementation):
+    """Which walks count is decided after the plain walks, from one of their outputs (fleetjax.nonfinite
+    .contained_if_reached): the forward reads o [B, T, H, V], the backward the dq walk's intra [B, H, T],
+    and neither reads its inputs again."""
+    B, T, H, K = 1, 16, 2, 8
+    q = jnp.ones((B, T, H, K), jnp.float32)
 
     def loss(q, k, v):
         return jnp.sum(fleetjax.fleet_attention(q, k, v, jnp.asarray([0.9, 0.5]), implementation=implementation))
 
-    assert _finiteness_checks(jax.make_jaxpr(loss)(q, q, q).jaxpr) == 2
-    assert _finiteness_checks(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, q, q).jaxpr) == 4
+    assert _finiteness_checks(jax.make_jaxpr(loss)(q, q, q).jaxpr) == [(B, T, H, K)]
+    grad = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, q, q).jaxpr
+    assert sorted(_finiteness_checks(grad)) == sorted([(B, T, H, K), (B, H, T)])
+
+
+WITNESS_CASES = [("q", 0), ("k", 0), ("v", 0), ("do", 0), ("q", 69), ("k", 69), ("v", 69), ("do", 69),
+                 ("k", 16), ("v", 15), ("q", 33), ("do", 47)]
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("implementation, config", [
+    ("pallas", PallasConfig(**SMALL)), ("pallas", PallasConfig(**SMALL, num_sequence_pieces=3,
+                                                               backward_num_sequence_pieces=3)),
+    ("pallas_fleet", FleetConfig(block_k=16, block_v=16, tokens_per_step=16)),
+    ("pallas_fleet", FleetConfig(tokens_per_step=1, num_sequence_pieces=2))],
+    ids=["pallas", "pallas-pieces", "fleet-tiles", "fleet-tokens"])
+def test_a_nonfinite_input_always_reaches_the_witness(monkeypatch, request, implementation, config, value):
+    """The plain walks' witness is non-finite for one bad entry of any input at any position (the first,
+    the last, at and next to chunk edges, a segment's first position): else the op would return the plain
+    walks' result, where a NaN crosses segments. Zeros around the bad entry (0 * inf) must not hide it."""
+    from fleetjax import nonfinite
+    seen = []
+
+    def plain_only(walks):
+        result, witness = walks(False)
+        # Under jit (pallas_fleet's forward) the witness is traced: record its finiteness when it runs.
+        jax.debug.callback(lambda w: seen.append(bool(np.all(np.isfinite(w)))), witness)
+        return result
+
+    monkeypatch.setattr(nonfinite, "contained_if_reached", plain_only)
+    # pallas_fleet's jitted forward must trace this test's plain_only, and later tests must not find it cached.
+    jax.clear_caches()
+    request.addfinalizer(jax.clear_caches)
+    q, k, v, decay, s0, seg, wo, _ = _inputs(B=1, T=70, K=20, V=40)
+    for name, t in WITNESS_CASES:
+        x = dict(q=q.copy(), k=k.copy(), v=v.copy(), do=wo.copy())
+        x[name][0, t, 1, 3] = value
+        if name != "q":  # the query at the bad entry's position zero: its products are 0 * inf there
+            x["q"][0, t, 1, :] = 0.0
+        seen.clear()
+
+        def loss(q, k, v):
+            o = fleetjax.fleet_attention(q, k, v, decay, segment_ids=seg[:1], scale=0.7,
+                                         implementation=implementation, config=config)
+            return jnp.sum(o * x["do"])
+        if name == "do":
+            jax.block_until_ready(jax.grad(loss, argnums=(0, 1, 2))(x["q"], x["k"], x["v"]))
+            jax.effects_barrier()
+            witnesses = seen[-1:]  # the backward's (the forward's inputs are finite)
+        else:
+            jax.block_until_ready(fleetjax.fleet_attention(x["q"], x["k"], x["v"], decay, segment_ids=seg[:1],
+                                                           scale=0.7, implementation=implementation,
+                                                           config=config))
+            jax.effects_barrier()
+            witnesses = seen[-1:]
+            if implementation == "pallas":  # pallas_fleet's backward is pallas's
+                jax.block_until_ready(jax.grad(loss, argnums=(0, 1, 2))(x["q"], x["k"], x["v"]))
+                jax.effects_barrier()
+                witnesses = seen[-2:]
+        assert witnesses and not any(witnesses), (name, t)
 
 
 @pytest.mark.parametrize("T, segments, reverse", [(7, False, False), (300, True, False), (300, True, True),

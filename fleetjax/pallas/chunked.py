@@ -325,9 +325,8 @@ def local_state(k, v, decays: Decays, run_ids, *, config: PallasConfig):
 
 
 def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, config: PallasConfig,
-             exact_state: bool, kv_finite: jax.Array | None = None):
-    """(o, the state after the walk), NaN where a non-finite value reaches (fleetjax.nonfinite). kv_finite:
-    ``nonfinite.all_finite(k, v)`` if the caller has it (else taken here)."""
+             exact_state: bool):
+    """(o, the state after the walk), NaN where a non-finite value reaches (fleetjax.nonfinite)."""
     B = q.shape[0]
     chunking = config.chunking(q.shape[1], False)
 
@@ -341,10 +340,10 @@ def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, co
         o, final = fwd.forward_walk(q, k, v, decays.log_decay, start, run_ids, chunking, scale=scale,
                                     exact_state=exact_state, contain=contain, local=local,
                                     **_gated(decays, chunking, B), **config.launch("forward", q.dtype))
-        return nonfinite.mark_forward(o, final, v, run_ids) if contain else (o, final)
+        # o_t is the witness: q_t, k_t and v_t all reach it through its own pair (t, t).
+        return (nonfinite.mark_forward(o, final, v, run_ids) if contain else (o, final)), o
 
-    # q needs no containment: a non-finite query reaches its own output row alone.
-    return nonfinite.contained_if_needed((k, v) if kv_finite is None else (), walks, finite=kv_finite)
+    return nonfinite.contained_if_reached(walks)
 
 
 def block_forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, config: PallasConfig):
@@ -373,11 +372,10 @@ def local_reverse_state(q, do, decays: Decays, run_ids, *, scale: float, config:
 
 
 def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, reuse, *, scale: float,
-                   config: PallasConfig, kv_finite: jax.Array | None = None):
+                   config: PallasConfig):
     """The three walks of fleetjax.pallas.backward, for a block entered with the state ``start`` whose final
     state has the cotangent ``exit_cotangent`` [B, H, K, V] (None: unused). ``reuse``: from
-    :func:`local_reverse_state`, or None (computed here). ``kv_finite``: the forward's
-    ``nonfinite.all_finite(k, v)``, or None (taken here).
+    :func:`local_reverse_state`, or None (computed here).
 
     Returns (dq, dk, dv in the inputs' dtype, d log_decay [H] and d log_gate [B, T, H] (None for the
     constant decay) of every term but the one through the carry of ``start`` into the final state, d start
@@ -413,10 +411,11 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
             d_log_decay = d_log_decay + vjp.exit_log_decay_grad(x)
         d_gate = vjp.log_gate_grad(w, u, spanned, x, chunking.chunk_size) if decays.gated else None
         grads = (dq, dk, dv, d_log_decay, d_gate, d_start)
-        return _mark_gradients(*grads, q, k, v, do, run_ids=run_ids) if contain else grads
+        # intra_t is the witness: scale sum_s (t - s) (q_t . k_s)(dO_t . v_s) over the chunk holds the pair
+        # (t, t), lag 0 times a non-finite product being NaN, for q_t, k_t, v_t and dO_t alike.
+        return (_mark_gradients(*grads, q, k, v, do, run_ids=run_ids) if contain else grads), intra
 
-    dq, dk, dv, d_log_decay, d_gate, d_start = nonfinite.contained_if_needed(
-        (q, do) if kv_finite is not None else (q, k, v, do), walks, finite=kv_finite)
+    dq, dk, dv, d_log_decay, d_gate, d_start = nonfinite.contained_if_reached(walks)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_log_decay, d_gate, d_start
 
 
@@ -453,26 +452,22 @@ def _pallas_fwd(q, k, v, log_decay, log_gate, initial_state, run_ids, scale, con
     *floats, run_ids = jax.custom_derivatives.custom_vjp_primal_tree_values(
         (q, k, v, log_decay, log_gate, initial_state, run_ids))
     # A second derivative would differentiate this forward's kernels too: refuse it there as well.
-    q, k, v, log_decay, log_gate, initial_state = (None if x is None else vjp.first_order_only(x) for x in floats)
-    kv_finite = nonfinite.all_finite(k, v)
-    out = _forward(q, k, v, Decays(log_decay, log_gate), initial_state, run_ids, None, scale=scale, config=config,
-                   exact_state=exact_state, kv_finite=kv_finite)
-    return out, (q, k, v, log_decay, log_gate, initial_state, run_ids, kv_finite)
+    primals = tuple(None if x is None else vjp.first_order_only(x) for x in floats) + (run_ids,)
+    return _pallas(*primals, scale, config, exact_state), primals
 
 
 def pallas_backward(scale: float, config: PallasConfig, residuals, cotangents):
     """The VJP shared by both Pallas implementations: residuals (q, k, v, log_decay, log_gate, initial_state,
-    run_ids, ``nonfinite.all_finite(k, v)``), cotangents (dO, d final_state), either possibly a symbolic zero.
-    Returns (dq, dk, dv, d log_decay, d log_gate, d initial_state, None): :func:`block_backward` with the final
-    state's cotangent as the exit's, plus the terms of the carry of the initial state into the final state."""
-    q, k, v, log_decay, log_gate, initial_state, run_ids, kv_finite = residuals
+    run_ids), cotangents (dO, d final_state), either possibly a symbolic zero. Returns (dq, dk, dv,
+    d log_decay, d log_gate, d initial_state, None): :func:`block_backward` with the final state's cotangent
+    as the exit's, plus the terms of the carry of the initial state into the final state."""
+    q, k, v, log_decay, log_gate, initial_state, run_ids = residuals
     decays = Decays(log_decay, log_gate)
     do, d_final = cotangents
     do = jnp.zeros(v.shape, q.dtype) if vjp.is_zero(do) else do
     d_final = None if vjp.is_zero(d_final) else d_final
     dq, dk, dv, d_log_decay, d_gate, d_initial = block_backward(q, k, v, decays, initial_state, run_ids, do,
-                                                                d_final, None, scale=scale, config=config,
-                                                                kv_finite=kv_finite)
+                                                                d_final, None, scale=scale, config=config)
     if d_final is not None:
         carry = vjp.whole_row_carry(decays, run_ids, q.shape[0], q.shape[1])
         d_initial = d_initial + carry[..., None, None] * d_final

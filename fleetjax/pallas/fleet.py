@@ -351,9 +351,8 @@ def _join_pieces(q, o, local_final, decays: Decays, run_ids, scale: float, chunk
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "config", "exact_state"))
-def _forward(q, k, v, log_decay, log_gate, initial_state, run_ids, kv_finite=None, *, scale: float,
-             config: FleetConfig, exact_state: bool):
-    """(o, final state); kv_finite: ``nonfinite.all_finite(k, v)`` if the caller has it (else taken here)."""
+def _forward(q, k, v, log_decay, log_gate, initial_state, run_ids, *, scale: float, config: FleetConfig,
+             exact_state: bool):
     q, k, v = chunked.canonical_dtype(q, k, v)
     decays = Decays(log_decay.astype(f32), log_gate)
     blocks = _blocks(config, q.shape[1], q.shape[3], v.shape[3], q.dtype)
@@ -369,9 +368,10 @@ def _forward(q, k, v, log_decay, log_gate, initial_state, run_ids, kv_finite=Non
             o, final = _join_pieces(q, o, local_final, decays, run_ids, scale, blocks.chunking)
         else:
             o, final = o, local_final[0]
-        return nonfinite.mark_forward(o, final, v, run_ids) if contain else (o, final)
+        # o_t is the witness: q_t, k_t and v_t all reach it through its own pair (t, t).
+        return (nonfinite.mark_forward(o, final, v, run_ids) if contain else (o, final)), o
 
-    return nonfinite.contained_if_needed((k, v) if kv_finite is None else (), walks, finite=kv_finite)
+    return nonfinite.contained_if_reached(walks)
 
 
 # ---------------------------------------------------------------------------------------------- custom VJP
@@ -389,10 +389,9 @@ def _pallas_fleet_fwd(q, k, v, log_decay, log_gate, initial_state, run_ids, scal
         (q, k, v, log_decay, log_gate, initial_state, run_ids))
     # A second derivative would differentiate this forward's kernel: refuse it with a clear message.
     q, k, v, log_decay, log_gate, initial_state = (None if x is None else vjp.first_order_only(x) for x in floats)
-    kv_finite = nonfinite.all_finite(k, v)  # the backward's check reuses it (chunked.pallas_backward)
-    o, final_state = _forward(q, k, v, log_decay, log_gate, initial_state, run_ids, kv_finite, scale=scale,
-                              config=config, exact_state=exact_state)
-    return (o, final_state), (q, k, v, log_decay, log_gate, initial_state, run_ids, kv_finite)
+    o, final_state = _forward(q, k, v, log_decay, log_gate, initial_state, run_ids, scale=scale, config=config,
+                              exact_state=exact_state)
+    return (o, final_state), (q, k, v, log_decay, log_gate, initial_state, run_ids)
 
 
 def _pallas_fleet_bwd(scale, config, exact_state, residuals, cotangents):
