@@ -3,7 +3,7 @@ K = V = 128): the op (forward, forward+backward) with XLA's temp allocation, the
 between contained and plain kernels (fleetjax.nonfinite.contained_if_needed: the plain kernels called
 directly), and each walk kernel alone, plain and with containment, at the default warps and others.
 
-    PYTHONPATH=. python -m experiments.cost_split [--out DIR] [--smoke] [--op-only] [--warps 4,8]
+    PYTHONPATH=. python -m experiments.cost_split [--out DIR] [--smoke] [--op-only] [--gated] [--warps 4,8]
 
 ``--op-only`` times the public op alone (it runs against an older checkout too, for a before/after in one
 device call: ``PYTHONPATH=old_tree:. python -m experiments.cost_split --op-only --label old``). Writes
@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--op-only", action="store_true", help="the public op alone (any checkout)")
     parser.add_argument("--label", default="", help="suffix of the results file")
     parser.add_argument("--warps", default="", help="kernel ablations also at these num_warps, e.g. 4,8")
+    parser.add_argument("--gated", action="store_true",
+                        help="the op with a per-token log gate (logsigmoid(N(0, 1)) / 16), no per-head decay")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     records = []
@@ -62,18 +64,21 @@ def main(argv: list[str] | None = None) -> int:
         sets = [tuple(jnp.asarray(rng.standard_normal((B, T, H, d)) / 8, jnp.bfloat16) for d in (K, K, V, V))
                 for _ in range(2)]
         log_decay = jnp.asarray(retnet_log_decay(H))
-        shape = dict(B=B, T=T, H=H, K=K, V=V)
+        shape = dict(B=B, T=T, H=H, K=K, V=V) | (dict(gated=True) if args.gated else {})
+        log_gate = (jax.nn.log_sigmoid(jnp.asarray(rng.standard_normal((B, T, H)), jnp.float32)) / 16
+                    if args.gated else None)
+        decay = None if args.gated else jnp.exp(log_decay)
 
         def ops():
-            attend = lambda q, k, v: fleetjax.fleet_attention(q, k, v, jnp.exp(log_decay), scale=K ** -0.5,  # noqa: E731
-                                                              implementation="pallas")
+            attend = lambda q, k, v: fleetjax.fleet_attention(q, k, v, decay, scale=K ** -0.5,  # noqa: E731
+                                                              log_gate=log_gate, implementation="pallas")
             return {"fwd": lambda q, k, v, do: attend(q, k, v),
                     "fwd_bwd": lambda q, k, v, do: jax.vjp(attend, q, k, v)[1](do)}
 
         for op, fn in ops().items():
             ms, temp = _time(fn, sets)
             record(**shape, what="op", op=op, ms=ms, temp_mb=temp)
-        if args.op_only:
+        if args.op_only or args.gated:  # the kernel ablations below run the constant decay
             continue
         from fleetjax import nonfinite
         with mock.patch.object(nonfinite, "contained_if_needed", lambda inputs, walks: walks(False)):

@@ -32,17 +32,22 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument(f"--{name}", type=int, default=default)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--ops", default="fwd,fwd_bwd", help="which of fwd, fwd_bwd to run, in this order")
+    ap.add_argument("--gated", action="store_true",
+                    help="a per-token log gate (logsigmoid(N(0, 1)) / 16) and no per-head decay, as the gated benchmarks")
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
     dtype = jnp.dtype(args.dtype)
     B, T, H, K, V = args.B, args.T, args.H, args.K, args.V
     q, k = (jnp.asarray(rng.standard_normal((B, T, H, K)) / np.sqrt(K), dtype) for _ in range(2))
     v, do = (jnp.asarray(rng.standard_normal((B, T, H, V)), dtype) for _ in range(2))
-    decay = jnp.asarray(np.exp(retnet_log_decay(H)), jnp.float32)
+    decay = None if args.gated else jnp.asarray(np.exp(retnet_log_decay(H)), jnp.float32)
+    log_gate = (jax.nn.log_sigmoid(jnp.asarray(rng.standard_normal((B, T, H)), jnp.float32)) / 16
+                if args.gated else None)
     record = fleetjax.IMPLEMENTATIONS["pallas"]
     print("config", record.config_for(None, q, v), "(Pallas interpret mode)" if record.interpreted() else "",
           flush=True)
-    attend = lambda q, k, v: fleetjax.fleet_attention(q, k, v, decay, implementation="pallas")  # noqa: E731
+    attend = lambda q, k, v: fleetjax.fleet_attention(q, k, v, decay, log_gate=log_gate,  # noqa: E731
+                                                      implementation="pallas")
     fwd = jax.jit(attend)
     fwd_bwd = jax.jit(lambda q, k, v, do: jax.vjp(attend, q, k, v)[1](do))
     runs = {"fwd": (fwd, (q, k, v)), "fwd_bwd": (fwd_bwd, (q, k, v, do))}
