@@ -70,10 +70,15 @@ def main(argv: list[str] | None = None) -> int:
         decay = None if args.gated else jnp.exp(log_decay)
 
         def ops():
-            attend = lambda q, k, v: fleetjax.fleet_attention(q, k, v, decay, scale=K ** -0.5,  # noqa: E731
-                                                              log_gate=log_gate, implementation="pallas")
-            return {"fwd": lambda q, k, v, do: attend(q, k, v),
-                    "fwd_bwd": lambda q, k, v, do: jax.vjp(attend, q, k, v)[1](do)}
+            attend = lambda q, k, v, decay, log_gate: fleetjax.fleet_attention(  # noqa: E731
+                q, k, v, decay, scale=K ** -0.5, log_gate=log_gate, implementation="pallas")
+            fixed = lambda q, k, v: attend(q, k, v, decay, log_gate)  # noqa: E731
+            # fwd_bwd differentiates the decay (gated: the gate) as the benchmarks do; fwd_bwd_fixed does not.
+            learned = ((lambda q, k, v, g: attend(q, k, v, None, g)), log_gate) if args.gated else (
+                (lambda q, k, v, d: attend(q, k, v, d, None)), decay)
+            return {"fwd": lambda q, k, v, do: fixed(q, k, v),
+                    "fwd_bwd": lambda q, k, v, do: jax.vjp(learned[0], q, k, v, learned[1])[1](do),
+                    "fwd_bwd_fixed": lambda q, k, v, do: jax.vjp(fixed, q, k, v)[1](do)}
 
         for op, fn in ops().items():
             ms, temp = _time(fn, sets)

@@ -42,15 +42,19 @@ def dot(a, b, precision, trans_a: bool = False, trans_b: bool = False):
     return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=f32)
 
 
-def dot_exact(a, b, dtype, precision, trans_a: bool = False):
-    """a @ b for a float32 ``b`` taken as a pair hi + lo in ``dtype``: two products in ``dtype`` that keep b to
-    about float32's accuracy, where rounding b to ``dtype`` once would keep 8 or 11 bits. For float32 inputs
-    it is one product."""
+def dot_exact(a, b, dtype, precision, trans_a: bool = False, parts: int = 2):
+    """a @ b for a float32 ``b`` taken as a sum of ``parts`` terms in ``dtype``, one product each: each part
+    keeps 8 (bfloat16) or 11 (float16) more bits of b, so two keep 16 or 22 bits where rounding b to ``dtype``
+    once keeps 8 or 11, and three bfloat16 parts keep float32's 24. For float32 inputs it is one product."""
     if dtype == f32:
         return dot(a, b, precision, trans_a=trans_a)
-    hi = b.astype(dtype)
-    lo = (b - hi.astype(f32)).astype(dtype)
-    return dot(a, hi, precision, trans_a=trans_a) + dot(a, lo, precision, trans_a=trans_a)
+    out = None
+    for _ in range(parts):
+        part = b.astype(dtype)
+        term = dot(a, part, precision, trans_a=trans_a)
+        out = term if out is None else out + term
+        b = b - part.astype(f32)
+    return out
 
 
 def _decayed(mask, exponent):
@@ -226,9 +230,12 @@ def count_crossings(counts, state, ch: Chunk):
 
 def spanned(pair_terms):
     """[C]: for each position r, the sum of pair_terms [C, C] (query i, key j, zero off the pairs) over the
-    pairs with j < r <= i: the pairs whose decay spans r, the intra-chunk part of d log_gate_r. A prefix sum
-    along the keys, then a masked sum over the queries: every term keeps its sign, nothing cancels."""
+    pairs with j < r <= i: the pairs whose decay spans r, the intra-chunk part of d log_gate_r. The sums over
+    the queries i >= r come as one product with the triangle [i >= r] (the terms in three bfloat16 parts:
+    float32's 24 bits and range, on the tensor cores, where a prefix sum across a tile is slow there), then a
+    masked sum over the keys j < r. Every term keeps its sign, nothing cancels."""
     C = pair_terms.shape[0]
-    before = jnp.cumsum(pair_terms, axis=1) - pair_terms  # [i, r]: sum over j < r
     i = jnp.arange(C)
-    return jnp.sum(jnp.where(i[:, None] >= i[None, :], before, 0.0), axis=0)
+    at_or_after = (i[None, :] >= i[:, None]).astype(jnp.bfloat16)  # [r, i]: 1 where i >= r, exact in bf16
+    from_r = dot_exact(at_or_after, pair_terms, jnp.bfloat16, None, parts=3)  # [r, j]: sum over i >= r
+    return jnp.sum(jnp.where(i[None, :] < i[:, None], from_r, 0.0), axis=1)

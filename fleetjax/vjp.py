@@ -36,6 +36,9 @@ more product per chunk, cheap there), which gives the whole across-chunk sum fro
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
@@ -44,6 +47,28 @@ from fleetjax.decay import Decays
 
 f32 = jnp.float32
 HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=[], meta_fields=["log_decay", "log_gate"])
+@dataclasses.dataclass(frozen=True)
+class Wanted:
+    """Which of the decay's inputs a backward differentiates: a residual with no arrays (its fields are static),
+    taken from the forward's primals (:func:`wanted`). A decay that is not learned, the common case (RetNet's
+    fixed decays; ``decay=None`` with a gate), spares the backward the sums of its gradient: the dq walk's
+    second state (the crossing counts) and the float32-accurate products that feed those sums."""
+
+    log_decay: bool = True
+    log_gate: bool = True
+
+    @property
+    def any(self) -> bool:
+        return self.log_decay or self.log_gate
+
+
+def wanted(log_decay, log_gate) -> Wanted:
+    """The :class:`Wanted` of a custom VJP's forward rule with ``symbolic_zeros=True`` from its
+    ``jax.custom_derivatives.CustomVJPPrimal`` log decay and log gate (a gate of None arrives as None)."""
+    return Wanted(log_decay=bool(log_decay.perturbed), log_gate=log_gate is not None and bool(log_gate.perturbed))
 
 
 def is_zero(cotangent) -> bool:

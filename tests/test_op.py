@@ -261,6 +261,44 @@ def test_matches_oracle(implementation: str, case: Case):
         assert grads["log_gate"] is None
 
 
+# Cases where the decay (and the gate) is fixed: a custom VJP then skips its gradient's sums and the float32-
+# accurate products that feed them (fleetjax.vjp.Wanted). 16-bit inputs, where those products differ.
+FIXED_DECAY_CASES = [case for case in CASES if case.dtype != "float32" and case.B * case.H * case.T * (case.K + case.V)
+                     <= 30_000 and case.magnitude == 1.0]
+
+
+def _fixed_decay_table():
+    for name in IMPLEMENTATIONS:
+        record = fleetjax.IMPLEMENTATIONS[name]
+        if record.custom_vjp and record.backward_of is None:
+            for case in FIXED_DECAY_CASES:
+                if case.fits(name):
+                    yield pytest.param(name, case, id=f"{name}-{case.id}")
+
+
+@pytest.mark.parametrize("implementation, case", list(_fixed_decay_table()))
+def test_gradients_with_a_fixed_decay_match_oracle(implementation: str, case: Case):
+    """dq, dk, dv and d initial_state when neither the decay nor the gate is differentiated (a RetNet with its
+    fixed decays): the backward forms no decay gradient, and what it forms still meets the table's bounds."""
+    x = _inputs(case)
+
+    def f(q, k, v, initial_state):
+        return fleetjax.fleet_attention(q, k, v, x["decay"], scale=case.scale, initial_state=initial_state,
+                                        return_final_state=case.final_state, segment_ids=x["segment_ids"],
+                                        log_gate=x["log_gate"], implementation=implementation)
+
+    _, pullback = jax.vjp(f, x["q"], x["k"], x["v"], x["initial_state"])
+    grads = jax.jit(pullback)((x["do"], x["d_final"]) if case.final_state else x["do"])
+    _, _, ref = _oracle(case, x)
+    tol = tolerance(implementation, case)
+    for name, got in zip(("q", "k", "v", "initial_state"), grads):
+        if name == "initial_state" and not case.initial_state:
+            continue
+        bound = STATE_TOLERANCE if name == "initial_state" else tol
+        err = oracle.rel_err(got, ref[name], 1 if name == "initial_state" else 2)
+        assert err <= bound, f"d{name} relative error {err:.3g} > {bound}"
+
+
 # ------------------------------------------------------------------------------ the oracle checks itself
 
 def _naive_forward(q, k, v, decay, scale, s0, segment_ids):

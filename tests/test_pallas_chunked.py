@@ -144,6 +144,43 @@ def test_walks_check_their_witness_not_their_inputs(implementation):
     assert sorted(_finiteness_checks(grad)) == sorted([(B, T, H, K), (B, H, T)])
 
 
+def _kernel_outputs(jaxpr) -> dict[str, int]:
+    """Kernel name -> its number of outputs, for the pallas_calls of ``jaxpr`` outside lax.cond branches."""
+    from jax.extend import core as jcore
+    found = {}
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            found[str(eqn.params["name"])] = len(eqn.outvars)
+        if eqn.primitive.name == "cond":
+            continue
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                if isinstance(sub, (jcore.ClosedJaxpr, jcore.Jaxpr)):
+                    found.update(_kernel_outputs(getattr(sub, "jaxpr", sub)))
+    return found
+
+
+# (gated, which arguments are differentiated) -> outputs of the dq walk (dq, intra[, w][, counts][, spanned])
+# and of the dk walk (dk[, u]).
+@pytest.mark.parametrize("gated, argnums, dq_outputs, dk_outputs", [
+    (False, (0, 1, 2), 2, 1), (False, (0, 1, 2, 3), 4, 2),
+    (True, (0, 1, 2), 2, 1), (True, (0, 1, 2, 4), 4, 2), (True, (0, 1, 2, 3, 4), 5, 2)])
+@pytest.mark.parametrize("implementation", ["pallas", "pallas_fleet"])
+def test_the_backward_forms_only_the_wanted_decay_gradients(implementation, gated, argnums, dq_outputs, dk_outputs):
+    """A fixed decay (or gate) spares the walks its gradient's per-position sums: the dq walk's w and crossing
+    counts (and its second state), the dk walk's u, the gated dq walk's spanned sums."""
+    B, T, H, K = 1, 16, 2, 8
+    q = jnp.ones((B, T, H, K), jnp.float32)
+    gate = jnp.full((B, T, H), -0.1) if gated else None
+
+    def loss(q, k, v, decay, log_gate):
+        return jnp.sum(fleetjax.fleet_attention(q, k, v, decay, log_gate=log_gate, implementation=implementation))
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=argnums))(q, q, q, jnp.asarray([0.9, 0.5]), gate).jaxpr
+    outputs = _kernel_outputs(jaxpr)
+    assert (outputs["fleet_backward_dq"], outputs["fleet_backward_dk"]) == (dq_outputs, dk_outputs), outputs
+
+
 WITNESS_CASES = [("q", 0), ("k", 0), ("v", 0), ("do", 0), ("q", 69), ("k", 69), ("v", 69), ("do", 69),
                  ("k", 16), ("v", 15), ("q", 33), ("do", 47)]
 

@@ -41,8 +41,10 @@ def forward_impls(*, smoke: bool = False, skip_slow_autotune: bool = False) -> l
 
 def backward_impls(*, smoke: bool = False, skip_slow_autotune: bool = False) -> list[Impl]:
     """The forward+backward benchmark's implementations, fla last (``fla.chunk_unguarded``: its gated backward
-    where its own Triton-version guard refuses it, selected by name only)."""
-    return [FleetjaxImpl("pallas"), FleetjaxImpl("pallas_fleet"), FleetjaxImpl("xla"),
+    where its own Triton-version guard refuses it, selected by name only). ``fleetjax.pallas.fixed_decay``:
+    the same op with the decay not learned, as fla's (no decay gradient)."""
+    return [FleetjaxImpl("pallas"), FleetjaxImpl("pallas", learn_decay=False), FleetjaxImpl("pallas_fleet"),
+            FleetjaxImpl("xla"),
             SoftmaxImpl(None if smoke else "cudnn"), LightningImpl(), EjkernelImpl(),
             FlaChunkImpl(max_head_dim=128 if skip_slow_autotune else None),
             FlaChunkUnguardedImpl(max_head_dim=128 if skip_slow_autotune else None)]

@@ -1,5 +1,6 @@
 """fleetjax itself: ``fleet_attention(q, k, v, decay, scale=1, implementation=...)`` in [B, T, H, K]; its
-fwd_bwd returns the decay gradient too. Gated cases: ``fleet_attention(q, k, v, None, log_gate=log_gate,
+fwd_bwd returns the decay gradient too, except as ``fleetjax.<implementation>.fixed_decay`` (the decay closed
+over, as fla's ``g_gamma``: the backward then forms no decay gradient, fleetjax.vjp.Wanted). Gated cases: ``fleet_attention(q, k, v, None, log_gate=log_gate,
 ...)`` (the gate alone, as fla's ``g=``), fwd_bwd with the log gate's gradient. What an implementation
 supports here (whether it is installed, runs compiled or only in Pallas interpret mode) is read from its
 record in ``fleetjax.IMPLEMENTATIONS``."""
@@ -24,10 +25,14 @@ class FleetjaxImpl(Impl):
     gated = True
     gate_grad = True
 
-    def __init__(self, implementation: str, max_T: int | None = None):
+    def __init__(self, implementation: str, max_T: int | None = None, learn_decay: bool = True):
         self.implementation = implementation
-        self.name = f"fleetjax.{implementation}"
+        self.learn_decay = learn_decay
+        self.name = f"fleetjax.{implementation}" + ("" if learn_decay else ".fixed_decay")
         self.max_T = max_T
+        if not learn_decay:
+            self.decay_grad = False
+            self.gated = False  # the gated cases have no per-head decay: the plain row is the same call
 
     def record(self):
         """The implementation's ``fleetjax.implementation.Implementation`` record."""
@@ -67,5 +72,8 @@ class FleetjaxImpl(Impl):
                              grads=("dq", "dk", "dv", "dlog_gate"), notes=notes)
         decay = jnp.exp(jnp.asarray(log_decay, jnp.float32))
         attend = functools.partial(fleet_attention, scale=SCALE, implementation=self.implementation)
+        if not self.learn_decay:
+            fixed = lambda q, k, v: attend(q, k, v, decay)  # noqa: E731
+            return jax_bound(fixed, with_vjp(fixed), op, grads=("dq", "dk", "dv"), notes=notes)
         return jax_bound(attend, with_vjp(attend), op, extra=(decay,), grads=("dq", "dk", "dv", "ddecay"),
                          notes=notes)

@@ -32,6 +32,7 @@ from fleetjax.pallas.launch import call
 from fleetjax.pallas.walk import (Specs, columns, enter_piece, load_positions, load_rows, pad_state, padded,
                                   piece_edges, piece_links, program_id, store_positions, store_rows, value_blocks,
                                   walk)
+from fleetjax.vjp import Wanted
 
 f32 = jnp.float32
 
@@ -43,23 +44,27 @@ def _entered(state, local_ref, link_ref, piece_log_ref, *, piece, chunking, reve
                        local_ref=local_ref, link_ref=link_ref, piece_log_ref=piece_log_ref)
 
 
-def dq_kernel(*, log_decay_ref, do_ref, v_ref, k_ref, q_ref, dq_ref, w_ref, counts_ref, intra_ref, start_ref=None, local_ref=None, local_counts_ref=None, link_ref=None, run_ref=None, edge_ref=None,
+def dq_kernel(*, log_decay_ref, do_ref, v_ref, k_ref, q_ref, dq_ref, intra_ref, w_ref=None, counts_ref=None,
+              start_ref=None, local_ref=None, local_counts_ref=None, link_ref=None, run_ref=None, edge_ref=None,
               gate_ref=None, piece_log_ref=None, spanned_ref=None, chunking: Chunking, K: int, V: int, block: int,
-              scale: float, contain: bool, precision):
+              scale: float, contain: bool, exact: bool, precision):
     """One (K block, batch*head, piece) program of the dq walk. Refs: do, v [T, V]; k, q, dq [T, block];
-    start [V, block] (S0^T); local, local_counts [P-1, V, block], link [P]; run [T], edge [1]; w, counts,
-    intra [T]. Gated: gate [T], piece_log [P], and spanned [T]: per
-    position r, the chunk's pairs i >= r > j (the intra-chunk part of d log_gate_r, fleetjax.vjp)."""
+    start [V, block] (S0^T); local, local_counts [P-1, V, block], link [P]; run [T], edge [1]; intra, w,
+    counts [T] (w, counts: None when the decay's gradient is not wanted; the counts' state is then not
+    carried). Gated: gate [T], piece_log [P], and spanned [T]: per position r, the chunk's pairs i >= r > j
+    (the intra-chunk part of d log_gate_r, fleetjax.vjp). ``exact``: the state's products keep float32's
+    accuracy (they feed w)."""
     j, piece = program_id(0, log_decay_ref), program_id(2, log_decay_ref)
     log_decay = log_decay_ref[0]
     v_cols, k_cols = columns(v_ref, V), columns(k_ref, K, block, j)
     dtype = v_ref.dtype
     state = start_ref[...] if start_ref is not None else jnp.zeros((v_ref.shape[-1], block), f32)
-    counts = jnp.zeros_like(state)
+    counts = None if counts_ref is None else jnp.zeros_like(state)
     if local_ref is not None:
-        state, counts = enter_piece(state, piece=piece, chunking=chunking, reverse=False, log_decay=log_decay,
-                                    local_ref=local_ref, link_ref=link_ref, counts=counts,
-                                    local_counts_ref=local_counts_ref, piece_log_ref=piece_log_ref)
+        entered = enter_piece(state, piece=piece, chunking=chunking, reverse=False, log_decay=log_decay,
+                              local_ref=local_ref, link_ref=link_ref, counts=counts,
+                              local_counts_ref=local_counts_ref, piece_log_ref=piece_log_ref)
+        state, counts = entered if counts is not None else (entered, None)
 
     def body(ch: cm.Chunk, carry):
         state, counts = carry
@@ -67,19 +72,23 @@ def dq_kernel(*, log_decay_ref, do_ref, v_ref, k_ref, q_ref, dq_ref, w_ref, coun
         k = cm.finite_values(load_rows(k_ref, ch, k_cols), contain)
         q = load_rows(q_ref, ch, k_cols)
         scores = cm.scores(do, v, ch, precision, contain)
-        dq, inter = cm.output(do, scores, k, state, ch, scale=scale, dtype=dtype, precision=precision, exact=True)
-        counted = cm.dot_exact(do, scale * counts, dtype, precision)
-        counted = cm.select_rows(ch, ch.enters, counted * ch.entering[:, None])
+        dq, inter = cm.output(do, scores, k, state, ch, scale=scale, dtype=dtype, precision=precision, exact=exact)
+        if counts is not None:
+            counted = cm.dot_exact(do, scale * counts, dtype, precision)
+            counted = cm.select_rows(ch, ch.enters, counted * ch.entering[:, None])
         # This block's share of (q_i . k_j), times the pair's weighted (dO_i . v_j), weighted by the lag.
         pair = cm.dot(q, k, precision, trans_b=True) * scores
         intra = scale * jnp.sum(ch.lag * pair, axis=1)
         if spanned_ref is not None:
             store_positions(spanned_ref, ch, scale * cm.spanned(pair))
-        counts = cm.count_crossings(counts, state, ch)
-        state = cm.update(state, v, k, ch, dtype=dtype, precision=precision, exact=True)
+        if counts is not None:
+            counts = cm.count_crossings(counts, state, ch)
+        state = cm.update(state, v, k, ch, dtype=dtype, precision=precision, exact=exact)
         store_rows(dq_ref, ch, dq, k_cols)
-        store_positions(w_ref, ch, jnp.sum(inter * q.astype(f32), axis=1))
-        store_positions(counts_ref, ch, jnp.sum(counted * q.astype(f32), axis=1))
+        if w_ref is not None:
+            store_positions(w_ref, ch, jnp.sum(inter * q.astype(f32), axis=1))
+        if counts is not None:
+            store_positions(counts_ref, ch, jnp.sum(counted * q.astype(f32), axis=1))
         store_positions(intra_ref, ch, intra)
         return state, counts
 
@@ -120,13 +129,14 @@ def dv_kernel(*, log_decay_ref, k_ref, q_ref, do_ref, dv_ref, reverse_ref, exit_
                             run_ref=run_ref, edge_ref=edge_ref, gate_ref=gate_ref)
 
 
-def dk_kernel(*, log_decay_ref, v_ref, do_ref, q_ref, k_ref, dk_ref, u_ref, x_ref=None, exit_ref=None,
+def dk_kernel(*, log_decay_ref, v_ref, do_ref, q_ref, k_ref, dk_ref, u_ref=None, x_ref=None, exit_ref=None,
               last_run_ref=None, local_ref=None, link_ref=None, run_ref=None, edge_ref=None, gate_ref=None,
               piece_log_ref=None, to_end_ref=None, chunking: Chunking, K: int, V: int, block: int, scale: float,
-              contain: bool, precision):
+              contain: bool, exact: bool, precision):
     """One (K block, batch*head, piece) program of the dk walk. Refs: v, do [T, V]; q, k, dk [T, block];
     exit [V, block] (dS_T^T, float32), last_run [1]; local [P-1, V, block], link [P]; run [T], edge [1];
-    u, x [T]. Gated: gate [T], piece_log [P], to_end [T]."""
+    u, x [T] (None when no decay gradient is wanted). Gated: gate [T], piece_log [P], to_end [T].
+    ``exact``: the state's and dS_T's products keep float32's accuracy (they feed u and x)."""
     j, piece = program_id(0, log_decay_ref), program_id(2, log_decay_ref)
     log_decay = log_decay_ref[0]
     v_cols, k_cols = columns(v_ref, V), columns(q_ref, K, block, j)
@@ -140,17 +150,21 @@ def dk_kernel(*, log_decay_ref, v_ref, do_ref, q_ref, k_ref, dk_ref, u_ref, x_re
         q = cm.finite_values(load_rows(q_ref, ch, k_cols), contain)
         k = load_rows(k_ref, ch, k_cols)
         dk, inter = cm.output(v, cm.scores(v, do, ch, precision, contain), q, state, ch, scale=scale, dtype=dtype,
-                              precision=precision, exact=True)
+                              precision=precision, exact=exact)
         if exit_ref is not None:
             # Its own product, so that its share of the decay gradient is weighted by T-1-s (fleetjax.vjp).
             to_end = None if to_end_ref is None else load_positions(to_end_ref, ch)
-            o_exit = (cm.dot_exact(v, exit_ref[...], dtype, precision)
-                      * cm.exit_decay(ch, chunking.T, last_run, to_end)[:, None])
+            exit_state = exit_ref[...]
+            through_exit = (cm.dot_exact(v, exit_state, dtype, precision) if exact
+                            else cm.dot(v, exit_state.astype(dtype), precision))
+            o_exit = through_exit * cm.exit_decay(ch, chunking.T, last_run, to_end)[:, None]
             dk = dk + o_exit
-            store_positions(x_ref, ch, jnp.sum(o_exit * k.astype(f32), axis=1))
-        state = cm.update(state, do, q, ch, dtype=dtype, precision=precision, exact=True)
+            if x_ref is not None:
+                store_positions(x_ref, ch, jnp.sum(o_exit * k.astype(f32), axis=1))
+        state = cm.update(state, do, q, ch, dtype=dtype, precision=precision, exact=exact)
         store_rows(dk_ref, ch, dk, k_cols)
-        store_positions(u_ref, ch, jnp.sum(inter * k.astype(f32), axis=1))
+        if u_ref is not None:
+            store_positions(u_ref, ch, jnp.sum(inter * k.astype(f32), axis=1))
         return state
 
     walk(body, state, piece=piece, chunking=chunking, reverse=True, log_decay=log_decay, run_ref=run_ref,
@@ -189,10 +203,13 @@ def _exit_inputs(exit_state, run_ids, s: Specs, kp: int, width: int, dtype=None,
 
 
 def dq_walk(q, k, v, do, log_decay, start, run_ids, chunking: Chunking, *, scale: float, contain: bool, local,
-            block_v: int, num_warps: int, num_stages: int, precision, gate=None, piece_log=None):
-    """(dq [B, T, H, K] in q's dtype, w, counts, intra, spanned [B, H, T] float32 (spanned: gated only, else
-    None)). start: S0 [B, H, K, V] or None; local: (the pieces' local states, their crossing
-    counts) or None; gate [B, H, T], piece_log [B, H, P]: the gated decay."""
+            block_v: int, num_warps: int, num_stages: int, precision, gate=None, piece_log=None,
+            wanted: Wanted = Wanted()):
+    """(dq [B, T, H, K] in q's dtype, w, counts, intra, spanned [B, H, T] float32). start: S0 [B, H, K, V] or
+    None; local: (the pieces' local states, their crossing counts or None) or None; gate [B, H, T],
+    piece_log [B, H, P]: the gated decay. What the decay's gradient needs comes as ``wanted`` asks, else
+    None: counts for the log decay's, spanned for the gate's (gated only), w for either; intra always (the
+    caller's witness of non-finite inputs)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     local, local_counts = (None, None) if local is None else local
@@ -201,15 +218,15 @@ def dq_walk(q, k, v, do, log_decay, start, run_ids, chunking: Chunking, *, scale
     if start is not None:
         inputs["start_ref"] = (pad_state(jnp.swapaxes(start, -1, -2), kp, nk * bk), s.state())
     kernel = functools.partial(dq_kernel, chunking=chunking, K=K, V=V, block=bk, scale=scale, contain=contain,
-                               precision=precision)
+                               exact=wanted.any, precision=precision)
+    per_position = (((nk, B, H, T), f32), s.per_position())
     out = call(kernel, name="fleet_backward_dq", grid=(nk, B * H, chunking.pieces),
                inputs=dict(log_decay_ref=(log_decay, s.head()), do_ref=(do, s.keys()), v_ref=(v, s.keys()),
                            k_ref=(k, s.values()), q_ref=(q, s.values()), **inputs),
-               outputs=dict(dq_ref=(((B, T, H, K), q.dtype), s.values()),
-                            w_ref=(((nk, B, H, T), f32), s.per_position()),
-                            counts_ref=(((nk, B, H, T), f32), s.per_position()),
-                            intra_ref=(((nk, B, H, T), f32), s.per_position()),
-                            spanned_ref=None if gate is None else (((nk, B, H, T), f32), s.per_position())),
+               outputs=dict(dq_ref=(((B, T, H, K), q.dtype), s.values()), intra_ref=per_position,
+                            w_ref=per_position if wanted.any else None,
+                            counts_ref=per_position if wanted.log_decay else None,
+                            spanned_ref=per_position if gate is not None and wanted.log_gate else None),
                num_warps=num_warps, num_stages=num_stages)
     # Each K block holds part of the sums over K; add them in a fixed order.
     total = lambda name: None if name not in out else jnp.sum(out[name], axis=0)  # noqa: E731
@@ -235,9 +252,11 @@ def dv_walk(q, k, do, log_decay, exit_state, run_ids, chunking: Chunking, *, sca
 
 
 def dk_walk(q, k, v, do, log_decay, exit_state, run_ids, chunking: Chunking, *, scale: float, contain: bool, local,
-            block_v: int, num_warps: int, num_stages: int, precision, gate=None, piece_log=None, to_end=None):
-    """(dk [B, T, H, K] in k's dtype, u [B, H, T], x [B, H, T] or None (float32)). local: the
-    dv walk's local states [B, H, P-1, K, V] (transposed here); exit_state: dS_T [B, H, K, V] or None."""
+            block_v: int, num_warps: int, num_stages: int, precision, gate=None, piece_log=None, to_end=None,
+            wanted: Wanted = Wanted()):
+    """(dk [B, T, H, K] in k's dtype, u [B, H, T], x [B, H, T] (float32; None without exit_state, both None
+    when no decay gradient is ``wanted``)). local: the dv walk's local states [B, H, P-1, K, V] (transposed
+    here); exit_state: dS_T [B, H, K, V] or None."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     local = None if local is None else jnp.swapaxes(local, -1, -2)
@@ -245,13 +264,13 @@ def dk_walk(q, k, v, do, log_decay, exit_state, run_ids, chunking: Chunking, *, 
     exit_t = None if exit_state is None else jnp.swapaxes(exit_state, -1, -2)
     inputs.update(_exit_inputs(exit_t, run_ids, s, kp, nk * bk, to_end=to_end))
     kernel = functools.partial(dk_kernel, chunking=chunking, K=K, V=V, block=bk, scale=scale, contain=contain,
-                               precision=precision)
-    per_position = (((nk, B, H, T), f32), s.per_position())
+                               exact=wanted.any, precision=precision)
+    per_position = (((nk, B, H, T), f32), s.per_position()) if wanted.any else None
     out = call(kernel, name="fleet_backward_dk", grid=(nk, B * H, chunking.pieces),
                inputs=dict(log_decay_ref=(log_decay, s.head()), v_ref=(v, s.keys()), do_ref=(do, s.keys()),
                            q_ref=(q, s.values()), k_ref=(k, s.values()), **inputs),
                outputs=dict(dk_ref=(((B, T, H, K), k.dtype), s.values()), u_ref=per_position,
                             x_ref=per_position if exit_state is not None else None),
                num_warps=num_warps, num_stages=num_stages)
-    x = jnp.sum(out["x_ref"], axis=0) if exit_state is not None else None
-    return out["dk_ref"], jnp.sum(out["u_ref"], axis=0), x
+    total = lambda name: None if name not in out else jnp.sum(out[name], axis=0)  # noqa: E731
+    return out["dk_ref"], total("u_ref"), total("x_ref")

@@ -231,32 +231,37 @@ def _shrink(name: str, walk: WalkConfig, K: int, V: int, dtype, limit: int, chun
     return None
 
 
-def _pieces(programs: int, T: int) -> int:
-    """Split the sequence only while the grid holds fewer programs than half the SMs (a walk runs about one
-    program per SM) and pieces keep >= 512 positions."""
+def _pieces(programs: int, T: int, fill: int) -> int:
+    """Split the sequence only while the grid holds fewer than ``fill`` programs and pieces keep >= 512
+    positions."""
     pieces = 1
-    while programs * pieces < multiprocessor_count() // 2 and T // (2 * pieces) >= 512 and pieces < 64:
+    while programs * pieces < fill and T // (2 * pieces) >= 512 and pieces < 64:
         pieces *= 2
     return pieces
 
 
 def default_config(q: jax.Array, v: jax.Array) -> PallasConfig:
     """By shape, dtype and device, from sweeps on an H100 and H200 (experiments/tune_pallas.py and
-    cost_split.py: bf16 K=V=128, chunk 64, 4 warps (dq with blocks of 64: 8), 3 stages; forward value blocks
-    of 64; the backward's walks in blocks of 32 where batch*head alone fills the GPU, else 64; then sequence
-    pieces up to about one program per SM), each kernel's tiling then shrunk until it fits the device's
-    shared memory (float32: with tf32x3 products, else IEEE ones)."""
+    cost_split.py: bf16 K=V=128, chunk 64, 4 warps, 3 stages; forward value blocks of 64, then sequence
+    pieces up to about one program per two SMs; the backward's walks in blocks of 32, then pieces up to about
+    one program per SM), each kernel's tiling then shrunk until it fits the device's shared memory (float32:
+    with tf32x3 products, else IEEE ones).
+
+    The backward's rule, H200 2026-12-02 (results/2026-12-02-h200-tune_pallas_pieces.jsonl, forward+backward
+    with the decay's gradient): where batch*head is small, blocks of 32 with more pieces beat blocks of 64 at
+    8 warps with fewer, 10.9 -> 8.2 ms at B1 H16 T=131072 and 1.70 -> 1.38-1.46 ms at B1 H8 T=32768; more
+    pieces at the old blocks of 64 gained less (9.9 ms) or lost (1.86 ms); at B4 H16 T=16384 (256 programs)
+    two pieces lost (4.75 vs 4.15 ms)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     dtype = jnp.dtype(q.dtype)
     sms = multiprocessor_count()
     wide = dtype.itemsize >= 4
     forward_block = 32 if wide else 64
-    narrow = min(32, padded(min(K, V)))
-    backward_block = narrow if wide or B * H * -(-max(K, V) // narrow) >= sms else 2 * narrow
+    backward_block = min(32, padded(min(K, V)))
     stages = 2 if wide else 3
-    pieces = _pieces(B * H * -(-V // forward_block), T)
-    backward_pieces = _pieces(B * H * -(-max(K, V) // backward_block), T)
+    pieces = _pieces(B * H * -(-V // forward_block), T, fill=sms // 2)
+    backward_pieces = _pieces(B * H * -(-max(K, V) // backward_block), T, fill=sms)
     piece_states = None
     if not wide and max(pieces, backward_pieces) > 1:
         # Few, long programs: pieces' states in chunks of 128 with 8 warps (fewer, fuller loads), and a
@@ -270,10 +275,8 @@ def default_config(q: jax.Array, v: jax.Array) -> PallasConfig:
         stages_forward = stages
     limit = shared_memory_per_block()
     # Four warps a walk, as the walks run on finite inputs (no containment, fleetjax.nonfinite): faster than
-    # eight in every walk at bf16 K=V=128 on the H200 (experiments/cost_split.py), except the dq walk with
-    # value blocks of 64 for 16-bit inputs, whose two [V, 64] float32 states (the state and its crossing
-    # counts) spill at four (1.65 vs 0.67 ms at B1 H8 T=32768).
-    warps = dict(forward=4, dq=8 if not wide and backward_block >= 64 and max(K, V) <= 128 else 4, dv=4, dk=4)
+    # eight in every walk at bf16 K=V=128 on the H200 (experiments/cost_split.py).
+    warps = dict(forward=4, dq=4, dv=4, dk=4)
     # Float32 heads too wide for tf32x3's staging fall back to IEEE products (exact, slower).
     for precision in ("tf32x3", "ieee") if wide else ("tf32x3",):
         fit = functools.partial(_shrink, K=K, V=V, dtype=dtype, limit=limit, precision=precision)
@@ -372,18 +375,19 @@ def local_reverse_state(q, do, decays: Decays, run_ids, *, scale: float, config:
 
 
 def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, reuse, *, scale: float,
-                   config: PallasConfig):
+                   config: PallasConfig, wanted: vjp.Wanted = vjp.Wanted()):
     """The three walks of fleetjax.pallas.backward, for a block entered with the state ``start`` whose final
     state has the cotangent ``exit_cotangent`` [B, H, K, V] (None: unused). ``reuse``: from
-    :func:`local_reverse_state`, or None (computed here).
+    :func:`local_reverse_state`, or None (computed here). ``wanted``: which of the decay's gradients to form.
 
     Returns (dq, dk, dv in the inputs' dtype, d log_decay [H] and d log_gate [B, T, H] (None for the
-    constant decay) of every term but the one through the carry of ``start`` into the final state, d start
-    [B, H, K, V] through the outputs alone)."""
+    constant decay, or where not wanted) of every term but the one through the carry of ``start`` into the
+    final state, d start [B, H, K, V] through the outputs alone)."""
     do = do.astype(q.dtype)
     B, T = q.shape[:2]
     chunking = config.chunking(T, True)
     gated = _gated(decays, chunking, B)
+    wanted = vjp.Wanted(log_decay=wanted.log_decay, log_gate=wanted.log_gate and decays.gated)
     common = dict(scale=scale, **gated)
     to_end = decays.to_end(B, T) if decays.gated and exit_cotangent is not None else None
 
@@ -391,25 +395,30 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
         dq_local, reverse_local = None, reuse
         if chunking.pieces > 1:
             dq_local = fwd.piece_states(v, k, decays.log_decay, run_ids, chunking, reverse=False, all_pieces=False,
-                                        counts=True, contain=contain, gate=decays.gate_tiles(),
+                                        counts=wanted.log_decay, contain=contain, gate=decays.gate_tiles(),
                                         **config.piece_launch("dq", q.dtype))
+            dq_local = dq_local if wanted.log_decay else (dq_local, None)
             if reverse_local is None:
                 reverse_local = fwd.piece_states(q, do, decays.log_decay, run_ids, chunking, reverse=True,
                                                  all_pieces=False, contain=contain, gate=decays.gate_tiles(),
                                                  **config.piece_launch("dv", q.dtype))
         dq, w, counts, intra, spanned = bwd.dq_walk(q, k, v, do, decays.log_decay, start, run_ids, chunking,
-                                                    contain=contain, local=dq_local, **common,
+                                                    contain=contain, local=dq_local, wanted=wanted, **common,
                                                     **config.launch("dq", q.dtype))
         dv, reverse_state = bwd.dv_walk(q, k, do, decays.log_decay, exit_cotangent, run_ids, chunking,
                                         contain=contain, local=reverse_local, to_end=to_end, **common,
                                         **config.launch("dv", q.dtype))
         dk, u, x = bwd.dk_walk(q, k, v, do, decays.log_decay, exit_cotangent, run_ids, chunking, contain=contain,
-                               local=reverse_local, to_end=to_end, **common, **config.launch("dk", q.dtype))
+                               local=reverse_local, to_end=to_end, wanted=wanted, **common,
+                               **config.launch("dk", q.dtype))
         d_start = vjp.only_first_run(scale * reverse_state, run_ids)
-        d_log_decay = vjp.log_decay_grad(w, u, counts, intra, chunking.chunk_size)
-        if x is not None:
-            d_log_decay = d_log_decay + vjp.exit_log_decay_grad(x)
-        d_gate = vjp.log_gate_grad(w, u, spanned, x, chunking.chunk_size) if decays.gated else None
+        d_log_decay = d_gate = None
+        if wanted.log_decay:
+            d_log_decay = vjp.log_decay_grad(w, u, counts, intra, chunking.chunk_size)
+            if x is not None:
+                d_log_decay = d_log_decay + vjp.exit_log_decay_grad(x)
+        if wanted.log_gate:
+            d_gate = vjp.log_gate_grad(w, u, spanned, x, chunking.chunk_size)
         grads = (dq, dk, dv, d_log_decay, d_gate, d_start)
         # intra_t is the witness: scale sum_s (t - s) (q_t . k_s)(dO_t . v_s) over the chunk holds the pair
         # (t, t), lag 0 times a non-finite product being NaN, for q_t, k_t, v_t and dO_t alike.
@@ -428,8 +437,9 @@ def _mark_gradients(dq, dk, dv, d_log_decay, d_gate, d_start, q, k, v, do, *, ru
     dk = nonfinite.mark_reached(dk, q, run_ids, reverse=True)
     d_start = nonfinite.mark(d_start, nonfinite.in_run(bad_do, run_ids, "first")[:, :, None])
     any_bad = lambda x: jnp.any(x, axis=(1, 3))  # noqa: E731  [B, H]
-    head = jnp.any(any_bad(bad_q) | any_bad(bad_k) | any_bad(bad_v) | any_bad(bad_do), axis=0)
-    d_log_decay = nonfinite.mark(d_log_decay, head)
+    if d_log_decay is not None:
+        head = jnp.any(any_bad(bad_q) | any_bad(bad_k) | any_bad(bad_v) | any_bad(bad_do), axis=0)
+        d_log_decay = nonfinite.mark(d_log_decay, head)
     if d_gate is not None:
         # d log_gate_r collects the pairs (t >= r > s): a bad key side at s < r, or a bad query side at t >= r.
         key_side = jnp.any(bad_k, -1) | jnp.any(bad_v, -1)
@@ -449,30 +459,34 @@ def _pallas(q, k, v, log_decay, log_gate, initial_state, run_ids, scale, config,
 
 
 def _pallas_fwd(q, k, v, log_decay, log_gate, initial_state, run_ids, scale, config, exact_state):
+    wanted = vjp.wanted(log_decay, log_gate)
     *floats, run_ids = jax.custom_derivatives.custom_vjp_primal_tree_values(
         (q, k, v, log_decay, log_gate, initial_state, run_ids))
     # A second derivative would differentiate this forward's kernels too: refuse it there as well.
     primals = tuple(None if x is None else vjp.first_order_only(x) for x in floats) + (run_ids,)
-    return _pallas(*primals, scale, config, exact_state), primals
+    return _pallas(*primals, scale, config, exact_state), primals + (wanted,)
 
 
 def pallas_backward(scale: float, config: PallasConfig, residuals, cotangents):
     """The VJP shared by both Pallas implementations: residuals (q, k, v, log_decay, log_gate, initial_state,
-    run_ids), cotangents (dO, d final_state), either possibly a symbolic zero. Returns (dq, dk, dv,
-    d log_decay, d log_gate, d initial_state, None): :func:`block_backward` with the final state's cotangent
-    as the exit's, plus the terms of the carry of the initial state into the final state."""
-    q, k, v, log_decay, log_gate, initial_state, run_ids = residuals
+    run_ids, :class:`fleetjax.vjp.Wanted`), cotangents (dO, d final_state), either possibly a symbolic zero.
+    Returns (dq, dk, dv, d log_decay, d log_gate, d initial_state, None), a decay's gradient None where not
+    wanted: :func:`block_backward` with the final state's cotangent as the exit's, plus the terms of the carry
+    of the initial state into the final state."""
+    q, k, v, log_decay, log_gate, initial_state, run_ids, wanted = residuals
     decays = Decays(log_decay, log_gate)
     do, d_final = cotangents
     do = jnp.zeros(v.shape, q.dtype) if vjp.is_zero(do) else do
     d_final = None if vjp.is_zero(d_final) else d_final
     dq, dk, dv, d_log_decay, d_gate, d_initial = block_backward(q, k, v, decays, initial_state, run_ids, do,
-                                                                d_final, None, scale=scale, config=config)
+                                                                d_final, None, scale=scale, config=config,
+                                                                wanted=wanted)
     if d_final is not None:
         carry = vjp.whole_row_carry(decays, run_ids, q.shape[0], q.shape[1])
         d_initial = d_initial + carry[..., None, None] * d_final
         term = vjp.carry_term(carry, d_final, initial_state)  # [B, H]
-        d_log_decay = d_log_decay + q.shape[1] * jnp.sum(term, axis=0)
+        if d_log_decay is not None:
+            d_log_decay = d_log_decay + q.shape[1] * jnp.sum(term, axis=0)
         if d_gate is not None:
             d_gate = d_gate + term[:, :, None]
     grads = (dq, dk, dv, d_log_decay, None if d_gate is None else jnp.swapaxes(d_gate, 1, 2), d_initial)

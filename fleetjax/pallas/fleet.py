@@ -383,15 +383,16 @@ def _pallas_fleet(q, k, v, log_decay, log_gate, initial_state, run_ids, scale, c
 
 
 def _pallas_fleet_fwd(q, k, v, log_decay, log_gate, initial_state, run_ids, scale, config, exact_state):
-    # symbolic_zeros=True: the primals arrive wrapped; an unused output's cotangent stays a SymbolicZero,
-    # which lets the backward skip its terms (the final state's, most often).
+    # symbolic_zeros=True: the primals arrive wrapped (saying which are differentiated); an unused output's
+    # cotangent stays a SymbolicZero, which lets the backward skip its terms (the final state's, most often).
+    wanted = vjp.wanted(log_decay, log_gate)
     *floats, run_ids = jax.custom_derivatives.custom_vjp_primal_tree_values(
         (q, k, v, log_decay, log_gate, initial_state, run_ids))
     # A second derivative would differentiate this forward's kernel: refuse it with a clear message.
     q, k, v, log_decay, log_gate, initial_state = (None if x is None else vjp.first_order_only(x) for x in floats)
     o, final_state = _forward(q, k, v, log_decay, log_gate, initial_state, run_ids, scale=scale, config=config,
                               exact_state=exact_state)
-    return (o, final_state), (q, k, v, log_decay, log_gate, initial_state, run_ids)
+    return (o, final_state), (q, k, v, log_decay, log_gate, initial_state, run_ids, wanted)
 
 
 def _pallas_fleet_bwd(scale, config, exact_state, residuals, cotangents):
