@@ -228,14 +228,21 @@ def count_crossings(counts, state, ch: Chunk):
     return carried(ch, counts + state)
 
 
-def spanned(pair_terms):
+def spanned(pair_terms, precision=None):
     """[C]: for each position r, the sum of pair_terms [C, C] (query i, key j, zero off the pairs) over the
     pairs with j < r <= i: the pairs whose decay spans r, the intra-chunk part of d log_gate_r. The sums over
-    the queries i >= r come as one product with the triangle [i >= r] (the terms in three bfloat16 parts:
-    float32's 24 bits and range, on the tensor cores, where a prefix sum across a tile is slow there), then a
-    masked sum over the keys j < r. Every term keeps its sign, nothing cancels."""
+    the queries i >= r come as one product with the triangle [i >= r], then a masked sum over the keys
+    j < r. Every term keeps its sign, nothing cancels.
+
+    In a kernel (``precision`` None) the terms enter the product as three bfloat16 parts: float32's 24 bits
+    and range on the tensor cores, where a prefix sum across a tile is slow. Under XLA give a float32
+    ``precision`` (HIGHEST): one float32 product, as XLA may fold the parts' float32 -> bfloat16 -> float32
+    round trips away (its excess-precision rewrites), which left one bfloat16 part on a GPU."""
     C = pair_terms.shape[0]
     i = jnp.arange(C)
-    at_or_after = (i[None, :] >= i[:, None]).astype(jnp.bfloat16)  # [r, i]: 1 where i >= r, exact in bf16
-    from_r = dot_exact(at_or_after, pair_terms, jnp.bfloat16, None, parts=3)  # [r, j]: sum over i >= r
+    at_or_after = i[None, :] >= i[:, None]  # [r, i]: i >= r
+    if precision is None:
+        from_r = dot_exact(at_or_after.astype(jnp.bfloat16), pair_terms, jnp.bfloat16, None, parts=3)
+    else:
+        from_r = dot(at_or_after.astype(f32), pair_terms, precision)  # [r, j]: the sum over i >= r
     return jnp.sum(jnp.where(i[None, :] < i[:, None], from_r, 0.0), axis=1)

@@ -174,7 +174,8 @@ def _causal_pass(q, k, v, decays: Decays, initial_state, run_ids, scale, chunkin
     d_log_decay = jnp.where(jnp.any(bad, axis=(0, 1, 3, 4)), jnp.nan, d_log_decay)
     per_position = lambda x: jnp.swapaxes(chunking.merge(x[..., None])[..., 0], 1, 2)  # noqa: E731  [B, H, T]
     w = per_position(scale * jnp.sum(o_inter * other, axis=-1))
-    spanned = per_position(scale * jax.vmap(jax.vmap(jax.vmap(cm.spanned)))(pairs))
+    spanned_of = functools.partial(cm.spanned, precision=HIGHEST)
+    spanned = per_position(scale * jax.vmap(jax.vmap(jax.vmap(spanned_of)))(pairs))
     return chunking.merge(o), final_state, d_log_decay, w, spanned
 
 
