@@ -248,10 +248,10 @@ def default_config(q: jax.Array, v: jax.Array) -> PallasConfig:
     with tf32x3 products, else IEEE ones).
 
     The backward's rule, H200 2026-12-02 (results/2026-12-02-h200-tune_pallas_pieces.jsonl, forward+backward
-    with the decay's gradient): where batch*head is small, blocks of 32 with more pieces beat blocks of 64 at
-    8 warps with fewer, 10.9 -> 8.2 ms at B1 H16 T=131072 and 1.70 -> 1.38-1.46 ms at B1 H8 T=32768; more
-    pieces at the old blocks of 64 gained less (9.9 ms) or lost (1.86 ms); at B4 H16 T=16384 (256 programs)
-    two pieces lost (4.75 vs 4.15 ms)."""
+    with the decay's gradient): where batch*head is small, blocks of 32 at 4 warps beat blocks of 64 at 8,
+    10.9 -> 8.2 ms at B1 H16 T=131072 (4 pieces; 7.6 with 8) and 1.70 -> 1.38-1.46 ms at B1 H8 T=32768 (8
+    pieces); more pieces at blocks of 64 gained less (9.9 ms) or lost (1.86 ms); at B4 H16 T=16384 (256
+    programs) two pieces lost (4.75 vs 4.15 ms)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     dtype = jnp.dtype(q.dtype)
