@@ -54,8 +54,9 @@ HIGHEST = jax.lax.Precision.HIGHEST
 class Wanted:
     """Which of the decay's inputs a backward differentiates: a residual with no arrays (its fields are static),
     taken from the forward's primals (:func:`wanted`). A decay that is not learned, the common case (RetNet's
-    fixed decays; ``decay=None`` with a gate), spares the backward the sums of its gradient: the dq walk's
-    second state (the crossing counts) and the float32-accurate products that feed those sums."""
+    fixed decays; ``decay=None`` with a gate), spares the backward the sums of its gradient, among them the dq
+    walk's second state (the crossing counts); with no gate learned either, also the float32-accurate
+    products that only those sums need."""
 
     log_decay: bool = True
     log_gate: bool = True
