@@ -51,7 +51,7 @@ from fleetjax import vjp
 from fleetjax.decay import Decays
 from fleetjax.segments import run_ids_from_segment_ids
 from fleetjax.state_passing import BlockKernels, pass_states
-from fleetjax.vma import varying_axes, vary_like
+from fleetjax.vma import instantiate, varying_axes, vary_like
 
 f32 = jnp.float32
 
@@ -182,12 +182,11 @@ def _block(kernels: BlockKernels, scale: float, config: Any, axis_name: AxisName
     runs: the block's run ids (run 0 = the positions the entering state reaches), or None. The custom VJP
     runs the exchange mirrored, so that the reverse walks start from each block's exit cotangent (no extra
     pass over the block, unlike autodiff through the forward's order)."""
-    (o, final_state), _ = _block_fwd(kernels, scale, config, axis_name, invariant, q, k, v, log_decay, log_gate,
-                                     state, runs)
-    return o, final_state
+    return _block_forward(kernels, scale, config, axis_name, invariant, q, k, v, log_decay, log_gate, state,
+                          runs)[0]
 
 
-def _block_fwd(kernels, scale, config, axis_name, invariant, q, k, v, log_decay, log_gate, state, runs):
+def _block_forward(kernels, scale, config, axis_name, invariant, q, k, v, log_decay, log_gate, state, runs):
     # A second derivative would differentiate the kernels: refuse it with fleetjax.vjp's message.
     q, k, v, log_decay, log_gate, state = (None if x is None else vjp.first_order_only(x)
                                            for x in (q, k, v, log_decay, log_gate, state))
@@ -201,10 +200,19 @@ def _block_fwd(kernels, scale, config, axis_name, invariant, q, k, v, log_decay,
     return (o, final_state), (q, k, v, decays, entering, runs, carry, carries)
 
 
+def _block_fwd(kernels, scale, config, axis_name, invariant, q, k, v, log_decay, log_gate, state, runs):
+    # symbolic_zeros=True: the primals arrive wrapped, saying which are differentiated (a fixed decay spares
+    # the backward its gradient's sums, fleetjax.vjp.Wanted).
+    wanted = vjp.wanted(log_decay, log_gate)
+    primals = jax.custom_derivatives.custom_vjp_primal_tree_values((q, k, v, log_decay, log_gate, state, runs))
+    out, residuals = _block_forward(kernels, scale, config, axis_name, invariant, *primals)
+    return out, residuals + (wanted,)
+
+
 def _block_bwd(kernels, scale, config, axis_name, invariant, residuals, cotangents):
-    q, k, v, decays, entering, runs, carry, carries = residuals
+    q, k, v, decays, entering, runs, carry, carries, wanted = residuals
     block_runs, reached = local_runs(runs, q.shape[0])
-    do, d_final = cotangents
+    do, d_final = (instantiate(c) for c in cotangents)
     if not invariant:
         # Without check_vma typing every device holds its own copy of the final state, each with its share
         # of the cotangent (shard_map divides an out_specs P() cotangent over the devices): their sum.
@@ -213,10 +221,12 @@ def _block_bwd(kernels, scale, config, axis_name, invariant, residuals, cotangen
     local_reverse = jnp.where(reached[:, None, None, None], local_reverse, 0.0)
     exit_cotangent, d_initial = _pass_backward(local_reverse, carries, d_final, axis_name, invariant)
     dq, dk, dv, d_log_decay, d_gate, _ = kernels.backward(q, k, v, decays, entering, block_runs, do,
-                                                          exit_cotangent, reuse, scale=scale, config=config)
+                                                          exit_cotangent, reuse, scale=scale, config=config,
+                                                          wanted=wanted)
     # The carry of the entering state through the block into its final state spans every position.
     term = vjp.carry_term(carry, exit_cotangent, entering)
-    d_log_decay = d_log_decay + q.shape[1] * jnp.sum(term, axis=0)
+    if d_log_decay is not None:
+        d_log_decay = d_log_decay + q.shape[1] * jnp.sum(term, axis=0)
     if d_gate is not None:
         d_gate = jnp.swapaxes(d_gate + term[:, :, None], 1, 2)
     d_initial = jnp.where(jax.lax.axis_index(axis_name) == 0, d_initial, 0.0)
@@ -225,7 +235,7 @@ def _block_bwd(kernels, scale, config, axis_name, invariant, residuals, cotangen
     return grads + (None,)
 
 
-_block.defvjp(_block_fwd, _block_bwd)
+_block.defvjp(_block_fwd, _block_bwd, symbolic_zeros=True)
 
 
 def block_run_ids(segment_ids: jax.Array | None, axis_name: AxisName) -> jax.Array | None:

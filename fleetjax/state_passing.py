@@ -62,10 +62,11 @@ class BlockKernels:
     - forward(q, k, v, decays, start, run_ids, reuse, *, scale, config) -> o, entered with ``start``;
     - local_reverse_state(q, do, decays, run_ids, *, scale, config) -> (D, reuse): the cotangent that the
       block's outputs give its entering state (over run 0), and what ``backward`` may reuse;
-    - backward(q, k, v, decays, start, run_ids, do, exit_cotangent, reuse, *, scale, config) ->
+    - backward(q, k, v, decays, start, run_ids, do, exit_cotangent, reuse, *, scale, config, wanted) ->
       (dq, dk, dv, d log_decay [H], d log_gate [B, H, T] or None, d start): the gradients of the block entered
       with ``start`` whose final state has the cotangent ``exit_cotangent`` (None: unused), except the terms
-      of the carry of start into the final state, which belong to the exchange.
+      of the carry of start into the final state, which belong to the exchange; ``wanted``
+      (fleetjax.vjp.Wanted): which of the decay's gradients are used (those not wanted may come as None).
     """
 
     local_state: Callable[..., tuple[jax.Array, Any]]

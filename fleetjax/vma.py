@@ -40,6 +40,25 @@ def vary_like(x: jax.Array, *refs: jax.Array) -> jax.Array:
     return jax.lax.pvary(x, missing)  # JAX before pcast
 
 
+def instantiate(cotangent: Any) -> jax.Array:
+    """A custom VJP's cotangent (``symbolic_zeros=True``) as an array: a symbolic zero as zeros of its type,
+    varying over the mesh axes its type names (what JAX would have passed without symbolic zeros)."""
+    from jax.custom_derivatives import SymbolicZero
+    if not isinstance(cotangent, SymbolicZero):
+        return cotangent
+    aval = cotangent.aval
+    zero = jnp.zeros(aval.shape, aval.dtype)
+    vma = getattr(aval, "vma", None)
+    if vma is None:
+        vma = getattr(getattr(aval, "mat", None), "varying", None)
+    axes = tuple(sorted(vma or (), key=str))
+    if not axes:
+        return zero
+    if hasattr(jax.lax, "pcast"):
+        return jax.lax.pcast(zero, axes, to="varying")
+    return jax.lax.pvary(zero, axes)
+
+
 def shape_dtype_like(shape: tuple[int, ...], dtype: Any, *refs: jax.Array) -> jax.ShapeDtypeStruct:
     """A ``jax.ShapeDtypeStruct`` for a ``pallas_call`` output, varying over the mesh axes of refs. Inside
     ``shard_map(check_vma=True)`` pallas_call needs the type also when it varies over no axis (jax 0.10 names

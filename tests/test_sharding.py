@@ -170,7 +170,8 @@ def _reference_blocks():
                                              runs, scale)[0], start)
         return pullback(do.astype(o.dtype))[0], None
 
-    def backward(q, k, v, decays, start, runs, do, exit_cotangent, reuse, *, scale, config):
+    def backward(q, k, v, decays, start, runs, do, exit_cotangent, reuse, *, scale, config, wanted):
+        del wanted  # the reference forms every gradient
         (o, final), pullback = jax.vjp(lambda *a: scan(*a, runs, scale), q, k, v, decays.log_decay, decays.log_gate,
                                        start)
         exit_cotangent = jnp.zeros_like(final) if exit_cotangent is None else exit_cotangent
@@ -514,6 +515,39 @@ def test_grouped_local_state_equals_one_product(with_runs):
     np.testing.assert_allclose(six, one, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads(6), grads(1)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("check_vma", [True, False])
+def test_sequence_parallel_backward_with_a_fixed_decay(check_vma):
+    """A fixed decay and gate under sequence parallelism: the block's custom VJP forms no decay gradient (its
+    dq walk has no crossing counts), the final state's cotangent is a symbolic zero (not returned), and dq,
+    dk, dv equal the plain call's."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    import fleetjax
+    from test_pallas_chunked import _kernel_outputs
+    rng = np.random.default_rng(5)
+    t = 24
+    q, k = (jnp.asarray(rng.standard_normal((1, t, 2, 4)), jnp.float32) for _ in range(2))
+    v = jnp.asarray(rng.standard_normal((1, t, 2, 5)), jnp.float32)
+    decay = jnp.asarray([0.9, 0.5])
+    gate = jnp.asarray(-np.abs(rng.standard_normal((1, t, 2))) * 0.1, jnp.float32)
+
+    def attend(axis):
+        return lambda q, k, v, gate: fleetjax.fleet_attention(q, k, v, decay, log_gate=gate, scale=0.5,
+                                                              sequence_axis_name=axis, implementation="pallas")
+
+    mesh = Mesh(np.array(jax.devices()[:1]), ("seq",))
+    mapped = jax.shard_map(attend("seq"), mesh=mesh, in_specs=(P(None, "seq"),) * 4, out_specs=P(None, "seq"),
+                           check_vma=check_vma)
+    grad = lambda fn: jax.grad(lambda *a: jnp.sum(jnp.sin(fn(*a))), argnums=(0, 1, 2))  # noqa: E731
+    assert _kernel_outputs(jax.make_jaxpr(grad(mapped))(q, k, v, gate).jaxpr)["fleet_backward_dq"] == 2
+    got, want = jax.jit(grad(mapped))(q, k, v, gate), jax.jit(grad(attend(None)))(q, k, v, gate)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("check_vma", [True, False])
