@@ -235,7 +235,8 @@ def dq_walk(q, k, v, do, log_decay, start, run_ids, chunking: Chunking, *, scale
 
 def dv_walk(q, k, do, log_decay, exit_state, run_ids, chunking: Chunking, *, scale: float, contain: bool, local,
             block_v: int, num_warps: int, num_stages: int, precision, gate=None, piece_log=None, to_end=None):
-    """(dv [B, T, H, V] in do's dtype, R [B, H, K, V] float32: the reverse state after the first position). exit_state: dS_T [B, H, K, V] or None."""
+    """(dv [B, T, H, V] in do's dtype, R [B, H, K, V] float32: the reverse state after the first position).
+    exit_state: dS_T [B, H, K, V] or None."""
     B, T, H, K = q.shape
     V = do.shape[-1]
     s, kp, bv, nv, inputs = _common(K, V, block_v, H, chunking, run_ids, True, local, None, gate, piece_log)
