@@ -1,7 +1,8 @@
 """Where the "pallas" implementation's time goes on a GPU, at the long-context benchmark shapes (bf16,
 K = V = 128): the op (forward, forward+backward) with XLA's temp allocation, the op without the choice
 between contained and plain kernels (fleetjax.nonfinite.contained_if_reached and contained_if_needed: the
-plain kernels called directly), and each walk kernel alone, plain and with containment, at the default warps and others.
+plain kernels called directly), and each walk kernel alone, plain and with containment, at the default warps
+and others.
 
     PYTHONPATH=. python -m experiments.cost_split [--out DIR] [--smoke] [--op-only] [--gated] [--warps 4,8]
 
@@ -86,9 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.op_only or args.gated:  # the kernel ablations below run the constant decay
             continue
         from fleetjax import nonfinite
-        plain_only = (mock.patch.object(nonfinite, "contained_if_needed", lambda inputs, walks: walks(False)),
-                      mock.patch.object(nonfinite, "contained_if_reached", lambda walks: walks(False)[0]))
-        with plain_only[0], plain_only[1]:
+        with (mock.patch.object(nonfinite, "contained_if_needed", lambda inputs, walks: walks(False)),
+              mock.patch.object(nonfinite, "contained_if_reached", lambda walks: walks(False)[0])):
             for op, fn in ops().items():  # fresh functions: a cached trace would keep the cond
                 ms, temp = _time(fn, sets)
                 record(**shape, what="op without the cond", op=op, ms=ms, temp_mb=temp)

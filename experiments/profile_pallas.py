@@ -33,9 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--ops", default="fwd,fwd_bwd", help="which of fwd, fwd_bwd to run, in this order")
     ap.add_argument("--fixed-decay", action="store_true",
-                    help="fwd_bwd without the decay's (gated: the gate's) gradient; by default it is differentiated")
+                    help="fwd_bwd without the decay's (gated: the gate's) gradient; by default it is "
+                    "differentiated")
     ap.add_argument("--gated", action="store_true",
-                    help="a per-token log gate (logsigmoid(N(0, 1)) / 16) and no per-head decay, as the gated benchmarks")
+                    help="a per-token log gate (logsigmoid(N(0, 1)) / 16) and no per-head decay, as the gated "
+                    "benchmarks")
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
     dtype = jnp.dtype(args.dtype)
@@ -51,13 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     attend = lambda q, k, v, decay, log_gate: fleetjax.fleet_attention(  # noqa: E731
         q, k, v, decay, log_gate=log_gate, implementation="pallas")
     fixed = lambda q, k, v: attend(q, k, v, decay, log_gate)  # noqa: E731
-    learned = (log_gate,) if args.gated else (decay,)
-    if args.fixed_decay:
-        pullback = lambda q, k, v: jax.vjp(fixed, q, k, v)[1]  # noqa: E731
-    elif args.gated:
-        pullback = lambda q, k, v: jax.vjp(lambda q, k, v, g: attend(q, k, v, None, g), q, k, v, *learned)[1]  # noqa: E731
+    if args.gated:
+        learned, wrt = (lambda q, k, v, g: attend(q, k, v, None, g)), (log_gate,)
     else:
-        pullback = lambda q, k, v: jax.vjp(lambda q, k, v, d: attend(q, k, v, d, None), q, k, v, *learned)[1]  # noqa: E731
+        learned, wrt = (lambda q, k, v, d: attend(q, k, v, d, None)), (decay,)
+    if args.fixed_decay:
+        learned, wrt = fixed, ()
+    pullback = lambda q, k, v: jax.vjp(learned, q, k, v, *wrt)[1]  # noqa: E731
     fwd = jax.jit(fixed)
     fwd_bwd = jax.jit(lambda q, k, v, do: pullback(q, k, v)(do))
     runs = {"fwd": (fwd, (q, k, v)), "fwd_bwd": (fwd_bwd, (q, k, v, do))}

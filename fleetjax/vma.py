@@ -14,14 +14,24 @@ import jax
 import jax.numpy as jnp
 
 
-def varying_axes(x: jax.Array) -> frozenset | None:
-    """The mesh axes over which x may differ, or None if JAX does not say (outside shard_map's typing)."""
-    aval = jax.typeof(x)
+def _aval_axes(aval) -> frozenset | None:
     vma = getattr(aval, "vma", None)
     if vma is None:
-        mat = getattr(aval, "mat", None)
-        vma = getattr(mat, "varying", None)
+        vma = getattr(getattr(aval, "mat", None), "varying", None)
     return None if vma is None else frozenset(vma)
+
+
+def _cast_varying(x: jax.Array, axes: tuple) -> jax.Array:
+    if not axes:
+        return x
+    if hasattr(jax.lax, "pcast"):
+        return jax.lax.pcast(x, axes, to="varying")
+    return jax.lax.pvary(x, axes)  # JAX before pcast
+
+
+def varying_axes(x: jax.Array) -> frozenset | None:
+    """The mesh axes over which x may differ, or None if JAX does not say (outside shard_map's typing)."""
+    return _aval_axes(jax.typeof(x))
 
 
 def vary_like(x: jax.Array, *refs: jax.Array) -> jax.Array:
@@ -32,12 +42,7 @@ def vary_like(x: jax.Array, *refs: jax.Array) -> jax.Array:
     need: set = set()
     for ref in refs:
         need |= varying_axes(ref) or set()
-    missing = tuple(sorted(need - have, key=str))
-    if not missing:
-        return x
-    if hasattr(jax.lax, "pcast"):
-        return jax.lax.pcast(x, missing, to="varying")
-    return jax.lax.pvary(x, missing)  # JAX before pcast
+    return _cast_varying(x, tuple(sorted(need - have, key=str)))
 
 
 def instantiate(cotangent: Any) -> jax.Array:
@@ -48,15 +53,7 @@ def instantiate(cotangent: Any) -> jax.Array:
         return cotangent
     aval = cotangent.aval
     zero = jnp.zeros(aval.shape, aval.dtype)
-    vma = getattr(aval, "vma", None)
-    if vma is None:
-        vma = getattr(getattr(aval, "mat", None), "varying", None)
-    axes = tuple(sorted(vma or (), key=str))
-    if not axes:
-        return zero
-    if hasattr(jax.lax, "pcast"):
-        return jax.lax.pcast(zero, axes, to="varying")
-    return jax.lax.pvary(zero, axes)
+    return _cast_varying(zero, tuple(sorted(_aval_axes(aval) or (), key=str)))
 
 
 def shape_dtype_like(shape: tuple[int, ...], dtype: Any, *refs: jax.Array) -> jax.ShapeDtypeStruct:

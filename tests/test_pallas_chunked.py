@@ -111,21 +111,23 @@ def test_plain_walks_equal_the_contained_ones_on_finite_inputs(monkeypatch, piec
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * float(jnp.abs(b).max()), err_msg=name)
 
 
-def _finiteness_checks(jaxpr) -> list[tuple[int, ...]]:
-    """The shapes that is_finite reads outside lax.cond branches (the contained branches' marking has its
-    own)."""
+def _eqns_outside_conds(jaxpr):
+    """The equations of ``jaxpr`` and of its sub-jaxprs, leaving out what lax.cond branches hold."""
     from jax.extend import core as jcore
-    shapes = []
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "is_finite":
-            shapes.append(tuple(eqn.invars[0].aval.shape))
+        yield eqn
         if eqn.primitive.name == "cond":
             continue
         for param in eqn.params.values():
             for sub in param if isinstance(param, (list, tuple)) else [param]:
                 if isinstance(sub, (jcore.ClosedJaxpr, jcore.Jaxpr)):
-                    shapes += _finiteness_checks(getattr(sub, "jaxpr", sub))
-    return shapes
+                    yield from _eqns_outside_conds(getattr(sub, "jaxpr", sub))
+
+
+def _finiteness_checks(jaxpr) -> list[tuple[int, ...]]:
+    """The shapes that is_finite reads outside lax.cond branches (the contained branches' marking has its
+    own)."""
+    return [tuple(eqn.invars[0].aval.shape) for eqn in _eqns_outside_conds(jaxpr) if eqn.primitive.name == "is_finite"]
 
 
 @pytest.mark.parametrize("implementation", ["pallas", "pallas_fleet"])
@@ -146,18 +148,8 @@ def test_walks_check_their_witness_not_their_inputs(implementation):
 
 def _kernel_outputs(jaxpr) -> dict[str, int]:
     """Kernel name -> its number of outputs, for the pallas_calls of ``jaxpr`` outside lax.cond branches."""
-    from jax.extend import core as jcore
-    found = {}
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
-            found[str(eqn.params["name"])] = len(eqn.outvars)
-        if eqn.primitive.name == "cond":
-            continue
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (list, tuple)) else [param]:
-                if isinstance(sub, (jcore.ClosedJaxpr, jcore.Jaxpr)):
-                    found.update(_kernel_outputs(getattr(sub, "jaxpr", sub)))
-    return found
+    return {str(eqn.params["name"]): len(eqn.outvars) for eqn in _eqns_outside_conds(jaxpr)
+            if eqn.primitive.name == "pallas_call"}
 
 
 # (gated, which arguments are differentiated) -> outputs of the dq walk (dq, intra[, w][, counts][, spanned])

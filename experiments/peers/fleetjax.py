@@ -1,9 +1,9 @@
 """fleetjax itself: ``fleet_attention(q, k, v, decay, scale=1, implementation=...)`` in [B, T, H, K]; its
 fwd_bwd returns the decay gradient too, except as ``fleetjax.<implementation>.fixed_decay`` (the decay closed
-over, as fla's ``g_gamma``: the backward then forms no decay gradient, fleetjax.vjp.Wanted). Gated cases: ``fleet_attention(q, k, v, None, log_gate=log_gate,
-...)`` (the gate alone, as fla's ``g=``), fwd_bwd with the log gate's gradient. What an implementation
-supports here (whether it is installed, runs compiled or only in Pallas interpret mode) is read from its
-record in ``fleetjax.IMPLEMENTATIONS``."""
+over, as fla's ``g_gamma``: the backward then forms no decay gradient, fleetjax.vjp.Wanted). Gated cases:
+``fleet_attention(q, k, v, None, log_gate=log_gate, ...)`` (the gate alone, as fla's ``g=``), fwd_bwd with
+the log gate's gradient. What an implementation supports here (whether it is installed, runs compiled or
+only in Pallas interpret mode) is read from its record in ``fleetjax.IMPLEMENTATIONS``."""
 
 from __future__ import annotations
 

@@ -202,6 +202,12 @@ def _exit_inputs(exit_state, run_ids, s: Specs, kp: int, width: int, dtype=None,
                 to_end_ref=None if to_end is None else (to_end, s.positions()))
 
 
+def _summed(out: dict, name: str):
+    """A per-position output [blocks, B, H, T] summed over the blocks (each holds part of a sum over the key
+    dim) in a fixed order, or None if the launch left it out."""
+    return jnp.sum(out[name], axis=0) if name in out else None
+
+
 def dq_walk(q, k, v, do, log_decay, start, run_ids, chunking: Chunking, *, scale: float, contain: bool, local,
             block_v: int, num_warps: int, num_stages: int, precision, gate=None, piece_log=None,
             wanted: Wanted = Wanted()):
@@ -228,9 +234,8 @@ def dq_walk(q, k, v, do, log_decay, start, run_ids, chunking: Chunking, *, scale
                             counts_ref=per_position if wanted.log_decay else None,
                             spanned_ref=per_position if gate is not None and wanted.log_gate else None),
                num_warps=num_warps, num_stages=num_stages)
-    # Each K block holds part of the sums over K; add them in a fixed order.
-    total = lambda name: None if name not in out else jnp.sum(out[name], axis=0)  # noqa: E731
-    return out["dq_ref"], total("w_ref"), total("counts_ref"), total("intra_ref"), total("spanned_ref")
+    return (out["dq_ref"], _summed(out, "w_ref"), _summed(out, "counts_ref"), _summed(out, "intra_ref"),
+            _summed(out, "spanned_ref"))
 
 
 def dv_walk(q, k, do, log_decay, exit_state, run_ids, chunking: Chunking, *, scale: float, contain: bool, local,
@@ -273,5 +278,4 @@ def dk_walk(q, k, v, do, log_decay, exit_state, run_ids, chunking: Chunking, *, 
                outputs=dict(dk_ref=(((B, T, H, K), k.dtype), s.values()), u_ref=per_position,
                             x_ref=per_position if exit_state is not None else None),
                num_warps=num_warps, num_stages=num_stages)
-    total = lambda name: None if name not in out else jnp.sum(out[name], axis=0)  # noqa: E731
-    return out["dk_ref"], total("u_ref"), total("x_ref")
+    return out["dk_ref"], _summed(out, "u_ref"), _summed(out, "x_ref")
