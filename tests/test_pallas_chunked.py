@@ -55,6 +55,27 @@ def test_sequence_pieces_match_the_reference(pieces, backward_pieces, state):
         np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * float(jnp.abs(b).max()), err_msg=name)
 
 
+@pytest.mark.parametrize("poison", ["q", "do"])
+def test_backward_pieces_keep_what_a_nonfinite_value_reaches(poison):
+    """A NaN in q or dO reaches the same gradient entries whether the backward walks the sequence in one
+    piece or in three (whose local states enter each walk), the first run's d initial_state included; the
+    finite entries agree."""
+    q, k, v, decay, s0, seg, wo, wf = _inputs(K=20, V=40)
+    q, wo = q.copy(), wo.copy()
+    if poison == "q":
+        q[0, 33, 1, 3] = q[1, 1, 0, 2] = np.nan  # the second in the first run: it reaches d initial_state
+    else:
+        wo[0, 47, 0, 5] = wo[1, 2, 1, 5] = np.nan
+    whole, pieces = (_all("pallas", PallasConfig(**SMALL, backward_num_sequence_pieces=p), q, k, v, decay, s0, seg,
+                          wo, wf) for p in (1, 3))
+    for name, a, b in zip(("o", "final", "dq", "dk", "dv", "ddecay", "dinitial"), pieces, whole):
+        assert np.array_equal(np.isnan(a), np.isnan(b)), name
+        if name in ("dk", "dv", "dinitial"):
+            assert np.isnan(a).any(), name
+        scale = float(np.nanmax(np.abs(b))) if np.isfinite(b).any() else 1.0
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * scale, equal_nan=True, err_msg=name)
+
+
 def test_several_value_blocks_and_bitwise_determinism():
     x = _inputs(K=20, V=40)
     config = PallasConfig(**SMALL)  # V = 40 -> three value blocks of 16, the last one partial

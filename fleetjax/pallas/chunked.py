@@ -429,12 +429,17 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
 
 
 def _mark_gradients(dq, dk, dv, d_log_decay, d_gate, d_start, q, k, v, do, *, run_ids):
-    """NaN into the gradients that a non-finite q, k, v or dO reaches (the kernels took the values of their
-    products finite: k in the dq walk, dO in the dv walk, q in the dk walk)."""
+    """NaN into the gradients that a non-finite q, k, v or dO reaches. The kernels took the values of their
+    products finite: k in the dq walk, dO in the dv walk, q in the dk walk, and dO in the reverse pieces'
+    local states, which the dk walk enters too."""
     bad_q, bad_k, bad_v, bad_do = (nonfinite.bad(x) for x in (q, k, v, do))
     dq = nonfinite.mark_reached(dq, k, run_ids)
     dv = nonfinite.mark_reached(dv, do, run_ids, reverse=True)
     dk = nonfinite.mark_reached(dk, q, run_ids, reverse=True)
+    # A bad entry of dO_t reaches every column of dk_s, s <= t in t's segment, through dO_t . v_s: the dk
+    # walk's own state carries it within a piece, the pieces' local states (dO made finite) do not.
+    any_entry = jnp.where(jnp.any(bad_do, -1, keepdims=True), jnp.nan, 0.0)
+    dk = nonfinite.mark_reached(dk, any_entry, run_ids, reverse=True)
     d_start = nonfinite.mark(d_start, nonfinite.in_run(bad_do, run_ids, "first")[:, :, None])
     any_bad = lambda x: jnp.any(x, axis=(1, 3))  # noqa: E731  [B, H]
     if d_log_decay is not None:
