@@ -203,7 +203,8 @@ def _block_forward(kernels, scale, config, axis_name, invariant, q, k, v, log_de
 def _block_fwd(kernels, scale, config, axis_name, invariant, q, k, v, log_decay, log_gate, state, runs):
     # symbolic_zeros=True: the primals arrive wrapped, saying which are differentiated (a fixed decay spares
     # the backward its gradient's sums, fleetjax.vjp.Wanted).
-    wanted = vjp.wanted(log_decay, log_gate)
+    # A block's d start comes from the exchange (the local reverse states), not from its backward walks.
+    wanted = vjp.wanted(log_decay, log_gate, None)
     primals = jax.custom_derivatives.custom_vjp_primal_tree_values((q, k, v, log_decay, log_gate, state, runs))
     out, residuals = _block_forward(kernels, scale, config, axis_name, invariant, *primals)
     return out, residuals + (wanted,)

@@ -49,27 +49,32 @@ f32 = jnp.float32
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=[], meta_fields=["log_decay", "log_gate"])
+@functools.partial(jax.tree_util.register_dataclass, data_fields=[],
+                   meta_fields=["log_decay", "log_gate", "initial_state"])
 @dataclasses.dataclass(frozen=True)
 class Wanted:
-    """Which of the decay's inputs a backward differentiates: a residual with no arrays (its fields are static),
-    taken from the forward's primals (:func:`wanted`). A decay that is not learned, the common case (RetNet's
-    fixed decays; ``decay=None`` with a gate), spares the backward the sums of its gradient, among them the dq
-    walk's second state (the crossing counts); with no gate learned either, also the float32-accurate
-    products that only those sums need."""
+    """Which of the decay's inputs and the initial state a backward differentiates: a residual with no arrays
+    (its fields are static), taken from the forward's primals (:func:`wanted`). A decay that is not learned,
+    the common case (RetNet's fixed decays; ``decay=None`` with a gate), spares the backward the sums of its
+    gradient, among them the dq walk's second state (the crossing counts); with no gate learned either, also
+    the float32-accurate products that only those sums need. No initial state (or a fixed one) spares the
+    float32-accurate update of the reverse state that only its gradient reads."""
 
     log_decay: bool = True
     log_gate: bool = True
+    initial_state: bool = True
 
     @property
     def any(self) -> bool:
         return self.log_decay or self.log_gate
 
 
-def wanted(log_decay, log_gate) -> Wanted:
+def wanted(log_decay, log_gate, initial_state) -> Wanted:
     """The :class:`Wanted` of a custom VJP's forward rule with ``symbolic_zeros=True`` from its
-    ``jax.custom_derivatives.CustomVJPPrimal`` log decay and log gate (a gate of None arrives as None)."""
-    return Wanted(log_decay=bool(log_decay.perturbed), log_gate=log_gate is not None and bool(log_gate.perturbed))
+    ``jax.custom_derivatives.CustomVJPPrimal`` log decay, log gate and initial state (None arrives as None;
+    pass None for a state whose gradient comes from elsewhere)."""
+    perturbed = lambda x: x is not None and bool(x.perturbed)  # noqa: E731
+    return Wanted(log_decay=perturbed(log_decay), log_gate=perturbed(log_gate), initial_state=perturbed(initial_state))
 
 
 def is_zero(cotangent) -> bool:

@@ -194,6 +194,25 @@ def test_the_backward_forms_only_the_wanted_decay_gradients(implementation, gate
     assert (outputs["fleet_backward_dq"], outputs["fleet_backward_dk"]) == (dq_outputs, dk_outputs), outputs
 
 
+@pytest.mark.parametrize("state, differentiated, dv_outputs", [(False, False, 1), (True, False, 1), (True, True, 2)])
+@pytest.mark.parametrize("implementation", ["pallas", "pallas_fleet"])
+def test_the_reverse_state_is_formed_only_for_a_wanted_initial_state(implementation, state, differentiated,
+                                                                     dv_outputs):
+    """Without an initial state, or with a fixed one, the dv walk returns dv alone: its reverse state (d S0)
+    is neither written nor updated float32-accurately."""
+    B, T, H, K = 1, 16, 2, 8
+    q = jnp.ones((B, T, H, K), jnp.float32)
+    s0 = jnp.ones((B, H, K, K), jnp.float32) if state else None
+
+    def loss(q, k, v, s0):
+        return jnp.sum(fleetjax.fleet_attention(q, k, v, jnp.asarray([0.9, 0.5]), initial_state=s0,
+                                                implementation=implementation))
+
+    argnums = (0, 1, 2, 3) if differentiated else (0, 1, 2)
+    outputs = _kernel_outputs(jax.make_jaxpr(jax.grad(loss, argnums=argnums))(q, q, q, s0).jaxpr)
+    assert outputs["fleet_backward_dv"] == dv_outputs, outputs
+
+
 WITNESS_CASES = [("q", 0), ("k", 0), ("v", 0), ("do", 0), ("q", 69), ("k", 69), ("v", 69), ("do", 69),
                  ("k", 16), ("v", 15), ("q", 33), ("do", 47)]
 

@@ -96,20 +96,21 @@ def dq_kernel(*, log_decay_ref, do_ref, v_ref, k_ref, q_ref, dq_ref, intra_ref, 
          run_ref=run_ref, edge_ref=edge_ref, gate_ref=gate_ref)
 
 
-def dv_kernel(*, log_decay_ref, k_ref, q_ref, do_ref, dv_ref, reverse_ref, exit_ref=None,
+def dv_kernel(*, log_decay_ref, k_ref, q_ref, do_ref, dv_ref, reverse_ref=None, exit_ref=None,
               last_run_ref=None, local_ref=None, link_ref=None, run_ref=None, edge_ref=None, gate_ref=None,
               piece_log_ref=None, to_end_ref=None, chunking: Chunking, K: int, V: int, block: int, scale: float,
               contain: bool, precision):
     """One (V block, batch*head, piece) program of the dv walk. Refs: k, q [T, K]; do, dv [T, block]; exit
     [K, block] (dS_T), last_run [1]; local [P-1, K, block], link [P]; run [T], edge [1]; reverse
-    [K, block]: the reverse state after the piece's first position.
+    [K, block]: the reverse state after the piece's first position (d S0; None: not wanted, and the state's
+    update is then one 16-bit product, as it feeds dv alone).
     Gated: gate [T], piece_log [P], to_end [T] (the sums of la after each position, with exit)."""
     j, piece = program_id(0, log_decay_ref), program_id(2, log_decay_ref)
     log_decay = log_decay_ref[0]
     k_cols, v_cols = columns(k_ref, K), columns(do_ref, V, block, j)
     dtype = k_ref.dtype
-    state = _entered(jnp.zeros(reverse_ref.shape, f32), local_ref, link_ref, piece_log_ref, piece=piece,
-                     chunking=chunking, reverse=True, log_decay=log_decay)
+    state = _entered(jnp.zeros((k_ref.shape[-1], do_ref.shape[-1]), f32), local_ref, link_ref, piece_log_ref,
+                     piece=piece, chunking=chunking, reverse=True, log_decay=log_decay)
     exit_state = None if exit_ref is None else exit_ref[...].astype(dtype)
     last_run = None if last_run_ref is None else last_run_ref[0]
 
@@ -121,12 +122,14 @@ def dv_kernel(*, log_decay_ref, k_ref, q_ref, do_ref, dv_ref, reverse_ref, exit_
         if exit_state is not None:
             to_end = None if to_end_ref is None else load_positions(to_end_ref, ch)
             dv = dv + cm.dot(k, exit_state, precision) * cm.exit_decay(ch, chunking.T, last_run, to_end)[:, None]
-        state = cm.update(state, q, do, ch, dtype=dtype, precision=precision, exact=True)
+        state = cm.update(state, q, do, ch, dtype=dtype, precision=precision, exact=reverse_ref is not None)
         store_rows(dv_ref, ch, dv, v_cols)
         return state
 
-    reverse_ref[...] = walk(body, state, piece=piece, chunking=chunking, reverse=True, log_decay=log_decay,
-                            run_ref=run_ref, edge_ref=edge_ref, gate_ref=gate_ref)
+    state = walk(body, state, piece=piece, chunking=chunking, reverse=True, log_decay=log_decay, run_ref=run_ref,
+                 edge_ref=edge_ref, gate_ref=gate_ref)
+    if reverse_ref is not None:
+        reverse_ref[...] = state
 
 
 def dk_kernel(*, log_decay_ref, v_ref, do_ref, q_ref, k_ref, dk_ref, u_ref=None, x_ref=None, exit_ref=None,
@@ -239,9 +242,10 @@ def dq_walk(q, k, v, do, log_decay, start, run_ids, chunking: Chunking, *, scale
 
 
 def dv_walk(q, k, do, log_decay, exit_state, run_ids, chunking: Chunking, *, scale: float, contain: bool, local,
-            block_v: int, num_warps: int, num_stages: int, precision, gate=None, piece_log=None, to_end=None):
-    """(dv [B, T, H, V] in do's dtype, R [B, H, K, V] float32: the reverse state after the first position).
-    exit_state: dS_T [B, H, K, V] or None."""
+            block_v: int, num_warps: int, num_stages: int, precision, gate=None, piece_log=None, to_end=None,
+            start_wanted: bool = True):
+    """(dv [B, T, H, V] in do's dtype, R [B, H, K, V] float32: the reverse state after the first position, or
+    None unless ``start_wanted``). exit_state: dS_T [B, H, K, V] or None."""
     B, T, H, K = q.shape
     V = do.shape[-1]
     s, kp, bv, nv, inputs = _common(K, V, block_v, H, chunking, run_ids, True, local, None, gate, piece_log)
@@ -252,9 +256,10 @@ def dv_walk(q, k, do, log_decay, exit_state, run_ids, chunking: Chunking, *, sca
                inputs=dict(log_decay_ref=(log_decay, s.head()), k_ref=(k, s.keys()), q_ref=(q, s.keys()),
                            do_ref=(do, s.values()), **inputs),
                outputs=dict(dv_ref=(((B, T, H, V), do.dtype), s.values()),
-                            reverse_ref=(((B, H, chunking.pieces, kp, nv * bv), f32), s.piece_state())),
+                            reverse_ref=(((B, H, chunking.pieces, kp, nv * bv), f32), s.piece_state())
+                            if start_wanted else None),
                num_warps=num_warps, num_stages=num_stages)
-    return out["dv_ref"], out["reverse_ref"][:, :, 0, :K, :V]
+    return out["dv_ref"], out["reverse_ref"][:, :, 0, :K, :V] if start_wanted else None
 
 
 def dk_walk(q, k, v, do, log_decay, exit_state, run_ids, chunking: Chunking, *, scale: float, contain: bool, local,

@@ -382,12 +382,12 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
 
     Returns (dq, dk, dv in the inputs' dtype, d log_decay [H] and d log_gate [B, T, H] (None for the
     constant decay, or where not wanted) of every term but the one through the carry of ``start`` into the
-    final state, d start [B, H, K, V] through the outputs alone)."""
+    final state, d start [B, H, K, V] through the outputs alone (None where not wanted))."""
     do = do.astype(q.dtype)
     B, T = q.shape[:2]
     chunking = config.chunking(T, True)
     gated = _gated(decays, chunking, B)
-    wanted = vjp.Wanted(log_decay=wanted.log_decay, log_gate=wanted.log_gate and decays.gated)
+    wanted = dataclasses.replace(wanted, log_gate=wanted.log_gate and decays.gated)
     common = dict(scale=scale, **gated)
     to_end = decays.to_end(B, T) if decays.gated and exit_cotangent is not None else None
 
@@ -398,20 +398,21 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
                                         counts=wanted.log_decay, contain=contain, gate=decays.gate_tiles(),
                                         **config.piece_launch("dq", q.dtype))
             dq_local = dq_local if wanted.log_decay else (dq_local, None)
-            if reverse_local is None:
+            if reverse_local is None:  # float32-accurate where d start or the dk walk's sums read them
                 reverse_local = fwd.piece_states(q, do, decays.log_decay, run_ids, chunking, reverse=True,
                                                  all_pieces=False, contain=contain, gate=decays.gate_tiles(),
+                                                 exact=wanted.any or wanted.initial_state,
                                                  **config.piece_launch("dv", q.dtype))
         dq, w, counts, intra, spanned = bwd.dq_walk(q, k, v, do, decays.log_decay, start, run_ids, chunking,
                                                     contain=contain, local=dq_local, wanted=wanted, **common,
                                                     **config.launch("dq", q.dtype))
         dv, reverse_state = bwd.dv_walk(q, k, do, decays.log_decay, exit_cotangent, run_ids, chunking,
-                                        contain=contain, local=reverse_local, to_end=to_end, **common,
-                                        **config.launch("dv", q.dtype))
+                                        contain=contain, local=reverse_local, to_end=to_end,
+                                        start_wanted=wanted.initial_state, **common, **config.launch("dv", q.dtype))
         dk, u, x = bwd.dk_walk(q, k, v, do, decays.log_decay, exit_cotangent, run_ids, chunking, contain=contain,
                                local=reverse_local, to_end=to_end, wanted=wanted, **common,
                                **config.launch("dk", q.dtype))
-        d_start = vjp.only_first_run(scale * reverse_state, run_ids)
+        d_start = None if reverse_state is None else vjp.only_first_run(scale * reverse_state, run_ids)
         d_log_decay = d_gate = None
         if wanted.log_decay:
             d_log_decay = vjp.log_decay_grad(w, u, counts, intra, chunking.chunk_size)
@@ -440,7 +441,8 @@ def _mark_gradients(dq, dk, dv, d_log_decay, d_gate, d_start, q, k, v, do, *, ru
     # walk's own state carries it within a piece, the pieces' local states (dO made finite) do not.
     any_entry = jnp.where(jnp.any(bad_do, -1, keepdims=True), jnp.nan, 0.0)
     dk = nonfinite.mark_reached(dk, any_entry, run_ids, reverse=True)
-    d_start = nonfinite.mark(d_start, nonfinite.in_run(bad_do, run_ids, "first")[:, :, None])
+    if d_start is not None:
+        d_start = nonfinite.mark(d_start, nonfinite.in_run(bad_do, run_ids, "first")[:, :, None])
     any_bad = lambda x: jnp.any(x, axis=(1, 3))  # noqa: E731  [B, H]
     if d_log_decay is not None:
         head = jnp.any(any_bad(bad_q) | any_bad(bad_k) | any_bad(bad_v) | any_bad(bad_do), axis=0)
@@ -464,7 +466,7 @@ def _pallas(q, k, v, log_decay, log_gate, initial_state, run_ids, scale, config,
 
 
 def _pallas_fwd(q, k, v, log_decay, log_gate, initial_state, run_ids, scale, config, exact_state):
-    wanted = vjp.wanted(log_decay, log_gate)
+    wanted = vjp.wanted(log_decay, log_gate, initial_state)
     *floats, run_ids = jax.custom_derivatives.custom_vjp_primal_tree_values(
         (q, k, v, log_decay, log_gate, initial_state, run_ids))
     # A second derivative would differentiate this forward's kernels too: refuse it there as well.
@@ -488,7 +490,8 @@ def pallas_backward(scale: float, config: PallasConfig, residuals, cotangents):
                                                                 wanted=wanted)
     if d_final is not None:
         carry = vjp.whole_row_carry(decays, run_ids, q.shape[0], q.shape[1])
-        d_initial = d_initial + carry[..., None, None] * d_final
+        if d_initial is not None:
+            d_initial = d_initial + carry[..., None, None] * d_final
         term = vjp.carry_term(carry, d_final, initial_state)  # [B, H]
         if d_log_decay is not None:
             d_log_decay = d_log_decay + q.shape[1] * jnp.sum(term, axis=0)
