@@ -66,7 +66,8 @@ class BlockKernels:
       (dq, dk, dv, d log_decay [H], d log_gate [B, H, T] or None, d start): the gradients of the block entered
       with ``start`` whose final state has the cotangent ``exit_cotangent`` (None: unused), except the terms
       of the carry of start into the final state, which belong to the exchange; ``wanted``
-      (fleetjax.vjp.Wanted): which of the decay's gradients are used (those not wanted may come as None).
+      (fleetjax.vjp.Wanted): which of the decay's gradients and whether d start are used (those not wanted
+      may come as None).
     """
 
     local_state: Callable[..., tuple[jax.Array, Any]]

@@ -21,7 +21,8 @@ def _aval_axes(aval) -> frozenset | None:
     return None if vma is None else frozenset(vma)
 
 
-def _cast_varying(x: jax.Array, axes: tuple) -> jax.Array:
+def cast_varying(x: jax.Array, axes: tuple) -> jax.Array:
+    """x marked as varying over the mesh axes ``axes`` (over which it does not vary yet)."""
     if not axes:
         return x
     if hasattr(jax.lax, "pcast"):
@@ -42,7 +43,7 @@ def vary_like(x: jax.Array, *refs: jax.Array) -> jax.Array:
     need: set = set()
     for ref in refs:
         need |= varying_axes(ref) or set()
-    return _cast_varying(x, tuple(sorted(need - have, key=str)))
+    return cast_varying(x, tuple(sorted(need - have, key=str)))
 
 
 def instantiate(cotangent: Any) -> jax.Array:
@@ -53,7 +54,7 @@ def instantiate(cotangent: Any) -> jax.Array:
         return cotangent
     aval = cotangent.aval
     zero = jnp.zeros(aval.shape, aval.dtype)
-    return _cast_varying(zero, tuple(sorted(_aval_axes(aval) or (), key=str)))
+    return cast_varying(zero, tuple(sorted(_aval_axes(aval) or (), key=str)))
 
 
 def shape_dtype_like(shape: tuple[int, ...], dtype: Any, *refs: jax.Array) -> jax.ShapeDtypeStruct:

@@ -378,7 +378,8 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
                    config: PallasConfig, wanted: vjp.Wanted = vjp.Wanted()):
     """The three walks of fleetjax.pallas.backward, for a block entered with the state ``start`` whose final
     state has the cotangent ``exit_cotangent`` [B, H, K, V] (None: unused). ``reuse``: from
-    :func:`local_reverse_state`, or None (computed here). ``wanted``: which of the decay's gradients to form.
+    :func:`local_reverse_state`, or None (computed here). ``wanted``: which of the decay's gradients and
+    whether d start to form.
 
     Returns (dq, dk, dv in the inputs' dtype, d log_decay [H] and d log_gate [B, T, H] (None for the
     constant decay, or where not wanted) of every term but the one through the carry of ``start`` into the

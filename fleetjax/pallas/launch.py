@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from fleetjax.vma import shape_dtype_like, varying_axes
+from fleetjax.vma import cast_varying, shape_dtype_like, varying_axes
 
 Named = Mapping[str, "tuple[Any, pl.BlockSpec] | None"]
 
@@ -71,9 +71,8 @@ def call(kernel: Callable[..., None], *, name: str, grid: tuple[int, ...], input
 
 def _gather(x: jax.Array, axes: tuple) -> jax.Array:
     """x from every device of ``axes``, stacked [devices, ...], typed the same on every device."""
-    missing = tuple(a for a in axes if a not in (varying_axes(x) or ()))
-    if missing:  # all_gather over every axis needs x varying over each
-        x = jax.lax.pcast(x, missing, to="varying") if hasattr(jax.lax, "pcast") else jax.lax.pvary(x, missing)
+    # all_gather over every axis needs x varying over each.
+    x = cast_varying(x, tuple(a for a in axes if a not in (varying_axes(x) or ())))
     try:
         return jax.lax.all_gather(x, axes, to="invarying")
     except TypeError:  # a JAX whose all_gather has no ``to``: the primitive behind it
