@@ -58,9 +58,9 @@ def fleet_attention(q, k, v, decay, *, scale=None, log_gate=None, initial_state=
     Args:
       q, k: [B, T, H, K]; v: [B, T, H, V] (batch, time, heads, dim, as Flax and fla); any float dtype
         (computed with float32 accumulation).
-      decay: [H], values in (0, 1]. Checked when concrete. A traced decay (a learned one, under jit) is
-        checked under ``jax.experimental.checkify.checkify``; unchecked, a decay > 1 computes the growing sum
-        and may overflow, and decay <= 0 gives NaN. Parametrize a learned decay into (0, 1) (a sigmoid), as
+      decay: [H], values in (0, 1]. Checked when concrete. A traced decay (a learned one, under jit) is not
+        checked (a staged check would slow every call's dispatch): a decay > 1 computes the growing sum and
+        may overflow, and decay <= 0 gives NaN. Parametrize a learned decay into (0, 1) (a sigmoid), as
         fleetjax.nn does. None with a log_gate means 1 (the gate alone decays).
       scale: multiplies every output; None (the default) means K^-1/2, as jax.nn.dot_product_attention and
         fla. A concrete number otherwise (it is static).
