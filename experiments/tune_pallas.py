@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=300)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--only-default", action="store_true")
+    ap.add_argument("--ops", default="fwd,fwd_bwd", help="comma-separated ops to time: fwd, fwd_bwd (default both)")
     ap.add_argument("--label", default="current")
     ap.add_argument("--shapes", default=None, help="B,T,H,K,V;... (default: the four benchmark shapes)")
     ap.add_argument("--final-state", action="store_true",
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         decay = jnp.asarray(np.exp(retnet_log_decay(H)), jnp.float32)
         base = record.config_for(None, sets[0][0], sets[0][2])
         warm = True
-        for op in ("fwd", "fwd_bwd"):
+        for op in [op for op in ("fwd", "fwd_bwd") if op in args.ops.split(",")]:
             if args.only_default:
                 todo = [{}]
             elif configs is not None:

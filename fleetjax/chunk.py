@@ -208,13 +208,18 @@ def output(query, pair_scores, value, state, ch: Chunk, *, scale: float, dtype, 
     return intra + inter, inter
 
 
-def update(state, key, value, ch: Chunk, *, dtype, precision, exact: bool):
+def update(state, key, value, ch: Chunk, *, dtype, precision, exact: bool, witness=None):
     """The state handed on: carry * state + sum_j leaving_j key_j value_j^T, from the finite value tile.
 
     ``exact``: the decayed values as a hi/lo pair, so that the new state has float32's accuracy with 16-bit
-    inputs (a state that leaves the kernel, or feeds a gradient's sums); else one product in ``dtype``."""
+    inputs (a state that leaves the kernel, or feeds a gradient's sums); else one product in ``dtype``.
+    ``witness`` [C, n] (walks without runs): 0 * witness is added to the decayed values, which changes no
+    bit when it is finite and makes the state NaN when it is not, so that a finite state after the walk
+    says the witness was finite throughout, for one multiply-add a value and no reduction."""
     key = select_rows(ch, ch.leaves, key)
     weighted = select_rows(ch, ch.leaves, value.astype(f32) * ch.leaving[:, None])
+    if witness is not None:
+        weighted = weighted + 0.0 * witness
     if exact:
         new = dot_exact(key, weighted, dtype, precision, trans_a=True)
     else:

@@ -340,11 +340,12 @@ def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, co
             local = fwd.piece_states(k, v, decays.log_decay, run_ids, chunking, reverse=False, all_pieces=False,
                                      contain=contain, exact=exact_state, gate=decays.gate_tiles(),
                                      **config.piece_launch("forward", q.dtype))
-        o, final = fwd.forward_walk(q, k, v, decays.log_decay, start, run_ids, chunking, scale=scale,
-                                    exact_state=exact_state, contain=contain, local=local,
-                                    **_gated(decays, chunking, B), **config.launch("forward", q.dtype))
-        # o_t is the witness: q_t, k_t and v_t all reach it through its own pair (t, t).
-        return (nonfinite.mark_forward(o, final, v, run_ids) if contain else (o, final)), o
+        o, final, witness = fwd.forward_walk(q, k, v, decays.log_decay, start, run_ids, chunking, scale=scale,
+                                             exact_state=exact_state, contain=contain, local=local,
+                                             **_gated(decays, chunking, B), **config.launch("forward", q.dtype))
+        # o_t witnesses: q_t, k_t and v_t all reach it through its own pair (t, t); the walk hands on a
+        # smaller array that holds a NaN whenever o does.
+        return (nonfinite.mark_forward(o, final, v, run_ids) if contain else (o, final)), witness
 
     return nonfinite.contained_if_reached(walks)
 

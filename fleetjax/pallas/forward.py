@@ -31,7 +31,9 @@ def forward_kernel(*, log_decay_ref, q_ref, k_ref, v_ref, o_ref, final_ref, star
     """One (value block, batch*head, piece) program of the forward walk. Refs: q, k [T, K]; v, o [T, block_v];
     start [K, block_v] (the state entering the walk); local [P-1, K, block_v], link [P] (pieces); run [T],
     edge [1] (segments); gate [T], piece_log [P] (gated); final [K, block_v]: the state after the piece.
-    ``contain``: keep non-finite values where they belong (fleetjax.chunk), for inputs that hold some."""
+    ``contain``: keep non-finite values where they belong (fleetjax.chunk), for inputs that hold some.
+    Without them and without segments, each chunk's o is the state update's witness (fleetjax.chunk.update):
+    a finite final state then says every o of the piece was finite."""
     j, piece = program_id(0, log_decay_ref), program_id(2, log_decay_ref)
     log_decay = log_decay_ref[0]
     k_cols, v_cols = columns(k_ref, K), columns(v_ref, V, block_v, j)
@@ -46,7 +48,8 @@ def forward_kernel(*, log_decay_ref, q_ref, k_ref, v_ref, o_ref, final_ref, star
         v = cm.finite_values(load_rows(v_ref, ch, v_cols), contain)
         o, _ = cm.output(q, cm.scores(q, k, ch, precision, contain), v, state, ch, scale=scale, dtype=dtype,
                          precision=precision, exact=False)
-        state = cm.update(state, k, v, ch, dtype=dtype, precision=precision, exact=exact_state)
+        state = cm.update(state, k, v, ch, dtype=dtype, precision=precision, exact=exact_state,
+                          witness=None if contain or run_ref is not None else o)
         store_rows(o_ref, ch, o, v_cols)
         return state
 
@@ -122,9 +125,12 @@ def piece_states(key, value, log_decay, run_ids, chunking: Chunking, *, reverse:
 def forward_walk(q, k, v, log_decay, start, run_ids, chunking: Chunking, *, scale: float, exact_state: bool,
                  contain: bool, local, block_v: int, num_warps: int, num_stages: int, precision, gate=None,
                  piece_log=None):
-    """(o [B, T, H, V] in q's dtype, the state after the walk [B, H, K, V] float32), from the entering state ``start`` (None: zero). ``local``: the pieces' local states (see
-    :func:`piece_states`), None with one piece. gate [B, H, T] and piece_log [B, H, P] (the pieces' sums of
-    la): the gated decay (None: constant)."""
+    """(o [B, T, H, V] in q's dtype, the state after the walk [B, H, K, V] float32, a witness of o), from the
+    entering state ``start`` (None: zero). The witness is NaN somewhere whenever some o is not finite (in
+    float32, before its rounding): without ``contain`` and segments, the states after every piece [B, H, P,
+    K', V'] (see :func:`forward_kernel`), a read of a few MB instead of o; else o itself. ``local``: the
+    pieces' local states (see :func:`piece_states`), None with one piece. gate [B, H, T] and piece_log
+    [B, H, P] (the pieces' sums of la): the gated decay (None: constant)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     kp = padded(K)
@@ -148,7 +154,8 @@ def forward_walk(q, k, v, log_decay, start, run_ids, chunking: Chunking, *, scal
                outputs=dict(o_ref=(((B, T, H, V), q.dtype), s.values()),
                             final_ref=(((B, H, P, kp, nv * bv), f32), s.piece_state())),
                num_warps=num_warps, num_stages=num_stages)
-    return out["o_ref"], out["final_ref"][:, :, -1, :K, :V]
+    o, finals = out["o_ref"], out["final_ref"]
+    return o, finals[:, :, -1, :K, :V], (o if contain or run_ids is not None else finals)
 
 
 def fold_pieces(local, piece_log, run_ids, chunking: Chunking, reverse: bool):
