@@ -1,0 +1,176 @@
+"""The forward walk on Hopper's own instructions (Pallas Mosaic GPU): wgmma products, tiles brought in by the
+bulk tensor copy engine (TMA) several chunks ahead, the [K, block_v] float32 state held in the tensor cores'
+accumulator registers across the chunks.
+
+It is the forward walk of fleetjax.pallas.forward (the chunked form of fleetjax.chunk, constant decay) for
+the common case: 16-bit inputs, no segments, no per-token gate, finite inputs (the contained walks stay
+Triton's), key dim 64 or 128. fleetjax.pallas.chunked selects it on sm_90 GPUs through
+``PallasConfig.mosaic_forward``; each (value block, batch*head, sequence piece) is one program of one
+warpgroup. Per chunk of C positions:
+
+    scores = q k^T                       (wgmma, k transposed in shared memory)
+    o      = (q S) * entering + (scores * weights) v
+    S     <- carry * S + k^T (leaving * v + 0 * o)
+
+The 0 * o term changes no bit of a finite state and makes it NaN otherwise: a finite state after the piece
+says every o of the piece was finite (the caller's witness, fleetjax.nonfinite). The state enters the
+products rounded to the inputs' dtype, as in the Triton walk's plain form.
+
+It cannot run in CPU interpret mode (the Mosaic GPU interpreter has no transposed wgmma operands); its tests
+run on the GPU (tests/test_mosaic.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from fleetjax.chunking import Chunking
+
+f32 = jnp.float32
+# The key dims the kernel's wgmma tiling serves (the state [K, block_v] lives in registers).
+KEY_DIMS = (64, 128)
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicWalkConfig:
+    """Tiling of the Mosaic GPU forward walk.
+
+    chunk_size: positions per chunk (64: one wgmma row tile); block_v: value columns per program (64 or
+    128); stages: chunks whose tiles are in flight at once (the pipeline's depth, each a copy of the q, k,
+    v and o tiles in shared memory).
+    """
+
+    chunk_size: int = 64
+    block_v: int = 64
+    stages: int = 3
+
+    def __post_init__(self):
+        if self.chunk_size != 64:
+            raise ValueError(f"MosaicWalkConfig.chunk_size must be 64, got {self.chunk_size!r}")
+        if self.block_v not in (64, 128):
+            raise ValueError(f"MosaicWalkConfig.block_v must be 64 or 128, got {self.block_v!r}")
+        if not isinstance(self.stages, int) or isinstance(self.stages, bool) or not 1 <= self.stages <= 8:
+            raise ValueError(f"MosaicWalkConfig.stages must be an int in [1, 8], got {self.stages!r}")
+
+    def shared_memory_bytes(self, K: int, itemsize: int) -> int:
+        """Shared memory of one program: the staged q, k, v, o tiles, the state's 16-bit and float32 tiles and
+        the weighted values' tile."""
+        C, bv = self.chunk_size, self.block_v
+        return itemsize * (self.stages * (2 * C * K + 2 * C * bv) + K * bv + C * bv) + 4 * K * bv
+
+
+def on_hopper() -> bool:
+    """Whether the default device is an sm_90 GPU (H100, H200), where Mosaic GPU's wgmma kernels run."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
+
+
+def supports(config: MosaicWalkConfig | None, *, dtype, K: int, V: int, chunking: Chunking, segments: bool,
+             gated: bool, exact_state: bool) -> bool:
+    """Whether the Mosaic walk serves this call: 16-bit inputs, K in KEY_DIMS, V in whole value blocks, pieces
+    of equal whole chunks, no segments or gate, and a final state that feeds no float32-accurate use (its
+    update is one 16-bit product per chunk)."""
+    return (config is not None and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+            and K in KEY_DIMS and V % config.block_v == 0 and chunking.chunk_size == config.chunk_size
+            and chunking.T % (chunking.pieces * config.chunk_size) == 0
+            and chunking.piece_len * chunking.pieces == chunking.T
+            and not segments and not gated and not exact_state)
+
+
+def _mma_tiles(dtype):
+    """Shared-memory transforms that wgmma reads: rows of 128 bytes, 128-byte swizzle."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    return (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128))
+
+
+def forward_walk(q, k, v, log_decay, entering, chunking: Chunking, *, scale: float, config: MosaicWalkConfig):
+    """(o [B, T, H, V] in q's dtype, the state after each piece [B, H, P, K, V] float32), from the states
+    entering the pieces ``entering`` [B, H, P, K, V] float32 (None: zero). q, k [B, T, H, K]; v [B, T, H, V];
+    log_decay [H] float32. Assumes :func:`supports`."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C, bv, P = config.chunk_size, config.block_v, chunking.pieces
+    n = chunking.piece_len // C
+    dtype = q.dtype
+    wg = plgpu.Layout.WGMMA
+    tiles = _mma_tiles(dtype)
+    # float16's range: scale the state before it is rounded; bfloat16 keeps float32's, scale the row factors.
+    scale_state = jnp.dtype(dtype) == jnp.dtype(jnp.float16)
+
+    def kernel(log_decay_gmem, q_gmem, k_gmem, v_gmem, *rest):
+        if entering is None:
+            o_gmem, final_gmem, state_smem, weighted_smem, exact_smem, barrier = rest
+        else:
+            start_gmem, o_gmem, final_gmem, state_smem, weighted_smem, exact_smem, barrier = rest
+        j, bh, piece = lax.axis_index("v"), lax.axis_index("bh"), lax.axis_index("piece")
+        b, h = bh // H, bh % H
+        log_gamma = log_decay_gmem[h]
+        lag = (plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=wg)
+               - plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=wg))
+        # Exponents masked before exp (only lags >= 0): gamma -> 0 gives exact zeros, gamma = 1 ones.
+        weights = jnp.where(lag >= 0, jnp.exp(jnp.where(lag >= 0, lag, 0).astype(f32) * log_gamma), 0.0) * scale
+        row = plgpu.broadcasted_iota(jnp.int32, (C, bv), 0, layout=wg).astype(f32)
+        entering_rows = jnp.exp((row + 1.0) * log_gamma) * (1.0 if scale_state else scale)
+        leaving_rows = jnp.exp((C - 1.0 - row) * log_gamma)
+        carry = jnp.exp(C * log_gamma)
+        k_t = lambda ref: plgpu.transpose_ref(ref, (1, 0))
+
+        def chunk(_, q_smem, k_smem, v_smem, o_smem, state):
+            state_smem[...] = (scale * state if scale_state else state).astype(dtype)
+            plgpu.commit_smem()
+
+            def scores(acc):
+                plgpu.wgmma(acc, q_smem, k_t(k_smem))
+                return acc[...]
+
+            def from_state(acc):
+                plgpu.wgmma(acc, q_smem, state_smem)
+                return acc[...]
+
+            def intra(acc):
+                plgpu.wgmma(acc, (pl.run_scoped(scores, plgpu.ACC((C, C), f32)) * weights).astype(dtype), v_smem)
+
+            inter = pl.run_scoped(from_state, plgpu.ACC((C, bv), f32)) * entering_rows
+            o = pl.run_state(intra)(plgpu.ACC.init(inter))
+            o_smem[...] = o.astype(dtype)
+            weighted_smem[...] = (v_smem[...].astype(f32) * leaving_rows + 0.0 * o).astype(dtype)
+            plgpu.commit_smem()
+
+            def update(acc):
+                plgpu.wgmma(acc, k_t(k_smem), weighted_smem)
+
+            return pl.run_state(update)(plgpu.ACC.init(carry * state))
+
+        cols = pl.ds(j * bv, bv)
+        if entering is None:
+            state = plgpu.layout_cast(jnp.zeros((K, bv), f32), wg)
+        else:  # float32 states go through shared memory: registers take tiled loads only from there
+            plgpu.copy_gmem_to_smem(start_gmem.at[b, h, piece, :, cols], exact_smem, barrier)
+            plgpu.barrier_wait(barrier)
+            state = plgpu.load(exact_smem, (), layout=wg)
+        first = piece * n
+        rows_k = plgpu.BlockSpec((C, K), lambda c: (first + c, 0), transforms=tiles)
+        rows_v = plgpu.BlockSpec((C, bv), lambda c: (first + c, j), transforms=tiles)
+        pipeline = plgpu.emit_pipeline(chunk, grid=(n,), in_specs=[rows_k, rows_k, rows_v], out_specs=[rows_v],
+                                       max_concurrent_steps=config.stages, init_carry=state)
+        state = pipeline(q_gmem.at[b, :, h], k_gmem.at[b, :, h], v_gmem.at[b, :, h], o_gmem.at[b, :, h])
+        exact_smem[...] = state
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(exact_smem, final_gmem.at[b, h, piece, :, cols])
+        plgpu.wait_smem_to_gmem(0)
+
+    call = plgpu.kernel(
+        kernel, out_type=(jax.ShapeDtypeStruct((B, T, H, V), dtype), jax.ShapeDtypeStruct((B, H, P, K, V), f32)),
+        grid=(V // bv, B * H, P), grid_names=("v", "bh", "piece"),
+        scratch_types=[plgpu.SMEM((K, bv), dtype, transforms=tiles), plgpu.SMEM((C, bv), dtype, transforms=tiles),
+                       plgpu.SMEM((K, bv), f32, transforms=_mma_tiles(f32)), plgpu.Barrier()])
+    args = (log_decay.astype(f32), q, k, v) + (() if entering is None else (entering,))
+    return call(*args)

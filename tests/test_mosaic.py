@@ -1,0 +1,147 @@
+"""The Mosaic GPU forward walk (fleetjax.pallas.mosaic): when implementation="pallas" selects it, and on an
+sm_90 GPU its outputs against the float64 oracle, the Triton walk, non-finite inputs and the gradient that
+follows it. The Mosaic GPU interpreter cannot run it (no transposed wgmma operands), so the kernel's rows
+run on Hopper GPUs only; the selection and config rows run everywhere."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fleetjax
+import oracle
+from fleetjax.chunking import Chunking
+from fleetjax.pallas import chunked, mosaic
+from test_op import DECAY_GRAD_TOLERANCE, TOLERANCE
+
+hopper = pytest.mark.skipif(not mosaic.on_hopper(), reason="the Mosaic GPU walk runs on sm_90 GPUs only")
+
+
+def _supports(**changes) -> bool:
+    args = dict(dtype=jnp.bfloat16, K=128, V=128, chunking=Chunking(1024, 64, 4), segments=False, gated=False,
+                exact_state=False)
+    args.update(changes)
+    return mosaic.supports(mosaic.MosaicWalkConfig(), **args)
+
+
+def test_supports_only_the_cases_the_kernel_serves():
+    assert _supports()
+    assert _supports(dtype=jnp.float16, K=64, V=192)
+    assert not _supports(dtype=jnp.float32)
+    assert not _supports(K=100)
+    assert not _supports(K=256)
+    assert not _supports(V=100)
+    assert not _supports(chunking=Chunking(1000, 64, 1))  # a short last chunk
+    assert not _supports(chunking=Chunking(64 * 10, 64, 4))  # pieces of unequal length
+    assert not _supports(chunking=Chunking(1024, 32, 1))
+    assert not _supports(segments=True)
+    assert not _supports(gated=True)
+    assert not _supports(exact_state=True)
+    assert not mosaic.supports(None, dtype=jnp.bfloat16, K=128, V=128, chunking=Chunking(1024, 64, 1),
+                               segments=False, gated=False, exact_state=False)
+
+
+@pytest.mark.parametrize("field, value", [("chunk_size", 128), ("block_v", 32), ("stages", 0), ("stages", 2.0)])
+def test_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=f"MosaicWalkConfig.{field}"):
+        mosaic.MosaicWalkConfig(**{field: value})
+    with pytest.raises(TypeError, match="mosaic_forward"):
+        chunked.PallasConfig(mosaic_forward="yes")
+
+
+def test_default_config_takes_it_on_hopper_only():
+    q = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
+    config = chunked.default_config(q, q)
+    assert (config.mosaic_forward is not None) == mosaic.on_hopper()
+    assert chunked.default_config(q.astype(jnp.float32), q.astype(jnp.float32)).mosaic_forward is None
+
+
+def _inputs(B, T, H, K, V, dtype, seed=0, scale_values=1.0):
+    rng = np.random.default_rng(seed)
+    dt = jnp.dtype(dtype)
+    q, k = (jnp.asarray(scale_values * rng.standard_normal((B, T, H, K)), dt) for _ in range(2))
+    v = jnp.asarray(scale_values * rng.standard_normal((B, T, H, V)), dt)
+    return q, k, v
+
+
+def _run(q, k, v, decay, *, mosaic_forward, pieces=1, **kwargs):
+    config = dataclasses.replace(chunked.default_config(q, v), num_sequence_pieces=pieces,
+                                 mosaic_forward=mosaic_forward)
+    return jax.jit(lambda q, k, v, decay: fleetjax.fleet_attention(q, k, v, decay, implementation="pallas",
+                                                                   config=config, **kwargs))(q, k, v, decay)
+
+
+CASES = [  # B, T, H, K, V, dtype, pieces, initial state, decays
+    (2, 1024, 3, 128, 128, "bfloat16", 1, False, (0.999, 0.9, 1.0)),
+    (1, 2048, 2, 128, 128, "bfloat16", 4, True, (0.99, 1e-30)),
+    (1, 512, 2, 64, 192, "float16", 2, True, (0.95, 1.0)),
+    (2, 256, 1, 128, 256, "bfloat16", 1, True, (0.5,)),
+]
+
+
+@hopper
+@pytest.mark.parametrize("B, T, H, K, V, dtype, pieces, with_start, decays", CASES)
+def test_forward_matches_the_oracle_and_the_triton_walk(B, T, H, K, V, dtype, pieces, with_start, decays):
+    q, k, v = _inputs(B, T, H, K, V, dtype)
+    decay = jnp.asarray(decays, jnp.float32)
+    start = (jnp.asarray(np.random.default_rng(1).standard_normal((B, H, K, V)), jnp.float32)
+             if with_start else None)
+    o = _run(q, k, v, decay, mosaic_forward=mosaic.MosaicWalkConfig(), pieces=pieces, initial_state=start)
+    triton = _run(q, k, v, decay, mosaic_forward=None, pieces=pieces, initial_state=start)
+    ref, _ = oracle.forward(q, k, v, decay, initial_state=start)
+    assert oracle.rel_err(o, ref, axis=2) < TOLERANCE[dtype]
+    # Both walks round the state to 16 bits per chunk in their plain form: they agree beyond the tolerance.
+    assert oracle.rel_err(o, triton, axis=2) < TOLERANCE[dtype] / 2
+    assert jnp.array_equal(o, _run(q, k, v, decay, mosaic_forward=mosaic.MosaicWalkConfig(), pieces=pieces,
+                                   initial_state=start))  # deterministic
+
+
+@hopper
+def test_default_config_selects_it_for_the_common_case():
+    q, k, v = _inputs(1, 1024, 2, 128, 128, "bfloat16")
+    decay = jnp.asarray([0.9, 0.99], jnp.float32)
+    f = jax.jit(lambda q, k, v: fleetjax.fleet_attention(q, k, v, decay, implementation="pallas"))
+    assert "mosaic_gpu" in f.lower(q, k, v).as_text()
+
+
+@hopper
+def test_float16_with_large_values_stays_in_range():
+    # A state of many large k v^T terms exceeds float16's range unless it is scaled before its rounding.
+    q, k, v = _inputs(1, 1024, 1, 128, 128, "float16", scale_values=8.0)
+    decay = jnp.asarray([1.0], jnp.float32)
+    o = _run(q, k, v, decay, mosaic_forward=mosaic.MosaicWalkConfig(), scale=1 / 128)
+    ref, _ = oracle.forward(q, k, v, decay, scale=1 / 128)
+    assert np.isfinite(np.asarray(o, np.float32)).all()
+    assert oracle.rel_err(o, ref) < TOLERANCE["float16"]
+
+
+@hopper
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_a_nonfinite_input_reaches_only_its_outputs(where):
+    q, k, v = _inputs(1, 512, 2, 128, 128, "bfloat16")
+    x = dict(q=q, k=k, v=v)
+    x[where] = x[where].at[0, 300, 1, 5].set(jnp.nan)
+    decay = jnp.asarray([0.9, 0.99], jnp.float32)
+    o = _run(x["q"], x["k"], x["v"], decay, mosaic_forward=mosaic.MosaicWalkConfig())
+    triton = _run(x["q"], x["k"], x["v"], decay, mosaic_forward=None)
+    np.testing.assert_array_equal(np.isnan(np.asarray(o, np.float32)), np.isnan(np.asarray(triton, np.float32)))
+    assert np.isfinite(np.asarray(o[:, :300], np.float32)).all() and np.isfinite(np.asarray(o[:, :, 0], np.float32)).all()
+
+
+@hopper
+def test_gradients_after_it_match_the_oracle():
+    q, k, v = _inputs(1, 1024, 2, 128, 128, "bfloat16")
+    do = _inputs(1, 1024, 2, 128, 128, "bfloat16", seed=3)[2]
+    decay = jnp.asarray([0.95, 0.999], jnp.float32)
+    config = dataclasses.replace(chunked.default_config(q, v), mosaic_forward=mosaic.MosaicWalkConfig())
+    f = lambda q, k, v, decay: fleetjax.fleet_attention(q, k, v, decay, implementation="pallas", config=config)
+    o, pullback = jax.vjp(jax.jit(f), q, k, v, decay)
+    dq, dk, dv, d_decay = pullback(do)
+    ref = oracle.gradients(q, k, v, decay, do=do)
+    for got, name in ((dq, "q"), (dk, "k"), (dv, "v")):
+        assert oracle.rel_err(got, ref[name], axis=2) < TOLERANCE["bfloat16"]
+    assert oracle.rel_err(d_decay, ref["decay"]) < DECAY_GRAD_TOLERANCE["bfloat16"]
