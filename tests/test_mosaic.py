@@ -145,3 +145,68 @@ def test_gradients_after_it_match_the_oracle():
     for got, name in ((dq, "q"), (dk, "k"), (dv, "v")):
         assert oracle.rel_err(got, ref[name], axis=2) < TOLERANCE["bfloat16"]
     assert oracle.rel_err(d_decay, ref["decay"]) < DECAY_GRAD_TOLERANCE["bfloat16"]
+
+
+def test_serves_the_backward_of_a_fixed_decay_only():
+    from fleetjax.vjp import Wanted
+    fixed = Wanted(log_decay=False, log_gate=False, initial_state=False)
+    args = dict(dtype=jnp.bfloat16, K=128, V=64, chunking=Chunking(1024, 64, 2), segments=False, gated=False,
+                exit_cotangent=False, wanted=fixed)
+    config = mosaic.MosaicWalkConfig()
+    assert mosaic.serves_backward(config, **args)
+    for change in (dict(wanted=Wanted(log_gate=False, initial_state=False)), dict(wanted=Wanted(log_decay=False,
+                   log_gate=False)), dict(exit_cotangent=True), dict(V=256), dict(K=96), dict(segments=True)):
+        assert not mosaic.serves_backward(config, **{**args, **change}), change
+
+
+def _fixed_decay_grads(q, k, v, do, decay, *, mosaic_forward, pieces, start=None):
+    config = dataclasses.replace(chunked.default_config(q, v), mosaic_forward=mosaic_forward,
+                                 num_sequence_pieces=pieces, backward_num_sequence_pieces=pieces)
+    f = lambda q, k, v: fleetjax.fleet_attention(q, k, v, decay, implementation="pallas", config=config,
+                                                 initial_state=start)
+    o, pullback = jax.vjp(jax.jit(f), q, k, v)
+    return jax.jit(pullback)(do)
+
+
+@hopper
+@pytest.mark.parametrize("pieces, with_start, K, V", [(1, False, 128, 128), (4, True, 128, 128),
+                                                       (2, True, 64, 128), (1, False, 128, 64)])
+def test_fixed_decay_backward_matches_the_oracle_and_the_triton_walks(pieces, with_start, K, V):
+    B, T, H = 2, 1024, 2
+    q, k, v = _inputs(B, T, H, K, V, "bfloat16")
+    do = _inputs(B, T, H, K, V, "bfloat16", seed=5)[2]
+    decay = jnp.asarray([0.97, 1.0], jnp.float32)
+    start = (jnp.asarray(np.random.default_rng(2).standard_normal((B, H, K, V)), jnp.float32)
+             if with_start else None)
+    got = _fixed_decay_grads(q, k, v, do, decay, mosaic_forward=mosaic.MosaicWalkConfig(), pieces=pieces,
+                             start=start)
+    triton = _fixed_decay_grads(q, k, v, do, decay, mosaic_forward=None, pieces=pieces, start=start)
+    ref = oracle.gradients(q, k, v, decay, do=do, initial_state=start)
+    for g, t, name in zip(got, triton, ("q", "k", "v")):
+        assert oracle.rel_err(g, ref[name], axis=2) < TOLERANCE["bfloat16"], name
+        assert oracle.rel_err(g, t, axis=2) < TOLERANCE["bfloat16"] / 2, name
+
+
+@hopper
+def test_fixed_decay_backward_runs_on_mosaic_by_default():
+    q, k, v = _inputs(1, 1024, 2, 128, 128, "bfloat16")
+    decay = jnp.asarray([0.9, 0.99], jnp.float32)
+    loss = lambda q, k, v: jnp.sum(fleetjax.fleet_attention(q, k, v, decay, implementation="pallas")
+                                   .astype(jnp.float32))
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 3  # the dq, dv and dk walks (the forward's o is unused)
+
+
+@hopper
+@pytest.mark.parametrize("where", ["q", "k", "v", "do"])
+def test_fixed_decay_backward_keeps_a_nonfinite_value_where_it_belongs(where):
+    q, k, v = _inputs(1, 512, 2, 128, 128, "bfloat16")
+    x = dict(q=q, k=k, v=v, do=_inputs(1, 512, 2, 128, 128, "bfloat16", seed=7)[2])
+    x[where] = x[where].at[0, 200, 1, 3].set(jnp.inf)
+    decay = jnp.asarray([0.9, 0.99], jnp.float32)
+    args = (x["q"], x["k"], x["v"], x["do"], decay)
+    got = _fixed_decay_grads(*args, mosaic_forward=mosaic.MosaicWalkConfig(), pieces=1)
+    triton = _fixed_decay_grads(*args, mosaic_forward=None, pieces=1)
+    for g, t in zip(got, triton):
+        np.testing.assert_array_equal(np.isfinite(np.asarray(g, np.float32)), np.isfinite(np.asarray(t, np.float32)))
+        assert np.isfinite(np.asarray(g[:, :, 0], np.float32)).all()

@@ -1,6 +1,8 @@
 """fleetjax itself: ``fleet_attention(q, k, v, decay, scale=1, implementation=...)`` in [B, T, H, K]; its
 fwd_bwd returns the decay gradient too, except as ``fleetjax.<implementation>.fixed_decay`` (the decay closed
-over, as fla's ``g_gamma``: the backward then forms no decay gradient, fleetjax.vjp.Wanted). Gated cases:
+over, as fla's ``g_gamma``: the backward then forms no decay gradient, fleetjax.vjp.Wanted), and with the
+suffix ``.triton`` (by name only) the Pallas op with its Triton walks alone (``PallasConfig.mosaic_forward``
+None: the A/B of the Mosaic GPU walks in one run). Gated cases:
 ``fleet_attention(q, k, v, None, log_gate=log_gate, ...)`` (the gate alone, as fla's ``g=``), fwd_bwd with
 the log gate's gradient. What an implementation supports here (whether it is installed, runs compiled or
 only in Pallas interpret mode) is read from its record in ``fleetjax.IMPLEMENTATIONS``."""
@@ -25,10 +27,14 @@ class FleetjaxImpl(Impl):
     gated = True
     gate_grad = True
 
-    def __init__(self, implementation: str, max_T: int | None = None, learn_decay: bool = True):
+    def __init__(self, implementation: str, max_T: int | None = None, learn_decay: bool = True,
+                 triton: bool = False):
         self.implementation = implementation
         self.learn_decay = learn_decay
-        self.name = f"fleetjax.{implementation}" + ("" if learn_decay else ".fixed_decay")
+        self.triton = triton
+        self.by_name_only = triton
+        self.name = (f"fleetjax.{implementation}" + ("" if learn_decay else ".fixed_decay")
+                     + (".triton" if triton else ""))
         self.max_T = max_T
         if not learn_decay:
             self.decay_grad = False
@@ -72,8 +78,20 @@ class FleetjaxImpl(Impl):
                              grads=("dq", "dk", "dv", "dlog_gate"), notes=notes)
         decay = jnp.exp(jnp.asarray(log_decay, jnp.float32))
         attend = functools.partial(fleet_attention, scale=SCALE, implementation=self.implementation)
+        if self.triton:
+            attend = functools.partial(_triton_walks, attend)
         if not self.learn_decay:
             fixed = lambda q, k, v: attend(q, k, v, decay)  # noqa: E731
             return jax_bound(fixed, with_vjp(fixed), op, grads=("dq", "dk", "dv"), notes=notes)
         return jax_bound(attend, with_vjp(attend), op, extra=(decay,), grads=("dq", "dk", "dv", "ddecay"),
                          notes=notes)
+
+
+def _triton_walks(attend, q, k, v, decay):
+    """``attend`` with the default Pallas config but its Mosaic GPU walks (Triton's walks throughout)."""
+    import dataclasses
+
+    from fleetjax.pallas import chunked
+
+    config = dataclasses.replace(chunked.default_config(q, v), mosaic_forward=None)
+    return attend(q, k, v, decay, config=config)

@@ -82,24 +82,40 @@ def supports(config: MosaicWalkConfig | None, *, dtype, K: int, V: int, chunking
             and not segments and not gated and not exact_state)
 
 
+def serves_backward(config: MosaicWalkConfig | None, *, dtype, K: int, V: int, chunking: Chunking, segments: bool,
+                    gated: bool, exit_cotangent: bool, wanted) -> bool:
+    """Whether the Mosaic walks serve a backward (fleetjax.pallas.chunked.block_backward): as
+    :func:`supports` for each of its three walks (K and V each a query dim there), no gradient of the decay
+    (a fixed one: the decay's sums are Triton's alone), no d start and no final state's cotangent
+    (``wanted``: a fleetjax.vjp.Wanted)."""
+    return (supports(config, dtype=dtype, K=K, V=V, chunking=chunking, segments=segments, gated=gated,
+                     exact_state=False)
+            and V in KEY_DIMS and K % config.block_v == 0 and not exit_cotangent
+            and not wanted.any and not wanted.initial_state)
+
+
 def _mma_tiles(dtype):
     """Shared-memory transforms that wgmma reads: rows of 128 bytes, 128-byte swizzle."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
     return (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128))
 
 
-def forward_walk(q, k, v, log_decay, entering, chunking: Chunking, *, scale: float, config: MosaicWalkConfig):
-    """(o [B, T, H, V] in q's dtype, the state after each piece [B, H, P, K, V] float32), from the states
-    entering the pieces ``entering`` [B, H, P, K, V] float32 (None: zero). q, k [B, T, H, K]; v [B, T, H, V];
-    log_decay [H] float32. Assumes :func:`supports`."""
+def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse: bool, scale: float,
+         config: MosaicWalkConfig):
+    """(out [B, T, H, Dv] in value's dtype, the state after each piece [B, H, P, Dk, Dv] float32): the walk of
+    fleetjax.chunk with these roles, forward or ``reverse`` in time, from the states entering the pieces
+    ``entering`` [B, H, P, Dk, Dv] float32 (None: zero; reverse: the state from the positions after the
+    piece). query, key [B, T, H, Dk]; value [B, T, H, Dv]; log_decay [H] float32. Assumes :func:`supports`.
+    The forward is walk(q, k, v); the backward's walks are walk(dO, v, k) (dq), reverse walk(k, q, dO) (dv)
+    and reverse walk(v, dO, q) (dk)."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+    B, T, H, K = query.shape
+    V = value.shape[-1]
     C, bv, P = config.chunk_size, config.block_v, chunking.pieces
     n = chunking.piece_len // C
-    dtype = q.dtype
+    dtype = value.dtype
     wg = plgpu.Layout.WGMMA
     tiles = _mma_tiles(dtype)
     # float16's range: scale the state before it is rounded; bfloat16 keeps float32's, scale the row factors.
@@ -113,13 +129,15 @@ def forward_walk(q, k, v, log_decay, entering, chunking: Chunking, *, scale: flo
         j, bh, piece = lax.axis_index("v"), lax.axis_index("bh"), lax.axis_index("piece")
         b, h = bh // H, bh % H
         log_gamma = log_decay_gmem[h]
-        lag = (plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=wg)
-               - plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=wg))
+        rows = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=wg)
+        cols = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=wg)
+        lag = cols - rows if reverse else rows - cols
         # Exponents masked before exp (only lags >= 0): gamma -> 0 gives exact zeros, gamma = 1 ones.
         weights = jnp.where(lag >= 0, jnp.exp(jnp.where(lag >= 0, lag, 0).astype(f32) * log_gamma), 0.0) * scale
         row = plgpu.broadcasted_iota(jnp.int32, (C, bv), 0, layout=wg).astype(f32)
-        entering_rows = jnp.exp((row + 1.0) * log_gamma) * (1.0 if scale_state else scale)
-        leaving_rows = jnp.exp((C - 1.0 - row) * log_gamma)
+        enter_lag, leave_lag = (C - 1.0 - row, row + 1.0) if reverse else (row + 1.0, C - 1.0 - row)
+        entering_rows = jnp.exp(enter_lag * log_gamma) * (1.0 if scale_state else scale)
+        leaving_rows = jnp.exp(leave_lag * log_gamma)
         carry = jnp.exp(C * log_gamma)
         k_t = lambda ref: plgpu.transpose_ref(ref, (1, 0))
 
@@ -149,22 +167,23 @@ def forward_walk(q, k, v, log_decay, entering, chunking: Chunking, *, scale: flo
 
             return pl.run_state(update)(plgpu.ACC.init(carry * state))
 
-        cols = pl.ds(j * bv, bv)
+        columns = pl.ds(j * bv, bv)
         if entering is None:
             state = plgpu.layout_cast(jnp.zeros((K, bv), f32), wg)
         else:  # float32 states go through shared memory: registers take tiled loads only from there
-            plgpu.copy_gmem_to_smem(start_gmem.at[b, h, piece, :, cols], exact_smem, barrier)
+            plgpu.copy_gmem_to_smem(start_gmem.at[b, h, piece, :, columns], exact_smem, barrier)
             plgpu.barrier_wait(barrier)
             state = plgpu.load(exact_smem, (), layout=wg)
         first = piece * n
-        rows_k = plgpu.BlockSpec((C, K), lambda c: (first + c, 0), transforms=tiles)
-        rows_v = plgpu.BlockSpec((C, bv), lambda c: (first + c, j), transforms=tiles)
+        at = (lambda c: first + n - 1 - c) if reverse else (lambda c: first + c)
+        rows_k = plgpu.BlockSpec((C, K), lambda c: (at(c), 0), transforms=tiles)
+        rows_v = plgpu.BlockSpec((C, bv), lambda c: (at(c), j), transforms=tiles)
         pipeline = plgpu.emit_pipeline(chunk, grid=(n,), in_specs=[rows_k, rows_k, rows_v], out_specs=[rows_v],
                                        max_concurrent_steps=config.stages, init_carry=state)
         state = pipeline(q_gmem.at[b, :, h], k_gmem.at[b, :, h], v_gmem.at[b, :, h], o_gmem.at[b, :, h])
         exact_smem[...] = state
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(exact_smem, final_gmem.at[b, h, piece, :, cols])
+        plgpu.copy_smem_to_gmem(exact_smem, final_gmem.at[b, h, piece, :, columns])
         plgpu.wait_smem_to_gmem(0)
 
     call = plgpu.kernel(
@@ -172,5 +191,5 @@ def forward_walk(q, k, v, log_decay, entering, chunking: Chunking, *, scale: flo
         grid=(V // bv, B * H, P), grid_names=("v", "bh", "piece"),
         scratch_types=[plgpu.SMEM((K, bv), dtype, transforms=tiles), plgpu.SMEM((C, bv), dtype, transforms=tiles),
                        plgpu.SMEM((K, bv), f32, transforms=_mma_tiles(f32)), plgpu.Barrier()])
-    args = (log_decay.astype(f32), q, k, v) + (() if entering is None else (entering,))
+    args = (log_decay.astype(f32), query, key, value) + (() if entering is None else (entering,))
     return call(*args)
