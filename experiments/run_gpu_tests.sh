@@ -24,6 +24,6 @@ select=${1:-"not sharded_equals and not exchange_does_not and not indivisible an
 # -v names every result as it comes (a run stopped by the time limit still says what failed); --tb=line gives
 # each failure's one line at the end.
 timeout -k 10 "${TESTS_LIMIT_S:-400}" python3 -m pytest -v --tb=line -rf -n "${TESTS_WORKERS:-8}" -p no:cacheprovider \
-  tests/test_op.py tests/test_pallas_chunked.py tests/test_pallas_fleet.py tests/test_head_dims.py \
+  tests/test_op.py tests/test_pallas_chunked.py tests/test_pallas_fleet.py tests/test_head_dims.py tests/test_mosaic.py \
   tests/test_decay_grad.py tests/test_sharding.py -k "$select" 2>&1 | tee -a "$log" | grep -E "FAILED|ERROR|passed|failed" | tail -60
 exit "${PIPESTATUS[0]}"

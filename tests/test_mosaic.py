@@ -195,6 +195,11 @@ def test_fixed_decay_backward_runs_on_mosaic_by_default():
                                    .astype(jnp.float32))
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).as_text()
     assert text.count("custom_call @mosaic_gpu") == 3  # the dq, dv and dk walks (the forward's o is unused)
+    # With the decay learned, its sums need the Triton walks' float32-accurate states.
+    learned = lambda q, k, v, decay: jnp.sum(fleetjax.fleet_attention(q, k, v, decay, implementation="pallas")
+                                             .astype(jnp.float32))
+    text = jax.jit(jax.grad(learned, argnums=(0, 1, 2, 3))).lower(q, k, v, decay).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 0
 
 
 @hopper
@@ -210,3 +215,4 @@ def test_fixed_decay_backward_keeps_a_nonfinite_value_where_it_belongs(where):
     for g, t in zip(got, triton):
         np.testing.assert_array_equal(np.isfinite(np.asarray(g, np.float32)), np.isfinite(np.asarray(t, np.float32)))
         assert np.isfinite(np.asarray(g[:, :, 0], np.float32)).all()
+

@@ -37,7 +37,7 @@ from fleetjax.pallas import forward as fwd
 from fleetjax.pallas import mosaic
 from fleetjax.pallas.launch import multiprocessor_count, on_gpu, shared_memory_bytes, shared_memory_per_block
 from fleetjax.pallas.walk import padded
-from fleetjax.state_passing import BlockKernels, pass_states
+from fleetjax.state_passing import BlockKernels
 
 f32 = jnp.float32
 _PRECISIONS = {"ieee": jax.lax.Precision.HIGHEST, "tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
@@ -356,6 +356,10 @@ def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, co
     B = q.shape[0]
     chunking = config.chunking(q.shape[1], False)
 
+    on_mosaic = mosaic.supports(config.mosaic_forward, dtype=q.dtype, K=q.shape[-1], V=v.shape[-1],
+                                chunking=chunking, segments=run_ids is not None, gated=decays.gated,
+                                exact_state=exact_state)
+
     def walks(contain: bool):
         local = reuse
         if chunking.pieces > 1 and local is None:
@@ -363,10 +367,8 @@ def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, co
             local = fwd.piece_states(k, v, decays.log_decay, run_ids, chunking, reverse=False, all_pieces=False,
                                      contain=contain, exact=exact_state, gate=decays.gate_tiles(),
                                      **config.piece_launch("forward", q.dtype))
-        if not contain and mosaic.supports(config.mosaic_forward, dtype=q.dtype, K=q.shape[-1], V=v.shape[-1],
-                                           chunking=chunking, segments=run_ids is not None, gated=decays.gated,
-                                           exact_state=exact_state):
-            entering = _entering_pieces(start, local, decays, chunking, B)
+        if on_mosaic and not contain:
+            entering = mosaic.entering_states(start, local, decays, chunking, B)
             o, finals = mosaic.walk(q, k, v, decays.log_decay, entering, chunking, reverse=False, scale=scale,
                                     config=config.mosaic_forward)
             return (o, finals[:, :, -1]), finals
@@ -378,42 +380,6 @@ def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, co
         return (nonfinite.mark_forward(o, final, v, run_ids) if contain else (o, final)), witness
 
     return nonfinite.contained_if_reached(walks)
-
-
-def _entering_pieces(start, local, decays: Decays, chunking: Chunking, B: int, reverse: bool = False):
-    """The states entering each piece [B, H, P, K, V] float32 (None: one piece and no start), from the
-    entering state ``start`` [B, H, K, V] and the local states of the pieces that have a successor ``local``
-    [B, H, P-1, K, V] (forward: all but the last; reverse: all but the first), for the constant decay without
-    segments: the state passing of fleetjax.state_passing, in XLA. The Triton walks fold them on chip
-    instead; Mosaic's programs take them from HBM."""
-    if chunking.pieces == 1:
-        return None if start is None else start.astype(f32)[:, :, None]
-    if start is None:
-        start = jnp.zeros(local.shape[:2] + local.shape[3:], f32)
-    carry = jnp.exp(_piece_log(decays, chunking, B))
-    carry = carry[:, :, 1:] if reverse else carry[:, :, :-1]
-    entering, last = pass_states(start.astype(f32), jnp.moveaxis(local, 2, 0), jnp.moveaxis(carry, 2, 0),
-                                 reverse=reverse)
-    entering = jnp.moveaxis(entering, 0, 2)
-    parts = [last[:, :, None], entering] if reverse else [entering, last[:, :, None]]
-    return jnp.concatenate(parts, axis=2)
-
-
-def _mosaic_backward(q, k, v, do, log_decay, start, chunking: Chunking, dq_local, reverse_local, entering, *,
-                     scale: float, config: mosaic.MosaicWalkConfig):
-    """(dq, dk, dv, the witness) by the Mosaic walks, for a fixed decay and no d start or exit cotangent:
-    dq = walk(dO, v, k) from S0^T, dv = reverse walk(k, q, dO), dk = reverse walk(v, dO, q), whose pieces
-    enter with ``entering(start, local, reverse)`` (:func:`_entering_pieces`). The witness: the dq and dv
-    walks' states after their pieces, non-finite whenever dq or dv is (their 0 * out terms), which each q_t,
-    k_t, v_t and dO_t reaches through its own pair."""
-    dq_entering = entering(None if start is None else jnp.swapaxes(start, -1, -2), dq_local, reverse=False)
-    reverse_entering = entering(None, reverse_local, reverse=True)
-    walk = functools.partial(mosaic.walk, log_decay=log_decay, chunking=chunking, scale=scale, config=config)
-    dq, dq_finals = walk(do, v, k, entering=dq_entering, reverse=False)
-    dv, dv_finals = walk(k, q, do, entering=reverse_entering, reverse=True)
-    dk, _ = walk(v, do, q, entering=None if reverse_entering is None else jnp.swapaxes(reverse_entering, -1, -2),
-                 reverse=True)
-    return dq, dk, dv, (dq_finals, dv_finals)
 
 
 def block_forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, config: PallasConfig):
@@ -476,9 +442,8 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
                                                  exact=wanted.any or wanted.initial_state,
                                                  **config.piece_launch("dv", q.dtype))
         if on_mosaic and not contain:
-            dq, dk, dv, witness = _mosaic_backward(
-                q, k, v, do, decays.log_decay, start, chunking, None if dq_local is None else dq_local[0],
-                reverse_local, functools.partial(_entering_pieces, decays=decays, chunking=chunking, B=B),
+            dq, dk, dv, witness = mosaic.backward_walks(
+                q, k, v, do, decays, start, chunking, None if dq_local is None else dq_local[0], reverse_local,
                 scale=scale, config=config.mosaic_forward)
             return (dq, dk, dv, None, None, None), witness
         dq, w, counts, intra, spanned = bwd.dq_walk(q, k, v, do, decays.log_decay, start, run_ids, chunking,

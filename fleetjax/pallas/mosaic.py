@@ -1,20 +1,24 @@
-"""The forward walk on Hopper's own instructions (Pallas Mosaic GPU): wgmma products, tiles brought in by the
-bulk tensor copy engine (TMA) several chunks ahead, the [K, block_v] float32 state held in the tensor cores'
+"""The chunked walk on Hopper's own instructions (Pallas Mosaic GPU): wgmma products, tiles brought in by the
+bulk tensor copy engine (TMA) several chunks ahead, the [Dk, block_v] float32 state held in the tensor cores'
 accumulator registers across the chunks.
 
-It is the forward walk of fleetjax.pallas.forward (the chunked form of fleetjax.chunk, constant decay) for
-the common case: 16-bit inputs, no segments, no per-token gate, finite inputs (the contained walks stay
-Triton's), key dim 64 or 128. fleetjax.pallas.chunked selects it on sm_90 GPUs through
-``PallasConfig.mosaic_forward``; each (value block, batch*head, sequence piece) is one program of one
-warpgroup. Per chunk of C positions:
+One kernel, :func:`walk`, is the walk of fleetjax.chunk (constant decay) with any roles, forward or in
+reverse: the forward (q, k, v), and the backward's dq (dO, v, k), dv (reverse: k, q, dO) and dk (reverse:
+v, dO, q) walks in their plain form. fleetjax.pallas.chunked selects it through
+``PallasConfig.mosaic_forward`` (set by the default config on sm_90 GPUs) for the common case: 16-bit inputs,
+no segments, no per-token gate, finite inputs (the contained walks stay Triton's), head dims 64 or 128, no
+float32-accurate state owed (a returned final state, d initial_state, the decay's gradient sums: those stay
+in the Triton walks). Each (value block, batch*head, sequence piece) is one program of one warpgroup; per
+chunk of C positions, with the state S entering it:
 
-    scores = q k^T                       (wgmma, k transposed in shared memory)
-    o      = (q S) * entering + (scores * weights) v
-    S     <- carry * S + k^T (leaving * v + 0 * o)
+    scores = query key^T                  (wgmma, key transposed in shared memory)
+    out    = (query S) * entering + (scores * weights) value
+    S     <- carry * S + key^T (leaving * value + 0 * out)
 
-The 0 * o term changes no bit of a finite state and makes it NaN otherwise: a finite state after the piece
-says every o of the piece was finite (the caller's witness, fleetjax.nonfinite). The state enters the
-products rounded to the inputs' dtype, as in the Triton walk's plain form.
+The 0 * out term changes no bit of a finite state and makes it NaN otherwise: a finite state after the piece
+says every output of the piece was finite (the caller's witness, fleetjax.nonfinite). The state enters the
+products rounded to the inputs' dtype, as in the Triton walks' plain form. Sequence pieces enter with states
+passed in XLA (:func:`entering_states`) from the local states of the Triton piece-state walks.
 
 It cannot run in CPU interpret mode (the Mosaic GPU interpreter has no transposed wgmma operands); its tests
 run on the GPU (tests/test_mosaic.py).
@@ -30,6 +34,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from fleetjax.chunking import Chunking
+from fleetjax.decay import Decays
+from fleetjax.state_passing import pass_states
 
 f32 = jnp.float32
 # The key dims the kernel's wgmma tiling serves (the state [K, block_v] lives in registers).
@@ -92,6 +98,44 @@ def serves_backward(config: MosaicWalkConfig | None, *, dtype, K: int, V: int, c
                      exact_state=False)
             and V in KEY_DIMS and K % config.block_v == 0 and not exit_cotangent
             and not wanted.any and not wanted.initial_state)
+
+
+def entering_states(start, local, decays: Decays, chunking: Chunking, B: int, reverse: bool = False):
+    """The states entering each piece [B, H, P, K, V] float32 (None: one piece and no start), from the
+    entering state ``start`` [B, H, K, V] and the local states of the pieces that have a successor ``local``
+    [B, H, P-1, K, V] (forward: all but the last; reverse: all but the first), for the constant decay without
+    segments: the state passing of fleetjax.state_passing, in XLA (the Triton walks fold them on chip)."""
+    if chunking.pieces == 1:
+        return None if start is None else start.astype(f32)[:, :, None]
+    if start is None:
+        start = jnp.zeros(local.shape[:2] + local.shape[3:], f32)
+    carry = jnp.exp(decays.block_sums(B, chunking.T, chunking.piece_len))
+    carry = carry[:, :, 1:] if reverse else carry[:, :, :-1]
+    entering, last = pass_states(start.astype(f32), jnp.moveaxis(local, 2, 0), jnp.moveaxis(carry, 2, 0),
+                                 reverse=reverse)
+    entering = jnp.moveaxis(entering, 0, 2)
+    parts = [last[:, :, None], entering] if reverse else [entering, last[:, :, None]]
+    return jnp.concatenate(parts, axis=2)
+
+
+def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_local, reverse_local, *,
+                   scale: float, config: MosaicWalkConfig):
+    """(dq, dk, dv, the witness) for a fixed decay and no d start or exit cotangent (:func:`serves_backward`):
+    dq = walk(dO, v, k) from S0^T, dv = reverse walk(k, q, dO), dk = reverse walk(v, dO, q), the pieces
+    entering from the local states of the dq walk's ``dq_local`` (keys v, values k) and of the reverse walks'
+    ``reverse_local`` (keys q, values dO; the dk walk's are their transposes), [B, H, P-1, ., .] or None.
+    The witness: the dq and dv walks' states after their pieces, non-finite whenever dq or dv is (their
+    0 * out terms), which each q_t, k_t, v_t and dO_t reaches through its own pair."""
+    B = q.shape[0]
+    dq_entering = entering_states(None if start is None else jnp.swapaxes(start, -1, -2), dq_local, decays,
+                                  chunking, B)
+    reverse_entering = entering_states(None, reverse_local, decays, chunking, B, reverse=True)
+    along = functools.partial(walk, log_decay=decays.log_decay, chunking=chunking, scale=scale, config=config)
+    dq, dq_finals = along(do, v, k, entering=dq_entering, reverse=False)
+    dv, dv_finals = along(k, q, do, entering=reverse_entering, reverse=True)
+    dk, _ = along(v, do, q, entering=None if reverse_entering is None else jnp.swapaxes(reverse_entering, -1, -2),
+                  reverse=True)
+    return dq, dk, dv, (dq_finals, dv_finals)
 
 
 def _mma_tiles(dtype):
