@@ -1,7 +1,7 @@
-"""The Mosaic GPU forward walk (fleetjax.pallas.mosaic): when implementation="pallas" selects it, and on an
-sm_90 GPU its outputs against the float64 oracle, the Triton walk, non-finite inputs and the gradient that
-follows it. The Mosaic GPU interpreter cannot run it (no transposed wgmma operands), so the kernel's rows
-run on Hopper GPUs only; the selection and config rows run everywhere."""
+"""The Mosaic GPU walks (fleetjax.pallas.mosaic): when implementation="pallas" selects them; in Mosaic GPU's
+CPU interpreter the forward walk and the backward's walks (the decay's gradient sums too) against the
+float64 oracle; on an sm_90 GPU the op through them against the oracle, the Triton walks, float16's range,
+non-finite inputs and the gradients."""
 
 from __future__ import annotations
 
@@ -19,6 +19,11 @@ from fleetjax.pallas import chunked, mosaic
 from test_op import DECAY_GRAD_TOLERANCE, TOLERANCE
 
 hopper = pytest.mark.skipif(not mosaic.on_hopper(), reason="the Mosaic GPU walk runs on sm_90 GPUs only")
+try:  # Mosaic GPU's CPU interpreter (a private module of jax: the tests skip where it moved)
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+except ImportError:  # pragma: no cover
+    InterpretGPUParams = None
+interpreted = pytest.mark.skipif(InterpretGPUParams is None, reason="no Mosaic GPU interpreter in this jax")
 
 
 def _supports(**changes) -> bool:
@@ -45,7 +50,8 @@ def test_supports_only_the_cases_the_kernel_serves():
                                segments=False, gated=False, exact_state=False)
 
 
-@pytest.mark.parametrize("field, value", [("chunk_size", 128), ("block_v", 32), ("stages", 0), ("stages", 2.0)])
+@pytest.mark.parametrize("field, value", [("chunk_size", 128), ("block_v", 48), ("sums_block_v", 256),
+                                          ("stages", 0), ("stages", 2.0)])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=f"MosaicWalkConfig.{field}"):
         mosaic.MosaicWalkConfig(**{field: value})
@@ -157,6 +163,10 @@ def test_serves_the_backward_of_a_fixed_decay_only():
     for change in (dict(wanted=Wanted(log_gate=False, initial_state=False)), dict(wanted=Wanted(log_decay=False,
                    log_gate=False)), dict(exit_cotangent=True), dict(V=256), dict(K=96), dict(segments=True)):
         assert not mosaic.serves_backward(config, **{**args, **change}), change
+    learned = Wanted(log_gate=False, initial_state=False)
+    sums = mosaic.MosaicWalkConfig(decay_sums=True)
+    assert mosaic.serves_backward(sums, **{**args, "wanted": learned, "chunking": Chunking(1024, 64, 1)})
+    assert not mosaic.serves_backward(sums, **{**args, "wanted": learned})  # pieces: no counts between them
 
 
 def _fixed_decay_grads(q, k, v, do, decay, *, mosaic_forward, pieces, start=None):
@@ -216,3 +226,99 @@ def test_fixed_decay_backward_keeps_a_nonfinite_value_where_it_belongs(where):
         np.testing.assert_array_equal(np.isfinite(np.asarray(g, np.float32)), np.isfinite(np.asarray(t, np.float32)))
         assert np.isfinite(np.asarray(g[:, :, 0], np.float32)).all()
 
+
+
+# ------------------------------------------------------------------------------ Mosaic GPU's CPU interpreter
+
+def _decays(values):
+    from fleetjax.decay import Decays
+    return Decays(jnp.log(jnp.asarray(values, jnp.float32)), None)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype, with_start", [("bfloat16", True), ("float16", False)])
+def test_the_walk_in_the_interpreter_matches_the_oracle(dtype, with_start):
+    B, T, H, K, V = 1, 128, 2, 64, 64
+    q, k, v = _inputs(B, T, H, K, V, dtype)
+    decay = (0.9, 1.0)
+    start = (jnp.asarray(np.random.default_rng(1).standard_normal((B, H, K, V)), jnp.float32)
+             if with_start else None)
+    o, finals, sums = mosaic.walk(q, k, v, _decays(decay).log_decay, None if start is None else start[:, :, None],
+                                  Chunking(T, 64, 1), reverse=False, scale=0.2, config=mosaic.MosaicWalkConfig(),
+                                  interpret=InterpretGPUParams())
+    ref, final = oracle.forward(q, k, v, jnp.asarray(decay), scale=0.2, initial_state=start)
+    assert sums == {}
+    assert oracle.rel_err(o, ref, axis=2) < TOLERANCE[dtype]
+    assert oracle.rel_err(finals[:, :, 0], final, axis=1) < TOLERANCE[dtype]
+
+
+def _interpreted_backward(q, k, v, do, decay, start, chunking, *, learned: bool, scale: float):
+    from fleetjax import vjp
+    from fleetjax.pallas import forward as fwd
+    decays = _decays(decay)
+    dq_local = reverse_local = None
+    if chunking.pieces > 1:  # the Triton piece-state walks, in Pallas interpret mode
+        common = dict(chunk_size=64, block_v=32, num_warps=4, num_stages=1, precision=None, contain=False)
+        dq_local = fwd.piece_states(v, k, decays.log_decay, None, chunking, reverse=False, all_pieces=False,
+                                    **common)
+        reverse_local = fwd.piece_states(q, do, decays.log_decay, None, chunking, reverse=True, all_pieces=False,
+                                         **common)
+    dq, dk, dv, parts, witness = mosaic.backward_walks(
+        q, k, v, do, decays, start, chunking, dq_local, reverse_local, scale=scale,
+        config=mosaic.MosaicWalkConfig(decay_sums=True), log_decay_wanted=learned, interpret=InterpretGPUParams())
+    d_log_decay = None if parts is None else vjp.log_decay_grad(parts["w"], parts["u"], parts["counts"],
+                                                                parts["intra"], chunking.chunk_size)
+    return dq, dk, dv, d_log_decay, witness
+
+
+@interpreted
+@pytest.mark.parametrize("learned, pieces, K, V", [(True, 1, 64, 128), (False, 2, 128, 64)])
+def test_the_backward_walks_in_the_interpreter_match_the_oracle(learned, pieces, K, V):
+    B, T, H = 1, 256, 2
+    q, k, v = _inputs(B, T, H, K, V, "bfloat16")
+    do = _inputs(B, T, H, K, V, "bfloat16", seed=4)[2]
+    decay = (0.97, 1.0)
+    start = jnp.asarray(np.random.default_rng(2).standard_normal((B, H, K, V)), jnp.float32)
+    dq, dk, dv, d_log_decay, witness = _interpreted_backward(q, k, v, do, decay, start, Chunking(T, 64, pieces),
+                                                             learned=learned, scale=0.1)
+    ref = oracle.gradients(q, k, v, jnp.asarray(decay), do=do, scale=0.1, initial_state=start)
+    for got, name in ((dq, "q"), (dk, "k"), (dv, "v")):
+        assert oracle.rel_err(got, ref[name], axis=2) < TOLERANCE["bfloat16"], name
+    if learned:  # every term but the initial state's carry into the final state (no final state here)
+        assert oracle.rel_err(d_log_decay, ref["log_decay"]) < DECAY_GRAD_TOLERANCE["bfloat16"]
+    else:
+        assert d_log_decay is None
+    assert all(bool(jnp.all(jnp.isfinite(w))) for w in witness)
+
+
+@interpreted
+def test_the_interpreted_witness_catches_a_nonfinite_value():
+    B, T, H, K, V = 1, 128, 1, 64, 64
+    q, k, v = _inputs(B, T, H, K, V, "bfloat16")
+    do = _inputs(B, T, H, K, V, "bfloat16", seed=4)[2].at[0, 70, 0, 3].set(jnp.nan)
+    *_, witness = _interpreted_backward(q, k, v, do, (0.9,), None, Chunking(T, 64, 1), learned=False, scale=0.1)
+    assert not all(bool(jnp.all(jnp.isfinite(w))) for w in witness)
+
+
+@hopper
+@pytest.mark.parametrize("with_start", [False, True])
+def test_learned_decay_backward_on_mosaic_matches_the_oracle_and_the_triton_walks(with_start):
+    B, T, H, K, V = 2, 1024, 2, 128, 128
+    q, k, v = _inputs(B, T, H, K, V, "bfloat16")
+    do = _inputs(B, T, H, K, V, "bfloat16", seed=6)[2]
+    decay = jnp.asarray([0.97, 0.999], jnp.float32)
+    start = (jnp.asarray(np.random.default_rng(3).standard_normal((B, H, K, V)), jnp.float32)
+             if with_start else None)
+    grads = {}
+    for sums in (True, False):
+        config = dataclasses.replace(chunked.default_config(q, v), backward_num_sequence_pieces=1,
+                                     mosaic_forward=mosaic.MosaicWalkConfig(decay_sums=sums))
+        f = lambda q, k, v, decay: fleetjax.fleet_attention(q, k, v, decay, implementation="pallas",  # noqa: E731
+                                                            config=config, initial_state=start)
+        _, pullback = jax.vjp(jax.jit(f), q, k, v, decay)
+        grads[sums] = jax.jit(pullback)(do)
+    ref = oracle.gradients(q, k, v, decay, do=do, initial_state=start)
+    for got, triton, name in zip(grads[True], grads[False], ("q", "k", "v", "decay")):
+        tolerance = DECAY_GRAD_TOLERANCE["bfloat16"] if name == "decay" else TOLERANCE["bfloat16"]
+        assert oracle.rel_err(got, ref[name], axis=None if name == "decay" else 2) < tolerance, name
+        assert oracle.rel_err(got, triton, axis=None if name == "decay" else 2) < tolerance, name

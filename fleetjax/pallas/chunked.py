@@ -369,8 +369,8 @@ def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, co
                                      **config.piece_launch("forward", q.dtype))
         if on_mosaic and not contain:
             entering = mosaic.entering_states(start, local, decays, chunking, B)
-            o, finals = mosaic.walk(q, k, v, decays.log_decay, entering, chunking, reverse=False, scale=scale,
-                                    config=config.mosaic_forward)
+            o, finals, _ = mosaic.walk(q, k, v, decays.log_decay, entering, chunking, reverse=False, scale=scale,
+                                       config=config.mosaic_forward)
             return (o, finals[:, :, -1]), finals
         o, final, witness = fwd.forward_walk(q, k, v, decays.log_decay, start, run_ids, chunking, scale=scale,
                                              exact_state=exact_state, contain=contain, local=local,
@@ -442,10 +442,12 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
                                                  exact=wanted.any or wanted.initial_state,
                                                  **config.piece_launch("dv", q.dtype))
         if on_mosaic and not contain:
-            dq, dk, dv, witness = mosaic.backward_walks(
+            dq, dk, dv, parts, witness = mosaic.backward_walks(
                 q, k, v, do, decays, start, chunking, None if dq_local is None else dq_local[0], reverse_local,
-                scale=scale, config=config.mosaic_forward)
-            return (dq, dk, dv, None, None, None), witness
+                scale=scale, config=config.mosaic_forward, log_decay_wanted=wanted.log_decay)
+            d_log_decay = None if parts is None else vjp.log_decay_grad(
+                parts["w"], parts["u"], parts["counts"], parts["intra"], chunking.chunk_size)
+            return (dq, dk, dv, d_log_decay, None, None), witness
         dq, w, counts, intra, spanned = bwd.dq_walk(q, k, v, do, decays.log_decay, start, run_ids, chunking,
                                                     contain=contain, local=dq_local, wanted=wanted, **common,
                                                     **config.launch("dq", q.dtype))

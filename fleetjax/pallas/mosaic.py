@@ -20,8 +20,11 @@ says every output of the piece was finite (the caller's witness, fleetjax.nonfin
 products rounded to the inputs' dtype, as in the Triton walks' plain form. Sequence pieces enter with states
 passed in XLA (:func:`entering_states`) from the local states of the Triton piece-state walks.
 
-It cannot run in CPU interpret mode (the Mosaic GPU interpreter has no transposed wgmma operands); its tests
-run on the GPU (tests/test_mosaic.py).
+For the decay's gradient (``MosaicWalkConfig.decay_sums``, off by default) the dq and dk walks also form
+fleetjax.vjp's per-position sums with the state's products as hi/lo pairs; the dq walk carries the crossing
+counts as a second state. Everything runs in Mosaic GPU's CPU interpreter too (``interpret=``, the tests),
+which takes a few forms of its own: no register layouts, accumulators summed after zeroed ones, transposed
+and register operands copied to shared memory, one chunk at a time instead of emit_pipeline.
 """
 
 from __future__ import annotations
@@ -44,28 +47,35 @@ KEY_DIMS = (64, 128)
 
 @dataclasses.dataclass(frozen=True)
 class MosaicWalkConfig:
-    """Tiling of the Mosaic GPU forward walk.
+    """Tiling of the Mosaic GPU walks.
 
-    chunk_size: positions per chunk (64: one wgmma row tile); block_v: value columns per program (64 or
-    128); stages: chunks whose tiles are in flight at once (the pipeline's depth, each a copy of the q, k,
-    v and o tiles in shared memory).
+    chunk_size: positions per chunk (64: one wgmma row tile); block_v: value columns per program (32, 64 or
+    128); sums_block_v: the same for the backward's walks that form the decay's gradient sums (their two
+    float32 states and hi/lo operands take more registers); stages: chunks whose tiles are in flight at
+    once (the pipeline's depth, each a copy of the walk's input and output tiles in shared memory).
+    decay_sums: the backward's walks run on Mosaic also where the decay's gradient is wanted (the dq walk
+    then carries the crossing counts, the dq and dk walks form its per-position sums with hi/lo products).
+    Off by default: exact in Mosaic GPU's interpreter (tests/test_mosaic.py), not yet run on a GPU.
     """
 
     chunk_size: int = 64
     block_v: int = 64
+    sums_block_v: int = 32
     stages: int = 3
+    decay_sums: bool = False
 
     def __post_init__(self):
         if self.chunk_size != 64:
             raise ValueError(f"MosaicWalkConfig.chunk_size must be 64, got {self.chunk_size!r}")
-        if self.block_v not in (64, 128):
-            raise ValueError(f"MosaicWalkConfig.block_v must be 64 or 128, got {self.block_v!r}")
+        for name in ("block_v", "sums_block_v"):
+            if getattr(self, name) not in (32, 64, 128):
+                raise ValueError(f"MosaicWalkConfig.{name} must be 32, 64 or 128, got {getattr(self, name)!r}")
         if not isinstance(self.stages, int) or isinstance(self.stages, bool) or not 1 <= self.stages <= 8:
             raise ValueError(f"MosaicWalkConfig.stages must be an int in [1, 8], got {self.stages!r}")
 
     def shared_memory_bytes(self, K: int, itemsize: int) -> int:
-        """Shared memory of one program: the staged q, k, v, o tiles, the state's 16-bit and float32 tiles and
-        the weighted values' tile."""
+        """Shared memory of one forward program: the staged q, k, v, o tiles, the state's 16-bit and float32
+        tiles and the weighted values' tile."""
         C, bv = self.chunk_size, self.block_v
         return itemsize * (self.stages * (2 * C * K + 2 * C * bv) + K * bv + C * bv) + 4 * K * bv
 
@@ -91,13 +101,15 @@ def supports(config: MosaicWalkConfig | None, *, dtype, K: int, V: int, chunking
 def serves_backward(config: MosaicWalkConfig | None, *, dtype, K: int, V: int, chunking: Chunking, segments: bool,
                     gated: bool, exit_cotangent: bool, wanted) -> bool:
     """Whether the Mosaic walks serve a backward (fleetjax.pallas.chunked.block_backward): as
-    :func:`supports` for each of its three walks (K and V each a query dim there), no gradient of the decay
-    (a fixed one: the decay's sums are Triton's alone), no d start and no final state's cotangent
-    (``wanted``: a fleetjax.vjp.Wanted)."""
+    :func:`supports` for each of its three walks (K and V each a query dim there), no gate's gradient, no d
+    start and no final state's cotangent (``wanted``: a fleetjax.vjp.Wanted); the decay's gradient where
+    ``config.decay_sums`` and with one sequence piece only (the crossing counts do not pass between pieces
+    here)."""
     return (supports(config, dtype=dtype, K=K, V=V, chunking=chunking, segments=segments, gated=gated,
                      exact_state=False)
-            and V in KEY_DIMS and K % config.block_v == 0 and not exit_cotangent
-            and not wanted.any and not wanted.initial_state)
+            and V in KEY_DIMS and K % config.block_v == 0 and K % config.sums_block_v == 0
+            and not exit_cotangent and not wanted.log_gate and not wanted.initial_state
+            and (not wanted.log_decay or (config.decay_sums and chunking.pieces == 1)))
 
 
 def entering_states(start, local, decays: Decays, chunking: Chunking, B: int, reverse: bool = False):
@@ -119,39 +131,71 @@ def entering_states(start, local, decays: Decays, chunking: Chunking, B: int, re
 
 
 def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_local, reverse_local, *,
-                   scale: float, config: MosaicWalkConfig):
-    """(dq, dk, dv, the witness) for a fixed decay and no d start or exit cotangent (:func:`serves_backward`):
-    dq = walk(dO, v, k) from S0^T, dv = reverse walk(k, q, dO), dk = reverse walk(v, dO, q), the pieces
-    entering from the local states of the dq walk's ``dq_local`` (keys v, values k) and of the reverse walks'
+                   scale: float, config: MosaicWalkConfig, log_decay_wanted: bool, interpret=None):
+    """(dq, dk, dv, the decay's per-position sums or None, the witness) where :func:`serves_backward`: dq =
+    walk(dO, v, k) from S0^T, dv = reverse walk(k, q, dO), dk = reverse walk(v, dO, q), the pieces entering
+    from the local states of the dq walk's ``dq_local`` (keys v, values k) and of the reverse walks'
     ``reverse_local`` (keys q, values dO; the dk walk's are their transposes), [B, H, P-1, ., .] or None.
-    The witness: the dq and dv walks' states after their pieces, non-finite whenever dq or dv is (their
-    0 * out terms), which each q_t, k_t, v_t and dO_t reaches through its own pair."""
+    With ``log_decay_wanted`` the dq and dk walks also form w, counts, intra and u [B, H, T] (summed over
+    their value blocks), fleetjax.vjp.log_decay_grad's parts. The witness: the dq and dv walks' states after
+    their pieces, non-finite whenever dq or dv is (their 0 * out terms), which each q_t, k_t, v_t and dO_t
+    reaches through its own pair. ``interpret``: see :func:`walk`."""
     B = q.shape[0]
     dq_entering = entering_states(None if start is None else jnp.swapaxes(start, -1, -2), dq_local, decays,
                                   chunking, B)
     reverse_entering = entering_states(None, reverse_local, decays, chunking, B, reverse=True)
-    along = functools.partial(walk, log_decay=decays.log_decay, chunking=chunking, scale=scale, config=config)
-    dq, dq_finals = along(do, v, k, entering=dq_entering, reverse=False)
-    dv, dv_finals = along(k, q, do, entering=reverse_entering, reverse=True)
-    dk, _ = along(v, do, q, entering=None if reverse_entering is None else jnp.swapaxes(reverse_entering, -1, -2),
-                  reverse=True)
-    return dq, dk, dv, (dq_finals, dv_finals)
+    along = functools.partial(walk, log_decay=decays.log_decay, chunking=chunking, scale=scale, config=config,
+                              interpret=interpret)
+    sums = functools.partial(along, config=dataclasses.replace(config, block_v=config.sums_block_v))
+    if log_decay_wanted:
+        dq, dq_finals, dq_sums = sums(do, v, k, entering=dq_entering, reverse=False, rows=q, counts=True)
+    else:
+        dq, dq_finals, _ = along(do, v, k, entering=dq_entering, reverse=False)
+    dv, dv_finals, _ = along(k, q, do, entering=reverse_entering, reverse=True)
+    dk_entering = None if reverse_entering is None else jnp.swapaxes(reverse_entering, -1, -2)
+    if log_decay_wanted:
+        dk, _, dk_sums = sums(v, do, q, entering=dk_entering, reverse=True, rows=k)
+        parts = dict(w=jnp.sum(dq_sums["state"], axis=0), counts=jnp.sum(dq_sums["counts"], axis=0),
+                     intra=jnp.sum(dq_sums["intra"], axis=0), u=jnp.sum(dk_sums["state"], axis=0))
+    else:
+        dk, _, _ = along(v, do, q, entering=dk_entering, reverse=True)
+        parts = None
+    return dq, dk, dv, parts, (dq_finals, dv_finals)
 
 
-def _mma_tiles(dtype):
-    """Shared-memory transforms that wgmma reads: rows of 128 bytes, 128-byte swizzle."""
+def _mma_tiles(dtype, columns: int):
+    """Shared-memory transforms that wgmma reads: rows of up to 128 bytes in (8, row) tiles, swizzled by the
+    row's bytes."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
-    return (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128))
+    row = min(128, columns * jnp.dtype(dtype).itemsize)
+    return (plgpu.TilingTransform((8, row // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(row))
+
+
+def _split(x, dtype):
+    """(hi, lo) in ``dtype`` with hi + lo = x to about 16 (bfloat16) or 22 (float16) bits: a float32 operand
+    as two tensor-core products (fleetjax.chunk.dot_exact)."""
+    hi = x.astype(dtype)
+    return hi, (x - hi.astype(f32)).astype(dtype)
 
 
 def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse: bool, scale: float,
-         config: MosaicWalkConfig):
-    """(out [B, T, H, Dv] in value's dtype, the state after each piece [B, H, P, Dk, Dv] float32): the walk of
-    fleetjax.chunk with these roles, forward or ``reverse`` in time, from the states entering the pieces
-    ``entering`` [B, H, P, Dk, Dv] float32 (None: zero; reverse: the state from the positions after the
+         config: MosaicWalkConfig, rows=None, counts: bool = False, interpret=None):
+    """(out [B, T, H, Dv] in value's dtype, the state after each piece [B, H, P, Dk, Dv] float32, sums): the
+    walk of fleetjax.chunk with these roles, forward or ``reverse`` in time, from the states entering the
+    pieces ``entering`` [B, H, P, Dk, Dv] float32 (None: zero; reverse: the state from the positions after the
     piece). query, key [B, T, H, Dk]; value [B, T, H, Dv]; log_decay [H] float32. Assumes :func:`supports`.
     The forward is walk(q, k, v); the backward's walks are walk(dO, v, k) (dq), reverse walk(k, q, dO) (dv)
-    and reverse walk(v, dO, q) (dk)."""
+    and reverse walk(v, dO, q) (dk).
+
+    For the decay's gradient (fleetjax.vjp), ``rows`` [B, T, H, Dv] (q in the dq walk, k in the dk walk):
+    the state's products become float32-accurate (hi/lo pairs) and sums["state"] [Dv blocks, B, H, T] holds
+    each position's rows . (the state's part of out) (w, u); with ``counts`` (the dq walk, one piece) also
+    the crossing-count state and sums["counts"] and sums["intra"] (the lag-weighted pairs in the chunk),
+    per value block (their sum over blocks is the position's).
+
+    ``interpret``: Mosaic GPU's interpret-mode parameters (CPU tests), which also take the kernel's forms that
+    its interpreter lacks: no register layouts, products accumulated after a zeroed accumulator, transposed
+    operands copied into shared memory."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -159,81 +203,207 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     V = value.shape[-1]
     C, bv, P = config.chunk_size, config.block_v, chunking.pieces
     n = chunking.piece_len // C
+    nv = V // bv
     dtype = value.dtype
     wg = plgpu.Layout.WGMMA
-    tiles = _mma_tiles(dtype)
+    # One swizzle for every tile: a wgmma's operands must share it (the value block's row sets it).
+    key_tiles = value_tiles = _mma_tiles(dtype, bv)
+    exact = rows is not None
     # float16's range: scale the state before it is rounded; bfloat16 keeps float32's, scale the row factors.
-    scale_state = jnp.dtype(dtype) == jnp.dtype(jnp.float16)
+    # The exact products always take the scaled state (its lo part then keeps the scale's bits too).
+    scale_state = exact or jnp.dtype(dtype) == jnp.dtype(jnp.float16)
+    sums = (["state"] if exact else []) + (["counts", "intra"] if counts else [])
 
-    def kernel(log_decay_gmem, q_gmem, k_gmem, v_gmem, *rest):
-        if entering is None:
-            o_gmem, final_gmem, state_smem, weighted_smem, exact_smem, barrier = rest
-        else:
-            start_gmem, o_gmem, final_gmem, state_smem, weighted_smem, exact_smem, barrier = rest
+    def iota(shape, dimension):
+        return (lax.broadcasted_iota(jnp.int32, shape, dimension) if interpret is not None
+                else plgpu.broadcasted_iota(jnp.int32, shape, dimension, layout=wg))
+
+    def laid(x):
+        return x if interpret is not None else plgpu.layout_cast(x, wg)
+
+    def accumulate(init, issue):
+        """init + what ``issue(acc)``'s wgmmas add, accumulated in place from ``init`` on the GPU."""
+        if interpret is not None:
+            return init + pl.run_scoped(lambda acc: (issue(acc), acc[...])[1], plgpu.ACC(init.shape, f32))
+        return pl.run_state(issue)(plgpu.ACC.init(init))
+
+    def kernel(*refs):
+        refs = list(refs)
+        take = lambda count: [refs.pop(0) for _ in range(count)]  # noqa: E731
+        log_decay_gmem, q_gmem, k_gmem, v_gmem = take(4)
+        rows_gmem = take(1)[0] if exact else None
+        start_gmem = take(1)[0] if entering is not None else None
+        o_gmem, final_gmem = take(2)
+        sums_gmem = dict(zip(sums, take(len(sums))))
+        state_smem, weighted_smem = take(2)
+        state_lo_smem, weighted_lo_smem = take(2) if exact else (None, None)
+        counts_smem, counts_lo_smem = take(2) if counts else (None, None)
+        exact_smem, barrier = take(2)
+        transposed_smem = {} if interpret is None else {(C, K): take(1)[0], (C, bv): take(1)[0]}
+        scores_smem = None if interpret is None else take(1)[0]
+
+        def from_registers(x):  # a wgmma operand A in registers (the interpreter reads operands from refs)
+            if interpret is None:
+                return x
+            scores_smem[...] = x
+            return scores_smem
+
         j, bh, piece = lax.axis_index("v"), lax.axis_index("bh"), lax.axis_index("piece")
         b, h = bh // H, bh % H
         log_gamma = log_decay_gmem[h]
-        rows = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=wg)
-        cols = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=wg)
-        lag = cols - rows if reverse else rows - cols
+        pair_rows, pair_cols = iota((C, C), 0), iota((C, C), 1)
+        lag = pair_cols - pair_rows if reverse else pair_rows - pair_cols
         # Exponents masked before exp (only lags >= 0): gamma -> 0 gives exact zeros, gamma = 1 ones.
-        weights = jnp.where(lag >= 0, jnp.exp(jnp.where(lag >= 0, lag, 0).astype(f32) * log_gamma), 0.0) * scale
-        row = plgpu.broadcasted_iota(jnp.int32, (C, bv), 0, layout=wg).astype(f32)
+        weights = jnp.where(lag >= 0, jnp.exp(jnp.where(lag >= 0, lag, 0).astype(f32) * log_gamma), 0.0)
+        row = iota((C, bv), 0).astype(f32)
         enter_lag, leave_lag = (C - 1.0 - row, row + 1.0) if reverse else (row + 1.0, C - 1.0 - row)
         entering_rows = jnp.exp(enter_lag * log_gamma) * (1.0 if scale_state else scale)
         leaving_rows = jnp.exp(leave_lag * log_gamma)
         carry = jnp.exp(C * log_gamma)
-        k_t = lambda ref: plgpu.transpose_ref(ref, (1, 0))
 
-        def chunk(_, q_smem, k_smem, v_smem, o_smem, state):
-            state_smem[...] = (scale * state if scale_state else state).astype(dtype)
+        def k_t(ref):
+            if interpret is None:
+                return plgpu.transpose_ref(ref, (1, 0))
+            copy = transposed_smem[ref.shape]
+            copy[...] = ref[...].T
+            return copy
+
+        def product(acc_shape, *pairs):
+            """sum of a @ b over ``pairs`` (wgmma), as a float32 array."""
+            def body(acc):
+                for a, b_ in pairs:
+                    plgpu.wgmma(acc, a, b_)
+                return acc[...]
+            return pl.run_scoped(body, plgpu.ACC(acc_shape, f32))
+
+        def chunk(_, *smems):
+            smems = list(smems)
+            q_smem, k_smem, v_smem = smems[:3]
+            x_smem = smems[3] if exact else None
+            o_smem, *sum_smems = smems[3 + int(exact):-1]
+            sum_smem = dict(zip(sums, sum_smems))
+            carried = smems[-1]
+            state, crossings = carried if counts else (carried, None)
+
+            held = scale * state if scale_state else state
+            if exact:
+                state_smem[...], state_lo_smem[...] = _split(held, dtype)
+            else:
+                state_smem[...] = held.astype(dtype)
+            if counts:
+                counts_smem[...], counts_lo_smem[...] = _split(scale * crossings, dtype)
             plgpu.commit_smem()
 
-            def scores(acc):
-                plgpu.wgmma(acc, q_smem, k_t(k_smem))
-                return acc[...]
-
-            def from_state(acc):
-                plgpu.wgmma(acc, q_smem, state_smem)
-                return acc[...]
+            scores = product((C, C), (q_smem, k_t(k_smem))) * weights
+            if counts:  # the lag-weighted pairs: (rows_i . value_j) (query_i . key_j) decayed, in float32
+                pairs = product((C, C), (x_smem, k_t(v_smem))) * scores
+                sum_smem["intra"][...] = scale * jnp.sum(jnp.where(lag >= 0, lag, 0).astype(f32) * pairs, axis=1)
+            states = [(q_smem, state_smem)] + ([(q_smem, state_lo_smem)] if exact else [])
+            inter = product((C, bv), *states) * entering_rows
 
             def intra(acc):
-                plgpu.wgmma(acc, (pl.run_scoped(scores, plgpu.ACC((C, C), f32)) * weights).astype(dtype), v_smem)
+                plgpu.wgmma(acc, from_registers((scores * scale).astype(dtype)), v_smem)
 
-            inter = pl.run_scoped(from_state, plgpu.ACC((C, bv), f32)) * entering_rows
-            o = pl.run_state(intra)(plgpu.ACC.init(inter))
+            o = accumulate(inter, intra)
             o_smem[...] = o.astype(dtype)
-            weighted_smem[...] = (v_smem[...].astype(f32) * leaving_rows + 0.0 * o).astype(dtype)
+            if exact:
+                x = x_smem[...].astype(f32)
+                sum_smem["state"][...] = jnp.sum(inter * x, axis=1)
+            if counts:
+                counted = product((C, bv), (q_smem, counts_smem), (q_smem, counts_lo_smem)) * entering_rows
+                sum_smem["counts"][...] = jnp.sum(counted * x, axis=1)
+                crossings = carry * (crossings + state)
+            weighted = v_smem[...].astype(f32) * leaving_rows + 0.0 * o
+            if exact:
+                weighted_smem[...], weighted_lo_smem[...] = _split(weighted, dtype)
+            else:
+                weighted_smem[...] = weighted.astype(dtype)
             plgpu.commit_smem()
 
             def update(acc):
                 plgpu.wgmma(acc, k_t(k_smem), weighted_smem)
+                if exact:
+                    plgpu.wgmma(acc, k_t(k_smem), weighted_lo_smem)
 
-            return pl.run_state(update)(plgpu.ACC.init(carry * state))
+            state = accumulate(carry * state, update)
+            return (state, crossings) if counts else state
 
         columns = pl.ds(j * bv, bv)
-        if entering is None:
-            state = plgpu.layout_cast(jnp.zeros((K, bv), f32), wg)
+        if start_gmem is None:
+            state = laid(jnp.zeros((K, bv), f32))
         else:  # float32 states go through shared memory: registers take tiled loads only from there
             plgpu.copy_gmem_to_smem(start_gmem.at[b, h, piece, :, columns], exact_smem, barrier)
             plgpu.barrier_wait(barrier)
-            state = plgpu.load(exact_smem, (), layout=wg)
+            state = exact_smem[...] if interpret is not None else plgpu.load(exact_smem, (), layout=wg)
+        init = (state, laid(jnp.zeros((K, bv), f32))) if counts else state
         first = piece * n
-        at = (lambda c: first + n - 1 - c) if reverse else (lambda c: first + c)
-        rows_k = plgpu.BlockSpec((C, K), lambda c: (at(c), 0), transforms=tiles)
-        rows_v = plgpu.BlockSpec((C, bv), lambda c: (at(c), j), transforms=tiles)
-        pipeline = plgpu.emit_pipeline(chunk, grid=(n,), in_specs=[rows_k, rows_k, rows_v], out_specs=[rows_v],
-                                       max_concurrent_steps=config.stages, init_carry=state)
-        state = pipeline(q_gmem.at[b, :, h], k_gmem.at[b, :, h], v_gmem.at[b, :, h], o_gmem.at[b, :, h])
+        at = (lambda c: first + n - 1 - c) if reverse else (lambda c: first + c)  # noqa: E731
+        rows_k = plgpu.BlockSpec((C, K), lambda c: (at(c), 0), transforms=key_tiles)
+        rows_v = plgpu.BlockSpec((C, bv), lambda c: (at(c), j), transforms=value_tiles)
+        positions = plgpu.BlockSpec((C,), lambda c: (at(c),))
+        in_specs = [rows_k, rows_k, rows_v] + ([rows_v] if exact else [])
+        out_specs = [rows_v] + [positions] * len(sums)
+        gmems = [q_gmem.at[b, :, h], k_gmem.at[b, :, h], v_gmem.at[b, :, h]]
+        gmems += [rows_gmem.at[b, :, h]] if exact else []
+        gmems += [o_gmem.at[b, :, h]] + [sums_gmem[name].at[j, b, h] for name in sums]
+        if interpret is None:
+            state = plgpu.emit_pipeline(chunk, grid=(n,), in_specs=in_specs, out_specs=out_specs,
+                                        max_concurrent_steps=config.stages, init_carry=init)(*gmems)
+        else:
+            state = _stepwise(chunk, n, in_specs, out_specs, gmems, init, (C, K), (C, bv), dtype)
+        state = state[0] if counts else state
         exact_smem[...] = state
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(exact_smem, final_gmem.at[b, h, piece, :, columns])
         plgpu.wait_smem_to_gmem(0)
 
-    call = plgpu.kernel(
-        kernel, out_type=(jax.ShapeDtypeStruct((B, T, H, V), dtype), jax.ShapeDtypeStruct((B, H, P, K, V), f32)),
-        grid=(V // bv, B * H, P), grid_names=("v", "bh", "piece"),
-        scratch_types=[plgpu.SMEM((K, bv), dtype, transforms=tiles), plgpu.SMEM((C, bv), dtype, transforms=tiles),
-                       plgpu.SMEM((K, bv), f32, transforms=_mma_tiles(f32)), plgpu.Barrier()])
-    args = (log_decay.astype(f32), query, key, value) + (() if entering is None else (entering,))
-    return call(*args)
+    out_type = [jax.ShapeDtypeStruct((B, T, H, V), dtype), jax.ShapeDtypeStruct((B, H, P, K, V), f32)]
+    out_type += [jax.ShapeDtypeStruct((nv, B, H, T), f32) for _ in sums]
+    state_tile = lambda: plgpu.SMEM((K, bv), dtype, transforms=value_tiles)  # noqa: E731
+    weighted_tile = lambda: plgpu.SMEM((C, bv), dtype, transforms=value_tiles)  # noqa: E731
+    scratch = [state_tile(), weighted_tile()]
+    scratch += [state_tile(), weighted_tile()] if exact else []
+    scratch += [state_tile(), state_tile()] if counts else []
+    scratch += [plgpu.SMEM((K, bv), f32, transforms=_mma_tiles(f32, bv)), plgpu.Barrier()]
+    if interpret is not None:
+        scratch += [plgpu.SMEM((K, C), dtype), plgpu.SMEM((bv, C), dtype), plgpu.SMEM((C, C), dtype)]
+    call = plgpu.kernel(kernel, out_type=tuple(out_type), grid=(nv, B * H, P), grid_names=("v", "bh", "piece"),
+                        scratch_types=scratch, **({} if interpret is None else dict(interpret=interpret)))
+    args = (log_decay.astype(f32), query, key, value) + (() if rows is None else (rows,))
+    args += () if entering is None else (entering,)
+    out, finals, *formed = call(*args)
+    return out, finals, dict(zip(sums, formed))
+
+
+def _stepwise(body, n: int, in_specs, out_specs, gmems, init, key_tile, value_tile, dtype):
+    """``emit_pipeline(body, grid=(n,), ...)(*gmems)`` one chunk at a time, for Mosaic GPU's interpreter
+    (jax 0.10.2's cannot run emit_pipeline's predicated copies): each step copies its input tiles to shared
+    memory, runs ``body`` and copies its outputs back."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    specs = list(in_specs) + list(out_specs)
+    shapes = [(spec.block_shape, dtype if len(spec.block_shape) == 2 else f32) for spec in specs]
+
+    def scoped(barrier, *smems):
+        def step(c, carry):
+            for spec, gmem, smem in zip(in_specs, gmems, smems):
+                plgpu.copy_gmem_to_smem(gmem.at[_block(spec, c)], smem, barrier)
+                plgpu.barrier_wait(barrier)
+            carry = body(c, *smems, carry)
+            plgpu.commit_smem()
+            for spec, gmem, smem in zip(out_specs, gmems[len(in_specs):], smems[len(in_specs):]):
+                plgpu.copy_smem_to_gmem(smem, gmem.at[_block(spec, c)])
+            plgpu.wait_smem_to_gmem(0)
+            return carry
+
+        return jax.lax.fori_loop(0, n, step, init)
+
+    return pl.run_scoped(scoped, plgpu.Barrier(), *[plgpu.SMEM(shape, d) for shape, d in shapes])
+
+
+def _block(spec, c):
+    """The GMEM slice of block ``c`` of a BlockSpec (index_map gives block indices)."""
+    import jax.experimental.pallas as pl
+    index = spec.index_map(c)
+    return tuple(pl.ds(i * size, size) for i, size in zip(index, spec.block_shape))
