@@ -55,15 +55,15 @@ def test_supports_only_the_cases_the_kernel_serves():
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=f"MosaicWalkConfig.{field}"):
         mosaic.MosaicWalkConfig(**{field: value})
-    with pytest.raises(TypeError, match="mosaic_forward"):
-        chunked.PallasConfig(mosaic_forward="yes")
+    with pytest.raises(TypeError, match="mosaic_walks"):
+        chunked.PallasConfig(mosaic_walks="yes")
 
 
 def test_default_config_takes_it_on_hopper_only():
     q = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
     config = chunked.default_config(q, q)
-    assert (config.mosaic_forward is not None) == mosaic.on_hopper()
-    assert chunked.default_config(q.astype(jnp.float32), q.astype(jnp.float32)).mosaic_forward is None
+    assert (config.mosaic_walks is not None) == mosaic.on_hopper()
+    assert chunked.default_config(q.astype(jnp.float32), q.astype(jnp.float32)).mosaic_walks is None
 
 
 def _inputs(B, T, H, K, V, dtype, seed=0, scale_values=1.0):
@@ -74,9 +74,9 @@ def _inputs(B, T, H, K, V, dtype, seed=0, scale_values=1.0):
     return q, k, v
 
 
-def _run(q, k, v, decay, *, mosaic_forward, pieces=1, **kwargs):
+def _run(q, k, v, decay, *, mosaic_walks, pieces=1, **kwargs):
     config = dataclasses.replace(chunked.default_config(q, v), num_sequence_pieces=pieces,
-                                 mosaic_forward=mosaic_forward)
+                                 mosaic_walks=mosaic_walks)
     return jax.jit(lambda q, k, v, decay: fleetjax.fleet_attention(q, k, v, decay, implementation="pallas",
                                                                    config=config, **kwargs))(q, k, v, decay)
 
@@ -96,13 +96,13 @@ def test_forward_matches_the_oracle_and_the_triton_walk(B, T, H, K, V, dtype, pi
     decay = jnp.asarray(decays, jnp.float32)
     start = (jnp.asarray(np.random.default_rng(1).standard_normal((B, H, K, V)), jnp.float32)
              if with_start else None)
-    o = _run(q, k, v, decay, mosaic_forward=mosaic.MosaicWalkConfig(), pieces=pieces, initial_state=start)
-    triton = _run(q, k, v, decay, mosaic_forward=None, pieces=pieces, initial_state=start)
+    o = _run(q, k, v, decay, mosaic_walks=mosaic.MosaicWalkConfig(), pieces=pieces, initial_state=start)
+    triton = _run(q, k, v, decay, mosaic_walks=None, pieces=pieces, initial_state=start)
     ref, _ = oracle.forward(q, k, v, decay, initial_state=start)
     assert oracle.rel_err(o, ref, axis=2) < TOLERANCE[dtype]
     # Both walks round the state to 16 bits per chunk in their plain form: they agree beyond the tolerance.
     assert oracle.rel_err(o, triton, axis=2) < TOLERANCE[dtype] / 2
-    assert jnp.array_equal(o, _run(q, k, v, decay, mosaic_forward=mosaic.MosaicWalkConfig(), pieces=pieces,
+    assert jnp.array_equal(o, _run(q, k, v, decay, mosaic_walks=mosaic.MosaicWalkConfig(), pieces=pieces,
                                    initial_state=start))  # deterministic
 
 
@@ -119,7 +119,7 @@ def test_float16_with_large_values_stays_in_range():
     # A state of many large k v^T terms exceeds float16's range unless it is scaled before its rounding.
     q, k, v = _inputs(1, 1024, 1, 128, 128, "float16", scale_values=8.0)
     decay = jnp.asarray([1.0], jnp.float32)
-    o = _run(q, k, v, decay, mosaic_forward=mosaic.MosaicWalkConfig(), scale=1 / 128)
+    o = _run(q, k, v, decay, mosaic_walks=mosaic.MosaicWalkConfig(), scale=1 / 128)
     ref, _ = oracle.forward(q, k, v, decay, scale=1 / 128)
     assert np.isfinite(np.asarray(o, np.float32)).all()
     assert oracle.rel_err(o, ref) < TOLERANCE["float16"]
@@ -132,8 +132,8 @@ def test_a_nonfinite_input_reaches_only_its_outputs(where):
     x = dict(q=q, k=k, v=v)
     x[where] = x[where].at[0, 300, 1, 5].set(jnp.nan)
     decay = jnp.asarray([0.9, 0.99], jnp.float32)
-    o = _run(x["q"], x["k"], x["v"], decay, mosaic_forward=mosaic.MosaicWalkConfig())
-    triton = _run(x["q"], x["k"], x["v"], decay, mosaic_forward=None)
+    o = _run(x["q"], x["k"], x["v"], decay, mosaic_walks=mosaic.MosaicWalkConfig())
+    triton = _run(x["q"], x["k"], x["v"], decay, mosaic_walks=None)
     np.testing.assert_array_equal(np.isnan(np.asarray(o, np.float32)), np.isnan(np.asarray(triton, np.float32)))
     assert np.isfinite(np.asarray(o[:, :300], np.float32)).all() and np.isfinite(np.asarray(o[:, :, 0], np.float32)).all()
 
@@ -143,7 +143,7 @@ def test_gradients_after_it_match_the_oracle():
     q, k, v = _inputs(1, 1024, 2, 128, 128, "bfloat16")
     do = _inputs(1, 1024, 2, 128, 128, "bfloat16", seed=3)[2]
     decay = jnp.asarray([0.95, 0.999], jnp.float32)
-    config = dataclasses.replace(chunked.default_config(q, v), mosaic_forward=mosaic.MosaicWalkConfig())
+    config = dataclasses.replace(chunked.default_config(q, v), mosaic_walks=mosaic.MosaicWalkConfig())
     f = lambda q, k, v, decay: fleetjax.fleet_attention(q, k, v, decay, implementation="pallas", config=config)
     o, pullback = jax.vjp(jax.jit(f), q, k, v, decay)
     dq, dk, dv, d_decay = pullback(do)
@@ -169,8 +169,8 @@ def test_serves_the_backward_of_a_fixed_decay_only():
     assert not mosaic.serves_backward(sums, **{**args, "wanted": learned})  # pieces: no counts between them
 
 
-def _fixed_decay_grads(q, k, v, do, decay, *, mosaic_forward, pieces, start=None):
-    config = dataclasses.replace(chunked.default_config(q, v), mosaic_forward=mosaic_forward,
+def _fixed_decay_grads(q, k, v, do, decay, *, mosaic_walks, pieces, start=None):
+    config = dataclasses.replace(chunked.default_config(q, v), mosaic_walks=mosaic_walks,
                                  num_sequence_pieces=pieces, backward_num_sequence_pieces=pieces)
     f = lambda q, k, v: fleetjax.fleet_attention(q, k, v, decay, implementation="pallas", config=config,
                                                  initial_state=start)
@@ -188,9 +188,9 @@ def test_fixed_decay_backward_matches_the_oracle_and_the_triton_walks(pieces, wi
     decay = jnp.asarray([0.97, 1.0], jnp.float32)
     start = (jnp.asarray(np.random.default_rng(2).standard_normal((B, H, K, V)), jnp.float32)
              if with_start else None)
-    got = _fixed_decay_grads(q, k, v, do, decay, mosaic_forward=mosaic.MosaicWalkConfig(), pieces=pieces,
+    got = _fixed_decay_grads(q, k, v, do, decay, mosaic_walks=mosaic.MosaicWalkConfig(), pieces=pieces,
                              start=start)
-    triton = _fixed_decay_grads(q, k, v, do, decay, mosaic_forward=None, pieces=pieces, start=start)
+    triton = _fixed_decay_grads(q, k, v, do, decay, mosaic_walks=None, pieces=pieces, start=start)
     ref = oracle.gradients(q, k, v, decay, do=do, initial_state=start)
     for g, t, name in zip(got, triton, ("q", "k", "v")):
         assert oracle.rel_err(g, ref[name], axis=2) < TOLERANCE["bfloat16"], name
@@ -220,8 +220,8 @@ def test_fixed_decay_backward_keeps_a_nonfinite_value_where_it_belongs(where):
     x[where] = x[where].at[0, 200, 1, 3].set(jnp.inf)
     decay = jnp.asarray([0.9, 0.99], jnp.float32)
     args = (x["q"], x["k"], x["v"], x["do"], decay)
-    got = _fixed_decay_grads(*args, mosaic_forward=mosaic.MosaicWalkConfig(), pieces=1)
-    triton = _fixed_decay_grads(*args, mosaic_forward=None, pieces=1)
+    got = _fixed_decay_grads(*args, mosaic_walks=mosaic.MosaicWalkConfig(), pieces=1)
+    triton = _fixed_decay_grads(*args, mosaic_walks=None, pieces=1)
     for g, t in zip(got, triton):
         np.testing.assert_array_equal(np.isfinite(np.asarray(g, np.float32)), np.isfinite(np.asarray(t, np.float32)))
         assert np.isfinite(np.asarray(g[:, :, 0], np.float32)).all()
@@ -312,7 +312,7 @@ def test_learned_decay_backward_on_mosaic_matches_the_oracle_and_the_triton_walk
     grads = {}
     for sums in (True, False):
         config = dataclasses.replace(chunked.default_config(q, v), backward_num_sequence_pieces=1,
-                                     mosaic_forward=mosaic.MosaicWalkConfig(decay_sums=sums))
+                                     mosaic_walks=mosaic.MosaicWalkConfig(decay_sums=sums))
         f = lambda q, k, v, decay: fleetjax.fleet_attention(q, k, v, decay, implementation="pallas",  # noqa: E731
                                                             config=config, initial_state=start)
         _, pullback = jax.vjp(jax.jit(f), q, k, v, decay)

@@ -1,7 +1,7 @@
 """fleetjax itself: ``fleet_attention(q, k, v, decay, scale=1, implementation=...)`` in [B, T, H, K]; its
 fwd_bwd returns the decay gradient too, except as ``fleetjax.<implementation>.fixed_decay`` (the decay closed
 over, as fla's ``g_gamma``: the backward then forms no decay gradient, fleetjax.vjp.Wanted), and with the
-suffix ``.triton`` (by name only) the Pallas op with its Triton walks alone (``PallasConfig.mosaic_forward``
+suffix ``.triton`` (by name only) the Pallas op with its Triton walks alone (``PallasConfig.mosaic_walks``
 None: the A/B of the Mosaic GPU walks in one run). Gated cases:
 ``fleet_attention(q, k, v, None, log_gate=log_gate, ...)`` (the gate alone, as fla's ``g=``), fwd_bwd with
 the log gate's gradient. What an implementation supports here (whether it is installed, runs compiled or
@@ -93,5 +93,5 @@ def _triton_walks(attend, q, k, v, decay):
 
     from fleetjax.pallas import chunked
 
-    config = dataclasses.replace(chunked.default_config(q, v), mosaic_forward=None)
+    config = dataclasses.replace(chunked.default_config(q, v), mosaic_walks=None)
     return attend(q, k, v, decay, config=config)

@@ -89,9 +89,10 @@ class PallasConfig:
     "ieee" (exact float32 without tensor cores, many times slower) or "tf32" (one pass, ~1e-3). Off-GPU
     "tf32x3" runs exact. 16-bit inputs use their own tensor-core products (hi/lo pairs where float32's
     accuracy is owed).
-    mosaic_forward: the forward walk's Mosaic GPU tiling (fleetjax.pallas.mosaic, sm_90 only), used on finite
-    inputs where :func:`fleetjax.pallas.mosaic.supports` says it serves the call; None: the Triton walk
-    always. The default config sets it on Hopper GPUs.
+    mosaic_walks: the Mosaic GPU walks' tiling (fleetjax.pallas.mosaic, sm_90 only), used on finite inputs
+    for the forward where :func:`fleetjax.pallas.mosaic.supports` says they serve the call, and for the
+    backward where :func:`fleetjax.pallas.mosaic.serves_backward` does; None: the Triton walks always. The
+    default config sets it on Hopper GPUs.
     """
 
     forward: WalkConfig = WalkConfig()
@@ -102,7 +103,7 @@ class PallasConfig:
     num_sequence_pieces: int = 1
     backward_num_sequence_pieces: int = 1
     precision: str = "tf32x3"
-    mosaic_forward: mosaic.MosaicWalkConfig | None = None
+    mosaic_walks: mosaic.MosaicWalkConfig | None = None
 
     def __post_init__(self):
         for name in ("forward", "dq", "dv", "dk", "piece_states"):
@@ -118,9 +119,9 @@ class PallasConfig:
                 raise ValueError(f"PallasConfig.{name} must be a positive int, got {value!r}")
         if self.precision not in _PRECISIONS:
             raise ValueError(f"PallasConfig.precision must be one of {sorted(_PRECISIONS)}, got {self.precision!r}")
-        if self.mosaic_forward is not None and not isinstance(self.mosaic_forward, mosaic.MosaicWalkConfig):
-            raise TypeError(f"PallasConfig.mosaic_forward must be a MosaicWalkConfig or None, got "
-                            f"{self.mosaic_forward!r}")
+        if self.mosaic_walks is not None and not isinstance(self.mosaic_walks, mosaic.MosaicWalkConfig):
+            raise TypeError(f"PallasConfig.mosaic_walks must be a MosaicWalkConfig or None, got "
+                            f"{self.mosaic_walks!r}")
 
     def chunking(self, T: int, backward: bool) -> Chunking:
         if backward:
@@ -301,16 +302,16 @@ def default_config(q: jax.Array, v: jax.Array) -> PallasConfig:
         if forward is not None and all(walks.values()) and (piece_states is None or states is not None):
             return PallasConfig(forward=forward, piece_states=states, num_sequence_pieces=pieces,
                                 backward_num_sequence_pieces=backward_pieces, precision=precision,
-                                mosaic_forward=_mosaic_forward(K, V, dtype, limit), **walks)
+                                mosaic_walks=_mosaic_walks(K, V, dtype, limit), **walks)
     raise ValueError(f"fleetjax: no tiling of implementation='pallas' fits this device for K={K}, V={V}, "
                      f"{dtype.name} ({limit} bytes of shared memory per program)")
 
 
-def _mosaic_forward(K: int, V: int, dtype, limit: int) -> mosaic.MosaicWalkConfig | None:
-    """The Mosaic GPU forward walk's tiling on sm_90 GPUs for 16-bit inputs with K in mosaic.KEY_DIMS: value
-    blocks of 64 and three chunks in flight (H200, 2026-12-03, experiments/results/...-mosaic_forward*: 0.41
-    against the Triton walk's 0.60 ms at B4 H16 T=16384, 0.11 against 0.17 at T=4096), fewer stages where
-    shared memory is short; None elsewhere."""
+def _mosaic_walks(K: int, V: int, dtype, limit: int) -> mosaic.MosaicWalkConfig | None:
+    """The Mosaic GPU walks' tiling on sm_90 GPUs for 16-bit inputs with K in mosaic.KEY_DIMS: value blocks
+    of 64 and three chunks in flight (H200, 2026-12-03, experiments/results/...-mosaic_forward*: the forward
+    walk 0.41 against the Triton op's 0.60 ms at B4 H16 T=16384, 0.11 against 0.17 at T=4096), fewer stages
+    where shared memory is short; None elsewhere."""
     if not mosaic.on_hopper() or dtype.itemsize != 2 or K not in mosaic.KEY_DIMS or V % 64:
         return None
     for stages in (3, 2):
@@ -356,7 +357,7 @@ def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, co
     B = q.shape[0]
     chunking = config.chunking(q.shape[1], False)
 
-    on_mosaic = mosaic.supports(config.mosaic_forward, dtype=q.dtype, K=q.shape[-1], V=v.shape[-1],
+    on_mosaic = mosaic.supports(config.mosaic_walks, dtype=q.dtype, K=q.shape[-1], V=v.shape[-1],
                                 chunking=chunking, segments=run_ids is not None, gated=decays.gated,
                                 exact_state=exact_state)
 
@@ -370,7 +371,7 @@ def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, co
         if on_mosaic and not contain:
             entering = mosaic.entering_states(start, local, decays, chunking, B)
             o, finals, _ = mosaic.walk(q, k, v, decays.log_decay, entering, chunking, reverse=False, scale=scale,
-                                       config=config.mosaic_forward)
+                                       config=config.mosaic_walks)
             return (o, finals[:, :, -1]), finals
         o, final, witness = fwd.forward_walk(q, k, v, decays.log_decay, start, run_ids, chunking, scale=scale,
                                              exact_state=exact_state, contain=contain, local=local,
@@ -425,7 +426,7 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
     common = dict(scale=scale, **gated)
     to_end = decays.to_end(B, T) if decays.gated and exit_cotangent is not None else None
 
-    on_mosaic = mosaic.serves_backward(config.mosaic_forward, dtype=q.dtype, K=q.shape[-1], V=v.shape[-1],
+    on_mosaic = mosaic.serves_backward(config.mosaic_walks, dtype=q.dtype, K=q.shape[-1], V=v.shape[-1],
                                        chunking=chunking, segments=run_ids is not None, gated=decays.gated,
                                        exit_cotangent=exit_cotangent is not None, wanted=wanted)
 
@@ -444,7 +445,7 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
         if on_mosaic and not contain:
             dq, dk, dv, parts, witness = mosaic.backward_walks(
                 q, k, v, do, decays, start, chunking, None if dq_local is None else dq_local[0], reverse_local,
-                scale=scale, config=config.mosaic_forward, log_decay_wanted=wanted.log_decay)
+                scale=scale, config=config.mosaic_walks, log_decay_wanted=wanted.log_decay)
             d_log_decay = None if parts is None else vjp.log_decay_grad(
                 parts["w"], parts["u"], parts["counts"], parts["intra"], chunking.chunk_size)
             return (dq, dk, dv, d_log_decay, None, None), witness
