@@ -142,13 +142,14 @@ def contained_if_needed(inputs: tuple, walks: Callable[[bool], Any]) -> Any:
 def contained_if_reached(walks: Callable[[bool], tuple[Any, jax.Array]]) -> Any:
     """The plain walks' result, unless a NaN or inf reached their ``witness``: then the contained walks'.
 
-    ``walks(contain)`` returns (result, witness), the witness an array or a tuple of arrays. The witness must be non-finite whenever any input of the
-    walks is: an output that every input entry reaches through its own position's product (the diagonal of
-    the chunk's pairs, whose decay weight is exp(0) = 1 and which no mask removes), where 0 * inf is NaN, not
-    0 (or a smaller array that a walk makes non-finite whenever that output is, as the forward walk's final
-    states, fleetjax.chunk.update). Then a finite witness says every input was finite, and the plain walks'
-    result is the contained one's. Unlike :func:`contained_if_needed` this reads the witness instead of the inputs; the plain walks
-    run in both cases (wasted when an input is non-finite)."""
+    ``walks(contain)`` returns (result, witness), the witness an array or a tuple of arrays. The witness
+    must be non-finite whenever any input of the walks is: an output that every input entry reaches through
+    its own position's product (the diagonal of the chunk's pairs, whose decay weight is exp(0) = 1 and which
+    no mask removes), where 0 * inf is NaN, not 0 (or a smaller array that a walk makes non-finite whenever
+    that output is, as the forward walk's final states, fleetjax.chunk.update). Then a finite witness says
+    every input was finite, and the plain walks' result is the contained one's. Unlike
+    :func:`contained_if_needed` this reads the witness instead of the inputs; the plain walks run in both
+    cases (wasted when an input is non-finite)."""
     plain, witness = walks(False)
     return jax.lax.cond(all_finite(*jax.tree.leaves(witness)), lambda: plain, lambda: walks(True)[0])
 

@@ -135,7 +135,8 @@ def test_a_nonfinite_input_reaches_only_its_outputs(where):
     o = _run(x["q"], x["k"], x["v"], decay, mosaic_walks=mosaic.MosaicWalkConfig())
     triton = _run(x["q"], x["k"], x["v"], decay, mosaic_walks=None)
     np.testing.assert_array_equal(np.isnan(np.asarray(o, np.float32)), np.isnan(np.asarray(triton, np.float32)))
-    assert np.isfinite(np.asarray(o[:, :300], np.float32)).all() and np.isfinite(np.asarray(o[:, :, 0], np.float32)).all()
+    assert np.isfinite(np.asarray(o[:, :300], np.float32)).all()
+    assert np.isfinite(np.asarray(o[:, :, 0], np.float32)).all()
 
 
 @hopper
@@ -223,7 +224,8 @@ def test_fixed_decay_backward_keeps_a_nonfinite_value_where_it_belongs(where):
     got = _fixed_decay_grads(*args, mosaic_walks=mosaic.MosaicWalkConfig(), pieces=1)
     triton = _fixed_decay_grads(*args, mosaic_walks=None, pieces=1)
     for g, t in zip(got, triton):
-        np.testing.assert_array_equal(np.isfinite(np.asarray(g, np.float32)), np.isfinite(np.asarray(t, np.float32)))
+        np.testing.assert_array_equal(np.isfinite(np.asarray(g, np.float32)),
+                                      np.isfinite(np.asarray(t, np.float32)))
         assert np.isfinite(np.asarray(g[:, :, 0], np.float32)).all()
 
 

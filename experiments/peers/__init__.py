@@ -33,7 +33,8 @@ SCAN_MAX_T = 4096
 def forward_impls(*, smoke: bool = False, skip_slow_autotune: bool = False) -> list[Impl]:
     """The forward benchmark's implementations; fla's kernels (their first call per shape autotunes) last."""
     max_head_dim = 128 if skip_slow_autotune else None
-    return [FleetjaxImpl("pallas"), FleetjaxImpl("pallas", triton=True), FleetjaxImpl("pallas_fleet"), FleetjaxImpl("xla"),
+    return [FleetjaxImpl("pallas"), FleetjaxImpl("pallas", triton=True), FleetjaxImpl("pallas_fleet"),
+            FleetjaxImpl("xla"),
             FleetjaxImpl("scan", max_T=SCAN_MAX_T), SoftmaxImpl(None if smoke else "cudnn"),
             LightningImpl(), EjkernelImpl(), LeetImpl(),
             FlaChunkImpl(max_head_dim=max_head_dim), FlaRecurrentImpl(max_head_dim=max_head_dim)]

@@ -7,9 +7,9 @@ reverse: the forward (q, k, v), and the backward's dq (dO, v, k), dv (reverse: k
 v, dO, q) walks in their plain form. fleetjax.pallas.chunked selects it through
 ``PallasConfig.mosaic_walks`` (set by the default config on sm_90 GPUs) for the common case: 16-bit inputs,
 no segments, no per-token gate, finite inputs (the contained walks stay Triton's), head dims 64 or 128, no
-float32-accurate state owed (a returned final state, d initial_state, the decay's gradient sums: those stay
-in the Triton walks). Each (value block, batch*head, sequence piece) is one program of one warpgroup; per
-chunk of C positions, with the state S entering it:
+float32-accurate state owed (a returned final state, d initial_state, and unless ``decay_sums`` the
+decay's gradient sums: those stay in the Triton walks). Each (value block, batch*head, sequence piece) is
+one program of one warpgroup; per chunk of C positions, with the state S entering it:
 
     scores = query key^T                  (wgmma, key transposed in shared memory)
     out    = (query S) * entering + (scores * weights) value
@@ -38,6 +38,7 @@ from jax import lax
 
 from fleetjax.chunking import Chunking
 from fleetjax.decay import Decays
+from fleetjax.pallas.launch import on_gpu
 from fleetjax.state_passing import pass_states
 
 f32 = jnp.float32
@@ -82,8 +83,7 @@ class MosaicWalkConfig:
 
 def on_hopper() -> bool:
     """Whether the default device is an sm_90 GPU (H100, H200), where Mosaic GPU's wgmma kernels run."""
-    device = jax.devices()[0]
-    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
+    return on_gpu() and str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
 
 
 def supports(config: MosaicWalkConfig | None, *, dtype, K: int, V: int, chunking: Chunking, segments: bool,
@@ -93,7 +93,6 @@ def supports(config: MosaicWalkConfig | None, *, dtype, K: int, V: int, chunking
     update is one 16-bit product per chunk)."""
     return (config is not None and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
             and K in KEY_DIMS and V % config.block_v == 0 and chunking.chunk_size == config.chunk_size
-            and chunking.T % (chunking.pieces * config.chunk_size) == 0
             and chunking.piece_len * chunking.pieces == chunking.T
             and not segments and not gated and not exact_state)
 
@@ -207,7 +206,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     dtype = value.dtype
     wg = plgpu.Layout.WGMMA
     # One swizzle for every tile: a wgmma's operands must share it (the value block's row sets it).
-    key_tiles = value_tiles = _mma_tiles(dtype, bv)
+    tiles = _mma_tiles(dtype, bv)
     exact = rows is not None
     # float16's range: scale the state before it is rounded; bfloat16 keeps float32's, scale the row factors.
     # The exact products always take the scaled state (its lo part then keeps the scale's bits too).
@@ -254,7 +253,8 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
         pair_rows, pair_cols = iota((C, C), 0), iota((C, C), 1)
         lag = pair_cols - pair_rows if reverse else pair_rows - pair_cols
         # Exponents masked before exp (only lags >= 0): gamma -> 0 gives exact zeros, gamma = 1 ones.
-        weights = jnp.where(lag >= 0, jnp.exp(jnp.where(lag >= 0, lag, 0).astype(f32) * log_gamma), 0.0)
+        lags = jnp.where(lag >= 0, lag, 0).astype(f32)
+        weights = jnp.where(lag >= 0, jnp.exp(lags * log_gamma), 0.0)
         row = iota((C, bv), 0).astype(f32)
         enter_lag, leave_lag = (C - 1.0 - row, row + 1.0) if reverse else (row + 1.0, C - 1.0 - row)
         entering_rows = jnp.exp(enter_lag * log_gamma) * (1.0 if scale_state else scale)
@@ -297,7 +297,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             scores = product((C, C), (q_smem, k_t(k_smem))) * weights
             if counts:  # the lag-weighted pairs: (rows_i . value_j) (query_i . key_j) decayed, in float32
                 pairs = product((C, C), (x_smem, k_t(v_smem))) * scores
-                sum_smem["intra"][...] = scale * jnp.sum(jnp.where(lag >= 0, lag, 0).astype(f32) * pairs, axis=1)
+                sum_smem["intra"][...] = scale * jnp.sum(lags * pairs, axis=1)
             states = [(q_smem, state_smem)] + ([(q_smem, state_lo_smem)] if exact else [])
             inter = product((C, bv), *states) * entering_rows
 
@@ -338,8 +338,8 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
         init = (state, laid(jnp.zeros((K, bv), f32))) if counts else state
         first = piece * n
         at = (lambda c: first + n - 1 - c) if reverse else (lambda c: first + c)  # noqa: E731
-        rows_k = plgpu.BlockSpec((C, K), lambda c: (at(c), 0), transforms=key_tiles)
-        rows_v = plgpu.BlockSpec((C, bv), lambda c: (at(c), j), transforms=value_tiles)
+        rows_k = plgpu.BlockSpec((C, K), lambda c: (at(c), 0), transforms=tiles)
+        rows_v = plgpu.BlockSpec((C, bv), lambda c: (at(c), j), transforms=tiles)
         positions = plgpu.BlockSpec((C,), lambda c: (at(c),))
         in_specs = [rows_k, rows_k, rows_v] + ([rows_v] if exact else [])
         out_specs = [rows_v] + [positions] * len(sums)
@@ -350,7 +350,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             state = plgpu.emit_pipeline(chunk, grid=(n,), in_specs=in_specs, out_specs=out_specs,
                                         max_concurrent_steps=config.stages, init_carry=init)(*gmems)
         else:
-            state = _stepwise(chunk, n, in_specs, out_specs, gmems, init, (C, K), (C, bv), dtype)
+            state = _stepwise(chunk, n, in_specs, out_specs, gmems, init, dtype)
         state = state[0] if counts else state
         exact_smem[...] = state
         plgpu.commit_smem()
@@ -359,8 +359,8 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
 
     out_type = [jax.ShapeDtypeStruct((B, T, H, V), dtype), jax.ShapeDtypeStruct((B, H, P, K, V), f32)]
     out_type += [jax.ShapeDtypeStruct((nv, B, H, T), f32) for _ in sums]
-    state_tile = lambda: plgpu.SMEM((K, bv), dtype, transforms=value_tiles)  # noqa: E731
-    weighted_tile = lambda: plgpu.SMEM((C, bv), dtype, transforms=value_tiles)  # noqa: E731
+    state_tile = lambda: plgpu.SMEM((K, bv), dtype, transforms=tiles)  # noqa: E731
+    weighted_tile = lambda: plgpu.SMEM((C, bv), dtype, transforms=tiles)  # noqa: E731
     scratch = [state_tile(), weighted_tile()]
     scratch += [state_tile(), weighted_tile()] if exact else []
     scratch += [state_tile(), state_tile()] if counts else []
@@ -375,7 +375,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     return out, finals, dict(zip(sums, formed))
 
 
-def _stepwise(body, n: int, in_specs, out_specs, gmems, init, key_tile, value_tile, dtype):
+def _stepwise(body, n: int, in_specs, out_specs, gmems, init, dtype):
     """``emit_pipeline(body, grid=(n,), ...)(*gmems)`` one chunk at a time, for Mosaic GPU's interpreter
     (jax 0.10.2's cannot run emit_pipeline's predicated copies): each step copies its input tiles to shared
     memory, runs ``body`` and copies its outputs back."""
