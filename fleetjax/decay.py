@@ -68,6 +68,12 @@ class Decays:
                                     (B, self.log_decay.shape[0], T))
         return jnp.cumsum(self.per_position(B, T), axis=-1)
 
+    def within_chunks(self, B: int, T: int, chunk_size: int) -> jax.Array:
+        """[B, H, T]: the sum of la from the start of t's chunk of ``chunk_size`` through t (inclusive), the
+        exponents a chunked walk differences (T a multiple of ``chunk_size``)."""
+        la = self.per_position(B, T)
+        return jnp.cumsum(la.reshape(B, -1, T // chunk_size, chunk_size), axis=-1).reshape(la.shape)
+
     def gate_tiles(self) -> jax.Array | None:
         """The log gate as the kernels read it, [B, H, T] float32 (None for the constant decay)."""
         return None if self.log_gate is None else jnp.swapaxes(self.log_gate, 1, 2)

@@ -44,7 +44,7 @@ def test_supports_only_the_cases_the_kernel_serves():
     assert not _supports(chunking=Chunking(64 * 10, 64, 4))  # pieces of unequal length
     assert not _supports(chunking=Chunking(1024, 32, 1))
     assert not _supports(segments=True)
-    assert not _supports(gated=True)
+    assert _supports(gated=True)  # the forward walk takes the gated decay (the backward does not)
     assert not _supports(exact_state=True)
     assert not mosaic.supports(None, dtype=jnp.bfloat16, K=128, V=128, chunking=Chunking(1024, 64, 1),
                                segments=False, gated=False, exact_state=False)
@@ -154,20 +154,23 @@ def test_gradients_after_it_match_the_oracle():
     assert oracle.rel_err(d_decay, ref["decay"]) < DECAY_GRAD_TOLERANCE["bfloat16"]
 
 
-def test_serves_the_backward_of_a_fixed_decay_only():
+def test_serves_the_backward_without_a_gate_or_initial_state_gradient():
     from fleetjax.vjp import Wanted
     fixed = Wanted(log_decay=False, log_gate=False, initial_state=False)
     args = dict(dtype=jnp.bfloat16, K=128, V=64, chunking=Chunking(1024, 64, 2), segments=False, gated=False,
                 exit_cotangent=False, wanted=fixed)
-    config = mosaic.MosaicWalkConfig()
+    config = mosaic.MosaicWalkConfig(decay_sums=False)
     assert mosaic.serves_backward(config, **args)
     for change in (dict(wanted=Wanted(log_gate=False, initial_state=False)), dict(wanted=Wanted(log_decay=False,
-                   log_gate=False)), dict(exit_cotangent=True), dict(V=256), dict(K=96), dict(segments=True)):
+                   log_gate=False)), dict(exit_cotangent=True), dict(V=256), dict(K=96), dict(segments=True),
+                   dict(gated=True)):
         assert not mosaic.serves_backward(config, **{**args, **change}), change
     learned = Wanted(log_gate=False, initial_state=False)
-    sums = mosaic.MosaicWalkConfig(decay_sums=True)
+    sums = mosaic.MosaicWalkConfig()
+    assert sums.decay_sums
     assert mosaic.serves_backward(sums, **{**args, "wanted": learned, "chunking": Chunking(1024, 64, 1)})
-    assert not mosaic.serves_backward(sums, **{**args, "wanted": learned})  # pieces: no counts between them
+    assert mosaic.serves_backward(sums, **{**args, "wanted": learned})  # the counts pass between the pieces
+    assert not mosaic.serves_backward(sums, **{**args, "wanted": learned, "K": 96})
 
 
 def _fixed_decay_grads(q, k, v, do, decay, *, mosaic_walks, pieces, start=None):
@@ -199,17 +202,22 @@ def test_fixed_decay_backward_matches_the_oracle_and_the_triton_walks(pieces, wi
 
 
 @hopper
-def test_fixed_decay_backward_runs_on_mosaic_by_default():
+def test_the_backward_runs_on_mosaic_by_default():
     q, k, v = _inputs(1, 1024, 2, 128, 128, "bfloat16")
     decay = jnp.asarray([0.9, 0.99], jnp.float32)
     loss = lambda q, k, v: jnp.sum(fleetjax.fleet_attention(q, k, v, decay, implementation="pallas")
                                    .astype(jnp.float32))
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).as_text()
     assert text.count("custom_call @mosaic_gpu") == 3  # the dq, dv and dk walks (the forward's o is unused)
-    # With the decay learned, its sums need the Triton walks' float32-accurate states.
+    # With the decay learned, its sums too (MosaicWalkConfig.decay_sums); with d initial_state, Triton's.
     learned = lambda q, k, v, decay: jnp.sum(fleetjax.fleet_attention(q, k, v, decay, implementation="pallas")
                                              .astype(jnp.float32))
     text = jax.jit(jax.grad(learned, argnums=(0, 1, 2, 3))).lower(q, k, v, decay).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 3
+    start = jnp.zeros((1, 2, 128, 128), jnp.float32)
+    from_start = lambda q, k, v, start: jnp.sum(fleetjax.fleet_attention(  # noqa: E731
+        q, k, v, decay, initial_state=start, implementation="pallas").astype(jnp.float32))
+    text = jax.jit(jax.grad(from_start, argnums=(0, 1, 2, 3))).lower(q, k, v, start).as_text()
     assert text.count("custom_call @mosaic_gpu") == 0
 
 
@@ -254,6 +262,38 @@ def test_the_walk_in_the_interpreter_matches_the_oracle(dtype, with_start):
     assert oracle.rel_err(finals[:, :, 0], final, axis=1) < TOLERANCE[dtype]
 
 
+def _log_gate(B, T, H, seed=5):
+    """A per-token log gate in [-2, 0) with a hard forget (-40) at position 70 of head 0."""
+    gate = -2.0 * np.random.default_rng(seed).random((B, T, H))
+    gate[:, 70, 0] = -40.0
+    return jnp.asarray(gate, jnp.float32)
+
+
+@interpreted
+@pytest.mark.parametrize("pieces", [1, 2])
+def test_the_gated_walk_in_the_interpreter_matches_the_oracle(pieces):
+    from fleetjax.decay import Decays
+    from fleetjax.pallas import forward as fwd
+    B, T, H, K, V = 1, 256, 2, 64, 64
+    q, k, v = _inputs(B, T, H, K, V, "bfloat16")
+    decay = jnp.asarray([0.97, 1.0], jnp.float32)
+    decays = Decays(jnp.log(decay), 0.05 * _log_gate(B, T, H))
+    chunking = Chunking(T, 64, pieces)
+    start = jnp.asarray(np.random.default_rng(1).standard_normal((B, H, K, V)), jnp.float32)
+    local = None
+    if pieces > 1:  # the Triton piece-state walks, in Pallas interpret mode
+        local = fwd.piece_states(k, v, decays.log_decay, None, chunking, reverse=False, all_pieces=False,
+                                 chunk_size=64, block_v=32, num_warps=4, num_stages=1, precision=None,
+                                 contain=False, gate=decays.gate_tiles())
+    entering = mosaic.entering_states(start, local, decays, chunking, B)
+    o, finals, _ = mosaic.walk(q, k, v, decays.log_decay, entering, chunking, reverse=False, scale=0.2,
+                               config=mosaic.MosaicWalkConfig(), within=decays.within_chunks(B, T, 64),
+                               interpret=InterpretGPUParams())
+    ref, final = oracle.forward(q, k, v, decay, scale=0.2, initial_state=start, log_gate=decays.log_gate)
+    assert oracle.rel_err(o, ref, axis=2) < TOLERANCE["bfloat16"]
+    assert oracle.rel_err(finals[:, :, -1], final, axis=1) < TOLERANCE["bfloat16"]
+
+
 def _interpreted_backward(q, k, v, do, decay, start, chunking, *, learned: bool, scale: float):
     from fleetjax import vjp
     from fleetjax.pallas import forward as fwd
@@ -262,7 +302,8 @@ def _interpreted_backward(q, k, v, do, decay, start, chunking, *, learned: bool,
     if chunking.pieces > 1:  # the Triton piece-state walks, in Pallas interpret mode
         common = dict(chunk_size=64, block_v=32, num_warps=4, num_stages=1, precision=None, contain=False)
         dq_local = fwd.piece_states(v, k, decays.log_decay, None, chunking, reverse=False, all_pieces=False,
-                                    **common)
+                                    counts=learned, **common)
+        dq_local = dq_local if learned else (dq_local, None)  # (states, their crossing counts)
         reverse_local = fwd.piece_states(q, do, decays.log_decay, None, chunking, reverse=True, all_pieces=False,
                                          **common)
     dq, dk, dv, parts, witness = mosaic.backward_walks(
@@ -274,7 +315,7 @@ def _interpreted_backward(q, k, v, do, decay, start, chunking, *, learned: bool,
 
 
 @interpreted
-@pytest.mark.parametrize("learned, pieces, K, V", [(True, 1, 64, 128), (False, 2, 128, 64)])
+@pytest.mark.parametrize("learned, pieces, K, V", [(True, 1, 64, 128), (False, 2, 128, 64), (True, 4, 64, 64)])
 def test_the_backward_walks_in_the_interpreter_match_the_oracle(learned, pieces, K, V):
     B, T, H = 1, 256, 2
     q, k, v = _inputs(B, T, H, K, V, "bfloat16")
@@ -303,8 +344,29 @@ def test_the_interpreted_witness_catches_a_nonfinite_value():
 
 
 @hopper
-@pytest.mark.parametrize("with_start", [False, True])
-def test_learned_decay_backward_on_mosaic_matches_the_oracle_and_the_triton_walks(with_start):
+@pytest.mark.parametrize("pieces", [1, 4])
+def test_gated_forward_on_mosaic_matches_the_oracle_and_the_triton_walk(pieces):
+    B, T, H, K, V = 2, 1024, 2, 128, 128
+    q, k, v = _inputs(B, T, H, K, V, "bfloat16")
+    log_gate = 0.02 * _log_gate(B, T, H)
+    decay = jnp.asarray([0.97, 1.0], jnp.float32)
+    outs = {}
+    for walks in (mosaic.MosaicWalkConfig(), None):
+        config = dataclasses.replace(chunked.default_config(q, v), num_sequence_pieces=pieces, mosaic_walks=walks)
+        f = jax.jit(lambda q, k, v, g, config=config: fleetjax.fleet_attention(
+            q, k, v, decay, log_gate=g, implementation="pallas", config=config))
+        outs[walks is not None] = f(q, k, v, log_gate)
+        if walks is not None:
+            assert f.lower(q, k, v, log_gate).as_text().count("custom_call @mosaic_gpu") == 1
+    ref, _ = oracle.forward(q, k, v, decay, log_gate=log_gate)
+    assert oracle.rel_err(outs[True], ref, axis=2) < TOLERANCE["bfloat16"]
+    assert oracle.rel_err(outs[True], outs[False], axis=2) < TOLERANCE["bfloat16"] / 2
+    assert not np.isnan(np.asarray(outs[True], np.float32)).any()
+
+
+@hopper
+@pytest.mark.parametrize("with_start, pieces", [(False, 1), (True, 1), (True, 4)])
+def test_learned_decay_backward_on_mosaic_matches_the_oracle_and_the_triton_walks(with_start, pieces):
     B, T, H, K, V = 2, 1024, 2, 128, 128
     q, k, v = _inputs(B, T, H, K, V, "bfloat16")
     do = _inputs(B, T, H, K, V, "bfloat16", seed=6)[2]
@@ -313,7 +375,7 @@ def test_learned_decay_backward_on_mosaic_matches_the_oracle_and_the_triton_walk
              if with_start else None)
     grads = {}
     for sums in (True, False):
-        config = dataclasses.replace(chunked.default_config(q, v), backward_num_sequence_pieces=1,
+        config = dataclasses.replace(chunked.default_config(q, v), backward_num_sequence_pieces=pieces,
                                      mosaic_walks=mosaic.MosaicWalkConfig(decay_sums=sums))
         f = lambda q, k, v, decay: fleetjax.fleet_attention(q, k, v, decay, implementation="pallas",  # noqa: E731
                                                             config=config, initial_state=start)

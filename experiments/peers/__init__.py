@@ -33,7 +33,7 @@ SCAN_MAX_T = 4096
 def forward_impls(*, smoke: bool = False, skip_slow_autotune: bool = False) -> list[Impl]:
     """The forward benchmark's implementations; fla's kernels (their first call per shape autotunes) last."""
     max_head_dim = 128 if skip_slow_autotune else None
-    return [FleetjaxImpl("pallas"), FleetjaxImpl("pallas", triton=True), FleetjaxImpl("pallas_fleet"),
+    return [FleetjaxImpl("pallas"), FleetjaxImpl("pallas", walks="triton"), FleetjaxImpl("pallas_fleet"),
             FleetjaxImpl("xla"),
             FleetjaxImpl("scan", max_T=SCAN_MAX_T), SoftmaxImpl(None if smoke else "cudnn"),
             LightningImpl(), EjkernelImpl(), LeetImpl(),
@@ -44,9 +44,9 @@ def backward_impls(*, smoke: bool = False, skip_slow_autotune: bool = False) -> 
     """The forward+backward benchmark's implementations, fla last (``fla.chunk_unguarded``: its gated backward
     where its own Triton-version guard refuses it, selected by name only). ``fleetjax.pallas.fixed_decay``:
     the same op with the decay not learned, as fla's (no decay gradient)."""
-    return [FleetjaxImpl("pallas"), FleetjaxImpl("pallas", learn_decay=False), FleetjaxImpl("pallas", triton=True),
-            FleetjaxImpl("pallas", learn_decay=False, triton=True), FleetjaxImpl("pallas_fleet"),
-            FleetjaxImpl("xla"),
+    return [FleetjaxImpl("pallas"), FleetjaxImpl("pallas", learn_decay=False), FleetjaxImpl("pallas", walks="triton"),
+            FleetjaxImpl("pallas", walks="triton_sums"), FleetjaxImpl("pallas", learn_decay=False, walks="triton"),
+            FleetjaxImpl("pallas_fleet"), FleetjaxImpl("xla"),
             SoftmaxImpl(None if smoke else "cudnn"), LightningImpl(), EjkernelImpl(),
             FlaChunkImpl(max_head_dim=128 if skip_slow_autotune else None),
             FlaChunkUnguardedImpl(max_head_dim=128 if skip_slow_autotune else None)]

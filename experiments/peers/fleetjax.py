@@ -2,7 +2,8 @@
 fwd_bwd returns the decay gradient too, except as ``fleetjax.<implementation>.fixed_decay`` (the decay closed
 over, as fla's ``g_gamma``: the backward then forms no decay gradient, fleetjax.vjp.Wanted), and with the
 suffix ``.triton`` (by name only) the Pallas op with its Triton walks alone (``PallasConfig.mosaic_walks``
-None: the A/B of the Mosaic GPU walks in one run). Gated cases:
+None: the A/B of the Mosaic GPU walks in one run), with ``.triton_sums`` (by name only) the decay's gradient
+sums on the Triton walks (``MosaicWalkConfig.decay_sums`` False). Gated cases:
 ``fleet_attention(q, k, v, None, log_gate=log_gate, ...)`` (the gate alone, as fla's ``g=``), fwd_bwd with
 the log gate's gradient. What an implementation supports here (whether it is installed, runs compiled or
 only in Pallas interpret mode) is read from its record in ``fleetjax.IMPLEMENTATIONS``."""
@@ -28,13 +29,15 @@ class FleetjaxImpl(Impl):
     gate_grad = True
 
     def __init__(self, implementation: str, max_T: int | None = None, learn_decay: bool = True,
-                 triton: bool = False):
+                 walks: str | None = None):
+        if walks not in (None, "triton", "triton_sums"):
+            raise ValueError(f"walks must be None, 'triton' or 'triton_sums', got {walks!r}")
         self.implementation = implementation
         self.learn_decay = learn_decay
-        self.triton = triton
-        self.by_name_only = triton
+        self.walks = walks
+        self.by_name_only = walks is not None
         self.name = (f"fleetjax.{implementation}" + ("" if learn_decay else ".fixed_decay")
-                     + (".triton" if triton else ""))
+                     + (f".{walks}" if walks else ""))
         self.max_T = max_T
         if not learn_decay:
             self.decay_grad = False
@@ -71,15 +74,16 @@ class FleetjaxImpl(Impl):
         notes = "Pallas interpret mode: exact, but its times say nothing" if self.record().interpreted() else ""
         if case.gated:
             def gated(q, k, v, log_gate):
+                config = None if self.walks is None else _walks_config(self.walks, q, v)
                 return fleet_attention(q, k, v, None, log_gate=log_gate, scale=SCALE,
-                                       implementation=self.implementation)
+                                       implementation=self.implementation, config=config)
 
             return jax_bound(gated, with_vjp(gated), op, inputs=("log_gate",),
                              grads=("dq", "dk", "dv", "dlog_gate"), notes=notes)
         decay = jnp.exp(jnp.asarray(log_decay, jnp.float32))
         attend = functools.partial(fleet_attention, scale=SCALE, implementation=self.implementation)
-        if self.triton:
-            attend = functools.partial(_triton_walks, attend)
+        if self.walks is not None:
+            attend = functools.partial(_with_walks, attend, self.walks)
         if not self.learn_decay:
             fixed = lambda q, k, v: attend(q, k, v, decay)  # noqa: E731
             return jax_bound(fixed, with_vjp(fixed), op, grads=("dq", "dk", "dv"), notes=notes)
@@ -87,11 +91,21 @@ class FleetjaxImpl(Impl):
                          notes=notes)
 
 
-def _triton_walks(attend, q, k, v, decay):
-    """``attend`` with the default Pallas config but its Mosaic GPU walks (Triton's walks throughout)."""
+def _with_walks(attend, walks: str, q, k, v, decay):
+    """``attend`` with the default Pallas config but its walks chosen (:func:`_walks_config`)."""
+    return attend(q, k, v, decay, config=_walks_config(walks, q, v))
+
+
+def _walks_config(walks: str, q, v):
+    """The default Pallas config with its walks chosen: "triton" (no Mosaic GPU walks) or "triton_sums" (the
+    decay's gradient sums on the Triton walks; as the default where no Mosaic walks serve)."""
     import dataclasses
 
     from fleetjax.pallas import chunked
 
-    config = dataclasses.replace(chunked.default_config(q, v), mosaic_walks=None)
-    return attend(q, k, v, decay, config=config)
+    config = chunked.default_config(q, v)
+    if walks == "triton":
+        return dataclasses.replace(config, mosaic_walks=None)
+    if config.mosaic_walks is None:
+        return config
+    return dataclasses.replace(config, mosaic_walks=dataclasses.replace(config.mosaic_walks, decay_sums=False))

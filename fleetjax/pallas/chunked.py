@@ -370,8 +370,9 @@ def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, co
                                      **config.piece_launch("forward", q.dtype))
         if on_mosaic and not contain:
             entering = mosaic.entering_states(start, local, decays, chunking, B)
+            within = decays.within_chunks(B, chunking.T, chunking.chunk_size) if decays.gated else None
             o, finals, _ = mosaic.walk(q, k, v, decays.log_decay, entering, chunking, reverse=False, scale=scale,
-                                       config=config.mosaic_walks)
+                                       config=config.mosaic_walks, within=within)
             return (o, finals[:, :, -1]), finals
         o, final, witness = fwd.forward_walk(q, k, v, decays.log_decay, start, run_ids, chunking, scale=scale,
                                              exact_state=exact_state, contain=contain, local=local,
@@ -444,7 +445,7 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
                                                  **config.piece_launch("dv", q.dtype))
         if on_mosaic and not contain:
             dq, dk, dv, parts, witness = mosaic.backward_walks(
-                q, k, v, do, decays, start, chunking, None if dq_local is None else dq_local[0], reverse_local,
+                q, k, v, do, decays, start, chunking, dq_local, reverse_local,
                 scale=scale, config=config.mosaic_walks, log_decay_wanted=wanted.log_decay)
             d_log_decay = None if parts is None else vjp.log_decay_grad(
                 parts["w"], parts["u"], parts["counts"], parts["intra"], chunking.chunk_size)

@@ -2,14 +2,14 @@
 bulk tensor copy engine (TMA) several chunks ahead, the [Dk, block_v] float32 state held in the tensor cores'
 accumulator registers across the chunks.
 
-One kernel, :func:`walk`, is the walk of fleetjax.chunk (constant decay) with any roles, forward or in
-reverse: the forward (q, k, v), and the backward's dq (dO, v, k), dv (reverse: k, q, dO) and dk (reverse:
-v, dO, q) walks in their plain form. fleetjax.pallas.chunked selects it through
+One kernel, :func:`walk`, is the walk of fleetjax.chunk with any roles, forward or in reverse: the forward
+(q, k, v), with the constant or the gated decay, and the backward's dq (dO, v, k), dv (reverse: k, q, dO)
+and dk (reverse: v, dO, q) walks, constant decay. fleetjax.pallas.chunked selects it through
 ``PallasConfig.mosaic_walks`` (set by the default config on sm_90 GPUs) for the common case: 16-bit inputs,
-no segments, no per-token gate, finite inputs (the contained walks stay Triton's), head dims 64 or 128, no
-float32-accurate state owed (a returned final state, d initial_state, and unless ``decay_sums`` the
-decay's gradient sums: those stay in the Triton walks). Each (value block, batch*head, sequence piece) is
-one program of one warpgroup; per chunk of C positions, with the state S entering it:
+no segments, finite inputs (the contained walks stay Triton's), head dims 64 or 128, no float32-accurate
+state owed (a returned final state, d initial_state: those stay in the Triton walks), no per-token gate in
+the backward. Each (value block, batch*head, sequence piece) is one program of one warpgroup; per chunk of C
+positions, with the state S entering it:
 
     scores = query key^T                  (wgmma, key transposed in shared memory)
     out    = (query S) * entering + (scores * weights) value
@@ -20,11 +20,15 @@ says every output of the piece was finite (the caller's witness, fleetjax.nonfin
 products rounded to the inputs' dtype, as in the Triton walks' plain form. Sequence pieces enter with states
 passed in XLA (:func:`entering_states`) from the local states of the Triton piece-state walks.
 
-For the decay's gradient (``MosaicWalkConfig.decay_sums``, off by default) the dq and dk walks also form
-fleetjax.vjp's per-position sums with the state's products as hi/lo pairs; the dq walk carries the crossing
-counts as a second state. Everything runs in Mosaic GPU's CPU interpreter too (``interpret=``, the tests),
-which takes a few forms of its own: no register layouts, accumulators summed after zeroed ones, transposed
-and register operands copied to shared memory, one chunk at a time instead of emit_pipeline.
+For the decay's gradient (``MosaicWalkConfig.decay_sums``) the dq and dk walks also form fleetjax.vjp's
+per-position sums with the state's products as hi/lo pairs; the dq walk carries the crossing counts as a
+second state, which enters each sequence piece passed in XLA like the state (:func:`entering_counts`).
+With the gated decay the weights, entering, leaving and carry are exp of differences of the log decay summed
+within the chunk (Decays.within_chunks), each <= 0.
+
+Everything runs in Mosaic GPU's CPU interpreter too (``interpret=``, the tests), which takes a few forms of
+its own: no register layouts, accumulators summed after zeroed ones, transposed and register operands
+copied to shared memory, one chunk at a time instead of emit_pipeline.
 """
 
 from __future__ import annotations
@@ -55,15 +59,16 @@ class MosaicWalkConfig:
     float32 states and hi/lo operands take more registers); stages: chunks whose tiles are in flight at
     once (the pipeline's depth, each a copy of the walk's input and output tiles in shared memory).
     decay_sums: the backward's walks run on Mosaic also where the decay's gradient is wanted (the dq walk
-    then carries the crossing counts, the dq and dk walks form its per-position sums with hi/lo products).
-    Off by default: exact in Mosaic GPU's interpreter (tests/test_mosaic.py), not yet run on a GPU.
+    then carries the crossing counts, the dq and dk walks form its per-position sums with hi/lo products):
+    0.88 against 1.02 ms (Triton's walks for the learned decay) at B4 H16 T=4096, 3.24 against 3.48 at
+    T=16384 (H200, 2026-12-03, experiments/results/2026-12-03-h200-tune_pallas_decay_sums.jsonl).
     """
 
     chunk_size: int = 64
     block_v: int = 64
     sums_block_v: int = 32
     stages: int = 3
-    decay_sums: bool = False
+    decay_sums: bool = True
 
     def __post_init__(self):
         if self.chunk_size != 64:
@@ -88,27 +93,26 @@ def on_hopper() -> bool:
 
 def supports(config: MosaicWalkConfig | None, *, dtype, K: int, V: int, chunking: Chunking, segments: bool,
              gated: bool, exact_state: bool) -> bool:
-    """Whether the Mosaic walk serves this call: 16-bit inputs, K in KEY_DIMS, V in whole value blocks, pieces
-    of equal whole chunks, no segments or gate, and a final state that feeds no float32-accurate use (its
-    update is one 16-bit product per chunk)."""
+    """Whether the Mosaic forward walk serves this call: 16-bit inputs, K in KEY_DIMS, V in whole value
+    blocks, pieces of equal whole chunks, no segments, and a final state that feeds no float32-accurate use
+    (its update is one 16-bit product per chunk); the constant or the gated decay (``gated``)."""
     return (config is not None and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
             and K in KEY_DIMS and V % config.block_v == 0 and chunking.chunk_size == config.chunk_size
             and chunking.piece_len * chunking.pieces == chunking.T
-            and not segments and not gated and not exact_state)
+            and not segments and not exact_state)
 
 
 def serves_backward(config: MosaicWalkConfig | None, *, dtype, K: int, V: int, chunking: Chunking, segments: bool,
                     gated: bool, exit_cotangent: bool, wanted) -> bool:
     """Whether the Mosaic walks serve a backward (fleetjax.pallas.chunked.block_backward): as
-    :func:`supports` for each of its three walks (K and V each a query dim there), no gate's gradient, no d
+    :func:`supports` for each of its three walks (K and V each a query dim there), the constant decay, no d
     start and no final state's cotangent (``wanted``: a fleetjax.vjp.Wanted); the decay's gradient where
-    ``config.decay_sums`` and with one sequence piece only (the crossing counts do not pass between pieces
-    here)."""
+    ``config.decay_sums``."""
     return (supports(config, dtype=dtype, K=K, V=V, chunking=chunking, segments=segments, gated=gated,
                      exact_state=False)
             and V in KEY_DIMS and K % config.block_v == 0 and K % config.sums_block_v == 0
-            and not exit_cotangent and not wanted.log_gate and not wanted.initial_state
-            and (not wanted.log_decay or (config.decay_sums and chunking.pieces == 1)))
+            and not gated and not exit_cotangent and not wanted.initial_state
+            and (not wanted.log_decay or config.decay_sums))
 
 
 def entering_states(start, local, decays: Decays, chunking: Chunking, B: int, reverse: bool = False):
@@ -129,17 +133,35 @@ def entering_states(start, local, decays: Decays, chunking: Chunking, B: int, re
     return jnp.concatenate(parts, axis=2)
 
 
+def entering_counts(entering, local_counts, decays: Decays, chunking: Chunking, B: int):
+    """The crossing counts entering each piece of the dq walk [B, H, P, K, V] float32 (None: one piece),
+    from the states entering the pieces ``entering`` [B, H, P, K, V] (:func:`entering_states`) and the
+    local counts of all but the last piece ``local_counts`` [B, H, P-1, K, V] (the Triton piece-state walks
+    from zero): a piece of n chunks with (S, X) entering leaves carry * (X + n S) + its local counts, since
+    every chunk adds the state it found to the counts before both decay by the chunk's carry."""
+    if chunking.pieces == 1:
+        return None
+    n = chunking.piece_len // chunking.chunk_size
+    carry = jnp.exp(decays.block_sums(B, chunking.T, chunking.piece_len))[:, :, :-1]  # [B, H, P-1]
+    crossed = carry[..., None, None] * (n * entering[:, :, :-1]) + local_counts
+    counts, last = pass_states(jnp.zeros_like(crossed[:, :, 0]), jnp.moveaxis(crossed, 2, 0),
+                               jnp.moveaxis(carry, 2, 0))
+    return jnp.concatenate([jnp.moveaxis(counts, 0, 2), last[:, :, None]], axis=2)
+
+
 def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_local, reverse_local, *,
                    scale: float, config: MosaicWalkConfig, log_decay_wanted: bool, interpret=None):
     """(dq, dk, dv, the decay's per-position sums or None, the witness) where :func:`serves_backward`: dq =
     walk(dO, v, k) from S0^T, dv = reverse walk(k, q, dO), dk = reverse walk(v, dO, q), the pieces entering
-    from the local states of the dq walk's ``dq_local`` (keys v, values k) and of the reverse walks'
-    ``reverse_local`` (keys q, values dO; the dk walk's are their transposes), [B, H, P-1, ., .] or None.
+    from the local states of the dq walk's ``dq_local`` (keys v, values k: (states, crossing counts or
+    None)) and of the reverse walks' ``reverse_local`` (keys q, values dO; the dk walk's are their
+    transposes), [B, H, P-1, ., .] or None.
     With ``log_decay_wanted`` the dq and dk walks also form w, counts, intra and u [B, H, T] (summed over
     their value blocks), fleetjax.vjp.log_decay_grad's parts. The witness: the dq and dv walks' states after
     their pieces, non-finite whenever dq or dv is (their 0 * out terms), which each q_t, k_t, v_t and dO_t
     reaches through its own pair. ``interpret``: see :func:`walk`."""
     B = q.shape[0]
+    dq_local, dq_local_counts = (None, None) if dq_local is None else dq_local
     dq_entering = entering_states(None if start is None else jnp.swapaxes(start, -1, -2), dq_local, decays,
                                   chunking, B)
     reverse_entering = entering_states(None, reverse_local, decays, chunking, B, reverse=True)
@@ -147,7 +169,9 @@ def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_lo
                               interpret=interpret)
     sums = functools.partial(along, config=dataclasses.replace(config, block_v=config.sums_block_v))
     if log_decay_wanted:
-        dq, dq_finals, dq_sums = sums(do, v, k, entering=dq_entering, reverse=False, rows=q, counts=True)
+        counts_entering = entering_counts(dq_entering, dq_local_counts, decays, chunking, B)
+        dq, dq_finals, dq_sums = sums(do, v, k, entering=dq_entering, reverse=False, rows=q, counts=True,
+                                      entering_counts=counts_entering)
     else:
         dq, dq_finals, _ = along(do, v, k, entering=dq_entering, reverse=False)
     dv, dv_finals, _ = along(k, q, do, entering=reverse_entering, reverse=True)
@@ -178,7 +202,8 @@ def _split(x, dtype):
 
 
 def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse: bool, scale: float,
-         config: MosaicWalkConfig, rows=None, counts: bool = False, interpret=None):
+         config: MosaicWalkConfig, rows=None, counts: bool = False, entering_counts=None, within=None,
+         interpret=None):
     """(out [B, T, H, Dv] in value's dtype, the state after each piece [B, H, P, Dk, Dv] float32, sums): the
     walk of fleetjax.chunk with these roles, forward or ``reverse`` in time, from the states entering the
     pieces ``entering`` [B, H, P, Dk, Dv] float32 (None: zero; reverse: the state from the positions after the
@@ -188,9 +213,14 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
 
     For the decay's gradient (fleetjax.vjp), ``rows`` [B, T, H, Dv] (q in the dq walk, k in the dk walk):
     the state's products become float32-accurate (hi/lo pairs) and sums["state"] [Dv blocks, B, H, T] holds
-    each position's rows . (the state's part of out) (w, u); with ``counts`` (the dq walk, one piece) also
-    the crossing-count state and sums["counts"] and sums["intra"] (the lag-weighted pairs in the chunk),
-    per value block (their sum over blocks is the position's).
+    each position's rows . (the state's part of out) (w, u); with ``counts`` (the dq walk) also the
+    crossing-count state, entering the pieces as ``entering_counts`` [B, H, P, Dk, Dv] float32 (None:
+    zero), and sums["counts"] and sums["intra"] (the lag-weighted pairs in the chunk), per value block
+    (their sum over blocks is the position's).
+
+    ``within`` [B, H, T] float32 (the gated decay, forward walks only): the log decay summed from each
+    position's chunk start through it (fleetjax.decay.Decays.within_chunks); the walk's factors are then
+    exp of its differences within a chunk (only differences <= 0), and log_decay is not read.
 
     ``interpret``: Mosaic GPU's interpret-mode parameters (CPU tests), which also take the kernel's forms that
     its interpreter lacks: no register layouts, products accumulated after a zeroed accumulator, transposed
@@ -208,6 +238,9 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     # One swizzle for every tile: a wgmma's operands must share it (the value block's row sets it).
     tiles = _mma_tiles(dtype, bv)
     exact = rows is not None
+    gated = within is not None
+    if gated and (reverse or exact or counts):
+        raise NotImplementedError("the Mosaic walk takes the gated decay in the plain forward walk only")
     # float16's range: scale the state before it is rounded; bfloat16 keeps float32's, scale the row factors.
     # The exact products always take the scaled state (its lo part then keeps the scale's bits too).
     scale_state = exact or jnp.dtype(dtype) == jnp.dtype(jnp.float16)
@@ -231,7 +264,9 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
         take = lambda count: [refs.pop(0) for _ in range(count)]  # noqa: E731
         log_decay_gmem, q_gmem, k_gmem, v_gmem = take(4)
         rows_gmem = take(1)[0] if exact else None
+        within_gmem = take(1)[0] if gated else None
         start_gmem = take(1)[0] if entering is not None else None
+        counts_start_gmem = take(1)[0] if entering_counts is not None else None
         o_gmem, final_gmem = take(2)
         sums_gmem = dict(zip(sums, take(len(sums))))
         state_smem, weighted_smem = take(2)
@@ -249,17 +284,19 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
 
         j, bh, piece = lax.axis_index("v"), lax.axis_index("bh"), lax.axis_index("piece")
         b, h = bh // H, bh % H
-        log_gamma = log_decay_gmem[h]
         pair_rows, pair_cols = iota((C, C), 0), iota((C, C), 1)
         lag = pair_cols - pair_rows if reverse else pair_rows - pair_cols
         # Exponents masked before exp (only lags >= 0): gamma -> 0 gives exact zeros, gamma = 1 ones.
         lags = jnp.where(lag >= 0, lag, 0).astype(f32)
-        weights = jnp.where(lag >= 0, jnp.exp(lags * log_gamma), 0.0)
-        row = iota((C, bv), 0).astype(f32)
-        enter_lag, leave_lag = (C - 1.0 - row, row + 1.0) if reverse else (row + 1.0, C - 1.0 - row)
-        entering_rows = jnp.exp(enter_lag * log_gamma) * (1.0 if scale_state else scale)
-        leaving_rows = jnp.exp(leave_lag * log_gamma)
-        carry = jnp.exp(C * log_gamma)
+        row_factor = 1.0 if scale_state else scale
+        constant = None  # the constant decay's factors, the same for every chunk
+        if not gated:
+            log_gamma = log_decay_gmem[h]
+            row = iota((C, bv), 0).astype(f32)
+            enter_lag, leave_lag = (C - 1.0 - row, row + 1.0) if reverse else (row + 1.0, C - 1.0 - row)
+            constant = (jnp.where(lag >= 0, jnp.exp(lags * log_gamma), 0.0),
+                        jnp.exp(enter_lag * log_gamma) * row_factor, jnp.exp(leave_lag * log_gamma),
+                        jnp.exp(C * log_gamma))
 
         def k_t(ref):
             if interpret is None:
@@ -276,14 +313,30 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                 return acc[...]
             return pl.run_scoped(body, plgpu.ACC(acc_shape, f32))
 
+        def factors(within_smem):
+            """(weights, entering_rows, leaving_rows, carry) of a gated chunk from its ``within`` tile [C]:
+            exp(L_i - L_j) for j <= i, exp(L_i), exp(L_last - L_i), exp(L_last)."""
+            if interpret is None:
+                at_rows = plgpu.load(within_smem, (), layout=wg.reduce(1))
+                at_cols = lax.broadcast_in_dim(plgpu.load(within_smem, (), layout=wg.reduce(0)), (C, C), (1,))
+            else:
+                at_rows = at_cols = within_smem[...]
+                at_cols = at_cols[None, :]
+            last = within_smem[C - 1]
+            pair = lax.broadcast_in_dim(at_rows, (C, C), (0,)) - at_cols
+            by_row = lax.broadcast_in_dim(at_rows, (C, bv), (0,))
+            return (jnp.where(lag >= 0, jnp.exp(jnp.where(lag >= 0, pair, 0.0)), 0.0),
+                    jnp.exp(by_row) * row_factor, jnp.exp(last - by_row), jnp.exp(last))
+
         def chunk(_, *smems):
-            smems = list(smems)
-            q_smem, k_smem, v_smem = smems[:3]
-            x_smem = smems[3] if exact else None
-            o_smem, *sum_smems = smems[3 + int(exact):-1]
+            *tiles_in, carried = smems
+            q_smem, k_smem, v_smem, *rest = tiles_in
+            x_smem = rest.pop(0) if exact else None
+            within_smem = rest.pop(0) if gated else None
+            o_smem, *sum_smems = rest
             sum_smem = dict(zip(sums, sum_smems))
-            carried = smems[-1]
             state, crossings = carried if counts else (carried, None)
+            weights, entering_rows, leaving_rows, carry = factors(within_smem) if gated else constant
 
             held = scale * state if scale_state else state
             if exact:
@@ -329,22 +382,29 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             return (state, crossings) if counts else state
 
         columns = pl.ds(j * bv, bv)
-        if start_gmem is None:
-            state = laid(jnp.zeros((K, bv), f32))
-        else:  # float32 states go through shared memory: registers take tiled loads only from there
-            plgpu.copy_gmem_to_smem(start_gmem.at[b, h, piece, :, columns], exact_smem, barrier)
+
+        def entered(gmem):
+            if gmem is None:
+                return laid(jnp.zeros((K, bv), f32))
+            # float32 states go through shared memory: registers take tiled loads only from there
+            plgpu.copy_gmem_to_smem(gmem.at[b, h, piece, :, columns], exact_smem, barrier)
             plgpu.barrier_wait(barrier)
-            state = exact_smem[...] if interpret is not None else plgpu.load(exact_smem, (), layout=wg)
-        init = (state, laid(jnp.zeros((K, bv), f32))) if counts else state
+            loaded = exact_smem[...] if interpret is not None else plgpu.load(exact_smem, (), layout=wg)
+            plgpu.commit_smem()  # the tile is read before the next copy overwrites it
+            return loaded
+
+        state = entered(start_gmem)
+        init = (state, entered(counts_start_gmem)) if counts else state
         first = piece * n
         at = (lambda c: first + n - 1 - c) if reverse else (lambda c: first + c)  # noqa: E731
         rows_k = plgpu.BlockSpec((C, K), lambda c: (at(c), 0), transforms=tiles)
         rows_v = plgpu.BlockSpec((C, bv), lambda c: (at(c), j), transforms=tiles)
         positions = plgpu.BlockSpec((C,), lambda c: (at(c),))
-        in_specs = [rows_k, rows_k, rows_v] + ([rows_v] if exact else [])
+        in_specs = [rows_k, rows_k, rows_v] + ([rows_v] if exact else []) + ([positions] if gated else [])
         out_specs = [rows_v] + [positions] * len(sums)
         gmems = [q_gmem.at[b, :, h], k_gmem.at[b, :, h], v_gmem.at[b, :, h]]
         gmems += [rows_gmem.at[b, :, h]] if exact else []
+        gmems += [within_gmem.at[b, h]] if gated else []
         gmems += [o_gmem.at[b, :, h]] + [sums_gmem[name].at[j, b, h] for name in sums]
         if interpret is None:
             state = plgpu.emit_pipeline(chunk, grid=(n,), in_specs=in_specs, out_specs=out_specs,
@@ -370,7 +430,9 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     call = plgpu.kernel(kernel, out_type=tuple(out_type), grid=(nv, B * H, P), grid_names=("v", "bh", "piece"),
                         scratch_types=scratch, **({} if interpret is None else dict(interpret=interpret)))
     args = (log_decay.astype(f32), query, key, value) + (() if rows is None else (rows,))
+    args += () if within is None else (within.astype(f32),)
     args += () if entering is None else (entering,)
+    args += () if entering_counts is None else (entering_counts,)
     out, finals, *formed = call(*args)
     return out, finals, dict(zip(sums, formed))
 
