@@ -80,10 +80,11 @@ class MosaicWalkConfig:
             raise ValueError(f"MosaicWalkConfig.stages must be an int in [1, 8], got {self.stages!r}")
 
     def shared_memory_bytes(self, K: int, itemsize: int) -> int:
-        """Shared memory of one forward program: the staged q, k, v, o tiles, the state's 16-bit and float32
-        tiles and the weighted values' tile."""
+        """Shared memory of one forward program: the state's 16-bit tile and the weighted values' tile, then
+        the larger of the staged q, k, v, o tiles and the float32 state's tile (used before and after the
+        pipeline only)."""
         C, bv = self.chunk_size, self.block_v
-        return itemsize * (self.stages * (2 * C * K + 2 * C * bv) + K * bv + C * bv) + 4 * K * bv
+        return itemsize * (K * bv + C * bv) + max(itemsize * self.stages * (2 * C * K + 2 * C * bv), 4 * K * bv)
 
 
 def on_hopper() -> bool:
@@ -272,7 +273,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
         state_smem, weighted_smem = take(2)
         state_lo_smem, weighted_lo_smem = take(2) if exact else (None, None)
         counts_smem, counts_lo_smem = take(2) if counts else (None, None)
-        exact_smem, barrier = take(2)
+        barrier = take(1)[0]
         transposed_smem = {} if interpret is None else {(C, K): take(1)[0], (C, bv): take(1)[0]}
         scores_smem = None if interpret is None else take(1)[0]
 
@@ -316,15 +317,16 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
         def factors(within_smem):
             """(weights, entering_rows, leaving_rows, carry) of a gated chunk from its ``within`` tile [C]:
             exp(L_i - L_j) for j <= i, exp(L_i), exp(L_last - L_i), exp(L_last)."""
-            if interpret is None:
+            if interpret is None:  # the tile as a column and as a row of the wgmma layout
                 at_rows = plgpu.load(within_smem, (), layout=wg.reduce(1))
-                at_cols = lax.broadcast_in_dim(plgpu.load(within_smem, (), layout=wg.reduce(0)), (C, C), (1,))
+                at_cols = plgpu.load(within_smem, (), layout=wg.reduce(0))
             else:
                 at_rows = at_cols = within_smem[...]
-                at_cols = at_cols[None, :]
             last = within_smem[C - 1]
-            pair = lax.broadcast_in_dim(at_rows, (C, C), (0,)) - at_cols
-            by_row = lax.broadcast_in_dim(at_rows, (C, bv), (0,))
+            # Each broadcast's layout named: several layouts of the tensor cores would reduce to the vector's.
+            pair = (laid(lax.broadcast_in_dim(at_rows, (C, C), (0,)))
+                    - laid(lax.broadcast_in_dim(at_cols, (C, C), (1,))))
+            by_row = laid(lax.broadcast_in_dim(at_rows, (C, bv), (0,)))
             return (jnp.where(lag >= 0, jnp.exp(jnp.where(lag >= 0, pair, 0.0)), 0.0),
                     jnp.exp(by_row) * row_factor, jnp.exp(last - by_row), jnp.exp(last))
 
@@ -383,15 +385,22 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
 
         columns = pl.ds(j * bv, bv)
 
+        # Float32 states go through shared memory (registers take tiled loads only from there), in tiles
+        # scoped outside the pipeline, whose stages then reuse their space.
+        f32_tile = plgpu.SMEM((K, bv), f32, transforms=_mma_tiles(f32, bv))
+
         def entered(gmem):
             if gmem is None:
                 return laid(jnp.zeros((K, bv), f32))
-            # float32 states go through shared memory: registers take tiled loads only from there
-            plgpu.copy_gmem_to_smem(gmem.at[b, h, piece, :, columns], exact_smem, barrier)
-            plgpu.barrier_wait(barrier)
-            loaded = exact_smem[...] if interpret is not None else plgpu.load(exact_smem, (), layout=wg)
-            plgpu.commit_smem()  # the tile is read before the next copy overwrites it
-            return loaded
+
+            def load(tile):
+                plgpu.copy_gmem_to_smem(gmem.at[b, h, piece, :, columns], tile, barrier)
+                plgpu.barrier_wait(barrier)
+                loaded = tile[...] if interpret is not None else plgpu.load(tile, (), layout=wg)
+                plgpu.commit_smem()  # every thread has read the tile before its space is reused
+                return loaded
+
+            return pl.run_scoped(load, f32_tile)
 
         state = entered(start_gmem)
         init = (state, entered(counts_start_gmem)) if counts else state
@@ -412,10 +421,14 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
         else:
             state = _stepwise(chunk, n, in_specs, out_specs, gmems, init, dtype)
         state = state[0] if counts else state
-        exact_smem[...] = state
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(exact_smem, final_gmem.at[b, h, piece, :, columns])
-        plgpu.wait_smem_to_gmem(0)
+
+        def store(tile):
+            tile[...] = state
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(tile, final_gmem.at[b, h, piece, :, columns])
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(store, f32_tile)
 
     out_type = [jax.ShapeDtypeStruct((B, T, H, V), dtype), jax.ShapeDtypeStruct((B, H, P, K, V), f32)]
     out_type += [jax.ShapeDtypeStruct((nv, B, H, T), f32) for _ in sums]
@@ -424,7 +437,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     scratch = [state_tile(), weighted_tile()]
     scratch += [state_tile(), weighted_tile()] if exact else []
     scratch += [state_tile(), state_tile()] if counts else []
-    scratch += [plgpu.SMEM((K, bv), f32, transforms=_mma_tiles(f32, bv)), plgpu.Barrier()]
+    scratch += [plgpu.Barrier()]
     if interpret is not None:
         scratch += [plgpu.SMEM((K, C), dtype), plgpu.SMEM((bv, C), dtype), plgpu.SMEM((C, C), dtype)]
     call = plgpu.kernel(kernel, out_type=tuple(out_type), grid=(nv, B * H, P), grid_names=("v", "bh", "piece"),
