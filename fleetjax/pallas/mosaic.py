@@ -3,13 +3,13 @@ bulk tensor copy engine (TMA) several chunks ahead, the [Dk, block_v] float32 st
 accumulator registers across the chunks.
 
 One kernel, :func:`walk`, is the walk of fleetjax.chunk with any roles, forward or in reverse: the forward
-(q, k, v), with the constant or the gated decay, and the backward's dq (dO, v, k), dv (reverse: k, q, dO)
-and dk (reverse: v, dO, q) walks, constant decay. fleetjax.pallas.chunked selects it through
-``PallasConfig.mosaic_walks`` (set by the default config on sm_90 GPUs) for the common case: 16-bit inputs,
-no segments, finite inputs (the contained walks stay Triton's), head dims 64 or 128, no float32-accurate
-state owed (a returned final state, d initial_state: those stay in the Triton walks), no per-token gate in
-the backward. Each (value block, batch*head, sequence piece) is one program of one warpgroup; per chunk of C
-positions, with the state S entering it:
+(q, k, v), with the constant decay or (``MosaicWalkConfig.gated_forward``, off: it does not yet compile on
+the GPU) the gated one, and the backward's dq (dO, v, k), dv (reverse: k, q, dO) and dk (reverse: v, dO, q)
+walks, constant decay. fleetjax.pallas.chunked selects it through ``PallasConfig.mosaic_walks`` (set by the
+default config on sm_90 GPUs) for the common case: 16-bit inputs, no segments, finite inputs (the contained
+walks stay Triton's), head dims 64 or 128, no float32-accurate state owed (a returned final state,
+d initial_state: those stay in the Triton walks), no per-token gate. Each (value block, batch*head,
+sequence piece) is one program of one warpgroup; per chunk of C positions, with the state S entering it:
 
     scores = query key^T                  (wgmma, key transposed in shared memory)
     out    = (query S) * entering + (scores * weights) value
@@ -62,6 +62,10 @@ class MosaicWalkConfig:
     then carries the crossing counts, the dq and dk walks form its per-position sums with hi/lo products):
     0.88 against 1.02 ms (Triton's walks for the learned decay) at B4 H16 T=4096, 3.24 against 3.48 at
     T=16384 (H200, 2026-12-03, experiments/results/2026-12-03-h200-tune_pallas_decay_sums.jsonl).
+    gated_forward: the forward walk takes the gated decay too (exact in Mosaic GPU's interpreter). Off: on
+    the H200 with jax 0.11.2 its compile fails (Mosaic GPU's layout inference finds no solution,
+    experiments/results/2026-12-03-h200-forward-gated-layout_failed.log), so the gated forward stays on
+    the Triton walk.
     """
 
     chunk_size: int = 64
@@ -69,6 +73,7 @@ class MosaicWalkConfig:
     sums_block_v: int = 32
     stages: int = 3
     decay_sums: bool = True
+    gated_forward: bool = False
 
     def __post_init__(self):
         if self.chunk_size != 64:
@@ -96,11 +101,12 @@ def supports(config: MosaicWalkConfig | None, *, dtype, K: int, V: int, chunking
              gated: bool, exact_state: bool) -> bool:
     """Whether the Mosaic forward walk serves this call: 16-bit inputs, K in KEY_DIMS, V in whole value
     blocks, pieces of equal whole chunks, no segments, and a final state that feeds no float32-accurate use
-    (its update is one 16-bit product per chunk); the constant or the gated decay (``gated``)."""
+    (its update is one 16-bit product per chunk); the constant decay, or the gated one (``gated``) where
+    ``config.gated_forward``."""
     return (config is not None and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
             and K in KEY_DIMS and V % config.block_v == 0 and chunking.chunk_size == config.chunk_size
             and chunking.piece_len * chunking.pieces == chunking.T
-            and not segments and not exact_state)
+            and not segments and not exact_state and (not gated or config.gated_forward))
 
 
 def serves_backward(config: MosaicWalkConfig | None, *, dtype, K: int, V: int, chunking: Chunking, segments: bool,
