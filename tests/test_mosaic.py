@@ -346,6 +346,26 @@ def test_the_interpreted_witness_catches_a_nonfinite_value():
 
 
 @hopper
+@pytest.mark.parametrize("pieces", [1, 4])
+def test_the_gated_forward_walk_matches_the_oracle_and_the_triton_walk(pieces):
+    B, T, H, K, V = 2, 1024, 2, 128, 128
+    q, k, v = _inputs(B, T, H, K, V, "bfloat16")
+    log_gate = 0.02 * _log_gate(B, T, H)
+    decay = jnp.asarray([0.97, 1.0], jnp.float32)
+    outs = {}
+    for walks in (mosaic.MosaicWalkConfig(gated_forward=True), None):
+        config = dataclasses.replace(chunked.default_config(q, v), num_sequence_pieces=pieces, mosaic_walks=walks)
+        f = jax.jit(lambda q, k, v, g, config=config: fleetjax.fleet_attention(
+            q, k, v, decay, log_gate=g, implementation="pallas", config=config))
+        outs[walks is not None] = f(q, k, v, log_gate)
+        if walks is not None:
+            assert f.lower(q, k, v, log_gate).as_text().count("custom_call @mosaic_gpu") == 1
+    ref, _ = oracle.forward(q, k, v, decay, log_gate=log_gate)
+    assert oracle.rel_err(outs[True], ref, axis=2) < TOLERANCE["bfloat16"]
+    assert oracle.rel_err(outs[True], outs[False], axis=2) < TOLERANCE["bfloat16"] / 2
+
+
+@hopper
 def test_the_gated_forward_stays_on_the_triton_walk_by_default():
     B, T, H, K, V = 1, 1024, 2, 128, 128
     q, k, v = _inputs(B, T, H, K, V, "bfloat16")

@@ -3,8 +3,8 @@ bulk tensor copy engine (TMA) several chunks ahead, the [Dk, block_v] float32 st
 accumulator registers across the chunks.
 
 One kernel, :func:`walk`, is the walk of fleetjax.chunk with any roles, forward or in reverse: the forward
-(q, k, v), with the constant decay or (``MosaicWalkConfig.gated_forward``, off: it does not yet compile on
-the GPU) the gated one, and the backward's dq (dO, v, k), dv (reverse: k, q, dO) and dk (reverse: v, dO, q)
+(q, k, v), with the constant decay or (``MosaicWalkConfig.gated_forward``, off: not yet run on a GPU) the
+gated one, and the backward's dq (dO, v, k), dv (reverse: k, q, dO) and dk (reverse: v, dO, q)
 walks, constant decay. fleetjax.pallas.chunked selects it through ``PallasConfig.mosaic_walks`` (set by the
 default config on sm_90 GPUs) for the common case: 16-bit inputs, no segments, finite inputs (the contained
 walks stay Triton's), head dims 64 or 128, no float32-accurate state owed (a returned final state,
@@ -62,10 +62,10 @@ class MosaicWalkConfig:
     then carries the crossing counts, the dq and dk walks form its per-position sums with hi/lo products):
     0.88 against 1.02 ms (Triton's walks for the learned decay) at B4 H16 T=4096, 3.24 against 3.48 at
     T=16384 (H200, 2026-12-03, experiments/results/2026-12-03-h200-tune_pallas_decay_sums.jsonl).
-    gated_forward: the forward walk takes the gated decay too (exact in Mosaic GPU's interpreter). Off: on
-    the H200 with jax 0.11.2 its compile fails (Mosaic GPU's layout inference finds no solution,
-    experiments/results/2026-12-03-h200-forward-gated-layout_failed.log), so the gated forward stays on
-    the Triton walk.
+    gated_forward: the forward walk takes the gated decay too (exact in Mosaic GPU's interpreter). Off until
+    it has run on a GPU: its first form failed to compile on the H200 with jax 0.11.2 (layout inference
+    found no solution, experiments/results/2026-12-03-h200-forward-gated-layout_failed.log); the form here
+    passes jax 0.11.2's layout inference on its lowered module (checked off the GPU, experiments/README.md).
     """
 
     chunk_size: int = 64
@@ -325,11 +325,12 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             exp(L_i - L_j) for j <= i, exp(L_i), exp(L_last - L_i), exp(L_last)."""
             if interpret is None:  # the tile as a column and as a row of the wgmma layout
                 at_rows = plgpu.load(within_smem, (), layout=wg.reduce(1))
-                at_cols = plgpu.load(within_smem, (), layout=wg.reduce(0))
+                # Two loads that differ in an attribute: jax 0.11's CSE would merge identical ones (its
+                # layout casts are pure) into one value that no layout serves both as row and column.
+                at_cols = plgpu.load(within_smem, (), layout=wg.reduce(0), optimized=False)
             else:
                 at_rows = at_cols = within_smem[...]
             last = within_smem[C - 1]
-            # Each broadcast's layout named: several layouts of the tensor cores would reduce to the vector's.
             pair = (laid(lax.broadcast_in_dim(at_rows, (C, C), (0,)))
                     - laid(lax.broadcast_in_dim(at_cols, (C, C), (1,))))
             by_row = laid(lax.broadcast_in_dim(at_rows, (C, bv), (0,)))
