@@ -173,6 +173,11 @@ def test_serves_the_backward_without_a_gate_or_initial_state_gradient():
     assert mosaic.serves_backward(sums, **{**args, "wanted": learned, "chunking": Chunking(1024, 64, 1)})
     assert mosaic.serves_backward(sums, **{**args, "wanted": learned})  # the counts pass between the pieces
     assert not mosaic.serves_backward(sums, **{**args, "wanted": learned, "K": 96})
+    gate = Wanted(log_decay=False, initial_state=False)
+    assert not mosaic.serves_backward(sums, **{**args, "gated": True, "wanted": gate})  # gated_backward is off
+    gated = mosaic.MosaicWalkConfig(gated_backward=True)
+    assert mosaic.serves_backward(gated, **{**args, "gated": True, "wanted": gate})
+    assert not mosaic.serves_backward(gated, **{**args, "gated": True, "wanted": learned})  # no counts with a gate
 
 
 def _fixed_decay_grads(q, k, v, do, decay, *, mosaic_walks, pieces, start=None):
@@ -296,24 +301,35 @@ def test_the_gated_walk_in_the_interpreter_matches_the_oracle(pieces):
     assert oracle.rel_err(finals[:, :, -1], final, axis=1) < TOLERANCE["bfloat16"]
 
 
-def _interpreted_backward(q, k, v, do, decay, start, chunking, *, learned: bool, scale: float):
+def _interpreted_backward(q, k, v, do, decay, start, chunking, *, learned: bool, scale: float, log_gate=None):
+    """dq, dk, dv, d log_decay (learned, no gate) or d log_gate (a gate), the witness: the Mosaic backward
+    walks in the interpreter, the pieces' local states from the Triton walks in Pallas interpret mode."""
     from fleetjax import vjp
+    from fleetjax.decay import Decays
     from fleetjax.pallas import forward as fwd
-    decays = _decays(decay)
+    decays = Decays(jnp.log(jnp.asarray(decay, jnp.float32)), log_gate)
+    counted = learned and log_gate is None
     dq_local = reverse_local = None
-    if chunking.pieces > 1:  # the Triton piece-state walks, in Pallas interpret mode
-        common = dict(chunk_size=64, block_v=32, num_warps=4, num_stages=1, precision=None, contain=False)
+    if chunking.pieces > 1:
+        common = dict(chunk_size=64, block_v=32, num_warps=4, num_stages=1, precision=None, contain=False,
+                      gate=decays.gate_tiles())
         dq_local = fwd.piece_states(v, k, decays.log_decay, None, chunking, reverse=False, all_pieces=False,
-                                    counts=learned, **common)
-        dq_local = dq_local if learned else (dq_local, None)  # (states, their crossing counts)
+                                    counts=counted, **common)
+        dq_local = dq_local if counted else (dq_local, None)  # (states, their crossing counts)
         reverse_local = fwd.piece_states(q, do, decays.log_decay, None, chunking, reverse=True, all_pieces=False,
                                          **common)
     dq, dk, dv, parts, witness = mosaic.backward_walks(
         q, k, v, do, decays, start, chunking, dq_local, reverse_local, scale=scale,
-        config=mosaic.MosaicWalkConfig(decay_sums=True), log_decay_wanted=learned, interpret=InterpretGPUParams())
-    d_log_decay = None if parts is None else vjp.log_decay_grad(parts["w"], parts["u"], parts["counts"],
-                                                                parts["intra"], chunking.chunk_size)
-    return dq, dk, dv, d_log_decay, witness
+        config=mosaic.MosaicWalkConfig(), log_decay_wanted=counted, log_gate_wanted=learned and not counted,
+        interpret=InterpretGPUParams())
+    if not learned:
+        assert parts is None
+        return dq, dk, dv, None, witness
+    if counted:
+        d = vjp.log_decay_grad(parts["w"], parts["u"], parts["counts"], parts["intra"], chunking.chunk_size)
+    else:
+        d = jnp.swapaxes(vjp.log_gate_grad(parts["w"], parts["u"], parts["spanned"], None, chunking.chunk_size), 1, 2)
+    return dq, dk, dv, d, witness
 
 
 @interpreted
@@ -334,6 +350,67 @@ def test_the_backward_walks_in_the_interpreter_match_the_oracle(learned, pieces,
     else:
         assert d_log_decay is None
     assert all(bool(jnp.all(jnp.isfinite(w))) for w in witness)
+
+
+@interpreted
+@pytest.mark.parametrize("pieces", [1, 2])
+def test_the_gated_backward_walks_in_the_interpreter_match_the_oracle(pieces):
+    B, T, H, K, V = 1, 256, 2, 64, 64
+    q, k, v = _inputs(B, T, H, K, V, "bfloat16")
+    do = _inputs(B, T, H, K, V, "bfloat16", seed=4)[2]
+    decay = jnp.asarray([0.97, 1.0], jnp.float32)
+    log_gate = 0.05 * _log_gate(B, T, H)
+    start = jnp.asarray(np.random.default_rng(2).standard_normal((B, H, K, V)), jnp.float32)
+    dq, dk, dv, d_gate, witness = _interpreted_backward(q, k, v, do, decay, start, Chunking(T, 64, pieces),
+                                                        learned=True, scale=0.1, log_gate=log_gate)
+    ref = oracle.gradients(q, k, v, decay, do=do, scale=0.1, initial_state=start, log_gate=log_gate)
+    for got, name in ((dq, "q"), (dk, "k"), (dv, "v")):
+        assert oracle.rel_err(got, ref[name], axis=2) < TOLERANCE["bfloat16"], name
+    # every term but the initial state's carry into the final state (no final state here)
+    assert oracle.rel_err(d_gate, ref["log_gate"]) < DECAY_GRAD_TOLERANCE["bfloat16"]
+    assert all(bool(jnp.all(jnp.isfinite(w))) for w in witness)
+
+
+@interpreted
+@pytest.mark.parametrize("gated, pieces", [(False, 2), (True, 1), (True, 2)])
+def test_the_op_through_the_interpreted_walks_matches_the_oracle(monkeypatch, gated, pieces):
+    """The Pallas op's forward and backward with every walk it can give Mosaic on Mosaic (in its interpreter):
+    the glue of fleetjax.pallas.chunked (the pieces' states and counts, the gradients' sums) end to end."""
+    walk, calls = mosaic.walk, []
+
+    def interpreted_walk(*args, interpret=None, **kwargs):
+        calls.append(kwargs.get("reverse"))
+        return walk(*args, interpret=InterpretGPUParams(), **kwargs)
+
+    monkeypatch.setattr(mosaic, "walk", interpreted_walk)
+    B, T, H, K, V = 1, 256, 2, 64, 64
+    q, k, v = _inputs(B, T, H, K, V, "bfloat16")
+    do = _inputs(B, T, H, K, V, "bfloat16", seed=4)[2]
+    decay = jnp.asarray([0.97, 1.0], jnp.float32)
+    log_gate = 0.05 * _log_gate(B, T, H) if gated else None
+    walks = mosaic.MosaicWalkConfig(gated_forward=True, gated_backward=True)
+    config = dataclasses.replace(chunked.default_config(q, v), num_sequence_pieces=pieces,
+                                 backward_num_sequence_pieces=pieces, mosaic_walks=walks)
+    assert config.chunking(T, True).chunk_size == walks.chunk_size
+    if gated:  # the gate alone, as GLA's: its gradient, not the per-head decay's
+        f = lambda q, k, v, g: fleetjax.fleet_attention(q, k, v, None, log_gate=g, implementation="pallas",  # noqa: E731
+                                                        config=config)
+        o, pullback = jax.vjp(f, q, k, v, log_gate)
+        ref_decay, names = jnp.ones((H,), jnp.float32), ("q", "k", "v", "log_gate")
+    else:
+        f = lambda q, k, v, decay: fleetjax.fleet_attention(q, k, v, decay, implementation="pallas",  # noqa: E731
+                                                            config=config)
+        o, pullback = jax.vjp(f, q, k, v, decay)
+        ref_decay, names = decay, ("q", "k", "v", "decay")
+    ref_o, _ = oracle.forward(q, k, v, ref_decay, log_gate=log_gate)
+    ref = oracle.gradients(q, k, v, ref_decay, do=do, log_gate=log_gate)
+    assert oracle.rel_err(o, ref_o, axis=2) < TOLERANCE["bfloat16"]
+    grads = pullback(do)
+    assert calls == [False, False, True, True]  # the forward walk, then the dq, dv and dk walks
+    for got, name in zip(grads, names):
+        axis = 2 if name in ("q", "k", "v") else None
+        tolerance = TOLERANCE["bfloat16"] if axis else DECAY_GRAD_TOLERANCE["bfloat16"]
+        assert oracle.rel_err(got, ref[name], axis=axis) < tolerance, name
 
 
 @interpreted
@@ -363,6 +440,29 @@ def test_the_gated_forward_walk_matches_the_oracle_and_the_triton_walk(pieces):
     ref, _ = oracle.forward(q, k, v, decay, log_gate=log_gate)
     assert oracle.rel_err(outs[True], ref, axis=2) < TOLERANCE["bfloat16"]
     assert oracle.rel_err(outs[True], outs[False], axis=2) < TOLERANCE["bfloat16"] / 2
+
+
+@hopper
+@pytest.mark.parametrize("pieces", [1, 4])
+def test_the_gated_backward_walks_match_the_oracle_and_the_triton_walks(pieces):
+    B, T, H, K, V = 2, 1024, 2, 128, 128
+    q, k, v = _inputs(B, T, H, K, V, "bfloat16")
+    do = _inputs(B, T, H, K, V, "bfloat16", seed=6)[2]
+    log_gate = 0.02 * _log_gate(B, T, H)
+    grads = {}
+    for walks in (mosaic.MosaicWalkConfig(gated_forward=True, gated_backward=True), None):
+        config = dataclasses.replace(chunked.default_config(q, v), num_sequence_pieces=pieces,
+                                     backward_num_sequence_pieces=pieces, mosaic_walks=walks)
+        f = lambda q, k, v, g, config=config: fleetjax.fleet_attention(  # noqa: E731
+            q, k, v, None, log_gate=g, implementation="pallas", config=config)
+        _, pullback = jax.vjp(jax.jit(f), q, k, v, log_gate)
+        grads[walks is not None] = jax.jit(pullback)(do)
+    ref = oracle.gradients(q, k, v, jnp.ones((H,), jnp.float32), do=do, log_gate=log_gate)
+    for got, triton, name in zip(grads[True], grads[False], ("q", "k", "v", "log_gate")):
+        tolerance = DECAY_GRAD_TOLERANCE["bfloat16"] if name == "log_gate" else TOLERANCE["bfloat16"]
+        axis = None if name == "log_gate" else 2
+        assert oracle.rel_err(got, ref[name], axis=axis) < tolerance, name
+        assert oracle.rel_err(got, triton, axis=axis) < tolerance, name
 
 
 @hopper

@@ -446,10 +446,15 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
         if on_mosaic and not contain:
             dq, dk, dv, parts, witness = mosaic.backward_walks(
                 q, k, v, do, decays, start, chunking, dq_local, reverse_local,
-                scale=scale, config=config.mosaic_walks, log_decay_wanted=wanted.log_decay)
-            d_log_decay = None if parts is None else vjp.log_decay_grad(
-                parts["w"], parts["u"], parts["counts"], parts["intra"], chunking.chunk_size)
-            return (dq, dk, dv, d_log_decay, None, None), witness
+                scale=scale, config=config.mosaic_walks, log_decay_wanted=wanted.log_decay,
+                log_gate_wanted=wanted.log_gate)
+            d_log_decay = d_gate = None
+            if wanted.log_decay:
+                d_log_decay = vjp.log_decay_grad(parts["w"], parts["u"], parts["counts"], parts["intra"],
+                                                 chunking.chunk_size)
+            if wanted.log_gate:
+                d_gate = vjp.log_gate_grad(parts["w"], parts["u"], parts["spanned"], None, chunking.chunk_size)
+            return (dq, dk, dv, d_log_decay, d_gate, None), witness
         dq, w, counts, intra, spanned = bwd.dq_walk(q, k, v, do, decays.log_decay, start, run_ids, chunking,
                                                     contain=contain, local=dq_local, wanted=wanted, **common,
                                                     **config.launch("dq", q.dtype))

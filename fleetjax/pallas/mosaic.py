@@ -66,6 +66,8 @@ class MosaicWalkConfig:
     it has run on a GPU: its first form failed to compile on the H200 with jax 0.11.2 (layout inference
     found no solution, experiments/results/2026-12-03-h200-forward-gated-layout_failed.log); the form here
     passes jax 0.11.2's layout inference on its lowered module (checked off the GPU, experiments/README.md).
+    gated_backward: the backward's walks take the gated decay too, the gate's gradient sums included (not
+    the per-head decay's with a gate). Exact in the interpreter; off until it has run on a GPU.
     """
 
     chunk_size: int = 64
@@ -74,6 +76,7 @@ class MosaicWalkConfig:
     stages: int = 3
     decay_sums: bool = True
     gated_forward: bool = False
+    gated_backward: bool = False
 
     def __post_init__(self):
         if self.chunk_size != 64:
@@ -103,23 +106,28 @@ def supports(config: MosaicWalkConfig | None, *, dtype, K: int, V: int, chunking
     blocks, pieces of equal whole chunks, no segments, and a final state that feeds no float32-accurate use
     (its update is one 16-bit product per chunk); the constant decay, or the gated one (``gated``) where
     ``config.gated_forward``."""
+    return (_tiles_fit(config, dtype=dtype, K=K, V=V, chunking=chunking) and not segments and not exact_state
+            and (not gated or config.gated_forward))
+
+
+def _tiles_fit(config: MosaicWalkConfig | None, *, dtype, K: int, V: int, chunking: Chunking) -> bool:
+    """16-bit inputs, K in KEY_DIMS, V in whole value blocks, pieces of equal whole chunks."""
     return (config is not None and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
             and K in KEY_DIMS and V % config.block_v == 0 and chunking.chunk_size == config.chunk_size
-            and chunking.piece_len * chunking.pieces == chunking.T
-            and not segments and not exact_state and (not gated or config.gated_forward))
+            and chunking.piece_len * chunking.pieces == chunking.T)
 
 
 def serves_backward(config: MosaicWalkConfig | None, *, dtype, K: int, V: int, chunking: Chunking, segments: bool,
                     gated: bool, exit_cotangent: bool, wanted) -> bool:
     """Whether the Mosaic walks serve a backward (fleetjax.pallas.chunked.block_backward): as
-    :func:`supports` for each of its three walks (K and V each a query dim there), the constant decay, no d
-    start and no final state's cotangent (``wanted``: a fleetjax.vjp.Wanted); the decay's gradient where
-    ``config.decay_sums``."""
-    return (supports(config, dtype=dtype, K=K, V=V, chunking=chunking, segments=segments, gated=gated,
-                     exact_state=False)
+    :func:`supports` for each of its three walks (K and V each a query dim there), no d start and no final
+    state's cotangent (``wanted``: a fleetjax.vjp.Wanted); the decay's gradient where ``config.decay_sums``;
+    the gated decay where ``config.gated_backward``, its gate's gradient too but not the per-head decay's."""
+    return (_tiles_fit(config, dtype=dtype, K=K, V=V, chunking=chunking) and not segments
             and V in KEY_DIMS and K % config.block_v == 0 and K % config.sums_block_v == 0
-            and not gated and not exit_cotangent and not wanted.initial_state
-            and (not wanted.log_decay or config.decay_sums))
+            and not exit_cotangent and not wanted.initial_state
+            and (not wanted.log_decay or config.decay_sums)
+            and (not gated or (config.gated_backward and not wanted.log_decay)))
 
 
 def entering_states(start, local, decays: Decays, chunking: Chunking, B: int, reverse: bool = False):
@@ -157,39 +165,41 @@ def entering_counts(entering, local_counts, decays: Decays, chunking: Chunking, 
 
 
 def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_local, reverse_local, *,
-                   scale: float, config: MosaicWalkConfig, log_decay_wanted: bool, interpret=None):
-    """(dq, dk, dv, the decay's per-position sums or None, the witness) where :func:`serves_backward`: dq =
-    walk(dO, v, k) from S0^T, dv = reverse walk(k, q, dO), dk = reverse walk(v, dO, q), the pieces entering
-    from the local states of the dq walk's ``dq_local`` (keys v, values k: (states, crossing counts or
-    None)) and of the reverse walks' ``reverse_local`` (keys q, values dO; the dk walk's are their
-    transposes), [B, H, P-1, ., .] or None.
-    With ``log_decay_wanted`` the dq and dk walks also form w, counts, intra and u [B, H, T] (summed over
-    their value blocks), fleetjax.vjp.log_decay_grad's parts. The witness: the dq and dv walks' states after
-    their pieces, non-finite whenever dq or dv is (their 0 * out terms), which each q_t, k_t, v_t and dO_t
-    reaches through its own pair. ``interpret``: see :func:`walk`."""
-    B = q.shape[0]
+                   scale: float, config: MosaicWalkConfig, log_decay_wanted: bool, log_gate_wanted: bool = False,
+                   interpret=None):
+    """(dq, dk, dv, the gradient's per-position sums or None, the witness) where :func:`serves_backward`: dq
+    = walk(dO, v, k) from S0^T, dv = reverse walk(k, q, dO), dk = reverse walk(v, dO, q), the pieces
+    entering from the local states of the dq walk's ``dq_local`` (keys v, values k: (states, crossing counts
+    or None)) and of the reverse walks' ``reverse_local`` (keys q, values dO; the dk walk's are their
+    transposes), [B, H, P-1, ., .] or None; the gated decay where ``decays`` has a gate.
+    The sums [B, H, T] (summed over their value blocks): w and u, with ``log_decay_wanted`` also counts and
+    intra (fleetjax.vjp.log_decay_grad's parts), with ``log_gate_wanted`` spanned (log_gate_grad's). The
+    witness: the dq and dv walks' states after their pieces, non-finite whenever dq or dv is (their 0 * out
+    terms), which each q_t, k_t, v_t and dO_t reaches through its own pair. ``interpret``: see :func:`walk`."""
+    B, T = q.shape[:2]
     dq_local, dq_local_counts = (None, None) if dq_local is None else dq_local
     dq_entering = entering_states(None if start is None else jnp.swapaxes(start, -1, -2), dq_local, decays,
                                   chunking, B)
     reverse_entering = entering_states(None, reverse_local, decays, chunking, B, reverse=True)
-    along = functools.partial(walk, log_decay=decays.log_decay, chunking=chunking, scale=scale, config=config,
-                              interpret=interpret)
-    sums = functools.partial(along, config=dataclasses.replace(config, block_v=config.sums_block_v))
-    if log_decay_wanted:
-        counts_entering = entering_counts(dq_entering, dq_local_counts, decays, chunking, B)
-        dq, dq_finals, dq_sums = sums(do, v, k, entering=dq_entering, reverse=False, rows=q, counts=True,
-                                      entering_counts=counts_entering)
-    else:
-        dq, dq_finals, _ = along(do, v, k, entering=dq_entering, reverse=False)
-    dv, dv_finals, _ = along(k, q, do, entering=reverse_entering, reverse=True)
     dk_entering = None if reverse_entering is None else jnp.swapaxes(reverse_entering, -1, -2)
-    if log_decay_wanted:
-        dk, _, dk_sums = sums(v, do, q, entering=dk_entering, reverse=True, rows=k)
-        parts = dict(w=jnp.sum(dq_sums["state"], axis=0), counts=jnp.sum(dq_sums["counts"], axis=0),
-                     intra=jnp.sum(dq_sums["intra"], axis=0), u=jnp.sum(dk_sums["state"], axis=0))
-    else:
+    within = decays.within_chunks(B, T, chunking.chunk_size) if decays.gated else None
+    along = functools.partial(walk, log_decay=decays.log_decay, chunking=chunking, scale=scale, config=config,
+                              within=within, interpret=interpret)
+    if not (log_decay_wanted or log_gate_wanted):
+        dq, dq_finals, _ = along(do, v, k, entering=dq_entering, reverse=False)
+        dv, dv_finals, _ = along(k, q, do, entering=reverse_entering, reverse=True)
         dk, _, _ = along(v, do, q, entering=dk_entering, reverse=True)
-        parts = None
+        return dq, dk, dv, None, (dq_finals, dv_finals)
+    sums = functools.partial(along, config=dataclasses.replace(config, block_v=config.sums_block_v))
+    counts_entering = (entering_counts(dq_entering, dq_local_counts, decays, chunking, B) if log_decay_wanted
+                       else None)
+    dq, dq_finals, dq_sums = sums(do, v, k, entering=dq_entering, reverse=False, rows=q, counts=log_decay_wanted,
+                                  entering_counts=counts_entering, spanned=log_gate_wanted)
+    dv, dv_finals, _ = along(k, q, do, entering=reverse_entering, reverse=True)
+    dk, _, dk_sums = sums(v, do, q, entering=dk_entering, reverse=True, rows=k)
+    parts = {name: jnp.sum(part, axis=0) for name, part in dq_sums.items()}
+    parts["w"] = parts.pop("state")
+    parts["u"] = jnp.sum(dk_sums["state"], axis=0)
     return dq, dk, dv, parts, (dq_finals, dv_finals)
 
 
@@ -208,9 +218,18 @@ def _split(x, dtype):
     return hi, (x - hi.astype(f32)).astype(dtype)
 
 
+def _split3(x):
+    """Three bfloat16 parts of float32 x (their sum holds x to about 24 bits): float32's accuracy in
+    tensor-core products."""
+    hi = x.astype(jnp.bfloat16)
+    rest = x - hi.astype(f32)
+    mid = rest.astype(jnp.bfloat16)
+    return hi, mid, (rest - mid.astype(f32)).astype(jnp.bfloat16)
+
+
 def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse: bool, scale: float,
          config: MosaicWalkConfig, rows=None, counts: bool = False, entering_counts=None, within=None,
-         interpret=None):
+         spanned: bool = False, interpret=None):
     """(out [B, T, H, Dv] in value's dtype, the state after each piece [B, H, P, Dk, Dv] float32, sums): the
     walk of fleetjax.chunk with these roles, forward or ``reverse`` in time, from the states entering the
     pieces ``entering`` [B, H, P, Dk, Dv] float32 (None: zero; reverse: the state from the positions after the
@@ -225,9 +244,12 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     zero), and sums["counts"] and sums["intra"] (the lag-weighted pairs in the chunk), per value block
     (their sum over blocks is the position's).
 
-    ``within`` [B, H, T] float32 (the gated decay, forward walks only): the log decay summed from each
-    position's chunk start through it (fleetjax.decay.Decays.within_chunks); the walk's factors are then
-    exp of its differences within a chunk (only differences <= 0), and log_decay is not read.
+    ``within`` [B, H, T] float32 (the gated decay): the log decay summed from each position's chunk start
+    through it (fleetjax.decay.Decays.within_chunks); the walk's factors are then exp of its differences
+    within a chunk (only differences <= 0), and log_decay is not read. With ``spanned`` (gated, with
+    ``rows``: the dq walk) also sums["spanned"]: per position r the chunk's pairs j < r <= i of
+    scale (rows_i . value_j)(query_i . key_j) decayed, the intra-chunk part of d log_gate_r
+    (fleetjax.chunk.spanned), its triangle product on three bfloat16 parts of the pairs.
 
     ``interpret``: Mosaic GPU's interpret-mode parameters (CPU tests), which also take the kernel's forms that
     its interpreter lacks: no register layouts, products accumulated after a zeroed accumulator, transposed
@@ -246,12 +268,15 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     tiles = _mma_tiles(dtype, bv)
     exact = rows is not None
     gated = within is not None
-    if gated and (reverse or exact or counts):
-        raise NotImplementedError("the Mosaic walk takes the gated decay in the plain forward walk only")
+    if gated and counts:
+        raise NotImplementedError("the Mosaic walk carries no crossing counts with the gated decay")
+    if spanned and not (gated and exact and not reverse):
+        raise ValueError("spanned= needs the gated decay, rows= and the forward direction (the dq walk)")
     # float16's range: scale the state before it is rounded; bfloat16 keeps float32's, scale the row factors.
     # The exact products always take the scaled state (its lo part then keeps the scale's bits too).
     scale_state = exact or jnp.dtype(dtype) == jnp.dtype(jnp.float16)
-    sums = (["state"] if exact else []) + (["counts", "intra"] if counts else [])
+    sums = (["state"] if exact else []) + (["counts", "intra"] if counts else []) + (["spanned"] if spanned else [])
+    copy_dtypes = {jnp.dtype(dtype)} | ({jnp.dtype(jnp.bfloat16)} if spanned else set())  # interpreter only
 
     def iota(shape, dimension):
         return (lax.broadcasted_iota(jnp.int32, shape, dimension) if interpret is not None
@@ -279,15 +304,17 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
         state_smem, weighted_smem = take(2)
         state_lo_smem, weighted_lo_smem = take(2) if exact else (None, None)
         counts_smem, counts_lo_smem = take(2) if counts else (None, None)
+        part_smems = take(3) if spanned else []
         barrier = take(1)[0]
         transposed_smem = {} if interpret is None else {(C, K): take(1)[0], (C, bv): take(1)[0]}
-        scores_smem = None if interpret is None else take(1)[0]
+        # the interpreter's copies of register operands A, by dtype
+        register_smems = {} if interpret is None else {jnp.dtype(ref.dtype): ref for ref in take(len(copy_dtypes))}
 
         def from_registers(x):  # a wgmma operand A in registers (the interpreter reads operands from refs)
             if interpret is None:
                 return x
-            scores_smem[...] = x
-            return scores_smem
+            register_smems[jnp.dtype(x.dtype)][...] = x
+            return register_smems[jnp.dtype(x.dtype)]
 
         j, bh, piece = lax.axis_index("v"), lax.axis_index("bh"), lax.axis_index("piece")
         b, h = bh // H, bh % H
@@ -321,8 +348,9 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             return pl.run_scoped(body, plgpu.ACC(acc_shape, f32))
 
         def factors(within_smem):
-            """(weights, entering_rows, leaving_rows, carry) of a gated chunk from its ``within`` tile [C]:
-            exp(L_i - L_j) for j <= i, exp(L_i), exp(L_last - L_i), exp(L_last)."""
+            """(weights, entering_rows, leaving_rows, carry) of a gated chunk from its ``within`` tile L [C]:
+            forward exp(L_i - L_j) for j <= i, exp(L_i), exp(L_last - L_i), exp(L_last); in reverse the
+            weights exp(L_j - L_i) for j >= i and the entering and leaving rows swapped."""
             if interpret is None:  # the tile as a column and as a row of the wgmma layout
                 at_rows = plgpu.load(within_smem, (), layout=wg.reduce(1))
                 # Two loads that differ in an attribute: jax 0.11's CSE would merge identical ones (its
@@ -333,9 +361,12 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             last = within_smem[C - 1]
             pair = (laid(lax.broadcast_in_dim(at_rows, (C, C), (0,)))
                     - laid(lax.broadcast_in_dim(at_cols, (C, C), (1,))))
+            pair = -pair if reverse else pair
             by_row = laid(lax.broadcast_in_dim(at_rows, (C, bv), (0,)))
-            return (jnp.where(lag >= 0, jnp.exp(jnp.where(lag >= 0, pair, 0.0)), 0.0),
-                    jnp.exp(by_row) * row_factor, jnp.exp(last - by_row), jnp.exp(last))
+            from_start, to_end = jnp.exp(by_row), jnp.exp(last - by_row)
+            entering_, leaving_ = (to_end, from_start) if reverse else (from_start, to_end)
+            return (jnp.where(lag >= 0, jnp.exp(jnp.where(lag >= 0, pair, 0.0)), 0.0), entering_ * row_factor,
+                    leaving_, jnp.exp(last))
 
         def chunk(_, *smems):
             *tiles_in, carried = smems
@@ -357,9 +388,17 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             plgpu.commit_smem()
 
             scores = product((C, C), (q_smem, k_t(k_smem))) * weights
-            if counts:  # the lag-weighted pairs: (rows_i . value_j) (query_i . key_j) decayed, in float32
+            if counts or spanned:  # the pairs (rows_i . value_j) (query_i . key_j) decayed, in float32
                 pairs = product((C, C), (x_smem, k_t(v_smem))) * scores
+            if counts:
                 sum_smem["intra"][...] = scale * jnp.sum(lags * pairs, axis=1)
+            if spanned:  # sum over i >= r as one product with the triangle [i >= r], then over j < r
+                for part_smem, part in zip(part_smems, _split3(pairs)):
+                    part_smem[...] = part
+                plgpu.commit_smem()
+                triangle = from_registers(jnp.where(pair_cols >= pair_rows, 1.0, 0.0).astype(jnp.bfloat16))
+                from_r = product((C, C), *[(triangle, part_smem) for part_smem in part_smems])
+                sum_smem["spanned"][...] = scale * jnp.sum(jnp.where(pair_cols < pair_rows, from_r, 0.0), axis=1)
             states = [(q_smem, state_smem)] + ([(q_smem, state_lo_smem)] if exact else [])
             inter = product((C, bv), *states) * entering_rows
 
@@ -444,9 +483,12 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     scratch = [state_tile(), weighted_tile()]
     scratch += [state_tile(), weighted_tile()] if exact else []
     scratch += [state_tile(), state_tile()] if counts else []
+    scratch += [plgpu.SMEM((C, C), jnp.bfloat16, transforms=_mma_tiles(jnp.bfloat16, C)) for _ in range(3)] \
+        if spanned else []
     scratch += [plgpu.Barrier()]
     if interpret is not None:
-        scratch += [plgpu.SMEM((K, C), dtype), plgpu.SMEM((bv, C), dtype), plgpu.SMEM((C, C), dtype)]
+        scratch += [plgpu.SMEM((K, C), dtype), plgpu.SMEM((bv, C), dtype)]
+        scratch += [plgpu.SMEM((C, C), d) for d in copy_dtypes]
     call = plgpu.kernel(kernel, out_type=tuple(out_type), grid=(nv, B * H, P), grid_names=("v", "bh", "piece"),
                         scratch_types=scratch, **({} if interpret is None else dict(interpret=interpret)))
     args = (log_decay.astype(f32), query, key, value) + (() if rows is None else (rows,))
