@@ -1,7 +1,7 @@
 """The Mosaic GPU walks (fleetjax.pallas.mosaic): when implementation="pallas" selects them; in Mosaic GPU's
-CPU interpreter the forward walk and the backward's walks (the decay's gradient sums too) against the
-float64 oracle; on an sm_90 GPU the op through them against the oracle, the Triton walks, float16's range,
-non-finite inputs and the gradients."""
+CPU interpreter the forward walk and the backward's walks (the decay's and the gate's gradient sums too)
+against the float64 oracle, and the whole op through them; on an sm_90 GPU the op through them against the
+oracle, the Triton walks, float16's range, non-finite inputs and the gradients."""
 
 from __future__ import annotations
 

@@ -3,12 +3,12 @@ bulk tensor copy engine (TMA) several chunks ahead, the [Dk, block_v] float32 st
 accumulator registers across the chunks.
 
 One kernel, :func:`walk`, is the walk of fleetjax.chunk with any roles, forward or in reverse: the forward
-(q, k, v), with the constant decay or (``MosaicWalkConfig.gated_forward``, off: not yet run on a GPU) the
-gated one, and the backward's dq (dO, v, k), dv (reverse: k, q, dO) and dk (reverse: v, dO, q)
-walks, constant decay. fleetjax.pallas.chunked selects it through ``PallasConfig.mosaic_walks`` (set by the
+(q, k, v), and the backward's dq (dO, v, k), dv (reverse: k, q, dO) and dk (reverse: v, dO, q) walks, with
+the constant decay or (``MosaicWalkConfig.gated_forward``, ``gated_backward``: off, not yet run on a GPU)
+the gated one. fleetjax.pallas.chunked selects it through ``PallasConfig.mosaic_walks`` (set by the
 default config on sm_90 GPUs) for the common case: 16-bit inputs, no segments, finite inputs (the contained
 walks stay Triton's), head dims 64 or 128, no float32-accurate state owed (a returned final state,
-d initial_state: those stay in the Triton walks), no per-token gate. Each (value block, batch*head,
+d initial_state: those stay in the Triton walks). Each (value block, batch*head,
 sequence piece) is one program of one warpgroup; per chunk of C positions, with the state S entering it:
 
     scores = query key^T                  (wgmma, key transposed in shared memory)
@@ -24,7 +24,7 @@ For the decay's gradient (``MosaicWalkConfig.decay_sums``) the dq and dk walks a
 per-position sums with the state's products as hi/lo pairs; the dq walk carries the crossing counts as a
 second state, which enters each sequence piece passed in XLA like the state (:func:`entering_counts`).
 With the gated decay the weights, entering, leaving and carry are exp of differences of the log decay summed
-within the chunk (Decays.within_chunks), each <= 0.
+within the chunk (Decays.within_chunks), each <= 0, and the dq walk also forms the gate's spanned sums.
 
 Everything runs in Mosaic GPU's CPU interpreter too (``interpret=``, the tests), which takes a few forms of
 its own: no register layouts, accumulators summed after zeroed ones, transposed and register operands
@@ -364,9 +364,9 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             pair = -pair if reverse else pair
             by_row = laid(lax.broadcast_in_dim(at_rows, (C, bv), (0,)))
             from_start, to_end = jnp.exp(by_row), jnp.exp(last - by_row)
-            entering_, leaving_ = (to_end, from_start) if reverse else (from_start, to_end)
-            return (jnp.where(lag >= 0, jnp.exp(jnp.where(lag >= 0, pair, 0.0)), 0.0), entering_ * row_factor,
-                    leaving_, jnp.exp(last))
+            enter, leave = (to_end, from_start) if reverse else (from_start, to_end)
+            return (jnp.where(lag >= 0, jnp.exp(jnp.where(lag >= 0, pair, 0.0)), 0.0), enter * row_factor, leave,
+                    jnp.exp(last))
 
         def chunk(_, *smems):
             *tiles_in, carried = smems
