@@ -49,15 +49,22 @@ def dot_exact(a, b, dtype, precision, trans_a: bool = False, parts: int = 2):
     if dtype == f32:
         return dot(a, b, precision, trans_a=trans_a)
     out = None
-    for _ in range(parts):
-        part = b.astype(dtype)
+    for part in split(b, dtype, parts):
         term = dot(a, part, precision, trans_a=trans_a)
         out = term if out is None else out + term
-        b = b - part.astype(f32)
     return out
 
 
-def _decayed(mask, exponent):
+def split(x, dtype, parts: int) -> list:
+    """``parts`` terms in ``dtype`` whose sum holds float32 ``x``: each the rest of x not yet held, rounded."""
+    out = []
+    for _ in range(parts):
+        out.append(x.astype(dtype))
+        x = x - out[-1].astype(f32)
+    return out
+
+
+def decayed(mask, exponent):
     """exp(exponent) where mask, exactly 0 elsewhere; the exponent is masked before exp."""
     return jnp.where(mask, jnp.exp(jnp.where(mask, exponent, 0.0)), 0.0)
 
@@ -138,10 +145,10 @@ def chunk(start, C: int, T: int, log_decay, *, reverse: bool, runs=None, edge_ru
         leave_exponent = L if reverse else (total - L)
     return Chunk(
         start=jnp.asarray(start), valid=valid, pairs=pairs,
-        weights=_decayed(pairs, pair_exponent),
+        weights=decayed(pairs, pair_exponent),
         lag=jnp.where(pairs, lag, 0).astype(f32),
-        enters=enters, entering=_decayed(enters, enter_exponent),
-        leaves=leaves, leaving=_decayed(leaves, leave_exponent),
+        enters=enters, entering=decayed(enters, enter_exponent),
+        leaves=leaves, leaving=decayed(leaves, leave_exponent),
         carries=carries, carry=jnp.where(carries, jnp.exp(total), 0.0), far_run=far_run,
         position=start + i, runs=runs, log_decay=lg)
 
@@ -152,7 +159,7 @@ def exit_decay(ch: Chunk, T: int, last_run=None, to_end=None):
     when the walk has runs, 0 elsewhere."""
     reach = ch.valid if ch.runs is None else ch.valid & (ch.runs == last_run)
     exponent = (T - 1 - ch.position).astype(f32) * ch.log_decay if to_end is None else to_end
-    return _decayed(reach, exponent)
+    return decayed(reach, exponent)
 
 
 def select_rows(ch: Chunk, rows, x):

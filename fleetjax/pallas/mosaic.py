@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from fleetjax.chunk import decayed, split
 from fleetjax.chunking import Chunking
 from fleetjax.decay import Decays
 from fleetjax.pallas.launch import on_gpu
@@ -211,22 +212,6 @@ def _mma_tiles(dtype, columns: int):
     return (plgpu.TilingTransform((8, row // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(row))
 
 
-def _split(x, dtype):
-    """(hi, lo) in ``dtype`` with hi + lo = x to about 16 (bfloat16) or 22 (float16) bits: a float32 operand
-    as two tensor-core products (fleetjax.chunk.dot_exact)."""
-    hi = x.astype(dtype)
-    return hi, (x - hi.astype(f32)).astype(dtype)
-
-
-def _split3(x):
-    """Three bfloat16 parts of float32 x (their sum holds x to about 24 bits): float32's accuracy in
-    tensor-core products."""
-    hi = x.astype(jnp.bfloat16)
-    rest = x - hi.astype(f32)
-    mid = rest.astype(jnp.bfloat16)
-    return hi, mid, (rest - mid.astype(f32)).astype(jnp.bfloat16)
-
-
 def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse: bool, scale: float,
          config: MosaicWalkConfig, rows=None, counts: bool = False, entering_counts=None, within=None,
          spanned: bool = False, interpret=None):
@@ -328,7 +313,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             log_gamma = log_decay_gmem[h]
             row = iota((C, bv), 0).astype(f32)
             enter_lag, leave_lag = (C - 1.0 - row, row + 1.0) if reverse else (row + 1.0, C - 1.0 - row)
-            constant = (jnp.where(lag >= 0, jnp.exp(lags * log_gamma), 0.0),
+            constant = (decayed(lag >= 0, lags * log_gamma),
                         jnp.exp(enter_lag * log_gamma) * row_factor, jnp.exp(leave_lag * log_gamma),
                         jnp.exp(C * log_gamma))
 
@@ -365,8 +350,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             by_row = laid(lax.broadcast_in_dim(at_rows, (C, bv), (0,)))
             from_start, to_end = jnp.exp(by_row), jnp.exp(last - by_row)
             enter, leave = (to_end, from_start) if reverse else (from_start, to_end)
-            return (jnp.where(lag >= 0, jnp.exp(jnp.where(lag >= 0, pair, 0.0)), 0.0), enter * row_factor, leave,
-                    jnp.exp(last))
+            return decayed(lag >= 0, pair), enter * row_factor, leave, jnp.exp(last)
 
         def chunk(_, *smems):
             *tiles_in, carried = smems
@@ -380,11 +364,11 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
 
             held = scale * state if scale_state else state
             if exact:
-                state_smem[...], state_lo_smem[...] = _split(held, dtype)
+                state_smem[...], state_lo_smem[...] = split(held, dtype, 2)
             else:
                 state_smem[...] = held.astype(dtype)
             if counts:
-                counts_smem[...], counts_lo_smem[...] = _split(scale * crossings, dtype)
+                counts_smem[...], counts_lo_smem[...] = split(scale * crossings, dtype, 2)
             plgpu.commit_smem()
 
             scores = product((C, C), (q_smem, k_t(k_smem))) * weights
@@ -393,7 +377,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             if counts:
                 sum_smem["intra"][...] = scale * jnp.sum(lags * pairs, axis=1)
             if spanned:  # sum over i >= r as one product with the triangle [i >= r], then over j < r
-                for part_smem, part in zip(part_smems, _split3(pairs)):
+                for part_smem, part in zip(part_smems, split(pairs, jnp.bfloat16, 3)):
                     part_smem[...] = part
                 plgpu.commit_smem()
                 triangle = from_registers(jnp.where(pair_cols >= pair_rows, 1.0, 0.0).astype(jnp.bfloat16))
@@ -416,7 +400,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                 crossings = carry * (crossings + state)
             weighted = v_smem[...].astype(f32) * leaving_rows + 0.0 * o
             if exact:
-                weighted_smem[...], weighted_lo_smem[...] = _split(weighted, dtype)
+                weighted_smem[...], weighted_lo_smem[...] = split(weighted, dtype, 2)
             else:
                 weighted_smem[...] = weighted.astype(dtype)
             plgpu.commit_smem()
