@@ -44,9 +44,9 @@ def test_supports_only_the_cases_the_kernel_serves():
     assert not _supports(chunking=Chunking(64 * 10, 64, 4))  # pieces of unequal length
     assert not _supports(chunking=Chunking(1024, 32, 1))
     assert not _supports(segments=True)
-    assert not _supports(gated=True)  # the gated forward walk is off by default (MosaicWalkConfig.gated_forward)
-    assert mosaic.supports(mosaic.MosaicWalkConfig(gated_forward=True), dtype=jnp.bfloat16, K=128, V=128,
-                           chunking=Chunking(1024, 64, 4), segments=False, gated=True, exact_state=False)
+    assert _supports(gated=True)
+    assert not mosaic.supports(mosaic.MosaicWalkConfig(gated_forward=False), dtype=jnp.bfloat16, K=128, V=128,
+                               chunking=Chunking(1024, 64, 4), segments=False, gated=True, exact_state=False)
     assert not _supports(exact_state=True)
     assert not mosaic.supports(None, dtype=jnp.bfloat16, K=128, V=128, chunking=Chunking(1024, 64, 1),
                                segments=False, gated=False, exact_state=False)
@@ -156,12 +156,12 @@ def test_gradients_after_it_match_the_oracle():
     assert oracle.rel_err(d_decay, ref["decay"]) < DECAY_GRAD_TOLERANCE["bfloat16"]
 
 
-def test_serves_the_backward_without_a_gate_or_initial_state_gradient():
+def test_serves_the_backward_without_an_initial_state_gradient():
     from fleetjax.vjp import Wanted
     fixed = Wanted(log_decay=False, log_gate=False, initial_state=False)
     args = dict(dtype=jnp.bfloat16, K=128, V=64, chunking=Chunking(1024, 64, 2), segments=False, gated=False,
                 exit_cotangent=False, wanted=fixed)
-    config = mosaic.MosaicWalkConfig(decay_sums=False)
+    config = mosaic.MosaicWalkConfig(decay_sums=False, gated_backward=False)
     assert mosaic.serves_backward(config, **args)
     for change in (dict(wanted=Wanted(log_gate=False, initial_state=False)), dict(wanted=Wanted(log_decay=False,
                    log_gate=False)), dict(exit_cotangent=True), dict(V=256), dict(K=96), dict(segments=True),
@@ -174,10 +174,10 @@ def test_serves_the_backward_without_a_gate_or_initial_state_gradient():
     assert mosaic.serves_backward(sums, **{**args, "wanted": learned})  # the counts pass between the pieces
     assert not mosaic.serves_backward(sums, **{**args, "wanted": learned, "K": 96})
     gate = Wanted(log_decay=False, initial_state=False)
-    assert not mosaic.serves_backward(sums, **{**args, "gated": True, "wanted": gate})  # gated_backward is off
-    gated = mosaic.MosaicWalkConfig(gated_backward=True)
-    assert mosaic.serves_backward(gated, **{**args, "gated": True, "wanted": gate})
-    assert not mosaic.serves_backward(gated, **{**args, "gated": True, "wanted": learned})  # no counts with a gate
+    assert mosaic.serves_backward(sums, **{**args, "gated": True, "wanted": gate})
+    off = mosaic.MosaicWalkConfig(gated_backward=False)
+    assert not mosaic.serves_backward(off, **{**args, "gated": True, "wanted": gate})
+    assert not mosaic.serves_backward(sums, **{**args, "gated": True, "wanted": learned})  # no counts with a gate
 
 
 def _fixed_decay_grads(q, k, v, do, decay, *, mosaic_walks, pieces, start=None):
@@ -388,7 +388,7 @@ def test_the_op_through_the_interpreted_walks_matches_the_oracle(monkeypatch, ga
     do = _inputs(B, T, H, K, V, "bfloat16", seed=4)[2]
     decay = jnp.asarray([0.97, 1.0], jnp.float32)
     log_gate = 0.05 * _log_gate(B, T, H) if gated else None
-    walks = mosaic.MosaicWalkConfig(gated_forward=True, gated_backward=True)
+    walks = mosaic.MosaicWalkConfig()
     config = dataclasses.replace(chunked.default_config(q, v), num_sequence_pieces=pieces,
                                  backward_num_sequence_pieces=pieces, mosaic_walks=walks)
     assert config.chunking(T, True).chunk_size == walks.chunk_size
@@ -430,7 +430,7 @@ def test_the_gated_forward_walk_matches_the_oracle_and_the_triton_walk(pieces):
     log_gate = 0.02 * _log_gate(B, T, H)
     decay = jnp.asarray([0.97, 1.0], jnp.float32)
     outs = {}
-    for walks in (mosaic.MosaicWalkConfig(gated_forward=True), None):
+    for walks in (mosaic.MosaicWalkConfig(), None):
         config = dataclasses.replace(chunked.default_config(q, v), num_sequence_pieces=pieces, mosaic_walks=walks)
         f = jax.jit(lambda q, k, v, g, config=config: fleetjax.fleet_attention(
             q, k, v, decay, log_gate=g, implementation="pallas", config=config))
@@ -450,7 +450,7 @@ def test_the_gated_backward_walks_match_the_oracle_and_the_triton_walks(pieces):
     do = _inputs(B, T, H, K, V, "bfloat16", seed=6)[2]
     log_gate = 0.02 * _log_gate(B, T, H)
     grads = {}
-    for walks in (mosaic.MosaicWalkConfig(gated_forward=True, gated_backward=True), None):
+    for walks in (mosaic.MosaicWalkConfig(), None):
         config = dataclasses.replace(chunked.default_config(q, v), num_sequence_pieces=pieces,
                                      backward_num_sequence_pieces=pieces, mosaic_walks=walks)
         f = lambda q, k, v, g, config=config: fleetjax.fleet_attention(  # noqa: E731
@@ -466,13 +466,13 @@ def test_the_gated_backward_walks_match_the_oracle_and_the_triton_walks(pieces):
 
 
 @hopper
-def test_the_gated_forward_stays_on_the_triton_walk_by_default():
+def test_the_gated_forward_runs_on_the_mosaic_walk_by_default():
     B, T, H, K, V = 1, 1024, 2, 128, 128
     q, k, v = _inputs(B, T, H, K, V, "bfloat16")
     log_gate = 0.02 * _log_gate(B, T, H)
     decay = jnp.asarray([0.97, 1.0], jnp.float32)
     f = jax.jit(lambda q, k, v, g: fleetjax.fleet_attention(q, k, v, decay, log_gate=g, implementation="pallas"))
-    assert f.lower(q, k, v, log_gate).as_text().count("custom_call @mosaic_gpu") == 0
+    assert f.lower(q, k, v, log_gate).as_text().count("custom_call @mosaic_gpu") == 1
     ref, _ = oracle.forward(q, k, v, decay, log_gate=log_gate)
     assert oracle.rel_err(f(q, k, v, log_gate), ref, axis=2) < TOLERANCE["bfloat16"]
 

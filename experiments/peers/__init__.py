@@ -33,7 +33,8 @@ SCAN_MAX_T = 4096
 def forward_impls(*, smoke: bool = False, skip_slow_autotune: bool = False) -> list[Impl]:
     """The forward benchmark's implementations; fla's kernels (their first call per shape autotunes) last."""
     max_head_dim = 128 if skip_slow_autotune else None
-    return [FleetjaxImpl("pallas"), FleetjaxImpl("pallas", walks="triton"), FleetjaxImpl("pallas_fleet"),
+    return [FleetjaxImpl("pallas"), FleetjaxImpl("pallas", walks="triton"),
+            FleetjaxImpl("pallas", walks="triton_gated"), FleetjaxImpl("pallas_fleet"),
             FleetjaxImpl("xla"),
             FleetjaxImpl("scan", max_T=SCAN_MAX_T), SoftmaxImpl(None if smoke else "cudnn"),
             LightningImpl(), EjkernelImpl(), LeetImpl(),
@@ -45,7 +46,8 @@ def backward_impls(*, smoke: bool = False, skip_slow_autotune: bool = False) -> 
     where its own Triton-version guard refuses it, selected by name only). ``fleetjax.pallas.fixed_decay``:
     the same op with the decay not learned, as fla's (no decay gradient)."""
     return [FleetjaxImpl("pallas"), FleetjaxImpl("pallas", learn_decay=False), FleetjaxImpl("pallas", walks="triton"),
-            FleetjaxImpl("pallas", walks="triton_sums"), FleetjaxImpl("pallas", learn_decay=False, walks="triton"),
+            FleetjaxImpl("pallas", walks="triton_sums"), FleetjaxImpl("pallas", walks="triton_gated"),
+            FleetjaxImpl("pallas", learn_decay=False, walks="triton"),
             FleetjaxImpl("pallas_fleet"), FleetjaxImpl("xla"),
             SoftmaxImpl(None if smoke else "cudnn"), LightningImpl(), EjkernelImpl(),
             FlaChunkImpl(max_head_dim=128 if skip_slow_autotune else None),

@@ -3,7 +3,8 @@ fwd_bwd returns the decay gradient too, except as ``fleetjax.<implementation>.fi
 over, as fla's ``g_gamma``: the backward then forms no decay gradient, fleetjax.vjp.Wanted), and with the
 suffix ``.triton`` (by name only) the Pallas op with its Triton walks alone (``PallasConfig.mosaic_walks``
 None: the A/B of the Mosaic GPU walks in one run), with ``.triton_sums`` (by name only) the decay's gradient
-sums on the Triton walks (``MosaicWalkConfig.decay_sums`` False). Gated cases:
+sums on the Triton walks (``MosaicWalkConfig.decay_sums`` False), with ``.triton_gated`` (by name only) the
+gated forward and backward on the Triton walks (``gated_forward`` and ``gated_backward`` False). Gated cases:
 ``fleet_attention(q, k, v, None, log_gate=log_gate, ...)`` (the gate alone, as fla's ``g=``), fwd_bwd with
 the log gate's gradient. What an implementation supports here (whether it is installed, runs compiled or
 only in Pallas interpret mode) is read from its record in ``fleetjax.IMPLEMENTATIONS``."""
@@ -19,6 +20,10 @@ from experiments.inputs import Case
 from experiments.peers.base import Bound, Impl, jax_bound, with_vjp
 
 
+WALKS = {"triton": "no Mosaic GPU walks", "triton_sums": "the decay's gradient sums on the Triton walks",
+         "triton_gated": "the gated forward and backward on the Triton walks"}
+
+
 class FleetjaxImpl(Impl):
     """fleetjax.fleet_attention with one implementation; fwd_bwd includes the decay (gated: log gate)
     gradient."""
@@ -30,8 +35,8 @@ class FleetjaxImpl(Impl):
 
     def __init__(self, implementation: str, max_T: int | None = None, learn_decay: bool = True,
                  walks: str | None = None):
-        if walks not in (None, "triton", "triton_sums"):
-            raise ValueError(f"walks must be None, 'triton' or 'triton_sums', got {walks!r}")
+        if walks is not None and walks not in WALKS:
+            raise ValueError(f"walks must be None or one of {sorted(WALKS)}, got {walks!r}")
         self.implementation = implementation
         self.learn_decay = learn_decay
         self.walks = walks
@@ -97,8 +102,8 @@ def _with_walks(attend, walks: str, q, k, v, decay):
 
 
 def _walks_config(walks: str, q, v):
-    """The default Pallas config with its walks chosen: "triton" (no Mosaic GPU walks) or "triton_sums" (the
-    decay's gradient sums on the Triton walks; as the default where no Mosaic walks serve)."""
+    """The default Pallas config with its walks chosen (:data:`WALKS`); as the default where no Mosaic walks
+    serve."""
     import dataclasses
 
     from fleetjax.pallas import chunked
@@ -108,4 +113,5 @@ def _walks_config(walks: str, q, v):
         return dataclasses.replace(config, mosaic_walks=None)
     if config.mosaic_walks is None:
         return config
-    return dataclasses.replace(config, mosaic_walks=dataclasses.replace(config.mosaic_walks, decay_sums=False))
+    change = dict(decay_sums=False) if walks == "triton_sums" else dict(gated_forward=False, gated_backward=False)
+    return dataclasses.replace(config, mosaic_walks=dataclasses.replace(config.mosaic_walks, **change))
