@@ -5,12 +5,17 @@
 
 Prints the default PallasConfig it runs with (fleetjax.pallas.chunked.default_config: each kernel's tiling
 and the piece counts) and the kernels' wall time per call, so that a profile's counters can be read
-against both.
+against both. Where each call's time goes, kernel by kernel (``--untimed``: the calls alone, no timing loop):
+
+    ncu --metrics gpu__time_duration.sum --csv --clock-control none python -m experiments.profile_pallas \
+        --ops fwd_bwd --calls 3 --untimed > split.csv
+    python -m experiments.profile_pallas --split split.csv     # the last call's kernels, longest first
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 from pathlib import Path
 
@@ -38,7 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gated", action="store_true",
                     help="a per-token log gate (logsigmoid(N(0, 1)) / 16) and no per-head decay, as the gated "
                     "benchmarks")
+    ap.add_argument("--untimed", action="store_true", help="run the calls only (under a profiler)")
+    ap.add_argument("--split", metavar="CSV", help="print the last call's kernels from ncu's --csv output of "
+                    "gpu__time_duration.sum, and exit")
     args = ap.parse_args(argv)
+    if args.split:
+        print_split(args.split)
+        return 0
     rng = np.random.default_rng(0)
     dtype = jnp.dtype(args.dtype)
     B, T, H, K, V = args.B, args.T, args.H, args.K, args.V
@@ -67,8 +78,35 @@ def main(argv: list[str] | None = None) -> int:
         fn, xs = runs[name]
         for _ in range(args.calls):
             jax.block_until_ready(fn(*xs))
+        if args.untimed:
+            continue
         print(name, time_calls(fn, [xs], jax_sync, target_s=0.1).ms, "ms", flush=True)
     return 0
+
+
+def last_call(names: list[str]) -> int:
+    """The number of kernels of one call: the shortest tail that the two before it repeat (compilation
+    launches its own kernels first, so the calls are found from the end)."""
+    for m in range(1, len(names) // 3 + 1):
+        if names[-m:] == names[-2 * m:-m] == names[-3 * m:-2 * m]:
+            return m
+    raise ValueError(f"no call of kernels repeats three times at the end of {len(names)} launches")
+
+
+def print_split(path: str) -> None:
+    """The last call's kernels from ncu's CSV (one row per kernel and metric), each with its time, longest
+    first, and their sum."""
+    with open(path, newline="") as f:
+        lines = [line for line in f if line.startswith('"')]  # ncu's own log lines are not quoted
+    rows = [r for r in csv.DictReader(lines) if r.get("Metric Name") == "gpu__time_duration.sum"]
+    scale = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "ns": 1e-6, "us": 1e-3, "ms": 1.0}
+    kernels = [(r["Kernel Name"], float(r["Metric Value"].replace(",", "")) * scale[r["Metric Unit"]],
+                r["Grid Size"]) for r in rows]
+    m = last_call([name for name, _, _ in kernels])
+    tail = sorted(kernels[-m:], key=lambda kernel: -kernel[1])
+    for name, ms, grid in tail:
+        print(f"{ms:8.4f} ms  grid {grid:>16}  {name[:110]}")
+    print(f"{sum(ms for _, ms, _ in tail):8.4f} ms  in {m} kernels")
 
 
 if __name__ == "__main__":
