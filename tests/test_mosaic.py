@@ -171,13 +171,13 @@ def test_serves_the_backward_without_an_initial_state_gradient():
     sums = mosaic.MosaicWalkConfig()
     assert sums.decay_sums
     assert mosaic.serves_backward(sums, **{**args, "wanted": learned, "chunking": Chunking(1024, 64, 1)})
-    assert mosaic.serves_backward(sums, **{**args, "wanted": learned})  # the counts pass between the pieces
+    assert mosaic.serves_backward(sums, **{**args, "wanted": learned})  # with pieces
     assert not mosaic.serves_backward(sums, **{**args, "wanted": learned, "K": 96})
     gate = Wanted(log_decay=False, initial_state=False)
     assert mosaic.serves_backward(sums, **{**args, "gated": True, "wanted": gate})
     off = mosaic.MosaicWalkConfig(gated_backward=False)
     assert not mosaic.serves_backward(off, **{**args, "gated": True, "wanted": gate})
-    assert not mosaic.serves_backward(sums, **{**args, "gated": True, "wanted": learned})  # no counts with a gate
+    assert not mosaic.serves_backward(sums, **{**args, "gated": True, "wanted": learned})  # not both
 
 
 def _fixed_decay_grads(q, k, v, do, decay, *, mosaic_walks, pieces, start=None):
@@ -308,25 +308,24 @@ def _interpreted_backward(q, k, v, do, decay, start, chunking, *, learned: bool,
     from fleetjax.decay import Decays
     from fleetjax.pallas import forward as fwd
     decays = Decays(jnp.log(jnp.asarray(decay, jnp.float32)), log_gate)
-    counted = learned and log_gate is None
+    constant = learned and log_gate is None
     dq_local = reverse_local = None
     if chunking.pieces > 1:
         common = dict(chunk_size=64, block_v=32, num_warps=4, num_stages=1, precision=None, contain=False,
                       gate=decays.gate_tiles())
         dq_local = fwd.piece_states(v, k, decays.log_decay, None, chunking, reverse=False, all_pieces=False,
-                                    counts=counted, **common)
-        dq_local = dq_local if counted else (dq_local, None)  # (states, their crossing counts)
+                                    **common)
         reverse_local = fwd.piece_states(q, do, decays.log_decay, None, chunking, reverse=True, all_pieces=False,
                                          **common)
     dq, dk, dv, parts, witness = mosaic.backward_walks(
         q, k, v, do, decays, start, chunking, dq_local, reverse_local, scale=scale,
-        config=mosaic.MosaicWalkConfig(), log_decay_wanted=counted, log_gate_wanted=learned and not counted,
+        config=mosaic.MosaicWalkConfig(), log_decay_wanted=constant, log_gate_wanted=learned and not constant,
         interpret=InterpretGPUParams())
     if not learned:
         assert parts is None
         return dq, dk, dv, None, witness
-    if counted:
-        d = vjp.log_decay_grad(parts["w"], parts["u"], parts["counts"], parts["intra"], chunking.chunk_size)
+    if constant:
+        d = vjp.log_decay_grad(parts["w"], parts["u"], parts["intra"], chunking.chunk_size)
     else:
         d = jnp.swapaxes(vjp.log_gate_grad(parts["w"], parts["u"], parts["spanned"], None, chunking.chunk_size), 1, 2)
     return dq, dk, dv, d, witness
@@ -375,7 +374,7 @@ def test_the_gated_backward_walks_in_the_interpreter_match_the_oracle(pieces):
 @pytest.mark.parametrize("gated, pieces", [(False, 2), (True, 1), (True, 2)])
 def test_the_op_through_the_interpreted_walks_matches_the_oracle(monkeypatch, gated, pieces):
     """The Pallas op's forward and backward with every walk it can give Mosaic on Mosaic (in its interpreter):
-    the glue of fleetjax.pallas.chunked (the pieces' states and counts, the gradients' sums) end to end."""
+    the glue of fleetjax.pallas.chunked (the pieces' states, the gradients' sums) end to end."""
     walk, calls = mosaic.walk, []
 
     def interpreted_walk(*args, interpret=None, **kwargs):
@@ -499,3 +498,25 @@ def test_learned_decay_backward_on_mosaic_matches_the_oracle_and_the_triton_walk
         tolerance = DECAY_GRAD_TOLERANCE["bfloat16"] if name == "decay" else TOLERANCE["bfloat16"]
         assert oracle.rel_err(got, ref[name], axis=None if name == "decay" else 2) < tolerance, name
         assert oracle.rel_err(got, triton, axis=None if name == "decay" else 2) < tolerance, name
+
+
+@hopper
+@pytest.mark.parametrize("aligned", [False, True], ids=["random", "aligned"])
+def test_learned_decay_on_mosaic_at_long_T(aligned):
+    """bfloat16 at T = 16384 (256 chunks, 4 sequence pieces): d log decay from the Mosaic walks' sums (the
+    flow across the chunk boundaries) against the float64 recurrence on the same inputs; ``aligned`` (q = k,
+    dO = v) makes every lag-0 pair positive, the case where a difference of absolute-position sums fails."""
+    B, T, H, K, V = 1, 16384, 2, 64, 64
+    q, k, v = _inputs(B, T, H, K, V, "bfloat16", scale_values=K ** -0.5)
+    do = _inputs(B, T, H, K, V, "bfloat16", seed=6)[2]
+    if aligned:
+        k, do = q, v
+    decay = jnp.asarray([0.999, 0.9], jnp.float32)
+    config = dataclasses.replace(chunked.default_config(q, v), backward_num_sequence_pieces=4)
+    f = lambda q, k, v, decay: fleetjax.fleet_attention(q, k, v, decay, implementation="pallas",  # noqa: E731
+                                                        config=config)
+    grad = jax.jit(lambda q, k, v, decay, do: jax.vjp(f, q, k, v, decay)[1](do)[3])
+    assert grad.lower(q, k, v, decay, do).as_text().count("custom_call @mosaic_gpu") >= 3
+    ref = oracle.recurrent(*(np.asarray(x, np.float32) for x in (q, k, v)), decay, do=np.asarray(do, np.float32))
+    err = np.abs(np.asarray(grad(q, k, v, decay, do), np.float64) - ref["log_decay"]) / np.abs(ref["log_decay"])
+    assert np.all(err <= DECAY_GRAD_TOLERANCE["bfloat16"]), f"relative error per head {err}"
