@@ -234,6 +234,12 @@ def update(state, key, value, ch: Chunk, *, dtype, precision, exact: bool, witne
     return carried(ch, state) + new
 
 
+def count_crossings(counts, state, ch: Chunk):
+    """The crossing count handed on (fleetjax.vjp): every term of the state entering the chunk has crossed
+    one more whole chunk, counts <- carry * (counts + state); the chunk's own keys enter with count 0."""
+    return carried(ch, counts + state)
+
+
 def spanned(pair_terms, precision=None):
     """[C]: for each position r, the sum of pair_terms [C, C] (query i, key j, zero off the pairs) over the
     pairs with j < r <= i: the pairs whose decay spans r, the intra-chunk part of d log_gate_r. The sums over

@@ -18,22 +18,19 @@ implementations sum every pair with its own non-negative lag weight instead, in 
 (position t is at index i of its chunk, s at index j of its chunk, m whole chunks lie between them):
 
 - pairs inside a chunk: ``intra`` [B, H, T], per query i, sum_{j <= i} (i - j) A_ij (q_i . k_j)(dO_i . v_j);
-- pairs across chunks have lag (i + 1) + (len_s - 1 - j) + C m, summed as three parts:
+- pairs across chunks have lag (i + 1) + (len_s - 1 - j) + C m, summed as three positive-weighted parts:
   ``w`` = q_t . dq_t^inter (the part of dq from earlier chunks, initial state included) weighted by i + 1;
-  ``u`` = k_s . dk_s^inter (from later chunks) weighted by len_s - 1 - j; and C times the sum over chunks
-  of the pairs that pass over the whole chunk (from before it to after it), which w and u give per chunk
-  (``through``): the flow across a chunk boundary is the sum over the chunks after it of what enters them
-  from earlier chunks less what leaves them for later ones. The initial state's term enters like a pair
-  from before the first chunk, so its lag t + 1 comes out whole as well. The flow is a difference of
-  sums of pairs across chunks only (the lag-0 pairs never enter it), each within one chunk boundary's
-  reach: its rounding is float32's relative to the flow, times the number of chunks at most.
+  ``u`` = k_s . dk_s^inter (from later chunks) weighted by len_s - 1 - j; and ``counts`` = q_t . dq'_t^inter
+  weighted by C, where dq' comes from a second state that counts, for every term of the dq state, the whole
+  chunks it has crossed (the initial state's term crosses all chunks before t, so its lag t + 1 comes out
+  whole as well). Nothing large is subtracted; the rounding of each part is relative to itself.
 - the final state's cotangent dS_T is kept out of every carried reverse state, so it never enters ``u``: its
   terms x_s = gamma^(T-1-s) k_s^T dS_T v_s are summed with their own weight T-1-s (``exit_log_decay_grad``),
   and the term of the carry gamma^T of the entering state with weight T (``carry_term``). The xla
   backward computes them here (``final_state_terms``); the Pallas reverse walks add dS_T's terms to dk and dv
   as their own product and return x. All of them are skipped when the cotangent is a symbolic zero.
 
-implementation="xla" carries the exact derivative of its dq state in log gamma instead of the flow (one
+implementation="xla" carries the exact derivative of its dq state in log gamma instead of the count (one
 more product per chunk, cheap there), which gives the whole across-chunk sum from the dq pass alone.
 """
 
@@ -59,7 +56,8 @@ class Wanted:
     """Which of the decay's inputs and the initial state a backward differentiates: a residual with no arrays
     (its fields are static), taken from the forward's primals (:func:`wanted`). A decay that is not learned,
     the common case (RetNet's fixed decays; ``decay=None`` with a gate), spares the backward the sums of its
-    gradient; with no gate learned either, also the float32-accurate products that only those sums need. No initial state (or a fixed one) spares the
+    gradient, among them the dq walk's second state (the crossing counts); with no gate learned either, also
+    the float32-accurate products that only those sums need. No initial state (or a fixed one) spares the
     float32-accurate update of the reverse state that only its gradient reads."""
 
     log_decay: bool = True
@@ -91,34 +89,16 @@ def only_first_run(d_initial: jax.Array, run_ids: jax.Array | None) -> jax.Array
     return jnp.where((run_ids[:, 0] == 0)[:, None, None, None], d_initial, 0.0)
 
 
-def _chunks(a: jax.Array, chunk_size: int) -> jax.Array:
-    """[B, H, T] -> [B, H, n, chunk_size], zero padded to whole chunks."""
-    B, H, T = a.shape
-    n = -(-T // chunk_size)
-    return jnp.pad(a, ((0, 0), (0, 0), (0, n * chunk_size - T))).reshape(B, H, n, chunk_size)
-
-
-def through(w_chunks: jax.Array, u_chunks: jax.Array) -> jax.Array:
-    """[B, H, n]: per chunk m, the pairs from before it to after it, from w and u by chunk [B, H, n, C] (see
-    the module docstring): the flow across the boundary after m (the sum over later chunks of what enters
-    them less what leaves them) less what leaves m itself."""
-    into, out_of = jnp.sum(w_chunks, axis=-1), jnp.sum(u_chunks, axis=-1)
-    net = into - out_of
-    flow_after = jnp.flip(jnp.cumsum(jnp.flip(net, -1), axis=-1), -1) - net
-    return flow_after - out_of
-
-
-def log_decay_grad(w: jax.Array, u: jax.Array, intra: jax.Array, chunk_size: int) -> jax.Array:
+def log_decay_grad(w: jax.Array, u: jax.Array, counts: jax.Array, intra: jax.Array, chunk_size: int) -> jax.Array:
     """d loss / d log decay [H] of the pairs among positions and of the initial state, from the per-position
-    parts w, u and intra [B, H, T] float32 of chunks of ``chunk_size`` (see the module docstring):
-    sum intra + (i + 1) w + (len - 1 - i) u + C through, with i a position's index in its chunk."""
+    parts w, u, counts and intra [B, H, T] float32 of chunks of ``chunk_size`` (see the module docstring):
+    sum intra + (i + 1) w + (len - 1 - i) u + C counts, with i a position's index in its chunk."""
     T = w.shape[-1]
     t = jnp.arange(T)
     i = t % chunk_size
     length = jnp.minimum(chunk_size, T - (t - i))
-    weighted = intra + (i + 1).astype(f32) * w + (length - 1 - i).astype(f32) * u
-    crossed = through(_chunks(w, chunk_size), _chunks(u, chunk_size))
-    return jnp.sum(weighted, axis=(0, 2)) + float(chunk_size) * jnp.sum(crossed, axis=(0, 2))
+    weighted = intra + (i + 1).astype(f32) * w + (length - 1 - i).astype(f32) * u + float(chunk_size) * counts
+    return jnp.sum(weighted, axis=(0, 2))
 
 
 def log_gate_grad(w: jax.Array, u: jax.Array, spanned: jax.Array, x: jax.Array | None, chunk_size: int) -> jax.Array:
@@ -127,16 +107,23 @@ def log_gate_grad(w: jax.Array, u: jax.Array, spanned: jax.Array, x: jax.Array |
     or None), [B, H, T] float32, of chunks of ``chunk_size``:
 
         spanned_r + sum_{t >= r in r's chunk} w_t + sum_{s < r in r's chunk} u_s + sum_{s < r} x_s
-        + (the pairs from before r's chunk to after it, :func:`through`)
+        + (the pairs from before r's chunk to after it: the flow into the chunk, less what ends in it)
 
     The last part is the only difference of sums (fla forms the whole gradient so); its rounding is relative
     to the flow across one chunk boundary, not to anything absolute in T. The carry of the initial state into
     the final state spans every position: the caller adds it."""
     B, H, T = w.shape
-    w_c, u_c = _chunks(w, chunk_size), _chunks(u, chunk_size)
+    C = chunk_size
+    n = -(-T // C)
+    chunks = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, n * C - T))).reshape(B, H, n, C)  # noqa: E731
+    w_c, u_c = chunks(w), chunks(u)
     from_here = jnp.flip(jnp.cumsum(jnp.flip(w_c, -1), axis=-1), -1)  # sum over t >= r in the chunk
     before_here = jnp.cumsum(u_c, axis=-1) - u_c  # sum over s < r in the chunk
-    d = spanned + (from_here + before_here + through(w_c, u_c)[..., None]).reshape(B, H, -1)[..., :T]
+    into, out_of = jnp.sum(w_c, axis=-1), jnp.sum(u_c, axis=-1)  # [B, H, n]
+    # Pairs across the boundary after chunk m: the flow F_m = sum over later chunks of (into - out_of).
+    flow_after = jnp.flip(jnp.cumsum(jnp.flip(into - out_of, -1), axis=-1), -1) - (into - out_of)
+    through = flow_after - out_of  # pairs from before chunk m to after it
+    d = spanned + (from_here + before_here + through[..., None]).reshape(B, H, n * C)[..., :T]
     if x is not None:
         d = d + jnp.cumsum(x, axis=-1) - x
     return d

@@ -171,16 +171,13 @@ def test_serves_the_backward_without_an_initial_state_gradient():
     sums = mosaic.MosaicWalkConfig()
     assert sums.decay_sums
     assert mosaic.serves_backward(sums, **{**args, "wanted": learned, "chunking": Chunking(1024, 64, 1)})
-    assert mosaic.serves_backward(sums, **{**args, "wanted": learned})  # with pieces
+    assert mosaic.serves_backward(sums, **{**args, "wanted": learned})  # the counts pass between the pieces
     assert not mosaic.serves_backward(sums, **{**args, "wanted": learned, "K": 96})
     gate = Wanted(log_decay=False, initial_state=False)
     assert mosaic.serves_backward(sums, **{**args, "gated": True, "wanted": gate})
     off = mosaic.MosaicWalkConfig(gated_backward=False)
     assert not mosaic.serves_backward(off, **{**args, "gated": True, "wanted": gate})
-    both = Wanted(initial_state=False)
-    assert mosaic.serves_backward(sums, **{**args, "gated": True, "wanted": both})
-    assert not mosaic.serves_backward(dataclasses.replace(sums, decay_sums=False),
-                                      **{**args, "gated": True, "wanted": both})
+    assert not mosaic.serves_backward(sums, **{**args, "gated": True, "wanted": learned})  # no counts with a gate
 
 
 def _fixed_decay_grads(q, k, v, do, decay, *, mosaic_walks, pieces, start=None):
@@ -311,24 +308,25 @@ def _interpreted_backward(q, k, v, do, decay, start, chunking, *, learned: bool,
     from fleetjax.decay import Decays
     from fleetjax.pallas import forward as fwd
     decays = Decays(jnp.log(jnp.asarray(decay, jnp.float32)), log_gate)
-    constant = learned and log_gate is None
+    counted = learned and log_gate is None
     dq_local = reverse_local = None
     if chunking.pieces > 1:
         common = dict(chunk_size=64, block_v=32, num_warps=4, num_stages=1, precision=None, contain=False,
                       gate=decays.gate_tiles())
         dq_local = fwd.piece_states(v, k, decays.log_decay, None, chunking, reverse=False, all_pieces=False,
-                                    **common)
+                                    counts=counted, **common)
+        dq_local = dq_local if counted else (dq_local, None)  # (states, their crossing counts)
         reverse_local = fwd.piece_states(q, do, decays.log_decay, None, chunking, reverse=True, all_pieces=False,
                                          **common)
     dq, dk, dv, parts, witness = mosaic.backward_walks(
         q, k, v, do, decays, start, chunking, dq_local, reverse_local, scale=scale,
-        config=mosaic.MosaicWalkConfig(), log_decay_wanted=constant, log_gate_wanted=learned and not constant,
+        config=mosaic.MosaicWalkConfig(), log_decay_wanted=counted, log_gate_wanted=learned and not counted,
         interpret=InterpretGPUParams())
     if not learned:
         assert parts is None
         return dq, dk, dv, None, witness
-    if constant:
-        d = vjp.log_decay_grad(parts["w"], parts["u"], parts["intra"], chunking.chunk_size)
+    if counted:
+        d = vjp.log_decay_grad(parts["w"], parts["u"], parts["counts"], parts["intra"], chunking.chunk_size)
     else:
         d = jnp.swapaxes(vjp.log_gate_grad(parts["w"], parts["u"], parts["spanned"], None, chunking.chunk_size), 1, 2)
     return dq, dk, dv, d, witness
@@ -374,10 +372,10 @@ def test_the_gated_backward_walks_in_the_interpreter_match_the_oracle(pieces):
 
 
 @interpreted
-@pytest.mark.parametrize("learned, pieces", [("decay", 2), ("gate", 1), ("gate", 2), ("both", 2)])
-def test_the_op_through_the_interpreted_walks_matches_the_oracle(monkeypatch, learned, pieces):
+@pytest.mark.parametrize("gated, pieces", [(False, 2), (True, 1), (True, 2)])
+def test_the_op_through_the_interpreted_walks_matches_the_oracle(monkeypatch, gated, pieces):
     """The Pallas op's forward and backward with every walk it can give Mosaic on Mosaic (in its interpreter):
-    the glue of fleetjax.pallas.chunked (the pieces' states, the gradients' sums) end to end."""
+    the glue of fleetjax.pallas.chunked (the pieces' states and counts, the gradients' sums) end to end."""
     walk, calls = mosaic.walk, []
 
     def interpreted_walk(*args, interpret=None, **kwargs):
@@ -389,21 +387,16 @@ def test_the_op_through_the_interpreted_walks_matches_the_oracle(monkeypatch, le
     q, k, v = _inputs(B, T, H, K, V, "bfloat16")
     do = _inputs(B, T, H, K, V, "bfloat16", seed=4)[2]
     decay = jnp.asarray([0.97, 1.0], jnp.float32)
-    log_gate = 0.05 * _log_gate(B, T, H) if learned != "decay" else None
+    log_gate = 0.05 * _log_gate(B, T, H) if gated else None
     walks = mosaic.MosaicWalkConfig()
     config = dataclasses.replace(chunked.default_config(q, v), num_sequence_pieces=pieces,
                                  backward_num_sequence_pieces=pieces, mosaic_walks=walks)
     assert config.chunking(T, True).chunk_size == walks.chunk_size
-    if learned == "gate":  # the gate alone, as GLA's: its gradient, not the per-head decay's
+    if gated:  # the gate alone, as GLA's: its gradient, not the per-head decay's
         f = lambda q, k, v, g: fleetjax.fleet_attention(q, k, v, None, log_gate=g, implementation="pallas",  # noqa: E731
                                                         config=config)
         o, pullback = jax.vjp(f, q, k, v, log_gate)
         ref_decay, names = jnp.ones((H,), jnp.float32), ("q", "k", "v", "log_gate")
-    elif learned == "both":  # the gate on top of a learned per-head decay, as fleetjax's gated layers
-        f = lambda q, k, v, decay, g: fleetjax.fleet_attention(  # noqa: E731
-            q, k, v, decay, log_gate=g, implementation="pallas", config=config)
-        o, pullback = jax.vjp(f, q, k, v, decay, log_gate)
-        ref_decay, names = decay, ("q", "k", "v", "decay", "log_gate")
     else:
         f = lambda q, k, v, decay: fleetjax.fleet_attention(q, k, v, decay, implementation="pallas",  # noqa: E731
                                                             config=config)
@@ -450,34 +443,24 @@ def test_the_gated_forward_walk_matches_the_oracle_and_the_triton_walk(pieces):
 
 
 @hopper
-@pytest.mark.parametrize("pieces, with_decay", [(1, False), (4, False), (4, True)])
-def test_the_gated_backward_walks_match_the_oracle_and_the_triton_walks(pieces, with_decay):
-    """The gate alone, and (``with_decay``) on top of a learned per-head decay."""
+@pytest.mark.parametrize("pieces", [1, 4])
+def test_the_gated_backward_walks_match_the_oracle_and_the_triton_walks(pieces):
     B, T, H, K, V = 2, 1024, 2, 128, 128
     q, k, v = _inputs(B, T, H, K, V, "bfloat16")
     do = _inputs(B, T, H, K, V, "bfloat16", seed=6)[2]
     log_gate = 0.02 * _log_gate(B, T, H)
-    decay = jnp.asarray([0.97, 0.999], jnp.float32)
     grads = {}
     for walks in (mosaic.MosaicWalkConfig(), None):
         config = dataclasses.replace(chunked.default_config(q, v), num_sequence_pieces=pieces,
                                      backward_num_sequence_pieces=pieces, mosaic_walks=walks)
-        if with_decay:
-            f = lambda q, k, v, d, g, config=config: fleetjax.fleet_attention(  # noqa: E731
-                q, k, v, d, log_gate=g, implementation="pallas", config=config)
-            _, pullback = jax.vjp(jax.jit(f), q, k, v, decay, log_gate)
-        else:
-            f = lambda q, k, v, g, config=config: fleetjax.fleet_attention(  # noqa: E731
-                q, k, v, None, log_gate=g, implementation="pallas", config=config)
-            _, pullback = jax.vjp(jax.jit(f), q, k, v, log_gate)
-        if walks is not None:
-            assert jax.jit(pullback).lower(do).as_text().count("custom_call @mosaic_gpu") >= 3
+        f = lambda q, k, v, g, config=config: fleetjax.fleet_attention(  # noqa: E731
+            q, k, v, None, log_gate=g, implementation="pallas", config=config)
+        _, pullback = jax.vjp(jax.jit(f), q, k, v, log_gate)
         grads[walks is not None] = jax.jit(pullback)(do)
-    ref = oracle.gradients(q, k, v, decay if with_decay else jnp.ones((H,), jnp.float32), do=do, log_gate=log_gate)
-    names = ("q", "k", "v") + (("decay",) if with_decay else ()) + ("log_gate",)
-    for got, triton, name in zip(grads[True], grads[False], names):
-        tolerance = TOLERANCE["bfloat16"] if name in "qkv" else DECAY_GRAD_TOLERANCE["bfloat16"]
-        axis = 2 if name in "qkv" else None
+    ref = oracle.gradients(q, k, v, jnp.ones((H,), jnp.float32), do=do, log_gate=log_gate)
+    for got, triton, name in zip(grads[True], grads[False], ("q", "k", "v", "log_gate")):
+        tolerance = DECAY_GRAD_TOLERANCE["bfloat16"] if name == "log_gate" else TOLERANCE["bfloat16"]
+        axis = None if name == "log_gate" else 2
         assert oracle.rel_err(got, ref[name], axis=axis) < tolerance, name
         assert oracle.rel_err(got, triton, axis=axis) < tolerance, name
 
@@ -521,8 +504,8 @@ def test_learned_decay_backward_on_mosaic_matches_the_oracle_and_the_triton_walk
 @hopper
 @pytest.mark.parametrize("aligned", [False, True], ids=["random", "aligned"])
 def test_learned_decay_on_mosaic_at_long_T(aligned):
-    """bfloat16 at T = 16384 (256 chunks, 4 sequence pieces): d log decay from the Mosaic walks' sums (the
-    flow across the chunk boundaries) against the float64 recurrence on the same inputs; ``aligned`` (q = k,
+    """bfloat16 at T = 16384 (256 chunks, 4 sequence pieces, the crossing counts passed between them): d log
+    decay from the Mosaic walks' sums against the float64 recurrence on the same inputs; ``aligned`` (q = k,
     dO = v) makes every lag-0 pair positive, the case where a difference of absolute-position sums fails."""
     B, T, H, K, V = 1, 16384, 2, 64, 64
     q, k, v = _inputs(B, T, H, K, V, "bfloat16", scale_values=K ** -0.5)

@@ -176,15 +176,15 @@ def _kernel_outputs(jaxpr) -> dict[str, int]:
             if eqn.primitive.name == "pallas_call"}
 
 
-# (gated, which arguments are differentiated) -> outputs of the dq walk (dq, intra[, w][, spanned]) and of the
-# dk walk (dk[, u]).
+# (gated, which arguments are differentiated) -> outputs of the dq walk (dq, intra[, w][, counts][, spanned])
+# and of the dk walk (dk[, u]).
 @pytest.mark.parametrize("gated, argnums, dq_outputs, dk_outputs", [
-    (False, (0, 1, 2), 2, 1), (False, (0, 1, 2, 3), 3, 2),
-    (True, (0, 1, 2), 2, 1), (True, (0, 1, 2, 4), 4, 2), (True, (0, 1, 2, 3, 4), 4, 2)])
+    (False, (0, 1, 2), 2, 1), (False, (0, 1, 2, 3), 4, 2),
+    (True, (0, 1, 2), 2, 1), (True, (0, 1, 2, 4), 4, 2), (True, (0, 1, 2, 3, 4), 5, 2)])
 @pytest.mark.parametrize("implementation", ["pallas", "pallas_fleet"])
 def test_the_backward_forms_only_the_wanted_decay_gradients(implementation, gated, argnums, dq_outputs, dk_outputs):
-    """A fixed decay (or gate) spares the walks its gradient's per-position sums: the dq walk's w (and its
-    float32-accurate products), the dk walk's u, the gated dq walk's spanned sums."""
+    """A fixed decay (or gate) spares the walks its gradient's per-position sums: the dq walk's w and crossing
+    counts (and its second state), the dk walk's u, the gated dq walk's spanned sums."""
     B, T, H, K = 1, 16, 2, 8
     q = jnp.ones((B, T, H, K), jnp.float32)
     gate = jnp.full((B, T, H), -0.1) if gated else None

@@ -520,7 +520,7 @@ def test_grouped_local_state_equals_one_product(with_runs):
 @pytest.mark.parametrize("check_vma", [True, False])
 def test_sequence_parallel_backward_with_a_fixed_decay(check_vma):
     """A fixed decay and gate under sequence parallelism: the block's custom VJP forms no decay gradient (its
-    walks form no w or u sums), the final state's cotangent is a symbolic zero (not returned), and dq,
+    dq walk has no crossing counts), the final state's cotangent is a symbolic zero (not returned), and dq,
     dk, dv equal the plain call's."""
     import jax
     import jax.numpy as jnp

@@ -4,7 +4,8 @@
 dq walk, forward in time: query=dO, key=v, value=k (state [V, K block]), entered with S0^T:
     dq_t = scale sum_{s <= t} gamma^(t-s) (dO_t . v_s) k_s + scale gamma^(t+1) S0 dO_t
   It also returns, per value block (summed after in a fixed order), the parts of the decay gradient that
-  fleetjax.vjp needs: w_t = q_t . dq_t^inter (the state's part) and intra_t = scale sum_{s <= t in the
+  fleetjax.vjp needs: w_t = q_t . dq_t^inter (the state's part), counts_t (the same through a second state
+  that counts the whole chunks each term of the first has crossed) and intra_t = scale sum_{s <= t in the
   chunk} (t - s) gamma^(t-s) (q_t . k_s)(dO_t . v_s).
 dv walk, reverse in time: query=k, key=q, value=dO (state [K, V block]):
     dv_s = scale sum_{t >= s} gamma^(t-s) (q_t . k_s) dO_t;
@@ -43,13 +44,14 @@ def _entered(state, local_ref, link_ref, piece_log_ref, *, piece, chunking, reve
                        local_ref=local_ref, link_ref=link_ref, piece_log_ref=piece_log_ref)
 
 
-def dq_kernel(*, log_decay_ref, do_ref, v_ref, k_ref, q_ref, dq_ref, intra_ref, w_ref=None,
-              start_ref=None, local_ref=None, link_ref=None, run_ref=None, edge_ref=None,
+def dq_kernel(*, log_decay_ref, do_ref, v_ref, k_ref, q_ref, dq_ref, intra_ref, w_ref=None, counts_ref=None,
+              start_ref=None, local_ref=None, local_counts_ref=None, link_ref=None, run_ref=None, edge_ref=None,
               gate_ref=None, piece_log_ref=None, spanned_ref=None, chunking: Chunking, K: int, V: int, block: int,
               scale: float, contain: bool, exact: bool, precision):
     """One (K block, batch*head, piece) program of the dq walk. Refs: do, v [T, V]; k, q, dq [T, block];
-    start [V, block] (S0^T); local [P-1, V, block], link [P]; run [T], edge [1]; intra, w [T] (w: None when
-    the decay's gradient is not wanted). Gated: gate [T], piece_log [P], and spanned [T]: per position r, the chunk's pairs i >= r > j
+    start [V, block] (S0^T); local, local_counts [P-1, V, block], link [P]; run [T], edge [1]; intra, w,
+    counts [T] (w, counts: None when the decay's gradient is not wanted; the counts' state is then not
+    carried). Gated: gate [T], piece_log [P], and spanned [T]: per position r, the chunk's pairs i >= r > j
     (the intra-chunk part of d log_gate_r, fleetjax.vjp). ``exact``: the state's products keep float32's
     accuracy (they feed w)."""
     j, piece = program_id(0, log_decay_ref), program_id(2, log_decay_ref)
@@ -57,28 +59,40 @@ def dq_kernel(*, log_decay_ref, do_ref, v_ref, k_ref, q_ref, dq_ref, intra_ref, 
     v_cols, k_cols = columns(v_ref, V), columns(k_ref, K, block, j)
     dtype = v_ref.dtype
     state = start_ref[...] if start_ref is not None else jnp.zeros((v_ref.shape[-1], block), f32)
-    state = _entered(state, local_ref, link_ref, piece_log_ref, piece=piece, chunking=chunking, reverse=False,
-                     log_decay=log_decay)
+    counts = None if counts_ref is None else jnp.zeros_like(state)
+    if local_ref is not None:
+        entered = enter_piece(state, piece=piece, chunking=chunking, reverse=False, log_decay=log_decay,
+                              local_ref=local_ref, link_ref=link_ref, counts=counts,
+                              local_counts_ref=local_counts_ref, piece_log_ref=piece_log_ref)
+        state, counts = entered if counts is not None else (entered, None)
 
-    def body(ch: cm.Chunk, state):
+    def body(ch: cm.Chunk, carry):
+        state, counts = carry
         do, v = load_rows(do_ref, ch, v_cols), load_rows(v_ref, ch, v_cols)
         k = cm.finite_values(load_rows(k_ref, ch, k_cols), contain)
         q = load_rows(q_ref, ch, k_cols)
         scores = cm.scores(do, v, ch, precision, contain)
         dq, inter = cm.output(do, scores, k, state, ch, scale=scale, dtype=dtype, precision=precision, exact=exact)
+        if counts is not None:
+            counted = cm.dot_exact(do, scale * counts, dtype, precision)
+            counted = cm.select_rows(ch, ch.enters, counted * ch.entering[:, None])
         # This block's share of (q_i . k_j), times the pair's weighted (dO_i . v_j), weighted by the lag.
         pair = cm.dot(q, k, precision, trans_b=True) * scores
         intra = scale * jnp.sum(ch.lag * pair, axis=1)
         if spanned_ref is not None:
             store_positions(spanned_ref, ch, scale * cm.spanned(pair))
+        if counts is not None:
+            counts = cm.count_crossings(counts, state, ch)
         state = cm.update(state, v, k, ch, dtype=dtype, precision=precision, exact=exact)
         store_rows(dq_ref, ch, dq, k_cols)
         if w_ref is not None:
             store_positions(w_ref, ch, jnp.sum(inter * q.astype(f32), axis=1))
+        if counts is not None:
+            store_positions(counts_ref, ch, jnp.sum(counted * q.astype(f32), axis=1))
         store_positions(intra_ref, ch, intra)
-        return state
+        return state, counts
 
-    walk(body, state, piece=piece, chunking=chunking, reverse=False, log_decay=log_decay,
+    walk(body, (state, counts), piece=piece, chunking=chunking, reverse=False, log_decay=log_decay,
          run_ref=run_ref, edge_ref=edge_ref, gate_ref=gate_ref)
 
 
@@ -163,8 +177,8 @@ def dk_kernel(*, log_decay_ref, v_ref, do_ref, q_ref, k_ref, dk_ref, u_ref=None,
 # ------------------------------------------------------------------------------------------------ launches
 
 def _common(query_key_dim: int, value_dim: int, block: int, H: int, chunking: Chunking, run_ids, reverse: bool,
-            local, gate=None, piece_log=None):
-    """Specs and the inputs every walk shares: pieces, links, runs, the gate."""
+            local, local_counts=None, gate=None, piece_log=None):
+    """Specs and the inputs every walk shares: pieces (and their crossing counts), links, runs, the gate."""
     kp = padded(query_key_dim)
     bv, nv = value_blocks(value_dim, block)
     s = Specs(H, chunking, kp, bv)
@@ -172,6 +186,8 @@ def _common(query_key_dim: int, value_dim: int, block: int, H: int, chunking: Ch
     links = piece_links(run_ids, chunking, reverse) if P > 1 else None
     inputs = dict(
         local_ref=None if P == 1 else (pad_state(local, kp, nv * bv), s.piece_states(P - 1)),
+        local_counts_ref=None if P == 1 or local_counts is None else (pad_state(local_counts, kp, nv * bv),
+                                                                      s.piece_states(P - 1)),
         link_ref=None if links is None else (links, s.row(P)),
         run_ref=None if run_ids is None else (run_ids, s.runs()),
         edge_ref=None if run_ids is None else (piece_edges(run_ids, chunking, reverse)[0], s.edge()),
@@ -198,13 +214,16 @@ def _summed(out: dict, name: str):
 def dq_walk(q, k, v, do, log_decay, start, run_ids, chunking: Chunking, *, scale: float, contain: bool, local,
             block_v: int, num_warps: int, num_stages: int, precision, gate=None, piece_log=None,
             wanted: Wanted = Wanted()):
-    """(dq [B, T, H, K] in q's dtype, w, intra, spanned [B, H, T] float32). start: S0 [B, H, K, V] or None;
-    local: the pieces' local states or None; gate [B, H, T], piece_log [B, H, P]: the gated decay. What the
-    decay's gradient needs comes as ``wanted`` asks, else None: spanned for the gate's (gated only), w for
-    either; intra always (the caller's witness of non-finite inputs)."""
+    """(dq [B, T, H, K] in q's dtype, w, counts, intra, spanned [B, H, T] float32). start: S0 [B, H, K, V] or
+    None; local: (the pieces' local states, their crossing counts or None) or None; gate [B, H, T],
+    piece_log [B, H, P]: the gated decay. What the decay's gradient needs comes as ``wanted`` asks, else
+    None: counts for the log decay's, spanned for the gate's (gated only), w for either; intra always (the
+    caller's witness of non-finite inputs)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    s, kp, bk, nk, inputs = _common(V, K, block_v, H, chunking, run_ids, False, local, gate, piece_log)
+    local, local_counts = (None, None) if local is None else local
+    s, kp, bk, nk, inputs = _common(V, K, block_v, H, chunking, run_ids, False, local, local_counts, gate,
+                                    piece_log)
     if start is not None:
         inputs["start_ref"] = (pad_state(jnp.swapaxes(start, -1, -2), kp, nk * bk), s.state())
     kernel = functools.partial(dq_kernel, chunking=chunking, K=K, V=V, block=bk, scale=scale, contain=contain,
@@ -215,9 +234,11 @@ def dq_walk(q, k, v, do, log_decay, start, run_ids, chunking: Chunking, *, scale
                            k_ref=(k, s.values()), q_ref=(q, s.values()), **inputs),
                outputs=dict(dq_ref=(((B, T, H, K), q.dtype), s.values()), intra_ref=per_position,
                             w_ref=per_position if wanted.any else None,
+                            counts_ref=per_position if wanted.log_decay else None,
                             spanned_ref=per_position if gate is not None and wanted.log_gate else None),
                num_warps=num_warps, num_stages=num_stages)
-    return out["dq_ref"], _summed(out, "w_ref"), _summed(out, "intra_ref"), _summed(out, "spanned_ref")
+    return (out["dq_ref"], _summed(out, "w_ref"), _summed(out, "counts_ref"), _summed(out, "intra_ref"),
+            _summed(out, "spanned_ref"))
 
 
 def dv_walk(q, k, do, log_decay, exit_state, run_ids, chunking: Chunking, *, scale: float, contain: bool, local,
@@ -227,7 +248,7 @@ def dv_walk(q, k, do, log_decay, exit_state, run_ids, chunking: Chunking, *, sca
     None unless ``start_wanted``). exit_state: dS_T [B, H, K, V] or None."""
     B, T, H, K = q.shape
     V = do.shape[-1]
-    s, kp, bv, nv, inputs = _common(K, V, block_v, H, chunking, run_ids, True, local, gate, piece_log)
+    s, kp, bv, nv, inputs = _common(K, V, block_v, H, chunking, run_ids, True, local, None, gate, piece_log)
     inputs.update(_exit_inputs(exit_state, run_ids, s, kp, nv * bv, to_end=to_end))
     kernel = functools.partial(dv_kernel, chunking=chunking, K=K, V=V, block=bv, scale=scale, contain=contain,
                                precision=precision)
@@ -250,7 +271,7 @@ def dk_walk(q, k, v, do, log_decay, exit_state, run_ids, chunking: Chunking, *, 
     B, T, H, K = q.shape
     V = v.shape[-1]
     local = None if local is None else jnp.swapaxes(local, -1, -2)
-    s, kp, bk, nk, inputs = _common(V, K, block_v, H, chunking, run_ids, True, local, gate, piece_log)
+    s, kp, bk, nk, inputs = _common(V, K, block_v, H, chunking, run_ids, True, local, None, gate, piece_log)
     exit_t = None if exit_state is None else jnp.swapaxes(exit_state, -1, -2)
     inputs.update(_exit_inputs(exit_t, run_ids, s, kp, nk * bk, to_end=to_end))
     kernel = functools.partial(dk_kernel, chunking=chunking, K=K, V=V, block=bk, scale=scale, contain=contain,

@@ -435,7 +435,9 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
         dq_local, reverse_local = None, reuse
         if chunking.pieces > 1:
             dq_local = fwd.piece_states(v, k, decays.log_decay, run_ids, chunking, reverse=False, all_pieces=False,
-                                        contain=contain, gate=decays.gate_tiles(), **config.piece_launch("dq", q.dtype))
+                                        counts=wanted.log_decay, contain=contain, gate=decays.gate_tiles(),
+                                        **config.piece_launch("dq", q.dtype))
+            dq_local = dq_local if wanted.log_decay else (dq_local, None)
             if reverse_local is None:  # float32-accurate where d start or the dk walk's sums read them
                 reverse_local = fwd.piece_states(q, do, decays.log_decay, run_ids, chunking, reverse=True,
                                                  all_pieces=False, contain=contain, gate=decays.gate_tiles(),
@@ -448,11 +450,12 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
                 log_gate_wanted=wanted.log_gate)
             d_log_decay = d_gate = None
             if wanted.log_decay:
-                d_log_decay = vjp.log_decay_grad(parts["w"], parts["u"], parts["intra"], chunking.chunk_size)
+                d_log_decay = vjp.log_decay_grad(parts["w"], parts["u"], parts["counts"], parts["intra"],
+                                                 chunking.chunk_size)
             if wanted.log_gate:
                 d_gate = vjp.log_gate_grad(parts["w"], parts["u"], parts["spanned"], None, chunking.chunk_size)
             return (dq, dk, dv, d_log_decay, d_gate, None), witness
-        dq, w, intra, spanned = bwd.dq_walk(q, k, v, do, decays.log_decay, start, run_ids, chunking,
+        dq, w, counts, intra, spanned = bwd.dq_walk(q, k, v, do, decays.log_decay, start, run_ids, chunking,
                                                     contain=contain, local=dq_local, wanted=wanted, **common,
                                                     **config.launch("dq", q.dtype))
         dv, reverse_state = bwd.dv_walk(q, k, do, decays.log_decay, exit_cotangent, run_ids, chunking,
@@ -464,7 +467,7 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
         d_start = None if reverse_state is None else vjp.only_first_run(scale * reverse_state, run_ids)
         d_log_decay = d_gate = None
         if wanted.log_decay:
-            d_log_decay = vjp.log_decay_grad(w, u, intra, chunking.chunk_size)
+            d_log_decay = vjp.log_decay_grad(w, u, counts, intra, chunking.chunk_size)
             if x is not None:
                 d_log_decay = d_log_decay + vjp.exit_log_decay_grad(x)
         if wanted.log_gate:

@@ -57,37 +57,47 @@ def forward_kernel(*, log_decay_ref, q_ref, k_ref, v_ref, o_ref, final_ref, star
                           run_ref=run_ref, edge_ref=edge_ref, gate_ref=gate_ref)
 
 
-def piece_states_kernel(*, log_decay_ref, k_ref, v_ref, final_ref, run_ref=None, edge_ref=None,
+def piece_states_kernel(*, log_decay_ref, k_ref, v_ref, final_ref, counts_ref=None, run_ref=None, edge_ref=None,
                         gate_ref=None, chunking: Chunking, K: int, V: int, block_v: int, reverse: bool,
                         piece_offset: int, contain: bool, exact: bool, precision):
     """One (value block, batch*head, piece) program: the piece's state from a zero one (``exact``:
     float32-accurate with 16-bit inputs, for a final state or a gradient's sums it enters). Refs: k [T, K];
-    v [T, block_v]; run [T], edge [1]; final [K, block_v]."""
+    v [T, block_v]; run [T], edge [1]; final [K, block_v]; counts [K, block_v]: the state's crossing counts
+    (fleetjax.vjp), for the dq walk."""
     j, piece = program_id(0, log_decay_ref), program_id(2, log_decay_ref) + piece_offset
     log_decay = log_decay_ref[0]
     k_cols, v_cols = columns(k_ref, K), columns(v_ref, V, block_v, j)
     dtype = k_ref.dtype
 
-    def body(ch: cm.Chunk, state):
+    def body(ch: cm.Chunk, carry):
+        state, counts = carry
         k = load_rows(k_ref, ch, k_cols)
         v = cm.finite_values(load_rows(v_ref, ch, v_cols), contain)
-        return cm.update(state, k, v, ch, dtype=dtype, precision=precision, exact=exact)
+        if counts is not None:
+            counts = cm.count_crossings(counts, state, ch)
+        state = cm.update(state, k, v, ch, dtype=dtype, precision=precision, exact=exact)
+        return state, counts
 
-    final_ref[...] = walk(body, jnp.zeros(final_ref.shape, f32), piece=piece, chunking=chunking,
-                          reverse=reverse, log_decay=log_decay, run_ref=run_ref, edge_ref=edge_ref,
-                          gate_ref=gate_ref)
+    zero = jnp.zeros(final_ref.shape, f32)
+    final_ref[...], counts = walk(body, (zero, None if counts_ref is None else zero), piece=piece,
+                                  chunking=chunking, reverse=reverse, log_decay=log_decay, run_ref=run_ref,
+                                  edge_ref=edge_ref, gate_ref=gate_ref)
+    if counts_ref is not None:
+        counts_ref[...] = counts
 
 
 # ------------------------------------------------------------------------------------------------ launches
 
 def piece_states(key, value, log_decay, run_ids, chunking: Chunking, *, reverse: bool, all_pieces: bool,
                  chunk_size: int, block_v: int, num_warps: int, num_stages: int, precision, contain: bool,
-                 exact: bool = True, gate=None):
+                 exact: bool = True, counts: bool = False, gate=None):
     """The local states [B, H, n, K, V] float32 of the pieces that have a successor in the walk (forward:
     0..P-2; reverse: 1..P-1), or of all P pieces with ``all_pieces``. Each
     piece is walked from a zero state with its keys ``key`` [B, T, H, K] and values ``value`` [B, T, H, V], in
-    chunks of ``chunk_size`` where those tile the pieces (else the walk's). gate: the log gate [B, H, T]
-    (None: constant)."""
+    chunks of ``chunk_size`` where those tile the pieces (else the walk's). With ``counts`` the states come as
+    (states, their crossing counts) in the walk's chunks. gate: the log gate [B, H, T] (None: constant)."""
+    if counts:
+        chunk_size = chunking.chunk_size  # counts are of the walk's own chunks
     B, T, H, K = key.shape
     V = value.shape[-1]
     chunking = chunking.with_chunk_size(chunk_size)
@@ -103,9 +113,13 @@ def piece_states(key, value, log_decay, run_ids, chunking: Chunking, *, reverse:
                            run_ref=None if run_ids is None else (run_ids, s.runs()),
                            edge_ref=None if run_ids is None else (edge, s.edge()),
                            gate_ref=None if gate is None else (gate, s.positions())),
-               outputs=dict(final_ref=(((B, H, launched, kp, nv * bv), f32), s.piece_state())),
+               outputs=dict(final_ref=(((B, H, launched, kp, nv * bv), f32), s.piece_state()),
+                            counts_ref=(((B, H, launched, kp, nv * bv), f32), s.piece_state()) if counts else None),
                num_warps=num_warps, num_stages=num_stages)
-    return out["final_ref"][..., :K, :V]
+    states = out["final_ref"][..., :K, :V]
+    if counts:
+        states = (states, out["counts_ref"][..., :K, :V])
+    return states
 
 
 def forward_walk(q, k, v, log_decay, start, run_ids, chunking: Chunking, *, scale: float, exact_state: bool,

@@ -20,8 +20,8 @@ products rounded to the inputs' dtype, as in the Triton walks' plain form. Seque
 passed in XLA (:func:`entering_states`) from the local states of the Triton piece-state walks.
 
 For the decay's gradient (``MosaicWalkConfig.decay_sums``) the dq and dk walks also form fleetjax.vjp's
-per-position sums with the state's products as hi/lo pairs (w, u), the dq walk also the lag-weighted pairs
-within each chunk (intra).
+per-position sums with the state's products as hi/lo pairs; the dq walk carries the crossing counts as a
+second state, which enters each sequence piece passed in XLA like the state (:func:`entering_counts`).
 With the gated decay the weights, entering, leaving and carry are exp of differences of the log decay summed
 within the chunk (Decays.within_chunks), each <= 0, and the dq walk also forms the gate's spanned sums.
 
@@ -58,15 +58,15 @@ class MosaicWalkConfig:
     128); sums_block_v: the same for the backward's walks that form the decay's gradient sums (their two
     float32 states and hi/lo operands take more registers); stages: chunks whose tiles are in flight at
     once (the pipeline's depth, each a copy of the walk's input and output tiles in shared memory).
-    decay_sums: the backward's walks run on Mosaic also where the decay's gradient is wanted (the dq and dk
-    walks then form its per-position sums with hi/lo products):
+    decay_sums: the backward's walks run on Mosaic also where the decay's gradient is wanted (the dq walk
+    then carries the crossing counts, the dq and dk walks form its per-position sums with hi/lo products):
     0.88 against 1.02 ms (Triton's walks for the learned decay) at B4 H16 T=4096, 3.24 against 3.48 at
     T=16384 (H200, 2026-12-03, experiments/results/2026-12-03-h200-tune_pallas_decay_sums.jsonl).
     gated_forward: the forward walk takes the gated decay too: 0.191 against 0.212 ms (the Triton walk) at
     B4 H16 T=4096, 0.562 against 0.729 at T=16384 (H200, 2026-12-03, bf16, K = V = 128,
     experiments/results/2026-12-03-h200-forward_mosaic_gated.json).
-    gated_backward: the backward's walks take the gated decay too, the gate's gradient sums included (and
-    the per-head decay's beside the gate): fwd+bwd 1.527 against 1.627 ms at T=4096, 4.711 against 5.085 at
+    gated_backward: the backward's walks take the gated decay too, the gate's gradient sums included (not
+    the per-head decay's with a gate): fwd+bwd 1.527 against 1.627 ms at T=4096, 4.711 against 5.085 at
     T=16384 (same card and date, -backward_mosaic_gated.json).
     """
 
@@ -122,12 +122,12 @@ def serves_backward(config: MosaicWalkConfig | None, *, dtype, K: int, V: int, c
     """Whether the Mosaic walks serve a backward (fleetjax.pallas.chunked.block_backward): as
     :func:`supports` for each of its three walks (K and V each a query dim there), no d start and no final
     state's cotangent (``wanted``: a fleetjax.vjp.Wanted); the decay's gradient where ``config.decay_sums``;
-    the gated decay where ``config.gated_backward``, with its gate's gradient and the per-head decay's."""
+    the gated decay where ``config.gated_backward``, its gate's gradient too but not the per-head decay's."""
     return (_tiles_fit(config, dtype=dtype, K=K, V=V, chunking=chunking) and not segments
             and V in KEY_DIMS and K % config.block_v == 0 and K % config.sums_block_v == 0
             and not exit_cotangent and not wanted.initial_state
             and (not wanted.log_decay or config.decay_sums)
-            and (not gated or config.gated_backward))
+            and (not gated or (config.gated_backward and not wanted.log_decay)))
 
 
 def entering_states(start, local, decays: Decays, chunking: Chunking, B: int, reverse: bool = False):
@@ -148,19 +148,36 @@ def entering_states(start, local, decays: Decays, chunking: Chunking, B: int, re
     return jnp.concatenate(parts, axis=2)
 
 
+def entering_counts(entering, local_counts, decays: Decays, chunking: Chunking, B: int):
+    """The crossing counts entering each piece of the dq walk [B, H, P, K, V] float32 (None: one piece),
+    from the states entering the pieces ``entering`` [B, H, P, K, V] (:func:`entering_states`) and the
+    local counts of all but the last piece ``local_counts`` [B, H, P-1, K, V] (the Triton piece-state walks
+    from zero): a piece of n chunks with (S, X) entering leaves carry * (X + n S) + its local counts, since
+    every chunk adds the state it found to the counts before both decay by the chunk's carry."""
+    if chunking.pieces == 1:
+        return None
+    n = chunking.piece_len // chunking.chunk_size
+    carry = jnp.exp(decays.block_sums(B, chunking.T, chunking.piece_len))[:, :, :-1]  # [B, H, P-1]
+    crossed = carry[..., None, None] * (n * entering[:, :, :-1]) + local_counts
+    counts, last = pass_states(jnp.zeros_like(crossed[:, :, 0]), jnp.moveaxis(crossed, 2, 0),
+                               jnp.moveaxis(carry, 2, 0))
+    return jnp.concatenate([jnp.moveaxis(counts, 0, 2), last[:, :, None]], axis=2)
+
+
 def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_local, reverse_local, *,
                    scale: float, config: MosaicWalkConfig, log_decay_wanted: bool, log_gate_wanted: bool = False,
                    interpret=None):
     """(dq, dk, dv, the gradient's per-position sums or None, the witness) where :func:`serves_backward`: dq
     = walk(dO, v, k) from S0^T, dv = reverse walk(k, q, dO), dk = reverse walk(v, dO, q), the pieces
-    entering from the local states of the dq walk's ``dq_local`` (keys v, values k) and of the reverse
-    walks' ``reverse_local`` (keys q, values dO; the dk walk's are their
+    entering from the local states of the dq walk's ``dq_local`` (keys v, values k: (states, crossing counts
+    or None)) and of the reverse walks' ``reverse_local`` (keys q, values dO; the dk walk's are their
     transposes), [B, H, P-1, ., .] or None; the gated decay where ``decays`` has a gate.
-    The sums [B, H, T] (summed over their value blocks): w and u, with ``log_decay_wanted`` also intra
-    (fleetjax.vjp.log_decay_grad's parts), with ``log_gate_wanted`` spanned (log_gate_grad's). The
+    The sums [B, H, T] (summed over their value blocks): w and u, with ``log_decay_wanted`` also counts and
+    intra (fleetjax.vjp.log_decay_grad's parts), with ``log_gate_wanted`` spanned (log_gate_grad's). The
     witness: the dq and dv walks' states after their pieces, non-finite whenever dq or dv is (their 0 * out
     terms), which each q_t, k_t, v_t and dO_t reaches through its own pair. ``interpret``: see :func:`walk`."""
     B, T = q.shape[:2]
+    dq_local, dq_local_counts = (None, None) if dq_local is None else dq_local
     dq_entering = entering_states(None if start is None else jnp.swapaxes(start, -1, -2), dq_local, decays,
                                   chunking, B)
     reverse_entering = entering_states(None, reverse_local, decays, chunking, B, reverse=True)
@@ -174,8 +191,10 @@ def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_lo
         dk, _, _ = along(v, do, q, entering=dk_entering, reverse=True)
         return dq, dk, dv, None, (dq_finals, dv_finals)
     sums = functools.partial(along, config=dataclasses.replace(config, block_v=config.sums_block_v))
-    dq, dq_finals, dq_sums = sums(do, v, k, entering=dq_entering, reverse=False, rows=q, intra=log_decay_wanted,
-                                  spanned=log_gate_wanted)
+    counts_entering = (entering_counts(dq_entering, dq_local_counts, decays, chunking, B) if log_decay_wanted
+                       else None)
+    dq, dq_finals, dq_sums = sums(do, v, k, entering=dq_entering, reverse=False, rows=q, counts=log_decay_wanted,
+                                  entering_counts=counts_entering, spanned=log_gate_wanted)
     dv, dv_finals, _ = along(k, q, do, entering=reverse_entering, reverse=True)
     dk, _, dk_sums = sums(v, do, q, entering=dk_entering, reverse=True, rows=k)
     parts = {name: jnp.sum(part, axis=0) for name, part in dq_sums.items()}
@@ -193,8 +212,8 @@ def _mma_tiles(dtype, columns: int):
 
 
 def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse: bool, scale: float,
-         config: MosaicWalkConfig, rows=None, intra: bool = False, within=None, spanned: bool = False,
-         interpret=None):
+         config: MosaicWalkConfig, rows=None, counts: bool = False, entering_counts=None, within=None,
+         spanned: bool = False, interpret=None):
     """(out [B, T, H, Dv] in value's dtype, the state after each piece [B, H, P, Dk, Dv] float32, sums): the
     walk of fleetjax.chunk with these roles, forward or ``reverse`` in time, from the states entering the
     pieces ``entering`` [B, H, P, Dk, Dv] float32 (None: zero; reverse: the state from the positions after the
@@ -204,9 +223,10 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
 
     For the decay's gradient (fleetjax.vjp), ``rows`` [B, T, H, Dv] (q in the dq walk, k in the dk walk):
     the state's products become float32-accurate (hi/lo pairs) and sums["state"] [Dv blocks, B, H, T] holds
-    each position's rows . (the state's part of out) (w, u); with ``intra`` (the dq walk) also
-    sums["intra"] (the lag-weighted pairs in the chunk), per value block (their sum over blocks is the
-    position's).
+    each position's rows . (the state's part of out) (w, u); with ``counts`` (the dq walk) also the
+    crossing-count state, entering the pieces as ``entering_counts`` [B, H, P, Dk, Dv] float32 (None:
+    zero), and sums["counts"] and sums["intra"] (the lag-weighted pairs in the chunk), per value block
+    (their sum over blocks is the position's).
 
     ``within`` [B, H, T] float32 (the gated decay): the log decay summed from each position's chunk start
     through it (fleetjax.decay.Decays.within_chunks); the walk's factors are then exp of its differences
@@ -232,12 +252,14 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     tiles = _mma_tiles(dtype, bv)
     exact = rows is not None
     gated = within is not None
+    if gated and counts:
+        raise NotImplementedError("the Mosaic walk carries no crossing counts with the gated decay")
     if spanned and not (gated and exact and not reverse):
         raise ValueError("spanned= needs the gated decay, rows= and the forward direction (the dq walk)")
     # float16's range: scale the state before it is rounded; bfloat16 keeps float32's, scale the row factors.
     # The exact products always take the scaled state (its lo part then keeps the scale's bits too).
     scale_state = exact or jnp.dtype(dtype) == jnp.dtype(jnp.float16)
-    sums = (["state"] if exact else []) + (["intra"] if intra else []) + (["spanned"] if spanned else [])
+    sums = (["state"] if exact else []) + (["counts", "intra"] if counts else []) + (["spanned"] if spanned else [])
     copy_dtypes = {jnp.dtype(dtype)} | ({jnp.dtype(jnp.bfloat16)} if spanned else set())  # interpreter only
 
     def iota(shape, dimension):
@@ -260,10 +282,12 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
         rows_gmem = take(1)[0] if exact else None
         within_gmem = take(1)[0] if gated else None
         start_gmem = take(1)[0] if entering is not None else None
+        counts_start_gmem = take(1)[0] if entering_counts is not None else None
         o_gmem, final_gmem = take(2)
         sums_gmem = dict(zip(sums, take(len(sums))))
         state_smem, weighted_smem = take(2)
         state_lo_smem, weighted_lo_smem = take(2) if exact else (None, None)
+        counts_smem, counts_lo_smem = take(2) if counts else (None, None)
         part_smems = take(3) if spanned else []
         barrier = take(1)[0]
         transposed_smem = {} if interpret is None else {(C, K): take(1)[0], (C, bv): take(1)[0]}
@@ -334,7 +358,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             within_smem = rest.pop(0) if gated else None
             o_smem, *sum_smems = rest
             sum_smem = dict(zip(sums, sum_smems))
-            state = carried
+            state, crossings = carried if counts else (carried, None)
             weights, entering_rows, leaving_rows, carry = factors(within_smem) if gated else constant
 
             held = scale * state if scale_state else state
@@ -342,12 +366,14 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                 state_smem[...], state_lo_smem[...] = split(held, dtype, 2)
             else:
                 state_smem[...] = held.astype(dtype)
+            if counts:
+                counts_smem[...], counts_lo_smem[...] = split(scale * crossings, dtype, 2)
             plgpu.commit_smem()
 
             scores = product((C, C), (q_smem, k_t(k_smem))) * weights
-            if intra or spanned:  # the pairs (rows_i . value_j) (query_i . key_j) decayed, in float32
+            if counts or spanned:  # the pairs (rows_i . value_j) (query_i . key_j) decayed, in float32
                 pairs = product((C, C), (x_smem, k_t(v_smem))) * scores
-            if intra:
+            if counts:
                 sum_smem["intra"][...] = scale * jnp.sum(lags * pairs, axis=1)
             if spanned:  # sum over i >= r as one product with the triangle [i >= r], then over j < r
                 for part_smem, part in zip(part_smems, split(pairs, jnp.bfloat16, 3)):
@@ -359,14 +385,18 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             states = [(q_smem, state_smem)] + ([(q_smem, state_lo_smem)] if exact else [])
             inter = product((C, bv), *states) * entering_rows
 
-            def in_chunk(acc):
+            def intra(acc):
                 plgpu.wgmma(acc, from_registers((scores * scale).astype(dtype)), v_smem)
 
-            o = accumulate(inter, in_chunk)
+            o = accumulate(inter, intra)
             o_smem[...] = o.astype(dtype)
             if exact:
                 x = x_smem[...].astype(f32)
                 sum_smem["state"][...] = jnp.sum(inter * x, axis=1)
+            if counts:
+                counted = product((C, bv), (q_smem, counts_smem), (q_smem, counts_lo_smem)) * entering_rows
+                sum_smem["counts"][...] = jnp.sum(counted * x, axis=1)
+                crossings = carry * (crossings + state)
             weighted = v_smem[...].astype(f32) * leaving_rows + 0.0 * o
             if exact:
                 weighted_smem[...], weighted_lo_smem[...] = split(weighted, dtype, 2)
@@ -379,7 +409,8 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                 if exact:
                     plgpu.wgmma(acc, k_t(k_smem), weighted_lo_smem)
 
-            return accumulate(carry * state, update)
+            state = accumulate(carry * state, update)
+            return (state, crossings) if counts else state
 
         columns = pl.ds(j * bv, bv)
 
@@ -400,7 +431,8 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
 
             return pl.run_scoped(load, f32_tile)
 
-        init = entered(start_gmem)
+        state = entered(start_gmem)
+        init = (state, entered(counts_start_gmem)) if counts else state
         first = piece * n
         at = (lambda c: first + n - 1 - c) if reverse else (lambda c: first + c)  # noqa: E731
         rows_k = plgpu.BlockSpec((C, K), lambda c: (at(c), 0), transforms=tiles)
@@ -417,6 +449,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                                         max_concurrent_steps=config.stages, init_carry=init)(*gmems)
         else:
             state = _stepwise(chunk, n, in_specs, out_specs, gmems, init, dtype)
+        state = state[0] if counts else state
 
         def store(tile):
             tile[...] = state
@@ -432,6 +465,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     weighted_tile = lambda: plgpu.SMEM((C, bv), dtype, transforms=tiles)  # noqa: E731
     scratch = [state_tile(), weighted_tile()]
     scratch += [state_tile(), weighted_tile()] if exact else []
+    scratch += [state_tile(), state_tile()] if counts else []
     scratch += [plgpu.SMEM((C, C), jnp.bfloat16, transforms=_mma_tiles(jnp.bfloat16, C)) for _ in range(3)] \
         if spanned else []
     scratch += [plgpu.Barrier()]
@@ -443,6 +477,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     args = (log_decay.astype(f32), query, key, value) + (() if rows is None else (rows,))
     args += () if within is None else (within.astype(f32),)
     args += () if entering is None else (entering,)
+    args += () if entering_counts is None else (entering_counts,)
     out, finals, *formed = call(*args)
     return out, finals, dict(zip(sums, formed))
 

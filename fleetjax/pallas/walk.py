@@ -66,15 +66,18 @@ def columns(ref, n: int, block: int = 0, index=0):
 
 
 def enter_piece(state, *, piece, chunking: Chunking, reverse: bool, log_decay, local_ref, link_ref=None,
-                piece_log_ref=None):
+                counts=None, local_counts_ref=None, piece_log_ref=None):
     """The state entering ``piece``: ``state`` (entering the walk) carried through the pieces the walk passes
     first, each adding its local state. local_ref [P - 1, ...]: the local states of the pieces that have a
     successor in the walk (forward: 0..P-2; reverse: 1..P-1); link_ref [P]: a state passes the piece unbroken
-    by a segment start (None: always). piece_log_ref [P]: each piece's sum of la (gated; None: its length times log gamma)."""
+    by a segment start (None: always). With ``counts`` (the crossing counts of fleetjax.vjp) and the pieces'
+    local counts, returns (state, counts): passing a piece of n whole chunks adds n to every count.
+    piece_log_ref [P]: each piece's sum of la (gated; None: its length times log gamma)."""
     P, L, T = chunking.pieces, chunking.piece_len, chunking.T
     zero = piece - piece  # typed like the program id (see program_id)
 
-    def fold(n, state):
+    def fold(n, carry):
+        state, counts = carry
         before = ((P - 1 - n) if reverse else n) + zero
         if piece_log_ref is None:
             decay = jnp.exp(jnp.minimum(L, T - before * L).astype(f32) * log_decay)
@@ -82,9 +85,13 @@ def enter_piece(state, *, piece, chunking: Chunking, reverse: bool, log_decay, l
             decay = jnp.exp(piece_log_ref[before])
         keep = True if link_ref is None else link_ref[before] > 0  # selected: a reset drops a NaN state
         index = before - int(reverse)
-        return jnp.where(keep, decay * state, 0.0) + local_ref[index]
+        if counts is not None:
+            moved = decay * (counts + chunking.chunks_per_piece * state)
+            counts = jnp.where(keep, moved, 0.0) + local_counts_ref[index]
+        return jnp.where(keep, decay * state, 0.0) + local_ref[index], counts
 
-    return jax.lax.fori_loop(0, (P - 1 - piece) if reverse else piece, fold, state)
+    state, counts = jax.lax.fori_loop(0, (P - 1 - piece) if reverse else piece, fold, (state, counts))
+    return state if counts is None else (state, counts)
 
 
 def walk(body: Callable[[Chunk, jax.Array], jax.Array], state, *, piece, chunking: Chunking, reverse: bool,
