@@ -4,8 +4,9 @@ accumulator registers across the chunks.
 
 One kernel, :func:`walk`, is the walk of fleetjax.chunk with any roles, forward or in reverse: the forward
 (q, k, v), and the backward's dq (dO, v, k), dv (reverse: k, q, dO) and dk (reverse: v, dO, q) walks, with
-the constant decay or the gated one (``MosaicWalkConfig.gated_forward``, ``gated_backward``). fleetjax.pallas.chunked selects it through ``PallasConfig.mosaic_walks`` (set by the
-default config on sm_90 GPUs) for the common case: 16-bit inputs, no segments, finite inputs (the contained
+the constant decay or the gated one (``MosaicWalkConfig.gated_forward``, ``gated_backward``).
+fleetjax.pallas.chunked selects it through ``PallasConfig.mosaic_walks`` (set by the default config on sm_90
+GPUs) for the common case: 16-bit inputs, no segments, finite inputs (the contained
 walks stay Triton's), head dims 64 or 128, no float32-accurate state owed (a returned final state,
 d initial_state: those stay in the Triton walks). Each (value block, batch*head,
 sequence piece) is one program of one warpgroup; per chunk of C positions, with the state S entering it:
