@@ -177,7 +177,13 @@ def test_serves_the_backward_without_an_initial_state_gradient():
     assert mosaic.serves_backward(sums, **{**args, "gated": True, "wanted": gate})
     off = mosaic.MosaicWalkConfig(gated_backward=False)
     assert not mosaic.serves_backward(off, **{**args, "gated": True, "wanted": gate})
-    assert not mosaic.serves_backward(sums, **{**args, "gated": True, "wanted": learned})  # no counts with a gate
+    both = Wanted(initial_state=False)
+    assert not mosaic.serves_backward(sums, **{**args, "gated": True, "wanted": both})  # gated_decay_sums is off
+    assert not mosaic.serves_backward(sums, **{**args, "gated": True, "wanted": learned})
+    counted = mosaic.MosaicWalkConfig(gated_decay_sums=True)
+    assert mosaic.serves_backward(counted, **{**args, "gated": True, "wanted": both})
+    assert not mosaic.serves_backward(dataclasses.replace(counted, decay_sums=False),
+                                      **{**args, "gated": True, "wanted": both})
 
 
 def _fixed_decay_grads(q, k, v, do, decay, *, mosaic_walks, pieces, start=None):
@@ -372,8 +378,8 @@ def test_the_gated_backward_walks_in_the_interpreter_match_the_oracle(pieces):
 
 
 @interpreted
-@pytest.mark.parametrize("gated, pieces", [(False, 2), (True, 1), (True, 2)])
-def test_the_op_through_the_interpreted_walks_matches_the_oracle(monkeypatch, gated, pieces):
+@pytest.mark.parametrize("learned, pieces", [("decay", 2), ("gate", 1), ("gate", 2), ("both", 2)])
+def test_the_op_through_the_interpreted_walks_matches_the_oracle(monkeypatch, learned, pieces):
     """The Pallas op's forward and backward with every walk it can give Mosaic on Mosaic (in its interpreter):
     the glue of fleetjax.pallas.chunked (the pieces' states and counts, the gradients' sums) end to end."""
     walk, calls = mosaic.walk, []
@@ -387,16 +393,21 @@ def test_the_op_through_the_interpreted_walks_matches_the_oracle(monkeypatch, ga
     q, k, v = _inputs(B, T, H, K, V, "bfloat16")
     do = _inputs(B, T, H, K, V, "bfloat16", seed=4)[2]
     decay = jnp.asarray([0.97, 1.0], jnp.float32)
-    log_gate = 0.05 * _log_gate(B, T, H) if gated else None
-    walks = mosaic.MosaicWalkConfig()
+    log_gate = 0.05 * _log_gate(B, T, H) if learned != "decay" else None
+    walks = mosaic.MosaicWalkConfig(gated_decay_sums=learned == "both")
     config = dataclasses.replace(chunked.default_config(q, v), num_sequence_pieces=pieces,
                                  backward_num_sequence_pieces=pieces, mosaic_walks=walks)
     assert config.chunking(T, True).chunk_size == walks.chunk_size
-    if gated:  # the gate alone, as GLA's: its gradient, not the per-head decay's
+    if learned == "gate":  # the gate alone, as GLA's: its gradient, not the per-head decay's
         f = lambda q, k, v, g: fleetjax.fleet_attention(q, k, v, None, log_gate=g, implementation="pallas",  # noqa: E731
                                                         config=config)
         o, pullback = jax.vjp(f, q, k, v, log_gate)
         ref_decay, names = jnp.ones((H,), jnp.float32), ("q", "k", "v", "log_gate")
+    elif learned == "both":  # the gate on top of a learned per-head decay, as fleetjax's gated layers
+        f = lambda q, k, v, decay, g: fleetjax.fleet_attention(  # noqa: E731
+            q, k, v, decay, log_gate=g, implementation="pallas", config=config)
+        o, pullback = jax.vjp(f, q, k, v, decay, log_gate)
+        ref_decay, names = decay, ("q", "k", "v", "decay", "log_gate")
     else:
         f = lambda q, k, v, decay: fleetjax.fleet_attention(q, k, v, decay, implementation="pallas",  # noqa: E731
                                                             config=config)
@@ -443,24 +454,35 @@ def test_the_gated_forward_walk_matches_the_oracle_and_the_triton_walk(pieces):
 
 
 @hopper
-@pytest.mark.parametrize("pieces", [1, 4])
-def test_the_gated_backward_walks_match_the_oracle_and_the_triton_walks(pieces):
+@pytest.mark.parametrize("pieces, with_decay", [(1, False), (4, False), (4, True)])
+def test_the_gated_backward_walks_match_the_oracle_and_the_triton_walks(pieces, with_decay):
+    """The gate alone, and (``with_decay``, MosaicWalkConfig.gated_decay_sums) on top of a learned per-head
+    decay."""
     B, T, H, K, V = 2, 1024, 2, 128, 128
     q, k, v = _inputs(B, T, H, K, V, "bfloat16")
     do = _inputs(B, T, H, K, V, "bfloat16", seed=6)[2]
     log_gate = 0.02 * _log_gate(B, T, H)
+    decay = jnp.asarray([0.97, 0.999], jnp.float32)
     grads = {}
-    for walks in (mosaic.MosaicWalkConfig(), None):
+    for walks in (mosaic.MosaicWalkConfig(gated_decay_sums=with_decay), None):
         config = dataclasses.replace(chunked.default_config(q, v), num_sequence_pieces=pieces,
                                      backward_num_sequence_pieces=pieces, mosaic_walks=walks)
-        f = lambda q, k, v, g, config=config: fleetjax.fleet_attention(  # noqa: E731
-            q, k, v, None, log_gate=g, implementation="pallas", config=config)
-        _, pullback = jax.vjp(jax.jit(f), q, k, v, log_gate)
+        if with_decay:
+            f = lambda q, k, v, d, g, config=config: fleetjax.fleet_attention(  # noqa: E731
+                q, k, v, d, log_gate=g, implementation="pallas", config=config)
+            _, pullback = jax.vjp(jax.jit(f), q, k, v, decay, log_gate)
+        else:
+            f = lambda q, k, v, g, config=config: fleetjax.fleet_attention(  # noqa: E731
+                q, k, v, None, log_gate=g, implementation="pallas", config=config)
+            _, pullback = jax.vjp(jax.jit(f), q, k, v, log_gate)
+        if walks is not None:
+            assert jax.jit(pullback).lower(do).as_text().count("custom_call @mosaic_gpu") >= 3
         grads[walks is not None] = jax.jit(pullback)(do)
-    ref = oracle.gradients(q, k, v, jnp.ones((H,), jnp.float32), do=do, log_gate=log_gate)
-    for got, triton, name in zip(grads[True], grads[False], ("q", "k", "v", "log_gate")):
-        tolerance = DECAY_GRAD_TOLERANCE["bfloat16"] if name == "log_gate" else TOLERANCE["bfloat16"]
-        axis = None if name == "log_gate" else 2
+    ref = oracle.gradients(q, k, v, decay if with_decay else jnp.ones((H,), jnp.float32), do=do, log_gate=log_gate)
+    names = ("q", "k", "v") + (("decay",) if with_decay else ()) + ("log_gate",)
+    for got, triton, name in zip(grads[True], grads[False], names):
+        tolerance = TOLERANCE["bfloat16"] if name in "qkv" else DECAY_GRAD_TOLERANCE["bfloat16"]
+        axis = 2 if name in "qkv" else None
         assert oracle.rel_err(got, ref[name], axis=axis) < tolerance, name
         assert oracle.rel_err(got, triton, axis=axis) < tolerance, name
 

@@ -66,9 +66,12 @@ class MosaicWalkConfig:
     gated_forward: the forward walk takes the gated decay too: 0.191 against 0.212 ms (the Triton walk) at
     B4 H16 T=4096, 0.562 against 0.729 at T=16384 (H200, 2026-12-03, bf16, K = V = 128,
     experiments/results/2026-12-03-h200-forward_mosaic_gated.json).
-    gated_backward: the backward's walks take the gated decay too, the gate's gradient sums included (not
-    the per-head decay's with a gate): fwd+bwd 1.527 against 1.627 ms at T=4096, 4.711 against 5.085 at
-    T=16384 (same card and date, -backward_mosaic_gated.json).
+    gated_backward: the backward's walks take the gated decay too, the gate's gradient sums included:
+    fwd+bwd 1.527 against 1.627 ms at T=4096, 4.711 against 5.085 at T=16384 (same card and date,
+    -backward_mosaic_gated.json).
+    gated_decay_sums: with ``gated_backward``, also where a learned per-head decay sits beside the gate (the
+    gated dq walk then carries the crossing counts and forms intra beside spanned). Exact in Mosaic GPU's
+    interpreter; off until it has run on a GPU (the Triton walks serve that backward meanwhile).
     """
 
     chunk_size: int = 64
@@ -78,6 +81,7 @@ class MosaicWalkConfig:
     decay_sums: bool = True
     gated_forward: bool = True
     gated_backward: bool = True
+    gated_decay_sums: bool = False
 
     def __post_init__(self):
         if self.chunk_size != 64:
@@ -123,12 +127,13 @@ def serves_backward(config: MosaicWalkConfig | None, *, dtype, K: int, V: int, c
     """Whether the Mosaic walks serve a backward (fleetjax.pallas.chunked.block_backward): as
     :func:`supports` for each of its three walks (K and V each a query dim there), no d start and no final
     state's cotangent (``wanted``: a fleetjax.vjp.Wanted); the decay's gradient where ``config.decay_sums``;
-    the gated decay where ``config.gated_backward``, its gate's gradient too but not the per-head decay's."""
+    the gated decay where ``config.gated_backward``, its gate's gradient too, and the per-head decay's beside
+    the gate where ``config.gated_decay_sums``."""
     return (_tiles_fit(config, dtype=dtype, K=K, V=V, chunking=chunking) and not segments
             and V in KEY_DIMS and K % config.block_v == 0 and K % config.sums_block_v == 0
             and not exit_cotangent and not wanted.initial_state
             and (not wanted.log_decay or config.decay_sums)
-            and (not gated or (config.gated_backward and not wanted.log_decay)))
+            and (not gated or (config.gated_backward and (not wanted.log_decay or config.gated_decay_sums))))
 
 
 def entering_states(start, local, decays: Decays, chunking: Chunking, B: int, reverse: bool = False):
@@ -253,8 +258,6 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     tiles = _mma_tiles(dtype, bv)
     exact = rows is not None
     gated = within is not None
-    if gated and counts:
-        raise NotImplementedError("the Mosaic walk carries no crossing counts with the gated decay")
     if spanned and not (gated and exact and not reverse):
         raise ValueError("spanned= needs the gated decay, rows= and the forward direction (the dq walk)")
     # float16's range: scale the state before it is rounded; bfloat16 keeps float32's, scale the row factors.
