@@ -448,12 +448,7 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
                 q, k, v, do, decays, start, chunking, dq_local, reverse_local,
                 scale=scale, config=config.mosaic_walks, log_decay_wanted=wanted.log_decay,
                 log_gate_wanted=wanted.log_gate)
-            d_log_decay = d_gate = None
-            if wanted.log_decay:
-                d_log_decay = vjp.log_decay_grad(parts["w"], parts["u"], parts["counts"], parts["intra"],
-                                                 chunking.chunk_size)
-            if wanted.log_gate:
-                d_gate = vjp.log_gate_grad(parts["w"], parts["u"], parts["spanned"], None, chunking.chunk_size)
+            d_log_decay, d_gate = _decay_gradients(wanted, chunking.chunk_size, **(parts or {}))
             return (dq, dk, dv, d_log_decay, d_gate, None), witness
         dq, w, counts, intra, spanned = bwd.dq_walk(q, k, v, do, decays.log_decay, start, run_ids, chunking,
                                                     contain=contain, local=dq_local, wanted=wanted, **common,
@@ -465,13 +460,8 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
                                local=reverse_local, to_end=to_end, wanted=wanted, **common,
                                **config.launch("dk", q.dtype))
         d_start = None if reverse_state is None else vjp.only_first_run(scale * reverse_state, run_ids)
-        d_log_decay = d_gate = None
-        if wanted.log_decay:
-            d_log_decay = vjp.log_decay_grad(w, u, counts, intra, chunking.chunk_size)
-            if x is not None:
-                d_log_decay = d_log_decay + vjp.exit_log_decay_grad(x)
-        if wanted.log_gate:
-            d_gate = vjp.log_gate_grad(w, u, spanned, x, chunking.chunk_size)
+        d_log_decay, d_gate = _decay_gradients(wanted, chunking.chunk_size, w=w, u=u, counts=counts, intra=intra,
+                                               spanned=spanned, x=x)
         grads = (dq, dk, dv, d_log_decay, d_gate, d_start)
         # intra_t is the witness: scale sum_s (t - s) (q_t . k_s)(dO_t . v_s) over the chunk holds the pair
         # (t, t), lag 0 times a non-finite product being NaN, for q_t, k_t, v_t and dO_t alike.
@@ -479,6 +469,20 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
 
     dq, dk, dv, d_log_decay, d_gate, d_start = nonfinite.contained_if_reached(walks)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_log_decay, d_gate, d_start
+
+
+def _decay_gradients(wanted: vjp.Wanted, chunk_size: int, *, w=None, u=None, counts=None, intra=None,
+                     spanned=None, x=None):
+    """(d log_decay [H], d log_gate [B, H, T]), each None where not ``wanted``, from the walks' per-position
+    sums [B, H, T] (fleetjax.vjp: w, u, counts, intra, the gate's spanned, the final state's x or None)."""
+    d_log_decay = d_gate = None
+    if wanted.log_decay:
+        d_log_decay = vjp.log_decay_grad(w, u, counts, intra, chunk_size)
+        if x is not None:
+            d_log_decay = d_log_decay + vjp.exit_log_decay_grad(x)
+    if wanted.log_gate:
+        d_gate = vjp.log_gate_grad(w, u, spanned, x, chunk_size)
+    return d_log_decay, d_gate
 
 
 def _mark_gradients(dq, dk, dv, d_log_decay, d_gate, d_start, q, k, v, do, *, run_ids):
