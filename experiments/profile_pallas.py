@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -43,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gated", action="store_true",
                     help="a per-token log gate (logsigmoid(N(0, 1)) / 16) and no per-head decay, as the gated "
                     "benchmarks")
+    ap.add_argument("--with-decay", action="store_true",
+                    help="with --gated: a learned per-head decay beside the gate (fleetjax's gated layers), both "
+                    "differentiated")
+    ap.add_argument("--walks", default=None, metavar="JSON",
+                    help='MosaicWalkConfig fields to change from the default config, e.g. \'{"block_v": 128}\'')
     ap.add_argument("--untimed", action="store_true", help="run the calls only (under a profiler)")
     ap.add_argument("--split", metavar="CSV", help="print the last call's kernels from ncu's --csv output of "
                     "gpu__time_duration.sum, and exit")
@@ -55,16 +62,24 @@ def main(argv: list[str] | None = None) -> int:
     B, T, H, K, V = args.B, args.T, args.H, args.K, args.V
     q, k = (jnp.asarray(rng.standard_normal((B, T, H, K)) / np.sqrt(K), dtype) for _ in range(2))
     v, do = (jnp.asarray(rng.standard_normal((B, T, H, V)), dtype) for _ in range(2))
-    decay = None if args.gated else jnp.asarray(np.exp(retnet_log_decay(H)), jnp.float32)
+    per_head = jnp.asarray(np.exp(retnet_log_decay(H)), jnp.float32)
+    decay = per_head if args.with_decay or not args.gated else None
     log_gate = (jax.nn.log_sigmoid(jnp.asarray(rng.standard_normal((B, T, H)), jnp.float32)) / 16
                 if args.gated else None)
     record = fleetjax.IMPLEMENTATIONS["pallas"]
-    print("config", record.config_for(None, q, v), "(Pallas interpret mode)" if record.interpreted() else "",
-          flush=True)
+    config = record.config_for(None, q, v)
+    if args.walks:
+        if config.mosaic_walks is None:
+            raise SystemExit("--walks: the default config has no Mosaic walks here (not an sm_90 GPU?)")
+        config = dataclasses.replace(config, mosaic_walks=dataclasses.replace(config.mosaic_walks,
+                                                                              **json.loads(args.walks)))
+    print("config", config, "(Pallas interpret mode)" if record.interpreted() else "", flush=True)
     attend = lambda q, k, v, decay, log_gate: fleetjax.fleet_attention(  # noqa: E731
-        q, k, v, decay, log_gate=log_gate, implementation="pallas")
+        q, k, v, decay, log_gate=log_gate, implementation="pallas", config=config)
     fixed = lambda q, k, v: attend(q, k, v, decay, log_gate)  # noqa: E731
-    if args.gated:
+    if args.gated and args.with_decay:
+        learned, wrt = (lambda q, k, v, d, g: attend(q, k, v, d, g)), (decay, log_gate)
+    elif args.gated:
         learned, wrt = (lambda q, k, v, g: attend(q, k, v, None, g)), (log_gate,)
     else:
         learned, wrt = (lambda q, k, v, d: attend(q, k, v, d, None)), (decay,)

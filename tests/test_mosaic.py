@@ -178,11 +178,12 @@ def test_serves_the_backward_without_an_initial_state_gradient():
     off = mosaic.MosaicWalkConfig(gated_backward=False)
     assert not mosaic.serves_backward(off, **{**args, "gated": True, "wanted": gate})
     both = Wanted(initial_state=False)
-    assert not mosaic.serves_backward(sums, **{**args, "gated": True, "wanted": both})  # gated_decay_sums is off
-    assert not mosaic.serves_backward(sums, **{**args, "gated": True, "wanted": learned})
-    counted = mosaic.MosaicWalkConfig(gated_decay_sums=True)
-    assert mosaic.serves_backward(counted, **{**args, "gated": True, "wanted": both})
-    assert not mosaic.serves_backward(dataclasses.replace(counted, decay_sums=False),
+    assert sums.gated_decay_sums
+    assert mosaic.serves_backward(sums, **{**args, "gated": True, "wanted": both})
+    assert mosaic.serves_backward(sums, **{**args, "gated": True, "wanted": learned})
+    uncounted = mosaic.MosaicWalkConfig(gated_decay_sums=False)
+    assert not mosaic.serves_backward(uncounted, **{**args, "gated": True, "wanted": both})
+    assert not mosaic.serves_backward(dataclasses.replace(sums, decay_sums=False),
                                       **{**args, "gated": True, "wanted": both})
 
 
