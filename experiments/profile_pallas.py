@@ -85,9 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         learned, wrt = (lambda q, k, v, d: attend(q, k, v, d, None)), (decay,)
     if args.fixed_decay:
         learned, wrt = fixed, ()
-    pullback = lambda q, k, v: jax.vjp(learned, q, k, v, *wrt)[1]  # noqa: E731
+    def both(q, k, v, do):  # the output too, so that the forward runs as in training (not only the backward)
+        o, pullback = jax.vjp(learned, q, k, v, *wrt)
+        return o, pullback(do)
+
     fwd = jax.jit(fixed)
-    fwd_bwd = jax.jit(lambda q, k, v, do: pullback(q, k, v)(do))
+    fwd_bwd = jax.jit(both)
     runs = {"fwd": (fwd, (q, k, v)), "fwd_bwd": (fwd_bwd, (q, k, v, do))}
     for name in args.ops.split(","):
         fn, xs = runs[name]

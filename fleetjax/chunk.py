@@ -80,7 +80,8 @@ class Chunk:
       masked out: their tiles are zeros and their rows unused); weights: their decay; lag: |i - j| on pairs,
       else 0 (float32, for the decay gradient).
     enters [C]: the state entering the chunk reaches query i; entering: its decay.
-    leaves [C]: key j enters the state handed on; leaving: its decay.
+    leaves [C]: key j enters the state handed on; leaving: its decay; leave_lag: the steps of that decay (its
+      derivative in log gamma over it), 0 where not leaves.
     carries (scalar): the entering state passes through the chunk; carry: its decay.
     far_run: the run next to the chunk the walk visits next (its last run; reverse: its first).
     position [C]: the positions; runs [C]: their run ids (None: one run); log_decay: the head's (scalar).
@@ -95,6 +96,7 @@ class Chunk:
     entering: jax.Array
     leaves: jax.Array
     leaving: jax.Array
+    leave_lag: jax.Array
     carries: jax.Array
     carry: jax.Array
     far_run: jax.Array
@@ -149,6 +151,7 @@ def chunk(start, C: int, T: int, log_decay, *, reverse: bool, runs=None, edge_ru
         lag=jnp.where(pairs, lag, 0).astype(f32),
         enters=enters, entering=decayed(enters, enter_exponent),
         leaves=leaves, leaving=decayed(leaves, leave_exponent),
+        leave_lag=jnp.where(leaves, (i + 1) if reverse else (length - 1 - i), 0).astype(f32),
         carries=carries, carry=jnp.where(carries, jnp.exp(total), 0.0), far_run=far_run,
         position=start + i, runs=runs, log_decay=lg)
 
@@ -238,6 +241,17 @@ def count_crossings(counts, state, ch: Chunk):
     """The crossing count handed on (fleetjax.vjp): every term of the state entering the chunk has crossed
     one more whole chunk, counts <- carry * (counts + state); the chunk's own keys enter with count 0."""
     return carried(ch, counts + state)
+
+
+def update_tangent(tangent, state, key, value, ch: Chunk, *, dtype, precision):
+    """The derivative in log gamma of the state handed on (fleetjax.vjp's tangent D, exact where S is):
+    carry * (D + len * S) + sum_j leave_lag_j leaving_j key_j value_j^T, from the state S entering the chunk
+    and the finite value tile. Every term of S decays len more steps and each key its own leave_lag; the
+    weighted values enter as a hi/lo pair (float32's accuracy with 16-bit inputs)."""
+    key = select_rows(ch, ch.leaves, key)
+    lagged = select_rows(ch, ch.leaves, value.astype(f32) * (ch.leaving * ch.leave_lag)[:, None])
+    length = jnp.sum(ch.valid.astype(f32))
+    return carried(ch, tangent + length * state) + dot_exact(key, lagged, dtype, precision, trans_a=True)
 
 
 def spanned(pair_terms, precision=None):

@@ -30,8 +30,12 @@ implementations sum every pair with its own non-negative lag weight instead, in 
   backward computes them here (``final_state_terms``); the Pallas reverse walks add dS_T's terms to dk and dv
   as their own product and return x. All of them are skipped when the cotangent is a symbolic zero.
 
-implementation="xla" carries the exact derivative of its dq state in log gamma instead of the count (one
-more product per chunk, cheap there), which gives the whole across-chunk sum from the dq pass alone.
+Or, instead of u and counts, one part from the dq walk alone: ``tangent`` = q_t . dq''_t^inter weighted by 1,
+where dq'' comes from the derivative of the dq state in log gamma, D = sum_s (c-1-s) gamma^(c-1-s) v_s k_s^T
+(c the chunk's start), carried as a second state, D <- carry (D + len S) + sum_j (len-1-j) leaving_j v_j k_j^T
+(fleetjax.chunk.update_tangent): every weight is still a non-negative lag. implementation="xla" and the Mosaic
+dq walk carry it (one more product per chunk, where the counts need the dk walk's sums besides); the Triton
+walks the counts.
 """
 
 from __future__ import annotations
@@ -89,15 +93,20 @@ def only_first_run(d_initial: jax.Array, run_ids: jax.Array | None) -> jax.Array
     return jnp.where((run_ids[:, 0] == 0)[:, None, None, None], d_initial, 0.0)
 
 
-def log_decay_grad(w: jax.Array, u: jax.Array, counts: jax.Array, intra: jax.Array, chunk_size: int) -> jax.Array:
+def log_decay_grad(w: jax.Array, intra: jax.Array, chunk_size: int, *, u: jax.Array | None = None,
+                   counts: jax.Array | None = None, tangent: jax.Array | None = None) -> jax.Array:
     """d loss / d log decay [H] of the pairs among positions and of the initial state, from the per-position
-    parts w, u, counts and intra [B, H, T] float32 of chunks of ``chunk_size`` (see the module docstring):
-    sum intra + (i + 1) w + (len - 1 - i) u + C counts, with i a position's index in its chunk."""
+    parts [B, H, T] float32 of chunks of ``chunk_size`` (see the module docstring): sum intra + (i + 1) w +
+    (len - 1 - i) u + C counts, or with the tangent's part sum intra + (i + 1) w + tangent (u and counts
+    None), with i a position's index in its chunk."""
     T = w.shape[-1]
     t = jnp.arange(T)
     i = t % chunk_size
+    weighted = intra + (i + 1).astype(f32) * w
+    if tangent is not None:
+        return jnp.sum(weighted + tangent, axis=(0, 2))
     length = jnp.minimum(chunk_size, T - (t - i))
-    weighted = intra + (i + 1).astype(f32) * w + (length - 1 - i).astype(f32) * u + float(chunk_size) * counts
+    weighted = weighted + (length - 1 - i).astype(f32) * u + float(chunk_size) * counts
     return jnp.sum(weighted, axis=(0, 2))
 
 

@@ -432,18 +432,22 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
                                        exit_cotangent=exit_cotangent is not None, wanted=wanted)
 
     def walks(contain: bool):
+        mosaic_here = on_mosaic and not contain
         dq_local, reverse_local = None, reuse
         if chunking.pieces > 1:
+            # The Mosaic dq walk carries the state's derivative in log gamma, the Triton one its crossing counts.
             dq_local = fwd.piece_states(v, k, decays.log_decay, run_ids, chunking, reverse=False, all_pieces=False,
-                                        counts=wanted.log_decay, contain=contain, gate=decays.gate_tiles(),
-                                        **config.piece_launch("dq", q.dtype))
+                                        counts=wanted.log_decay and not mosaic_here,
+                                        tangent=wanted.log_decay and mosaic_here, contain=contain,
+                                        gate=decays.gate_tiles(), **config.piece_launch("dq", q.dtype))
             dq_local = dq_local if wanted.log_decay else (dq_local, None)
             if reverse_local is None:  # float32-accurate where d start or the dk walk's sums read them
+                sums_read = wanted.log_gate or (wanted.log_decay and not mosaic_here)
                 reverse_local = fwd.piece_states(q, do, decays.log_decay, run_ids, chunking, reverse=True,
                                                  all_pieces=False, contain=contain, gate=decays.gate_tiles(),
-                                                 exact=wanted.any or wanted.initial_state,
+                                                 exact=sums_read or wanted.initial_state,
                                                  **config.piece_launch("dv", q.dtype))
-        if on_mosaic and not contain:
+        if mosaic_here:
             dq, dk, dv, parts, witness = mosaic.backward_walks(
                 q, k, v, do, decays, start, chunking, dq_local, reverse_local,
                 scale=scale, config=config.mosaic_walks, log_decay_wanted=wanted.log_decay,
@@ -471,13 +475,14 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_log_decay, d_gate, d_start
 
 
-def _decay_gradients(wanted: vjp.Wanted, chunk_size: int, *, w=None, u=None, counts=None, intra=None,
+def _decay_gradients(wanted: vjp.Wanted, chunk_size: int, *, w=None, u=None, counts=None, tangent=None, intra=None,
                      spanned=None, x=None):
     """(d log_decay [H], d log_gate [B, H, T]), each None where not ``wanted``, from the walks' per-position
-    sums [B, H, T] (fleetjax.vjp: w, u, counts, intra, the gate's spanned, the final state's x or None)."""
+    sums [B, H, T] (fleetjax.vjp: w, u, counts or tangent, intra, the gate's spanned, the final state's x or
+    None)."""
     d_log_decay = d_gate = None
     if wanted.log_decay:
-        d_log_decay = vjp.log_decay_grad(w, u, counts, intra, chunk_size)
+        d_log_decay = vjp.log_decay_grad(w, intra, chunk_size, u=u, counts=counts, tangent=tangent)
         if x is not None:
             d_log_decay = d_log_decay + vjp.exit_log_decay_grad(x)
     if wanted.log_gate:

@@ -57,45 +57,50 @@ def forward_kernel(*, log_decay_ref, q_ref, k_ref, v_ref, o_ref, final_ref, star
                           run_ref=run_ref, edge_ref=edge_ref, gate_ref=gate_ref)
 
 
-def piece_states_kernel(*, log_decay_ref, k_ref, v_ref, final_ref, counts_ref=None, run_ref=None, edge_ref=None,
-                        gate_ref=None, chunking: Chunking, K: int, V: int, block_v: int, reverse: bool,
-                        piece_offset: int, contain: bool, exact: bool, precision):
+def piece_states_kernel(*, log_decay_ref, k_ref, v_ref, final_ref, counts_ref=None, tangent_ref=None, run_ref=None,
+                        edge_ref=None, gate_ref=None, chunking: Chunking, K: int, V: int, block_v: int,
+                        reverse: bool, piece_offset: int, contain: bool, exact: bool, precision):
     """One (value block, batch*head, piece) program: the piece's state from a zero one (``exact``:
     float32-accurate with 16-bit inputs, for a final state or a gradient's sums it enters). Refs: k [T, K];
     v [T, block_v]; run [T], edge [1]; final [K, block_v]; counts [K, block_v]: the state's crossing counts
-    (fleetjax.vjp), for the dq walk."""
+    (fleetjax.vjp), for the Triton dq walk; tangent [K, block_v]: the state's derivative in log gamma, for
+    the Mosaic one (fleetjax.chunk.update_tangent)."""
     j, piece = program_id(0, log_decay_ref), program_id(2, log_decay_ref) + piece_offset
     log_decay = log_decay_ref[0]
     k_cols, v_cols = columns(k_ref, K), columns(v_ref, V, block_v, j)
     dtype = k_ref.dtype
+    second_ref = counts_ref if counts_ref is not None else tangent_ref
 
     def body(ch: cm.Chunk, carry):
-        state, counts = carry
+        state, second = carry
         k = load_rows(k_ref, ch, k_cols)
         v = cm.finite_values(load_rows(v_ref, ch, v_cols), contain)
-        if counts is not None:
-            counts = cm.count_crossings(counts, state, ch)
+        if counts_ref is not None:
+            second = cm.count_crossings(second, state, ch)
+        elif tangent_ref is not None:
+            second = cm.update_tangent(second, state, k, v, ch, dtype=dtype, precision=precision)
         state = cm.update(state, k, v, ch, dtype=dtype, precision=precision, exact=exact)
-        return state, counts
+        return state, second
 
     zero = jnp.zeros(final_ref.shape, f32)
-    final_ref[...], counts = walk(body, (zero, None if counts_ref is None else zero), piece=piece,
+    final_ref[...], second = walk(body, (zero, None if second_ref is None else zero), piece=piece,
                                   chunking=chunking, reverse=reverse, log_decay=log_decay, run_ref=run_ref,
                                   edge_ref=edge_ref, gate_ref=gate_ref)
-    if counts_ref is not None:
-        counts_ref[...] = counts
+    if second_ref is not None:
+        second_ref[...] = second
 
 
 # ------------------------------------------------------------------------------------------------ launches
 
 def piece_states(key, value, log_decay, run_ids, chunking: Chunking, *, reverse: bool, all_pieces: bool,
                  chunk_size: int, block_v: int, num_warps: int, num_stages: int, precision, contain: bool,
-                 exact: bool = True, counts: bool = False, gate=None):
+                 exact: bool = True, counts: bool = False, tangent: bool = False, gate=None):
     """The local states [B, H, n, K, V] float32 of the pieces that have a successor in the walk (forward:
     0..P-2; reverse: 1..P-1), or of all P pieces with ``all_pieces``. Each
     piece is walked from a zero state with its keys ``key`` [B, T, H, K] and values ``value`` [B, T, H, V], in
     chunks of ``chunk_size`` where those tile the pieces (else the walk's). With ``counts`` the states come as
-    (states, their crossing counts) in the walk's chunks. gate: the log gate [B, H, T] (None: constant)."""
+    (states, their crossing counts) in the walk's chunks; with ``tangent`` as (states, their derivatives in log
+    gamma), in any chunks. gate: the log gate [B, H, T] (None: constant)."""
     if counts:
         chunk_size = chunking.chunk_size  # counts are of the walk's own chunks
     B, T, H, K = key.shape
@@ -114,11 +119,12 @@ def piece_states(key, value, log_decay, run_ids, chunking: Chunking, *, reverse:
                            edge_ref=None if run_ids is None else (edge, s.edge()),
                            gate_ref=None if gate is None else (gate, s.positions())),
                outputs=dict(final_ref=(((B, H, launched, kp, nv * bv), f32), s.piece_state()),
-                            counts_ref=(((B, H, launched, kp, nv * bv), f32), s.piece_state()) if counts else None),
+                            counts_ref=(((B, H, launched, kp, nv * bv), f32), s.piece_state()) if counts else None,
+                            tangent_ref=(((B, H, launched, kp, nv * bv), f32), s.piece_state()) if tangent else None),
                num_warps=num_warps, num_stages=num_stages)
     states = out["final_ref"][..., :K, :V]
-    if counts:
-        states = (states, out["counts_ref"][..., :K, :V])
+    if counts or tangent:
+        states = (states, out["counts_ref" if counts else "tangent_ref"][..., :K, :V])
     return states
 
 

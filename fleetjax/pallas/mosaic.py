@@ -20,9 +20,10 @@ says every output of the piece was finite (the caller's witness, fleetjax.nonfin
 products rounded to the inputs' dtype, as in the Triton walks' plain form. Sequence pieces enter with states
 passed in XLA (:func:`entering_states`) from the local states of the Triton piece-state walks.
 
-For the decay's gradient (``MosaicWalkConfig.decay_sums``) the dq and dk walks also form fleetjax.vjp's
-per-position sums with the state's products as hi/lo pairs; the dq walk carries the crossing counts as a
-second state, which enters each sequence piece passed in XLA like the state (:func:`entering_counts`).
+For the decay's gradient (``MosaicWalkConfig.decay_sums``) the dq walk also forms fleetjax.vjp's
+per-position sums with the state's products as hi/lo pairs, and carries the state's derivative in log gamma
+(fleetjax.vjp's tangent D) as a second state, which enters each sequence piece passed in XLA like the state
+(:func:`entering_tangents`); the dk walk then runs plain. The gate's gradient also takes the dk walk's sums.
 With the gated decay the weights, entering, leaving and carry are exp of differences of the log decay summed
 within the chunk (Decays.within_chunks), each <= 0, and the dq walk also forms the gate's spanned sums.
 
@@ -60,9 +61,7 @@ class MosaicWalkConfig:
     float32 states and hi/lo operands take more registers); stages: chunks whose tiles are in flight at
     once (the pipeline's depth, each a copy of the walk's input and output tiles in shared memory).
     decay_sums: the backward's walks run on Mosaic also where the decay's gradient is wanted (the dq walk
-    then carries the crossing counts, the dq and dk walks form its per-position sums with hi/lo products):
-    0.88 against 1.02 ms (Triton's walks for the learned decay) at B4 H16 T=4096, 3.24 against 3.48 at
-    T=16384 (H200, 2026-12-03, experiments/results/2026-12-03-h200-tune_pallas_decay_sums.jsonl).
+    then carries the state's derivative in log gamma and forms the per-position sums with hi/lo products).
     gated_forward: the forward walk takes the gated decay too: 0.191 against 0.212 ms (the Triton walk) at
     B4 H16 T=4096, 0.562 against 0.729 at T=16384 (H200, 2026-12-03, bf16, K = V = 128,
     experiments/results/2026-12-03-h200-forward_mosaic_gated.json).
@@ -70,7 +69,7 @@ class MosaicWalkConfig:
     fwd+bwd 1.527 against 1.627 ms at T=4096, 4.711 against 5.085 at T=16384 (same card and date,
     -backward_mosaic_gated.json).
     gated_decay_sums: with ``gated_backward``, also where a learned per-head decay sits beside the gate (the
-    gated dq walk then carries the crossing counts and forms intra beside spanned): fwd+bwd with both
+    gated dq walk then carries the state's derivative and forms intra beside spanned): fwd+bwd with both
     learned 1.566 against 1.752 ms (the Triton walks) at B4 H16 T=4096, 4.978 against 6.408 at T=16384 (H200,
     2026-12-03, bf16, K = V = 128, experiments/results/2026-12-03-h200-gated_decay_sums_timing.txt).
     """
@@ -155,20 +154,19 @@ def entering_states(start, local, decays: Decays, chunking: Chunking, B: int, re
     return jnp.concatenate(parts, axis=2)
 
 
-def entering_counts(entering, local_counts, decays: Decays, chunking: Chunking, B: int):
-    """The crossing counts entering each piece of the dq walk [B, H, P, K, V] float32 (None: one piece),
-    from the states entering the pieces ``entering`` [B, H, P, K, V] (:func:`entering_states`) and the
-    local counts of all but the last piece ``local_counts`` [B, H, P-1, K, V] (the Triton piece-state walks
-    from zero): a piece of n chunks with (S, X) entering leaves carry * (X + n S) + its local counts, since
-    every chunk adds the state it found to the counts before both decay by the chunk's carry."""
+def entering_tangents(entering, local_tangents, decays: Decays, chunking: Chunking, B: int):
+    """The state's derivatives in log gamma entering each piece of the dq walk [B, H, P, K, V] float32 (None:
+    one piece), from the states entering the pieces ``entering`` [B, H, P, K, V] (:func:`entering_states`)
+    and the local derivatives of all but the last piece ``local_tangents`` [B, H, P-1, K, V] (the Triton
+    piece-state walks from zero): a piece of n positions with (S, D) entering leaves carry * (D + n S) + its
+    local derivative, since every term of S decays n more steps (fleetjax.chunk.update_tangent)."""
     if chunking.pieces == 1:
         return None
-    n = chunking.piece_len // chunking.chunk_size
     carry = jnp.exp(decays.block_sums(B, chunking.T, chunking.piece_len))[:, :, :-1]  # [B, H, P-1]
-    crossed = carry[..., None, None] * (n * entering[:, :, :-1]) + local_counts
-    counts, last = pass_states(jnp.zeros_like(crossed[:, :, 0]), jnp.moveaxis(crossed, 2, 0),
-                               jnp.moveaxis(carry, 2, 0))
-    return jnp.concatenate([jnp.moveaxis(counts, 0, 2), last[:, :, None]], axis=2)
+    moved = carry[..., None, None] * (chunking.piece_len * entering[:, :, :-1]) + local_tangents
+    tangents, last = pass_states(jnp.zeros_like(moved[:, :, 0]), jnp.moveaxis(moved, 2, 0),
+                                 jnp.moveaxis(carry, 2, 0))
+    return jnp.concatenate([jnp.moveaxis(tangents, 0, 2), last[:, :, None]], axis=2)
 
 
 def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_local, reverse_local, *,
@@ -176,15 +174,15 @@ def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_lo
                    interpret=None):
     """(dq, dk, dv, the gradient's per-position sums or None, the witness) where :func:`serves_backward`: dq
     = walk(dO, v, k) from S0^T, dv = reverse walk(k, q, dO), dk = reverse walk(v, dO, q), the pieces
-    entering from the local states of the dq walk's ``dq_local`` (keys v, values k: (states, crossing counts
-    or None)) and of the reverse walks' ``reverse_local`` (keys q, values dO; the dk walk's are their
-    transposes), [B, H, P-1, ., .] or None; the gated decay where ``decays`` has a gate.
-    The sums [B, H, T] (summed over their value blocks): w and u, with ``log_decay_wanted`` also counts and
-    intra (fleetjax.vjp.log_decay_grad's parts), with ``log_gate_wanted`` spanned (log_gate_grad's). The
+    entering from the local states of the dq walk's ``dq_local`` (keys v, values k: (states, their
+    derivatives in log gamma or None)) and of the reverse walks' ``reverse_local`` (keys q, values dO; the dk
+    walk's are their transposes), [B, H, P-1, ., .] or None; the gated decay where ``decays`` has a gate.
+    The sums [B, H, T] (summed over their value blocks): w, with ``log_decay_wanted`` also tangent and intra
+    (fleetjax.vjp.log_decay_grad's parts), with ``log_gate_wanted`` u and spanned (log_gate_grad's). The
     witness: the dq and dv walks' states after their pieces, non-finite whenever dq or dv is (their 0 * out
     terms), which each q_t, k_t, v_t and dO_t reaches through its own pair. ``interpret``: see :func:`walk`."""
     B, T = q.shape[:2]
-    dq_local, dq_local_counts = (None, None) if dq_local is None else dq_local
+    dq_local, dq_local_tangents = (None, None) if dq_local is None else dq_local
     dq_entering = entering_states(None if start is None else jnp.swapaxes(start, -1, -2), dq_local, decays,
                                   chunking, B)
     reverse_entering = entering_states(None, reverse_local, decays, chunking, B, reverse=True)
@@ -198,15 +196,18 @@ def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_lo
         dk, _, _ = along(v, do, q, entering=dk_entering, reverse=True)
         return dq, dk, dv, None, (dq_finals, dv_finals)
     sums = functools.partial(along, config=dataclasses.replace(config, block_v=config.sums_block_v))
-    counts_entering = (entering_counts(dq_entering, dq_local_counts, decays, chunking, B) if log_decay_wanted
-                       else None)
-    dq, dq_finals, dq_sums = sums(do, v, k, entering=dq_entering, reverse=False, rows=q, counts=log_decay_wanted,
-                                  entering_counts=counts_entering, spanned=log_gate_wanted)
-    dv, dv_finals, _ = along(k, q, do, entering=reverse_entering, reverse=True)
-    dk, _, dk_sums = sums(v, do, q, entering=dk_entering, reverse=True, rows=k)
+    tangents_entering = (entering_tangents(dq_entering, dq_local_tangents, decays, chunking, B)
+                         if log_decay_wanted else None)
+    dq, dq_finals, dq_sums = sums(do, v, k, entering=dq_entering, reverse=False, rows=q, tangent=log_decay_wanted,
+                                  entering_tangents=tangents_entering, spanned=log_gate_wanted)
     parts = {name: jnp.sum(part, axis=0) for name, part in dq_sums.items()}
     parts["w"] = parts.pop("state")
-    parts["u"] = jnp.sum(dk_sums["state"], axis=0)
+    dv, dv_finals, _ = along(k, q, do, entering=reverse_entering, reverse=True)
+    if log_gate_wanted:  # the gate's gradient takes the dk walk's sums (the decay's come from the dq walk alone)
+        dk, _, dk_sums = sums(v, do, q, entering=dk_entering, reverse=True, rows=k)
+        parts["u"] = jnp.sum(dk_sums["state"], axis=0)
+    else:
+        dk, _, _ = along(v, do, q, entering=dk_entering, reverse=True)
     return dq, dk, dv, parts, (dq_finals, dv_finals)
 
 
@@ -219,7 +220,7 @@ def _mma_tiles(dtype, columns: int):
 
 
 def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse: bool, scale: float,
-         config: MosaicWalkConfig, rows=None, counts: bool = False, entering_counts=None, within=None,
+         config: MosaicWalkConfig, rows=None, tangent: bool = False, entering_tangents=None, within=None,
          spanned: bool = False, interpret=None):
     """(out [B, T, H, Dv] in value's dtype, the state after each piece [B, H, P, Dk, Dv] float32, sums): the
     walk of fleetjax.chunk with these roles, forward or ``reverse`` in time, from the states entering the
@@ -230,9 +231,10 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
 
     For the decay's gradient (fleetjax.vjp), ``rows`` [B, T, H, Dv] (q in the dq walk, k in the dk walk):
     the state's products become float32-accurate (hi/lo pairs) and sums["state"] [Dv blocks, B, H, T] holds
-    each position's rows . (the state's part of out) (w, u); with ``counts`` (the dq walk) also the
-    crossing-count state, entering the pieces as ``entering_counts`` [B, H, P, Dk, Dv] float32 (None:
-    zero), and sums["counts"] and sums["intra"] (the lag-weighted pairs in the chunk), per value block
+    each position's rows . (the state's part of out) (w, u); with ``tangent`` (the dq walk) also the
+    state's derivative in log gamma D (fleetjax.chunk.update_tangent) as a second state, entering the pieces
+    as ``entering_tangents`` [B, H, P, Dk, Dv] float32 (None: zero), and sums["tangent"] (each position's
+    rows . (out's part from D)) and sums["intra"] (the lag-weighted pairs in the chunk), per value block
     (their sum over blocks is the position's).
 
     ``within`` [B, H, T] float32 (the gated decay): the log decay summed from each position's chunk start
@@ -264,7 +266,9 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     # float16's range: scale the state before it is rounded; bfloat16 keeps float32's, scale the row factors.
     # The exact products always take the scaled state (its lo part then keeps the scale's bits too).
     scale_state = exact or jnp.dtype(dtype) == jnp.dtype(jnp.float16)
-    sums = (["state"] if exact else []) + (["counts", "intra"] if counts else []) + (["spanned"] if spanned else [])
+    if tangent and (reverse or not exact):
+        raise ValueError("tangent= needs rows= and the forward direction (the dq walk)")
+    sums = (["state"] if exact else []) + (["tangent", "intra"] if tangent else []) + (["spanned"] if spanned else [])
     copy_dtypes = {jnp.dtype(dtype)} | ({jnp.dtype(jnp.bfloat16)} if spanned else set())  # interpreter only
 
     def iota(shape, dimension):
@@ -287,12 +291,12 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
         rows_gmem = take(1)[0] if exact else None
         within_gmem = take(1)[0] if gated else None
         start_gmem = take(1)[0] if entering is not None else None
-        counts_start_gmem = take(1)[0] if entering_counts is not None else None
+        tangent_start_gmem = take(1)[0] if entering_tangents is not None else None
         o_gmem, final_gmem = take(2)
         sums_gmem = dict(zip(sums, take(len(sums))))
         state_smem, weighted_smem = take(2)
         state_lo_smem, weighted_lo_smem = take(2) if exact else (None, None)
-        counts_smem, counts_lo_smem = take(2) if counts else (None, None)
+        tangent_smem, tangent_lo_smem, lagged_smem, lagged_lo_smem = take(4) if tangent else (None,) * 4
         part_smems = take(3) if spanned else []
         barrier = take(1)[0]
         transposed_smem = {} if interpret is None else {(C, K): take(1)[0], (C, bv): take(1)[0]}
@@ -311,6 +315,8 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
         lag = pair_cols - pair_rows if reverse else pair_rows - pair_cols
         # Exponents masked before exp (only lags >= 0): gamma -> 0 gives exact zeros, gamma = 1 ones.
         lags = jnp.where(lag >= 0, lag, 0).astype(f32)
+        # The steps each key's leaving decay takes (forward: the tangent's walk), its derivative in log gamma.
+        leave_lags = C - 1.0 - iota((C, bv), 0).astype(f32) if tangent else None
         row_factor = 1.0 if scale_state else scale
         constant = None  # the constant decay's factors, the same for every chunk
         if not gated:
@@ -363,7 +369,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             within_smem = rest.pop(0) if gated else None
             o_smem, *sum_smems = rest
             sum_smem = dict(zip(sums, sum_smems))
-            state, crossings = carried if counts else (carried, None)
+            state, derivative = carried if tangent else (carried, None)
             weights, entering_rows, leaving_rows, carry = factors(within_smem) if gated else constant
 
             held = scale * state if scale_state else state
@@ -371,14 +377,14 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                 state_smem[...], state_lo_smem[...] = split(held, dtype, 2)
             else:
                 state_smem[...] = held.astype(dtype)
-            if counts:
-                counts_smem[...], counts_lo_smem[...] = split(scale * crossings, dtype, 2)
+            if tangent:
+                tangent_smem[...], tangent_lo_smem[...] = split(scale * derivative, dtype, 2)
             plgpu.commit_smem()
 
             scores = product((C, C), (q_smem, k_t(k_smem))) * weights
-            if counts or spanned:  # the pairs (rows_i . value_j) (query_i . key_j) decayed, in float32
+            if tangent or spanned:  # the pairs (rows_i . value_j) (query_i . key_j) decayed, in float32
                 pairs = product((C, C), (x_smem, k_t(v_smem))) * scores
-            if counts:
+            if tangent:
                 sum_smem["intra"][...] = scale * jnp.sum(lags * pairs, axis=1)
             if spanned:  # sum over i >= r as one product with the triangle [i >= r], then over j < r
                 for part_smem, part in zip(part_smems, split(pairs, jnp.bfloat16, 3)):
@@ -398,24 +404,29 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             if exact:
                 x = x_smem[...].astype(f32)
                 sum_smem["state"][...] = jnp.sum(inter * x, axis=1)
-            if counts:
-                counted = product((C, bv), (q_smem, counts_smem), (q_smem, counts_lo_smem)) * entering_rows
-                sum_smem["counts"][...] = jnp.sum(counted * x, axis=1)
-                crossings = carry * (crossings + state)
+            if tangent:
+                through = product((C, bv), (q_smem, tangent_smem), (q_smem, tangent_lo_smem)) * entering_rows
+                sum_smem["tangent"][...] = jnp.sum(through * x, axis=1)
             weighted = v_smem[...].astype(f32) * leaving_rows + 0.0 * o
             if exact:
                 weighted_smem[...], weighted_lo_smem[...] = split(weighted, dtype, 2)
             else:
                 weighted_smem[...] = weighted.astype(dtype)
+            if tangent:
+                lagged_smem[...], lagged_lo_smem[...] = split(weighted * leave_lags, dtype, 2)
             plgpu.commit_smem()
 
-            def update(acc):
-                plgpu.wgmma(acc, k_t(k_smem), weighted_smem)
-                if exact:
-                    plgpu.wgmma(acc, k_t(k_smem), weighted_lo_smem)
+            def update(*tiles):
+                def issue(acc):
+                    for tile in tiles:
+                        plgpu.wgmma(acc, k_t(k_smem), tile)
+                return issue
 
-            state = accumulate(carry * state, update)
-            return (state, crossings) if counts else state
+            if tangent:  # D <- carry (D + C S) + key^T (leave_lags leaving value), from the entering S
+                derivative = accumulate(carry * (derivative + C * state), update(lagged_smem, lagged_lo_smem))
+            state = accumulate(carry * state, update(*([weighted_smem, weighted_lo_smem] if exact
+                                                       else [weighted_smem])))
+            return (state, derivative) if tangent else state
 
         columns = pl.ds(j * bv, bv)
 
@@ -437,7 +448,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             return pl.run_scoped(load, f32_tile)
 
         state = entered(start_gmem)
-        init = (state, entered(counts_start_gmem)) if counts else state
+        init = (state, entered(tangent_start_gmem)) if tangent else state
         first = piece * n
         at = (lambda c: first + n - 1 - c) if reverse else (lambda c: first + c)  # noqa: E731
         rows_k = plgpu.BlockSpec((C, K), lambda c: (at(c), 0), transforms=tiles)
@@ -454,7 +465,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                                         max_concurrent_steps=config.stages, init_carry=init)(*gmems)
         else:
             state = _stepwise(chunk, n, in_specs, out_specs, gmems, init, dtype)
-        state = state[0] if counts else state
+        state = state[0] if tangent else state
 
         def store(tile):
             tile[...] = state
@@ -470,7 +481,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     weighted_tile = lambda: plgpu.SMEM((C, bv), dtype, transforms=tiles)  # noqa: E731
     scratch = [state_tile(), weighted_tile()]
     scratch += [state_tile(), weighted_tile()] if exact else []
-    scratch += [state_tile(), state_tile()] if counts else []
+    scratch += [state_tile(), state_tile(), weighted_tile(), weighted_tile()] if tangent else []
     scratch += [plgpu.SMEM((C, C), jnp.bfloat16, transforms=_mma_tiles(jnp.bfloat16, C)) for _ in range(3)] \
         if spanned else []
     scratch += [plgpu.Barrier()]
@@ -482,7 +493,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     args = (log_decay.astype(f32), query, key, value) + (() if rows is None else (rows,))
     args += () if within is None else (within.astype(f32),)
     args += () if entering is None else (entering,)
-    args += () if entering_counts is None else (entering_counts,)
+    args += () if entering_tangents is None else (entering_tangents,)
     out, finals, *formed = call(*args)
     return out, finals, dict(zip(sums, formed))
 
