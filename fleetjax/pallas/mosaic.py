@@ -61,7 +61,9 @@ class MosaicWalkConfig:
     float32 states and hi/lo operands take more registers); stages: chunks whose tiles are in flight at
     once (the pipeline's depth, each a copy of the walk's input and output tiles in shared memory).
     decay_sums: the backward's walks run on Mosaic also where the decay's gradient is wanted (the dq walk
-    then carries the state's derivative in log gamma and forms the per-position sums with hi/lo products).
+    then carries the state's derivative in log gamma and forms the per-position sums with hi/lo products):
+    forward+backward 0.956 ms at B4 H16 T=4096, 3.244 at T=16384, 1.366 at B1 H8 T=32768, 11.0 at B1 H16
+    T=131072 (H200, 2026-12-03, bf16, K = V = 128, experiments/results/...-backward_issue15_fleetjax_only.json).
     gated_forward: the forward walk takes the gated decay too: 0.191 against 0.212 ms (the Triton walk) at
     B4 H16 T=4096, 0.562 against 0.729 at T=16384 (H200, 2026-12-03, bf16, K = V = 128,
     experiments/results/2026-12-03-h200-forward_mosaic_gated.json).
@@ -278,11 +280,18 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     def laid(x):
         return x if interpret is not None else plgpu.layout_cast(x, wg)
 
-    def accumulate(init, issue):
-        """init + what ``issue(acc)``'s wgmmas add, accumulated in place from ``init`` on the GPU."""
+    def accumulate(*jobs):
+        """[init + what issue(acc)'s wgmmas add] for each (init, issue) of ``jobs``, accumulated in place from
+        init on the GPU, every wgmma issued before the first is waited for."""
         if interpret is not None:
-            return init + pl.run_scoped(lambda acc: (issue(acc), acc[...])[1], plgpu.ACC(init.shape, f32))
-        return pl.run_state(issue)(plgpu.ACC.init(init))
+            return [init + pl.run_scoped(lambda acc, issue=issue: (issue(acc), acc[...])[1],
+                                         plgpu.ACC(init.shape, f32)) for init, issue in jobs]
+
+        def issue_all(accs):
+            for acc, (_, issue) in zip(accs, jobs):
+                issue(acc)
+
+        return list(pl.run_state(issue_all)(tuple(plgpu.ACC.init(init) for init, _ in jobs)))
 
     def kernel(*refs):
         refs = list(refs)
@@ -334,13 +343,19 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             copy[...] = ref[...].T
             return copy
 
-        def product(acc_shape, *pairs):
-            """sum of a @ b over ``pairs`` (wgmma), as a float32 array."""
-            def body(acc):
-                for a, b_ in pairs:
-                    plgpu.wgmma(acc, a, b_)
-                return acc[...]
-            return pl.run_scoped(body, plgpu.ACC(acc_shape, f32))
+        def products(**jobs):
+            """{name: sum of a @ b over its pairs, float32} for jobs name=(shape, pairs): every wgmma is issued
+            before the first result is read, so that they share one wait. An operand b may be a thunk, taken
+            just before its wgmma (the interpreter's transposed copies share a buffer per shape)."""
+            names = list(jobs)
+
+            def body(*accs):
+                for acc, name in zip(accs, names):
+                    for a, b_ in jobs[name][1]:
+                        plgpu.wgmma(acc, a, b_() if callable(b_) else b_)
+                return [acc[...] for acc in accs]
+
+            return dict(zip(names, pl.run_scoped(body, *[plgpu.ACC(jobs[name][0], f32) for name in names])))
 
         def factors(within_smem):
             """(weights, entering_rows, leaving_rows, carry) of a gated chunk from its ``within`` tile L [C]:
@@ -381,9 +396,18 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                 tangent_smem[...], tangent_lo_smem[...] = split(scale * derivative, dtype, 2)
             plgpu.commit_smem()
 
-            scores = product((C, C), (q_smem, k_t(k_smem))) * weights
-            if tangent or spanned:  # the pairs (rows_i . value_j) (query_i . key_j) decayed, in float32
-                pairs = product((C, C), (x_smem, k_t(v_smem))) * scores
+            # The products that read only the chunk's tiles and the states' copies go out together.
+            jobs = dict(scores=((C, C), [(q_smem, lambda: k_t(k_smem))]),
+                        inter=((C, bv), [(q_smem, state_smem)] + ([(q_smem, state_lo_smem)] if exact else [])))
+            if tangent or spanned:  # the pairs (rows_i . value_j) (query_i . key_j), decayed below
+                jobs["pairs"] = ((C, C), [(x_smem, lambda: k_t(v_smem))])
+            if tangent:
+                jobs["through"] = ((C, bv), [(q_smem, tangent_smem), (q_smem, tangent_lo_smem)])
+            got = products(**jobs)
+            scores = got["scores"] * weights
+            inter = got["inter"] * entering_rows
+            if tangent or spanned:
+                pairs = got["pairs"] * scores
             if tangent:
                 sum_smem["intra"][...] = scale * jnp.sum(lags * pairs, axis=1)
             if spanned:  # sum over i >= r as one product with the triangle [i >= r], then over j < r
@@ -391,22 +415,19 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                     part_smem[...] = part
                 plgpu.commit_smem()
                 triangle = from_registers(jnp.where(pair_cols >= pair_rows, 1.0, 0.0).astype(jnp.bfloat16))
-                from_r = product((C, C), *[(triangle, part_smem) for part_smem in part_smems])
+                from_r = products(r=((C, C), [(triangle, part_smem) for part_smem in part_smems]))["r"]
                 sum_smem["spanned"][...] = scale * jnp.sum(jnp.where(pair_cols < pair_rows, from_r, 0.0), axis=1)
-            states = [(q_smem, state_smem)] + ([(q_smem, state_lo_smem)] if exact else [])
-            inter = product((C, bv), *states) * entering_rows
 
             def intra(acc):
                 plgpu.wgmma(acc, from_registers((scores * scale).astype(dtype)), v_smem)
 
-            o = accumulate(inter, intra)
+            [o] = accumulate((inter, intra))
             o_smem[...] = o.astype(dtype)
             if exact:
                 x = x_smem[...].astype(f32)
                 sum_smem["state"][...] = jnp.sum(inter * x, axis=1)
             if tangent:
-                through = product((C, bv), (q_smem, tangent_smem), (q_smem, tangent_lo_smem)) * entering_rows
-                sum_smem["tangent"][...] = jnp.sum(through * x, axis=1)
+                sum_smem["tangent"][...] = jnp.sum(got["through"] * entering_rows * x, axis=1)
             weighted = v_smem[...].astype(f32) * leaving_rows + 0.0 * o
             if exact:
                 weighted_smem[...], weighted_lo_smem[...] = split(weighted, dtype, 2)
@@ -422,11 +443,11 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                         plgpu.wgmma(acc, k_t(k_smem), tile)
                 return issue
 
+            jobs = [(carry * state, update(*([weighted_smem, weighted_lo_smem] if exact else [weighted_smem])))]
             if tangent:  # D <- carry (D + C S) + key^T (leave_lags leaving value), from the entering S
-                derivative = accumulate(carry * (derivative + C * state), update(lagged_smem, lagged_lo_smem))
-            state = accumulate(carry * state, update(*([weighted_smem, weighted_lo_smem] if exact
-                                                       else [weighted_smem])))
-            return (state, derivative) if tangent else state
+                jobs.append((carry * (derivative + C * state), update(lagged_smem, lagged_lo_smem)))
+            state, *derivative = accumulate(*jobs)
+            return (state, derivative[0]) if tangent else state
 
         columns = pl.ds(j * bv, bv)
 
