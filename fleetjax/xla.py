@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fleetjax import chunk as cm
-from fleetjax import vjp
+from fleetjax import nonfinite, vjp
 from fleetjax.chunking import Chunking
 from fleetjax.decay import Decays
 from fleetjax.implementation import Implementation
@@ -111,7 +111,7 @@ def _reach(ch: cm.Chunk, bad: jax.Array) -> jax.Array:
 
 def _poisoned(x: jax.Array, ch: cm.Chunk, bad: jax.Array) -> jax.Array:
     """x [n, B, H, C, D] with NaN where a bad value reaches it; the product is made only if there is one."""
-    return jax.lax.cond(jnp.any(bad), lambda x: jnp.where(_reach(ch, bad), jnp.nan, x), lambda x: x, x)
+    return nonfinite.replaced_if(jnp.any(bad), lambda x: jnp.where(_reach(ch, bad), jnp.nan, x), x)
 
 
 def _columns(ch: cm.Chunk, bad: jax.Array) -> jax.Array:
