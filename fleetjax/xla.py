@@ -12,7 +12,8 @@ The decay gradient comes from the dq pass without cancellation: besides the dq s
 Sigma_c = sum_{s < c} gamma^(c-1-s) v_s k_s^T it carries its derivative in log gamma,
 Sigma'_c = sum_{s < c} (c-1-s) gamma^(c-1-s) v_s k_s^T (c the chunk's start), so that the pairs across chunks
 give sum_t ((i+1) w_t + q_t . scale gamma^(i+1) dO_t^T Sigma'_c) with w_t = q_t . dq_t^inter: every term has
-its own non-negative lag weight; nothing large is subtracted (fleetjax.vjp explains why that matters).
+its own non-negative lag weight; nothing large is subtracted (fleetjax.vjp explains why that matters, and
+its log_decay_grad sums the parts, as for the Mosaic dq walk).
 
 Non-finite values: masks select; the value operand of each product (v; in the backward k, dO and q) enters
 with its non-finite entries zeroed and the outputs and states that depend on one are set to NaN
@@ -166,14 +167,13 @@ def _causal_pass(q, k, v, decays: Decays, initial_state, run_ids, scale, chunkin
     other = chunking.split(dot_with.astype(f32))
     # Per query: its lag-weighted intra-chunk pairs, and the pairs across chunks through both states.
     pairs = _dot("nbhik,nbhjk->nbhij", other, vc, precision) * scores
-    intra = jnp.sum(ch.lag * pairs, axis=-1)
-    enter_lag = jnp.arange(1, chunking.chunk_size + 1, dtype=f32)
-    across = jnp.sum((enter_lag[:, None] * o_inter + d_inter) * other, axis=-1)
-    d_log_decay = scale * jnp.sum(intra + across, axis=(0, 1, 3))
-    # A bad value poisons the decay gradient as it does its outputs (the gradient sums over all pairs).
-    d_log_decay = jnp.where(jnp.any(bad, axis=(0, 1, 3, 4)), jnp.nan, d_log_decay)
     per_position = lambda x: jnp.swapaxes(chunking.merge(x[..., None])[..., 0], 1, 2)  # noqa: E731  [B, H, T]
     w = per_position(scale * jnp.sum(o_inter * other, axis=-1))
+    intra = per_position(scale * jnp.sum(ch.lag * pairs, axis=-1))
+    tangent = per_position(scale * jnp.sum(d_inter * other, axis=-1))
+    d_log_decay = vjp.log_decay_grad(w, intra, chunking.chunk_size, tangent=tangent)
+    # A bad value poisons the decay gradient as it does its outputs (the gradient sums over all pairs).
+    d_log_decay = jnp.where(jnp.any(bad, axis=(0, 1, 3, 4)), jnp.nan, d_log_decay)
     spanned_of = functools.partial(cm.spanned, precision=HIGHEST)
     spanned = per_position(scale * jax.vmap(jax.vmap(jax.vmap(spanned_of)))(pairs))
     return chunking.merge(o), final_state, d_log_decay, w, spanned
