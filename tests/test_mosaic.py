@@ -181,8 +181,8 @@ def test_serves_the_backward_without_an_initial_state_gradient():
     assert sums.gated_decay_sums
     assert mosaic.serves_backward(sums, **{**args, "gated": True, "wanted": both})
     assert mosaic.serves_backward(sums, **{**args, "gated": True, "wanted": learned})
-    uncounted = mosaic.MosaicWalkConfig(gated_decay_sums=False)
-    assert not mosaic.serves_backward(uncounted, **{**args, "gated": True, "wanted": both})
+    gate_only = mosaic.MosaicWalkConfig(gated_decay_sums=False)
+    assert not mosaic.serves_backward(gate_only, **{**args, "gated": True, "wanted": both})
     assert not mosaic.serves_backward(dataclasses.replace(sums, decay_sums=False),
                                       **{**args, "gated": True, "wanted": both})
 
