@@ -324,14 +324,14 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
         lag = pair_cols - pair_rows if reverse else pair_rows - pair_cols
         # Exponents masked before exp (only lags >= 0): gamma -> 0 gives exact zeros, gamma = 1 ones.
         lags = jnp.where(lag >= 0, lag, 0).astype(f32)
-        # The steps each key's leaving decay takes (forward: the tangent's walk), its derivative in log gamma.
-        leave_lags = C - 1.0 - iota((C, bv), 0).astype(f32) if tangent else None
+        # The steps of each row's entering and leaving decay: the constant decay's exponents over log gamma,
+        # and the leaving ones also the tangent's weights (their derivative in log gamma).
+        row = iota((C, bv), 0).astype(f32)
+        enter_lag, leave_lag = (C - 1.0 - row, row + 1.0) if reverse else (row + 1.0, C - 1.0 - row)
         row_factor = 1.0 if scale_state else scale
         constant = None  # the constant decay's factors, the same for every chunk
         if not gated:
             log_gamma = log_decay_gmem[h]
-            row = iota((C, bv), 0).astype(f32)
-            enter_lag, leave_lag = (C - 1.0 - row, row + 1.0) if reverse else (row + 1.0, C - 1.0 - row)
             constant = (decayed(lag >= 0, lags * log_gamma),
                         jnp.exp(enter_lag * log_gamma) * row_factor, jnp.exp(leave_lag * log_gamma),
                         jnp.exp(C * log_gamma))
@@ -434,7 +434,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             else:
                 weighted_smem[...] = weighted.astype(dtype)
             if tangent:
-                lagged_smem[...], lagged_lo_smem[...] = split(weighted * leave_lags, dtype, 2)
+                lagged_smem[...], lagged_lo_smem[...] = split(weighted * leave_lag, dtype, 2)
             plgpu.commit_smem()
 
             def update(*tiles):
@@ -444,7 +444,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                 return issue
 
             jobs = [(carry * state, update(*([weighted_smem, weighted_lo_smem] if exact else [weighted_smem])))]
-            if tangent:  # D <- carry (D + C S) + key^T (leave_lags leaving value), from the entering S
+            if tangent:  # D <- carry (D + C S) + key^T (leave_lag leaving value), from the entering S
                 jobs.append((carry * (derivative + C * state), update(lagged_smem, lagged_lo_smem)))
             state, *derivative = accumulate(*jobs)
             return (state, derivative[0]) if tangent else state
