@@ -149,22 +149,9 @@ def contained_if_reached(walks: Callable[[bool], tuple[Any, jax.Array]]) -> Any:
     that output is, as the forward walk's final states, fleetjax.chunk.update). Then a finite witness says
     every input was finite, and the plain walks' result is the contained one's. Unlike
     :func:`contained_if_needed` this reads the witness instead of the inputs; the plain walks run in both
-    cases (wasted when an input is non-finite).
-
-    The choice is :func:`replaced_if`'s, which keeps the plain result in place."""
+    cases (wasted when an input is non-finite)."""
     plain, witness = walks(False)
-    return replaced_if(jnp.logical_not(all_finite(*jax.tree.leaves(witness))), lambda _: walks(True)[0], plain)
-
-
-def replaced_if(pred: jax.Array, fn: Callable[[Any], Any], x: Any) -> Any:
-    """``fn(x)`` where the scalar ``pred`` is true, else ``x`` untouched, as a loop of zero or one trip rather
-    than ``lax.cond``: a cond whose branch returns its operand copies it into the cond's own output (XLA's
-    copy insertion: a full pass over every array of ``x`` in the common case), while a loop's state is
-    updated in place."""
-    def once(carry):  # the flag stays derived from pred: under shard_map it varies as pred does
-        return jnp.logical_and(carry[0], False), fn(carry[1])
-
-    return jax.lax.while_loop(lambda carry: carry[0], once, (pred, x))[1]
+    return jax.lax.cond(all_finite(*jax.tree.leaves(witness)), lambda: plain, lambda: walks(True)[0])
 
 
 def bad(x: jax.Array) -> jax.Array:

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fleetjax import chunk as cm
-from fleetjax import nonfinite, vjp
+from fleetjax import vjp
 from fleetjax.chunking import Chunking
 from fleetjax.decay import Decays
 from fleetjax.implementation import Implementation
@@ -112,7 +112,7 @@ def _reach(ch: cm.Chunk, bad: jax.Array) -> jax.Array:
 
 def _poisoned(x: jax.Array, ch: cm.Chunk, bad: jax.Array) -> jax.Array:
     """x [n, B, H, C, D] with NaN where a bad value reaches it; the product is made only if there is one."""
-    return nonfinite.replaced_if(jnp.any(bad), lambda x: jnp.where(_reach(ch, bad), jnp.nan, x), x)
+    return jax.lax.cond(jnp.any(bad), lambda x: jnp.where(_reach(ch, bad), jnp.nan, x), lambda x: x, x)
 
 
 def _columns(ch: cm.Chunk, bad: jax.Array) -> jax.Array:

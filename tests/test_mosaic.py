@@ -53,7 +53,7 @@ def test_supports_only_the_cases_the_kernel_serves():
 
 
 @pytest.mark.parametrize("field, value", [("chunk_size", 128), ("block_v", 48), ("sums_block_v", 256),
-                                          ("stages", 0), ("stages", 2.0)])
+                                          ("stages", 0), ("stages", 2.0), ("sums_stages", 9)])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=f"MosaicWalkConfig.{field}"):
         mosaic.MosaicWalkConfig(**{field: value})
@@ -523,6 +523,28 @@ def test_learned_decay_backward_on_mosaic_matches_the_oracle_and_the_triton_walk
         tolerance = DECAY_GRAD_TOLERANCE["bfloat16"] if name == "decay" else TOLERANCE["bfloat16"]
         assert oracle.rel_err(got, ref[name], axis=None if name == "decay" else 2) < tolerance, name
         assert oracle.rel_err(got, triton, axis=None if name == "decay" else 2) < tolerance, name
+
+
+@pytest.mark.parametrize("wrt, kernels", [("decay", 2), ("q", 2), ("v", 2), ("k", 3), ("all", 3)])
+def test_a_backward_launches_only_the_walks_its_gradients_need(wrt, kernels):
+    """Lowered for an sm_90 GPU (any host): the dq walk gives dq and the decay's sums, the dv walk dv, both the
+    witness; the dk walk gives dk alone, so a backward that drops dk drops its walk (the plain/contained
+    choice keeps jax's dead-code elimination of unused outputs)."""
+    B, T, H, K, V = 1, 1024, 2, 64, 64
+    q, v = jnp.zeros((B, T, H, K), jnp.bfloat16), jnp.zeros((B, T, H, V), jnp.bfloat16)
+    decay = jnp.asarray([0.999, 0.9], jnp.float32)
+    config = dataclasses.replace(chunked.default_config(q, v), backward_num_sequence_pieces=4,
+                                 mosaic_walks=mosaic.MosaicWalkConfig())
+    f = lambda q, k, v, decay: fleetjax.fleet_attention(q, k, v, decay, implementation="pallas",  # noqa: E731
+                                                        config=config)
+    pick = {"q": 0, "k": 1, "v": 2, "decay": 3}
+
+    def grads(q, k, v, decay, do):
+        got = jax.vjp(f, q, k, v, decay)[1](do)
+        return got if wrt == "all" else got[pick[wrt]]
+
+    text = jax.jit(grads).trace(q, q, v, decay, v).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == kernels
 
 
 @hopper

@@ -59,7 +59,11 @@ class MosaicWalkConfig:
     chunk_size: positions per chunk (64: one wgmma row tile); block_v: value columns per program (32, 64 or
     128); sums_block_v: the same for the backward's walks that form the decay's gradient sums (their two
     float32 states and hi/lo operands take more registers); stages: chunks whose tiles are in flight at
-    once (the pipeline's depth, each a copy of the walk's input and output tiles in shared memory).
+    once (the pipeline's depth, each a copy of the walk's input and output tiles in shared memory);
+    sums_stages: the same for the walks that form the sums: 2 against 3, forward+backward with the decay
+    learned 6.99 against 9.90 ms at B1 H16 T=131072, 2.82 against 2.85 at B4 H16 T=16384, the same at
+    T=4096 and B1 H8 T=32768 (H200, 2026-12-03, bf16, K = V = 128,
+    experiments/results/2026-12-03-h200-tune_sums_stages.jsonl).
     decay_sums: the backward's walks run on Mosaic also where the decay's gradient is wanted (the dq walk
     then carries the state's derivative in log gamma and forms the per-position sums with hi/lo products):
     forward+backward 0.956 ms at B4 H16 T=4096, 3.244 at T=16384, 1.366 at B1 H8 T=32768, 11.0 at B1 H16
@@ -80,6 +84,7 @@ class MosaicWalkConfig:
     block_v: int = 64
     sums_block_v: int = 32
     stages: int = 3
+    sums_stages: int = 2
     decay_sums: bool = True
     gated_forward: bool = True
     gated_backward: bool = True
@@ -91,8 +96,10 @@ class MosaicWalkConfig:
         for name in ("block_v", "sums_block_v"):
             if getattr(self, name) not in (32, 64, 128):
                 raise ValueError(f"MosaicWalkConfig.{name} must be 32, 64 or 128, got {getattr(self, name)!r}")
-        if not isinstance(self.stages, int) or isinstance(self.stages, bool) or not 1 <= self.stages <= 8:
-            raise ValueError(f"MosaicWalkConfig.stages must be an int in [1, 8], got {self.stages!r}")
+        for name in ("stages", "sums_stages"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 8:
+                raise ValueError(f"MosaicWalkConfig.{name} must be an int in [1, 8], got {value!r}")
 
     def shared_memory_bytes(self, K: int, itemsize: int) -> int:
         """Shared memory of one forward program: the state's 16-bit tile and the weighted values' tile, then
@@ -197,7 +204,8 @@ def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_lo
         dv, dv_finals, _ = along(k, q, do, entering=reverse_entering, reverse=True)
         dk, _, _ = along(v, do, q, entering=dk_entering, reverse=True)
         return dq, dk, dv, None, (dq_finals, dv_finals)
-    sums = functools.partial(along, config=dataclasses.replace(config, block_v=config.sums_block_v))
+    sums = functools.partial(along, config=dataclasses.replace(config, block_v=config.sums_block_v,
+                                                                stages=config.sums_stages))
     tangents_entering = (entering_tangents(dq_entering, dq_local_tangents, decays, chunking, B)
                          if log_decay_wanted else None)
     dq, dq_finals, dq_sums = sums(do, v, k, entering=dq_entering, reverse=False, rows=q, tangent=log_decay_wanted,
