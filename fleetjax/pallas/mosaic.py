@@ -66,8 +66,9 @@ class MosaicWalkConfig:
     experiments/results/2026-12-03-h200-tune_sums_stages.jsonl).
     decay_sums: the backward's walks run on Mosaic also where the decay's gradient is wanted (the dq walk
     then carries the state's derivative in log gamma and forms the per-position sums with hi/lo products):
-    forward+backward 0.956 ms at B4 H16 T=4096, 3.244 at T=16384, 1.366 at B1 H8 T=32768, 11.0 at B1 H16
-    T=131072 (H200, 2026-12-03, bf16, K = V = 128, experiments/results/...-backward_issue15_fleetjax_only.json).
+    forward+backward 1.037 ms at B4 H16 T=4096, 3.243 at T=16384, 1.400 at B1 H8 T=32768, 7.94 at B1 H16
+    T=131072; with the Triton walks' sums 1.211, 4.309, 1.712, 10.06 in an earlier run (H200, 2026-12-03,
+    bf16, K = V = 128, experiments/results/...-backward_issue15_{sums_stages,triton_sums_ab}.json).
     gated_forward: the forward walk takes the gated decay too: 0.191 against 0.212 ms (the Triton walk) at
     B4 H16 T=4096, 0.562 against 0.729 at T=16384 (H200, 2026-12-03, bf16, K = V = 128,
     experiments/results/2026-12-03-h200-forward_mosaic_gated.json).
