@@ -280,7 +280,6 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     if tangent and (reverse or not exact):
         raise ValueError("tangent= needs rows= and the forward direction (the dq walk)")
     sums = (["state"] if exact else []) + (["tangent", "intra"] if tangent else []) + (["spanned"] if spanned else [])
-    copy_dtypes = {jnp.dtype(dtype)} | ({jnp.dtype(jnp.bfloat16)} if spanned else set())  # interpreter only
 
     def iota(shape, dimension):
         return (lax.broadcasted_iota(jnp.int32, shape, dimension) if interpret is not None
@@ -302,24 +301,24 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
 
         return list(pl.run_state(issue_all)(tuple(plgpu.ACC.init(init) for init, _ in jobs)))
 
-    def kernel(*refs):
-        refs = list(refs)
-        take = lambda count: [refs.pop(0) for _ in range(count)]  # noqa: E731
-        log_decay_gmem, q_gmem, k_gmem, v_gmem = take(4)
-        rows_gmem = take(1)[0] if exact else None
-        within_gmem = take(1)[0] if gated else None
-        start_gmem = take(1)[0] if entering is not None else None
-        tangent_start_gmem = take(1)[0] if entering_tangents is not None else None
-        o_gmem, final_gmem = take(2)
-        sums_gmem = dict(zip(sums, take(len(sums))))
-        state_smem, weighted_smem = take(2)
-        state_lo_smem, weighted_lo_smem = take(2) if exact else (None, None)
-        tangent_smem, tangent_lo_smem, lagged_smem, lagged_lo_smem = take(4) if tangent else (None,) * 4
-        part_smems = take(3) if spanned else []
-        barrier = take(1)[0]
-        transposed_smem = {} if interpret is None else {(C, K): take(1)[0], (C, bv): take(1)[0]}
-        # the interpreter's copies of register operands A, by dtype
-        register_smems = {} if interpret is None else {jnp.dtype(ref.dtype): ref for ref in take(len(copy_dtypes))}
+    def program(*, log_decay_gmem, q_gmem, k_gmem, v_gmem, o_gmem, final_gmem, state_smem, weighted_smem, barrier,
+                rows_gmem=None, within_gmem=None, start_gmem=None, tangent_start_gmem=None, state_sums_gmem=None,
+                tangent_sums_gmem=None, intra_sums_gmem=None, spanned_sums_gmem=None, state_lo_smem=None,
+                weighted_lo_smem=None, tangent_smem=None, tangent_lo_smem=None, lagged_smem=None, lagged_lo_smem=None,
+                part_hi_smem=None, part_mid_smem=None, part_lo_smem=None, keys_t_smem=None, block_t_smem=None,
+                register_smem=None, register_bf16_smem=None):
+        """One program's walk, its refs by name (see ``kernel`` below): inputs and outputs ``*_gmem``, scratch
+        ``*_smem`` and ``barrier``; None where the call has no such ref."""
+        sums_gmem = {name: ref for name, ref in (("state", state_sums_gmem), ("tangent", tangent_sums_gmem),
+                                                 ("intra", intra_sums_gmem), ("spanned", spanned_sums_gmem))
+                     if name in sums}
+        part_smems = [part_hi_smem, part_mid_smem, part_lo_smem] if spanned else []
+        # The interpreter's transposed copies, by the shape of the tile copied, and its copies of register
+        # operands A, by dtype.
+        transposed_smem = {} if interpret is None else {(C, K): keys_t_smem, (C, bv): block_t_smem}
+        register_smems = {} if interpret is None else {
+            jnp.dtype(dtype): register_smem,
+            jnp.dtype(jnp.bfloat16): register_smem if register_bf16_smem is None else register_bf16_smem}
 
         def from_registers(x):  # a wgmma operand A in registers (the interpreter reads operands from refs)
             if interpret is None:
@@ -505,26 +504,39 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
 
         pl.run_scoped(store, f32_tile)
 
-    out_type = [jax.ShapeDtypeStruct((B, T, H, V), dtype), jax.ShapeDtypeStruct((B, H, P, K, V), f32)]
-    out_type += [jax.ShapeDtypeStruct((nv, B, H, T), f32) for _ in sums]
+    inputs = dict(log_decay_gmem=log_decay.astype(f32), q_gmem=query, k_gmem=key, v_gmem=value, rows_gmem=rows,
+                  within_gmem=None if within is None else within.astype(f32), start_gmem=entering,
+                  tangent_start_gmem=entering_tangents)
+    outputs = dict(o_gmem=jax.ShapeDtypeStruct((B, T, H, V), dtype),
+                   final_gmem=jax.ShapeDtypeStruct((B, H, P, K, V), f32),
+                   **{f"{name}_sums_gmem": jax.ShapeDtypeStruct((nv, B, H, T), f32) for name in sums})
     state_tile = lambda: plgpu.SMEM((K, bv), dtype, transforms=tiles)  # noqa: E731
     weighted_tile = lambda: plgpu.SMEM((C, bv), dtype, transforms=tiles)  # noqa: E731
-    scratch = [state_tile(), weighted_tile()]
-    scratch += [state_tile(), weighted_tile()] if exact else []
-    scratch += [state_tile(), state_tile(), weighted_tile(), weighted_tile()] if tangent else []
-    scratch += [plgpu.SMEM((C, C), jnp.bfloat16, transforms=_mma_tiles(jnp.bfloat16, C)) for _ in range(3)] \
-        if spanned else []
-    scratch += [plgpu.Barrier()]
+    scratch = dict(state_smem=state_tile(), weighted_smem=weighted_tile())
+    if exact:
+        scratch.update(state_lo_smem=state_tile(), weighted_lo_smem=weighted_tile())
+    if tangent:
+        scratch.update(tangent_smem=state_tile(), tangent_lo_smem=state_tile(), lagged_smem=weighted_tile(),
+                       lagged_lo_smem=weighted_tile())
+    if spanned:
+        scratch.update({f"part_{part}_smem": plgpu.SMEM((C, C), jnp.bfloat16, transforms=_mma_tiles(jnp.bfloat16, C))
+                        for part in ("hi", "mid", "lo")})
+    scratch["barrier"] = plgpu.Barrier()
     if interpret is not None:
-        scratch += [plgpu.SMEM((K, C), dtype), plgpu.SMEM((bv, C), dtype)]
-        scratch += [plgpu.SMEM((C, C), d) for d in copy_dtypes]
-    call = plgpu.kernel(kernel, out_type=tuple(out_type), grid=(nv, B * H, P), grid_names=("v", "bh", "piece"),
-                        scratch_types=scratch, **({} if interpret is None else dict(interpret=interpret)))
-    args = (log_decay.astype(f32), query, key, value) + (() if rows is None else (rows,))
-    args += () if within is None else (within.astype(f32),)
-    args += () if entering is None else (entering,)
-    args += () if entering_tangents is None else (entering_tangents,)
-    out, finals, *formed = call(*args)
+        scratch.update(keys_t_smem=plgpu.SMEM((K, C), dtype), block_t_smem=plgpu.SMEM((bv, C), dtype),
+                       register_smem=plgpu.SMEM((C, C), dtype))
+        if spanned and jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16):  # the spanned sums' bfloat16 triangle
+            scratch["register_bf16_smem"] = plgpu.SMEM((C, C), jnp.bfloat16)
+    inputs = {name: x for name, x in inputs.items() if x is not None}
+    names = [*inputs, *outputs, *scratch]
+
+    def kernel(*refs):  # Mosaic GPU passes the refs in order: inputs, outputs, scratch
+        program(**dict(zip(names, refs)))
+
+    call = plgpu.kernel(kernel, out_type=tuple(outputs.values()),
+                        grid=(nv, B * H, P), grid_names=("v", "bh", "piece"), scratch_types=list(scratch.values()),
+                        **({} if interpret is None else dict(interpret=interpret)))
+    out, finals, *formed = call(*inputs.values())
     return out, finals, dict(zip(sums, formed))
 
 
