@@ -386,12 +386,11 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             return decayed(lag >= 0, pair), enter * row_factor, leave, jnp.exp(last)
 
         def chunk(_, *smems):
-            *tiles_in, carried = smems
-            q_smem, k_smem, v_smem, *rest = tiles_in
-            x_smem = rest.pop(0) if exact else None
-            within_smem = rest.pop(0) if gated else None
-            o_smem, *sum_smems = rest
-            sum_smem = dict(zip(sums, sum_smems))
+            *tiles, carried = smems
+            tile = dict(zip(staged, tiles))  # the chunk's tiles by name (``staged`` below)
+            q_smem, k_smem, v_smem, o_smem = tile["q"], tile["k"], tile["v"], tile["o"]
+            x_smem, within_smem = tile.get("rows"), tile.get("within")
+            sum_smem = {name: tile[f"{name}_sums"] for name in sums}
             state, derivative = carried if tangent else (carried, None)
             weights, entering_rows, leaving_rows, carry = factors(within_smem) if gated else constant
 
@@ -483,12 +482,17 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
         rows_k = plgpu.BlockSpec((C, K), lambda c: (at(c), 0), transforms=tiles)
         rows_v = plgpu.BlockSpec((C, bv), lambda c: (at(c), j), transforms=tiles)
         positions = plgpu.BlockSpec((C,), lambda c: (at(c),))
-        in_specs = [rows_k, rows_k, rows_v] + ([rows_v] if exact else []) + ([positions] if gated else [])
-        out_specs = [rows_v] + [positions] * len(sums)
-        gmems = [q_gmem.at[b, :, h], k_gmem.at[b, :, h], v_gmem.at[b, :, h]]
-        gmems += [rows_gmem.at[b, :, h]] if exact else []
-        gmems += [within_gmem.at[b, h]] if gated else []
-        gmems += [o_gmem.at[b, :, h]] + [sums_gmem[name].at[j, b, h] for name in sums]
+        # Each chunk's tiles, name -> (spec, this program's slice of the array): inputs, then outputs.
+        loads = dict(q=(rows_k, q_gmem.at[b, :, h]), k=(rows_k, k_gmem.at[b, :, h]), v=(rows_v, v_gmem.at[b, :, h]))
+        if exact:
+            loads["rows"] = (rows_v, rows_gmem.at[b, :, h])
+        if gated:
+            loads["within"] = (positions, within_gmem.at[b, h])
+        stores = dict(o=(rows_v, o_gmem.at[b, :, h]),
+                      **{f"{name}_sums": (positions, sums_gmem[name].at[j, b, h]) for name in sums})
+        staged = [*loads, *stores]
+        in_specs, out_specs = [spec for spec, _ in loads.values()], [spec for spec, _ in stores.values()]
+        gmems = [gmem for _, gmem in (*loads.values(), *stores.values())]
         if interpret is None:
             state = plgpu.emit_pipeline(chunk, grid=(n,), in_specs=in_specs, out_specs=out_specs,
                                         max_concurrent_steps=config.stages, init_carry=init)(*gmems)
