@@ -36,6 +36,12 @@ where dq'' comes from the derivative of the dq state in log gamma, D = sum_s (c-
 (fleetjax.chunk.update_tangent): every weight is still a non-negative lag. implementation="xla" and the Mosaic
 dq walk carry it (one more product per chunk, where the counts need the dk walk's sums besides); the Triton
 walks the counts.
+
+With a gate, d log gamma also equals sum over the batch and positions of d log_gate (every step's decay is
+gamma exp(g_t), and a pair spans t - s steps), which would spare the dq walk its second state. It is not used:
+:func:`log_gate_grad`'s flow across chunk boundaries is a difference of sums, and summed over every position it
+becomes the chunk-level form of the cancelling identity above (float32, T = 16384, gamma = 0.9: relative error
+1.5e-4 on random inputs and 1e-3 on aligned ones, against 5e-8 and 5e-6 from the tangent).
 """
 
 from __future__ import annotations
