@@ -80,6 +80,8 @@ def apply_changes(base: PallasConfig, changes: dict[str, Any]) -> PallasConfig:
     for name, value in changes.items():
         if isinstance(value, dict):
             current = getattr(base, name) or (base.forward if name == "piece_states" else None)
+            if current is None:  # mosaic_walks off this GPU (the default config sets it on sm_90 only)
+                raise SystemExit(f"tune_pallas: the default config has no {name} here to change ({value})")
             fields[name] = dataclasses.replace(current, **value)
         else:
             fields[name] = value
