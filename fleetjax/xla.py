@@ -138,8 +138,6 @@ def _causal_pass(q, k, v, decays: Decays, initial_state, run_ids, scale, chunkin
     poison = _columns(ch, bad)
     tangent = dot_with is not None
     lengths = jnp.asarray(chunking.chunk_lengths, f32)[:, None, None, None]  # [n, 1, 1, 1]
-    # The leaving keys' own lags (len-1-j): the derivative of their decay in log gamma. [n, 1, 1, C]
-    leave_lag = jnp.maximum(lengths - 1 - jnp.arange(chunking.chunk_size, dtype=f32), 0.0)
 
     def step(carry, xs):
         state, derivative = carry
@@ -160,7 +158,7 @@ def _causal_pass(q, k, v, decays: Decays, initial_state, run_ids, scale, chunkin
     carry = jnp.broadcast_to(ch.carry, (chunking.n_chunks, B, H))
     (final_state, _), (o_inter, d_inter) = jax.lax.scan(
         step, (initial_state, jnp.zeros_like(initial_state)),
-        (queries, enters, keys, vc, carry, carries, poison, lengths, leave_lag))
+        (queries, enters, keys, vc, carry, carries, poison, lengths, ch.leave_lag))  # the keys' own lags
     o = _poisoned(scale * (o_intra + o_inter), ch, bad)
     if not tangent:
         return chunking.merge(o), final_state
