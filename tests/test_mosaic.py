@@ -436,6 +436,20 @@ def test_the_interpreted_witness_catches_a_nonfinite_value():
     assert not all(bool(jnp.all(jnp.isfinite(w))) for w in witness)
 
 
+@interpreted
+@pytest.mark.parametrize("position", [None, 10, 70, 127])
+def test_the_forward_walks_state_witnesses_a_nonfinite_query(position):
+    """A query reaches only its outputs, never the state: the 0 * out term carries it there, so the state after
+    the piece is finite exactly when every output is (the caller's witness)."""
+    B, T, H, K, V = 1, 128, 1, 64, 64
+    q, k, v = _inputs(B, T, H, K, V, "bfloat16")
+    if position is not None:
+        q = q.at[0, position, 0, 5].set(jnp.inf)
+    o, finals, _ = mosaic.walk(q, k, v, _decays((0.9,)).log_decay, None, Chunking(T, 64, 1), reverse=False,
+                               scale=0.2, config=mosaic.MosaicWalkConfig(), interpret=InterpretGPUParams())
+    assert bool(jnp.all(jnp.isfinite(finals))) == (position is None) == bool(jnp.all(jnp.isfinite(o)))
+
+
 @hopper
 @pytest.mark.parametrize("pieces", [1, 4])
 def test_the_gated_forward_walk_matches_the_oracle_and_the_triton_walk(pieces):
