@@ -6,6 +6,7 @@ oracle, the Triton walks, float16's range, non-finite inputs and the gradients."
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -560,6 +561,32 @@ def test_a_backward_launches_only_the_walks_its_gradients_need(wrt, kernels):
 
     text = jax.jit(grads).trace(q, q, v, decay, v).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == kernels
+
+
+@pytest.mark.parametrize("K, stages", [(64, 2), (64, 3), (128, 2), (128, 3), (128, 4)])
+def test_the_shared_memory_model_is_what_the_lowered_forward_walk_asks_for(monkeypatch, K, stages):
+    """Lowered for an sm_90 GPU (any host): the default config picks the walk's stages by
+    MosaicWalkConfig.shared_memory_bytes, so that model must be the kernel's own request, byte for byte."""
+    core = pytest.importorskip("jax.experimental.mosaic.gpu.core")
+    if not hasattr(core, "_run_serde_pass"):
+        pytest.skip("this jax's Mosaic GPU lowering has no serde pass to read the module from")
+    modules = []
+    serde = core._run_serde_pass
+
+    def capture(module, *args, **kwargs):
+        modules.append(module.operation.get_asm(enable_debug_info=False))
+        return serde(module, *args, **kwargs)
+
+    monkeypatch.setattr(core, "_run_serde_pass", capture)
+    q = jnp.zeros((1, 512, 2, K), jnp.bfloat16)
+    walks = mosaic.MosaicWalkConfig(stages=stages)
+    config = dataclasses.replace(chunked.default_config(q, q), mosaic_walks=walks)
+    f = lambda q, k, v: fleetjax.fleet_attention(q, k, v, jnp.asarray([0.9, 0.99]),  # noqa: E731
+                                                 implementation="pallas", config=config)
+    jax.jit(f).trace(q, q, q).lower(lowering_platforms=("cuda",))
+    [module] = modules
+    requested = {int(n) for n in re.findall(r"memref<(\d+)xi8, #gpu.address_space<workgroup>>", module)}
+    assert requested == {walks.shared_memory_bytes(K, 2)}
 
 
 @hopper

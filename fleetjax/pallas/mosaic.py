@@ -58,8 +58,12 @@ class MosaicWalkConfig:
 
     chunk_size: positions per chunk (64: one wgmma row tile); block_v: value columns per program (32, 64 or
     128); sums_block_v: the same for the backward's walks that form the decay's gradient sums (their two
-    float32 states and hi/lo operands take more registers); stages: chunks whose tiles are in flight at
-    once (the pipeline's depth, each a copy of the walk's input and output tiles in shared memory);
+    float32 states and hi/lo operands take more registers; 64 lost at all four benchmark shapes, 3.92
+    against 2.94 ms fwd+bwd at B4 H16 T=16384, H200, 2026-12-03, ...-tune_sums_block_v64.jsonl); stages:
+    chunks whose tiles are in flight at once (the pipeline's depth, each a copy of the walk's input and
+    output tiles in shared memory; the default's 168 KiB hold one program per SM, and the tilings that fit
+    two, 2 stages of value blocks of 32 or 1 stage, lost everywhere: 0.495 and 0.784 against 0.462 ms
+    forward at B4 H16 T=16384, same card and date, ...-tune_occupancy.jsonl);
     sums_stages: the same for the walks that form the sums: 2 against 3, forward+backward with the decay
     learned 6.99 against 9.90 ms at B1 H16 T=131072, 2.82 against 2.85 at B4 H16 T=16384, the same at
     T=4096 and B1 H8 T=32768 (H200, 2026-12-03, bf16, K = V = 128,
