@@ -1,0 +1,172 @@
+"""Probe: the forward walk with two compute warpgroups per program that share each chunk's query and key
+tiles (Pallas Mosaic GPU's warp-specialized pipeline: a third warpgroup issues the tile copies), against the
+package's Mosaic forward walk (one warpgroup per (value block, batch*head) program).
+
+    PYTHONPATH=. python -m experiments.probe_wide_walk [--B 4 --T 16384 --H 16] [--stages 2]
+    PYTHONPATH=. python -m experiments.probe_wide_walk --lower     # any host: lower it for sm_90 only
+
+Why: on the H200 the forward walk at B4 H16 T=16384 (bf16, K = V = 128) runs at about 290 TFLOP/s of its
+own products, one warpgroup per SM (168 KiB of shared memory a program), and neither fewer waits per chunk
+(the early state update) nor two smaller programs per SM made it faster (experiments/README.md, sixth
+session of 2026-12-03). Two warpgroups per program give the SM two independent chains of products and
+read q and k once for all value columns (the scores are formed by each warpgroup, as in the package's walk
+with two value blocks). This is a probe, not the package's kernel: the constant decay, no initial state,
+one sequence piece, V = 2 * block_v, and the final state returned in the inputs' dtype (the package's f32
+tile does not fit beside the two warpgroups' tiles). It prints the largest relative error against
+fleetjax's "pallas" forward and both times (experiments.timing.time_calls, the benchmarks' method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
+
+from experiments.inputs import retnet_log_decay  # noqa: E402
+from fleetjax.chunk import decayed  # noqa: E402
+from fleetjax.pallas.mosaic import _mma_tiles  # noqa: E402
+
+f32 = jnp.float32
+C = 64  # positions per chunk: one wgmma row tile
+
+
+def wide_forward(q, k, v, log_decay, *, scale: float, stages: int = 2, interpret=None):
+    """(o [B, T, H, V] in v's dtype, the final state [B, H, K, V] in v's dtype) of the constant-decay walk
+    from a zero state; q, k [B, T, H, K], v [B, T, H, V] 16-bit, log_decay [H] float32; T % 64 == 0, V % 2
+    == 0 with V / 2 in (32, 64, 128), K in (64, 128). Program per batch*head: warpgroups 0 and 1 hold the
+    state's value columns [0, V/2) and [V/2, V), warpgroup 2 copies the tiles."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    bv, n, dtype = V // 2, T // C, v.dtype
+    wg_layout = plgpu.Layout.WGMMA
+    tiles = _mma_tiles(dtype, bv)
+
+    def kernel(log_decay_gmem, q_gmem, k_gmem, v_gmem, o_gmem, final_gmem, state_smem, weighted_smem, out_smem,
+               keys_t_smem=None, scores_smem=None):
+        bh, wg = lax.axis_index("bh"), lax.axis_index("wg")
+        b, h = bh // H, bh % H
+        columns = pl.ds(wg * bv, bv)
+
+        def iota(shape, dimension):
+            if interpret is not None:
+                return lax.broadcasted_iota(jnp.int32, shape, dimension)
+            return plgpu.broadcasted_iota(jnp.int32, shape, dimension, layout=wg_layout)
+
+        def accumulate(init, issue):
+            """init + what issue(acc)'s wgmmas add (the interpreter: added after a zeroed accumulator)."""
+            if interpret is not None:
+                return init + pl.run_scoped(lambda acc: (issue(acc), acc[...])[1], plgpu.ACC(init.shape, f32))
+            return pl.run_state(issue)(plgpu.ACC.init(init))
+
+        def k_t(ref):  # the key tile transposed (the interpreter: a copy in shared memory)
+            if interpret is None:
+                return plgpu.transpose_ref(ref, (1, 0))
+            keys_t_smem.at[wg][...] = ref[...].T
+            return keys_t_smem.at[wg]
+
+        def from_registers(x):  # a wgmma operand A in registers (the interpreter reads operands from refs)
+            if interpret is None:
+                return x
+            scores_smem.at[wg][...] = x
+            return scores_smem.at[wg]
+
+        def body(indices, q_smem, k_smem, v_smem, carry):
+            (c,) = indices
+            state = carry
+            log_gamma = log_decay_gmem[h]
+            lag = iota((C, C), 0) - iota((C, C), 1)
+            weights = decayed(lag >= 0, lag.astype(f32) * log_gamma)
+            row = iota((C, bv), 0).astype(f32)
+            entering, leaving = jnp.exp((row + 1.0) * log_gamma) * scale, jnp.exp((C - 1.0 - row) * log_gamma)
+            mine = state_smem.at[wg]
+            mine[...] = state.astype(dtype)
+            plgpu.commit_smem()
+
+            def first(scores_acc, inter_acc):
+                plgpu.wgmma(scores_acc, q_smem, k_t(k_smem))
+                plgpu.wgmma(inter_acc, q_smem, mine)
+                return scores_acc[...], inter_acc[...]
+
+            scores, inter = pl.run_scoped(first, plgpu.ACC((C, C), f32), plgpu.ACC((C, bv), f32))
+            scores = (scores * weights * scale).astype(dtype)
+            values = v_smem.at[:, columns]
+
+            o = accumulate(inter * entering, lambda acc: plgpu.wgmma(acc, from_registers(scores), values))
+            slot = c % 2
+            plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the slot's copy two chunks ago has read it
+            out_smem.at[wg, slot][...] = o.astype(dtype)
+            weighted_smem.at[wg][...] = (values[...].astype(f32) * leaving + 0.0 * o).astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], o_gmem.at[b, pl.ds(c * C, C), h, columns])
+
+            return accumulate(jnp.exp(C * log_gamma) * state,
+                              lambda acc: plgpu.wgmma(acc, k_t(k_smem), weighted_smem.at[wg]))
+
+        def compute(pipeline):
+            zeros = jnp.zeros((K, bv), f32)
+            state = pipeline(zeros if interpret is not None else plgpu.layout_cast(zeros, wg_layout))
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            state_smem.at[wg][...] = state.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(state_smem.at[wg], final_gmem.at[b, h, :, columns])
+            plgpu.wait_smem_to_gmem(0)
+
+        rows = lambda width: plgpu.BlockSpec((C, width), lambda c: (c, 0), transforms=tiles)  # noqa: E731
+        pipeline = plgpu.emit_pipeline_warp_specialized(
+            body, grid=(n,), memory_registers=40, in_specs=[rows(K), rows(K), rows(V)],
+            max_concurrent_steps=stages, wg_axis="wg", num_compute_wgs=2, compute_context=compute)
+        pipeline(q_gmem.at[b, :, h], k_gmem.at[b, :, h], v_gmem.at[b, :, h])
+
+    call = plgpu.kernel(
+        kernel, out_type=(jax.ShapeDtypeStruct((B, T, H, V), dtype), jax.ShapeDtypeStruct((B, H, K, V), dtype)),
+        grid=(B * H,), grid_names=("bh",), num_threads=3, thread_name="wg",
+        **({} if interpret is None else dict(interpret=interpret)),
+        scratch_types=[plgpu.SMEM((2, K, bv), dtype, transforms=tiles), plgpu.SMEM((2, C, bv), dtype, transforms=tiles),
+                       plgpu.SMEM((2, 2, C, bv), dtype, transforms=tiles)]
+        + ([] if interpret is None else [plgpu.SMEM((2, K, C), dtype), plgpu.SMEM((2, C, C), dtype)]))
+    return call(log_decay.astype(f32), q, k, v)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for name, default in (("B", 4), ("T", 16384), ("H", 16), ("K", 128), ("V", 128), ("stages", 2)):
+        ap.add_argument(f"--{name}", type=int, default=default)
+    ap.add_argument("--lower", action="store_true", help="lower for sm_90 on this host and exit (no GPU needed)")
+    args = ap.parse_args(argv)
+    B, T, H, K, V = args.B, args.T, args.H, args.K, args.V
+    rng = np.random.default_rng(0)
+    q, k = (jnp.asarray(rng.standard_normal((B, T, H, K)) / np.sqrt(K), jnp.bfloat16) for _ in range(2))
+    v = jnp.asarray(rng.standard_normal((B, T, H, V)), jnp.bfloat16)
+    decay = jnp.asarray(np.exp(retnet_log_decay(H)), jnp.float32)
+    wide = jax.jit(functools.partial(wide_forward, scale=K ** -0.5, stages=args.stages))
+    if args.lower:
+        text = wide.trace(q, k, v, jnp.log(decay)).lower(lowering_platforms=("cuda",)).as_text()
+        print("lowered for sm_90:", text.count("custom_call @mosaic_gpu"), "Mosaic GPU kernel")
+        return 0
+    import fleetjax
+    from experiments.timing import jax_sync, time_calls
+    package = jax.jit(lambda q, k, v: fleetjax.fleet_attention(q, k, v, decay, implementation="pallas"))
+    o, final = wide(q, k, v, jnp.log(decay))
+    ref = package(q, k, v)
+    err = float(jnp.max(jnp.linalg.norm((o - ref).astype(f32), axis=-1))
+                / jnp.max(jnp.linalg.norm(ref.astype(f32), axis=-1)))
+    print(f"B{B} T{T} H{H} K{K} V{V} stages {args.stages}: relerr against the package {err:.2e}", flush=True)
+    for name, fn in (("package", package), ("wide", lambda q, k, v: wide(q, k, v, jnp.log(decay)))):
+        print(name, f"{time_calls(fn, [(q, k, v)], jax_sync, target_s=0.1).ms:.4f} ms", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
