@@ -14,6 +14,12 @@ with two value blocks). This is a probe, not the package's kernel: the constant 
 one sequence piece, V = 2 * block_v, and the final state returned in the inputs' dtype (the package's f32
 tile does not fit beside the two warpgroups' tiles). It prints the largest relative error against
 fleetjax's "pallas" forward and both times (experiments.timing.time_calls, the benchmarks' method).
+
+First run (H200, 2026-12-03, the factors formed per chunk, as ``--per-chunk`` now; results/2026-12-03-h200-
+probe_wide_walk.txt): bitwise equal to the package's walk, and slower: 0.924 against 0.495 ms at B4 H16
+T=16384 (stages 3: 0.954), 0.224 against 0.166 at T=4096. At B*H = 64 it fills 64 of the 132 SMs where the
+package's two value blocks fill 128, so per SM it did 1.07x the package's work. Not yet run: the factors
+carried (the default now), and a shape that fills the SMs for both (--B 8 --T 8192: 128 programs).
 """
 
 from __future__ import annotations
@@ -39,11 +45,13 @@ f32 = jnp.float32
 C = 64  # positions per chunk: one wgmma row tile
 
 
-def wide_forward(q, k, v, log_decay, *, scale: float, stages: int = 2, interpret=None):
+def wide_forward(q, k, v, log_decay, *, scale: float, stages: int = 2, precomputed: bool = True,
+                 interpret=None):
     """(o [B, T, H, V] in v's dtype, the final state [B, H, K, V] in v's dtype) of the constant-decay walk
     from a zero state; q, k [B, T, H, K], v [B, T, H, V] 16-bit, log_decay [H] float32; T % 64 == 0, V % 2
     == 0 with V / 2 in (32, 64, 128), K in (64, 128). Program per batch*head: warpgroups 0 and 1 hold the
-    state's value columns [0, V/2) and [V/2, V), warpgroup 2 copies the tiles."""
+    state's value columns [0, V/2) and [V/2, V), warpgroup 2 copies the tiles. ``precomputed``: the decay's
+    factors formed once per warpgroup and carried (registers), else formed in every chunk."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -82,14 +90,20 @@ def wide_forward(q, k, v, log_decay, *, scale: float, stages: int = 2, interpret
             scores_smem.at[wg][...] = x
             return scores_smem.at[wg]
 
-        def body(indices, q_smem, k_smem, v_smem, carry):
-            (c,) = indices
-            state = carry
+        def factors():
+            """The constant decay's (weights, entering rows times the scale, leaving rows, carry), formed once
+            per warpgroup and carried through the chunks (formed per chunk they cost about a hundred exp a
+            thread)."""
             log_gamma = log_decay_gmem[h]
             lag = iota((C, C), 0) - iota((C, C), 1)
-            weights = decayed(lag >= 0, lag.astype(f32) * log_gamma)
             row = iota((C, bv), 0).astype(f32)
-            entering, leaving = jnp.exp((row + 1.0) * log_gamma) * scale, jnp.exp((C - 1.0 - row) * log_gamma)
+            return (decayed(lag >= 0, lag.astype(f32) * log_gamma), jnp.exp((row + 1.0) * log_gamma) * scale,
+                    jnp.exp((C - 1.0 - row) * log_gamma), jnp.exp(C * log_gamma))
+
+        def body(indices, q_smem, k_smem, v_smem, carry):
+            (c,) = indices
+            state, constants = carry
+            weights, entering, leaving, decay_c = constants if precomputed else factors()
             mine = state_smem.at[wg]
             mine[...] = state.astype(dtype)
             plgpu.commit_smem()
@@ -111,12 +125,13 @@ def wide_forward(q, k, v, log_decay, *, scale: float, stages: int = 2, interpret
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], o_gmem.at[b, pl.ds(c * C, C), h, columns])
 
-            return accumulate(jnp.exp(C * log_gamma) * state,
-                              lambda acc: plgpu.wgmma(acc, k_t(k_smem), weighted_smem.at[wg]))
+            state = accumulate(decay_c * state, lambda acc: plgpu.wgmma(acc, k_t(k_smem), weighted_smem.at[wg]))
+            return state, constants
 
         def compute(pipeline):
             zeros = jnp.zeros((K, bv), f32)
-            state = pipeline(zeros if interpret is not None else plgpu.layout_cast(zeros, wg_layout))
+            state, _ = pipeline((zeros if interpret is not None else plgpu.layout_cast(zeros, wg_layout),
+                                 factors() if precomputed else ()))
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             state_smem.at[wg][...] = state.astype(dtype)
             plgpu.commit_smem()
@@ -143,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for name, default in (("B", 4), ("T", 16384), ("H", 16), ("K", 128), ("V", 128), ("stages", 2)):
         ap.add_argument(f"--{name}", type=int, default=default)
+    ap.add_argument("--per-chunk", action="store_true", help="form the decay's factors in every chunk")
     ap.add_argument("--lower", action="store_true", help="lower for sm_90 on this host and exit (no GPU needed)")
     args = ap.parse_args(argv)
     B, T, H, K, V = args.B, args.T, args.H, args.K, args.V
@@ -150,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     q, k = (jnp.asarray(rng.standard_normal((B, T, H, K)) / np.sqrt(K), jnp.bfloat16) for _ in range(2))
     v = jnp.asarray(rng.standard_normal((B, T, H, V)), jnp.bfloat16)
     decay = jnp.asarray(np.exp(retnet_log_decay(H)), jnp.float32)
-    wide = jax.jit(functools.partial(wide_forward, scale=K ** -0.5, stages=args.stages))
+    wide = jax.jit(functools.partial(wide_forward, scale=K ** -0.5, stages=args.stages,
+                                     precomputed=not args.per_chunk))
     if args.lower:
         text = wide.trace(q, k, v, jnp.log(decay)).lower(lowering_platforms=("cuda",)).as_text()
         print("lowered for sm_90:", text.count("custom_call @mosaic_gpu"), "Mosaic GPU kernel")
@@ -162,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     ref = package(q, k, v)
     err = float(jnp.max(jnp.linalg.norm((o - ref).astype(f32), axis=-1))
                 / jnp.max(jnp.linalg.norm(ref.astype(f32), axis=-1)))
-    print(f"B{B} T{T} H{H} K{K} V{V} stages {args.stages}: relerr against the package {err:.2e}", flush=True)
+    print(f"B{B} T{T} H{H} K{K} V{V} stages {args.stages} per_chunk {args.per_chunk}: "
+          f"relerr against the package {err:.2e}", flush=True)
     for name, fn in (("package", package), ("wide", lambda q, k, v: wide(q, k, v, jnp.log(decay)))):
         print(name, f"{time_calls(fn, [(q, k, v)], jax_sync, target_s=0.1).ms:.4f} ms", flush=True)
     return 0

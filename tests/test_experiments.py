@@ -218,7 +218,8 @@ def test_plot_draws_every_panel_kind(tmp_path):
 
 
 
-def test_the_wide_walk_probe_matches_the_oracle_in_mosaic_gpus_interpreter():
+@pytest.mark.parametrize("precomputed", [True, False])
+def test_the_wide_walk_probe_matches_the_oracle_in_mosaic_gpus_interpreter(precomputed):
     """experiments/probe_wide_walk (two compute warpgroups sharing the q, k tiles, a third copying them) in
     Mosaic GPU's CPU interpreter: its output and final state against the float64 oracle."""
     pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
@@ -232,7 +233,8 @@ def test_the_wide_walk_probe_matches_the_oracle_in_mosaic_gpus_interpreter():
     q, k = (jnp.asarray(rng.standard_normal((B, T, H, K)) / 8, jnp.bfloat16) for _ in range(2))
     v = jnp.asarray(rng.standard_normal((B, T, H, V)), jnp.bfloat16)
     decay = jnp.asarray([0.9, 1.0], jnp.float32)
-    o, final = wide_forward(q, k, v, jnp.log(decay), scale=0.125, interpret=InterpretGPUParams())
+    o, final = wide_forward(q, k, v, jnp.log(decay), scale=0.125, precomputed=precomputed,
+                            interpret=InterpretGPUParams())
     ref, ref_final = oracle.forward(q, k, v, decay, scale=0.125)
     assert oracle.rel_err(o, ref, axis=2) < 1e-2
     assert oracle.rel_err(final, ref_final, axis=1) < 1e-2
