@@ -2,7 +2,7 @@
 tiles (Pallas Mosaic GPU's warp-specialized pipeline: a third warpgroup issues the tile copies), against the
 package's Mosaic forward walk (one warpgroup per (value block, batch*head) program).
 
-    PYTHONPATH=. python -m experiments.probe_wide_walk [--B 4 --T 16384 --H 16] [--stages 2]
+    PYTHONPATH=. python -m experiments.probe_wide_walk [--shapes "4,16384,16;8,8192,16"] [--stages 2,3]
     PYTHONPATH=. python -m experiments.probe_wide_walk --lower     # any host: lower it for sm_90 only
 
 Why: on the H200 the forward walk at B4 H16 T=16384 (bf16, K = V = 128) runs at about 290 TFLOP/s of its
@@ -12,14 +12,15 @@ session of 2026-12-03). Two warpgroups per program give the SM two independent c
 read q and k once for all value columns (the scores are formed by each warpgroup, as in the package's walk
 with two value blocks). This is a probe, not the package's kernel: the constant decay, no initial state,
 one sequence piece, V = 2 * block_v, and the final state returned in the inputs' dtype (the package's f32
-tile does not fit beside the two warpgroups' tiles). It prints the largest relative error against
-fleetjax's "pallas" forward and both times (experiments.timing.time_calls, the benchmarks' method).
+tile does not fit beside the two warpgroups' tiles). It prints the largest relative error against the
+package's Mosaic walk, and the times of the package's op, its walk and the probe
+(experiments.timing.time_calls, the benchmarks' method).
 
 First run (H200, 2026-12-03, the factors formed per chunk, as ``--per-chunk`` now; results/2026-12-03-h200-
 probe_wide_walk.txt): bitwise equal to the package's walk, and slower: 0.924 against 0.495 ms at B4 H16
 T=16384 (stages 3: 0.954), 0.224 against 0.166 at T=4096. At B*H = 64 it fills 64 of the 132 SMs where the
 package's two value blocks fill 128, so per SM it did 1.07x the package's work. Not yet run: the factors
-carried (the default now), and a shape that fills the SMs for both (--B 8 --T 8192: 128 programs).
+carried (the default now), and a shape that fills the SMs for both (B8 H16 T=8192: 128 programs).
 """
 
 from __future__ import annotations
@@ -156,34 +157,52 @@ def wide_forward(q, k, v, log_decay, *, scale: float, stages: int = 2, precomput
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for name, default in (("B", 4), ("T", 16384), ("H", 16), ("K", 128), ("V", 128), ("stages", 2)):
-        ap.add_argument(f"--{name}", type=int, default=default)
+    ap.add_argument("--shapes", default="4,16384,16;8,8192,16;4,4096,16", help="B,T,H;... (K = V = 128)")
+    ap.add_argument("--stages", default="2,3", help="pipeline depths of the probe, comma-separated")
     ap.add_argument("--per-chunk", action="store_true", help="form the decay's factors in every chunk")
     ap.add_argument("--lower", action="store_true", help="lower for sm_90 on this host and exit (no GPU needed)")
     args = ap.parse_args(argv)
-    B, T, H, K, V = args.B, args.T, args.H, args.K, args.V
+    for shape in args.shapes.split(";"):
+        B, T, H = (int(x) for x in shape.split(","))
+        probe(B, T, H, [int(x) for x in args.stages.split(",")], per_chunk=args.per_chunk, lower=args.lower)
+    return 0
+
+
+def probe(B: int, T: int, H: int, stages: list[int], *, per_chunk: bool, lower: bool, K: int = 128,
+          V: int = 128) -> None:
+    """Print the probe's error against the package's Mosaic walk, and the times of the package's op (the
+    witness's read and the plain/contained cond included), its walk alone and the probe at each depth."""
+    from fleetjax.chunking import Chunking
+    from fleetjax.pallas import mosaic
     rng = np.random.default_rng(0)
     q, k = (jnp.asarray(rng.standard_normal((B, T, H, K)) / np.sqrt(K), jnp.bfloat16) for _ in range(2))
     v = jnp.asarray(rng.standard_normal((B, T, H, V)), jnp.bfloat16)
     decay = jnp.asarray(np.exp(retnet_log_decay(H)), jnp.float32)
-    wide = jax.jit(functools.partial(wide_forward, scale=K ** -0.5, stages=args.stages,
-                                     precomputed=not args.per_chunk))
-    if args.lower:
-        text = wide.trace(q, k, v, jnp.log(decay)).lower(lowering_platforms=("cuda",)).as_text()
-        print("lowered for sm_90:", text.count("custom_call @mosaic_gpu"), "Mosaic GPU kernel")
-        return 0
+    log_decay, scale = jnp.log(decay), K ** -0.5
+    wides = {n: jax.jit(functools.partial(wide_forward, log_decay=log_decay, scale=scale, stages=n,
+                                          precomputed=not per_chunk)) for n in stages}
+    if lower:
+        for n, wide in wides.items():
+            text = wide.trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
+            print(f"B{B} T{T} H{H} stages {n}: lowered for sm_90,", text.count("custom_call @mosaic_gpu"),
+                  "Mosaic GPU kernel", flush=True)
+        return
     import fleetjax
     from experiments.timing import jax_sync, time_calls
     package = jax.jit(lambda q, k, v: fleetjax.fleet_attention(q, k, v, decay, implementation="pallas"))
-    o, final = wide(q, k, v, jnp.log(decay))
-    ref = package(q, k, v)
-    err = float(jnp.max(jnp.linalg.norm((o - ref).astype(f32), axis=-1))
-                / jnp.max(jnp.linalg.norm(ref.astype(f32), axis=-1)))
-    print(f"B{B} T{T} H{H} K{K} V{V} stages {args.stages} per_chunk {args.per_chunk}: "
-          f"relerr against the package {err:.2e}", flush=True)
-    for name, fn in (("package", package), ("wide", lambda q, k, v: wide(q, k, v, jnp.log(decay)))):
-        print(name, f"{time_calls(fn, [(q, k, v)], jax_sync, target_s=0.1).ms:.4f} ms", flush=True)
-    return 0
+    walk = jax.jit(lambda q, k, v: mosaic.walk(q, k, v, log_decay, None, Chunking(T, C, 1), reverse=False,
+                                               scale=scale, config=mosaic.MosaicWalkConfig())[0])
+    ref = walk(q, k, v)
+    runs = {"package op": package, "package walk": walk}
+    for n, wide in wides.items():
+        o = wide(q, k, v)[0]
+        err = float(jnp.max(jnp.linalg.norm((o - ref).astype(f32), axis=-1))
+                    / jnp.max(jnp.linalg.norm(ref.astype(f32), axis=-1)))
+        print(f"B{B} T{T} H{H} K{K} V{V} stages {n} per_chunk {per_chunk}: relerr against the package's walk "
+              f"{err:.2e}", flush=True)
+        runs[f"probe, stages {n}"] = lambda q, k, v, wide=wide: wide(q, k, v)[0]
+    for name, fn in runs.items():
+        print(f"  {name}: {time_calls(fn, [(q, k, v)], jax_sync, target_s=0.1).ms:.4f} ms", flush=True)
 
 
 if __name__ == "__main__":
