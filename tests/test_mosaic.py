@@ -54,7 +54,8 @@ def test_supports_only_the_cases_the_kernel_serves():
 
 
 @pytest.mark.parametrize("field, value", [("chunk_size", 128), ("block_v", 48), ("sums_block_v", 256),
-                                          ("stages", 0), ("stages", 2.0), ("sums_stages", 9)])
+                                          ("stages", 0), ("stages", 2.0), ("sums_stages", 9),
+                                          ("warpgroups", 3), ("backward_warpgroups", 0)])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=f"MosaicWalkConfig.{field}"):
         mosaic.MosaicWalkConfig(**{field: value})
@@ -217,6 +218,53 @@ def test_fixed_decay_backward_matches_the_oracle_and_the_triton_walks(pieces, wi
 
 
 @hopper
+@pytest.mark.parametrize("pieces, with_start, gated, K", [(1, False, False, 128), (4, True, False, 128),
+                                                          (4, False, True, 128), (2, True, False, 64)])
+def test_two_warpgroups_give_the_op_bitwise_what_one_gives(pieces, with_start, gated, K):
+    """MosaicWalkConfig.warpgroups and backward_warpgroups = 2: the op's output and its q, k, v gradients
+    (the decay fixed: the backward's plain walks) bitwise those of one warpgroup a program."""
+    B, T, H, V = 2, 1024, 2, 128
+    q, k, v = _inputs(B, T, H, K, V, "bfloat16")
+    do = _inputs(B, T, H, K, V, "bfloat16", seed=5)[2]
+    decay = jnp.asarray([0.97, 1.0], jnp.float32)
+    log_gate = 0.05 * _log_gate(B, T, H) if gated else None
+    start = (jnp.asarray(np.random.default_rng(2).standard_normal((B, H, K, V)), jnp.float32)
+             if with_start else None)
+
+    def run(walks):
+        config = dataclasses.replace(chunked.default_config(q, v), mosaic_walks=walks, num_sequence_pieces=pieces,
+                                     backward_num_sequence_pieces=pieces)
+        f = lambda q, k, v: fleetjax.fleet_attention(q, k, v, decay, log_gate=log_gate,  # noqa: E731
+                                                     implementation="pallas", config=config, initial_state=start)
+        o, pullback = jax.vjp(jax.jit(f), q, k, v)
+        return (o, *jax.jit(pullback)(do))
+
+    one = run(mosaic.MosaicWalkConfig())
+    two = run(mosaic.MosaicWalkConfig(warpgroups=2, backward_warpgroups=2))
+    for a, b, name in zip(one, two, ("o", "dq", "dk", "dv")):
+        assert jnp.array_equal(a, b), name
+    ref = oracle.forward(q, k, v, decay, initial_state=start, log_gate=log_gate)[0]
+    assert oracle.rel_err(two[0], ref, axis=2) < TOLERANCE["bfloat16"]
+
+
+def test_the_default_takes_two_warpgroups_where_the_sequence_is_split(monkeypatch):
+    """On an sm_90 GPU (its count of SMs and shared memory stood in): two warpgroups and twice the forward's
+    pieces where the forward already splits the sequence (B1 H8 T=32768), one where it does not (B4 H16); the
+    backward's walks one in both."""
+    monkeypatch.setattr(mosaic, "on_hopper", lambda: True)
+    monkeypatch.setattr(chunked, "multiprocessor_count", lambda: 132)
+    monkeypatch.setattr(chunked, "shared_memory_per_block", lambda: 227 * 1024)
+    split = chunked.default_config(jnp.zeros((1, 32768, 8, 128), jnp.bfloat16), jnp.zeros((1, 32768, 8, 128)))
+    assert (split.mosaic_walks.warpgroups, split.mosaic_walks.backward_warpgroups) == (2, 1)
+    assert split.num_sequence_pieces == 16 and split.backward_num_sequence_pieces == 8
+    whole = chunked.default_config(jnp.zeros((4, 16384, 16, 128), jnp.bfloat16), jnp.zeros((4, 16384, 16, 128)))
+    assert (whole.mosaic_walks.warpgroups, whole.mosaic_walks.backward_warpgroups) == (1, 1)
+    assert whole.num_sequence_pieces == 1
+    assert whole.mosaic_walks.shared_memory_bytes(128, 2) <= 227 * 1024
+    assert split.mosaic_walks.shared_memory_bytes(128, 2) <= 227 * 1024
+
+
+@hopper
 def test_the_backward_runs_on_mosaic_by_default():
     q, k, v = _inputs(1, 1024, 2, 128, 128, "bfloat16")
     decay = jnp.asarray([0.9, 0.99], jnp.float32)
@@ -275,6 +323,29 @@ def test_the_walk_in_the_interpreter_matches_the_oracle(dtype, with_start):
     assert sums == {}
     assert oracle.rel_err(o, ref, axis=2) < TOLERANCE[dtype]
     assert oracle.rel_err(finals[:, :, 0], final, axis=1) < TOLERANCE[dtype]
+
+
+@interpreted
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_two_warpgroups_walk_as_one_does_in_the_interpreter(reverse):
+    """MosaicWalkConfig.warpgroups=2 (each warpgroup its own value block, a third copying the shared tiles):
+    out and the pieces' final states bitwise those of one warpgroup a program, from random entering states in
+    two pieces, forward and in reverse (the backward's dv and dk walks); the forward also against the float64
+    oracle. (The gated decay's two-warpgroup walk hangs in jax 0.10.2's interpreter; on the H200 it was
+    bitwise equal too, experiments/probe_wide_walk.py.)"""
+    B, T, H, K, V = 1, 128, 2, 64, 128
+    q, k, v = _inputs(B, T, H, K, V, "bfloat16", scale_values=0.5)
+    decay = (0.9, 1.0)
+    entering = jnp.asarray(np.random.default_rng(1).standard_normal((B, H, 2, K, V)), jnp.float32)
+    got = [mosaic.walk(q, k, v, _decays(decay).log_decay, entering, Chunking(T, 64, 2), reverse=reverse,
+                       scale=0.2, config=mosaic.MosaicWalkConfig(warpgroups=n), interpret=InterpretGPUParams())
+           for n in (1, 2)]
+    assert jnp.array_equal(got[0][0], got[1][0]) and jnp.array_equal(got[0][1], got[1][1])
+    if not reverse:
+        ref, final = oracle.forward(q[:, :64], k[:, :64], v[:, :64], jnp.asarray(decay), scale=0.2,
+                                    initial_state=entering[:, :, 0])
+        assert oracle.rel_err(got[1][0][:, :64], ref, axis=2) < TOLERANCE["bfloat16"]
+        assert oracle.rel_err(got[1][1][:, :, 0], final, axis=1) < TOLERANCE["bfloat16"]
 
 
 def _log_gate(B, T, H, seed=5):
@@ -563,8 +634,9 @@ def test_a_backward_launches_only_the_walks_its_gradients_need(wrt, kernels):
     assert text.count("custom_call @mosaic_gpu") == kernels
 
 
-@pytest.mark.parametrize("K, stages", [(64, 2), (64, 3), (128, 2), (128, 3), (128, 4)])
-def test_the_shared_memory_model_is_what_the_lowered_forward_walk_asks_for(monkeypatch, K, stages):
+@pytest.mark.parametrize("K, stages, warpgroups", [(64, 2, 1), (64, 3, 1), (128, 2, 1), (128, 3, 1), (128, 4, 1),
+                                                   (64, 3, 2), (128, 2, 2), (128, 3, 2)])
+def test_the_shared_memory_model_is_what_the_lowered_forward_walk_asks_for(monkeypatch, K, stages, warpgroups):
     """Lowered for an sm_90 GPU (any host): the default config picks the walk's stages by
     MosaicWalkConfig.shared_memory_bytes, so that model must be the kernel's own request, byte for byte."""
     core = pytest.importorskip("jax.experimental.mosaic.gpu.core")
@@ -579,14 +651,15 @@ def test_the_shared_memory_model_is_what_the_lowered_forward_walk_asks_for(monke
 
     monkeypatch.setattr(core, "_run_serde_pass", capture)
     q = jnp.zeros((1, 512, 2, K), jnp.bfloat16)
-    walks = mosaic.MosaicWalkConfig(stages=stages)
-    config = dataclasses.replace(chunked.default_config(q, q), mosaic_walks=walks)
+    v = jnp.zeros((1, 512, 2, 64 * warpgroups), jnp.bfloat16)  # whole programs of value blocks of 64
+    walks = mosaic.MosaicWalkConfig(stages=stages, warpgroups=warpgroups)
+    config = dataclasses.replace(chunked.default_config(q, v), mosaic_walks=walks)
     f = lambda q, k, v: fleetjax.fleet_attention(q, k, v, jnp.asarray([0.9, 0.99]),  # noqa: E731
                                                  implementation="pallas", config=config)
-    jax.jit(f).trace(q, q, q).lower(lowering_platforms=("cuda",))
+    jax.jit(f).trace(q, q, v).lower(lowering_platforms=("cuda",))
     [module] = modules
     requested = {int(n) for n in re.findall(r"memref<(\d+)xi8, #gpu.address_space<workgroup>>", module)}
-    assert requested == {walks.shared_memory_bytes(K, 2)}
+    assert max(requested) == walks.shared_memory_bytes(K, 2)  # the whole request (views of it are smaller)
 
 
 @hopper

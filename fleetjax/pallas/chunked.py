@@ -300,25 +300,46 @@ def default_config(q: jax.Array, v: jax.Array) -> PallasConfig:
                 break
         states = None if piece_states is None else fit("piece_states", piece_states, chunk_fixed=False)
         if forward is not None and all(walks.values()) and (piece_states is None or states is not None):
+            mosaic_walks = _mosaic_walks(K, V, dtype, limit, pieces=pieces, longest=min(64, T // 512))
+            if mosaic_walks is not None and mosaic_walks.warpgroups == 2:
+                pieces *= 2  # half the programs, each twice as wide: twice the pieces fill the SMs again
             return PallasConfig(forward=forward, piece_states=states, num_sequence_pieces=pieces,
                                 backward_num_sequence_pieces=backward_pieces, precision=precision,
-                                mosaic_walks=_mosaic_walks(K, V, dtype, limit), **walks)
+                                mosaic_walks=mosaic_walks, **walks)
     raise ValueError(f"fleetjax: no tiling of implementation='pallas' fits this device for K={K}, V={V}, "
                      f"{dtype.name} ({limit} bytes of shared memory per program)")
 
 
-def _mosaic_walks(K: int, V: int, dtype, limit: int) -> mosaic.MosaicWalkConfig | None:
+def _mosaic_walks(K: int, V: int, dtype, limit: int, *, pieces: int,
+                  longest: int) -> mosaic.MosaicWalkConfig | None:
     """The Mosaic GPU walks' tiling on sm_90 GPUs for 16-bit inputs with K in mosaic.KEY_DIMS: value blocks
     of 64 and three chunks in flight (H200, 2026-12-03, experiments/results/...-mosaic_forward*: the forward
     walk 0.41 against the Triton op's 0.60 ms at B4 H16 T=16384, 0.11 against 0.17 at T=4096), fewer stages
-    where shared memory is short; None elsewhere."""
+    where shared memory is short; None elsewhere.
+
+    Two warpgroups a program in the forward walk (MosaicWalkConfig.warpgroups; the caller then doubles the
+    forward's pieces) where the sequence is already split (``pieces`` > 1, and twice as many stay within
+    ``longest``): forward 0.193 against 0.233 ms at B1 H8 T=32768, 0.949 against 1.383 at B1 H16 T=131072.
+    Where the split would be new (B4 H16 T=16384) the pieces' states cost what the walk gains (0.485 against
+    0.486). The backward's walks keep one: with them on two as well,
+    fwd+bwd was 1.295 against 1.233 ms and 7.36 against 6.90 (H200, 2026-12-03, bf16, K = V = 128,
+    experiments/results/2026-12-03-h200-tune_warpgroups{,_default}.jsonl)."""
     if not mosaic.on_hopper() or dtype.itemsize != 2 or K not in mosaic.KEY_DIMS or V % 64:
         return None
     for stages in (3, 2):
         config = mosaic.MosaicWalkConfig(block_v=64, stages=stages)
         if config.shared_memory_bytes(K, dtype.itemsize) <= limit:
-            return config
-    return None
+            break
+    else:
+        return None
+
+    def fits(walks: mosaic.MosaicWalkConfig, dim: int) -> bool:  # dim: the walk's query dim
+        return walks.shared_memory_bytes(dim, dtype.itemsize) <= limit
+
+    wide = dataclasses.replace(config, warpgroups=2)
+    if 1 < pieces and 2 * pieces <= longest and V % 128 == 0 and fits(wide, K):
+        return wide
+    return config
 
 
 # ---------------------------------------------------------------------------------------- the walks

@@ -9,7 +9,9 @@ fleetjax.pallas.chunked selects it through ``PallasConfig.mosaic_walks`` (set by
 GPUs) for the common case: 16-bit inputs, no segments, finite inputs (the contained
 walks stay Triton's), head dims 64 or 128, no float32-accurate state owed (a returned final state,
 d initial_state: those stay in the Triton walks). Each (value block, batch*head,
-sequence piece) is one program of one warpgroup; per chunk of C positions, with the state S entering it:
+sequence piece) is one program of one warpgroup, or (``MosaicWalkConfig.warpgroups``, plain walks only) two
+value blocks are one program of two compute warpgroups that share the chunk's query and key tiles, a third
+warpgroup issuing the copies; per chunk of C positions, with the state S entering it:
 
     scores = query key^T                  (wgmma, key transposed in shared memory)
     out    = (query S) * entering + (scores * weights) value
@@ -68,6 +70,15 @@ class MosaicWalkConfig:
     learned 6.99 against 9.90 ms at B1 H16 T=131072, 2.82 against 2.85 at B4 H16 T=16384, the same at
     T=4096 and B1 H8 T=32768 (H200, 2026-12-03, bf16, K = V = 128,
     experiments/results/2026-12-03-h200-tune_sums_stages.jsonl).
+    warpgroups: 2 runs the forward walk as one program of two compute warpgroups for two value blocks (they
+    share the chunk's q and k tiles; a third warpgroup copies them in), bitwise the same results; the walk alone
+    1.46x faster forward and 1.26x in reverse where the programs fill the SMs (B4 H16 T=16384 in two pieces;
+    1.43x and 1.17x at B1 H8 T=32768 in 16), slower where half of them idle (0.81x in one piece), H200,
+    2026-12-03, experiments/results/2026-12-03-h200-probe_wide_walk_package.txt. Walks that form sums keep one.
+    backward_warpgroups: the same for the backward's plain walks (dv, dk, and dq where no sums are formed);
+    bitwise the same gradients (tests/test_mosaic.py), off by default: on with the forward's, fwd+bwd was
+    1.295 against 1.233 ms at B1 H8 T=32768 and 7.36 against 6.90 at B1 H16 T=131072 (same card and date,
+    ...-tune_warpgroups_default.jsonl), where the backward's pieces leave half the SMs idle at two.
     decay_sums: the backward's walks run on Mosaic also where the decay's gradient is wanted (the dq walk
     then carries the state's derivative in log gamma and forms the per-position sums with hi/lo products):
     forward+backward 1.037 ms at B4 H16 T=4096, 3.243 at T=16384, 1.400 at B1 H8 T=32768, 7.94 at B1 H16
@@ -89,6 +100,8 @@ class MosaicWalkConfig:
     block_v: int = 64
     sums_block_v: int = 32
     stages: int = 3
+    warpgroups: int = 1
+    backward_warpgroups: int = 1
     sums_stages: int = 2
     decay_sums: bool = True
     gated_forward: bool = True
@@ -101,17 +114,27 @@ class MosaicWalkConfig:
         for name in ("block_v", "sums_block_v"):
             if getattr(self, name) not in (32, 64, 128):
                 raise ValueError(f"MosaicWalkConfig.{name} must be 32, 64 or 128, got {getattr(self, name)!r}")
+        for name in ("warpgroups", "backward_warpgroups"):
+            if getattr(self, name) not in (1, 2):
+                raise ValueError(f"MosaicWalkConfig.{name} must be 1 or 2, got {getattr(self, name)!r}")
         for name in ("stages", "sums_stages"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 8:
                 raise ValueError(f"MosaicWalkConfig.{name} must be an int in [1, 8], got {value!r}")
 
     def shared_memory_bytes(self, K: int, itemsize: int) -> int:
-        """Shared memory of one forward program: the state's 16-bit tile and the weighted values' tile, then
-        the larger of the staged q, k, v, o tiles and the float32 state's tile (used before and after the
-        pipeline only)."""
+        """Shared memory of one forward program. One warpgroup: the state's 16-bit tile and the weighted
+        values' tile, then the larger of the staged q, k, v, o tiles and the float32 state's tile (used before
+        and after the pipeline only). Two: the staged q, k and v tiles (v two blocks wide), then for each
+        warpgroup the state's, the weighted values' and two output tiles, which share their space with the
+        float32 state's tiles."""
         C, bv = self.chunk_size, self.block_v
-        return itemsize * (K * bv + C * bv) + max(itemsize * self.stages * (2 * C * K + 2 * C * bv), 4 * K * bv)
+        if self.warpgroups == 1:
+            return itemsize * (K * bv + C * bv) + max(itemsize * self.stages * (2 * C * K + 2 * C * bv),
+                                                      4 * K * bv)
+        wgs = self.warpgroups
+        return (itemsize * self.stages * (2 * C * K + wgs * C * bv)
+                + wgs * max(itemsize * (K * bv + 3 * C * bv), 4 * K * bv))
 
 
 def on_hopper() -> bool:
@@ -204,10 +227,11 @@ def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_lo
     within = decays.within_chunks(B, T, chunking.chunk_size) if decays.gated else None
     along = functools.partial(walk, log_decay=decays.log_decay, chunking=chunking, scale=scale, config=config,
                               within=within, interpret=interpret)
+    plain = functools.partial(along, config=dataclasses.replace(config, warpgroups=config.backward_warpgroups))
     if not (log_decay_wanted or log_gate_wanted):
-        dq, dq_finals, _ = along(do, v, k, entering=dq_entering, reverse=False)
-        dv, dv_finals, _ = along(k, q, do, entering=reverse_entering, reverse=True)
-        dk, _, _ = along(v, do, q, entering=dk_entering, reverse=True)
+        dq, dq_finals, _ = plain(do, v, k, entering=dq_entering, reverse=False)
+        dv, dv_finals, _ = plain(k, q, do, entering=reverse_entering, reverse=True)
+        dk, _, _ = plain(v, do, q, entering=dk_entering, reverse=True)
         return dq, dk, dv, None, (dq_finals, dv_finals)
     sums = functools.partial(along, config=dataclasses.replace(config, block_v=config.sums_block_v,
                                                                 stages=config.sums_stages))
@@ -217,12 +241,12 @@ def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_lo
                                   entering_tangents=tangents_entering, spanned=log_gate_wanted)
     parts = {name: jnp.sum(part, axis=0) for name, part in dq_sums.items()}
     parts["w"] = parts.pop("state")
-    dv, dv_finals, _ = along(k, q, do, entering=reverse_entering, reverse=True)
+    dv, dv_finals, _ = plain(k, q, do, entering=reverse_entering, reverse=True)
     if log_gate_wanted:  # the gate's gradient takes the dk walk's sums (the decay's come from the dq walk alone)
         dk, _, dk_sums = sums(v, do, q, entering=dk_entering, reverse=True, rows=k)
         parts["u"] = jnp.sum(dk_sums["state"], axis=0)
     else:
-        dk, _, _ = along(v, do, q, entering=dk_entering, reverse=True)
+        dk, _, _ = plain(v, do, q, entering=dk_entering, reverse=True)
     return dq, dk, dv, parts, (dq_finals, dv_finals)
 
 
@@ -271,10 +295,14 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     n = chunking.piece_len // C
     nv = V // bv
     dtype = value.dtype
+    exact = rows is not None
+    # Plain walks may run two compute warpgroups a program, each on its own value block, sharing the
+    # chunk's query and key tiles (a third warpgroup issues the copies).
+    wide = config.warpgroups > 1 and not exact and V % (config.warpgroups * bv) == 0
+    wgs = config.warpgroups if wide else 1
     wg = plgpu.Layout.WGMMA
     # One swizzle for every tile: a wgmma's operands must share it (the value block's row sets it).
     tiles = _mma_tiles(dtype, bv)
-    exact = rows is not None
     gated = within is not None
     if spanned and not (gated and exact and not reverse):
         raise ValueError("spanned= needs the gated decay, rows= and the forward direction (the dq walk)")
@@ -310,9 +338,16 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                 tangent_sums_gmem=None, intra_sums_gmem=None, spanned_sums_gmem=None, state_lo_smem=None,
                 weighted_lo_smem=None, tangent_smem=None, tangent_lo_smem=None, lagged_smem=None, lagged_lo_smem=None,
                 part_hi_smem=None, part_mid_smem=None, part_lo_smem=None, keys_t_smem=None, block_t_smem=None,
-                register_smem=None, register_bf16_smem=None):
+                register_smem=None, register_bf16_smem=None, out_smem=None, f32_smem=None, rendezvous=None):
         """One program's walk, its refs by name (see ``kernel`` below): inputs and outputs ``*_gmem``, scratch
-        ``*_smem`` and ``barrier``; None where the call has no such ref."""
+        ``*_smem`` and ``barrier``; None where the call has no such ref. Two warpgroups (``wide``): each takes
+        its own slice of the scratch that has a leading warpgroup axis."""
+        group = lax.axis_index("wg") if wide else 0  # this program's warpgroup
+        if wide:
+            state_smem, weighted_smem, out_smem, f32_smem, barrier = (
+                ref.at[group] for ref in (state_smem, weighted_smem, out_smem, f32_smem, barrier))
+            if interpret is not None:
+                keys_t_smem, register_smem = keys_t_smem.at[group], register_smem.at[group]
         sums_gmem = {name: ref for name, ref in (("state", state_sums_gmem), ("tangent", tangent_sums_gmem),
                                                  ("intra", intra_sums_gmem), ("spanned", spanned_sums_gmem))
                      if name in sums}
@@ -332,21 +367,32 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
 
         j, bh, piece = lax.axis_index("v"), lax.axis_index("bh"), lax.axis_index("piece")
         b, h = bh // H, bh % H
-        pair_rows, pair_cols = iota((C, C), 0), iota((C, C), 1)
-        lag = pair_cols - pair_rows if reverse else pair_rows - pair_cols
-        # Exponents masked before exp (only lags >= 0): gamma -> 0 gives exact zeros, gamma = 1 ones.
-        lags = jnp.where(lag >= 0, lag, 0).astype(f32)
-        # The steps of each row's entering and leaving decay: the constant decay's exponents over log gamma,
-        # and the leaving ones also the tangent's weights (their derivative in log gamma).
-        row = iota((C, bv), 0).astype(f32)
-        enter_lag, leave_lag = (C - 1.0 - row, row + 1.0) if reverse else (row + 1.0, C - 1.0 - row)
         row_factor = 1.0 if scale_state else scale
-        constant = None  # the constant decay's factors, the same for every chunk
-        if not gated:
+
+        def steps():
+            """(pair rows, pair columns, lag, lags >= 0 as float32, the rows' entering and leaving steps)."""
+            pair_rows, pair_cols = iota((C, C), 0), iota((C, C), 1)
+            lag = pair_cols - pair_rows if reverse else pair_rows - pair_cols
+            # Exponents masked before exp (only lags >= 0): gamma -> 0 gives exact zeros, gamma = 1 ones.
+            lags = jnp.where(lag >= 0, lag, 0).astype(f32)
+            # The steps of each row's entering and leaving decay: the constant decay's exponents over log
+            # gamma, and the leaving ones also the tangent's weights (their derivative in log gamma).
+            row = iota((C, bv), 0).astype(f32)
+            enter_lag, leave_lag = (C - 1.0 - row, row + 1.0) if reverse else (row + 1.0, C - 1.0 - row)
+            return pair_rows, pair_cols, lag, lags, enter_lag, leave_lag
+
+        def constant_factors():
+            """The constant decay's factors, the same for every chunk."""
+            _, _, lag, lags, enter_lag, leave_lag = steps()
             log_gamma = log_decay_gmem[h]
-            constant = (decayed(lag >= 0, lags * log_gamma),
-                        jnp.exp(enter_lag * log_gamma) * row_factor, jnp.exp(leave_lag * log_gamma),
-                        jnp.exp(C * log_gamma))
+            return (decayed(lag >= 0, lags * log_gamma), jnp.exp(enter_lag * log_gamma) * row_factor,
+                    jnp.exp(leave_lag * log_gamma), jnp.exp(C * log_gamma))
+
+        # Two warpgroups form their registers' values in the compute context (the copying warpgroup keeps
+        # few registers) and carry the constant factors; one forms them here, once.
+        if not wide:
+            pair_rows, pair_cols, lag, lags, enter_lag, leave_lag = steps()
+            constant = None if gated else constant_factors()
 
         def k_t(ref):
             if interpret is None:
@@ -369,7 +415,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
 
             return dict(zip(names, pl.run_scoped(body, *[plgpu.ACC(jobs[name][0], f32) for name in names])))
 
-        def factors(within_smem):
+        def factors(within_smem, lag):
             """(weights, entering_rows, leaving_rows, carry) of a gated chunk from its ``within`` tile L [C]:
             forward exp(L_i - L_j) for j <= i, exp(L_i), exp(L_last - L_i), exp(L_last); in reverse the
             weights exp(L_j - L_i) for j >= i and the entering and leaving rows swapped."""
@@ -389,14 +435,21 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             enter, leave = (to_end, from_start) if reverse else (from_start, to_end)
             return decayed(lag >= 0, pair), enter * row_factor, leave, jnp.exp(last)
 
-        def chunk(_, *smems):
+        def chunk(indices, *smems):
             *tiles, carried = smems
             tile = dict(zip(staged, tiles))  # the chunk's tiles by name (``staged`` below)
-            q_smem, k_smem, v_smem, o_smem = tile["q"], tile["k"], tile["v"], tile["o"]
+            q_smem, k_smem, v_smem = tile["q"], tile["k"], tile["v"]
             x_smem, within_smem = tile.get("rows"), tile.get("within")
             sum_smem = {name: tile[f"{name}_sums"] for name in sums}
-            state, derivative = carried if tangent else (carried, None)
-            weights, entering_rows, leaving_rows, carry = factors(within_smem) if gated else constant
+            if wide:
+                (state, chunk_constant), derivative = carried, None
+                v_smem = v_smem.at[:, pl.ds(group * bv, bv)]
+                chunk_lag = steps()[2] if gated else None
+            else:
+                state, derivative = carried if tangent else (carried, None)
+                chunk_constant, chunk_lag = constant, lag if gated else None
+            weights, entering_rows, leaving_rows, carry = (factors(within_smem, chunk_lag) if gated
+                                                           else chunk_constant)
 
             held = scale * state if scale_state else state
             if exact:
@@ -433,7 +486,13 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                 plgpu.wgmma(acc, from_registers((scores * scale).astype(dtype)), v_smem)
 
             [o] = accumulate((inter, intra))
-            o_smem[...] = o.astype(dtype)
+            if wide:  # out through a ring of two tiles, each copied out by this warpgroup
+                (c,) = indices
+                slot = c % 2
+                plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the copy of two chunks ago has read it
+                out_smem.at[slot][...] = o.astype(dtype)
+            else:
+                tile["o"][...] = o.astype(dtype)
             if exact:
                 x = x_smem[...].astype(f32)
                 sum_smem["state"][...] = jnp.sum(inter * x, axis=1)
@@ -447,6 +506,8 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             if tangent:
                 lagged_smem[...], lagged_lo_smem[...] = split(weighted * leave_lag, dtype, 2)
             plgpu.commit_smem()
+            if wide:
+                plgpu.copy_smem_to_gmem(out_smem.at[slot], o_gmem.at[b, pl.ds(at(c) * C, C), h, columns])
 
             def update(*tiles):
                 def issue(acc):
@@ -458,12 +519,15 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             if tangent:  # D <- carry (D + C S) + key^T (leave_lag leaving value), from the entering S
                 jobs.append((carry * (derivative + C * state), update(lagged_smem, lagged_lo_smem)))
             state, *derivative = accumulate(*jobs)
+            if wide:
+                return state, chunk_constant
             return (state, derivative[0]) if tangent else state
 
-        columns = pl.ds(j * bv, bv)
+        columns = pl.ds((j * wgs + group) * bv, bv)
 
-        # Float32 states go through shared memory (registers take tiled loads only from there), in tiles
-        # scoped outside the pipeline, whose stages then reuse their space.
+        # Float32 states go through shared memory (registers take tiled loads only from there): one warpgroup
+        # scopes its tile outside the pipeline, whose stages then reuse its space; two share theirs with
+        # their other scratch, used only while the pipeline runs.
         f32_tile = plgpu.SMEM((K, bv), f32, transforms=_mma_tiles(f32, bv))
 
         def entered(gmem):
@@ -477,14 +541,23 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                 plgpu.commit_smem()  # every thread has read the tile before its space is reused
                 return loaded
 
-            return pl.run_scoped(load, f32_tile)
+            return load(f32_smem) if wide else pl.run_scoped(load, f32_tile)
 
-        state = entered(start_gmem)
-        init = (state, entered(tangent_start_gmem)) if tangent else state
+        def store(state, tile):
+            tile[...] = state
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(tile, final_gmem.at[b, h, piece, :, columns])
+            plgpu.wait_smem_to_gmem(0)
+
+        def meet(i: int):
+            """Wait until both warpgroups reach here (their float32 tiles overlap the other's scratch)."""
+            plgpu.barrier_arrive(rendezvous.at[i])
+            plgpu.barrier_wait(rendezvous.at[i])
+
         first = piece * n
         at = (lambda c: first + n - 1 - c) if reverse else (lambda c: first + c)  # noqa: E731
         rows_k = plgpu.BlockSpec((C, K), lambda c: (at(c), 0), transforms=tiles)
-        rows_v = plgpu.BlockSpec((C, bv), lambda c: (at(c), j), transforms=tiles)
+        rows_v = plgpu.BlockSpec((C, wgs * bv), lambda c: (at(c), j), transforms=tiles)
         positions = plgpu.BlockSpec((C,), lambda c: (at(c),))
         # Each chunk's tiles, name -> (spec, this program's slice of the array): inputs, then outputs.
         loads = dict(q=(rows_k, q_gmem.at[b, :, h]), k=(rows_k, k_gmem.at[b, :, h]), v=(rows_v, v_gmem.at[b, :, h]))
@@ -492,6 +565,24 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             loads["rows"] = (rows_v, rows_gmem.at[b, :, h])
         if gated:
             loads["within"] = (positions, within_gmem.at[b, h])
+        if wide:  # out goes through each warpgroup's own ring (the pipeline's staged outputs serve one)
+            staged = [*loads]
+
+            def compute(pipeline):
+                entering = entered(start_gmem)
+                meet(0)
+                state, _ = pipeline((entering, () if gated else constant_factors()))
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                meet(1)
+                store(state, f32_smem)
+
+            plgpu.emit_pipeline_warp_specialized(
+                chunk, grid=(n,), memory_registers=40, in_specs=[spec for spec, _ in loads.values()],
+                max_concurrent_steps=config.stages, wg_axis="wg", num_compute_wgs=wgs,
+                compute_context=compute)(*[gmem for _, gmem in loads.values()])
+            return
+        state = entered(start_gmem)
+        init = (state, entered(tangent_start_gmem)) if tangent else state
         stores = dict(o=(rows_v, o_gmem.at[b, :, h]),
                       **{f"{name}_sums": (positions, sums_gmem[name].at[j, b, h]) for name in sums})
         staged = [*loads, *stores]
@@ -503,14 +594,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
         else:
             state = _stepwise(chunk, n, in_specs, out_specs, gmems, init, dtype)
         state = state[0] if tangent else state
-
-        def store(tile):
-            tile[...] = state
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(tile, final_gmem.at[b, h, piece, :, columns])
-            plgpu.wait_smem_to_gmem(0)
-
-        pl.run_scoped(store, f32_tile)
+        pl.run_scoped(functools.partial(store, state), f32_tile)
 
     inputs = dict(log_decay_gmem=log_decay.astype(f32), q_gmem=query, k_gmem=key, v_gmem=value, rows_gmem=rows,
                   within_gmem=None if within is None else within.astype(f32), start_gmem=entering,
@@ -518,9 +602,13 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     outputs = dict(o_gmem=jax.ShapeDtypeStruct((B, T, H, V), dtype),
                    final_gmem=jax.ShapeDtypeStruct((B, H, P, K, V), f32),
                    **{f"{name}_sums_gmem": jax.ShapeDtypeStruct((nv, B, H, T), f32) for name in sums})
-    state_tile = lambda: plgpu.SMEM((K, bv), dtype, transforms=tiles)  # noqa: E731
-    weighted_tile = lambda: plgpu.SMEM((C, bv), dtype, transforms=tiles)  # noqa: E731
+    per_group = (wgs,) if wide else ()  # two warpgroups: each its own tiles
+    state_tile = lambda: plgpu.SMEM((*per_group, K, bv), dtype, transforms=tiles)  # noqa: E731
+    weighted_tile = lambda: plgpu.SMEM((*per_group, C, bv), dtype, transforms=tiles)  # noqa: E731
     scratch = dict(state_smem=state_tile(), weighted_smem=weighted_tile())
+    if wide:
+        scratch.update(out_smem=plgpu.SMEM((wgs, 2, C, bv), dtype, transforms=tiles),
+                       f32_smem=plgpu.SMEM((wgs, K, bv), f32, transforms=_mma_tiles(f32, bv)))
     if exact:
         scratch.update(state_lo_smem=state_tile(), weighted_lo_smem=weighted_tile())
     if tangent:
@@ -529,20 +617,31 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     if spanned:
         scratch.update({f"part_{part}_smem": plgpu.SMEM((C, C), jnp.bfloat16, transforms=_mma_tiles(jnp.bfloat16, C))
                         for part in ("hi", "mid", "lo")})
-    scratch["barrier"] = plgpu.Barrier()
+    scratch["barrier"] = plgpu.Barrier(num_barriers=wgs) if wide else plgpu.Barrier()
+    if wide:
+        scratch["rendezvous"] = plgpu.Barrier(num_arrivals=wgs, num_barriers=2)
     if interpret is not None:
-        scratch.update(keys_t_smem=plgpu.SMEM((K, C), dtype), block_t_smem=plgpu.SMEM((bv, C), dtype),
-                       register_smem=plgpu.SMEM((C, C), dtype))
+        scratch.update(keys_t_smem=plgpu.SMEM((*per_group, K, C), dtype), block_t_smem=plgpu.SMEM((bv, C), dtype),
+                       register_smem=plgpu.SMEM((*per_group, C, C), dtype))
         if spanned and jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16):  # the spanned sums' bfloat16 triangle
             scratch["register_bf16_smem"] = plgpu.SMEM((C, C), jnp.bfloat16)
     inputs = {name: x for name, x in inputs.items() if x is not None}
+    shared = [name for name in ("state_smem", "weighted_smem", "out_smem") if wide and interpret is None]
+    if shared:  # on the GPU the float32 tiles share their space with the tiles used only inside the pipeline
+        union = plgpu.RefUnion(tuple(scratch.pop(name) for name in shared), scratch.pop("f32_smem"))
+        scratch = {"shared": union, **scratch}
     names = [*inputs, *outputs, *scratch]
 
     def kernel(*refs):  # Mosaic GPU passes the refs in order: inputs, outputs, scratch
-        program(**dict(zip(names, refs)))
+        named = dict(zip(names, refs))
+        if shared:
+            pipelined, named["f32_smem"] = named.pop("shared")
+            named.update(zip(shared, pipelined))
+        program(**named)
 
-    call = plgpu.kernel(kernel, out_type=tuple(outputs.values()),
-                        grid=(nv, B * H, P), grid_names=("v", "bh", "piece"), scratch_types=list(scratch.values()),
+    threads = dict(num_threads=wgs + 1, thread_name="wg") if wide else {}
+    call = plgpu.kernel(kernel, out_type=tuple(outputs.values()), grid=(V // (wgs * bv), B * H, P),
+                        grid_names=("v", "bh", "piece"), scratch_types=list(scratch.values()), **threads,
                         **({} if interpret is None else dict(interpret=interpret)))
     out, finals, *formed = call(*inputs.values())
     return out, finals, dict(zip(sums, formed))
