@@ -302,7 +302,10 @@ def default_config(q: jax.Array, v: jax.Array) -> PallasConfig:
         if forward is not None and all(walks.values()) and (piece_states is None or states is not None):
             mosaic_walks = _mosaic_walks(K, V, dtype, limit, pieces=pieces, longest=min(64, T // 512))
             if mosaic_walks is not None and mosaic_walks.warpgroups == 2:
-                pieces *= 2  # half the programs, each twice as wide: twice the pieces fill the SMs again
+                # Half the programs, each twice as wide: twice the pieces fill the SMs again. The Triton
+                # forward (segments, a returned final state) takes them too: 0.304 against 0.314 ms with the
+                # final state at B1 H8 T=32768 (H200, 2026-12-03, ...-tune_warpgroups_default.jsonl).
+                pieces *= 2
             return PallasConfig(forward=forward, piece_states=states, num_sequence_pieces=pieces,
                                 backward_num_sequence_pieces=backward_pieces, precision=precision,
                                 mosaic_walks=mosaic_walks, **walks)
@@ -321,8 +324,8 @@ def _mosaic_walks(K: int, V: int, dtype, limit: int, *, pieces: int,
     forward's pieces) where the sequence is already split (``pieces`` > 1, and twice as many stay within
     ``longest``): forward 0.193 against 0.233 ms at B1 H8 T=32768, 0.949 against 1.383 at B1 H16 T=131072.
     Where the split would be new (B4 H16 T=16384) the pieces' states cost what the walk gains (0.485 against
-    0.486). The backward's walks keep one: with them on two as well,
-    fwd+bwd was 1.295 against 1.233 ms and 7.36 against 6.90 (H200, 2026-12-03, bf16, K = V = 128,
+    0.486). The backward's walks keep one: with them on two as well, fwd+bwd was 1.295 against 1.233 ms and
+    7.36 against 6.90 (H200, 2026-12-03, bf16, K = V = 128,
     experiments/results/2026-12-03-h200-tune_warpgroups{,_default}.jsonl)."""
     if not mosaic.on_hopper() or dtype.itemsize != 2 or K not in mosaic.KEY_DIMS or V % 64:
         return None
@@ -332,12 +335,8 @@ def _mosaic_walks(K: int, V: int, dtype, limit: int, *, pieces: int,
             break
     else:
         return None
-
-    def fits(walks: mosaic.MosaicWalkConfig, dim: int) -> bool:  # dim: the walk's query dim
-        return walks.shared_memory_bytes(dim, dtype.itemsize) <= limit
-
     wide = dataclasses.replace(config, warpgroups=2)
-    if 1 < pieces and 2 * pieces <= longest and V % 128 == 0 and fits(wide, K):
+    if 1 < pieces and 2 * pieces <= longest and V % 128 == 0 and wide.shared_memory_bytes(K, dtype.itemsize) <= limit:
         return wide
     return config
 
