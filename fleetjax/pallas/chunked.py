@@ -240,11 +240,16 @@ def _shrink(name: str, walk: WalkConfig, K: int, V: int, dtype, limit: int, chun
     return None
 
 
+def _most_pieces(T: int) -> int:
+    """The most sequence pieces a default config splits T into: each keeps >= 512 positions, at most 64."""
+    return max(1, min(64, T // 512))
+
+
 def _pieces(programs: int, T: int, fill: int) -> int:
-    """Split the sequence only while the grid holds fewer than ``fill`` programs and pieces keep >= 512
-    positions."""
+    """Split the sequence only while the grid holds fewer than ``fill`` programs, within
+    :func:`_most_pieces`."""
     pieces = 1
-    while programs * pieces < fill and T // (2 * pieces) >= 512 and pieces < 64:
+    while programs * pieces < fill and 2 * pieces <= _most_pieces(T):
         pieces *= 2
     return pieces
 
@@ -300,7 +305,7 @@ def default_config(q: jax.Array, v: jax.Array) -> PallasConfig:
                 break
         states = None if piece_states is None else fit("piece_states", piece_states, chunk_fixed=False)
         if forward is not None and all(walks.values()) and (piece_states is None or states is not None):
-            mosaic_walks = _mosaic_walks(K, V, dtype, limit, pieces=pieces, longest=min(64, T // 512))
+            mosaic_walks = _mosaic_walks(K, V, dtype, limit, pieces=pieces, longest=_most_pieces(T))
             if mosaic_walks is not None and mosaic_walks.warpgroups == 2:
                 # Half the programs, each twice as wide: twice the pieces fill the SMs again. The Triton
                 # forward (segments, a returned final state) takes them too: 0.304 against 0.314 ms with the

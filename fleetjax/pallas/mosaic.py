@@ -382,9 +382,8 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             enter_lag, leave_lag = (C - 1.0 - row, row + 1.0) if reverse else (row + 1.0, C - 1.0 - row)
             return pair_rows, pair_cols, lag, lags, enter_lag, leave_lag
 
-        def constant_factors():
-            """The constant decay's factors, the same for every chunk."""
-            _, _, lag, lags, enter_lag, leave_lag = steps()
+        def constant_factors(lag, lags, enter_lag, leave_lag):
+            """The constant decay's factors from :func:`steps`'s, the same for every chunk."""
             log_gamma = log_decay_gmem[h]
             return (decayed(lag >= 0, lags * log_gamma), jnp.exp(enter_lag * log_gamma) * row_factor,
                     jnp.exp(leave_lag * log_gamma), jnp.exp(C * log_gamma))
@@ -393,7 +392,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
         # few registers) and carry the constant factors; one forms them here, once.
         if not wide:
             pair_rows, pair_cols, lag, lags, enter_lag, leave_lag = steps()
-            constant = None if gated else constant_factors()
+            constant = None if gated else constant_factors(lag, lags, enter_lag, leave_lag)
 
         def k_t(ref):
             if interpret is None:
@@ -572,7 +571,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             def compute(pipeline):
                 entering = entered(start_gmem)
                 meet(0)
-                state, _ = pipeline((entering, () if gated else constant_factors()))
+                state, _ = pipeline((entering, () if gated else constant_factors(*steps()[2:])))
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 meet(1)
                 store(state, f32_smem)
