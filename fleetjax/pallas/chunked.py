@@ -261,11 +261,11 @@ def default_config(q: jax.Array, v: jax.Array) -> PallasConfig:
     one program per SM), each kernel's tiling then shrunk until it fits the device's shared memory (float32:
     with tf32x3 products, else IEEE ones).
 
-    The backward's rule, H200 2026-12-02 (results/2026-12-02-h200-tune_pallas_pieces.jsonl, forward+backward
-    with the decay's gradient): where batch*head is small, blocks of 32 at 4 warps beat blocks of 64 at 8,
-    10.9 -> 8.2 ms at B1 H16 T=131072 (4 pieces; 7.6 with 8) and 1.70 -> 1.38-1.46 ms at B1 H8 T=32768 (8
-    pieces); more pieces at blocks of 64 gained less (9.9 ms) or lost (1.86 ms); at B4 H16 T=16384 (256
-    programs) two pieces lost (4.75 vs 4.15 ms)."""
+    The backward's rule, H200 2026-12-02 (results/2026-12-02-h200-tune_pallas_pieces.jsonl, the backward with
+    the decay's gradient; that script's fwd_bwd left the forward dead until 2026-12-04): where batch*head is
+    small, blocks of 32 at 4 warps beat blocks of 64 at 8, 10.9 -> 8.2 ms at B1 H16 T=131072 (4 pieces; 7.6
+    with 8) and 1.70 -> 1.38-1.46 ms at B1 H8 T=32768 (8 pieces); more pieces at blocks of 64 gained less
+    (9.9 ms) or lost (1.86 ms); at B4 H16 T=16384 (256 programs) two pieces lost (4.75 vs 4.15 ms)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     dtype = jnp.dtype(q.dtype)
@@ -329,9 +329,9 @@ def _mosaic_walks(K: int, V: int, dtype, limit: int, *, pieces: int,
     forward's pieces) where the sequence is already split (``pieces`` > 1, and twice as many stay within
     ``longest``): forward 0.193 against 0.233 ms at B1 H8 T=32768, 0.949 against 1.383 at B1 H16 T=131072.
     Where the split would be new (B4 H16 T=16384) the pieces' states cost what the walk gains (0.485 against
-    0.486). The backward's walks keep one: with them on two as well, fwd+bwd was 1.295 against 1.233 ms and
-    7.36 against 6.90 (H200, 2026-12-03, bf16, K = V = 128,
-    experiments/results/2026-12-03-h200-tune_warpgroups{,_default}.jsonl)."""
+    0.486). The backward's walks keep one: with them on two as well, the backward (tune_pallas's fwd_bwd,
+    which then timed the backward alone) took 1.295 against 1.233 ms and 7.36 against 6.90 (H200, 2026-12-03,
+    bf16, K = V = 128, experiments/results/2026-12-03-h200-tune_warpgroups{,_default}.jsonl)."""
     if not mosaic.on_hopper() or dtype.itemsize != 2 or K not in mosaic.KEY_DIMS or V % 64:
         return None
     for stages in (3, 2):

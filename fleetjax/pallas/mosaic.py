@@ -62,22 +62,23 @@ class MosaicWalkConfig:
     chunk_size: positions per chunk (64: one wgmma row tile); block_v: value columns per program (32, 64 or
     128); sums_block_v: the same for the backward's walks that form the decay's gradient sums (their two
     float32 states and hi/lo operands take more registers; 64 lost at all four benchmark shapes, 3.92
-    against 2.94 ms fwd+bwd at B4 H16 T=16384, H200, 2026-12-03, ...-tune_sums_block_v64.jsonl); stages:
+    against 2.94 ms for the backward at B4 H16 T=16384, H200, 2026-12-03, ...-tune_sums_block_v64.jsonl); stages:
     chunks whose tiles are in flight at once (the pipeline's depth, each a copy of the walk's input and
     output tiles in shared memory; the default's 168 KiB hold one program per SM, and the tilings that fit
     two, 2 stages of value blocks of 32 or 1 stage, lost everywhere: 0.495 and 0.784 against 0.462 ms
     forward at B4 H16 T=16384, same card and date, ...-tune_occupancy.jsonl);
-    sums_stages: the same for the walks that form the sums: 2 against 3, forward+backward with the decay
+    sums_stages: the same for the walks that form the sums: 2 against 3, the backward with the decay
     learned 6.99 against 9.90 ms at B1 H16 T=131072, 2.82 against 2.85 at B4 H16 T=16384, the same at
     T=4096 and B1 H8 T=32768 (H200, 2026-12-03, bf16, K = V = 128,
-    experiments/results/2026-12-03-h200-tune_sums_stages.jsonl).
+    experiments/results/2026-12-03-h200-tune_sums_stages.jsonl; tune_pallas's fwd_bwd timed the backward
+    alone until 2026-12-04, its forward being dead code).
     warpgroups: 2 runs the forward walk as one program of two compute warpgroups for two value blocks (they
     share the chunk's q and k tiles; a third warpgroup copies them in), bitwise the same results; the walk alone
     1.46x faster forward and 1.26x in reverse where the programs fill the SMs (B4 H16 T=16384 in two pieces;
     1.43x and 1.17x at B1 H8 T=32768 in 16), slower where half of them idle (0.81x in one piece), H200,
     2026-12-03, experiments/results/2026-12-03-h200-probe_wide_walk_package.txt. Walks that form sums keep one.
     backward_warpgroups: the same for the backward's plain walks (dv, dk, and dq where no sums are formed);
-    bitwise the same gradients (tests/test_mosaic.py), off by default: on with the forward's, fwd+bwd was
+    bitwise the same gradients (tests/test_mosaic.py), off by default: on with the forward's, the backward took
     1.295 against 1.233 ms at B1 H8 T=32768 and 7.36 against 6.90 at B1 H16 T=131072 (same card and date,
     ...-tune_warpgroups_default.jsonl), where the backward's pieces leave half the SMs idle at two.
     decay_sums: the backward's walks run on Mosaic also where the decay's gradient is wanted (the dq walk
