@@ -24,7 +24,7 @@ if jax.default_backend() == "cpu":
 # Files whose tests all read one module fixture that computes every case in subprocesses with fake devices
 # (tests/devices.py): under ``-n N`` each of them runs on one worker, and first, so that the other worker
 # takes the rest meanwhile instead of computing the fixture again or waiting for it at the end.
-ONE_WORKER_FILES = ("test_sharding.py", "test_experiments.py")
+ONE_WORKER_FILES = ("test_sharding.py", "test_experiments.py", "test_mosaic_warpgroups.py")
 
 
 def _one_worker_file(nodeid: str) -> bool:

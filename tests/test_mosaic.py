@@ -332,8 +332,7 @@ def test_two_warpgroups_walk_as_one_does_in_the_interpreter(reverse):
     """MosaicWalkConfig.warpgroups=2 (each warpgroup its own value block, a third copying the shared tiles):
     out and the pieces' final states bitwise those of one warpgroup a program, from random entering states in
     two pieces, forward and in reverse (the backward's dv and dk walks); the forward also against the float64
-    oracle. (The gated decay's two-warpgroup walk hangs in jax 0.10.2's interpreter; on the H200 it was
-    bitwise equal too, experiments/probe_wide_walk.py.)"""
+    oracle. (The gated decay's: tests/test_mosaic_warpgroups.py, with four fake CPU devices.)"""
     B, T, H, K, V = 1, 128, 2, 64, 128
     q, k, v = _inputs(B, T, H, K, V, "bfloat16", scale_values=0.5)
     decay = (0.9, 1.0)

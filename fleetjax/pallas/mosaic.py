@@ -29,8 +29,9 @@ per-position sums with the state's products as hi/lo pairs, and carries the stat
 With the gated decay the weights, entering, leaving and carry are exp of differences of the log decay summed
 within the chunk (Decays.within_chunks), each <= 0, and the dq walk also forms the gate's spanned sums.
 
-Everything but the gated two-warpgroup walk (which hangs in jax 0.10.2's) runs in Mosaic GPU's CPU
-interpreter too (``interpret=``, the tests), which takes a few forms of its own: no register layouts,
+Everything runs in Mosaic GPU's CPU interpreter too (``interpret=``, the tests; the gated two-warpgroup
+walk with several fake CPU devices, whose client then has threads for its three warpgroups' executions:
+with one, on a two-core host, they stalled), which takes a few forms of its own: no register layouts,
 accumulators summed after zeroed ones, transposed and register operands copied to shared memory, one chunk
 at a time instead of emit_pipeline (two warpgroups keep their warp-specialized pipeline there).
 """

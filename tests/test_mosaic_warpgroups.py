@@ -1,0 +1,93 @@
+"""The gated Mosaic walk at two compute warpgroups a program, in Mosaic GPU's CPU interpreter.
+
+The interpreter runs each warpgroup of a program as its own XLA execution on the CPU client's threads. With
+the suite's one CPU device, on a two-core host, a gated two-warpgroup walk stalled: one warpgroup's
+execution never started while the other two waited at their barriers (jax 0.10.2; the constant decay's walk
+ran). With four fake CPU devices the client has threads for all three, so these cases run in a subprocess
+with that many (tests/devices.py). On the H200 the gated two-warpgroup walk is checked through the op
+(tests/test_mosaic.py).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import devices
+import oracle
+from test_op import TOLERANCE
+
+DEVICES = 4
+CASES = ["forward", "reverse"]
+
+try:  # the interpreter's parameters moved between jax versions; without them there is nothing to run
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+except ImportError:  # pragma: no cover - older or newer jax
+    InterpretGPUParams = None
+
+
+def _run_case(direction: str) -> dict[str, Any]:
+    """Out and the pieces' final states at one and at two warpgroups (bitwise equal?), and the forward's
+    first piece against the float64 oracle, from random entering states in two pieces, with a hard
+    forget (log gate -40) inside the first piece."""
+    from fleetjax.chunking import Chunking
+    from fleetjax.decay import Decays
+    from fleetjax.pallas import mosaic
+    B, T, H, K, V = 1, 128, 2, 64, 128
+    rng = np.random.default_rng(0)
+    q, k = (jnp.asarray(0.5 * rng.standard_normal((B, T, H, K)), jnp.bfloat16) for _ in range(2))
+    v = jnp.asarray(0.5 * rng.standard_normal((B, T, H, V)), jnp.bfloat16)
+    gate = -0.3 * rng.random((B, T, H))
+    gate[:, 40, 0] = -40.0
+    decay = jnp.asarray([0.9, 1.0], jnp.float32)
+    decays = Decays(jnp.log(decay), jnp.asarray(gate, jnp.float32))
+    entering = jnp.asarray(rng.standard_normal((B, H, 2, K, V)), jnp.float32)
+    reverse = direction == "reverse"
+    got = [mosaic.walk(q, k, v, decays.log_decay, entering, Chunking(T, 64, 2), reverse=reverse, scale=0.2,
+                       config=mosaic.MosaicWalkConfig(warpgroups=n), within=decays.within_chunks(B, T, 64),
+                       interpret=InterpretGPUParams())
+           for n in (1, 2)]
+    result = {"out_equal": bool(jnp.array_equal(got[0][0], got[1][0])),
+              "finals_equal": bool(jnp.array_equal(got[0][1], got[1][1])),
+              "finite": bool(jnp.all(jnp.isfinite(got[1][0].astype(jnp.float32))))}
+    if not reverse:
+        ref, final = oracle.forward(q[:, :64], k[:, :64], v[:, :64], decay, scale=0.2,
+                                    initial_state=entering[:, :, 0], log_gate=decays.log_gate[:, :64])
+        result["out_error"] = float(oracle.rel_err(got[1][0][:, :64], ref, axis=2))
+        result["final_error"] = float(oracle.rel_err(got[1][1][:, :, 0], final, axis=1))
+    return result
+
+
+def _worker(case_ids: list[str]) -> None:
+    results: dict[str, Any] = {}
+    for case_id in case_ids:
+        try:
+            results[case_id] = _run_case(case_id)
+        except Exception as error:  # noqa: BLE001 - reported by that case's test
+            results[case_id] = {"exception": f"{type(error).__name__}: {error}"}
+    devices.print_results(results)
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, Any]:
+    if InterpretGPUParams is None:
+        pytest.skip("no Mosaic GPU interpreter in this jax")
+    return devices.run_workers(__file__, DEVICES, [[case] for case in CASES], timeout=600)
+
+
+@pytest.mark.parametrize("direction", CASES)
+def test_the_gated_walk_at_two_warpgroups_is_bitwise_the_one_warpgroup_walk(results, direction):
+    result = results[direction]
+    assert "exception" not in result, result.get("exception")
+    assert result["out_equal"] and result["finals_equal"] and result["finite"], result
+    if direction == "forward":
+        assert result["out_error"] < TOLERANCE["bfloat16"], result
+        assert result["final_error"] < TOLERANCE["bfloat16"], result
+
+
+if __name__ == "__main__" and devices.worker_ids(sys.argv) is not None:
+    _worker(devices.worker_ids(sys.argv))
