@@ -19,33 +19,25 @@ import pytest
 
 import devices
 import oracle
+from test_mosaic import InterpretGPUParams, _inputs, _log_gate
 from test_op import TOLERANCE
 
 DEVICES = 4
 CASES = ["forward", "reverse"]
 
-try:  # the interpreter's parameters moved between jax versions; without them there is nothing to run
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-except ImportError:  # pragma: no cover - older or newer jax
-    InterpretGPUParams = None
-
 
 def _run_case(direction: str) -> dict[str, Any]:
     """Out and the pieces' final states at one and at two warpgroups (bitwise equal?), and the forward's
     first piece against the float64 oracle, from random entering states in two pieces, with a hard
-    forget (log gate -40) inside the first piece."""
+    forget (log gate -40) inside the second piece."""
     from fleetjax.chunking import Chunking
     from fleetjax.decay import Decays
     from fleetjax.pallas import mosaic
     B, T, H, K, V = 1, 128, 2, 64, 128
-    rng = np.random.default_rng(0)
-    q, k = (jnp.asarray(0.5 * rng.standard_normal((B, T, H, K)), jnp.bfloat16) for _ in range(2))
-    v = jnp.asarray(0.5 * rng.standard_normal((B, T, H, V)), jnp.bfloat16)
-    gate = -0.3 * rng.random((B, T, H))
-    gate[:, 40, 0] = -40.0
+    q, k, v = _inputs(B, T, H, K, V, "bfloat16", scale_values=0.5)
     decay = jnp.asarray([0.9, 1.0], jnp.float32)
-    decays = Decays(jnp.log(decay), jnp.asarray(gate, jnp.float32))
-    entering = jnp.asarray(rng.standard_normal((B, H, 2, K, V)), jnp.float32)
+    decays = Decays(jnp.log(decay), _log_gate(B, T, H))
+    entering = jnp.asarray(np.random.default_rng(1).standard_normal((B, H, 2, K, V)), jnp.float32)
     reverse = direction == "reverse"
     got = [mosaic.walk(q, k, v, decays.log_decay, entering, Chunking(T, 64, 2), reverse=reverse, scale=0.2,
                        config=mosaic.MosaicWalkConfig(warpgroups=n), within=decays.within_chunks(B, T, 64),
