@@ -27,6 +27,11 @@ except ImportError:  # pragma: no cover
 interpreted = pytest.mark.skipif(InterpretGPUParams is None, reason="no Mosaic GPU interpreter in this jax")
 
 
+def _walks(text: str) -> int:
+    """The Mosaic GPU walks of a lowered program's text, not counting the states-only ones (mosaic.piece_states)."""
+    return text.count("custom_call @mosaic_gpu") - text.count(f"{mosaic.STATES_KERNEL}_mosaic_gpu")
+
+
 def _supports(**changes) -> bool:
     args = dict(dtype=jnp.bfloat16, K=128, V=128, chunking=Chunking(1024, 64, 4), segments=False, gated=False,
                 exact_state=False)
@@ -55,7 +60,8 @@ def test_supports_only_the_cases_the_kernel_serves():
 
 @pytest.mark.parametrize("field, value", [("chunk_size", 128), ("block_v", 48), ("sums_block_v", 256),
                                           ("stages", 0), ("stages", 2.0), ("sums_stages", 9),
-                                          ("warpgroups", 3), ("backward_warpgroups", 0)])
+                                          ("warpgroups", 3), ("backward_warpgroups", 0), ("forward_pieces", 0),
+                                          ("forward_pieces", True)])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=f"MosaicWalkConfig.{field}"):
         mosaic.MosaicWalkConfig(**{field: value})
@@ -249,16 +255,23 @@ def test_two_warpgroups_give_the_op_bitwise_what_one_gives(pieces, with_start, g
 
 def test_the_default_takes_two_warpgroups_where_the_sequence_is_split(monkeypatch):
     """On an sm_90 GPU (its count of SMs and shared memory stood in): two warpgroups and twice the forward's
-    pieces where the forward already splits the sequence (B1 H8 T=32768), one where it does not (B4 H16); the
-    backward's walks one in both."""
+    pieces where the forward already splits the sequence (B1 H8 T=32768); where one-warpgroup programs fill
+    the SMs but two-warpgroup ones would not (B4 H16), two warpgroups in pieces of the Mosaic walk's own
+    (MosaicWalkConfig.forward_pieces), the Triton forward's staying whole; one where even those fill them
+    (B8 H16); the backward's walks one in all."""
     monkeypatch.setattr(mosaic, "on_hopper", lambda: True)
     monkeypatch.setattr(chunked, "multiprocessor_count", lambda: 132)
     monkeypatch.setattr(chunked, "shared_memory_per_block", lambda: 227 * 1024)
     split = chunked.default_config(jnp.zeros((1, 32768, 8, 128), jnp.bfloat16), jnp.zeros((1, 32768, 8, 128)))
     assert (split.mosaic_walks.warpgroups, split.mosaic_walks.backward_warpgroups) == (2, 1)
     assert split.num_sequence_pieces == 16 and split.backward_num_sequence_pieces == 8
-    whole = chunked.default_config(jnp.zeros((4, 16384, 16, 128), jnp.bfloat16), jnp.zeros((4, 16384, 16, 128)))
-    assert (whole.mosaic_walks.warpgroups, whole.mosaic_walks.backward_warpgroups) == (1, 1)
+    assert split.mosaic_walks.forward_pieces is None
+    own = chunked.default_config(jnp.zeros((4, 16384, 16, 128), jnp.bfloat16), jnp.zeros((4, 16384, 16, 128)))
+    assert (own.mosaic_walks.warpgroups, own.mosaic_walks.backward_warpgroups) == (2, 1)
+    assert own.mosaic_walks.forward_pieces == 2 and own.num_sequence_pieces == 1
+    assert own.mosaic_walks.shared_memory_bytes(128, 2) <= 227 * 1024
+    whole = chunked.default_config(jnp.zeros((8, 16384, 16, 128), jnp.bfloat16), jnp.zeros((8, 16384, 16, 128)))
+    assert (whole.mosaic_walks.warpgroups, whole.mosaic_walks.forward_pieces) == (1, None)
     assert whole.num_sequence_pieces == 1
     assert whole.mosaic_walks.shared_memory_bytes(128, 2) <= 227 * 1024
     assert split.mosaic_walks.shared_memory_bytes(128, 2) <= 227 * 1024
@@ -271,12 +284,12 @@ def test_the_backward_runs_on_mosaic_by_default():
     loss = lambda q, k, v: jnp.sum(fleetjax.fleet_attention(q, k, v, decay, implementation="pallas")
                                    .astype(jnp.float32))
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).as_text()
-    assert text.count("custom_call @mosaic_gpu") == 3  # the dq, dv and dk walks (the forward's o is unused)
+    assert _walks(text) == 3  # the dq, dv and dk walks (the forward's o is unused)
     # With the decay learned, its sums too (MosaicWalkConfig.decay_sums); with d initial_state, Triton's.
     learned = lambda q, k, v, decay: jnp.sum(fleetjax.fleet_attention(q, k, v, decay, implementation="pallas")
                                              .astype(jnp.float32))
     text = jax.jit(jax.grad(learned, argnums=(0, 1, 2, 3))).lower(q, k, v, decay).as_text()
-    assert text.count("custom_call @mosaic_gpu") == 3
+    assert _walks(text) == 3
     start = jnp.zeros((1, 2, 128, 128), jnp.float32)
     from_start = lambda q, k, v, start: jnp.sum(fleetjax.fleet_attention(  # noqa: E731
         q, k, v, decay, initial_state=start, implementation="pallas").astype(jnp.float32))
@@ -378,6 +391,32 @@ def test_the_gated_walk_in_the_interpreter_matches_the_oracle(pieces):
     ref, final = oracle.forward(q, k, v, decay, scale=0.2, initial_state=start, log_gate=decays.log_gate)
     assert oracle.rel_err(o, ref, axis=2) < TOLERANCE["bfloat16"]
     assert oracle.rel_err(finals[:, :, -1], final, axis=1) < TOLERANCE["bfloat16"]
+
+
+@interpreted
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("gated", [False, True], ids=["constant", "gated"])
+def test_the_states_only_walk_gives_the_walks_piece_states(reverse, gated):
+    """mosaic.piece_states: bitwise the states after each piece that the full walk (from zero states) leaves,
+    for the pieces with a successor (forward: all but the last; reverse: all but the first), and the Triton
+    piece-state walk's within the tolerance."""
+    from fleetjax.decay import Decays
+    from fleetjax.pallas import forward as fwd
+    B, T, H, K, V = 1, 192, 2, 64, 64
+    q, k, v = _inputs(B, T, H, K, V, "bfloat16")
+    decays = Decays(jnp.log(jnp.asarray([0.97, 1.0], jnp.float32)), 0.05 * _log_gate(B, T, H) if gated else None)
+    chunking = Chunking(T, 64, 3)
+    within = decays.within_chunks(B, T, 64) if gated else None
+    states = mosaic.piece_states(k, v, decays.log_decay, chunking, reverse=reverse, config=mosaic.MosaicWalkConfig(),
+                                 within=within, interpret=InterpretGPUParams())
+    _, finals, _ = mosaic.walk(q, k, v, decays.log_decay, None, chunking, reverse=reverse, scale=0.2,
+                               config=mosaic.MosaicWalkConfig(), within=within, interpret=InterpretGPUParams())
+    assert states.shape == (B, H, 2, K, V)
+    assert jnp.array_equal(states, finals[:, :, 1:] if reverse else finals[:, :, :-1])
+    triton = fwd.piece_states(k, v, decays.log_decay, None, chunking, reverse=reverse, all_pieces=False,
+                              chunk_size=64, block_v=32, num_warps=4, num_stages=1, precision=None, contain=False,
+                              exact=False, gate=decays.gate_tiles())
+    assert oracle.rel_err(states, triton, axis=None) < TOLERANCE["bfloat16"]
 
 
 def _interpreted_backward(q, k, v, do, decay, start, chunking, *, learned: bool, scale: float, log_gate=None):
@@ -492,7 +531,10 @@ def test_the_op_through_the_interpreted_walks_matches_the_oracle(monkeypatch, le
     ref = oracle.gradients(q, k, v, ref_decay, do=do, log_gate=log_gate)
     assert oracle.rel_err(o, ref_o, axis=2) < TOLERANCE["bfloat16"]
     grads = pullback(do)
-    assert calls == [False, False, True, True]  # the forward walk, then the dq, dv and dk walks
+    # The forward walk, then the dq, dv and dk walks; with pieces the states-only walks before the forward's
+    # and (where no sums read them: the gate's gradient does) the reverse walks'.
+    split = pieces > 1
+    assert calls == [False] * split + [False] + [True] * (split and learned == "decay") + [False, True, True]
     for got, name in zip(grads, names):
         axis = 2 if name in ("q", "k", "v") else None
         tolerance = TOLERANCE["bfloat16"] if axis else DECAY_GRAD_TOLERANCE["bfloat16"]
@@ -536,7 +578,7 @@ def test_the_gated_forward_walk_matches_the_oracle_and_the_triton_walk(pieces):
             q, k, v, decay, log_gate=g, implementation="pallas", config=config))
         outs[walks is not None] = f(q, k, v, log_gate)
         if walks is not None:
-            assert f.lower(q, k, v, log_gate).as_text().count("custom_call @mosaic_gpu") == 1
+            assert _walks(f.lower(q, k, v, log_gate).as_text()) == 1
     ref, _ = oracle.forward(q, k, v, decay, log_gate=log_gate)
     assert oracle.rel_err(outs[True], ref, axis=2) < TOLERANCE["bfloat16"]
     assert oracle.rel_err(outs[True], outs[False], axis=2) < TOLERANCE["bfloat16"] / 2
@@ -583,7 +625,7 @@ def test_the_gated_forward_runs_on_the_mosaic_walk_by_default():
     log_gate = 0.02 * _log_gate(B, T, H)
     decay = jnp.asarray([0.97, 1.0], jnp.float32)
     f = jax.jit(lambda q, k, v, g: fleetjax.fleet_attention(q, k, v, decay, log_gate=g, implementation="pallas"))
-    assert f.lower(q, k, v, log_gate).as_text().count("custom_call @mosaic_gpu") == 1
+    assert _walks(f.lower(q, k, v, log_gate).as_text()) == 1
     ref, _ = oracle.forward(q, k, v, decay, log_gate=log_gate)
     assert oracle.rel_err(f(q, k, v, log_gate), ref, axis=2) < TOLERANCE["bfloat16"]
 
@@ -616,7 +658,8 @@ def test_learned_decay_backward_on_mosaic_matches_the_oracle_and_the_triton_walk
 def test_a_backward_launches_only_the_walks_its_gradients_need(wrt, kernels):
     """Lowered for an sm_90 GPU (any host): the dq walk gives dq and the decay's sums, the dv walk dv, both the
     witness; the dk walk gives dk alone, so a backward that drops dk drops its walk (the plain/contained
-    choice keeps jax's dead-code elimination of unused outputs)."""
+    choice keeps jax's dead-code elimination of unused outputs). Beside them the states-only walk of the
+    reverse walks' pieces (the dq walk's, with their tangents, stay Triton's)."""
     B, T, H, K, V = 1, 1024, 2, 64, 64
     q, v = jnp.zeros((B, T, H, K), jnp.bfloat16), jnp.zeros((B, T, H, V), jnp.bfloat16)
     decay = jnp.asarray([0.999, 0.9], jnp.float32)
@@ -631,7 +674,8 @@ def test_a_backward_launches_only_the_walks_its_gradients_need(wrt, kernels):
         return got if wrt == "all" else got[pick[wrt]]
 
     text = jax.jit(grads).trace(q, q, v, decay, v).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("custom_call @mosaic_gpu") == kernels
+    assert _walks(text) == kernels
+    assert text.count(f"{mosaic.STATES_KERNEL}_mosaic_gpu") == 1
 
 
 @pytest.mark.parametrize("K, stages, warpgroups", [(64, 2, 1), (64, 3, 1), (128, 2, 1), (128, 3, 1), (128, 4, 1),
@@ -679,7 +723,7 @@ def test_learned_decay_on_mosaic_at_long_T(aligned):
                                                         config=config)
     grad = jax.jit(lambda q, k, v, decay, do: jax.vjp(f, q, k, v, decay)[1](do)[3])
     # d decay alone needs the dq walk (its sums) and the dv walk (the witness); the dk walk is dropped.
-    assert grad.lower(q, k, v, decay, do).as_text().count("custom_call @mosaic_gpu") == 2
+    assert _walks(grad.lower(q, k, v, decay, do).as_text()) == 2
     ref = oracle.recurrent(*(np.asarray(x, np.float32) for x in (q, k, v)), decay, do=np.asarray(do, np.float32))
     err = np.abs(np.asarray(grad(q, k, v, decay, do), np.float64) - ref["decay"]) / np.abs(ref["decay"])
     assert np.all(err <= DECAY_GRAD_TOLERANCE["bfloat16"]), f"relative error per head {err}"

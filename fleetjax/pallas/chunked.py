@@ -305,8 +305,8 @@ def default_config(q: jax.Array, v: jax.Array) -> PallasConfig:
                 break
         states = None if piece_states is None else fit("piece_states", piece_states, chunk_fixed=False)
         if forward is not None and all(walks.values()) and (piece_states is None or states is not None):
-            mosaic_walks = _mosaic_walks(K, V, dtype, limit, pieces=pieces, longest=_most_pieces(T))
-            if mosaic_walks is not None and mosaic_walks.warpgroups == 2:
+            mosaic_walks = _mosaic_walks(K, V, dtype, limit, pieces=pieces, T=T, heads=B * H, fill=sms // 2)
+            if mosaic_walks is not None and mosaic_walks.warpgroups == 2 and mosaic_walks.forward_pieces is None:
                 # Half the programs, each twice as wide: twice the pieces fill the SMs again. The Triton
                 # forward (segments, a returned final state) takes them too: 0.304 against 0.314 ms with the
                 # final state at B1 H8 T=32768 (H200, 2026-12-03, ...-tune_warpgroups_default.jsonl).
@@ -318,8 +318,8 @@ def default_config(q: jax.Array, v: jax.Array) -> PallasConfig:
                      f"{dtype.name} ({limit} bytes of shared memory per program)")
 
 
-def _mosaic_walks(K: int, V: int, dtype, limit: int, *, pieces: int,
-                  longest: int) -> mosaic.MosaicWalkConfig | None:
+def _mosaic_walks(K: int, V: int, dtype, limit: int, *, pieces: int, T: int, heads: int,
+                  fill: int) -> mosaic.MosaicWalkConfig | None:
     """The Mosaic GPU walks' tiling on sm_90 GPUs for 16-bit inputs with K in mosaic.KEY_DIMS: value blocks
     of 64 and three chunks in flight (H200, 2026-12-03, experiments/results/...-mosaic_forward*: the forward
     walk 0.41 against the Triton op's 0.60 ms at B4 H16 T=16384, 0.11 against 0.17 at T=4096), fewer stages
@@ -327,10 +327,16 @@ def _mosaic_walks(K: int, V: int, dtype, limit: int, *, pieces: int,
 
     Two warpgroups a program in the forward walk (MosaicWalkConfig.warpgroups; the caller then doubles the
     forward's pieces) where the sequence is already split (``pieces`` > 1, and twice as many stay within
-    ``longest``): forward 0.193 against 0.233 ms at B1 H8 T=32768, 0.949 against 1.383 at B1 H16 T=131072.
+    :func:`_most_pieces` of ``T``): forward 0.193 against 0.233 ms at B1 H8 T=32768, 0.949 against 1.383 at B1 H16 T=131072.
     Where the split would be new (B4 H16 T=16384) the pieces' states cost what the walk gains (0.485 against
-    0.486). The backward's walks keep one: with them on two as well, the backward (tune_pallas's fwd_bwd,
-    which then timed the backward alone) took 1.295 against 1.233 ms and 7.36 against 6.90 (H200, 2026-12-03,
+    0.486); with the pieces' states from the Mosaic walk's states-only form (mosaic.piece_states) it gains,
+    so where one-warpgroup programs fill the SMs and two-warpgroup ones would not (``heads`` * V / 128 under
+    ``fill``), two warpgroups take pieces of their own (MosaicWalkConfig.forward_pieces; the Triton forward,
+    which would pay float32-accurate states for them, stays whole): forward 0.431 against 0.489 ms at B4 H16
+    T=16384, gated 0.502 against 0.559, 0.154 against 0.156 and 0.176 against 0.178 at T=4096, bitwise the
+    same outputs (H200, 2026-12-04, medians of four alternated runs,
+    experiments/results/2026-12-04-h200-forward_pieces_ab.jsonl). The backward's walks keep one: with them on
+    two as well, the backward (tune_pallas's fwd_bwd, which then timed the backward alone) took 1.295 against 1.233 ms and 7.36 against 6.90 (H200, 2026-12-03,
     bf16, K = V = 128, experiments/results/2026-12-03-h200-tune_warpgroups{,_default}.jsonl)."""
     if not mosaic.on_hopper() or dtype.itemsize != 2 or K not in mosaic.KEY_DIMS or V % 64:
         return None
@@ -341,8 +347,13 @@ def _mosaic_walks(K: int, V: int, dtype, limit: int, *, pieces: int,
     else:
         return None
     wide = dataclasses.replace(config, warpgroups=2)
-    if 1 < pieces and 2 * pieces <= longest and V % 128 == 0 and wide.shared_memory_bytes(K, dtype.itemsize) <= limit:
+    if V % 128 or wide.shared_memory_bytes(K, dtype.itemsize) > limit:
+        return config
+    if 1 < pieces and 2 * pieces <= _most_pieces(T):
         return wide
+    wide_pieces = _pieces(heads * (V // 128), T, fill)
+    if pieces == 1 and wide_pieces > 1:
+        return dataclasses.replace(wide, forward_pieces=wide_pieces)
     return config
 
 
@@ -379,26 +390,34 @@ def local_state(k, v, decays: Decays, run_ids, *, config: PallasConfig):
 def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, config: PallasConfig,
              exact_state: bool):
     """(o, the state after the walk), NaN where a non-finite value reaches (fleetjax.nonfinite)."""
-    B = q.shape[0]
-    chunking = config.chunking(q.shape[1], False)
-
-    on_mosaic = mosaic.supports(config.mosaic_walks, dtype=q.dtype, K=q.shape[-1], V=v.shape[-1],
-                                chunking=chunking, segments=run_ids is not None, gated=decays.gated,
+    B, T = q.shape[:2]
+    chunking = config.chunking(T, False)
+    walks_config = config.mosaic_walks
+    # The Mosaic walk may split the sequence its own way (MosaicWalkConfig.forward_pieces), unless the pieces'
+    # states come from the caller (``reuse``, in the PallasConfig's pieces).
+    mosaic_chunking = chunking
+    if reuse is None and walks_config is not None and walks_config.forward_pieces is not None:
+        mosaic_chunking = Chunking(T, chunking.chunk_size, walks_config.forward_pieces)
+    on_mosaic = mosaic.supports(walks_config, dtype=q.dtype, K=q.shape[-1], V=v.shape[-1],
+                                chunking=mosaic_chunking, segments=run_ids is not None, gated=decays.gated,
                                 exact_state=exact_state)
 
     def walks(contain: bool):
         local = reuse
+        if on_mosaic and not contain:
+            within = decays.within_chunks(B, T, chunking.chunk_size) if decays.gated else None
+            if mosaic_chunking.pieces > 1 and local is None:
+                local = mosaic.piece_states(k, v, decays.log_decay, mosaic_chunking, reverse=False,
+                                            config=walks_config, within=within)
+            entering = mosaic.entering_states(start, local, decays, mosaic_chunking, B)
+            o, finals, _ = mosaic.walk(q, k, v, decays.log_decay, entering, mosaic_chunking, reverse=False,
+                                       scale=scale, config=walks_config, within=within)
+            return (o, finals[:, :, -1]), finals
         if chunking.pieces > 1 and local is None:
             # Float32-accurate only where the final state is used: otherwise they feed 16-bit outputs alone.
             local = fwd.piece_states(k, v, decays.log_decay, run_ids, chunking, reverse=False, all_pieces=False,
                                      contain=contain, exact=exact_state, gate=decays.gate_tiles(),
                                      **config.piece_launch("forward", q.dtype))
-        if on_mosaic and not contain:
-            entering = mosaic.entering_states(start, local, decays, chunking, B)
-            within = decays.within_chunks(B, chunking.T, chunking.chunk_size) if decays.gated else None
-            o, finals, _ = mosaic.walk(q, k, v, decays.log_decay, entering, chunking, reverse=False, scale=scale,
-                                       config=config.mosaic_walks, within=within)
-            return (o, finals[:, :, -1]), finals
         o, final, witness = fwd.forward_walk(q, k, v, decays.log_decay, start, run_ids, chunking, scale=scale,
                                              exact_state=exact_state, contain=contain, local=local,
                                              **_gated(decays, chunking, B), **config.launch("forward", q.dtype))
@@ -459,19 +478,29 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
     def walks(contain: bool):
         mosaic_here = on_mosaic and not contain
         dq_local, reverse_local = None, reuse
-        if chunking.pieces > 1:
+        # Pieces' states that feed only 16-bit products (no sums read them, no d start) come from the Mosaic
+        # states-only walk where the Mosaic walks run.
+        within = decays.within_chunks(B, T, chunking.chunk_size) if mosaic_here and decays.gated else None
+        mosaic_states = functools.partial(mosaic.piece_states, log_decay=decays.log_decay, chunking=chunking,
+                                          config=config.mosaic_walks, within=within)
+        if chunking.pieces > 1 and mosaic_here and not wanted.any:
+            dq_local = (mosaic_states(v, k, reverse=False), None)
+        elif chunking.pieces > 1:
             # The Mosaic dq walk carries the state's derivative in log gamma, the Triton one its crossing counts.
             dq_local = fwd.piece_states(v, k, decays.log_decay, run_ids, chunking, reverse=False, all_pieces=False,
                                         counts=wanted.log_decay and not mosaic_here,
                                         tangent=wanted.log_decay and mosaic_here, contain=contain,
                                         gate=decays.gate_tiles(), **config.piece_launch("dq", q.dtype))
             dq_local = dq_local if wanted.log_decay else (dq_local, None)
-            if reverse_local is None:  # float32-accurate where d start or the dk walk's sums read them
-                sums_read = wanted.log_gate or (wanted.log_decay and not mosaic_here)
+        if chunking.pieces > 1 and reverse_local is None:
+            # float32-accurate where d start or the dk walk's sums read them
+            exact = wanted.log_gate or (wanted.log_decay and not mosaic_here) or wanted.initial_state
+            if mosaic_here and not exact:
+                reverse_local = mosaic_states(q, do, reverse=True)
+            else:
                 reverse_local = fwd.piece_states(q, do, decays.log_decay, run_ids, chunking, reverse=True,
                                                  all_pieces=False, contain=contain, gate=decays.gate_tiles(),
-                                                 exact=sums_read or wanted.initial_state,
-                                                 **config.piece_launch("dv", q.dtype))
+                                                 exact=exact, **config.piece_launch("dv", q.dtype))
         if mosaic_here:
             dq, dk, dv, parts, witness = mosaic.backward_walks(
                 q, k, v, do, decays, start, chunking, dq_local, reverse_local,

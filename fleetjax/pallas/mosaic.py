@@ -20,7 +20,9 @@ warpgroup issuing the copies; per chunk of C positions, with the state S enterin
 The 0 * out term changes no bit of a finite state and makes it NaN otherwise: a finite state after the piece
 says every output of the piece was finite (the caller's witness, fleetjax.nonfinite). The state enters the
 products rounded to the inputs' dtype, as in the Triton walks' plain form. Sequence pieces enter with states
-passed in XLA (:func:`entering_states`) from the local states of the Triton piece-state walks.
+passed in XLA (:func:`entering_states`) from the pieces' local states: those of the walk's states-only form
+(:func:`piece_states`, one product a chunk) where they feed only 16-bit products, else (float32-accurate
+states, the dq walk's derivatives) those of the Triton piece-state walks.
 
 For the decay's gradient (``MosaicWalkConfig.decay_sums``) the dq walk also forms fleetjax.vjp's
 per-position sums with the state's products as hi/lo pairs, and carries the state's derivative in log gamma
@@ -52,6 +54,8 @@ from fleetjax.pallas.launch import on_gpu
 from fleetjax.state_passing import pass_states
 
 f32 = jnp.float32
+# The name of the states-only walk's kernel (:func:`piece_states`), which profiles and lowered programs show.
+STATES_KERNEL = "piece_states"
 # The key dims the kernel's wgmma tiling serves (the state [K, block_v] lives in registers).
 KEY_DIMS = (64, 128)
 
@@ -78,6 +82,9 @@ class MosaicWalkConfig:
     1.46x faster forward and 1.26x in reverse where the programs fill the SMs (B4 H16 T=16384 in two pieces;
     1.43x and 1.17x at B1 H8 T=32768 in 16), slower where half of them idle (0.81x in one piece), H200,
     2026-12-03, experiments/results/2026-12-03-h200-probe_wide_walk_package.txt. Walks that form sums keep one.
+    forward_pieces: the sequence pieces of the Mosaic forward walk (None: PallasConfig.num_sequence_pieces,
+    which the Triton forward takes). Where the caller passes the pieces' local states (sequence parallelism)
+    the PallasConfig's count holds.
     backward_warpgroups: the same for the backward's plain walks (dv, dk, and dq where no sums are formed);
     bitwise the same gradients (tests/test_mosaic.py), off by default: on with the forward's, the backward took
     1.295 against 1.233 ms at B1 H8 T=32768 and 7.36 against 6.90 at B1 H16 T=131072 (same card and date,
@@ -104,6 +111,7 @@ class MosaicWalkConfig:
     sums_block_v: int = 32
     stages: int = 3
     warpgroups: int = 1
+    forward_pieces: int | None = None
     backward_warpgroups: int = 1
     sums_stages: int = 2
     decay_sums: bool = True
@@ -120,6 +128,9 @@ class MosaicWalkConfig:
         for name in ("warpgroups", "backward_warpgroups"):
             if getattr(self, name) not in (1, 2):
                 raise ValueError(f"MosaicWalkConfig.{name} must be 1 or 2, got {getattr(self, name)!r}")
+        pieces = self.forward_pieces
+        if pieces is not None and (not isinstance(pieces, int) or isinstance(pieces, bool) or pieces < 1):
+            raise ValueError(f"MosaicWalkConfig.forward_pieces must be None or a positive int, got {pieces!r}")
         for name in ("stages", "sums_stages"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 8:
@@ -209,6 +220,17 @@ def entering_tangents(entering, local_tangents, decays: Decays, chunking: Chunki
     return jnp.concatenate([jnp.moveaxis(tangents, 0, 2), last[:, :, None]], axis=2)
 
 
+def piece_states(key, value, log_decay, chunking: Chunking, *, reverse: bool, config: MosaicWalkConfig,
+                 within=None, interpret=None):
+    """The local states [B, H, P-1, K, V] float32 of the pieces that have a successor in the walk (forward:
+    0..P-2; reverse: 1..P-1), each walked from zero with keys ``key`` [B, T, H, K] and values ``value``
+    [B, T, H, V]: the states-only form of :func:`walk` (one product a chunk, its value block rounded to the
+    inputs' dtype as in the plain walks), which :func:`entering_states` passes on. ``within``: the gated
+    decay (see :func:`walk`)."""
+    return walk(None, key, value, log_decay, None, chunking, reverse=reverse, scale=1.0,
+                config=dataclasses.replace(config, warpgroups=1), within=within, interpret=interpret)
+
+
 def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_local, reverse_local, *,
                    scale: float, config: MosaicWalkConfig, log_decay_wanted: bool, log_gate_wanted: bool = False,
                    interpret=None):
@@ -269,7 +291,8 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     pieces ``entering`` [B, H, P, Dk, Dv] float32 (None: zero; reverse: the state from the positions after the
     piece). query, key [B, T, H, Dk]; value [B, T, H, Dv]; log_decay [H] float32. Assumes :func:`supports`.
     The forward is walk(q, k, v); the backward's walks are walk(dO, v, k) (dq), reverse walk(k, q, dO) (dv)
-    and reverse walk(v, dO, q) (dk).
+    and reverse walk(v, dO, q) (dk). With ``query`` None only the states are formed, of the pieces that have a
+    successor, each from zero (:func:`piece_states`).
 
     For the decay's gradient (fleetjax.vjp), ``rows`` [B, T, H, Dv] (q in the dq walk, k in the dk walk):
     the state's products become float32-accurate (hi/lo pairs) and sums["state"] [Dv blocks, B, H, T] holds
@@ -292,16 +315,21 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    B, T, H, K = query.shape
+    B, T, H, K = key.shape
     V = value.shape[-1]
     C, bv, P = config.chunk_size, config.block_v, chunking.pieces
+    # No query: only the local states of the pieces that have a successor (:func:`piece_states`).
+    states_only = query is None
+    if states_only and (rows is not None or entering is not None):
+        raise ValueError("a walk without a query takes no rows= or entering=")
+    launched, piece_offset = (P - 1, int(reverse)) if states_only else (P, 0)
     n = chunking.piece_len // C
     nv = V // bv
     dtype = value.dtype
     exact = rows is not None
     # Plain walks may run two compute warpgroups a program, each on its own value block, sharing the
     # chunk's query and key tiles (a third warpgroup issues the copies).
-    wide = config.warpgroups > 1 and not exact and V % (config.warpgroups * bv) == 0
+    wide = config.warpgroups > 1 and not exact and not states_only and V % (config.warpgroups * bv) == 0
     wgs = config.warpgroups if wide else 1
     wg = plgpu.Layout.WGMMA
     # One swizzle for every tile: a wgmma's operands must share it (the value block's row sets it).
@@ -336,8 +364,8 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
 
         return list(pl.run_state(issue_all)(tuple(plgpu.ACC.init(init) for init, _ in jobs)))
 
-    def program(*, log_decay_gmem, q_gmem, k_gmem, v_gmem, o_gmem, final_gmem, state_smem, weighted_smem, barrier,
-                rows_gmem=None, within_gmem=None, start_gmem=None, tangent_start_gmem=None, state_sums_gmem=None,
+    def program(*, log_decay_gmem, k_gmem, v_gmem, final_gmem, weighted_smem, barrier, q_gmem=None, o_gmem=None,
+                state_smem=None, rows_gmem=None, within_gmem=None, start_gmem=None, tangent_start_gmem=None, state_sums_gmem=None,
                 tangent_sums_gmem=None, intra_sums_gmem=None, spanned_sums_gmem=None, state_lo_smem=None,
                 weighted_lo_smem=None, tangent_smem=None, tangent_lo_smem=None, lagged_smem=None, lagged_lo_smem=None,
                 part_hi_smem=None, part_mid_smem=None, part_lo_smem=None, keys_t_smem=None, block_t_smem=None,
@@ -440,7 +468,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
         def chunk(indices, *smems):
             *tiles, carried = smems
             tile = dict(zip(staged, tiles))  # the chunk's tiles by name (``staged`` below)
-            q_smem, k_smem, v_smem = tile["q"], tile["k"], tile["v"]
+            q_smem, k_smem, v_smem = tile.get("q"), tile["k"], tile["v"]
             x_smem, within_smem = tile.get("rows"), tile.get("within")
             sum_smem = {name: tile[f"{name}_sums"] for name in sums}
             if wide:
@@ -452,6 +480,17 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                 chunk_constant, chunk_lag = constant, lag if gated else None
             weights, entering_rows, leaving_rows, carry = (factors(within_smem, chunk_lag) if gated
                                                            else chunk_constant)
+
+            def update(*tiles):
+                def issue(acc):
+                    for tile in tiles:
+                        plgpu.wgmma(acc, k_t(k_smem), tile)
+                return issue
+
+            if states_only:  # S <- carry * S + key^T (leaving * value)
+                weighted_smem[...] = (v_smem[...].astype(f32) * leaving_rows).astype(dtype)
+                plgpu.commit_smem()
+                return accumulate((carry * state, update(weighted_smem)))[0]
 
             held = scale * state if scale_state else state
             if exact:
@@ -511,12 +550,6 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             if wide:
                 plgpu.copy_smem_to_gmem(out_smem.at[slot], o_gmem.at[b, pl.ds(at(c) * C, C), h, columns])
 
-            def update(*tiles):
-                def issue(acc):
-                    for tile in tiles:
-                        plgpu.wgmma(acc, k_t(k_smem), tile)
-                return issue
-
             jobs = [(carry * state, update(*([weighted_smem, weighted_lo_smem] if exact else [weighted_smem])))]
             if tangent:  # D <- carry (D + C S) + key^T (leave_lag leaving value), from the entering S
                 jobs.append((carry * (derivative + C * state), update(lagged_smem, lagged_lo_smem)))
@@ -556,13 +589,14 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             plgpu.barrier_arrive(rendezvous.at[i])
             plgpu.barrier_wait(rendezvous.at[i])
 
-        first = piece * n
+        first = (piece + piece_offset) * n
         at = (lambda c: first + n - 1 - c) if reverse else (lambda c: first + c)  # noqa: E731
         rows_k = plgpu.BlockSpec((C, K), lambda c: (at(c), 0), transforms=tiles)
         rows_v = plgpu.BlockSpec((C, wgs * bv), lambda c: (at(c), j), transforms=tiles)
         positions = plgpu.BlockSpec((C,), lambda c: (at(c),))
         # Each chunk's tiles, name -> (spec, this program's slice of the array): inputs, then outputs.
-        loads = dict(q=(rows_k, q_gmem.at[b, :, h]), k=(rows_k, k_gmem.at[b, :, h]), v=(rows_v, v_gmem.at[b, :, h]))
+        loads = {} if states_only else dict(q=(rows_k, q_gmem.at[b, :, h]))
+        loads.update(k=(rows_k, k_gmem.at[b, :, h]), v=(rows_v, v_gmem.at[b, :, h]))
         if exact:
             loads["rows"] = (rows_v, rows_gmem.at[b, :, h])
         if gated:
@@ -585,8 +619,8 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             return
         state = entered(start_gmem)
         init = (state, entered(tangent_start_gmem)) if tangent else state
-        stores = dict(o=(rows_v, o_gmem.at[b, :, h]),
-                      **{f"{name}_sums": (positions, sums_gmem[name].at[j, b, h]) for name in sums})
+        stores = {} if states_only else dict(o=(rows_v, o_gmem.at[b, :, h]))
+        stores.update({f"{name}_sums": (positions, sums_gmem[name].at[j, b, h]) for name in sums})
         staged = [*loads, *stores]
         in_specs, out_specs = [spec for spec, _ in loads.values()], [spec for spec, _ in stores.values()]
         gmems = [gmem for _, gmem in (*loads.values(), *stores.values())]
@@ -601,13 +635,14 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     inputs = dict(log_decay_gmem=log_decay.astype(f32), q_gmem=query, k_gmem=key, v_gmem=value, rows_gmem=rows,
                   within_gmem=None if within is None else within.astype(f32), start_gmem=entering,
                   tangent_start_gmem=entering_tangents)
-    outputs = dict(o_gmem=jax.ShapeDtypeStruct((B, T, H, V), dtype),
-                   final_gmem=jax.ShapeDtypeStruct((B, H, P, K, V), f32),
+    outputs = dict(o_gmem=None if states_only else jax.ShapeDtypeStruct((B, T, H, V), dtype),
+                   final_gmem=jax.ShapeDtypeStruct((B, H, launched, K, V), f32),
                    **{f"{name}_sums_gmem": jax.ShapeDtypeStruct((nv, B, H, T), f32) for name in sums})
     per_group = (wgs,) if wide else ()  # two warpgroups: each its own tiles
     state_tile = lambda: plgpu.SMEM((*per_group, K, bv), dtype, transforms=tiles)  # noqa: E731
     weighted_tile = lambda: plgpu.SMEM((*per_group, C, bv), dtype, transforms=tiles)  # noqa: E731
-    scratch = dict(state_smem=state_tile(), weighted_smem=weighted_tile())
+    scratch = dict(weighted_smem=weighted_tile()) if states_only else dict(state_smem=state_tile(),
+                                                                           weighted_smem=weighted_tile())
     if wide:
         scratch.update(out_smem=plgpu.SMEM((wgs, 2, C, bv), dtype, transforms=tiles),
                        f32_smem=plgpu.SMEM((wgs, K, bv), f32, transforms=_mma_tiles(f32, bv)))
@@ -628,6 +663,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
         if spanned and jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16):  # the spanned sums' bfloat16 triangle
             scratch["register_bf16_smem"] = plgpu.SMEM((C, C), jnp.bfloat16)
     inputs = {name: x for name, x in inputs.items() if x is not None}
+    outputs = {name: x for name, x in outputs.items() if x is not None}
     shared = [name for name in ("state_smem", "weighted_smem", "out_smem") if wide and interpret is None]
     if shared:  # on the GPU the float32 tiles share their space with the tiles used only inside the pipeline
         union = plgpu.RefUnion(tuple(scratch.pop(name) for name in shared), scratch.pop("f32_smem"))
@@ -641,10 +677,15 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             named.update(zip(shared, pipelined))
         program(**named)
 
+    # The kernel's name in profiles and lowered programs: <name>_mosaic_gpu_kernel.
+    kernel.__name__ = kernel.__qualname__ = STATES_KERNEL if states_only else "kernel"
     threads = dict(num_threads=wgs + 1, thread_name="wg") if wide else {}
-    call = plgpu.kernel(kernel, out_type=tuple(outputs.values()), grid=(V // (wgs * bv), B * H, P),
+    call = plgpu.kernel(kernel, out_type=tuple(outputs.values()), grid=(V // (wgs * bv), B * H, launched),
                         grid_names=("v", "bh", "piece"), scratch_types=list(scratch.values()), **threads,
                         **({} if interpret is None else dict(interpret=interpret)))
+    if states_only:
+        (finals,) = call(*inputs.values())
+        return finals
     out, finals, *formed = call(*inputs.values())
     return out, finals, dict(zip(sums, formed))
 
