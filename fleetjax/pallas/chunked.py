@@ -327,7 +327,8 @@ def _mosaic_walks(K: int, V: int, dtype, limit: int, *, pieces: int, T: int, hea
 
     Two warpgroups a program in the forward walk (MosaicWalkConfig.warpgroups; the caller then doubles the
     forward's pieces) where the sequence is already split (``pieces`` > 1, and twice as many stay within
-    :func:`_most_pieces` of ``T``): forward 0.193 against 0.233 ms at B1 H8 T=32768, 0.949 against 1.383 at B1 H16 T=131072.
+    :func:`_most_pieces` of ``T``): forward 0.193 against 0.233 ms at B1 H8 T=32768, 0.949 against 1.383 at
+    B1 H16 T=131072.
     Where the split would be new (B4 H16 T=16384) the pieces' states cost what the walk gains (0.485 against
     0.486); with the pieces' states from the Mosaic walk's states-only form (mosaic.piece_states) it gains,
     so where one-warpgroup programs fill the SMs and two-warpgroup ones would not (``heads`` * V / 128 under
@@ -336,8 +337,9 @@ def _mosaic_walks(K: int, V: int, dtype, limit: int, *, pieces: int, T: int, hea
     T=16384, gated 0.502 against 0.559, 0.154 against 0.156 and 0.176 against 0.178 at T=4096, bitwise the
     same outputs (H200, 2026-12-04, medians of four alternated runs,
     experiments/results/2026-12-04-h200-forward_pieces_ab.jsonl). The backward's walks keep one: with them on
-    two as well, the backward (tune_pallas's fwd_bwd, which then timed the backward alone) took 1.295 against 1.233 ms and 7.36 against 6.90 (H200, 2026-12-03,
-    bf16, K = V = 128, experiments/results/2026-12-03-h200-tune_warpgroups{,_default}.jsonl)."""
+    two as well, the backward (tune_pallas's fwd_bwd, which then timed the backward alone) took 1.295 against
+    1.233 ms and 7.36 against 6.90 (H200, 2026-12-03, bf16, K = V = 128,
+    experiments/results/2026-12-03-h200-tune_warpgroups{,_default}.jsonl)."""
     if not mosaic.on_hopper() or dtype.itemsize != 2 or K not in mosaic.KEY_DIMS or V % 64:
         return None
     for stages in (3, 2):
@@ -406,9 +408,16 @@ def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, co
         local = reuse
         if on_mosaic and not contain:
             within = decays.within_chunks(B, T, chunking.chunk_size) if decays.gated else None
-            if mosaic_chunking.pieces > 1 and local is None:
-                local = mosaic.piece_states(k, v, decays.log_decay, mosaic_chunking, reverse=False,
-                                            config=walks_config, within=within)
+            if mosaic_chunking is not chunking:  # its own pieces: their states from its states-only form
+                if mosaic_chunking.pieces > 1:
+                    local = mosaic.piece_states(k, v, decays.log_decay, mosaic_chunking, reverse=False,
+                                                config=walks_config, within=within)
+            elif chunking.pieces > 1 and local is None:
+                # The Triton piece-state walks: the states-only form was not timed against them at the shapes
+                # whose forward is split this way (B1 H8 T=32768, B1 H16 T=131072).
+                local = fwd.piece_states(k, v, decays.log_decay, run_ids, chunking, reverse=False, all_pieces=False,
+                                         contain=False, exact=False, gate=decays.gate_tiles(),
+                                         **config.piece_launch("forward", q.dtype))
             entering = mosaic.entering_states(start, local, decays, mosaic_chunking, B)
             o, finals, _ = mosaic.walk(q, k, v, decays.log_decay, entering, mosaic_chunking, reverse=False,
                                        scale=scale, config=walks_config, within=within)
@@ -478,29 +487,19 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
     def walks(contain: bool):
         mosaic_here = on_mosaic and not contain
         dq_local, reverse_local = None, reuse
-        # Pieces' states that feed only 16-bit products (no sums read them, no d start) come from the Mosaic
-        # states-only walk where the Mosaic walks run.
-        within = decays.within_chunks(B, T, chunking.chunk_size) if mosaic_here and decays.gated else None
-        mosaic_states = functools.partial(mosaic.piece_states, log_decay=decays.log_decay, chunking=chunking,
-                                          config=config.mosaic_walks, within=within)
-        if chunking.pieces > 1 and mosaic_here and not wanted.any:
-            dq_local = (mosaic_states(v, k, reverse=False), None)
-        elif chunking.pieces > 1:
+        if chunking.pieces > 1:
             # The Mosaic dq walk carries the state's derivative in log gamma, the Triton one its crossing counts.
             dq_local = fwd.piece_states(v, k, decays.log_decay, run_ids, chunking, reverse=False, all_pieces=False,
                                         counts=wanted.log_decay and not mosaic_here,
                                         tangent=wanted.log_decay and mosaic_here, contain=contain,
                                         gate=decays.gate_tiles(), **config.piece_launch("dq", q.dtype))
             dq_local = dq_local if wanted.log_decay else (dq_local, None)
-        if chunking.pieces > 1 and reverse_local is None:
-            # float32-accurate where d start or the dk walk's sums read them
-            exact = wanted.log_gate or (wanted.log_decay and not mosaic_here) or wanted.initial_state
-            if mosaic_here and not exact:
-                reverse_local = mosaic_states(q, do, reverse=True)
-            else:
+            if reverse_local is None:  # float32-accurate where d start or the dk walk's sums read them
+                sums_read = wanted.log_gate or (wanted.log_decay and not mosaic_here)
                 reverse_local = fwd.piece_states(q, do, decays.log_decay, run_ids, chunking, reverse=True,
                                                  all_pieces=False, contain=contain, gate=decays.gate_tiles(),
-                                                 exact=exact, **config.piece_launch("dv", q.dtype))
+                                                 exact=sums_read or wanted.initial_state,
+                                                 **config.piece_launch("dv", q.dtype))
         if mosaic_here:
             dq, dk, dv, parts, witness = mosaic.backward_walks(
                 q, k, v, do, decays, start, chunking, dq_local, reverse_local,

@@ -21,8 +21,8 @@ The 0 * out term changes no bit of a finite state and makes it NaN otherwise: a 
 says every output of the piece was finite (the caller's witness, fleetjax.nonfinite). The state enters the
 products rounded to the inputs' dtype, as in the Triton walks' plain form. Sequence pieces enter with states
 passed in XLA (:func:`entering_states`) from the pieces' local states: those of the walk's states-only form
-(:func:`piece_states`, one product a chunk) where they feed only 16-bit products, else (float32-accurate
-states, the dq walk's derivatives) those of the Triton piece-state walks.
+(:func:`piece_states`, one product a chunk) where the forward walk takes pieces of its own
+(``MosaicWalkConfig.forward_pieces``), else those of the Triton piece-state walks.
 
 For the decay's gradient (``MosaicWalkConfig.decay_sums``) the dq walk also forms fleetjax.vjp's
 per-position sums with the state's products as hi/lo pairs, and carries the state's derivative in log gamma
@@ -365,11 +365,12 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
         return list(pl.run_state(issue_all)(tuple(plgpu.ACC.init(init) for init, _ in jobs)))
 
     def program(*, log_decay_gmem, k_gmem, v_gmem, final_gmem, weighted_smem, barrier, q_gmem=None, o_gmem=None,
-                state_smem=None, rows_gmem=None, within_gmem=None, start_gmem=None, tangent_start_gmem=None, state_sums_gmem=None,
-                tangent_sums_gmem=None, intra_sums_gmem=None, spanned_sums_gmem=None, state_lo_smem=None,
-                weighted_lo_smem=None, tangent_smem=None, tangent_lo_smem=None, lagged_smem=None, lagged_lo_smem=None,
-                part_hi_smem=None, part_mid_smem=None, part_lo_smem=None, keys_t_smem=None, block_t_smem=None,
-                register_smem=None, register_bf16_smem=None, out_smem=None, f32_smem=None, rendezvous=None):
+                state_smem=None, rows_gmem=None, within_gmem=None, start_gmem=None, tangent_start_gmem=None,
+                state_sums_gmem=None, tangent_sums_gmem=None, intra_sums_gmem=None, spanned_sums_gmem=None,
+                state_lo_smem=None, weighted_lo_smem=None, tangent_smem=None, tangent_lo_smem=None, lagged_smem=None,
+                lagged_lo_smem=None, part_hi_smem=None, part_mid_smem=None, part_lo_smem=None, keys_t_smem=None,
+                block_t_smem=None, register_smem=None, register_bf16_smem=None, out_smem=None, f32_smem=None,
+                rendezvous=None):
         """One program's walk, its refs by name (see ``kernel`` below): inputs and outputs ``*_gmem``, scratch
         ``*_smem`` and ``barrier``; None where the call has no such ref. Two warpgroups (``wide``): each takes
         its own slice of the scratch that has a leading warpgroup axis."""
