@@ -273,8 +273,26 @@ def test_the_default_takes_two_warpgroups_where_the_sequence_is_split(monkeypatc
     whole = chunked.default_config(jnp.zeros((8, 16384, 16, 128), jnp.bfloat16), jnp.zeros((8, 16384, 16, 128)))
     assert (whole.mosaic_walks.warpgroups, whole.mosaic_walks.forward_pieces) == (1, None)
     assert whole.num_sequence_pieces == 1
+    # 65 chunks: no two equal pieces, so one warpgroup in one piece as before
+    odd = chunked.default_config(jnp.zeros((4, 4160, 16, 128), jnp.bfloat16), jnp.zeros((4, 4160, 16, 128)))
+    assert (odd.mosaic_walks.warpgroups, odd.mosaic_walks.forward_pieces, odd.num_sequence_pieces) == (1, None, 1)
     assert whole.mosaic_walks.shared_memory_bytes(128, 2) <= 227 * 1024
     assert split.mosaic_walks.shared_memory_bytes(128, 2) <= 227 * 1024
+
+
+@pytest.mark.parametrize("T, states", [(1024, 1), (1088, 0)])
+def test_the_forward_takes_its_own_pieces_where_they_are_equal(T, states):
+    """Lowered for an sm_90 GPU (any host): MosaicWalkConfig.forward_pieces splits the Mosaic forward (its
+    pieces' states from the states-only walk) where the pieces are equal whole chunks (T=1024: 2 of 8); where
+    they are not (T=1088, 17 chunks) the walk takes the PallasConfig's pieces (one), still on Mosaic."""
+    q = jnp.zeros((1, T, 2, 64), jnp.bfloat16)
+    walks = mosaic.MosaicWalkConfig(warpgroups=2, forward_pieces=2)
+    config = dataclasses.replace(chunked.default_config(q, q), num_sequence_pieces=1, mosaic_walks=walks)
+    f = lambda q, k, v: fleetjax.fleet_attention(q, k, v, jnp.asarray([0.9, 0.99]),  # noqa: E731
+                                                 implementation="pallas", config=config)
+    text = jax.jit(f).trace(q, q, q).lower(lowering_platforms=("cuda",)).as_text()
+    assert _walks(text) == 1
+    assert text.count(f"{mosaic.STATES_KERNEL}_mosaic_gpu") == states
 
 
 @hopper

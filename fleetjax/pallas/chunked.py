@@ -354,7 +354,8 @@ def _mosaic_walks(K: int, V: int, dtype, limit: int, *, pieces: int, T: int, hea
     if 1 < pieces and 2 * pieces <= _most_pieces(T):
         return wide
     wide_pieces = _pieces(heads * (V // 128), T, fill)
-    if pieces == 1 and wide_pieces > 1:
+    equal = T % config.chunk_size == 0 and (T // config.chunk_size) % wide_pieces == 0  # the walk's grid
+    if pieces == 1 and wide_pieces > 1 and equal:
         return dataclasses.replace(wide, forward_pieces=wide_pieces)
     return config
 
@@ -399,7 +400,9 @@ def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, co
     # states come from the caller (``reuse``, in the PallasConfig's pieces).
     mosaic_chunking = chunking
     if reuse is None and walks_config is not None and walks_config.forward_pieces is not None:
-        mosaic_chunking = Chunking(T, chunking.chunk_size, walks_config.forward_pieces)
+        own = Chunking(T, chunking.chunk_size, walks_config.forward_pieces)
+        if own.piece_len * own.pieces == T:  # pieces of equal whole chunks (the walk's grid), else the config's
+            mosaic_chunking = own
     on_mosaic = mosaic.supports(walks_config, dtype=q.dtype, K=q.shape[-1], V=v.shape[-1],
                                 chunking=mosaic_chunking, segments=run_ids is not None, gated=decays.gated,
                                 exact_state=exact_state)

@@ -83,8 +83,9 @@ class MosaicWalkConfig:
     1.43x and 1.17x at B1 H8 T=32768 in 16), slower where half of them idle (0.81x in one piece), H200,
     2026-12-03, experiments/results/2026-12-03-h200-probe_wide_walk_package.txt. Walks that form sums keep one.
     forward_pieces: the sequence pieces of the Mosaic forward walk (None: PallasConfig.num_sequence_pieces,
-    which the Triton forward takes). Where the caller passes the pieces' local states (sequence parallelism)
-    the PallasConfig's count holds.
+    which the Triton forward takes), their local states from :func:`piece_states`. Where they would not be
+    equal whole chunks, or the caller passes the pieces' local states (sequence parallelism), the
+    PallasConfig's count holds.
     backward_warpgroups: the same for the backward's plain walks (dv, dk, and dq where no sums are formed);
     bitwise the same gradients (tests/test_mosaic.py), off by default: on with the forward's, the backward took
     1.295 against 1.233 ms at B1 H8 T=32768 and 7.36 against 6.90 at B1 H16 T=131072 (same card and date,
@@ -291,8 +292,8 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     pieces ``entering`` [B, H, P, Dk, Dv] float32 (None: zero; reverse: the state from the positions after the
     piece). query, key [B, T, H, Dk]; value [B, T, H, Dv]; log_decay [H] float32. Assumes :func:`supports`.
     The forward is walk(q, k, v); the backward's walks are walk(dO, v, k) (dq), reverse walk(k, q, dO) (dv)
-    and reverse walk(v, dO, q) (dk). With ``query`` None only the states are formed, of the pieces that have a
-    successor, each from zero (:func:`piece_states`).
+    and reverse walk(v, dO, q) (dk). With ``query`` None only the states are formed and returned alone, [B, H,
+    P-1, Dk, Dv], of the pieces that have a successor, each from zero (:func:`piece_states`).
 
     For the decay's gradient (fleetjax.vjp), ``rows`` [B, T, H, Dv] (q in the dq walk, k in the dk walk):
     the state's products become float32-accurate (hi/lo pairs) and sums["state"] [Dv blocks, B, H, T] holds
