@@ -332,8 +332,9 @@ def _mosaic_walks(K: int, V: int, dtype, limit: int, *, pieces: int, T: int, hea
     Where the split would be new (B4 H16 T=16384) the pieces' states cost what the walk gains (0.485 against
     0.486); with the pieces' states from the Mosaic walk's states-only form (mosaic.piece_states) it gains,
     so where one-warpgroup programs fill the SMs and two-warpgroup ones would not (``heads`` * V / 128 under
-    ``fill``), two warpgroups take pieces of their own (MosaicWalkConfig.forward_pieces; the Triton forward,
-    which would pay float32-accurate states for them, stays whole): forward 0.431 against 0.489 ms at B4 H16
+    ``fill``), two warpgroups take pieces of their own where those are equal whole chunks
+    (MosaicWalkConfig.forward_pieces; the Triton forward, which would pay float32-accurate states for them,
+    stays whole): forward 0.431 against 0.489 ms at B4 H16
     T=16384, gated 0.502 against 0.559, 0.154 against 0.156 and 0.176 against 0.178 at T=4096, bitwise the
     same outputs (H200, 2026-12-04, medians of four alternated runs,
     experiments/results/2026-12-04-h200-forward_pieces_ab.jsonl). The backward's walks keep one: with them on
