@@ -52,6 +52,11 @@ class Chunking:
         return np.minimum(self.piece_len, self.T - self.piece_starts)
 
     @property
+    def equal_pieces(self) -> bool:
+        """Whether the pieces are equal runs of whole chunks (no shorter last chunk or piece)."""
+        return self.piece_len * self.pieces == self.T
+
+    @property
     def padded_T(self) -> int:
         return self.n_chunks * self.chunk_size
 

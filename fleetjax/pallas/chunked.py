@@ -334,9 +334,9 @@ def _mosaic_walks(K: int, V: int, dtype, limit: int, *, pieces: int, T: int, hea
     so where one-warpgroup programs fill the SMs and two-warpgroup ones would not (``heads`` * V / 128 under
     ``fill``), two warpgroups take pieces of their own where those are equal whole chunks
     (MosaicWalkConfig.forward_pieces; the Triton forward, which would pay float32-accurate states for them,
-    stays whole): forward 0.431 against 0.489 ms at B4 H16
-    T=16384, gated 0.502 against 0.559, 0.154 against 0.156 and 0.176 against 0.178 at T=4096, bitwise the
-    same outputs (H200, 2026-12-04, medians of four alternated runs,
+    stays whole): forward 0.431 against 0.489 ms at B4 H16 T=16384, gated 0.502 against 0.559, 0.154 against
+    0.156 and 0.176 against 0.178 at T=4096, bitwise the same outputs (H200, 2026-12-04, medians of four
+    alternated runs,
     experiments/results/2026-12-04-h200-forward_pieces_ab.jsonl). The backward's walks keep one: with them on
     two as well, the backward (tune_pallas's fwd_bwd, which then timed the backward alone) took 1.295 against
     1.233 ms and 7.36 against 6.90 (H200, 2026-12-03, bf16, K = V = 128,
@@ -355,8 +355,7 @@ def _mosaic_walks(K: int, V: int, dtype, limit: int, *, pieces: int, T: int, hea
     if 1 < pieces and 2 * pieces <= _most_pieces(T):
         return wide
     wide_pieces = _pieces(heads * (V // 128), T, fill)
-    equal = T % config.chunk_size == 0 and (T // config.chunk_size) % wide_pieces == 0  # the walk's grid
-    if pieces == 1 and wide_pieces > 1 and equal:
+    if pieces == 1 and wide_pieces > 1 and Chunking(T, config.chunk_size, wide_pieces).equal_pieces:
         return dataclasses.replace(wide, forward_pieces=wide_pieces)
     return config
 
@@ -402,7 +401,7 @@ def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, co
     mosaic_chunking = chunking
     if reuse is None and walks_config is not None and walks_config.forward_pieces is not None:
         own = Chunking(T, chunking.chunk_size, walks_config.forward_pieces)
-        if own.piece_len * own.pieces == T:  # pieces of equal whole chunks (the walk's grid), else the config's
+        if own.equal_pieces:  # the walk's grid; else the config's pieces
             mosaic_chunking = own
     on_mosaic = mosaic.supports(walks_config, dtype=q.dtype, K=q.shape[-1], V=v.shape[-1],
                                 chunking=mosaic_chunking, segments=run_ids is not None, gated=decays.gated,
@@ -410,27 +409,24 @@ def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, co
 
     def walks(contain: bool):
         local = reuse
-        if on_mosaic and not contain:
-            within = decays.within_chunks(B, T, chunking.chunk_size) if decays.gated else None
-            if mosaic_chunking is not chunking:  # its own pieces: their states from its states-only form
-                if mosaic_chunking.pieces > 1:
-                    local = mosaic.piece_states(k, v, decays.log_decay, mosaic_chunking, reverse=False,
-                                                config=walks_config, within=within)
-            elif chunking.pieces > 1 and local is None:
-                # The Triton piece-state walks: the states-only form was not timed against them at the shapes
-                # whose forward is split this way (B1 H8 T=32768, B1 H16 T=131072).
-                local = fwd.piece_states(k, v, decays.log_decay, run_ids, chunking, reverse=False, all_pieces=False,
-                                         contain=False, exact=False, gate=decays.gate_tiles(),
-                                         **config.piece_launch("forward", q.dtype))
+        mosaic_here = on_mosaic and not contain
+        within = decays.within_chunks(B, T, chunking.chunk_size) if mosaic_here and decays.gated else None
+        if mosaic_here and mosaic_chunking is not chunking:  # its own pieces: states from its states-only form
+            if mosaic_chunking.pieces > 1:
+                local = mosaic.piece_states(k, v, decays.log_decay, mosaic_chunking, reverse=False,
+                                            config=walks_config, within=within)
+        elif chunking.pieces > 1 and local is None:
+            # Float32-accurate only where the final state is used: otherwise they feed 16-bit outputs alone. The
+            # Mosaic walk in the config's pieces takes these too: the states-only form timed even against them
+            # at B1 H8 T=32768 (H200, 2026-12-04, experiments/results/...-forward_pieces_ab_b1h8.txt).
+            local = fwd.piece_states(k, v, decays.log_decay, run_ids, chunking, reverse=False, all_pieces=False,
+                                     contain=contain, exact=exact_state, gate=decays.gate_tiles(),
+                                     **config.piece_launch("forward", q.dtype))
+        if mosaic_here:
             entering = mosaic.entering_states(start, local, decays, mosaic_chunking, B)
             o, finals, _ = mosaic.walk(q, k, v, decays.log_decay, entering, mosaic_chunking, reverse=False,
                                        scale=scale, config=walks_config, within=within)
             return (o, finals[:, :, -1]), finals
-        if chunking.pieces > 1 and local is None:
-            # Float32-accurate only where the final state is used: otherwise they feed 16-bit outputs alone.
-            local = fwd.piece_states(k, v, decays.log_decay, run_ids, chunking, reverse=False, all_pieces=False,
-                                     contain=contain, exact=exact_state, gate=decays.gate_tiles(),
-                                     **config.piece_launch("forward", q.dtype))
         o, final, witness = fwd.forward_walk(q, k, v, decays.log_decay, start, run_ids, chunking, scale=scale,
                                              exact_state=exact_state, contain=contain, local=local,
                                              **_gated(decays, chunking, B), **config.launch("forward", q.dtype))

@@ -171,7 +171,7 @@ def _tiles_fit(config: MosaicWalkConfig | None, *, dtype, K: int, V: int, chunki
     """16-bit inputs, K in KEY_DIMS, V in whole value blocks, pieces of equal whole chunks."""
     return (config is not None and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
             and K in KEY_DIMS and V % config.block_v == 0 and chunking.chunk_size == config.chunk_size
-            and chunking.piece_len * chunking.pieces == chunking.T)
+            and chunking.equal_pieces)
 
 
 def serves_backward(config: MosaicWalkConfig | None, *, dtype, K: int, V: int, chunking: Chunking, segments: bool,
