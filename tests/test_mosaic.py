@@ -694,11 +694,9 @@ def test_a_backward_launches_only_the_walks_its_gradients_need(wrt, kernels):
     assert _walks(text) == kernels
 
 
-@pytest.mark.parametrize("K, stages, warpgroups", [(64, 2, 1), (64, 3, 1), (128, 2, 1), (128, 3, 1), (128, 4, 1),
-                                                   (64, 3, 2), (128, 2, 2), (128, 3, 2)])
-def test_the_shared_memory_model_is_what_the_lowered_forward_walk_asks_for(monkeypatch, K, stages, warpgroups):
-    """Lowered for an sm_90 GPU (any host): the default config picks the walk's stages by
-    MosaicWalkConfig.shared_memory_bytes, so that model must be the kernel's own request, byte for byte."""
+@pytest.fixture
+def mosaic_modules(monkeypatch) -> list[str]:
+    """The Mosaic GPU modules that the test lowers (for sm_90, on any host), as text, in order."""
     core = pytest.importorskip("jax.experimental.mosaic.gpu.core")
     if not hasattr(core, "_run_serde_pass"):
         pytest.skip("this jax's Mosaic GPU lowering has no serde pass to read the module from")
@@ -710,6 +708,15 @@ def test_the_shared_memory_model_is_what_the_lowered_forward_walk_asks_for(monke
         return serde(module, *args, **kwargs)
 
     monkeypatch.setattr(core, "_run_serde_pass", capture)
+    return modules
+
+
+@pytest.mark.parametrize("K, stages, warpgroups", [(64, 2, 1), (64, 3, 1), (128, 2, 1), (128, 3, 1), (128, 4, 1),
+                                                   (64, 3, 2), (128, 2, 2), (128, 3, 2)])
+def test_the_shared_memory_model_is_what_the_lowered_forward_walk_asks_for(mosaic_modules, K, stages, warpgroups):
+    """Lowered for an sm_90 GPU (any host): the default config picks the walk's stages by
+    MosaicWalkConfig.shared_memory_bytes, so that model must be the kernel's own request, byte for byte."""
+    modules = mosaic_modules
     q = jnp.zeros((1, 512, 2, K), jnp.bfloat16)
     v = jnp.zeros((1, 512, 2, 64 * warpgroups), jnp.bfloat16)  # whole programs of value blocks of 64
     walks = mosaic.MosaicWalkConfig(stages=stages, warpgroups=warpgroups)
@@ -720,6 +727,65 @@ def test_the_shared_memory_model_is_what_the_lowered_forward_walk_asks_for(monke
     [module] = modules
     requested = {int(n) for n in re.findall(r"memref<(\d+)xi8, #gpu.address_space<workgroup>>", module)}
     assert max(requested) == walks.shared_memory_bytes(K, 2)  # the whole request (views of it are smaller)
+
+
+def _lowered_walks(modules: list[str], walks: mosaic.MosaicWalkConfig, *, log_gate: bool, backward: bool) -> list[str]:
+    """The Mosaic modules of the forward, or of fwd+bwd with every gradient (the decay's and the gate's too),
+    under ``walks``, lowered for sm_90 at B1 T512 H2, K = V = 128."""
+    modules.clear()
+    q = jnp.zeros((1, 512, 2, 128), jnp.bfloat16)
+    gate = jnp.full((1, 512, 2), -0.01, jnp.float32) if log_gate else None
+    config = dataclasses.replace(chunked.default_config(q, q), mosaic_walks=walks)
+    f = lambda q, k, v, decay, gate: fleetjax.fleet_attention(  # noqa: E731
+        q, k, v, decay, log_gate=gate, implementation="pallas", config=config).astype(jnp.float32).sum()
+    if backward:
+        f = jax.grad(f, argnums=(0, 1, 2, 3, 4) if log_gate else (0, 1, 2, 3))
+    jax.jit(f).trace(q, q, q, jnp.asarray([0.9, 0.99]), gate).lower(lowering_platforms=("cuda",))
+    return list(modules)
+
+
+@pytest.mark.parametrize("log_gate", [False, True], ids=["constant", "gated"])
+def test_one_warpgroup_walks_leave_out_the_automatic_barriers(mosaic_modules, log_gate):
+    """Lowered for an sm_90 GPU (any host): by default (MosaicWalkConfig.auto_barriers False) the backward's
+    one-warpgroup walks lower without the warpgroup barriers Pallas would put around each shared-memory
+    store (less than half the bar.sync: the walk's own commits and the pipeline's waits remain); the
+    two-warpgroup forward keeps them (as many either way)."""
+    def lowered(backward, **walks):
+        return _lowered_walks(mosaic_modules, mosaic.MosaicWalkConfig(warpgroups=2, **walks), log_gate=log_gate,
+                              backward=backward)
+
+    kept, left = lowered(True, auto_barriers=True), lowered(True)
+    assert len(kept) == len(left) >= 3  # the backward's dq, dv and dk walks (identical modules lower once)
+    for with_them, without in zip(kept, left):
+        assert 0 < without.count("bar.sync") < with_them.count("bar.sync") // 2
+    [wide_kept], [wide_left] = lowered(False, auto_barriers=True), lowered(False)
+    assert "setmaxregister" in wide_left or "setmaxnreg" in wide_left  # three warpgroups: the wide forward
+    assert wide_left.count("bar.sync") == wide_kept.count("bar.sync") > 0
+
+
+@hopper
+@pytest.mark.parametrize("log_gate", [False, True], ids=["constant", "gated"])
+def test_walks_without_the_automatic_barriers_give_the_same_bits(log_gate):
+    """On an sm_90 GPU: the output and every gradient (q, k, v, the decay's, the gate's) without Pallas's
+    automatic barriers (the default) bitwise those with them, on three calls in a row each, in two sequence
+    pieces forward and backward (a race between a program's warps would show as a difference)."""
+    B, T, H, K, V = 2, 2048, 2, 128, 128
+    q, k, v = _inputs(B, T, H, K, V, "bfloat16")
+    do = _inputs(B, T, H, K, V, "bfloat16", seed=6)[2]
+    decay = jnp.asarray([0.97, 0.999], jnp.float32)
+    gate = _log_gate(B, T, H) if log_gate else None
+
+    def run(walks):
+        config = dataclasses.replace(chunked.default_config(q, v), num_sequence_pieces=2,
+                                     backward_num_sequence_pieces=2, mosaic_walks=walks)
+        f = lambda q, k, v, decay, gate: fleetjax.fleet_attention(  # noqa: E731
+            q, k, v, decay, log_gate=gate, implementation="pallas", config=config)
+        fb = jax.jit(lambda *xs: (lambda o, pullback: (o, pullback(do)))(*jax.vjp(f, *xs)))
+        return [jax.tree.leaves(fb(q, k, v, decay, gate)) for _ in range(3)]
+
+    reference = run(mosaic.MosaicWalkConfig(auto_barriers=True))[0]
+    for got in run(mosaic.MosaicWalkConfig()):
+        assert all(jnp.array_equal(a, b) for a, b in zip(reference, got))
 
 
 @hopper

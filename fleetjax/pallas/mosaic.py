@@ -105,6 +105,17 @@ class MosaicWalkConfig:
     gated dq walk then carries the state's derivative and forms intra beside spanned): fwd+bwd with both
     learned 1.566 against 1.752 ms (the Triton walks) at B4 H16 T=4096, 4.978 against 6.408 at T=16384 (H200,
     2026-12-03, bf16, K = V = 128, experiments/results/2026-12-03-h200-gated_decay_sums_timing.txt).
+    auto_barriers: keep the warpgroup barriers that Pallas puts around every shared-memory store, copy and
+    scoped allocation (``plgpu.CompilerParams.unsafe_no_auto_barriers``) in the one-warpgroup walks; two
+    warpgroups always keep them. Off by default: the walk's own barriers order what needs ordering. The tiles
+    that threads write (states, weighted values, gate parts, out, sums) are read only by wgmma or TMA, after a
+    commit_smem (a fence and a warpgroup barrier); threads read staged tiles (rows, values, within) before the
+    chunk's last commit, which precedes the pipeline's refill of their slot; the pipeline's waits on its out
+    copies carry their own barrier. Without them the dq walk with the decay's sums lowers with 8 warpgroup
+    barriers instead of 47 (32 of those in each chunk's step), and fwd+bwd took 0.975 against 1.004 ms at
+    B4 H16 T=4096, 2.846 against 2.965 at T=16384, gated (gate and decay learned) 1.673 against 1.779 and
+    6.053 against 6.549, the forward at B1 H8 T=32768 0.198 against 0.205, outputs and gradients bitwise the
+    same (H200, 2026-12-04, bf16, K = V = 128, alternated A/B, -auto_barriers_ab.jsonl in experiments/results).
     """
 
     chunk_size: int = 64
@@ -119,6 +130,7 @@ class MosaicWalkConfig:
     gated_forward: bool = True
     gated_backward: bool = True
     gated_decay_sums: bool = True
+    auto_barriers: bool = False
 
     def __post_init__(self):
         if self.chunk_size != 64:
@@ -681,9 +693,11 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
 
     # The kernel's name in profiles and lowered programs: <name>_mosaic_gpu_kernel.
     kernel.__name__ = kernel.__qualname__ = STATES_KERNEL if states_only else "kernel"
-    threads = dict(num_threads=wgs + 1, thread_name="wg") if wide else {}
+    options = dict(num_threads=wgs + 1, thread_name="wg") if wide else {}
+    if not (config.auto_barriers or wide):  # see MosaicWalkConfig.auto_barriers for why this is safe
+        options["compiler_params"] = plgpu.CompilerParams(unsafe_no_auto_barriers=True)
     call = plgpu.kernel(kernel, out_type=tuple(outputs.values()), grid=(V // (wgs * bv), B * H, launched),
-                        grid_names=("v", "bh", "piece"), scratch_types=list(scratch.values()), **threads,
+                        grid_names=("v", "bh", "piece"), scratch_types=list(scratch.values()), **options,
                         **({} if interpret is None else dict(interpret=interpret)))
     if states_only:
         (finals,) = call(*inputs.values())
