@@ -10,6 +10,11 @@ their products (v; in the backward k, dO and q) with its non-finite entries set 
 exactly 0 (fleetjax.chunk), and the outputs that depend on a non-finite entry are set to NaN here: output
 column c at position t depends on the value entries [s, c] of the same segment with s <= t (forward in time)
 or s >= t (the reverse walks). implementation="pallas_fleet" takes the same two forms.
+
+The choice is a lax.cond, whose predicate XLA's GPU runtime reads on the host. :func:`contained_on_device`
+makes the forward's choice on the device instead (``PallasConfig.choice_on_device``): the contained launches
+run always and skip their chunks on finite inputs, the marking being a kernel too
+(fleetjax.pallas.marking).
 """
 
 from __future__ import annotations
@@ -154,6 +159,16 @@ def contained_if_reached(walks: Callable[[bool], tuple[Any, jax.Array]]) -> Any:
     alive; on the H200 the loop was no faster either."""
     plain, witness = walks(False)
     return jax.lax.cond(all_finite(*jax.tree.leaves(witness)), lambda: plain, lambda: walks(True)[0])
+
+
+def contained_on_device(walks: Callable[..., tuple[Any, Any]]) -> Any:
+    """:func:`contained_if_reached`'s choice made on the device: ``walks(contain, skip=None, plain=None)``
+    runs the plain walks, then always the contained ones with ``skip`` (a bool scalar array: the plain walks'
+    witness is finite) and the plain result, which must come back where ``skip`` is True, their launches
+    then visiting no chunk (fleetjax.pallas.launch.call). No lax.cond: nothing waits on the host."""
+    plain, witness = walks(False)
+    skip = all_finite(*jax.tree.leaves(witness))
+    return walks(True, skip=skip, plain=plain)[0]
 
 
 def bad(x: jax.Array) -> jax.Array:

@@ -362,3 +362,76 @@ def test_bfloat16_decay_gradient_at_long_range():
     as64 = lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)
     ref = oracle.gradients(as64(q), as64(k), as64(v), as64(decay), do=as64(do), scale=0.25)["decay"]
     assert oracle.rel_err(got, ref, axis=0) <= 2e-3, (got, ref)
+
+
+@pytest.mark.parametrize("poison, segments, pieces, gated", [
+    (None, False, 1, False), ("v", False, 1, False), ("k", False, 1, False), ("q", False, 1, False),
+    ("v inf", True, 3, False), ("v", False, 2, True), ("k", True, 1, True)])
+def test_the_choice_on_the_device_gives_the_conds(poison, segments, pieces, gated):
+    """PallasConfig.choice_on_device: the forward's plain/contained choice without a lax.cond (the contained
+    launches and the NaN marking kernel skip their chunks on finite inputs) gives bitwise the output, the final
+    state and the gradients of the lax.cond's choice: finite inputs, and a NaN or inf at one position of v, k
+    or q (what it reaches marked NaN, nothing else), with segments, sequence pieces and a log gate."""
+    q, k, v, decay, s0, seg, wo, wf = _inputs()
+    if poison is not None:
+        name, value = poison.split()[0], np.inf if "inf" in poison else np.nan
+        x = dict(q=q, k=k, v=v)
+        x[name] = x[name].copy()
+        x[name][1, 40, 0, 3] = value
+        q, k, v = x["q"], x["k"], x["v"]
+    gate = (-np.abs(np.random.default_rng(3).standard_normal(q.shape[:3])) * 0.3).astype(np.float32) if gated else None
+
+    def run(on_device):
+        config = PallasConfig(**SMALL, num_sequence_pieces=pieces, choice_on_device=on_device)
+
+        def f(q, k, v, decay, s0):
+            return fleetjax.fleet_attention(q, k, v, decay, initial_state=s0, log_gate=gate,
+                                            segment_ids=seg if segments else None, return_final_state=True,
+                                            implementation="pallas", config=config)
+        out, pullback = jax.vjp(f, q, k, v, decay, s0)
+        return jax.tree.leaves((out, pullback((wo, wf))))
+
+    on_device = jax.jit(lambda: run(True))()
+    for got, want in zip(on_device, jax.jit(lambda: run(False))()):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    o = np.asarray(on_device[0])
+    assert np.isfinite(o[0]).all() and np.isnan(o[1]).any() == (poison is not None)  # only row 1 poisoned
+
+
+def test_the_choice_on_the_device_launches_no_cond():
+    """The forward with PallasConfig.choice_on_device lowers without a conditional (the lax.cond's host wait
+    is what it removes); the default config keeps one."""
+    q, k, v, decay, *_ = _inputs()
+    f = lambda config: jax.jit(lambda q, k, v: fleetjax.fleet_attention(  # noqa: E731
+        q, k, v, decay, implementation="pallas", config=config)).lower(q, k, v).as_text()
+    assert "case" not in f(PallasConfig(**SMALL, choice_on_device=True))
+    assert "case" in f(PallasConfig(**SMALL))
+
+
+@pytest.mark.parametrize("segments", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_the_marking_kernel_marks_what_nonfinite_marks(segments, reverse):
+    """fleetjax.pallas.marking.mark_reached: NaN exactly where fleetjax.nonfinite.mark_reached puts it (a NaN,
+    an inf and a -inf in the source; the last chunk short), the other entries bitwise x; its flags those of
+    nonfinite.in_run for the state after the walk (the last segment forward, the first in reverse); skipped:
+    x itself and no flag."""
+    from fleetjax import nonfinite
+    from fleetjax.pallas import marking
+    rng = np.random.default_rng(0)
+    B, T, H, D = 2, 150, 2, 6
+    x = jnp.asarray(rng.standard_normal((B, T, H, D)), jnp.float32)
+    source = rng.standard_normal((B, T, H, D)).astype(np.float32)
+    source[0, 70, 1, 2], source[1, 3, 0, 5], source[1, 140, 1, 0] = np.nan, np.inf, -np.inf
+    source = jnp.asarray(source)
+    run_ids = jnp.asarray(np.repeat([[0, 1, 2]], B, 0).repeat([40, 50, 60], axis=1), jnp.int32) if segments else None
+    got, reached = marking.mark_reached(x, source, run_ids, reverse=reverse, skip=jnp.bool_(False), chunk_size=32,
+                                        block=16)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(nonfinite.mark_reached(x, source, run_ids,
+                                                                                     reverse=reverse)))
+    which = "first" if reverse else "last"
+    np.testing.assert_array_equal(np.asarray(reached),
+                                  np.asarray(nonfinite.in_run(nonfinite.bad(source), run_ids, which)))
+    skipped, none = marking.mark_reached(x, source, run_ids, reverse=reverse, skip=jnp.bool_(True), chunk_size=32,
+                                         block=16)
+    np.testing.assert_array_equal(np.asarray(skipped), np.asarray(x))
+    assert not np.any(np.asarray(none))

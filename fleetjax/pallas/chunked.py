@@ -34,6 +34,7 @@ from fleetjax.decay import Decays
 from fleetjax.implementation import Implementation
 from fleetjax.pallas import backward as bwd
 from fleetjax.pallas import forward as fwd
+from fleetjax.pallas import marking
 from fleetjax.pallas import mosaic
 from fleetjax.pallas.launch import multiprocessor_count, on_gpu, shared_memory_bytes, shared_memory_per_block
 from fleetjax.pallas.walk import padded
@@ -93,6 +94,14 @@ class PallasConfig:
     for the forward where :func:`fleetjax.pallas.mosaic.supports` says they serve the call, and for the
     backward where :func:`fleetjax.pallas.mosaic.serves_backward` does; None: the Triton walks always. The
     default config sets it on Hopper GPUs.
+    choice_on_device: the forward chooses between its plain walks and the contained ones (fleetjax.nonfinite)
+    on the device: the contained walks and the NaN marking (fleetjax.pallas.marking) are always launched,
+    and on finite inputs visit no chunk and leave the plain walks' o in place (its buffer handed on), so no
+    lax.cond waits for its predicate on the host. That wait cost the forward 0.191 against 0.127 ms at B4 H16
+    T=4096 and 0.462 against 0.412 at T=16384 (H200, 2026-12-04, bf16, K = V = 128, the plain walks alone
+    against the op, alternated, experiments/results/2026-12-04-h200-cond_ab.jsonl); what the launches that
+    skip their work cost instead was not yet measured, so it is off by default. The backward keeps its
+    lax.cond.
     """
 
     forward: WalkConfig = WalkConfig()
@@ -104,6 +113,7 @@ class PallasConfig:
     backward_num_sequence_pieces: int = 1
     precision: str = "tf32x3"
     mosaic_walks: mosaic.MosaicWalkConfig | None = None
+    choice_on_device: bool = False
 
     def __post_init__(self):
         for name in ("forward", "dq", "dv", "dk", "piece_states"):
@@ -122,6 +132,8 @@ class PallasConfig:
         if self.mosaic_walks is not None and not isinstance(self.mosaic_walks, mosaic.MosaicWalkConfig):
             raise TypeError(f"PallasConfig.mosaic_walks must be a MosaicWalkConfig or None, got "
                             f"{self.mosaic_walks!r}")
+        if not isinstance(self.choice_on_device, bool):
+            raise TypeError(f"PallasConfig.choice_on_device must be a bool, got {self.choice_on_device!r}")
 
     def chunking(self, T: int, backward: bool) -> Chunking:
         if backward:
@@ -407,7 +419,9 @@ def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, co
                                 chunking=mosaic_chunking, segments=run_ids is not None, gated=decays.gated,
                                 exact_state=exact_state)
 
-    def walks(contain: bool):
+    def walks(contain: bool, skip=None, plain=None):
+        """((o, final), witness); with ``skip`` (contained only, the choice on the device) every launch visits
+        no chunk where ``skip`` is True and o is then ``plain``'s, whose buffer it takes."""
         local = reuse
         mosaic_here = on_mosaic and not contain
         within = decays.within_chunks(B, T, chunking.chunk_size) if mosaic_here and decays.gated else None
@@ -420,7 +434,7 @@ def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, co
             # Mosaic walk in the config's pieces takes these too: the states-only form timed even against them
             # at B1 H8 T=32768 (H200, 2026-12-04, experiments/results/...-forward_pieces_ab_b1h8.txt).
             local = fwd.piece_states(k, v, decays.log_decay, run_ids, chunking, reverse=False, all_pieces=False,
-                                     contain=contain, exact=exact_state, gate=decays.gate_tiles(),
+                                     contain=contain, exact=exact_state, gate=decays.gate_tiles(), skip=skip,
                                      **config.piece_launch("forward", q.dtype))
         if mosaic_here:
             entering = mosaic.entering_states(start, local, decays, mosaic_chunking, B)
@@ -428,12 +442,20 @@ def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, co
                                        scale=scale, config=walks_config, within=within)
             return (o, finals[:, :, -1]), finals
         o, final, witness = fwd.forward_walk(q, k, v, decays.log_decay, start, run_ids, chunking, scale=scale,
-                                             exact_state=exact_state, contain=contain, local=local,
+                                             exact_state=exact_state, contain=contain, local=local, skip=skip,
+                                             keep_o=None if plain is None else plain[0],
                                              **_gated(decays, chunking, B), **config.launch("forward", q.dtype))
+        if skip is not None:  # the marking on the device too; the final state from the plain walks if skipped
+            o, reached_final = marking.mark_reached(o, v, run_ids, reverse=False, skip=skip,
+                                                    chunk_size=chunking.chunk_size)
+            final = jnp.where(skip, plain[1], nonfinite.mark(final, reached_final[:, :, None]))
+            return (o, final), witness
         # o_t witnesses: q_t, k_t and v_t all reach it through its own pair (t, t); the walk hands on a
         # smaller array that holds a NaN whenever o does.
         return (nonfinite.mark_forward(o, final, v, run_ids) if contain else (o, final)), witness
 
+    if config.choice_on_device:
+        return nonfinite.contained_on_device(walks)
     return nonfinite.contained_if_reached(walks)
 
 

@@ -26,11 +26,13 @@ f32 = jnp.float32
 
 
 def forward_kernel(*, log_decay_ref, q_ref, k_ref, v_ref, o_ref, final_ref, start_ref=None, local_ref=None,
-                   link_ref=None, run_ref=None, edge_ref=None, gate_ref=None, piece_log_ref=None, chunking: Chunking,
+                   link_ref=None, run_ref=None, edge_ref=None, gate_ref=None, piece_log_ref=None, skip_ref=None,
+                   chunking: Chunking,
                    K: int, V: int, block_v: int, scale: float, exact_state: bool, contain: bool, precision):
     """One (value block, batch*head, piece) program of the forward walk. Refs: q, k [T, K]; v, o [T, block_v];
     start [K, block_v] (the state entering the walk); local [P-1, K, block_v], link [P] (pieces); run [T],
-    edge [1] (segments); gate [T], piece_log [P] (gated); final [K, block_v]: the state after the piece.
+    edge [1] (segments); gate [T], piece_log [P] (gated); skip [1] (see fleetjax.pallas.walk.walk); final
+    [K, block_v]: the state after the piece.
     ``contain``: keep non-finite values where they belong (fleetjax.chunk), for inputs that hold some.
     Without them and without segments, each chunk's o is the state update's witness (fleetjax.chunk.update):
     a finite final state then says every o of the piece was finite."""
@@ -54,15 +56,15 @@ def forward_kernel(*, log_decay_ref, q_ref, k_ref, v_ref, o_ref, final_ref, star
         return state
 
     final_ref[...] = walk(body, state, piece=piece, chunking=chunking, reverse=False, log_decay=log_decay,
-                          run_ref=run_ref, edge_ref=edge_ref, gate_ref=gate_ref)
+                          run_ref=run_ref, edge_ref=edge_ref, gate_ref=gate_ref, skip_ref=skip_ref)
 
 
 def piece_states_kernel(*, log_decay_ref, k_ref, v_ref, final_ref, counts_ref=None, tangent_ref=None, run_ref=None,
-                        edge_ref=None, gate_ref=None, chunking: Chunking, K: int, V: int, block_v: int,
+                        edge_ref=None, gate_ref=None, skip_ref=None, chunking: Chunking, K: int, V: int, block_v: int,
                         reverse: bool, piece_offset: int, contain: bool, exact: bool, precision):
     """One (value block, batch*head, piece) program: the piece's state from a zero one (``exact``:
     float32-accurate with 16-bit inputs, for a final state or a gradient's sums it enters). Refs: k [T, K];
-    v [T, block_v]; run [T], edge [1]; final [K, block_v]; counts [K, block_v]: the state's crossing counts
+    v [T, block_v]; run [T], edge [1]; skip [1] (see fleetjax.pallas.walk.walk); final [K, block_v]; counts [K, block_v]: the state's crossing counts
     (fleetjax.vjp), for the Triton dq walk; tangent [K, block_v]: the state's derivative in log gamma, for
     the Mosaic one (fleetjax.chunk.update_tangent)."""
     j, piece = program_id(0, log_decay_ref), program_id(2, log_decay_ref) + piece_offset
@@ -85,7 +87,7 @@ def piece_states_kernel(*, log_decay_ref, k_ref, v_ref, final_ref, counts_ref=No
     zero = jnp.zeros(final_ref.shape, f32)
     final_ref[...], second = walk(body, (zero, None if second_ref is None else zero), piece=piece,
                                   chunking=chunking, reverse=reverse, log_decay=log_decay, run_ref=run_ref,
-                                  edge_ref=edge_ref, gate_ref=gate_ref)
+                                  edge_ref=edge_ref, gate_ref=gate_ref, skip_ref=skip_ref)
     if second_ref is not None:
         second_ref[...] = second
 
@@ -94,13 +96,14 @@ def piece_states_kernel(*, log_decay_ref, k_ref, v_ref, final_ref, counts_ref=No
 
 def piece_states(key, value, log_decay, run_ids, chunking: Chunking, *, reverse: bool, all_pieces: bool,
                  chunk_size: int, block_v: int, num_warps: int, num_stages: int, precision, contain: bool,
-                 exact: bool = True, counts: bool = False, tangent: bool = False, gate=None):
+                 exact: bool = True, counts: bool = False, tangent: bool = False, gate=None, skip=None):
     """The local states [B, H, n, K, V] float32 of the pieces that have a successor in the walk (forward:
     0..P-2; reverse: 1..P-1), or of all P pieces with ``all_pieces``. Each
     piece is walked from a zero state with its keys ``key`` [B, T, H, K] and values ``value`` [B, T, H, V], in
     chunks of ``chunk_size`` where those tile the pieces (else the walk's). With ``counts`` the states come as
     (states, their crossing counts) in the walk's chunks; with ``tangent`` as (states, their derivatives in log
-    gamma), in any chunks. gate: the log gate [B, H, T] (None: constant)."""
+    gamma), in any chunks. gate: the log gate [B, H, T] (None: constant). skip: a bool scalar array; True:
+    no program runs and the states are undefined (fleetjax.pallas.launch.call)."""
     if counts:
         chunk_size = chunking.chunk_size  # counts are of the walk's own chunks
     B, T, H, K = key.shape
@@ -121,7 +124,7 @@ def piece_states(key, value, log_decay, run_ids, chunking: Chunking, *, reverse:
                outputs=dict(final_ref=(((B, H, launched, kp, nv * bv), f32), s.piece_state()),
                             counts_ref=(((B, H, launched, kp, nv * bv), f32), s.piece_state()) if counts else None,
                             tangent_ref=(((B, H, launched, kp, nv * bv), f32), s.piece_state()) if tangent else None),
-               num_warps=num_warps, num_stages=num_stages)
+               num_warps=num_warps, num_stages=num_stages, skip=skip)
     states = out["final_ref"][..., :K, :V]
     if counts or tangent:
         states = (states, out["counts_ref" if counts else "tangent_ref"][..., :K, :V])
@@ -130,13 +133,15 @@ def piece_states(key, value, log_decay, run_ids, chunking: Chunking, *, reverse:
 
 def forward_walk(q, k, v, log_decay, start, run_ids, chunking: Chunking, *, scale: float, exact_state: bool,
                  contain: bool, local, block_v: int, num_warps: int, num_stages: int, precision, gate=None,
-                 piece_log=None):
+                 piece_log=None, skip=None, keep_o=None):
     """(o [B, T, H, V] in q's dtype, the state after the walk [B, H, K, V] float32, a witness of o), from the
     entering state ``start`` (None: zero). The witness is NaN somewhere whenever some o is not finite (in
     float32, before its rounding): without ``contain`` and segments, the states after every piece [B, H, P,
     K', V'] (see :func:`forward_kernel`), a read of a few MB instead of o; else o itself. ``local``: the
     pieces' local states (see :func:`piece_states`), None with one piece. gate [B, H, T] and piece_log
-    [B, H, P] (the pieces' sums of la): the gated decay (None: constant)."""
+    [B, H, P] (the pieces' sums of la): the gated decay (None: constant). skip: a bool scalar array; True: no
+    program runs, o is ``keep_o`` (an o computed elsewhere, whose buffer o takes) and the rest undefined
+    (fleetjax.pallas.launch.call)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     kp = padded(K)
@@ -159,7 +164,8 @@ def forward_walk(q, k, v, log_decay, start, run_ids, chunking: Chunking, *, scal
                            piece_log_ref=None if gate is None or P == 1 else (piece_log, s.pieces())),
                outputs=dict(o_ref=(((B, T, H, V), q.dtype), s.values()),
                             final_ref=(((B, H, P, kp, nv * bv), f32), s.piece_state())),
-               num_warps=num_warps, num_stages=num_stages)
+               num_warps=num_warps, num_stages=num_stages, skip=skip,
+               keep=None if keep_o is None else dict(o_ref=keep_o))
     o, finals = out["o_ref"], out["final_ref"]
     return o, finals[:, :, -1, :K, :V], (o if contain or run_ids is not None else finals)
 

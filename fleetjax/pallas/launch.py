@@ -32,23 +32,40 @@ def on_gpu() -> bool:
 
 
 def call(kernel: Callable[..., None], *, name: str, grid: tuple[int, ...], inputs: Named, outputs: Named,
-         num_warps: int, num_stages: int) -> dict[str, jax.Array]:
+         num_warps: int, num_stages: int, skip: jax.Array | None = None,
+         keep: Mapping[str, jax.Array] | None = None) -> dict[str, jax.Array]:
     """``kernel(**refs)`` over ``grid``. inputs: name -> (array, BlockSpec); outputs: name -> ((shape, dtype),
     BlockSpec); entries that are None are left out (the kernel's parameter keeps its default, None). The
-    outputs are typed like the inputs for shard_map's check_vma (fleetjax.vma). Returns name -> array."""
+    outputs are typed like the inputs for shard_map's check_vma (fleetjax.vma). Returns name -> array.
+
+    ``skip``: a bool scalar array, passed to the kernel as ``skip_ref`` [1] int32: where it is nonzero the
+    kernel's walk visits no chunk (fleetjax.pallas.walk.walk), decided on the device (no host wait, unlike a
+    lax.cond around the call). Each output named in ``keep`` (name -> an array of its shape and dtype) takes
+    that array's buffer: it holds that array when the programs start (a kernel may read it there), and a
+    skipped call leaves it so; the other outputs of a skipped call are undefined."""
     inputs = {n: x for n, x in inputs.items() if x is not None}
     outputs = {n: x for n, x in outputs.items() if x is not None}
+    keep = dict(keep or {})
+    if skip is not None:
+        skip_spec = pl.BlockSpec((1,), lambda *_: (0,))
+        inputs["skip_ref"] = (jnp.reshape(skip, (1,)).astype(jnp.int32), skip_spec)
+    for n, array in keep.items():  # passed for its buffer only: the kernel reads it through the output's ref
+        inputs[f"kept_{n}"] = (array, outputs[n][1])
     names = list(inputs) + list(outputs)
+    aliases = {list(inputs).index(f"kept_{n}"): list(outputs).index(n) for n in keep}
 
     def body(*refs):
-        kernel(**dict(zip(names, refs)))
+        named = dict(zip(names, refs))
+        for n in keep:
+            del named[f"kept_{n}"]
+        kernel(**named)
 
     def launch(*arrays):
         out_shape = [shape_dtype_like(shape, dtype, *arrays) for (shape, dtype), _ in outputs.values()]
         return pl.pallas_call(
             body, grid=grid, in_specs=[s for _, s in inputs.values()], out_specs=[s for _, s in outputs.values()],
             out_shape=out_shape, compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-            interpret=not on_gpu(), name=name)(*arrays)
+            input_output_aliases=aliases, interpret=not on_gpu(), name=name)(*arrays)
 
     arrays = [a for a, _ in inputs.values()]
     axes = set().union(*(varying_axes(a) or set() for a in arrays))

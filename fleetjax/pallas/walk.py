@@ -95,13 +95,16 @@ def enter_piece(state, *, piece, chunking: Chunking, reverse: bool, log_decay, l
 
 
 def walk(body: Callable[[Chunk, jax.Array], jax.Array], state, *, piece, chunking: Chunking, reverse: bool,
-         log_decay, run_ref=None, edge_ref=None, gate_ref=None):
+         log_decay, run_ref=None, edge_ref=None, gate_ref=None, skip_ref=None):
     """``state = body(chunk, state)`` over the chunks of ``piece``, first to last (reverse: last to first);
     ``state`` may be any pytree of arrays. run_ref [T]: run ids; edge_ref [1]: the run of the state entering
-    the piece (None: one run); gate_ref [T]: the log gate (None: the constant decay)."""
+    the piece (None: one run); gate_ref [T]: the log gate (None: the constant decay); skip_ref [1]: nonzero,
+    no chunk is visited and ``state`` comes back as it went in (fleetjax.pallas.launch.call's ``skip``)."""
     C, T = chunking.chunk_size, chunking.T
     first = piece * chunking.chunks_per_piece
     count = jnp.minimum(chunking.chunks_per_piece, chunking.n_chunks - first)
+    if skip_ref is not None:
+        count = jnp.where(skip_ref[0] != 0, 0, count)
 
     def step(c, carry):
         state, edge_run = carry
