@@ -12,7 +12,10 @@ fields, fwd_bwd the backward's. Times with experiments/timing.time_calls (two in
 back-to-back calls, one sync per sample), the same method as the benchmarks. --only-default times the
 default config alone (run it with PYTHONPATH pointing at another checkout to compare two versions of the
 package in one device call). --smoke: a tiny shape on the CPU (Pallas interpret mode), the default and two
-candidates per op. Appends to DIR/tune_pallas.jsonl, one record per (op, shape, config).
+candidates per op. --rounds N: the configs of an op are compiled first and timed in turn N times (an
+alternated A/B: the device's drift between calls falls on every config alike), each record then carrying its N
+times (all_ms), their median (ms) and whether its outputs equal the default config's bitwise. Appends to
+DIR/tune_pallas.jsonl, one record per (op, shape, config).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import os
+import statistics
 import sys
 import time
 import warnings
@@ -104,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
                          'candidates, a change being {kernel: {WalkConfig field: value}} (kernels: forward, dq, '
                          'dv, dk, piece_states) or {PallasConfig field: value}, e.g. {"op": "fwd", "forward": '
                          '{"block_v": 32}, "num_sequence_pieces": 2}; the default config is always timed first')
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time the op's configs in turn this many times (medians; outputs compared bitwise with the "
+                         "default's)")
     ap.add_argument("--smoke", action="store_true",
                     help="a tiny shape on the CPU (Pallas interpret mode): the default and two candidates per op")
     args = ap.parse_args(argv)
@@ -133,16 +140,14 @@ def main(argv: list[str] | None = None) -> int:
                 todo = [{}] + [{k: v for k, v in c.items() if k != "op"} for c in configs if c["op"] == op]
             else:
                 todo = candidates(base, op, K, V)[:3 if args.smoke else None]
+            built = []
             for changes in todo:
-                if time.time() - start > args.budget_s:
-                    print("budget spent", flush=True)
-                    return 0
                 cfg = apply_changes(base, changes)
                 # The decay is differentiated too (the benchmarks' fwd_bwd): a fixed decay has a cheaper backward.
                 attend = lambda q, k, v, decay, cfg=cfg: fleetjax.fleet_attention(  # noqa: E731
                     q, k, v, decay, implementation="pallas", config=cfg, return_final_state=args.final_state)
                 if op == "fwd":
-                    fn = jax.jit(lambda q, k, v, do: attend(q, k, v, decay))
+                    fn = jax.jit(lambda q, k, v, do, attend=attend: attend(q, k, v, decay))
                 else:
                     # The output is returned with the gradients, as the benchmarks do: without it the forward
                     # is dead code (the backward's residuals are the inputs) and fwd_bwd times the backward
@@ -155,21 +160,46 @@ def main(argv: list[str] | None = None) -> int:
                         return out, pullback(do if d_final is None else (do, d_final))
 
                     fn = jax.jit(fn)
-                try:
-                    if warm:  # the GPU idled while the inputs were drawn: let its clocks come up first
-                        time_calls(fn, sets, jax_sync, target_s=warm_s)
-                        warm = False
-                    ms = time_calls(fn, sets, jax_sync, target_s=target_s).ms
-                except Exception as e:  # noqa: BLE001 - a config that does not compile is a result too
-                    ms = None
-                    print("fail", changes, repr(e)[:300], flush=True)
+                built.append((changes, cfg, fn))
+            times: list[list[float | None]] = [[] for _ in built]
+            outputs: list[list | None] = [None for _ in built]
+            spent = False
+            for _ in range(args.rounds):
+                for i, (changes, cfg, fn) in enumerate(built):
+                    if time.time() - start > args.budget_s:
+                        spent = True
+                        break
+                    try:
+                        if warm:  # the GPU idled while the inputs were drawn: let its clocks come up first
+                            time_calls(fn, sets, jax_sync, target_s=warm_s)
+                            warm = False
+                        times[i].append(time_calls(fn, sets, jax_sync, target_s=target_s).ms)
+                        if args.rounds > 1 and outputs[i] is None:
+                            outputs[i] = jax.tree.leaves(fn(*sets[0]))
+                    except Exception as e:  # noqa: BLE001 - a config that does not compile is a result too
+                        times[i].append(None)
+                        print("fail", changes, repr(e)[:300], flush=True)
+                if spent:
+                    print("budget spent", flush=True)
+                    break
+            for i, (changes, cfg, _) in enumerate(built):
+                if not times[i]:
+                    continue
+                timed = [t for t in times[i] if t is not None]
+                ms = statistics.median(timed) if timed else None
                 rec = dict(label=args.label, device=device, op=op, B=B, T=T, H=H, K=K, V=V, dtype=args.dtype,
                            changed=changes, cfg=dataclasses.asdict(cfg), ms=ms, final_state=args.final_state,
                            interpreted=record.interpreted())
+                if args.rounds > 1:
+                    same = (None if outputs[i] is None or outputs[0] is None else
+                            all(bool(jnp.array_equal(a, b)) for a, b in zip(outputs[0], outputs[i])))
+                    rec.update(all_ms=times[i], equal_to_default=same)
                 print(f"{args.label:8s} {op:7s} B{B} T{T} H{H}: {ms and round(ms, 4)} ms  {changes or 'default'}",
                       flush=True)
                 with open(path, "a") as fh:
                     fh.write(json.dumps(rec) + "\n")
+            if spent:
+                return 0
     return 0
 
 
