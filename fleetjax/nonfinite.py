@@ -12,8 +12,8 @@ column c at position t depends on the value entries [s, c] of the same segment w
 or s >= t (the reverse walks). implementation="pallas_fleet" takes the same two forms.
 
 The choice is a lax.cond, whose predicate XLA's GPU runtime reads on the host. :func:`contained_on_device`
-makes the forward's choice on the device instead (``PallasConfig.choice_on_device``): the contained launches
-run always and skip their chunks on finite inputs, the marking being a kernel too
+makes implementation="pallas"'s choices on the device instead (``PallasConfig.choice_on_device``): the
+contained launches run always and skip their chunks on finite inputs, the marking being a kernel too
 (fleetjax.pallas.marking).
 """
 

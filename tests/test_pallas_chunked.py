@@ -366,46 +366,55 @@ def test_bfloat16_decay_gradient_at_long_range():
 
 @pytest.mark.parametrize("poison, segments, pieces, gated", [
     (None, False, 1, False), ("v", False, 1, False), ("k", False, 1, False), ("q", False, 1, False),
-    ("v inf", True, 3, False), ("v", False, 2, True), ("k", True, 1, True)])
+    ("do", False, 1, False), ("v inf", True, 3, False), ("v", False, 2, True), ("k", True, 1, True),
+    ("do", True, 2, True)])
 def test_the_choice_on_the_device_gives_the_conds(poison, segments, pieces, gated):
-    """PallasConfig.choice_on_device: the forward's plain/contained choice without a lax.cond (the contained
-    launches and the NaN marking kernel skip their chunks on finite inputs) gives bitwise the output, the final
-    state and the gradients of the lax.cond's choice: finite inputs, and a NaN or inf at one position of v, k
-    or q (what it reaches marked NaN, nothing else), with segments, sequence pieces and a log gate."""
+    """PallasConfig.choice_on_device: the plain/contained choices without a lax.cond (the contained launches and
+    the NaN marking kernels skip their chunks on finite inputs) give bitwise the output, the final state and
+    the gradients (decay, gate and initial state included) of the lax.cond's choices: finite inputs, and a NaN
+    or inf at one position of v, k, q or the output's cotangent (what it reaches marked NaN, nothing else),
+    with segments, sequence pieces forward and backward, and a log gate."""
     q, k, v, decay, s0, seg, wo, wf = _inputs()
     if poison is not None:
         name, value = poison.split()[0], np.inf if "inf" in poison else np.nan
-        x = dict(q=q, k=k, v=v)
+        x = dict(q=q, k=k, v=v, do=wo)
         x[name] = x[name].copy()
         x[name][1, 40, 0, 3] = value
-        q, k, v = x["q"], x["k"], x["v"]
+        q, k, v, wo = x["q"], x["k"], x["v"], x["do"]
     gate = (-np.abs(np.random.default_rng(3).standard_normal(q.shape[:3])) * 0.3).astype(np.float32) if gated else None
 
-    def run(on_device):
-        config = PallasConfig(**SMALL, num_sequence_pieces=pieces, choice_on_device=on_device)
+    gate = None if gate is None else jnp.asarray(gate)
 
-        def f(q, k, v, decay, s0):
+    def run(on_device):
+        config = PallasConfig(**SMALL, num_sequence_pieces=pieces, backward_num_sequence_pieces=pieces,
+                              choice_on_device=on_device)
+
+        def f(q, k, v, decay, s0, gate):
             return fleetjax.fleet_attention(q, k, v, decay, initial_state=s0, log_gate=gate,
                                             segment_ids=seg if segments else None, return_final_state=True,
                                             implementation="pallas", config=config)
-        out, pullback = jax.vjp(f, q, k, v, decay, s0)
+        out, pullback = jax.vjp(f, q, k, v, decay, s0, gate)
         return jax.tree.leaves((out, pullback((wo, wf))))
 
     on_device = jax.jit(lambda: run(True))()
     for got, want in zip(on_device, jax.jit(lambda: run(False))()):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    o = np.asarray(on_device[0])
-    assert np.isfinite(o[0]).all() and np.isnan(o[1]).any() == (poison is not None)  # only row 1 poisoned
+    reached = np.asarray(on_device[2 if poison == "do" else 0])  # dq for a bad dO, o for the others
+    assert np.isfinite(reached[0]).all() and (not np.isfinite(reached[1]).all()) == (poison is not None)
 
 
 def test_the_choice_on_the_device_launches_no_cond():
-    """The forward with PallasConfig.choice_on_device lowers without a conditional (the lax.cond's host wait
-    is what it removes); the default config keeps one."""
+    """Forward and backward with PallasConfig.choice_on_device lower without a conditional (the lax.cond's host
+    wait is what it removes); the default config keeps one in each."""
     q, k, v, decay, *_ = _inputs()
-    f = lambda config: jax.jit(lambda q, k, v: fleetjax.fleet_attention(  # noqa: E731
-        q, k, v, decay, implementation="pallas", config=config)).lower(q, k, v).as_text()
-    assert "case" not in f(PallasConfig(**SMALL, choice_on_device=True))
-    assert "case" in f(PallasConfig(**SMALL))
+
+    def lowered(config):
+        f = lambda q, k, v, decay: fleetjax.fleet_attention(  # noqa: E731
+            q, k, v, decay, implementation="pallas", config=config)
+        return jax.jit(lambda *x: jax.vjp(f, *x)[1](f(*x))).lower(q, k, v, decay).as_text()
+
+    assert "case" not in lowered(PallasConfig(**SMALL, choice_on_device=True))
+    assert lowered(PallasConfig(**SMALL)).count("case") >= 2
 
 
 @pytest.mark.parametrize("segments", [False, True])
@@ -435,3 +444,41 @@ def test_the_marking_kernel_marks_what_nonfinite_marks(segments, reverse):
                                          block=16)
     np.testing.assert_array_equal(np.asarray(skipped), np.asarray(x))
     assert not np.any(np.asarray(none))
+
+
+@pytest.mark.parametrize("segments", [False, True])
+def test_the_backward_marking_kernel_marks_what_the_backward_marks(segments):
+    """fleetjax.pallas.marking.mark_backward: dq, dk and dv bitwise those of fleetjax.nonfinite.mark_reached as
+    the contained backward marks them (k into dq; dO into dv; q, and any entry of a dO row, into dk), and its
+    flags those of the XLA marks: d initial_state's columns (a bad dO of run 0), the heads with a bad entry,
+    the positions of d log_gate (a bad k or v before, or a bad q or dO at or after, in the run); skipped: the
+    gradients as passed and no flag."""
+    from fleetjax import nonfinite
+    from fleetjax.pallas import marking
+    rng = np.random.default_rng(0)
+    B, T, H, K, V = 2, 150, 2, 5, 7
+    draw = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    q, k, v, do = draw(B, T, H, K), draw(B, T, H, K), draw(B, T, H, V), draw(B, T, H, V)
+    q[0, 70, 1, 2], k[1, 3, 0, 4], v[1, 100, 1, 0] = np.nan, np.inf, np.nan
+    do[0, 20, 0, 6], do[1, 145, 1, 1] = -np.inf, np.nan
+    q, k, v, do, dq, dk, dv = map(jnp.asarray, (q, k, v, do, draw(B, T, H, K), draw(B, T, H, K), draw(B, T, H, V)))
+    run_ids = jnp.asarray(np.repeat([[0, 1, 2]], B, 0).repeat([40, 50, 60], axis=1), jnp.int32) if segments else None
+    bad_q, bad_k, bad_v, bad_do = (nonfinite.bad(x) for x in (q, k, v, do))
+    any_entry = jnp.where(jnp.any(bad_do, -1, keepdims=True), jnp.nan, 0.0)
+    want = dict(dq=nonfinite.mark_reached(dq, k, run_ids), dv=nonfinite.mark_reached(dv, do, run_ids, reverse=True),
+                dk=nonfinite.mark_reached(nonfinite.mark_reached(dk, q, run_ids, reverse=True), any_entry, run_ids,
+                                          reverse=True),
+                first=nonfinite.in_run(bad_do, run_ids, "first"),
+                head=jnp.any(bad_q.any((1, 3)) | bad_k.any((1, 3)) | bad_v.any((1, 3)) | bad_do.any((1, 3)), axis=0))
+    after = nonfinite.reached((bad_k.any(-1) | bad_v.any(-1))[..., None], run_ids, exclusive=True)[..., 0]
+    before = nonfinite.reached((bad_q.any(-1) | bad_do.any(-1))[..., None], run_ids, reverse=True)[..., 0]
+    want["gate"] = jnp.swapaxes(after | before, 1, 2)
+    got = marking.mark_backward(dq, dk, dv, q, k, v, do, run_ids, skip=jnp.bool_(False), gate_marks=True,
+                                chunk_size=32)
+    for name, a in zip(("dq", "dk", "dv", "first", "head", "gate"), got):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(want[name]), err_msg=name)
+    skipped = marking.mark_backward(dq, dk, dv, q, k, v, do, run_ids, skip=jnp.bool_(True), gate_marks=True,
+                                    chunk_size=32)
+    for a, b in zip(skipped[:3], (dq, dk, dv)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not any(np.any(np.asarray(flag)) for flag in skipped[3:])

@@ -46,7 +46,8 @@ def _entered(state, local_ref, link_ref, piece_log_ref, *, piece, chunking, reve
 
 def dq_kernel(*, log_decay_ref, do_ref, v_ref, k_ref, q_ref, dq_ref, intra_ref, w_ref=None, counts_ref=None,
               start_ref=None, local_ref=None, local_counts_ref=None, link_ref=None, run_ref=None, edge_ref=None,
-              gate_ref=None, piece_log_ref=None, spanned_ref=None, chunking: Chunking, K: int, V: int, block: int,
+              gate_ref=None, piece_log_ref=None, spanned_ref=None, skip_ref=None, chunking: Chunking, K: int, V: int,
+              block: int,
               scale: float, contain: bool, exact: bool, precision):
     """One (K block, batch*head, piece) program of the dq walk. Refs: do, v [T, V]; k, q, dq [T, block];
     start [V, block] (S0^T); local, local_counts [P-1, V, block], link [P]; run [T], edge [1]; intra, w,
@@ -93,13 +94,13 @@ def dq_kernel(*, log_decay_ref, do_ref, v_ref, k_ref, q_ref, dq_ref, intra_ref, 
         return state, counts
 
     walk(body, (state, counts), piece=piece, chunking=chunking, reverse=False, log_decay=log_decay,
-         run_ref=run_ref, edge_ref=edge_ref, gate_ref=gate_ref)
+         run_ref=run_ref, edge_ref=edge_ref, gate_ref=gate_ref, skip_ref=skip_ref)
 
 
 def dv_kernel(*, log_decay_ref, k_ref, q_ref, do_ref, dv_ref, reverse_ref=None, exit_ref=None,
               last_run_ref=None, local_ref=None, link_ref=None, run_ref=None, edge_ref=None, gate_ref=None,
-              piece_log_ref=None, to_end_ref=None, chunking: Chunking, K: int, V: int, block: int, scale: float,
-              contain: bool, precision):
+              piece_log_ref=None, to_end_ref=None, skip_ref=None, chunking: Chunking, K: int, V: int, block: int,
+              scale: float, contain: bool, precision):
     """One (V block, batch*head, piece) program of the dv walk. Refs: k, q [T, K]; do, dv [T, block]; exit
     [K, block] (dS_T), last_run [1]; local [P-1, K, block], link [P]; run [T], edge [1]; reverse
     [K, block]: the reverse state after the piece's first position (d S0; None: not wanted, and the state's
@@ -127,15 +128,15 @@ def dv_kernel(*, log_decay_ref, k_ref, q_ref, do_ref, dv_ref, reverse_ref=None, 
         return state
 
     state = walk(body, state, piece=piece, chunking=chunking, reverse=True, log_decay=log_decay, run_ref=run_ref,
-                 edge_ref=edge_ref, gate_ref=gate_ref)
+                 edge_ref=edge_ref, gate_ref=gate_ref, skip_ref=skip_ref)
     if reverse_ref is not None:
         reverse_ref[...] = state
 
 
 def dk_kernel(*, log_decay_ref, v_ref, do_ref, q_ref, k_ref, dk_ref, u_ref=None, x_ref=None, exit_ref=None,
               last_run_ref=None, local_ref=None, link_ref=None, run_ref=None, edge_ref=None, gate_ref=None,
-              piece_log_ref=None, to_end_ref=None, chunking: Chunking, K: int, V: int, block: int, scale: float,
-              contain: bool, exact: bool, precision):
+              piece_log_ref=None, to_end_ref=None, skip_ref=None, chunking: Chunking, K: int, V: int, block: int,
+              scale: float, contain: bool, exact: bool, precision):
     """One (K block, batch*head, piece) program of the dk walk. Refs: v, do [T, V]; q, k, dk [T, block];
     exit [V, block] (dS_T^T, float32), last_run [1]; local [P-1, V, block], link [P]; run [T], edge [1];
     u, x [T] (None when no decay gradient is wanted). Gated: gate [T], piece_log [P], to_end [T].
@@ -171,7 +172,7 @@ def dk_kernel(*, log_decay_ref, v_ref, do_ref, q_ref, k_ref, dk_ref, u_ref=None,
         return state
 
     walk(body, state, piece=piece, chunking=chunking, reverse=True, log_decay=log_decay, run_ref=run_ref,
-         edge_ref=edge_ref, gate_ref=gate_ref)
+         edge_ref=edge_ref, gate_ref=gate_ref, skip_ref=skip_ref)
 
 
 # ------------------------------------------------------------------------------------------------ launches
@@ -213,12 +214,13 @@ def _summed(out: dict, name: str):
 
 def dq_walk(q, k, v, do, log_decay, start, run_ids, chunking: Chunking, *, scale: float, contain: bool, local,
             block_v: int, num_warps: int, num_stages: int, precision, gate=None, piece_log=None,
-            wanted: Wanted = Wanted()):
+            wanted: Wanted = Wanted(), skip=None, keep=None):
     """(dq [B, T, H, K] in q's dtype, w, counts, intra, spanned [B, H, T] float32). start: S0 [B, H, K, V] or
     None; local: (the pieces' local states, their crossing counts or None) or None; gate [B, H, T],
     piece_log [B, H, P]: the gated decay. What the decay's gradient needs comes as ``wanted`` asks, else
     None: counts for the log decay's, spanned for the gate's (gated only), w for either; intra always (the
-    caller's witness of non-finite inputs)."""
+    caller's witness of non-finite inputs). skip, keep: a bool scalar array and an array for dq's buffer
+    (fleetjax.pallas.launch.call)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     local, local_counts = (None, None) if local is None else local
@@ -236,16 +238,17 @@ def dq_walk(q, k, v, do, log_decay, start, run_ids, chunking: Chunking, *, scale
                             w_ref=per_position if wanted.any else None,
                             counts_ref=per_position if wanted.log_decay else None,
                             spanned_ref=per_position if gate is not None and wanted.log_gate else None),
-               num_warps=num_warps, num_stages=num_stages)
+               num_warps=num_warps, num_stages=num_stages, skip=skip,
+               keep=None if keep is None else dict(dq_ref=keep))
     return (out["dq_ref"], _summed(out, "w_ref"), _summed(out, "counts_ref"), _summed(out, "intra_ref"),
             _summed(out, "spanned_ref"))
 
 
 def dv_walk(q, k, do, log_decay, exit_state, run_ids, chunking: Chunking, *, scale: float, contain: bool, local,
             block_v: int, num_warps: int, num_stages: int, precision, gate=None, piece_log=None, to_end=None,
-            start_wanted: bool = True):
+            start_wanted: bool = True, skip=None, keep=None):
     """(dv [B, T, H, V] in do's dtype, R [B, H, K, V] float32: the reverse state after the first position, or
-    None unless ``start_wanted``). exit_state: dS_T [B, H, K, V] or None."""
+    None unless ``start_wanted``). exit_state: dS_T [B, H, K, V] or None. skip, keep: as :func:`dq_walk`'s."""
     B, T, H, K = q.shape
     V = do.shape[-1]
     s, kp, bv, nv, inputs = _common(K, V, block_v, H, chunking, run_ids, True, local, None, gate, piece_log)
@@ -258,16 +261,17 @@ def dv_walk(q, k, do, log_decay, exit_state, run_ids, chunking: Chunking, *, sca
                outputs=dict(dv_ref=(((B, T, H, V), do.dtype), s.values()),
                             reverse_ref=(((B, H, chunking.pieces, kp, nv * bv), f32), s.piece_state())
                             if start_wanted else None),
-               num_warps=num_warps, num_stages=num_stages)
+               num_warps=num_warps, num_stages=num_stages, skip=skip,
+               keep=None if keep is None else dict(dv_ref=keep))
     return out["dv_ref"], out["reverse_ref"][:, :, 0, :K, :V] if start_wanted else None
 
 
 def dk_walk(q, k, v, do, log_decay, exit_state, run_ids, chunking: Chunking, *, scale: float, contain: bool, local,
             block_v: int, num_warps: int, num_stages: int, precision, gate=None, piece_log=None, to_end=None,
-            wanted: Wanted = Wanted()):
+            wanted: Wanted = Wanted(), skip=None, keep=None):
     """(dk [B, T, H, K] in k's dtype, u [B, H, T], x [B, H, T] (float32; None without exit_state, both None
     when no decay gradient is ``wanted``)). local: the dv walk's local states [B, H, P-1, K, V] (transposed
-    here); exit_state: dS_T [B, H, K, V] or None."""
+    here); exit_state: dS_T [B, H, K, V] or None. skip, keep: as :func:`dq_walk`'s."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     local = None if local is None else jnp.swapaxes(local, -1, -2)
@@ -282,5 +286,6 @@ def dk_walk(q, k, v, do, log_decay, exit_state, run_ids, chunking: Chunking, *, 
                            q_ref=(q, s.values()), k_ref=(k, s.values()), **inputs),
                outputs=dict(dk_ref=(((B, T, H, K), k.dtype), s.values()), u_ref=per_position,
                             x_ref=per_position if exit_state is not None else None),
-               num_warps=num_warps, num_stages=num_stages)
+               num_warps=num_warps, num_stages=num_stages, skip=skip,
+               keep=None if keep is None else dict(dk_ref=keep))
     return out["dk_ref"], _summed(out, "u_ref"), _summed(out, "x_ref")

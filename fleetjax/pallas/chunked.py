@@ -94,14 +94,14 @@ class PallasConfig:
     for the forward where :func:`fleetjax.pallas.mosaic.supports` says they serve the call, and for the
     backward where :func:`fleetjax.pallas.mosaic.serves_backward` does; None: the Triton walks always. The
     default config sets it on Hopper GPUs.
-    choice_on_device: the forward chooses between its plain walks and the contained ones (fleetjax.nonfinite)
-    on the device: the contained walks and the NaN marking (fleetjax.pallas.marking) are always launched,
-    and on finite inputs visit no chunk and leave the plain walks' o in place (its buffer handed on), so no
-    lax.cond waits for its predicate on the host. That wait cost the forward 0.191 against 0.127 ms at B4 H16
-    T=4096 and 0.462 against 0.412 at T=16384 (H200, 2026-12-04, bf16, K = V = 128, the plain walks alone
-    against the op, alternated, experiments/results/2026-12-04-h200-cond_ab.jsonl); what the launches that
-    skip their work cost instead was not yet measured, so it is off by default. The backward keeps its
-    lax.cond.
+    choice_on_device: the forward and the backward choose between their plain walks and the contained ones
+    (fleetjax.nonfinite) on the device. The contained walks and the NaN marking (fleetjax.pallas.marking, one
+    launch for the backward's marks) are always launched; on finite inputs they visit no chunk and leave the
+    plain walks' outputs in place (their buffers handed on), so no lax.cond waits for its predicate on the
+    host. That wait cost the forward 0.191 against 0.127 ms at B4 H16 T=4096 and 0.462 against 0.412 at
+    T=16384, fwd+bwd 0.867 against 0.759 at T=4096 (H200, 2026-12-04, bf16, K = V = 128, the plain walks
+    alone against the op, alternated, experiments/results/2026-12-04-h200-cond_ab.jsonl); what the launches
+    that skip their work cost instead was not yet measured, so it is off by default.
     """
 
     forward: WalkConfig = WalkConfig()
@@ -506,7 +506,10 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
                                        chunking=chunking, segments=run_ids is not None, gated=decays.gated,
                                        exit_cotangent=exit_cotangent is not None, wanted=wanted)
 
-    def walks(contain: bool):
+    def walks(contain: bool, skip=None, plain=None):
+        """((dq, dk, dv, d log_decay, d log_gate, d start), witness); with ``skip`` (contained only, the choice
+        on the device) every launch visits no chunk where ``skip`` is True and the gradients are then
+        ``plain``'s: dq, dk and dv in their buffers, the rest selected."""
         mosaic_here = on_mosaic and not contain
         dq_local, reverse_local = None, reuse
         if chunking.pieces > 1:
@@ -514,13 +517,13 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
             dq_local = fwd.piece_states(v, k, decays.log_decay, run_ids, chunking, reverse=False, all_pieces=False,
                                         counts=wanted.log_decay and not mosaic_here,
                                         tangent=wanted.log_decay and mosaic_here, contain=contain,
-                                        gate=decays.gate_tiles(), **config.piece_launch("dq", q.dtype))
+                                        gate=decays.gate_tiles(), skip=skip, **config.piece_launch("dq", q.dtype))
             dq_local = dq_local if wanted.log_decay else (dq_local, None)
             if reverse_local is None:  # float32-accurate where d start or the dk walk's sums read them
                 sums_read = wanted.log_gate or (wanted.log_decay and not mosaic_here)
                 reverse_local = fwd.piece_states(q, do, decays.log_decay, run_ids, chunking, reverse=True,
                                                  all_pieces=False, contain=contain, gate=decays.gate_tiles(),
-                                                 exact=sums_read or wanted.initial_state,
+                                                 exact=sums_read or wanted.initial_state, skip=skip,
                                                  **config.piece_launch("dv", q.dtype))
         if mosaic_here:
             dq, dk, dv, parts, witness = mosaic.backward_walks(
@@ -529,24 +532,30 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
                 log_gate_wanted=wanted.log_gate)
             d_log_decay, d_gate = _decay_gradients(wanted, chunking.chunk_size, **(parts or {}))
             return (dq, dk, dv, d_log_decay, d_gate, None), witness
+        kept = (None,) * 3 if plain is None else plain[:3]
         dq, w, counts, intra, spanned = bwd.dq_walk(q, k, v, do, decays.log_decay, start, run_ids, chunking,
-                                                    contain=contain, local=dq_local, wanted=wanted, **common,
-                                                    **config.launch("dq", q.dtype))
+                                                    contain=contain, local=dq_local, wanted=wanted, skip=skip,
+                                                    keep=kept[0], **common, **config.launch("dq", q.dtype))
         dv, reverse_state = bwd.dv_walk(q, k, do, decays.log_decay, exit_cotangent, run_ids, chunking,
                                         contain=contain, local=reverse_local, to_end=to_end,
-                                        start_wanted=wanted.initial_state, **common, **config.launch("dv", q.dtype))
+                                        start_wanted=wanted.initial_state, skip=skip, keep=kept[2], **common,
+                                        **config.launch("dv", q.dtype))
         dk, u, x = bwd.dk_walk(q, k, v, do, decays.log_decay, exit_cotangent, run_ids, chunking, contain=contain,
-                               local=reverse_local, to_end=to_end, wanted=wanted, **common,
+                               local=reverse_local, to_end=to_end, wanted=wanted, skip=skip, keep=kept[1], **common,
                                **config.launch("dk", q.dtype))
         d_start = None if reverse_state is None else vjp.only_first_run(scale * reverse_state, run_ids)
         d_log_decay, d_gate = _decay_gradients(wanted, chunking.chunk_size, w=w, u=u, counts=counts, intra=intra,
                                                spanned=spanned, x=x)
         grads = (dq, dk, dv, d_log_decay, d_gate, d_start)
+        if skip is not None:
+            return _marked_on_device(grads, plain, q, k, v, do, run_ids=run_ids, skip=skip,
+                                     chunk_size=chunking.chunk_size), intra
         # intra_t is the witness: scale sum_s (t - s) (q_t . k_s)(dO_t . v_s) over the chunk holds the pair
         # (t, t), lag 0 times a non-finite product being NaN, for q_t, k_t, v_t and dO_t alike.
         return (_mark_gradients(*grads, q, k, v, do, run_ids=run_ids) if contain else grads), intra
 
-    dq, dk, dv, d_log_decay, d_gate, d_start = nonfinite.contained_if_reached(walks)
+    choose = nonfinite.contained_on_device if config.choice_on_device else nonfinite.contained_if_reached
+    dq, dk, dv, d_log_decay, d_gate, d_start = choose(walks)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_log_decay, d_gate, d_start
 
 
@@ -563,6 +572,22 @@ def _decay_gradients(wanted: vjp.Wanted, chunk_size: int, *, w=None, u=None, cou
     if wanted.log_gate:
         d_gate = vjp.log_gate_grad(w, u, spanned, x, chunk_size)
     return d_log_decay, d_gate
+
+
+def _marked_on_device(grads, plain, q, k, v, do, *, run_ids, skip, chunk_size: int):
+    """:func:`_mark_gradients`'s marks made in one kernel launch (fleetjax.pallas.marking.mark_backward) that
+    ``skip`` (every input finite) turns into none; then the gradients are the plain walks' ``plain``: dq, dk
+    and dv through their buffers, the small ones selected."""
+    dq, dk, dv, d_log_decay, d_gate, d_start = grads
+    dq, dk, dv, first, head, gate = marking.mark_backward(dq, dk, dv, q, k, v, do, run_ids, skip=skip,
+                                                          gate_marks=d_gate is not None, chunk_size=chunk_size)
+    if d_start is not None:
+        d_start = jnp.where(skip, plain[5], nonfinite.mark(d_start, first[:, :, None]))
+    if d_log_decay is not None:
+        d_log_decay = jnp.where(skip, plain[3], nonfinite.mark(d_log_decay, head))
+    if d_gate is not None:
+        d_gate = jnp.where(skip, plain[4], nonfinite.mark(d_gate, gate))
+    return dq, dk, dv, d_log_decay, d_gate, d_start
 
 
 def _mark_gradients(dq, dk, dv, d_log_decay, d_gate, d_start, q, k, v, do, *, run_ids):

@@ -25,9 +25,38 @@ from jax.experimental import pallas as pl
 from fleetjax import chunk as cm
 from fleetjax.chunking import Chunking
 from fleetjax.pallas.launch import call
-from fleetjax.pallas.walk import Specs, columns, load_rows, padded, program_id, store_rows, value_blocks, walk
+from fleetjax.pallas.walk import (Specs, columns, load_rows, padded, program_id, store_positions, store_rows,
+                                  value_blocks, walk)
 
 f32 = jnp.float32
+
+
+def _bad(ref, ch: cm.Chunk, cols):
+    """[C, D] bool: the chunk's non-finite entries of a [T, D] ref (False beyond T and ``cols``)."""
+    return ~jnp.isfinite(load_rows(ref, ch, cols).astype(f32))
+
+
+def _through_pairs(ch: cm.Chunk, bad):
+    """[C, D] bool: row i is reached by a bad entry [j, c] of the chunk through the pair (i, j): a product of
+    the pair mask with the bad entries, counts of at most C, exact in bfloat16."""
+    return jax.lax.dot(ch.pairs.astype(jnp.bfloat16), bad.astype(jnp.bfloat16), preferred_element_type=f32) > 0
+
+
+def _handed_on(ch: cm.Chunk, flag, bad):
+    """The per-column int flag [D] (or scalar, with ``bad`` [C]) of the state handed on: what it carried where
+    the entering state passes the chunk, and the chunk's bad entries that enter it."""
+    leaves = ch.leaves if bad.ndim == 1 else ch.leaves[:, None]
+    return jnp.maximum(jnp.where(ch.carries, flag, 0), jnp.max(jnp.where(leaves & bad, 1, 0), axis=0))
+
+
+def _mark(ref, ch: cm.Chunk, cols, reached) -> None:
+    """NaN into the chunk's rows of ``ref`` [T, D] where ``reached`` [C, D], in place."""
+    store_rows(ref, ch, jnp.where(reached, jnp.nan, load_rows(ref, ch, cols).astype(f32)), cols)
+
+
+def _row_bad(bad):
+    """[C] bool: the rows with a non-finite entry."""
+    return jnp.max(jnp.where(bad, 1, 0), axis=1) > 0
 
 
 def reached_kernel(*, source_ref, marked_ref, seen_ref, run_ref=None, skip_ref=None, chunking: Chunking,
@@ -38,17 +67,11 @@ def reached_kernel(*, source_ref, marked_ref, seen_ref, run_ref=None, skip_ref=N
     [block] int32: 1 where a non-finite source entry reaches the state after the walk."""
     j = program_id(0, marked_ref)
     cols = columns(marked_ref, width, block, j)
-    pairs_dtype = jnp.bfloat16  # 0/1 entries and counts of at most C: exact
 
     def body(ch: cm.Chunk, seen):
-        bad = ~jnp.isfinite(load_rows(source_ref, ch, cols).astype(f32))
-        within = jax.lax.dot(ch.pairs.astype(pairs_dtype), bad.astype(pairs_dtype),
-                             preferred_element_type=f32) > 0
-        reached = within | (ch.enters[:, None] & (seen[None, :] > 0))
-        x = load_rows(marked_ref, ch, cols)
-        store_rows(marked_ref, ch, jnp.where(reached, jnp.nan, x.astype(f32)), cols)
-        handed_on = jnp.max(jnp.where(ch.leaves[:, None] & bad, 1, 0), axis=0)
-        return jnp.maximum(jnp.where(ch.carries, seen, 0), handed_on)
+        bad = _bad(source_ref, ch, cols)
+        _mark(marked_ref, ch, cols, _through_pairs(ch, bad) | (ch.enters[:, None] & (seen[None, :] > 0)))
+        return _handed_on(ch, seen, bad)
 
     seen = walk(body, jnp.zeros((marked_ref.shape[-1],), jnp.int32), piece=0, chunking=chunking, reverse=reverse,
                 log_decay=jnp.float32(0.0), run_ref=run_ref, skip_ref=skip_ref)
@@ -74,3 +97,88 @@ def mark_reached(x: jax.Array, source: jax.Array, run_ids: jax.Array | None, *, 
                num_warps=num_warps, num_stages=1, skip=skip, keep=dict(marked_ref=x))
     seen = out["seen_ref"][..., :D] > 0
     return out["marked_ref"], jnp.where(skip, False, seen)
+
+
+def backward_marks_kernel(*, q_ref, k_ref, v_ref, do_ref, dq_ref, dk_ref, dv_ref, first_ref, any_ref,
+                          after_ref=None, before_ref=None, run_ref=None, skip_ref=None, chunking: Chunking, K: int,
+                          V: int):
+    """One batch*head program: the marks of fleetjax.pallas.chunked's _mark_gradients in two walks over the
+    row. Refs: q, k, dq, dk [T, K']; v, do, dv [T, V'] (the gradients marked in place); run [T]; skip [1].
+    Forward: dq where a bad k reaches, ``after`` [T] (a bad k or v entry at s < t of t's run), ``any`` [16]
+    (a bad q, k, v or dO entry anywhere). Reverse: dv where a bad dO reaches, dk where a bad q reaches and
+    where any entry of a bad dO row does, ``before`` [T] (a bad q or dO entry at s >= t of t's run),
+    ``first`` [V'] (the columns of the state after the reverse walk that a bad dO reaches)."""
+    k_cols, v_cols = columns(q_ref, K), columns(v_ref, V)
+    along = functools.partial(walk, piece=0, chunking=chunking, log_decay=jnp.float32(0.0), run_ref=run_ref,
+                              skip_ref=skip_ref)
+
+    def forward(ch: cm.Chunk, carry):
+        seen_k, seen_key_side, anywhere = carry
+        bad_q, bad_k = _bad(q_ref, ch, k_cols), _bad(k_ref, ch, k_cols)
+        bad_v, bad_do = _bad(v_ref, ch, v_cols), _bad(do_ref, ch, v_cols)
+        _mark(dq_ref, ch, k_cols, _through_pairs(ch, bad_k) | (ch.enters[:, None] & (seen_k[None, :] > 0)))
+        key_side = _row_bad(bad_k) | _row_bad(bad_v)
+        if after_ref is not None:  # the pairs (t, s) with s < t: lag > 0
+            inside = jnp.max(jnp.where(ch.pairs & (ch.lag > 0) & key_side[None, :], 1, 0), axis=1)
+            store_positions(after_ref, ch, jnp.maximum(inside, jnp.where(ch.enters, seen_key_side, 0)))
+        rows = key_side | _row_bad(bad_q) | _row_bad(bad_do)
+        return (_handed_on(ch, seen_k, bad_k), _handed_on(ch, seen_key_side, key_side),
+                jnp.maximum(anywhere, jnp.max(jnp.where(rows, 1, 0))))
+
+    def backward(ch: cm.Chunk, carry):
+        seen_do, seen_q, seen_do_row, seen_query_side = carry
+        bad_q, bad_do = _bad(q_ref, ch, k_cols), _bad(do_ref, ch, v_cols)
+        do_row = _row_bad(bad_do)
+        _mark(dv_ref, ch, v_cols, _through_pairs(ch, bad_do) | (ch.enters[:, None] & (seen_do[None, :] > 0)))
+        row_reached = ((jnp.max(jnp.where(ch.pairs & do_row[None, :], 1, 0), axis=1) > 0)
+                       | (ch.enters & (seen_do_row > 0)))
+        _mark(dk_ref, ch, k_cols, _through_pairs(ch, bad_q) | (ch.enters[:, None] & (seen_q[None, :] > 0))
+              | row_reached[:, None])
+        query_side = _row_bad(bad_q) | do_row
+        if before_ref is not None:  # the pairs (t, s) with s >= t
+            inside = jnp.max(jnp.where(ch.pairs & query_side[None, :], 1, 0), axis=1)
+            store_positions(before_ref, ch, jnp.maximum(inside, jnp.where(ch.enters, seen_query_side, 0)))
+        return (_handed_on(ch, seen_do, bad_do), _handed_on(ch, seen_q, bad_q), _handed_on(ch, seen_do_row, do_row),
+                _handed_on(ch, seen_query_side, query_side))
+
+    none = jnp.int32(0)
+    _, _, anywhere = along(forward, (jnp.zeros((q_ref.shape[-1],), jnp.int32), none, none), reverse=False)
+    seen_do, *_ = along(backward, (jnp.zeros((v_ref.shape[-1],), jnp.int32), jnp.zeros((q_ref.shape[-1],), jnp.int32),
+                                   none, none), reverse=True)
+    first_ref[...] = seen_do
+    any_ref[...] = jnp.full(any_ref.shape, anywhere, jnp.int32)
+
+
+def mark_backward(dq, dk, dv, q, k, v, do, run_ids, *, skip: jax.Array, gate_marks: bool, chunk_size: int = 64,
+                  num_warps: int = 4):
+    """The marks of a contained backward (fleetjax.pallas.chunked's _mark_gradients) in one launch that
+    ``skip`` (a bool scalar array) turns into none: (dq, dk, dv [B, T, H, *] with NaN where a non-finite q, k, v
+    or dO reaches, in the buffers passed in; ``first`` [B, H, V] bool: the columns of d initial_state that a
+    bad dO of the row's run 0 reaches; ``head`` [H] bool: a bad entry anywhere in the head; ``gate`` [B, H, T]
+    bool or None: the positions of d log_gate that a bad entry reaches, if ``gate_marks``). Skipped: the
+    gradients as passed, no flags."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    chunking = Chunking(T, chunk_size, 1)
+    kp, vp = padded(K), padded(V)
+    sk, sv = Specs(H, chunking, kp, kp), Specs(H, chunking, vp, vp)
+    per_position = (((B, H, T), jnp.int32), sk.positions()) if gate_marks else None
+    kernel = functools.partial(backward_marks_kernel, chunking=chunking, K=K, V=V)
+    out = call(kernel, name="fleet_mark_backward", grid=(1, B * H, 1),
+               inputs=dict(q_ref=(q, sk.keys()), k_ref=(k, sk.keys()), v_ref=(v, sv.keys()), do_ref=(do, sv.keys()),
+                           run_ref=None if run_ids is None else (run_ids, sk.runs())),
+               outputs=dict(dq_ref=((dq.shape, dq.dtype), sk.keys()), dk_ref=((dk.shape, dk.dtype), sk.keys()),
+                            dv_ref=((dv.shape, dv.dtype), sv.keys()),
+                            first_ref=(((B, H, vp), jnp.int32), pl.BlockSpec((None, None, vp),
+                                                                             lambda j, g, p: (g // H, g % H, 0))),
+                            any_ref=(((B, H, 16), jnp.int32), pl.BlockSpec((None, None, 16),
+                                                                           lambda j, g, p: (g // H, g % H, 0))),
+                            after_ref=per_position, before_ref=per_position),
+               num_warps=num_warps, num_stages=1, skip=skip, keep=dict(dq_ref=dq, dk_ref=dk, dv_ref=dv))
+    first = out["first_ref"][..., :V] > 0
+    if run_ids is not None:  # d initial_state reaches run 0 only (fleetjax.vjp.only_first_run)
+        first = first & (run_ids[:, 0] == 0)[:, None, None]
+    head = jnp.any(out["any_ref"][..., 0] > 0, axis=0)
+    gate = (out["after_ref"] > 0) | (out["before_ref"] > 0) if gate_marks else None
+    never = lambda x: None if x is None else jnp.where(skip, False, x)  # noqa: E731  (undefined when skipped)
+    return out["dq_ref"], out["dk_ref"], out["dv_ref"], never(first), never(head), never(gate)
