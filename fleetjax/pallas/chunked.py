@@ -100,8 +100,9 @@ class PallasConfig:
     plain walks' outputs in place (their buffers handed on), so no lax.cond waits for its predicate on the
     host. That wait cost the forward 0.191 against 0.127 ms at B4 H16 T=4096 and 0.462 against 0.412 at
     T=16384, fwd+bwd 0.867 against 0.759 at T=4096 (H200, 2026-12-04, bf16, K = V = 128, the plain walks
-    alone against the op, alternated, experiments/results/2026-12-04-h200-cond_ab.jsonl); what the launches
-    that skip their work cost instead was not yet measured, so it is off by default.
+    alone against the op, alternated, experiments/results/2026-12-04-h200-cond_ab.jsonl). What it costs
+    instead, the launches that skip their work and the XLA reductions of the contained backward's
+    per-position sums (which run either way), was not yet measured, so it is off by default.
     """
 
     forward: WalkConfig = WalkConfig()
@@ -454,9 +455,8 @@ def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, co
         # smaller array that holds a NaN whenever o does.
         return (nonfinite.mark_forward(o, final, v, run_ids) if contain else (o, final)), witness
 
-    if config.choice_on_device:
-        return nonfinite.contained_on_device(walks)
-    return nonfinite.contained_if_reached(walks)
+    choose = nonfinite.contained_on_device if config.choice_on_device else nonfinite.contained_if_reached
+    return choose(walks)
 
 
 def block_forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, config: PallasConfig):

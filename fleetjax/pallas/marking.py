@@ -8,10 +8,13 @@ reached through the pairs (a product of the pair mask with the chunk's bad entri
 or, where the state enters it, through that flag. After the walk the flag says which columns of the state
 handed on (the final state, forward) a non-finite entry reached.
 
-Its launch takes a ``skip`` flag (fleetjax.pallas.launch.call): with every input finite no program runs and
-the marked output is the output itself, its buffer taken over, so that the plain/contained choice needs no
-host wait. It is slow where it runs (one sequence piece, a product per chunk), which is only where an input
-holds NaN or inf.
+:func:`mark_backward` makes all of a contained backward's marks in one launch per row: a forward walk (dq by
+k) and a reverse one (dv by dO, dk by q and by whole dO rows), with the flags the small gradients need.
+
+The launches take a ``skip`` flag (fleetjax.pallas.launch.call): with every input finite their programs
+visit no chunk and each marked output is the output passed in, its buffer taken over, so that the
+plain/contained choice needs no host wait. They are slow where they run (one sequence piece, a product per
+chunk), which is only where an input holds NaN or inf.
 """
 
 from __future__ import annotations
@@ -63,8 +66,8 @@ def reached_kernel(*, source_ref, marked_ref, seen_ref, run_ref=None, skip_ref=N
                    reverse: bool, width: int, block: int):
     """One (column block, batch*head) program. Refs: source [T, block]; marked [T, block], which holds x when
     the program starts (the launch hands it x's buffer) and is marked in place; run [T] (segments); skip [1]
-    (see fleetjax.pallas.walk.walk); seen
-    [block] int32: 1 where a non-finite source entry reaches the state after the walk."""
+    (see fleetjax.pallas.walk.walk); seen [block] int32: 1 where a non-finite source entry reaches the state
+    after the walk."""
     j = program_id(0, marked_ref)
     cols = columns(marked_ref, width, block, j)
 
@@ -83,7 +86,7 @@ def mark_reached(x: jax.Array, source: jax.Array, run_ids: jax.Array | None, *, 
     """(x [B, T, H, D] with NaN where a non-finite entry of ``source`` [B, T, H, D] reaches, as
     fleetjax.nonfinite.mark_reached; [B, H, D] bool: the columns in which a non-finite entry reaches the state
     after the walk, as fleetjax.nonfinite.in_run(bad, run_ids, "last") forward and "first" in reverse).
-    ``skip`` (a bool scalar array) True: x itself (its buffer taken over) and no columns, nothing run."""
+    ``skip`` (a bool scalar array) True: x itself (its buffer taken over) and no columns, no chunk visited."""
     B, T, H, D = x.shape
     chunking = Chunking(T, chunk_size, 1)
     bd, nd = value_blocks(D, block)
