@@ -64,9 +64,9 @@ def piece_states_kernel(*, log_decay_ref, k_ref, v_ref, final_ref, counts_ref=No
                         reverse: bool, piece_offset: int, contain: bool, exact: bool, precision):
     """One (value block, batch*head, piece) program: the piece's state from a zero one (``exact``:
     float32-accurate with 16-bit inputs, for a final state or a gradient's sums it enters). Refs: k [T, K];
-    v [T, block_v]; run [T], edge [1]; skip [1] (see fleetjax.pallas.walk.walk); final [K, block_v]; counts [K, block_v]: the state's crossing counts
-    (fleetjax.vjp), for the Triton dq walk; tangent [K, block_v]: the state's derivative in log gamma, for
-    the Mosaic one (fleetjax.chunk.update_tangent)."""
+    v [T, block_v]; run [T], edge [1]; skip [1] (see fleetjax.pallas.walk.walk); final [K, block_v]; counts
+    [K, block_v]: the state's crossing counts (fleetjax.vjp), for the Triton dq walk; tangent [K, block_v]:
+    the state's derivative in log gamma, for the Mosaic one (fleetjax.chunk.update_tangent)."""
     j, piece = program_id(0, log_decay_ref), program_id(2, log_decay_ref) + piece_offset
     log_decay = log_decay_ref[0]
     k_cols, v_cols = columns(k_ref, K), columns(v_ref, V, block_v, j)
@@ -103,7 +103,7 @@ def piece_states(key, value, log_decay, run_ids, chunking: Chunking, *, reverse:
     chunks of ``chunk_size`` where those tile the pieces (else the walk's). With ``counts`` the states come as
     (states, their crossing counts) in the walk's chunks; with ``tangent`` as (states, their derivatives in log
     gamma), in any chunks. gate: the log gate [B, H, T] (None: constant). skip: a bool scalar array; True:
-    no program runs and the states are undefined (fleetjax.pallas.launch.call)."""
+    the programs visit no chunk and the states are undefined (fleetjax.pallas.launch.call)."""
     if counts:
         chunk_size = chunking.chunk_size  # counts are of the walk's own chunks
     B, T, H, K = key.shape
@@ -139,9 +139,9 @@ def forward_walk(q, k, v, log_decay, start, run_ids, chunking: Chunking, *, scal
     float32, before its rounding): without ``contain`` and segments, the states after every piece [B, H, P,
     K', V'] (see :func:`forward_kernel`), a read of a few MB instead of o; else o itself. ``local``: the
     pieces' local states (see :func:`piece_states`), None with one piece. gate [B, H, T] and piece_log
-    [B, H, P] (the pieces' sums of la): the gated decay (None: constant). skip: a bool scalar array; True: no
-    program runs, o is ``keep_o`` (an o computed elsewhere, whose buffer o takes) and the rest undefined
-    (fleetjax.pallas.launch.call)."""
+    [B, H, P] (the pieces' sums of la): the gated decay (None: constant). skip: a bool scalar array; True: the
+    programs visit no chunk, o is ``keep_o`` (an o computed elsewhere, whose buffer o takes) and the rest
+    undefined (fleetjax.pallas.launch.call)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     kp = padded(K)

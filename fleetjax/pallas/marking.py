@@ -57,6 +57,11 @@ def _mark(ref, ch: cm.Chunk, cols, reached) -> None:
     store_rows(ref, ch, jnp.where(reached, jnp.nan, load_rows(ref, ch, cols).astype(f32)), cols)
 
 
+def _unless_skipped(skip, flags):
+    """``flags`` (bool), all False where ``skip``: a skipped launch leaves its flag outputs undefined."""
+    return None if flags is None else jnp.where(skip, False, flags)
+
+
 def _row_bad(bad):
     """[C] bool: the rows with a non-finite entry."""
     return jnp.max(jnp.where(bad, 1, 0), axis=1) > 0
@@ -85,7 +90,8 @@ def mark_reached(x: jax.Array, source: jax.Array, run_ids: jax.Array | None, *, 
                  chunk_size: int = 64, block: int = 64, num_warps: int = 4) -> tuple[jax.Array, jax.Array]:
     """(x [B, T, H, D] with NaN where a non-finite entry of ``source`` [B, T, H, D] reaches, as
     fleetjax.nonfinite.mark_reached; [B, H, D] bool: the columns in which a non-finite entry reaches the state
-    after the walk, as fleetjax.nonfinite.in_run(bad, run_ids, "last") forward and "first" in reverse).
+    after the walk: forward as fleetjax.nonfinite.in_run(bad, run_ids, "last"), in reverse those of the run
+    of the row's first position, which in_run's "first" (run 0) is only where that run is 0).
     ``skip`` (a bool scalar array) True: x itself (its buffer taken over) and no columns, no chunk visited."""
     B, T, H, D = x.shape
     chunking = Chunking(T, chunk_size, 1)
@@ -99,7 +105,7 @@ def mark_reached(x: jax.Array, source: jax.Array, run_ids: jax.Array | None, *, 
                             seen_ref=(((B, H, nd * bd), jnp.int32), seen_spec)),
                num_warps=num_warps, num_stages=1, skip=skip, keep=dict(marked_ref=x))
     seen = out["seen_ref"][..., :D] > 0
-    return out["marked_ref"], jnp.where(skip, False, seen)
+    return out["marked_ref"], _unless_skipped(skip, seen)
 
 
 def backward_marks_kernel(*, q_ref, k_ref, v_ref, do_ref, dq_ref, dk_ref, dv_ref, first_ref, any_ref,
@@ -183,5 +189,5 @@ def mark_backward(dq, dk, dv, q, k, v, do, run_ids, *, skip: jax.Array, gate_mar
         first = first & (run_ids[:, 0] == 0)[:, None, None]
     head = jnp.any(out["any_ref"][..., 0] > 0, axis=0)
     gate = (out["after_ref"] > 0) | (out["before_ref"] > 0) if gate_marks else None
-    never = lambda x: None if x is None else jnp.where(skip, False, x)  # noqa: E731  (undefined when skipped)
-    return out["dq_ref"], out["dk_ref"], out["dv_ref"], never(first), never(head), never(gate)
+    return (out["dq_ref"], out["dk_ref"], out["dv_ref"], _unless_skipped(skip, first), _unless_skipped(skip, head),
+            _unless_skipped(skip, gate))
