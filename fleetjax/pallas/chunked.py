@@ -98,11 +98,12 @@ class PallasConfig:
     (fleetjax.nonfinite) on the device. The contained walks and the NaN marking (fleetjax.pallas.marking, one
     launch for the backward's marks) are always launched; on finite inputs they visit no chunk and leave the
     plain walks' outputs in place (their buffers handed on), so no lax.cond waits for its predicate on the
-    host. That wait cost the forward 0.191 against 0.127 ms at B4 H16 T=4096 and 0.462 against 0.412 at
-    T=16384, fwd+bwd 0.867 against 0.759 at T=4096 (H200, 2026-12-04, bf16, K = V = 128, the plain walks
-    alone against the op, alternated, experiments/results/2026-12-04-h200-cond_ab.jsonl). What it costs
-    instead, the launches that skip their work and the XLA reductions of the contained backward's
-    per-position sums (which run either way), was not yet measured, so it is off by default.
+    host, and a jitted step with many layers runs without a host round trip per layer. Alternated against
+    the lax.cond (H200, 2026-12-04, bf16, K = V = 128, experiments/results/2026-12-04-h200-choice_*): the
+    forward 0.178 -> 0.136 ms at B4 H16 T=4096 and 0.088 -> 0.057 at B1 H8 T=4096, unchanged at T >= 16384;
+    fwd+bwd within 3% either way. The skipped launches and the contained backward's per-position reductions
+    (which run either way) add about 50 us of kernel time to fwd+bwd at B4 H16 T=16384 (ncu). False: the
+    lax.cond, as before 2026-12-04.
     """
 
     forward: WalkConfig = WalkConfig()
@@ -114,7 +115,7 @@ class PallasConfig:
     backward_num_sequence_pieces: int = 1
     precision: str = "tf32x3"
     mosaic_walks: mosaic.MosaicWalkConfig | None = None
-    choice_on_device: bool = False
+    choice_on_device: bool = True
 
     def __post_init__(self):
         for name in ("forward", "dq", "dv", "dk", "piece_states"):

@@ -103,8 +103,8 @@ def walk(body: Callable[[Chunk, jax.Array], jax.Array], state, *, piece, chunkin
     C, T = chunking.chunk_size, chunking.T
     first = piece * chunking.chunks_per_piece
     count = jnp.minimum(chunking.chunks_per_piece, chunking.n_chunks - first)
-    if skip_ref is not None:
-        count = jnp.where(skip_ref[0] != 0, 0, count)
+    if skip_ref is not None:  # a product, not a select: Pallas-Triton lowers this select's literal as a bool
+        count = count * (skip_ref[0] == 0).astype(jnp.int32)
 
     def step(c, carry):
         state, edge_run = carry
