@@ -60,7 +60,7 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=[],
-                   meta_fields=["log_decay", "log_gate", "initial_state"])
+                   meta_fields=["log_decay", "log_gate", "initial_state", "q", "k", "v"])
 @dataclasses.dataclass(frozen=True)
 class Wanted:
     """Which of the decay's inputs and the initial state a backward differentiates: a residual with no arrays
@@ -68,23 +68,31 @@ class Wanted:
     the common case (RetNet's fixed decays; ``decay=None`` with a gate), spares the backward the sums of its
     gradient, among them the dq walk's second state (the crossing counts); with no gate learned either, also
     the float32-accurate products that only those sums need. No initial state (or a fixed one) spares the
-    float32-accurate update of the reverse state that only its gradient reads."""
+    float32-accurate update of the reverse state that only its gradient reads. q, k, v: whether their
+    gradients are wanted; a backward that makes its plain/contained choice on the device hands each wanted
+    one's buffer from its plain walk to its contained one, which jax never drops (a pallas_call), so an
+    unwanted one is not handed on and its plain walk can be dropped."""
 
     log_decay: bool = True
     log_gate: bool = True
     initial_state: bool = True
+    q: bool = True
+    k: bool = True
+    v: bool = True
 
     @property
     def any(self) -> bool:
         return self.log_decay or self.log_gate
 
 
-def wanted(log_decay, log_gate, initial_state) -> Wanted:
+def wanted(log_decay, log_gate, initial_state, q=None, k=None, v=None) -> Wanted:
     """The :class:`Wanted` of a custom VJP's forward rule with ``symbolic_zeros=True`` from its
     ``jax.custom_derivatives.CustomVJPPrimal`` log decay, log gate and initial state (None arrives as None;
-    pass None for a state whose gradient comes from elsewhere)."""
+    pass None for a state whose gradient comes from elsewhere) and q, k, v (None: wanted)."""
     perturbed = lambda x: x is not None and bool(x.perturbed)  # noqa: E731
-    return Wanted(log_decay=perturbed(log_decay), log_gate=perturbed(log_gate), initial_state=perturbed(initial_state))
+    inputs = {name: x is None or perturbed(x) for name, x in (("q", q), ("k", k), ("v", v))}
+    return Wanted(log_decay=perturbed(log_decay), log_gate=perturbed(log_gate), initial_state=perturbed(initial_state),
+                  **inputs)
 
 
 def is_zero(cotangent) -> bool:

@@ -675,8 +675,10 @@ def test_learned_decay_backward_on_mosaic_matches_the_oracle_and_the_triton_walk
 @pytest.mark.parametrize("wrt, kernels", [("decay", 2), ("q", 2), ("v", 2), ("k", 3), ("all", 3)])
 def test_a_backward_launches_only_the_walks_its_gradients_need(wrt, kernels):
     """Lowered for an sm_90 GPU (any host): the dq walk gives dq and the decay's sums, the dv walk dv, both the
-    witness; the dk walk gives dk alone, so a backward that drops dk drops its walk (the plain/contained
-    choice keeps jax's dead-code elimination of unused outputs)."""
+    witness; the dk walk gives dk alone, so a backward that does not differentiate k drops its walk: with the
+    plain/contained choice on the device the VJP's primals say which inputs are differentiated (a pallas_call
+    is never dropped, so only wanted gradients go through the contained walks), with the lax.cond jax's
+    dead-code elimination drops the unused outputs."""
     B, T, H, K, V = 1, 1024, 2, 64, 64
     q, v = jnp.zeros((B, T, H, K), jnp.bfloat16), jnp.zeros((B, T, H, V), jnp.bfloat16)
     decay = jnp.asarray([0.999, 0.9], jnp.float32)
@@ -687,11 +689,18 @@ def test_a_backward_launches_only_the_walks_its_gradients_need(wrt, kernels):
     pick = {"q": 0, "k": 1, "v": 2, "decay": 3}
 
     def grads(q, k, v, decay, do):
-        got = jax.vjp(f, q, k, v, decay)[1](do)
-        return got if wrt == "all" else got[pick[wrt]]
+        if wrt == "all":
+            return jax.vjp(f, q, k, v, decay)[1](do)
+        args = [q, k, v, decay]
 
-    text = jax.jit(grads).trace(q, q, v, decay, v).lower(lowering_platforms=("cuda",)).as_text()
-    assert _walks(text) == kernels
+        def only(x):  # differentiated with respect to one input alone
+            return f(*[x if i == pick[wrt] else a for i, a in enumerate(args)])
+        return jax.vjp(only, args[pick[wrt]])[1](do)[0]
+
+    for on_device in (True, False):
+        config = dataclasses.replace(config, choice_on_device=on_device)
+        text = jax.jit(grads).trace(q, q, v, decay, v).lower(lowering_platforms=("cuda",)).as_text()
+        assert _walks(text) == kernels, on_device
 
 
 @pytest.fixture
@@ -803,7 +812,7 @@ def test_learned_decay_on_mosaic_at_long_T(aligned):
     config = dataclasses.replace(chunked.default_config(q, v), backward_num_sequence_pieces=4)
     f = lambda q, k, v, decay: fleetjax.fleet_attention(q, k, v, decay, implementation="pallas",  # noqa: E731
                                                         config=config)
-    grad = jax.jit(lambda q, k, v, decay, do: jax.vjp(f, q, k, v, decay)[1](do)[3])
+    grad = jax.jit(lambda q, k, v, decay, do: jax.vjp(lambda d: f(q, k, v, d), decay)[1](do)[0])
     # d decay alone needs the dq walk (its sums) and the dv walk (the witness); the dk walk is dropped.
     assert _walks(grad.lower(q, k, v, decay, do).as_text()) == 2
     ref = oracle.recurrent(*(np.asarray(x, np.float32) for x in (q, k, v)), decay, do=np.asarray(do, np.float32))

@@ -533,7 +533,10 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
                 log_gate_wanted=wanted.log_gate)
             d_log_decay, d_gate = _decay_gradients(wanted, chunking.chunk_size, **(parts or {}))
             return (dq, dk, dv, d_log_decay, d_gate, None), witness
-        kept = (None,) * 3 if plain is None else plain[:3]
+        # Only the wanted gradients' buffers are handed on: a pallas_call is never dropped, so handing on an
+        # unwanted one would keep its plain walk.
+        kept = ((None,) * 3 if plain is None else
+                tuple(x if want else None for x, want in zip(plain[:3], (wanted.q, wanted.k, wanted.v))))
         dq, w, counts, intra, spanned = bwd.dq_walk(q, k, v, do, decays.log_decay, start, run_ids, chunking,
                                                     contain=contain, local=dq_local, wanted=wanted, skip=skip,
                                                     keep=kept[0], **common, **config.launch("dq", q.dtype))
@@ -576,16 +579,19 @@ def _decay_gradients(wanted: vjp.Wanted, chunk_size: int, *, w=None, u=None, cou
 
 
 def _marked_on_device(grads, plain, q, k, v, do, *, run_ids, skip, chunk_size: int):
-    """:func:`_mark_gradients`'s marks made in one kernel launch (fleetjax.pallas.marking.mark_backward) that
-    ``skip`` (every input finite) turns into none; then the gradients are the plain walks' ``plain``: dq, dk
-    and dv through their buffers, the small ones selected."""
+    """:func:`_mark_gradients`'s marks made by kernels (fleetjax.pallas.marking.mark_backward, a launch per
+    gradient) that ``skip`` (every input finite) turns into none; then the gradients are the plain walks'
+    ``plain``: dq, dk and dv through their buffers, the small ones selected (d log_decay: the plain one,
+    marked)."""
     dq, dk, dv, d_log_decay, d_gate, d_start = grads
     dq, dk, dv, first, head, gate = marking.mark_backward(dq, dk, dv, q, k, v, do, run_ids, skip=skip,
                                                           gate_marks=d_gate is not None, chunk_size=chunk_size)
     if d_start is not None:
         d_start = jnp.where(skip, plain[5], nonfinite.mark(d_start, first[:, :, None]))
     if d_log_decay is not None:
-        d_log_decay = jnp.where(skip, plain[3], nonfinite.mark(d_log_decay, head))
+        # A head's d log_decay sums over its rows alone: the plain walks' is exact for a head without a bad
+        # entry, so the contained walks' sums are not read (and need not be kept for it).
+        d_log_decay = nonfinite.mark(plain[3], head)
     if d_gate is not None:
         d_gate = jnp.where(skip, plain[4], nonfinite.mark(d_gate, gate))
     return dq, dk, dv, d_log_decay, d_gate, d_start
@@ -628,7 +634,7 @@ def _pallas(q, k, v, log_decay, log_gate, initial_state, run_ids, scale, config,
 
 
 def _pallas_fwd(q, k, v, log_decay, log_gate, initial_state, run_ids, scale, config, exact_state):
-    wanted = vjp.wanted(log_decay, log_gate, initial_state)
+    wanted = vjp.wanted(log_decay, log_gate, initial_state, q, k, v)
     *floats, run_ids = jax.custom_derivatives.custom_vjp_primal_tree_values(
         (q, k, v, log_decay, log_gate, initial_state, run_ids))
     # A second derivative would differentiate this forward's kernels too: refuse it there as well.
@@ -659,6 +665,7 @@ def pallas_backward(scale: float, config: PallasConfig, residuals, cotangents):
             d_log_decay = d_log_decay + q.shape[1] * jnp.sum(term, axis=0)
         if d_gate is not None:
             d_gate = d_gate + term[:, :, None]
+    dq, dk, dv = (g if want else None for g, want in zip((dq, dk, dv), (wanted.q, wanted.k, wanted.v)))
     grads = (dq, dk, dv, d_log_decay, None if d_gate is None else jnp.swapaxes(d_gate, 1, 2), d_initial)
     return tuple(None if g is None else vjp.first_order_only(g) for g in grads) + (None,)
 

@@ -385,7 +385,7 @@ def _pallas_fleet(q, k, v, log_decay, log_gate, initial_state, run_ids, scale, c
 def _pallas_fleet_fwd(q, k, v, log_decay, log_gate, initial_state, run_ids, scale, config, exact_state):
     # symbolic_zeros=True: the primals arrive wrapped (saying which are differentiated); an unused output's
     # cotangent stays a SymbolicZero, which lets the backward skip its terms (the final state's, most often).
-    wanted = vjp.wanted(log_decay, log_gate, initial_state)
+    wanted = vjp.wanted(log_decay, log_gate, initial_state, q, k, v)
     *floats, run_ids = jax.custom_derivatives.custom_vjp_primal_tree_values(
         (q, k, v, log_decay, log_gate, initial_state, run_ids))
     # A second derivative would differentiate this forward's kernel: refuse it with a clear message.

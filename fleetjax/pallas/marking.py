@@ -8,8 +8,10 @@ reached through the pairs (a product of the pair mask with the chunk's bad entri
 or, where the state enters it, through that flag. After the walk the flag says which columns of the state
 handed on (the final state, forward) a non-finite entry reached.
 
-:func:`mark_backward` makes all of a contained backward's marks in one launch per row: a forward walk (dq by
-k) and a reverse one (dv by dO, dk by q and by whole dO rows), with the flags the small gradients need.
+:func:`mark_backward` makes a contained backward's marks in one launch per gradient, one program per row: a
+forward walk marks dq (by k), reverse walks dv (by dO) and dk (by q and by whole dO rows), each with the
+flags the small gradients need. Separate launches keep jax's dead-code elimination: a backward whose dk is
+unused drops dk's marking, and with it the walks whose buffers it would take over.
 
 The launches take a ``skip`` flag (fleetjax.pallas.launch.call): with every input finite their programs
 visit no chunk and each marked output is the output passed in, its buffer taken over, so that the
@@ -108,37 +110,58 @@ def mark_reached(x: jax.Array, source: jax.Array, run_ids: jax.Array | None, *, 
     return out["marked_ref"], _unless_skipped(skip, seen)
 
 
-def backward_marks_kernel(*, q_ref, k_ref, v_ref, do_ref, dq_ref, dk_ref, dv_ref, first_ref, any_ref,
-                          after_ref=None, before_ref=None, run_ref=None, skip_ref=None, chunking: Chunking, K: int,
-                          V: int):
-    """One batch*head program: the marks of fleetjax.pallas.chunked's _mark_gradients in two walks over the
-    row. Refs: q, k, dq, dk [T, K']; v, do, dv [T, V'] (the gradients marked in place); run [T]; skip [1].
-    Forward: dq where a bad k reaches, ``after`` [T] (a bad k or v entry at s < t of t's run), ``any`` [16]
-    (a bad q, k, v or dO entry anywhere). Reverse: dv where a bad dO reaches, dk where a bad q reaches and
-    where any entry of a bad dO row does, ``before`` [T] (a bad q or dO entry at s >= t of t's run),
-    ``first`` [V'] (the columns of the state after the reverse walk that a bad dO reaches)."""
+def dq_marks_kernel(*, q_ref, k_ref, v_ref, do_ref, dq_ref, any_ref, after_ref=None, run_ref=None, skip_ref=None,
+                    chunking: Chunking, K: int, V: int):
+    """One batch*head program, a forward walk over the row: dq [T, K'] marked in place where a bad k reaches;
+    ``after`` [T] (a bad k or v entry at s < t of t's run); ``any`` [16] (a bad q, k, v or dO entry anywhere).
+    Refs: q, k [T, K']; v, do [T, V']; run [T]; skip [1]."""
     k_cols, v_cols = columns(q_ref, K), columns(v_ref, V)
-    along = functools.partial(walk, piece=0, chunking=chunking, log_decay=jnp.float32(0.0), run_ref=run_ref,
-                              skip_ref=skip_ref)
 
-    def forward(ch: cm.Chunk, carry):
+    def step(ch: cm.Chunk, carry):
         seen_k, seen_key_side, anywhere = carry
-        bad_q, bad_k = _bad(q_ref, ch, k_cols), _bad(k_ref, ch, k_cols)
-        bad_v, bad_do = _bad(v_ref, ch, v_cols), _bad(do_ref, ch, v_cols)
+        bad_k, bad_v = _bad(k_ref, ch, k_cols), _bad(v_ref, ch, v_cols)
         _mark(dq_ref, ch, k_cols, _through_pairs(ch, bad_k) | (ch.enters[:, None] & (seen_k[None, :] > 0)))
         key_side = _row_bad(bad_k) | _row_bad(bad_v)
         if after_ref is not None:  # the pairs (t, s) with s < t: lag > 0
             inside = jnp.max(jnp.where(ch.pairs & (ch.lag > 0) & key_side[None, :], 1, 0), axis=1)
             store_positions(after_ref, ch, jnp.maximum(inside, jnp.where(ch.enters, seen_key_side, 0)))
-        rows = key_side | _row_bad(bad_q) | _row_bad(bad_do)
+        rows = key_side | _row_bad(_bad(q_ref, ch, k_cols)) | _row_bad(_bad(do_ref, ch, v_cols))
         return (_handed_on(ch, seen_k, bad_k), _handed_on(ch, seen_key_side, key_side),
                 jnp.maximum(anywhere, jnp.max(jnp.where(rows, 1, 0))))
 
-    def backward(ch: cm.Chunk, carry):
-        seen_do, seen_q, seen_do_row, seen_query_side = carry
-        bad_q, bad_do = _bad(q_ref, ch, k_cols), _bad(do_ref, ch, v_cols)
-        do_row = _row_bad(bad_do)
+    none = jnp.int32(0)
+    _, _, anywhere = walk(step, (jnp.zeros((q_ref.shape[-1],), jnp.int32), none, none), piece=0,
+                          chunking=chunking, reverse=False, log_decay=jnp.float32(0.0), run_ref=run_ref,
+                          skip_ref=skip_ref)
+    any_ref[...] = jnp.full(any_ref.shape, anywhere, jnp.int32)
+
+
+def dv_marks_kernel(*, do_ref, dv_ref, first_ref, run_ref=None, skip_ref=None, chunking: Chunking, V: int):
+    """One batch*head program, a reverse walk over the row: dv [T, V'] marked in place where a bad dO reaches;
+    ``first`` [V'] (the columns of the state after the walk that a bad dO reaches). Refs: do [T, V']; run [T];
+    skip [1]."""
+    v_cols = columns(do_ref, V)
+
+    def step(ch: cm.Chunk, seen_do):
+        bad_do = _bad(do_ref, ch, v_cols)
         _mark(dv_ref, ch, v_cols, _through_pairs(ch, bad_do) | (ch.enters[:, None] & (seen_do[None, :] > 0)))
+        return _handed_on(ch, seen_do, bad_do)
+
+    first_ref[...] = walk(step, jnp.zeros((do_ref.shape[-1],), jnp.int32), piece=0, chunking=chunking,
+                          reverse=True, log_decay=jnp.float32(0.0), run_ref=run_ref, skip_ref=skip_ref)
+
+
+def dk_marks_kernel(*, q_ref, do_ref, dk_ref, before_ref=None, run_ref=None, skip_ref=None, chunking: Chunking,
+                    K: int, V: int):
+    """One batch*head program, a reverse walk over the row: dk [T, K'] marked in place where a bad q reaches
+    and where any entry of a bad dO row does; ``before`` [T] (a bad q or dO entry at s >= t of t's run).
+    Refs: q [T, K']; do [T, V']; run [T]; skip [1]."""
+    k_cols, v_cols = columns(q_ref, K), columns(do_ref, V)
+
+    def step(ch: cm.Chunk, carry):
+        seen_q, seen_do_row, seen_query_side = carry
+        bad_q = _bad(q_ref, ch, k_cols)
+        do_row = _row_bad(_bad(do_ref, ch, v_cols))
         row_reached = ((jnp.max(jnp.where(ch.pairs & do_row[None, :], 1, 0), axis=1) > 0)
                        | (ch.enters & (seen_do_row > 0)))
         _mark(dk_ref, ch, k_cols, _through_pairs(ch, bad_q) | (ch.enters[:, None] & (seen_q[None, :] > 0))
@@ -147,47 +170,50 @@ def backward_marks_kernel(*, q_ref, k_ref, v_ref, do_ref, dq_ref, dk_ref, dv_ref
         if before_ref is not None:  # the pairs (t, s) with s >= t
             inside = jnp.max(jnp.where(ch.pairs & query_side[None, :], 1, 0), axis=1)
             store_positions(before_ref, ch, jnp.maximum(inside, jnp.where(ch.enters, seen_query_side, 0)))
-        return (_handed_on(ch, seen_do, bad_do), _handed_on(ch, seen_q, bad_q), _handed_on(ch, seen_do_row, do_row),
+        return (_handed_on(ch, seen_q, bad_q), _handed_on(ch, seen_do_row, do_row),
                 _handed_on(ch, seen_query_side, query_side))
 
     none = jnp.int32(0)
-    _, _, anywhere = along(forward, (jnp.zeros((q_ref.shape[-1],), jnp.int32), none, none), reverse=False)
-    seen_do, *_ = along(backward, (jnp.zeros((v_ref.shape[-1],), jnp.int32), jnp.zeros((q_ref.shape[-1],), jnp.int32),
-                                   none, none), reverse=True)
-    first_ref[...] = seen_do
-    any_ref[...] = jnp.full(any_ref.shape, anywhere, jnp.int32)
+    walk(step, (jnp.zeros((q_ref.shape[-1],), jnp.int32), none, none), piece=0, chunking=chunking, reverse=True,
+         log_decay=jnp.float32(0.0), run_ref=run_ref, skip_ref=skip_ref)
 
 
 def mark_backward(dq, dk, dv, q, k, v, do, run_ids, *, skip: jax.Array, gate_marks: bool, chunk_size: int = 64,
                   num_warps: int = 4):
-    """The marks of a contained backward (fleetjax.pallas.chunked's _mark_gradients) in one launch that
-    ``skip`` (a bool scalar array) turns into none: (dq, dk, dv [B, T, H, *] with NaN where a non-finite q, k, v
-    or dO reaches, in the buffers passed in; ``first`` [B, H, V] bool: the columns of d initial_state that a
-    bad dO of the row's run 0 reaches; ``head`` [H] bool: a bad entry anywhere in the head; ``gate`` [B, H, T]
-    bool or None: the positions of d log_gate that a bad entry reaches, if ``gate_marks``). Skipped: the
-    gradients as passed, no flags."""
+    """The marks of a contained backward (fleetjax.pallas.chunked's _mark_gradients), which ``skip`` (a bool
+    scalar array) turns into none: (dq, dk, dv [B, T, H, *] with NaN where a non-finite q, k, v or dO reaches,
+    in the buffers passed in; ``first`` [B, H, V] bool: the columns of d initial_state that a bad dO of the
+    row's run 0 reaches; ``head`` [H] bool: a bad entry anywhere in the head; ``gate`` [B, H, T] bool or None:
+    the positions of d log_gate that a bad entry reaches, if ``gate_marks``). Skipped: the gradients as
+    passed, no flags. One launch per gradient (dq with ``head``, dv with ``first``, dk), so that jax drops
+    those of the gradients that a caller does not use, and the walks that would form them."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     chunking = Chunking(T, chunk_size, 1)
     kp, vp = padded(K), padded(V)
     sk, sv = Specs(H, chunking, kp, kp), Specs(H, chunking, vp, vp)
     per_position = (((B, H, T), jnp.int32), sk.positions()) if gate_marks else None
-    kernel = functools.partial(backward_marks_kernel, chunking=chunking, K=K, V=V)
-    out = call(kernel, name="fleet_mark_backward", grid=(1, B * H, 1),
-               inputs=dict(q_ref=(q, sk.keys()), k_ref=(k, sk.keys()), v_ref=(v, sv.keys()), do_ref=(do, sv.keys()),
-                           run_ref=None if run_ids is None else (run_ids, sk.runs())),
-               outputs=dict(dq_ref=((dq.shape, dq.dtype), sk.keys()), dk_ref=((dk.shape, dk.dtype), sk.keys()),
-                            dv_ref=((dv.shape, dv.dtype), sv.keys()),
-                            first_ref=(((B, H, vp), jnp.int32), pl.BlockSpec((None, None, vp),
-                                                                             lambda j, g, p: (g // H, g % H, 0))),
-                            any_ref=(((B, H, 16), jnp.int32), pl.BlockSpec((None, None, 16),
-                                                                           lambda j, g, p: (g // H, g % H, 0))),
-                            after_ref=per_position, before_ref=per_position),
-               num_warps=num_warps, num_stages=1, skip=skip, keep=dict(dq_ref=dq, dk_ref=dk, dv_ref=dv))
-    first = out["first_ref"][..., :V] > 0
+    per_row = lambda width: (((B, H, width), jnp.int32),  # noqa: E731
+                             pl.BlockSpec((None, None, width), lambda j, g, p: (g // H, g % H, 0)))
+    runs = None if run_ids is None else (run_ids, sk.runs())
+    launch = functools.partial(call, grid=(1, B * H, 1), num_warps=num_warps, num_stages=1, skip=skip)
+    marked_dq = launch(functools.partial(dq_marks_kernel, chunking=chunking, K=K, V=V), name="fleet_mark_dq",
+                       inputs=dict(q_ref=(q, sk.keys()), k_ref=(k, sk.keys()), v_ref=(v, sv.keys()),
+                                   do_ref=(do, sv.keys()), run_ref=runs),
+                       outputs=dict(dq_ref=((dq.shape, dq.dtype), sk.keys()), any_ref=per_row(16),
+                                    after_ref=per_position), keep=dict(dq_ref=dq))
+    marked_dv = launch(functools.partial(dv_marks_kernel, chunking=chunking, V=V), name="fleet_mark_dv",
+                       inputs=dict(do_ref=(do, sv.keys()), run_ref=runs),
+                       outputs=dict(dv_ref=((dv.shape, dv.dtype), sv.keys()), first_ref=per_row(vp)),
+                       keep=dict(dv_ref=dv))
+    marked_dk = launch(functools.partial(dk_marks_kernel, chunking=chunking, K=K, V=V), name="fleet_mark_dk",
+                       inputs=dict(q_ref=(q, sk.keys()), do_ref=(do, sv.keys()), run_ref=runs),
+                       outputs=dict(dk_ref=((dk.shape, dk.dtype), sk.keys()), before_ref=per_position),
+                       keep=dict(dk_ref=dk))
+    first = marked_dv["first_ref"][..., :V] > 0
     if run_ids is not None:  # d initial_state reaches run 0 only (fleetjax.vjp.only_first_run)
         first = first & (run_ids[:, 0] == 0)[:, None, None]
-    head = jnp.any(out["any_ref"][..., 0] > 0, axis=0)
-    gate = (out["after_ref"] > 0) | (out["before_ref"] > 0) if gate_marks else None
-    return (out["dq_ref"], out["dk_ref"], out["dv_ref"], _unless_skipped(skip, first), _unless_skipped(skip, head),
-            _unless_skipped(skip, gate))
+    head = jnp.any(marked_dq["any_ref"][..., 0] > 0, axis=0)
+    gate = (marked_dq["after_ref"] > 0) | (marked_dk["before_ref"] > 0) if gate_marks else None
+    return (marked_dq["dq_ref"], marked_dk["dk_ref"], marked_dv["dv_ref"], _unless_skipped(skip, first),
+            _unless_skipped(skip, head), _unless_skipped(skip, gate))
