@@ -1,7 +1,7 @@
 """Where the "pallas" implementation's time goes on a GPU, at the long-context benchmark shapes (bf16,
 K = V = 128): the op (forward, forward+backward) with XLA's temp allocation, the op without the choice
-between contained and plain kernels (fleetjax.nonfinite.contained_if_reached and contained_if_needed: the
-plain kernels called directly), and each walk kernel alone, plain and with containment, at the default warps
+between contained and plain kernels (fleetjax.nonfinite.contained_if_reached, contained_on_device and
+contained_if_needed: the plain kernels called directly), and each walk kernel alone, plain and with containment, at the default warps
 and others.
 
     PYTHONPATH=. python -m experiments.cost_split [--out DIR] [--smoke] [--op-only] [--gated] [--warps 4,8]
@@ -88,10 +88,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         from fleetjax import nonfinite
         with (mock.patch.object(nonfinite, "contained_if_needed", lambda inputs, walks: walks(False)),
-              mock.patch.object(nonfinite, "contained_if_reached", lambda walks: walks(False)[0])):
-            for op, fn in ops().items():  # fresh functions: a cached trace would keep the cond
+              mock.patch.object(nonfinite, "contained_if_reached", lambda walks: walks(False)[0]),
+              mock.patch.object(nonfinite, "contained_on_device", lambda walks: walks(False)[0])):
+            for op, fn in ops().items():  # fresh functions: a cached trace would keep the choice
                 ms, temp = _time(fn, sets)
-                record(**shape, what="op without the cond", op=op, ms=ms, temp_mb=temp)
+                record(**shape, what="op without the choice", op=op, ms=ms, temp_mb=temp)
         for warps in [None] + [int(w) for w in args.warps.split(",") if w]:
             for contain in (False, True):
                 for kernel, fn in _kernels(B, T, H, K, V, log_decay, sets[0], warps, contain).items():

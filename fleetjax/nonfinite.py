@@ -11,10 +11,10 @@ exactly 0 (fleetjax.chunk), and the outputs that depend on a non-finite entry ar
 column c at position t depends on the value entries [s, c] of the same segment with s <= t (forward in time)
 or s >= t (the reverse walks). implementation="pallas_fleet" takes the same two forms.
 
-The choice is a lax.cond, whose predicate XLA's GPU runtime reads on the host. :func:`contained_on_device`
-makes implementation="pallas"'s choices on the device instead (``PallasConfig.choice_on_device``): the
-contained launches run always and skip their chunks on finite inputs, the marking being a kernel too
-(fleetjax.pallas.marking).
+:func:`contained_if_reached` chooses with a lax.cond, whose predicate XLA's GPU runtime reads on the host.
+implementation="pallas" makes its choices on the device instead by default (:func:`contained_on_device`,
+``PallasConfig.choice_on_device``): the contained launches run always and skip their chunks on finite
+inputs, the marking being a kernel too (fleetjax.pallas.marking).
 """
 
 from __future__ import annotations

@@ -540,3 +540,41 @@ def test_the_triton_kernels_lower_for_a_gpu(monkeypatch, implementation):
 
         jax.jit(step).trace(q, k, v, decay, s0, gate).lower(lowering_platforms=("cuda",))
     assert modules and not refused, refused
+
+
+@pytest.mark.parametrize("implementation", ["pallas", "pallas_fleet"])
+def test_a_gradient_of_some_inputs_equals_the_full_vjps(implementation):
+    """The VJP forms only the gradients of the inputs it differentiates (fleetjax.vjp.Wanted's q, k, v): each
+    subset's gradients equal, bitwise, those of the VJP over q, k, v and the decay if the subset holds it (a
+    fixed decay spares the float32-accurate products of its sums, which moves the last bits), with a NaN in
+    v (the contained walks' path) too; one array passed as both q and k gets the sum of both gradients."""
+    q, k, v, decay, s0, seg, wo, _ = _inputs()
+    config = PallasConfig(**SMALL) if implementation == "pallas" else FleetConfig(block_k=16, block_v=16,
+                                                                                 tokens_per_step=16)
+
+    def f(q, k, v, decay):
+        return fleetjax.fleet_attention(q, k, v, decay, segment_ids=seg, implementation=implementation,
+                                        config=config)
+
+    poisoned_v = v.copy()
+    poisoned_v[1, 40, 0, 3] = np.nan
+    for values in (v, poisoned_v):
+        args = tuple(map(jnp.asarray, (q, k, values, decay)))
+        full = {learned: jax.jit(lambda *x, learned=learned: jax.vjp(
+            lambda q, k, v, d: f(q, k, v, d if learned else args[3]), *x)[1](jnp.asarray(wo)))(*args)
+            for learned in (False, True)}
+        for subset in [(0,), (2,), (1, 3)]:
+            def some(*chosen, subset=subset):
+                x = list(args)
+                for i, c in zip(subset, chosen):
+                    x[i] = c
+                return f(*x)
+
+            got = jax.jit(lambda *c, some=some: jax.vjp(some, *c)[1](jnp.asarray(wo)))(*(args[i] for i in subset))
+            for i, g in zip(subset, got):
+                np.testing.assert_array_equal(np.asarray(g), np.asarray(full[3 in subset][i]), err_msg=f"{subset} {i}")
+    same = jax.jit(lambda x: jax.vjp(lambda x: f(x, x, jnp.asarray(v), jnp.asarray(decay)), x)[1](jnp.asarray(wo)))
+    both = jax.jit(lambda x: jax.vjp(lambda a, b: f(a, b, jnp.asarray(v), jnp.asarray(decay)), x, x)[1](
+        jnp.asarray(wo)))
+    np.testing.assert_allclose(np.asarray(same(jnp.asarray(q))[0]),
+                               np.asarray(sum(both(jnp.asarray(q))[:2])), rtol=0, atol=0)

@@ -95,15 +95,17 @@ class PallasConfig:
     backward where :func:`fleetjax.pallas.mosaic.serves_backward` does; None: the Triton walks always. The
     default config sets it on Hopper GPUs.
     choice_on_device: the forward and the backward choose between their plain walks and the contained ones
-    (fleetjax.nonfinite) on the device. The contained walks and the NaN marking (fleetjax.pallas.marking, one
-    launch for the backward's marks) are always launched; on finite inputs they visit no chunk and leave the
+    (fleetjax.nonfinite) on the device. The contained walks and the NaN marking (fleetjax.pallas.marking, a
+    launch per gradient in the backward) are always launched; on finite inputs they visit no chunk and leave the
     plain walks' outputs in place (their buffers handed on), so no lax.cond waits for its predicate on the
     host, and a jitted step with many layers runs without a host round trip per layer. Alternated against
     the lax.cond (H200, 2026-12-04, bf16, K = V = 128, experiments/results/2026-12-04-h200-choice_*): the
     forward 0.178 -> 0.136 ms at B4 H16 T=4096 and 0.088 -> 0.057 at B1 H8 T=4096, unchanged at T >= 16384;
     fwd+bwd within 3% either way. The skipped launches and the contained backward's per-position reductions
-    (which run either way) add about 50 us of kernel time to fwd+bwd at B4 H16 T=16384 (ncu). False: the
-    lax.cond, as before 2026-12-04.
+    (which run either way) add about 50 us of kernel time to fwd+bwd at B4 H16 T=16384 (ncu). Only the
+    gradients the VJP differentiates go through the contained walks (jax never drops a pallas_call, so a VJP
+    over every input whose other gradients go unused runs every walk). False: the lax.cond, as before
+    2026-12-04, whose branches jax prunes to the gradients used.
     """
 
     forward: WalkConfig = WalkConfig()

@@ -402,7 +402,7 @@ def _pallas_fleet_bwd(scale, config, exact_state, residuals, cotangents):
     q, k, v = chunked.canonical_dtype(q0, k0, v0)
     dq, dk, dv, *rest = chunked.pallas_backward(scale, chunked.default_config(q, v), (q, k, v) + tuple(residuals[3:]),
                                                 cotangents)
-    return (dq.astype(q0.dtype), dk.astype(k0.dtype), dv.astype(v0.dtype), *rest)
+    return (*(None if g is None else g.astype(x.dtype) for g, x in ((dq, q0), (dk, k0), (dv, v0))), *rest)
 
 
 _pallas_fleet.defvjp(_pallas_fleet_fwd, _pallas_fleet_bwd, symbolic_zeros=True)
