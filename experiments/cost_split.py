@@ -1,8 +1,8 @@
 """Where the "pallas" implementation's time goes on a GPU, at the long-context benchmark shapes (bf16,
 K = V = 128): the op (forward, forward+backward) with XLA's temp allocation, the op without the choice
 between contained and plain kernels (fleetjax.nonfinite.contained_if_reached, contained_on_device and
-contained_if_needed: the plain kernels called directly), and each walk kernel alone, plain and with containment, at the default warps
-and others.
+contained_if_needed: the plain kernels called directly), and each walk kernel alone, plain and with
+containment, at the default warps and others.
 
     PYTHONPATH=. python -m experiments.cost_split [--out DIR] [--smoke] [--op-only] [--gated] [--warps 4,8]
 
