@@ -84,6 +84,10 @@ class Wanted:
     def any(self) -> bool:
         return self.log_decay or self.log_gate
 
+    def inputs(self, dq, dk, dv) -> tuple:
+        """(dq, dk, dv), each None where its input's gradient is not wanted."""
+        return tuple(g if want else None for g, want in zip((dq, dk, dv), (self.q, self.k, self.v)))
+
 
 def wanted(log_decay, log_gate, initial_state, q=None, k=None, v=None) -> Wanted:
     """The :class:`Wanted` of a custom VJP's forward rule with ``symbolic_zeros=True`` from its

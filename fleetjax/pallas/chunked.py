@@ -537,8 +537,7 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
             return (dq, dk, dv, d_log_decay, d_gate, None), witness
         # Only the wanted gradients' buffers are handed on: a pallas_call is never dropped, so handing on an
         # unwanted one would keep its plain walk.
-        kept = ((None,) * 3 if plain is None else
-                tuple(x if want else None for x, want in zip(plain[:3], (wanted.q, wanted.k, wanted.v))))
+        kept = (None,) * 3 if plain is None else wanted.inputs(*plain[:3])
         dq, w, counts, intra, spanned = bwd.dq_walk(q, k, v, do, decays.log_decay, start, run_ids, chunking,
                                                     contain=contain, local=dq_local, wanted=wanted, skip=skip,
                                                     keep=kept[0], **common, **config.launch("dq", q.dtype))
@@ -667,7 +666,7 @@ def pallas_backward(scale: float, config: PallasConfig, residuals, cotangents):
             d_log_decay = d_log_decay + q.shape[1] * jnp.sum(term, axis=0)
         if d_gate is not None:
             d_gate = d_gate + term[:, :, None]
-    dq, dk, dv = (g if want else None for g, want in zip((dq, dk, dv), (wanted.q, wanted.k, wanted.v)))
+    dq, dk, dv = wanted.inputs(dq, dk, dv)
     grads = (dq, dk, dv, d_log_decay, None if d_gate is None else jnp.swapaxes(d_gate, 1, 2), d_initial)
     return tuple(None if g is None else vjp.first_order_only(g) for g in grads) + (None,)
 

@@ -69,6 +69,12 @@ def _row_bad(bad):
     return jnp.max(jnp.where(bad, 1, 0), axis=1) > 0
 
 
+def _along(step, flags, *, chunking: Chunking, reverse: bool, run_ref, skip_ref):
+    """The flags after ``step`` over the row's chunks (one piece, no decay: only the runs' reach counts)."""
+    return walk(step, flags, piece=0, chunking=chunking, reverse=reverse, log_decay=jnp.float32(0.0),
+                run_ref=run_ref, skip_ref=skip_ref)
+
+
 def reached_kernel(*, source_ref, marked_ref, seen_ref, run_ref=None, skip_ref=None, chunking: Chunking,
                    reverse: bool, width: int, block: int):
     """One (column block, batch*head) program. Refs: source [T, block]; marked [T, block], which holds x when
@@ -83,8 +89,8 @@ def reached_kernel(*, source_ref, marked_ref, seen_ref, run_ref=None, skip_ref=N
         _mark(marked_ref, ch, cols, _through_pairs(ch, bad) | (ch.enters[:, None] & (seen[None, :] > 0)))
         return _handed_on(ch, seen, bad)
 
-    seen = walk(body, jnp.zeros((marked_ref.shape[-1],), jnp.int32), piece=0, chunking=chunking, reverse=reverse,
-                log_decay=jnp.float32(0.0), run_ref=run_ref, skip_ref=skip_ref)
+    seen = _along(body, jnp.zeros((marked_ref.shape[-1],), jnp.int32), chunking=chunking, reverse=reverse,
+                  run_ref=run_ref, skip_ref=skip_ref)
     seen_ref[...] = seen
 
 
@@ -130,9 +136,8 @@ def dq_marks_kernel(*, q_ref, k_ref, v_ref, do_ref, dq_ref, any_ref, after_ref=N
                 jnp.maximum(anywhere, jnp.max(jnp.where(rows, 1, 0))))
 
     none = jnp.int32(0)
-    _, _, anywhere = walk(step, (jnp.zeros((q_ref.shape[-1],), jnp.int32), none, none), piece=0,
-                          chunking=chunking, reverse=False, log_decay=jnp.float32(0.0), run_ref=run_ref,
-                          skip_ref=skip_ref)
+    _, _, anywhere = _along(step, (jnp.zeros((q_ref.shape[-1],), jnp.int32), none, none), chunking=chunking,
+                            reverse=False, run_ref=run_ref, skip_ref=skip_ref)
     any_ref[...] = jnp.full(any_ref.shape, anywhere, jnp.int32)
 
 
@@ -147,8 +152,8 @@ def dv_marks_kernel(*, do_ref, dv_ref, first_ref, run_ref=None, skip_ref=None, c
         _mark(dv_ref, ch, v_cols, _through_pairs(ch, bad_do) | (ch.enters[:, None] & (seen_do[None, :] > 0)))
         return _handed_on(ch, seen_do, bad_do)
 
-    first_ref[...] = walk(step, jnp.zeros((do_ref.shape[-1],), jnp.int32), piece=0, chunking=chunking,
-                          reverse=True, log_decay=jnp.float32(0.0), run_ref=run_ref, skip_ref=skip_ref)
+    first_ref[...] = _along(step, jnp.zeros((do_ref.shape[-1],), jnp.int32), chunking=chunking, reverse=True,
+                            run_ref=run_ref, skip_ref=skip_ref)
 
 
 def dk_marks_kernel(*, q_ref, do_ref, dk_ref, before_ref=None, run_ref=None, skip_ref=None, chunking: Chunking,
@@ -174,8 +179,8 @@ def dk_marks_kernel(*, q_ref, do_ref, dk_ref, before_ref=None, run_ref=None, ski
                 _handed_on(ch, seen_query_side, query_side))
 
     none = jnp.int32(0)
-    walk(step, (jnp.zeros((q_ref.shape[-1],), jnp.int32), none, none), piece=0, chunking=chunking, reverse=True,
-         log_decay=jnp.float32(0.0), run_ref=run_ref, skip_ref=skip_ref)
+    _along(step, (jnp.zeros((q_ref.shape[-1],), jnp.int32), none, none), chunking=chunking, reverse=True,
+           run_ref=run_ref, skip_ref=skip_ref)
 
 
 def mark_backward(dq, dk, dv, q, k, v, do, run_ids, *, skip: jax.Array, gate_marks: bool, chunk_size: int = 64,
