@@ -1,7 +1,7 @@
 """Sweep the "pallas" implementation's PallasConfig on the GPU: forward and forward+backward times per shape,
 around the default config.
 
-    PYTHONPATH=. python -m experiments.tune_pallas --out DIR [--budget-s 300] [--only-default] [--label L]
+    PYTHONPATH=. python -m experiments.tune_pallas --out DIR [--budget-s 300] [--only-default] [--label L] [--gated]
 
 A PallasConfig holds one WalkConfig (chunk_size, block_v, num_warps, num_stages) per kernel: the forward walk,
 the backward's dq, dv and dk walks (one chunk size between them) and optionally the sequence pieces' state
@@ -10,8 +10,10 @@ candidates change one thing of the default at a time: a kernel's value block (ha
 (one fewer, one more) or its warps (4 <-> 8), the piece counts (halved, doubled); fwd varies the forward's
 fields, fwd_bwd the backward's. Times with experiments/timing.time_calls (two input sets rotated,
 back-to-back calls, one sync per sample), the same method as the benchmarks. --only-default times the
-default config alone (run it with PYTHONPATH pointing at another checkout to compare two versions of the
-package in one device call). --smoke: a tiny shape on the CPU (Pallas interpret mode), the default and two
+default config alone: to compare two versions of the package in one device call, run it in turn from each
+checkout's directory with PYTHONPATH set to it (``python -m`` puts the working directory first on sys.path,
+so the package beside the script is the one imported). --gated: a per-token log gate and no per-head decay,
+as the benchmarks' --gated. --smoke: a tiny shape on the CPU (Pallas interpret mode), the default and two
 candidates per op. --rounds N: the configs of an op are compiled first and timed in turn N times (an
 alternated A/B: the device's drift between calls falls on every config alike), each record then carrying its N
 times (all_ms), their median (ms) and whether its outputs equal the default config's bitwise. Appends to
@@ -108,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
                          'candidates, a change being {kernel: {WalkConfig field: value}} (kernels: forward, dq, '
                          'dv, dk, piece_states) or {PallasConfig field: value}, e.g. {"op": "fwd", "forward": '
                          '{"block_v": 32}, "num_sequence_pieces": 2}; the default config is always timed first')
+    ap.add_argument("--gated", action="store_true",
+                    help="a per-token log gate [B, T, H] float32 = logsigmoid(N(0, 1)) / 16 and no per-head decay, as "
+                         "the benchmarks' --gated (fwd_bwd: the gate's gradient instead of the decay's)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="time the op's configs in turn this many times (medians; outputs compared bitwise with the "
                          "default's)")
@@ -130,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
             q, k = (jnp.asarray(rng.standard_normal((B, T, H, K)) / np.sqrt(K), dtype) for _ in range(2))
             v, do = (jnp.asarray(rng.standard_normal((B, T, H, V)), dtype) for _ in range(2))
             sets.append((q, k, v, do))
-        decay = jnp.asarray(np.exp(retnet_log_decay(H)), jnp.float32)
+        # The per-head decay or (--gated) a per-token log gate: the one input of the decay differentiated.
+        decay = (jnp.asarray(jax.nn.log_sigmoid(rng.standard_normal((B, T, H))) / 16, jnp.float32) if args.gated
+                 else jnp.asarray(np.exp(retnet_log_decay(H)), jnp.float32))
         base = record.config_for(None, sets[0][0], sets[0][2])
         warm = True
         for op in [op for op in ("fwd", "fwd_bwd") if op in args.ops.split(",")]:
@@ -145,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = apply_changes(base, changes)
                 # The decay is differentiated too (the benchmarks' fwd_bwd): a fixed decay has a cheaper backward.
                 attend = lambda q, k, v, decay, cfg=cfg: fleetjax.fleet_attention(  # noqa: E731
-                    q, k, v, decay, implementation="pallas", config=cfg, return_final_state=args.final_state)
+                    q, k, v, None if args.gated else decay, log_gate=decay if args.gated else None,
+                    implementation="pallas", config=cfg, return_final_state=args.final_state)
                 if op == "fwd":
                     fn = jax.jit(lambda q, k, v, do, attend=attend: attend(q, k, v, decay))
                 else:
@@ -188,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                 timed = [t for t in times[i] if t is not None]
                 ms = statistics.median(timed) if timed else None
                 rec = dict(label=args.label, device=device, op=op, B=B, T=T, H=H, K=K, V=V, dtype=args.dtype,
-                           changed=changes, cfg=dataclasses.asdict(cfg), ms=ms, final_state=args.final_state,
-                           interpreted=record.interpreted())
+                           gated=args.gated, changed=changes, cfg=dataclasses.asdict(cfg), ms=ms,
+                           final_state=args.final_state, interpreted=record.interpreted())
                 if args.rounds > 1:
                     same = (None if outputs[i] is None or outputs[0] is None else
                             all(bool(jnp.array_equal(a, b)) for a, b in zip(outputs[0], outputs[i])))

@@ -61,7 +61,7 @@ def test_supports_only_the_cases_the_kernel_serves():
 @pytest.mark.parametrize("field, value", [("chunk_size", 128), ("block_v", 48), ("sums_block_v", 256),
                                           ("stages", 0), ("stages", 2.0), ("sums_stages", 9),
                                           ("warpgroups", 3), ("backward_warpgroups", 0), ("forward_pieces", 0),
-                                          ("forward_pieces", True)])
+                                          ("forward_pieces", True), ("forward_block_v", 48)])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=f"MosaicWalkConfig.{field}"):
         mosaic.MosaicWalkConfig(**{field: value})
@@ -249,6 +249,10 @@ def test_two_warpgroups_give_the_op_bitwise_what_one_gives(pieces, with_start, g
     two = run(mosaic.MosaicWalkConfig(warpgroups=2, backward_warpgroups=2))
     for a, b, name in zip(one, two, ("o", "dq", "dk", "dv")):
         assert jnp.array_equal(a, b), name
+    # Two warpgroups of 32 value columns each (MosaicWalkConfig.forward_block_v) in the forward.
+    narrow = run(mosaic.MosaicWalkConfig(warpgroups=2, forward_block_v=32))
+    for a, b, name in zip(one, narrow, ("o", "dq", "dk", "dv")):
+        assert jnp.array_equal(a, b), name
     ref = oracle.forward(q, k, v, decay, initial_state=start, log_gate=log_gate)[0]
     assert oracle.rel_err(two[0], ref, axis=2) < TOLERANCE["bfloat16"]
 
@@ -270,6 +274,13 @@ def test_the_default_takes_two_warpgroups_where_the_sequence_is_split(monkeypatc
     assert (own.mosaic_walks.warpgroups, own.mosaic_walks.backward_warpgroups) == (2, 1)
     assert own.mosaic_walks.forward_pieces == 2 and own.num_sequence_pieces == 1
     assert own.mosaic_walks.shared_memory_bytes(128, 2) <= 227 * 1024
+    assert own.mosaic_walks.forward_block_v is None
+    # Shorter (B4 H16 T=2048): two warpgroups of 32 value columns in one piece fill the SMs, no pieces' states.
+    narrow = chunked.default_config(jnp.zeros((4, 2048, 16, 128), jnp.bfloat16), jnp.zeros((4, 2048, 16, 128)))
+    assert (narrow.mosaic_walks.warpgroups, narrow.mosaic_walks.forward_pieces) == (2, 1)
+    assert (narrow.mosaic_walks.forward_block_v, narrow.mosaic_walks.block_v) == (32, 64)
+    assert narrow.num_sequence_pieces == 1
+    assert narrow.mosaic_walks.shared_memory_bytes(128, 2) < own.mosaic_walks.shared_memory_bytes(128, 2)
     whole = chunked.default_config(jnp.zeros((8, 16384, 16, 128), jnp.bfloat16), jnp.zeros((8, 16384, 16, 128)))
     assert (whole.mosaic_walks.warpgroups, whole.mosaic_walks.forward_pieces) == (1, None)
     assert whole.num_sequence_pieces == 1
@@ -720,15 +731,17 @@ def mosaic_modules(monkeypatch) -> list[str]:
     return modules
 
 
-@pytest.mark.parametrize("K, stages, warpgroups", [(64, 2, 1), (64, 3, 1), (128, 2, 1), (128, 3, 1), (128, 4, 1),
-                                                   (64, 3, 2), (128, 2, 2), (128, 3, 2)])
-def test_the_shared_memory_model_is_what_the_lowered_forward_walk_asks_for(mosaic_modules, K, stages, warpgroups):
+@pytest.mark.parametrize("K, stages, warpgroups, narrow", [
+    (64, 2, 1, None), (64, 3, 1, None), (128, 2, 1, None), (128, 3, 1, None), (128, 4, 1, None), (64, 3, 2, None),
+    (128, 2, 2, None), (128, 3, 2, None), (128, 3, 2, 32), (128, 3, 1, 32)])
+def test_the_shared_memory_model_is_what_the_lowered_forward_walk_asks_for(mosaic_modules, K, stages, warpgroups,
+                                                                           narrow):
     """Lowered for an sm_90 GPU (any host): the default config picks the walk's stages by
     MosaicWalkConfig.shared_memory_bytes, so that model must be the kernel's own request, byte for byte."""
     modules = mosaic_modules
     q = jnp.zeros((1, 512, 2, K), jnp.bfloat16)
     v = jnp.zeros((1, 512, 2, 64 * warpgroups), jnp.bfloat16)  # whole programs of value blocks of 64
-    walks = mosaic.MosaicWalkConfig(stages=stages, warpgroups=warpgroups)
+    walks = mosaic.MosaicWalkConfig(stages=stages, warpgroups=warpgroups, forward_block_v=narrow)
     config = dataclasses.replace(chunked.default_config(q, v), mosaic_walks=walks)
     f = lambda q, k, v: fleetjax.fleet_attention(q, k, v, jnp.asarray([0.9, 0.99]),  # noqa: E731
                                                  implementation="pallas", config=config)

@@ -334,6 +334,11 @@ def default_config(q: jax.Array, v: jax.Array) -> PallasConfig:
                      f"{dtype.name} ({limit} bytes of shared memory per program)")
 
 
+# The longest sequence at which the Mosaic forward takes two warpgroups of 32 value columns in one piece
+# rather than of 64 in pieces of its own (see :func:`_mosaic_walks`).
+NARROW_FORWARD_T = 2048
+
+
 def _mosaic_walks(K: int, V: int, dtype, limit: int, *, pieces: int, T: int, heads: int,
                   fill: int) -> mosaic.MosaicWalkConfig | None:
     """The Mosaic GPU walks' tiling on sm_90 GPUs for 16-bit inputs with K in mosaic.KEY_DIMS: value blocks
@@ -352,11 +357,17 @@ def _mosaic_walks(K: int, V: int, dtype, limit: int, *, pieces: int, T: int, hea
     (MosaicWalkConfig.forward_pieces; the Triton forward, which would pay float32-accurate states for them,
     stays whole): forward 0.431 against 0.489 ms at B4 H16 T=16384, gated 0.502 against 0.559, 0.154 against
     0.156 and 0.176 against 0.178 at T=4096, bitwise the same outputs (H200, 2026-12-04, medians of four
-    alternated runs,
-    experiments/results/2026-12-04-h200-forward_pieces_ab.jsonl). The backward's walks keep one: with them on
-    two as well, the backward (tune_pallas's fwd_bwd, which then timed the backward alone) took 1.295 against
-    1.233 ms and 7.36 against 6.90 (H200, 2026-12-03, bf16, K = V = 128,
-    experiments/results/2026-12-03-h200-tune_warpgroups{,_default}.jsonl)."""
+    alternated runs, experiments/results/2026-12-04-h200-forward_pieces_ab.jsonl).
+
+    Up to T = NARROW_FORWARD_T, where those pieces' states and their passing cost more than the walk gains,
+    two warpgroups of 32 value columns in one piece instead (MosaicWalkConfig.forward_block_v), where they
+    fill as many SMs: 0.0638 against 0.0692 ms at B4 H16 T=1024, 0.0831 against 0.0884 at T=2048; even at
+    T=4096, slower at T=8192 (0.237 against 0.223) and gated at T=4096 (0.154 against 0.144) (H200,
+    2026-12-04, six alternated runs, ...-narrow_forward_ab.jsonl).
+
+    The backward's walks keep one warpgroup: with them on two as well, the backward (tune_pallas's fwd_bwd,
+    which then timed the backward alone) took 1.295 against 1.233 ms and 7.36 against 6.90 (H200,
+    2026-12-03, bf16, K = V = 128, experiments/results/2026-12-03-h200-tune_warpgroups{,_default}.jsonl)."""
     if not mosaic.on_hopper() or dtype.itemsize != 2 or K not in mosaic.KEY_DIMS or V % 64:
         return None
     for stages in (3, 2):
@@ -372,6 +383,8 @@ def _mosaic_walks(K: int, V: int, dtype, limit: int, *, pieces: int, T: int, hea
         return wide
     wide_pieces = _pieces(heads * (V // 128), T, fill)
     if pieces == 1 and wide_pieces > 1 and Chunking(T, config.chunk_size, wide_pieces).equal_pieces:
+        if T <= NARROW_FORWARD_T and heads * (V // 64) >= fill:
+            return dataclasses.replace(wide, forward_block_v=32, forward_pieces=1)
         return dataclasses.replace(wide, forward_pieces=wide_pieces)
     return config
 
@@ -411,7 +424,7 @@ def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, co
     """(o, the state after the walk), NaN where a non-finite value reaches (fleetjax.nonfinite)."""
     B, T = q.shape[:2]
     chunking = config.chunking(T, False)
-    walks_config = config.mosaic_walks
+    walks_config = None if config.mosaic_walks is None else config.mosaic_walks.forward()
     # The Mosaic walk may split the sequence its own way (MosaicWalkConfig.forward_pieces), unless the pieces'
     # states come from the caller (``reuse``, in the PallasConfig's pieces).
     mosaic_chunking = chunking

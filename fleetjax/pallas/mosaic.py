@@ -86,6 +86,12 @@ class MosaicWalkConfig:
     which the Triton forward takes), their local states from :func:`piece_states`. Where they would not be
     equal whole chunks, or the caller passes the pieces' local states (sequence parallelism), the
     PallasConfig's count holds.
+    forward_block_v: the forward walk's value block per warpgroup, and its pieces' states walk's (None:
+    block_v, which the backward's walks keep). Two warpgroups of 32 columns in one piece fill the SMs at B4 H16
+    where those of 64 need two pieces and their states: forward 0.0638 against 0.0692 ms at T=1024, 0.0831
+    against 0.0884 at T=2048, even at T=4096 (0.145 against 0.139; 0.164 against 0.190 in another call),
+    0.237 against 0.223 at T=8192, gated 0.154 against 0.144 at T=4096 (H200, 2026-12-04, bf16, K = V = 128,
+    medians of six alternated runs, bitwise the same outputs, experiments/results/...-narrow_forward_ab.jsonl).
     backward_warpgroups: the same for the backward's plain walks (dv, dk, and dq where no sums are formed);
     bitwise the same gradients (tests/test_mosaic.py), off by default: on with the forward's, the backward took
     1.295 against 1.233 ms at B1 H8 T=32768 and 7.36 against 6.90 at B1 H16 T=131072 (same card and date,
@@ -124,6 +130,7 @@ class MosaicWalkConfig:
     stages: int = 3
     warpgroups: int = 1
     forward_pieces: int | None = None
+    forward_block_v: int | None = None
     backward_warpgroups: int = 1
     sums_stages: int = 2
     decay_sums: bool = True
@@ -135,9 +142,10 @@ class MosaicWalkConfig:
     def __post_init__(self):
         if self.chunk_size != 64:
             raise ValueError(f"MosaicWalkConfig.chunk_size must be 64, got {self.chunk_size!r}")
-        for name in ("block_v", "sums_block_v"):
-            if getattr(self, name) not in (32, 64, 128):
-                raise ValueError(f"MosaicWalkConfig.{name} must be 32, 64 or 128, got {getattr(self, name)!r}")
+        for name in ("block_v", "sums_block_v", "forward_block_v"):
+            value = getattr(self, name)
+            if value not in (32, 64, 128) and not (name == "forward_block_v" and value is None):
+                raise ValueError(f"MosaicWalkConfig.{name} must be 32, 64 or 128, got {value!r}")
         for name in ("warpgroups", "backward_warpgroups"):
             if getattr(self, name) not in (1, 2):
                 raise ValueError(f"MosaicWalkConfig.{name} must be 1 or 2, got {getattr(self, name)!r}")
@@ -149,13 +157,18 @@ class MosaicWalkConfig:
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 8:
                 raise ValueError(f"MosaicWalkConfig.{name} must be an int in [1, 8], got {value!r}")
 
+    def forward(self) -> MosaicWalkConfig:
+        """The forward walk's tiling (and its pieces' states walk's): block_v set to forward_block_v."""
+        return self if self.forward_block_v is None else dataclasses.replace(self, block_v=self.forward_block_v,
+                                                                           forward_block_v=None)
+
     def shared_memory_bytes(self, K: int, itemsize: int) -> int:
         """Shared memory of one forward program. One warpgroup: the state's 16-bit tile and the weighted
         values' tile, then the larger of the staged q, k, v, o tiles and the float32 state's tile (used before
         and after the pipeline only). Two: the staged q, k and v tiles (v two blocks wide), then for each
         warpgroup the state's, the weighted values' and two output tiles, which share their space with the
         float32 state's tiles."""
-        C, bv = self.chunk_size, self.block_v
+        C, bv = self.chunk_size, self.forward().block_v
         if self.warpgroups == 1:
             return itemsize * (K * bv + C * bv) + max(itemsize * self.stages * (2 * C * K + 2 * C * bv),
                                                       4 * K * bv)
