@@ -8,9 +8,9 @@ reached through the pairs (a product of the pair mask with the chunk's bad entri
 or, where the state enters it, through that flag. After the walk the flag says which columns of the state
 handed on (the final state, forward) a non-finite entry reached.
 
-:func:`mark_backward` makes a contained backward's marks in one launch per gradient, one program per row: a
-forward walk marks dq (by k), reverse walks dv (by dO) and dk (by q and by whole dO rows), each with the
-flags the small gradients need. Separate launches keep jax's dead-code elimination: a backward whose dk is
+:func:`mark_backward` makes a contained backward's marks in one launch per gradient: a forward walk per
+row marks dq (by k), reverse walks dv (by dO: :func:`mark_reached`'s) and dk (by q and by whole dO rows), each
+with the flags the small gradients need. Separate launches keep jax's dead-code elimination: a backward whose dk is
 unused drops dk's marking, and with it the walks whose buffers it would take over.
 
 The launches take a ``skip`` flag (fleetjax.pallas.launch.call): with every input finite their programs
@@ -141,21 +141,6 @@ def dq_marks_kernel(*, q_ref, k_ref, v_ref, do_ref, dq_ref, any_ref, after_ref=N
     any_ref[...] = jnp.full(any_ref.shape, anywhere, jnp.int32)
 
 
-def dv_marks_kernel(*, do_ref, dv_ref, first_ref, run_ref=None, skip_ref=None, chunking: Chunking, V: int):
-    """One batch*head program, a reverse walk over the row: dv [T, V'] marked in place where a bad dO reaches;
-    ``first`` [V'] (the columns of the state after the walk that a bad dO reaches). Refs: do [T, V']; run [T];
-    skip [1]."""
-    v_cols = columns(do_ref, V)
-
-    def step(ch: cm.Chunk, seen_do):
-        bad_do = _bad(do_ref, ch, v_cols)
-        _mark(dv_ref, ch, v_cols, _through_pairs(ch, bad_do) | (ch.enters[:, None] & (seen_do[None, :] > 0)))
-        return _handed_on(ch, seen_do, bad_do)
-
-    first_ref[...] = _along(step, jnp.zeros((do_ref.shape[-1],), jnp.int32), chunking=chunking, reverse=True,
-                            run_ref=run_ref, skip_ref=skip_ref)
-
-
 def dk_marks_kernel(*, q_ref, do_ref, dk_ref, before_ref=None, run_ref=None, skip_ref=None, chunking: Chunking,
                     K: int, V: int):
     """One batch*head program, a reverse walk over the row: dk [T, K'] marked in place where a bad q reaches
@@ -198,27 +183,23 @@ def mark_backward(dq, dk, dv, q, k, v, do, run_ids, *, skip: jax.Array, gate_mar
     kp, vp = padded(K), padded(V)
     sk, sv = Specs(H, chunking, kp, kp), Specs(H, chunking, vp, vp)
     per_position = (((B, H, T), jnp.int32), sk.positions()) if gate_marks else None
-    per_row = lambda width: (((B, H, width), jnp.int32),  # noqa: E731
-                             pl.BlockSpec((None, None, width), lambda j, g, p: (g // H, g % H, 0)))
+    any_row = (((B, H, 16), jnp.int32), pl.BlockSpec((None, None, 16), lambda j, g, p: (g // H, g % H, 0)))
     runs = None if run_ids is None else (run_ids, sk.runs())
     launch = functools.partial(call, grid=(1, B * H, 1), num_warps=num_warps, num_stages=1, skip=skip)
     marked_dq = launch(functools.partial(dq_marks_kernel, chunking=chunking, K=K, V=V), name="fleet_mark_dq",
                        inputs=dict(q_ref=(q, sk.keys()), k_ref=(k, sk.keys()), v_ref=(v, sv.keys()),
                                    do_ref=(do, sv.keys()), run_ref=runs),
-                       outputs=dict(dq_ref=((dq.shape, dq.dtype), sk.keys()), any_ref=per_row(16),
+                       outputs=dict(dq_ref=((dq.shape, dq.dtype), sk.keys()), any_ref=any_row,
                                     after_ref=per_position), keep=dict(dq_ref=dq))
-    marked_dv = launch(functools.partial(dv_marks_kernel, chunking=chunking, V=V), name="fleet_mark_dv",
-                       inputs=dict(do_ref=(do, sv.keys()), run_ref=runs),
-                       outputs=dict(dv_ref=((dv.shape, dv.dtype), sv.keys()), first_ref=per_row(vp)),
-                       keep=dict(dv_ref=dv))
+    # dv: marked where a bad dO reaches, in reverse, with the columns of the state after the walk (mark_reached).
+    dv, first = mark_reached(dv, do, run_ids, reverse=True, skip=skip, chunk_size=chunk_size, num_warps=num_warps)
     marked_dk = launch(functools.partial(dk_marks_kernel, chunking=chunking, K=K, V=V), name="fleet_mark_dk",
                        inputs=dict(q_ref=(q, sk.keys()), do_ref=(do, sv.keys()), run_ref=runs),
                        outputs=dict(dk_ref=((dk.shape, dk.dtype), sk.keys()), before_ref=per_position),
                        keep=dict(dk_ref=dk))
-    first = marked_dv["first_ref"][..., :V] > 0
     if run_ids is not None:  # d initial_state reaches run 0 only (fleetjax.vjp.only_first_run)
         first = first & (run_ids[:, 0] == 0)[:, None, None]
     head = jnp.any(marked_dq["any_ref"][..., 0] > 0, axis=0)
     gate = (marked_dq["after_ref"] > 0) | (marked_dk["before_ref"] > 0) if gate_marks else None
-    return (marked_dq["dq_ref"], marked_dk["dk_ref"], marked_dv["dv_ref"], _unless_skipped(skip, first),
-            _unless_skipped(skip, head), _unless_skipped(skip, gate))
+    return (marked_dq["dq_ref"], marked_dk["dk_ref"], dv, first, _unless_skipped(skip, head),
+            _unless_skipped(skip, gate))

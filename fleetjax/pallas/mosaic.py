@@ -87,11 +87,8 @@ class MosaicWalkConfig:
     equal whole chunks, or the caller passes the pieces' local states (sequence parallelism), the
     PallasConfig's count holds.
     forward_block_v: the forward walk's value block per warpgroup, and its pieces' states walk's (None:
-    block_v, which the backward's walks keep). Two warpgroups of 32 columns in one piece fill the SMs at B4 H16
-    where those of 64 need two pieces and their states: forward 0.0638 against 0.0692 ms at T=1024, 0.0831
-    against 0.0884 at T=2048, even at T=4096 (0.145 against 0.139; 0.164 against 0.190 in another call),
-    0.237 against 0.223 at T=8192, gated 0.154 against 0.144 at T=4096 (H200, 2026-12-04, bf16, K = V = 128,
-    medians of six alternated runs, bitwise the same outputs, experiments/results/...-narrow_forward_ab.jsonl).
+    block_v, which the backward's walks keep); bitwise the same outputs. Where the default sets it (short
+    sequences in one piece) and what it measured: fleetjax.pallas.chunked._mosaic_walks.
     backward_warpgroups: the same for the backward's plain walks (dv, dk, and dq where no sums are formed);
     bitwise the same gradients (tests/test_mosaic.py), off by default: on with the forward's, the backward took
     1.295 against 1.233 ms at B1 H8 T=32768 and 7.36 against 6.90 at B1 H16 T=131072 (same card and date,
