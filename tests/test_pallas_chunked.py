@@ -173,21 +173,26 @@ def test_walks_check_their_witness_not_their_inputs(implementation):
     assert sorted(_finiteness_checks(grad)) == sorted([forward, (B, H, T)])
 
 
-def _kernel_outputs(jaxpr) -> dict[str, int]:
-    """Kernel name -> its number of outputs, for the pallas_calls of ``jaxpr``'s plain path."""
-    return {str(eqn.params["name"]): len(eqn.outvars) for eqn in _plain_eqns(jaxpr)
-            if eqn.primitive.name == "pallas_call"}
+def _kernel_outputs(jaxpr, contained: bool = False) -> dict[str, int]:
+    """Kernel name -> its number of outputs, for the pallas_calls of ``jaxpr``'s plain path: the first launch
+    of each name (the plain walks run first), or with ``contained`` the last (with the choice on the device,
+    the contained walks')."""
+    launches = [eqn for eqn in _plain_eqns(jaxpr) if eqn.primitive.name == "pallas_call"]
+    return {str(eqn.params["name"]): len(eqn.outvars) for eqn in (launches if contained else launches[::-1])}
 
 
 # (gated, which arguments are differentiated) -> outputs of the dq walk (dq, intra[, w][, counts][, spanned])
-# and of the dk walk (dk[, u]).
-@pytest.mark.parametrize("gated, argnums, dq_outputs, dk_outputs", [
-    (False, (0, 1, 2), 2, 1), (False, (0, 1, 2, 3), 4, 2),
-    (True, (0, 1, 2), 2, 1), (True, (0, 1, 2, 4), 4, 2), (True, (0, 1, 2, 3, 4), 5, 2)])
+# and of the dk walk (dk[, u]), plain; then of the contained ones with the choice on the device, which leave
+# d log_decay's sums out (the plain walks' is read) and intra (the plain walks' is the witness).
+@pytest.mark.parametrize("gated, argnums, dq_outputs, dk_outputs, contained_outputs", [
+    (False, (0, 1, 2), 2, 1, (1, 1)), (False, (0, 1, 2, 3), 4, 2, (1, 1)),
+    (True, (0, 1, 2), 2, 1, (1, 1)), (True, (0, 1, 2, 4), 4, 2, (3, 2)), (True, (0, 1, 2, 3, 4), 5, 2, (3, 2))])
 @pytest.mark.parametrize("implementation", ["pallas", "pallas_fleet"])
-def test_the_backward_forms_only_the_wanted_decay_gradients(implementation, gated, argnums, dq_outputs, dk_outputs):
+def test_the_backward_forms_only_the_wanted_decay_gradients(implementation, gated, argnums, dq_outputs, dk_outputs,
+                                                            contained_outputs):
     """A fixed decay (or gate) spares the walks its gradient's per-position sums: the dq walk's w and crossing
-    counts (and its second state), the dk walk's u, the gated dq walk's spanned sums."""
+    counts (and its second state), the dk walk's u, the gated dq walk's spanned sums. With the choice on the
+    device (the default) the contained walks form the gate's sums alone."""
     B, T, H, K = 1, 16, 2, 8
     q = jnp.ones((B, T, H, K), jnp.float32)
     gate = jnp.full((B, T, H), -0.1) if gated else None
@@ -198,6 +203,8 @@ def test_the_backward_forms_only_the_wanted_decay_gradients(implementation, gate
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=argnums))(q, q, q, jnp.asarray([0.9, 0.5]), gate).jaxpr
     outputs = _kernel_outputs(jaxpr)
     assert (outputs["fleet_backward_dq"], outputs["fleet_backward_dk"]) == (dq_outputs, dk_outputs), outputs
+    contained = _kernel_outputs(jaxpr, contained=True)
+    assert (contained["fleet_backward_dq"], contained["fleet_backward_dk"]) == contained_outputs, contained
 
 
 @pytest.mark.parametrize("state, differentiated, dv_outputs", [(False, False, 1), (True, False, 1), (True, True, 2)])

@@ -44,16 +44,16 @@ def _entered(state, local_ref, link_ref, piece_log_ref, *, piece, chunking, reve
                        local_ref=local_ref, link_ref=link_ref, piece_log_ref=piece_log_ref)
 
 
-def dq_kernel(*, log_decay_ref, do_ref, v_ref, k_ref, q_ref, dq_ref, intra_ref, w_ref=None, counts_ref=None,
+def dq_kernel(*, log_decay_ref, do_ref, v_ref, k_ref, q_ref, dq_ref, intra_ref=None, w_ref=None, counts_ref=None,
               start_ref=None, local_ref=None, local_counts_ref=None, link_ref=None, run_ref=None, edge_ref=None,
               gate_ref=None, piece_log_ref=None, spanned_ref=None, skip_ref=None, chunking: Chunking, K: int, V: int,
               block: int,
               scale: float, contain: bool, exact: bool, precision):
     """One (K block, batch*head, piece) program of the dq walk. Refs: do, v [T, V]; k, q, dq [T, block];
     start [V, block] (S0^T); local, local_counts [P-1, V, block], link [P]; run [T], edge [1]; intra, w,
-    counts [T] (w, counts: None when the decay's gradient is not wanted; the counts' state is then not
-    carried). Gated: gate [T], piece_log [P], and spanned [T]: per position r, the chunk's pairs i >= r > j
-    (the intra-chunk part of d log_gate_r, fleetjax.vjp). ``exact``: the state's products keep float32's
+    counts [T] (each None where not wanted; without counts their state is not carried). Gated: gate [T],
+    piece_log [P], and spanned [T]: per position r, the chunk's pairs i >= r > j (the intra-chunk part of
+    d log_gate_r, fleetjax.vjp). ``exact``: the state's products keep float32's
     accuracy (they feed w)."""
     j, piece = program_id(0, log_decay_ref), program_id(2, log_decay_ref)
     log_decay = log_decay_ref[0]
@@ -77,9 +77,10 @@ def dq_kernel(*, log_decay_ref, do_ref, v_ref, k_ref, q_ref, dq_ref, intra_ref, 
         if counts is not None:
             counted = cm.dot_exact(do, scale * counts, dtype, precision)
             counted = cm.select_rows(ch, ch.enters, counted * ch.entering[:, None])
-        # This block's share of (q_i . k_j), times the pair's weighted (dO_i . v_j), weighted by the lag.
-        pair = cm.dot(q, k, precision, trans_b=True) * scores
-        intra = scale * jnp.sum(ch.lag * pair, axis=1)
+        # This block's share of (q_i . k_j), times the pair's weighted (dO_i . v_j).
+        pair = None
+        if intra_ref is not None or spanned_ref is not None:
+            pair = cm.dot(q, k, precision, trans_b=True) * scores
         if spanned_ref is not None:
             store_positions(spanned_ref, ch, scale * cm.spanned(pair))
         if counts is not None:
@@ -90,7 +91,8 @@ def dq_kernel(*, log_decay_ref, do_ref, v_ref, k_ref, q_ref, dq_ref, intra_ref, 
             store_positions(w_ref, ch, jnp.sum(inter * q.astype(f32), axis=1))
         if counts is not None:
             store_positions(counts_ref, ch, jnp.sum(counted * q.astype(f32), axis=1))
-        store_positions(intra_ref, ch, intra)
+        if intra_ref is not None:
+            store_positions(intra_ref, ch, scale * jnp.sum(ch.lag * pair, axis=1))
         return state, counts
 
     walk(body, (state, counts), piece=piece, chunking=chunking, reverse=False, log_decay=log_decay,
@@ -214,12 +216,14 @@ def _summed(out: dict, name: str):
 
 def dq_walk(q, k, v, do, log_decay, start, run_ids, chunking: Chunking, *, scale: float, contain: bool, local,
             block_v: int, num_warps: int, num_stages: int, precision, gate=None, piece_log=None,
-            wanted: Wanted = Wanted(), skip=None, keep=None):
+            wanted: Wanted = Wanted(), exact: bool | None = None, intra: bool = True, skip=None, keep=None):
     """(dq [B, T, H, K] in q's dtype, w, counts, intra, spanned [B, H, T] float32). start: S0 [B, H, K, V] or
     None; local: (the pieces' local states, their crossing counts or None) or None; gate [B, H, T],
     piece_log [B, H, P]: the gated decay. What the decay's gradient needs comes as ``wanted`` asks, else
-    None: counts for the log decay's, spanned for the gate's (gated only), w for either; intra always (the
-    caller's witness of non-finite inputs). skip, keep: a bool scalar array and an array for dq's buffer
+    None: counts for the log decay's, spanned for the gate's (gated only), w for either; intra with
+    ``intra`` (the log decay's, and the plain walks' witness of non-finite inputs). ``exact``: the state's
+    products float32-accurate (default: where ``wanted`` asks for sums; a caller that leaves the sums out
+    may keep them for a dq bitwise the same). skip, keep: a bool scalar array and an array for dq's buffer
     (fleetjax.pallas.launch.call)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -229,12 +233,12 @@ def dq_walk(q, k, v, do, log_decay, start, run_ids, chunking: Chunking, *, scale
     if start is not None:
         inputs["start_ref"] = (pad_state(jnp.swapaxes(start, -1, -2), kp, nk * bk), s.state())
     kernel = functools.partial(dq_kernel, chunking=chunking, K=K, V=V, block=bk, scale=scale, contain=contain,
-                               exact=wanted.any, precision=precision)
+                               exact=wanted.any if exact is None else exact, precision=precision)
     per_position = (((nk, B, H, T), f32), s.per_position())
     out = call(kernel, name="fleet_backward_dq", grid=(nk, B * H, chunking.pieces),
                inputs=dict(log_decay_ref=(log_decay, s.head()), do_ref=(do, s.keys()), v_ref=(v, s.keys()),
                            k_ref=(k, s.values()), q_ref=(q, s.values()), **inputs),
-               outputs=dict(dq_ref=(((B, T, H, K), q.dtype), s.values()), intra_ref=per_position,
+               outputs=dict(dq_ref=(((B, T, H, K), q.dtype), s.values()), intra_ref=per_position if intra else None,
                             w_ref=per_position if wanted.any else None,
                             counts_ref=per_position if wanted.log_decay else None,
                             spanned_ref=per_position if gate is not None and wanted.log_gate else None),
@@ -268,10 +272,10 @@ def dv_walk(q, k, do, log_decay, exit_state, run_ids, chunking: Chunking, *, sca
 
 def dk_walk(q, k, v, do, log_decay, exit_state, run_ids, chunking: Chunking, *, scale: float, contain: bool, local,
             block_v: int, num_warps: int, num_stages: int, precision, gate=None, piece_log=None, to_end=None,
-            wanted: Wanted = Wanted(), skip=None, keep=None):
+            wanted: Wanted = Wanted(), exact: bool | None = None, skip=None, keep=None):
     """(dk [B, T, H, K] in k's dtype, u [B, H, T], x [B, H, T] (float32; None without exit_state, both None
     when no decay gradient is ``wanted``)). local: the dv walk's local states [B, H, P-1, K, V] (transposed
-    here); exit_state: dS_T [B, H, K, V] or None. skip, keep: as :func:`dq_walk`'s."""
+    here); exit_state: dS_T [B, H, K, V] or None. exact, skip, keep: as :func:`dq_walk`'s."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     local = None if local is None else jnp.swapaxes(local, -1, -2)
@@ -279,7 +283,7 @@ def dk_walk(q, k, v, do, log_decay, exit_state, run_ids, chunking: Chunking, *, 
     exit_t = None if exit_state is None else jnp.swapaxes(exit_state, -1, -2)
     inputs.update(_exit_inputs(exit_t, run_ids, s, kp, nk * bk, to_end=to_end))
     kernel = functools.partial(dk_kernel, chunking=chunking, K=K, V=V, block=bk, scale=scale, contain=contain,
-                               exact=wanted.any, precision=precision)
+                               exact=wanted.any if exact is None else exact, precision=precision)
     per_position = (((nk, B, H, T), f32), s.per_position()) if wanted.any else None
     out = call(kernel, name="fleet_backward_dk", grid=(nk, B * H, chunking.pieces),
                inputs=dict(log_decay_ref=(log_decay, s.head()), v_ref=(v, s.keys()), do_ref=(do, s.keys()),

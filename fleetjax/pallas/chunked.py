@@ -527,14 +527,21 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
         on the device) every launch visits no chunk where ``skip`` is True and the gradients are then
         ``plain``'s: dq, dk and dv in their buffers, the rest selected."""
         mosaic_here = on_mosaic and not contain
+        # On the device the contained walks' d log_decay is not read (_marked_on_device takes the plain walks'):
+        # its sums are left out, and the products they would have fed stay float32-accurate (``exact``) so that
+        # dq and dk are bitwise the lax.cond's.
+        sums = wanted if skip is None else dataclasses.replace(wanted, log_decay=False)
         dq_local, reverse_local = None, reuse
         if chunking.pieces > 1:
-            # The Mosaic dq walk carries the state's derivative in log gamma, the Triton one its crossing counts.
+            # The Mosaic dq walk carries the state's derivative in log gamma, the Triton one its crossing counts;
+            # those are of the walk's chunks, which the local states keep where the counts are left out.
+            counted = wanted.log_decay and not mosaic_here
+            launch = config.piece_launch("dq", q.dtype)
             dq_local = fwd.piece_states(v, k, decays.log_decay, run_ids, chunking, reverse=False, all_pieces=False,
-                                        counts=wanted.log_decay and not mosaic_here,
-                                        tangent=wanted.log_decay and mosaic_here, contain=contain,
-                                        gate=decays.gate_tiles(), skip=skip, **config.piece_launch("dq", q.dtype))
-            dq_local = dq_local if wanted.log_decay else (dq_local, None)
+                                        counts=counted and sums.log_decay, tangent=wanted.log_decay and mosaic_here,
+                                        contain=contain, gate=decays.gate_tiles(), skip=skip,
+                                        **(dict(launch, chunk_size=chunking.chunk_size) if counted else launch))
+            dq_local = dq_local if sums.log_decay else (dq_local, None)
             if reverse_local is None:  # float32-accurate where d start or the dk walk's sums read them
                 sums_read = wanted.log_gate or (wanted.log_decay and not mosaic_here)
                 reverse_local = fwd.piece_states(q, do, decays.log_decay, run_ids, chunking, reverse=True,
@@ -552,17 +559,18 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
         # unwanted one would keep its plain walk.
         kept = (None,) * 3 if plain is None else wanted.inputs(*plain[:3])
         dq, w, counts, intra, spanned = bwd.dq_walk(q, k, v, do, decays.log_decay, start, run_ids, chunking,
-                                                    contain=contain, local=dq_local, wanted=wanted, skip=skip,
-                                                    keep=kept[0], **common, **config.launch("dq", q.dtype))
+                                                    contain=contain, local=dq_local, wanted=sums, exact=wanted.any,
+                                                    intra=sums.log_decay or not contain, skip=skip, keep=kept[0],
+                                                    **common, **config.launch("dq", q.dtype))
         dv, reverse_state = bwd.dv_walk(q, k, do, decays.log_decay, exit_cotangent, run_ids, chunking,
                                         contain=contain, local=reverse_local, to_end=to_end,
                                         start_wanted=wanted.initial_state, skip=skip, keep=kept[2], **common,
                                         **config.launch("dv", q.dtype))
         dk, u, x = bwd.dk_walk(q, k, v, do, decays.log_decay, exit_cotangent, run_ids, chunking, contain=contain,
-                               local=reverse_local, to_end=to_end, wanted=wanted, skip=skip, keep=kept[1], **common,
-                               **config.launch("dk", q.dtype))
+                               local=reverse_local, to_end=to_end, wanted=sums, exact=wanted.any, skip=skip,
+                               keep=kept[1], **common, **config.launch("dk", q.dtype))
         d_start = None if reverse_state is None else vjp.only_first_run(scale * reverse_state, run_ids)
-        d_log_decay, d_gate = _decay_gradients(wanted, chunking.chunk_size, w=w, u=u, counts=counts, intra=intra,
+        d_log_decay, d_gate = _decay_gradients(sums, chunking.chunk_size, w=w, u=u, counts=counts, intra=intra,
                                                spanned=spanned, x=x)
         grads = (dq, dk, dv, d_log_decay, d_gate, d_start)
         if skip is not None:
@@ -602,9 +610,9 @@ def _marked_on_device(grads, plain, q, k, v, do, *, run_ids, skip, chunk_size: i
                                                           gate_marks=d_gate is not None, chunk_size=chunk_size)
     if d_start is not None:
         d_start = jnp.where(skip, plain[5], nonfinite.mark(d_start, first[:, :, None]))
-    if d_log_decay is not None:
+    if plain[3] is not None:
         # A head's d log_decay sums over its rows alone: the plain walks' is exact for a head without a bad
-        # entry, so the contained walks' sums are not read (and need not be kept for it).
+        # entry, so the contained walks leave its sums out.
         d_log_decay = nonfinite.mark(plain[3], head)
     if d_gate is not None:
         d_gate = jnp.where(skip, plain[4], nonfinite.mark(d_gate, gate))
