@@ -3,21 +3,22 @@ around the default config.
 
     PYTHONPATH=. python -m experiments.tune_pallas --out DIR [--budget-s 300] [--only-default] [--label L] [--gated]
 
-A PallasConfig holds one WalkConfig (chunk_size, block_v, num_warps, num_stages) per kernel: the forward walk,
-the backward's dq, dv and dk walks (one chunk size between them) and optionally the sequence pieces' state
-launches; and the number of sequence pieces, forward and backward (fleetjax/pallas/chunked.py). The built-in
-candidates change one thing of the default at a time: a kernel's value block (halved, doubled), its stages
-(one fewer, one more) or its warps (4 <-> 8), the piece counts (halved, doubled); fwd varies the forward's
-fields, fwd_bwd the backward's. Times with experiments/timing.time_calls (two input sets rotated,
-back-to-back calls, one sync per sample), the same method as the benchmarks. --only-default times the
-default config alone: to compare two versions of the package in one device call, run it in turn from each
-checkout's directory with PYTHONPATH set to it (``python -m`` puts the working directory first on sys.path,
-so the package beside the script is the one imported). --gated: a per-token log gate and no per-head decay,
-as the benchmarks' --gated. --smoke: a tiny shape on the CPU (Pallas interpret mode), the default and two
-candidates per op. --rounds N: the configs of an op are compiled first and timed in turn N times (an
-alternated A/B: the device's drift between calls falls on every config alike), each record then carrying its N
-times (all_ms), their median (ms) and whether its outputs equal the default config's bitwise. Appends to
-DIR/tune_pallas.jsonl, one record per (op, shape, config).
+A PallasConfig holds one WalkConfig (chunk_size, block_v, num_warps, num_stages) per kernel: the forward walk, the
+backward's dq, dv and dk walks (one chunk size between them) and optionally the sequence pieces' state launches;
+and the number of sequence pieces, forward and backward (fleetjax/pallas/chunked.py). The built-in candidates
+change one thing of the default at a time: a kernel's value block (halved, doubled), its stages (one fewer, one
+more) or its warps (4 <-> 8), the piece counts (halved, doubled); fwd varies the forward's fields, fwd_bwd the
+backward's. Times with experiments/timing.time_calls (two input sets rotated, back-to-back calls, one sync per
+sample), the same method as the benchmarks. --only-default times the default config alone: to compare two versions
+of the package in one device call, run it in turn from each checkout's directory with PYTHONPATH set to it
+(``python -m`` puts the working directory first on sys.path, so the package beside the script is the one
+imported), with this script copied into the older checkout's experiments/: an older script may time something else
+(before 2026-12-04's 55142c4 its fwd_bwd timed the backward alone, which once read as a 7% slowdown of the newer
+package). --gated: a per-token log gate and no per-head decay, as the benchmarks' --gated. --smoke: a tiny shape
+on the CPU (Pallas interpret mode), the default and two candidates per op. --rounds N: the configs of an op are
+compiled first and timed in turn N times (an alternated A/B: the device's drift between calls falls on every
+config alike), each record then carrying its N times (all_ms), their median (ms) and whether its outputs equal the
+default config's bitwise. Appends to DIR/tune_pallas.jsonl, one record per (op, shape, config).
 """
 
 from __future__ import annotations

@@ -102,7 +102,9 @@ class PallasConfig:
     the lax.cond (H200, 2026-12-04, bf16, K = V = 128, experiments/results/2026-12-04-h200-choice_*): the
     forward 0.178 -> 0.136 ms at B4 H16 T=4096 and 0.088 -> 0.057 at B1 H8 T=4096, unchanged at T >= 16384;
     fwd+bwd within 3% either way. The skipped launches and the contained backward's per-position reductions
-    (which run either way) add about 50 us of kernel time to fwd+bwd at B4 H16 T=16384 (ncu). Only the
+    (which run either way) added about 50 us of kernel time to fwd+bwd at B4 H16 T=16384 (ncu), before the
+    contained walks left out d log_decay's sums (nobody reads them: the plain walks' gradient is marked;
+    extra memory 68 -> 24 MB there, not timed since). Only the
     gradients the VJP differentiates go through the contained walks (jax never drops a pallas_call, so a VJP
     over every input whose other gradients go unused runs every walk). False: the lax.cond, as before
     2026-12-04, whose branches jax prunes to the gradients used.
