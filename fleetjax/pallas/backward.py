@@ -53,8 +53,8 @@ def dq_kernel(*, log_decay_ref, do_ref, v_ref, k_ref, q_ref, dq_ref, intra_ref=N
     start [V, block] (S0^T); local, local_counts [P-1, V, block], link [P]; run [T], edge [1]; intra, w,
     counts [T] (each None where not wanted; without counts their state is not carried). Gated: gate [T],
     piece_log [P], and spanned [T]: per position r, the chunk's pairs i >= r > j (the intra-chunk part of
-    d log_gate_r, fleetjax.vjp). ``exact``: the state's products keep float32's
-    accuracy (they feed w)."""
+    d log_gate_r, fleetjax.vjp). ``exact``: the state's products keep float32's accuracy (they feed w; kept
+    without w where dq must be bitwise that of a walk that forms w)."""
     j, piece = program_id(0, log_decay_ref), program_id(2, log_decay_ref)
     log_decay = log_decay_ref[0]
     v_cols, k_cols = columns(v_ref, V), columns(k_ref, K, block, j)
@@ -142,7 +142,8 @@ def dk_kernel(*, log_decay_ref, v_ref, do_ref, q_ref, k_ref, dk_ref, u_ref=None,
     """One (K block, batch*head, piece) program of the dk walk. Refs: v, do [T, V]; q, k, dk [T, block];
     exit [V, block] (dS_T^T, float32), last_run [1]; local [P-1, V, block], link [P]; run [T], edge [1];
     u, x [T] (None when no decay gradient is wanted). Gated: gate [T], piece_log [P], to_end [T].
-    ``exact``: the state's and dS_T's products keep float32's accuracy (they feed u and x)."""
+    ``exact``: the state's and dS_T's products keep float32's accuracy (they feed u and x; kept without them
+    where dk must be bitwise that of a walk that forms them)."""
     j, piece = program_id(0, log_decay_ref), program_id(2, log_decay_ref)
     log_decay = log_decay_ref[0]
     v_cols, k_cols = columns(v_ref, V), columns(q_ref, K, block, j)
