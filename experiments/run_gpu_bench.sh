@@ -35,11 +35,30 @@ fi
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
+# fla's Triton autotuning (85-130 s of a backward call) kept between calls: Triton writes each search's
+# winner to TRITON_CACHE_DIR (TRITON_CACHE_AUTOTUNING=1, keyed by Triton, the GPU architecture, the kernel's
+# source, the shapes and the configs), so a call seeded with an earlier call's winners for this GPU model
+# compiles the winners alone. The winners come back in $OUT as triton-autotune-<gpu>.tar.gz; commit that
+# file as experiments/peers/triton-autotune-<gpu>.tar.gz to seed the next calls.
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr -cd '[:alnum:]' | tr '[:upper:]' '[:lower:]')
+export TRITON_CACHE_AUTOTUNING=1 TRITON_CACHE_DIR=/tmp/triton-autotune-cache
+mkdir -p "$TRITON_CACHE_DIR"
+seed="experiments/peers/triton-autotune-${gpu:-unknown}.tar.gz"
+export BENCH_TRITON_AUTOTUNE_SEED=""
+if [ -n "$gpu" ] && [ -f "$seed" ] && tar -xzf "$seed" -C "$TRITON_CACHE_DIR"; then
+  export BENCH_TRITON_AUTOTUNE_SEED="$seed"
+  echo "run_gpu_bench: Triton's autotuning winners from $seed"
+fi
+
 # A hard stop inside the device's 600 s: the results file is rewritten after every record, so a stop
 # keeps what was measured; the plot is then drawn from it below.
 timeout -k 10 "${BENCH_HARD_LIMIT_S:-555}" python3 -m "experiments.$module" --out "$out" "$@" 2>&1 | tee "$out/$what.log"
 rc=${PIPESTATUS[0]}
 [ "$rc" = 0 ] || echo "run_gpu_bench: the benchmark exited with status $rc"
+if [ -n "$gpu" ]; then  # every winner this call knows (the seed's and its own searches')
+  (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | sort | tar -czf "$out/triton-autotune-$gpu.tar.gz" -T -) \
+    || echo "run_gpu_bench: could not pack Triton's autotuning winners"
+fi
 for json in "$out"/*-"$what".json "$out"/*-"$what"-gated.json; do
   [ -f "$json" ] || continue
   if [ ! -f "${json%.json}.png" ]; then  # stopped before its end: draw the plot, print the table

@@ -7,6 +7,7 @@ cases and implementations.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any, Sequence
@@ -228,6 +229,16 @@ def parse_shapes(text: str) -> list[tuple[int, ...]]:
     return [tuple(int(n) for n in shape.split(",")) for shape in text.split(";")]
 
 
+def _autotune_note() -> str:
+    """Where the torch peers' Triton autotuning winners came from (experiments/run_gpu_bench.sh)."""
+    if os.environ.get("TRITON_CACHE_AUTOTUNING") != "1":
+        return "searched in this run (no autotuning cache)"
+    seed = os.environ.get("BENCH_TRITON_AUTOTUNE_SEED")
+    if seed:
+        return f"Triton's on-disk autotuning cache, seeded from {seed}: a search whose winner it held was not run again"
+    return "searched in this run (Triton's on-disk autotuning cache, empty at the start)"
+
+
 def run_main(args, op: str, case_groups: Sequence[Sequence[Case]], impls: Sequence[Impl], name: str) -> ResultsFile:
     """Measure the copy bandwidth, run the benchmark over the groups of cases (most important first),
     draw the plot, print the table. With ``args.gated`` (whose cases the caller made gated) the results
@@ -261,7 +272,8 @@ def run_main(args, op: str, case_groups: Sequence[Sequence[Case]], impls: Sequen
                                   "it, less the call's outputs; JAX: XLA's temp allocation from "
                                   "compiled.memory_analysis() (extra_peak_mb_runtime: device.memory_stats() "
                                   "peak delta, known only when the call set a new process-wide peak); torch: "
-                                  "torch.cuda.max_memory_allocated() after reset_peak_memory_stats()"))
+                                  "torch.cuda.max_memory_allocated() after reset_peak_memory_stats()"),
+                          autotune=_autotune_note())
     target_s = args.target_s if args.target_s is not None else (0.02 if args.smoke else 0.25)
     # Cases come in groups, most important first. Within a group, every implementation that does not
     # autotune runs on all its cases first, then the autotuning ones (fla), whose first call per shape can
