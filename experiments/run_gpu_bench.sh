@@ -40,7 +40,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 # source, the shapes and the configs), so a call seeded with an earlier call's winners for this GPU model
 # compiles the winners alone. The winners come back in $OUT as triton-autotune-<gpu>.tar.gz; commit that
 # file as experiments/peers/triton-autotune-<gpu>.tar.gz to seed the next calls.
-gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr -cd '[:alnum:]' | tr '[:upper:]' '[:lower:]')
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr -cd '[:alnum:]' \
+  | tr '[:upper:]' '[:lower:]')
 export TRITON_CACHE_AUTOTUNING=1 TRITON_CACHE_DIR=/tmp/triton-autotune-cache
 mkdir -p "$TRITON_CACHE_DIR"
 seed="experiments/peers/triton-autotune-${gpu:-unknown}.tar.gz"
@@ -56,7 +57,8 @@ timeout -k 10 "${BENCH_HARD_LIMIT_S:-555}" python3 -m "experiments.$module" --ou
 rc=${PIPESTATUS[0]}
 [ "$rc" = 0 ] || echo "run_gpu_bench: the benchmark exited with status $rc"
 if [ -n "$gpu" ]; then  # every winner this call knows (the seed's and its own searches')
-  (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | sort | tar -czf "$out/triton-autotune-$gpu.tar.gz" -T -) \
+  (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | sort \
+    | tar -czf "$out/triton-autotune-$gpu.tar.gz" -T -) \
     || echo "run_gpu_bench: could not pack Triton's autotuning winners"
 fi
 for json in "$out"/*-"$what".json "$out"/*-"$what"-gated.json; do

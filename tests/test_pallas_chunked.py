@@ -56,6 +56,19 @@ def test_sequence_pieces_match_the_reference(pieces, backward_pieces, state):
         np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * float(jnp.abs(b).max()), err_msg=name)
 
 
+def test_the_crossing_counts_are_of_the_dq_walks_chunks():
+    """The pieces' local states in chunks of 32 that tile the backward's pieces (T=128 in two of 64) where the
+    walks take chunks of 16: the Triton dq walk's crossing counts, which enter it with those states, count its
+    own chunks, so d decay (and the rest) still match the reference."""
+    x = _inputs(T=128)
+    config = PallasConfig(**SMALL, backward_num_sequence_pieces=2,
+                          piece_states=WalkConfig(chunk_size=32, block_v=16, num_warps=2))
+    got = _all("pallas", config, *x)
+    ref = _all("quadratic", None, *x)
+    for name, a, b in zip(("o", "final", "dq", "dk", "dv", "ddecay", "dinitial"), got, ref):
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * float(jnp.abs(b).max()), err_msg=name)
+
+
 @pytest.mark.parametrize("poison", ["q", "do"])
 def test_backward_pieces_keep_what_a_nonfinite_value_reaches(poison):
     """A NaN in q or dO reaches the same gradient entries whether the backward walks the sequence in one

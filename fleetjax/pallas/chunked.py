@@ -535,8 +535,9 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
         sums = wanted if skip is None else dataclasses.replace(wanted, log_decay=False)
         dq_local, reverse_local = None, reuse
         if chunking.pieces > 1:
-            # The Mosaic dq walk carries the state's derivative in log gamma, the Triton one its crossing counts;
-            # those are of the walk's chunks, which the local states keep where the counts are left out.
+            # The Mosaic dq walk carries the state's derivative in log gamma, the Triton one its crossing counts,
+            # which count the walk's chunks: the local states are walked in those, also where the counts are
+            # left out (the contained walks on the device), so that dq is bitwise the lax.cond's.
             counted = wanted.log_decay and not mosaic_here
             launch = config.piece_launch("dq", q.dtype)
             dq_local = fwd.piece_states(v, k, decays.log_decay, run_ids, chunking, reverse=False, all_pieces=False,

@@ -97,15 +97,13 @@ def piece_states_kernel(*, log_decay_ref, k_ref, v_ref, final_ref, counts_ref=No
 def piece_states(key, value, log_decay, run_ids, chunking: Chunking, *, reverse: bool, all_pieces: bool,
                  chunk_size: int, block_v: int, num_warps: int, num_stages: int, precision, contain: bool,
                  exact: bool = True, counts: bool = False, tangent: bool = False, gate=None, skip=None):
-    """The local states [B, H, n, K, V] float32 of the pieces that have a successor in the walk (forward:
-    0..P-2; reverse: 1..P-1), or of all P pieces with ``all_pieces``. Each
-    piece is walked from a zero state with its keys ``key`` [B, T, H, K] and values ``value`` [B, T, H, V], in
-    chunks of ``chunk_size`` where those tile the pieces (else the walk's). With ``counts`` the states come as
-    (states, their crossing counts) in the walk's chunks; with ``tangent`` as (states, their derivatives in log
-    gamma), in any chunks. gate: the log gate [B, H, T] (None: constant). skip: a bool scalar array; True:
-    the programs visit no chunk and the states are undefined (fleetjax.pallas.launch.call)."""
-    if counts:
-        chunk_size = chunking.chunk_size  # counts are of the walk's own chunks
+    """The local states [B, H, n, K, V] float32 of the pieces that have a successor in the walk (forward: 0..P-2;
+    reverse: 1..P-1), or of all P pieces with ``all_pieces``. Each piece is walked from a zero state with its
+    keys ``key`` [B, T, H, K] and values ``value`` [B, T, H, V], in chunks of ``chunk_size`` where those tile the
+    pieces (else the walk's). With ``counts`` the states come as (states, their crossing counts): counts of the
+    chunks walked, so the dq walk that enters them passes its own chunk size; with ``tangent`` as (states, their
+    derivatives in log gamma), in any chunks. gate: the log gate [B, H, T] (None: constant). skip: a bool scalar
+    array; True: the programs visit no chunk and the states are undefined (fleetjax.pallas.launch.call)."""
     B, T, H, K = key.shape
     V = value.shape[-1]
     chunking = chunking.with_chunk_size(chunk_size)
