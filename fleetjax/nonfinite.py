@@ -4,17 +4,17 @@ A product over positions multiplies every value by its weight, masked pairs incl
 containment costs a walk registers and instructions in every chunk. implementation="pallas" therefore runs
 its kernels in one of two forms: without containment when every input of the walks is finite, else with
 it. The plain walks run first, and one of their outputs that every non-finite input reaches decides
-(:func:`contained_if_reached`); the sequence-parallel steps' local states check their inputs instead
-(:func:`contained_if_needed`). With containment the kernels take the value operand of
-their products (v; in the backward k, dO and q) with its non-finite entries set to 0 and keep masked pairs
-exactly 0 (fleetjax.chunk), and the outputs that depend on a non-finite entry are set to NaN here: output
-column c at position t depends on the value entries [s, c] of the same segment with s <= t (forward in time)
-or s >= t (the reverse walks). implementation="pallas_fleet" takes the same two forms.
+(:func:`contained_if_reached`); with ``PallasConfig(choice_on_device=False)`` the sequence-parallel steps'
+local states check their inputs instead (:func:`contained_if_needed`). With containment the kernels take the
+value operand of their products (v; in the backward k, dO and q) with its non-finite entries set to 0 and keep
+masked pairs exactly 0 (fleetjax.chunk), and the outputs that depend on a non-finite entry are set to NaN
+here: output column c at position t depends on the value entries [s, c] of the same segment with s <= t
+(forward in time) or s >= t (the reverse walks). implementation="pallas_fleet" takes the same two forms.
 
 :func:`contained_if_reached` chooses with a lax.cond, whose predicate XLA's GPU runtime reads on the host.
 implementation="pallas" makes its choices on the device instead by default (:func:`contained_on_device`,
-``PallasConfig.choice_on_device``): the contained launches run always and skip their chunks on finite
-inputs, the marking being a kernel too (fleetjax.pallas.marking).
+``PallasConfig.choice_on_device``), its sequence-parallel local states included: the contained launches run
+always and skip their chunks on finite inputs, the marking being a kernel too (fleetjax.pallas.marking).
 """
 
 from __future__ import annotations

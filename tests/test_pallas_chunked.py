@@ -435,6 +435,58 @@ def test_the_choice_on_the_device_gives_the_conds(poison, segments, pieces, gate
     assert np.isfinite(reached[0]).all() and (not np.isfinite(reached[1]).all()) == (poison is not None)
 
 
+@pytest.mark.parametrize("poison, segments, pieces, gated", [
+    (None, False, 2, False), ("key", False, 2, False), ("value inf", False, 1, False), ("value", False, 3, False),
+    (None, True, 2, False), ("value", True, 3, False), ("value inf", True, 2, False), ("key", True, 2, False),
+    ("key inf", True, 3, False), ("value", "shifted", 2, False), ("value", True, 3, True), ("key", False, 2, True)])
+@pytest.mark.parametrize("reverse", [False, True], ids=["local_state", "local_reverse_state"])
+def test_the_local_states_choose_on_the_device_as_the_cond(poison, segments, pieces, gated, reverse):
+    """Sequence parallelism's local states (chunked.local_state and local_reverse_state) with
+    PallasConfig.choice_on_device: the lax.cond's choice, finite and with a NaN or inf in a key or value (the
+    forward's k, v; the reverse's q, dO), with segments (a NaN in an earlier segment reaches neither) and with
+    run ids that do not start at 0 (the reverse state of run 0 is then zero): the pieces' states bitwise, the state NaN in
+    the same entries and the rest to float32's rounding (XLA contracts the fold's products differently inside
+    a conditional); and no conditional in the lowered program."""
+    from fleetjax.decay import Decays
+    from fleetjax.pallas import chunked
+    from fleetjax.segments import run_ids_from_segment_ids
+    q, k, v, decay, _, seg, wo, _ = _inputs()
+    key, value = [x.copy() for x in ((q, wo) if reverse else (k, v))]
+    if poison is not None:
+        poisoned = key if poison.startswith("key") else value
+        poisoned[1, 40, 0, 3] = poisoned[0, 5, 1, 2] = np.inf if "inf" in poison else np.nan
+    run_ids = None
+    if segments:
+        run_ids = run_ids_from_segment_ids(jnp.asarray(seg)) + (1 if segments == "shifted" else 0)
+    gate = -np.abs(np.random.default_rng(3).standard_normal(q.shape[:3])).astype(np.float32) * 0.3
+    decays = Decays(jnp.log(jnp.asarray(decay)), jnp.asarray(gate) if gated else None)
+
+    def run(on_device):
+        config = PallasConfig(**SMALL, num_sequence_pieces=pieces, backward_num_sequence_pieces=pieces,
+                              choice_on_device=on_device)
+        if reverse:
+            f = lambda key, value: chunked.local_reverse_state(key, value, decays, run_ids, scale=0.7,  # noqa: E731
+                                                               config=config)
+        else:
+            f = lambda key, value: chunked.local_state(key, value, decays, run_ids, config=config)  # noqa: E731
+        return jax.jit(f).lower(key, value), jax.jit(f)(key, value)
+
+    (lowered, on_device), (_, conds) = run(True), run(False)
+    assert "case" not in lowered.as_text()
+    (total, local), (want_total, want_local) = ([np.asarray(x) if x is not None else None for x in pair]
+                                                for pair in (on_device, conds))
+    assert (local is None) == (want_local is None) == (pieces == 1)
+    if local is not None:
+        np.testing.assert_array_equal(local, want_local)
+    finite = np.isfinite(want_total)
+    np.testing.assert_array_equal(np.isfinite(total), finite)
+    np.testing.assert_array_equal(total[~finite], want_total[~finite])
+    np.testing.assert_allclose(total[finite], want_total[finite], rtol=1e-6,
+                               atol=1e-6 * np.abs(want_total[finite]).max(initial=0.0))
+    if not segments:
+        assert np.isnan(total).any() == (poison is not None)
+
+
 def test_the_choice_on_the_device_launches_no_cond():
     """Forward and backward with PallasConfig.choice_on_device (the default) lower without a conditional (the
     lax.cond's host wait is what it removes); choice_on_device=False keeps one in each."""
@@ -454,8 +506,8 @@ def test_the_choice_on_the_device_launches_no_cond():
 def test_the_marking_kernel_marks_what_nonfinite_marks(segments, reverse):
     """fleetjax.pallas.marking.mark_reached: NaN exactly where fleetjax.nonfinite.mark_reached puts it (a NaN,
     an inf and a -inf in the source; the last chunk short), the other entries bitwise x; its flags those of
-    nonfinite.in_run for the state after the walk (the last segment forward, the first in reverse); skipped:
-    x itself and no flag."""
+    nonfinite.in_run for the state after the walk (the last segment forward, the first in reverse), also
+    without an output to mark (reached_columns); skipped: x itself and no flag."""
     from fleetjax import nonfinite
     from fleetjax.pallas import marking
     rng = np.random.default_rng(0)
@@ -476,6 +528,10 @@ def test_the_marking_kernel_marks_what_nonfinite_marks(segments, reverse):
                                          block=16)
     np.testing.assert_array_equal(np.asarray(skipped), np.asarray(x))
     assert not np.any(np.asarray(none))
+    # The flags alone (reached_columns: no output to mark), run and skipped.
+    for skip, want in ((False, reached), (True, none)):
+        np.testing.assert_array_equal(np.asarray(marking.reached_columns(
+            source, run_ids, reverse=reverse, skip=jnp.bool_(skip), chunk_size=32, block=16)), np.asarray(want))
 
 
 @pytest.mark.parametrize("segments", [False, True])

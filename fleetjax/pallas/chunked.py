@@ -106,8 +106,10 @@ class PallasConfig:
     contained walks left out d log_decay's sums (nobody reads them: the plain walks' gradient is marked;
     extra memory 68 -> 24 MB there, not timed since). Only the
     gradients the VJP differentiates go through the contained walks (jax never drops a pallas_call, so a VJP
-    over every input whose other gradients go unused runs every walk). False: the lax.cond, as before
-    2026-12-04, whose branches jax prunes to the gradients used.
+    over every input whose other gradients go unused runs every walk). Sequence parallelism's local states
+    (fleetjax.sharding's steps before each exchange) choose on the device too, by their pieces' states or,
+    with segments, by their inputs (not timed on a GPU). False: the lax.cond, as before 2026-12-04, whose
+    branches jax prunes to the gradients used.
     """
 
     forward: WalkConfig = WalkConfig()
@@ -405,20 +407,51 @@ def _piece_log(decays: Decays, chunking: Chunking, B: int) -> jax.Array:
     return decays.block_sums(B, chunking.T, chunking.piece_len)
 
 
+def _local_states(key, value, decays: Decays, run_ids, *, reverse: bool, config: PallasConfig, launch: dict,
+                  total_of):
+    """A block's local state from a zero one and the local states of its pieces (the forward's, or mirrored,
+    the reverse ones of the cotangent): (total_of(the states folded over the pieces), the pieces' states), the
+    total NaN in the columns that a non-finite value of the run it holds reaches (the row's last run; reverse:
+    its first).
+
+    With ``config.choice_on_device`` the contained launches run always, skipping their chunks where the
+    plain ones' witness is finite: the pieces' states. Every key and value entry enters its piece's state
+    through its own product, where 0 * inf is NaN; a segment start may then drop it by selection, but only
+    where the contained walk drops its zeroed value too, so a finite witness means the two walks agree.
+    Else a lax.cond on the inputs' finiteness."""
+    B = key.shape[0]
+    chunking = config.chunking(key.shape[1], reverse)
+    piece_log = _piece_log(decays, chunking, B)
+
+    def states(contain: bool, skip=None, plain=None):
+        local = fwd.piece_states(key, value, decays.log_decay, run_ids, chunking, reverse=reverse, all_pieces=True,
+                                 contain=contain, gate=decays.gate_tiles(), skip=skip, **launch)
+        total = total_of(fwd.fold_pieces(local, piece_log, run_ids, chunking, reverse))
+        if not contain:
+            return (total, local), local
+        if skip is None:
+            columns = nonfinite.in_run(nonfinite.bad(value), run_ids, "first" if reverse else "last")
+        else:
+            columns = marking.reached_columns(value, run_ids, reverse=reverse, skip=skip,
+                                              chunk_size=chunking.chunk_size)
+            if reverse and run_ids is not None:  # "first" is run 0, where the row's first position is not in it
+                columns = columns & (run_ids[:, 0] == 0)[:, None, None]
+        total = nonfinite.mark(total, columns[:, :, None])
+        if skip is not None:
+            total, local = (jnp.where(skip, a, b) for a, b in zip(plain, (total, local)))
+        return (total, local), None
+
+    if config.choice_on_device:
+        return nonfinite.contained_on_device(states)
+    return nonfinite.contained_if_needed((key, value), lambda contain: states(contain)[0])
+
+
 def local_state(k, v, decays: Decays, run_ids, *, config: PallasConfig):
     """A block's final state from a zero entering state (its last run's), [B, H, K, V] float32, and what the
     forward walk reuses of it (the local states of its pieces but the last, or None)."""
-    B = k.shape[0]
-    chunking = config.chunking(k.shape[1], False)
-
-    def states(contain: bool):
-        local = fwd.piece_states(k, v, decays.log_decay, run_ids, chunking, reverse=False, all_pieces=True,
-                                 contain=contain, gate=decays.gate_tiles(), **config.piece_launch("forward", k.dtype))
-        total = fwd.fold_pieces(local, _piece_log(decays, chunking, B), run_ids, chunking, False)
-        return (nonfinite.mark_final(total, nonfinite.bad(v), run_ids) if contain else total), local
-
-    total, local = nonfinite.contained_if_needed((k, v), states)
-    return total, (local[:, :, :-1] if chunking.pieces > 1 else None)
+    total, local = _local_states(k, v, decays, run_ids, reverse=False, config=config,
+                                 launch=config.piece_launch("forward", k.dtype), total_of=lambda total: total)
+    return total, (local[:, :, :-1] if local.shape[2] > 1 else None)
 
 
 def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, config: PallasConfig,
@@ -486,20 +519,10 @@ def local_reverse_state(q, do, decays: Decays, run_ids, *, scale: float, config:
     """The cotangent of a block's entering state from its outputs alone: scale sum_t gamma^(t+1) q_t dO_t^T
     over its first run, [B, H, K, V] float32, and what ``block_backward`` reuses of it (the local reverse
     states of its pieces but the first, or None)."""
-    B = q.shape[0]
-    chunking = config.chunking(q.shape[1], True)
-
-    def states(contain: bool):
-        local = fwd.piece_states(q, do, decays.log_decay, run_ids, chunking, reverse=True, all_pieces=True,
-                                 contain=contain, gate=decays.gate_tiles(), **config.piece_launch("dv", q.dtype))
-        total = vjp.only_first_run(scale * fwd.fold_pieces(local, _piece_log(decays, chunking, B), run_ids,
-                                                           chunking, True), run_ids)
-        if contain:
-            total = nonfinite.mark(total, nonfinite.in_run(nonfinite.bad(do), run_ids, "first")[:, :, None])
-        return total, local
-
-    total, local = nonfinite.contained_if_needed((q, do), states)
-    return total, (local[:, :, 1:] if chunking.pieces > 1 else None)
+    total, local = _local_states(q, do, decays, run_ids, reverse=True, config=config,
+                                 launch=config.piece_launch("dv", q.dtype),
+                                 total_of=lambda total: vjp.only_first_run(scale * total, run_ids))
+    return total, (local[:, :, 1:] if local.shape[2] > 1 else None)
 
 
 def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, reuse, *, scale: float,

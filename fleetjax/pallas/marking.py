@@ -75,23 +75,42 @@ def _along(step, flags, *, chunking: Chunking, reverse: bool, run_ref, skip_ref)
                 run_ref=run_ref, skip_ref=skip_ref)
 
 
-def reached_kernel(*, source_ref, marked_ref, seen_ref, run_ref=None, skip_ref=None, chunking: Chunking,
+def reached_kernel(*, source_ref, seen_ref, marked_ref=None, run_ref=None, skip_ref=None, chunking: Chunking,
                    reverse: bool, width: int, block: int):
     """One (column block, batch*head) program. Refs: source [T, block]; marked [T, block], which holds x when
-    the program starts (the launch hands it x's buffer) and is marked in place; run [T] (segments); skip [1]
-    (see fleetjax.pallas.walk.walk); seen [block] int32: 1 where a non-finite source entry reaches the state
-    after the walk."""
-    j = program_id(0, marked_ref)
-    cols = columns(marked_ref, width, block, j)
+    the program starts (the launch hands it x's buffer) and is marked in place (None: nothing marked, only
+    the flags); run [T] (segments); skip [1] (see fleetjax.pallas.walk.walk); seen [block] int32: 1 where a
+    non-finite source entry reaches the state after the walk."""
+    j = program_id(0, source_ref)
+    cols = columns(source_ref, width, block, j)
 
     def body(ch: cm.Chunk, seen):
         bad = _bad(source_ref, ch, cols)
-        _mark(marked_ref, ch, cols, _through_pairs(ch, bad) | (ch.enters[:, None] & (seen[None, :] > 0)))
+        if marked_ref is not None:
+            _mark(marked_ref, ch, cols, _through_pairs(ch, bad) | (ch.enters[:, None] & (seen[None, :] > 0)))
         return _handed_on(ch, seen, bad)
 
-    seen = _along(body, jnp.zeros((marked_ref.shape[-1],), jnp.int32), chunking=chunking, reverse=reverse,
+    seen = _along(body, jnp.zeros((source_ref.shape[-1],), jnp.int32), chunking=chunking, reverse=reverse,
                   run_ref=run_ref, skip_ref=skip_ref)
     seen_ref[...] = seen
+
+
+def _reached(x, source, run_ids, *, reverse: bool, skip, chunk_size: int, block: int, num_warps: int):
+    """The launch of :func:`reached_kernel`: (x marked, or None where ``x`` is None; the seen columns)."""
+    B, T, H, D = source.shape
+    chunking = Chunking(T, chunk_size, 1)
+    bd, nd = value_blocks(D, block)
+    s = Specs(H, chunking, padded(D), bd)
+    kernel = functools.partial(reached_kernel, chunking=chunking, reverse=reverse, width=D, block=bd)
+    seen_spec = pl.BlockSpec((None, None, bd), lambda j, g, p: (g // H, g % H, j))
+    name = "fleet_mark_reached" if x is not None else "fleet_reached_columns"
+    out = call(kernel, name=name + ("_reverse" if reverse else ""), grid=(nd, B * H, 1),
+               inputs=dict(source_ref=(source, s.values()), run_ref=None if run_ids is None else (run_ids, s.runs())),
+               outputs=dict(marked_ref=None if x is None else (((B, T, H, D), x.dtype), s.values()),
+                            seen_ref=(((B, H, nd * bd), jnp.int32), seen_spec)),
+               num_warps=num_warps, num_stages=1, skip=skip, keep=None if x is None else dict(marked_ref=x))
+    seen = out["seen_ref"][..., :D] > 0
+    return out.get("marked_ref"), _unless_skipped(skip, seen)
 
 
 def mark_reached(x: jax.Array, source: jax.Array, run_ids: jax.Array | None, *, reverse: bool, skip: jax.Array,
@@ -101,19 +120,16 @@ def mark_reached(x: jax.Array, source: jax.Array, run_ids: jax.Array | None, *, 
     after the walk: forward as fleetjax.nonfinite.in_run(bad, run_ids, "last"), in reverse those of the run
     of the row's first position, which in_run's "first" (run 0) is only where that run is 0).
     ``skip`` (a bool scalar array) True: x itself (its buffer taken over) and no columns, no chunk visited."""
-    B, T, H, D = x.shape
-    chunking = Chunking(T, chunk_size, 1)
-    bd, nd = value_blocks(D, block)
-    s = Specs(H, chunking, padded(D), bd)
-    kernel = functools.partial(reached_kernel, chunking=chunking, reverse=reverse, width=D, block=bd)
-    seen_spec = pl.BlockSpec((None, None, bd), lambda j, g, p: (g // H, g % H, j))
-    out = call(kernel, name="fleet_mark_reached" + ("_reverse" if reverse else ""), grid=(nd, B * H, 1),
-               inputs=dict(source_ref=(source, s.values()), run_ref=None if run_ids is None else (run_ids, s.runs())),
-               outputs=dict(marked_ref=(((B, T, H, D), x.dtype), s.values()),
-                            seen_ref=(((B, H, nd * bd), jnp.int32), seen_spec)),
-               num_warps=num_warps, num_stages=1, skip=skip, keep=dict(marked_ref=x))
-    seen = out["seen_ref"][..., :D] > 0
-    return out["marked_ref"], _unless_skipped(skip, seen)
+    return _reached(x, source, run_ids, reverse=reverse, skip=skip, chunk_size=chunk_size, block=block,
+                    num_warps=num_warps)
+
+
+def reached_columns(source: jax.Array, run_ids: jax.Array | None, *, reverse: bool, skip: jax.Array,
+                    chunk_size: int = 64, block: int = 64, num_warps: int = 4) -> jax.Array:
+    """:func:`mark_reached`'s columns [B, H, D] alone, where there is no output to mark (the local states of
+    sequence parallelism); no chunk visited and no column where ``skip``."""
+    return _reached(None, source, run_ids, reverse=reverse, skip=skip, chunk_size=chunk_size, block=block,
+                    num_warps=num_warps)[1]
 
 
 def dq_marks_kernel(*, q_ref, k_ref, v_ref, do_ref, dq_ref, any_ref, after_ref=None, run_ref=None, skip_ref=None,
