@@ -330,6 +330,22 @@ def test_the_forward_takes_its_own_pieces_where_they_are_equal(T, states):
     assert text.count(f"{mosaic.STATES_KERNEL}_mosaic_gpu") == states
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["constant", "gated"])
+def test_the_states_walk_in_sub_pieces_on_one_value_block_lowers(gated):
+    """Lowered for an sm_90 GPU (any host, Mosaic GPU's layout inference included): the forward in pieces of
+    its own whose states come from the states-only walk on one value block of 128 columns, in two sub-pieces
+    a piece (MosaicWalkConfig.states_block_v, states_split); one states launch."""
+    q = jnp.zeros((1, 2048, 2, 128), jnp.bfloat16)
+    walks = mosaic.MosaicWalkConfig(warpgroups=2, forward_pieces=2, states_block_v=128, states_split=2)
+    config = dataclasses.replace(chunked.default_config(q, q), num_sequence_pieces=1, mosaic_walks=walks)
+    gate = jnp.full((1, 2048, 2), -0.01, jnp.float32) if gated else None
+    f = lambda q, k, v: fleetjax.fleet_attention(q, k, v, jnp.asarray([0.9, 0.99]), log_gate=gate,  # noqa: E731
+                                                 implementation="pallas", config=config)
+    text = jax.jit(f).trace(q, q, q).lower(lowering_platforms=("cuda",)).as_text()
+    assert _walks(text) == 1
+    assert text.count(f"{mosaic.STATES_KERNEL}_mosaic_gpu") == 1
+
+
 @hopper
 def test_the_backward_runs_on_mosaic_by_default():
     q, k, v = _inputs(1, 1024, 2, 128, 128, "bfloat16")

@@ -107,9 +107,9 @@ class PallasConfig:
     extra memory 68 -> 24 MB there, not timed since). Only the
     gradients the VJP differentiates go through the contained walks (jax never drops a pallas_call, so a VJP
     over every input whose other gradients go unused runs every walk). Sequence parallelism's local states
-    (fleetjax.sharding's steps before each exchange) choose on the device too, by their pieces' states or,
-    with segments, by their inputs (not timed on a GPU). False: the lax.cond, as before 2026-12-04, whose
-    branches jax prunes to the gradients used.
+    (fleetjax.sharding's steps before each exchange) choose on the device too, their pieces' states being
+    the witness (not timed on a GPU). False: the lax.cond, as before 2026-12-04, whose branches jax prunes to
+    the gradients used (and for the local states a check of their inputs).
     """
 
     forward: WalkConfig = WalkConfig()
