@@ -17,8 +17,9 @@ imported), with this script copied into the older checkout's experiments/: an ol
 package). --gated: a per-token log gate and no per-head decay, as the benchmarks' --gated. --smoke: a tiny shape
 on the CPU (Pallas interpret mode), the default and two candidates per op. --rounds N: the configs of an op are
 compiled first and timed in turn N times (an alternated A/B: the device's drift between calls falls on every
-config alike), each record then carrying its N times (all_ms), their median (ms) and whether its outputs equal the
-default config's bitwise. Appends to DIR/tune_pallas.jsonl, one record per (op, shape, config).
+config alike), each record then carrying its N times (all_ms), their median (ms), whether its outputs equal the
+default config's bitwise and, where they do not, their largest relative difference (relative_difference).
+Appends to DIR/tune_pallas.jsonl, one record per (op, shape, config).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import fleetjax  # noqa: E402
 from experiments.inputs import retnet_log_decay  # noqa: E402
 from experiments.runner import parse_shapes  # noqa: E402
 from experiments.timing import jax_sync, time_calls  # noqa: E402
+from fleetjax.check import relative_error  # noqa: E402
 from fleetjax.pallas.chunked import PallasConfig, WalkConfig  # noqa: E402
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -200,9 +202,14 @@ def main(argv: list[str] | None = None) -> int:
                            gated=args.gated, changed=changes, cfg=dataclasses.asdict(cfg), ms=ms,
                            final_state=args.final_state, interpreted=record.interpreted())
                 if args.rounds > 1:
-                    same = (None if outputs[i] is None or outputs[0] is None else
-                            all(bool(jnp.array_equal(a, b)) for a, b in zip(outputs[0], outputs[i])))
-                    rec.update(all_ms=times[i], equal_to_default=same)
+                    compared = outputs[i] is not None and outputs[0] is not None
+                    same = (all(bool(jnp.array_equal(a, b)) for a, b in zip(outputs[0], outputs[i])) if compared
+                            else None)
+                    # Where not bitwise (a config that rounds differently), how far: the largest of
+                    # max |x - default| / max |default| over the outputs.
+                    apart = (max(relative_error(b, a) for a, b in zip(outputs[0], outputs[i]))
+                             if compared and not same else None)
+                    rec.update(all_ms=times[i], equal_to_default=same, relative_difference=apart)
                 print(f"{args.label:8s} {op:7s} B{B} T{T} H{H}: {ms and round(ms, 4)} ms  {changes or 'default'}",
                       flush=True)
                 with open(path, "a") as fh:
