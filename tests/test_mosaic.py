@@ -61,7 +61,8 @@ def test_supports_only_the_cases_the_kernel_serves():
 @pytest.mark.parametrize("field, value", [("chunk_size", 128), ("block_v", 48), ("sums_block_v", 256),
                                           ("stages", 0), ("stages", 2.0), ("sums_stages", 9),
                                           ("warpgroups", 3), ("backward_warpgroups", 0), ("forward_pieces", 0),
-                                          ("forward_pieces", True), ("forward_block_v", 48)])
+                                          ("forward_pieces", True), ("forward_block_v", 48), ("states_block_v", 16),
+                                          ("states_split", 0), ("states_split", True), ("states_split", 2.0)])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=f"MosaicWalkConfig.{field}"):
         mosaic.MosaicWalkConfig(**{field: value})

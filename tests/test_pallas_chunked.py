@@ -442,11 +442,11 @@ def test_the_choice_on_the_device_gives_the_conds(poison, segments, pieces, gate
 @pytest.mark.parametrize("reverse", [False, True], ids=["local_state", "local_reverse_state"])
 def test_the_local_states_choose_on_the_device_as_the_cond(poison, segments, pieces, gated, reverse):
     """Sequence parallelism's local states (chunked.local_state and local_reverse_state) with
-    PallasConfig.choice_on_device: the lax.cond's choice, finite and with a NaN or inf in a key or value (the
-    forward's k, v; the reverse's q, dO), with segments (a NaN in an earlier segment reaches neither) and with
-    run ids that do not start at 0 (the reverse state of run 0 is then zero): the pieces' states bitwise, the state NaN in
-    the same entries and the rest to float32's rounding (XLA contracts the fold's products differently inside
-    a conditional); and no conditional in the lowered program."""
+    PallasConfig.choice_on_device give the lax.cond's choice: the pieces' states bitwise, the state non-finite
+    in the same entries and the rest to float32's rounding (XLA contracts the fold's products differently
+    inside a conditional); finite inputs and a NaN or inf in a key or value (the forward's k, v; the reverse's
+    q, dO), with segments (a NaN of an earlier segment reaches neither), run ids that do not start at 0 (the
+    reverse state of run 0 is then zero) and a log gate; no conditional in the lowered program."""
     from fleetjax.decay import Decays
     from fleetjax.pallas import chunked
     from fleetjax.segments import run_ids_from_segment_ids
