@@ -434,8 +434,6 @@ def _local_states(key, value, decays: Decays, run_ids, *, reverse: bool, config:
         else:
             columns = marking.reached_columns(value, run_ids, reverse=reverse, skip=skip,
                                               chunk_size=chunking.chunk_size)
-            if reverse and run_ids is not None:  # "first" is run 0, where the row's first position is not in it
-                columns = columns & (run_ids[:, 0] == 0)[:, None, None]
         total = nonfinite.mark(total, columns[:, :, None])
         if skip is not None:
             total, local = (jnp.where(skip, a, b) for a, b in zip(plain, (total, local)))

@@ -110,6 +110,8 @@ def _reached(x, source, run_ids, *, reverse: bool, skip, chunk_size: int, block:
                             seen_ref=(((B, H, nd * bd), jnp.int32), seen_spec)),
                num_warps=num_warps, num_stages=1, skip=skip, keep=None if x is None else dict(marked_ref=x))
     seen = out["seen_ref"][..., :D] > 0
+    if reverse and run_ids is not None:  # in_run's "first" is run 0: none where the row starts another run
+        seen = seen & (run_ids[:, 0] == 0)[:, None, None]
     return out.get("marked_ref"), _unless_skipped(skip, seen)
 
 
@@ -117,8 +119,7 @@ def mark_reached(x: jax.Array, source: jax.Array, run_ids: jax.Array | None, *, 
                  chunk_size: int = 64, block: int = 64, num_warps: int = 4) -> tuple[jax.Array, jax.Array]:
     """(x [B, T, H, D] with NaN where a non-finite entry of ``source`` [B, T, H, D] reaches, as
     fleetjax.nonfinite.mark_reached; [B, H, D] bool: the columns in which a non-finite entry reaches the state
-    after the walk: forward as fleetjax.nonfinite.in_run(bad, run_ids, "last"), in reverse those of the run
-    of the row's first position, which in_run's "first" (run 0) is only where that run is 0).
+    after the walk, as fleetjax.nonfinite.in_run(bad, run_ids, "last") forward and "first" (run 0) in reverse).
     ``skip`` (a bool scalar array) True: x itself (its buffer taken over) and no columns, no chunk visited."""
     return _reached(x, source, run_ids, reverse=reverse, skip=skip, chunk_size=chunk_size, block=block,
                     num_warps=num_warps)
@@ -213,8 +214,6 @@ def mark_backward(dq, dk, dv, q, k, v, do, run_ids, *, skip: jax.Array, gate_mar
                        inputs=dict(q_ref=(q, sk.keys()), do_ref=(do, sv.keys()), run_ref=runs),
                        outputs=dict(dk_ref=((dk.shape, dk.dtype), sk.keys()), before_ref=per_position),
                        keep=dict(dk_ref=dk))
-    if run_ids is not None:  # d initial_state reaches run 0 only (fleetjax.vjp.only_first_run)
-        first = first & (run_ids[:, 0] == 0)[:, None, None]
     head = jnp.any(marked_dq["any_ref"][..., 0] > 0, axis=0)
     gate = (marked_dq["after_ref"] > 0) | (marked_dk["before_ref"] > 0) if gate_marks else None
     return (marked_dq["dq_ref"], marked_dk["dk_ref"], dv, first, _unless_skipped(skip, head),
