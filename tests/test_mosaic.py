@@ -61,8 +61,7 @@ def test_supports_only_the_cases_the_kernel_serves():
 @pytest.mark.parametrize("field, value", [("chunk_size", 128), ("block_v", 48), ("sums_block_v", 256),
                                           ("stages", 0), ("stages", 2.0), ("sums_stages", 9),
                                           ("warpgroups", 3), ("backward_warpgroups", 0), ("forward_pieces", 0),
-                                          ("forward_pieces", True), ("forward_block_v", 48), ("states_block_v", 16),
-                                          ("states_split", 0), ("states_split", True), ("states_split", 2.0)])
+                                          ("forward_pieces", True), ("forward_block_v", 48)])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=f"MosaicWalkConfig.{field}"):
         mosaic.MosaicWalkConfig(**{field: value})
@@ -258,30 +257,6 @@ def test_two_warpgroups_give_the_op_bitwise_what_one_gives(pieces, with_start, g
     assert oracle.rel_err(two[0], ref, axis=2) < TOLERANCE["bfloat16"]
 
 
-@hopper
-@pytest.mark.parametrize("gated", [False, True], ids=["constant", "gated"])
-@pytest.mark.parametrize("states_block_v, states_split", [(128, 1), (64, 2), (128, 2), (128, 4)])
-def test_the_forward_pieces_states_in_sub_pieces_or_one_value_block(states_block_v, states_split, gated):
-    """MosaicWalkConfig.states_block_v and states_split compiled for the GPU: the op's output (two warpgroups in
-    four pieces of their own) against the float64 oracle, and against the default pieces' states to within a
-    float32 state's rounding in bfloat16 outputs."""
-    B, T, H, K, V = 2, 4096, 2, 128, 128
-    q, k, v = _inputs(B, T, H, K, V, "bfloat16")
-    decay = jnp.asarray([0.999, 1.0], jnp.float32)
-    log_gate = 0.05 * _log_gate(B, T, H) if gated else None
-
-    def run(**fields):
-        walks = mosaic.MosaicWalkConfig(warpgroups=2, forward_pieces=4, **fields)
-        config = dataclasses.replace(chunked.default_config(q, v), mosaic_walks=walks, num_sequence_pieces=1)
-        return jax.jit(lambda q, k, v: fleetjax.fleet_attention(q, k, v, decay, log_gate=log_gate,
-                                                               implementation="pallas", config=config))(q, k, v)
-
-    o = run(states_block_v=states_block_v, states_split=states_split)
-    ref = oracle.forward(q, k, v, decay, log_gate=log_gate)[0]
-    assert oracle.rel_err(o, ref, axis=2) < TOLERANCE["bfloat16"]
-    assert oracle.rel_err(o, run(), axis=2) < 1e-2
-
-
 def test_the_default_takes_two_warpgroups_where_the_sequence_is_split(monkeypatch):
     """On an sm_90 GPU (its count of SMs and shared memory stood in): two warpgroups and twice the forward's
     pieces where the forward already splits the sequence (B1 H8 T=32768); where one-warpgroup programs fill
@@ -329,22 +304,6 @@ def test_the_forward_takes_its_own_pieces_where_they_are_equal(T, states):
     text = jax.jit(f).trace(q, q, q).lower(lowering_platforms=("cuda",)).as_text()
     assert _walks(text) == 1
     assert text.count(f"{mosaic.STATES_KERNEL}_mosaic_gpu") == states
-
-
-@pytest.mark.parametrize("gated", [False, True], ids=["constant", "gated"])
-def test_the_states_walk_in_sub_pieces_on_one_value_block_lowers(gated):
-    """Lowered for an sm_90 GPU (any host, Mosaic GPU's layout inference included): the forward in pieces of
-    its own whose states come from the states-only walk on one value block of 128 columns, in two sub-pieces
-    a piece (MosaicWalkConfig.states_block_v, states_split); one states launch."""
-    q = jnp.zeros((1, 2048, 2, 128), jnp.bfloat16)
-    walks = mosaic.MosaicWalkConfig(warpgroups=2, forward_pieces=2, states_block_v=128, states_split=2)
-    config = dataclasses.replace(chunked.default_config(q, q), num_sequence_pieces=1, mosaic_walks=walks)
-    gate = jnp.full((1, 2048, 2), -0.01, jnp.float32) if gated else None
-    f = lambda q, k, v: fleetjax.fleet_attention(q, k, v, jnp.asarray([0.9, 0.99]), log_gate=gate,  # noqa: E731
-                                                 implementation="pallas", config=config)
-    text = jax.jit(f).trace(q, q, q).lower(lowering_platforms=("cuda",)).as_text()
-    assert _walks(text) == 1
-    assert text.count(f"{mosaic.STATES_KERNEL}_mosaic_gpu") == 1
 
 
 @hopper
@@ -487,34 +446,6 @@ def test_the_states_only_walk_gives_the_walks_piece_states(reverse, gated):
                               chunk_size=64, block_v=32, num_warps=4, num_stages=1, precision=None, contain=False,
                               exact=False, gate=decays.gate_tiles())
     assert oracle.rel_err(states, triton, axis=None) < TOLERANCE["bfloat16"]
-
-
-@interpreted
-@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("gated", [False, True], ids=["constant", "gated"])
-def test_the_states_only_walk_in_sub_pieces_and_one_value_block(reverse, gated):
-    """MosaicWalkConfig.states_split and states_block_v: each piece's local state from two sub-pieces walked
-    apart on one value block of 128 columns, folded in float32: the states after the pieces that the full walk
-    leaves, to float32's rounding (the fold sums in another order). Sub-pieces that would not be whole chunks
-    fall back to the pieces themselves (bitwise)."""
-    from fleetjax.decay import Decays
-    B, T, H, K, V = 1, 384, 2, 64, 128
-    q, k, v = _inputs(B, T, H, K, V, "bfloat16")
-    decays = Decays(jnp.log(jnp.asarray([0.97, 1.0], jnp.float32)), 0.05 * _log_gate(B, T, H) if gated else None)
-    within = decays.within_chunks(B, T, 64) if gated else None
-    config = mosaic.MosaicWalkConfig(states_block_v=128, states_split=2)
-    for pieces, split in ((3, True), (2, False)):  # pieces of 2 chunks split in two; of 3 chunks, not split
-        chunking = Chunking(T, 64, pieces)
-        states = mosaic.piece_states(k, v, decays.log_decay, chunking, reverse=reverse, config=config,
-                                     within=within, interpret=InterpretGPUParams())
-        _, finals, _ = mosaic.walk(q, k, v, decays.log_decay, None, chunking, reverse=reverse, scale=0.2,
-                                   config=mosaic.MosaicWalkConfig(), within=within, interpret=InterpretGPUParams())
-        expected = finals[:, :, 1:] if reverse else finals[:, :, :-1]
-        assert states.shape == (B, H, pieces - 1, K, V)
-        if split:
-            assert oracle.rel_err(states, expected, axis=None) < 1e-6
-        else:
-            assert jnp.array_equal(states, expected)
 
 
 def _interpreted_backward(q, k, v, do, decay, start, chunking, *, learned: bool, scale: float, log_gate=None):

@@ -86,15 +86,9 @@ class MosaicWalkConfig:
     which the Triton forward takes), their local states from :func:`piece_states`. Where they would not be
     equal whole chunks, or the caller passes the pieces' local states (sequence parallelism), the
     PallasConfig's count holds.
-    forward_block_v: the forward walk's value block per warpgroup (None: block_v, which the backward's walks
-    keep); bitwise the same outputs. Where the default sets it (short sequences in one piece) and what it
-    measured: fleetjax.pallas.chunked._mosaic_walks.
-    states_block_v: the value block of the states-only walk that forms the local states of forward_pieces
-    (:func:`piece_states`; None: the forward walk's). A block as wide as V reads each key tile once, where
-    blocks of half V read the keys twice.
-    states_split: that walk forms each piece's local state from this many equal sub-pieces walked by programs
-    of their own (then folded in XLA, fleetjax.state_passing), so that a grid of one value block still fills
-    the SMs; 1 where the sub-pieces would not be whole chunks.
+    forward_block_v: the forward walk's value block per warpgroup, and its pieces' states walk's (None:
+    block_v, which the backward's walks keep); bitwise the same outputs. Where the default sets it (short
+    sequences in one piece) and what it measured: fleetjax.pallas.chunked._mosaic_walks.
     backward_warpgroups: the same for the backward's plain walks (dv, dk, and dq where no sums are formed);
     bitwise the same gradients (tests/test_mosaic.py), off by default: on with the forward's, the backward took
     1.295 against 1.233 ms at B1 H8 T=32768 and 7.36 against 6.90 at B1 H16 T=131072 (same card and date,
@@ -134,8 +128,6 @@ class MosaicWalkConfig:
     warpgroups: int = 1
     forward_pieces: int | None = None
     forward_block_v: int | None = None
-    states_block_v: int | None = None
-    states_split: int = 1
     backward_warpgroups: int = 1
     sums_stages: int = 2
     decay_sums: bool = True
@@ -147,9 +139,9 @@ class MosaicWalkConfig:
     def __post_init__(self):
         if self.chunk_size != 64:
             raise ValueError(f"MosaicWalkConfig.chunk_size must be 64, got {self.chunk_size!r}")
-        for name in ("block_v", "sums_block_v", "forward_block_v", "states_block_v"):
+        for name in ("block_v", "sums_block_v", "forward_block_v"):
             value = getattr(self, name)
-            if value not in (32, 64, 128) and not (name in ("forward_block_v", "states_block_v") and value is None):
+            if value not in (32, 64, 128) and not (name == "forward_block_v" and value is None):
                 raise ValueError(f"MosaicWalkConfig.{name} must be 32, 64 or 128, got {value!r}")
         for name in ("warpgroups", "backward_warpgroups"):
             if getattr(self, name) not in (1, 2):
@@ -157,9 +149,6 @@ class MosaicWalkConfig:
         pieces = self.forward_pieces
         if pieces is not None and (not isinstance(pieces, int) or isinstance(pieces, bool) or pieces < 1):
             raise ValueError(f"MosaicWalkConfig.forward_pieces must be None or a positive int, got {pieces!r}")
-        split = self.states_split
-        if not isinstance(split, int) or isinstance(split, bool) or split < 1:
-            raise ValueError(f"MosaicWalkConfig.states_split must be a positive int, got {split!r}")
         for name in ("stages", "sums_stages"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 8:
@@ -260,31 +249,9 @@ def piece_states(key, value, log_decay, chunking: Chunking, *, reverse: bool, co
     0..P-2; reverse: 1..P-1), each walked from zero with keys ``key`` [B, T, H, K] and values ``value``
     [B, T, H, V]: the states-only form of :func:`walk` (one product a chunk, its value block rounded to the
     inputs' dtype as in the plain walks), which :func:`entering_states` passes on. ``within``: the gated
-    decay (see :func:`walk`). The walk's value block is ``config.states_block_v`` (None: block_v); with
-    ``config.states_split`` = m > 1, each piece is walked as m sub-pieces of whole chunks, whose states are
-    then passed through the piece (float32, as :func:`entering_states` passes the pieces')."""
-    V = value.shape[-1]
-    states = dataclasses.replace(config, warpgroups=1, block_v=config.states_block_v or config.block_v)
-    if V % states.block_v:
-        states = dataclasses.replace(states, block_v=config.block_v)
-    m, P, C = config.states_split, chunking.pieces, chunking.chunk_size
-    sub = Chunking(chunking.T, C, P * m)
-    if m == 1 or P == 1 or not (sub.equal_pieces and sub.pieces == P * m and chunking.equal_pieces):
-        return walk(None, key, value, log_decay, None, chunking, reverse=reverse, scale=1.0, config=states,
-                    within=within, interpret=interpret)
-    local = walk(None, key, value, log_decay, None, sub, reverse=reverse, scale=1.0, config=states,
-                 within=within, interpret=interpret, states_of=(P - 1) * m)  # [B, H, (P-1) m, K, V]
-    B, H = local.shape[:2]
-    # Each sub-piece's carry: the exponent of its decay, from the chunk sums the walk itself carries by.
-    if within is None:
-        logs = jnp.broadcast_to(sub.piece_len * log_decay.astype(f32)[None, :, None], (B, H, P * m))
-    else:
-        logs = jnp.sum(within[..., C - 1::C].reshape(B, H, P * m, -1), axis=-1)
-    logs = logs[:, :, m:] if reverse else logs[:, :, :-m]  # the sub-pieces of the pieces launched
-    grouped = lambda x: jnp.moveaxis(x.reshape(B, H, P - 1, m, *x.shape[3:]), 3, 0)  # noqa: E731
-    local, carry = grouped(local), grouped(jnp.exp(logs))
-    _, folded = pass_states(jnp.zeros_like(local[0]), local, carry, reverse=reverse)
-    return folded
+    decay (see :func:`walk`)."""
+    return walk(None, key, value, log_decay, None, chunking, reverse=reverse, scale=1.0,
+                config=dataclasses.replace(config, warpgroups=1), within=within, interpret=interpret)
 
 
 def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_local, reverse_local, *,
@@ -341,15 +308,14 @@ def _mma_tiles(dtype, columns: int):
 
 def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse: bool, scale: float,
          config: MosaicWalkConfig, rows=None, tangent: bool = False, entering_tangents=None, within=None,
-         spanned: bool = False, interpret=None, states_of: int | None = None):
+         spanned: bool = False, interpret=None):
     """(out [B, T, H, Dv] in value's dtype, the state after each piece [B, H, P, Dk, Dv] float32, sums): the
     walk of fleetjax.chunk with these roles, forward or ``reverse`` in time, from the states entering the
     pieces ``entering`` [B, H, P, Dk, Dv] float32 (None: zero; reverse: the state from the positions after the
     piece). query, key [B, T, H, Dk]; value [B, T, H, Dv]; log_decay [H] float32. Assumes :func:`supports`.
     The forward is walk(q, k, v); the backward's walks are walk(dO, v, k) (dq), reverse walk(k, q, dO) (dv)
     and reverse walk(v, dO, q) (dk). With ``query`` None only the states are formed and returned alone, [B, H,
-    P-1, Dk, Dv], of the pieces that have a successor, each from zero (:func:`piece_states`); ``states_of``:
-    of that many pieces instead, the first (reverse: the last).
+    P-1, Dk, Dv], of the pieces that have a successor, each from zero (:func:`piece_states`).
 
     For the decay's gradient (fleetjax.vjp), ``rows`` [B, T, H, Dv] (q in the dq walk, k in the dk walk):
     the state's products become float32-accurate (hi/lo pairs) and sums["state"] [Dv blocks, B, H, T] holds
@@ -379,8 +345,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     states_only = query is None
     if states_only and (rows is not None or entering is not None):
         raise ValueError("a walk without a query takes no rows= or entering=")
-    launched = (P - 1 if states_of is None else states_of) if states_only else P
-    piece_offset = P - launched if states_only and reverse else 0
+    launched, piece_offset = (P - 1, int(reverse)) if states_only else (P, 0)
     n = chunking.piece_len // C
     nv = V // bv
     dtype = value.dtype
