@@ -55,12 +55,17 @@ def dot_exact(a, b, dtype, precision, trans_a: bool = False, parts: int = 2):
     return out
 
 
-def split(x, dtype, parts: int) -> list:
-    """``parts`` terms in ``dtype`` whose sum holds float32 ``x``: each the rest of x not yet held, rounded."""
+def split(x, dtype, parts: int, *, barrier: bool = False) -> list:
+    """``parts`` terms in ``dtype`` whose sum holds float32 ``x``: each the rest of x not yet held, rounded.
+
+    ``barrier``: each rounded term passes an optimization barrier before it is widened again, for kernel
+    bodies run as XLA ops (Mosaic GPU's interpreter): XLA's GPU compiler removes a float32 -> 16-bit ->
+    float32 pair of converts where excess precision is allowed (its default), which would leave every
+    later term zero. The same values either way; compiled kernels lower their converts themselves."""
     out = []
     for _ in range(parts):
         out.append(x.astype(dtype))
-        x = x - out[-1].astype(f32)
+        x = x - (jax.lax.optimization_barrier(out[-1]) if barrier else out[-1]).astype(f32)
     return out
 
 

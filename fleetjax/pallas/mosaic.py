@@ -366,6 +366,8 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     if tangent and (reverse or not exact):
         raise ValueError("tangent= needs rows= and the forward direction (the dq walk)")
     sums = (["state"] if exact else []) + (["tangent", "intra"] if tangent else []) + (["spanned"] if spanned else [])
+    # The interpreter runs the body as XLA ops, whose GPU compiler would drop the hi/lo splits' roundings.
+    parts_of = functools.partial(split, barrier=interpret is not None)
 
     def iota(shape, dimension):
         return (lax.broadcasted_iota(jnp.int32, shape, dimension) if interpret is not None
@@ -518,11 +520,11 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
 
             held = scale * state if scale_state else state
             if exact:
-                state_smem[...], state_lo_smem[...] = split(held, dtype, 2)
+                state_smem[...], state_lo_smem[...] = parts_of(held, dtype, 2)
             else:
                 state_smem[...] = held.astype(dtype)
             if tangent:
-                tangent_smem[...], tangent_lo_smem[...] = split(scale * derivative, dtype, 2)
+                tangent_smem[...], tangent_lo_smem[...] = parts_of(scale * derivative, dtype, 2)
             plgpu.commit_smem()
 
             # The products that read only the chunk's tiles and the states' copies go out together.
@@ -540,7 +542,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             if tangent:
                 sum_smem["intra"][...] = scale * jnp.sum(lags * pairs, axis=1)
             if spanned:  # sum over i >= r as one product with the triangle [i >= r], then over j < r
-                for part_smem, part in zip(part_smems, split(pairs, jnp.bfloat16, 3)):
+                for part_smem, part in zip(part_smems, parts_of(pairs, jnp.bfloat16, 3)):
                     part_smem[...] = part
                 plgpu.commit_smem()
                 triangle = from_registers(jnp.where(pair_cols >= pair_rows, 1.0, 0.0).astype(jnp.bfloat16))
@@ -565,11 +567,11 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                 sum_smem["tangent"][...] = jnp.sum(got["through"] * entering_rows * x, axis=1)
             weighted = v_smem[...].astype(f32) * leaving_rows + 0.0 * o
             if exact:
-                weighted_smem[...], weighted_lo_smem[...] = split(weighted, dtype, 2)
+                weighted_smem[...], weighted_lo_smem[...] = parts_of(weighted, dtype, 2)
             else:
                 weighted_smem[...] = weighted.astype(dtype)
             if tangent:
-                lagged_smem[...], lagged_lo_smem[...] = split(weighted * leave_lag, dtype, 2)
+                lagged_smem[...], lagged_lo_smem[...] = parts_of(weighted * leave_lag, dtype, 2)
             plgpu.commit_smem()
             if wide:
                 plgpu.copy_smem_to_gmem(out_smem.at[slot], o_gmem.at[b, pl.ds(at(c) * C, C), h, columns])
