@@ -111,21 +111,27 @@ def only_first_run(d_initial: jax.Array, run_ids: jax.Array | None) -> jax.Array
     return jnp.where((run_ids[:, 0] == 0)[:, None, None, None], d_initial, 0.0)
 
 
-def log_decay_grad(w: jax.Array, intra: jax.Array, chunk_size: int, *, u: jax.Array | None = None,
-                   counts: jax.Array | None = None, tangent: jax.Array | None = None) -> jax.Array:
-    """d loss / d log decay [H] of the pairs among positions and of the initial state, from the per-position
-    parts [B, H, T] float32 of chunks of ``chunk_size`` (see the module docstring): sum intra + (i + 1) w +
-    (len - 1 - i) u + C counts, or with the tangent's part sum intra + (i + 1) w + tangent (u and counts
-    None), with i a position's index in its chunk."""
+def log_decay_summand(w: jax.Array, intra: jax.Array, chunk_size: int, *, u: jax.Array | None = None,
+                      counts: jax.Array | None = None, tangent: jax.Array | None = None) -> jax.Array:
+    """[B, H, T] float32: each position's summand of d loss / d log decay (:func:`log_decay_grad`), from its
+    parts [B, H, T] float32 in chunks of ``chunk_size`` (see the module docstring): intra + (i + 1) w +
+    (len - 1 - i) u + C counts, or with the tangent's part intra + (i + 1) w + tangent (u and counts None),
+    with i the position's index in its chunk. The Mosaic dq walk forms the tangent's form in its chunks."""
     T = w.shape[-1]
     t = jnp.arange(T)
     i = t % chunk_size
     weighted = intra + (i + 1).astype(f32) * w
     if tangent is not None:
-        return jnp.sum(weighted + tangent, axis=(0, 2))
+        return weighted + tangent
     length = jnp.minimum(chunk_size, T - (t - i))
-    weighted = weighted + (length - 1 - i).astype(f32) * u + float(chunk_size) * counts
-    return jnp.sum(weighted, axis=(0, 2))
+    return weighted + (length - 1 - i).astype(f32) * u + float(chunk_size) * counts
+
+
+def log_decay_grad(w: jax.Array, intra: jax.Array, chunk_size: int, *, u: jax.Array | None = None,
+                   counts: jax.Array | None = None, tangent: jax.Array | None = None) -> jax.Array:
+    """d loss / d log decay [H] of the pairs among positions and of the initial state: the sum over the batch
+    and the positions of :func:`log_decay_summand` (same arguments)."""
+    return jnp.sum(log_decay_summand(w, intra, chunk_size, u=u, counts=counts, tangent=tangent), axis=(0, 2))
 
 
 def log_gate_grad(w: jax.Array, u: jax.Array, spanned: jax.Array, x: jax.Array | None, chunk_size: int) -> jax.Array:

@@ -13,7 +13,7 @@ Sigma_c = sum_{s < c} gamma^(c-1-s) v_s k_s^T it carries its derivative in log g
 Sigma'_c = sum_{s < c} (c-1-s) gamma^(c-1-s) v_s k_s^T (c the chunk's start), so that the pairs across chunks
 give sum_t ((i+1) w_t + q_t . scale gamma^(i+1) dO_t^T Sigma'_c) with w_t = q_t . dq_t^inter: every term has
 its own non-negative lag weight; nothing large is subtracted (fleetjax.vjp explains why that matters, and
-its log_decay_grad sums the parts, as for the Mosaic dq walk).
+its log_decay_grad sums the parts; the Mosaic dq walk forms their summand in its chunks).
 
 Non-finite values: masks select; the value operand of each product (v; in the backward k, dO and q) enters
 with its non-finite entries zeroed and the outputs and states that depend on one are set to NaN

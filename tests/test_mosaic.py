@@ -509,7 +509,8 @@ def _interpreted_backward(q, k, v, do, decay, start, chunking, *, learned: bool,
         return dq, dk, dv, None, witness
     if counted:
         assert "u" not in parts  # the dk walk runs plain: the decay's gradient comes from the dq walk alone
-        d = vjp.log_decay_grad(parts["w"], parts["intra"], chunking.chunk_size, tangent=parts["tangent"])
+        assert "w" not in parts  # only the summand of d log decay (vjp.log_decay_summand) per position
+        d = jnp.sum(parts["decay"], axis=(0, 2))
     else:
         d = jnp.swapaxes(vjp.log_gate_grad(parts["w"], parts["u"], parts["spanned"], None, chunking.chunk_size), 1, 2)
     return dq, dk, dv, d, witness

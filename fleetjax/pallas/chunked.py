@@ -610,13 +610,14 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
 
 
 def _decay_gradients(wanted: vjp.Wanted, chunk_size: int, *, w=None, u=None, counts=None, tangent=None, intra=None,
-                     spanned=None, x=None):
+                     decay=None, spanned=None, x=None):
     """(d log_decay [H], d log_gate [B, H, T]), each None where not ``wanted``, from the walks' per-position
-    sums [B, H, T] (fleetjax.vjp: w, u, counts or tangent, intra, the gate's spanned, the final state's x or
-    None)."""
+    sums [B, H, T] (fleetjax.vjp: w, u, counts or tangent, intra, or their summand ``decay`` formed by the
+    walk (vjp.log_decay_summand); the gate's spanned, the final state's x or None)."""
     d_log_decay = d_gate = None
     if wanted.log_decay:
-        d_log_decay = vjp.log_decay_grad(w, intra, chunk_size, u=u, counts=counts, tangent=tangent)
+        d_log_decay = (jnp.sum(decay, axis=(0, 2)) if decay is not None
+                       else vjp.log_decay_grad(w, intra, chunk_size, u=u, counts=counts, tangent=tangent))
         if x is not None:
             d_log_decay = d_log_decay + vjp.exit_log_decay_grad(x)
     if wanted.log_gate:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -262,10 +263,11 @@ def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_lo
     entering from the local states of the dq walk's ``dq_local`` (keys v, values k: (states, their
     derivatives in log gamma or None)) and of the reverse walks' ``reverse_local`` (keys q, values dO; the dk
     walk's are their transposes), [B, H, P-1, ., .] or None; the gated decay where ``decays`` has a gate.
-    The sums [B, H, T] (summed over their value blocks): w, with ``log_decay_wanted`` also tangent and intra
-    (fleetjax.vjp.log_decay_grad's parts), with ``log_gate_wanted`` u and spanned (log_gate_grad's). The
-    witness: the dq and dv walks' states after their pieces, non-finite whenever dq or dv is (their 0 * out
-    terms), which each q_t, k_t, v_t and dO_t reaches through its own pair. ``interpret``: see :func:`walk`."""
+    The sums [B, H, T] (summed over their value blocks): with ``log_decay_wanted`` "decay" (each position's
+    summand of d log decay, fleetjax.vjp.log_decay_summand), with ``log_gate_wanted`` w, u and spanned
+    (fleetjax.vjp.log_gate_grad's parts). The witness: the dq and dv walks' states after their pieces,
+    non-finite whenever dq or dv is (their 0 * out terms), which each q_t, k_t, v_t and dO_t reaches through
+    its own pair. ``interpret``: see :func:`walk`."""
     B, T = q.shape[:2]
     dq_local, dq_local_tangents = (None, None) if dq_local is None else dq_local
     dq_entering = entering_states(None if start is None else jnp.swapaxes(start, -1, -2), dq_local, decays,
@@ -287,8 +289,7 @@ def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_lo
                          if log_decay_wanted else None)
     dq, dq_finals, dq_sums = sums(do, v, k, entering=dq_entering, reverse=False, rows=q, tangent=log_decay_wanted,
                                   entering_tangents=tangents_entering, spanned=log_gate_wanted)
-    parts = {name: jnp.sum(part, axis=0) for name, part in dq_sums.items()}
-    parts["w"] = parts.pop("state")
+    parts = {"w" if name == "state" else name: jnp.sum(part, axis=0) for name, part in dq_sums.items()}
     dv, dv_finals, _ = plain(k, q, do, entering=reverse_entering, reverse=True)
     if log_gate_wanted:  # the gate's gradient takes the dk walk's sums (the decay's come from the dq walk alone)
         dk, _, dk_sums = sums(v, do, q, entering=dk_entering, reverse=True, rows=k)
@@ -321,9 +322,10 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     the state's products become float32-accurate (hi/lo pairs) and sums["state"] [Dv blocks, B, H, T] holds
     each position's rows . (the state's part of out) (w, u); with ``tangent`` (the dq walk) also the
     state's derivative in log gamma D (fleetjax.chunk.update_tangent) as a second state, entering the pieces
-    as ``entering_tangents`` [B, H, P, Dk, Dv] float32 (None: zero), and sums["tangent"] (each position's
-    rows . (out's part from D)) and sums["intra"] (the lag-weighted pairs in the chunk), per value block
-    (their sum over blocks is the position's).
+    as ``entering_tangents`` [B, H, P, Dk, Dv] float32 (None: zero), and sums["decay"] in place of
+    sums["state"] (which ``spanned`` keeps for the gate): each position's summand of d log gamma
+    (fleetjax.vjp.log_decay_summand), (i + 1) w + tangent (rows . (out's part from D)) + intra (the
+    lag-weighted pairs in the chunk); all per value block (their sum over blocks is the position's).
 
     ``within`` [B, H, T] float32 (the gated decay): the log decay summed from each position's chunk start
     through it (fleetjax.decay.Decays.within_chunks); the walk's factors are then exp of its differences
@@ -360,12 +362,17 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     gated = within is not None
     if spanned and not (gated and exact and not reverse):
         raise ValueError("spanned= needs the gated decay, rows= and the forward direction (the dq walk)")
-    # float16's range: scale the state before it is rounded; bfloat16 keeps float32's, scale the row factors.
-    # The exact products always take the scaled state (its lo part then keeps the scale's bits too).
-    scale_state = exact or jnp.dtype(dtype) == jnp.dtype(jnp.float16)
+    # float16's range: scale the state before it is rounded; bfloat16 keeps float32's, so the scale rides on
+    # the row factors (after the products: a hi/lo pair's sum holds the state either way). The chunk's pair
+    # weights carry the scale too: the intra product's operand, the lag-weighted and spanned pairs.
+    scale_state = jnp.dtype(dtype) == jnp.dtype(jnp.float16)
+    # The gated weights take it in their exponent, added to the [C] log decays before they are broadcast.
+    log_scale = math.log(scale) if scale > 0 and scale != 1.0 else None
     if tangent and (reverse or not exact):
         raise ValueError("tangent= needs rows= and the forward direction (the dq walk)")
-    sums = (["state"] if exact else []) + (["tangent", "intra"] if tangent else []) + (["spanned"] if spanned else [])
+    # With the tangent only the gate's gradient reads w alone; the decay's reads its summand ("decay").
+    sums = ((["state"] if exact and (spanned or not tangent) else []) + (["decay"] if tangent else [])
+            + (["spanned"] if spanned else []))
     # The interpreter runs the body as XLA ops, whose GPU compiler would drop the hi/lo splits' roundings.
     parts_of = functools.partial(split, barrier=interpret is not None)
 
@@ -391,7 +398,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
 
     def program(*, log_decay_gmem, k_gmem, v_gmem, final_gmem, weighted_smem, barrier, q_gmem=None, o_gmem=None,
                 state_smem=None, rows_gmem=None, within_gmem=None, start_gmem=None, tangent_start_gmem=None,
-                state_sums_gmem=None, tangent_sums_gmem=None, intra_sums_gmem=None, spanned_sums_gmem=None,
+                state_sums_gmem=None, decay_sums_gmem=None, spanned_sums_gmem=None,
                 state_lo_smem=None, weighted_lo_smem=None, tangent_smem=None, tangent_lo_smem=None, lagged_smem=None,
                 lagged_lo_smem=None, part_hi_smem=None, part_mid_smem=None, part_lo_smem=None, keys_t_smem=None,
                 block_t_smem=None, register_smem=None, register_bf16_smem=None, out_smem=None, f32_smem=None,
@@ -405,8 +412,8 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                 ref.at[group] for ref in (state_smem, weighted_smem, out_smem, f32_smem, barrier))
             if interpret is not None:
                 keys_t_smem, register_smem = keys_t_smem.at[group], register_smem.at[group]
-        sums_gmem = {name: ref for name, ref in (("state", state_sums_gmem), ("tangent", tangent_sums_gmem),
-                                                 ("intra", intra_sums_gmem), ("spanned", spanned_sums_gmem))
+        sums_gmem = {name: ref for name, ref in (("state", state_sums_gmem), ("decay", decay_sums_gmem),
+                                                 ("spanned", spanned_sums_gmem))
                      if name in sums}
         part_smems = [part_hi_smem, part_mid_smem, part_lo_smem] if spanned else []
         # The interpreter's transposed copies, by the shape of the tile copied, and its copies of register
@@ -441,7 +448,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
         def constant_factors(lag, lags, enter_lag, leave_lag):
             """The constant decay's factors from :func:`steps`'s, the same for every chunk."""
             log_gamma = log_decay_gmem[h]
-            return (decayed(lag >= 0, lags * log_gamma), jnp.exp(enter_lag * log_gamma) * row_factor,
+            return (decayed(lag >= 0, lags * log_gamma) * scale, jnp.exp(enter_lag * log_gamma) * row_factor,
                     jnp.exp(leave_lag * log_gamma), jnp.exp(C * log_gamma))
 
         # Two warpgroups form their registers' values in the compute context (the copying warpgroup keeps
@@ -473,8 +480,8 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
 
         def factors(within_smem, lag):
             """(weights, entering_rows, leaving_rows, carry) of a gated chunk from its ``within`` tile L [C]:
-            forward exp(L_i - L_j) for j <= i, exp(L_i), exp(L_last - L_i), exp(L_last); in reverse the
-            weights exp(L_j - L_i) for j >= i and the entering and leaving rows swapped."""
+            forward scale exp(L_i - L_j) for j <= i, exp(L_i), exp(L_last - L_i), exp(L_last); in reverse the
+            weights scale exp(L_j - L_i) for j >= i and the entering and leaving rows swapped."""
             if interpret is None:  # the tile as a column and as a row of the wgmma layout
                 at_rows = plgpu.load(within_smem, (), layout=wg.reduce(1))
                 # Two loads that differ in an attribute: jax 0.11's CSE would merge identical ones (its
@@ -483,13 +490,17 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             else:
                 at_rows = at_cols = within_smem[...]
             last = within_smem[C - 1]
-            pair = (laid(lax.broadcast_in_dim(at_rows, (C, C), (0,)))
+            # log(scale) joins the pairs' exponents through the rows' [C] values (their sign flips in reverse).
+            shifted = at_rows if log_scale is None else at_rows + (-log_scale if reverse else log_scale)
+            pair = (laid(lax.broadcast_in_dim(shifted, (C, C), (0,)))
                     - laid(lax.broadcast_in_dim(at_cols, (C, C), (1,))))
             pair = -pair if reverse else pair
             by_row = laid(lax.broadcast_in_dim(at_rows, (C, bv), (0,)))
             from_start, to_end = jnp.exp(by_row), jnp.exp(last - by_row)
             enter, leave = (to_end, from_start) if reverse else (from_start, to_end)
-            return decayed(lag >= 0, pair), enter * row_factor, leave, jnp.exp(last)
+            weights = decayed(lag >= 0, pair)
+            weights = weights * scale if log_scale is None and scale != 1.0 else weights
+            return weights, enter * row_factor, leave, jnp.exp(last)
 
         def chunk(indices, *smems):
             *tiles, carried = smems
@@ -524,7 +535,8 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             else:
                 state_smem[...] = held.astype(dtype)
             if tangent:
-                tangent_smem[...], tangent_lo_smem[...] = parts_of(scale * derivative, dtype, 2)
+                tangent_smem[...], tangent_lo_smem[...] = parts_of(scale * derivative if scale_state else derivative,
+                                                                   dtype, 2)
             plgpu.commit_smem()
 
             # The products that read only the chunk's tiles and the states' copies go out together.
@@ -540,17 +552,17 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             if tangent or spanned:
                 pairs = got["pairs"] * scores
             if tangent:
-                sum_smem["intra"][...] = scale * jnp.sum(lags * pairs, axis=1)
+                intra_rows = jnp.sum(lags * pairs, axis=1)
             if spanned:  # sum over i >= r as one product with the triangle [i >= r], then over j < r
                 for part_smem, part in zip(part_smems, parts_of(pairs, jnp.bfloat16, 3)):
                     part_smem[...] = part
                 plgpu.commit_smem()
                 triangle = from_registers(jnp.where(pair_cols >= pair_rows, 1.0, 0.0).astype(jnp.bfloat16))
                 from_r = products(r=((C, C), [(triangle, part_smem) for part_smem in part_smems]))["r"]
-                sum_smem["spanned"][...] = scale * jnp.sum(jnp.where(pair_cols < pair_rows, from_r, 0.0), axis=1)
+                sum_smem["spanned"][...] = jnp.sum(jnp.where(pair_cols < pair_rows, from_r, 0.0), axis=1)
 
             def intra(acc):
-                plgpu.wgmma(acc, from_registers((scores * scale).astype(dtype)), v_smem)
+                plgpu.wgmma(acc, from_registers(scores.astype(dtype)), v_smem)
 
             [o] = accumulate((inter, intra))
             if wide:  # out through a ring of two tiles, each copied out by this warpgroup
@@ -562,9 +574,11 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                 tile["o"][...] = o.astype(dtype)
             if exact:
                 x = x_smem[...].astype(f32)
+            if "state" in sums:
                 sum_smem["state"][...] = jnp.sum(inter * x, axis=1)
-            if tangent:
-                sum_smem["tangent"][...] = jnp.sum(got["through"] * entering_rows * x, axis=1)
+            if tangent:  # d log gamma's summand (fleetjax.vjp.log_decay_summand): (i + 1) w + tangent + intra
+                lag_weighted = enter_lag * inter + entering_rows * got["through"]
+                sum_smem["decay"][...] = jnp.sum(lag_weighted * x, axis=1) + intra_rows
             weighted = v_smem[...].astype(f32) * leaving_rows + 0.0 * o
             if exact:
                 weighted_smem[...], weighted_lo_smem[...] = parts_of(weighted, dtype, 2)
