@@ -217,13 +217,28 @@ def test_plot_draws_every_panel_kind(tmp_path):
     assert plot_results(path).stat().st_size > 0
 
 
-
 def test_the_wide_walk_probe_lowers_for_sm_90(capsys):
     """experiments/probe_wide_walk --lower: the package's walk at one and two warpgroups, lowered for sm_90 on
     this host (the probe's GPU run compares them bitwise and times them)."""
     from experiments import probe_wide_walk
     assert probe_wide_walk.main(["--lower", "--shapes", "1,256,2,2", "--cases", "forward,reverse"]) == 0
     assert capsys.readouterr().out.count("1 Mosaic GPU kernel") == 4
+
+
+def test_walk_ops_counts_each_walks_chunk_loop(tmp_path, capsys):
+    """experiments/walk_ops: the walks lowered for sm_90 on this host, each chunk loop's ops counted. The
+    forward walk and the backward's three (dq with the decay's sums, dv, dk: identical modules lower once, so
+    the plain dv and dk walks show as the forward's twin) each issue wgmmas in their loop, and the dq walk's
+    sums take row shuffles (one reduction for d log decay's summand, one for the intra pairs)."""
+    from experiments import walk_ops
+    out = tmp_path / "ops.jsonl"
+    assert walk_ops.main(["--out", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["op"], r["module"]) for r in records] == [("fwd", 0), ("fwd_bwd", 0), ("fwd_bwd", 1), ("fwd_bwd", 2)]
+    assert all(r["wgmma"] > 0 and r["total"] > r["float"] > 0 and r["shared_bytes"] > 0 for r in records)
+    dq = records[1]
+    assert dq["shuffle"] > 0 and dq["total"] > records[0]["total"] and records[0]["shuffle"] == 0
+    assert capsys.readouterr().out.count("\n") == 1 + len(records)
 
 
 if __name__ == "__main__" and devices.worker_ids(sys.argv) is not None:

@@ -1,0 +1,151 @@
+"""What each Mosaic GPU walk does per chunk, counted on a machine without a GPU: the op (forward, or forward and
+backward with every gradient, the decay's included) is lowered for an sm_90 GPU, each Mosaic kernel's module
+is read as text, and the ops in its chunk loop (the scf.for with the most ops: the pipeline's body) are
+counted by kind, with the kernel's shared-memory request.
+
+    PYTHONPATH=. python -m experiments.walk_ops [--gated] [--scale S] [--out FILE]
+
+The counts are of the lowered module, before LLVM: an op on a register pair (vector<2xf32>) counts once, a
+multiply by the constant 1.0 is still there (LLVM drops it later), and dead ops are not removed. So they
+compare two trees' walks, kind by kind; the GPU's instruction counts (MOSAIC_GPU_DUMP_PTX, ptxas) and times
+stay the measure. The default config is MosaicWalkConfig() at B1 T=512 H2, K = V = 128, bfloat16, so every
+walk runs in one piece on one warpgroup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import fleetjax  # noqa: E402
+from fleetjax.pallas import chunked, mosaic  # noqa: E402
+
+# Op kinds, by the op's name in the lowered module (inline assembly by the instruction it holds).
+KINDS = {
+    "float": ("arith.addf", "arith.subf", "arith.mulf", "arith.negf", "arith.divf", "arith.maximumf",
+              "arith.minimumf", "math.fma"),
+    "exp": ("math.exp", "math.exp2"),
+    "convert": ("arith.truncf", "arith.extf"),
+    "shuffle": ("nvvm.shfl.sync",),
+}
+# Ops without a result, by a phrase of their line.
+LINES = {"store": ("llvm.store ", "vector.store ", "nvvm.stmatrix"), "wgmma": ("wgmma.mma_async",),
+         "wgmma_wait": ("wgmma.wait.group",), "barrier": ("nvvm.barrier", "bar.sync")}
+
+
+@contextlib.contextmanager
+def capture_modules():
+    """A list that fills with the text of every Mosaic GPU module lowered inside the context."""
+    from jax.experimental.mosaic.gpu import core
+    if not hasattr(core, "_run_serde_pass"):
+        raise SystemExit("this jax's Mosaic GPU lowering has no serde pass to read the modules from")
+    modules, serde = [], core._run_serde_pass
+
+    def capture(module, *args, **kwargs):
+        modules.append(module.operation.get_asm(enable_debug_info=False))
+        return serde(module, *args, **kwargs)
+
+    core._run_serde_pass = capture
+    try:
+        yield modules
+    finally:
+        core._run_serde_pass = serde
+
+
+def _loop_bodies(lines: list[str]) -> list[tuple[int, int]]:
+    """(first, last) line of every scf.for's body: up to the brace at the loop's own indentation."""
+    bodies = []
+    for i, line in enumerate(lines):
+        if "scf.for" not in line:
+            continue
+        indent = len(line) - len(line.lstrip())
+        end = next(j for j in range(i + 1, len(lines))
+                   if lines[j].strip().startswith("}") and len(lines[j]) - len(lines[j].lstrip()) == indent)
+        bodies.append((i + 1, end))
+    return bodies
+
+
+def count(module: str) -> dict:
+    """The chunk loop's ops by kind (and by op name) and the module's shared-memory request in bytes."""
+    lines = module.splitlines()
+    ops_in = lambda a, b: collections.Counter(  # noqa: E731
+        m.group(1) for line in lines[a:b] for m in [re.search(r"= ([a-z_]+\.[a-z_.0-9]+)", line)] if m)
+    first, last = max(_loop_bodies(lines), key=lambda body: sum(ops_in(*body).values()))
+    ops = ops_in(first, last)
+    body = lines[first:last]
+    kinds = {kind: sum(ops[name] for name in names) for kind, names in KINDS.items()}
+    kinds.update({kind: sum(any(phrase in line for phrase in phrases) for line in body)
+                  for kind, phrases in LINES.items()})
+    shared = [int(n) for n in re.findall(r"memref<(\d+)xi8, #gpu.address_space<workgroup>>", module)]
+    return dict(kinds, total=sum(kinds.values()), shared_bytes=max(shared, default=0),
+                ops={name: n for name, n in sorted(ops.items()) if any(name in names for names in KINDS.values())})
+
+
+def lowered(modules: list[str], *, gated: bool, backward: bool, scale: float | None,
+            walks: mosaic.MosaicWalkConfig) -> list[str]:
+    """The Mosaic modules of the op at B1 T=512 H2 K = V = 128 bfloat16, lowered for sm_90, in order
+    (``modules``: the list of :func:`capture_modules`, in whose context this runs)."""
+    modules.clear()
+    q = jnp.zeros((1, 512, 2, 128), jnp.bfloat16)
+    gate = jnp.full((1, 512, 2), -0.01, jnp.float32) if gated else None
+    config = dataclasses.replace(chunked.default_config(q, q), mosaic_walks=walks)
+
+    def f(q, k, v, decay, gate):
+        return fleetjax.fleet_attention(q, k, v, decay, scale=scale, log_gate=gate, implementation="pallas",
+                                        config=config).astype(jnp.float32).sum()
+
+    if backward:
+        f = jax.grad(f, argnums=(0, 1, 2, 3, 4) if gated else (0, 1, 2, 3))
+    jax.jit(f).trace(q, q, q, jnp.asarray([0.9, 0.99]), gate).lower(lowering_platforms=("cuda",))
+    return list(modules)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gated", action="store_true", help="with a log gate (its gradient too), beside the decay")
+    ap.add_argument("--scale", type=float, default=None, help="the op's scale (default None: K^-1/2)")
+    ap.add_argument("--out", default=None, help="append one JSON line per kernel to this file")
+    args = ap.parse_args(argv)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent).stdout.strip()
+    records = []
+    for backward in (False, True):
+        with capture_modules() as captured:
+            modules = lowered(captured, gated=args.gated, backward=backward, scale=args.scale,
+                              walks=mosaic.MosaicWalkConfig())
+        for index, module in enumerate(modules):
+            name = re.search(r"func\.func @(\w+)", module)
+            records.append(dict(op="fwd_bwd" if backward else "fwd", module=index,
+                                kernel=name.group(1) if name else None, gated=args.gated, scale=args.scale,
+                                git_commit=commit, jax=jax.__version__, **count(module)))
+    print(f"{'op':8} {'#':>2} {'total':>6} {'float':>6} {'exp':>4} {'convert':>7} {'shuffle':>7} {'store':>6} "
+          f"{'wgmma':>6} {'wait':>5} {'barrier':>7} {'smem KiB':>8}")
+    for r in records:
+        print(f"{r['op']:8} {r['module']:>2} {r['total']:>6} {r['float']:>6} {r['exp']:>4} {r['convert']:>7} "
+              f"{r['shuffle']:>7} {r['store']:>6} {r['wgmma']:>6} {r['wgmma_wait']:>5} {r['barrier']:>7} "
+              f"{r['shared_bytes'] / 1024:>8.1f}")
+    if args.out:
+        with open(args.out, "a") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
