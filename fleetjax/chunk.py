@@ -62,10 +62,10 @@ def split(x, dtype, parts: int, *, barrier: bool = False) -> list:
     bodies run as XLA ops (Mosaic GPU's interpreter): XLA's GPU compiler removes a float32 -> 16-bit ->
     float32 pair of converts where excess precision is allowed (its default), which would leave every
     later term zero. The same values either way; compiled kernels lower their converts themselves."""
-    out = []
-    for _ in range(parts):
-        out.append(x.astype(dtype))
+    out = [x.astype(dtype)]
+    for _ in range(parts - 1):  # the rest after the last term is not formed (kernels' lowered loops stay lean)
         x = x - (jax.lax.optimization_barrier(out[-1]) if barrier else out[-1]).astype(f32)
+        out.append(x.astype(dtype))
     return out
 
 
