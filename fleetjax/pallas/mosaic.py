@@ -498,8 +498,9 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             pair = (laid(lax.broadcast_in_dim(shifted, (C, C), (0,)))
                     - laid(lax.broadcast_in_dim(at_cols, (C, C), (1,))))
             pair = -pair if reverse else pair
-            by_row = laid(lax.broadcast_in_dim(at_rows, (C, bv), (0,)))
-            from_start, to_end = jnp.exp(by_row), jnp.exp(last - by_row)
+            # The row factors' exp on the [C] values, then broadcast: a thread holds two rows, not 2 * bv / 4.
+            from_start, to_end = (laid(lax.broadcast_in_dim(row, (C, bv), (0,)))
+                                  for row in (jnp.exp(at_rows), jnp.exp(last - at_rows)))
             enter, leave = (to_end, from_start) if reverse else (from_start, to_end)
             weights = decayed(lag >= 0, pair)
             weights = weights * scale if log_scale is None and scale != 1.0 else weights
