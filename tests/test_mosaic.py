@@ -821,6 +821,29 @@ def test_one_warpgroup_walks_leave_out_the_automatic_barriers(mosaic_modules, lo
     assert wide_left.count("bar.sync") == wide_kept.count("bar.sync") > 0
 
 
+@pytest.mark.parametrize("log_gate", [False, True], ids=["constant", "gated"])
+def test_approx_exp_lowers_the_gated_walks_exp_to_the_hardwares(mosaic_modules, log_gate):
+    """Lowered for an sm_90 GPU (any host): MosaicWalkConfig.approx_exp gives every exp of the gated walks
+    (forward and backward) as exp2 of x log2(e), and leaves every walk without it as before; the constant
+    decay's walks form their factors once and never take it."""
+    def lowered(approx_exp):
+        walks = mosaic.MosaicWalkConfig(approx_exp=approx_exp)
+        return (_lowered_walks(mosaic_modules, walks, log_gate=log_gate, backward=False)
+                + _lowered_walks(mosaic_modules, walks, log_gate=log_gate, backward=True))
+
+    def exps(module):  # (accurate exp ops, exp2 ops)
+        return len(re.findall(r"math\.exp ", module)), module.count("math.exp2")
+
+    approx, accurate = lowered(True), lowered(False)
+    assert len(approx) == len(accurate) >= 4  # the forward walk, then the backward's
+    assert all(exps(module)[1] == 0 for module in accurate)
+    if log_gate:
+        assert all(exps(module)[0] > 0 for module in accurate)
+        assert all(exps(module)[0] == 0 and exps(module)[1] > 0 for module in approx)
+    else:
+        assert approx == accurate
+
+
 @hopper
 @pytest.mark.parametrize("log_gate", [False, True], ids=["constant", "gated"])
 def test_walks_without_the_automatic_barriers_give_the_same_bits(log_gate):

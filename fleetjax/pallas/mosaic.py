@@ -120,6 +120,12 @@ class MosaicWalkConfig:
     B4 H16 T=4096, 2.846 against 2.965 at T=16384, gated (gate and decay learned) 1.673 against 1.779 and
     6.053 against 6.549, the forward at B1 H8 T=32768 0.198 against 0.205, outputs and gradients bitwise the
     same (H200, 2026-12-04, bf16, K = V = 128, alternated A/B, -auto_barriers_ab.jsonl in experiments/results).
+    approx_exp: the gated walks form their per-chunk factors' exp as exp2(x log2(e)) (Mosaic GPU's
+    ``approx_math``): a multiply and the special-function unit's base-2 exp for each value, against the
+    accurate exp's longer sequence. The rounding of x log2(e) costs a relative error of about |x| 2^-24 (1e-6
+    at |x| = 20), well inside the gradients' bf16 tolerances; exp(0) is still exactly 1. The constant
+    decay's factors are formed once per program and keep the accurate exp. Off by default: built without a
+    GPU (2026-12-04), not timed; the interpreter computes the accurate exp either way.
     """
 
     chunk_size: int = 64
@@ -136,6 +142,7 @@ class MosaicWalkConfig:
     gated_backward: bool = True
     gated_decay_sums: bool = True
     auto_barriers: bool = False
+    approx_exp: bool = False
 
     def __post_init__(self):
         if self.chunk_size != 64:
@@ -724,8 +731,13 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     # The kernel's name in profiles and lowered programs: <name>_mosaic_gpu_kernel.
     kernel.__name__ = kernel.__qualname__ = STATES_KERNEL if states_only else "kernel"
     options = dict(num_threads=wgs + 1, thread_name="wg") if wide else {}
+    params = {}
     if not (config.auto_barriers or wide):  # see MosaicWalkConfig.auto_barriers for why this is safe
-        options["compiler_params"] = plgpu.CompilerParams(unsafe_no_auto_barriers=True)
+        params["unsafe_no_auto_barriers"] = True
+    if config.approx_exp and gated:
+        params["approx_math"] = True
+    if params:
+        options["compiler_params"] = plgpu.CompilerParams(**params)
     call = plgpu.kernel(kernel, out_type=tuple(outputs.values()), grid=(V // (wgs * bv), B * H, launched),
                         grid_names=("v", "bh", "piece"), scratch_types=list(scratch.values()), **options,
                         **({} if interpret is None else dict(interpret=interpret)))
