@@ -42,6 +42,7 @@ KINDS = {
               "arith.minimumf", "math.fma"),
     "exp": ("math.exp", "math.exp2"),
     "convert": ("arith.truncf", "arith.extf"),
+    "select": ("arith.select",),
     "shuffle": ("nvvm.shfl.sync",),
 }
 # Ops without a result, by a phrase of their line.
@@ -134,12 +135,12 @@ def main(argv: list[str] | None = None) -> int:
             records.append(dict(op="fwd_bwd" if backward else "fwd", module=index,
                                 kernel=name.group(1) if name else None, gated=args.gated, scale=args.scale,
                                 git_commit=commit, jax=jax.__version__, **count(module)))
-    print(f"{'op':8} {'#':>2} {'total':>6} {'float':>6} {'exp':>4} {'convert':>7} {'shuffle':>7} {'store':>6} "
-          f"{'wgmma':>6} {'wait':>5} {'barrier':>7} {'smem KiB':>8}")
+    print(f"{'op':8} {'#':>2} {'total':>6} {'float':>6} {'exp':>4} {'convert':>7} {'select':>6} {'shuffle':>7} "
+          f"{'store':>6} {'wgmma':>6} {'wait':>5} {'barrier':>7} {'smem KiB':>8}")
     for r in records:
         print(f"{r['op']:8} {r['module']:>2} {r['total']:>6} {r['float']:>6} {r['exp']:>4} {r['convert']:>7} "
-              f"{r['shuffle']:>7} {r['store']:>6} {r['wgmma']:>6} {r['wgmma_wait']:>5} {r['barrier']:>7} "
-              f"{r['shared_bytes'] / 1024:>8.1f}")
+              f"{r['select']:>6} {r['shuffle']:>7} {r['store']:>6} {r['wgmma']:>6} {r['wgmma_wait']:>5} "
+              f"{r['barrier']:>7} {r['shared_bytes'] / 1024:>8.1f}")
     if args.out:
         with open(args.out, "a") as f:
             for r in records:

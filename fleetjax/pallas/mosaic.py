@@ -411,7 +411,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                 state_sums_gmem=None, decay_sums_gmem=None, spanned_sums_gmem=None,
                 state_lo_smem=None, weighted_lo_smem=None, tangent_smem=None, tangent_lo_smem=None, lagged_smem=None,
                 lagged_lo_smem=None, part_hi_smem=None, part_lo_smem=None, keys_t_smem=None,
-                block_t_smem=None, register_smem=None, register_bf16_smem=None, out_smem=None, f32_smem=None,
+                block_t_smem=None, register_smem=None, triangle_smem=None, out_smem=None, f32_smem=None,
                 rendezvous=None):
         """One program's walk, its refs by name (see ``kernel`` below): inputs and outputs ``*_gmem``, scratch
         ``*_smem`` and ``barrier``; None where the call has no such ref. Two warpgroups (``wide``): each takes
@@ -426,18 +426,15 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                                                  ("spanned", spanned_sums_gmem))
                      if name in sums}
         part_smems = [part_hi_smem, part_lo_smem] if spanned else []
-        # The interpreter's transposed copies, by the shape of the tile copied, and its copies of register
-        # operands A, by dtype.
+        # The interpreter's transposed copies, by the shape of the tile copied (its copy of a register
+        # operand A: register_smem).
         transposed_smem = {} if interpret is None else {(C, K): keys_t_smem, (C, bv): block_t_smem}
-        register_smems = {} if interpret is None else {
-            jnp.dtype(dtype): register_smem,
-            jnp.dtype(jnp.bfloat16): register_smem if register_bf16_smem is None else register_bf16_smem}
 
         def from_registers(x):  # a wgmma operand A in registers (the interpreter reads operands from refs)
             if interpret is None:
                 return x
-            register_smems[jnp.dtype(x.dtype)][...] = x
-            return register_smems[jnp.dtype(x.dtype)]
+            register_smem[...] = x
+            return register_smem
 
         j, bh, piece = lax.axis_index("v"), lax.axis_index("bh"), lax.axis_index("piece")
         b, h = bh // H, bh % H
@@ -509,7 +506,10 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             from_start, to_end = (laid(lax.broadcast_in_dim(row, (C, bv), (0,)))
                                   for row in (jnp.exp(at_rows), jnp.exp(last - at_rows)))
             enter, leave = (to_end, from_start) if reverse else (from_start, to_end)
-            weights = decayed(lag >= 0, pair)
+            # Unlike fleetjax.chunk.decayed, the exponents are not masked before exp: off the pairs they are
+            # differences of finite log decays in the wrong order (>= 0), whose exp at worst overflows to inf,
+            # which the select drops (a NaN gate still reaches the pairs, as with the mask).
+            weights = jnp.where(lag >= 0, jnp.exp(pair), 0.0)
             weights = weights * scale if log_scale is None and scale != 1.0 else weights
             return weights, enter * row_factor, leave, jnp.exp(last)
 
@@ -568,8 +568,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                 for part_smem, part in zip(part_smems, parts_of(pairs, jnp.bfloat16, 2)):
                     part_smem[...] = part
                 plgpu.commit_smem()
-                triangle = from_registers(jnp.where(pair_cols >= pair_rows, 1.0, 0.0).astype(jnp.bfloat16))
-                from_r = products(r=((C, C), [(triangle, part_smem) for part_smem in part_smems]))["r"]
+                from_r = products(r=((C, C), [(triangle_smem, part_smem) for part_smem in part_smems]))["r"]
                 sum_smem["spanned"][...] = jnp.sum(jnp.where(pair_cols < pair_rows, from_r, 0.0), axis=1)
 
             def intra(acc):
@@ -670,6 +669,9 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             return
         state = entered(start_gmem)
         init = (state, entered(tangent_start_gmem)) if tangent else state
+        if spanned:  # the spanned sums' triangle [i >= r], a constant operand: written once, not each chunk
+            triangle_smem[...] = jnp.where(pair_cols >= pair_rows, 1.0, 0.0).astype(jnp.bfloat16)
+            plgpu.commit_smem()
         stores = {} if states_only else dict(o=(rows_v, o_gmem.at[b, :, h]))
         stores.update({f"{name}_sums": (positions, sums_gmem[name].at[j, b, h]) for name in sums})
         staged = [*loads, *stores]
@@ -703,16 +705,14 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
         scratch.update(tangent_smem=state_tile(), tangent_lo_smem=state_tile(), lagged_smem=weighted_tile(),
                        lagged_lo_smem=weighted_tile())
     if spanned:
-        scratch.update({f"part_{part}_smem": plgpu.SMEM((C, C), jnp.bfloat16, transforms=_mma_tiles(jnp.bfloat16, C))
-                        for part in ("hi", "lo")})
+        scratch.update({f"{part}_smem": plgpu.SMEM((C, C), jnp.bfloat16, transforms=_mma_tiles(jnp.bfloat16, C))
+                        for part in ("part_hi", "part_lo", "triangle")})
     scratch["barrier"] = plgpu.Barrier(num_barriers=wgs) if wide else plgpu.Barrier()
     if wide:
         scratch["rendezvous"] = plgpu.Barrier(num_arrivals=wgs, num_barriers=2)
     if interpret is not None:
         scratch.update(keys_t_smem=plgpu.SMEM((*per_group, K, C), dtype), block_t_smem=plgpu.SMEM((bv, C), dtype),
                        register_smem=plgpu.SMEM((*per_group, C, C), dtype))
-        if spanned and jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16):  # the spanned sums' bfloat16 triangle
-            scratch["register_bf16_smem"] = plgpu.SMEM((C, C), jnp.bfloat16)
     inputs = {name: x for name, x in inputs.items() if x is not None}
     outputs = {name: x for name, x in outputs.items() if x is not None}
     shared = [name for name in ("state_smem", "weighted_smem", "out_smem") if wide and interpret is None]
