@@ -584,11 +584,15 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                 tile["o"][...] = o.astype(dtype)
             if exact:
                 x = x_smem[...].astype(f32)
+                w = jnp.sum(inter * x, axis=1)
             if "state" in sums:
-                sum_smem["state"][...] = jnp.sum(inter * x, axis=1)
+                sum_smem["state"][...] = w
             if tangent:  # d log gamma's summand (fleetjax.vjp.log_decay_summand): (i + 1) w + tangent + intra
-                lag_weighted = enter_lag * inter + entering_rows * got["through"]
-                sum_smem["decay"][...] = jnp.sum(lag_weighted * x, axis=1) + intra_rows
+                # i + 1 on the rows' [C] values (two a thread), not as a [C, block_v] tile live in the loop.
+                steps_in = (lax.broadcasted_iota(jnp.int32, (C,), 0) if interpret is not None
+                            else plgpu.broadcasted_iota(jnp.int32, (C,), 0, layout=wg.reduce(1))) + 1
+                tangent_rows = jnp.sum(got["through"] * entering_rows * x, axis=1)
+                sum_smem["decay"][...] = steps_in.astype(f32) * w + tangent_rows + intra_rows
             weighted = v_smem[...].astype(f32) * leaving_rows + 0.0 * o
             if exact:
                 weighted_smem[...], weighted_lo_smem[...] = parts_of(weighted, dtype, 2)
