@@ -228,8 +228,8 @@ def test_the_wide_walk_probe_lowers_for_sm_90(capsys):
 def test_walk_ops_counts_each_walks_chunk_loop(tmp_path, capsys):
     """experiments/walk_ops: the walks lowered for sm_90 on this host, each chunk loop's ops counted. The
     forward walk and the backward's three (dq with the decay's sums, dv, dk: identical modules lower once, so
-    the plain dv and dk walks show as the forward's twin) each issue wgmmas in their loop, and the dq walk's
-    sums take row shuffles (one reduction for d log decay's summand, one for the intra pairs)."""
+    the plain dv and dk walks show as the forward's twin) each issue wgmmas in their loop, and only the dq
+    walk, which forms d log decay's per-position summand, sums rows across lanes (shuffles)."""
     from experiments import walk_ops
     out = tmp_path / "ops.jsonl"
     assert walk_ops.main(["--out", str(out)]) == 0
