@@ -386,9 +386,9 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     # The interpreter runs the body as XLA ops, whose GPU compiler would drop the hi/lo splits' roundings.
     parts_of = functools.partial(split, barrier=interpret is not None)
 
-    def iota(shape, dimension):
+    def iota(shape, dimension, layout=wg):
         return (lax.broadcasted_iota(jnp.int32, shape, dimension) if interpret is not None
-                else plgpu.broadcasted_iota(jnp.int32, shape, dimension, layout=wg))
+                else plgpu.broadcasted_iota(jnp.int32, shape, dimension, layout=layout))
 
     def laid(x):
         return x if interpret is not None else plgpu.layout_cast(x, wg)
@@ -589,8 +589,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                 sum_smem["state"][...] = w
             if tangent:  # d log gamma's summand (fleetjax.vjp.log_decay_summand): (i + 1) w + tangent + intra
                 # i + 1 on the rows' [C] values (two a thread), not as a [C, block_v] tile live in the loop.
-                steps_in = (lax.broadcasted_iota(jnp.int32, (C,), 0) if interpret is not None
-                            else plgpu.broadcasted_iota(jnp.int32, (C,), 0, layout=wg.reduce(1))) + 1
+                steps_in = iota((C,), 0, wg.reduce(1)) + 1
                 tangent_rows = jnp.sum(got["through"] * entering_rows * x, axis=1)
                 sum_smem["decay"][...] = steps_in.astype(f32) * w + tangent_rows + intra_rows
             weighted = v_smem[...].astype(f32) * leaving_rows + 0.0 * o
