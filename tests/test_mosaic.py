@@ -751,20 +751,15 @@ def test_a_backward_launches_only_the_walks_its_gradients_need(wrt, kernels):
 
 
 @pytest.fixture
-def mosaic_modules(monkeypatch) -> list[str]:
-    """The Mosaic GPU modules that the test lowers (for sm_90, on any host), as text, in order."""
+def mosaic_modules():
+    """The Mosaic GPU modules that the test lowers (for sm_90, on any host), as text, in order
+    (experiments/walk_ops.py's capture)."""
     core = pytest.importorskip("jax.experimental.mosaic.gpu.core")
     if not hasattr(core, "_run_serde_pass"):
         pytest.skip("this jax's Mosaic GPU lowering has no serde pass to read the module from")
-    modules = []
-    serde = core._run_serde_pass
-
-    def capture(module, *args, **kwargs):
-        modules.append(module.operation.get_asm(enable_debug_info=False))
-        return serde(module, *args, **kwargs)
-
-    monkeypatch.setattr(core, "_run_serde_pass", capture)
-    return modules
+    from experiments import walk_ops
+    with walk_ops.capture_modules() as modules:
+        yield modules
 
 
 @pytest.mark.parametrize("K, stages, warpgroups, narrow", [
@@ -789,17 +784,9 @@ def test_the_shared_memory_model_is_what_the_lowered_forward_walk_asks_for(mosai
 
 def _lowered_walks(modules: list[str], walks: mosaic.MosaicWalkConfig, *, log_gate: bool, backward: bool) -> list[str]:
     """The Mosaic modules of the forward, or of fwd+bwd with every gradient (the decay's and the gate's too),
-    under ``walks``, lowered for sm_90 at B1 T512 H2, K = V = 128."""
-    modules.clear()
-    q = jnp.zeros((1, 512, 2, 128), jnp.bfloat16)
-    gate = jnp.full((1, 512, 2), -0.01, jnp.float32) if log_gate else None
-    config = dataclasses.replace(chunked.default_config(q, q), mosaic_walks=walks)
-    f = lambda q, k, v, decay, gate: fleetjax.fleet_attention(  # noqa: E731
-        q, k, v, decay, log_gate=gate, implementation="pallas", config=config).astype(jnp.float32).sum()
-    if backward:
-        f = jax.grad(f, argnums=(0, 1, 2, 3, 4) if log_gate else (0, 1, 2, 3))
-    jax.jit(f).trace(q, q, q, jnp.asarray([0.9, 0.99]), gate).lower(lowering_platforms=("cuda",))
-    return list(modules)
+    under ``walks``, lowered for sm_90 at B1 T512 H2, K = V = 128 (experiments/walk_ops.py's lowering)."""
+    from experiments import walk_ops
+    return walk_ops.lowered(modules, gated=log_gate, backward=backward, scale=None, walks=walks)
 
 
 @pytest.mark.parametrize("log_gate", [False, True], ids=["constant", "gated"])
