@@ -778,8 +778,8 @@ def test_the_shared_memory_model_is_what_the_lowered_forward_walk_asks_for(mosai
                                                  implementation="pallas", config=config)
     jax.jit(f).trace(q, q, v).lower(lowering_platforms=("cuda",))
     [module] = modules
-    requested = {int(n) for n in re.findall(r"memref<(\d+)xi8, #gpu.address_space<workgroup>>", module)}
-    assert max(requested) == walks.shared_memory_bytes(K, 2)  # the whole request (views of it are smaller)
+    from experiments import walk_ops
+    assert walk_ops.shared_bytes(module) == walks.shared_memory_bytes(K, 2)  # scratch and barriers
 
 
 def _lowered_walks(modules: list[str], walks: mosaic.MosaicWalkConfig, *, log_gate: bool, backward: bool) -> list[str]:
@@ -818,8 +818,15 @@ def test_approx_exp_lowers_the_gated_walks_exp_to_the_hardwares(mosaic_modules, 
         return (_lowered_walks(mosaic_modules, walks, log_gate=log_gate, backward=False)
                 + _lowered_walks(mosaic_modules, walks, log_gate=log_gate, backward=True))
 
-    def exps(module):  # (accurate exp ops, exp2 ops)
-        return len(re.findall(r"math\.exp ", module)), module.count("math.exp2")
+    def exps(module):
+        """(accurate exp ops, approximate ones): jax 0.10.2 gives approx_math's exp as math.exp2, 0.11.2 as
+        inline ex2.approx, and a scalar's as math.exp with the approximate-function flag (afn)."""
+        accurate = [line for line in module.splitlines() if "math.exp " in line]
+        afn = sum("afn" in line for line in accurate)
+        return len(accurate) - afn, module.count("math.exp2") + module.count("ex2.approx") + afn
+
+    def text(module):  # jax 0.11.2 names each lowered module by a running count
+        return re.sub(r'mosaic_gpu\.dump_basename = "\w+"', "", module)
 
     approx, accurate = lowered(True), lowered(False)
     assert len(approx) == len(accurate) >= 4  # the forward walk, then the backward's
@@ -828,7 +835,7 @@ def test_approx_exp_lowers_the_gated_walks_exp_to_the_hardwares(mosaic_modules, 
         assert all(exps(module)[0] > 0 for module in accurate)
         assert all(exps(module)[0] == 0 and exps(module)[1] > 0 for module in approx)
     else:
-        assert approx == accurate
+        assert [text(m) for m in approx] == [text(m) for m in accurate]
 
 
 @hopper

@@ -168,18 +168,21 @@ class MosaicWalkConfig:
                                                                            forward_block_v=None)
 
     def shared_memory_bytes(self, K: int, itemsize: int) -> int:
-        """Shared memory of one forward program. One warpgroup: the state's 16-bit tile and the weighted
-        values' tile, then the larger of the staged q, k, v, o tiles and the float32 state's tile (used before
-        and after the pipeline only). Two: the staged q, k and v tiles (v two blocks wide), then for each
-        warpgroup the state's, the weighted values' and two output tiles, which share their space with the
-        float32 state's tiles."""
+        """Shared memory of one forward program, the launch's whole request. One warpgroup: the state's
+        16-bit tile and the weighted values' tile, then the larger of the staged q, k, v, o tiles and the
+        float32 state's tile (used before and after the pipeline only); a barrier for each stage's copies and
+        one for the state's. Two: the staged q, k and v tiles (v two blocks wide), then for each warpgroup the
+        state's, the weighted values' and two output tiles, which share their space with the float32 state's
+        tiles; two barriers a stage (loaded, consumed), one for each warpgroup's state and two for their
+        rendezvous. A barrier takes 8 bytes."""
         C, bv = self.chunk_size, self.forward().block_v
         if self.warpgroups == 1:
-            return itemsize * (K * bv + C * bv) + max(itemsize * self.stages * (2 * C * K + 2 * C * bv),
-                                                      4 * K * bv)
+            return (itemsize * (K * bv + C * bv) + max(itemsize * self.stages * (2 * C * K + 2 * C * bv),
+                                                       4 * K * bv)
+                    + 8 * (self.stages + 1))
         wgs = self.warpgroups
         return (itemsize * self.stages * (2 * C * K + wgs * C * bv)
-                + wgs * max(itemsize * (K * bv + 3 * C * bv), 4 * K * bv))
+                + wgs * max(itemsize * (K * bv + 3 * C * bv), 4 * K * bv) + 8 * (2 * self.stages + wgs + 2))
 
 
 def on_hopper() -> bool:
