@@ -469,7 +469,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
 
         def k_t(ref):
             if interpret is None:
-                return plgpu.transpose_ref(ref, (1, 0))
+                return ref.transpose((1, 0))
             copy = transposed_smem[ref.shape]
             copy[...] = ref[...].T
             return copy
@@ -493,10 +493,10 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             forward scale exp(L_i - L_j) for j <= i, exp(L_i), exp(L_last - L_i), exp(L_last); in reverse the
             weights scale exp(L_j - L_i) for j >= i and the entering and leaving rows swapped."""
             if interpret is None:  # the tile as a column and as a row of the wgmma layout
-                at_rows = plgpu.load(within_smem, (), layout=wg.reduce(1))
+                at_rows = _load(within_smem, layout=wg.reduce(1))
                 # Two loads that differ in an attribute: jax 0.11's CSE would merge identical ones (its
                 # layout casts are pure) into one value that no layout serves both as row and column.
-                at_cols = plgpu.load(within_smem, (), layout=wg.reduce(0), optimized=False)
+                at_cols = _load(within_smem, layout=wg.reduce(0), optimized=False)
             else:
                 at_rows = at_cols = within_smem[...]
             last = within_smem[C - 1]
@@ -628,7 +628,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             def load(tile):
                 plgpu.copy_gmem_to_smem(gmem.at[b, h, piece, :, columns], tile, barrier)
                 plgpu.barrier_wait(barrier)
-                loaded = tile[...] if interpret is not None else plgpu.load(tile, (), layout=wg)
+                loaded = tile[...] if interpret is not None else _load(tile, layout=wg)
                 plgpu.commit_smem()  # every thread has read the tile before its space is reused
                 return loaded
 
@@ -752,6 +752,16 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
         return finals
     out, finals, *formed = call(*inputs.values())
     return out, finals, dict(zip(sums, formed))
+
+
+def _load(ref, **kwargs):
+    """plgpu.load of the whole ``ref`` (a layout given): jax 0.10's load takes the index as its second
+    argument, later versions deprecate it in favour of indexing the ref (ref.at[...])."""
+    import inspect
+
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    index = inspect.signature(plgpu.load).parameters["idx"]
+    return plgpu.load(ref, **kwargs) if index.default is not inspect.Parameter.empty else plgpu.load(ref, (), **kwargs)
 
 
 def _stepwise(body, n: int, in_specs, out_specs, gmems, init, dtype):
