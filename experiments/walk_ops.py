@@ -18,6 +18,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import io
 import json
 import os
 import re
@@ -55,8 +56,10 @@ LINES = {"store": ("llvm.store ", "vector.store ", "nvvm.stmatrix"), "wgmma": ("
 
 
 @contextlib.contextmanager
-def capture_modules():
-    """A list that fills with the text of every Mosaic GPU module lowered inside the context."""
+def capture_modules(serialized: list | None = None):
+    """A list that fills with the text of every Mosaic GPU module lowered inside the context; ``serialized``,
+    a list, also fills with each module as the CUDA plugin's compile entry point takes it (serialized
+    bytecode, experiments/sass.py)."""
     from jax.experimental.mosaic.gpu import core
     if not hasattr(core, "_run_serde_pass"):
         raise SystemExit("this jax's Mosaic GPU lowering has no serde pass to read the modules from")
@@ -64,6 +67,13 @@ def capture_modules():
 
     def capture(module, *args, **kwargs):
         modules.append(module.operation.get_asm(enable_debug_info=False))
+        if serialized is not None:  # a copy through the serde pass, as Mosaic GPU's own compile path takes it
+            copy = io.BytesIO()
+            module.operation.write_bytecode(copy)
+            copy = type(module).parse(copy.getvalue(), context=module.context)
+            out = io.BytesIO()
+            serde(copy, serialize=True, ir_version=None).operation.write_bytecode(out)
+            serialized.append(out.getvalue())
         return serde(module, *args, **kwargs)
 
     core._run_serde_pass = capture

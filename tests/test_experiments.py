@@ -241,5 +241,59 @@ def test_walk_ops_counts_each_walks_chunk_loop(tmp_path, capsys):
     assert capsys.readouterr().out.count("\n") == 1 + len(records)
 
 
+# A chunk loop as nvdisasm prints it (with control codes), the shape experiments/sass.py reads: a setup
+# instruction, the loop (a conditional branch back to .L_x_3), and an out-of-line spin-wait after the function
+# that jumps back into it unconditionally (not a loop).
+SASS = """
+   -:-:1:Y:01        /*0000*/                   LDC R1, c[0x0][0x28] ;
+.L_x_4:
+   -:-:-:Y:02        /*0010*/                   MUFU.EX2 R2, R3 ;
+.L_x_3:
+   -:-:-:Y:01        /*0020*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;
+   -:-:-:Y:01        /*0030*/                   FFMA R4, R5, R6, R4 ;
+   -:-:-:Y:01        /*0040*/                   F2FP.BF16.F32.PACK_AB R7, R8, R9 ;
+   -:-:-:Y:01        /*0050*/                   STL [R1+0x10], R4 ;
+   -:-:-:Y:01        /*0060*/               @P0 LDS R5, [R10] ;
+   -:-:-:Y:01        /*0070*/                   IMAD.MOV.U32 R11, RZ, RZ, R12 ;
+   -:-:-:Y:05        /*0080*/               @!P2 BRA `(.L_x_3) ;
+   -:-:-:Y:05        /*0090*/                   EXIT ;
+.L_x_0:
+   -:-:-:Y:05        /*00a0*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4], R0 ;
+   -:-:-:Y:05        /*00b0*/               @!P0 BRA `(.L_x_0) ;
+   -:-:-:Y:05        /*00c0*/                   BRA `(.L_x_4) ;
+"""
+
+
+def test_sass_counts_the_chunk_loop_and_reads_ptxas():
+    """experiments/sass.py's readers: the loop is the conditional back edge's range (the out-of-line wait's
+    unconditional jump back is not one), its opcodes counted by kind; ptxas's registers and spills."""
+    from experiments import sass
+    counts = sass.loop_counts(SASS)
+    assert counts["total"] == 7 and counts["opcodes"]["HGMMA"] == 1
+    assert (counts["mma"], counts["float"], counts["convert"], counts["spill"], counts["shared"], counts["other"],
+            counts["mufu"]) == (1, 1, 1, 1, 1, 2, 0)
+    report = sass.ptxas_report(
+        "ptxas warning : Registers are spilled to local memory in function 'k', 452 bytes spill stores, 460 bytes "
+        "spill loads\n    456 bytes stack frame, 452 bytes spill stores, 460 bytes spill loads\n"
+        "ptxas info    : Used 255 registers, used 2 barriers, 456 bytes cumulative stack size")
+    assert report == dict(registers=255, spill_stores=452, spill_loads=460, stack_frame=456)
+
+
+def test_sass_compiles_each_walk_without_a_gpu(capsys):
+    """experiments/sass.py end to end where jax's CUDA plugin and the CUDA tools are installed (not in CI):
+    every walk of the forward and of the backward compiles for sm_90 through the plugin on this host, with
+    registers reported and a chunk loop that issues wgmmas."""
+    pytest.importorskip("jax_plugins.xla_cuda13", reason="jax's CUDA 13 plugin is not installed")
+    from experiments import sass
+    if sass._tools_path() is None:
+        pytest.skip("no ptxas from the nvidia-cuda-nvcc wheel")
+    assert sass.main([]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert len(rows) == 4
+    for row in rows:
+        registers, loop, mma = int(row.split()[2]), int(row.split()[4]), int(row.split()[8])
+        assert 0 < registers <= 255 and loop > mma > 0
+
+
 if __name__ == "__main__" and devices.worker_ids(sys.argv) is not None:
     _worker(devices.worker_ids(sys.argv))

@@ -1,0 +1,195 @@
+"""Registers, spills and the SASS of each Mosaic GPU walk's chunk loop, compiled for sm_90 on a host without a
+GPU: the op is lowered as in experiments/walk_ops.py, and each Mosaic module goes through the compile entry
+point of jax's CUDA plugin (MosaicGpuCompile: the module to PTX, ptxas, nvdisasm) with a stand-in for the CUDA
+driver (cuda_shim.c, built here with the host's C compiler) that answers as an H100/H200 would. ptxas then
+reports registers and spills, and the loop with the most SASS instructions (the chunk loop) is counted by kind.
+
+    PYTHONPATH=. python -m experiments.sass [--gated] [--scale S] [--out FILE]
+
+Needs jax's CUDA plugin for the installed jax (jax-cuda13-pjrt or jax-cuda12-pjrt), ptxas and nvdisasm (the
+nvidia-cuda-nvcc and nvidia-cuda-nvdisasm wheels: their bin directory is put first on PATH), and a C compiler.
+The plugin compiles with the ptxas on PATH where it finds one, else with the compiler built into it (whose
+allocation differs: 476 bytes of spills against 452 for the dq sums walk at 5195c21); the ptxas version is
+recorded. A static count: instructions in the loop's text, every branch of it, not those a chunk executes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import ctypes
+import ctypes.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+from experiments import walk_ops  # noqa: E402
+from fleetjax.pallas import mosaic  # noqa: E402
+
+# SASS opcodes by kind (the opcode before its first dot); the rest count as "other" (integer, address, moves).
+OPCODES = {
+    "float": ("FADD", "FMUL", "FFMA", "FMNMX", "FSETP"),
+    "convert": ("F2F", "F2FP", "I2F", "I2FP", "F2I", "F2IP"),
+    "select": ("FSEL", "SEL"),
+    "mma": ("HGMMA",),
+    "shared": ("STS", "LDS", "STSM", "LDSM"),
+    "spill": ("STL", "LDL"),
+    "mufu": ("MUFU",),
+    "shuffle": ("SHFL",),
+    "sync": ("BAR", "SYNCS", "WARPGROUP", "MEMBAR", "FENCE", "DEPBAR", "WARPSYNC"),
+}
+_INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)")
+_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+# A conditional branch: a loop's back edge where its label lies above it. (Unconditional backward branches
+# return from the out-of-line blocks that ptxas puts after the function's end, such as barrier spin-waits.)
+_BRANCH = re.compile(r"@!?P[T0-9]+\s+BRA\s+`?\(?(\.L_x_\d+)")
+
+
+def loop_counts(sass: str) -> dict:
+    """The SASS loop with the most instructions (a conditional backward branch to a label above it), by kind
+    of opcode."""
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) for m in [_LABEL.match(line)] if m}
+    best = None
+    for i, line in enumerate(lines):
+        branch = _BRANCH.search(line)
+        if branch and labels.get(branch.group(1), i) < i:
+            ops = [m.group(1) for x in lines[labels[branch.group(1)]:i + 1] for m in [_INSTRUCTION.search(x)] if m]
+            if best is None or len(ops) > len(best):
+                best = ops
+    opcodes = collections.Counter(op.split(".")[0] for op in best or [])
+    counts = {kind: sum(opcodes[name] for name in names) for kind, names in OPCODES.items()}
+    counts["other"] = sum(opcodes.values()) - sum(counts.values())
+    counts["total"] = sum(opcodes.values())
+    return dict(counts, opcodes=dict(opcodes.most_common()))
+
+
+def ptxas_report(text: str) -> dict:
+    """Registers, spill bytes and stack frame from ptxas's verbose output."""
+    number = lambda pattern: int(m.group(1)) if (m := re.search(pattern, text)) else 0  # noqa: E731
+    return dict(registers=number(r"Used (\d+) registers"), spill_stores=number(r"(\d+) bytes spill stores"),
+                spill_loads=number(r"(\d+) bytes spill loads"), stack_frame=number(r"(\d+) bytes stack frame"))
+
+
+def _tools_path() -> str | None:
+    """The bin directory of the nvidia-cuda-nvcc wheel (ptxas), if installed."""
+    for entry in sys.path:
+        for version in ("cu13", "cu12"):
+            candidate = Path(entry) / "nvidia" / version / "bin"
+            if (candidate / "ptxas").exists():
+                return str(candidate)
+    return None
+
+
+@contextlib.contextmanager
+def compiler():
+    """A function (serialized module) -> (ptxas output, SASS text) through the CUDA plugin's Mosaic GPU
+    compile, with the driver stand-in loaded first where the host has no CUDA driver."""
+    try:
+        from jax_plugins import xla_cuda13 as plugin
+    except ImportError:
+        try:
+            from jax_plugins import xla_cuda12 as plugin
+        except ImportError:
+            raise SystemExit("experiments/sass.py needs jax's CUDA plugin (pip install jax-cuda13-pjrt)") from None
+    with tempfile.TemporaryDirectory() as scratch:
+        if ctypes.util.find_library("cuda") is None:
+            shim = Path(scratch) / "libcuda.so.1"
+            cc = shutil.which("cc") or shutil.which("gcc")
+            if cc is None:
+                raise SystemExit("experiments/sass.py needs a C compiler for its CUDA driver stand-in")
+            subprocess.run([cc, "-shared", "-fPIC", "-O1", "-Wl,-soname,libcuda.so.1", "-o", str(shim),
+                            str(Path(__file__).with_name("cuda_shim.c"))], check=True)
+            ctypes.CDLL(str(shim), mode=ctypes.RTLD_GLOBAL)  # the plugin's dlopen("libcuda.so.1") finds it
+        library = ctypes.CDLL(plugin._get_library_path())
+        compile_module = library.MosaicGpuCompile
+        compile_module.argtypes = [ctypes.c_char_p, ctypes.c_int]
+        compile_module.restype = ctypes.POINTER(ctypes.c_void_p)
+        unload = library.MosaicGpuUnload
+        unload.argtypes = [compile_module.restype]
+        tools = _tools_path()
+
+        def run(blob: bytes) -> tuple[str, str]:
+            dump = tempfile.mkdtemp(dir=scratch)
+            saved = dict(os.environ)
+            os.environ.update(MOSAIC_GPU_DUMP_TO=dump, MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_SASS="1")
+            if tools:
+                os.environ["PATH"] = tools + os.pathsep + os.environ.get("PATH", "")
+            try:
+                compiled = compile_module(ctypes.c_char_p(blob), ctypes.c_int(len(blob)))
+                if compiled:  # a real driver loaded it
+                    unload(compiled)
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
+            read = lambda suffixes: next((p.read_text() for s in suffixes  # noqa: E731
+                                          for p in sorted(Path(dump).glob(f"*{s}"))), "")
+            ptxas, sass = read([".ptxas"]), read([".sass", ".sass_ctrl"])
+            shutil.rmtree(dump, ignore_errors=True)
+            if not ptxas or not sass:
+                raise RuntimeError("the CUDA plugin wrote no ptxas report or SASS for this module")
+            return ptxas, sass
+
+        yield run
+
+
+def ptxas_version() -> str:
+    tools = _tools_path()
+    ptxas = shutil.which("ptxas", path=tools) if tools else shutil.which("ptxas")
+    if ptxas is None:
+        return "the plugin's own"
+    out = subprocess.run([ptxas, "--version"], capture_output=True, text=True).stdout
+    return (re.search(r"V(\d+\.\d+\.\d+)", out) or re.search(r"(.*)", out)).group(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gated", action="store_true", help="with a log gate (its gradient too), beside the decay")
+    ap.add_argument("--scale", type=float, default=None, help="the op's scale (default None: K^-1/2)")
+    ap.add_argument("--out", default=None, help="append one JSON line per kernel to this file")
+    args = ap.parse_args(argv)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent).stdout.strip()
+    version = ptxas_version()
+    records = []
+    with compiler() as compile_module:
+        for backward in (False, True):
+            blobs: list[bytes] = []
+            with walk_ops.capture_modules(serialized=blobs) as captured:
+                modules = walk_ops.lowered(captured, gated=args.gated, backward=backward, scale=args.scale,
+                                           walks=mosaic.MosaicWalkConfig())
+            for index, (module, blob) in enumerate(zip(modules, blobs)):
+                ptxas, sass = compile_module(blob)
+                name = re.search(r"func\.func @(\w+)", module)
+                records.append(dict(op="fwd_bwd" if backward else "fwd", module=index,
+                                    kernel=name.group(1) if name else None, gated=args.gated, scale=args.scale,
+                                    git_commit=commit, jax=jax.__version__, ptxas=version,
+                                    **ptxas_report(ptxas), sass_loop=loop_counts(sass)))
+    kinds = [*OPCODES, "other"]
+    print(f"{'op':8} {'#':>2} {'regs':>4} {'spill':>5} {'loop':>5} " + " ".join(f"{k:>7}" for k in kinds))
+    for r in records:
+        loop = r["sass_loop"]
+        print(f"{r['op']:8} {r['module']:>2} {r['registers']:>4} {r['spill_stores']:>5} {loop['total']:>5} "
+              + " ".join(f"{loop[k]:>7}" for k in kinds))
+    if args.out:
+        with open(args.out, "a") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
