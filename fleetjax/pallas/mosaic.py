@@ -415,11 +415,14 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                 state_lo_smem=None, weighted_lo_smem=None, tangent_smem=None, tangent_lo_smem=None, lagged_smem=None,
                 lagged_lo_smem=None, part_hi_smem=None, part_lo_smem=None, keys_t_smem=None,
                 block_t_smem=None, register_smem=None, triangle_smem=None, out_smem=None, f32_smem=None,
-                rendezvous=None):
+                rendezvous=None, paired_smem=None, paired_lo_smem=None):
         """One program's walk, its refs by name (see ``kernel`` below): inputs and outputs ``*_gmem``, scratch
         ``*_smem`` and ``barrier``; None where the call has no such ref. Two warpgroups (``wide``): each takes
         its own slice of the scratch that has a leading warpgroup axis."""
         group = lax.axis_index("wg") if wide else 0  # this program's warpgroup
+        if tangent:  # the state's copies, then its derivative's, side by side (see ``paired_smem`` below)
+            state_smem, tangent_smem = (paired_smem.at[:, pl.ds(i * bv, bv)] for i in range(2))
+            state_lo_smem, tangent_lo_smem = (paired_lo_smem.at[:, pl.ds(i * bv, bv)] for i in range(2))
         if wide:
             state_smem, weighted_smem, out_smem, f32_smem, barrier = (
                 ref.at[group] for ref in (state_smem, weighted_smem, out_smem, f32_smem, barrier))
@@ -553,14 +556,17 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                                                                    dtype, 2)
             plgpu.commit_smem()
 
-            # The products that read only the chunk's tiles and the states' copies go out together.
+            # The products that read only the chunk's tiles and the states' copies go out together. With the
+            # tangent, inter (query S) and through (query D) are one product of twice the columns.
+            held = ([paired_smem, paired_lo_smem] if tangent
+                    else [state_smem, state_lo_smem] if exact else [state_smem])
             jobs = dict(scores=((C, C), [(q_smem, lambda: k_t(k_smem))]),
-                        inter=((C, bv), [(q_smem, state_smem)] + ([(q_smem, state_lo_smem)] if exact else [])))
+                        inter=((C, (1 + tangent) * bv), [(q_smem, copy) for copy in held]))
             if tangent or spanned:  # the pairs (rows_i . value_j) (query_i . key_j), decayed below
                 jobs["pairs"] = ((C, C), [(x_smem, lambda: k_t(v_smem))])
-            if tangent:
-                jobs["through"] = ((C, bv), [(q_smem, tangent_smem), (q_smem, tangent_lo_smem)])
             got = products(**jobs)
+            if tangent:
+                got["inter"], got["through"] = got["inter"][:, :bv], got["inter"][:, bv:]
             scores = got["scores"] * weights
             inter = got["inter"] * entering_rows
             if tangent or spanned:
@@ -700,16 +706,24 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     per_group = (wgs,) if wide else ()  # two warpgroups: each its own tiles
     state_tile = lambda: plgpu.SMEM((*per_group, K, bv), dtype, transforms=tiles)  # noqa: E731
     weighted_tile = lambda: plgpu.SMEM((*per_group, C, bv), dtype, transforms=tiles)  # noqa: E731
-    scratch = dict(weighted_smem=weighted_tile()) if states_only else dict(state_smem=state_tile(),
-                                                                           weighted_smem=weighted_tile())
+    scratch = dict(weighted_smem=weighted_tile())
+    if not (states_only or tangent):
+        scratch["state_smem"] = state_tile()
     if wide:
         scratch.update(out_smem=plgpu.SMEM((wgs, 2, C, bv), dtype, transforms=tiles),
                        f32_smem=plgpu.SMEM((wgs, K, bv), f32, transforms=_mma_tiles(f32, bv)))
     if exact:
-        scratch.update(state_lo_smem=state_tile(), weighted_lo_smem=weighted_tile())
-    if tangent:
-        scratch.update(tangent_smem=state_tile(), tangent_lo_smem=state_tile(), lagged_smem=weighted_tile(),
-                       lagged_lo_smem=weighted_tile())
+        scratch["weighted_lo_smem"] = weighted_tile()
+    if exact and not tangent:
+        scratch["state_lo_smem"] = state_tile()
+    if tangent:  # the state's and its derivative's hi (lo) copies in one tile: columns [0, bv) and [bv, 2 bv)
+        # (whole tiles of the swizzle), so that query S and query D are one wgmma product of 2 bv columns:
+        # half the wgmmas and reads of the query tile (dq sums walk, sm_90 SASS counted on the CPU by
+        # experiments/sass.py: 1691 -> 1564 instructions a chunk, spills 452 -> 336 bytes; bitwise the same
+        # gradients in the interpreter).
+        scratch.update(paired_smem=plgpu.SMEM((K, 2 * bv), dtype, transforms=tiles),
+                       paired_lo_smem=plgpu.SMEM((K, 2 * bv), dtype, transforms=tiles),
+                       lagged_smem=weighted_tile(), lagged_lo_smem=weighted_tile())
     if spanned:
         scratch.update({f"{part}_smem": plgpu.SMEM((C, C), jnp.bfloat16, transforms=_mma_tiles(jnp.bfloat16, C))
                         for part in ("part_hi", "part_lo", "triangle")})
