@@ -127,8 +127,8 @@ class MosaicWalkConfig:
     decay's factors are formed once per program and keep the accurate exp. On by default from its sm_90 SASS
     (experiments/sass.py on the CPU, jax 0.11.2, 2026-12-05): the gated chunk loops take 809 instead of 1014
     instructions (forward), 810 / 1015 (dv), 1125 / 1336 (dk), 2144 / 2363 (dq with the decay learned, 300
-    instead of 316 bytes of spills), and the forward 234 registers instead of 255. Not yet timed on a GPU; the interpreter
-    computes the accurate exp either way.
+    instead of 316 bytes of spills), and the forward 234 registers instead of 255. Not yet timed on a GPU;
+    the interpreter computes the accurate exp either way.
     """
 
     chunk_size: int = 64
@@ -623,8 +623,8 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
 
             # With the tangent, D <- carry (D + C S) + key^T (leave_lag leaving value), from the entering S.
             if joint_update:  # S and D as one accumulator of 2 block_v columns: one product
-                entering = jnp.concatenate([carry * state, carry * (derivative + C * state)], axis=1)
-                [both] = accumulate((entering, update(moved_smem, moved_lo_smem)))
+                init = jnp.concatenate([carry * state, carry * (derivative + C * state)], axis=1)
+                [both] = accumulate((init, update(moved_smem, moved_lo_smem)))
                 state, derivative = both[:, :bv], [both[:, bv:]]
             else:
                 jobs = [(carry * state, update(*([weighted_smem, weighted_lo_smem] if exact else [weighted_smem])))]
