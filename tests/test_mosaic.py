@@ -403,6 +403,33 @@ def test_the_walk_in_the_interpreter_matches_the_oracle(dtype, with_start):
 
 
 @interpreted
+@pytest.mark.parametrize("lazy", [True, False], ids=["lazy", "eager"])
+def test_the_lazy_carry_renormalizes_where_the_decay_is_small(lazy):
+    """MosaicWalkConfig.lazy_carry (S = g T, T multiplied by g only when g < 2^-60) over 16 chunks: at decay
+    0.9 T takes g every 7th chunk, at 0.5 and 1e-3 every chunk, at 0.999 and 1 never; the forward walk and
+    the backward's (the decay learned: the dq walk's derivative takes the same g) against the oracle, with
+    an entering state, as the carry multiplied every chunk does."""
+    B, T, H, K, V = 1, 1024, 4, 64, 64
+    q, k, v = _inputs(B, T, H, K, V, "bfloat16")
+    do = _inputs(B, T, H, K, V, "bfloat16", seed=4)[2]
+    decay = (0.9, 0.5, 1e-3, 0.999)
+    start = jnp.asarray(np.random.default_rng(1).standard_normal((B, H, K, V)), jnp.float32)
+    walks = mosaic.MosaicWalkConfig(lazy_carry=lazy)
+    o, finals, _ = mosaic.walk(q, k, v, _decays(decay).log_decay, start[:, :, None], Chunking(T, 64, 1),
+                               reverse=False, scale=0.2, config=walks, interpret=InterpretGPUParams())
+    ref, final = oracle.forward(q, k, v, jnp.asarray(decay), scale=0.2, initial_state=start)
+    assert oracle.rel_err(o, ref, axis=2) < TOLERANCE["bfloat16"]
+    assert oracle.rel_err(finals[:, :, 0], final, axis=1) < TOLERANCE["bfloat16"]
+    dq, dk, dv, d_log_decay, witness = _interpreted_backward(q, k, v, do, decay, start, Chunking(T, 64, 1),
+                                                             learned=True, scale=0.2, walks=walks)
+    grads = oracle.gradients(q, k, v, jnp.asarray(decay), do=do, scale=0.2, initial_state=start)
+    for got, name in ((dq, "q"), (dk, "k"), (dv, "v")):
+        assert oracle.rel_err(got, grads[name], axis=2) < TOLERANCE["bfloat16"], name
+    assert oracle.rel_err(d_log_decay, grads["log_decay"]) < DECAY_GRAD_TOLERANCE["bfloat16"]
+    assert all(bool(jnp.all(jnp.isfinite(w))) for w in witness)
+
+
+@interpreted
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="aborted its process on the H200 host (2026-12-03)")
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 def test_two_warpgroups_walk_as_one_does_in_the_interpreter(reverse):
@@ -483,7 +510,8 @@ def test_the_states_only_walk_gives_the_walks_piece_states(reverse, gated):
     assert oracle.rel_err(states, triton, axis=None) < TOLERANCE["bfloat16"]
 
 
-def _interpreted_backward(q, k, v, do, decay, start, chunking, *, learned: bool, scale: float, log_gate=None):
+def _interpreted_backward(q, k, v, do, decay, start, chunking, *, learned: bool, scale: float, log_gate=None,
+                          walks: mosaic.MosaicWalkConfig = mosaic.MosaicWalkConfig()):
     """dq, dk, dv, d log_decay (learned, no gate) or d log_gate (a gate), the witness: the Mosaic backward
     walks in the interpreter, the pieces' local states from the Triton walks in Pallas interpret mode."""
     from fleetjax import vjp
@@ -502,7 +530,7 @@ def _interpreted_backward(q, k, v, do, decay, start, chunking, *, learned: bool,
                                          **common)
     dq, dk, dv, parts, witness = mosaic.backward_walks(
         q, k, v, do, decays, start, chunking, dq_local, reverse_local, scale=scale,
-        config=mosaic.MosaicWalkConfig(), log_decay_wanted=counted, log_gate_wanted=learned and not counted,
+        config=walks, log_decay_wanted=counted, log_gate_wanted=learned and not counted,
         interpret=InterpretGPUParams())
     if not learned:
         assert parts is None

@@ -59,6 +59,8 @@ f32 = jnp.float32
 STATES_KERNEL = "piece_states"
 # The key dims the kernel's wgmma tiling serves (the state [K, block_v] lives in registers).
 KEY_DIMS = (64, 128)
+# MosaicWalkConfig.lazy_carry: the scale g of S = g T below which T takes it (T stays within 2^60 of S).
+LAZY_FLOOR = 2.0 ** -60
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +131,11 @@ class MosaicWalkConfig:
     instructions (forward), 810 / 1015 (dv), 1125 / 1336 (dk), 2144 / 2363 (dq with the decay learned, 300
     instead of 316 bytes of spills), and the forward 234 registers instead of 255. Not yet timed on a GPU;
     the interpreter computes the accurate exp either way.
+    lazy_carry: the bf16 walks hold their float32 state as S = g T with a scalar g, so that a chunk's update
+    T <- T + key^T (leaving value / g') skips the carry's multiply of the whole state (g' = g carry; the
+    entering rows take g, the leaving ones 1 / g', both on the rows' values), and multiply T by g' only when
+    g' would fall below 2^-60 (then g' = 1): at once where the decay is small, every 60 / (C log2(1 / gamma))
+    chunks where it is not, never at gamma = 1. Off for float16, whose state copies keep its range.
     """
 
     chunk_size: int = 64
@@ -146,6 +153,7 @@ class MosaicWalkConfig:
     gated_decay_sums: bool = True
     auto_barriers: bool = False
     approx_exp: bool = True
+    lazy_carry: bool = True
 
     def __post_init__(self):
         if self.chunk_size != 64:
@@ -392,6 +400,8 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     # With the tangent, the state's and its derivative's updates are one product (key^T with the weighted and
     # lagged values side by side) where this jax's Mosaic GPU lowers a concatenate of register arrays.
     joint_update = tangent and _lowers_concatenate()
+    # The state as S = g T (MosaicWalkConfig.lazy_carry); float16's copies of T would leave its range.
+    lazy = config.lazy_carry and not scale_state
     # The interpreter runs the body as XLA ops, whose GPU compiler would drop the hi/lo splits' roundings.
     parts_of = functools.partial(split, barrier=interpret is not None)
 
@@ -467,17 +477,20 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             enter_lag, leave_lag = (C - 1.0 - row, row + 1.0) if reverse else (row + 1.0, C - 1.0 - row)
             return pair_rows, pair_cols, lag, lags, enter_lag, leave_lag
 
-        def constant_factors(lag, lags, enter_lag, leave_lag):
-            """The constant decay's factors from :func:`steps`'s, the same for every chunk."""
+        def constant_factors(lag, lags):
+            """The constant decay's factors from :func:`steps`'s, the same for every chunk: (weights, the
+            rows' entering and leaving factors [C], carry)."""
             log_gamma = log_decay_gmem[h]
-            return (decayed(lag >= 0, lags * log_gamma) * scale, jnp.exp(enter_lag * log_gamma) * row_factor,
-                    jnp.exp(leave_lag * log_gamma), jnp.exp(C * log_gamma))
+            row = iota((C,), 0, wg.reduce(1)).astype(f32)
+            enter_steps, leave_steps = (C - 1.0 - row, row + 1.0) if reverse else (row + 1.0, C - 1.0 - row)
+            return (decayed(lag >= 0, lags * log_gamma) * scale, jnp.exp(enter_steps * log_gamma) * row_factor,
+                    jnp.exp(leave_steps * log_gamma), jnp.exp(C * log_gamma))
 
         # Two warpgroups form their registers' values in the compute context (the copying warpgroup keeps
         # few registers) and carry the constant factors; one forms them here, once.
         if not wide:
             pair_rows, pair_cols, lag, lags, enter_lag, leave_lag = steps()
-            constant = None if gated else constant_factors(lag, lags, enter_lag, leave_lag)
+            constant = None if gated else constant_factors(lag, lags)
 
         def k_t(ref):
             if interpret is None:
@@ -501,7 +514,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             return dict(zip(names, pl.run_scoped(body, *[plgpu.ACC(jobs[name][0], f32) for name in names])))
 
         def factors(within_smem, lag):
-            """(weights, entering_rows, leaving_rows, carry) of a gated chunk from its ``within`` tile L [C]:
+            """(weights, entering and leaving rows [C], carry) of a gated chunk from its ``within`` tile L [C]:
             forward scale exp(L_i - L_j) for j <= i, exp(L_i), exp(L_last - L_i), exp(L_last); in reverse the
             weights scale exp(L_j - L_i) for j >= i and the entering and leaving rows swapped."""
             if interpret is None:  # the tile as a column and as a row of the wgmma layout
@@ -517,9 +530,8 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             pair = (laid(lax.broadcast_in_dim(shifted, (C, C), (0,)))
                     - laid(lax.broadcast_in_dim(at_cols, (C, C), (1,))))
             pair = -pair if reverse else pair
-            # The row factors' exp on the [C] values, then broadcast: a thread holds two rows, not 2 * bv / 4.
-            from_start, to_end = (laid(lax.broadcast_in_dim(row, (C, bv), (0,)))
-                                  for row in (jnp.exp(at_rows), jnp.exp(last - at_rows)))
+            # The row factors' exp on the [C] values (the chunk broadcasts them): a thread holds two rows.
+            from_start, to_end = jnp.exp(at_rows), jnp.exp(last - at_rows)
             enter, leave = (to_end, from_start) if reverse else (from_start, to_end)
             # Unlike fleetjax.chunk.decayed, the exponents are not masked before exp: off the pairs they are
             # differences of finite log decays in the wrong order (>= 0), whose exp at worst overflows to inf,
@@ -530,6 +542,8 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
 
         def chunk(indices, *smems):
             *tiles, carried = smems
+            if lazy:
+                carried, g = carried
             tile = dict(zip(staged, tiles))  # the chunk's tiles by name (``staged`` below)
             q_smem, k_smem, v_smem = tile.get("q"), tile["k"], tile["v"]
             x_smem, within_smem = tile.get("rows"), tile.get("within")
@@ -544,6 +558,25 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             weights, entering_rows, leaving_rows, carry = (factors(within_smem, chunk_lag) if gated
                                                            else chunk_constant)
 
+            def start(init):  # an update's accumulator before its product
+                return init * carry
+
+            def carried_on(*values):  # the chunk's carry out: the state (and derivative, constants), g
+                return values[0] if len(values) == 1 else values
+            if lazy:  # S = g T: the carry joins g, and T is multiplied only where g would become too small
+                g_next = g * carry
+                renorm = g_next < LAZY_FLOOR
+                entering_rows = entering_rows * g  # on the rows' [C] values, two a thread
+                leaving_rows = leaving_rows * jnp.where(renorm, 1.0, 1.0 / g_next)
+
+                def start(init):  # noqa: F811
+                    return lax.cond(renorm, lambda x: x * g_next, lambda x: x, init)
+
+                def carried_on(*values):  # noqa: F811
+                    return values[0] if len(values) == 1 else values, jnp.where(renorm, 1.0, g_next)
+            entering_rows, leaving_rows = (laid(lax.broadcast_in_dim(rows, (C, bv), (0,)))
+                                           for rows in (entering_rows, leaving_rows))
+
             def update(*tiles):
                 def issue(acc):
                     for tile in tiles:
@@ -553,7 +586,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             if states_only:  # S <- carry * S + key^T (leaving * value)
                 weighted_smem[...] = (v_smem[...].astype(f32) * leaving_rows).astype(dtype)
                 plgpu.commit_smem()
-                return accumulate((carry * state, update(weighted_smem)))[0]
+                return carried_on(accumulate((start(state), update(weighted_smem)))[0])
 
             held = scale * state if scale_state else state
             if exact:
@@ -623,17 +656,17 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
 
             # With the tangent, D <- carry (D + C S) + key^T (leave_lag leaving value), from the entering S.
             if joint_update:  # S and D as one accumulator of 2 block_v columns: one product
-                init = jnp.concatenate([carry * state, carry * (derivative + C * state)], axis=1)
+                init = start(jnp.concatenate([state, derivative + C * state], axis=1))
                 [both] = accumulate((init, update(moved_smem, moved_lo_smem)))
                 state, derivative = both[:, :bv], [both[:, bv:]]
             else:
-                jobs = [(carry * state, update(*([weighted_smem, weighted_lo_smem] if exact else [weighted_smem])))]
+                jobs = [(start(state), update(*([weighted_smem, weighted_lo_smem] if exact else [weighted_smem])))]
                 if tangent:
-                    jobs.append((carry * (derivative + C * state), update(lagged_smem, lagged_lo_smem)))
+                    jobs.append((start(derivative + C * state), update(lagged_smem, lagged_lo_smem)))
                 state, *derivative = accumulate(*jobs)
             if wide:
-                return state, chunk_constant
-            return (state, derivative[0]) if tangent else state
+                return carried_on(state, chunk_constant)
+            return carried_on(state, derivative[0]) if tangent else carried_on(state)
 
         columns = pl.ds((j * wgs + group) * bv, bv)
 
@@ -684,7 +717,10 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             def compute(pipeline):
                 entering = entered(start_gmem)
                 meet(0)
-                state, _ = pipeline((entering, () if gated else constant_factors(*steps()[2:])))
+                init = (entering, () if gated else constant_factors(*steps()[2:4]))
+                out = pipeline((init, jnp.asarray(1.0, f32)) if lazy else init)
+                (state, _), g = out if lazy else (out, 1.0)
+                state = state * g if lazy else state
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 meet(1)
                 store(state, f32_smem)
@@ -696,6 +732,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             return
         state = entered(start_gmem)
         init = (state, entered(tangent_start_gmem)) if tangent else state
+        init = (init, jnp.asarray(1.0, f32)) if lazy else init
         if spanned:  # the spanned sums' triangle [i >= r], a constant operand: written once, not each chunk
             triangle_smem[...] = jnp.where(pair_cols >= pair_rows, 1.0, 0.0).astype(jnp.bfloat16)
             plgpu.commit_smem()
@@ -709,7 +746,9 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                                         max_concurrent_steps=config.stages, init_carry=init)(*gmems)
         else:
             state = _stepwise(chunk, n, in_specs, out_specs, gmems, init, dtype)
+        state, g = state if lazy else (state, None)
         state = state[0] if tangent else state
+        state = state * g if lazy else state
         pl.run_scoped(functools.partial(store, state), f32_tile)
 
     inputs = dict(log_decay_gmem=log_decay.astype(f32), q_gmem=query, k_gmem=key, v_gmem=value, rows_gmem=rows,
