@@ -558,22 +558,21 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             weights, entering_rows, leaving_rows, carry = (factors(within_smem, chunk_lag) if gated
                                                            else chunk_constant)
 
-            def start(init):  # an update's accumulator before its product
-                return init * carry
-
-            def carried_on(*values):  # the chunk's carry out: the state (and derivative, constants), g
-                return values[0] if len(values) == 1 else values
             if lazy:  # S = g T: the carry joins g, and T is multiplied only where g would become too small
                 g_next = g * carry
                 renorm = g_next < LAZY_FLOOR
                 entering_rows = entering_rows * g  # on the rows' [C] values, two a thread
                 leaving_rows = leaving_rows * jnp.where(renorm, 1.0, 1.0 / g_next)
 
-                def start(init):  # noqa: F811
+            def start(init):  # an update's accumulator before its product
+                if lazy:
                     return lax.cond(renorm, lambda x: x * g_next, lambda x: x, init)
+                return init * carry
 
-                def carried_on(*values):  # noqa: F811
-                    return values[0] if len(values) == 1 else values, jnp.where(renorm, 1.0, g_next)
+            def carried_on(*values):  # the chunk's carry out: the state (and derivative, constants), and g
+                core = values[0] if len(values) == 1 else values
+                return (core, jnp.where(renorm, 1.0, g_next)) if lazy else core
+
             entering_rows, leaving_rows = (laid(lax.broadcast_in_dim(rows, (C, bv), (0,)))
                                            for rows in (entering_rows, leaving_rows))
 
