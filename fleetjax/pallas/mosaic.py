@@ -573,6 +573,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                 core = values[0] if len(values) == 1 else values
                 return (core, jnp.where(renorm, 1.0, g_next)) if lazy else core
 
+            entering_at_rows = entering_rows  # the [C] values
             entering_rows, leaving_rows = (laid(lax.broadcast_in_dim(rows, (C, bv), (0,)))
                                            for rows in (entering_rows, leaving_rows))
 
@@ -640,7 +641,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             if tangent:  # d log gamma's summand (fleetjax.vjp.log_decay_summand): (i + 1) w + tangent + intra
                 # i + 1 on the rows' [C] values (two a thread), not as a [C, block_v] tile live in the loop.
                 steps_in = iota((C,), 0, wg.reduce(1)) + 1
-                tangent_rows = jnp.sum(got["through"] * entering_rows * x, axis=1)
+                tangent_rows = entering_at_rows * jnp.sum(got["through"] * x, axis=1)
                 sum_smem["decay"][...] = steps_in.astype(f32) * w + tangent_rows + intra_rows
             weighted = v_smem[...].astype(f32) * leaving_rows + 0.0 * o
             if exact:
