@@ -242,8 +242,8 @@ def test_walk_ops_counts_each_walks_chunk_loop(tmp_path, capsys):
 
 
 # A chunk loop as nvdisasm prints it (with control codes), the shape experiments/sass.py reads: a setup
-# instruction, the loop (a conditional branch back to .L_x_3), and an out-of-line spin-wait after the function
-# that jumps back into it unconditionally (not a loop).
+# instruction, the loop (a conditional branch back to .L_x_3, with a block that a conditional branch skips),
+# and an out-of-line spin-wait after the function that jumps back into it unconditionally (not a loop).
 SASS = """
    -:-:1:Y:01        /*0000*/                   LDC R1, c[0x0][0x28] ;
 .L_x_4:
@@ -254,6 +254,9 @@ SASS = """
    -:-:-:Y:01        /*0040*/                   F2FP.BF16.F32.PACK_AB R7, R8, R9 ;
    -:-:-:Y:01        /*0050*/                   STL [R1+0x10], R4 ;
    -:-:-:Y:01        /*0060*/               @P0 LDS R5, [R10] ;
+   -:-:-:Y:01        /*0068*/               @P1 BRA `(.L_x_5) ;
+   -:-:-:Y:01        /*006c*/                   FMUL R4, R4, R13 ;
+.L_x_5:
    -:-:-:Y:01        /*0070*/                   IMAD.MOV.U32 R11, RZ, RZ, R12 ;
    -:-:-:Y:05        /*0080*/               @!P2 BRA `(.L_x_3) ;
    -:-:-:Y:05        /*0090*/                   EXIT ;
@@ -269,9 +272,9 @@ def test_sass_counts_the_chunk_loop_and_reads_ptxas():
     unconditional jump back is not one), its opcodes counted by kind; ptxas's registers and spills."""
     from experiments import sass
     counts = sass.loop_counts(SASS)
-    assert counts["total"] == 7 and counts["opcodes"]["HGMMA"] == 1
+    assert counts["total"] == 9 and counts["opcodes"]["HGMMA"] == 1 and counts["skippable"] == 1
     assert (counts["mma"], counts["float"], counts["convert"], counts["spill"], counts["shared"], counts["other"],
-            counts["mufu"]) == (1, 1, 1, 1, 1, 2, 0)
+            counts["mufu"]) == (1, 2, 1, 1, 1, 3, 0)
     report = sass.ptxas_report(
         "ptxas warning : Registers are spilled to local memory in function 'k', 452 bytes spill stores, 460 bytes "
         "spill loads\n    456 bytes stack frame, 452 bytes spill stores, 460 bytes spill loads\n"
@@ -291,7 +294,7 @@ def test_sass_compiles_each_walk_without_a_gpu(capsys):
     rows = capsys.readouterr().out.splitlines()[1:]
     assert len(rows) == 4
     for row in rows:
-        registers, loop, mma = int(row.split()[2]), int(row.split()[4]), int(row.split()[8])
+        registers, loop, mma = int(row.split()[2]), int(row.split()[4]), int(row.split()[9])
         assert 0 < registers <= 255 and loop > mma > 0
 
 
