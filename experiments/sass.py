@@ -60,26 +60,27 @@ _BRANCH = re.compile(r"@!?P[T0-9]+\s+BRA\s+`?\(?(\.L_x_\d+)")
 
 def loop_counts(sass: str) -> dict:
     """The SASS loop with the most instructions (a conditional backward branch to a label above it), by kind
-    of opcode, and ``skippable``: the instructions of its largest block that a conditional branch jumps over
-    (such as the lazy carry's renormalization, MosaicWalkConfig.lazy_carry), which most chunks do not run."""
+    of opcode, and ``renormalization``: the instructions of its largest block of multiplies that a conditional
+    branch jumps over (the lazy carry's, MosaicWalkConfig.lazy_carry), which most chunks do not run. (The
+    pipeline's copies sit in such blocks too, of address arithmetic, which most chunks do run.)"""
     lines = sass.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) for m in [_LABEL.match(line)] if m}
-    count = lambda a, b: sum(1 for x in lines[a:b] if _INSTRUCTION.search(x))  # noqa: E731
+    opcodes_in = lambda a, b: [m.group(1) for x in lines[a:b] for m in [_INSTRUCTION.search(x)] if m]  # noqa: E731
     best, span = None, (0, 0)
     for i, line in enumerate(lines):
         branch = _BRANCH.search(line)
         if branch and labels.get(branch.group(1), i) < i:
-            ops = [m.group(1) for x in lines[labels[branch.group(1)]:i + 1] for m in [_INSTRUCTION.search(x)] if m]
+            ops = opcodes_in(labels[branch.group(1)], i + 1)
             if best is None or len(ops) > len(best):
                 best, span = ops, (labels[branch.group(1)], i)
-    skippable = max((count(i + 1, labels[m.group(1)]) for i in range(*span)
-                     for m in [_BRANCH.search(lines[i])] if m and i < labels.get(m.group(1), -1) <= span[1]),
-                    default=0)
+    skipped = [opcodes_in(i + 1, labels[m.group(1)]) for i in range(*span)
+               for m in [_BRANCH.search(lines[i])] if m and i < labels.get(m.group(1), -1) <= span[1]]
+    multiplies = [block for block in skipped if sum(op.startswith("FMUL") for op in block) >= 0.9 * len(block)]
     opcodes = collections.Counter(op.split(".")[0] for op in best or [])
     counts = {kind: sum(opcodes[name] for name in names) for kind, names in OPCODES.items()}
     counts["other"] = sum(opcodes.values()) - sum(counts.values())
     counts["total"] = sum(opcodes.values())
-    return dict(counts, skippable=skippable, opcodes=dict(opcodes.most_common()))
+    return dict(counts, renormalization=max(map(len, multiplies), default=0), opcodes=dict(opcodes.most_common()))
 
 
 def ptxas_report(text: str) -> dict:
@@ -184,11 +185,11 @@ def main(argv: list[str] | None = None) -> int:
                                     git_commit=commit, jax=jax.__version__, ptxas=version,
                                     **ptxas_report(ptxas), sass_loop=loop_counts(sass)))
     kinds = [*OPCODES, "other"]
-    print(f"{'op':8} {'#':>2} {'regs':>4} {'spill':>5} {'loop':>5} {'skip':>4} " + " ".join(f"{k:>7}" for k in kinds))
+    print(f"{'op':8} {'#':>2} {'regs':>4} {'spill':>5} {'loop':>5} {'renorm':>6} " + " ".join(f"{k:>7}" for k in kinds))
     for r in records:
         loop = r["sass_loop"]
         print(f"{r['op']:8} {r['module']:>2} {r['registers']:>4} {r['spill_stores']:>5} {loop['total']:>5} "
-              f"{loop['skippable']:>4} " + " ".join(f"{loop[k]:>7}" for k in kinds))
+              f"{loop['renormalization']:>6} " + " ".join(f"{loop[k]:>7}" for k in kinds))
     if args.out:
         with open(args.out, "a") as f:
             for r in records:
