@@ -405,8 +405,8 @@ def test_the_walk_in_the_interpreter_matches_the_oracle(dtype, with_start):
 @interpreted
 @pytest.mark.parametrize("lazy", [True, False], ids=["lazy", "eager"])
 def test_the_lazy_carry_renormalizes_where_the_decay_is_small(lazy):
-    """MosaicWalkConfig.lazy_carry (S = g T, T multiplied by g only when g < 2^-60) over 16 chunks: at decay
-    0.9 T takes g every 7th chunk, at 0.5 and 1e-3 every chunk, at 0.999 and 1 never; the forward walk and
+    """MosaicWalkConfig.lazy_carry (S = g T, T multiplied by g only when g < 2^-32) over 16 chunks: at decay
+    0.9 T takes g every 4th chunk, at 0.5 and 1e-3 every chunk, at 0.999 and 1 never; the forward walk and
     the backward's (the decay learned: the dq walk's derivative takes the same g) against the oracle, with
     an entering state, as the carry multiplied every chunk does."""
     B, T, H, K, V = 1, 1024, 4, 64, 64

@@ -59,8 +59,9 @@ f32 = jnp.float32
 STATES_KERNEL = "piece_states"
 # The key dims the kernel's wgmma tiling serves (the state [K, block_v] lives in registers).
 KEY_DIMS = (64, 128)
-# MosaicWalkConfig.lazy_carry: the scale g of S = g T below which T takes it (T stays within 2^60 of S).
-LAZY_FLOOR = 2.0 ** -60
+# MosaicWalkConfig.lazy_carry: the scale g of S = g T below which T takes it (T stays within 2^32 of S, far
+# inside float32's range for any state that fits it with room).
+LAZY_FLOOR = 2.0 ** -32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,8 +135,8 @@ class MosaicWalkConfig:
     lazy_carry: the bf16 walks hold their float32 state as S = g T with a scalar g, so that a chunk's update
     T <- T + key^T (leaving value / g') skips the carry's multiply of the whole state (g' = g carry; the
     entering rows take g, the leaving ones 1 / g', both on the rows' values), and multiply T by g' only when
-    g' would fall below 2^-60 (then g' = 1): at once where the decay is small, every 60 / (C log2(1 / gamma))
-    chunks where it is not, never at gamma = 1. Off for float16, whose state copies keep its range.
+    g' would fall below 2^-32 (then g' = 1): at once where the decay is small, every 32 / (C log2(1 / gamma))
+    chunks where it is not (every 11th to 180th in RetNet's range of decays), never at gamma = 1. Off for float16, whose state copies keep its range.
     """
 
     chunk_size: int = 64
