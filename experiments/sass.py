@@ -10,7 +10,8 @@ Needs jax's CUDA plugin for the installed jax (jax-cuda13-pjrt or jax-cuda12-pjr
 nvidia-cuda-nvcc and nvidia-cuda-nvdisasm wheels: their bin directory is put first on PATH), and a C compiler.
 The plugin compiles with the ptxas on PATH where it finds one, else with the compiler built into it (whose
 allocation differs: 476 bytes of spills against 452 for the dq sums walk at 5195c21); the ptxas version is
-recorded. A static count: instructions in the loop's text, every branch of it, not those a chunk executes.
+recorded. A static count: instructions in the loop's text, every branch of it; the one block that most chunks
+skip, the lazy carry's renormalization (MosaicWalkConfig.lazy_carry), is reported apart.
 """
 
 from __future__ import annotations
