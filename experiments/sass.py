@@ -16,12 +16,10 @@ skip, the lazy carry's renormalization (MosaicWalkConfig.lazy_carry), is reporte
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import ctypes
 import ctypes.util
-import json
 import os
 import re
 import shutil
@@ -35,10 +33,7 @@ if __package__ in (None, ""):
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-
 from experiments import walk_ops  # noqa: E402
-from fleetjax.pallas import mosaic  # noqa: E402
 
 # SASS opcodes by kind (the opcode before its first dot); the rest count as "other" (integer, address, moves).
 OPCODES = {
@@ -163,38 +158,20 @@ def ptxas_version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--gated", action="store_true", help="with a log gate (its gradient too), beside the decay")
-    ap.add_argument("--scale", type=float, default=None, help="the op's scale (default None: K^-1/2)")
-    ap.add_argument("--out", default=None, help="append one JSON line per kernel to this file")
-    args = ap.parse_args(argv)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parent).stdout.strip()
+    args = walk_ops.arguments(__doc__.split("\n\n")[0], argv)
     version = ptxas_version()
-    records = []
     with compiler() as compile_module:
-        for backward in (False, True):
-            blobs: list[bytes] = []
-            with walk_ops.capture_modules(serialized=blobs) as captured:
-                modules = walk_ops.lowered(captured, gated=args.gated, backward=backward, scale=args.scale,
-                                           walks=mosaic.MosaicWalkConfig())
-            for index, (module, blob) in enumerate(zip(modules, blobs)):
-                ptxas, sass = compile_module(blob)
-                name = re.search(r"func\.func @(\w+)", module)
-                records.append(dict(op="fwd_bwd" if backward else "fwd", module=index,
-                                    kernel=name.group(1) if name else None, gated=args.gated, scale=args.scale,
-                                    git_commit=commit, jax=jax.__version__, ptxas=version,
-                                    **ptxas_report(ptxas), sass_loop=loop_counts(sass)))
+        records = []
+        for fields, _, blob in walk_ops.each_walk(args, serialized=True):
+            ptxas, sass = compile_module(blob)
+            records.append(dict(fields, ptxas=version, **ptxas_report(ptxas), sass_loop=loop_counts(sass)))
     kinds = [*OPCODES, "other"]
     print(f"{'op':8} {'#':>2} {'regs':>4} {'spill':>5} {'loop':>5} {'renorm':>6} " + " ".join(f"{k:>7}" for k in kinds))
     for r in records:
         loop = r["sass_loop"]
         print(f"{r['op']:8} {r['module']:>2} {r['registers']:>4} {r['spill_stores']:>5} {loop['total']:>5} "
               f"{loop['renormalization']:>6} " + " ".join(f"{loop[k]:>7}" for k in kinds))
-    if args.out:
-        with open(args.out, "a") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
+    walk_ops.append(records, args.out)
     return 0
 
 

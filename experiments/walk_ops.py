@@ -136,34 +136,51 @@ def lowered(modules: list[str], *, gated: bool, backward: bool, scale: float | N
     return list(modules)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arguments(description: str, argv: list[str] | None):
+    """The options this tool and experiments/sass.py share: --gated, --scale, --out."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--gated", action="store_true", help="with a log gate (its gradient too), beside the decay")
     ap.add_argument("--scale", type=float, default=None, help="the op's scale (default None: K^-1/2)")
     ap.add_argument("--out", default=None, help="append one JSON line per kernel to this file")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def each_walk(args, serialized: bool = False):
+    """(the walk's record fields, its module's text, the module serialized or None) for every Mosaic walk of
+    the forward, then of forward and backward, as :func:`lowered` gives them under ``args``."""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parent).stdout.strip()
-    records = []
     for backward in (False, True):
-        with capture_modules() as captured:
+        blobs: list[bytes] | None = [] if serialized else None
+        with capture_modules(serialized=blobs) as captured:
             modules = lowered(captured, gated=args.gated, backward=backward, scale=args.scale,
                               walks=mosaic.MosaicWalkConfig())
         for index, module in enumerate(modules):
             name = re.search(r"func\.func @(\w+)", module)
-            records.append(dict(op="fwd_bwd" if backward else "fwd", module=index,
-                                kernel=name.group(1) if name else None, gated=args.gated, scale=args.scale,
-                                git_commit=commit, jax=jax.__version__, **count(module)))
+            fields = dict(op="fwd_bwd" if backward else "fwd", module=index,
+                          kernel=name.group(1) if name else None, gated=args.gated, scale=args.scale,
+                          git_commit=commit, jax=jax.__version__)
+            yield fields, module, blobs[index] if serialized else None
+
+
+def append(records: list[dict], path: str | None) -> None:
+    """One JSON line per record at the end of ``path`` (None: nowhere)."""
+    if path:
+        with open(path, "a") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments(__doc__.split("\n\n")[0], argv)
+    records = [dict(fields, **count(module)) for fields, module, _ in each_walk(args)]
     print(f"{'op':8} {'#':>2} {'total':>6} {'float':>6} {'exp':>4} {'convert':>7} {'select':>6} {'shuffle':>7} "
           f"{'store':>6} {'wgmma':>6} {'wait':>5} {'barrier':>7} {'smem KiB':>8}")
     for r in records:
         print(f"{r['op']:8} {r['module']:>2} {r['total']:>6} {r['float']:>6} {r['exp']:>4} {r['convert']:>7} "
               f"{r['select']:>6} {r['shuffle']:>7} {r['store']:>6} {r['wgmma']:>6} {r['wgmma_wait']:>5} "
               f"{r['barrier']:>7} {r['shared_bytes'] / 1024:>8.1f}")
-    if args.out:
-        with open(args.out, "a") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
+    append(records, args.out)
     return 0
 
 
