@@ -467,16 +467,14 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
         row_factor = 1.0 if scale_state else scale
 
         def steps():
-            """(pair rows, pair columns, lag, lags >= 0 as float32, the rows' entering and leaving steps)."""
+            """(pair rows, pair columns, lag, lags >= 0 as float32, the rows' leaving steps [C, block_v])."""
             pair_rows, pair_cols = iota((C, C), 0), iota((C, C), 1)
             lag = pair_cols - pair_rows if reverse else pair_rows - pair_cols
             # Exponents masked before exp (only lags >= 0): gamma -> 0 gives exact zeros, gamma = 1 ones.
             lags = jnp.where(lag >= 0, lag, 0).astype(f32)
-            # The steps of each row's entering and leaving decay: the constant decay's exponents over log
-            # gamma, and the leaving ones also the tangent's weights (their derivative in log gamma).
+            # The steps of each row's leaving decay: the tangent's weights (its derivative in log gamma).
             row = iota((C, bv), 0).astype(f32)
-            enter_lag, leave_lag = (C - 1.0 - row, row + 1.0) if reverse else (row + 1.0, C - 1.0 - row)
-            return pair_rows, pair_cols, lag, lags, enter_lag, leave_lag
+            return pair_rows, pair_cols, lag, lags, row + 1.0 if reverse else C - 1.0 - row
 
         def constant_factors(lag, lags):
             """The constant decay's factors from :func:`steps`'s, the same for every chunk: (weights, the
@@ -490,7 +488,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
         # Two warpgroups form their registers' values in the compute context (the copying warpgroup keeps
         # few registers) and carry the constant factors; one forms them here, once.
         if not wide:
-            pair_rows, pair_cols, lag, lags, enter_lag, leave_lag = steps()
+            pair_rows, pair_cols, lag, lags, leave_lag = steps()
             constant = None if gated else constant_factors(lag, lags)
 
         def k_t(ref):
