@@ -24,7 +24,13 @@ try:  # Mosaic GPU's CPU interpreter (a private module of jax: the tests skip wh
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 except ImportError:  # pragma: no cover
     InterpretGPUParams = None
-interpreted = pytest.mark.skipif(InterpretGPUParams is None, reason="no Mosaic GPU interpreter in this jax")
+# On a GPU host XLA's GPU compiler runs the interpreter's body: its dots at the GPU's default float32
+# precision, looser than these tests' tolerances (the eleventh session's H200 run failed them), and its
+# float32 -> 16-bit -> float32 converts removed where not kept by a barrier. The compiled walks are checked
+# there instead; CI runs these.
+on_cpu = pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the CPU's XLA (CI runs it)")
+interpreted = pytest.mark.skipif(InterpretGPUParams is None or jax.default_backend() != "cpu",
+                                 reason="no Mosaic GPU interpreter in this jax, or not on the CPU")
 
 
 def _walks(text: str) -> int:
@@ -365,6 +371,7 @@ def _widened_roundings(fn, x) -> int:
     return pairs
 
 
+@on_cpu
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("parts", [2, 3])
 def test_the_interpreters_splits_keep_their_roundings(dtype, parts):
