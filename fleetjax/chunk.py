@@ -55,13 +55,29 @@ def dot_exact(a, b, dtype, precision, trans_a: bool = False, parts: int = 2):
     return out
 
 
-def split(x, dtype, parts: int, *, barrier: bool = False) -> list:
+def split(x, dtype, parts: int, *, barrier: bool = False, by_bits: bool = False) -> list:
     """``parts`` terms in ``dtype`` whose sum holds float32 ``x``: each the rest of x not yet held, rounded.
 
     ``barrier``: each rounded term passes an optimization barrier before it is widened again, for kernel
     bodies run as XLA ops (Mosaic GPU's interpreter): XLA's GPU compiler removes a float32 -> 16-bit ->
     float32 pair of converts where excess precision is allowed (its default), which would leave every
-    later term zero. The same values either way; compiled kernels lower their converts themselves."""
+    later term zero. The same values either way; compiled kernels lower their converts themselves.
+
+    ``by_bits`` (bfloat16 only): the first term is rounded with integer operations on x's bits instead of a
+    conversion (which a GPU issues at a fraction of its float rate) and widened again by a mask: the upper
+    16 bits of x plus half a unit in their last place, to nearest with ties away from zero (ties to even
+    with a conversion); the rest as without. A NaN may leave the first term as a zero or an infinity, but
+    its rest is NaN, and so is the sum of the terms."""
+    if by_bits:
+        if jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16):
+            raise ValueError(f"split(by_bits=True) takes bfloat16 terms, got {jnp.dtype(dtype)}")
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint32) + jnp.uint32(0x8000)
+        head = jax.lax.bitcast_convert_type(jax.lax.shift_right_logical(bits, jnp.uint32(16)).astype(jnp.uint16),
+                                            dtype)
+        if parts == 1:
+            return [head]
+        rest = x - jax.lax.bitcast_convert_type(bits & jnp.uint32(0xFFFF0000), f32)
+        return [head, *split(rest, dtype, parts - 1, barrier=barrier)]
     out = [x.astype(dtype)]
     for _ in range(parts - 1):  # the rest after the last term is not formed (kernels' lowered loops stay lean)
         x = x - (jax.lax.optimization_barrier(out[-1]) if barrier else out[-1]).astype(f32)

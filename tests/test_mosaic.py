@@ -392,6 +392,37 @@ def test_the_interpreters_splits_keep_their_roundings(dtype, parts):
     assert _widened_roundings(lambda x: split(x, jnp.dtype(dtype), parts, barrier=True), x) == 0
 
 
+
+@pytest.mark.parametrize("parts", [2, 3])
+def test_the_split_by_bits_rounds_as_the_conversion_does(parts):
+    """split(by_bits=True), the bf16 walks' hi/lo pairs (MosaicWalkConfig.split_by_bits): the first term is
+    the conversion's rounding to nearest except at ties (away from zero, not to even), the terms sum to x
+    within 2^-16 (two) or exactly (three), as the conversion's split; zeros and infinities pass through the
+    first term and a NaN reaches the terms' sum; only bfloat16 is taken."""
+    from fleetjax.chunk import split
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(1 << 16) * 10.0 ** rng.uniform(-6, 6, 1 << 16), jnp.float32)
+    ties = jnp.asarray([1 + 2.0 ** -8, -(1 + 2.0 ** -8), 3 * 2.0 ** -9 + 2.0 ** -16], jnp.float32)  # half-way
+    x = jnp.concatenate([x, ties])
+    terms = jax.jit(lambda x: split(x, jnp.bfloat16, parts, by_bits=True))(x)
+    head, converted = (np.asarray(t.astype(jnp.float32)) for t in (terms[0], x.astype(jnp.bfloat16)))
+    tie = (np.asarray(jax.lax.bitcast_convert_type(x, jnp.uint32)) & 0xFFFF) == 0x8000
+    assert tie[-3:].all() and tie.sum() < 10
+    np.testing.assert_array_equal(head[~tie], converted[~tie])
+    assert np.all(np.abs(head[tie]) > np.abs(np.asarray(x)[tie]))  # ties away from zero
+    held = sum(np.asarray(t.astype(jnp.float32), np.float64) for t in terms)
+    error = np.abs(held - np.asarray(x, np.float64)) / np.abs(np.asarray(x, np.float64))
+    assert np.max(error) <= (2.0 ** -16 if parts == 2 else 0.0)
+    assert np.all(error[-3:] == 0)  # a tie's rest is exact in one more term
+    special = jnp.asarray([0.0, -0.0, np.inf, -np.inf, np.nan], jnp.float32)
+    parts_of_special = split(special, jnp.bfloat16, parts, by_bits=True)
+    np.testing.assert_array_equal(np.asarray(parts_of_special[0][:4].astype(jnp.float32)), np.asarray(special[:4]))
+    assert np.isnan(float(sum(t[4].astype(jnp.float32) for t in parts_of_special)))
+    with pytest.raises(ValueError, match="bfloat16"):
+        split(x, jnp.float16, parts, by_bits=True)
+
+
 @interpreted
 @pytest.mark.parametrize("dtype, with_start", [("bfloat16", True), ("float16", False)])
 def test_the_walk_in_the_interpreter_matches_the_oracle(dtype, with_start):
