@@ -10,7 +10,10 @@ Needs jax's CUDA plugin for the installed jax (jax-cuda13-pjrt or jax-cuda12-pjr
 nvidia-cuda-nvcc and nvidia-cuda-nvdisasm wheels: their bin directory is put first on PATH), and a C compiler.
 The plugin compiles with the ptxas on PATH where it finds one, else with the compiler built into it (whose
 allocation differs: 476 bytes of spills against 452 for the dq sums walk at 5195c21); the ptxas version is
-recorded. A static count: instructions in the loop's text, every branch of it; the one block that most chunks
+recorded. Repeated runs of one tree may differ by a few instructions and spill bytes (the gated dq walk
+compiled to 2181 instructions and 260 bytes of spills or to 2186 and 280 in runs of one command, whatever
+the Python hash seed, 2026-12-05): compare trees on the ungated walks or over several runs. A static count:
+instructions in the loop's text, every branch of it; the one block that most chunks
 skip, the lazy carry's renormalization (MosaicWalkConfig.lazy_carry), is reported apart.
 """
 

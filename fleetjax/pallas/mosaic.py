@@ -141,8 +141,8 @@ class MosaicWalkConfig:
     and lagged values, the gate's spanned pairs) round their hi part with an integer add and masks on the float32 bits instead of a
     conversion and its widening (fleetjax.chunk.split's ``by_bits``; ties away from zero instead of to
     even, the same 2^-16 held): the dq walk with the decay's sums issues 72 conversions a chunk instead of
-    168, at the same 1393 instructions, the gated one with the decay learned 122 instead of 250 at 2181
-    (spills 260 bytes, 280 for the spanned pairs converted) (experiments/sass.py, jax 0.11.2). A conversion issues at a fraction of
+    168 at the same 1393 instructions, the gated one with the decay learned 122 instead of 250 at the same
+    2181-2186 (experiments/sass.py, jax 0.11.2). A conversion issues at a fraction of
     the float rate; the form that drops the rounding (hi = x's upper 16 bits, 96 instructions fewer, 2^-15
     held) took 2.73 against 3.00-3.03 ms fwd+bwd at B4 H16 T=16384 (H200, 2026-12-05, bf16, K = V = 128,
     alternated processes, experiments/results/2026-12-05-h200-truncated_split_ab.jsonl) but 4x the
