@@ -147,7 +147,8 @@ class MosaicWalkConfig:
     held) took 2.73 against 3.00-3.03 ms fwd+bwd at B4 H16 T=16384 (H200, 2026-12-05, bf16, K = V = 128,
     alternated processes, experiments/results/2026-12-05-h200-truncated_split_ab.jsonl) but 4x the
     decay gradient's error at T=2048 in the interpreter (1.4e-4 against 3.4e-5); this form gives the
-    conversion's errors there and is not yet timed.
+    conversion's errors there and at T=16384 (1.34e-5 and 3.10e-5 against 1.34e-5 and 3.11e-5) and is not
+    yet timed.
     """
 
     chunk_size: int = 64
