@@ -392,7 +392,6 @@ def test_the_interpreters_splits_keep_their_roundings(dtype, parts):
     assert _widened_roundings(lambda x: split(x, jnp.dtype(dtype), parts, barrier=True), x) == 0
 
 
-
 @pytest.mark.parametrize("parts", [2, 3])
 def test_the_split_by_bits_rounds_as_the_conversion_does(parts):
     """split(by_bits=True), the bf16 walks' hi/lo pairs (MosaicWalkConfig.split_by_bits): the first term is

@@ -136,17 +136,18 @@ class MosaicWalkConfig:
     T <- T + key^T (leaving value / g') skips the carry's multiply of the whole state (g' = g carry; the
     entering rows take g, the leaving ones 1 / g', both on the rows' values), and multiply T by g' only when
     g' would fall below 2^-32 (then g' = 1): at once where the decay is small, every 32 / (C log2(1 / gamma))
-    chunks where it is not (every 11th to 180th in RetNet's range of decays), never at gamma = 1. Off for float16, whose state copies keep its range.
+    chunks where it is not (every 11th to 180th in RetNet's range of decays), never at gamma = 1. Off for
+    float16, whose state copies keep its range.
     split_by_bits: the bf16 walks' hi/lo pairs (their float32-accurate products: the states, the weighted
-    and lagged values, the gate's spanned pairs) round their hi part with an integer add and masks on the float32 bits instead of a
-    conversion and its widening (fleetjax.chunk.split's ``by_bits``; ties away from zero instead of to
-    even, the same 2^-16 held): the dq walk with the decay's sums issues 72 conversions a chunk instead of
-    168 at the same 1393 instructions, the gated one with the decay learned 122 instead of 250 at the same
-    2181-2186 (experiments/sass.py, jax 0.11.2). A conversion issues at a fraction of
-    the float rate; the form that drops the rounding (hi = x's upper 16 bits, 96 instructions fewer, 2^-15
-    held) took 2.73 against 3.00-3.03 ms fwd+bwd at B4 H16 T=16384 (H200, 2026-12-05, bf16, K = V = 128,
-    alternated processes, experiments/results/2026-12-05-h200-truncated_split_ab.jsonl) but 4x the
-    decay gradient's error at T=2048 in the interpreter (1.4e-4 against 3.4e-5); this form gives the
+    and lagged values, the gate's spanned pairs) round their hi part with an integer add and masks on the
+    float32 bits instead of a conversion and its widening (fleetjax.chunk.split's ``by_bits``; ties away
+    from zero instead of to even, the same 2^-16 held): the dq walk with the decay's sums issues 72
+    conversions a chunk instead of 168 at the same 1393 instructions, the gated one with the decay learned
+    122 instead of 250 at the same 2181-2186 (experiments/sass.py, jax 0.11.2). A conversion issues at a
+    fraction of the float rate; the form that drops the rounding (hi = x's upper 16 bits, 96 instructions
+    fewer, 2^-15 held) took 2.73 against 3.00-3.03 ms fwd+bwd at B4 H16 T=16384 (H200, 2026-12-05, bf16,
+    K = V = 128, alternated processes, experiments/results/2026-12-05-h200-truncated_split_ab.jsonl) but 4x
+    the decay gradient's error at T=2048 in the interpreter (1.4e-4 against 3.4e-5); this form gives the
     conversion's errors there and at T=16384 (1.34e-5 and 3.10e-5 against 1.34e-5 and 3.11e-5) and is not
     yet timed.
     """
