@@ -256,10 +256,13 @@ def test_two_warpgroups_give_the_op_bitwise_what_one_gives(pieces, with_start, g
     two = run(mosaic.MosaicWalkConfig(warpgroups=2, backward_warpgroups=2))
     for a, b, name in zip(one, two, ("o", "dq", "dk", "dv")):
         assert jnp.array_equal(a, b), name
-    # Two warpgroups of 32 value columns each (MosaicWalkConfig.forward_block_v) in the forward.
+    # Two warpgroups of 32 value columns each (MosaicWalkConfig.forward_block_v) in the forward; two taking
+    # turns on the tensor cores (pingpong).
     narrow = run(mosaic.MosaicWalkConfig(warpgroups=2, forward_block_v=32))
-    for a, b, name in zip(one, narrow, ("o", "dq", "dk", "dv")):
-        assert jnp.array_equal(a, b), name
+    turns = run(mosaic.MosaicWalkConfig(warpgroups=2, backward_warpgroups=2, pingpong=True))
+    for other in (narrow, turns):
+        for a, b, name in zip(one, other, ("o", "dq", "dk", "dv")):
+            assert jnp.array_equal(a, b), name
     ref = oracle.forward(q, k, v, decay, initial_state=start, log_gate=log_gate)[0]
     assert oracle.rel_err(two[0], ref, axis=2) < TOLERANCE["bfloat16"]
 
@@ -470,18 +473,22 @@ def test_the_lazy_carry_renormalizes_where_the_decay_is_small(lazy):
 @interpreted
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 def test_two_warpgroups_walk_as_one_does_in_the_interpreter(reverse):
-    """MosaicWalkConfig.warpgroups=2 (each warpgroup its own value block, a third copying the shared tiles):
-    out and the pieces' final states bitwise those of one warpgroup a program, from random entering states in
+    """MosaicWalkConfig.warpgroups=2 (each warpgroup its own value block, a third copying the shared tiles),
+    also taking turns on the tensor cores (``pingpong``): out and the pieces' final states bitwise those of
+    one warpgroup a program, from random entering states in
     two pieces, forward and in reverse (the backward's dv and dk walks); the forward also against the float64
     oracle. (The gated decay's: tests/test_mosaic_warpgroups.py, with four fake CPU devices.)"""
     B, T, H, K, V = 1, 128, 2, 64, 128
     q, k, v = _inputs(B, T, H, K, V, "bfloat16", scale_values=0.5)
     decay = (0.9, 1.0)
     entering = jnp.asarray(np.random.default_rng(1).standard_normal((B, H, 2, K, V)), jnp.float32)
+    configs = [mosaic.MosaicWalkConfig(), mosaic.MosaicWalkConfig(warpgroups=2),
+               mosaic.MosaicWalkConfig(warpgroups=2, pingpong=True)]
     got = [mosaic.walk(q, k, v, _decays(decay).log_decay, entering, Chunking(T, 64, 2), reverse=reverse,
-                       scale=0.2, config=mosaic.MosaicWalkConfig(warpgroups=n), interpret=InterpretGPUParams())
-           for n in (1, 2)]
-    assert jnp.array_equal(got[0][0], got[1][0]) and jnp.array_equal(got[0][1], got[1][1])
+                       scale=0.2, config=config, interpret=InterpretGPUParams())
+           for config in configs]
+    for other in got[1:]:  # two warpgroups, then two taking turns (MosaicWalkConfig.pingpong)
+        assert jnp.array_equal(got[0][0], other[0]) and jnp.array_equal(got[0][1], other[1])
     if not reverse:
         ref, final = oracle.forward(q[:, :64], k[:, :64], v[:, :64], jnp.asarray(decay), scale=0.2,
                                     initial_state=entering[:, :, 0])
@@ -827,17 +834,18 @@ def mosaic_modules():
         yield modules
 
 
-@pytest.mark.parametrize("K, stages, warpgroups, narrow", [
-    (64, 2, 1, None), (64, 3, 1, None), (128, 2, 1, None), (128, 3, 1, None), (128, 4, 1, None), (64, 3, 2, None),
-    (128, 2, 2, None), (128, 3, 2, None), (128, 3, 2, 32), (128, 3, 1, 32)])
+@pytest.mark.parametrize("K, stages, warpgroups, narrow, pingpong", [
+    (64, 2, 1, None, False), (64, 3, 1, None, False), (128, 2, 1, None, False), (128, 3, 1, None, False),
+    (128, 4, 1, None, False), (64, 3, 2, None, False), (128, 2, 2, None, False), (128, 3, 2, None, False),
+    (128, 3, 2, 32, False), (128, 3, 1, 32, False), (128, 3, 2, None, True)])
 def test_the_shared_memory_model_is_what_the_lowered_forward_walk_asks_for(mosaic_modules, K, stages, warpgroups,
-                                                                           narrow):
+                                                                           narrow, pingpong):
     """Lowered for an sm_90 GPU (any host): the default config picks the walk's stages by
     MosaicWalkConfig.shared_memory_bytes, so that model must be the kernel's own request, byte for byte."""
     modules = mosaic_modules
     q = jnp.zeros((1, 512, 2, K), jnp.bfloat16)
     v = jnp.zeros((1, 512, 2, 64 * warpgroups), jnp.bfloat16)  # whole programs of value blocks of 64
-    walks = mosaic.MosaicWalkConfig(stages=stages, warpgroups=warpgroups, forward_block_v=narrow)
+    walks = mosaic.MosaicWalkConfig(stages=stages, warpgroups=warpgroups, forward_block_v=narrow, pingpong=pingpong)
     config = dataclasses.replace(chunked.default_config(q, v), mosaic_walks=walks)
     f = lambda q, k, v: fleetjax.fleet_attention(q, k, v, jnp.asarray([0.9, 0.99]),  # noqa: E731
                                                  implementation="pallas", config=config)

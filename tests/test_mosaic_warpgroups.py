@@ -27,9 +27,9 @@ CASES = ["forward", "reverse"]
 
 
 def _run_case(direction: str) -> dict[str, Any]:
-    """Out and the pieces' final states at one and at two warpgroups (bitwise equal?), and the forward's
-    first piece against the float64 oracle, from random entering states in two pieces, with a hard
-    forget (log gate -40) inside the second piece."""
+    """Out and the pieces' final states at one and at two warpgroups, also taking turns on the tensor cores
+    (MosaicWalkConfig.pingpong): bitwise equal? And the forward's first piece against the float64 oracle,
+    from random entering states in two pieces, with a hard forget (log gate -40) inside the second piece."""
     from fleetjax.chunking import Chunking
     from fleetjax.decay import Decays
     from fleetjax.pallas import mosaic
@@ -39,12 +39,13 @@ def _run_case(direction: str) -> dict[str, Any]:
     decays = Decays(jnp.log(decay), _log_gate(B, T, H))
     entering = jnp.asarray(np.random.default_rng(1).standard_normal((B, H, 2, K, V)), jnp.float32)
     reverse = direction == "reverse"
+    configs = [mosaic.MosaicWalkConfig(), mosaic.MosaicWalkConfig(warpgroups=2),
+               mosaic.MosaicWalkConfig(warpgroups=2, pingpong=True)]
     got = [mosaic.walk(q, k, v, decays.log_decay, entering, Chunking(T, 64, 2), reverse=reverse, scale=0.2,
-                       config=mosaic.MosaicWalkConfig(warpgroups=n), within=decays.within_chunks(B, T, 64),
-                       interpret=InterpretGPUParams())
-           for n in (1, 2)]
-    result = {"out_equal": bool(jnp.array_equal(got[0][0], got[1][0])),
-              "finals_equal": bool(jnp.array_equal(got[0][1], got[1][1])),
+                       config=config, within=decays.within_chunks(B, T, 64), interpret=InterpretGPUParams())
+           for config in configs]
+    result = {"out_equal": all(bool(jnp.array_equal(got[0][0], other[0])) for other in got[1:]),
+              "finals_equal": all(bool(jnp.array_equal(got[0][1], other[1])) for other in got[1:]),
               "finite": bool(jnp.all(jnp.isfinite(got[1][0].astype(jnp.float32))))}
     if not reverse:
         ref, final = oracle.forward(q[:, :64], k[:, :64], v[:, :64], decay, scale=0.2,

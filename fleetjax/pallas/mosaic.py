@@ -150,6 +150,12 @@ class MosaicWalkConfig:
     the decay gradient's error at T=2048 in the interpreter (1.4e-4 against 3.4e-5); this form gives the
     conversion's errors there and at T=16384 (1.34e-5 and 3.10e-5 against 1.34e-5 and 3.11e-5) and is not
     yet timed.
+    pingpong: the two compute warpgroups of a two-warpgroup walk (``warpgroups``, ``backward_warpgroups``)
+    take turns on the tensor cores, as FlashAttention-3's two softmax warpgroups do: each issues its chunk's
+    first products (scores, query S), then waits at a barrier of both until the other is about to issue its
+    state update, the second warpgroup starting a turn behind. One warpgroup's products then run while the
+    other forms its elementwise part, where without turns both issue their products at once and then both
+    leave the tensor cores idle. Bitwise the same results. Off by default: not yet timed on a GPU.
     """
 
     chunk_size: int = 64
@@ -169,6 +175,7 @@ class MosaicWalkConfig:
     approx_exp: bool = True
     lazy_carry: bool = True
     split_by_bits: bool = True
+    pingpong: bool = False
 
     def __post_init__(self):
         if self.chunk_size != 64:
@@ -199,8 +206,8 @@ class MosaicWalkConfig:
         float32 state's tile (used before and after the pipeline only); a barrier for each stage's copies and
         one for the state's. Two: the staged q, k and v tiles (v two blocks wide), then for each warpgroup the
         state's, the weighted values' and two output tiles, which share their space with the float32 state's
-        tiles; two barriers a stage (loaded, consumed), one for each warpgroup's state and two for their
-        rendezvous. A barrier takes 8 bytes."""
+        tiles; two barriers a stage (loaded, consumed), one for each warpgroup's state, two for their
+        rendezvous and, with ``pingpong``, one for their turns. A barrier takes 8 bytes."""
         C, bv = self.chunk_size, self.forward().block_v
         if self.warpgroups == 1:
             return (itemsize * (K * bv + C * bv) + max(itemsize * self.stages * (2 * C * K + 2 * C * bv),
@@ -208,7 +215,8 @@ class MosaicWalkConfig:
                     + 8 * (self.stages + 1))
         wgs = self.warpgroups
         return (itemsize * self.stages * (2 * C * K + wgs * C * bv)
-                + wgs * max(itemsize * (K * bv + 3 * C * bv), 4 * K * bv) + 8 * (2 * self.stages + wgs + 2))
+                + wgs * max(itemsize * (K * bv + 3 * C * bv), 4 * K * bv)
+                + 8 * (2 * self.stages + wgs + 2 + self.pingpong))
 
 
 def on_hopper() -> bool:
@@ -449,7 +457,8 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                 state_lo_smem=None, weighted_lo_smem=None, tangent_smem=None, tangent_lo_smem=None, lagged_smem=None,
                 lagged_lo_smem=None, part_hi_smem=None, part_lo_smem=None, keys_t_smem=None,
                 block_t_smem=None, register_smem=None, triangle_smem=None, out_smem=None, f32_smem=None,
-                rendezvous=None, paired_smem=None, paired_lo_smem=None, moved_smem=None, moved_lo_smem=None):
+                rendezvous=None, turns=None, paired_smem=None, paired_lo_smem=None, moved_smem=None,
+                moved_lo_smem=None):
         """One program's walk, its refs by name (see ``kernel`` below): inputs and outputs ``*_gmem``, scratch
         ``*_smem`` and ``barrier``; None where the call has no such ref. Two warpgroups (``wide``): each takes
         its own slice of the scratch that has a leading warpgroup axis."""
@@ -478,6 +487,15 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                 return x
             register_smem[...] = x
             return register_smem
+
+        def take_turn():
+            """Two compute warpgroups take turns on the tensor cores (``MosaicWalkConfig.pingpong``): both
+            arrive, and each waits until the other has arrived too. The second one starts a turn behind (see
+            ``compute`` below), so each of its chunks' first products go out while the first one forms its
+            chunk's elementwise part, and its update waits until the first one's next products are out."""
+            if turns is not None:
+                plgpu.barrier_arrive(turns)
+                plgpu.barrier_wait(turns)
 
         j, bh, piece = lax.axis_index("v"), lax.axis_index("bh"), lax.axis_index("piece")
         b, h = bh // H, bh % H
@@ -515,16 +533,19 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             copy[...] = ref[...].T
             return copy
 
-        def products(**jobs):
-            """{name: sum of a @ b over its pairs, float32} for jobs name=(shape, pairs): every wgmma is issued
-            before the first result is read, so that they share one wait. An operand b may be a thunk, taken
-            just before its wgmma (the interpreter's transposed copies share a buffer per shape)."""
+        def products(jobs: dict, issued=None):
+            """{name: sum of a @ b over its pairs, float32} for jobs {name: (shape, pairs)}: every wgmma is
+            issued before the first result is read, so that they share one wait; ``issued()``, if given, runs
+            between. An operand b may be a thunk, taken just before its wgmma (the interpreter's transposed
+            copies share a buffer per shape)."""
             names = list(jobs)
 
             def body(*accs):
                 for acc, name in zip(accs, names):
                     for a, b_ in jobs[name][1]:
                         plgpu.wgmma(acc, a, b_() if callable(b_) else b_)
+                if issued is not None:
+                    issued()
                 return [acc[...] for acc in accs]
 
             return dict(zip(names, pl.run_scoped(body, *[plgpu.ACC(jobs[name][0], f32) for name in names])))
@@ -622,7 +643,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                         inter=((C, (1 + tangent) * bv), [(q_smem, copy) for copy in held]))
             if tangent or spanned:  # the pairs (rows_i . value_j) (query_i . key_j), decayed below
                 jobs["pairs"] = ((C, C), [(x_smem, lambda: k_t(v_smem))])
-            got = products(**jobs)
+            got = products(jobs, issued=take_turn)
             if tangent:
                 got["inter"], got["through"] = got["inter"][:, :bv], got["inter"][:, bv:]
             scores = got["scores"] * weights
@@ -635,7 +656,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                 for part_smem, part in zip(part_smems, parts_of(pairs, jnp.bfloat16, 2)):
                     part_smem[...] = part
                 plgpu.commit_smem()
-                from_r = products(r=((C, C), [(triangle_smem, part_smem) for part_smem in part_smems]))["r"]
+                from_r = products(dict(r=((C, C), [(triangle_smem, part_smem) for part_smem in part_smems])))["r"]
                 sum_smem["spanned"][...] = jnp.sum(jnp.where(pair_cols < pair_rows, from_r, 0.0), axis=1)
 
             def intra(acc):
@@ -676,6 +697,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                 [both] = accumulate((init, update(moved_smem, moved_lo_smem)))
                 state, derivative = both[:, :bv], [both[:, bv:]]
             else:
+                take_turn()
                 jobs = [(start(state), update(*([weighted_smem, weighted_lo_smem] if exact else [weighted_smem])))]
                 if tangent:
                     jobs.append((start(derivative + C * state), update(lagged_smem, lagged_lo_smem)))
@@ -734,7 +756,9 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                 entering = entered(start_gmem)
                 meet(0)
                 init = (entering, () if gated else constant_factors(*steps()[2:4]))
+                pl.when(group == 1)(take_turn)  # a turn behind the first warpgroup
                 out = pipeline((init, jnp.asarray(1.0, f32)) if lazy else init)
+                pl.when(group == 0)(take_turn)  # the second one's last turn
                 (state, _), g = out if lazy else (out, 1.0)
                 state = state * g if lazy else state
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -805,6 +829,8 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     scratch["barrier"] = plgpu.Barrier(num_barriers=wgs) if wide else plgpu.Barrier()
     if wide:
         scratch["rendezvous"] = plgpu.Barrier(num_arrivals=wgs, num_barriers=2)
+        if config.pingpong:
+            scratch["turns"] = plgpu.Barrier(num_arrivals=wgs)
     if interpret is not None:
         scratch.update(keys_t_smem=plgpu.SMEM((*per_group, K, C), dtype), block_t_smem=plgpu.SMEM((bv, C), dtype),
                        register_smem=plgpu.SMEM((*per_group, C, C), dtype))
