@@ -3,13 +3,13 @@ backward with every gradient, the decay's included) is lowered for an sm_90 GPU,
 is read as text, and the ops in its chunk loop (the scf.for with the most ops: the pipeline's body) are
 counted by kind, with the kernel's shared-memory request.
 
-    PYTHONPATH=. python -m experiments.walk_ops [--gated] [--scale S] [--out FILE]
+    PYTHONPATH=. python -m experiments.walk_ops [--gated] [--scale S] [--walks JSON] [--out FILE]
 
 The counts are of the lowered module, before LLVM: an op on a register pair (vector<2xf32>) counts once, a
 multiply by the constant 1.0 is still there (LLVM drops it later), and dead ops are not removed. So they
 compare two trees' walks, kind by kind; the GPU's instruction counts (MOSAIC_GPU_DUMP_PTX, ptxas) and times
 stay the measure. The default config is MosaicWalkConfig() at B1 T=512 H2, K = V = 128, bfloat16, so every
-walk runs in one piece on one warpgroup.
+walk runs in one piece on one warpgroup; ``--walks`` changes its fields (two warpgroups, say).
 """
 
 from __future__ import annotations
@@ -137,10 +137,13 @@ def lowered(modules: list[str], *, gated: bool, backward: bool, scale: float | N
 
 
 def arguments(description: str, argv: list[str] | None):
-    """The options this tool and experiments/sass.py share: --gated, --scale, --out."""
+    """The options this tool and experiments/sass.py share: --gated, --scale, --walks, --out."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--gated", action="store_true", help="with a log gate (its gradient too), beside the decay")
     ap.add_argument("--scale", type=float, default=None, help="the op's scale (default None: K^-1/2)")
+    ap.add_argument("--walks", default=None, metavar="JSON",
+                    help='MosaicWalkConfig fields to change from its defaults, e.g. \'{"warpgroups": 2, '
+                         '"pingpong": true}\' (the forward on two warpgroups)')
     ap.add_argument("--out", default=None, help="append one JSON line per kernel to this file")
     return ap.parse_args(argv)
 
@@ -150,16 +153,17 @@ def each_walk(args, serialized: bool = False):
     the forward, then of forward and backward, as :func:`lowered` gives them under ``args``."""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parent).stdout.strip()
+    changes = json.loads(args.walks) if getattr(args, "walks", None) else {}
+    walks = mosaic.MosaicWalkConfig(**changes)
     for backward in (False, True):
         blobs: list[bytes] | None = [] if serialized else None
         with capture_modules(serialized=blobs) as captured:
-            modules = lowered(captured, gated=args.gated, backward=backward, scale=args.scale,
-                              walks=mosaic.MosaicWalkConfig())
+            modules = lowered(captured, gated=args.gated, backward=backward, scale=args.scale, walks=walks)
         for index, module in enumerate(modules):
             name = re.search(r"func\.func @(\w+)", module)
             fields = dict(op="fwd_bwd" if backward else "fwd", module=index,
                           kernel=name.group(1) if name else None, gated=args.gated, scale=args.scale,
-                          git_commit=commit, jax=jax.__version__)
+                          walks=changes, git_commit=commit, jax=jax.__version__)
             yield fields, module, blobs[index] if serialized else None
 
 
