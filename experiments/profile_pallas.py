@@ -10,6 +10,10 @@ against both. Where each call's time goes, kernel by kernel (``--untimed``: the 
     ncu --metrics gpu__time_duration.sum --csv --clock-control none python -m experiments.profile_pallas \
         --ops fwd_bwd --calls 3 --untimed > split.csv
     python -m experiments.profile_pallas --split split.csv     # the last call's kernels, longest first
+
+Whether a call waits on the host for the GPU (a lax.cond's predicate, a blocking copy), which leaves the GPU
+idle between the calls of a training loop: ``--host-wait`` enqueues ten calls behind a long XLA op and
+times that (:func:`host_wait`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import csv
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: make the repository importable
@@ -51,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--walks", default=None, metavar="JSON",
                     help='MosaicWalkConfig fields to change from the default config, e.g. \'{"block_v": 128}\'')
     ap.add_argument("--untimed", action="store_true", help="run the calls only (under a profiler)")
+    ap.add_argument("--host-wait", action="store_true",
+                    help="also time enqueueing ten calls behind a long XLA op (see host_wait)")
     ap.add_argument("--split", metavar="CSV", help="print the last call's kernels from ncu's --csv output of "
                     "gpu__time_duration.sum, and exit")
     args = ap.parse_args(argv)
@@ -96,10 +103,42 @@ def main(argv: list[str] | None = None) -> int:
         fn, xs = runs[name]
         for _ in range(args.calls):
             jax.block_until_ready(fn(*xs))
+        if args.host_wait:
+            wait = host_wait(fn, xs)
+            print(f"{name}: a long op of {wait['long_ms']:.1f} ms, then {wait['calls']} calls enqueued in "
+                  f"{wait['enqueue_ms']:.2f} ms (a call waits on the host if about the long op's time), all done "
+                  f"in {wait['done_ms']:.1f} ms", flush=True)
         if args.untimed:
             continue
         print(name, time_calls(fn, [xs], jax_sync, target_s=0.1).ms, "ms", flush=True)
     return 0
+
+
+def host_wait(fn, xs: tuple, calls: int = 10, size: int = 8192) -> dict:
+    """Whether ``fn(*xs)`` waits on the host for the GPU: a long XLA op (six float32 [size, size] products)
+    is enqueued, then ``calls`` calls of fn. Without a wait in fn the host enqueues them while the GPU is busy
+    with the long op, in far less than its time; with one, the first call blocks until the long op is done.
+    Returns the long op's time alone (long_ms), the time to enqueue the calls behind it (enqueue_ms) and until
+    everything is done (done_ms), ms."""
+    x = jnp.ones((size, size), jnp.float32)
+
+    @jax.jit
+    def long(x):
+        for _ in range(6):
+            x = jnp.tanh(x @ x * (1.0 / size))
+        return x
+
+    jax.block_until_ready((long(x), fn(*xs)))
+    t0 = time.perf_counter()
+    jax.block_until_ready(long(x))
+    long_ms = (time.perf_counter() - t0) * 1e3
+    t0 = time.perf_counter()
+    y = long(x)
+    outs = [fn(*xs) for _ in range(calls)]
+    t1 = time.perf_counter()
+    jax.block_until_ready((y, outs))
+    t2 = time.perf_counter()
+    return dict(long_ms=long_ms, calls=calls, enqueue_ms=(t1 - t0) * 1e3, done_ms=(t2 - t0) * 1e3)
 
 
 def last_call(names: list[str]) -> int:
