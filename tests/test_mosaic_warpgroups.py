@@ -4,8 +4,9 @@ The interpreter runs each warpgroup of a program as its own XLA execution on the
 the suite's one CPU device, on a two-core host, a gated two-warpgroup walk stalled: one warpgroup's
 execution never started while the other two waited at their barriers (jax 0.10.2; the constant decay's walk
 ran). With four fake CPU devices the client has threads for all three, so these cases run in a subprocess
-with that many (tests/devices.py). On the H200 the gated two-warpgroup walk is checked through the op
-(tests/test_mosaic.py).
+with that many (tests/devices.py). Past a few chunks even the constant decay's two-warpgroup walk stalls
+with one device, so the walks whose two warpgroups take turns (MosaicWalkConfig.pingpong) over many chunks
+run here too. On the H200 the two-warpgroup walks are checked through the op (tests/test_mosaic.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from test_op import TOLERANCE
 
 DEVICES = 4
 CASES = ["forward", "reverse"]
+# Two warpgroups taking turns (MosaicWalkConfig.pingpong) over many chunks: with one CPU device even the
+# constant decay's two-warpgroup walk stalls past a few chunks, as the gated one does at any length.
+TURNS_CASES = ["turns-constant", "turns-gated"]
 
 
 def _run_case(direction: str) -> dict[str, Any]:
@@ -55,11 +59,33 @@ def _run_case(direction: str) -> dict[str, Any]:
     return result
 
 
+def _run_turns(case_id: str) -> dict[str, bool]:
+    """Out and the final state of one piece of six chunks, forward and in reverse: one warpgroup against two
+    taking turns on the tensor cores (MosaicWalkConfig.pingpong), bitwise equal? The constant decay or a
+    gate with a hard forget."""
+    from fleetjax.chunking import Chunking
+    from fleetjax.decay import Decays
+    from fleetjax.pallas import mosaic
+    B, T, H, K, V = 1, 384, 1, 64, 128
+    q, k, v = _inputs(B, T, H, K, V, "bfloat16", scale_values=0.5)
+    gated = case_id == "turns-gated"
+    decays = Decays(jnp.log(jnp.asarray([0.95], jnp.float32)), _log_gate(B, T, H) if gated else None)
+    within = decays.within_chunks(B, T, 64) if gated else None
+    result = {}
+    for reverse in (False, True):
+        one, two = (mosaic.walk(q, k, v, decays.log_decay, None, Chunking(T, 64, 1), reverse=reverse, scale=0.2,
+                                config=config, within=within, interpret=InterpretGPUParams())
+                    for config in (mosaic.MosaicWalkConfig(), mosaic.MosaicWalkConfig(warpgroups=2, pingpong=True)))
+        name = "reverse" if reverse else "forward"
+        result[name] = bool(jnp.array_equal(one[0], two[0]) and jnp.array_equal(one[1], two[1]))
+    return result
+
+
 def _worker(case_ids: list[str]) -> None:
     results: dict[str, Any] = {}
     for case_id in case_ids:
         try:
-            results[case_id] = _run_case(case_id)
+            results[case_id] = (_run_turns if case_id in TURNS_CASES else _run_case)(case_id)
         except Exception as error:  # noqa: BLE001 - reported by that case's test
             results[case_id] = {"exception": f"{type(error).__name__}: {error}"}
     devices.print_results(results)
@@ -69,7 +95,7 @@ def _worker(case_ids: list[str]) -> None:
 def results() -> dict[str, Any]:
     if InterpretGPUParams is None:
         pytest.skip("no Mosaic GPU interpreter in this jax")
-    return devices.run_workers(__file__, DEVICES, [[case] for case in CASES], timeout=600)
+    return devices.run_workers(__file__, DEVICES, [[case] for case in CASES + TURNS_CASES], timeout=600)
 
 
 @pytest.mark.parametrize("direction", CASES)
@@ -80,6 +106,13 @@ def test_the_gated_walk_at_two_warpgroups_is_bitwise_the_one_warpgroup_walk(resu
     if direction == "forward":
         assert result["out_error"] < TOLERANCE["bfloat16"], result
         assert result["final_error"] < TOLERANCE["bfloat16"], result
+
+
+@pytest.mark.parametrize("case", TURNS_CASES)
+def test_two_warpgroups_taking_turns_walk_as_one_over_many_chunks(results, case):
+    result = results[case]
+    assert "exception" not in result, result.get("exception")
+    assert result == {"forward": True, "reverse": True}, result
 
 
 if __name__ == "__main__" and devices.worker_ids(sys.argv) is not None:
