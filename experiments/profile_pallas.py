@@ -12,8 +12,8 @@ against both. Where each call's time goes, kernel by kernel (``--untimed``: the 
     python -m experiments.profile_pallas --split split.csv     # the last call's kernels, longest first
 
 Whether a call waits on the host for the GPU (a lax.cond's predicate, a blocking copy), which leaves the GPU
-idle between the calls of a training loop: ``--host-wait`` enqueues ten calls behind a long XLA op and
-times that (:func:`host_wait`).
+idle between the calls of a training loop, and the host's own time per call: ``--host-wait`` enqueues ten
+calls behind a long XLA op and times that (:func:`host_wait`).
 """
 
 from __future__ import annotations
@@ -106,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.host_wait:
             wait = host_wait(fn, xs)
             print(f"{name}: a long op of {wait['long_ms']:.1f} ms, then {wait['calls']} calls enqueued in "
-                  f"{wait['enqueue_ms']:.2f} ms (a call waits on the host if about the long op's time), all done "
-                  f"in {wait['done_ms']:.1f} ms", flush=True)
+                  f"{wait['enqueue_ms']:.2f} ms (a call waits on the host if about the long op's time; else the "
+                  f"host's time per call is {wait['enqueue_ms'] / wait['calls']:.3f} ms), all done in "
+                  f"{wait['done_ms']:.1f} ms", flush=True)
         if args.untimed:
             continue
         print(name, time_calls(fn, [xs], jax_sync, target_s=0.1).ms, "ms", flush=True)
@@ -118,8 +119,9 @@ def host_wait(fn, xs: tuple, calls: int = 10, size: int = 8192) -> dict:
     """Whether ``fn(*xs)`` waits on the host for the GPU: a long XLA op (six float32 [size, size] products)
     is enqueued, then ``calls`` calls of fn. Without a wait in fn the host enqueues them while the GPU is busy
     with the long op, in far less than its time; with one, the first call blocks until the long op is done.
-    Returns the long op's time alone (long_ms), the time to enqueue the calls behind it (enqueue_ms) and until
-    everything is done (done_ms), ms."""
+    Without a wait, enqueue_ms / calls is the host's own time per call (dispatch, launches): where it nears a
+    call's wall time, the calls are bound by the host. Returns the long op's time alone (long_ms), the time to
+    enqueue the calls behind it (enqueue_ms) and until everything is done (done_ms), ms."""
     x = jnp.ones((size, size), jnp.float32)
 
     @jax.jit
