@@ -475,9 +475,9 @@ def test_the_lazy_carry_renormalizes_where_the_decay_is_small(lazy):
 def test_two_warpgroups_walk_as_one_does_in_the_interpreter(reverse):
     """MosaicWalkConfig.warpgroups=2 (each warpgroup its own value block, a third copying the shared tiles),
     also taking turns on the tensor cores (``pingpong``): out and the pieces' final states bitwise those of
-    one warpgroup a program, from random entering states in
-    two pieces, forward and in reverse (the backward's dv and dk walks); the forward also against the float64
-    oracle. (The gated decay's: tests/test_mosaic_warpgroups.py, with four fake CPU devices.)"""
+    one warpgroup a program, from random entering states in two pieces, forward and in reverse (the
+    backward's dv and dk walks); the forward also against the float64 oracle. (The gated decay's, and turns
+    over many chunks: tests/test_mosaic_warpgroups.py, with four fake CPU devices.)"""
     B, T, H, K, V = 1, 128, 2, 64, 128
     q, k, v = _inputs(B, T, H, K, V, "bfloat16", scale_values=0.5)
     decay = (0.9, 1.0)

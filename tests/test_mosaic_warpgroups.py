@@ -4,9 +4,9 @@ The interpreter runs each warpgroup of a program as its own XLA execution on the
 the suite's one CPU device, on a two-core host, a gated two-warpgroup walk stalled: one warpgroup's
 execution never started while the other two waited at their barriers (jax 0.10.2; the constant decay's walk
 ran). With four fake CPU devices the client has threads for all three, so these cases run in a subprocess
-with that many (tests/devices.py). Past a few chunks even the constant decay's two-warpgroup walk stalls
-with one device, so the walks whose two warpgroups take turns (MosaicWalkConfig.pingpong) over many chunks
-run here too. On the H200 the two-warpgroup walks are checked through the op (tests/test_mosaic.py).
+with that many (tests/devices.py). With one device even the constant decay's two-warpgroup walk stalled at
+six chunks a piece (one chunk a piece runs), so the walks whose two warpgroups take turns
+(MosaicWalkConfig.pingpong) over six chunks run here too. On the H200 the two-warpgroup walks are checked through the op (tests/test_mosaic.py).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from test_op import TOLERANCE
 
 DEVICES = 4
 CASES = ["forward", "reverse"]
-# Two warpgroups taking turns (MosaicWalkConfig.pingpong) over many chunks: with one CPU device even the
-# constant decay's two-warpgroup walk stalls past a few chunks, as the gated one does at any length.
+# Two warpgroups taking turns (MosaicWalkConfig.pingpong) over six chunks: with one CPU device even the
+# constant decay's two-warpgroup walk stalled at that length (the gated one at any).
 TURNS_CASES = ["turns-constant", "turns-gated"]
 
 
