@@ -153,7 +153,7 @@ def each_walk(args, serialized: bool = False):
     the forward, then of forward and backward, as :func:`lowered` gives them under ``args``."""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parent).stdout.strip()
-    changes = json.loads(args.walks) if getattr(args, "walks", None) else {}
+    changes = json.loads(args.walks) if args.walks else {}
     walks = mosaic.MosaicWalkConfig(**changes)
     for backward in (False, True):
         blobs: list[bytes] | None = [] if serialized else None

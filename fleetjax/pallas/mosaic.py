@@ -488,14 +488,19 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             register_smem[...] = x
             return register_smem
 
+        def meet(barrier_ref):
+            """Wait until both compute warpgroups reach here: each arrives at ``barrier_ref`` (one of both's
+            arrivals), then waits for the other's."""
+            plgpu.barrier_arrive(barrier_ref)
+            plgpu.barrier_wait(barrier_ref)
+
         def take_turn():
-            """Two compute warpgroups take turns on the tensor cores (``MosaicWalkConfig.pingpong``): both
-            arrive, and each waits until the other has arrived too. The second one starts a turn behind (see
-            ``compute`` below), so each of its chunks' first products go out while the first one forms its
-            chunk's elementwise part, and its update waits until the first one's next products are out."""
+            """Two compute warpgroups take turns on the tensor cores (``MosaicWalkConfig.pingpong``): they meet
+            at ``turns``. The second one starts a turn behind (see ``compute`` below), so each of its chunks'
+            first products go out while the first one forms its chunk's elementwise part, and its update waits
+            until the first one's next products are out."""
             if turns is not None:
-                plgpu.barrier_arrive(turns)
-                plgpu.barrier_wait(turns)
+                meet(turns)
 
         j, bh, piece = lax.axis_index("v"), lax.axis_index("bh"), lax.axis_index("piece")
         b, h = bh // H, bh % H
@@ -732,11 +737,6 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             plgpu.copy_smem_to_gmem(tile, final_gmem.at[b, h, piece, :, columns])
             plgpu.wait_smem_to_gmem(0)
 
-        def meet(i: int):
-            """Wait until both warpgroups reach here (their float32 tiles overlap the other's scratch)."""
-            plgpu.barrier_arrive(rendezvous.at[i])
-            plgpu.barrier_wait(rendezvous.at[i])
-
         first = (piece + piece_offset) * n
         at = (lambda c: first + n - 1 - c) if reverse else (lambda c: first + c)  # noqa: E731
         rows_k = plgpu.BlockSpec((C, K), lambda c: (at(c), 0), transforms=tiles)
@@ -754,7 +754,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
 
             def compute(pipeline):
                 entering = entered(start_gmem)
-                meet(0)
+                meet(rendezvous.at[0])  # the float32 tiles overlap the other warpgroup's scratch
                 init = (entering, () if gated else constant_factors(*steps()[2:4]))
                 pl.when(group == 1)(take_turn)  # a turn behind the first warpgroup
                 out = pipeline((init, jnp.asarray(1.0, f32)) if lazy else init)
@@ -762,7 +762,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                 (state, _), g = out if lazy else (out, 1.0)
                 state = state * g if lazy else state
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                meet(1)
+                meet(rendezvous.at[1])
                 store(state, f32_smem)
 
             plgpu.emit_pipeline_warp_specialized(
