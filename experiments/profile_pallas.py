@@ -11,6 +11,14 @@ against both. Where each call's time goes, kernel by kernel (``--untimed``: the 
         --ops fwd_bwd --calls 3 --untimed > split.csv
     python -m experiments.profile_pallas --split split.csv     # the last call's kernels, longest first
 
+What each kernel of one call waits on (``--stalls``): the warps' stall reasons, in cycles per issued
+instruction, and the busiest pipes, from ncu's counters (a few minutes: ncu replays each kernel per group of
+counters):
+
+    ncu --csv --clock-control none --metrics "$(python -m experiments.profile_pallas --stall-metrics)" \
+        python -m experiments.profile_pallas --ops fwd_bwd --calls 3 --untimed > stalls.csv
+    python -m experiments.profile_pallas --stalls stalls.csv   # the last call's kernels, longest first
+
 Whether a call waits on the host for the GPU (a lax.cond's predicate, a blocking copy), which leaves the GPU
 idle between the calls of a training loop, and the host's own time per call: ``--host-wait`` enqueues ten
 calls behind a long XLA op and times that (:func:`host_wait`).
@@ -60,9 +68,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="also time enqueueing ten calls behind a long XLA op (see host_wait)")
     ap.add_argument("--split", metavar="CSV", help="print the last call's kernels from ncu's --csv output of "
                     "gpu__time_duration.sum, and exit")
+    ap.add_argument("--stalls", metavar="CSV", help="print the last call's kernels' stall reasons and busiest "
+                    "pipes from ncu's --csv output of --stall-metrics, and exit")
+    ap.add_argument("--stall-metrics", action="store_true", help="print the ncu --metrics argument that "
+                    "--stalls reads, and exit")
     args = ap.parse_args(argv)
     if args.split:
         print_split(args.split)
+        return 0
+    if args.stall_metrics:
+        print(",".join(STALL_METRICS))
+        return 0
+    if args.stalls:
+        print_stalls(args.stalls)
         return 0
     rng = np.random.default_rng(0)
     dtype = jnp.dtype(args.dtype)
@@ -152,20 +170,81 @@ def last_call(names: list[str]) -> int:
     raise ValueError(f"no call of kernels repeats three times at the end of {len(names)} launches")
 
 
+# ncu's time units, in ms.
+_MS = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "ns": 1e-6, "us": 1e-3, "ms": 1.0}
+# Each warp's cycles between two issued instructions, by the reason it was not issued (the stall reasons of
+# ncu's Warp State Statistics, which sum to the cycles per issued instruction), the issue rate, and each
+# pipe's busy share of the active cycles (which unit, if any, bounds the kernel).
+_STALL = "smsp__average_warps_issue_stalled_"
+_PIPE = "sm__pipe_"
+STALL_REASONS = ("barrier", "branch_resolving", "dispatch_stall", "drain", "imc_miss", "lg_throttle",
+                 "long_scoreboard", "math_pipe_throttle", "membar", "mio_throttle", "misc", "no_instruction",
+                 "not_selected", "selected", "short_scoreboard", "sleeping", "tex_throttle", "wait")
+STALL_METRICS = ("gpu__time_duration.sum", "smsp__issue_active.avg.per_cycle_active",
+                 "smsp__warps_active.avg.per_cycle_active", "smsp__inst_executed.sum",
+                 "l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum",
+                 *(f"{_STALL}{reason}_per_issue_active.ratio" for reason in STALL_REASONS),
+                 rf"regex:{_PIPE}.*_cycles_active\.avg\.pct_of_peak_sustained_active")
+
+
+def _csv_rows(path: str) -> list[dict]:
+    """ncu's --csv rows (one per kernel launch and metric); its own log lines are not quoted."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(line for line in f if line.startswith('"')))
+
+
+def _number(value: str) -> float:
+    return float(value.replace(",", "")) if value.replace(",", "").replace(".", "", 1).isdigit() else float("nan")
+
+
 def print_split(path: str) -> None:
     """The last call's kernels from ncu's CSV (one row per kernel and metric), each with its time, longest
     first, and their sum."""
-    with open(path, newline="") as f:
-        lines = [line for line in f if line.startswith('"')]  # ncu's own log lines are not quoted
-    rows = [r for r in csv.DictReader(lines) if r.get("Metric Name") == "gpu__time_duration.sum"]
-    scale = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "ns": 1e-6, "us": 1e-3, "ms": 1.0}
-    kernels = [(r["Kernel Name"], float(r["Metric Value"].replace(",", "")) * scale[r["Metric Unit"]],
-                r["Grid Size"]) for r in rows]
+    rows = [r for r in _csv_rows(path) if r.get("Metric Name") == "gpu__time_duration.sum"]
+    kernels = [(r["Kernel Name"], _number(r["Metric Value"]) * _MS[r["Metric Unit"]], r["Grid Size"]) for r in rows]
     m = last_call([name for name, _, _ in kernels])
     tail = sorted(kernels[-m:], key=lambda kernel: -kernel[1])
     for name, ms, grid in tail:
         print(f"{ms:8.4f} ms  grid {grid:>16}  {name[:110]}")
     print(f"{sum(ms for _, ms, _ in tail):8.4f} ms  in {m} kernels")
+
+
+def stall_table(path: str, top: int = 6) -> list[dict]:
+    """The last call's kernels from ncu's CSV of STALL_METRICS, longest first: name, grid, ms, issued
+    instructions per cycle and warps per scheduler, the ``top`` stall reasons (cycles per issued instruction,
+    which sum to the warps' cycles per instruction) and pipes (% of peak), shared-memory bank conflicts."""
+    launches: dict[str, dict] = {}
+    for r in _csv_rows(path):
+        launch = launches.setdefault(r["ID"], dict(name=r["Kernel Name"], grid=r["Grid Size"], metrics={}))
+        launch["metrics"][r["Metric Name"]] = (_number(r["Metric Value"]), r["Metric Unit"])
+    launches = list(launches.values())
+    m = last_call([launch["name"] for launch in launches])
+    table = []
+    for launch in launches[-m:]:
+        metrics = launch["metrics"]
+        value = lambda name: metrics.get(name, (float("nan"), ""))[0]  # noqa: E731
+        stalls = {name[len(_STALL):].split("_per_issue_active")[0]: v for name, (v, _) in metrics.items()
+                  if name.startswith(_STALL) and v == v}
+        pipes = {name[len(_PIPE):].split("_cycles_active")[0]: v for name, (v, _) in metrics.items()
+                 if name.startswith(_PIPE) and v == v}
+        time, unit = metrics.get("gpu__time_duration.sum", (float("nan"), "ms"))
+        table.append(dict(name=launch["name"], grid=launch["grid"], ms=time * _MS.get(unit, float("nan")),
+                          ipc=value("smsp__issue_active.avg.per_cycle_active"),
+                          warps=value("smsp__warps_active.avg.per_cycle_active"),
+                          cpi=sum(stalls.values()),
+                          stalls=sorted(stalls.items(), key=lambda kv: -kv[1])[:top],
+                          pipes=sorted(pipes.items(), key=lambda kv: -kv[1])[:top],
+                          bank_conflicts=value("l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum")))
+    return sorted(table, key=lambda row: -row["ms"] if row["ms"] == row["ms"] else 0.0)
+
+
+def print_stalls(path: str) -> None:
+    for row in stall_table(path):
+        print(f"{row['ms']:8.4f} ms  grid {row['grid']:>14}  issued {row['ipc']:.2f}/cycle  "
+              f"{row['warps']:.2f} warps/scheduler  {row['cpi']:.2f} cycles/instruction  {row['name'][:60]}")
+        print("    stalls: " + ", ".join(f"{name} {v:.2f}" for name, v in row["stalls"]))
+        print("    pipes:  " + ", ".join(f"{name} {v:.1f}%" for name, v in row["pipes"])
+              + f"; shared-memory bank conflicts {row['bank_conflicts']:.0f}")
 
 
 if __name__ == "__main__":

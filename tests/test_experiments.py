@@ -301,3 +301,53 @@ def test_sass_compiles_each_walk_without_a_gpu(capsys):
 
 if __name__ == "__main__" and devices.worker_ids(sys.argv) is not None:
     _worker(devices.worker_ids(sys.argv))
+
+
+def _ncu_csv(calls: list[list[tuple[str, str, dict]]]) -> str:
+    """ncu's --csv output (a log line, then one quoted row per launch and metric) of launches in ``calls``:
+    each a list of (kernel name, grid, {metric: (unit, value)})."""
+    header = ["ID", "Process ID", "Process Name", "Host Name", "Kernel Name", "Context", "Stream", "Block Size",
+              "Grid Size", "Device", "CC", "Section Name", "Metric Name", "Metric Unit", "Metric Value"]
+    lines = ["==PROF== Connected to process 1 (/usr/bin/python3)", ",".join(f'"{h}"' for h in header)]
+    launch = 0
+    for call in calls:
+        for name, grid, metrics in call:
+            for metric, (unit, value) in metrics.items():
+                row = [str(launch), "1", "python3", "127.0.0.1", name, "1", "7", "(128, 1, 1)", grid, "0", "9.0",
+                       "Command line profiler metrics", metric, unit, value]
+                lines.append(",".join(f'"{x}"' for x in row))
+            launch += 1
+    return "\n".join(lines) + "\n"
+
+
+def test_profile_pallas_reads_ncus_kernel_times_and_stalls(tmp_path, capsys):
+    """experiments/profile_pallas.py's readers of ncu's CSV: the last call's kernels (found as the tail that
+    repeats three times, after compilation's own launches), longest first, with their times in ms; and each
+    one's stall reasons (cycles per issued instruction, largest first, summed to the cycles per instruction)
+    and busiest pipes."""
+    from experiments import profile_pallas
+    stalled = profile_pallas._STALL + "{}_per_issue_active.ratio"
+    walk = {"gpu__time_duration.sum": ("usecond", "1,250.5"), "smsp__issue_active.avg.per_cycle_active": ("", "0.29"),
+            stalled.format("wait"): ("", "1.5"), stalled.format("barrier"): ("", "0.25"),
+            stalled.format("selected"): ("", "1"), stalled.format("tex_throttle"): ("", "n/a"),
+            "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active": ("%", "31.5"),
+            "sm__pipe_alu_cycles_active.avg.pct_of_peak_sustained_active": ("%", "12"),
+            "l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum": ("", "1,024")}
+    small = {"gpu__time_duration.sum": ("nsecond", "2,500")}
+    call = [("kernel_mosaic_gpu_kernel", "(1, 64, 4)", walk), ("loop_add_fusion", "(512, 1, 1)", small)]
+    path = tmp_path / "stalls.csv"
+    path.write_text(_ncu_csv([[("compile_probe", "(1, 1, 1)", small)], call, call, call]))
+    table = profile_pallas.stall_table(str(path))
+    assert [row["name"] for row in table] == ["kernel_mosaic_gpu_kernel", "loop_add_fusion"]
+    first = table[0]
+    assert first["ms"] == pytest.approx(1.2505) and table[1]["ms"] == pytest.approx(0.0025)
+    assert first["stalls"] == [("wait", 1.5), ("selected", 1.0), ("barrier", 0.25)]
+    assert first["cpi"] == pytest.approx(2.75) and first["bank_conflicts"] == 1024
+    assert first["pipes"] == [("tensor_op_gmma", 31.5), ("alu", 12.0)]
+    profile_pallas.print_split(str(path))
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("  1.2505 ms") and out[-1].split()[:5] == ["1.2530", "ms", "in", "2", "kernels"]
+    assert profile_pallas.main(["--stalls", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "wait 1.50, selected 1.00, barrier 0.25" in out and "tensor_op_gmma 31.5%" in out
+    assert all(name in profile_pallas.STALL_METRICS[5 + i] for i, name in enumerate(profile_pallas.STALL_REASONS))
