@@ -34,7 +34,10 @@ class Implementation:
     platforms: JAX backends where it runs compiled. interpret: elsewhere it runs in Pallas interpret mode
       (exact but slow: tests keep its shapes small).
     config_type, default_config(q, v): its config dataclass and heuristic default (None: it takes none).
-    custom_vjp: its gradient is a hand-written VJP (else JAX's autodiff). higher_order: second derivatives.
+    custom_vjp: its gradient is a hand-written VJP (else JAX's autodiff). higher_order: second derivatives in
+      reverse mode (jax.grad of jax.grad); else they raise NotImplementedError. Forward mode (jax.jvp,
+      jax.jacfwd, jax.hessian) only where custom_vjp is False (:attr:`forward_mode`): JAX's custom VJPs
+      take reverse mode alone.
     block_kernels: its steps for sequence parallelism without extra passes (fleetjax.state_passing), if any.
     backward_of: the implementation whose backward its VJP runs, from the inputs alone (so its gradients are
       that one's, bit for bit), if any.
@@ -51,6 +54,11 @@ class Implementation:
     higher_order: bool = True
     block_kernels: BlockKernels | None = None
     backward_of: str | None = None
+
+    @property
+    def forward_mode(self) -> bool:
+        """Whether jax.jvp (and jax.jacfwd, jax.hessian) differentiate it: JAX's autodiff only."""
+        return not self.custom_vjp
 
     def runs_compiled(self, backend: str | None = None) -> bool:
         return (backend or jax.default_backend()) in self.platforms

@@ -218,4 +218,5 @@ def first_order_only(x):
 def _first_order_only_jvp(primals, tangents):
     raise NotImplementedError(
         "fleetjax: second derivatives through implementation='pallas' or 'pallas_fleet' are not supported "
-        "(the Pallas kernels have no derivative rules); use implementation='xla' for higher-order derivatives.")
+        "(the Pallas kernels have no derivative rules); use implementation='xla' for reverse mode (jax.grad of "
+        "jax.grad), or 'scan' or 'quadratic' for forward mode too (jax.jvp, jax.hessian).")

@@ -271,4 +271,4 @@ def xla_impl(q, k, v, log_decay, log_gate, initial_state, run_ids, *, scale: flo
 
 IMPLEMENTATION = Implementation(
     "xla", xla_impl, "the chunked form in pure jnp: [C, C] products per chunk, lax.scan over chunks carrying one "
-    "state", config_type=XlaConfig, default_config=default_config, custom_vjp=True, higher_order=False)
+    "state", config_type=XlaConfig, default_config=default_config, custom_vjp=True)

@@ -454,6 +454,34 @@ def test_check_grads(implementation):
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_derivative_orders_follow_the_record(implementation):
+    """What the record says of derivatives holds: second derivatives in reverse mode where ``higher_order``
+    (check_grads of order 2 through the VJP, gate, segments and state included), else NotImplementedError
+    naming the alternatives; forward mode where ``forward_mode``, else JAX's refusal of custom VJPs."""
+    record = fleetjax.IMPLEMENTATIONS[implementation]
+    q, k, v, decay, s0 = _small_inputs(B=2, T=6, H=2, K=2, V=3)
+    seg = jnp.asarray([[0, 0, 1, 1, 1, 2], [4, 4, 4, 4, 4, 4]])
+    gate = jnp.asarray(-np.abs(np.random.default_rng(3).standard_normal((2, 6, 2))) * 0.3, jnp.float32)
+
+    def f(q, decay, gate, s0):
+        return fleetjax.fleet_attention(q, k, v, decay, scale=0.8, log_gate=gate, initial_state=s0,
+                                        segment_ids=seg, return_final_state=True, implementation=implementation)
+
+    args = (q, decay, gate, s0)
+    if record.higher_order:
+        check_grads(jax.jit(f), args, order=2, modes=["rev"], eps=1e-3, atol=1e-2, rtol=1e-2)
+    else:
+        loss = lambda *a: sum(jnp.sum(jnp.sin(x)) for x in f(*a))  # noqa: E731
+        with pytest.raises(NotImplementedError, match="implementation='xla' for reverse mode"):
+            jax.grad(lambda d: sum(jnp.sum(g) for g in jax.grad(loss, argnums=(0, 1))(q, d, gate, s0)))(decay)
+    if record.forward_mode:
+        check_grads(jax.jit(f), args, order=1, modes=["fwd"], eps=1e-3, atol=5e-3, rtol=5e-3)
+    else:
+        with pytest.raises(TypeError, match="forward-mode"):
+            jax.jvp(f, args, args)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("decay", [1.0, 1e-4], ids=["decay=1", "decay=1e-4"])
 def test_extreme_decay_is_finite(implementation, decay):
     """decay = 1 (no decay) and decay = 1e-4 (almost none kept) give finite values and gradients."""
