@@ -4,7 +4,7 @@ point of jax's CUDA plugin (MosaicGpuCompile: the module to PTX, ptxas, nvdisasm
 driver (cuda_shim.c, built here with the host's C compiler) that answers as an H100/H200 would. ptxas then
 reports registers and spills, and the loop with the most SASS instructions (the chunk loop) is counted by kind.
 
-    PYTHONPATH=. python -m experiments.sass [--gated] [--scale S] [--walks JSON] [--out FILE]
+    PYTHONPATH=. python -m experiments.sass [--gated | --gate-only] [--scale S] [--walks JSON] [--out FILE]
 
 Needs jax's CUDA plugin for the installed jax (jax-cuda13-pjrt or jax-cuda12-pjrt), ptxas and nvdisasm (the
 nvidia-cuda-nvcc and nvidia-cuda-nvdisasm wheels: their bin directory is put first on PATH), and a C compiler.

@@ -3,7 +3,7 @@ backward with every gradient, the decay's included) is lowered for an sm_90 GPU,
 is read as text, and the ops in its chunk loop (the scf.for with the most ops: the pipeline's body) are
 counted by kind, with the kernel's shared-memory request.
 
-    PYTHONPATH=. python -m experiments.walk_ops [--gated] [--scale S] [--walks JSON] [--out FILE]
+    PYTHONPATH=. python -m experiments.walk_ops [--gated | --gate-only] [--scale S] [--walks JSON] [--out FILE]
 
 The counts are of the lowered module, before LLVM: an op on a register pair (vector<2xf32>) counts once, a
 multiply by the constant 1.0 is still there (LLVM drops it later), and dead ops are not removed. So they
@@ -118,9 +118,10 @@ def shared_bytes(module: str) -> int:
 
 
 def lowered(modules: list[str], *, gated: bool, backward: bool, scale: float | None,
-            walks: mosaic.MosaicWalkConfig) -> list[str]:
+            walks: mosaic.MosaicWalkConfig, decay: bool = True) -> list[str]:
     """The Mosaic modules of the op at B1 T=512 H2 K = V = 128 bfloat16, lowered for sm_90, in order
-    (``modules``: the list of :func:`capture_modules`, in whose context this runs)."""
+    (``modules``: the list of :func:`capture_modules`, in whose context this runs). ``decay`` False (with
+    ``gated``): no per-head decay, the gate alone, as the gated benchmarks run."""
     modules.clear()
     q = jnp.zeros((1, 512, 2, 128), jnp.bfloat16)
     gate = jnp.full((1, 512, 2), -0.01, jnp.float32) if gated else None
@@ -131,21 +132,26 @@ def lowered(modules: list[str], *, gated: bool, backward: bool, scale: float | N
                                         config=config).astype(jnp.float32).sum()
 
     if backward:
-        f = jax.grad(f, argnums=(0, 1, 2, 3, 4) if gated else (0, 1, 2, 3))
-    jax.jit(f).trace(q, q, q, jnp.asarray([0.9, 0.99]), gate).lower(lowering_platforms=("cuda",))
+        f = jax.grad(f, argnums=(0, 1, 2) + (3,) * decay + (4,) * gated)
+    per_head = jnp.asarray([0.9, 0.99]) if decay else None
+    jax.jit(f).trace(q, q, q, per_head, gate).lower(lowering_platforms=("cuda",))
     return list(modules)
 
 
 def arguments(description: str, argv: list[str] | None):
-    """The options this tool and experiments/sass.py share: --gated, --scale, --walks, --out."""
+    """The options this tool and experiments/sass.py share: --gated, --gate-only, --scale, --walks, --out."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--gated", action="store_true", help="with a log gate (its gradient too), beside the decay")
+    ap.add_argument("--gate-only", action="store_true",
+                    help="a log gate and no per-head decay (the gated benchmarks' op); implies --gated")
     ap.add_argument("--scale", type=float, default=None, help="the op's scale (default None: K^-1/2)")
     ap.add_argument("--walks", default=None, metavar="JSON",
                     help='MosaicWalkConfig fields to change from its defaults, e.g. \'{"warpgroups": 2, '
                          '"pingpong": true}\' (the forward on two warpgroups)')
     ap.add_argument("--out", default=None, help="append one JSON line per kernel to this file")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    args.gated = args.gated or args.gate_only
+    return args
 
 
 def each_walk(args, serialized: bool = False):
@@ -158,11 +164,13 @@ def each_walk(args, serialized: bool = False):
     for backward in (False, True):
         blobs: list[bytes] | None = [] if serialized else None
         with capture_modules(serialized=blobs) as captured:
-            modules = lowered(captured, gated=args.gated, backward=backward, scale=args.scale, walks=walks)
+            modules = lowered(captured, gated=args.gated, backward=backward, scale=args.scale, walks=walks,
+                              decay=not args.gate_only)
         for index, module in enumerate(modules):
             name = re.search(r"func\.func @(\w+)", module)
             fields = dict(op="fwd_bwd" if backward else "fwd", module=index,
                           kernel=name.group(1) if name else None, gated=args.gated, scale=args.scale,
+                          decay=not args.gate_only,
                           walks=changes, git_commit=commit, jax=jax.__version__)
             yield fields, module, blobs[index] if serialized else None
 

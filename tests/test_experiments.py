@@ -241,6 +241,21 @@ def test_walk_ops_counts_each_walks_chunk_loop(tmp_path, capsys):
     assert capsys.readouterr().out.count("\n") == 1 + len(records)
 
 
+def test_walk_ops_gate_only_is_the_gated_op_without_the_decay(tmp_path):
+    """walk_ops --gate-only lowers the gated benchmarks' op (no per-head decay): the same forward walk as
+    --gated, and a dq walk that forms the gate's sums without the decay's (no tangent state: fewer ops)."""
+    from experiments import walk_ops
+    runs = {}
+    for flag in ("--gated", "--gate-only"):
+        out = tmp_path / f"{flag}.jsonl"
+        assert walk_ops.main([flag, "--out", str(out)]) == 0
+        runs[flag] = [json.loads(line) for line in out.read_text().splitlines()]
+    both, gate = runs["--gated"], runs["--gate-only"]
+    assert all(r["gated"] and r["decay"] for r in both) and all(r["gated"] and not r["decay"] for r in gate)
+    assert gate[0]["total"] == both[0]["total"]
+    assert 0 < gate[1]["total"] < both[1]["total"] and gate[1]["wgmma"] < both[1]["wgmma"]
+
+
 # A chunk loop as nvdisasm prints it (with control codes), the shape experiments/sass.py reads: a setup
 # instruction, the loop (a conditional branch back to .L_x_3, with a block that a conditional branch skips),
 # and an out-of-line spin-wait after the function that jumps back into it unconditionally (not a loop).
