@@ -253,7 +253,7 @@ def test_walk_ops_gate_only_is_the_gated_op_without_the_decay(tmp_path):
     both, gate = runs["--gated"], runs["--gate-only"]
     assert all(r["gated"] and r["decay"] for r in both) and all(r["gated"] and not r["decay"] for r in gate)
     assert gate[0]["total"] == both[0]["total"]
-    assert 0 < gate[1]["total"] < both[1]["total"] and gate[1]["wgmma"] < both[1]["wgmma"]
+    assert 0 < gate[1]["total"] < both[1]["total"] and gate[1]["float"] < both[1]["float"]
 
 
 # A chunk loop as nvdisasm prints it (with control codes), the shape experiments/sass.py reads: a setup
