@@ -67,15 +67,16 @@ def split(x, dtype, parts: int, *, barrier: bool = False, by_bits: bool = False)
     conversion (which a GPU issues at a fraction of its float rate) and widened again by a mask: the upper
     16 bits of x plus half a unit in their last place, to nearest with ties away from zero (ties to even
     with a conversion); the rest as without. A NaN may leave the first term as a zero or an infinity, but
-    its rest is NaN, and so is the sum of the terms."""
+    its rest is NaN, and so is the sum of the terms; so it takes two terms or more (a lone first term could
+    turn a NaN into a number)."""
     if by_bits:
         if jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16):
             raise ValueError(f"split(by_bits=True) takes bfloat16 terms, got {jnp.dtype(dtype)}")
+        if parts < 2:
+            raise ValueError(f"split(by_bits=True) takes two terms or more (one could lose a NaN), got {parts}")
         bits = jax.lax.bitcast_convert_type(x, jnp.uint32) + jnp.uint32(0x8000)
         head = jax.lax.bitcast_convert_type(jax.lax.shift_right_logical(bits, jnp.uint32(16)).astype(jnp.uint16),
                                             dtype)
-        if parts == 1:
-            return [head]
         rest = x - jax.lax.bitcast_convert_type(bits & jnp.uint32(0xFFFF0000), f32)
         return [head, *split(rest, dtype, parts - 1, barrier=barrier)]
     out = [x.astype(dtype)]

@@ -401,7 +401,7 @@ def test_the_split_by_bits_rounds_as_the_conversion_does(parts):
     """split(by_bits=True), the bf16 walks' hi/lo pairs (MosaicWalkConfig.split_by_bits): the first term is
     the conversion's rounding to nearest except at ties (away from zero, not to even), the terms sum to x
     within 2^-16 (two) or exactly (three), as the conversion's split; zeros and infinities pass through the
-    first term and a NaN reaches the terms' sum; only bfloat16 is taken."""
+    first term and a NaN reaches the terms' sum; only bfloat16 and two terms or more are taken."""
     from fleetjax.chunk import split
 
     rng = np.random.default_rng(0)
@@ -424,6 +424,8 @@ def test_the_split_by_bits_rounds_as_the_conversion_does(parts):
     assert np.isnan(float(sum(t[4].astype(jnp.float32) for t in parts_of_special)))
     with pytest.raises(ValueError, match="bfloat16"):
         split(x, jnp.float16, parts, by_bits=True)
+    with pytest.raises(ValueError, match="two terms or more"):
+        split(x, jnp.bfloat16, 1, by_bits=True)
 
 
 @interpreted
