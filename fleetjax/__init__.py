@@ -6,7 +6,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 __all__ = ["fleet_attention", "decode_step", "reference", "IMPLEMENTATIONS", "default_implementation"]
-__version__ = "0.1.0"
+# 0.2: scale=None is K^-1/2 and the layers take (num_heads, in_features) (README, "Conventions").
+__version__ = "0.2.0"
 
 if TYPE_CHECKING:
     from fleetjax import reference

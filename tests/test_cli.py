@@ -235,6 +235,15 @@ def test_module_entry_point():
     assert done.returncode == 0 and done.stdout.strip() == f"fleetjax {fleetjax.__version__}", done
 
 
+def test_the_package_says_its_version_and_ships_its_types():
+    """The installed distribution's version is fleetjax.__version__ (one source: pyproject reads it), and the
+    package ships PEP 561's py.typed marker, so that type checkers read fleetjax's annotations."""
+    import importlib.metadata
+    import importlib.resources
+    assert importlib.metadata.version("fleetjax") == fleetjax.__version__
+    assert importlib.resources.files("fleetjax").joinpath("py.typed").is_file()
+
+
 def test_ci_runs_the_readme_test_command():
     """.ci/run runs the README's test command, the same text, so what CI checks is what a user types."""
     from pathlib import Path
