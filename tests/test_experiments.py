@@ -256,6 +256,46 @@ def test_walk_ops_gate_only_is_the_gated_op_without_the_decay(tmp_path):
     assert 0 < gate[1]["total"] < both[1]["total"] and gate[1]["float"] < both[1]["float"]
 
 
+@pytest.mark.parametrize("regex_fails", [False, True], ids=["ncu-takes-all", "ncu-lacks-a-pipe"])
+def test_run_gpu_profile_script_profiles_and_reads_the_stalls(tmp_path, regex_fails):
+    """experiments/run_gpu_profile.sh with stand-ins for ncu and python3 on PATH: it asks ncu for
+    profile_pallas's --stall-metrics around the untimed calls, writes the CSV and the --stalls table under
+    $OUT, and where ncu fails on the pipes' regex (a metric this ncu lacks) runs it again without it."""
+    import os
+    import subprocess
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    stalled = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio"
+    walk = {"gpu__time_duration.sum": ("usecond", "900"), stalled.format("wait"): ("", "2.5")}
+    call = [("kernel_mosaic_gpu_kernel", "(1, 64, 4)", walk)]
+    csv_path = tmp_path / "synthetic.csv"
+    csv_path.write_text(_ncu_csv([call, call, call]))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "ncu_calls.txt"
+    fail = "1" if regex_fails else "0"
+    (bin_dir / "ncu").write_text(f"""#!/usr/bin/env bash
+echo "$@" >> {calls}
+case "$*" in *regex:*) [ {fail} = 1 ] && {{ echo "==ERROR== Failed to find metric regex" >&2; exit 1; }};; esac
+cat {csv_path}
+""")
+    (bin_dir / "python3").write_text(f'#!/usr/bin/env bash\nexec {sys.executable} "$@"\n')
+    for tool in ("ncu", "python3"):
+        (bin_dir / tool).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(tmp_path / "out"),
+               PROFILE_NAME="probe")
+    done = subprocess.run(["bash", "experiments/run_gpu_profile.sh", "--ops", "fwd_bwd"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    asked = calls.read_text().splitlines()
+    assert len(asked) == 1 + regex_fails and all("--untimed --ops fwd_bwd" in line for line in asked)
+    assert ("regex:" in asked[0]) and not ("regex:" in asked[-1] and regex_fails)
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert [name.rsplit("-", 1)[-1] for name in written] == ["probe.csv", "probe.log", "probe.txt"]
+    table = next((tmp_path / "out").glob("*probe.txt")).read_text()
+    assert "0.9000 ms" in table and "wait 2.50" in table
+
+
 # A chunk loop as nvdisasm prints it (with control codes), the shape experiments/sass.py reads: a setup
 # instruction, the loop (a conditional branch back to .L_x_3, with a block that a conditional branch skips),
 # and an out-of-line spin-wait after the function that jumps back into it unconditionally (not a loop).
