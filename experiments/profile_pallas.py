@@ -171,7 +171,8 @@ def last_call(names: list[str]) -> int:
 
 
 # ncu's time units, in ms.
-_MS = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "ns": 1e-6, "us": 1e-3, "ms": 1.0}
+_MS = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "second": 1e3, "ns": 1e-6, "us": 1e-3, "ms": 1.0,
+       "s": 1e3}
 # Each warp's cycles between two issued instructions, by the reason it was not issued (the stall reasons of
 # ncu's Warp State Statistics, which sum to the cycles per issued instruction), the issue rate, and each
 # pipe's busy share of the active cycles (which unit, if any, bounds the kernel).
@@ -194,7 +195,11 @@ def _csv_rows(path: str) -> list[dict]:
 
 
 def _number(value: str) -> float:
-    return float(value.replace(",", "")) if value.replace(",", "").replace(".", "", 1).isdigit() else float("nan")
+    """ncu's value (thousands separated by commas), NaN where it has none (n/a)."""
+    try:
+        return float(value.replace(",", ""))
+    except ValueError:
+        return float("nan")
 
 
 def print_split(path: str) -> None:

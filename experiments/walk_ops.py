@@ -122,6 +122,8 @@ def lowered(modules: list[str], *, gated: bool, backward: bool, scale: float | N
     """The Mosaic modules of the op at B1 T=512 H2 K = V = 128 bfloat16, lowered for sm_90, in order
     (``modules``: the list of :func:`capture_modules`, in whose context this runs). ``decay`` False (with
     ``gated``): no per-head decay, the gate alone, as the gated benchmarks run."""
+    if not (decay or gated):
+        raise ValueError("the op needs a per-head decay or a gate: decay=False takes gated=True")
     modules.clear()
     q = jnp.zeros((1, 512, 2, 128), jnp.bfloat16)
     gate = jnp.full((1, 512, 2), -0.01, jnp.float32) if gated else None
