@@ -354,10 +354,6 @@ def test_sass_compiles_each_walk_without_a_gpu(capsys):
         assert 0 < registers <= 255 and loop > mma > 0
 
 
-if __name__ == "__main__" and devices.worker_ids(sys.argv) is not None:
-    _worker(devices.worker_ids(sys.argv))
-
-
 def _ncu_csv(calls: list[list[tuple[str, str, dict]]]) -> str:
     """ncu's --csv output (a log line, then one quoted row per launch and metric) of launches in ``calls``:
     each a list of (kernel name, grid, {metric: (unit, value)})."""
@@ -406,3 +402,7 @@ def test_profile_pallas_reads_ncus_kernel_times_and_stalls(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "wait 1.50, selected 1.00, barrier 0.25" in out and "tensor_op_gmma 31.5%" in out
     assert all(name in profile_pallas.STALL_METRICS[5 + i] for i, name in enumerate(profile_pallas.STALL_REASONS))
+
+
+if __name__ == "__main__" and devices.worker_ids(sys.argv) is not None:
+    _worker(devices.worker_ids(sys.argv))
