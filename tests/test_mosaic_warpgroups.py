@@ -6,7 +6,8 @@ execution never started while the other two waited at their barriers (jax 0.10.2
 ran). With four fake CPU devices the client has threads for all three, so these cases run in a subprocess
 with that many (tests/devices.py). With one device even the constant decay's two-warpgroup walk stalled at
 six chunks a piece (one chunk a piece runs), so the walks whose two warpgroups take turns
-(MosaicWalkConfig.pingpong) over six chunks run here too. On the H200 the two-warpgroup walks are checked through the op (tests/test_mosaic.py).
+(MosaicWalkConfig.pingpong) over six chunks run here too. On the H200 the two-warpgroup walks are checked
+through the op (tests/test_mosaic.py).
 """
 
 from __future__ import annotations
