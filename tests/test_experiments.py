@@ -267,7 +267,7 @@ def test_run_gpu_profile_script_profiles_and_reads_the_stalls(tmp_path, regex_fa
     root = Path(__file__).resolve().parent.parent
     stalled = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio"
     walk = {"gpu__time_duration.sum": ("usecond", "900"), stalled.format("wait"): ("", "2.5")}
-    call = [("kernel_mosaic_gpu_kernel", "(1, 64, 4)", walk)]
+    call = [("dq_sums_walk_mosaic_gpu_kernel", "(1, 64, 4)", walk)]
     csv_path = tmp_path / "synthetic.csv"
     csv_path.write_text(_ncu_csv([call, call, call]))
     bin_dir = tmp_path / "bin"
@@ -385,11 +385,11 @@ def test_profile_pallas_reads_ncus_kernel_times_and_stalls(tmp_path, capsys):
             "sm__pipe_alu_cycles_active.avg.pct_of_peak_sustained_active": ("%", "12"),
             "l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum": ("", "1,024")}
     small = {"gpu__time_duration.sum": ("nsecond", "2,500")}
-    call = [("kernel_mosaic_gpu_kernel", "(1, 64, 4)", walk), ("loop_add_fusion", "(512, 1, 1)", small)]
+    call = [("dq_sums_walk_mosaic_gpu_kernel", "(1, 64, 4)", walk), ("loop_add_fusion", "(512, 1, 1)", small)]
     path = tmp_path / "stalls.csv"
     path.write_text(_ncu_csv([[("compile_probe", "(1, 1, 1)", small)], call, call, call]))
     table = profile_pallas.stall_table(str(path))
-    assert [row["name"] for row in table] == ["kernel_mosaic_gpu_kernel", "loop_add_fusion"]
+    assert [row["name"] for row in table] == ["dq_sums_walk_mosaic_gpu_kernel", "loop_add_fusion"]
     first = table[0]
     assert first["ms"] == pytest.approx(1.2505) and table[1]["ms"] == pytest.approx(0.0025)
     assert first["stalls"] == [("wait", 1.5), ("selected", 1.0), ("barrier", 0.25)]

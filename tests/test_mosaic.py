@@ -436,11 +436,10 @@ def test_the_walk_in_the_interpreter_matches_the_oracle(dtype, with_start):
     decay = (0.9, 1.0)
     start = (jnp.asarray(np.random.default_rng(1).standard_normal((B, H, K, V)), jnp.float32)
              if with_start else None)
-    o, finals, sums = mosaic.walk(q, k, v, _decays(decay).log_decay, None if start is None else start[:, :, None],
-                                  Chunking(T, 64, 1), reverse=False, scale=0.2, config=mosaic.MosaicWalkConfig(),
-                                  interpret=InterpretGPUParams())
+    o, finals = mosaic.walk(q, k, v, _decays(decay).log_decay, None if start is None else start[:, :, None],
+                            Chunking(T, 64, 1), reverse=False, scale=0.2, config=mosaic.MosaicWalkConfig(),
+                            interpret=InterpretGPUParams())
     ref, final = oracle.forward(q, k, v, jnp.asarray(decay), scale=0.2, initial_state=start)
-    assert sums == {}
     assert oracle.rel_err(o, ref, axis=2) < TOLERANCE[dtype]
     assert oracle.rel_err(finals[:, :, 0], final, axis=1) < TOLERANCE[dtype]
 
@@ -458,8 +457,8 @@ def test_the_lazy_carry_renormalizes_where_the_decay_is_small(lazy):
     decay = (0.9, 0.5, 1e-3, 0.999)
     start = jnp.asarray(np.random.default_rng(1).standard_normal((B, H, K, V)), jnp.float32)
     walks = mosaic.MosaicWalkConfig(lazy_carry=lazy)
-    o, finals, _ = mosaic.walk(q, k, v, _decays(decay).log_decay, start[:, :, None], Chunking(T, 64, 1),
-                               reverse=False, scale=0.2, config=walks, interpret=InterpretGPUParams())
+    o, finals = mosaic.walk(q, k, v, _decays(decay).log_decay, start[:, :, None], Chunking(T, 64, 1),
+                            reverse=False, scale=0.2, config=walks, interpret=InterpretGPUParams())
     ref, final = oracle.forward(q, k, v, jnp.asarray(decay), scale=0.2, initial_state=start)
     assert oracle.rel_err(o, ref, axis=2) < TOLERANCE["bfloat16"]
     assert oracle.rel_err(finals[:, :, 0], final, axis=1) < TOLERANCE["bfloat16"]
@@ -522,9 +521,9 @@ def test_the_gated_walk_in_the_interpreter_matches_the_oracle(pieces):
                                  chunk_size=64, block_v=32, num_warps=4, num_stages=1, precision=None,
                                  contain=False, gate=decays.gate_tiles())
     entering = mosaic.entering_states(start, local, decays, chunking, B)
-    o, finals, _ = mosaic.walk(q, k, v, decays.log_decay, entering, chunking, reverse=False, scale=0.2,
-                               config=mosaic.MosaicWalkConfig(), within=decays.within_chunks(B, T, 64),
-                               interpret=InterpretGPUParams())
+    o, finals = mosaic.walk(q, k, v, decays.log_decay, entering, chunking, reverse=False, scale=0.2,
+                            config=mosaic.MosaicWalkConfig(), within=decays.within_chunks(B, T, 64),
+                            interpret=InterpretGPUParams())
     ref, final = oracle.forward(q, k, v, decay, scale=0.2, initial_state=start, log_gate=decays.log_gate)
     assert oracle.rel_err(o, ref, axis=2) < TOLERANCE["bfloat16"]
     assert oracle.rel_err(finals[:, :, -1], final, axis=1) < TOLERANCE["bfloat16"]
@@ -546,8 +545,8 @@ def test_the_states_only_walk_gives_the_walks_piece_states(reverse, gated):
     within = decays.within_chunks(B, T, 64) if gated else None
     states = mosaic.piece_states(k, v, decays.log_decay, chunking, reverse=reverse, config=mosaic.MosaicWalkConfig(),
                                  within=within, interpret=InterpretGPUParams())
-    _, finals, _ = mosaic.walk(q, k, v, decays.log_decay, None, chunking, reverse=reverse, scale=0.2,
-                               config=mosaic.MosaicWalkConfig(), within=within, interpret=InterpretGPUParams())
+    _, finals = mosaic.walk(q, k, v, decays.log_decay, None, chunking, reverse=reverse, scale=0.2,
+                            config=mosaic.MosaicWalkConfig(), within=within, interpret=InterpretGPUParams())
     assert states.shape == (B, H, 2, K, V)
     assert jnp.array_equal(states, finals[:, :, 1:] if reverse else finals[:, :, :-1])
     triton = fwd.piece_states(k, v, decays.log_decay, None, chunking, reverse=reverse, all_pieces=False,
@@ -635,13 +634,19 @@ def test_the_gated_backward_walks_in_the_interpreter_match_the_oracle(pieces, dt
 def test_the_op_through_the_interpreted_walks_matches_the_oracle(monkeypatch, learned, pieces):
     """The Pallas op's forward and backward with every walk it can give Mosaic on Mosaic (in its interpreter):
     the glue of fleetjax.pallas.chunked (the pieces' states and tangents, the gradients' sums) end to end."""
-    walk, calls = mosaic.walk, []
+    from fleetjax.pallas.mosaic import backward as mosaic_backward
+    calls = []
 
-    def interpreted_walk(*args, interpret=None, **kwargs):
-        calls.append(kwargs.get("reverse"))
-        return walk(*args, interpret=InterpretGPUParams(), **kwargs)
+    def interpreted(kernel):
+        def run(*args, interpret=None, **kwargs):
+            calls.append(kwargs.get("reverse"))
+            return kernel(*args, interpret=InterpretGPUParams(), **kwargs)
+        return run
 
-    monkeypatch.setattr(mosaic, "walk", interpreted_walk)
+    # Every walk kernel, where fleetjax.pallas.chunked and the backward's walks call it.
+    for module, name in ((mosaic, "walk"), (mosaic, "piece_states"), (mosaic_backward, "walk"),
+                         (mosaic_backward, "sums_walk")):
+        monkeypatch.setattr(module, name, interpreted(getattr(module, name)))
     B, T, H, K, V = 1, 256, 2, 64, 64
     q, k, v = _inputs(B, T, H, K, V, "bfloat16")
     do = _inputs(B, T, H, K, V, "bfloat16", seed=4)[2]
@@ -698,8 +703,8 @@ def test_the_forward_walks_state_witnesses_a_nonfinite_query(position):
     q, k, v = _inputs(B, T, H, K, V, "bfloat16")
     if position is not None:
         q = q.at[0, position, 0, 5].set(jnp.inf)
-    o, finals, _ = mosaic.walk(q, k, v, _decays((0.9,)).log_decay, None, Chunking(T, 64, 1), reverse=False,
-                               scale=0.2, config=mosaic.MosaicWalkConfig(), interpret=InterpretGPUParams())
+    o, finals = mosaic.walk(q, k, v, _decays((0.9,)).log_decay, None, Chunking(T, 64, 1), reverse=False,
+                            scale=0.2, config=mosaic.MosaicWalkConfig(), interpret=InterpretGPUParams())
     assert bool(jnp.all(jnp.isfinite(finals))) == (position is None) == bool(jnp.all(jnp.isfinite(o)))
 
 
@@ -793,13 +798,20 @@ def test_learned_decay_backward_on_mosaic_matches_the_oracle_and_the_triton_walk
         assert oracle.rel_err(got, triton, axis=None if name == "decay" else 2) < tolerance, name
 
 
-@pytest.mark.parametrize("wrt, kernels", [("decay", 2), ("q", 2), ("v", 2), ("k", 3), ("all", 3)])
+def _kernel_names(text: str) -> set[str]:
+    """The Mosaic GPU kernels' names in a lowered program's text (a kernel a stage, fleetjax.pallas.mosaic)."""
+    return set(re.findall(r"\\00([a-z_]+)_mosaic_gpu", text)) - {"stable"}
+
+
+@pytest.mark.parametrize("wrt, kernels", [("decay", {"dq_sums_walk", "dv_walk"}), ("q", {"dq_walk", "dv_walk"}),
+                                          ("v", {"dq_walk", "dv_walk"}), ("k", {"dq_walk", "dv_walk", "dk_walk"}),
+                                          ("all", {"dq_sums_walk", "dv_walk", "dk_walk"})])
 def test_a_backward_launches_only_the_walks_its_gradients_need(wrt, kernels):
-    """Lowered for an sm_90 GPU (any host): the dq walk gives dq and the decay's sums, the dv walk dv, both the
-    witness; the dk walk gives dk alone, so a backward that does not differentiate k drops its walk: with the
-    plain/contained choice on the device the VJP's primals say which inputs are differentiated (a pallas_call
-    is never dropped, so only wanted gradients go through the contained walks), with the lax.cond jax's
-    dead-code elimination drops the unused outputs."""
+    """Lowered for an sm_90 GPU (any host), named by stage: the dq walk gives dq and the decay's sums (then it
+    is the sums walk), the dv walk dv, both the witness; the dk walk gives dk alone, so a backward that does not
+    differentiate k drops its walk: with the plain/contained choice on the device the VJP's primals say which
+    inputs are differentiated (a pallas_call is never dropped, so only wanted gradients go through the
+    contained walks), with the lax.cond jax's dead-code elimination drops the unused outputs."""
     B, T, H, K, V = 1, 1024, 2, 64, 64
     q, v = jnp.zeros((B, T, H, K), jnp.bfloat16), jnp.zeros((B, T, H, V), jnp.bfloat16)
     decay = jnp.asarray([0.999, 0.9], jnp.float32)
@@ -821,7 +833,7 @@ def test_a_backward_launches_only_the_walks_its_gradients_need(wrt, kernels):
     for on_device in (True, False):
         config = dataclasses.replace(config, choice_on_device=on_device)
         text = jax.jit(grads).trace(q, q, v, decay, v).lower(lowering_platforms=("cuda",)).as_text()
-        assert _walks(text) == kernels, on_device
+        assert _walks(text) == len(kernels) and _kernel_names(text) == kernels, on_device
 
 
 @pytest.fixture

@@ -488,8 +488,8 @@ def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, co
                                      **config.piece_launch("forward", q.dtype))
         if mosaic_here:
             entering = mosaic.entering_states(start, local, decays, mosaic_chunking, B)
-            o, finals, _ = mosaic.walk(q, k, v, decays.log_decay, entering, mosaic_chunking, reverse=False,
-                                       scale=scale, config=walks_config, within=within)
+            o, finals = mosaic.walk(q, k, v, decays.log_decay, entering, mosaic_chunking, reverse=False,
+                                    scale=scale, config=walks_config, within=within, name="forward_walk")
             return (o, finals[:, :, -1]), finals
         o, final, witness = fwd.forward_walk(q, k, v, decays.log_decay, start, run_ids, chunking, scale=scale,
                                              exact_state=exact_state, contain=contain, local=local, skip=skip,

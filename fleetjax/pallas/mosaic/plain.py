@@ -1,0 +1,200 @@
+"""The plain walk on Hopper: the forward walk(q, k, v), and the backward's dv = reverse walk(k, q, dO), dk =
+reverse walk(v, dO, q) and, where no sums are formed, dq = walk(dO, v, k). Per chunk of C positions, with the
+state S entering it:
+
+    scores = query key^T                  (wgmma, key transposed in shared memory)
+    out    = (query S) * entering + (scores * weights) value
+    S     <- carry * S + key^T (leaving * value + 0 * out)
+
+The 0 * out term changes no bit of a finite state and makes it NaN otherwise: a finite state after the piece
+says every output of the piece was finite (the caller's witness, fleetjax.nonfinite). The state enters the
+products rounded to the inputs' dtype, as in the Triton walks' plain form.
+
+Each (value block, batch*head, sequence piece) is one program of one warpgroup, or (``MosaicWalkConfig.
+warpgroups``) two value blocks are one program of two compute warpgroups that share the chunk's query and key
+tiles, a third warpgroup issuing the copies (and, with ``pingpong``, the two taking turns on the tensor cores).
+"""
+
+from __future__ import annotations
+
+import jax
+from jax import lax
+
+from fleetjax.chunking import Chunking
+from fleetjax.pallas.mosaic.common import Carry, Walker, f32, interpreter_copies, launch, mma_tiles, pipeline
+from fleetjax.pallas.mosaic.config import MosaicWalkConfig
+
+
+def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse: bool, scale: float,
+         config: MosaicWalkConfig, within=None, name: str = "walk", interpret=None):
+    """(out [B, T, H, Dv] in value's dtype, the state after each piece [B, H, P, Dk, Dv] float32): the plain
+    walk of fleetjax.chunk with these roles, forward or ``reverse`` in time, from the states entering the
+    pieces ``entering`` [B, H, P, Dk, Dv] float32 (None: zero; reverse: the state from the positions after the
+    piece). query, key [B, T, H, Dk]; value [B, T, H, Dv]; log_decay [H] float32. Assumes
+    fleetjax.pallas.mosaic.supports. The forward is walk(q, k, v); the backward's plain walks are walk(dO, v, k)
+    (dq), reverse walk(k, q, dO) (dv) and reverse walk(v, dO, q) (dk).
+
+    ``within`` [B, H, T] float32 (the gated decay): the log decay summed from each position's chunk start
+    through it (fleetjax.decay.Decays.within_chunks); the walk's factors are then exp of its differences
+    within a chunk (only differences <= 0), and log_decay is not read. ``name``: the kernel's, in profiles.
+    ``interpret``: Mosaic GPU's interpret-mode parameters (CPU tests)."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    B, T, H, K = key.shape
+    V = value.shape[-1]
+    C, bv, P = config.chunk_size, config.block_v, chunking.pieces
+    n = chunking.piece_len // C
+    dtype = value.dtype
+    # Two compute warpgroups a program, each on its own value block, sharing the chunk's query and key tiles.
+    wide = config.warpgroups > 1 and V % (config.warpgroups * bv) == 0
+    wgs = config.warpgroups if wide else 1
+    # One swizzle for every tile: a wgmma's operands must share it (the value block's row sets it).
+    tiles = mma_tiles(dtype, bv)
+    gated = within is not None
+
+    def program(*, log_decay_gmem, q_gmem, k_gmem, v_gmem, o_gmem, final_gmem, state_smem, weighted_smem,
+                barrier, within_gmem=None, start_gmem=None, out_smem=None, f32_smem=None, rendezvous=None,
+                turns=None, keys_t_smem=None, block_t_smem=None, register_smem=None):
+        """One program's walk, its refs by name: inputs and outputs ``*_gmem``, scratch ``*_smem`` and the
+        barriers; None where the call has no such ref. Two warpgroups (``wide``): each takes its own slice of
+        the scratch that has a leading warpgroup axis."""
+        group = lax.axis_index("wg") if wide else 0  # this program's warpgroup
+        if wide:
+            state_smem, weighted_smem, out_smem, f32_smem, barrier = (
+                ref.at[group] for ref in (state_smem, weighted_smem, out_smem, f32_smem, barrier))
+            if interpret is not None:
+                keys_t_smem, register_smem = keys_t_smem.at[group], register_smem.at[group]
+        w = Walker(config, key_dim=K, dtype=dtype, reverse=reverse, scale=scale, interpret=interpret,
+                   keys_t=keys_t_smem, block_t=block_t_smem, register=register_smem)
+
+        def meet(barrier_ref):
+            """Wait until both compute warpgroups reach here: each arrives at ``barrier_ref`` (one of both's
+            arrivals), then waits for the other's."""
+            plgpu.barrier_arrive(barrier_ref)
+            plgpu.barrier_wait(barrier_ref)
+
+        def take_turn():
+            """Two compute warpgroups take turns on the tensor cores (``MosaicWalkConfig.pingpong``): they meet
+            at ``turns``. The second one starts a turn behind (see ``compute`` below), so each of its chunks'
+            first products go out while the first one forms its chunk's elementwise part, and its update waits
+            until the first one's next products are out."""
+            if turns is not None:
+                meet(turns)
+
+        j, bh, piece = lax.axis_index("v"), lax.axis_index("bh"), lax.axis_index("piece")
+        b, h = bh // H, bh % H
+        # Two warpgroups form their registers' values in the compute context (the copying warpgroup keeps few
+        # registers) and carry the constant factors; one forms them here, once.
+        if not wide:
+            lag, lags = w.steps()[2:4]
+            constant = None if gated else w.constant_factors(log_decay_gmem[h], lag, lags)
+
+        def chunk(indices, *smems):
+            *staged_tiles, carried = smems
+            carried, g = w.lazy_out(carried)
+            tile = dict(zip(staged, staged_tiles))  # the chunk's tiles by name (``staged`` below)
+            q_smem, k_smem, v_smem, within_smem = tile["q"], tile["k"], tile["v"], tile.get("within")
+            if wide:
+                state, chunk_constant = carried
+                v_smem = v_smem.at[:, pl.ds(group * bv, bv)]
+                chunk_lag = w.steps()[2] if gated else None
+            else:
+                state = carried
+                chunk_constant, chunk_lag = constant, lag if gated else None
+            weights, entering_rows, leaving_rows, carry = (w.factors(within_smem, chunk_lag) if gated
+                                                           else chunk_constant)
+            step = Carry(carry, g)
+            entering_rows, leaving_rows = (w.rows(x) for x in step.rows(entering_rows, leaving_rows))
+
+            state_smem[...] = (scale * state if w.scale_state else state).astype(dtype)
+            plgpu.commit_smem()
+            # The products that read only the chunk's tiles and the state's copy go out together.
+            got = w.products(dict(scores=((C, C), [(q_smem, lambda: w.k_t(k_smem))]),
+                                  inter=((C, bv), [(q_smem, state_smem)])), issued=take_turn)
+            scores = got["scores"] * weights
+            o = w.out(got["inter"] * entering_rows, scores, v_smem)
+            if wide:  # out through a ring of two tiles, each copied out by this warpgroup
+                (c,) = indices
+                slot = c % 2
+                plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the copy of two chunks ago has read it
+                out_smem.at[slot][...] = o.astype(dtype)
+            else:
+                tile["o"][...] = o.astype(dtype)
+            weighted_smem[...] = (v_smem[...].astype(f32) * leaving_rows + 0.0 * o).astype(dtype)
+            plgpu.commit_smem()
+            if wide:
+                plgpu.copy_smem_to_gmem(out_smem.at[slot], o_gmem.at[b, pl.ds(at(c) * C, C), h, columns])
+            take_turn()
+            [state] = w.accumulate((step.start(state), w.update(k_smem, weighted_smem)))
+            return step.out(state, chunk_constant) if wide else step.out(state)
+
+        columns = pl.ds((j * wgs + group) * bv, bv)
+        first = piece * n
+        at = (lambda c: first + n - 1 - c) if reverse else (lambda c: first + c)  # noqa: E731
+        rows_k = plgpu.BlockSpec((C, K), lambda c: (at(c), 0), transforms=tiles)
+        rows_v = plgpu.BlockSpec((C, wgs * bv), lambda c: (at(c), j), transforms=tiles)
+        # Each chunk's tiles, name -> (spec, this program's slice of the array): inputs, then outputs.
+        loads = dict(q=(rows_k, q_gmem.at[b, :, h]), k=(rows_k, k_gmem.at[b, :, h]), v=(rows_v, v_gmem.at[b, :, h]))
+        if gated:
+            loads["within"] = (plgpu.BlockSpec((C,), lambda c: (at(c),)), within_gmem.at[b, h])
+        state_at = (b, h, piece, slice(None), columns)
+        if wide:  # out goes through each warpgroup's own ring (the pipeline's staged outputs serve one)
+            staged = [*loads]
+
+            def compute(body):
+                entering_state = w.entered(start_gmem, state_at, barrier, f32_smem)
+                meet(rendezvous.at[0])  # the float32 tiles overlap the other warpgroup's scratch
+                if gated:
+                    init = (entering_state, ())
+                else:
+                    lag, lags = w.steps()[2:4]
+                    init = (entering_state, w.constant_factors(log_decay_gmem[h], lag, lags))
+                pl.when(group == 1)(take_turn)  # a turn behind the first warpgroup
+                out = body(w.lazy_in(init))
+                pl.when(group == 0)(take_turn)  # the second one's last turn
+                (state, _), g = w.lazy_out(out)
+                state = state if g is None else state * g
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                meet(rendezvous.at[1])
+                w.store(state, f32_smem, final_gmem, state_at)
+
+            plgpu.emit_pipeline_warp_specialized(
+                chunk, grid=(n,), memory_registers=40, in_specs=[spec for spec, _ in loads.values()],
+                max_concurrent_steps=config.stages, wg_axis="wg", num_compute_wgs=wgs,
+                compute_context=compute)(*[gmem for _, gmem in loads.values()])
+            return
+        state = w.entered(start_gmem, state_at, barrier)
+        stores = dict(o=(rows_v, o_gmem.at[b, :, h]))
+        staged = [*loads, *stores]
+        state = pipeline(chunk, n, [spec for spec, _ in loads.values()], [spec for spec, _ in stores.values()],
+                         [gmem for _, gmem in (*loads.values(), *stores.values())], w.lazy_in(state),
+                         stages=config.stages, dtype=dtype, interpret=interpret)
+        state, g = w.lazy_out(state)
+        state = state if g is None else state * g
+        pl.run_scoped(lambda tile: w.store(state, tile, final_gmem, state_at), w.state_tile())
+
+    per_group = (wgs,) if wide else ()  # two warpgroups: each its own tiles
+    scratch = dict(weighted_smem=plgpu.SMEM((*per_group, C, bv), dtype, transforms=tiles),
+                   state_smem=plgpu.SMEM((*per_group, K, bv), dtype, transforms=tiles))
+    if wide:
+        scratch.update(out_smem=plgpu.SMEM((wgs, 2, C, bv), dtype, transforms=tiles),
+                       f32_smem=plgpu.SMEM((wgs, K, bv), f32, transforms=mma_tiles(f32, bv)))
+    scratch["barrier"] = plgpu.Barrier(num_barriers=wgs) if wide else plgpu.Barrier()
+    if wide:
+        scratch["rendezvous"] = plgpu.Barrier(num_arrivals=wgs, num_barriers=2)
+        if config.pingpong:
+            scratch["turns"] = plgpu.Barrier(num_arrivals=wgs)
+    if interpret is not None:
+        scratch.update(interpreter_copies(config, K, dtype, per_group))
+    inputs = dict(log_decay_gmem=log_decay.astype(f32), q_gmem=query, k_gmem=key, v_gmem=value,
+                  within_gmem=None if within is None else within.astype(f32), start_gmem=entering)
+    outputs = dict(o_gmem=jax.ShapeDtypeStruct((B, T, H, V), dtype),
+                   final_gmem=jax.ShapeDtypeStruct((B, H, P, K, V), f32))
+    # On the GPU two warpgroups' float32 tiles share their space with the tiles used only inside the pipeline.
+    shared = ("state_smem", "weighted_smem", "out_smem") if wide and interpret is None else ()
+    # See MosaicWalkConfig.auto_barriers for why leaving them out is safe (two warpgroups keep them).
+    return launch(program, name=name, inputs=inputs, outputs=outputs, scratch=scratch,
+                  grid=(V // (wgs * bv), B * H, P), interpret=interpret, threads=wgs + 1 if wide else 1,
+                  shared=shared, no_auto_barriers=not (config.auto_barriers or wide),
+                  approx_math=config.approx_exp and gated)

@@ -1,0 +1,217 @@
+"""The walks that also form the decay's gradient sums on Hopper: the dq walk(dO, v, k) with rows q, and for
+the gate's gradient the dk reverse walk(v, dO, q) with rows k. As the plain walk (fleetjax.pallas.mosaic.plain)
+on one warpgroup, with the state's products float32-accurate: hi/lo pairs of 16-bit parts (fleetjax.chunk.
+split) for the state's copies and the weighted values. For d log gamma the dq walk carries the state's
+derivative in log gamma (fleetjax.vjp's tangent D) as a second state beside S, entering each sequence piece
+as the state does (fleetjax.pallas.mosaic.states.entering_tangents); with the gated decay it also forms the
+gate's spanned sums.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from fleetjax.chunking import Chunking
+from fleetjax.pallas.mosaic.common import (Carry, Walker, f32, interpreter_copies, launch, lowers_concatenate,
+                                           mma_tiles, pipeline)
+from fleetjax.pallas.mosaic.config import MosaicWalkConfig
+
+
+def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse: bool, scale: float,
+              config: MosaicWalkConfig, rows, tangent: bool = False, entering_tangents=None, within=None,
+              spanned: bool = False, name: str = "sums_walk", interpret=None):
+    """(out [B, T, H, Dv] in value's dtype, the state after each piece [B, H, P, Dk, Dv] float32, sums): the
+    walk of fleetjax.pallas.mosaic.plain (its arguments, one warpgroup) with ``rows`` [B, T, H, Dv] (q in the
+    dq walk, k in the dk walk): sums["state"] [Dv blocks, B, H, T] holds each position's rows . (the state's
+    part of out) (fleetjax.vjp's w, u).
+
+    With ``tangent`` (the dq walk) also the state's derivative in log gamma D (fleetjax.chunk.update_tangent)
+    as a second state, entering the pieces as ``entering_tangents`` [B, H, P, Dk, Dv] float32 (None: zero), and
+    sums["decay"] in place of sums["state"] (which ``spanned`` keeps for the gate): each position's summand of
+    d log gamma (fleetjax.vjp.log_decay_summand), (i + 1) w + tangent (rows . (out's part from D)) + intra (the
+    lag-weighted pairs in the chunk); all per value block (their sum over blocks is the position's).
+
+    With ``spanned`` (the gated decay, the dq walk) also sums["spanned"]: per position r the chunk's pairs
+    j < r <= i of scale (rows_i . value_j)(query_i . key_j) decayed, the intra-chunk part of d log_gate_r
+    (fleetjax.chunk.spanned), its triangle product on a hi/lo pair of bfloat16 parts of the pairs (about 16
+    bits, as the state's products; a third part, float32's 24 bits, moved no d log_gate error in the
+    interpreter: 1.7e-6 -> 2.2e-6, 2.8e-6 -> 3.1e-6, 1.1e-5 -> 1.2e-5 and 1.1e-5 -> 9.6e-6 against the
+    float64 oracle at T 256 and 512, gates of several sizes, 2026-12-04)."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    B, T, H, K = key.shape
+    V = value.shape[-1]
+    C, bv, P = config.chunk_size, config.block_v, chunking.pieces
+    n = chunking.piece_len // C
+    nv = V // bv
+    dtype = value.dtype
+    tiles = mma_tiles(dtype, bv)
+    gated = within is not None
+    if spanned and not (gated and not reverse):
+        raise ValueError("spanned= needs the gated decay and the forward direction (the dq walk)")
+    if tangent and reverse:
+        raise ValueError("tangent= needs the forward direction (the dq walk)")
+    # With the tangent only the gate's gradient reads w alone; the decay's reads its summand ("decay").
+    sums = (["state"] if spanned or not tangent else []) + ["decay"] * tangent + ["spanned"] * spanned
+    # With the tangent, the state's and its derivative's updates are one product (key^T with the weighted and
+    # lagged values side by side) where this jax's Mosaic GPU lowers a concatenate of register arrays.
+    joint_update = tangent and lowers_concatenate()
+
+    def program(*, log_decay_gmem, q_gmem, k_gmem, v_gmem, rows_gmem, o_gmem, final_gmem, barrier,
+                within_gmem=None, start_gmem=None, tangent_start_gmem=None, state_sums_gmem=None,
+                decay_sums_gmem=None, spanned_sums_gmem=None, state_smem=None, state_lo_smem=None,
+                weighted_smem=None, weighted_lo_smem=None, paired_smem=None, paired_lo_smem=None,
+                lagged_smem=None, lagged_lo_smem=None, moved_smem=None, moved_lo_smem=None, part_hi_smem=None,
+                part_lo_smem=None, triangle_smem=None, keys_t_smem=None, block_t_smem=None, register_smem=None):
+        """One program's walk, its refs by name: inputs and outputs ``*_gmem``, scratch ``*_smem`` and
+        ``barrier``; None where the call has no such ref."""
+        if tangent:  # the state's copies, then its derivative's, side by side (see ``paired_smem`` below)
+            state_smem, tangent_smem = (paired_smem.at[:, pl.ds(i * bv, bv)] for i in range(2))
+            state_lo_smem, tangent_lo_smem = (paired_lo_smem.at[:, pl.ds(i * bv, bv)] for i in range(2))
+        if joint_update:  # the weighted values, then the lagged ones, side by side (``moved_smem`` below)
+            weighted_smem, lagged_smem = (moved_smem.at[:, pl.ds(i * bv, bv)] for i in range(2))
+            weighted_lo_smem, lagged_lo_smem = (moved_lo_smem.at[:, pl.ds(i * bv, bv)] for i in range(2))
+        sums_gmem = dict(state=state_sums_gmem, decay=decay_sums_gmem, spanned=spanned_sums_gmem)
+        part_smems = [part_hi_smem, part_lo_smem] if spanned else []
+        w = Walker(config, key_dim=K, dtype=dtype, reverse=reverse, scale=scale, interpret=interpret,
+                   keys_t=keys_t_smem, block_t=block_t_smem, register=register_smem)
+        j, bh, piece = lax.axis_index("v"), lax.axis_index("bh"), lax.axis_index("piece")
+        b, h = bh // H, bh % H
+        pair_rows, pair_cols, lag, lags, leave_lag = w.steps()
+        constant = None if gated else w.constant_factors(log_decay_gmem[h], lag, lags)
+
+        def chunk(indices, *smems):
+            *staged_tiles, carried = smems
+            carried, g = w.lazy_out(carried)
+            tile = dict(zip(staged, staged_tiles))  # the chunk's tiles by name (``staged`` below)
+            q_smem, k_smem, v_smem, x_smem = tile["q"], tile["k"], tile["v"], tile["rows"]
+            sum_smem = {name: tile[f"{name}_sums"] for name in sums}
+            state, derivative = carried if tangent else (carried, None)
+            weights, entering_rows, leaving_rows, carry = (w.factors(tile["within"], lag) if gated else constant)
+            step = Carry(carry, g)
+            entering_at_rows, leaving_rows = step.rows(entering_rows, leaving_rows)  # the [C] values
+            entering_rows, leaving_rows = w.rows(entering_at_rows), w.rows(leaving_rows)
+
+            state_smem[...], state_lo_smem[...] = w.parts_of(scale * state if w.scale_state else state, dtype, 2)
+            if tangent:
+                tangent_smem[...], tangent_lo_smem[...] = w.parts_of(scale * derivative if w.scale_state
+                                                                     else derivative, dtype, 2)
+            plgpu.commit_smem()
+
+            # The products that read only the chunk's tiles and the states' copies go out together. With the
+            # tangent, inter (query S) and through (query D) are one product of twice the columns.
+            held = [paired_smem, paired_lo_smem] if tangent else [state_smem, state_lo_smem]
+            jobs = dict(scores=((C, C), [(q_smem, lambda: w.k_t(k_smem))]),
+                        inter=((C, (1 + tangent) * bv), [(q_smem, copy) for copy in held]))
+            if tangent or spanned:  # the pairs (rows_i . value_j) (query_i . key_j), decayed below
+                jobs["pairs"] = ((C, C), [(x_smem, lambda: w.k_t(v_smem))])
+            got = w.products(jobs)
+            if tangent:
+                got["inter"], got["through"] = got["inter"][:, :bv], got["inter"][:, bv:]
+            scores = got["scores"] * weights
+            inter = got["inter"] * entering_rows
+            if tangent or spanned:
+                pairs = got["pairs"] * scores
+            if tangent:
+                intra_rows = jnp.sum(lags * pairs, axis=1)
+            if spanned:  # sum over i >= r as one product with the triangle [i >= r], then over j < r
+                for part_smem, part in zip(part_smems, w.parts_of(pairs, jnp.bfloat16, 2)):
+                    part_smem[...] = part
+                plgpu.commit_smem()
+                from_r = w.products(dict(r=((C, C), [(triangle_smem, part_smem) for part_smem in part_smems])))["r"]
+                sum_smem["spanned"][...] = jnp.sum(jnp.where(pair_cols < pair_rows, from_r, 0.0), axis=1)
+
+            o = w.out(inter, scores, v_smem)
+            tile["o"][...] = o.astype(dtype)
+            x = x_smem[...].astype(f32)
+            w_rows = jnp.sum(inter * x, axis=1)
+            if "state" in sums:
+                sum_smem["state"][...] = w_rows
+            if tangent:  # d log gamma's summand (fleetjax.vjp.log_decay_summand): (i + 1) w + tangent + intra
+                # i + 1 on the rows' [C] values (two a thread), not as a [C, block_v] tile live in the loop.
+                steps_in = w.iota((C,), 0, w.wg.reduce(1)) + 1
+                tangent_rows = entering_at_rows * jnp.sum(got["through"] * x, axis=1)
+                sum_smem["decay"][...] = steps_in.astype(f32) * w_rows + tangent_rows + intra_rows
+            weighted = v_smem[...].astype(f32) * leaving_rows + 0.0 * o
+            weighted_smem[...], weighted_lo_smem[...] = w.parts_of(weighted, dtype, 2)
+            if tangent:
+                lagged_smem[...], lagged_lo_smem[...] = w.parts_of(weighted * leave_lag, dtype, 2)
+            plgpu.commit_smem()
+
+            # With the tangent, D <- carry (D + C S) + key^T (leave_lag leaving value), from the entering S.
+            if joint_update:  # S and D as one accumulator of 2 block_v columns: one product
+                init = step.start(jnp.concatenate([state, derivative + C * state], axis=1))
+                [both] = w.accumulate((init, w.update(k_smem, moved_smem, moved_lo_smem)))
+                return step.out(both[:, :bv], both[:, bv:])
+            jobs = [(step.start(state), w.update(k_smem, weighted_smem, weighted_lo_smem))]
+            if tangent:
+                jobs.append((step.start(derivative + C * state), w.update(k_smem, lagged_smem, lagged_lo_smem)))
+            return step.out(*w.accumulate(*jobs))
+
+        columns = pl.ds(j * bv, bv)
+        first = piece * n
+        at = (lambda c: first + n - 1 - c) if reverse else (lambda c: first + c)  # noqa: E731
+        rows_k = plgpu.BlockSpec((C, K), lambda c: (at(c), 0), transforms=tiles)
+        rows_v = plgpu.BlockSpec((C, bv), lambda c: (at(c), j), transforms=tiles)
+        positions = plgpu.BlockSpec((C,), lambda c: (at(c),))
+        # Each chunk's tiles, name -> (spec, this program's slice of the array): inputs, then outputs.
+        loads = dict(q=(rows_k, q_gmem.at[b, :, h]), k=(rows_k, k_gmem.at[b, :, h]), v=(rows_v, v_gmem.at[b, :, h]),
+                     rows=(rows_v, rows_gmem.at[b, :, h]))
+        if gated:
+            loads["within"] = (positions, within_gmem.at[b, h])
+        state_at = (b, h, piece, slice(None), columns)
+        state = w.entered(start_gmem, state_at, barrier)
+        init = (state, w.entered(tangent_start_gmem, state_at, barrier)) if tangent else state
+        init = w.lazy_in(init)
+        if spanned:  # the spanned sums' triangle [i >= r], a constant operand: written once, not each chunk
+            triangle_smem[...] = jnp.where(pair_cols >= pair_rows, 1.0, 0.0).astype(jnp.bfloat16)
+            plgpu.commit_smem()
+        stores = dict(o=(rows_v, o_gmem.at[b, :, h]))
+        stores.update({f"{name}_sums": (positions, sums_gmem[name].at[j, b, h]) for name in sums})
+        staged = [*loads, *stores]
+        state = pipeline(chunk, n, [spec for spec, _ in loads.values()], [spec for spec, _ in stores.values()],
+                         [gmem for _, gmem in (*loads.values(), *stores.values())], init,
+                         stages=config.stages, dtype=dtype, interpret=interpret)
+        state, g = w.lazy_out(state)
+        state = state[0] if tangent else state
+        state = state if g is None else state * g
+        pl.run_scoped(lambda tile: w.store(state, tile, final_gmem, state_at), w.state_tile())
+
+    tile_of = lambda rows, columns=bv: plgpu.SMEM((rows, columns), dtype, transforms=tiles)  # noqa: E731
+    scratch = {} if joint_update else dict(weighted_smem=tile_of(C))
+    if not tangent:
+        scratch["state_smem"] = tile_of(K)
+    if not joint_update:
+        scratch["weighted_lo_smem"] = tile_of(C)
+    if not tangent:
+        scratch["state_lo_smem"] = tile_of(K)
+    if tangent:  # the state's and its derivative's hi (lo) copies in one tile: columns [0, bv) and [bv, 2 bv)
+        # (whole tiles of the swizzle), so that query S and query D are one wgmma product of 2 bv columns:
+        # half the wgmmas and reads of the query tile (dq sums walk, sm_90 SASS counted on the CPU by
+        # experiments/sass.py: 1691 -> 1564 instructions a chunk, spills 452 -> 336 bytes; bitwise the same
+        # gradients in the interpreter).
+        scratch.update(paired_smem=tile_of(K, 2 * bv), paired_lo_smem=tile_of(K, 2 * bv))
+    if joint_update:  # likewise the weighted and lagged values' hi (lo) parts, for one update of S and D:
+        # 1564 -> 1454 instructions, HGMMA 62 -> 46, spills 336 -> 288 bytes (same count, jax 0.11.2)
+        scratch.update(moved_smem=tile_of(C, 2 * bv), moved_lo_smem=tile_of(C, 2 * bv))
+    elif tangent:
+        scratch.update(lagged_smem=tile_of(C), lagged_lo_smem=tile_of(C))
+    if spanned:
+        scratch.update({f"{part}_smem": plgpu.SMEM((C, C), jnp.bfloat16, transforms=mma_tiles(jnp.bfloat16, C))
+                        for part in ("part_hi", "part_lo", "triangle")})
+    scratch["barrier"] = plgpu.Barrier()
+    if interpret is not None:
+        scratch.update(interpreter_copies(config, K, dtype))
+    inputs = dict(log_decay_gmem=log_decay.astype(f32), q_gmem=query, k_gmem=key, v_gmem=value, rows_gmem=rows,
+                  within_gmem=None if within is None else within.astype(f32), start_gmem=entering,
+                  tangent_start_gmem=entering_tangents)
+    outputs = dict(o_gmem=jax.ShapeDtypeStruct((B, T, H, V), dtype),
+                   final_gmem=jax.ShapeDtypeStruct((B, H, P, K, V), f32),
+                   **{f"{name}_sums_gmem": jax.ShapeDtypeStruct((nv, B, H, T), f32) for name in sums})
+    out, finals, *formed = launch(program, name=name, inputs=inputs, outputs=outputs, scratch=scratch,
+                                  grid=(nv, B * H, P), interpret=interpret,
+                                  no_auto_barriers=not config.auto_barriers, approx_math=config.approx_exp and gated)
+    return out, finals, dict(zip(sums, formed))
