@@ -10,6 +10,7 @@ output.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Any
 
@@ -254,6 +255,36 @@ def test_walk_ops_gate_only_is_the_gated_op_without_the_decay(tmp_path):
     assert all(r["gated"] and r["decay"] for r in both) and all(r["gated"] and not r["decay"] for r in gate)
     assert gate[0]["total"] == both[0]["total"]
     assert 0 < gate[1]["total"] < both[1]["total"] and gate[1]["float"] < both[1]["float"]
+
+
+def test_same_lowering_dumps_the_walks_and_compares_them_names_aside(tmp_path, capsys):
+    """experiments/same_lowering: every case of its table is a distinct variant; a dump of two cases (the
+    forward walk; the backward with the gate and the decay learned: the dq walk with both sums, dv, dk with
+    the gate's) compares equal to a second dump, and to a copy whose kernels are renamed, but not to a copy with one
+    instruction changed or one module missing."""
+    from experiments import same_lowering
+    table = same_lowering.cases()
+    assert len(table) == 2 * len(same_lowering.VARIANTS) + len(same_lowering.GRADIENTS)
+    assert len({repr(sorted(case.items())) for case in table.values()}) == len(table)
+    names = ["fwd_default", "bwd_gated"]
+    before, again, changed = (tmp_path / name for name in ("before", "again", "changed"))
+    assert same_lowering.dump(str(before), names) == 4
+    assert same_lowering.dump(str(again), names) == 4
+    assert same_lowering.compare(str(before), str(again)) == []
+    changed.mkdir()
+    for path in before.iterdir():
+        text = path.read_text()
+        name = re.search(r"func\.func @(\w+)_mosaic_gpu", text).group(1)
+        (changed / path.name).write_text(text.replace(name, "renamed"))
+    assert same_lowering.compare(str(before), str(changed)) == []
+    module = changed / "bwd_gated_1.mlir"
+    module.write_text(module.read_text().replace("arith.mulf", "arith.addf", 1))
+    (changed / "fwd_default_0.mlir").unlink()
+    assert same_lowering.compare(str(before), str(changed)) == ["bwd_gated_1.mlir", "fwd_default_0.mlir"]
+    assert same_lowering.main(["compare", str(before), str(changed)]) == 1
+    with pytest.raises(SystemExit, match="unknown cases"):
+        same_lowering.dump(str(tmp_path / "x"), ["fwd_nothing"])
+    assert "2 of 4 modules the same" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("regex_fails", [False, True], ids=["ncu-takes-all", "ncu-lacks-a-pipe"])
