@@ -40,10 +40,10 @@ class Walker:
 
     float16 (``scale_state``): the state is scaled before it is rounded (its range); bfloat16 keeps float32's,
     so the scale rides on the row factors (after the products: a hi/lo pair's sum holds the state either way).
-    The chunk's pair weights carry the scale too. ``lazy``: the state is held as S = g T (see :class:`Carry`),
-    where float16's copies of T would not leave its range. ``interpret``: Mosaic GPU's interpret-mode
-    parameters, with the interpreter's copies (:func:`interpreter_copies`) of the transposed key and value
-    tiles (``keys_t``, ``block_t``) and of a register operand A (``register``)."""
+    The chunk's pair weights carry the scale too. ``lazy``: the state is held as S = g T (:class:`Carry`,
+    MosaicWalkConfig.lazy_carry), not for float16, whose copies of T could leave its range. ``interpret``:
+    Mosaic GPU's interpret-mode parameters, with the interpreter's copies (:func:`interpreter_copies`) of the
+    transposed key and value tiles (``keys_t``, ``block_t``) and of a register operand A (``register``)."""
 
     def __init__(self, config, *, key_dim: int, dtype, reverse: bool, scale: float, interpret=None, keys_t=None,
                  block_t=None, register=None):
@@ -296,6 +296,7 @@ def launch(program: Callable[..., None], *, name: str, inputs: dict, outputs: di
     inputs = {key: x for key, x in inputs.items() if x is not None}
     outputs = {key: x for key, x in outputs.items() if x is not None}
     if shared:
+        scratch = dict(scratch)
         union = plgpu.RefUnion(tuple(scratch.pop(key) for key in shared), scratch.pop("f32_smem"))
         scratch = {"shared": union, **scratch}
     names = [*inputs, *outputs, *scratch]
