@@ -169,7 +169,7 @@ def each_walk(args, serialized: bool = False):
             modules = lowered(captured, gated=args.gated, backward=backward, scale=args.scale, walks=walks,
                               decay=not args.gate_only)
         for index, module in enumerate(modules):
-            name = re.search(r"func\.func @(\w+)", module)
+            name = re.search(r"func\.func @(\w+?)(?:_mosaic_gpu)?\b", module)
             fields = dict(op="fwd_bwd" if backward else "fwd", module=index,
                           kernel=name.group(1) if name else None, gated=args.gated, scale=args.scale,
                           decay=not args.gate_only,
@@ -188,10 +188,10 @@ def append(records: list[dict], path: str | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = arguments(__doc__.split("\n\n")[0], argv)
     records = [dict(fields, **count(module)) for fields, module, _ in each_walk(args)]
-    print(f"{'op':8} {'#':>2} {'total':>6} {'float':>6} {'exp':>4} {'convert':>7} {'select':>6} {'shuffle':>7} "
+    print(f"{'op':8} {'#':>2} {'kernel':14} {'total':>6} {'float':>6} {'exp':>4} {'convert':>7} {'select':>6} {'shuffle':>7} "
           f"{'store':>6} {'wgmma':>6} {'wait':>5} {'barrier':>7} {'smem KiB':>8}")
     for r in records:
-        print(f"{r['op']:8} {r['module']:>2} {r['total']:>6} {r['float']:>6} {r['exp']:>4} {r['convert']:>7} "
+        print(f"{r['op']:8} {r['module']:>2} {r['kernel'] or '':14} {r['total']:>6} {r['float']:>6} {r['exp']:>4} {r['convert']:>7} "
               f"{r['select']:>6} {r['shuffle']:>7} {r['store']:>6} {r['wgmma']:>6} {r['wgmma_wait']:>5} "
               f"{r['barrier']:>7} {r['shared_bytes'] / 1024:>8.1f}")
     append(records, args.out)

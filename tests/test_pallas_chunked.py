@@ -579,7 +579,8 @@ def test_the_triton_kernels_lower_for_a_gpu(monkeypatch, implementation):
     first. The kernels run in interpret mode here, so this is the one check of their Triton lowering that
     needs no GPU; it is how a select whose literal Pallas-Triton typed as a bool was found (2026-12-04)."""
     registration = pytest.importorskip("jax._src.pallas.triton.pallas_call_registration")
-    from fleetjax.pallas import chunked, fleet, launch, mosaic, walk
+    from fleetjax.pallas import chunked, fleet, launch, walk
+    from fleetjax.pallas.mosaic import config as mosaic_config
     lower, modules, refused = registration.lowering.lower_jaxpr_to_triton_module, [], []
 
     def verified(*args, **kwargs):
@@ -596,7 +597,7 @@ def test_the_triton_kernels_lower_for_a_gpu(monkeypatch, implementation):
     if gpu_info is not None:  # jax >= 0.11 asks the device what GPU it lowers for: an H100 here
         monkeypatch.setattr(gpu_info, "get_gpu_info",
                             lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100))
-    for module in (launch, walk, chunked, fleet, mosaic):  # the kernels as a GPU would launch them
+    for module in (launch, walk, chunked, fleet, mosaic_config):  # the kernels as a GPU would launch them
         monkeypatch.setattr(module, "on_gpu", lambda: True)
     rng = np.random.default_rng(0)
     B, T, H, K, V = 2, 200, 2, 16, 16
