@@ -39,9 +39,9 @@ class MosaicWalkConfig:
     1.43x and 1.17x at B1 H8 T=32768 in 16), slower where half of them idle (0.81x in one piece), H200,
     2026-12-03, experiments/results/2026-12-03-h200-probe_wide_walk_package.txt. Walks that form sums keep one.
     forward_pieces: the sequence pieces of the Mosaic forward walk (None: PallasConfig.num_sequence_pieces,
-    which the Triton forward takes), their local states from fleetjax.pallas.mosaic.piece_states. Where they would not be
-    equal whole chunks, or the caller passes the pieces' local states (sequence parallelism), the
-    PallasConfig's count holds.
+    which the Triton forward takes), their local states from fleetjax.pallas.mosaic.piece_states. Where they
+    would not be equal whole chunks, or the caller passes the pieces' local states (sequence parallelism),
+    the PallasConfig's count holds.
     forward_block_v: the forward walk's value block per warpgroup, and its pieces' states walk's (None:
     block_v, which the backward's walks keep); bitwise the same outputs. Where the default sets it (short
     sequences in one piece) and what it measured: fleetjax.pallas.chunked._mosaic_walks.
@@ -100,14 +100,19 @@ class MosaicWalkConfig:
     fewer, 2^-15 held) took 2.73 against 3.00-3.03 ms fwd+bwd at B4 H16 T=16384 (H200, 2026-12-05, bf16,
     K = V = 128, alternated processes, experiments/results/2026-12-05-h200-truncated_split_ab.jsonl) but 4x
     the decay gradient's error at T=2048 in the interpreter (1.4e-4 against 3.4e-5); this form gives the
-    conversion's errors there and at T=16384 (1.34e-5 and 3.10e-5 against 1.34e-5 and 3.11e-5) and is not
-    yet timed.
+    conversion's errors there and at T=16384 (1.34e-5 and 3.10e-5 against 1.34e-5 and 3.11e-5), and took
+    2.82 against 2.97 ms fwd+bwd at B4 H16 T=16384 and 0.780 against 0.811 at T=4096 (H100, 2026-12-05, bf16,
+    K = V = 128, decay learned, five alternated rounds in one process,
+    experiments/results/2026-12-05-h100-split_by_bits_ab.jsonl).
     pingpong: the two compute warpgroups of a two-warpgroup walk (``warpgroups``, ``backward_warpgroups``)
     take turns on the tensor cores, as FlashAttention-3's two softmax warpgroups do: each issues its chunk's
     first products (scores, query S), then waits at a barrier of both until the other is about to issue its
     state update, the second warpgroup starting a turn behind. One warpgroup's products then run while the
     other forms its elementwise part, where without turns both issue their products at once and then both
-    leave the tensor cores idle. Bitwise the same results. Off by default: not yet timed on a GPU.
+    leave the tensor cores idle. Bitwise the same results. Off by default: it lost, the forward 0.559 against
+    0.557 ms at B4 H16 T=16384 and 0.231 against 0.224 at B1 H8 T=32768, fwd+bwd with ``backward_warpgroups``
+    2 2.99 against 2.87 without turns and 2.80 on one warpgroup (H100, 2026-12-05, bf16, K = V = 128,
+    alternated rounds, experiments/results/2026-12-05-h100-pingpong_ab.jsonl).
     """
 
     chunk_size: int = 64
