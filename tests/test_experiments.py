@@ -257,6 +257,17 @@ def test_walk_ops_gate_only_is_the_gated_op_without_the_decay(tmp_path):
     assert 0 < gate[1]["total"] < both[1]["total"] and gate[1]["float"] < both[1]["float"]
 
 
+def test_host_wait_times_calls_enqueued_behind_a_long_op():
+    """profile_pallas --host-wait's probe on the CPU: the long op alone, the calls enqueued behind it (after an
+    untimed round that leaves the allocator what they need) and everything done, in order."""
+    import jax
+    import jax.numpy as jnp
+    from experiments import profile_pallas
+    wait = profile_pallas.host_wait(jax.jit(lambda x: 2 * x), (jnp.ones(8),), calls=3, size=128)
+    assert set(wait) == {"long_ms", "calls", "enqueue_ms", "done_ms"} and wait["calls"] == 3
+    assert wait["long_ms"] > 0 and 0 < wait["enqueue_ms"] <= wait["done_ms"]
+
+
 def test_same_lowering_dumps_the_walks_and_compares_them_names_aside(tmp_path, capsys):
     """experiments/same_lowering: every case of its table is a distinct variant; a dump of two cases (the
     forward walk; the backward with the gate and the decay learned: the dq walk with both sums, dv, dk with
