@@ -169,11 +169,12 @@ def main(argv: list[str] | None = None) -> int:
             ptxas, sass = compile_module(blob)
             records.append(dict(fields, ptxas=version, **ptxas_report(ptxas), sass_loop=loop_counts(sass)))
     kinds = [*OPCODES, "other"]
-    print(f"{'op':8} {'#':>2} {'kernel':14} {'regs':>4} {'spill':>5} {'loop':>5} {'renorm':>6} " + " ".join(f"{k:>7}" for k in kinds))
+    print(f"{'op':8} {'#':>2} {'kernel':14} {'regs':>4} {'spill':>5} {'loop':>5} {'renorm':>6} "
+          + " ".join(f"{k:>7}" for k in kinds))
     for r in records:
         loop = r["sass_loop"]
-        print(f"{r['op']:8} {r['module']:>2} {r['kernel'] or '':14} {r['registers']:>4} {r['spill_stores']:>5} {loop['total']:>5} "
-              f"{loop['renormalization']:>6} " + " ".join(f"{loop[k]:>7}" for k in kinds))
+        print(f"{r['op']:8} {r['module']:>2} {r['kernel'] or '':14} {r['registers']:>4} {r['spill_stores']:>5} "
+              f"{loop['total']:>5} {loop['renormalization']:>6} " + " ".join(f"{loop[k]:>7}" for k in kinds))
     walk_ops.append(records, args.out)
     return 0
 

@@ -188,12 +188,12 @@ def append(records: list[dict], path: str | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = arguments(__doc__.split("\n\n")[0], argv)
     records = [dict(fields, **count(module)) for fields, module, _ in each_walk(args)]
-    print(f"{'op':8} {'#':>2} {'kernel':14} {'total':>6} {'float':>6} {'exp':>4} {'convert':>7} {'select':>6} {'shuffle':>7} "
-          f"{'store':>6} {'wgmma':>6} {'wait':>5} {'barrier':>7} {'smem KiB':>8}")
+    print(f"{'op':8} {'#':>2} {'kernel':14} {'total':>6} {'float':>6} {'exp':>4} {'convert':>7} {'select':>6} "
+          f"{'shuffle':>7} {'store':>6} {'wgmma':>6} {'wait':>5} {'barrier':>7} {'smem KiB':>8}")
     for r in records:
-        print(f"{r['op']:8} {r['module']:>2} {r['kernel'] or '':14} {r['total']:>6} {r['float']:>6} {r['exp']:>4} {r['convert']:>7} "
-              f"{r['select']:>6} {r['shuffle']:>7} {r['store']:>6} {r['wgmma']:>6} {r['wgmma_wait']:>5} "
-              f"{r['barrier']:>7} {r['shared_bytes'] / 1024:>8.1f}")
+        print(f"{r['op']:8} {r['module']:>2} {r['kernel'] or '':14} {r['total']:>6} {r['float']:>6} {r['exp']:>4} "
+              f"{r['convert']:>7} {r['select']:>6} {r['shuffle']:>7} {r['store']:>6} {r['wgmma']:>6} "
+              f"{r['wgmma_wait']:>5} {r['barrier']:>7} {r['shared_bytes'] / 1024:>8.1f}")
     append(records, args.out)
     return 0
 
