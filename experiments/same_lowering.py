@@ -18,7 +18,6 @@ checked so (2026-12-05): all 79 modules of the table equal under jax 0.11.2.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import difflib
 import os
 import re
@@ -31,11 +30,9 @@ if __package__ in (None, ""):
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
-import fleetjax  # noqa: E402
-from experiments.walk_ops import capture_modules  # noqa: E402
-from fleetjax.pallas import chunked, mosaic  # noqa: E402
+from experiments import walk_ops  # noqa: E402
+from fleetjax.pallas import mosaic  # noqa: E402
 
 _PIECES = dict(T=2048, walks=dict(forward_pieces=4), config=dict(num_sequence_pieces=2,
                                                                  backward_num_sequence_pieces=4))
@@ -58,32 +55,14 @@ VARIANTS = {
 GRADIENTS = {"fixed": ("q", "k", "v"), "fixed_gated": ("q", "k", "v"), "gate_only_gate": ("log_gate",),
              "decay_only": ("decay",), "gated_decay_only": ("decay",)}
 _BASE_OF = {"fixed_gated": "gated", "gate_only_gate": "gate_only", "gated_decay_only": "gated"}
-_ARGS = ("q", "k", "v", "decay", "log_gate")
 
 
-def lower(*, dtype: str = "bfloat16", T: int = 512, K: int = 128, V: int = 128, scale: float | None = None,
-          gated: bool = False, decay: bool = True, walks: dict | None = None, config: dict | None = None,
-          wrt: tuple[str, ...] | None = None) -> list[str]:
-    """The Mosaic modules' texts, in order, of the op at B1 H2 lowered for sm_90: its forward where ``wrt`` is
-    None, else its VJP with respect to ``wrt`` (argument names)."""
-    B, H = 1, 2
-    q = jnp.zeros((B, T, H, K), dtype)
-    v = jnp.zeros((B, T, H, V), dtype)
-    gate = jnp.full((B, T, H), -0.01, jnp.float32) if gated else None
-    per_head = jnp.asarray([0.9, 0.99], jnp.float32) if decay else None
-    pallas = dataclasses.replace(chunked.default_config(q, v), mosaic_walks=mosaic.MosaicWalkConfig(**(walks or {})),
-                                 **(config or {}))
-
-    def f(*args):
-        q, k, v, d, g = args
-        return fleetjax.fleet_attention(q, k, v, d, scale=scale, log_gate=g, implementation="pallas",
-                                        config=pallas).astype(jnp.float32).sum()
-
-    if wrt is not None:
-        f = jax.grad(f, argnums=tuple(_ARGS.index(name) for name in wrt))
-    with capture_modules() as modules:
-        jax.jit(f).trace(q, q, v, per_head, gate).lower(lowering_platforms=("cuda",))
-    return list(modules)
+def lower(*, walks: dict | None = None, wrt: tuple[str, ...] | None = None, **case) -> list[str]:
+    """The Mosaic modules' texts, in order, of one case of the table (experiments/walk_ops.lowered's op): its
+    forward where ``wrt`` is None, else its gradient with respect to ``wrt`` (argument names)."""
+    with walk_ops.capture_modules() as modules:
+        return walk_ops.lowered(modules, backward=wrt is not None, walks=mosaic.MosaicWalkConfig(**(walks or {})),
+                                wrt=wrt, **case)
 
 
 def cases() -> dict[str, dict]:
@@ -92,7 +71,8 @@ def cases() -> dict[str, dict]:
     table = {}
     for backward in (False, True):
         for name, changes in VARIANTS.items():
-            every = _ARGS[:3] + ("decay",) * changes.get("decay", True) + ("log_gate",) * changes.get("gated", False)
+            every = (walk_ops.ARGUMENTS[:3] + ("decay",) * changes.get("decay", True)
+                     + ("log_gate",) * changes.get("gated", False))
             table[f"{'bwd' if backward else 'fwd'}_{name}"] = dict(changes, wrt=every if backward else None)
     for name, wrt in GRADIENTS.items():
         table[f"bwd_{name}"] = dict(VARIANTS[_BASE_OF.get(name, "default")], wrt=wrt)

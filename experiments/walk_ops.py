@@ -117,26 +117,35 @@ def shared_bytes(module: str) -> int:
     return int(re.search(r"dynamic_shared_memory_size %c(\d+)_i32", module).group(1))
 
 
-def lowered(modules: list[str], *, gated: bool, backward: bool, scale: float | None,
-            walks: mosaic.MosaicWalkConfig, decay: bool = True) -> list[str]:
-    """The Mosaic modules of the op at B1 T=512 H2 K = V = 128 bfloat16, lowered for sm_90, in order
-    (``modules``: the list of :func:`capture_modules`, in whose context this runs). ``decay`` False (with
-    ``gated``): no per-head decay, the gate alone, as the gated benchmarks run."""
+# The op's arguments by name, in order (``lowered``'s ``wrt``).
+ARGUMENTS = ("q", "k", "v", "decay", "log_gate")
+
+
+def lowered(modules: list[str], *, gated: bool = False, backward: bool, scale: float | None = None,
+            walks: mosaic.MosaicWalkConfig, decay: bool = True, dtype: str = "bfloat16", T: int = 512, K: int = 128,
+            V: int = 128, config: dict | None = None, wrt: tuple[str, ...] | None = None) -> list[str]:
+    """The Mosaic modules of the op at B1 H2 (T=512, K = V = 128 bfloat16 unless said), lowered for sm_90, in
+    order (``modules``: the list of :func:`capture_modules`, in whose context this runs): its forward, or with
+    ``backward`` its gradient with respect to ``wrt`` (names of ARGUMENTS; None: every input it has). ``decay``
+    False (with ``gated``): no per-head decay, the gate alone, as the gated benchmarks run. ``config``:
+    PallasConfig fields to change from the default config."""
     if not (decay or gated):
         raise ValueError("the op needs a per-head decay or a gate: decay=False takes gated=True")
     modules.clear()
-    q = jnp.zeros((1, 512, 2, 128), jnp.bfloat16)
-    gate = jnp.full((1, 512, 2), -0.01, jnp.float32) if gated else None
-    config = dataclasses.replace(chunked.default_config(q, q), mosaic_walks=walks)
+    q = jnp.zeros((1, T, 2, K), dtype)
+    v = jnp.zeros((1, T, 2, V), dtype)
+    gate = jnp.full((1, T, 2), -0.01, jnp.float32) if gated else None
+    pallas = dataclasses.replace(chunked.default_config(q, v), mosaic_walks=walks, **(config or {}))
 
     def f(q, k, v, decay, gate):
         return fleetjax.fleet_attention(q, k, v, decay, scale=scale, log_gate=gate, implementation="pallas",
-                                        config=config).astype(jnp.float32).sum()
+                                        config=pallas).astype(jnp.float32).sum()
 
     if backward:
-        f = jax.grad(f, argnums=(0, 1, 2) + (3,) * decay + (4,) * gated)
+        wrt = ARGUMENTS[:3] + ("decay",) * decay + ("log_gate",) * gated if wrt is None else wrt
+        f = jax.grad(f, argnums=tuple(ARGUMENTS.index(name) for name in wrt))
     per_head = jnp.asarray([0.9, 0.99]) if decay else None
-    jax.jit(f).trace(q, q, q, per_head, gate).lower(lowering_platforms=("cuda",))
+    jax.jit(f).trace(q, q, v, per_head, gate).lower(lowering_platforms=("cuda",))
     return list(modules)
 
 
