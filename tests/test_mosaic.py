@@ -632,34 +632,6 @@ def test_the_gated_backward_walks_in_the_interpreter_match_the_oracle(pieces, dt
 
 
 @interpreted
-@pytest.mark.parametrize("learned", ["decay", "gate", "both"])
-def test_the_sums_walks_work_in_the_products_shadow_to_the_same_bits(learned):
-    """MosaicWalkConfig.shadow_weighted and shadow_sums only move work between a product's issue and its wait:
-    every gradient, the sums' and the witness bitwise the default's (the dq walk with the decay's sums, the
-    gated dq and dk walks with the gate's, and the gated dq walk with both)."""
-    B, T, H, K, V = 1, 192, 2, 64, 64
-    q, k, v = _inputs(B, T, H, K, V, "bfloat16")
-    do = _inputs(B, T, H, K, V, "bfloat16", seed=4)[2]
-    decay = (0.97, 1.0)
-    gate = None if learned == "decay" else 0.05 * _log_gate(B, T, H)
-    from fleetjax.decay import Decays
-    start = jnp.asarray(np.random.default_rng(2).standard_normal((B, H, K, V)), jnp.float32)
-    decays = Decays(jnp.log(jnp.asarray(decay, jnp.float32)), gate)
-
-    def run(walks):
-        return mosaic.backward_walks(q, k, v, do, decays, start, Chunking(T, 64, 1), None, None, scale=0.1,
-                                     config=walks, log_decay_wanted=learned != "gate",
-                                     log_gate_wanted=learned != "decay", interpret=InterpretGPUParams())
-
-    reference = jax.tree.leaves(run(mosaic.MosaicWalkConfig()))
-    assert len(reference) == 3 + {"decay": 1, "gate": 3, "both": 4}[learned] + 2  # dq, dk, dv, the sums, witness
-    for changes in (dict(shadow_weighted=True), dict(shadow_sums=True), dict(shadow_weighted=True, shadow_sums=True)):
-        got = jax.tree.leaves(run(mosaic.MosaicWalkConfig(**changes)))
-        assert len(got) == len(reference)
-        assert all(bool(jnp.array_equal(a, b)) for a, b in zip(reference, got)), changes
-
-
-@interpreted
 @pytest.mark.parametrize("learned, pieces", [("decay", 2), ("gate", 1), ("gate", 2), ("both", 2)])
 def test_the_op_through_the_interpreted_walks_matches_the_oracle(monkeypatch, learned, pieces):
     """The Pallas op's forward and backward with every walk it can give Mosaic on Mosaic (in its interpreter):
@@ -978,32 +950,6 @@ def test_walks_without_the_automatic_barriers_give_the_same_bits(log_gate):
     reference = run(mosaic.MosaicWalkConfig(auto_barriers=True))[0]
     for got in run(mosaic.MosaicWalkConfig()):
         assert all(jnp.array_equal(a, b) for a, b in zip(reference, got))
-
-
-@hopper
-@pytest.mark.parametrize("log_gate", [False, True], ids=["constant", "gated"])
-def test_the_sums_walks_in_the_products_shadow_give_the_same_bits(log_gate):
-    """On an sm_90 GPU: with MosaicWalkConfig.shadow_weighted and shadow_sums (work moved between a product's
-    issue and its wait) the output and every gradient (q, k, v, the decay's, the gate's) bitwise the
-    default's, in two sequence pieces."""
-    B, T, H, K, V = 2, 2048, 2, 128, 128
-    q, k, v = _inputs(B, T, H, K, V, "bfloat16")
-    do = _inputs(B, T, H, K, V, "bfloat16", seed=6)[2]
-    decay = jnp.asarray([0.97, 0.999], jnp.float32)
-    gate = _log_gate(B, T, H) if log_gate else None
-
-    def run(walks):
-        config = dataclasses.replace(chunked.default_config(q, v), num_sequence_pieces=2,
-                                     backward_num_sequence_pieces=2, mosaic_walks=walks)
-        f = lambda q, k, v, decay, gate: fleetjax.fleet_attention(  # noqa: E731
-            q, k, v, decay, log_gate=gate, implementation="pallas", config=config)
-        return jax.tree.leaves(jax.jit(lambda *xs: (lambda o, pullback: (o, pullback(do)))(*jax.vjp(f, *xs)))(
-            q, k, v, decay, gate))
-
-    reference = run(mosaic.MosaicWalkConfig())
-    for changes in (dict(shadow_weighted=True), dict(shadow_sums=True), dict(shadow_weighted=True, shadow_sums=True)):
-        got = run(mosaic.MosaicWalkConfig(**changes))
-        assert all(bool(jnp.array_equal(a, b)) for a, b in zip(reference, got)), changes
 
 
 @hopper

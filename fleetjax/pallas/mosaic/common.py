@@ -92,28 +92,18 @@ class Walker:
 
     # Products.
 
-    def accumulate(self, *jobs, issued: Callable[[], None] | None = None):
+    def accumulate(self, *jobs):
         """[init + what issue(acc)'s wgmmas add] for each (init, issue) of ``jobs``, accumulated in place from
-        init on the GPU, every wgmma issued before the first is waited for; ``issued()``, if given, runs
-        between (work that needs none of the results, done while the tensor cores run)."""
+        init on the GPU, every wgmma issued before the first is waited for."""
         import jax.experimental.pallas as pl
         import jax.experimental.pallas.mosaic_gpu as plgpu
         if self.interpret is not None:
-            def issue_and_read(*accs):
-                for acc, (_, issue) in zip(accs, jobs):
-                    issue(acc)
-                if issued is not None:
-                    issued()
-                return [acc[...] for acc in accs]
-
-            added = pl.run_scoped(issue_and_read, *[plgpu.ACC(init.shape, f32) for init, _ in jobs])
-            return [init + part for (init, _), part in zip(jobs, added)]
+            return [init + pl.run_scoped(lambda acc, issue=issue: (issue(acc), acc[...])[1],
+                                         plgpu.ACC(init.shape, f32)) for init, issue in jobs]
 
         def issue_all(accs):
             for acc, (_, issue) in zip(accs, jobs):
                 issue(acc)
-            if issued is not None:
-                issued()
 
         return list(pl.run_state(issue_all)(tuple(plgpu.ACC.init(init) for init, _ in jobs)))
 

@@ -113,13 +113,6 @@ class MosaicWalkConfig:
     0.557 ms at B4 H16 T=16384 and 0.231 against 0.224 at B1 H8 T=32768, fwd+bwd with ``backward_warpgroups``
     2 2.99 against 2.87 without turns and 2.80 on one warpgroup (H100, 2026-12-05, bf16, K = V = 128,
     alternated rounds, experiments/results/2026-12-05-h100-pingpong_ab.jsonl).
-    shadow_weighted: the walks that form sums write the state update's operands (the values weighted by
-    their leaving decay, and lagged, as hi/lo parts) while the chunk's first products run, between their
-    issue and their wait, where otherwise they follow out. Bitwise the same results. Not yet timed.
-    shadow_sums: the same walks form the chunk's sums (w, the tangent's rows, d log gamma's summand) and
-    store them while the state's update runs, between its issue and its wait, where otherwise they precede
-    its issue; their operands (query S and D, the rows tile) stay live across the weighted values' split.
-    Bitwise the same results. Not yet timed.
     """
 
     chunk_size: int = 64
@@ -140,8 +133,6 @@ class MosaicWalkConfig:
     lazy_carry: bool = True
     split_by_bits: bool = True
     pingpong: bool = False
-    shadow_weighted: bool = False
-    shadow_sums: bool = False
 
     def __post_init__(self):
         if self.chunk_size != 64:

@@ -108,19 +108,7 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
                         inter=((C, (1 + tangent) * bv), [(q_smem, copy) for copy in held]))
             if tangent or spanned:  # the pairs (rows_i . value_j) (query_i . key_j), decayed below
                 jobs["pairs"] = ((C, C), [(x_smem, lambda: w.k_t(v_smem))])
-
-            def move_values(after=None):
-                """The update's operands: the values weighted (and lagged) by their leaving decay, as hi/lo
-                parts; ``after``'s value (out) keeps them from being formed before it."""
-                weighted = v_smem[...].astype(f32) * leaving_rows
-                weighted = weighted if after is None else weighted + 0.0 * after
-                weighted_smem[...], weighted_lo_smem[...] = w.parts_of(weighted, dtype, 2)
-                if tangent:
-                    lagged_smem[...], lagged_lo_smem[...] = w.parts_of(weighted * leave_lag, dtype, 2)
-
-            # With shadow_weighted they are written while the products run; else after out, its value keeping
-            # them from being formed early.
-            got = w.products(jobs, issued=move_values if config.shadow_weighted else None)
+            got = w.products(jobs)
             if tangent:
                 got["inter"], got["through"] = got["inter"][:, :bv], got["inter"][:, bv:]
             scores = got["scores"] * weights
@@ -138,36 +126,30 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
 
             o = w.out(inter, scores, v_smem)
             tile["o"][...] = o.astype(dtype)
-
-            def form_sums():
-                x = x_smem[...].astype(f32)
-                w_rows = jnp.sum(inter * x, axis=1)
-                if "state" in sums:
-                    sum_smem["state"][...] = w_rows
-                if tangent:  # d log gamma's summand (fleetjax.vjp.log_decay_summand): (i + 1) w + tangent + intra
-                    # i + 1 on the rows' [C] values (two a thread), not as a [C, block_v] tile live in the loop.
-                    steps_in = w.iota((C,), 0, w.wg.reduce(1)) + 1
-                    tangent_rows = entering_at_rows * jnp.sum(got["through"] * x, axis=1)
-                    sum_smem["decay"][...] = steps_in.astype(f32) * w_rows + tangent_rows + intra_rows
-
-            # The sums need none of the state's update: with shadow_sums they are formed while it runs (the
-            # pipeline's commit after the chunk orders their stores before their copies out).
-            in_shadow = form_sums if config.shadow_sums else None
-            if in_shadow is None:
-                form_sums()
-            if not config.shadow_weighted:
-                move_values(after=o)
+            x = x_smem[...].astype(f32)
+            w_rows = jnp.sum(inter * x, axis=1)
+            if "state" in sums:
+                sum_smem["state"][...] = w_rows
+            if tangent:  # d log gamma's summand (fleetjax.vjp.log_decay_summand): (i + 1) w + tangent + intra
+                # i + 1 on the rows' [C] values (two a thread), not as a [C, block_v] tile live in the loop.
+                steps_in = w.iota((C,), 0, w.wg.reduce(1)) + 1
+                tangent_rows = entering_at_rows * jnp.sum(got["through"] * x, axis=1)
+                sum_smem["decay"][...] = steps_in.astype(f32) * w_rows + tangent_rows + intra_rows
+            weighted = v_smem[...].astype(f32) * leaving_rows + 0.0 * o
+            weighted_smem[...], weighted_lo_smem[...] = w.parts_of(weighted, dtype, 2)
+            if tangent:
+                lagged_smem[...], lagged_lo_smem[...] = w.parts_of(weighted * leave_lag, dtype, 2)
             plgpu.commit_smem()
 
             # With the tangent, D <- carry (D + C S) + key^T (leave_lag leaving value), from the entering S.
             if joint_update:  # S and D as one accumulator of 2 block_v columns: one product
                 init = step.start(jnp.concatenate([state, derivative + C * state], axis=1))
-                [both] = w.accumulate((init, w.update(k_smem, moved_smem, moved_lo_smem)), issued=in_shadow)
+                [both] = w.accumulate((init, w.update(k_smem, moved_smem, moved_lo_smem)))
                 return step.out(both[:, :bv], both[:, bv:])
             jobs = [(step.start(state), w.update(k_smem, weighted_smem, weighted_lo_smem))]
             if tangent:
                 jobs.append((step.start(derivative + C * state), w.update(k_smem, lagged_smem, lagged_lo_smem)))
-            return step.out(*w.accumulate(*jobs, issued=in_shadow))
+            return step.out(*w.accumulate(*jobs))
 
         columns = pl.ds(j * bv, bv)
         first = piece * n
