@@ -47,6 +47,7 @@ VARIANTS = {
     "wide_f16": dict(dtype="float16", walks=dict(warpgroups=2, backward_warpgroups=2)),
     "scale1_gated": dict(scale=1.0, gated=True), "scale05": dict(scale=0.5),
     "pieces": _PIECES, "pieces_gated": dict(_PIECES, gated=True),
+    "pieces_backward_states": dict(_PIECES, walks=dict(_PIECES["walks"], backward_piece_states=True)),
     "k64": dict(K=64, V=64, walks=dict(block_v=32)),
     "flags_gated": dict(walks=_FLAGS, gated=True),
     "narrow_forward": dict(walks=dict(forward_block_v=32, warpgroups=2)),

@@ -557,6 +557,39 @@ def test_the_states_only_walk_gives_the_walks_piece_states(reverse, gated):
     assert oracle.rel_err(states, triton, axis=None) < TOLERANCE["bfloat16"]
 
 
+@interpreted
+@pytest.mark.parametrize("gated", [False, True], ids=["constant", "gated"])
+def test_the_exact_states_walk_gives_the_dq_sums_walks_piece_states(gated):
+    """mosaic.piece_states(exact=True, tangent=True), the dq walk's pieces under
+    MosaicWalkConfig.backward_piece_states: the states bitwise those the dq sums walk leaves after each piece
+    from zero, and with their derivatives in log gamma the Triton piece-state walk's (exact, tangent) within
+    float32's rounding of the hi/lo products."""
+    from fleetjax.decay import Decays
+    from fleetjax.pallas import forward as fwd
+    B, T, H, K, V = 1, 192, 2, 64, 64
+    q, k, v = _inputs(B, T, H, K, V, "bfloat16")
+    decays = Decays(jnp.log(jnp.asarray([0.97, 1.0], jnp.float32)), 0.05 * _log_gate(B, T, H) if gated else None)
+    chunking = Chunking(T, 64, 3)
+    within = decays.within_chunks(B, T, 64) if gated else None
+    walks = mosaic.MosaicWalkConfig()
+    states, tangents = mosaic.piece_states(k, v, decays.log_decay, chunking, reverse=False, config=walks,
+                                           within=within, exact=True, tangent=True, interpret=InterpretGPUParams())
+    assert states.shape == tangents.shape == (B, H, 2, K, V)
+    _, finals, _ = mosaic.sums_walk(q, k, v, decays.log_decay, None, chunking, reverse=False, scale=0.2, config=walks,
+                                    rows=v, tangent=True, within=within, interpret=InterpretGPUParams())
+    assert jnp.array_equal(states, finals[:, :, :-1])
+    triton_states, triton_tangents = fwd.piece_states(
+        k, v, decays.log_decay, None, chunking, reverse=False, all_pieces=False, chunk_size=64, block_v=32,
+        num_warps=4, num_stages=1, precision=None, contain=False, exact=True, tangent=True,
+        gate=decays.gate_tiles())
+    # 2.0e-6 and 9.3e-7 constant, 3.8e-6 and 4.4e-6 gated (jax 0.10.2, CPU, 2026-12-05)
+    assert oracle.rel_err(states, triton_states, axis=None) < 2e-5
+    assert oracle.rel_err(tangents, triton_tangents, axis=None) < 2e-5
+    with pytest.raises(ValueError, match="tangent= needs exact="):
+        mosaic.piece_states(k, v, decays.log_decay, chunking, reverse=True, config=walks, exact=True, tangent=True,
+                            interpret=InterpretGPUParams())
+
+
 def _interpreted_backward(q, k, v, do, decay, start, chunking, *, learned: bool, scale: float, log_gate=None,
                           walks: mosaic.MosaicWalkConfig = mosaic.MosaicWalkConfig()):
     """dq, dk, dv, d log_decay (learned, no gate) or d log_gate (a gate), the witness: the Mosaic backward
@@ -632,10 +665,15 @@ def test_the_gated_backward_walks_in_the_interpreter_match_the_oracle(pieces, dt
 
 
 @interpreted
-@pytest.mark.parametrize("learned, pieces", [("decay", 2), ("gate", 1), ("gate", 2), ("both", 2)])
-def test_the_op_through_the_interpreted_walks_matches_the_oracle(monkeypatch, learned, pieces):
+@pytest.mark.parametrize("learned, pieces, backward_states", [("decay", 2, False), ("decay", 2, True),
+                                                              ("gate", 1, False), ("gate", 2, False),
+                                                              ("gate", 2, True), ("both", 2, False),
+                                                              ("both", 2, True)])
+def test_the_op_through_the_interpreted_walks_matches_the_oracle(monkeypatch, learned, pieces, backward_states):
     """The Pallas op's forward and backward with every walk it can give Mosaic on Mosaic (in its interpreter):
-    the glue of fleetjax.pallas.chunked (the pieces' states and tangents, the gradients' sums) end to end."""
+    the glue of fleetjax.pallas.chunked (the pieces' states and tangents, the gradients' sums) end to end;
+    ``backward_states``: the reverse walks' pieces' states from Mosaic's states walk too
+    (MosaicWalkConfig.backward_piece_states)."""
     from fleetjax.pallas.mosaic import backward as mosaic_backward
     calls = []
 
@@ -656,7 +694,8 @@ def test_the_op_through_the_interpreted_walks_matches_the_oracle(monkeypatch, le
     log_gate = 0.05 * _log_gate(B, T, H) if learned != "decay" else None
     # The forward in pieces of the Mosaic walk's own (their states from its states-only form), the backward
     # in the PallasConfig's (their states from the Triton piece-state walks).
-    walks = mosaic.MosaicWalkConfig(gated_decay_sums=learned == "both", forward_pieces=pieces)
+    walks = mosaic.MosaicWalkConfig(gated_decay_sums=learned == "both", forward_pieces=pieces,
+                                    backward_piece_states=backward_states)
     config = dataclasses.replace(chunked.default_config(q, v), num_sequence_pieces=1,
                                  backward_num_sequence_pieces=pieces, mosaic_walks=walks)
     assert config.chunking(T, True).chunk_size == walks.chunk_size
@@ -679,8 +718,9 @@ def test_the_op_through_the_interpreted_walks_matches_the_oracle(monkeypatch, le
     ref = oracle.gradients(q, k, v, ref_decay, do=do, log_gate=log_gate)
     assert oracle.rel_err(o, ref_o, axis=2) < TOLERANCE["bfloat16"]
     grads = pullback(do)
-    # The forward walk (after its states-only form, with pieces), then the dq, dv and dk walks.
-    assert calls == [False] * (pieces > 1) + [False, False, True, True]
+    # The forward walk (after its states-only form, with pieces), then (with ``backward_states``) the dq and
+    # the reverse walks' pieces' states, then the dq, dv and dk walks.
+    assert calls == [False] * (pieces > 1) + [False] + [False, True] * backward_states + [False, True, True]
     for got, name in zip(grads, names):
         axis = 2 if name in ("q", "k", "v") else None
         tolerance = TOLERANCE["bfloat16"] if axis else DECAY_GRAD_TOLERANCE["bfloat16"]

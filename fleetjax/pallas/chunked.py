@@ -561,17 +561,30 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
             # left out (the contained walks on the device), so that dq is bitwise the lax.cond's.
             counted = wanted.log_decay and not mosaic_here
             launch = config.piece_launch("dq", q.dtype)
-            dq_local = fwd.piece_states(v, k, decays.log_decay, run_ids, chunking, reverse=False, all_pieces=False,
-                                        counts=counted and sums.log_decay, tangent=wanted.log_decay and mosaic_here,
-                                        contain=contain, gate=decays.gate_tiles(), skip=skip,
-                                        **(dict(launch, chunk_size=chunking.chunk_size) if counted else launch))
+            # MosaicWalkConfig.backward_piece_states: the pieces' states from the Mosaic states walk.
+            mosaic_states = mosaic_here and config.mosaic_walks.backward_piece_states
+            within = decays.within_chunks(B, T, chunking.chunk_size) if mosaic_states and decays.gated else None
+            if mosaic_states:  # float32-accurate where the dq walk forms sums, with its tangent for the decay's
+                dq_local = mosaic.piece_states(v, k, decays.log_decay, chunking, reverse=False,
+                                               config=config.mosaic_walks, within=within,
+                                               exact=wanted.log_decay or wanted.log_gate, tangent=wanted.log_decay)
+            else:
+                dq_local = fwd.piece_states(v, k, decays.log_decay, run_ids, chunking, reverse=False,
+                                            all_pieces=False, counts=counted and sums.log_decay,
+                                            tangent=wanted.log_decay and mosaic_here, contain=contain,
+                                            gate=decays.gate_tiles(), skip=skip,
+                                            **(dict(launch, chunk_size=chunking.chunk_size) if counted else launch))
             dq_local = dq_local if sums.log_decay else (dq_local, None)
             if reverse_local is None:  # float32-accurate where d start or the dk walk's sums read them
                 sums_read = wanted.log_gate or (wanted.log_decay and not mosaic_here)
-                reverse_local = fwd.piece_states(q, do, decays.log_decay, run_ids, chunking, reverse=True,
-                                                 all_pieces=False, contain=contain, gate=decays.gate_tiles(),
-                                                 exact=sums_read or wanted.initial_state, skip=skip,
-                                                 **config.piece_launch("dv", q.dtype))
+                exact = sums_read or wanted.initial_state
+                if mosaic_states:
+                    reverse_local = mosaic.piece_states(q, do, decays.log_decay, chunking, reverse=True,
+                                                        config=config.mosaic_walks, within=within, exact=exact)
+                else:
+                    reverse_local = fwd.piece_states(q, do, decays.log_decay, run_ids, chunking, reverse=True,
+                                                     all_pieces=False, contain=contain, gate=decays.gate_tiles(),
+                                                     exact=exact, skip=skip, **config.piece_launch("dv", q.dtype))
         if mosaic_here:
             dq, dk, dv, parts, witness = mosaic.backward_walks(
                 q, k, v, do, decays, start, chunking, dq_local, reverse_local,

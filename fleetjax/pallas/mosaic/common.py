@@ -150,6 +150,29 @@ class Walker:
                 plgpu.wgmma(acc, self.k_t(k_smem), tile)
         return issue
 
+    def exact_update(self, step, k_smem, weighted, state, derivative=None, *, leave_lag=None, tiles: dict,
+                     joint: bool = False):
+        """A chunk's carry out (``step``: its :class:`Carry`) after the update with float32-accurate products:
+        S <- carry S + key^T weighted (the values times their leaving decay), weighted a hi/lo pair of parts
+        (``tiles`` weighted, weighted_lo); with the tangent ``derivative`` (fleetjax.chunk.update_tangent) also
+        D <- carry (D + C S) + key^T (leave_lag weighted) (tiles lagged, lagged_lo), from the entering S;
+        ``joint``: S and D as one accumulator of twice the columns, one product (tiles moved, moved_lo: the
+        weighted tiles, then the lagged ones, side by side)."""
+        import jax.experimental.pallas.mosaic_gpu as plgpu
+        tiles["weighted"][...], tiles["weighted_lo"][...] = self.parts_of(weighted, self.dtype, 2)
+        if derivative is not None:
+            tiles["lagged"][...], tiles["lagged_lo"][...] = self.parts_of(weighted * leave_lag, self.dtype, 2)
+        plgpu.commit_smem()
+        if joint:
+            init = step.start(jnp.concatenate([state, derivative + self.C * state], axis=1))
+            [both] = self.accumulate((init, self.update(k_smem, tiles["moved"], tiles["moved_lo"])))
+            return step.out(both[:, :self.bv], both[:, self.bv:])
+        jobs = [(step.start(state), self.update(k_smem, tiles["weighted"], tiles["weighted_lo"]))]
+        if derivative is not None:
+            jobs.append((step.start(derivative + self.C * state),
+                         self.update(k_smem, tiles["lagged"], tiles["lagged_lo"])))
+        return step.out(*self.accumulate(*jobs))
+
     def out(self, inter, scores, v_smem):
         """The chunk's out: inter (the entering state's part) + (scores * weights) value, in place."""
         import jax.experimental.pallas.mosaic_gpu as plgpu

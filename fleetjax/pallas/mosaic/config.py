@@ -113,6 +113,12 @@ class MosaicWalkConfig:
     0.557 ms at B4 H16 T=16384 and 0.231 against 0.224 at B1 H8 T=32768, fwd+bwd with ``backward_warpgroups``
     2 2.99 against 2.87 without turns and 2.80 on one warpgroup (H100, 2026-12-05, bf16, K = V = 128,
     alternated rounds, experiments/results/2026-12-05-h100-pingpong_ab.jsonl).
+    backward_piece_states: where the backward runs on these walks in sequence pieces, the pieces' local states
+    come from :func:`fleetjax.pallas.mosaic.piece_states` (one warpgroup, value blocks of ``block_v``;
+    float32-accurate, and with the tangent for the decay's gradient, where the walks' sums read them)
+    instead of the Triton launches. An H100 profile of fwd+bwd with the decay learned at B1 H16 T=131072
+    (2026-12-05, experiments/results/2026-12-05-h100-split_B1H16T131072.txt) had those launches at 0.909
+    (the dq walk's, with the tangent) and 0.475 ms (the reverse walks') of the call's 6.72. Not yet timed.
     """
 
     chunk_size: int = 64
@@ -133,6 +139,7 @@ class MosaicWalkConfig:
     lazy_carry: bool = True
     split_by_bits: bool = True
     pingpong: bool = False
+    backward_piece_states: bool = False
 
     def __post_init__(self):
         if self.chunk_size != 64:

@@ -10,7 +10,8 @@ from jax import lax
 
 from fleetjax.chunking import Chunking
 from fleetjax.decay import Decays
-from fleetjax.pallas.mosaic.common import Carry, Walker, f32, interpreter_copies, launch, mma_tiles, pipeline
+from fleetjax.pallas.mosaic.common import (Carry, Walker, f32, interpreter_copies, launch, lowers_concatenate,
+                                           mma_tiles, pipeline)
 from fleetjax.pallas.mosaic.config import MosaicWalkConfig
 from fleetjax.state_passing import pass_states
 
@@ -19,12 +20,17 @@ STATES_KERNEL = "piece_states"
 
 
 def piece_states(key, value, log_decay, chunking: Chunking, *, reverse: bool, config: MosaicWalkConfig,
-                 within=None, interpret=None):
+                 within=None, exact: bool = False, tangent: bool = False, interpret=None):
     """The local states [B, H, P-1, K, V] float32 of the pieces that have a successor in the walk (forward:
     0..P-2; reverse: 1..P-1), each walked from zero with keys ``key`` [B, T, H, K] and values ``value``
     [B, T, H, V], on one warpgroup: per chunk S <- carry * S + key^T (leaving * value), the value block rounded
     to the inputs' dtype as in the plain walks (fleetjax.pallas.mosaic.plain), which :func:`entering_states`
-    passes on. log_decay [H] float32; ``within``: the gated decay (see fleetjax.pallas.mosaic.plain)."""
+    passes on. log_decay [H] float32; ``within``: the gated decay (see fleetjax.pallas.mosaic.plain).
+
+    ``exact``: the products float32-accurate instead (hi/lo parts of the leaving values, as the walks that
+    form sums update their state: fleetjax.pallas.mosaic.sums), for the dq walk with the decay's sums, whose
+    pieces enter with them. ``tangent`` (forward, with ``exact``): (the states, their derivatives in log gamma
+    [B, H, P-1, K, V] float32, fleetjax.chunk.update_tangent), which :func:`entering_tangents` passes on."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -35,16 +41,25 @@ def piece_states(key, value, log_decay, chunking: Chunking, *, reverse: bool, co
     dtype = value.dtype
     tiles = mma_tiles(dtype, bv)
     gated = within is not None
+    if tangent and (reverse or not exact):
+        raise ValueError("tangent= needs exact= and the forward direction (the dq walk's pieces)")
+    joint = tangent and lowers_concatenate()  # S and D updated by one product, as the dq sums walk does
 
-    def program(*, log_decay_gmem, k_gmem, v_gmem, final_gmem, weighted_smem, barrier, within_gmem=None,
-                keys_t_smem=None, block_t_smem=None, register_smem=None):
+    def program(*, log_decay_gmem, k_gmem, v_gmem, final_gmem, barrier, tangent_final_gmem=None,
+                weighted_smem=None, weighted_lo_smem=None, lagged_smem=None, lagged_lo_smem=None, moved_smem=None,
+                moved_lo_smem=None, within_gmem=None, keys_t_smem=None, block_t_smem=None, register_smem=None):
         """One program's walk of one piece from zero, its refs by name (None where the call has none)."""
+        if joint:  # the weighted values, then the lagged ones, side by side
+            weighted_smem, lagged_smem = (moved_smem.at[:, pl.ds(i * bv, bv)] for i in range(2))
+            weighted_lo_smem, lagged_lo_smem = (moved_lo_smem.at[:, pl.ds(i * bv, bv)] for i in range(2))
         w = Walker(config, key_dim=K, dtype=dtype, reverse=reverse, scale=1.0, interpret=interpret,
                    keys_t=keys_t_smem, block_t=block_t_smem, register=register_smem)
         j, bh, piece = lax.axis_index("v"), lax.axis_index("bh"), lax.axis_index("piece")
         b, h = bh // H, bh % H
-        lag, lags = w.steps()[2:4]
+        lag, lags, leave_lag = w.steps()[2:]
         constant = None if gated else w.constant_factors(log_decay_gmem[h], lag, lags)
+        update_tiles = dict(weighted=weighted_smem, weighted_lo=weighted_lo_smem, lagged=lagged_smem,
+                            lagged_lo=lagged_lo_smem, moved=moved_smem, moved_lo=moved_lo_smem)
 
         def chunk(indices, *smems):
             *staged_tiles, carried = smems
@@ -54,7 +69,12 @@ def piece_states(key, value, log_decay, chunking: Chunking, *, reverse: bool, co
             _, entering_rows, leaving_rows, carry = (w.factors(tile["within"], lag) if gated else constant)
             step = Carry(carry, g)
             leaving_rows = w.rows(step.rows(entering_rows, leaving_rows)[1])
-            weighted_smem[...] = (v_smem[...].astype(f32) * leaving_rows).astype(dtype)
+            weighted = v_smem[...].astype(f32) * leaving_rows
+            if exact:
+                state, derivative = carried if tangent else (carried, None)
+                return w.exact_update(step, k_smem, weighted, state, derivative, leave_lag=leave_lag,
+                                      tiles=update_tiles, joint=joint)
+            weighted_smem[...] = weighted.astype(dtype)
             plgpu.commit_smem()
             return step.out(w.accumulate((step.start(carried), w.update(k_smem, weighted_smem)))[0])
 
@@ -69,24 +89,35 @@ def piece_states(key, value, log_decay, chunking: Chunking, *, reverse: bool, co
             loads["within"] = (plgpu.BlockSpec((C,), lambda c: (at(c),)), within_gmem.at[b, h])
         staged = [*loads]
         state_at = (b, h, piece, slice(None), columns)
-        state = w.laid(jnp.zeros((K, bv), f32))  # each piece from zero
+        zero = w.laid(jnp.zeros((K, bv), f32))  # each piece from zero
         state = pipeline(chunk, n, [spec for spec, _ in loads.values()], [],
-                         [gmem for _, gmem in loads.values()], w.lazy_in(state),
+                         [gmem for _, gmem in loads.values()], w.lazy_in((zero, zero) if tangent else zero),
                          stages=config.stages, dtype=dtype, interpret=interpret)
         state, g = w.lazy_out(state)
-        state = state if g is None else state * g
-        pl.run_scoped(lambda tile: w.store(state, tile, final_gmem, state_at), w.state_tile())
+        for final, gmem in zip(state if tangent else (state,), (final_gmem, tangent_final_gmem)):
+            final = final if g is None else final * g
+            pl.run_scoped(lambda tile, final=final, gmem=gmem: w.store(final, tile, gmem, state_at), w.state_tile())
 
-    scratch = dict(weighted_smem=plgpu.SMEM((C, bv), dtype, transforms=tiles), barrier=plgpu.Barrier())
+    tile_of = lambda columns=bv: plgpu.SMEM((C, columns), dtype, transforms=tiles)  # noqa: E731
+    if joint:
+        scratch = dict(moved_smem=tile_of(2 * bv), moved_lo_smem=tile_of(2 * bv))
+    else:
+        scratch = dict(weighted_smem=tile_of())
+        if exact:
+            scratch["weighted_lo_smem"] = tile_of()
+        if tangent:
+            scratch.update(lagged_smem=tile_of(), lagged_lo_smem=tile_of())
+    scratch["barrier"] = plgpu.Barrier()
     if interpret is not None:
         scratch.update(interpreter_copies(config, K, dtype))
     inputs = dict(log_decay_gmem=log_decay.astype(f32), k_gmem=key, v_gmem=value,
                   within_gmem=None if within is None else within.astype(f32))
-    (finals,) = launch(program, name=STATES_KERNEL, inputs=inputs,
-                       outputs=dict(final_gmem=jax.ShapeDtypeStruct((B, H, P - 1, K, V), f32)), scratch=scratch,
-                       grid=(V // bv, B * H, P - 1), interpret=interpret,
-                       no_auto_barriers=not config.auto_barriers, approx_math=config.approx_exp and gated)
-    return finals
+    finals = jax.ShapeDtypeStruct((B, H, P - 1, K, V), f32)
+    outputs = dict(final_gmem=finals, tangent_final_gmem=finals if tangent else None)
+    formed = launch(program, name=STATES_KERNEL, inputs=inputs, outputs=outputs, scratch=scratch,
+                    grid=(V // bv, B * H, P - 1), interpret=interpret,
+                    no_auto_barriers=not config.auto_barriers, approx_math=config.approx_exp and gated)
+    return tuple(formed) if tangent else formed[0]
 
 
 def entering_states(start, local, decays: Decays, chunking: Chunking, B: int, reverse: bool = False):

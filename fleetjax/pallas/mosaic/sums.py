@@ -135,21 +135,12 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
                 steps_in = w.iota((C,), 0, w.wg.reduce(1)) + 1
                 tangent_rows = entering_at_rows * jnp.sum(got["through"] * x, axis=1)
                 sum_smem["decay"][...] = steps_in.astype(f32) * w_rows + tangent_rows + intra_rows
+            # out's value keeps the weighted values from being formed before it.
             weighted = v_smem[...].astype(f32) * leaving_rows + 0.0 * o
-            weighted_smem[...], weighted_lo_smem[...] = w.parts_of(weighted, dtype, 2)
-            if tangent:
-                lagged_smem[...], lagged_lo_smem[...] = w.parts_of(weighted * leave_lag, dtype, 2)
-            plgpu.commit_smem()
-
-            # With the tangent, D <- carry (D + C S) + key^T (leave_lag leaving value), from the entering S.
-            if joint_update:  # S and D as one accumulator of 2 block_v columns: one product
-                init = step.start(jnp.concatenate([state, derivative + C * state], axis=1))
-                [both] = w.accumulate((init, w.update(k_smem, moved_smem, moved_lo_smem)))
-                return step.out(both[:, :bv], both[:, bv:])
-            jobs = [(step.start(state), w.update(k_smem, weighted_smem, weighted_lo_smem))]
-            if tangent:
-                jobs.append((step.start(derivative + C * state), w.update(k_smem, lagged_smem, lagged_lo_smem)))
-            return step.out(*w.accumulate(*jobs))
+            tiles = dict(weighted=weighted_smem, weighted_lo=weighted_lo_smem, lagged=lagged_smem,
+                         lagged_lo=lagged_lo_smem, moved=moved_smem, moved_lo=moved_lo_smem)
+            return w.exact_update(step, k_smem, weighted, state, derivative, leave_lag=leave_lag, tiles=tiles,
+                                  joint=joint_update)
 
         columns = pl.ds(j * bv, bv)
         first = piece * n
