@@ -672,8 +672,8 @@ def test_the_gated_backward_walks_in_the_interpreter_match_the_oracle(pieces, dt
 def test_the_op_through_the_interpreted_walks_matches_the_oracle(monkeypatch, learned, pieces, backward_states):
     """The Pallas op's forward and backward with every walk it can give Mosaic on Mosaic (in its interpreter):
     the glue of fleetjax.pallas.chunked (the pieces' states and tangents, the gradients' sums) end to end;
-    ``backward_states``: the reverse walks' pieces' states from Mosaic's states walk too
-    (MosaicWalkConfig.backward_piece_states)."""
+    ``backward_states``: the backward's pieces' states from Mosaic's states walk too (the dq walk's exact, with
+    the tangent where the decay is learned; MosaicWalkConfig.backward_piece_states)."""
     from fleetjax.pallas.mosaic import backward as mosaic_backward
     calls = []
 
@@ -693,7 +693,8 @@ def test_the_op_through_the_interpreted_walks_matches_the_oracle(monkeypatch, le
     decay = jnp.asarray([0.97, 1.0], jnp.float32)
     log_gate = 0.05 * _log_gate(B, T, H) if learned != "decay" else None
     # The forward in pieces of the Mosaic walk's own (their states from its states-only form), the backward
-    # in the PallasConfig's (their states from the Triton piece-state walks).
+    # in the PallasConfig's (their states from the Triton piece-state walks, or with ``backward_states`` from
+    # the Mosaic states walk).
     walks = mosaic.MosaicWalkConfig(gated_decay_sums=learned == "both", forward_pieces=pieces,
                                     backward_piece_states=backward_states)
     config = dataclasses.replace(chunked.default_config(q, v), num_sequence_pieces=1,
