@@ -150,7 +150,8 @@ def lowered(modules: list[str], *, gated: bool = False, backward: bool, scale: f
 
 
 def arguments(description: str, argv: list[str] | None):
-    """The options this tool and experiments/sass.py share: --gated, --gate-only, --scale, --walks, --out."""
+    """The options this tool and experiments/sass.py share: --gated, --gate-only, --scale, --walks, --T,
+    --config, --out."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--gated", action="store_true", help="with a log gate (its gradient too), beside the decay")
     ap.add_argument("--gate-only", action="store_true",
@@ -159,6 +160,11 @@ def arguments(description: str, argv: list[str] | None):
     ap.add_argument("--walks", default=None, metavar="JSON",
                     help='MosaicWalkConfig fields to change from its defaults, e.g. \'{"warpgroups": 2, '
                          '"pingpong": true}\' (the forward on two warpgroups)')
+    ap.add_argument("--T", type=int, default=512, help="the sequence length (default 512)")
+    ap.add_argument("--config", default=None, metavar="JSON",
+                    help='PallasConfig fields to change from the default config, e.g. \'{"num_sequence_pieces": 2, '
+                         '"backward_num_sequence_pieces": 4}\' with --T 2048 (the walks in sequence pieces, with '
+                         'their pieces\' states walks)')
     ap.add_argument("--out", default=None, help="append one JSON line per kernel to this file")
     args = ap.parse_args(argv)
     args.gated = args.gated or args.gate_only
@@ -172,17 +178,18 @@ def each_walk(args, serialized: bool = False):
                             cwd=Path(__file__).resolve().parent).stdout.strip()
     changes = json.loads(args.walks) if args.walks else {}
     walks = mosaic.MosaicWalkConfig(**changes)
+    config = json.loads(args.config) if args.config else None
     for backward in (False, True):
         blobs: list[bytes] | None = [] if serialized else None
         with capture_modules(serialized=blobs) as captured:
             modules = lowered(captured, gated=args.gated, backward=backward, scale=args.scale, walks=walks,
-                              decay=not args.gate_only)
+                              decay=not args.gate_only, T=args.T, config=config)
         for index, module in enumerate(modules):
             name = re.search(r"func\.func @(\w+?)(?:_mosaic_gpu)?\b", module)
             fields = dict(op="fwd_bwd" if backward else "fwd", module=index,
                           kernel=name.group(1) if name else None, gated=args.gated, scale=args.scale,
                           decay=not args.gate_only,
-                          walks=changes, git_commit=commit, jax=jax.__version__)
+                          walks=changes, T=args.T, config=config, git_commit=commit, jax=jax.__version__)
             yield fields, module, blobs[index] if serialized else None
 
 

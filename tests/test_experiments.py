@@ -257,6 +257,27 @@ def test_walk_ops_gate_only_is_the_gated_op_without_the_decay(tmp_path):
     assert 0 < gate[1]["total"] < both[1]["total"] and gate[1]["float"] < both[1]["float"]
 
 
+def test_walk_ops_counts_the_backwards_pieces_states_walks(tmp_path):
+    """walk_ops --T --config (sequence pieces) with MosaicWalkConfig.backward_piece_states: the backward then
+    lowers two states walks before its three walks: the dq pieces' one (float32-accurate, with the tangent:
+    more ops, more wgmmas) and the reverse walks' (as many ops as the forward pieces' one; the forward's
+    modules, the same in both ops, are listed once)."""
+    from experiments import walk_ops
+    out = tmp_path / "ops.jsonl"
+    assert walk_ops.main(["--T", "2048", "--config", json.dumps(dict(num_sequence_pieces=2,
+                                                                     backward_num_sequence_pieces=4)),
+                          "--walks", json.dumps(dict(forward_pieces=4, backward_piece_states=True)),
+                          "--out", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["op"], r["kernel"]) for r in records] == [
+        ("fwd", "piece_states"), ("fwd", "forward_walk"), ("fwd_bwd", "piece_states"), ("fwd_bwd", "piece_states"),
+        ("fwd_bwd", "dq_sums_walk"), ("fwd_bwd", "dv_walk"), ("fwd_bwd", "dk_walk")]
+    assert all(r["T"] == 2048 and r["config"]["backward_num_sequence_pieces"] == 4 for r in records)
+    exact, plain = records[2], records[3]
+    assert exact["total"] > plain["total"] and exact["wgmma"] > plain["wgmma"]
+    assert plain["total"] == records[0]["total"]
+
+
 def test_host_wait_times_calls_enqueued_behind_a_long_op():
     """profile_pallas --host-wait's probe on the CPU: the long op alone, the calls enqueued behind it (after an
     untimed round that leaves the allocator what they need) and everything done, in order."""
