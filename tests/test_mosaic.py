@@ -995,10 +995,13 @@ def test_walks_without_the_automatic_barriers_give_the_same_bits(log_gate):
 
 @hopper
 @pytest.mark.parametrize("aligned", [False, True], ids=["random", "aligned"])
-def test_learned_decay_on_mosaic_at_long_T(aligned):
+@pytest.mark.parametrize("mosaic_states", [False, True], ids=["triton_states", "mosaic_states"])
+def test_learned_decay_on_mosaic_at_long_T(aligned, mosaic_states):
     """bfloat16 at T = 16384 (256 chunks, 4 sequence pieces, the state's derivative passed between them): d decay
     from the Mosaic walks' sums against the float64 recurrence on the same inputs; ``aligned`` (q = k,
-    dO = v) makes every lag-0 pair positive, the case where a difference of absolute-position sums fails."""
+    dO = v) makes every lag-0 pair positive, the case where a difference of absolute-position sums fails;
+    ``mosaic_states``: the pieces' states (and derivatives) from the Mosaic states walk
+    (MosaicWalkConfig.backward_piece_states), else from the Triton launches."""
     B, T, H, K, V = 1, 16384, 2, 64, 64
     q, k, v = _inputs(B, T, H, K, V, "bfloat16", scale_values=K ** -0.5)
     do = _inputs(B, T, H, K, V, "bfloat16", seed=6)[2]
@@ -1006,11 +1009,16 @@ def test_learned_decay_on_mosaic_at_long_T(aligned):
         k, do = q, v
     decay = jnp.asarray([0.999, 0.9], jnp.float32)
     config = dataclasses.replace(chunked.default_config(q, v), backward_num_sequence_pieces=4)
+    config = dataclasses.replace(config, mosaic_walks=dataclasses.replace(config.mosaic_walks,
+                                                                          backward_piece_states=mosaic_states))
     f = lambda q, k, v, decay: fleetjax.fleet_attention(q, k, v, decay, implementation="pallas",  # noqa: E731
                                                         config=config)
     grad = jax.jit(lambda q, k, v, decay, do: jax.vjp(lambda d: f(q, k, v, d), decay)[1](do)[0])
+    text = grad.lower(q, k, v, decay, do).as_text()
+    if mosaic_states:  # the forward of this shape takes the Triton launch (V = 64: one warpgroup, no own pieces)
+        assert f"{mosaic.STATES_KERNEL}_mosaic_gpu" in text
     # d decay alone needs the dq walk (its sums) and the dv walk (the witness); the dk walk is dropped.
-    assert _walks(grad.lower(q, k, v, decay, do).as_text()) == 2
+    assert _walks(text) == 2
     ref = oracle.recurrent(*(np.asarray(x, np.float32) for x in (q, k, v)), decay, do=np.asarray(do, np.float32))
     err = np.abs(np.asarray(grad(q, k, v, decay, do), np.float64) - ref["decay"]) / np.abs(ref["decay"])
     assert np.all(err <= DECAY_GRAD_TOLERANCE["bfloat16"]), f"relative error per head {err}"
