@@ -560,7 +560,6 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
             # which count the walk's chunks: the local states are walked in those, also where the counts are
             # left out (the contained walks on the device), so that dq is bitwise the lax.cond's.
             counted = wanted.log_decay and not mosaic_here
-            launch = config.piece_launch("dq", q.dtype)
             # MosaicWalkConfig.backward_piece_states: the pieces' states from the Mosaic states walk.
             mosaic_states = mosaic_here and config.mosaic_walks.backward_piece_states
             within = decays.within_chunks(B, T, chunking.chunk_size) if mosaic_states and decays.gated else None
@@ -569,6 +568,7 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
                                                config=config.mosaic_walks, within=within,
                                                exact=wanted.log_decay or wanted.log_gate, tangent=wanted.log_decay)
             else:
+                launch = config.piece_launch("dq", q.dtype)
                 dq_local = fwd.piece_states(v, k, decays.log_decay, run_ids, chunking, reverse=False,
                                             all_pieces=False, counts=counted and sums.log_decay,
                                             tangent=wanted.log_decay and mosaic_here, contain=contain,

@@ -157,7 +157,7 @@ class Walker:
         (``tiles`` weighted, weighted_lo); with the tangent ``derivative`` (fleetjax.chunk.update_tangent) also
         D <- carry (D + C S) + key^T (leave_lag weighted) (tiles lagged, lagged_lo), from the entering S;
         ``joint``: S and D as one accumulator of twice the columns, one product (tiles moved, moved_lo: the
-        weighted tiles, then the lagged ones, side by side)."""
+        weighted tiles, then the lagged ones, side by side; :meth:`update_tiles`)."""
         import jax.experimental.pallas.mosaic_gpu as plgpu
         tiles["weighted"][...], tiles["weighted_lo"][...] = self.parts_of(weighted, self.dtype, 2)
         if derivative is not None:
@@ -172,6 +172,17 @@ class Walker:
             jobs.append((step.start(derivative + self.C * state),
                          self.update(k_smem, tiles["lagged"], tiles["lagged_lo"])))
         return step.out(*self.accumulate(*jobs))
+
+    def update_tiles(self, *, weighted=None, weighted_lo=None, lagged=None, lagged_lo=None, moved=None,
+                     moved_lo=None) -> dict:
+        """:meth:`exact_update`'s ``tiles`` from a program's scratch refs (None where it has none): with the
+        joint ones (moved, moved_lo: 2 block_v columns) the weighted and lagged tiles are their two halves."""
+        import jax.experimental.pallas as pl
+        if moved is not None:
+            weighted, lagged = (moved.at[:, pl.ds(i * self.bv, self.bv)] for i in range(2))
+            weighted_lo, lagged_lo = (moved_lo.at[:, pl.ds(i * self.bv, self.bv)] for i in range(2))
+        return dict(weighted=weighted, weighted_lo=weighted_lo, lagged=lagged, lagged_lo=lagged_lo, moved=moved,
+                    moved_lo=moved_lo)
 
     def out(self, inter, scores, v_smem):
         """The chunk's out: inter (the entering state's part) + (scores * weights) value, in place."""

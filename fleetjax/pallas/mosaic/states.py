@@ -49,17 +49,14 @@ def piece_states(key, value, log_decay, chunking: Chunking, *, reverse: bool, co
                 weighted_smem=None, weighted_lo_smem=None, lagged_smem=None, lagged_lo_smem=None, moved_smem=None,
                 moved_lo_smem=None, within_gmem=None, keys_t_smem=None, block_t_smem=None, register_smem=None):
         """One program's walk of one piece from zero, its refs by name (None where the call has none)."""
-        if joint:  # the weighted values, then the lagged ones, side by side
-            weighted_smem, lagged_smem = (moved_smem.at[:, pl.ds(i * bv, bv)] for i in range(2))
-            weighted_lo_smem, lagged_lo_smem = (moved_lo_smem.at[:, pl.ds(i * bv, bv)] for i in range(2))
         w = Walker(config, key_dim=K, dtype=dtype, reverse=reverse, scale=1.0, interpret=interpret,
                    keys_t=keys_t_smem, block_t=block_t_smem, register=register_smem)
         j, bh, piece = lax.axis_index("v"), lax.axis_index("bh"), lax.axis_index("piece")
         b, h = bh // H, bh % H
         lag, lags, leave_lag = w.steps()[2:]
         constant = None if gated else w.constant_factors(log_decay_gmem[h], lag, lags)
-        update_tiles = dict(weighted=weighted_smem, weighted_lo=weighted_lo_smem, lagged=lagged_smem,
-                            lagged_lo=lagged_lo_smem, moved=moved_smem, moved_lo=moved_lo_smem)
+        update_tiles = w.update_tiles(weighted=weighted_smem, weighted_lo=weighted_lo_smem, lagged=lagged_smem,
+                                      lagged_lo=lagged_lo_smem, moved=moved_smem, moved_lo=moved_lo_smem)
 
         def chunk(indices, *smems):
             *staged_tiles, carried = smems

@@ -71,13 +71,13 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
         if tangent:  # the state's copies, then its derivative's, side by side (see ``paired_smem`` below)
             state_smem, tangent_smem = (paired_smem.at[:, pl.ds(i * bv, bv)] for i in range(2))
             state_lo_smem, tangent_lo_smem = (paired_lo_smem.at[:, pl.ds(i * bv, bv)] for i in range(2))
-        if joint_update:  # the weighted values, then the lagged ones, side by side (``moved_smem`` below)
-            weighted_smem, lagged_smem = (moved_smem.at[:, pl.ds(i * bv, bv)] for i in range(2))
-            weighted_lo_smem, lagged_lo_smem = (moved_lo_smem.at[:, pl.ds(i * bv, bv)] for i in range(2))
         sums_gmem = dict(state=state_sums_gmem, decay=decay_sums_gmem, spanned=spanned_sums_gmem)
         part_smems = [part_hi_smem, part_lo_smem] if spanned else []
         w = Walker(config, key_dim=K, dtype=dtype, reverse=reverse, scale=scale, interpret=interpret,
                    keys_t=keys_t_smem, block_t=block_t_smem, register=register_smem)
+        # With the joint update, the weighted values, then the lagged ones, side by side (``moved_smem`` below).
+        update_tiles = w.update_tiles(weighted=weighted_smem, weighted_lo=weighted_lo_smem, lagged=lagged_smem,
+                                      lagged_lo=lagged_lo_smem, moved=moved_smem, moved_lo=moved_lo_smem)
         j, bh, piece = lax.axis_index("v"), lax.axis_index("bh"), lax.axis_index("piece")
         b, h = bh // H, bh % H
         pair_rows, pair_cols, lag, lags, leave_lag = w.steps()
@@ -137,10 +137,8 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
                 sum_smem["decay"][...] = steps_in.astype(f32) * w_rows + tangent_rows + intra_rows
             # out's value keeps the weighted values from being formed before it.
             weighted = v_smem[...].astype(f32) * leaving_rows + 0.0 * o
-            tiles = dict(weighted=weighted_smem, weighted_lo=weighted_lo_smem, lagged=lagged_smem,
-                         lagged_lo=lagged_lo_smem, moved=moved_smem, moved_lo=moved_lo_smem)
-            return w.exact_update(step, k_smem, weighted, state, derivative, leave_lag=leave_lag, tiles=tiles,
-                                  joint=joint_update)
+            return w.exact_update(step, k_smem, weighted, state, derivative, leave_lag=leave_lag,
+                                  tiles=update_tiles, joint=joint_update)
 
         columns = pl.ds(j * bv, bv)
         first = piece * n
