@@ -2,8 +2,8 @@
 op is lowered for sm_90 (experiments/walk_ops.py's capture) in a table of variants that between them take
 every form of the walk kernels (forward and backward; constant decay, gate and decay, gate alone; bfloat16
 and float16; one and two warpgroups, with and without turns; own pieces and the states-only walk; scale 1,
-0.5 and K^-1/2; K = V = 64; every boolean of MosaicWalkConfig flipped; the backward's pieces' states on
-Mosaic; the decay fixed, or alone learned),
+0.5 and K^-1/2; K = V = 64; every boolean of MosaicWalkConfig flipped; the backward's pieces' states from
+the Triton launches; the decay fixed, or alone learned),
 and each Mosaic module's text is written to a folder; two folders are then compared module by module, the
 kernels' names aside (renaming a kernel changes no instruction).
 
@@ -49,7 +49,7 @@ VARIANTS = {
     "wide_f16": dict(dtype="float16", walks=dict(warpgroups=2, backward_warpgroups=2)),
     "scale1_gated": dict(scale=1.0, gated=True), "scale05": dict(scale=0.5),
     "pieces": _PIECES, "pieces_gated": dict(_PIECES, gated=True),
-    "pieces_backward_states": dict(_PIECES, walks=dict(_PIECES["walks"], backward_piece_states=True)),
+    "pieces_triton_states": dict(_PIECES, walks=dict(_PIECES["walks"], backward_piece_states=False)),
     "k64": dict(K=64, V=64, walks=dict(block_v=32)),
     "flags_gated": dict(walks=_FLAGS, gated=True),
     "narrow_forward": dict(walks=dict(forward_block_v=32, warpgroups=2)),

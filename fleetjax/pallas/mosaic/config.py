@@ -118,7 +118,11 @@ class MosaicWalkConfig:
     float32-accurate, and with the tangent for the decay's gradient, where the walks' sums read them)
     instead of the Triton launches. An H100 profile of fwd+bwd with the decay learned at B1 H16 T=131072
     (2026-12-05, experiments/results/2026-12-05-h100-split_B1H16T131072.txt) had those launches at 0.909
-    (the dq walk's, with the tangent) and 0.475 ms (the reverse walks') of the call's 6.72. Not yet timed.
+    (the dq walk's, with the tangent) and 0.475 ms (the reverse walks') of the call's 6.72. On by default:
+    fwd+bwd with the decay learned took 6.83 against 7.31 ms at B1 H16 T=131072 and 1.31 against 1.38 at
+    B1 H8 T=32768 (H100, 2026-12-05, bf16, K = V = 128, three alternated rounds,
+    experiments/results/2026-12-05-h100-backward_piece_states_ab.jsonl); the gradients differ from the
+    Triton launches' states' by bf16 roundings (their states agree to a few float32 ulps).
     """
 
     chunk_size: int = 64
@@ -139,7 +143,7 @@ class MosaicWalkConfig:
     lazy_carry: bool = True
     split_by_bits: bool = True
     pingpong: bool = False
-    backward_piece_states: bool = False
+    backward_piece_states: bool = True
 
     def __post_init__(self):
         if self.chunk_size != 64:
