@@ -5,6 +5,11 @@ driver (cuda_shim.c, built here with the host's C compiler) that answers as an H
 reports registers and spills, and the loop with the most SASS instructions (the chunk loop) is counted by kind.
 
     PYTHONPATH=. python -m experiments.sass [--gated | --gate-only] [--scale S] [--walks JSON] [--out FILE]
+                                            [--maxnreg N]
+
+--maxnreg N: each walk's PTX compiled again by ptxas with the registers of a thread capped at N (``.maxnreg``),
+as in a program whose warpgroups split the register file (setmaxnreg): what the cap costs in spills and
+instructions before such a kernel is built.
 
 Needs jax's CUDA plugin for the installed jax (jax-cuda13-pjrt or jax-cuda12-pjrt), ptxas and nvdisasm (the
 nvidia-cuda-nvcc and nvidia-cuda-nvdisasm wheels: their bin directory is put first on PATH), and a C compiler.
@@ -19,6 +24,7 @@ skip, the lazy carry's renormalization (MosaicWalkConfig.lazy_carry), is reporte
 
 from __future__ import annotations
 
+import argparse
 import collections
 import contextlib
 import ctypes
@@ -127,10 +133,11 @@ def compiler():
         unload.argtypes = [compile_module.restype]
         tools = _tools_path()
 
-        def run(blob: bytes) -> tuple[str, str]:
+        def run(blob: bytes, maxnreg: int | None = None) -> tuple[str, str]:
             dump = tempfile.mkdtemp(dir=scratch)
             saved = dict(os.environ)
-            os.environ.update(MOSAIC_GPU_DUMP_TO=dump, MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_SASS="1")
+            os.environ.update(MOSAIC_GPU_DUMP_TO=dump, MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_SASS="1",
+                              MOSAIC_GPU_DUMP_PTX="1")
             if tools:
                 os.environ["PATH"] = tools + os.pathsep + os.environ.get("PATH", "")
             try:
@@ -142,13 +149,31 @@ def compiler():
                 os.environ.update(saved)
             read = lambda suffixes: next((p.read_text() for s in suffixes  # noqa: E731
                                           for p in sorted(Path(dump).glob(f"*{s}"))), "")
-            ptxas, sass = read([".ptxas"]), read([".sass", ".sass_ctrl"])
+            ptxas, sass, ptx = read([".ptxas"]), read([".sass", ".sass_ctrl"]), read([".ptx"])
+            if maxnreg is not None:  # the plugin's PTX again, through ptxas and nvdisasm under the cap
+                if not ptx or not tools:
+                    raise RuntimeError("--maxnreg needs the module's PTX and the nvidia-cuda-nvcc wheel's ptxas")
+                source, cubin = Path(dump) / "capped.ptx", Path(dump) / "capped.cubin"
+                source.write_text(capped_ptx(ptx, maxnreg))
+                tool = lambda name, *args: subprocess.run([str(Path(tools) / name), *args], check=True,  # noqa: E731
+                                                          capture_output=True, text=True)
+                done = tool("ptxas", "-arch=sm_90a", "-v", "-o", str(cubin), str(source))
+                ptxas, sass = done.stdout + done.stderr, tool("nvdisasm", "-c", str(cubin)).stdout
             shutil.rmtree(dump, ignore_errors=True)
             if not ptxas or not sass:
                 raise RuntimeError("the CUDA plugin wrote no ptxas report or SASS for this module")
             return ptxas, sass
 
         yield run
+
+
+def capped_ptx(ptx: str, maxnreg: int) -> str:
+    """``ptx`` with each entry's registers capped at ``maxnreg`` (a ``.maxnreg`` directive after its
+    ``.maxntid``, which Mosaic GPU writes for every kernel)."""
+    capped, count = re.subn(r"^(\.maxntid [^\n]*)$", rf"\1\n.maxnreg {maxnreg}", ptx, flags=re.MULTILINE)
+    if not count:
+        raise ValueError("no .maxntid directive in the PTX to put the register cap beside")
+    return capped
 
 
 def ptxas_version() -> str:
@@ -161,13 +186,17 @@ def ptxas_version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = walk_ops.arguments(__doc__.split("\n\n")[0], argv)
+    cap = argparse.ArgumentParser(add_help=False)
+    cap.add_argument("--maxnreg", type=int, default=None)
+    known, rest = cap.parse_known_args(argv)
+    args = walk_ops.arguments(__doc__.split("\n\n")[0], rest)
     version = ptxas_version()
     with compiler() as compile_module:
         records = []
         for fields, _, blob in walk_ops.each_walk(args, serialized=True):
-            ptxas, sass = compile_module(blob)
-            records.append(dict(fields, ptxas=version, **ptxas_report(ptxas), sass_loop=loop_counts(sass)))
+            ptxas, sass = compile_module(blob, known.maxnreg)
+            records.append(dict(fields, ptxas=version, maxnreg=known.maxnreg, **ptxas_report(ptxas),
+                                sass_loop=loop_counts(sass)))
     kinds = [*OPCODES, "other"]
     print(f"{'op':8} {'#':>2} {'kernel':14} {'regs':>4} {'spill':>5} {'loop':>5} {'renorm':>6} "
           + " ".join(f"{k:>7}" for k in kinds))

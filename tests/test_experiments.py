@@ -401,6 +401,17 @@ def test_sass_counts_the_chunk_loop_and_reads_ptxas():
     assert report == dict(registers=255, spill_stores=452, spill_loads=460, stack_frame=456)
 
 
+def test_sass_caps_each_entrys_registers_in_the_ptx():
+    """experiments/sass.py --maxnreg's PTX edit: the cap beside each entry's thread count, and an error that
+    says what is missing where the PTX has no entry directive to put it beside."""
+    from experiments import sass
+    ptx = ".visible .entry walk(\n.param .u64 a\n)\n.maxntid 128, 1, 1\n{\nret;\n}\n"
+    capped = sass.capped_ptx(ptx + ptx.replace("walk", "other"), 232)
+    assert capped.count(".maxntid 128, 1, 1\n.maxnreg 232\n{") == 2
+    with pytest.raises(ValueError, match="maxntid"):
+        sass.capped_ptx(".visible .entry walk()\n{\nret;\n}\n", 232)
+
+
 def test_sass_compiles_each_walk_without_a_gpu(capsys):
     """experiments/sass.py end to end where jax's CUDA plugin and the CUDA tools are installed (not in CI):
     every walk of the forward and of the backward compiles for sm_90 through the plugin on this host, with
@@ -413,8 +424,11 @@ def test_sass_compiles_each_walk_without_a_gpu(capsys):
     rows = capsys.readouterr().out.splitlines()[1:]
     assert len(rows) == 4
     for row in rows:
-        registers, loop, mma = int(row.split()[2]), int(row.split()[4]), int(row.split()[9])  # after renorm
+        # op, module, kernel, regs, spill, loop, renorm, float, convert, select, mma, ...
+        registers, loop, mma = int(row.split()[3]), int(row.split()[5]), int(row.split()[10])
         assert 0 < registers <= 255 and loop > mma > 0
+    assert sass.main(["--maxnreg", "200"]) == 0  # the cap holds every walk's registers, spilling the rest
+    assert all(0 < int(row.split()[3]) <= 200 for row in capsys.readouterr().out.splitlines()[1:])
 
 
 def _ncu_csv(calls: list[list[tuple[str, str, dict]]]) -> str:
