@@ -68,10 +68,13 @@ def test_supports_only_the_cases_the_kernel_serves():
 @pytest.mark.parametrize("field, value", [("chunk_size", 128), ("block_v", 48), ("sums_block_v", 256),
                                           ("stages", 0), ("stages", 2.0), ("sums_stages", 9),
                                           ("warpgroups", 3), ("backward_warpgroups", 0), ("forward_pieces", 0),
-                                          ("forward_pieces", True), ("forward_block_v", 48)])
+                                          ("forward_pieces", True), ("forward_block_v", 48),
+                                          ("sums_warpgroups", 4)])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=f"MosaicWalkConfig.{field}"):
         mosaic.MosaicWalkConfig(**{field: value})
+    with pytest.raises(ValueError, match="sums_stages must be 1 or 2 with sums_warpgroups=2"):
+        mosaic.MosaicWalkConfig(sums_warpgroups=2, sums_stages=3)
     with pytest.raises(TypeError, match="mosaic_walks"):
         chunked.PallasConfig(mosaic_walks="yes")
 
@@ -228,6 +231,33 @@ def test_fixed_decay_backward_matches_the_oracle_and_the_triton_walks(pieces, wi
     for g, t, name in zip(got, triton, ("q", "k", "v")):
         assert oracle.rel_err(g, ref[name], axis=2) < TOLERANCE["bfloat16"], name
         assert oracle.rel_err(g, t, axis=2) < TOLERANCE["bfloat16"] / 2, name
+
+
+@hopper
+@pytest.mark.parametrize("pieces, gated", [(1, False), (4, False), (2, True)])
+def test_the_dq_sums_walk_on_two_warpgroups_gives_the_op_bitwise_what_one_gives(pieces, gated):
+    """MosaicWalkConfig.sums_warpgroups = 2: the op's q, k, v and decay gradients with the decay learned
+    (the gate, where there is one, fixed: no spanned sums) bitwise those of the one-warpgroup dq sums walk,
+    and d decay against the float64 oracle."""
+    B, T, H, K, V = 2, 1024, 2, 128, 128
+    q, k, v = _inputs(B, T, H, K, V, "bfloat16")
+    do = _inputs(B, T, H, K, V, "bfloat16", seed=5)[2]
+    decay = jnp.asarray([0.97, 1.0], jnp.float32)
+    log_gate = 0.05 * _log_gate(B, T, H) if gated else None
+
+    def run(walks):
+        config = dataclasses.replace(chunked.default_config(q, v), mosaic_walks=walks,
+                                     backward_num_sequence_pieces=pieces)
+        f = lambda q, k, v, decay: fleetjax.fleet_attention(q, k, v, decay, log_gate=log_gate,  # noqa: E731
+                                                            implementation="pallas", config=config)
+        _, pullback = jax.vjp(jax.jit(f), q, k, v, decay)
+        return jax.jit(pullback)(do)
+
+    one, two = run(mosaic.MosaicWalkConfig()), run(mosaic.MosaicWalkConfig(sums_warpgroups=2))
+    for a, b, name in zip(one, two, ("dq", "dk", "dv", "decay")):
+        assert jnp.array_equal(a, b), name
+    ref = oracle.gradients(q, k, v, decay, do=do, log_gate=log_gate)
+    assert oracle.rel_err(two[3], ref["decay"], axis=None) < DECAY_GRAD_TOLERANCE["bfloat16"]
 
 
 @hopper
@@ -937,6 +967,29 @@ def test_one_warpgroup_walks_leave_out_the_automatic_barriers(mosaic_modules, lo
     [wide_kept], [wide_left] = lowered(False, auto_barriers=True), lowered(False)
     assert "setmaxregister" in wide_left or "setmaxnreg" in wide_left  # three warpgroups: the wide forward
     assert wide_left.count("bar.sync") == wide_kept.count("bar.sync") > 0
+
+
+@pytest.mark.parametrize("log_gate", [False, True], ids=["constant", "gated"])
+def test_the_dq_sums_walk_takes_two_warpgroups_where_asked_and_it_can(mosaic_modules, log_gate):
+    """Lowered for an sm_90 GPU (any host): MosaicWalkConfig.sums_warpgroups=2 gives the dq walk that forms
+    the decay's sums two compute warpgroups and a copying one (their registers split by setmaxnreg: at most
+    232 a compute thread), within one program's shared memory; where it also forms the gate's spanned sums
+    (the gate learned) it keeps one warpgroup, and every other walk lowers as before."""
+    def lowered(**walks):
+        return _lowered_walks(mosaic_modules, mosaic.MosaicWalkConfig(**walks), log_gate=log_gate, backward=True)
+
+    one, two = lowered(), lowered(sums_warpgroups=2)
+    assert len(one) == len(two) >= 3
+    from experiments import walk_ops
+    for before, after in zip(one, two):
+        if "dq_sums_walk" in after and not log_gate:
+            # jax 0.11.2 writes the PTX instruction, 0.10.2 the nvvm op
+            assert ("setmaxnreg.inc.sync.aligned.u32 232" in after or "setmaxregister increase 232" in after)
+            assert "setmaxnreg" not in before and "setmaxregister" not in before
+            assert walk_ops.shared_bytes(after) <= 227 * 1024
+        else:  # jax 0.11.2 names each lowered module by a running count
+            assert (re.sub(r'mosaic_gpu\.dump_basename = "\w+"', "", after)
+                    == re.sub(r'mosaic_gpu\.dump_basename = "\w+"', "", before))
 
 
 @pytest.mark.parametrize("log_gate", [False, True], ids=["constant", "gated"])

@@ -6,7 +6,8 @@ execution never started while the other two waited at their barriers (jax 0.10.2
 ran). With four fake CPU devices the client has threads for all three, so these cases run in a subprocess
 with that many (tests/devices.py). With one device even the constant decay's two-warpgroup walk stalled at
 six chunks a piece (one chunk a piece runs), so the walks whose two warpgroups take turns
-(MosaicWalkConfig.pingpong) over six chunks run here too. On the H200 the two-warpgroup walks are checked
+(MosaicWalkConfig.pingpong) over six chunks run here too, and the dq walk that forms the decay's sums at two
+compute warpgroups (MosaicWalkConfig.sums_warpgroups). On the H200 the two-warpgroup walks are checked
 through the op (tests/test_mosaic.py).
 """
 
@@ -29,6 +30,8 @@ CASES = ["forward", "reverse"]
 # Two warpgroups taking turns (MosaicWalkConfig.pingpong) over six chunks: with one CPU device even the
 # constant decay's two-warpgroup walk stalled at that length (the gated one at any).
 TURNS_CASES = ["turns-constant", "turns-gated"]
+# The dq walk that forms the decay's sums at two compute warpgroups (MosaicWalkConfig.sums_warpgroups).
+SUMS_CASES = ["sums-constant", "sums-gated"]
 
 
 def _run_case(direction: str) -> dict[str, Any]:
@@ -82,11 +85,38 @@ def _run_turns(case_id: str) -> dict[str, bool]:
     return result
 
 
+def _run_sums(case_id: str) -> dict[str, bool]:
+    """The dq walk forming the decay's sums (the tangent as a second state), at one and at two compute
+    warpgroups a program: out, the pieces' final states and the sums bitwise equal? Two pieces of three chunks
+    from random entering states and tangents, value blocks of 32 (two a program); the constant decay or the
+    gated one with a hard forget."""
+    from fleetjax.chunking import Chunking
+    from fleetjax.decay import Decays
+    from fleetjax.pallas import mosaic
+    B, T, H, K, V = 1, 384, 2, 64, 64
+    q, k, v = _inputs(B, T, H, K, V, "bfloat16")
+    gated = case_id == "sums-gated"
+    decays = Decays(jnp.log(jnp.asarray([0.97, 1.0], jnp.float32)), 0.05 * _log_gate(B, T, H) if gated else None)
+    rng = np.random.default_rng(1)
+    entering, tangents = (jnp.asarray(rng.standard_normal((B, H, 2, K, V)), jnp.float32) for _ in range(2))
+    one, two = (mosaic.sums_walk(q, k, v, decays.log_decay, entering, Chunking(T, 64, 2), reverse=False, scale=0.2,
+                                 config=mosaic.MosaicWalkConfig(block_v=32, sums_warpgroups=wgs), rows=v,
+                                 tangent=True, entering_tangents=tangents,
+                                 within=decays.within_chunks(B, T, 64) if gated else None,
+                                 interpret=InterpretGPUParams())
+                for wgs in (1, 2))
+    return {"out": bool(jnp.array_equal(one[0], two[0])), "finals": bool(jnp.array_equal(one[1], two[1])),
+            "sums": sorted(one[2]) == sorted(two[2]) == ["decay"]
+            and bool(jnp.array_equal(one[2]["decay"], two[2]["decay"])),
+            "finite": bool(jnp.all(jnp.isfinite(two[2]["decay"])))}
+
+
 def _worker(case_ids: list[str]) -> None:
     results: dict[str, Any] = {}
     for case_id in case_ids:
         try:
-            results[case_id] = (_run_turns if case_id in TURNS_CASES else _run_case)(case_id)
+            run = _run_turns if case_id in TURNS_CASES else _run_sums if case_id in SUMS_CASES else _run_case
+            results[case_id] = run(case_id)
         except Exception as error:  # noqa: BLE001 - reported by that case's test
             results[case_id] = {"exception": f"{type(error).__name__}: {error}"}
     devices.print_results(results)
@@ -96,7 +126,7 @@ def _worker(case_ids: list[str]) -> None:
 def results() -> dict[str, Any]:
     if InterpretGPUParams is None:
         pytest.skip("no Mosaic GPU interpreter in this jax")
-    return devices.run_workers(__file__, DEVICES, [[case] for case in CASES + TURNS_CASES], timeout=600)
+    return devices.run_workers(__file__, DEVICES, [[case] for case in CASES + TURNS_CASES + SUMS_CASES], timeout=600)
 
 
 @pytest.mark.parametrize("direction", CASES)
@@ -114,6 +144,13 @@ def test_two_warpgroups_taking_turns_walk_as_one_over_many_chunks(results, case)
     result = results[case]
     assert "exception" not in result, result.get("exception")
     assert result == {"forward": True, "reverse": True}, result
+
+
+@pytest.mark.parametrize("case", SUMS_CASES)
+def test_the_dq_sums_walk_at_two_warpgroups_is_bitwise_the_one_warpgroup_walk(results, case):
+    result = results[case]
+    assert "exception" not in result, result.get("exception")
+    assert result == {"out": True, "finals": True, "sums": True, "finite": True}, result
 
 
 if __name__ == "__main__" and devices.worker_ids(sys.argv) is not None:

@@ -309,13 +309,15 @@ class Carry:
         return (core, jnp.where(self.renorm, 1.0, self.g_next)) if self.g is not None else core
 
 
-def interpreter_copies(config, key_dim: int, dtype, per_group: tuple = ()) -> dict:
+def interpreter_copies(config, key_dim: int, dtype, per_group: tuple = (), blocks_per_group: bool = False) -> dict:
     """The scratch of the interpreter's operand copies (:class:`Walker`'s keys_t, block_t, register), each
-    warpgroup its own (``per_group``) but the value block's."""
+    warpgroup its own (``per_group``) but the value block's, which only walks that transpose their value
+    blocks (the sums walk's pairs) take per warpgroup too (``blocks_per_group``)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
     C, bv = config.chunk_size, config.block_v
-    return dict(keys_t_smem=plgpu.SMEM((*per_group, key_dim, C), dtype), block_t_smem=plgpu.SMEM((bv, C), dtype),
-                register_smem=plgpu.SMEM((*per_group, C, C), dtype))
+    blocks = per_group if blocks_per_group else ()
+    return dict(keys_t_smem=plgpu.SMEM((*per_group, key_dim, C), dtype),
+                block_t_smem=plgpu.SMEM((*blocks, bv, C), dtype), register_smem=plgpu.SMEM((*per_group, C, C), dtype))
 
 
 def launch(program: Callable[..., None], *, name: str, inputs: dict, outputs: dict, scratch: dict,

@@ -37,7 +37,16 @@ class MosaicWalkConfig:
     share the chunk's q and k tiles; a third warpgroup copies them in), bitwise the same results; the walk alone
     1.46x faster forward and 1.26x in reverse where the programs fill the SMs (B4 H16 T=16384 in two pieces;
     1.43x and 1.17x at B1 H8 T=32768 in 16), slower where half of them idle (0.81x in one piece), H200,
-    2026-12-03, experiments/results/2026-12-03-h200-probe_wide_walk_package.txt. Walks that form sums keep one.
+    2026-12-03, experiments/results/2026-12-03-h200-probe_wide_walk_package.txt. Walks that form sums keep one
+    (but see sums_warpgroups).
+    sums_warpgroups: 2 runs the dq walk that forms the decay's sums (with the tangent, no gate's spanned sums)
+    as one program of two compute warpgroups for two value blocks of sums_block_v, sharing the chunk's dO
+    and v tiles, a third warpgroup copying them in: half the programs, each SM two warps a scheduler where
+    one program of one warpgroup leaves one (at B4 H16 its 256 programs ran in two waves). Bitwise the same
+    results (interpreter). A compute thread holds at most 232 registers (setmaxnreg): in sm_90 SASS
+    (experiments/sass.py, jax 0.11.2, 2026-12-05) the walk spills 364 bytes at 1380 instructions a chunk,
+    against 184 and 1392 on one warpgroup, and asks 216 KiB of shared memory at two stages (so sums_stages
+    must be 1 or 2 with it). Off until timed.
     forward_pieces: the sequence pieces of the Mosaic forward walk (None: PallasConfig.num_sequence_pieces,
     which the Triton forward takes), their local states from fleetjax.pallas.mosaic.piece_states. Where they
     would not be equal whole chunks, or the caller passes the pieces' local states (sequence parallelism),
@@ -134,6 +143,7 @@ class MosaicWalkConfig:
     forward_pieces: int | None = None
     forward_block_v: int | None = None
     backward_warpgroups: int = 1
+    sums_warpgroups: int = 1
     sums_stages: int = 2
     decay_sums: bool = True
     gated_forward: bool = True
@@ -153,7 +163,7 @@ class MosaicWalkConfig:
             value = getattr(self, name)
             if value not in (32, 64, 128) and not (name == "forward_block_v" and value is None):
                 raise ValueError(f"MosaicWalkConfig.{name} must be 32, 64 or 128, got {value!r}")
-        for name in ("warpgroups", "backward_warpgroups"):
+        for name in ("warpgroups", "backward_warpgroups", "sums_warpgroups"):
             if getattr(self, name) not in (1, 2):
                 raise ValueError(f"MosaicWalkConfig.{name} must be 1 or 2, got {getattr(self, name)!r}")
         pieces = self.forward_pieces
@@ -163,6 +173,9 @@ class MosaicWalkConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 8:
                 raise ValueError(f"MosaicWalkConfig.{name} must be an int in [1, 8], got {value!r}")
+        if self.sums_warpgroups == 2 and self.sums_stages > 2:  # 216 KiB at two stages (K = 128, 16-bit)
+            raise ValueError(f"MosaicWalkConfig.sums_stages must be 1 or 2 with sums_warpgroups=2 (shared memory), "
+                             f"got {self.sums_stages!r}")
 
     def forward(self) -> MosaicWalkConfig:
         """The forward walk's tiling (and its pieces' states walk's): block_v set to forward_block_v."""

@@ -5,6 +5,12 @@ split) for the state's copies and the weighted values. For d log gamma the dq wa
 derivative in log gamma (fleetjax.vjp's tangent D) as a second state beside S, entering each sequence piece
 as the state does (fleetjax.pallas.mosaic.states.entering_tangents); with the gated decay it also forms the
 gate's spanned sums.
+
+The dq walk with the tangent and without the spanned sums may run as one program of two compute warpgroups
+for two value blocks (MosaicWalkConfig.sums_warpgroups), as the plain walk's two-warpgroup form does: they
+share the chunk's dO and v tiles, which a third warpgroup copies in, and each copies out its own out and
+sums through rings of two tiles; its float32 tiles for the entering and final states share their space with
+the state's copies.
 """
 
 from __future__ import annotations
@@ -59,15 +65,32 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
     # With the tangent, the state's and its derivative's updates are one product (key^T with the weighted and
     # lagged values side by side) where this jax's Mosaic GPU lowers a concatenate of register arrays.
     joint_update = tangent and lowers_concatenate()
+    # Two compute warpgroups a program (MosaicWalkConfig.sums_warpgroups), each on its own value block, sharing
+    # the chunk's query and key tiles: the dq walk with the tangent and without the gate's spanned sums.
+    wide = config.sums_warpgroups > 1 and tangent and not spanned and nv % 2 == 0
+    wgs = 2 if wide else 1
 
     def program(*, log_decay_gmem, q_gmem, k_gmem, v_gmem, rows_gmem, o_gmem, final_gmem, barrier,
                 within_gmem=None, start_gmem=None, tangent_start_gmem=None, state_sums_gmem=None,
                 decay_sums_gmem=None, spanned_sums_gmem=None, state_smem=None, state_lo_smem=None,
                 weighted_smem=None, weighted_lo_smem=None, paired_smem=None, paired_lo_smem=None,
                 lagged_smem=None, lagged_lo_smem=None, moved_smem=None, moved_lo_smem=None, part_hi_smem=None,
-                part_lo_smem=None, triangle_smem=None, keys_t_smem=None, block_t_smem=None, register_smem=None):
+                part_lo_smem=None, triangle_smem=None, keys_t_smem=None, block_t_smem=None, register_smem=None,
+                out_smem=None, ring_smem=None, f32_smem=None, rendezvous=None):
         """One program's walk, its refs by name: inputs and outputs ``*_gmem``, scratch ``*_smem`` and
-        ``barrier``; None where the call has no such ref."""
+        ``barrier``; None where the call has no such ref. Two warpgroups (``wide``): each takes its own slice
+        of the scratch that has a leading warpgroup axis, and its out and sums go through its own rings."""
+        group = lax.axis_index("wg") if wide else 0  # this program's warpgroup
+        if wide:
+            paired_smem, paired_lo_smem, moved_smem, moved_lo_smem, weighted_smem, weighted_lo_smem, lagged_smem, \
+                lagged_lo_smem, out_smem, ring_smem, f32_smem, barrier = (
+                    None if ref is None else ref.at[group]
+                    for ref in (paired_smem, paired_lo_smem, moved_smem, moved_lo_smem, weighted_smem,
+                                weighted_lo_smem, lagged_smem, lagged_lo_smem, out_smem, ring_smem, f32_smem,
+                                barrier))
+            if interpret is not None:
+                keys_t_smem, block_t_smem, register_smem = (
+                    ref.at[group] for ref in (keys_t_smem, block_t_smem, register_smem))
         if tangent:  # the state's copies, then its derivative's, side by side (see ``paired_smem`` below)
             state_smem, tangent_smem = (paired_smem.at[:, pl.ds(i * bv, bv)] for i in range(2))
             state_lo_smem, tangent_lo_smem = (paired_lo_smem.at[:, pl.ds(i * bv, bv)] for i in range(2))
@@ -80,15 +103,36 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
                                       lagged_lo=lagged_lo_smem, moved=moved_smem, moved_lo=moved_lo_smem)
         j, bh, piece = lax.axis_index("v"), lax.axis_index("bh"), lax.axis_index("piece")
         b, h = bh // H, bh % H
-        pair_rows, pair_cols, lag, lags, leave_lag = w.steps()
-        constant = None if gated else w.constant_factors(log_decay_gmem[h], lag, lags)
+
+        def statics():
+            """The chunks' constant values: (the steps' pair rows and columns, lag, lags, leaving lags, the
+            constant decay's factors or None). Two warpgroups form them in the compute context and carry them
+            (the copying warpgroup keeps few registers); one forms them here, once."""
+            pair_rows, pair_cols, lag, lags, leave_lag = w.steps()
+            return pair_rows, pair_cols, lag, lags, leave_lag, (None if gated else
+                                                                w.constant_factors(log_decay_gmem[h], lag, lags))
+
+        program_statics = None if wide else statics()
 
         def chunk(indices, *smems):
             *staged_tiles, carried = smems
             carried, g = w.lazy_out(carried)
             tile = dict(zip(staged, staged_tiles))  # the chunk's tiles by name (``staged`` below)
             q_smem, k_smem, v_smem, x_smem = tile["q"], tile["k"], tile["v"], tile["rows"]
-            sum_smem = {name: tile[f"{name}_sums"] for name in sums}
+            if wide:  # the carried statics; the pairs' rows and columns serve only the spanned sums
+                carried, held_statics = carried
+            pair_rows, pair_cols, lag, lags, leave_lag, constant = ((None, None, *held_statics) if wide
+                                                                    else program_statics)
+            if wide:
+                v_smem, x_smem = (ref.at[:, pl.ds(group * bv, bv)] for ref in (v_smem, x_smem))
+                (c,) = indices
+                slot = c % 2
+                # The copies out of two chunks ago (this slot's) have read it; the last chunk's may still run.
+                plgpu.wait_smem_to_gmem(1 + len(sums), wait_read_only=True)
+                tile["o"] = out_smem.at[slot]
+                sum_smem = {name: ring_smem.at[i, slot] for i, name in enumerate(sums)}
+            else:
+                sum_smem = {name: tile[f"{name}_sums"] for name in sums}
             state, derivative = carried if tangent else (carried, None)
             weights, entering_rows, leaving_rows, carry = (w.factors(tile["within"], lag) if gated else constant)
             step = Carry(carry, g)
@@ -137,14 +181,23 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
                 sum_smem["decay"][...] = steps_in.astype(f32) * w_rows + tangent_rows + intra_rows
             # out's value keeps the weighted values from being formed before it.
             weighted = v_smem[...].astype(f32) * leaving_rows + 0.0 * o
-            return w.exact_update(step, k_smem, weighted, state, derivative, leave_lag=leave_lag,
-                                  tiles=update_tiles, joint=joint_update)
+            out = w.exact_update(step, k_smem, weighted, state, derivative, leave_lag=leave_lag,
+                                 tiles=update_tiles, joint=joint_update)
+            if not wide:
+                return out
+            # exact_update's commit_smem follows the writes of out and the sums: copy them out now.
+            plgpu.copy_smem_to_gmem(tile["o"], o_gmem.at[b, pl.ds(at(c) * C, C), h, columns])
+            for name in sums:
+                plgpu.copy_smem_to_gmem(sum_smem[name], sums_gmem[name].at[j * wgs + group, b, h,
+                                                                           pl.ds(at(c) * C, C)])
+            core, g_next = w.lazy_out(out)
+            return (core, held_statics) if g_next is None else ((core, held_statics), g_next)
 
-        columns = pl.ds(j * bv, bv)
+        columns = pl.ds((j * wgs + group) * bv, bv) if wide else pl.ds(j * bv, bv)
         first = piece * n
         at = (lambda c: first + n - 1 - c) if reverse else (lambda c: first + c)  # noqa: E731
         rows_k = plgpu.BlockSpec((C, K), lambda c: (at(c), 0), transforms=tiles)
-        rows_v = plgpu.BlockSpec((C, bv), lambda c: (at(c), j), transforms=tiles)
+        rows_v = plgpu.BlockSpec((C, wgs * bv), lambda c: (at(c), j), transforms=tiles)
         positions = plgpu.BlockSpec((C,), lambda c: (at(c),))
         # Each chunk's tiles, name -> (spec, this program's slice of the array): inputs, then outputs.
         loads = dict(q=(rows_k, q_gmem.at[b, :, h]), k=(rows_k, k_gmem.at[b, :, h]), v=(rows_v, v_gmem.at[b, :, h]),
@@ -152,10 +205,34 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
         if gated:
             loads["within"] = (positions, within_gmem.at[b, h])
         state_at = (b, h, piece, slice(None), columns)
+        if wide:  # out and the sums go through each warpgroup's own rings
+            staged = [*loads]
+
+            def meet(barrier_ref):
+                """Wait until both compute warpgroups reach here."""
+                plgpu.barrier_arrive(barrier_ref)
+                plgpu.barrier_wait(barrier_ref)
+
+            def compute(body):
+                entering = w.entered(start_gmem, state_at, barrier, f32_smem)
+                entering = (entering, w.entered(tangent_start_gmem, state_at, barrier, f32_smem))
+                meet(rendezvous.at[0])  # the float32 tiles overlap the other warpgroup's scratch
+                (core, _), g = w.lazy_out(body(w.lazy_in((entering, statics()[2:]))))
+                state = core[0] if g is None else core[0] * g
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                meet(rendezvous.at[1])
+                w.store(state, f32_smem, final_gmem, state_at)
+
+            plgpu.emit_pipeline_warp_specialized(
+                chunk, grid=(n,), memory_registers=40, in_specs=[spec for spec, _ in loads.values()],
+                max_concurrent_steps=config.stages, wg_axis="wg", num_compute_wgs=wgs,
+                compute_context=compute)(*[gmem for _, gmem in loads.values()])
+            return
         state = w.entered(start_gmem, state_at, barrier)
         init = (state, w.entered(tangent_start_gmem, state_at, barrier)) if tangent else state
         init = w.lazy_in(init)
         if spanned:  # the spanned sums' triangle [i >= r], a constant operand: written once, not each chunk
+            pair_rows, pair_cols = program_statics[:2]
             triangle_smem[...] = jnp.where(pair_cols >= pair_rows, 1.0, 0.0).astype(jnp.bfloat16)
             plgpu.commit_smem()
         stores = dict(o=(rows_v, o_gmem.at[b, :, h]))
@@ -169,7 +246,8 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
         state = state if g is None else state * g
         pl.run_scoped(lambda tile: w.store(state, tile, final_gmem, state_at), w.state_tile())
 
-    tile_of = lambda rows, columns=bv: plgpu.SMEM((rows, columns), dtype, transforms=tiles)  # noqa: E731
+    per_group = (wgs,) if wide else ()  # two warpgroups: each its own tiles
+    tile_of = lambda rows, columns=bv: plgpu.SMEM((*per_group, rows, columns), dtype, transforms=tiles)  # noqa: E731
     scratch = {} if joint_update else dict(weighted_smem=tile_of(C))
     if not tangent:
         scratch["state_smem"] = tile_of(K)
@@ -191,16 +269,27 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
     if spanned:
         scratch.update({f"{part}_smem": plgpu.SMEM((C, C), jnp.bfloat16, transforms=mma_tiles(jnp.bfloat16, C))
                         for part in ("part_hi", "part_lo", "triangle")})
-    scratch["barrier"] = plgpu.Barrier()
+    if wide:
+        scratch.update(out_smem=plgpu.SMEM((wgs, 2, C, bv), dtype, transforms=tiles),
+                       ring_smem=plgpu.SMEM((wgs, len(sums), 2, C), f32),
+                       f32_smem=plgpu.SMEM((wgs, K, bv), f32, transforms=mma_tiles(f32, bv)))
+        scratch["barrier"] = plgpu.Barrier(num_barriers=wgs)
+        scratch["rendezvous"] = plgpu.Barrier(num_arrivals=wgs, num_barriers=2)
+    else:
+        scratch["barrier"] = plgpu.Barrier()
     if interpret is not None:
-        scratch.update(interpreter_copies(config, K, dtype))
+        scratch.update(interpreter_copies(config, K, dtype, per_group, blocks_per_group=wide))
     inputs = dict(log_decay_gmem=log_decay.astype(f32), q_gmem=query, k_gmem=key, v_gmem=value, rows_gmem=rows,
                   within_gmem=None if within is None else within.astype(f32), start_gmem=entering,
                   tangent_start_gmem=entering_tangents)
     outputs = dict(o_gmem=jax.ShapeDtypeStruct((B, T, H, V), dtype),
                    final_gmem=jax.ShapeDtypeStruct((B, H, P, K, V), f32),
                    **{f"{name}_sums_gmem": jax.ShapeDtypeStruct((nv, B, H, T), f32) for name in sums})
+    # On the GPU two warpgroups' float32 tiles share their space with the state's copies, used only inside the
+    # pipeline.
+    shared = ("paired_smem", "paired_lo_smem") if wide and interpret is None else ()
     out, finals, *formed = launch(program, name=name, inputs=inputs, outputs=outputs, scratch=scratch,
-                                  grid=(nv, B * H, P), interpret=interpret,
-                                  no_auto_barriers=not config.auto_barriers, approx_math=config.approx_exp and gated)
+                                  grid=(nv // wgs, B * H, P), interpret=interpret, threads=wgs + 1 if wide else 1,
+                                  shared=shared, no_auto_barriers=not (config.auto_barriers or wide),
+                                  approx_math=config.approx_exp and gated)
     return out, finals, dict(zip(sums, formed))
