@@ -234,27 +234,29 @@ def test_fixed_decay_backward_matches_the_oracle_and_the_triton_walks(pieces, wi
 
 
 @hopper
-@pytest.mark.parametrize("pieces, gated", [(1, False), (4, False), (2, True)])
-def test_the_dq_sums_walk_on_two_warpgroups_gives_the_op_bitwise_what_one_gives(pieces, gated):
-    """MosaicWalkConfig.sums_warpgroups = 2: the op's q, k, v and decay gradients with the decay learned
-    (the gate, where there is one, fixed: no spanned sums) bitwise those of the one-warpgroup dq sums walk,
-    and d decay against the float64 oracle."""
+@pytest.mark.parametrize("pieces, gate", [(1, None), (4, None), (2, "fixed"), (2, "learned")])
+def test_the_sums_walks_on_two_warpgroups_give_the_op_bitwise_what_one_gives(pieces, gate):
+    """MosaicWalkConfig.sums_warpgroups = 2: the op's gradients with the decay learned bitwise those of the
+    one-warpgroup sums walks, d decay against the float64 oracle: the dq walk on two warpgroups (no gate, or
+    a fixed one), or with the gate learned the gate's dk walk (the dq walk, forming the spanned sums, on one)."""
     B, T, H, K, V = 2, 1024, 2, 128, 128
     q, k, v = _inputs(B, T, H, K, V, "bfloat16")
     do = _inputs(B, T, H, K, V, "bfloat16", seed=5)[2]
     decay = jnp.asarray([0.97, 1.0], jnp.float32)
-    log_gate = 0.05 * _log_gate(B, T, H) if gated else None
+    log_gate = None if gate is None else 0.05 * _log_gate(B, T, H)
+    inputs = (q, k, v, decay) + ((log_gate,) if gate == "learned" else ())
 
     def run(walks):
         config = dataclasses.replace(chunked.default_config(q, v), mosaic_walks=walks,
                                      backward_num_sequence_pieces=pieces)
-        f = lambda q, k, v, decay: fleetjax.fleet_attention(q, k, v, decay, log_gate=log_gate,  # noqa: E731
-                                                            implementation="pallas", config=config)
-        _, pullback = jax.vjp(jax.jit(f), q, k, v, decay)
+
+        def f(q, k, v, decay, gate=log_gate):
+            return fleetjax.fleet_attention(q, k, v, decay, log_gate=gate, implementation="pallas", config=config)
+        _, pullback = jax.vjp(jax.jit(f), *inputs)
         return jax.jit(pullback)(do)
 
     one, two = run(mosaic.MosaicWalkConfig()), run(mosaic.MosaicWalkConfig(sums_warpgroups=2))
-    for a, b, name in zip(one, two, ("dq", "dk", "dv", "decay")):
+    for a, b, name in zip(one, two, ("dq", "dk", "dv", "decay", "log_gate")):
         assert jnp.array_equal(a, b), name
     ref = oracle.gradients(q, k, v, decay, do=do, log_gate=log_gate)
     assert oracle.rel_err(two[3], ref["decay"], axis=None) < DECAY_GRAD_TOLERANCE["bfloat16"]
@@ -970,11 +972,12 @@ def test_one_warpgroup_walks_leave_out_the_automatic_barriers(mosaic_modules, lo
 
 
 @pytest.mark.parametrize("log_gate", [False, True], ids=["constant", "gated"])
-def test_the_dq_sums_walk_takes_two_warpgroups_where_asked_and_it_can(mosaic_modules, log_gate):
-    """Lowered for an sm_90 GPU (any host): MosaicWalkConfig.sums_warpgroups=2 gives the dq walk that forms
-    the decay's sums two compute warpgroups and a copying one (their registers split by setmaxnreg: at most
-    232 a compute thread), within one program's shared memory; where it also forms the gate's spanned sums
-    (the gate learned) it keeps one warpgroup, and every other walk lowers as before."""
+def test_the_sums_walks_take_two_warpgroups_where_asked_and_they_can(mosaic_modules, log_gate):
+    """Lowered for an sm_90 GPU (any host): MosaicWalkConfig.sums_warpgroups=2 gives the walk that forms sums
+    two compute warpgroups and a copying one (their registers split by setmaxnreg: at most 232 a compute
+    thread), within one program's shared memory: the dq walk of the decay's sums, or with the gate learned the
+    dk walk of the gate's, while the dq walk, which then also forms the gate's spanned sums, keeps one
+    warpgroup; every other walk lowers as before."""
     def lowered(**walks):
         return _lowered_walks(mosaic_modules, mosaic.MosaicWalkConfig(**walks), log_gate=log_gate, backward=True)
 
@@ -982,7 +985,7 @@ def test_the_dq_sums_walk_takes_two_warpgroups_where_asked_and_it_can(mosaic_mod
     assert len(one) == len(two) >= 3
     from experiments import walk_ops
     for before, after in zip(one, two):
-        if "dq_sums_walk" in after and not log_gate:
+        if ("dk_sums_walk" if log_gate else "dq_sums_walk") in after:
             # jax 0.11.2 writes the PTX instruction, 0.10.2 the nvvm op
             assert ("setmaxnreg.inc.sync.aligned.u32 232" in after or "setmaxregister increase 232" in after)
             assert "setmaxnreg" not in before and "setmaxregister" not in before

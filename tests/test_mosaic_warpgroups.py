@@ -30,8 +30,9 @@ CASES = ["forward", "reverse"]
 # Two warpgroups taking turns (MosaicWalkConfig.pingpong) over six chunks: with one CPU device even the
 # constant decay's two-warpgroup walk stalled at that length (the gated one at any).
 TURNS_CASES = ["turns-constant", "turns-gated"]
-# The dq walk that forms the decay's sums at two compute warpgroups (MosaicWalkConfig.sums_warpgroups).
-SUMS_CASES = ["sums-constant", "sums-gated"]
+# The walks that form sums at two compute warpgroups (MosaicWalkConfig.sums_warpgroups): the dq walk with the
+# decay's tangent, and the gate's dk walk in reverse.
+SUMS_CASES = ["sums-constant", "sums-gated", "sums-reverse-gated"]
 
 
 def _run_case(direction: str) -> dict[str, Any]:
@@ -86,29 +87,30 @@ def _run_turns(case_id: str) -> dict[str, bool]:
 
 
 def _run_sums(case_id: str) -> dict[str, bool]:
-    """The dq walk forming the decay's sums (the tangent as a second state), at one and at two compute
-    warpgroups a program: out, the pieces' final states and the sums bitwise equal? Two pieces of three chunks
-    from random entering states and tangents, value blocks of 32 (two a program); the constant decay or the
-    gated one with a hard forget."""
+    """A walk forming sums at one and at two compute warpgroups a program: out, the pieces' final states and
+    the sums bitwise equal? The dq walk's form (the tangent as a second state, from random entering tangents)
+    with the constant decay or the gated one with a hard forget, or the gate's dk walk's (in reverse, w alone);
+    two pieces of three chunks from random entering states, value blocks of 32 (two a program)."""
     from fleetjax.chunking import Chunking
     from fleetjax.decay import Decays
     from fleetjax.pallas import mosaic
     B, T, H, K, V = 1, 384, 2, 64, 64
     q, k, v = _inputs(B, T, H, K, V, "bfloat16")
-    gated = case_id == "sums-gated"
+    gated, reverse = case_id != "sums-constant", case_id == "sums-reverse-gated"
     decays = Decays(jnp.log(jnp.asarray([0.97, 1.0], jnp.float32)), 0.05 * _log_gate(B, T, H) if gated else None)
     rng = np.random.default_rng(1)
     entering, tangents = (jnp.asarray(rng.standard_normal((B, H, 2, K, V)), jnp.float32) for _ in range(2))
-    one, two = (mosaic.sums_walk(q, k, v, decays.log_decay, entering, Chunking(T, 64, 2), reverse=False, scale=0.2,
-                                 config=mosaic.MosaicWalkConfig(block_v=32, sums_warpgroups=wgs), rows=v,
-                                 tangent=True, entering_tangents=tangents,
+    one, two = (mosaic.sums_walk(q, k, v, decays.log_decay, entering, Chunking(T, 64, 2), reverse=reverse,
+                                 scale=0.2, config=mosaic.MosaicWalkConfig(block_v=32, sums_warpgroups=wgs), rows=v,
+                                 tangent=not reverse, entering_tangents=None if reverse else tangents,
                                  within=decays.within_chunks(B, T, 64) if gated else None,
                                  interpret=InterpretGPUParams())
                 for wgs in (1, 2))
+    name = "state" if reverse else "decay"
     return {"out": bool(jnp.array_equal(one[0], two[0])), "finals": bool(jnp.array_equal(one[1], two[1])),
-            "sums": sorted(one[2]) == sorted(two[2]) == ["decay"]
-            and bool(jnp.array_equal(one[2]["decay"], two[2]["decay"])),
-            "finite": bool(jnp.all(jnp.isfinite(two[2]["decay"])))}
+            "sums": sorted(one[2]) == sorted(two[2]) == [name]
+            and bool(jnp.array_equal(one[2][name], two[2][name])),
+            "finite": bool(jnp.all(jnp.isfinite(two[2][name])))}
 
 
 def _worker(case_ids: list[str]) -> None:

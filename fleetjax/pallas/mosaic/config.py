@@ -39,14 +39,15 @@ class MosaicWalkConfig:
     1.43x and 1.17x at B1 H8 T=32768 in 16), slower where half of them idle (0.81x in one piece), H200,
     2026-12-03, experiments/results/2026-12-03-h200-probe_wide_walk_package.txt. Walks that form sums keep one
     (but see sums_warpgroups).
-    sums_warpgroups: 2 runs the dq walk that forms the decay's sums (with the tangent, no gate's spanned sums)
-    as one program of two compute warpgroups for two value blocks of sums_block_v, sharing the chunk's dO
-    and v tiles, a third warpgroup copying them in: half the programs, each SM two warps a scheduler where
-    one program of one warpgroup leaves one (at B4 H16 its 256 programs ran in two waves). Bitwise the same
-    results (interpreter). A compute thread holds at most 232 registers (setmaxnreg): in sm_90 SASS
-    (experiments/sass.py, jax 0.11.2, 2026-12-05) the walk spills 364 bytes at 1380 instructions a chunk,
-    against 184 and 1392 on one warpgroup, and asks 216 KiB of shared memory at two stages (so sums_stages
-    must be 1 or 2 with it). Off until timed.
+    sums_warpgroups: 2 runs the walks that form sums without the gate's spanned sums (the dq walk of the
+    decay's, with the tangent; the dk walk of the gate's) as one program of two compute warpgroups for two
+    value blocks of sums_block_v, sharing the chunk's query and key tiles, a third warpgroup copying them in:
+    half the programs, each SM two warps a scheduler where one program of one warpgroup leaves one (at B4
+    H16 the dq walk's 256 programs ran in two waves). Bitwise the same results (interpreter). A compute
+    thread holds at most 232 registers (setmaxnreg): in sm_90 SASS (experiments/sass.py, jax 0.11.2,
+    2026-12-05) the dq walk spills 364 bytes at 1380 instructions a chunk, against 184 and 1392 on one
+    warpgroup, and asks 216 KiB of shared memory at two stages (so sums_stages must be 1 or 2 with it); the
+    gate's dk walk spills 8 bytes at 1038 instructions, against none and 1140. Off until timed.
     forward_pieces: the sequence pieces of the Mosaic forward walk (None: PallasConfig.num_sequence_pieces,
     which the Triton forward takes), their local states from fleetjax.pallas.mosaic.piece_states. Where they
     would not be equal whole chunks, or the caller passes the pieces' local states (sequence parallelism),

@@ -6,11 +6,11 @@ derivative in log gamma (fleetjax.vjp's tangent D) as a second state beside S, e
 as the state does (fleetjax.pallas.mosaic.states.entering_tangents); with the gated decay it also forms the
 gate's spanned sums.
 
-The dq walk with the tangent and without the spanned sums may run as one program of two compute warpgroups
-for two value blocks (MosaicWalkConfig.sums_warpgroups), as the plain walk's two-warpgroup form does: they
-share the chunk's dO and v tiles, which a third warpgroup copies in, and each copies out its own out and
-sums through rings of two tiles; its float32 tiles for the entering and final states share their space with
-the state's copies.
+A walk without the spanned sums may run as one program of two compute warpgroups for two value blocks
+(MosaicWalkConfig.sums_warpgroups), as the plain walk's two-warpgroup form does: they share the chunk's query
+and key tiles (the dq walk's dO and v, the dk walk's v and dO), which a third warpgroup copies in, and each
+copies out its own out and sums through rings of two tiles; its float32 tiles for the entering and final
+states share their space with the state's copies.
 """
 
 from __future__ import annotations
@@ -66,8 +66,9 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
     # lagged values side by side) where this jax's Mosaic GPU lowers a concatenate of register arrays.
     joint_update = tangent and lowers_concatenate()
     # Two compute warpgroups a program (MosaicWalkConfig.sums_warpgroups), each on its own value block, sharing
-    # the chunk's query and key tiles: the dq walk with the tangent and without the gate's spanned sums.
-    wide = config.sums_warpgroups > 1 and tangent and not spanned and nv % 2 == 0
+    # the chunk's query and key tiles: the walks without the gate's spanned sums (whose [C, C] tiles would not
+    # fit twice).
+    wide = config.sums_warpgroups > 1 and not spanned and nv % 2 == 0
     wgs = 2 if wide else 1
 
     def program(*, log_decay_gmem, q_gmem, k_gmem, v_gmem, rows_gmem, o_gmem, final_gmem, barrier,
@@ -83,11 +84,11 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
         group = lax.axis_index("wg") if wide else 0  # this program's warpgroup
         if wide:
             paired_smem, paired_lo_smem, moved_smem, moved_lo_smem, weighted_smem, weighted_lo_smem, lagged_smem, \
-                lagged_lo_smem, out_smem, ring_smem, f32_smem, barrier = (
+                lagged_lo_smem, state_smem, state_lo_smem, out_smem, ring_smem, f32_smem, barrier = (
                     None if ref is None else ref.at[group]
                     for ref in (paired_smem, paired_lo_smem, moved_smem, moved_lo_smem, weighted_smem,
-                                weighted_lo_smem, lagged_smem, lagged_lo_smem, out_smem, ring_smem, f32_smem,
-                                barrier))
+                                weighted_lo_smem, lagged_smem, lagged_lo_smem, state_smem, state_lo_smem, out_smem,
+                                ring_smem, f32_smem, barrier))
             if interpret is not None:
                 keys_t_smem, block_t_smem, register_smem = (
                     ref.at[group] for ref in (keys_t_smem, block_t_smem, register_smem))
@@ -215,10 +216,12 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
 
             def compute(body):
                 entering = w.entered(start_gmem, state_at, barrier, f32_smem)
-                entering = (entering, w.entered(tangent_start_gmem, state_at, barrier, f32_smem))
+                if tangent:
+                    entering = (entering, w.entered(tangent_start_gmem, state_at, barrier, f32_smem))
                 meet(rendezvous.at[0])  # the float32 tiles overlap the other warpgroup's scratch
                 (core, _), g = w.lazy_out(body(w.lazy_in((entering, statics()[2:]))))
-                state = core[0] if g is None else core[0] * g
+                state = core[0] if tangent else core
+                state = state if g is None else state * g
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 meet(rendezvous.at[1])
                 w.store(state, f32_smem, final_gmem, state_at)
@@ -287,7 +290,8 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
                    **{f"{name}_sums_gmem": jax.ShapeDtypeStruct((nv, B, H, T), f32) for name in sums})
     # On the GPU two warpgroups' float32 tiles share their space with the state's copies, used only inside the
     # pipeline.
-    shared = ("paired_smem", "paired_lo_smem") if wide and interpret is None else ()
+    copies = ("paired_smem", "paired_lo_smem") if tangent else ("state_smem", "state_lo_smem")
+    shared = copies if wide and interpret is None else ()
     out, finals, *formed = launch(program, name=name, inputs=inputs, outputs=outputs, scratch=scratch,
                                   grid=(nv // wgs, B * H, P), interpret=interpret, threads=wgs + 1 if wide else 1,
                                   shared=shared, no_auto_barriers=not (config.auto_barriers or wide),
