@@ -6,8 +6,8 @@ execution never started while the other two waited at their barriers (jax 0.10.2
 ran). With four fake CPU devices the client has threads for all three, so these cases run in a subprocess
 with that many (tests/devices.py). With one device even the constant decay's two-warpgroup walk stalled at
 six chunks a piece (one chunk a piece runs), so the walks whose two warpgroups take turns
-(MosaicWalkConfig.pingpong) over six chunks run here too, and the dq walk that forms the decay's sums at two
-compute warpgroups (MosaicWalkConfig.sums_warpgroups). On the H200 the two-warpgroup walks are checked
+(MosaicWalkConfig.pingpong) over six chunks run here too, and the walks that form sums at two compute
+warpgroups (MosaicWalkConfig.sums_warpgroups: the dq walk of the decay's, the gate's dk walk). On the H200 the two-warpgroup walks are checked
 through the op (tests/test_mosaic.py).
 """
 
@@ -149,7 +149,7 @@ def test_two_warpgroups_taking_turns_walk_as_one_over_many_chunks(results, case)
 
 
 @pytest.mark.parametrize("case", SUMS_CASES)
-def test_the_dq_sums_walk_at_two_warpgroups_is_bitwise_the_one_warpgroup_walk(results, case):
+def test_the_sums_walks_at_two_warpgroups_are_bitwise_the_one_warpgroup_walks(results, case):
     result = results[case]
     assert "exception" not in result, result.get("exception")
     assert result == {"out": True, "finals": True, "sums": True, "finite": True}, result
