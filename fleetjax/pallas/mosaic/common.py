@@ -278,6 +278,16 @@ class Walker:
         plgpu.copy_smem_to_gmem(tile, gmem.at[at])
         plgpu.wait_smem_to_gmem(0)
 
+    @classmethod
+    def store_met(cls, state, tile, gmem, at: tuple, barrier_ref) -> None:
+        """A compute warpgroup's state out (:meth:`store`) once its copies out have read their tiles and every
+        compute warpgroup has left the pipeline (``meet`` at ``barrier_ref``): its float32 ``tile`` shares its
+        space with the other warpgroup's pipeline scratch."""
+        import jax.experimental.pallas.mosaic_gpu as plgpu
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        meet(barrier_ref)
+        cls.store(state, tile, gmem, at)
+
 
 class Carry:
     """One chunk's carry of the state: S <- carry * S + (the chunk's update). With ``g`` (the lazy carry,
@@ -379,6 +389,25 @@ def load(ref, **kwargs):
     import jax.experimental.pallas.mosaic_gpu as plgpu
     index = inspect.signature(plgpu.load).parameters["idx"]
     return plgpu.load(ref, **kwargs) if index.default is not inspect.Parameter.empty else plgpu.load(ref, (), **kwargs)
+
+
+def meet(barrier_ref) -> None:
+    """Wait until every compute warpgroup of the program reaches here: each arrives at ``barrier_ref`` (one of
+    its arrivals), then waits for the others'."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    plgpu.barrier_arrive(barrier_ref)
+    plgpu.barrier_wait(barrier_ref)
+
+
+def warp_specialized(body, n: int, loads: dict, compute, *, stages: int, compute_wgs: int) -> None:
+    """The chunk loop of a program of ``compute_wgs`` compute warpgroups and one that copies the chunks' tiles
+    in: ``body`` over the ``loads`` {name: (BlockSpec, GMEM ref)}, each compute warpgroup running
+    ``compute(loop)`` (its own setup and wrap-up around ``loop(init)``)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    plgpu.emit_pipeline_warp_specialized(
+        body, grid=(n,), memory_registers=40, in_specs=[spec for spec, _ in loads.values()],
+        max_concurrent_steps=stages, wg_axis="wg", num_compute_wgs=compute_wgs,
+        compute_context=compute)(*[gmem for _, gmem in loads.values()])
 
 
 def pipeline(body, n: int, in_specs, out_specs, gmems, init, *, stages: int, dtype, interpret=None):

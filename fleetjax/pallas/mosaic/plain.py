@@ -21,7 +21,8 @@ import jax
 from jax import lax
 
 from fleetjax.chunking import Chunking
-from fleetjax.pallas.mosaic.common import Carry, Walker, f32, interpreter_copies, launch, mma_tiles, pipeline
+from fleetjax.pallas.mosaic.common import (Carry, Walker, f32, interpreter_copies, launch, meet, mma_tiles, pipeline,
+                                           warp_specialized)
 from fleetjax.pallas.mosaic.config import MosaicWalkConfig
 
 
@@ -67,12 +68,6 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                 keys_t_smem, register_smem = keys_t_smem.at[group], register_smem.at[group]
         w = Walker(config, key_dim=K, dtype=dtype, reverse=reverse, scale=scale, interpret=interpret,
                    keys_t=keys_t_smem, block_t=block_t_smem, register=register_smem)
-
-        def meet(barrier_ref):
-            """Wait until both compute warpgroups reach here: each arrives at ``barrier_ref`` (one of both's
-            arrivals), then waits for the other's."""
-            plgpu.barrier_arrive(barrier_ref)
-            plgpu.barrier_wait(barrier_ref)
 
         def take_turn():
             """Two compute warpgroups take turns on the tensor cores (``MosaicWalkConfig.pingpong``): they meet
@@ -155,14 +150,9 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                 pl.when(group == 0)(take_turn)  # the second one's last turn
                 (state, _), g = w.lazy_out(out)
                 state = state if g is None else state * g
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                meet(rendezvous.at[1])
-                w.store(state, f32_smem, final_gmem, state_at)
+                w.store_met(state, f32_smem, final_gmem, state_at, rendezvous.at[1])
 
-            plgpu.emit_pipeline_warp_specialized(
-                chunk, grid=(n,), memory_registers=40, in_specs=[spec for spec, _ in loads.values()],
-                max_concurrent_steps=config.stages, wg_axis="wg", num_compute_wgs=wgs,
-                compute_context=compute)(*[gmem for _, gmem in loads.values()])
+            warp_specialized(chunk, n, loads, compute, stages=config.stages, compute_wgs=wgs)
             return
         state = w.entered(start_gmem, state_at, barrier)
         stores = dict(o=(rows_v, o_gmem.at[b, :, h]))

@@ -21,7 +21,7 @@ from jax import lax
 
 from fleetjax.chunking import Chunking
 from fleetjax.pallas.mosaic.common import (Carry, Walker, f32, interpreter_copies, launch, lowers_concatenate,
-                                           mma_tiles, pipeline)
+                                           meet, mma_tiles, pipeline, warp_specialized)
 from fleetjax.pallas.mosaic.config import MosaicWalkConfig
 
 
@@ -209,11 +209,6 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
         if wide:  # out and the sums go through each warpgroup's own rings
             staged = [*loads]
 
-            def meet(barrier_ref):
-                """Wait until both compute warpgroups reach here."""
-                plgpu.barrier_arrive(barrier_ref)
-                plgpu.barrier_wait(barrier_ref)
-
             def compute(body):
                 entering = w.entered(start_gmem, state_at, barrier, f32_smem)
                 if tangent:
@@ -222,14 +217,9 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
                 (core, _), g = w.lazy_out(body(w.lazy_in((entering, statics()[2:]))))
                 state = core[0] if tangent else core
                 state = state if g is None else state * g
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                meet(rendezvous.at[1])
-                w.store(state, f32_smem, final_gmem, state_at)
+                w.store_met(state, f32_smem, final_gmem, state_at, rendezvous.at[1])
 
-            plgpu.emit_pipeline_warp_specialized(
-                chunk, grid=(n,), memory_registers=40, in_specs=[spec for spec, _ in loads.values()],
-                max_concurrent_steps=config.stages, wg_axis="wg", num_compute_wgs=wgs,
-                compute_context=compute)(*[gmem for _, gmem in loads.values()])
+            warp_specialized(chunk, n, loads, compute, stages=config.stages, compute_wgs=wgs)
             return
         state = w.entered(start_gmem, state_at, barrier)
         init = (state, w.entered(tangent_start_gmem, state_at, barrier)) if tangent else state
