@@ -5,7 +5,8 @@
 #   bash experiments/run_gpu_bench.sh backward [benchmark options]   # issue 5: bench_backward
 #
 # carry: [".whl", ".peers"] (the peers' wheels and LeetDecoding's kernel file); timeout_s 600.
-# Writes <date>-<device>-forward.json, .png and forward.log (or backward) to $OUT, else to
+# Writes <date>-<device>-forward.json, .png and forward.log (or backward; --gated: -gated after each name,
+# so that a call's plain and gated runs keep their own files; so does --name X) to $OUT, else to
 # experiments/results. Each benchmark keeps to --budget-s (default 470 s) plus start-up; whatever does not
 # fit is recorded as skipped. Options after the first argument go to the benchmark (see --help), e.g.
 # --impls fleetjax.pallas,fla.chunk, --skip-slow-autotune or --gated (per-token gates: <what>-gated.json).
@@ -18,6 +19,8 @@ case "$what" in
   *) echo "usage: bash experiments/run_gpu_bench.sh forward|backward [benchmark options]" >&2; exit 2 ;;
 esac
 shift
+log_name=$what
+for arg in "$@"; do [ "$arg" = --gated ] && log_name="$what-gated"; done
 
 out=${OUT:-experiments/results}
 mkdir -p "$out"
@@ -53,7 +56,7 @@ fi
 
 # A hard stop inside the device's 600 s: the results file is rewritten after every record, so a stop
 # keeps what was measured; the plot is then drawn from it below.
-timeout -k 10 "${BENCH_HARD_LIMIT_S:-555}" python3 -m "experiments.$module" --out "$out" "$@" 2>&1 | tee "$out/$what.log"
+timeout -k 10 "${BENCH_HARD_LIMIT_S:-555}" python3 -m "experiments.$module" --out "$out" "$@" 2>&1 | tee "$out/$log_name.log"
 rc=${PIPESTATUS[0]}
 [ "$rc" = 0 ] || echo "run_gpu_bench: the benchmark exited with status $rc"
 if [ -n "$gpu" ]; then  # every winner this call knows (the seed's and its own searches')

@@ -204,7 +204,7 @@ def add_common_args(parser) -> None:
     parser.add_argument("--skip-slow-autotune", action="store_true",
                         help="skip fla at head dim > 128, whose first call autotunes for minutes")
     parser.add_argument("--name", default=None,
-                        help="results file name part (default forward/backward; --gated: forward-gated/backward-gated)")
+                        help="results file name part (default forward/backward; --gated appends -gated)")
     parser.add_argument("--dtypes", default=None, help="comma-separated dtypes of the cases to run (default: all)")
     parser.add_argument("--shapes", default=None, help="B,T,H,K,V;... : run only these shapes (default: all)")
     parser.add_argument("--gated", action="store_true",
@@ -254,7 +254,8 @@ def run_main(args, op: str, case_groups: Sequence[Sequence[Case]], impls: Sequen
     info = device_info()
     slug = device_slug(info)
     gated = bool(getattr(args, "gated", False))
-    path = results_path(args.name or (f"{name}-gated" if gated else name), device=slug, out_dir=args.out)
+    base = args.name or name  # --gated suffixes --name too: a call's plain and gated runs keep their own files
+    path = results_path(f"{base}-gated" if gated else base, device=slug, out_dir=args.out)
     log(budget, f"{op}: {sum(map(len, case_groups))} cases x {len(impls)} implementations on "
         f"{info.get('torch_device') or info['device_kind']} (jax {jax.__version__}, backend {info['backend']}); "
         f"results {path}")

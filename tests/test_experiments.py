@@ -159,7 +159,7 @@ def test_long_context_row():
 def test_gated_smoke_benchmark(tmp_path):
     """bench_backward --gated on one smoke shape: fleetjax runs with the log gate and returns its gradient
     (relerr_dlog_gate against the gated reference), a peer without a per-token gate is skipped, and the file
-    is named backward-gated."""
+    is named backward-gated (with --name X: X-gated, so that a plain run of the same name keeps its file)."""
     from experiments import bench_backward
     from experiments.inputs import Case, make_inputs
     case = Case(1, 16, 2, 32, 32, "bfloat16", gated=True)
@@ -168,6 +168,9 @@ def test_gated_smoke_benchmark(tmp_path):
     assert bench_backward.main(["--smoke", "--gated", "--impls", "fleetjax.xla,softmax.xla", "--shapes",
                                 "1,16,2,32,32", "--dtypes", "bfloat16", "--out", str(tmp_path)]) == 0
     [path] = tmp_path.glob("*-backward-gated.json")
+    assert bench_backward.main(["--smoke", "--gated", "--impls", "fleetjax.xla", "--shapes", "1,16,2,32,32",
+                                "--dtypes", "bfloat16", "--out", str(tmp_path), "--name", "run"]) == 0
+    assert len(list(tmp_path.glob("*-run-gated.json"))) == 1 and not list(tmp_path.glob("*-run.json"))
     data = json.loads(path.read_text())
     assert data["decays"].startswith("none")
     records = {r["impl"]: r for r in data["records"]}
