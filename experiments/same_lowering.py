@@ -1,9 +1,10 @@
 """Whether a change to the Mosaic GPU walks' code changes what they lower to, on a machine without a GPU: the
 op is lowered for sm_90 (experiments/walk_ops.py's capture) in a table of variants that between them take
 every form of the walk kernels (forward and backward; constant decay, gate and decay, gate alone; bfloat16
-and float16; one and two warpgroups, with and without turns, the sums walks on two; own pieces and the
-states-only walk; scale 1, 0.5 and K^-1/2; K = V = 64; every boolean of MosaicWalkConfig flipped; the
-backward's pieces' states from the Triton launches; the decay fixed, or alone learned),
+and float16; one and two warpgroups, with and without turns and Pallas's automatic barriers, the sums walks
+on one and two; own pieces and the states-only walk; scale 1, 0.5 and K^-1/2; K = V = 64; every boolean of
+MosaicWalkConfig flipped; the backward's pieces' states from the Triton launches; the decay fixed, or alone
+learned),
 and each Mosaic module's text is written to a folder; two folders are then compared module by module, the
 kernels' names aside (renaming a kernel changes no instruction).
 
@@ -54,7 +55,9 @@ VARIANTS = {
     "flags_gated": dict(walks=_FLAGS, gated=True),
     "narrow_forward": dict(walks=dict(forward_block_v=32, warpgroups=2)),
     "sums_wide": dict(walks=dict(sums_warpgroups=2)),
-    "sums_wide_gated": dict(walks=dict(sums_warpgroups=2), gated=True),
+    "gate_dk_narrow": dict(walks=dict(gate_dk_warpgroups=1), gated=True),
+    "wide_bare": dict(walks=dict(warpgroups=2, backward_warpgroups=2, sums_warpgroups=2, wide_auto_barriers=False)),
+    "wide_bare_gated": dict(walks=dict(warpgroups=2, backward_warpgroups=2, wide_auto_barriers=False), gated=True),
 }
 # Backward-only variants: which inputs are differentiated.
 GRADIENTS = {"fixed": ("q", "k", "v"), "fixed_gated": ("q", "k", "v"), "gate_only_gate": ("log_gate",),

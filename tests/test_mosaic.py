@@ -69,12 +69,15 @@ def test_supports_only_the_cases_the_kernel_serves():
                                           ("stages", 0), ("stages", 2.0), ("sums_stages", 9),
                                           ("warpgroups", 3), ("backward_warpgroups", 0), ("forward_pieces", 0),
                                           ("forward_pieces", True), ("forward_block_v", 48),
-                                          ("sums_warpgroups", 4)])
+                                          ("sums_warpgroups", 4), ("gate_dk_warpgroups", 3)])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=f"MosaicWalkConfig.{field}"):
         mosaic.MosaicWalkConfig(**{field: value})
     with pytest.raises(ValueError, match="sums_stages must be 1 or 2 with sums_warpgroups=2"):
-        mosaic.MosaicWalkConfig(sums_warpgroups=2, sums_stages=3)
+        mosaic.MosaicWalkConfig(sums_warpgroups=2, sums_stages=3, gate_dk_warpgroups=1)
+    with pytest.raises(ValueError, match="sums_stages must be 1 or 2 with gate_dk_warpgroups=2.*gate_dk_warpgroups=1"):
+        mosaic.MosaicWalkConfig(sums_stages=3)  # the default's two warpgroups for the gate's dk walk
+    assert mosaic.MosaicWalkConfig(sums_stages=3, gate_dk_warpgroups=1).sums_stages == 3
     with pytest.raises(TypeError, match="mosaic_walks"):
         chunked.PallasConfig(mosaic_walks="yes")
 
@@ -236,9 +239,10 @@ def test_fixed_decay_backward_matches_the_oracle_and_the_triton_walks(pieces, wi
 @hopper
 @pytest.mark.parametrize("pieces, gate", [(1, None), (4, None), (2, "fixed"), (2, "learned")])
 def test_the_sums_walks_on_two_warpgroups_give_the_op_bitwise_what_one_gives(pieces, gate):
-    """MosaicWalkConfig.sums_warpgroups = 2: the op's gradients with the decay learned bitwise those of the
-    one-warpgroup sums walks, d decay against the float64 oracle: the dq walk on two warpgroups (no gate, or
-    a fixed one), or with the gate learned the gate's dk walk (the dq walk, forming the spanned sums, on one)."""
+    """MosaicWalkConfig.sums_warpgroups and gate_dk_warpgroups = 2: the op's gradients with the decay learned
+    bitwise those of the one-warpgroup sums walks, d decay against the float64 oracle: the dq walk on two
+    warpgroups (no gate, or a fixed one), or with the gate learned the gate's dk walk (the dq walk, forming the
+    spanned sums, on one)."""
     B, T, H, K, V = 2, 1024, 2, 128, 128
     q, k, v = _inputs(B, T, H, K, V, "bfloat16")
     do = _inputs(B, T, H, K, V, "bfloat16", seed=5)[2]
@@ -255,7 +259,8 @@ def test_the_sums_walks_on_two_warpgroups_give_the_op_bitwise_what_one_gives(pie
         _, pullback = jax.vjp(jax.jit(f), *inputs)
         return jax.jit(pullback)(do)
 
-    one, two = run(mosaic.MosaicWalkConfig()), run(mosaic.MosaicWalkConfig(sums_warpgroups=2))
+    one = run(mosaic.MosaicWalkConfig(sums_warpgroups=1, gate_dk_warpgroups=1))
+    two = run(mosaic.MosaicWalkConfig(sums_warpgroups=2, gate_dk_warpgroups=2))
     for a, b, name in zip(one, two, ("dq", "dk", "dv", "decay", "log_gate")):
         assert jnp.array_equal(a, b), name
     ref = oracle.gradients(q, k, v, decay, do=do, log_gate=log_gate)
@@ -623,9 +628,11 @@ def test_the_exact_states_walk_gives_the_dq_sums_walks_piece_states(gated):
 
 
 def _interpreted_backward(q, k, v, do, decay, start, chunking, *, learned: bool, scale: float, log_gate=None,
-                          walks: mosaic.MosaicWalkConfig = mosaic.MosaicWalkConfig()):
+                          walks: mosaic.MosaicWalkConfig = mosaic.MosaicWalkConfig(gate_dk_warpgroups=1)):
     """dq, dk, dv, d log_decay (learned, no gate) or d log_gate (a gate), the witness: the Mosaic backward
-    walks in the interpreter, the pieces' local states from the Triton walks in Pallas interpret mode."""
+    walks in the interpreter, the pieces' local states from the Triton walks in Pallas interpret mode. The
+    gate's dk walk on one warpgroup: with the suite's one CPU device the interpreter's two-warpgroup walks
+    stall over several chunks (tests/test_mosaic_warpgroups.py checks them against one with four)."""
     from fleetjax import vjp
     from fleetjax.decay import Decays
     from fleetjax.pallas import forward as fwd
@@ -728,7 +735,7 @@ def test_the_op_through_the_interpreted_walks_matches_the_oracle(monkeypatch, le
     # in the PallasConfig's (their states from the Triton piece-state walks, or with ``backward_states`` from
     # the Mosaic states walk).
     walks = mosaic.MosaicWalkConfig(gated_decay_sums=learned == "both", forward_pieces=pieces,
-                                    backward_piece_states=backward_states)
+                                    backward_piece_states=backward_states, gate_dk_warpgroups=1)
     config = dataclasses.replace(chunked.default_config(q, v), num_sequence_pieces=1,
                                  backward_num_sequence_pieces=pieces, mosaic_walks=walks)
     assert config.chunking(T, True).chunk_size == walks.chunk_size
@@ -952,47 +959,82 @@ def _lowered_walks(modules: list[str], walks: mosaic.MosaicWalkConfig, *, log_ga
     return walk_ops.lowered(modules, gated=log_gate, backward=backward, scale=None, walks=walks)
 
 
+def _unnamed(module: str) -> str:
+    """A lowered module's text without its name (jax 0.11.2 names each lowered module by a running count)."""
+    return re.sub(r'mosaic_gpu\.dump_basename = "\w+"', "", module)
+
+
+def _wide(module: str) -> bool:
+    """Whether a lowered walk runs more than one warpgroup (setmaxnreg splits their registers; jax 0.11.2
+    writes the PTX instruction, 0.10.2 the nvvm op)."""
+    return "setmaxnreg" in module or "setmaxregister" in module
+
+
 @pytest.mark.parametrize("log_gate", [False, True], ids=["constant", "gated"])
 def test_one_warpgroup_walks_leave_out_the_automatic_barriers(mosaic_modules, log_gate):
     """Lowered for an sm_90 GPU (any host): by default (MosaicWalkConfig.auto_barriers False) the backward's
     one-warpgroup walks lower without the warpgroup barriers Pallas would put around each shared-memory
     store (less than half the bar.sync: the walk's own commits and the pipeline's waits remain); the
-    two-warpgroup forward keeps them (as many either way)."""
+    two-warpgroup forward keeps them (as many either way). The gate's dk walk is taken on one warpgroup here
+    (by default it runs on two, MosaicWalkConfig.gate_dk_warpgroups)."""
     def lowered(backward, **walks):
-        return _lowered_walks(mosaic_modules, mosaic.MosaicWalkConfig(warpgroups=2, **walks), log_gate=log_gate,
-                              backward=backward)
+        walks = mosaic.MosaicWalkConfig(warpgroups=2, gate_dk_warpgroups=1, **walks)
+        return _lowered_walks(mosaic_modules, walks, log_gate=log_gate, backward=backward)
 
     kept, left = lowered(True, auto_barriers=True), lowered(True)
     assert len(kept) == len(left) >= 3  # the backward's dq, dv and dk walks (identical modules lower once)
     for with_them, without in zip(kept, left):
         assert 0 < without.count("bar.sync") < with_them.count("bar.sync") // 2
     [wide_kept], [wide_left] = lowered(False, auto_barriers=True), lowered(False)
-    assert "setmaxregister" in wide_left or "setmaxnreg" in wide_left  # three warpgroups: the wide forward
+    assert _wide(wide_left)  # three warpgroups: the wide forward
     assert wide_left.count("bar.sync") == wide_kept.count("bar.sync") > 0
 
 
 @pytest.mark.parametrize("log_gate", [False, True], ids=["constant", "gated"])
+def test_wide_walks_leave_out_the_automatic_barriers_where_asked(mosaic_modules, log_gate):
+    """Lowered for an sm_90 GPU (any host): MosaicWalkConfig.wide_auto_barriers False gives every
+    two-warpgroup walk (the forward, the backward's plain walks, the sums walks) less than half the bar.sync
+    it lowers with by default (28 -> 7 for the forward, 42 -> 7 for the dq walk with the decay's sums, jax
+    0.11.2), and leaves the one-warpgroup walks as they were (with the gate learned, the dq walk)."""
+    def lowered(backward, kept):
+        walks = mosaic.MosaicWalkConfig(warpgroups=2, backward_warpgroups=2, sums_warpgroups=2,
+                                        wide_auto_barriers=kept)
+        return _lowered_walks(mosaic_modules, walks, log_gate=log_gate, backward=backward)
+
+    for backward in (False, True):
+        kept, bare = lowered(backward, True), lowered(backward, False)
+        assert len(kept) == len(bare) >= (3 if backward else 1)
+        assert sum(map(_wide, kept)) == len(kept) - (log_gate and backward)
+        for with_them, without in zip(kept, bare):
+            if _wide(with_them):
+                assert 0 < without.count("bar.sync") < with_them.count("bar.sync") // 2
+            else:
+                assert _unnamed(without) == _unnamed(with_them)
+
+
+@pytest.mark.parametrize("log_gate", [False, True], ids=["constant", "gated"])
 def test_the_sums_walks_take_two_warpgroups_where_asked_and_they_can(mosaic_modules, log_gate):
-    """Lowered for an sm_90 GPU (any host): MosaicWalkConfig.sums_warpgroups=2 gives the walk that forms sums
-    two compute warpgroups and a copying one (their registers split by setmaxnreg: at most 232 a compute
-    thread), within one program's shared memory: the dq walk of the decay's sums, or with the gate learned the
-    dk walk of the gate's, while the dq walk, which then also forms the gate's spanned sums, keeps one
-    warpgroup; every other walk lowers as before."""
+    """Lowered for an sm_90 GPU (any host): MosaicWalkConfig.sums_warpgroups and gate_dk_warpgroups = 2 give
+    the walk that forms sums two compute warpgroups and a copying one (their registers split by setmaxnreg: at
+    most 232 a compute thread), within one program's shared memory: the dq walk of the decay's sums, or with
+    the gate learned the dk walk of the gate's, while the dq walk, which then also forms the gate's spanned
+    sums, keeps one warpgroup; every other walk lowers as before. The default takes two for the gate's dk walk
+    alone."""
     def lowered(**walks):
         return _lowered_walks(mosaic_modules, mosaic.MosaicWalkConfig(**walks), log_gate=log_gate, backward=True)
 
-    one, two = lowered(), lowered(sums_warpgroups=2)
+    one, two = lowered(sums_warpgroups=1, gate_dk_warpgroups=1), lowered(sums_warpgroups=2, gate_dk_warpgroups=2)
     assert len(one) == len(two) >= 3
+    assert [_unnamed(m) for m in lowered()] == [_unnamed(m) for m in (two if log_gate else one)]
     from experiments import walk_ops
     for before, after in zip(one, two):
         if ("dk_sums_walk" if log_gate else "dq_sums_walk") in after:
             # jax 0.11.2 writes the PTX instruction, 0.10.2 the nvvm op
             assert ("setmaxnreg.inc.sync.aligned.u32 232" in after or "setmaxregister increase 232" in after)
-            assert "setmaxnreg" not in before and "setmaxregister" not in before
+            assert not _wide(before)
             assert walk_ops.shared_bytes(after) <= 227 * 1024
-        else:  # jax 0.11.2 names each lowered module by a running count
-            assert (re.sub(r'mosaic_gpu\.dump_basename = "\w+"', "", after)
-                    == re.sub(r'mosaic_gpu\.dump_basename = "\w+"', "", before))
+        else:
+            assert _unnamed(after) == _unnamed(before)
 
 
 @pytest.mark.parametrize("log_gate", [False, True], ids=["constant", "gated"])
@@ -1012,9 +1054,6 @@ def test_approx_exp_lowers_the_gated_walks_exp_to_the_hardwares(mosaic_modules, 
         afn = sum("afn" in line for line in accurate)
         return len(accurate) - afn, module.count("math.exp2") + module.count("ex2.approx") + afn
 
-    def text(module):  # jax 0.11.2 names each lowered module by a running count
-        return re.sub(r'mosaic_gpu\.dump_basename = "\w+"', "", module)
-
     approx, accurate = lowered(True), lowered(False)
     assert len(approx) == len(accurate) >= 4  # the forward walk, then the backward's
     assert all(exps(module)[1] == 0 for module in accurate)
@@ -1022,7 +1061,7 @@ def test_approx_exp_lowers_the_gated_walks_exp_to_the_hardwares(mosaic_modules, 
         assert all(exps(module)[0] > 0 for module in accurate)
         assert all(exps(module)[0] == 0 and exps(module)[1] > 0 for module in approx)
     else:
-        assert [text(m) for m in approx] == [text(m) for m in accurate]
+        assert [_unnamed(m) for m in approx] == [_unnamed(m) for m in accurate]
 
 
 @hopper

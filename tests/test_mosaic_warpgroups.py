@@ -7,8 +7,8 @@ ran). With four fake CPU devices the client has threads for all three, so these 
 with that many (tests/devices.py). With one device even the constant decay's two-warpgroup walk stalled at
 six chunks a piece (one chunk a piece runs), so the walks whose two warpgroups take turns
 (MosaicWalkConfig.pingpong) over six chunks run here too, and the walks that form sums at two compute
-warpgroups (MosaicWalkConfig.sums_warpgroups: the dq walk of the decay's, the gate's dk walk). On the H200 the two-warpgroup walks are checked
-through the op (tests/test_mosaic.py).
+warpgroups (MosaicWalkConfig.sums_warpgroups: the dq walk of the decay's; gate_dk_warpgroups: the gate's dk
+walk). On Hopper the two-warpgroup walks are checked through the op (tests/test_mosaic.py).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ CASES = ["forward", "reverse"]
 # Two warpgroups taking turns (MosaicWalkConfig.pingpong) over six chunks: with one CPU device even the
 # constant decay's two-warpgroup walk stalled at that length (the gated one at any).
 TURNS_CASES = ["turns-constant", "turns-gated"]
-# The walks that form sums at two compute warpgroups (MosaicWalkConfig.sums_warpgroups): the dq walk with the
-# decay's tangent, and the gate's dk walk in reverse.
+# The walks that form sums at two compute warpgroups (sums_walk's config.sums_warpgroups): the dq walk with the
+# decay's tangent, and the gate's dk walk in reverse (MosaicWalkConfig.gate_dk_warpgroups through the op).
 SUMS_CASES = ["sums-constant", "sums-gated", "sums-reverse-gated"]
 
 

@@ -38,16 +38,24 @@ class MosaicWalkConfig:
     1.46x faster forward and 1.26x in reverse where the programs fill the SMs (B4 H16 T=16384 in two pieces;
     1.43x and 1.17x at B1 H8 T=32768 in 16), slower where half of them idle (0.81x in one piece), H200,
     2026-12-03, experiments/results/2026-12-03-h200-probe_wide_walk_package.txt. Walks that form sums keep one
-    (but see sums_warpgroups).
-    sums_warpgroups: 2 runs the walks that form sums without the gate's spanned sums (the dq walk of the
-    decay's, with the tangent; the dk walk of the gate's) as one program of two compute warpgroups for two
-    value blocks of sums_block_v, sharing the chunk's query and key tiles, a third warpgroup copying them in:
-    half the programs, each SM two warps a scheduler where one program of one warpgroup leaves one (at B4
-    H16 the dq walk's 256 programs ran in two waves). Bitwise the same results (interpreter). A compute
-    thread holds at most 232 registers (setmaxnreg): in sm_90 SASS (experiments/sass.py, jax 0.11.2,
-    2026-12-05) the dq walk spills 364 bytes at 1380 instructions a chunk, against 184 and 1392 on one
-    warpgroup, and asks 216 KiB of shared memory at two stages (so sums_stages must be 1 or 2 with it); the
-    gate's dk walk spills 8 bytes at 1038 instructions, against none and 1140. Off until timed.
+    (but see sums_warpgroups and gate_dk_warpgroups).
+    sums_warpgroups: 2 runs the dq walk of the decay's sums (with the tangent; without the gate's spanned sums)
+    as one program of two compute warpgroups for two value blocks of sums_block_v, sharing the chunk's query
+    and key tiles, a third warpgroup copying them in: half the programs, each SM two warps a scheduler where
+    one program of one warpgroup leaves one (at B4 H16 the walk's 256 programs ran in two waves). Bitwise the
+    same results. A compute thread holds at most 232 registers (setmaxnreg): in sm_90 SASS
+    (experiments/sass.py, jax 0.11.2, 2026-12-05) the walk spills 364 bytes at 1380 instructions a chunk,
+    against 184 and 1392 on one warpgroup, and asks 216 KiB of shared memory at two stages (so sums_stages
+    must be 1 or 2 with it). Off by default: fwd+bwd with the decay learned took 2.96 against 2.91 ms at B4
+    H16 T=16384, 0.793 against 0.779 at T=4096, 6.94 against 6.82 at B1 H16 T=131072, 1.22 against 1.24 at
+    B1 H8 T=32768 (H100, 2026-12-05, bf16, K = V = 128, three alternated rounds, medians,
+    experiments/results/2026-12-05-h100-sums_warpgroups_ab.jsonl).
+    gate_dk_warpgroups: the same for the gate's dk walk (reverse, forming w for d log_gate): 8 bytes of spills
+    at 1038 instructions a chunk on two warpgroups, against none and 1140 on one (same SASS count). On by
+    default: fwd+bwd with the gate learned (no decay) took 3.56 against 3.93 ms at B4 H16 T=16384, 1.09
+    against 1.20 at T=4096, 1.39 against 1.45 at B1 H8 T=32768 (same card, date and file), gradients bitwise
+    the same. Where the dq walk also forms the gate's spanned sums it keeps one warpgroup: its three [C, C]
+    tiles would not fit twice.
     forward_pieces: the sequence pieces of the Mosaic forward walk (None: PallasConfig.num_sequence_pieces,
     which the Triton forward takes), their local states from fleetjax.pallas.mosaic.piece_states. Where they
     would not be equal whole chunks, or the caller passes the pieces' local states (sequence parallelism),
@@ -75,8 +83,8 @@ class MosaicWalkConfig:
     learned 1.566 against 1.752 ms (the Triton walks) at B4 H16 T=4096, 4.978 against 6.408 at T=16384 (H200,
     2026-12-03, bf16, K = V = 128, experiments/results/2026-12-03-h200-gated_decay_sums_timing.txt).
     auto_barriers: keep the warpgroup barriers that Pallas puts around every shared-memory store, copy and
-    scoped allocation (``plgpu.CompilerParams.unsafe_no_auto_barriers``) in the one-warpgroup walks; two
-    warpgroups always keep them. Off by default: the walk's own barriers order what needs ordering. The tiles
+    scoped allocation (``plgpu.CompilerParams.unsafe_no_auto_barriers``) in the one-warpgroup walks (two
+    warpgroups: wide_auto_barriers). Off by default: the walk's own barriers order what needs ordering. The tiles
     that threads write (states, weighted values, gate parts, out, sums) are read only by wgmma or TMA, after a
     commit_smem (a fence and a warpgroup barrier); threads read staged tiles (rows, values, within) before the
     chunk's last commit, which precedes the pipeline's refill of their slot; the pipeline's waits on its out
@@ -85,6 +93,20 @@ class MosaicWalkConfig:
     B4 H16 T=4096, 2.846 against 2.965 at T=16384, gated (gate and decay learned) 1.673 against 1.779 and
     6.053 against 6.549, the forward at B1 H8 T=32768 0.198 against 0.205, outputs and gradients bitwise the
     same (H200, 2026-12-04, bf16, K = V = 128, alternated A/B, -auto_barriers_ab.jsonl in experiments/results).
+    wide_auto_barriers: keep those barriers in the two-warpgroup walks (``warpgroups``, ``backward_warpgroups``,
+    ``sums_warpgroups``, ``gate_dk_warpgroups``); False leaves them out there too. The reasoning of
+    ``auto_barriers`` holds for each compute warpgroup: it writes only its own tiles (state copies, weighted
+    values, out and sums rings), read by its wgmma or TMA after a commit_smem; it rewrites a ring's slot only
+    after wait_smem_to_gmem, which ends with a warpgroup barrier; it reads the shared staged tiles before its
+    chunk's last commit, ahead of the pipeline's consumed barrier; and before its float32 tile overlaps the
+    other warpgroup's scratch it meets that warpgroup after a commit_smem (the entering state) or a wait on its
+    copies out (the final state). Lowered, the two-warpgroup forward keeps 7 bar.sync instead of 28, the dq
+    walk with the decay's sums 7 instead of 42, the gate's dk walk 6 instead of 35 (jax 0.11.2), their chunk
+    loops 6 to 20 barrier instructions fewer in SASS. On by default: leaving them out moved nothing beyond
+    the rounds' spread, outputs and gradients bitwise the same: fwd+bwd with the gate learned 1.005 against
+    1.022 ms at B4 H16 T=4096 and 3.544 against 3.567 at T=16384, the forward 0.531 against 0.532 at
+    T=16384 and 0.169 against 0.171 at T=4096 (H100, 2026-12-05, bf16, K = V = 128, three alternated rounds,
+    experiments/results/2026-12-05-h100-wide_auto_barriers_ab.jsonl).
     approx_exp: the gated walks form their per-chunk factors' exp as exp2(x log2(e)) (Mosaic GPU's
     ``approx_math``): a multiply and the special-function unit's base-2 exp for each value, against the
     accurate exp's longer sequence. The rounding of x log2(e) costs a relative error of about |x| 2^-24 (1e-6
@@ -145,12 +167,14 @@ class MosaicWalkConfig:
     forward_block_v: int | None = None
     backward_warpgroups: int = 1
     sums_warpgroups: int = 1
+    gate_dk_warpgroups: int = 2
     sums_stages: int = 2
     decay_sums: bool = True
     gated_forward: bool = True
     gated_backward: bool = True
     gated_decay_sums: bool = True
     auto_barriers: bool = False
+    wide_auto_barriers: bool = True
     approx_exp: bool = True
     lazy_carry: bool = True
     split_by_bits: bool = True
@@ -164,7 +188,7 @@ class MosaicWalkConfig:
             value = getattr(self, name)
             if value not in (32, 64, 128) and not (name == "forward_block_v" and value is None):
                 raise ValueError(f"MosaicWalkConfig.{name} must be 32, 64 or 128, got {value!r}")
-        for name in ("warpgroups", "backward_warpgroups", "sums_warpgroups"):
+        for name in ("warpgroups", "backward_warpgroups", "sums_warpgroups", "gate_dk_warpgroups"):
             if getattr(self, name) not in (1, 2):
                 raise ValueError(f"MosaicWalkConfig.{name} must be 1 or 2, got {getattr(self, name)!r}")
         pieces = self.forward_pieces
@@ -174,9 +198,15 @@ class MosaicWalkConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 8:
                 raise ValueError(f"MosaicWalkConfig.{name} must be an int in [1, 8], got {value!r}")
-        if self.sums_warpgroups == 2 and self.sums_stages > 2:  # 216 KiB at two stages (K = 128, 16-bit)
-            raise ValueError(f"MosaicWalkConfig.sums_stages must be 1 or 2 with sums_warpgroups=2 (shared memory), "
-                             f"got {self.sums_stages!r}")
+        for name in ("sums_warpgroups", "gate_dk_warpgroups"):  # 216 KiB at two stages (K = 128, 16-bit)
+            if getattr(self, name) == 2 and self.sums_stages > 2:
+                raise ValueError(f"MosaicWalkConfig.sums_stages must be 1 or 2 with {name}=2 (shared memory), got "
+                                 f"{self.sums_stages!r}; set {name}=1 for more stages")
+
+    def keeps_auto_barriers(self, wide: bool) -> bool:
+        """Whether a walk keeps Pallas's automatic barriers: ``wide``, of two compute warpgroups (see
+        auto_barriers and wide_auto_barriers)."""
+        return self.auto_barriers or (wide and self.wide_auto_barriers)
 
     def forward(self) -> MosaicWalkConfig:
         """The forward walk's tiling (and its pieces' states walk's): block_v set to forward_block_v."""

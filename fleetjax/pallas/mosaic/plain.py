@@ -183,8 +183,8 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                    final_gmem=jax.ShapeDtypeStruct((B, H, P, K, V), f32))
     # On the GPU two warpgroups' float32 tiles share their space with the tiles used only inside the pipeline.
     shared = ("state_smem", "weighted_smem", "out_smem") if wide and interpret is None else ()
-    # See MosaicWalkConfig.auto_barriers for why leaving them out is safe (two warpgroups keep them).
+    # See MosaicWalkConfig.auto_barriers for why leaving them out is safe (and wide_auto_barriers).
     return launch(program, name=name, inputs=inputs, outputs=outputs, scratch=scratch,
                   grid=(V // (wgs * bv), B * H, P), interpret=interpret, threads=wgs + 1 if wide else 1,
-                  shared=shared, no_auto_barriers=not (config.auto_barriers or wide),
+                  shared=shared, no_auto_barriers=not config.keeps_auto_barriers(wide),
                   approx_math=config.approx_exp and gated)

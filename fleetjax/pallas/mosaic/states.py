@@ -113,7 +113,7 @@ def piece_states(key, value, log_decay, chunking: Chunking, *, reverse: bool, co
     outputs = dict(final_gmem=finals, tangent_final_gmem=finals if tangent else None)
     formed = launch(program, name=STATES_KERNEL, inputs=inputs, outputs=outputs, scratch=scratch,
                     grid=(V // bv, B * H, P - 1), interpret=interpret,
-                    no_auto_barriers=not config.auto_barriers, approx_math=config.approx_exp and gated)
+                    no_auto_barriers=not config.keeps_auto_barriers(False), approx_math=config.approx_exp and gated)
     return tuple(formed) if tangent else formed[0]
 
 

@@ -6,11 +6,12 @@ derivative in log gamma (fleetjax.vjp's tangent D) as a second state beside S, e
 as the state does (fleetjax.pallas.mosaic.states.entering_tangents); with the gated decay it also forms the
 gate's spanned sums.
 
-A walk without the spanned sums may run as one program of two compute warpgroups for two value blocks
-(MosaicWalkConfig.sums_warpgroups), as the plain walk's two-warpgroup form does: they share the chunk's query
-and key tiles (the dq walk's dO and v, the dk walk's v and dO), which a third warpgroup copies in, and each
-copies out its own out and sums through rings of two tiles; its float32 tiles for the entering and final
-states share their space with the state's copies.
+A walk without the spanned sums may run as one program of two compute warpgroups for two value blocks (its
+config's sums_warpgroups, which fleetjax.pallas.mosaic.backward sets from MosaicWalkConfig.sums_warpgroups for
+the dq walk and from gate_dk_warpgroups for the gate's dk walk), as the plain walk's two-warpgroup form does:
+they share the chunk's query and key tiles (the dq walk's dO and v, the dk walk's v and dO), which a third
+warpgroup copies in, and each copies out its own out and sums through rings of two tiles; its float32 tiles
+for the entering and final states share their space with the state's copies.
 """
 
 from __future__ import annotations
@@ -284,6 +285,6 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
     shared = copies if wide and interpret is None else ()
     out, finals, *formed = launch(program, name=name, inputs=inputs, outputs=outputs, scratch=scratch,
                                   grid=(nv // wgs, B * H, P), interpret=interpret, threads=wgs + 1 if wide else 1,
-                                  shared=shared, no_auto_barriers=not (config.auto_barriers or wide),
+                                  shared=shared, no_auto_barriers=not config.keeps_auto_barriers(wide),
                                   approx_math=config.approx_exp and gated)
     return out, finals, dict(zip(sums, formed))
