@@ -51,11 +51,11 @@ class MosaicWalkConfig:
     B1 H8 T=32768 (H100, 2026-12-05, bf16, K = V = 128, three alternated rounds, medians,
     experiments/results/2026-12-05-h100-sums_warpgroups_ab.jsonl).
     gate_dk_warpgroups: the same for the gate's dk walk (reverse, forming w for d log_gate): 8 bytes of spills
-    at 1038 instructions a chunk on two warpgroups, against none and 1140 on one (same SASS count). On by
-    default: fwd+bwd with the gate learned (no decay) took 3.56 against 3.93 ms at B4 H16 T=16384, 1.09
-    against 1.20 at T=4096, 1.39 against 1.45 at B1 H8 T=32768 (same card, date and file), gradients bitwise
-    the same. Where the dq walk also forms the gate's spanned sums it keeps one warpgroup: its three [C, C]
-    tiles would not fit twice.
+    at 1038 instructions a chunk on two warpgroups, against none and 1140 on one (the same SASS count), and
+    sums_stages 1 or 2 with it (a config of more stages must set this to 1). On by default: fwd+bwd with the
+    gate learned (no decay) took 3.56 against 3.93 ms at B4 H16 T=16384, 1.09 against 1.20 at T=4096, 1.39
+    against 1.45 at B1 H8 T=32768 (same card, date and file), gradients bitwise the same. Where the dq walk
+    also forms the gate's spanned sums it keeps one warpgroup: its three [C, C] tiles would not fit twice.
     forward_pieces: the sequence pieces of the Mosaic forward walk (None: PallasConfig.num_sequence_pieces,
     which the Triton forward takes), their local states from fleetjax.pallas.mosaic.piece_states. Where they
     would not be equal whole chunks, or the caller passes the pieces' local states (sequence parallelism),
