@@ -30,8 +30,8 @@ CASES = ["forward", "reverse"]
 # Two warpgroups taking turns (MosaicWalkConfig.pingpong) over six chunks: with one CPU device even the
 # constant decay's two-warpgroup walk stalled at that length (the gated one at any).
 TURNS_CASES = ["turns-constant", "turns-gated"]
-# The walks that form sums at two compute warpgroups (sums_walk's config.sums_warpgroups): the dq walk with the
-# decay's tangent, and the gate's dk walk in reverse (MosaicWalkConfig.gate_dk_warpgroups through the op).
+# The walks that form sums at two compute warpgroups: the dq walk with the decay's tangent
+# (MosaicWalkConfig.sums_warpgroups), and the gate's dk walk in reverse (gate_dk_warpgroups).
 SUMS_CASES = ["sums-constant", "sums-gated", "sums-reverse-gated"]
 
 
@@ -100,8 +100,9 @@ def _run_sums(case_id: str) -> dict[str, bool]:
     decays = Decays(jnp.log(jnp.asarray([0.97, 1.0], jnp.float32)), 0.05 * _log_gate(B, T, H) if gated else None)
     rng = np.random.default_rng(1)
     entering, tangents = (jnp.asarray(rng.standard_normal((B, H, 2, K, V)), jnp.float32) for _ in range(2))
+    walks = {wgs: mosaic.MosaicWalkConfig(block_v=32, sums_warpgroups=wgs, gate_dk_warpgroups=wgs) for wgs in (1, 2)}
     one, two = (mosaic.sums_walk(q, k, v, decays.log_decay, entering, Chunking(T, 64, 2), reverse=reverse,
-                                 scale=0.2, config=mosaic.MosaicWalkConfig(block_v=32, sums_warpgroups=wgs), rows=v,
+                                 scale=0.2, config=walks[wgs], rows=v,
                                  tangent=not reverse, entering_tangents=None if reverse else tangents,
                                  within=decays.within_chunks(B, T, 64) if gated else None,
                                  interpret=InterpretGPUParams())

@@ -44,19 +44,16 @@ def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_lo
         dv, dv_finals = plain(k, q, do, entering=reverse_entering, reverse=True, name="dv_walk")
         dk, _ = plain(v, do, q, entering=dk_entering, reverse=True, name="dk_walk")
         return dq, dk, dv, None, (dq_finals, dv_finals)
-    sums = functools.partial(sums_walk, **common)
-    sums_config = dataclasses.replace(config, block_v=config.sums_block_v, stages=config.sums_stages)
+    sums = functools.partial(sums_walk, config=dataclasses.replace(config, block_v=config.sums_block_v,
+                                                                   stages=config.sums_stages), **common)
     tangents_entering = (entering_tangents(dq_entering, dq_local_tangents, decays, chunking, B)
                          if log_decay_wanted else None)
     dq, dq_finals, dq_sums = sums(do, v, k, entering=dq_entering, reverse=False, rows=q, tangent=log_decay_wanted,
-                                  entering_tangents=tangents_entering, spanned=log_gate_wanted, config=sums_config,
-                                  name="dq_sums_walk")
+                                  entering_tangents=tangents_entering, spanned=log_gate_wanted, name="dq_sums_walk")
     parts = {"w" if name == "state" else name: jnp.sum(part, axis=0) for name, part in dq_sums.items()}
     dv, dv_finals = plain(k, q, do, entering=reverse_entering, reverse=True, name="dv_walk")
     if log_gate_wanted:  # the gate's gradient takes the dk walk's sums (the decay's come from the dq walk alone)
-        dk_config = dataclasses.replace(sums_config, sums_warpgroups=config.gate_dk_warpgroups)
-        dk, _, dk_sums = sums(v, do, q, entering=dk_entering, reverse=True, rows=k, config=dk_config,
-                              name="dk_sums_walk")
+        dk, _, dk_sums = sums(v, do, q, entering=dk_entering, reverse=True, rows=k, name="dk_sums_walk")
         parts["u"] = jnp.sum(dk_sums["state"], axis=0)
     else:
         dk, _ = plain(v, do, q, entering=dk_entering, reverse=True, name="dk_walk")

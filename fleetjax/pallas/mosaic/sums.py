@@ -6,12 +6,12 @@ derivative in log gamma (fleetjax.vjp's tangent D) as a second state beside S, e
 as the state does (fleetjax.pallas.mosaic.states.entering_tangents); with the gated decay it also forms the
 gate's spanned sums.
 
-A walk without the spanned sums may run as one program of two compute warpgroups for two value blocks (its
-config's sums_warpgroups, which fleetjax.pallas.mosaic.backward sets from MosaicWalkConfig.sums_warpgroups for
-the dq walk and from gate_dk_warpgroups for the gate's dk walk), as the plain walk's two-warpgroup form does:
-they share the chunk's query and key tiles (the dq walk's dO and v, the dk walk's v and dO), which a third
-warpgroup copies in, and each copies out its own out and sums through rings of two tiles; its float32 tiles
-for the entering and final states share their space with the state's copies.
+A walk without the spanned sums may run as one program of two compute warpgroups for two value blocks
+(MosaicWalkConfig.sums_warpgroups for the dq walk, gate_dk_warpgroups for the gate's dk walk, the one walk in
+reverse), as the plain walk's two-warpgroup form does: they share the chunk's query and key tiles (the dq
+walk's dO and v, the dk walk's v and dO), which a third warpgroup copies in, and each copies out its own out
+and sums through rings of two tiles; its float32 tiles for the entering and final states share their space
+with the state's copies.
 """
 
 from __future__ import annotations
@@ -66,10 +66,11 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
     # With the tangent, the state's and its derivative's updates are one product (key^T with the weighted and
     # lagged values side by side) where this jax's Mosaic GPU lowers a concatenate of register arrays.
     joint_update = tangent and lowers_concatenate()
-    # Two compute warpgroups a program (MosaicWalkConfig.sums_warpgroups), each on its own value block, sharing
-    # the chunk's query and key tiles: the walks without the gate's spanned sums (whose [C, C] tiles would not
-    # fit twice).
-    wide = config.sums_warpgroups > 1 and not spanned and nv % 2 == 0
+    # Two compute warpgroups a program (MosaicWalkConfig.sums_warpgroups; in reverse, the gate's dk walk,
+    # gate_dk_warpgroups), each on its own value block, sharing the chunk's query and key tiles: the walks
+    # without the gate's spanned sums (whose [C, C] tiles would not fit twice).
+    wanted = config.gate_dk_warpgroups if reverse else config.sums_warpgroups
+    wide = wanted > 1 and not spanned and nv % 2 == 0
     wgs = 2 if wide else 1
 
     def program(*, log_decay_gmem, q_gmem, k_gmem, v_gmem, rows_gmem, o_gmem, final_gmem, barrier,
