@@ -23,7 +23,7 @@ from experiments.plots import plot_results
 from experiments.records import (RESULTS_DIR, ResultsFile, device_info, device_slug, format_table, results_path,
                                  today, versions)
 from experiments.timing import (Budget, CallTimeout, CompileCounter, compile_jax, jax_sync, jit_cache_size,
-                                time_calls, time_limit, torch_do_bench_ms, torch_sync)
+                                sync_wait_us, time_calls, time_limit, torch_do_bench_ms, torch_sync)
 
 
 def log(budget: Budget, message: str) -> None:
@@ -31,7 +31,8 @@ def log(budget: Budget, message: str) -> None:
 
 
 def measure(impl: Impl, case: Case, op: str, input_sets: list[dict[str, Any]], ref: dict[str, Any],
-            log_decay: np.ndarray, *, target_s: float, min_samples: int = 5) -> dict[str, Any]:
+            log_decay: np.ndarray, *, target_s: float, min_samples: int = 5,
+            sample_floor_s: float = 2e-3) -> dict[str, Any]:
     """Time one implementation on one case; its errors against ``ref``; compile time and recompilations
     (JAX); extra peak memory (fwd_bwd). Returns the record's measured fields."""
     rec: dict[str, Any] = {}
@@ -60,13 +61,15 @@ def measure(impl: Impl, case: Case, op: str, input_sets: list[dict[str, Any]], r
         count = CompileCounter.count()
         for args in arg_sets[1:]:
             jax_sync(bound.jitted(*args))
-        timing = time_calls(bound.jitted, arg_sets, jax_sync, target_s=target_s, min_samples=min_samples)
+        timing = time_calls(bound.jitted, arg_sets, jax_sync, target_s=target_s, min_samples=min_samples,
+                            sample_floor_s=sample_floor_s)
         rec["recompiles_on_new_data"] = CompileCounter.count() - count
         rec["jit_cache_size"] = jit_cache_size(bound.jitted)
     else:
         # Timing first: its first call carries Triton's compilation and autotuning (first_call_s), whose
         # scratch buffers must not count as the peer's memory.
-        timing = time_calls(bound.call, arg_sets, torch_sync, target_s=target_s, min_samples=min_samples)
+        timing = time_calls(bound.call, arg_sets, torch_sync, target_s=target_s, min_samples=min_samples,
+                            sample_floor_s=sample_floor_s)
         if op == "fwd_bwd":
             extra, out_mb = torch_extra_peak_mb(bound.call, arg_sets[0])
             if extra is not None:
@@ -108,7 +111,8 @@ def _record_line(rec: dict[str, Any], label: str) -> str:
 
 def run_benchmark(op: str, cases: Sequence[Case], impls: Sequence[Impl], *, results: ResultsFile,
                   budget: Budget, impl_timeout_s: float, target_s: float, n_sets: int = 3,
-                  min_samples: int = 5, gbps: float, timed_out: set[tuple] | None = None) -> None:
+                  min_samples: int = 5, sample_floor_s: float = 2e-3, gbps: float,
+                  timed_out: set[tuple] | None = None) -> None:
     """Every impl on every case, in order; each record added to ``results`` as soon as it exists.
 
     Inputs and the reference of a case are made only if some implementation runs on it. An implementation
@@ -167,7 +171,7 @@ def run_benchmark(op: str, cases: Sequence[Case], impls: Sequence[Impl], *, resu
                 input_sets, ref = case_data()
                 with time_limit(min(impl_timeout_s, budget.remaining())):
                     rec.update(measure(impl, case, op, input_sets, ref, log_decay, target_s=target_s,
-                                       min_samples=min_samples))
+                                       min_samples=min_samples, sample_floor_s=sample_floor_s))
             except CallTimeout as e:
                 rec.update(ms=None, relerr=None, skipped=f"timeout: {e}")
                 timed_out.add(tune_key)
@@ -199,6 +203,9 @@ def add_common_args(parser) -> None:
                         help="time limit of one autotuning implementation (fla) on one case")
     parser.add_argument("--target-s", type=float, default=None,
                         help="seconds of timed calls per measurement (default 0.25, smoke 0.02)")
+    parser.add_argument("--sample-ms", type=float, default=2.0,
+                        help="the least wall time of one sample's back-to-back calls, which one sync ends "
+                             "(default 2); a longer sample spreads the sync's wake-up over more calls")
     parser.add_argument("--impls", default=None,
                         help="comma-separated implementation names to run (default: all)")
     parser.add_argument("--skip-slow-autotune", action="store_true",
@@ -262,13 +269,17 @@ def run_main(args, op: str, case_groups: Sequence[Sequence[Case]], impls: Sequen
     bandwidth = copy_bandwidth(64 if args.smoke else 1024)
     log(budget, f"copy bandwidth {bandwidth['gbps']:.0f} GB/s (jax {bandwidth['jax_gbps']}, "
         f"torch {bandwidth['torch_gbps']})")
+    sync_wait = sync_wait_us()
+    log(budget, f"a tiny op's enqueue to its sync's return: jax {sync_wait['jax_us']:.0f} us, torch "
+        + ("-" if sync_wait["torch_us"] is None else f"{sync_wait['torch_us']:.0f} us"))
     results = ResultsFile(path, device=slug, date=today(), versions=versions(), device_info=info,
-                          copy_bandwidth=bandwidth, reference=REFERENCE, smoke=bool(args.smoke),
+                          copy_bandwidth=bandwidth, sync_wait_us=sync_wait, reference=REFERENCE,
+                          smoke=bool(args.smoke),
                           decays=GATED_DECAYS if gated else RETNET_DECAYS, scale=SCALE,
                           timing=("median over samples of wall-clock time per call; each sample is back-to-back "
-                                  "calls on rotated input sets followed by one sync (jax.block_until_ready or "
-                                  "torch.cuda.synchronize); torch peers also carry triton's do_bench median as "
-                                  "ms_do_bench"),
+                                  f"calls on rotated input sets lasting at least {args.sample_ms:g} ms, followed "
+                                  "by one sync (jax.block_until_ready or torch.cuda.synchronize); torch peers "
+                                  "also carry triton's do_bench median as ms_do_bench"),
                           memory=("extra_peak_mb = peak device memory of one call above what was live before "
                                   "it, less the call's outputs; JAX: XLA's temp allocation from "
                                   "compiled.memory_analysis() (extra_peak_mb_runtime: device.memory_stats() "
@@ -290,7 +301,8 @@ def run_main(args, op: str, case_groups: Sequence[Sequence[Case]], impls: Sequen
             run_benchmark(op, group, members, results=results, budget=budget,
                           impl_timeout_s=args.impl_timeout_s if kind == "quick" else args.autotune_timeout_s,
                           target_s=target_s, n_sets=2 if args.smoke else 3,
-                          min_samples=2 if args.smoke else 5, gbps=bandwidth["gbps"], timed_out=timed_out)
+                          min_samples=2 if args.smoke else 5, sample_floor_s=args.sample_ms * 1e-3,
+                          gbps=bandwidth["gbps"], timed_out=timed_out)
     cases = [case for group in case_groups for case in group]
     notes = {name: getattr(sys.modules[name], "fleetjax_note") for name in ("fla",)
              if hasattr(sys.modules.get(name), "fleetjax_note")}

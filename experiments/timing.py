@@ -54,7 +54,7 @@ def time_calls(call: Callable[..., Any], arg_sets: Sequence[tuple], sync: Callab
     t0 = _perf()
     sync(call(*arg_sets[1 % n]))
     estimate = max(_perf() - t0, 1e-7)
-    per_sample = int(min(50, max(1, math.ceil(sample_floor_s / estimate))))
+    per_sample = int(min(400, max(1, math.ceil(sample_floor_s / estimate))))
     if estimate > 0.5:
         min_samples = min(min_samples, 3)
     samples = int(min(max_samples, max(min_samples, target_s // (estimate * per_sample))))
@@ -76,6 +76,40 @@ def time_calls(call: Callable[..., Any], arg_sets: Sequence[tuple], sync: Callab
 def jax_sync(out: Any) -> None:
     import jax
     jax.block_until_ready(out)
+
+
+def sync_wait_us(repeats: int = 200) -> dict[str, float | None]:
+    """Median microseconds from enqueueing a tiny device op to its sync's return, JAX and torch.
+
+    The op takes a few microseconds on the GPU, so the time is the host's: dispatch, launch, and the
+    sync's wake-up once the GPU is done. Each sample of :func:`time_calls` pays one sync, shared by its
+    calls; machines of one GPU model can differ in it, so every results file records it.
+    """
+    import jax
+    import jax.numpy as jnp
+    out: dict[str, float | None] = {"jax_us": None, "torch_us": None}
+    x = jnp.ones((8,), jnp.float32)
+    bump = jax.jit(lambda x: x + 1.0)
+    jax_sync(bump(x))
+
+    def median_us(step: Callable[[], None]) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = _perf()
+            step()
+            times.append(_perf() - t0)
+        return statistics.median(times) * 1e6
+
+    out["jax_us"] = median_us(lambda: jax_sync(bump(x)))
+    try:
+        import torch
+        if torch.cuda.is_available():
+            y = torch.ones(8, device="cuda")
+            torch.cuda.synchronize()
+            out["torch_us"] = median_us(lambda: (y.add_(1.0), torch.cuda.synchronize()))
+    except Exception:  # noqa: BLE001 - torch absent: the JAX number stands alone
+        pass
+    return out
 
 
 def torch_sync(out: Any) -> None:

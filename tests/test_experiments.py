@@ -292,6 +292,25 @@ def test_host_wait_times_calls_enqueued_behind_a_long_op():
     assert wait["long_ms"] > 0 and 0 < wait["enqueue_ms"] <= wait["done_ms"]
 
 
+def test_a_longer_sample_holds_more_calls_and_the_file_records_the_sync_wait(tmp_path):
+    """--sample-ms sets how long one sample's calls last before their one sync (so more calls share its
+    wake-up), and every results file records the tiny op's enqueue-to-sync time beside the copy bandwidth."""
+    import jax
+    import jax.numpy as jnp
+    from experiments import bench_forward
+    from experiments.timing import jax_sync, time_calls
+    slow = jax.jit(lambda x: jnp.tanh(x @ x))
+    sets = [(jnp.ones((96, 96)),), (jnp.full((96, 96), 0.5),)]
+    short = time_calls(slow, sets, jax_sync, target_s=0.01, sample_floor_s=0.0)
+    long = time_calls(slow, sets, jax_sync, target_s=0.01, sample_floor_s=0.05)
+    assert short.calls_per_sample == 1 and long.calls_per_sample > 1
+    assert bench_forward.main(["--smoke", "--impls", "fleetjax.xla", "--shapes", "1,16,2,32,32", "--dtypes",
+                               "float32", "--sample-ms", "7", "--out", str(tmp_path)]) == 0
+    [path] = tmp_path.glob("*-forward.json")
+    data = json.loads(path.read_text())
+    assert data["sync_wait_us"]["jax_us"] > 0 and "at least 7 ms" in data["timing"]
+
+
 def test_same_lowering_dumps_the_walks_and_compares_them_names_aside(tmp_path, capsys):
     """experiments/same_lowering: every case of its table is a distinct variant; a dump of two cases (the
     forward walk; the backward with the gate and the decay learned: the dq walk with both sums, dv, dk with
