@@ -23,7 +23,8 @@ from experiments.plots import plot_results
 from experiments.records import (RESULTS_DIR, ResultsFile, device_info, device_slug, format_table, results_path,
                                  today, versions)
 from experiments.timing import (Budget, CallTimeout, CompileCounter, compile_jax, jax_sync, jit_cache_size,
-                                sync_wait_us, time_calls, time_limit, torch_do_bench_ms, torch_sync)
+                                jax_long_op, queued_calls, sync_wait_us, time_calls, time_limit,
+                                torch_do_bench_ms, torch_long_op, torch_sync)
 
 
 def log(budget: Budget, message: str) -> None:
@@ -63,6 +64,7 @@ def measure(impl: Impl, case: Case, op: str, input_sets: list[dict[str, Any]], r
             jax_sync(bound.jitted(*args))
         timing = time_calls(bound.jitted, arg_sets, jax_sync, target_s=target_s, min_samples=min_samples,
                             sample_floor_s=sample_floor_s)
+        queued = queued_calls(bound.jitted, arg_sets, jax_sync, jax_long_op(), call_ms=timing.ms)
         rec["recompiles_on_new_data"] = CompileCounter.count() - count
         rec["jit_cache_size"] = jit_cache_size(bound.jitted)
     else:
@@ -70,13 +72,16 @@ def measure(impl: Impl, case: Case, op: str, input_sets: list[dict[str, Any]], r
         # scratch buffers must not count as the peer's memory.
         timing = time_calls(bound.call, arg_sets, torch_sync, target_s=target_s, min_samples=min_samples,
                             sample_floor_s=sample_floor_s)
+        queued = queued_calls(bound.call, arg_sets, torch_sync, torch_long_op(), call_ms=timing.ms)
         if op == "fwd_bwd":
             extra, out_mb = torch_extra_peak_mb(bound.call, arg_sets[0])
             if extra is not None:
                 rec["extra_peak_mb"], rec["outputs_mb"] = extra, out_mb
         rec["ms_do_bench"] = torch_do_bench_ms(lambda: bound.call(*arg_sets[0]))
     rec.update(ms=timing.ms, ms_min=timing.ms_min, samples=timing.samples,
-               calls_per_sample=timing.calls_per_sample, first_call_s=timing.first_call_s)
+               calls_per_sample=timing.calls_per_sample, first_call_s=timing.first_call_s,
+               ms_queued=queued.ms, enqueue_ms=queued.enqueue_ms, queued_calls=queued.calls,
+               queued_ahead=queued.ahead)
     if rec.get("extra_peak_mb") is not None:
         rec["peak_mb"] = rec["inputs_mb"] + rec.get("outputs_mb", 0.0) + rec["extra_peak_mb"]
 
@@ -104,6 +109,7 @@ def _record_line(rec: dict[str, Any], label: str) -> str:
     relerr = rec.get("relerr")
     return (f"{rec['impl']:22s} {label}: {rec['ms']:.3f} ms (floor {rec['hbm_floor_ms']:.3f}) relerr "
             + ("-" if relerr is None else f"{relerr:.1e}")
+            + (f" queued {rec['ms_queued']:.3f} (host {rec['enqueue_ms']:.3f} a call)" if "ms_queued" in rec else "")
             + (f" compile {rec['compile_s']:.1f}s" if "compile_s" in rec else "")
             + (f" first call {rec['first_call_s']:.1f}s" if rec.get("first_call_s", 0) > 2 else "")
             + (f" extra {rec['extra_peak_mb']:.0f}MB" if rec.get("extra_peak_mb") is not None else ""))
@@ -279,7 +285,11 @@ def run_main(args, op: str, case_groups: Sequence[Sequence[Case]], impls: Sequen
                           timing=("median over samples of wall-clock time per call; each sample is back-to-back "
                                   f"calls on rotated input sets lasting at least {args.sample_ms:g} ms, followed "
                                   "by one sync (jax.block_until_ready or torch.cuda.synchronize); torch peers "
-                                  "also carry triton's do_bench median as ms_do_bench"),
+                                  "also carry triton's do_bench median as ms_do_bench. ms_queued: the calls "
+                                  "enqueued behind a ~20 ms device op and synced once, (all done - that op) / "
+                                  "calls, median of 3 rounds: the device's time per call with the host kept "
+                                  "ahead (queued_ahead false where it was not); enqueue_ms: the host's time to "
+                                  "enqueue one call"),
                           memory=("extra_peak_mb = peak device memory of one call above what was live before "
                                   "it, less the call's outputs; JAX: XLA's temp allocation from "
                                   "compiled.memory_analysis() (extra_peak_mb_runtime: device.memory_stats() "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import signal
 import statistics
@@ -76,6 +77,92 @@ def time_calls(call: Callable[..., Any], arg_sets: Sequence[tuple], sync: Callab
 def jax_sync(out: Any) -> None:
     import jax
     jax.block_until_ready(out)
+
+
+@dataclasses.dataclass
+class Queued:
+    """Device time per call with the host kept ahead (:func:`queued_calls`)."""
+
+    ms: float  # median over rounds of (all done - the long op alone) / calls
+    enqueue_ms: float  # the host's own time per call (dispatch, launches), median over rounds
+    calls: int
+    long_ms: float
+    ahead: bool  # whether the host enqueued every call of every round inside the long op's time
+
+
+def queued_calls(call: Callable[..., Any], arg_sets: Sequence[tuple], sync: Callable[[Any], None],
+                 long_op: Callable[[], Any], *, call_ms: float, rounds: int = 3) -> Queued:
+    """Time per call measured on the device's queue rather than the host's clock: ``long_op()`` (a device
+    op of known length that needs no host) is enqueued first, then enough calls to take about as long,
+    then one sync. While the device works through the long op, the host enqueues the calls; the device
+    then runs them back to back with no wait on the host, so (all done - long op) / calls is the calls'
+    device time. ``enqueue_ms`` is the host's own time per call: where it nears a call's wall-clock time,
+    :func:`time_calls` measured the host. ``ahead`` is False when enqueueing outlasted the long op
+    (then ``ms`` is again partly the host's).
+
+    A first, untimed round leaves the allocator what a round needs, so that the timed rounds do not wait on
+    it. The calls must run in order on one device queue (one JAX device; torch's current stream).
+    """
+    sync(long_op())
+    t0 = _perf()
+    sync(long_op())
+    long_s = _perf() - t0
+    n = len(arg_sets)
+    calls = int(min(400, max(2, round(long_s / max(call_ms * 1e-3, 1e-6)))))
+    times, enqueues, ahead = [], [], True
+    for r in range(rounds + 1):
+        t0 = _perf()
+        head = long_op()
+        for i in range(calls):  # each output dropped at once: the runtime frees it after its call has run
+            last = call(*arg_sets[i % n])
+        t1 = _perf()
+        sync((head, last))  # one stream, in order: the last call done means all are
+        t2 = _perf()
+        del head, last
+        if r == 0:
+            continue
+        times.append(max(t2 - t0 - long_s, 0.0) / calls)
+        enqueues.append((t1 - t0) / calls)
+        ahead = ahead and (t1 - t0) < long_s
+    return Queued(ms=statistics.median(times) * 1e3, enqueue_ms=statistics.median(enqueues) * 1e3,
+                  calls=calls, long_ms=long_s * 1e3, ahead=ahead)
+
+
+@functools.lru_cache(maxsize=None)
+def jax_long_op(target_ms: float = 20.0) -> Callable[[], Any]:
+    """A jitted device op of about ``target_ms`` that reads no host data: float32 products of a fixed
+    matrix, as many as that takes (16 products timed first, on this device, so that one sync's wait does
+    not count as much)."""
+    import jax
+    import jax.numpy as jnp
+    size = 4096 if jax.default_backend() == "gpu" else 256
+    x = jnp.full((size, size), 1.0 / size, jnp.float32)
+
+    def chain(x, count):
+        return jax.lax.fori_loop(0, count, lambda _, y: jnp.tanh(y @ x), x)
+
+    one = jax.jit(chain, static_argnums=1)
+    jax_sync(one(x, 16))
+    t0 = _perf()
+    jax_sync(one(x, 16))
+    per = max(_perf() - t0, 1e-6) / 16
+    count = int(min(10_000, max(1, round(target_ms * 1e-3 / per))))
+    return lambda: one(x, count)
+
+
+@functools.lru_cache(maxsize=None)
+def torch_long_op(target_ms: float = 20.0) -> Callable[[], Any]:
+    """torch.cuda._sleep for about ``target_ms`` on the current stream (its cycles per millisecond timed
+    first, on this device)."""
+    import torch
+    torch.cuda._sleep(1_000_000)
+    torch.cuda.synchronize()
+    t0 = _perf()
+    torch.cuda._sleep(10_000_000)
+    torch.cuda.synchronize()
+    per_ms = 10_000_000 / max((_perf() - t0) * 1e3, 1e-3)
+    cycles = int(per_ms * target_ms)
+    return lambda: torch.cuda._sleep(cycles)
 
 
 def sync_wait_us(repeats: int = 200) -> dict[str, float | None]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -309,6 +310,26 @@ def test_a_longer_sample_holds_more_calls_and_the_file_records_the_sync_wait(tmp
     [path] = tmp_path.glob("*-forward.json")
     data = json.loads(path.read_text())
     assert data["sync_wait_us"]["jax_us"] > 0 and "at least 7 ms" in data["timing"]
+    [record] = [r for r in data["records"] if r.get("ms")]
+    assert record["ms_queued"] > 0 and record["enqueue_ms"] > 0 and record["queued_calls"] >= 2
+
+
+def test_queued_calls_times_the_calls_behind_a_long_device_op():
+    """The queued measurement on the CPU: the long op lasts about what was asked, the call count fills it,
+    and the result carries the host's own time per call and whether the host stayed ahead."""
+    import jax
+    import jax.numpy as jnp
+    from experiments.timing import Queued, jax_long_op, jax_sync, queued_calls
+    long_op = jax_long_op(10.0)
+    assert jax_long_op(10.0) is long_op  # built once per length
+    t0 = time.perf_counter()
+    jax_sync(long_op())
+    assert 2e-3 < time.perf_counter() - t0 < 0.2
+    step = jax.jit(lambda x: jnp.tanh(x @ x))
+    sets = [(jnp.ones((64, 64)),), (jnp.full((64, 64), 0.5),)]
+    queued = queued_calls(step, sets, jax_sync, long_op, call_ms=1.0)
+    assert isinstance(queued, Queued) and 2 <= queued.calls <= 400
+    assert queued.ms >= 0 and queued.enqueue_ms > 0 and queued.long_ms > 0 and isinstance(queued.ahead, bool)
 
 
 def test_same_lowering_dumps_the_walks_and_compares_them_names_aside(tmp_path, capsys):
