@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Any, Callable, Iterator, Sequence
 
-from experiments.memory import xla_memory_mb
+from experiments.memory import tree_bytes, xla_memory_mb
 
 
 @dataclasses.dataclass
@@ -91,7 +91,8 @@ class Queued:
 
 
 def queued_calls(call: Callable[..., Any], arg_sets: Sequence[tuple], sync: Callable[[Any], None],
-                 long_op: Callable[[], Any], *, call_ms: float, rounds: int = 3) -> Queued:
+                 long_op: Callable[[], Any], *, call_ms: float, rounds: int = 3,
+                 pending_bytes: int = 4 << 30) -> Queued:
     """Time per call measured on the device's queue rather than the host's clock: ``long_op()`` (a device
     op of known length that needs no host) is enqueued first, then enough calls to take about as long,
     then one sync. While the device works through the long op, the host enqueues the calls; the device
@@ -101,14 +102,21 @@ def queued_calls(call: Callable[..., Any], arg_sets: Sequence[tuple], sync: Call
     (then ``ms`` is again partly the host's).
 
     A first, untimed round leaves the allocator what a round needs, so that the timed rounds do not wait on
-    it. The calls must run in order on one device queue (one JAX device; torch's current stream).
+    it. The calls must run in order on one device queue (one JAX device; torch's current stream). A call's
+    outputs may hold memory until it has run, so the count also keeps the pending outputs within
+    ``pending_bytes``.
     """
     sync(long_op())
     t0 = _perf()
     sync(long_op())
     long_s = _perf() - t0
     n = len(arg_sets)
-    calls = int(min(400, max(2, round(long_s / max(call_ms * 1e-3, 1e-6)))))
+    probe = call(*arg_sets[0])
+    sync(probe)
+    out_bytes = max(tree_bytes(probe), 1)
+    del probe
+    calls = int(min(400, pending_bytes // out_bytes, round(long_s / max(call_ms * 1e-3, 1e-6))))
+    calls = max(2, calls)
     times, enqueues, ahead = [], [], True
     for r in range(rounds + 1):
         t0 = _perf()

@@ -330,6 +330,8 @@ def test_queued_calls_times_the_calls_behind_a_long_device_op():
     queued = queued_calls(step, sets, jax_sync, long_op, call_ms=1.0)
     assert isinstance(queued, Queued) and 2 <= queued.calls <= 400
     assert queued.ms >= 0 and queued.enqueue_ms > 0 and queued.long_ms > 0 and isinstance(queued.ahead, bool)
+    # The pending outputs' bound: 64 * 64 float32 is 16 KiB a call, so 40 KiB allows two calls.
+    assert queued_calls(step, sets, jax_sync, long_op, call_ms=0.01, pending_bytes=40 << 10).calls == 2
 
 
 def test_same_lowering_dumps_the_walks_and_compares_them_names_aside(tmp_path, capsys):
