@@ -64,7 +64,7 @@ def measure(impl: Impl, case: Case, op: str, input_sets: list[dict[str, Any]], r
             jax_sync(bound.jitted(*args))
         timing = time_calls(bound.jitted, arg_sets, jax_sync, target_s=target_s, min_samples=min_samples,
                             sample_floor_s=sample_floor_s)
-        queued = queued_calls(bound.jitted, arg_sets, jax_sync, jax_long_op(), call_ms=timing.ms)
+        queued = _queued(bound.jitted, arg_sets, jax_sync, jax_long_op, timing.ms)
         rec["recompiles_on_new_data"] = CompileCounter.count() - count
         rec["jit_cache_size"] = jit_cache_size(bound.jitted)
     else:
@@ -72,16 +72,14 @@ def measure(impl: Impl, case: Case, op: str, input_sets: list[dict[str, Any]], r
         # scratch buffers must not count as the peer's memory.
         timing = time_calls(bound.call, arg_sets, torch_sync, target_s=target_s, min_samples=min_samples,
                             sample_floor_s=sample_floor_s)
-        queued = queued_calls(bound.call, arg_sets, torch_sync, torch_long_op(), call_ms=timing.ms)
+        queued = _queued(bound.call, arg_sets, torch_sync, torch_long_op, timing.ms)
         if op == "fwd_bwd":
             extra, out_mb = torch_extra_peak_mb(bound.call, arg_sets[0])
             if extra is not None:
                 rec["extra_peak_mb"], rec["outputs_mb"] = extra, out_mb
         rec["ms_do_bench"] = torch_do_bench_ms(lambda: bound.call(*arg_sets[0]))
     rec.update(ms=timing.ms, ms_min=timing.ms_min, samples=timing.samples,
-               calls_per_sample=timing.calls_per_sample, first_call_s=timing.first_call_s,
-               ms_queued=queued.ms, enqueue_ms=queued.enqueue_ms, queued_calls=queued.calls,
-               queued_ahead=queued.ahead)
+               calls_per_sample=timing.calls_per_sample, first_call_s=timing.first_call_s, **queued)
     if rec.get("extra_peak_mb") is not None:
         rec["peak_mb"] = rec["inputs_mb"] + rec.get("outputs_mb", 0.0) + rec["extra_peak_mb"]
 
@@ -101,6 +99,19 @@ def measure(impl: Impl, case: Case, op: str, input_sets: list[dict[str, Any]], r
         grads = [rec[f"relerr_{n}"] for n in ("dq", "dk", "dv") if f"relerr_{n}" in rec]
         rec["relerr"] = None if not grads or any(g is None for g in grads) else max(grads)
     return rec
+
+
+def _queued(call, arg_sets: list[tuple], sync, long_op, call_ms: float) -> dict[str, Any]:
+    """queued_calls' fields for the record; a failure is recorded, not raised (a second measure must not
+    lose the record's first)."""
+    try:
+        queued = queued_calls(call, arg_sets, sync, long_op(), call_ms=call_ms)
+    except CallTimeout:  # the step's time limit stays the step's
+        raise
+    except Exception as e:  # noqa: BLE001
+        return {"queued_error": f"{type(e).__name__}: {e}"[:300]}
+    return dict(ms_queued=queued.ms, enqueue_ms=queued.enqueue_ms, queued_calls=queued.calls,
+                queued_ahead=queued.ahead)
 
 
 def _record_line(rec: dict[str, Any], label: str) -> str:
