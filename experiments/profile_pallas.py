@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 
 import fleetjax  # noqa: E402
 from experiments.inputs import retnet_log_decay  # noqa: E402
-from experiments.timing import jax_sync, time_calls  # noqa: E402
+from experiments.timing import jax_long_op, jax_sync, time_calls  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,31 +133,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def host_wait(fn, xs: tuple, calls: int = 10, size: int = 8192) -> dict:
-    """Whether ``fn(*xs)`` waits on the host for the GPU: a long XLA op (six float32 [size, size] products)
+def host_wait(fn, xs: tuple, calls: int = 10) -> dict:
+    """Whether ``fn(*xs)`` waits on the host for the GPU: a long device op (timing.jax_long_op, about 20 ms)
     is enqueued, then ``calls`` calls of fn. Without a wait in fn the host enqueues them while the GPU is busy
     with the long op, in far less than its time; with one, the first call blocks until the long op is done.
     Without a wait, enqueue_ms / calls is the host's own time per call (dispatch, launches): where it nears a
     call's wall time, the calls are bound by the host. Returns the long op's time alone (long_ms), the time to
     enqueue the calls behind it (enqueue_ms) and until everything is done (done_ms), ms."""
-    x = jnp.ones((size, size), jnp.float32)
-
-    @jax.jit
-    def long(x):
-        for _ in range(6):
-            x = jnp.tanh(x @ x * (1.0 / size))
-        return x
-
-    jax.block_until_ready((long(x), fn(*xs)))
+    long_op = jax_long_op()
+    jax.block_until_ready((long_op(), fn(*xs)))
     # One untimed round as the timed one: the allocator then holds the memory of ``calls`` outstanding calls.
     # Without it (XLA_PYTHON_CLIENT_PREALLOCATE=false) each call grew the pool in the timed round and waited:
     # 5.7 ms a forward call enqueued against its 0.52 ms (H100, 2026-12-05).
-    jax.block_until_ready((long(x), [fn(*xs) for _ in range(calls)]))
+    jax.block_until_ready((long_op(), [fn(*xs) for _ in range(calls)]))
     t0 = time.perf_counter()
-    jax.block_until_ready(long(x))
+    jax.block_until_ready(long_op())
     long_ms = (time.perf_counter() - t0) * 1e3
     t0 = time.perf_counter()
-    y = long(x)
+    y = long_op()
     outs = [fn(*xs) for _ in range(calls)]
     t1 = time.perf_counter()
     jax.block_until_ready((y, outs))

@@ -288,7 +288,7 @@ def test_host_wait_times_calls_enqueued_behind_a_long_op():
     import jax
     import jax.numpy as jnp
     from experiments import profile_pallas
-    wait = profile_pallas.host_wait(jax.jit(lambda x: 2 * x), (jnp.ones(8),), calls=3, size=128)
+    wait = profile_pallas.host_wait(jax.jit(lambda x: 2 * x), (jnp.ones(8),), calls=3)
     assert set(wait) == {"long_ms", "calls", "enqueue_ms", "done_ms"} and wait["calls"] == 3
     assert wait["long_ms"] > 0 and 0 < wait["enqueue_ms"] <= wait["done_ms"]
 
