@@ -1,6 +1,6 @@
 """Whether the backward's dq sums walk, latency-bound at one program an SM, gains from running on a second GPU
 stream beside the dv and dk walks (memory-bound): the op's fwd+bwd with the decay learned, as the benchmarks
-time it, with the Mosaic dq sums walk as it is and wrapped in ``jax.experimental.compute_on.compute_on2`` on
+time it, with the Mosaic dq sums walk as it is and wrapped in ``jax.experimental.compute_on.compute_on`` on
 ``gpu_stream:N`` (XLA's stream annotation: an async start/done pair around the walk, the other walks free to
 run between them on the main stream). The two forms alternate (A, B, A, B, ...), their gradients are compared
 bitwise, and the annotated module is checked to hold the annotation.
@@ -36,18 +36,17 @@ SHAPES = ((4, 16384, 16), (4, 4096, 16), (1, 32768, 8))
 
 
 def on_stream(fn, stream: int):
-    """``fn`` with its array arguments (positional, and keyword ones that are arrays) traced into a
-    computation that XLA runs on GPU stream ``stream``; its other keyword arguments stay static."""
-    from jax._src import core  # MemorySpace: compute_on2 asks where each output lives
-    from jax.experimental.compute_on import compute_on2
+    """``fn`` with its array arguments (positional, and keyword ones that are arrays) traced into a jitted
+    computation that XLA runs on GPU stream ``stream`` (``compute_on``'s context around a jit call: the form
+    that jax 0.10 and 0.11 both lower); its other keyword arguments stay static."""
+    from jax.experimental.compute_on import compute_on
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
         arrays = {name: x for name, x in kwargs.items() if isinstance(x, jax.Array)}
         static = {name: x for name, x in kwargs.items() if name not in arrays}
-        body = lambda args, arrays: fn(*args, **arrays, **static)  # noqa: E731
-        return compute_on2(body, compute_type=f"gpu_stream:{stream}",
-                           out_memory_spaces=core.MemorySpace.Device)(args, arrays)
+        with compute_on(f"gpu_stream:{stream}"):
+            return jax.jit(lambda args, arrays: fn(*args, **arrays, **static))(args, arrays)
     return call
 
 
@@ -82,9 +81,10 @@ def main(argv: list[str] | None = None) -> int:
             with patch:  # a fresh function per form: a cached trace would keep the other form's walk
                 lowered = jax.jit(lambda *a: fwd_bwd(*a)).lower(*sets[0])
                 compiled[form] = lowered.compile()
-            text = compiled[form].as_text() or ""
-            annotated = "_xla_stream_annotation" in text or "async" in text.lower()
-            print(f"B{B} H{H} T{T} {form}: annotation in the compiled module: {annotated}", flush=True)
+            annotated = "_xla_stream_annotation" in lowered.as_text()
+            starts = (compiled[form].as_text() or "").count("-start")
+            print(f"B{B} H{H} T{T} {form}: stream annotation in the lowered module: {annotated}; async starts in "
+                  f"the compiled one: {starts}", flush=True)
         outs = {form: jax.device_get(c(*sets[0])) for form, c in compiled.items()}
         same = all(np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True)
                    for a, b in zip(jax.tree.leaves(outs["default"]), jax.tree.leaves(outs["stream"])))
