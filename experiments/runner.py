@@ -111,7 +111,7 @@ def _queued(call, arg_sets: list[tuple], sync, long_op, call_ms: float) -> dict[
     except Exception as e:  # noqa: BLE001
         return {"queued_error": f"{type(e).__name__}: {e}"[:300]}
     return dict(ms_queued=queued.ms, enqueue_ms=queued.enqueue_ms, queued_calls=queued.calls,
-                queued_ahead=queued.ahead)
+                queued_heads=queued.heads, queued_ahead=queued.ahead)
 
 
 def _record_line(rec: dict[str, Any], label: str) -> str:
@@ -296,9 +296,10 @@ def run_main(args, op: str, case_groups: Sequence[Sequence[Case]], impls: Sequen
                           timing=("median over samples of wall-clock time per call; each sample is back-to-back "
                                   f"calls on rotated input sets lasting at least {args.sample_ms:g} ms, followed "
                                   "by one sync (jax.block_until_ready or torch.cuda.synchronize); torch peers "
-                                  "also carry triton's do_bench median as ms_do_bench. ms_queued: the calls "
-                                  "enqueued behind a ~20 ms device op and synced once, (all done - that op) / "
-                                  "calls, median of 3 rounds: the device's time per call with the host kept "
+                                  "also carry triton's do_bench median as ms_do_bench. ms_queued: at least 8 calls "
+                                  "enqueued behind ~20 ms device ops (queued_heads of them, as many as the calls "
+                                  "last) and synced once, (all done - those ops alone, timed in the same round) "
+                                  "/ calls, median of 3 rounds: the device's time per call with the host kept "
                                   "ahead (queued_ahead false where it was not); enqueue_ms: the host's time to "
                                   "enqueue one call"),
                           memory=("extra_peak_mb = peak device memory of one call above what was live before "

@@ -83,23 +83,31 @@ def jax_sync(out: Any) -> None:
 class Queued:
     """Device time per call with the host kept ahead (:func:`queued_calls`)."""
 
-    ms: float  # median over rounds of (all done - the long op alone) / calls
+    ms: float  # median over rounds of (the head and the calls done - the head alone, that round) / calls
     enqueue_ms: float  # the host's own time per call (dispatch, launches), median over rounds
     calls: int
-    long_ms: float
-    ahead: bool  # whether the host enqueued every call of every round inside the long op's time
+    long_ms: float  # the head alone (``heads`` long ops), median over rounds
+    ahead: bool  # whether the host enqueued every call of every round inside the head's time
+    heads: int = 1  # long ops enqueued before the calls
 
 
 def queued_calls(call: Callable[..., Any], arg_sets: Sequence[tuple], sync: Callable[[Any], None],
-                 long_op: Callable[[], Any], *, call_ms: float, rounds: int = 3,
-                 pending_bytes: int = 4 << 30) -> Queued:
+                 long_op: Callable[[], Any], *, call_ms: float, rounds: int = 3, min_calls: int = 8,
+                 pending_bytes: int = 8 << 30) -> Queued:
     """Time per call measured on the device's queue rather than the host's clock: ``long_op()`` (a device
-    op of known length that needs no host) is enqueued first, then enough calls to take about as long,
-    then one sync. While the device works through the long op, the host enqueues the calls; the device
-    then runs them back to back with no wait on the host, so (all done - long op) / calls is the calls'
-    device time. ``enqueue_ms`` is the host's own time per call: where it nears a call's wall-clock time,
-    :func:`time_calls` measured the host. ``ahead`` is False when enqueueing outlasted the long op
-    (then ``ms`` is again partly the host's).
+    op of known length that needs no host) is enqueued first, then the calls, then one sync. While the
+    device works through the long op, the host enqueues the calls; the device then runs them back to back
+    with no wait on the host, so (all done - long op) / calls is the calls' device time. ``enqueue_ms`` is
+    the host's own time per call: where it nears a call's wall-clock time, :func:`time_calls` measured the
+    host. ``ahead`` is False when enqueueing outlasted the long op (then ``ms`` is again partly the host's).
+
+    Each round times the head alone just before the head with the calls, and the difference is the calls'.
+    With one timing of the long op for every round and as few calls as fit in one long op, fwd+bwd at
+    T=16384 (three and four calls) read 12% and 20% below the wall clock's fastest sample on an H200
+    (2026-12-06) while fla's four calls agreed within 2%: the long op's own jitter (a compute-bound op
+    follows the SM clock) and its sync's wait fall on a few calls. So at least ``min_calls`` calls (the
+    pending outputs' bound aside), behind as many long ops as their ``call_ms`` (a wall-clock time, so at
+    least the host's) asks, and the head timed again in every round.
 
     A first, untimed round leaves the allocator what a round needs, so that the timed rounds do not wait on
     it. The calls must run in order on one device queue (one JAX device; torch's current stream). A call's
@@ -115,25 +123,35 @@ def queued_calls(call: Callable[..., Any], arg_sets: Sequence[tuple], sync: Call
     sync(probe)
     out_bytes = max(tree_bytes(probe), 1)
     del probe
-    calls = int(min(400, pending_bytes // out_bytes, round(long_s / max(call_ms * 1e-3, 1e-6))))
+    call_s = max(call_ms * 1e-3, 1e-6)
+    calls = int(min(400, pending_bytes // out_bytes, max(min_calls, round(long_s / call_s))))
     calls = max(2, calls)
-    times, enqueues, ahead = [], [], True
+    heads = max(1, math.ceil(calls * call_s / long_s))
+
+    def head():
+        return [long_op() for _ in range(heads)]
+
+    times, enqueues, longs, ahead = [], [], [], True
     for r in range(rounds + 1):
         t0 = _perf()
-        head = long_op()
+        sync(head())
+        alone = _perf() - t0
+        t0 = _perf()
+        first = head()
         for i in range(calls):  # each output dropped at once: the runtime frees it after its call has run
             last = call(*arg_sets[i % n])
         t1 = _perf()
-        sync((head, last))  # one stream, in order: the last call done means all are
+        sync((first, last))  # one stream, in order: the last call done means all are
         t2 = _perf()
-        del head, last
+        del first, last
         if r == 0:
             continue
-        times.append(max(t2 - t0 - long_s, 0.0) / calls)
+        times.append(max(t2 - t0 - alone, 0.0) / calls)
         enqueues.append((t1 - t0) / calls)
-        ahead = ahead and (t1 - t0) < long_s
+        longs.append(alone)
+        ahead = ahead and (t1 - t0) < alone
     return Queued(ms=statistics.median(times) * 1e3, enqueue_ms=statistics.median(enqueues) * 1e3,
-                  calls=calls, long_ms=long_s * 1e3, ahead=ahead)
+                  calls=calls, long_ms=statistics.median(longs) * 1e3, ahead=ahead, heads=heads)
 
 
 @functools.lru_cache(maxsize=None)

@@ -330,6 +330,10 @@ def test_queued_calls_times_the_calls_behind_a_long_device_op():
     queued = queued_calls(step, sets, jax_sync, long_op, call_ms=1.0)
     assert isinstance(queued, Queued) and 2 <= queued.calls <= 400
     assert queued.ms >= 0 and queued.enqueue_ms > 0 and queued.long_ms > 0 and isinstance(queued.ahead, bool)
+    assert queued.calls >= 8 and queued.heads >= 1  # at least min_calls, the host's time covered by the head
+    # Calls of about the long op's length: still at least min_calls, behind as many long ops as they last.
+    long = queued_calls(step, sets, jax_sync, long_op, call_ms=10.0, min_calls=3, rounds=1)
+    assert long.calls == 3 and long.heads >= 3 and long.long_ms > 0  # 30 ms of calls behind ~10 ms ops
     # The pending outputs' bound: 64 * 64 float32 is 16 KiB a call, so 40 KiB allows two calls.
     assert queued_calls(step, sets, jax_sync, long_op, call_ms=0.01, pending_bytes=40 << 10).calls == 2
 
