@@ -39,14 +39,26 @@ def on_stream(fn, stream: int):
     """``fn`` with its array arguments (positional, and keyword ones that are arrays) traced into a jitted
     computation that XLA runs on GPU stream ``stream`` (``compute_on``'s context around a jit call: the form
     that jax 0.10 and 0.11 both lower); its other keyword arguments stay static."""
-    from jax.experimental.compute_on import compute_on
+    import inspect
+
+    from jax._src import core  # MemorySpace: the function form asks where each output lives
+    from jax.experimental import compute_on as module
+    # jax 0.10 has the context manager compute_on and the function form compute_on2; jax 0.11 has the
+    # function form alone, named compute_on.
+    function_form = getattr(module, "compute_on2", None)
+    if function_form is None and "compute_type" in inspect.signature(module.compute_on).parameters:
+        function_form = module.compute_on
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
         arrays = {name: x for name, x in kwargs.items() if isinstance(x, jax.Array)}
         static = {name: x for name, x in kwargs.items() if name not in arrays}
-        with compute_on(f"gpu_stream:{stream}"):
-            return jax.jit(lambda args, arrays: fn(*args, **arrays, **static))(args, arrays)
+        body = lambda args, arrays: fn(*args, **arrays, **static)  # noqa: E731
+        if function_form is not None:
+            return function_form(body, compute_type=f"gpu_stream:{stream}",
+                                 out_memory_spaces=core.MemorySpace.Device)(args, arrays)
+        with module.compute_on(f"gpu_stream:{stream}"):
+            return jax.jit(body)(args, arrays)
     return call
 
 
