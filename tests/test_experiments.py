@@ -230,6 +230,26 @@ def test_the_wide_walk_probe_lowers_for_sm_90(capsys):
     assert capsys.readouterr().out.count("1 Mosaic GPU kernel") == 4
 
 
+def test_the_streams_probe_moves_a_call_to_an_annotated_stream_and_keeps_its_results():
+    """experiments/probe_streams.on_stream: positional and array keyword arguments traced, the other keyword
+    arguments static, the results bitwise the function's own, and the call annotated for GPU stream 2 in the
+    lowered module (XLA's GPU compiler turns it into an async start/done pair; the CPU ignores it)."""
+    import jax
+    import jax.numpy as jnp
+    from experiments.probe_streams import on_stream
+
+    def walk(x, *, scale, weights, name):
+        assert isinstance(scale, float) and name == "w"  # stayed static
+        return {"out": jnp.tanh(x * scale) @ weights, "none": None}
+
+    x, weights = jnp.arange(12.0).reshape(3, 4) / 7, jnp.ones((4, 2)) / 3
+    moved = on_stream(walk, 2)
+    f = jax.jit(lambda x, weights: moved(x, scale=0.5, weights=weights, name="w"))
+    assert '_xla_stream_annotation = "2"' in f.lower(x, weights).as_text()
+    got, want = f(x, weights), walk(x, scale=0.5, weights=weights, name="w")
+    assert got["none"] is None and np.array_equal(np.asarray(got["out"]), np.asarray(want["out"]))
+
+
 def test_walk_ops_counts_each_walks_chunk_loop(tmp_path, capsys):
     """experiments/walk_ops: the walks lowered for sm_90 on this host, each chunk loop's ops counted. The
     forward walk and the backward's three (dq with the decay's sums, dv, dk: identical modules lower once, so
