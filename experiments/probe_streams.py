@@ -1,6 +1,7 @@
 """Whether the backward's dq sums walk, latency-bound at one program an SM, gains from running on a second GPU
-stream beside the dv and dk walks (memory-bound): the op's fwd+bwd with the decay learned, as the benchmarks
-time it, with the Mosaic dq sums walk as it is and wrapped in ``jax.experimental.compute_on.compute_on`` on
+stream beside the dv and dk walks (memory-bound): the op's gradients with the decay learned (the gradients
+alone: the Pallas VJP keeps only the inputs as residuals, so XLA drops the forward walk and this times the
+backward's kernels), with the Mosaic dq sums walk as it is and wrapped in ``jax.experimental.compute_on.compute_on`` on
 ``gpu_stream:N`` (XLA's stream annotation: an async start/done pair around the walk, the other walks free to
 run between them on the main stream). The two forms alternate (A, B, A, B, ...), their gradients are compared
 bitwise, and the annotated module is checked to hold the annotation.
