@@ -220,9 +220,10 @@ def add_common_args(parser) -> None:
                         help="time limit of one autotuning implementation (fla) on one case")
     parser.add_argument("--target-s", type=float, default=None,
                         help="seconds of timed calls per measurement (default 0.25, smoke 0.02)")
-    parser.add_argument("--sample-ms", type=float, default=2.0,
+    parser.add_argument("--sample-ms", type=float, default=20.0,
                         help="the least wall time of one sample's back-to-back calls, which one sync ends "
-                             "(default 2); a longer sample spreads the sync's wake-up over more calls")
+                             "(default 20, 2 before 2026-12-06); a longer sample spreads the sync's wake-up "
+                             "over more calls, as a training loop that syncs rarely does")
     parser.add_argument("--impls", default=None,
                         help="comma-separated implementation names to run (default: all)")
     parser.add_argument("--skip-slow-autotune", action="store_true",
