@@ -1,8 +1,8 @@
 """Whether the backward's dq sums walk, latency-bound at one program an SM, gains from running on a second GPU
 stream beside the dv and dk walks (memory-bound): the op's gradients with the decay learned (the gradients
 alone: the Pallas VJP keeps only the inputs as residuals, so XLA drops the forward walk and this times the
-backward's kernels), with the Mosaic dq sums walk as it is and wrapped in ``jax.experimental.compute_on.compute_on`` on
-``gpu_stream:N`` (XLA's stream annotation: an async start/done pair around the walk, the other walks free to
+backward's kernels), with the Mosaic dq sums walk as it is and wrapped in ``jax.experimental.compute_on``
+on ``gpu_stream:N`` (XLA's stream annotation: an async start/done pair around the walk, the other walks free to
 run between them on the main stream). The two forms alternate (A, B, A, B, ...), their gradients are compared
 bitwise, and the annotated module is checked to hold the annotation.
 
@@ -37,9 +37,9 @@ SHAPES = ((4, 16384, 16), (4, 4096, 16), (1, 32768, 8))
 
 
 def on_stream(fn, stream: int):
-    """``fn`` with its array arguments (positional, and keyword ones that are arrays) traced into a jitted
-    computation that XLA runs on GPU stream ``stream`` (``compute_on``'s context around a jit call: the form
-    that jax 0.10 and 0.11 both lower); its other keyword arguments stay static."""
+    """``fn`` with its array arguments (positional, and keyword ones that are arrays) traced into a
+    computation that XLA runs on GPU stream ``stream``; its other keyword arguments stay static. Through
+    ``compute_on``'s function form where this jax has one, else its context around a jit call."""
     import inspect
 
     from jax._src import core  # MemorySpace: the function form asks where each output lives
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(2)]
         decay = jnp.exp(jnp.asarray(retnet_log_decay(H)))
 
-        def fwd_bwd(q, k, v, do):
+        def grads(q, k, v, do):
             attend = lambda q, k, v, d: fleetjax.fleet_attention(q, k, v, d, scale=K ** -0.5,  # noqa: E731
                                                                  implementation="pallas")
             return jax.vjp(attend, q, k, v, decay)[1](do)
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                      if form == "stream" else mock.patch.object(mosaic_backward, "sums_walk",
                                                                 mosaic_backward.sums_walk))
             with patch:  # a fresh function per form: a cached trace would keep the other form's walk
-                lowered = jax.jit(lambda *a: fwd_bwd(*a)).lower(*sets[0])
+                lowered = jax.jit(lambda *a: grads(*a)).lower(*sets[0])
                 compiled[form] = lowered.compile()
             annotated = "_xla_stream_annotation" in lowered.as_text()
             starts = (compiled[form].as_text() or "").count("-start")

@@ -101,13 +101,13 @@ def queued_calls(call: Callable[..., Any], arg_sets: Sequence[tuple], sync: Call
     the host's own time per call: where it nears a call's wall-clock time, :func:`time_calls` measured the
     host. ``ahead`` is False when enqueueing outlasted the long op (then ``ms`` is again partly the host's).
 
-    Each round times the head alone just before the head with the calls, and the difference is the calls'.
-    With one timing of the long op for every round and as few calls as fit in one long op, fwd+bwd at
-    T=16384 (three and four calls) read 12% and 20% below the wall clock's fastest sample on an H200
-    (2026-12-06) while fla's four calls agreed within 2%: the long op's own jitter (a compute-bound op
-    follows the SM clock) and its sync's wait fall on a few calls. So at least ``min_calls`` calls (the
-    pending outputs' bound aside), behind as many long ops as their ``call_ms`` (a wall-clock time, so at
-    least the host's) asks, and the head timed again in every round.
+    Each round times the head alone just before the head with the calls, and the difference is the calls':
+    at least ``min_calls`` calls (the pending outputs' bound aside), behind as many long ops as their
+    ``call_ms`` (a wall-clock time, so at least the host's) asks. Thus the long op's own jitter (a
+    compute-bound op follows the SM clock) and its sync's wait are shared by more calls. With one timing of
+    the long op for every round and three or four calls, fwd+bwd at T=16384 read 12% and 20% below the wall
+    clock's fastest sample on an H200; with this form, seven and eight calls read 4% and 3% below it on an
+    H100 (2026-12-06). What remains of the gap is not explained.
 
     A first, untimed round leaves the allocator what a round needs, so that the timed rounds do not wait on
     it. The calls must run in order on one device queue (one JAX device; torch's current stream). A call's
