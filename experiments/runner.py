@@ -302,9 +302,8 @@ def run_main(args, op: str, case_groups: Sequence[Sequence[Case]], impls: Sequen
                                   "their outputs would not fit) enqueued behind such ops (queued_heads of them, "
                                   "as many as the calls last) and synced once, (all done - those ops alone, "
                                   "timed in the same round) / calls, median of 3 rounds: the device's time per "
-                                  "call with the host kept "
-                                  "ahead (queued_ahead false where it was not); enqueue_ms: the host's time to "
-                                  "enqueue one call"),
+                                  "call with the host kept ahead (queued_ahead false where it was not); "
+                                  "enqueue_ms: the host's time to enqueue one call"),
                           memory=("extra_peak_mb = peak device memory of one call above what was live before "
                                   "it, less the call's outputs; JAX: XLA's temp allocation from "
                                   "compiled.memory_analysis() (extra_peak_mb_runtime: device.memory_stats() "
