@@ -11,6 +11,14 @@ against both. Where each call's time goes, kernel by kernel (``--untimed``: the 
         --ops fwd_bwd --calls 3 --untimed > split.csv
     python -m experiments.profile_pallas --split split.csv     # the last call's kernels, longest first
 
+What each kernel of one call moves through HBM (``--traffic``): its DRAM bytes read and written, the rate
+they moved at, and how many [B, T, H, V] tensors of the run's shape and dtype that is (a walk that reads a
+tensor twice where the L2 cache does not keep it shows here):
+
+    ncu --csv --clock-control none --metrics "$(python -m experiments.profile_pallas --traffic-metrics)" \
+        python -m experiments.profile_pallas --ops fwd_bwd --calls 3 --untimed > traffic.csv
+    python -m experiments.profile_pallas --traffic traffic.csv   # the same --B --T --H --V --dtype
+
 What each kernel of one call waits on (``--stalls``): the warps' stall reasons, in cycles per issued
 instruction, and the busiest pipes, from ncu's counters (a few minutes: ncu replays each kernel per group of
 counters):
@@ -29,6 +37,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import gzip
 import json
 import sys
 import time
@@ -70,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
                     "gpu__time_duration.sum, and exit")
     ap.add_argument("--stalls", metavar="CSV", help="print the last call's kernels' stall reasons and busiest "
                     "pipes from ncu's --csv output of --stall-metrics, and exit")
+    ap.add_argument("--traffic", metavar="CSV", help="print the last call's kernels' DRAM bytes, their rate and "
+                    "their count in [B, T, H, V] tensors from ncu's --csv output of --traffic-metrics, and exit")
+    ap.add_argument("--traffic-metrics", action="store_true", help="print the ncu --metrics argument that "
+                    "--traffic reads, and exit")
     ap.add_argument("--stall-metrics", action="store_true", help="print the ncu --metrics argument that "
                     "--stalls reads, and exit")
     args = ap.parse_args(argv)
@@ -78,6 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.stall_metrics:
         print(",".join(STALL_METRICS))
+        return 0
+    if args.traffic_metrics:
+        print(",".join(TRAFFIC_METRICS))
+        return 0
+    if args.traffic:
+        tensor = args.B * args.T * args.H * args.V * jnp.dtype(args.dtype).itemsize
+        print_traffic(args.traffic, tensor_bytes=tensor)
         return 0
     if args.stalls:
         print_stalls(args.stalls)
@@ -183,11 +203,14 @@ STALL_METRICS = ("gpu__time_duration.sum", "smsp__issue_active.avg.per_cycle_act
                  "l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum",
                  *(f"{_STALL}{reason}_per_issue_active.ratio" for reason in STALL_REASONS),
                  rf"regex:{_PIPE}.*_cycles_active\.avg\.pct_of_peak_sustained_active")
+TRAFFIC_METRICS = ("gpu__time_duration.sum", "dram__bytes_read.sum", "dram__bytes_write.sum")
+_BYTES = {"byte": 1.0, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "KB": 1e3, "MB": 1e6, "GB": 1e9}
 
 
 def _csv_rows(path: str) -> list[dict]:
-    """ncu's --csv rows (one per kernel launch and metric); its own log lines are not quoted."""
-    with open(path, newline="") as f:
+    """ncu's --csv rows (one per kernel launch and metric), from a file or its gzip (the committed ones); its
+    own log lines are not quoted."""
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "rt", newline="") as f:
         return list(csv.DictReader(line for line in f if line.startswith('"')))
 
 
@@ -197,6 +220,48 @@ def _number(value: str) -> float:
         return float(value.replace(",", ""))
     except ValueError:
         return float("nan")
+
+
+def _last_call_launches(path: str) -> list[dict]:
+    """The last call's kernel launches from ncu's CSV (one row per launch and metric), in launch order: each
+    one's name, grid and metrics ({name: (value, unit)})."""
+    launches: dict[str, dict] = {}
+    for r in _csv_rows(path):
+        launch = launches.setdefault(r["ID"], dict(name=r["Kernel Name"], grid=r["Grid Size"], metrics={}))
+        launch["metrics"][r["Metric Name"]] = (_number(r["Metric Value"]), r["Metric Unit"])
+    launches = list(launches.values())
+    return launches[-last_call([launch["name"] for launch in launches]):]
+
+
+def traffic_table(path: str) -> list[dict]:
+    """The last call's kernels from ncu's CSV of TRAFFIC_METRICS, longest first: name, grid, ms, DRAM bytes
+    read and written, and the rate they moved at (GB/s)."""
+    table = []
+    for launch in _last_call_launches(path):
+        metrics = launch["metrics"]
+        time, unit = metrics.get("gpu__time_duration.sum", (float("nan"), "ms"))
+        moved = {}
+        for way in ("read", "write"):
+            value, bytes_unit = metrics.get(f"dram__bytes_{way}.sum", (float("nan"), "byte"))
+            moved[way] = value * _BYTES.get(bytes_unit, float("nan"))
+        ms = time * _MS.get(unit, float("nan"))
+        table.append(dict(name=launch["name"], grid=launch["grid"], ms=ms, read=moved["read"],
+                          written=moved["write"], gbps=(moved["read"] + moved["write"]) / (ms * 1e6)))
+    return sorted(table, key=lambda row: -row["ms"] if row["ms"] == row["ms"] else 0.0)
+
+
+def print_traffic(path: str, tensor_bytes: float) -> None:
+    """traffic_table with each kernel's bytes also counted in tensors of ``tensor_bytes``, and the call's
+    sums."""
+    table = traffic_table(path)
+    for row in table:
+        print(f"{row['ms']:8.4f} ms  {row['read'] / 1e6:9.1f} MB read ({row['read'] / tensor_bytes:5.2f} tensors)  "
+              f"{row['written'] / 1e6:8.1f} MB written ({row['written'] / tensor_bytes:5.2f})  "
+              f"{row['gbps']:7.1f} GB/s  grid {row['grid']:>12}  {row['name'][:50]}")
+    ms = sum(row["ms"] for row in table)
+    moved = sum(row["read"] + row["written"] for row in table)
+    print(f"{ms:8.4f} ms in {len(table)} kernels: {moved / 1e9:.3f} GB ({moved / tensor_bytes:.2f} tensors of "
+          f"{tensor_bytes / 1e6:.1f} MB), {moved / (ms * 1e6):.1f} GB/s")
 
 
 def print_split(path: str) -> None:
@@ -215,14 +280,8 @@ def stall_table(path: str, top: int = 6) -> list[dict]:
     """The last call's kernels from ncu's CSV of STALL_METRICS, longest first: name, grid, ms, issued
     instructions per cycle and warps per scheduler, the ``top`` stall reasons (cycles per issued instruction,
     which sum to the warps' cycles per instruction) and pipes (% of peak), shared-memory bank conflicts."""
-    launches: dict[str, dict] = {}
-    for r in _csv_rows(path):
-        launch = launches.setdefault(r["ID"], dict(name=r["Kernel Name"], grid=r["Grid Size"], metrics={}))
-        launch["metrics"][r["Metric Name"]] = (_number(r["Metric Value"]), r["Metric Unit"])
-    launches = list(launches.values())
-    m = last_call([launch["name"] for launch in launches])
     table = []
-    for launch in launches[-m:]:
+    for launch in _last_call_launches(path):
         metrics = launch["metrics"]
         value = lambda name: metrics.get(name, (float("nan"), ""))[0]  # noqa: E731
         stalls = {name[len(_STALL):].split("_per_issue_active")[0]: v for name, (v, _) in metrics.items()

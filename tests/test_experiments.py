@@ -550,5 +550,33 @@ def test_profile_pallas_reads_ncus_kernel_times_and_stalls(tmp_path, capsys):
     assert all(name in profile_pallas.STALL_METRICS[5 + i] for i, name in enumerate(profile_pallas.STALL_REASONS))
 
 
+def test_profile_pallas_reads_ncus_dram_traffic(tmp_path, capsys):
+    """experiments/profile_pallas.py --traffic: the last call's kernels with their DRAM bytes (ncu's units
+    converted), the rate they moved at and their count in [B, T, H, V] tensors of the run's shape, longest
+    first, and the call's sums; from the CSV or its gzip."""
+    import gzip
+    from experiments import profile_pallas
+    walk = {"gpu__time_duration.sum": ("usecond", "400"), "dram__bytes_read.sum": ("Mbyte", "805.3"),
+            "dram__bytes_write.sum": ("byte", "268,435,456")}
+    small = {"gpu__time_duration.sum": ("nsecond", "5,000"), "dram__bytes_read.sum": ("Kbyte", "40"),
+             "dram__bytes_write.sum": ("byte", "0")}
+    call = [("loop_pad_fusion", "(4096, 1, 1)", small), ("dv_walk_mosaic_gpu_kernel", "(1, 64, 2)", walk)]
+    path = tmp_path / "traffic.csv.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(_ncu_csv([[("compile_probe", "(1, 1, 1)", small)], call, call, call]))
+    table = profile_pallas.traffic_table(str(path))
+    assert [row["name"] for row in table] == ["dv_walk_mosaic_gpu_kernel", "loop_pad_fusion"]
+    assert table[0]["read"] == pytest.approx(805.3e6) and table[0]["written"] == 268435456
+    assert table[0]["gbps"] == pytest.approx((805.3e6 + 268435456) / 0.4e6)
+    assert table[1]["read"] == pytest.approx(40e3) and table[1]["ms"] == pytest.approx(0.005)
+    # B1 T=1024 H16 V=128 bfloat16: one tensor is 4 MiB, so the walk writes 64 of them.
+    assert profile_pallas.main(["--traffic", str(path), "--B", "1", "--T", "1024", "--H", "16"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "(64.00)" in out[0] and "dv_walk" in out[0] and len(out) == 3
+    assert out[-1].startswith("  0.4050 ms in 2 kernels") and "tensors of 4.2 MB" in out[-1]
+    assert profile_pallas.main(["--traffic-metrics"]) == 0
+    assert capsys.readouterr().out.strip().split(",") == list(profile_pallas.TRAFFIC_METRICS)
+
+
 if __name__ == "__main__" and devices.worker_ids(sys.argv) is not None:
     _worker(devices.worker_ids(sys.argv))
