@@ -159,8 +159,8 @@ class MosaicWalkConfig:
     closed_form_passing: the states entering the walks' pieces (and the dq walk's tangents) passed in closed
     form, one product of [P, P] weights (fleetjax.state_passing.entering_by_weights), instead of the loop of
     pass_states that XLA fuses into one kernel recomputing each piece's chain: in an H100 profile of fwd+bwd
-    with the decay learned at B1 H8 T=32768 (16 pieces) those fusions took 0.090, 0.060 and 0.023 ms of the
-    call's 1.11 ms of kernels, at 88-162 GB/s (2026-12-06,
+    with the decay learned at B1 H8 T=32768 (16 pieces) the fusions of the states' sizes took 0.090, 0.060
+    and 0.023 ms of the call's 1.11 ms of kernels, at 88-162 GB/s (2026-12-06,
     experiments/results/2026-12-06-h100-traffic_learned_B1H8T32768.txt). The same states within float32
     roundings (1e-6 of 1 at 16 pieces, CPU). Off by default: built on the CPU, not yet timed on a GPU.
     """
