@@ -428,6 +428,42 @@ cat {csv_path}
     assert "0.9000 ms" in table and "wait 2.50" in table
 
 
+def test_run_gpu_profile_script_profiles_the_traffic(tmp_path):
+    """experiments/run_gpu_profile.sh with PROFILE_KIND=traffic and stand-ins for ncu and python3 on PATH: it
+    asks ncu for profile_pallas's --traffic-metrics around the untimed calls and reads the CSV with the run's
+    own shape (one [B, T, H, V] tensor of B1 T=1024 H16 bf16 is 4 MiB); an unknown kind is refused."""
+    import os
+    import subprocess
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    walk = {"gpu__time_duration.sum": ("usecond", "100"), "dram__bytes_read.sum": ("byte", "8,388,608"),
+            "dram__bytes_write.sum": ("byte", "4,194,304")}
+    call = [("dv_walk_mosaic_gpu_kernel", "(1, 16, 2)", walk)]
+    csv_path = tmp_path / "synthetic.csv"
+    csv_path.write_text(_ncu_csv([call, call, call]))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "ncu_calls.txt"
+    (bin_dir / "ncu").write_text(f'#!/usr/bin/env bash\necho "$@" >> {calls}\ncat {csv_path}\n')
+    (bin_dir / "python3").write_text(f'#!/usr/bin/env bash\nexec {sys.executable} "$@"\n')
+    for tool in ("ncu", "python3"):
+        (bin_dir / tool).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(tmp_path / "out"),
+               PROFILE_KIND="traffic")
+    args = ["bash", "experiments/run_gpu_profile.sh", "--ops", "fwd_bwd", "--B", "1", "--T", "1024"]
+    done = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    asked = calls.read_text().splitlines()
+    assert len(asked) == 1 and "dram__bytes_read.sum" in asked[0] and "--T 1024" in asked[0]
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert [name.rsplit("-", 1)[-1] for name in written] == ["traffic.csv", "traffic.log", "traffic.txt"]
+    table = next((tmp_path / "out").glob("*traffic.txt")).read_text()
+    assert "read ( 2.00 tensors)" in table and "written ( 1.00)" in table and "125.8 GB/s" in table
+    refused = subprocess.run(args, cwd=root, env=dict(env, PROFILE_KIND="cycles"), capture_output=True,
+                             text=True, timeout=60)
+    assert refused.returncode == 2 and "stalls or traffic" in refused.stderr
+
+
 # A chunk loop as nvdisasm prints it (with control codes), the shape experiments/sass.py reads: a setup
 # instruction, the loop (a conditional branch back to .L_x_3, with a block that a conditional branch skips),
 # and an out-of-line spin-wait after the function that jumps back into it unconditionally (not a loop).
