@@ -267,13 +267,13 @@ def print_traffic(path: str, tensor_bytes: float) -> None:
 def print_split(path: str) -> None:
     """The last call's kernels from ncu's CSV (one row per kernel and metric), each with its time, longest
     first, and their sum."""
-    rows = [r for r in _csv_rows(path) if r.get("Metric Name") == "gpu__time_duration.sum"]
-    kernels = [(r["Kernel Name"], _number(r["Metric Value"]) * _MS[r["Metric Unit"]], r["Grid Size"]) for r in rows]
-    m = last_call([name for name, _, _ in kernels])
-    tail = sorted(kernels[-m:], key=lambda kernel: -kernel[1])
+    launches = _last_call_launches(path)
+    kernels = [(launch["name"], launch["metrics"]["gpu__time_duration.sum"], launch["grid"]) for launch in launches]
+    tail = sorted(((name, value * _MS[unit], grid) for name, (value, unit), grid in kernels),
+                  key=lambda kernel: -kernel[1])
     for name, ms, grid in tail:
         print(f"{ms:8.4f} ms  grid {grid:>16}  {name[:110]}")
-    print(f"{sum(ms for _, ms, _ in tail):8.4f} ms  in {m} kernels")
+    print(f"{sum(ms for _, ms, _ in tail):8.4f} ms  in {len(tail)} kernels")
 
 
 def stall_table(path: str, top: int = 6) -> list[dict]:

@@ -18,8 +18,8 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 kind=${PROFILE_KIND:-stalls}
 case "$kind" in
-  stalls) asks=--stall-metrics; reads=(--stalls) ;;
-  traffic) asks=--traffic-metrics; reads=(--traffic) ;;
+  stalls) asks=--stall-metrics; reads=--stalls; shape=() ;;
+  traffic) asks=--traffic-metrics; reads=--traffic; shape=("$@") ;;  # the tensors are counted at the run's shape
   *) echo "run_gpu_profile: PROFILE_KIND must be stalls or traffic, got $kind" >&2; exit 2 ;;
 esac
 device=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr 'A-Z ' 'a-z-')
@@ -38,10 +38,6 @@ if [ "$kind" = stalls ] && ! grep -q '"Metric Name"' "$base.csv"; then
   profile "${metrics%,regex:*}" "$@"
   rc=$?
 fi
-if [ "$kind" = traffic ]; then
-  python3 -m experiments.profile_pallas "${reads[@]}" "$base.csv" "$@" | tee "$base.txt"
-else
-  python3 -m experiments.profile_pallas "${reads[@]}" "$base.csv" | tee "$base.txt"
-fi
+python3 -m experiments.profile_pallas "$reads" "$base.csv" "${shape[@]}" | tee "$base.txt"
 parsed=${PIPESTATUS[0]}
 exit $(( rc ? rc : parsed ))

@@ -388,6 +388,23 @@ def test_same_lowering_dumps_the_walks_and_compares_them_names_aside(tmp_path, c
     assert "2 of 4 modules the same" in capsys.readouterr().out
 
 
+def _stand_in_ncu(tmp_path, calls: list, before: str = ""):
+    """A PATH with stand-ins for ncu (it records its arguments, runs ``before``, then prints the CSV of
+    ``calls``, as _ncu_csv writes it) and python3 (this interpreter); returns (PATH, the file of ncu's
+    arguments)."""
+    import os
+    csv_path = tmp_path / "synthetic.csv"
+    csv_path.write_text(_ncu_csv(calls))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    asked = tmp_path / "ncu_calls.txt"
+    (bin_dir / "ncu").write_text(f'#!/usr/bin/env bash\necho "$@" >> {asked}\n{before}\ncat {csv_path}\n')
+    (bin_dir / "python3").write_text(f'#!/usr/bin/env bash\nexec {sys.executable} "$@"\n')
+    for tool in ("ncu", "python3"):
+        (bin_dir / tool).chmod(0o755)
+    return f"{bin_dir}:{os.environ['PATH']}", asked
+
+
 @pytest.mark.parametrize("regex_fails", [False, True], ids=["ncu-takes-all", "ncu-lacks-a-pipe"])
 def test_run_gpu_profile_script_profiles_and_reads_the_stalls(tmp_path, regex_fails):
     """experiments/run_gpu_profile.sh with stand-ins for ncu and python3 on PATH: it asks ncu for
@@ -400,22 +417,10 @@ def test_run_gpu_profile_script_profiles_and_reads_the_stalls(tmp_path, regex_fa
     stalled = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio"
     walk = {"gpu__time_duration.sum": ("usecond", "900"), stalled.format("wait"): ("", "2.5")}
     call = [("dq_sums_walk_mosaic_gpu_kernel", "(1, 64, 4)", walk)]
-    csv_path = tmp_path / "synthetic.csv"
-    csv_path.write_text(_ncu_csv([call, call, call]))
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    calls = tmp_path / "ncu_calls.txt"
     fail = "1" if regex_fails else "0"
-    (bin_dir / "ncu").write_text(f"""#!/usr/bin/env bash
-echo "$@" >> {calls}
-case "$*" in *regex:*) [ {fail} = 1 ] && {{ echo "==ERROR== Failed to find metric regex" >&2; exit 1; }};; esac
-cat {csv_path}
-""")
-    (bin_dir / "python3").write_text(f'#!/usr/bin/env bash\nexec {sys.executable} "$@"\n')
-    for tool in ("ncu", "python3"):
-        (bin_dir / tool).chmod(0o755)
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(tmp_path / "out"),
-               PROFILE_NAME="probe")
+    refusal = f'case "$*" in *regex:*) [ {fail} = 1 ] && {{ echo "==ERROR== Failed to find metric regex" >&2; exit 1; }};; esac'
+    path, calls = _stand_in_ncu(tmp_path, [call, call, call], refusal)
+    env = dict(os.environ, PATH=path, OUT=str(tmp_path / "out"), PROFILE_NAME="probe")
     done = subprocess.run(["bash", "experiments/run_gpu_profile.sh", "--ops", "fwd_bwd"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -439,17 +444,8 @@ def test_run_gpu_profile_script_profiles_the_traffic(tmp_path):
     walk = {"gpu__time_duration.sum": ("usecond", "100"), "dram__bytes_read.sum": ("byte", "8,388,608"),
             "dram__bytes_write.sum": ("byte", "4,194,304")}
     call = [("dv_walk_mosaic_gpu_kernel", "(1, 16, 2)", walk)]
-    csv_path = tmp_path / "synthetic.csv"
-    csv_path.write_text(_ncu_csv([call, call, call]))
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    calls = tmp_path / "ncu_calls.txt"
-    (bin_dir / "ncu").write_text(f'#!/usr/bin/env bash\necho "$@" >> {calls}\ncat {csv_path}\n')
-    (bin_dir / "python3").write_text(f'#!/usr/bin/env bash\nexec {sys.executable} "$@"\n')
-    for tool in ("ncu", "python3"):
-        (bin_dir / tool).chmod(0o755)
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(tmp_path / "out"),
-               PROFILE_KIND="traffic")
+    path, calls = _stand_in_ncu(tmp_path, [call, call, call])
+    env = dict(os.environ, PATH=path, OUT=str(tmp_path / "out"), PROFILE_KIND="traffic")
     args = ["bash", "experiments/run_gpu_profile.sh", "--ops", "fwd_bwd", "--B", "1", "--T", "1024"]
     done = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
