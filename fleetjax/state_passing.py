@@ -45,42 +45,6 @@ def pass_states(start: jax.Array, local: jax.Array, carry: jax.Array, keep: jax.
     return jnp.stack(entering), state
 
 
-def entering_by_weights(start: jax.Array, local: jax.Array, log_carry: jax.Array, *,
-                        reverse: bool = False) -> jax.Array:
-    """The states entering every piece of a row of P pieces, [B, H, P, K, V] float32, as :func:`pass_states`
-    without ``keep`` gives them, in closed form: one product of [P, P] weights with x = (start, local[0], ...,
-    local[P-2]), entering[p] = sum over j <= p of exp(log_carry[j] + ... + log_carry[p-1]) x[j]. ``reverse``:
-    from the last piece to the first (entering[P-1] = start).
-
-    start [B, H, K, V]; local [B, H, P-1, K, V], the local states of the pieces that have a successor;
-    log_carry [B, H, P-1], each such piece's log carry (<= 0), in the same order.
-
-    Why beside pass_states: XLA fuses pass_states' P - 1 dependent steps and their stack into one loop fusion
-    that evaluates each piece's chain again on transposed operands (a fusion of those 8 MB took 0.09 ms at B1
-    H8, 16 pieces, on an H100); this form is one batched float32 product (Precision.HIGHEST: no tf32) and
-    elementwise passes. Each
-    weight sums the log carries of the pieces it spans, not a difference of cumulative sums (which cancels
-    after a hard forget). A non-finite x[j] enters the product as 0 and makes the entering states of pieces p
-    >= j NaN, so that it reaches no earlier piece, as in the recurrence.
-    """
-    start = start.astype(jnp.float32)
-    local = local.astype(jnp.float32)
-    if reverse:
-        local, log_carry = jnp.flip(local, axis=2), jnp.flip(log_carry, axis=2)
-    pieces = local.shape[2] + 1
-    xs = jnp.concatenate([start[:, :, None], local], axis=2)
-    p, j, r = jnp.arange(pieces)[:, None], jnp.arange(pieces)[None, :], jnp.arange(pieces - 1)
-    spanned = (j[..., None] <= r) & (r < p[..., None])  # [P, P, P-1]: piece r's carry lies between x[j] and p
-    logs = jnp.sum(jnp.where(spanned, log_carry[:, :, None, None, :], 0.0), axis=-1)
-    weights = jnp.where(j <= p, jnp.exp(logs), 0.0)  # [B, H, P, P]
-    finite = jnp.isfinite(xs)
-    entering = jnp.einsum("bhpj,bhjkv->bhpkv", weights, jnp.where(finite, xs, 0.0),
-                          precision=jax.lax.Precision.HIGHEST)
-    reached = jnp.cumsum(~finite, axis=2, dtype=jnp.int32) > 0
-    entering = jnp.where(reached, jnp.nan, entering)
-    return jnp.flip(entering, axis=2) if reverse else entering
-
-
 @dataclasses.dataclass(frozen=True)
 class BlockKernels:
     """The steps by which an implementation runs one block of a sequence split over devices without extra

@@ -137,41 +137,6 @@ def test_default_config_selects_it_for_the_common_case():
     assert "mosaic_gpu" in f.lower(q, k, v).as_text()
 
 
-@pytest.mark.parametrize("pieces", [2, 5, 16])
-@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-def test_the_entering_states_in_closed_form_follow_the_recurrence(pieces, reverse):
-    """fleetjax.state_passing.entering_by_weights (MosaicWalkConfig.closed_form_passing): against the
-    recurrence S_{p+1} = carry_p S_p + L_p in float64, with a hard forget among small carries, and against
-    pass_states; a non-finite local state reaches only the pieces after it (before it, in reverse)."""
-    from fleetjax.state_passing import entering_by_weights, pass_states
-    rng = np.random.default_rng(pieces)
-    B, H, K, V = 2, 3, 4, 5
-    start = rng.standard_normal((B, H, K, V))
-    local = rng.standard_normal((B, H, pieces - 1, K, V))
-    log_carry = -rng.uniform(0.0, 0.3, (B, H, pieces - 1))
-    log_carry[:, 0, 0] = -1e4  # a hard forget: nothing before it survives
-    as32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
-    got = entering_by_weights(as32(start), as32(local), as32(log_carry), reverse=reverse)
-    want = np.zeros((B, H, pieces, K, V))
-    state = start
-    for r in (reversed(range(pieces - 1)) if reverse else range(pieces - 1)):
-        want[:, :, r + 1 if reverse else r] = state  # local[r] is piece r's (forward) or piece r + 1's (reverse)
-        state = np.exp(log_carry[:, :, r])[..., None, None] * state + local[:, :, r]
-    want[:, :, 0 if reverse else pieces - 1] = state
-    assert got.dtype == jnp.float32 and got.shape == want.shape
-    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
-    entering, last = pass_states(as32(start), jnp.moveaxis(as32(local), 2, 0),
-                                 jnp.moveaxis(jnp.exp(as32(log_carry)), 2, 0), reverse=reverse)
-    entering = jnp.moveaxis(entering, 0, 2)
-    looped = jnp.concatenate([last[:, :, None], entering] if reverse else [entering, last[:, :, None]], axis=2)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(looped), rtol=1e-6, atol=1e-6)
-    bad = max(pieces // 2 - 1, 0)
-    local[:, :, bad] = np.inf
-    got = np.asarray(entering_by_weights(as32(start), as32(local), as32(log_carry), reverse=reverse))
-    reached = np.arange(pieces) <= bad if reverse else np.arange(pieces) > bad
-    assert np.isfinite(got[:, :, ~reached]).all() and not np.isfinite(got[:, :, reached]).any()
-
-
 @hopper
 def test_float16_with_large_values_stays_in_range():
     # A state of many large k v^T terms exceeds float16's range unless it is scaled before its rounding.
@@ -739,17 +704,16 @@ def test_the_gated_backward_walks_in_the_interpreter_match_the_oracle(pieces, dt
 
 
 @interpreted
-@pytest.mark.parametrize("learned, pieces, backward_states, closed_form",
-                         [("decay", 2, False, False), ("decay", 2, True, False), ("gate", 1, False, False),
-                          ("gate", 2, False, False), ("gate", 2, True, False), ("both", 2, False, False),
-                          ("both", 2, True, False), ("decay", 4, True, True), ("both", 2, True, True)])
-def test_the_op_through_the_interpreted_walks_matches_the_oracle(monkeypatch, learned, pieces, backward_states,
-                                                                 closed_form):
+@pytest.mark.parametrize("learned, pieces, backward_states", [("decay", 2, False), ("decay", 2, True),
+                                                              ("decay", 4, True), ("gate", 1, False),
+                                                              ("gate", 2, False), ("gate", 2, True),
+                                                              ("both", 2, False), ("both", 2, True)])
+def test_the_op_through_the_interpreted_walks_matches_the_oracle(monkeypatch, learned, pieces, backward_states):
     """The Pallas op's forward and backward with every walk it can give Mosaic on Mosaic (in its interpreter):
     the glue of fleetjax.pallas.chunked (the pieces' states and tangents, the gradients' sums) end to end;
     ``backward_states``: the backward's pieces' states from Mosaic's states walk too (the dq walk's exact, with
-    the tangent where the decay is learned; MosaicWalkConfig.backward_piece_states); ``closed_form``: the
-    pieces' entering states and tangents passed in closed form (MosaicWalkConfig.closed_form_passing)."""
+    the tangent where the decay is learned; MosaicWalkConfig.backward_piece_states); four pieces pass their
+    states and tangents through three steps."""
     from fleetjax.pallas.mosaic import backward as mosaic_backward
     calls = []
 
@@ -772,8 +736,7 @@ def test_the_op_through_the_interpreted_walks_matches_the_oracle(monkeypatch, le
     # in the PallasConfig's (their states from the Triton piece-state walks, or with ``backward_states`` from
     # the Mosaic states walk).
     walks = mosaic.MosaicWalkConfig(gated_decay_sums=learned == "both", forward_pieces=pieces,
-                                    backward_piece_states=backward_states, gate_dk_warpgroups=1,
-                                    closed_form_passing=closed_form)
+                                    backward_piece_states=backward_states, gate_dk_warpgroups=1)
     config = dataclasses.replace(chunked.default_config(q, v), num_sequence_pieces=1,
                                  backward_num_sequence_pieces=pieces, mosaic_walks=walks)
     assert config.chunking(T, True).chunk_size == walks.chunk_size

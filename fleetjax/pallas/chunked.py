@@ -487,8 +487,7 @@ def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, co
                                      contain=contain, exact=exact_state, gate=decays.gate_tiles(), skip=skip,
                                      **config.piece_launch("forward", q.dtype))
         if mosaic_here:
-            entering = mosaic.entering_states(start, local, decays, mosaic_chunking, B,
-                                              closed_form=walks_config.closed_form_passing)
+            entering = mosaic.entering_states(start, local, decays, mosaic_chunking, B)
             o, finals = mosaic.walk(q, k, v, decays.log_decay, entering, mosaic_chunking, reverse=False,
                                     scale=scale, config=walks_config, within=within, name="forward_walk")
             return (o, finals[:, :, -1]), finals

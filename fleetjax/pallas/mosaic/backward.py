@@ -31,11 +31,9 @@ def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_lo
     k_t, v_t and dO_t reaches through its own pair. ``interpret``: see fleetjax.pallas.mosaic.plain."""
     B, T = q.shape[:2]
     dq_local, dq_local_tangents = (None, None) if dq_local is None else dq_local
-    closed_form = config.closed_form_passing
     dq_entering = entering_states(None if start is None else jnp.swapaxes(start, -1, -2), dq_local, decays,
-                                  chunking, B, closed_form=closed_form)
-    reverse_entering = entering_states(None, reverse_local, decays, chunking, B, reverse=True,
-                                       closed_form=closed_form)
+                                  chunking, B)
+    reverse_entering = entering_states(None, reverse_local, decays, chunking, B, reverse=True)
     dk_entering = None if reverse_entering is None else jnp.swapaxes(reverse_entering, -1, -2)
     within = decays.within_chunks(B, T, chunking.chunk_size) if decays.gated else None
     common = dict(log_decay=decays.log_decay, chunking=chunking, scale=scale, within=within, interpret=interpret)
@@ -48,8 +46,8 @@ def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_lo
         return dq, dk, dv, None, (dq_finals, dv_finals)
     sums = functools.partial(sums_walk, config=dataclasses.replace(config, block_v=config.sums_block_v,
                                                                    stages=config.sums_stages), **common)
-    tangents_entering = (entering_tangents(dq_entering, dq_local_tangents, decays, chunking, B,
-                                           closed_form=closed_form) if log_decay_wanted else None)
+    tangents_entering = (entering_tangents(dq_entering, dq_local_tangents, decays, chunking, B)
+                         if log_decay_wanted else None)
     dq, dq_finals, dq_sums = sums(do, v, k, entering=dq_entering, reverse=False, rows=q, tangent=log_decay_wanted,
                                   entering_tangents=tangents_entering, spanned=log_gate_wanted, name="dq_sums_walk")
     parts = {"w" if name == "state" else name: jnp.sum(part, axis=0) for name, part in dq_sums.items()}

@@ -156,13 +156,6 @@ class MosaicWalkConfig:
     experiments/results/2026-12-05-h100-backward_piece_states_ab.jsonl). The gradients differ from those
     through the Triton launches by bf16 roundings: the two walks' states agree within 2e-6 (interpreter).
     The gated decay takes it too, not yet timed.
-    closed_form_passing: the states entering the walks' pieces (and the dq walk's tangents) passed in closed
-    form, one product of [P, P] weights (fleetjax.state_passing.entering_by_weights), instead of the loop of
-    pass_states that XLA fuses into one kernel recomputing each piece's chain: in an H100 profile of fwd+bwd
-    with the decay learned at B1 H8 T=32768 (16 pieces) the fusions of the states' sizes took 0.090, 0.060
-    and 0.023 ms of the call's 1.11 ms of kernels, at 88-162 GB/s (2026-12-06,
-    experiments/results/2026-12-06-h100-traffic_learned_B1H8T32768.txt). The same states within float32
-    roundings (1e-6 of 1 at 16 pieces, CPU). Off by default: built on the CPU, not yet timed on a GPU.
     """
 
     chunk_size: int = 64
@@ -187,7 +180,6 @@ class MosaicWalkConfig:
     split_by_bits: bool = True
     pingpong: bool = False
     backward_piece_states: bool = True
-    closed_form_passing: bool = False
 
     def __post_init__(self):
         if self.chunk_size != 64:

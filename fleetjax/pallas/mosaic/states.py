@@ -13,7 +13,7 @@ from fleetjax.decay import Decays
 from fleetjax.pallas.mosaic.common import (Carry, Walker, f32, interpreter_copies, launch, lowers_concatenate,
                                            mma_tiles, pipeline)
 from fleetjax.pallas.mosaic.config import MosaicWalkConfig
-from fleetjax.state_passing import entering_by_weights, pass_states
+from fleetjax.state_passing import pass_states
 
 # The name of the states-only walk's kernel, which profiles and lowered programs show.
 STATES_KERNEL = "piece_states"
@@ -117,22 +117,21 @@ def piece_states(key, value, log_decay, chunking: Chunking, *, reverse: bool, co
     return tuple(formed) if tangent else formed[0]
 
 
-def entering_states(start, local, decays: Decays, chunking: Chunking, B: int, reverse: bool = False,
-                    closed_form: bool = False):
+def entering_states(start, local, decays: Decays, chunking: Chunking, B: int, reverse: bool = False):
     """The states entering each piece [B, H, P, K, V] float32 (None: one piece and no start), from the
     entering state ``start`` [B, H, K, V] and the local states of the pieces that have a successor ``local``
     [B, H, P-1, K, V] (forward: all but the last; reverse: all but the first), for the constant decay without
-    segments: the state passing of fleetjax.state_passing, in XLA (the Triton walks fold them on chip);
-    ``closed_form`` (MosaicWalkConfig.closed_form_passing): by its weights (entering_by_weights)."""
+    segments: the state passing of fleetjax.state_passing, in XLA (the Triton walks fold them on chip).
+
+    A closed form (one float32 product of [P, P] weights a row, in place of pass_states' loop) lost to it on
+    the H200: fwd+bwd 1.210 against 1.187 ms at B1 H8 T=32768 (16 pieces), forward 0.209 against 0.185, even
+    at B1 H16 T=131072 (2026-12-06, experiments/results/2026-12-06-h200-closed_form_ab.jsonl); dropped."""
     if chunking.pieces == 1:
         return None if start is None else start.astype(f32)[:, :, None]
     if start is None:
         start = jnp.zeros(local.shape[:2] + local.shape[3:], f32)
-    log_carry = decays.block_sums(B, chunking.T, chunking.piece_len)
-    log_carry = log_carry[:, :, 1:] if reverse else log_carry[:, :, :-1]
-    if closed_form:
-        return entering_by_weights(start, local, log_carry, reverse=reverse)
-    carry = jnp.exp(log_carry)
+    carry = jnp.exp(decays.block_sums(B, chunking.T, chunking.piece_len))
+    carry = carry[:, :, 1:] if reverse else carry[:, :, :-1]
     entering, last = pass_states(start.astype(f32), jnp.moveaxis(local, 2, 0), jnp.moveaxis(carry, 2, 0),
                                  reverse=reverse)
     entering = jnp.moveaxis(entering, 0, 2)
@@ -140,21 +139,16 @@ def entering_states(start, local, decays: Decays, chunking: Chunking, B: int, re
     return jnp.concatenate(parts, axis=2)
 
 
-def entering_tangents(entering, local_tangents, decays: Decays, chunking: Chunking, B: int,
-                      closed_form: bool = False):
+def entering_tangents(entering, local_tangents, decays: Decays, chunking: Chunking, B: int):
     """The state's derivatives in log gamma entering each piece of the dq walk [B, H, P, K, V] float32 (None:
     one piece), from the states entering the pieces ``entering`` [B, H, P, K, V] (:func:`entering_states`)
     and the local derivatives of all but the last piece ``local_tangents`` [B, H, P-1, K, V] (the Triton
     piece-state walks from zero): a piece of n positions with (S, D) entering leaves carry * (D + n S) + its
-    local derivative, since every term of S decays n more steps (fleetjax.chunk.update_tangent).
-    ``closed_form``: as in :func:`entering_states`."""
+    local derivative, since every term of S decays n more steps (fleetjax.chunk.update_tangent)."""
     if chunking.pieces == 1:
         return None
-    log_carry = decays.block_sums(B, chunking.T, chunking.piece_len)[:, :, :-1]  # [B, H, P-1]
-    carry = jnp.exp(log_carry)
+    carry = jnp.exp(decays.block_sums(B, chunking.T, chunking.piece_len))[:, :, :-1]  # [B, H, P-1]
     moved = carry[..., None, None] * (chunking.piece_len * entering[:, :, :-1]) + local_tangents
-    if closed_form:
-        return entering_by_weights(jnp.zeros_like(moved[:, :, 0]), moved, log_carry)
     tangents, last = pass_states(jnp.zeros_like(moved[:, :, 0]), jnp.moveaxis(moved, 2, 0),
                                  jnp.moveaxis(carry, 2, 0))
     return jnp.concatenate([jnp.moveaxis(tangents, 0, 2), last[:, :, None]], axis=2)
