@@ -27,22 +27,25 @@ def pass_piece(state: jax.Array, carry: jax.Array, local: jax.Array, keep: jax.A
 
 
 def pass_states(start: jax.Array, local: jax.Array, carry: jax.Array, keep: jax.Array | None = None, *,
-                reverse: bool = False) -> tuple[jax.Array, jax.Array]:
+                reverse: bool = False, axis: int = 0) -> tuple[jax.Array, jax.Array]:
     """entering[0] = start, entering[p+1] = carry[p] * entering[p] + local[p] (dropped where keep[p] is False);
     with ``reverse``, the same from the last piece to the first.
 
     start [..., K, V]; local [P, ..., K, V]; carry, keep [P, ...]. Returns (entering [P, ..., K, V], the state
-    after every piece). P is static and small: a Python loop, which XLA fuses.
+    after every piece). ``axis``: the pieces' axis of local, carry, keep and entering where it is not the
+    first (start lacks it): the pieces are sliced and stacked in place, with no transposes around the loop.
+    P is static and small: a Python loop, which XLA fuses.
     """
-    if local.shape[0] == 0:
-        return jnp.zeros((0,) + start.shape, start.dtype), start
-    pieces = range(local.shape[0])
-    entering = [None] * local.shape[0]
+    P = local.shape[axis]
+    if P == 0:
+        return jnp.zeros(start.shape[:axis] + (0,) + start.shape[axis:], start.dtype), start
+    take = lambda x, p: None if x is None else jax.lax.index_in_dim(x, p, axis, keepdims=False)  # noqa: E731
+    entering = [None] * P
     state = start
-    for p in (reversed(pieces) if reverse else pieces):
+    for p in (reversed(range(P)) if reverse else range(P)):
         entering[p] = state
-        state = pass_piece(state, carry[p], local[p], None if keep is None else keep[p])
-    return jnp.stack(entering), state
+        state = pass_piece(state, take(carry, p), take(local, p), take(keep, p))
+    return jnp.stack(entering, axis=axis), state
 
 
 @dataclasses.dataclass(frozen=True)

@@ -599,3 +599,33 @@ def test_one_device_axis_equals_the_plain_call(impl, exchange, check_vma):
     want = grad(attend(None))(q, k, v, decay, s0)
     for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("axis", [0, 2])
+def test_pass_states_follows_the_recurrence_along_any_axis(axis, reverse):
+    """fleetjax.state_passing.pass_states against the float64 recurrence, the pieces along ``axis`` (the
+    Pallas walks pass [B, H, P, K, V] states in place), with a segment start that drops its entering NaN."""
+    import jax.numpy as jnp
+    from fleetjax.state_passing import pass_states
+    rng = np.random.default_rng(axis + 2 * reverse)
+    Bn, Hn, P, Kn, Vn = 2, 3, 5, 4, 2
+    start = rng.standard_normal((Bn, Hn, Kn, Vn))
+    local = rng.standard_normal((P, Bn, Hn, Kn, Vn))
+    carry = rng.uniform(0.0, 1.0, (P, Bn, Hn))
+    keep = rng.uniform(size=(P, Bn, Hn)) > 0.3
+    first = P - 1 if reverse else 0
+    keep[first + (-1 if reverse else 1), 0, 0] = False  # the state entering here is NaN and must not pass
+    local[first, 0, 0] = np.nan
+    want = np.zeros((P, Bn, Hn, Kn, Vn))
+    state = start
+    for p in (reversed(range(P)) if reverse else range(P)):
+        want[p] = state
+        carried = np.where(keep[p][..., None, None], carry[p][..., None, None] * state, 0.0)
+        state = carried + local[p]
+    moved = lambda x: jnp.moveaxis(jnp.asarray(x, jnp.float32), 0, axis)  # noqa: E731
+    got, last = pass_states(jnp.asarray(start, jnp.float32), moved(local), moved(carry), moved(keep),
+                            reverse=reverse, axis=axis)
+    np.testing.assert_allclose(np.moveaxis(np.asarray(got), axis, 0), want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(last), state, rtol=1e-6, atol=1e-6)
+    assert np.isfinite(np.asarray(last)[0, 0]).all()

@@ -176,6 +176,5 @@ def fold_pieces(local, piece_log, run_ids, chunking: Chunking, reverse: bool):
     links = piece_links(run_ids, chunking, reverse)
     keep = None if links is None else jnp.broadcast_to(links[:, None, :] > 0, local.shape[:3])
     zero = jnp.zeros_like(local[:, :, 0])
-    _, total = pass_states(zero, jnp.moveaxis(local, 2, 0), jnp.moveaxis(carry, 2, 0),
-                           None if keep is None else jnp.moveaxis(keep, 2, 0), reverse=reverse)
+    _, total = pass_states(zero, local, carry, keep, reverse=reverse, axis=2)
     return total

@@ -132,9 +132,7 @@ def entering_states(start, local, decays: Decays, chunking: Chunking, B: int, re
         start = jnp.zeros(local.shape[:2] + local.shape[3:], f32)
     carry = jnp.exp(decays.block_sums(B, chunking.T, chunking.piece_len))
     carry = carry[:, :, 1:] if reverse else carry[:, :, :-1]
-    entering, last = pass_states(start.astype(f32), jnp.moveaxis(local, 2, 0), jnp.moveaxis(carry, 2, 0),
-                                 reverse=reverse)
-    entering = jnp.moveaxis(entering, 0, 2)
+    entering, last = pass_states(start.astype(f32), local, carry, reverse=reverse, axis=2)
     parts = [last[:, :, None], entering] if reverse else [entering, last[:, :, None]]
     return jnp.concatenate(parts, axis=2)
 
@@ -149,6 +147,5 @@ def entering_tangents(entering, local_tangents, decays: Decays, chunking: Chunki
         return None
     carry = jnp.exp(decays.block_sums(B, chunking.T, chunking.piece_len))[:, :, :-1]  # [B, H, P-1]
     moved = carry[..., None, None] * (chunking.piece_len * entering[:, :, :-1]) + local_tangents
-    tangents, last = pass_states(jnp.zeros_like(moved[:, :, 0]), jnp.moveaxis(moved, 2, 0),
-                                 jnp.moveaxis(carry, 2, 0))
-    return jnp.concatenate([jnp.moveaxis(tangents, 0, 2), last[:, :, None]], axis=2)
+    tangents, last = pass_states(jnp.zeros_like(moved[:, :, 0]), moved, carry, axis=2)
+    return jnp.concatenate([tangents, last[:, :, None]], axis=2)
