@@ -623,8 +623,8 @@ def test_pass_states_follows_the_recurrence_along_any_axis(axis, reverse):
         want[p] = state
         carried = np.where(keep[p][..., None, None], carry[p][..., None, None] * state, 0.0)
         state = carried + local[p]
-    moved = lambda x: jnp.moveaxis(jnp.asarray(x, jnp.float32), 0, axis)  # noqa: E731
-    got, last = pass_states(jnp.asarray(start, jnp.float32), moved(local), moved(carry), moved(keep),
+    moved = lambda x, dtype=jnp.float32: jnp.moveaxis(jnp.asarray(x, dtype), 0, axis)  # noqa: E731
+    got, last = pass_states(jnp.asarray(start, jnp.float32), moved(local), moved(carry), moved(keep, jnp.bool_),
                             reverse=reverse, axis=axis)
     np.testing.assert_allclose(np.moveaxis(np.asarray(got), axis, 0), want, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(np.asarray(last), state, rtol=1e-6, atol=1e-6)
