@@ -233,21 +233,29 @@ def _last_call_launches(path: str) -> list[dict]:
     return launches[-last_call([launch["name"] for launch in launches]):]
 
 
+def _scaled(metrics: dict, name: str, units: dict[str, float]) -> float:
+    """A launch's metric in the units' base (ms for _MS, bytes for _BYTES); NaN where ncu gave no such metric
+    or an unknown unit."""
+    value, unit = metrics.get(name, (float("nan"), None))
+    return value * units.get(unit, float("nan"))
+
+
+def _longest_first(table: list[dict]) -> list[dict]:
+    """The rows by their ms, longest first; rows without a time last."""
+    return sorted(table, key=lambda row: -row["ms"] if row["ms"] == row["ms"] else 0.0)
+
+
 def traffic_table(path: str) -> list[dict]:
     """The last call's kernels from ncu's CSV of TRAFFIC_METRICS, longest first: name, grid, ms, DRAM bytes
     read and written, and the rate they moved at (GB/s)."""
     table = []
     for launch in _last_call_launches(path):
         metrics = launch["metrics"]
-        time, unit = metrics.get("gpu__time_duration.sum", (float("nan"), "ms"))
-        moved = {}
-        for way in ("read", "write"):
-            value, bytes_unit = metrics.get(f"dram__bytes_{way}.sum", (float("nan"), "byte"))
-            moved[way] = value * _BYTES.get(bytes_unit, float("nan"))
-        ms = time * _MS.get(unit, float("nan"))
-        table.append(dict(name=launch["name"], grid=launch["grid"], ms=ms, read=moved["read"],
-                          written=moved["write"], gbps=(moved["read"] + moved["write"]) / (ms * 1e6)))
-    return sorted(table, key=lambda row: -row["ms"] if row["ms"] == row["ms"] else 0.0)
+        ms = _scaled(metrics, "gpu__time_duration.sum", _MS)
+        read, written = (_scaled(metrics, f"dram__bytes_{way}.sum", _BYTES) for way in ("read", "write"))
+        table.append(dict(name=launch["name"], grid=launch["grid"], ms=ms, read=read, written=written,
+                          gbps=(read + written) / (ms * 1e6)))
+    return _longest_first(table)
 
 
 def print_traffic(path: str, tensor_bytes: float) -> None:
@@ -288,15 +296,14 @@ def stall_table(path: str, top: int = 6) -> list[dict]:
                   if name.startswith(_STALL) and v == v}
         pipes = {name[len(_PIPE):].split("_cycles_active")[0]: v for name, (v, _) in metrics.items()
                  if name.startswith(_PIPE) and v == v}
-        time, unit = metrics.get("gpu__time_duration.sum", (float("nan"), "ms"))
-        table.append(dict(name=launch["name"], grid=launch["grid"], ms=time * _MS.get(unit, float("nan")),
+        table.append(dict(name=launch["name"], grid=launch["grid"], ms=_scaled(metrics, "gpu__time_duration.sum", _MS),
                           ipc=value("smsp__issue_active.avg.per_cycle_active"),
                           warps=value("smsp__warps_active.avg.per_cycle_active"),
                           cpi=sum(stalls.values()),
                           stalls=sorted(stalls.items(), key=lambda kv: -kv[1])[:top],
                           pipes=sorted(pipes.items(), key=lambda kv: -kv[1])[:top],
                           bank_conflicts=value("l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum")))
-    return sorted(table, key=lambda row: -row["ms"] if row["ms"] == row["ms"] else 0.0)
+    return _longest_first(table)
 
 
 def print_stalls(path: str) -> None:
