@@ -56,6 +56,7 @@ VARIANTS = {
     "narrow_forward": dict(walks=dict(forward_block_v=32, warpgroups=2)),
     "sums_wide": dict(walks=dict(sums_warpgroups=2)),
     "gate_dk_narrow": dict(walks=dict(gate_dk_warpgroups=1), gated=True),
+    "gate_dq_narrow": dict(walks=dict(gate_dq_warpgroups=1), gated=True, decay=False),
     "wide_bare": dict(walks=dict(warpgroups=2, backward_warpgroups=2, sums_warpgroups=2, wide_auto_barriers=False)),
     "wide_bare_gated": dict(walks=dict(warpgroups=2, backward_warpgroups=2, wide_auto_barriers=False), gated=True),
 }

@@ -162,6 +162,19 @@ def log_gate_grad(w: jax.Array, u: jax.Array, spanned: jax.Array, x: jax.Array |
     return d
 
 
+def spanned_from_sums(row: jax.Array, column: jax.Array, chunk_size: int) -> jax.Array:
+    """log_gate_grad's spanned [B, H, T] from the chunk's pairs' row sums ``row`` (per query i, its pairs with
+    the keys j < i of its chunk) and column sums ``column`` (per key j, its pairs with the queries i > j),
+    [B, H, T] float32, of chunks of ``chunk_size``: per position r, sum_{t < r in r's chunk} (column_t - row_t),
+    the pairs that start before r less those that also end before it. Its rounding is relative to the chunk's
+    row and column sums, which a kernel forms in float32 from its products (no triangle product over a tile)."""
+    B, H, T = row.shape
+    C = chunk_size
+    n = -(-T // C)
+    difference = jnp.pad(column - row, ((0, 0), (0, 0), (0, n * C - T))).reshape(B, H, n, C)
+    return (jnp.cumsum(difference, axis=-1) - difference).reshape(B, H, n * C)[..., :T]
+
+
 def whole_row_carry(decays: Decays, run_ids: jax.Array | None, B: int, T: int) -> jax.Array:
     """[B, H]: the decay of the state entering the row through all of it, where the row is one run (the
     entering state reaches the final state), else 0."""

@@ -69,7 +69,8 @@ def test_supports_only_the_cases_the_kernel_serves():
                                           ("stages", 0), ("stages", 2.0), ("sums_stages", 9),
                                           ("warpgroups", 3), ("backward_warpgroups", 0), ("forward_pieces", 0),
                                           ("forward_pieces", True), ("forward_block_v", 48),
-                                          ("sums_warpgroups", 4), ("gate_dk_warpgroups", 3)])
+                                          ("sums_warpgroups", 4), ("gate_dk_warpgroups", 3),
+                                          ("gate_dq_warpgroups", 0)])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=f"MosaicWalkConfig.{field}"):
         mosaic.MosaicWalkConfig(**{field: value})
@@ -77,7 +78,9 @@ def test_config_rejects_bad_values(field, value):
         mosaic.MosaicWalkConfig(sums_warpgroups=2, sums_stages=3, gate_dk_warpgroups=1)
     with pytest.raises(ValueError, match="sums_stages must be 1 or 2 with gate_dk_warpgroups=2.*gate_dk_warpgroups=1"):
         mosaic.MosaicWalkConfig(sums_stages=3)  # the default's two warpgroups for the gate's dk walk
-    assert mosaic.MosaicWalkConfig(sums_stages=3, gate_dk_warpgroups=1).sums_stages == 3
+    with pytest.raises(ValueError, match="sums_stages must be 1 or 2 with gate_dq_warpgroups=2"):
+        mosaic.MosaicWalkConfig(sums_stages=3, gate_dk_warpgroups=1)
+    assert mosaic.MosaicWalkConfig(sums_stages=3, gate_dk_warpgroups=1, gate_dq_warpgroups=1).sums_stages == 3
     with pytest.raises(TypeError, match="mosaic_walks"):
         chunked.PallasConfig(mosaic_walks="yes")
 
@@ -237,34 +240,42 @@ def test_fixed_decay_backward_matches_the_oracle_and_the_triton_walks(pieces, wi
 
 
 @hopper
-@pytest.mark.parametrize("pieces, gate", [(1, None), (4, None), (2, "fixed"), (2, "learned")])
+@pytest.mark.parametrize("pieces, gate", [(1, None), (4, None), (2, "fixed"), (2, "learned"), (2, "alone")])
 def test_the_sums_walks_on_two_warpgroups_give_the_op_bitwise_what_one_gives(pieces, gate):
-    """MosaicWalkConfig.sums_warpgroups and gate_dk_warpgroups = 2: the op's gradients with the decay learned
-    bitwise those of the one-warpgroup sums walks, d decay against the float64 oracle: the dq walk on two
-    warpgroups (no gate, or a fixed one), or with the gate learned the gate's dk walk (the dq walk, forming the
-    spanned sums, on one)."""
+    """MosaicWalkConfig.sums_warpgroups, gate_dq_warpgroups and gate_dk_warpgroups = 2: the op's gradients
+    bitwise those of the one-warpgroup sums walks, the decay's or gate's against the float64 oracle: with the
+    decay learned the dq walk on two warpgroups (no gate, or a fixed one), with the gate learned too the gate's
+    dk walk as well; with the gate ``alone`` (no per-head decay) the gate's dq and dk walks."""
     B, T, H, K, V = 2, 1024, 2, 128, 128
     q, k, v = _inputs(B, T, H, K, V, "bfloat16")
     do = _inputs(B, T, H, K, V, "bfloat16", seed=5)[2]
-    decay = jnp.asarray([0.97, 1.0], jnp.float32)
+    decay = None if gate == "alone" else jnp.asarray([0.97, 1.0], jnp.float32)
     log_gate = None if gate is None else 0.05 * _log_gate(B, T, H)
-    inputs = (q, k, v, decay) + ((log_gate,) if gate == "learned" else ())
+    inputs = (q, k, v) + (() if decay is None else (decay,)) + ((log_gate,) if gate in ("learned", "alone") else ())
 
     def run(walks):
         config = dataclasses.replace(chunked.default_config(q, v), mosaic_walks=walks,
                                      backward_num_sequence_pieces=pieces)
 
-        def f(q, k, v, decay, gate=log_gate):
-            return fleetjax.fleet_attention(q, k, v, decay, log_gate=gate, implementation="pallas", config=config)
+        def f(q, k, v, *learned):
+            decay_in = None if decay is None else learned[0]
+            gate_in = learned[-1] if gate in ("learned", "alone") else log_gate
+            return fleetjax.fleet_attention(q, k, v, decay_in, log_gate=gate_in, implementation="pallas",
+                                            config=config)
         _, pullback = jax.vjp(jax.jit(f), *inputs)
         return jax.jit(pullback)(do)
 
-    one = run(mosaic.MosaicWalkConfig(sums_warpgroups=1, gate_dk_warpgroups=1))
-    two = run(mosaic.MosaicWalkConfig(sums_warpgroups=2, gate_dk_warpgroups=2))
-    for a, b, name in zip(one, two, ("dq", "dk", "dv", "decay", "log_gate")):
+    one = run(mosaic.MosaicWalkConfig(sums_warpgroups=1, gate_dk_warpgroups=1, gate_dq_warpgroups=1))
+    two = run(mosaic.MosaicWalkConfig(sums_warpgroups=2, gate_dk_warpgroups=2, gate_dq_warpgroups=2))
+    names = ("dq", "dk", "dv") + ((() if decay is None else ("decay",))
+                                  + (("log_gate",) if gate in ("learned", "alone") else ()))
+    assert len(one) == len(two) == len(names)
+    for a, b, name in zip(one, two, names):
         assert jnp.array_equal(a, b), name
-    ref = oracle.gradients(q, k, v, decay, do=do, log_gate=log_gate)
-    assert oracle.rel_err(two[3], ref["decay"], axis=None) < DECAY_GRAD_TOLERANCE["bfloat16"]
+    ref = oracle.gradients(q, k, v, jnp.ones((H,), jnp.float32) if decay is None else decay, do=do,
+                           log_gate=log_gate)
+    for got, name in zip(two[3:], names[3:]):
+        assert oracle.rel_err(got, ref[name], axis=None) < DECAY_GRAD_TOLERANCE["bfloat16"], name
 
 
 @hopper
@@ -628,10 +639,11 @@ def test_the_exact_states_walk_gives_the_dq_sums_walks_piece_states(gated):
 
 
 def _interpreted_backward(q, k, v, do, decay, start, chunking, *, learned: bool, scale: float, log_gate=None,
-                          walks: mosaic.MosaicWalkConfig = mosaic.MosaicWalkConfig(gate_dk_warpgroups=1)):
+                          walks: mosaic.MosaicWalkConfig = mosaic.MosaicWalkConfig(gate_dk_warpgroups=1,
+                                                                                   gate_dq_warpgroups=1)):
     """dq, dk, dv, d log_decay (learned, no gate) or d log_gate (a gate), the witness: the Mosaic backward
     walks in the interpreter, the pieces' local states from the Triton walks in Pallas interpret mode. The
-    gate's dk walk on one warpgroup: with the suite's one CPU device the interpreter's two-warpgroup walks
+    gate's walks on one warpgroup: with the suite's one CPU device the interpreter's two-warpgroup walks
     stall over several chunks (tests/test_mosaic_warpgroups.py checks them against one with four)."""
     from fleetjax import vjp
     from fleetjax.decay import Decays
@@ -736,7 +748,8 @@ def test_the_op_through_the_interpreted_walks_matches_the_oracle(monkeypatch, le
     # in the PallasConfig's (their states from the Triton piece-state walks, or with ``backward_states`` from
     # the Mosaic states walk).
     walks = mosaic.MosaicWalkConfig(gated_decay_sums=learned == "both", forward_pieces=pieces,
-                                    backward_piece_states=backward_states, gate_dk_warpgroups=1)
+                                    backward_piece_states=backward_states, gate_dk_warpgroups=1,
+                                    gate_dq_warpgroups=1)
     config = dataclasses.replace(chunked.default_config(q, v), num_sequence_pieces=1,
                                  backward_num_sequence_pieces=pieces, mosaic_walks=walks)
     assert config.chunking(T, True).chunk_size == walks.chunk_size
@@ -996,7 +1009,7 @@ def test_wide_walks_leave_out_the_automatic_barriers_where_asked(mosaic_modules,
     """Lowered for an sm_90 GPU (any host): MosaicWalkConfig.wide_auto_barriers False gives every
     two-warpgroup walk (the forward, the backward's plain walks, the sums walks) less than half the bar.sync
     it lowers with by default (28 -> 7 for the forward, 42 -> 7 for the dq walk with the decay's sums, jax
-    0.11.2), and leaves the one-warpgroup walks as they were (with the gate learned, the dq walk)."""
+    0.11.2); here every walk takes two."""
     def lowered(backward, kept):
         walks = mosaic.MosaicWalkConfig(warpgroups=2, backward_warpgroups=2, sums_warpgroups=2,
                                         wide_auto_barriers=kept)
@@ -1005,37 +1018,45 @@ def test_wide_walks_leave_out_the_automatic_barriers_where_asked(mosaic_modules,
     for backward in (False, True):
         kept, bare = lowered(backward, True), lowered(backward, False)
         assert len(kept) == len(bare) >= (3 if backward else 1)
-        assert sum(map(_wide, kept)) == len(kept) - (log_gate and backward)
+        assert all(map(_wide, kept))
         for with_them, without in zip(kept, bare):
-            if _wide(with_them):
-                assert 0 < without.count("bar.sync") < with_them.count("bar.sync") // 2
-            else:
-                assert _unnamed(without) == _unnamed(with_them)
+            assert 0 < without.count("bar.sync") < with_them.count("bar.sync") // 2
 
 
-@pytest.mark.parametrize("log_gate", [False, True], ids=["constant", "gated"])
-def test_the_sums_walks_take_two_warpgroups_where_asked_and_they_can(mosaic_modules, log_gate):
-    """Lowered for an sm_90 GPU (any host): MosaicWalkConfig.sums_warpgroups and gate_dk_warpgroups = 2 give
-    the walk that forms sums two compute warpgroups and a copying one (their registers split by setmaxnreg: at
-    most 232 a compute thread), within one program's shared memory: the dq walk of the decay's sums, or with
-    the gate learned the dk walk of the gate's, while the dq walk, which then also forms the gate's spanned
-    sums, keeps one warpgroup; every other walk lowers as before. The default takes two for the gate's dk walk
-    alone."""
-    def lowered(**walks):
-        return _lowered_walks(mosaic_modules, mosaic.MosaicWalkConfig(**walks), log_gate=log_gate, backward=True)
-
-    one, two = lowered(sums_warpgroups=1, gate_dk_warpgroups=1), lowered(sums_warpgroups=2, gate_dk_warpgroups=2)
-    assert len(one) == len(two) >= 3
-    assert [_unnamed(m) for m in lowered()] == [_unnamed(m) for m in (two if log_gate else one)]
+@pytest.mark.parametrize("case", ["constant", "gated", "gate_only"])
+def test_the_sums_walks_take_two_warpgroups_where_asked_and_they_can(mosaic_modules, case):
+    """Lowered for an sm_90 GPU (any host): MosaicWalkConfig.sums_warpgroups, gate_dq_warpgroups and
+    gate_dk_warpgroups = 2 give each walk that forms sums two compute warpgroups and a copying one (their
+    registers split by setmaxnreg: at most 232 a compute thread), within one program's shared memory: the dq
+    walk of the decay's sums (with the gate learned too, the gate's beside them), the gate's dq walk where the
+    decay is not learned (``gate_only``), the gate's dk walk; every other walk lowers as before. By default
+    the gate's walks take two, the dq walk of the decay's sums one."""
     from experiments import walk_ops
-    for before, after in zip(one, two):
-        if ("dk_sums_walk" if log_gate else "dq_sums_walk") in after:
-            # jax 0.11.2 writes the PTX instruction, 0.10.2 the nvvm op
-            assert ("setmaxnreg.inc.sync.aligned.u32 232" in after or "setmaxregister increase 232" in after)
-            assert not _wide(before)
-            assert walk_ops.shared_bytes(after) <= 227 * 1024
-        else:
-            assert _unnamed(after) == _unnamed(before)
+
+    def lowered(**walks):
+        return walk_ops.lowered(mosaic_modules, gated=case != "constant", decay=case != "gate_only", backward=True,
+                                scale=None, walks=mosaic.MosaicWalkConfig(**walks))
+
+    fields = ("sums_warpgroups", "gate_dq_warpgroups", "gate_dk_warpgroups")
+    one, two = lowered(**dict.fromkeys(fields, 1)), lowered(**dict.fromkeys(fields, 2))
+    wide = {"constant": {"dq_sums_walk"}, "gated": {"dq_sums_walk", "dk_sums_walk"},
+            "gate_only": {"dq_sums_walk", "dk_sums_walk"}}[case]
+    wide_by_default = wide if case == "gate_only" else wide - {"dq_sums_walk"}
+    assert len(one) == len(two) >= 3
+
+    def walk_of(module):
+        return next((name for name in wide if name in module), None)
+
+    assert {walk_of(module) for module in two} - {None} == wide
+    for narrow, both, default in zip(one, two, lowered()):
+        if walk_of(both) is None:
+            assert _unnamed(both) == _unnamed(narrow) == _unnamed(default)
+            continue
+        # jax 0.11.2 writes the PTX instruction, 0.10.2 the nvvm op
+        assert "setmaxnreg.inc.sync.aligned.u32 232" in both or "setmaxregister increase 232" in both
+        assert not _wide(narrow)
+        assert walk_ops.shared_bytes(both) <= 227 * 1024
+        assert _unnamed(default) == _unnamed(both if walk_of(both) in wide_by_default else narrow)
 
 
 @pytest.mark.parametrize("log_gate", [False, True], ids=["constant", "gated"])
@@ -1119,3 +1140,37 @@ def test_learned_decay_on_mosaic_at_long_T(aligned, mosaic_states):
     ref = oracle.recurrent(*(np.asarray(x, np.float32) for x in (q, k, v)), decay, do=np.asarray(do, np.float32))
     err = np.abs(np.asarray(grad(q, k, v, decay, do), np.float64) - ref["decay"]) / np.abs(ref["decay"])
     assert np.all(err <= DECAY_GRAD_TOLERANCE["bfloat16"]), f"relative error per head {err}"
+
+
+@hopper
+@pytest.mark.parametrize("aligned", [False, True], ids=["random", "aligned"])
+@pytest.mark.parametrize("with_decay", [False, True], ids=["gate", "gate+decay"])
+def test_the_gate_on_mosaic_at_long_T(aligned, with_decay):
+    """bfloat16 at T = 16384 (256 chunks, 4 sequence pieces) with small per-token gates: d log_gate at every
+    position (and d decay beside it) from the Mosaic walks' sums against the float64 recurrence on the same
+    inputs. The flow across each chunk boundary is a difference of the walks' float32 sums, and the chunk's
+    own pairs come from the dq and dk walks' row and column sums: neither may lose the constant decay's
+    accuracy at long T. ``aligned`` (q = k, dO = v): every lag-0 pair positive."""
+    B, T, H, K, V = 1, 16384, 2, 64, 64
+    q, k, v = _inputs(B, T, H, K, V, "bfloat16", scale_values=K ** -0.5)
+    do = _inputs(B, T, H, K, V, "bfloat16", seed=6)[2]
+    if aligned:
+        k, do = q, v
+    log_gate = jnp.asarray(-np.abs(np.random.default_rng(7).standard_normal((B, T, H))) * 1e-2, jnp.float32)
+    decay = jnp.asarray([0.999, 0.99], jnp.float32)
+    config = dataclasses.replace(chunked.default_config(q, v), backward_num_sequence_pieces=4)
+
+    def f(q, k, v, *learned):
+        return fleetjax.fleet_attention(q, k, v, learned[0] if with_decay else None, log_gate=learned[-1],
+                                        implementation="pallas", config=config)
+
+    learned = (decay, log_gate) if with_decay else (log_gate,)
+    grad = jax.jit(lambda q, k, v, do, *learned: jax.vjp(lambda *x: f(q, k, v, *x), *learned)[1](do))
+    assert _walks(grad.lower(q, k, v, do, *learned).as_text()) >= 3
+    got = grad(q, k, v, do, *learned)
+    ref = oracle.recurrent_gated(*(np.asarray(x, np.float32) for x in (q, k, v)), decay if with_decay else None,
+                                 np.asarray(log_gate), do=np.asarray(do, np.float32))
+    assert oracle.rel_err(got[-1], ref["log_gate"], axis=2) < DECAY_GRAD_TOLERANCE["bfloat16"]
+    if with_decay:
+        err = np.abs(np.asarray(got[0], np.float64) - ref["decay"]) / np.abs(ref["decay"])
+        assert np.all(err <= DECAY_GRAD_TOLERANCE["bfloat16"]), f"relative error per head {err}"

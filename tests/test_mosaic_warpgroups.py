@@ -7,8 +7,8 @@ ran). With four fake CPU devices the client has threads for all three, so these 
 with that many (tests/devices.py). With one device even the constant decay's two-warpgroup walk stalled at
 six chunks a piece (one chunk a piece runs), so the walks whose two warpgroups take turns
 (MosaicWalkConfig.pingpong) over six chunks run here too, and the walks that form sums at two compute
-warpgroups (MosaicWalkConfig.sums_warpgroups: the dq walk of the decay's; gate_dk_warpgroups: the gate's dk
-walk). On Hopper the two-warpgroup walks are checked through the op (tests/test_mosaic.py).
+warpgroups (MosaicWalkConfig.sums_warpgroups: the dq walk of the decay's; gate_dq_warpgroups and
+gate_dk_warpgroups: the gate's dq and dk walks). On Hopper the two-warpgroup walks are checked through the op (tests/test_mosaic.py).
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ CASES = ["forward", "reverse"]
 # constant decay's two-warpgroup walk stalled at that length (the gated one at any).
 TURNS_CASES = ["turns-constant", "turns-gated"]
 # The walks that form sums at two compute warpgroups: the dq walk with the decay's tangent
-# (MosaicWalkConfig.sums_warpgroups), and the gate's dk walk in reverse (gate_dk_warpgroups).
-SUMS_CASES = ["sums-constant", "sums-gated", "sums-reverse-gated"]
+# (MosaicWalkConfig.sums_warpgroups; gated, the gate's sums too), the gate's dq walk without it
+# (gate_dq_warpgroups) and its dk walk in reverse (gate_dk_warpgroups).
+SUMS_CASES = ["sums-constant", "sums-gated", "sums-gate-dq", "sums-reverse-gated"]
 
 
 def _run_case(direction: str) -> dict[str, Any]:
@@ -89,29 +90,32 @@ def _run_turns(case_id: str) -> dict[str, bool]:
 def _run_sums(case_id: str) -> dict[str, bool]:
     """A walk forming sums at one and at two compute warpgroups a program: out, the pieces' final states and
     the sums bitwise equal? The dq walk's form (the tangent as a second state, from random entering tangents)
-    with the constant decay or the gated one with a hard forget, or the gate's dk walk's (in reverse, w alone);
-    two pieces of three chunks from random entering states, value blocks of 32 (two a program)."""
+    with the constant decay or the gated one with a hard forget (and the gate's sums), the gate's dq walk
+    without the tangent, or its dk walk (in reverse); two pieces of three chunks from random entering states,
+    value blocks of 32 (two a program)."""
     from fleetjax.chunking import Chunking
     from fleetjax.decay import Decays
     from fleetjax.pallas import mosaic
     B, T, H, K, V = 1, 384, 2, 64, 64
     q, k, v = _inputs(B, T, H, K, V, "bfloat16")
     gated, reverse = case_id != "sums-constant", case_id == "sums-reverse-gated"
+    tangent = case_id in ("sums-constant", "sums-gated")
     decays = Decays(jnp.log(jnp.asarray([0.97, 1.0], jnp.float32)), 0.05 * _log_gate(B, T, H) if gated else None)
     rng = np.random.default_rng(1)
     entering, tangents = (jnp.asarray(rng.standard_normal((B, H, 2, K, V)), jnp.float32) for _ in range(2))
-    walks = {wgs: mosaic.MosaicWalkConfig(block_v=32, sums_warpgroups=wgs, gate_dk_warpgroups=wgs) for wgs in (1, 2)}
+    walks = {wgs: mosaic.MosaicWalkConfig(block_v=32, sums_warpgroups=wgs, gate_dk_warpgroups=wgs,
+                                          gate_dq_warpgroups=wgs) for wgs in (1, 2)}
     one, two = (mosaic.sums_walk(q, k, v, decays.log_decay, entering, Chunking(T, 64, 2), reverse=reverse,
                                  scale=0.2, config=walks[wgs], rows=v,
-                                 tangent=not reverse, entering_tangents=None if reverse else tangents,
-                                 within=decays.within_chunks(B, T, 64) if gated else None,
+                                 tangent=tangent, entering_tangents=tangents if tangent else None,
+                                 within=decays.within_chunks(B, T, 64) if gated else None, before=gated,
                                  interpret=InterpretGPUParams())
                 for wgs in (1, 2))
-    name = "state" if reverse else "decay"
+    names = ["decay"] * tangent + (["before", "state"] if gated else [])
     return {"out": bool(jnp.array_equal(one[0], two[0])), "finals": bool(jnp.array_equal(one[1], two[1])),
-            "sums": sorted(one[2]) == sorted(two[2]) == [name]
-            and bool(jnp.array_equal(one[2][name], two[2][name])),
-            "finite": bool(jnp.all(jnp.isfinite(two[2][name])))}
+            "sums": sorted(one[2]) == sorted(two[2]) == sorted(names)
+            and all(bool(jnp.array_equal(one[2][name], two[2][name])) for name in names),
+            "finite": all(bool(jnp.all(jnp.isfinite(two[2][name]))) for name in names)}
 
 
 def _worker(case_ids: list[str]) -> None:

@@ -12,8 +12,8 @@ whose weights, entering, leaving and carry are exp of differences of the log dec
 - ``plain.py``, :func:`walk`: the plain walk, the forward (q, k, v) and the backward's dq (dO, v, k), dv
   (reverse: k, q, dO) and dk (reverse: v, dO, q) where no sums are formed; one or two compute warpgroups;
 - ``sums.py``, :func:`sums_walk`: the dq walk forming the decay's gradient sums with hi/lo products and the
-  state's derivative in log gamma as a second state (and the gate's spanned sums; without them, optionally
-  on two compute warpgroups), and the dk walk forming the gate's;
+  state's derivative in log gamma as a second state, and the gate's (with the dk walk: each the row or column
+  sums of its chunk's pairs); one or two compute warpgroups;
 - ``states.py``, :func:`piece_states`: the states-only walk of sequence pieces (one product a chunk), and the
   states entering each piece, passed in XLA from the pieces' local states (:func:`entering_states`,
   :func:`entering_tangents`);

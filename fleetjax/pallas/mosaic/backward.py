@@ -10,6 +10,7 @@ import functools
 import jax.numpy as jnp
 
 from fleetjax.chunking import Chunking
+from fleetjax import vjp
 from fleetjax.decay import Decays
 from fleetjax.pallas.mosaic.config import MosaicWalkConfig
 from fleetjax.pallas.mosaic.states import entering_states, entering_tangents
@@ -26,7 +27,8 @@ def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_lo
     ``reverse_local`` (keys q, values dO; the dk walk's are their transposes), [B, H, P-1, ., .] or None; the
     gated decay where ``decays`` has a gate. The sums [B, H, T] (summed over their value blocks): with
     ``log_decay_wanted`` "decay" (each position's summand of d log decay, fleetjax.vjp.log_decay_summand),
-    with ``log_gate_wanted`` w, u and spanned (fleetjax.vjp.log_gate_grad's parts). The witness: the dq and dv
+    with ``log_gate_wanted`` w, u and spanned (fleetjax.vjp.log_gate_grad's parts; spanned from the two walks'
+    row and column sums of the chunks' pairs, fleetjax.vjp.spanned_from_sums). The witness: the dq and dv
     walks' states after their pieces, non-finite whenever dq or dv is (their 0 * out terms), which each q_t,
     k_t, v_t and dO_t reaches through its own pair. ``interpret``: see fleetjax.pallas.mosaic.plain."""
     B, T = q.shape[:2]
@@ -49,12 +51,15 @@ def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_lo
     tangents_entering = (entering_tangents(dq_entering, dq_local_tangents, decays, chunking, B)
                          if log_decay_wanted else None)
     dq, dq_finals, dq_sums = sums(do, v, k, entering=dq_entering, reverse=False, rows=q, tangent=log_decay_wanted,
-                                  entering_tangents=tangents_entering, spanned=log_gate_wanted, name="dq_sums_walk")
+                                  entering_tangents=tangents_entering, before=log_gate_wanted, name="dq_sums_walk")
     parts = {"w" if name == "state" else name: jnp.sum(part, axis=0) for name, part in dq_sums.items()}
     dv, dv_finals = plain(k, q, do, entering=reverse_entering, reverse=True, name="dv_walk")
     if log_gate_wanted:  # the gate's gradient takes the dk walk's sums (the decay's come from the dq walk alone)
-        dk, _, dk_sums = sums(v, do, q, entering=dk_entering, reverse=True, rows=k, name="dk_sums_walk")
+        dk, _, dk_sums = sums(v, do, q, entering=dk_entering, reverse=True, rows=k, before=True,
+                              name="dk_sums_walk")
         parts["u"] = jnp.sum(dk_sums["state"], axis=0)
+        parts["spanned"] = vjp.spanned_from_sums(parts.pop("before"), jnp.sum(dk_sums["before"], axis=0),
+                                                 chunking.chunk_size)
     else:
         dk, _ = plain(v, do, q, entering=dk_entering, reverse=True, name="dk_walk")
     return dq, dk, dv, parts, (dq_finals, dv_finals)

@@ -197,7 +197,8 @@ class Walker:
     # The decay's factors.
 
     def steps(self):
-        """(pair rows, pair columns, lag, lags >= 0 as float32, the rows' leaving steps [C, block_v])."""
+        """(lag [C, C]: each pair's steps in the walk's order, lags >= 0 as float32, the rows' leaving steps
+        [C, block_v])."""
         C = self.C
         pair_rows, pair_cols = self.iota((C, C), 0), self.iota((C, C), 1)
         lag = pair_cols - pair_rows if self.reverse else pair_rows - pair_cols
@@ -205,7 +206,7 @@ class Walker:
         lags = jnp.where(lag >= 0, lag, 0).astype(f32)
         # The steps of each row's leaving decay: the tangent's weights (its derivative in log gamma).
         row = self.iota((C, self.bv), 0).astype(f32)
-        return pair_rows, pair_cols, lag, lags, row + 1.0 if self.reverse else C - 1.0 - row
+        return lag, lags, row + 1.0 if self.reverse else C - 1.0 - row
 
     def constant_factors(self, log_gamma, lag, lags):
         """The constant decay's factors from :meth:`steps`'s, the same for every chunk: (weights, the rows'

@@ -39,8 +39,7 @@ class MosaicWalkConfig:
     1.43x and 1.17x at B1 H8 T=32768 in 16), slower where half of them idle (0.81x in one piece), H200,
     2026-12-03, experiments/results/2026-12-03-h200-probe_wide_walk_package.txt. Walks that form sums keep one
     (but see sums_warpgroups and gate_dk_warpgroups).
-    sums_warpgroups: 2 runs the dq walk of the decay's sums (with the tangent; without the gate's spanned sums)
-    as one program of two compute warpgroups for two value blocks of sums_block_v, sharing the chunk's query
+    sums_warpgroups: 2 runs the dq walk of the decay's sums (with the tangent) as one program of two compute warpgroups for two value blocks of sums_block_v, sharing the chunk's query
     and key tiles, a third warpgroup copying them in: half the programs, each SM two warps a scheduler where
     one program of one warpgroup leaves one (at B4 H16 the walk's 256 programs ran in two waves). Bitwise the
     same results. A compute thread holds at most 232 registers (setmaxnreg): in sm_90 SASS
@@ -50,12 +49,15 @@ class MosaicWalkConfig:
     H16 T=16384, 0.793 against 0.779 at T=4096, 6.94 against 6.82 at B1 H16 T=131072, 1.22 against 1.24 at
     B1 H8 T=32768 (H100, 2026-12-05, bf16, K = V = 128, three alternated rounds, medians,
     experiments/results/2026-12-05-h100-sums_warpgroups_ab.jsonl).
-    gate_dk_warpgroups: the same for the gate's dk walk (reverse, forming w for d log_gate): 8 bytes of spills
+    gate_dk_warpgroups: the same for the gate's dk walk (reverse, forming u for d log_gate): 8 bytes of spills
     at 1038 instructions a chunk on two warpgroups, against none and 1140 on one (the same SASS count), and
     sums_stages 1 or 2 with it (a config of more stages must set this to 1). On by default: fwd+bwd with the
     gate learned (no decay) took 3.56 against 3.93 ms at B4 H16 T=16384, 1.09 against 1.20 at T=4096, 1.39
-    against 1.45 at B1 H8 T=32768 (same card, date and file), gradients bitwise the same. Where the dq walk
-    also forms the gate's spanned sums it keeps one warpgroup: its three [C, C] tiles would not fit twice.
+    against 1.45 at B1 H8 T=32768 (same card, date and file), gradients bitwise the same (then the dq walk
+    formed the gate's intra-chunk sums with a triangle product, on one warpgroup; the dk walk now also forms
+    the column sums of the chunk's pairs, fleetjax.pallas.mosaic.sums_walk's ``before``).
+    gate_dq_warpgroups: the same for the gated dq walk without the decay's tangent (the gate learned, the decay
+    not), which forms w and the row sums of the chunk's pairs; sums_stages 1 or 2 with it.
     forward_pieces: the sequence pieces of the Mosaic forward walk (None: PallasConfig.num_sequence_pieces,
     which the Triton forward takes), their local states from fleetjax.pallas.mosaic.piece_states. Where they
     would not be equal whole chunks, or the caller passes the pieces' local states (sequence parallelism),
@@ -79,13 +81,13 @@ class MosaicWalkConfig:
     fwd+bwd 1.527 against 1.627 ms at T=4096, 4.711 against 5.085 at T=16384 (same card and date,
     -backward_mosaic_gated.json).
     gated_decay_sums: with ``gated_backward``, also where a learned per-head decay sits beside the gate (the
-    gated dq walk then carries the state's derivative and forms intra beside spanned): fwd+bwd with both
+    gated dq walk then carries the state's derivative and forms intra beside the gate's sums): fwd+bwd with both
     learned 1.566 against 1.752 ms (the Triton walks) at B4 H16 T=4096, 4.978 against 6.408 at T=16384 (H200,
     2026-12-03, bf16, K = V = 128, experiments/results/2026-12-03-h200-gated_decay_sums_timing.txt).
     auto_barriers: keep the warpgroup barriers that Pallas puts around every shared-memory store, copy and
     scoped allocation (``plgpu.CompilerParams.unsafe_no_auto_barriers``) in the one-warpgroup walks (two
     warpgroups: wide_auto_barriers). Off by default: the walk's own barriers order what needs ordering. The tiles
-    that threads write (states, weighted values, gate parts, out, sums) are read only by wgmma or TMA, after a
+    that threads write (states, weighted values, out, sums) are read only by wgmma or TMA, after a
     commit_smem (a fence and a warpgroup barrier); threads read staged tiles (rows, values, within) before the
     chunk's last commit, which precedes the pipeline's refill of their slot; the pipeline's waits on its out
     copies carry their own barrier. Without them the dq walk with the decay's sums lowers with 8 warpgroup
@@ -123,7 +125,7 @@ class MosaicWalkConfig:
     chunks where it is not (every 11th to 180th in RetNet's range of decays), never at gamma = 1. Off for
     float16, whose state copies keep its range.
     split_by_bits: the bf16 walks' hi/lo pairs (their float32-accurate products: the states, the weighted
-    and lagged values, the gate's spanned pairs) round their hi part with an integer add and masks on the
+    and lagged values) round their hi part with an integer add and masks on the
     float32 bits instead of a conversion and its widening (fleetjax.chunk.split's ``by_bits``; ties away
     from zero instead of to even, the same 2^-16 held): the dq walk with the decay's sums issues 72
     conversions a chunk instead of 168 at the same 1393 instructions, the gated one with the decay learned
@@ -168,6 +170,7 @@ class MosaicWalkConfig:
     backward_warpgroups: int = 1
     sums_warpgroups: int = 1
     gate_dk_warpgroups: int = 2
+    gate_dq_warpgroups: int = 2
     sums_stages: int = 2
     decay_sums: bool = True
     gated_forward: bool = True
@@ -188,7 +191,8 @@ class MosaicWalkConfig:
             value = getattr(self, name)
             if value not in (32, 64, 128) and not (name == "forward_block_v" and value is None):
                 raise ValueError(f"MosaicWalkConfig.{name} must be 32, 64 or 128, got {value!r}")
-        for name in ("warpgroups", "backward_warpgroups", "sums_warpgroups", "gate_dk_warpgroups"):
+        for name in ("warpgroups", "backward_warpgroups", "sums_warpgroups", "gate_dk_warpgroups",
+                     "gate_dq_warpgroups"):
             if getattr(self, name) not in (1, 2):
                 raise ValueError(f"MosaicWalkConfig.{name} must be 1 or 2, got {getattr(self, name)!r}")
         pieces = self.forward_pieces
@@ -198,7 +202,7 @@ class MosaicWalkConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 8:
                 raise ValueError(f"MosaicWalkConfig.{name} must be an int in [1, 8], got {value!r}")
-        for name in ("sums_warpgroups", "gate_dk_warpgroups"):  # 216 KiB at two stages (K = 128, 16-bit)
+        for name in ("sums_warpgroups", "gate_dk_warpgroups", "gate_dq_warpgroups"):  # 216 KiB at two stages
             if getattr(self, name) == 2 and self.sums_stages > 2:
                 raise ValueError(f"MosaicWalkConfig.sums_stages must be 1 or 2 with {name}=2 (shared memory), got "
                                  f"{self.sums_stages!r}; set {name}=1 for more stages")

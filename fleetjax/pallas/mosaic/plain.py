@@ -82,7 +82,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
         # Two warpgroups form their registers' values in the compute context (the copying warpgroup keeps few
         # registers) and carry the constant factors; one forms them here, once.
         if not wide:
-            lag, lags = w.steps()[2:4]
+            lag, lags = w.steps()[:2]
             constant = None if gated else w.constant_factors(log_decay_gmem[h], lag, lags)
 
         def chunk(indices, *smems):
@@ -93,7 +93,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             if wide:
                 state, chunk_constant = carried
                 v_smem = v_smem.at[:, pl.ds(group * bv, bv)]
-                chunk_lag = w.steps()[2] if gated else None
+                chunk_lag = w.steps()[0] if gated else None
             else:
                 state = carried
                 chunk_constant, chunk_lag = constant, lag if gated else None
@@ -143,7 +143,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                 if gated:
                     init = (entering_state, ())
                 else:
-                    lag, lags = w.steps()[2:4]
+                    lag, lags = w.steps()[:2]
                     init = (entering_state, w.constant_factors(log_decay_gmem[h], lag, lags))
                 pl.when(group == 1)(take_turn)  # a turn behind the first warpgroup
                 out = body(w.lazy_in(init))

@@ -53,7 +53,7 @@ def piece_states(key, value, log_decay, chunking: Chunking, *, reverse: bool, co
                    keys_t=keys_t_smem, block_t=block_t_smem, register=register_smem)
         j, bh, piece = lax.axis_index("v"), lax.axis_index("bh"), lax.axis_index("piece")
         b, h = bh // H, bh % H
-        lag, lags, leave_lag = w.steps()[2:]
+        lag, lags, leave_lag = w.steps()
         constant = None if gated else w.constant_factors(log_decay_gmem[h], lag, lags)
         update_tiles = w.update_tiles(weighted=weighted_smem, weighted_lo=weighted_lo_smem, lagged=lagged_smem,
                                       lagged_lo=lagged_lo_smem, moved=moved_smem, moved_lo=moved_lo_smem)

@@ -3,15 +3,15 @@ the gate's gradient the dk reverse walk(v, dO, q) with rows k. As the plain walk
 on one warpgroup, with the state's products float32-accurate: hi/lo pairs of 16-bit parts (fleetjax.chunk.
 split) for the state's copies and the weighted values. For d log gamma the dq walk carries the state's
 derivative in log gamma (fleetjax.vjp's tangent D) as a second state beside S, entering each sequence piece
-as the state does (fleetjax.pallas.mosaic.states.entering_tangents); with the gated decay it also forms the
-gate's spanned sums.
+as the state does (fleetjax.pallas.mosaic.states.entering_tangents); for the gate's gradient both walks also
+sum each position's pairs with the chunk's earlier positions (in the walk's order).
 
-A walk without the spanned sums may run as one program of two compute warpgroups for two value blocks
-(MosaicWalkConfig.sums_warpgroups for the dq walk, gate_dk_warpgroups for the gate's dk walk, the one walk in
-reverse), as the plain walk's two-warpgroup form does: they share the chunk's query and key tiles (the dq
-walk's dO and v, the dk walk's v and dO), which a third warpgroup copies in, and each copies out its own out
-and sums through rings of two tiles; its float32 tiles for the entering and final states share their space
-with the state's copies.
+A walk may run as one program of two compute warpgroups for two value blocks (MosaicWalkConfig.sums_warpgroups
+for the dq walk with the tangent, gate_dq_warpgroups without it, gate_dk_warpgroups for the gate's dk walk, the
+one walk in reverse), as the plain walk's two-warpgroup form does: they share the chunk's query and key tiles
+(the dq walk's dO and v, the dk walk's v and dO), which a third warpgroup copies in, and each copies out its
+own out and sums through rings of two tiles; its float32 tiles for the entering and final states share their
+space with the state's copies.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from fleetjax.pallas.mosaic.config import MosaicWalkConfig
 
 def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse: bool, scale: float,
               config: MosaicWalkConfig, rows, tangent: bool = False, entering_tangents=None, within=None,
-              spanned: bool = False, name: str = "sums_walk", interpret=None):
+              before: bool = False, name: str = "sums_walk", interpret=None):
     """(out [B, T, H, Dv] in value's dtype, the state after each piece [B, H, P, Dk, Dv] float32, sums): the
     walk of fleetjax.pallas.mosaic.plain (its arguments, one warpgroup) with ``rows`` [B, T, H, Dv] (q in the
     dq walk, k in the dk walk): sums["state"] [Dv blocks, B, H, T] holds each position's rows . (the state's
@@ -36,16 +36,15 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
 
     With ``tangent`` (the dq walk) also the state's derivative in log gamma D (fleetjax.chunk.update_tangent)
     as a second state, entering the pieces as ``entering_tangents`` [B, H, P, Dk, Dv] float32 (None: zero), and
-    sums["decay"] in place of sums["state"] (which ``spanned`` keeps for the gate): each position's summand of
+    sums["decay"] in place of sums["state"] (which ``before`` keeps for the gate): each position's summand of
     d log gamma (fleetjax.vjp.log_decay_summand), (i + 1) w + tangent (rows . (out's part from D)) + intra (the
     lag-weighted pairs in the chunk); all per value block (their sum over blocks is the position's).
 
-    With ``spanned`` (the gated decay, the dq walk) also sums["spanned"]: per position r the chunk's pairs
-    j < r <= i of scale (rows_i . value_j)(query_i . key_j) decayed, the intra-chunk part of d log_gate_r
-    (fleetjax.chunk.spanned), its triangle product on a hi/lo pair of bfloat16 parts of the pairs (about 16
-    bits, as the state's products; a third part, float32's 24 bits, moved no d log_gate error in the
-    interpreter: 1.7e-6 -> 2.2e-6, 2.8e-6 -> 3.1e-6, 1.1e-5 -> 1.2e-5 and 1.1e-5 -> 9.6e-6 against the
-    float64 oracle at T 256 and 512, gates of several sizes, 2026-12-04)."""
+    With ``before`` (the gated decay) also sums["before"]: per position i the sum over the chunk's positions j
+    strictly before i in the walk's order of the pairs scale (rows_i . value_j)(query_i . key_j) decayed, in
+    float32 from the products' accumulators: in the dq walk each query's pairs with earlier keys, in the dk walk
+    (reverse) each key's pairs with later queries, the row and column sums of the chunk's pairs whose
+    difference's prefix sum is the intra-chunk part of d log_gate (fleetjax.vjp.spanned_from_sums)."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -57,29 +56,28 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
     dtype = value.dtype
     tiles = mma_tiles(dtype, bv)
     gated = within is not None
-    if spanned and not (gated and not reverse):
-        raise ValueError("spanned= needs the gated decay and the forward direction (the dq walk)")
+    if before and not gated:
+        raise ValueError("before= needs the gated decay")
     if tangent and reverse:
         raise ValueError("tangent= needs the forward direction (the dq walk)")
     # With the tangent only the gate's gradient reads w alone; the decay's reads its summand ("decay").
-    sums = (["state"] if spanned or not tangent else []) + ["decay"] * tangent + ["spanned"] * spanned
+    sums = (["state"] if before or not tangent else []) + ["decay"] * tangent + ["before"] * before
     # With the tangent, the state's and its derivative's updates are one product (key^T with the weighted and
     # lagged values side by side) where this jax's Mosaic GPU lowers a concatenate of register arrays.
     joint_update = tangent and lowers_concatenate()
-    # Two compute warpgroups a program (MosaicWalkConfig.sums_warpgroups; in reverse, the gate's dk walk,
-    # gate_dk_warpgroups), each on its own value block, sharing the chunk's query and key tiles: the walks
-    # without the gate's spanned sums (whose [C, C] tiles would not fit twice).
-    wanted = config.gate_dk_warpgroups if reverse else config.sums_warpgroups
-    wide = wanted > 1 and not spanned and nv % 2 == 0
+    # Two compute warpgroups a program, each on its own value block, sharing the chunk's query and key tiles.
+    wanted = (config.gate_dk_warpgroups if reverse else config.sums_warpgroups if tangent
+              else config.gate_dq_warpgroups)
+    wide = wanted > 1 and nv % 2 == 0
     wgs = 2 if wide else 1
 
     def program(*, log_decay_gmem, q_gmem, k_gmem, v_gmem, rows_gmem, o_gmem, final_gmem, barrier,
                 within_gmem=None, start_gmem=None, tangent_start_gmem=None, state_sums_gmem=None,
-                decay_sums_gmem=None, spanned_sums_gmem=None, state_smem=None, state_lo_smem=None,
+                decay_sums_gmem=None, before_sums_gmem=None, state_smem=None, state_lo_smem=None,
                 weighted_smem=None, weighted_lo_smem=None, paired_smem=None, paired_lo_smem=None,
-                lagged_smem=None, lagged_lo_smem=None, moved_smem=None, moved_lo_smem=None, part_hi_smem=None,
-                part_lo_smem=None, triangle_smem=None, keys_t_smem=None, block_t_smem=None, register_smem=None,
-                out_smem=None, ring_smem=None, f32_smem=None, rendezvous=None):
+                lagged_smem=None, lagged_lo_smem=None, moved_smem=None, moved_lo_smem=None, keys_t_smem=None,
+                block_t_smem=None, register_smem=None, out_smem=None, ring_smem=None, f32_smem=None,
+                rendezvous=None):
         """One program's walk, its refs by name: inputs and outputs ``*_gmem``, scratch ``*_smem`` and
         ``barrier``; None where the call has no such ref. Two warpgroups (``wide``): each takes its own slice
         of the scratch that has a leading warpgroup axis, and its out and sums go through its own rings."""
@@ -97,8 +95,7 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
         if tangent:  # the state's copies, then its derivative's, side by side (see ``paired_smem`` below)
             state_smem, tangent_smem = (paired_smem.at[:, pl.ds(i * bv, bv)] for i in range(2))
             state_lo_smem, tangent_lo_smem = (paired_lo_smem.at[:, pl.ds(i * bv, bv)] for i in range(2))
-        sums_gmem = dict(state=state_sums_gmem, decay=decay_sums_gmem, spanned=spanned_sums_gmem)
-        part_smems = [part_hi_smem, part_lo_smem] if spanned else []
+        sums_gmem = dict(state=state_sums_gmem, decay=decay_sums_gmem, before=before_sums_gmem)
         w = Walker(config, key_dim=K, dtype=dtype, reverse=reverse, scale=scale, interpret=interpret,
                    keys_t=keys_t_smem, block_t=block_t_smem, register=register_smem)
         # With the joint update, the weighted values, then the lagged ones, side by side (``moved_smem`` below).
@@ -108,12 +105,11 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
         b, h = bh // H, bh % H
 
         def statics():
-            """The chunks' constant values: (the steps' pair rows and columns, lag, lags, leaving lags, the
-            constant decay's factors or None). Two warpgroups form them in the compute context and carry them
-            (the copying warpgroup keeps few registers); one forms them here, once."""
-            pair_rows, pair_cols, lag, lags, leave_lag = w.steps()
-            return pair_rows, pair_cols, lag, lags, leave_lag, (None if gated else
-                                                                w.constant_factors(log_decay_gmem[h], lag, lags))
+            """The chunks' constant values: (lag, lags, leaving lags, the constant decay's factors or None). Two
+            warpgroups form them in the compute context and carry them (the copying warpgroup keeps few
+            registers); one forms them here, once."""
+            lag, lags, leave_lag = w.steps()
+            return lag, lags, leave_lag, (None if gated else w.constant_factors(log_decay_gmem[h], lag, lags))
 
         program_statics = None if wide else statics()
 
@@ -122,10 +118,9 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
             carried, g = w.lazy_out(carried)
             tile = dict(zip(staged, staged_tiles))  # the chunk's tiles by name (``staged`` below)
             q_smem, k_smem, v_smem, x_smem = tile["q"], tile["k"], tile["v"], tile["rows"]
-            if wide:  # the carried statics; the pairs' rows and columns serve only the spanned sums
+            if wide:  # the carried statics
                 carried, held_statics = carried
-            pair_rows, pair_cols, lag, lags, leave_lag, constant = ((None, None, *held_statics) if wide
-                                                                    else program_statics)
+            lag, lags, leave_lag, constant = held_statics if wide else program_statics
             if wide:
                 v_smem, x_smem = (ref.at[:, pl.ds(group * bv, bv)] for ref in (v_smem, x_smem))
                 (c,) = indices
@@ -153,23 +148,19 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
             held = [paired_smem, paired_lo_smem] if tangent else [state_smem, state_lo_smem]
             jobs = dict(scores=((C, C), [(q_smem, lambda: w.k_t(k_smem))]),
                         inter=((C, (1 + tangent) * bv), [(q_smem, copy) for copy in held]))
-            if tangent or spanned:  # the pairs (rows_i . value_j) (query_i . key_j), decayed below
+            if tangent or before:  # the pairs (rows_i . value_j) (query_i . key_j), decayed below
                 jobs["pairs"] = ((C, C), [(x_smem, lambda: w.k_t(v_smem))])
             got = w.products(jobs)
             if tangent:
                 got["inter"], got["through"] = got["inter"][:, :bv], got["inter"][:, bv:]
             scores = got["scores"] * weights
             inter = got["inter"] * entering_rows
-            if tangent or spanned:
+            if tangent or before:
                 pairs = got["pairs"] * scores
             if tangent:
                 intra_rows = jnp.sum(lags * pairs, axis=1)
-            if spanned:  # sum over i >= r as one product with the triangle [i >= r], then over j < r
-                for part_smem, part in zip(part_smems, w.parts_of(pairs, jnp.bfloat16, 2)):
-                    part_smem[...] = part
-                plgpu.commit_smem()
-                from_r = w.products(dict(r=((C, C), [(triangle_smem, part_smem) for part_smem in part_smems])))["r"]
-                sum_smem["spanned"][...] = jnp.sum(jnp.where(pair_cols < pair_rows, from_r, 0.0), axis=1)
+            if before:  # lag 0 (the pair of a position with itself) is in neither the row's nor the column's
+                sum_smem["before"][...] = jnp.sum(jnp.where(lag > 0, pairs, 0.0), axis=1)
 
             o = w.out(inter, scores, v_smem)
             tile["o"][...] = o.astype(dtype)
@@ -216,7 +207,7 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
                 if tangent:
                     entering = (entering, w.entered(tangent_start_gmem, state_at, barrier, f32_smem))
                 meet(rendezvous.at[0])  # the float32 tiles overlap the other warpgroup's scratch
-                (core, _), g = w.lazy_out(body(w.lazy_in((entering, statics()[2:]))))
+                (core, _), g = w.lazy_out(body(w.lazy_in((entering, statics()))))
                 state = core[0] if tangent else core
                 state = state if g is None else state * g
                 w.store_met(state, f32_smem, final_gmem, state_at, rendezvous.at[1])
@@ -226,10 +217,6 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
         state = w.entered(start_gmem, state_at, barrier)
         init = (state, w.entered(tangent_start_gmem, state_at, barrier)) if tangent else state
         init = w.lazy_in(init)
-        if spanned:  # the spanned sums' triangle [i >= r], a constant operand: written once, not each chunk
-            pair_rows, pair_cols = program_statics[:2]
-            triangle_smem[...] = jnp.where(pair_cols >= pair_rows, 1.0, 0.0).astype(jnp.bfloat16)
-            plgpu.commit_smem()
         stores = dict(o=(rows_v, o_gmem.at[b, :, h]))
         stores.update({f"{name}_sums": (positions, sums_gmem[name].at[j, b, h]) for name in sums})
         staged = [*loads, *stores]
@@ -261,9 +248,6 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
         scratch.update(moved_smem=tile_of(C, 2 * bv), moved_lo_smem=tile_of(C, 2 * bv))
     elif tangent:
         scratch.update(lagged_smem=tile_of(C), lagged_lo_smem=tile_of(C))
-    if spanned:
-        scratch.update({f"{part}_smem": plgpu.SMEM((C, C), jnp.bfloat16, transforms=mma_tiles(jnp.bfloat16, C))
-                        for part in ("part_hi", "part_lo", "triangle")})
     if wide:
         scratch.update(out_smem=plgpu.SMEM((wgs, 2, C, bv), dtype, transforms=tiles),
                        ring_smem=plgpu.SMEM((wgs, len(sums), 2, C), f32),
