@@ -989,10 +989,10 @@ def test_one_warpgroup_walks_leave_out_the_automatic_barriers(mosaic_modules, lo
     """Lowered for an sm_90 GPU (any host): by default (MosaicWalkConfig.auto_barriers False) the backward's
     one-warpgroup walks lower without the warpgroup barriers Pallas would put around each shared-memory
     store (less than half the bar.sync: the walk's own commits and the pipeline's waits remain); the
-    two-warpgroup forward keeps them (as many either way). The gate's dk walk is taken on one warpgroup here
-    (by default it runs on two, MosaicWalkConfig.gate_dk_warpgroups)."""
+    two-warpgroup forward keeps them (as many either way). The gate's walks are taken on one warpgroup here
+    (by default they run on two, MosaicWalkConfig.gate_dq_warpgroups and gate_dk_warpgroups)."""
     def lowered(backward, **walks):
-        walks = mosaic.MosaicWalkConfig(warpgroups=2, gate_dk_warpgroups=1, **walks)
+        walks = mosaic.MosaicWalkConfig(warpgroups=2, gate_dk_warpgroups=1, gate_dq_warpgroups=1, **walks)
         return _lowered_walks(mosaic_modules, walks, log_gate=log_gate, backward=backward)
 
     kept, left = lowered(True, auto_barriers=True), lowered(True)
@@ -1028,9 +1028,9 @@ def test_the_sums_walks_take_two_warpgroups_where_asked_and_they_can(mosaic_modu
     """Lowered for an sm_90 GPU (any host): MosaicWalkConfig.sums_warpgroups, gate_dq_warpgroups and
     gate_dk_warpgroups = 2 give each walk that forms sums two compute warpgroups and a copying one (their
     registers split by setmaxnreg: at most 232 a compute thread), within one program's shared memory: the dq
-    walk of the decay's sums (with the gate learned too, the gate's beside them), the gate's dq walk where the
-    decay is not learned (``gate_only``), the gate's dk walk; every other walk lowers as before. By default
-    the gate's walks take two, the dq walk of the decay's sums one."""
+    walk of the decay's sums (sums_warpgroups), the dq walk of the gate's (gate_dq_warpgroups: with the decay
+    learned too, the decay's sums beside them), the gate's dk walk; every other walk lowers as before. By
+    default the gate's walks take two, the dq walk of the decay's sums alone one."""
     from experiments import walk_ops
 
     def lowered(**walks):
@@ -1041,7 +1041,7 @@ def test_the_sums_walks_take_two_warpgroups_where_asked_and_they_can(mosaic_modu
     one, two = lowered(**dict.fromkeys(fields, 1)), lowered(**dict.fromkeys(fields, 2))
     wide = {"constant": {"dq_sums_walk"}, "gated": {"dq_sums_walk", "dk_sums_walk"},
             "gate_only": {"dq_sums_walk", "dk_sums_walk"}}[case]
-    wide_by_default = wide if case == "gate_only" else wide - {"dq_sums_walk"}
+    wide_by_default = set() if case == "constant" else wide
     assert len(one) == len(two) >= 3
 
     def walk_of(module):

@@ -7,7 +7,7 @@ ran). With four fake CPU devices the client has threads for all three, so these 
 with that many (tests/devices.py). With one device even the constant decay's two-warpgroup walk stalled at
 six chunks a piece (one chunk a piece runs), so the walks whose two warpgroups take turns
 (MosaicWalkConfig.pingpong) over six chunks run here too, and the walks that form sums at two compute
-warpgroups (MosaicWalkConfig.sums_warpgroups: the dq walk of the decay's; gate_dq_warpgroups and
+warpgroups (MosaicWalkConfig.sums_warpgroups: the dq walk of the decay's alone; gate_dq_warpgroups and
 gate_dk_warpgroups: the gate's dq and dk walks). On Hopper the two-warpgroup walks are checked through the op (tests/test_mosaic.py).
 """
 
@@ -31,8 +31,8 @@ CASES = ["forward", "reverse"]
 # constant decay's two-warpgroup walk stalled at that length (the gated one at any).
 TURNS_CASES = ["turns-constant", "turns-gated"]
 # The walks that form sums at two compute warpgroups: the dq walk with the decay's tangent
-# (MosaicWalkConfig.sums_warpgroups; gated, the gate's sums too), the gate's dq walk without it
-# (gate_dq_warpgroups) and its dk walk in reverse (gate_dk_warpgroups).
+# (MosaicWalkConfig.sums_warpgroups; gated, the gate's sums beside it: gate_dq_warpgroups), the gate's dq walk
+# without it (gate_dq_warpgroups) and its dk walk in reverse (gate_dk_warpgroups).
 SUMS_CASES = ["sums-constant", "sums-gated", "sums-gate-dq", "sums-reverse-gated"]
 
 

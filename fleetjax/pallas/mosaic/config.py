@@ -38,9 +38,10 @@ class MosaicWalkConfig:
     1.46x faster forward and 1.26x in reverse where the programs fill the SMs (B4 H16 T=16384 in two pieces;
     1.43x and 1.17x at B1 H8 T=32768 in 16), slower where half of them idle (0.81x in one piece), H200,
     2026-12-03, experiments/results/2026-12-03-h200-probe_wide_walk_package.txt. Walks that form sums keep one
-    (but see sums_warpgroups and gate_dk_warpgroups).
-    sums_warpgroups: 2 runs the dq walk of the decay's sums (with the tangent) as one program of two compute warpgroups for two value blocks of sums_block_v, sharing the chunk's query
-    and key tiles, a third warpgroup copying them in: half the programs, each SM two warps a scheduler where
+    (but see sums_warpgroups, gate_dq_warpgroups and gate_dk_warpgroups).
+    sums_warpgroups: 2 runs the dq walk of the decay's sums (with the tangent, the gate not learned) as one
+    program of two compute warpgroups for two value blocks of sums_block_v, sharing the chunk's query and key
+    tiles, a third warpgroup copying them in: half the programs, each SM two warps a scheduler where
     one program of one warpgroup leaves one (at B4 H16 the walk's 256 programs ran in two waves). Bitwise the
     same results. A compute thread holds at most 232 registers (setmaxnreg): in sm_90 SASS
     (experiments/sass.py, jax 0.11.2, 2026-12-05) the walk spills 364 bytes at 1380 instructions a chunk,
@@ -56,8 +57,14 @@ class MosaicWalkConfig:
     against 1.45 at B1 H8 T=32768 (same card, date and file), gradients bitwise the same (then the dq walk
     formed the gate's intra-chunk sums with a triangle product, on one warpgroup; the dk walk now also forms
     the column sums of the chunk's pairs, fleetjax.pallas.mosaic.sums_walk's ``before``).
-    gate_dq_warpgroups: the same for the gated dq walk without the decay's tangent (the gate learned, the decay
-    not), which forms w and the row sums of the chunk's pairs; sums_stages 1 or 2 with it.
+    gate_dq_warpgroups: the same for the dq walk where the gate is learned, which forms w and the row sums of
+    the chunk's pairs (and with the decay learned too, the decay's sums and the tangent); sums_stages 1 or 2
+    with it. On by default: fwd+bwd with the gate learned (no decay) took 3.40 against 3.50 ms at B4 H16
+    T=16384 and 0.939 against 1.056 at T=4096 (H100, 2026-12-06, bf16, K = V = 128, two alternated rounds,
+    experiments/results/2026-12-06-h100-gate_dq_warpgroups_ab.jsonl; tune_pallas's one call a sample, which
+    holds the host's time), with the decay learned beside it 3.60 against 3.71 and 1.048 against 1.136 (same
+    card and date, three alternated rounds, ...-gate_decay_dq_warpgroups_ab.jsonl), gradients bitwise the
+    same.
     forward_pieces: the sequence pieces of the Mosaic forward walk (None: PallasConfig.num_sequence_pieces,
     which the Triton forward takes), their local states from fleetjax.pallas.mosaic.piece_states. Where they
     would not be equal whole chunks, or the caller passes the pieces' local states (sequence parallelism),

@@ -6,9 +6,9 @@ derivative in log gamma (fleetjax.vjp's tangent D) as a second state beside S, e
 as the state does (fleetjax.pallas.mosaic.states.entering_tangents); for the gate's gradient both walks also
 sum each position's pairs with the chunk's earlier positions (in the walk's order).
 
-A walk may run as one program of two compute warpgroups for two value blocks (MosaicWalkConfig.sums_warpgroups
-for the dq walk with the tangent, gate_dq_warpgroups without it, gate_dk_warpgroups for the gate's dk walk, the
-one walk in reverse), as the plain walk's two-warpgroup form does: they share the chunk's query and key tiles
+A walk may run as one program of two compute warpgroups for two value blocks (MosaicWalkConfig.gate_dq_warpgroups
+for the dq walk forming the gate's sums, sums_warpgroups for the one forming the decay's alone,
+gate_dk_warpgroups for the gate's dk walk, the one walk in reverse), as the plain walk's two-warpgroup form does: they share the chunk's query and key tiles
 (the dq walk's dO and v, the dk walk's v and dO), which a third warpgroup copies in, and each copies out its
 own out and sums through rings of two tiles; its float32 tiles for the entering and final states share their
 space with the state's copies.
@@ -66,8 +66,8 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
     # lagged values side by side) where this jax's Mosaic GPU lowers a concatenate of register arrays.
     joint_update = tangent and lowers_concatenate()
     # Two compute warpgroups a program, each on its own value block, sharing the chunk's query and key tiles.
-    wanted = (config.gate_dk_warpgroups if reverse else config.sums_warpgroups if tangent
-              else config.gate_dq_warpgroups)
+    wanted = (config.gate_dk_warpgroups if reverse else config.gate_dq_warpgroups if before
+              else config.sums_warpgroups)
     wide = wanted > 1 and nv % 2 == 0
     wgs = 2 if wide else 1
 
