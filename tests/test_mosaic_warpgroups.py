@@ -8,7 +8,8 @@ with that many (tests/devices.py). With one device even the constant decay's two
 six chunks a piece (one chunk a piece runs), so the walks whose two warpgroups take turns
 (MosaicWalkConfig.pingpong) over six chunks run here too, and the walks that form sums at two compute
 warpgroups (MosaicWalkConfig.sums_warpgroups: the dq walk of the decay's alone; gate_dq_warpgroups and
-gate_dk_warpgroups: the gate's dq and dk walks). On Hopper the two-warpgroup walks are checked through the op (tests/test_mosaic.py).
+gate_dk_warpgroups: the gate's dq and dk walks). On Hopper the two-warpgroup walks are checked through the op
+(tests/test_mosaic.py).
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ import functools
 
 import jax.numpy as jnp
 
-from fleetjax.chunking import Chunking
 from fleetjax import vjp
+from fleetjax.chunking import Chunking
 from fleetjax.decay import Decays
 from fleetjax.pallas.mosaic.config import MosaicWalkConfig
 from fleetjax.pallas.mosaic.states import entering_states, entering_tangents

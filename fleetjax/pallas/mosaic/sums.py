@@ -6,12 +6,12 @@ derivative in log gamma (fleetjax.vjp's tangent D) as a second state beside S, e
 as the state does (fleetjax.pallas.mosaic.states.entering_tangents); for the gate's gradient both walks also
 sum each position's pairs with the chunk's earlier positions (in the walk's order).
 
-A walk may run as one program of two compute warpgroups for two value blocks (MosaicWalkConfig.gate_dq_warpgroups
-for the dq walk forming the gate's sums, sums_warpgroups for the one forming the decay's alone,
-gate_dk_warpgroups for the gate's dk walk, the one walk in reverse), as the plain walk's two-warpgroup form does: they share the chunk's query and key tiles
-(the dq walk's dO and v, the dk walk's v and dO), which a third warpgroup copies in, and each copies out its
-own out and sums through rings of two tiles; its float32 tiles for the entering and final states share their
-space with the state's copies.
+A walk may run as one program of two compute warpgroups for two value blocks (MosaicWalkConfig's
+gate_dq_warpgroups for the dq walk forming the gate's sums, sums_warpgroups for the one forming the decay's
+alone, gate_dk_warpgroups for the gate's dk walk, the one walk in reverse), as the plain walk's two-warpgroup
+form does: they share the chunk's query and key tiles (the dq walk's dO and v, the dk walk's v and dO), which
+a third warpgroup copies in, and each copies out its own out and sums through rings of two tiles; its float32
+tiles for the entering and final states share their space with the state's copies.
 """
 
 from __future__ import annotations
