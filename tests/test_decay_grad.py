@@ -190,3 +190,27 @@ def test_float32_decay_gradient_per_head(implementation, heads):
     tol = 3e-5 if impl.interpret and impl.runs_compiled() else 1e-5
     err = np.abs(got - ref) / np.abs(ref)
     assert np.all(err <= tol), f"relative error per head {err} (decays {decay})"
+
+
+def test_spanned_sums_from_row_and_column_sums():
+    """fleetjax.vjp.spanned_from_sums (the Mosaic walks' form): the prefix sums of (column - row) sums of each
+    chunk's pairs give, per position r, the pairs j < r <= i of r's chunk, as fleetjax.chunk.spanned's
+    triangle product does, against a float64 count; T = 200 leaves the last chunk partial."""
+    from fleetjax import chunk as cm
+    from fleetjax import vjp
+    B, H, T, C = 2, 3, 200, 64
+    n = -(-T // C)
+    rng = np.random.default_rng(0)
+    pairs = rng.standard_normal((B, H, n, C, C)) * np.tril(np.ones((C, C)), -1)  # [i, j], j < i
+    valid = (np.arange(n * C) < T).reshape(n, C)
+    pairs *= valid[None, None, :, :, None] * valid[None, None, :, None, :]
+    row = pairs.sum(axis=-1).reshape(B, H, n * C)[..., :T]  # per query i: its pairs with earlier keys
+    column = pairs.sum(axis=-2).reshape(B, H, n * C)[..., :T]  # per key j: its pairs with later queries
+    got = vjp.spanned_from_sums(jnp.asarray(row, jnp.float32), jnp.asarray(column, jnp.float32), C)
+    r = np.arange(C)
+    spans = (r[None, :, None] >= r[:, None, None]) & (r[None, None, :] < r[:, None, None])  # [r, i, j]
+    want = np.einsum("rij,bhnij->bhnr", spans, pairs).reshape(B, H, n * C)[..., :T]
+    assert np.max(np.abs(np.asarray(got, np.float64) - want)) <= 1e-5 * np.max(np.abs(want))
+    triangle = jax.vmap(jax.vmap(jax.vmap(lambda m: cm.spanned(m, precision=jax.lax.Precision.HIGHEST))))(
+        jnp.asarray(pairs, jnp.float32))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(triangle).reshape(B, H, n * C)[..., :T], atol=1e-4)
