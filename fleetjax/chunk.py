@@ -285,7 +285,8 @@ def spanned(pair_terms, precision=None):
     In a kernel (``precision`` None) the terms enter the product as three bfloat16 parts: float32's 24 bits
     and range on the tensor cores, where a prefix sum across a tile is slow. Under XLA give a float32
     ``precision`` (HIGHEST): one float32 product, as XLA may fold the parts' float32 -> bfloat16 -> float32
-    round trips away (its excess-precision rewrites), which left one bfloat16 part on a GPU."""
+    round trips away (its excess-precision rewrites), which left one bfloat16 part on a GPU. The Mosaic walks
+    form the same sums from the pairs' row and column sums instead (fleetjax.vjp.spanned_from_sums)."""
     C = pair_terms.shape[0]
     i = jnp.arange(C)
     at_or_after = i[None, :] >= i[:, None]  # [r, i]: i >= r
