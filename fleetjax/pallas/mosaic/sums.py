@@ -30,9 +30,9 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
               config: MosaicWalkConfig, rows, tangent: bool = False, entering_tangents=None, within=None,
               before: bool = False, name: str = "sums_walk", interpret=None):
     """(out [B, T, H, Dv] in value's dtype, the state after each piece [B, H, P, Dk, Dv] float32, sums): the
-    walk of fleetjax.pallas.mosaic.plain (its arguments, one warpgroup) with ``rows`` [B, T, H, Dv] (q in the
-    dq walk, k in the dk walk): sums["state"] [Dv blocks, B, H, T] holds each position's rows . (the state's
-    part of out) (fleetjax.vjp's w, u).
+    walk of fleetjax.pallas.mosaic.plain (its arguments; one or two warpgroups, see the module's docstring)
+    with ``rows`` [B, T, H, Dv] (q in the dq walk, k in the dk walk): sums["state"] [Dv blocks, B, H, T] holds
+    each position's rows . (the state's part of out) (fleetjax.vjp's w, u).
 
     With ``tangent`` (the dq walk) also the state's derivative in log gamma D (fleetjax.chunk.update_tangent)
     as a second state, entering the pieces as ``entering_tangents`` [B, H, P, Dk, Dv] float32 (None: zero), and
