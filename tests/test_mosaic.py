@@ -251,7 +251,8 @@ def test_the_sums_walks_on_two_warpgroups_give_the_op_bitwise_what_one_gives(pie
     do = _inputs(B, T, H, K, V, "bfloat16", seed=5)[2]
     decay = None if gate == "alone" else jnp.asarray([0.97, 1.0], jnp.float32)
     log_gate = None if gate is None else 0.05 * _log_gate(B, T, H)
-    inputs = (q, k, v) + (() if decay is None else (decay,)) + ((log_gate,) if gate in ("learned", "alone") else ())
+    gate_learned = gate in ("learned", "alone")
+    inputs = (q, k, v) + (() if decay is None else (decay,)) + ((log_gate,) if gate_learned else ())
 
     def run(walks):
         config = dataclasses.replace(chunked.default_config(q, v), mosaic_walks=walks,
@@ -259,7 +260,7 @@ def test_the_sums_walks_on_two_warpgroups_give_the_op_bitwise_what_one_gives(pie
 
         def f(q, k, v, *learned):
             decay_in = None if decay is None else learned[0]
-            gate_in = learned[-1] if gate in ("learned", "alone") else log_gate
+            gate_in = learned[-1] if gate_learned else log_gate
             return fleetjax.fleet_attention(q, k, v, decay_in, log_gate=gate_in, implementation="pallas",
                                             config=config)
         _, pullback = jax.vjp(jax.jit(f), *inputs)
@@ -268,7 +269,7 @@ def test_the_sums_walks_on_two_warpgroups_give_the_op_bitwise_what_one_gives(pie
     one = run(mosaic.MosaicWalkConfig(sums_warpgroups=1, gate_dk_warpgroups=1, gate_dq_warpgroups=1))
     two = run(mosaic.MosaicWalkConfig(sums_warpgroups=2, gate_dk_warpgroups=2, gate_dq_warpgroups=2))
     names = ("dq", "dk", "dv") + ((() if decay is None else ("decay",))
-                                  + (("log_gate",) if gate in ("learned", "alone") else ()))
+                                  + (("log_gate",) if gate_learned else ()))
     assert len(one) == len(two) == len(names)
     for a, b, name in zip(one, two, names):
         assert jnp.array_equal(a, b), name
