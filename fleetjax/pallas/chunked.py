@@ -544,6 +544,10 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
     on_mosaic = mosaic.serves_backward(config.mosaic_walks, dtype=q.dtype, K=q.shape[-1], V=v.shape[-1],
                                        chunking=chunking, segments=run_ids is not None, gated=decays.gated,
                                        exit_cotangent=exit_cotangent is not None, wanted=wanted)
+    # Choosing on the device, the walks hand on d log_gate's parts (w, u, spanned, x), and the gradient is
+    # formed once, from the chosen ones: from the gradients, XLA forms both walks' (their cumulative sums over
+    # every position) and then selects one.
+    gate_parts = config.choice_on_device and wanted.log_gate
 
     def walks(contain: bool, skip=None, plain=None):
         """((dq, dk, dv, d log_decay, d log_gate, d start), witness); with ``skip`` (contained only, the choice
@@ -590,7 +594,8 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
                 q, k, v, do, decays, start, chunking, dq_local, reverse_local,
                 scale=scale, config=config.mosaic_walks, log_decay_wanted=wanted.log_decay,
                 log_gate_wanted=wanted.log_gate)
-            d_log_decay, d_gate = _decay_gradients(wanted, chunking.chunk_size, **(parts or {}))
+            d_log_decay, d_gate = _decay_gradients(wanted, chunking.chunk_size, gate_parts=gate_parts,
+                                                   **(parts or {}))
             return (dq, dk, dv, d_log_decay, d_gate, None), witness
         # Only the wanted gradients' buffers are handed on: a pallas_call is never dropped, so handing on an
         # unwanted one would keep its plain walk.
@@ -607,8 +612,8 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
                                local=reverse_local, to_end=to_end, wanted=sums, exact=wanted.any, skip=skip,
                                keep=kept[1], **common, **config.launch("dk", q.dtype))
         d_start = None if reverse_state is None else vjp.only_first_run(scale * reverse_state, run_ids)
-        d_log_decay, d_gate = _decay_gradients(sums, chunking.chunk_size, w=w, u=u, counts=counts, intra=intra,
-                                               spanned=spanned, x=x)
+        d_log_decay, d_gate = _decay_gradients(sums, chunking.chunk_size, gate_parts=gate_parts, w=w, u=u,
+                                               counts=counts, intra=intra, spanned=spanned, x=x)
         grads = (dq, dk, dv, d_log_decay, d_gate, d_start)
         if skip is not None:
             return _marked_on_device(grads, plain, q, k, v, do, run_ids=run_ids, skip=skip,
@@ -619,14 +624,18 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
 
     choose = nonfinite.contained_on_device if config.choice_on_device else nonfinite.contained_if_reached
     dq, dk, dv, d_log_decay, d_gate, d_start = choose(walks)
+    if gate_parts:  # the chosen parts and the contained walks' marks (none where the plain walks were chosen)
+        parts, marks = d_gate
+        d_gate = nonfinite.mark(vjp.log_gate_grad(**parts, chunk_size=chunking.chunk_size), marks)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_log_decay, d_gate, d_start
 
 
-def _decay_gradients(wanted: vjp.Wanted, chunk_size: int, *, w=None, u=None, counts=None, tangent=None, intra=None,
-                     decay=None, spanned=None, x=None):
+def _decay_gradients(wanted: vjp.Wanted, chunk_size: int, *, gate_parts: bool = False, w=None, u=None, counts=None,
+                     tangent=None, intra=None, decay=None, spanned=None, x=None):
     """(d log_decay [H], d log_gate [B, H, T]), each None where not ``wanted``, from the walks' per-position
     sums [B, H, T] (fleetjax.vjp: w, u, counts or tangent, intra, or their summand ``decay`` formed by the
-    walk (vjp.log_decay_summand); the gate's spanned, the final state's x or None)."""
+    walk (vjp.log_decay_summand); the gate's spanned, the final state's x or None). ``gate_parts``: d log_gate
+    as its parts, {w, u, spanned, x} (fleetjax.vjp.log_gate_grad's arguments), to be formed later."""
     d_log_decay = d_gate = None
     if wanted.log_decay:
         d_log_decay = (jnp.sum(decay, axis=(0, 2)) if decay is not None
@@ -634,7 +643,8 @@ def _decay_gradients(wanted: vjp.Wanted, chunk_size: int, *, w=None, u=None, cou
         if x is not None:
             d_log_decay = d_log_decay + vjp.exit_log_decay_grad(x)
     if wanted.log_gate:
-        d_gate = vjp.log_gate_grad(w, u, spanned, x, chunk_size)
+        d_gate = dict(w=w, u=u, spanned=spanned, x=x) if gate_parts else vjp.log_gate_grad(w, u, spanned, x,
+                                                                                          chunk_size)
     return d_log_decay, d_gate
 
 
@@ -642,7 +652,8 @@ def _marked_on_device(grads, plain, q, k, v, do, *, run_ids, skip, chunk_size: i
     """:func:`_mark_gradients`'s marks made by kernels (fleetjax.pallas.marking.mark_backward, a launch per
     gradient) that ``skip`` (every input finite) turns into none; then the gradients are the plain walks'
     ``plain``: dq, dk and dv through their buffers, the small ones selected (d log_decay: the plain one,
-    marked)."""
+    marked). d log_gate comes as its parts (``_decay_gradients``'s gate_parts) and leaves as (the parts
+    selected, its marks [B, H, T] bool, none where skipped)."""
     dq, dk, dv, d_log_decay, d_gate, d_start = grads
     dq, dk, dv, first, head, gate = marking.mark_backward(dq, dk, dv, q, k, v, do, run_ids, skip=skip,
                                                           gate_marks=d_gate is not None, chunk_size=chunk_size)
@@ -653,7 +664,8 @@ def _marked_on_device(grads, plain, q, k, v, do, *, run_ids, skip, chunk_size: i
         # entry, so the contained walks leave its sums out.
         d_log_decay = nonfinite.mark(plain[3], head)
     if d_gate is not None:
-        d_gate = jnp.where(skip, plain[4], nonfinite.mark(d_gate, gate))
+        d_gate = (jax.tree.map(lambda chosen, contained: jnp.where(skip, chosen, contained), plain[4], d_gate),
+                  gate & ~skip)
     return dq, dk, dv, d_log_decay, d_gate, d_start
 
 
