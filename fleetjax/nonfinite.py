@@ -134,8 +134,16 @@ def mark_forward(o: jax.Array, final: jax.Array, v: jax.Array, run_ids: jax.Arra
 
 
 def all_finite(*xs: jax.Array | None) -> jax.Array:
-    """True if no entry of the arrays (None: left out) is NaN or inf."""
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs if x is not None]))
+    """True if no entry of the arrays (None: left out) is NaN or inf. Arrays of one shape and dtype are added
+    first, so that one reduction (on a GPU, two kernels) reads them: a NaN or inf entry keeps their sum
+    non-finite, and a sum of finite entries that overflows is a false alarm, never a miss (a caller then takes
+    its contained walks, which give the same result on finite inputs)."""
+    groups: dict[tuple, jax.Array] = {}
+    for x in xs:
+        if x is not None:
+            key = (x.shape, jnp.dtype(x.dtype))
+            groups[key] = x if key not in groups else jnp.add(groups[key], x)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in groups.values()]))
 
 
 def contained_if_needed(inputs: tuple, walks: Callable[[bool], Any]) -> Any:

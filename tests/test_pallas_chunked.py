@@ -501,6 +501,29 @@ def test_the_choice_on_the_device_launches_no_cond():
     assert lowered(PallasConfig(**SMALL, choice_on_device=False)).count("case") >= 2
 
 
+@pytest.mark.parametrize("bad", [None, np.nan, np.inf, -np.inf])
+def test_all_finite_sees_one_bad_entry_among_arrays_it_adds(bad):
+    """fleetjax.nonfinite.all_finite adds the arrays of one shape and dtype before its reduction: a NaN or inf
+    in any of them, at any place, still reads as non-finite (opposite infinities add to NaN), arrays of other
+    shapes or dtypes and None are checked too, and a sum of finite entries that overflows is a false alarm."""
+    from fleetjax import nonfinite
+    rng = np.random.default_rng(0)
+    same = [rng.standard_normal((2, 3, 4)).astype(np.float32) for _ in range(3)]
+    other = [rng.standard_normal((5,)).astype(np.float32), rng.standard_normal((2, 3, 4)).astype(np.float16)]
+    assert bool(nonfinite.all_finite(*same, None, *other))
+    if bad is None:  # inf in one array and -inf in another at the same place: NaN in their sum
+        same[0][1, 2, 3], same[2][1, 2, 3] = np.inf, -np.inf
+        assert not bool(nonfinite.all_finite(*same))
+        huge = np.full((2,), 3e38, np.float32)
+        assert bool(nonfinite.all_finite(huge)) and not bool(nonfinite.all_finite(huge, huge))  # the false alarm
+        return
+    for arrays in (same, other):
+        for i in range(len(arrays)):
+            poisoned = [a.copy() for a in arrays]
+            poisoned[i].reshape(-1)[-1] = bad
+            assert not bool(nonfinite.all_finite(*poisoned, None)), (i, bad)
+
+
 @pytest.mark.parametrize("segments", [False, True])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_the_marking_kernel_marks_what_nonfinite_marks(segments, reverse):
