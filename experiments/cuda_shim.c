@@ -1,8 +1,11 @@
-/* A stand-in for the CUDA driver (libcuda.so.1) on a host without a GPU, for experiments/sass.py: it answers
-   the queries that Mosaic GPU's compile entry point (MosaicGpuCompile, in jax's CUDA plugin) makes before it
-   compiles, as an sm_90 device would, so that the plugin lowers a kernel to PTX and runs ptxas and nvdisasm
-   on it; loading the compiled module then fails, as it must without a GPU. Built by sass.py with the host's
-   C compiler. Set CUDASHIM_TRACE=1 to see which driver calls arrive. */
+/* A stand-in for the CUDA driver (libcuda.so.1) on a host without a GPU, for experiments/sass.py and
+   experiments/xla_kernels.py: it answers the queries that Mosaic GPU's compile entry point (MosaicGpuCompile,
+   in jax's CUDA plugin) makes before it compiles, as an sm_90 device would, so that the plugin lowers a
+   kernel to PTX and runs ptxas and nvdisasm on it; loading the compiled module then fails, as it must
+   without a GPU. It also defines the two host functions that a compiled Mosaic GPU kernel's host code calls
+   (they live in jax's CUDA runtime extension, absent here), so that XLA's compile for a GPU it does not have
+   links that code; nothing calls them. Built by sass.py with the host's C compiler. Set CUDASHIM_TRACE=1 to
+   see which driver calls arrive. */
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -50,3 +53,7 @@ CUresult cuModuleLoadData(void **module, const void *image) {
 CUresult cuModuleLoadDataEx(void **module, const void *image, unsigned n, void *options, void **values) {
   return traced("cuModuleLoadDataEx", CUDA_ERROR_NO_DEVICE);
 }
+
+/* The Mosaic GPU runtime's host entry points, never called on a host without a GPU. */
+void mosaic_gpu_init_tma_desc(void) {}
+void mosaic_gpu_launch_kernel(void) {}

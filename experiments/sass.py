@@ -105,6 +105,20 @@ def _tools_path() -> str | None:
     return None
 
 
+def driver_stand_in(scratch: str) -> None:
+    """Where the host has no CUDA driver: cuda_shim.c built in ``scratch`` and loaded as libcuda.so.1, its
+    symbols global (the CUDA plugin's dlopen of libcuda.so.1 finds it, and a Mosaic kernel's host code links)."""
+    if ctypes.util.find_library("cuda") is not None:
+        return
+    shim = Path(scratch) / "libcuda.so.1"
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise SystemExit("a C compiler is needed for the CUDA driver stand-in (experiments/cuda_shim.c)")
+    subprocess.run([cc, "-shared", "-fPIC", "-O1", "-Wl,-soname,libcuda.so.1", "-o", str(shim),
+                    str(Path(__file__).with_name("cuda_shim.c"))], check=True)
+    ctypes.CDLL(str(shim), mode=ctypes.RTLD_GLOBAL)
+
+
 @contextlib.contextmanager
 def compiler():
     """A function (serialized module) -> (ptxas output, SASS text) through the CUDA plugin's Mosaic GPU
@@ -117,14 +131,7 @@ def compiler():
         except ImportError:
             raise SystemExit("experiments/sass.py needs jax's CUDA plugin (pip install jax-cuda13-pjrt)") from None
     with tempfile.TemporaryDirectory() as scratch:
-        if ctypes.util.find_library("cuda") is None:
-            shim = Path(scratch) / "libcuda.so.1"
-            cc = shutil.which("cc") or shutil.which("gcc")
-            if cc is None:
-                raise SystemExit("experiments/sass.py needs a C compiler for its CUDA driver stand-in")
-            subprocess.run([cc, "-shared", "-fPIC", "-O1", "-Wl,-soname,libcuda.so.1", "-o", str(shim),
-                            str(Path(__file__).with_name("cuda_shim.c"))], check=True)
-            ctypes.CDLL(str(shim), mode=ctypes.RTLD_GLOBAL)  # the plugin's dlopen("libcuda.so.1") finds it
+        driver_stand_in(scratch)
         library = ctypes.CDLL(plugin._get_library_path())
         compile_module = library.MosaicGpuCompile
         compile_module.argtypes = [ctypes.c_char_p, ctypes.c_int]

@@ -534,6 +534,60 @@ def test_sass_compiles_each_walk_without_a_gpu(capsys):
     assert all(0 < int(row.split()[3]) <= 200 for row in capsys.readouterr().out.splitlines()[1:])
 
 
+# An optimized HLO module's entry as XLA prints it (trimmed): parameters, a fusion, Mosaic and Triton custom
+# calls, a get-tuple-element and a copy, the shapes experiments/xla_kernels.py reads.
+HLO = """HloModule jit_f, is_scheduled=true
+
+%fused_transpose (param_0: f32[2,8,4]) -> f32[2,4,8] {
+  ROOT %t = f32[2,4,8]{2,1,0} transpose(%param_0), dimensions={0,2,1}
+}
+
+ENTRY %main.1 (q.1: bf16[2,64,4,32], gate.1: f32[2,64,4]) -> (bf16[2,64,4,32], f32[2,4,64]) {
+  %q.1 = bf16[2,64,4,32]{3,2,1,0} parameter(0), metadata={op_name="q"}
+  %gate.1 = f32[2,64,4]{2,1,0} parameter(1), metadata={op_name="gate"}
+  %wrapped_transpose = f32[2,4,64]{2,1,0} fusion(%gate.1), kind=kInput, calls=%fused_transpose, metadata={op_name="gate" scheduling_name="wrapped_transpose"}
+  %mpmd_map.3 = (bf16[2,64,4,32]{3,2,1,0}, f32[2,4,1,32,32]{4,3,2,1,0}) custom-call(%q.1, %wrapped_transpose), custom_call_target="mosaic_gpu_v2", metadata={op_name="jit(loss)/transpose(jvp())/dq_sums_walk/mpmd_map"}
+  %get-tuple-element.1 = bf16[2,64,4,32]{3,2,1,0} get-tuple-element(%mpmd_map.3), index=0
+  %pallas_call.2 = bf16[2,64,4,32]{3,2,1,0} custom-call(%get-tuple-element.1), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(loss)/transpose(jvp(fleet_backward_dq))/pallas_call"}
+  %copy.4 = f32[2,4,64]{2,1,0} copy(%wrapped_transpose)
+  ROOT %tuple.5 = (bf16[2,64,4,32]{3,2,1,0}, f32[2,4,64]{2,1,0}) tuple(%pallas_call.2, %copy.4)
+}
+"""
+
+
+def test_xla_kernels_lists_the_entrys_kernels_with_their_bytes():
+    """experiments/xla_kernels.py's reader: the entry computation's fusions, custom calls (their targets, the
+    stage from the op_name, wrappers such as transpose(jvp(...)) taken off) and copies, in order, with the
+    bytes of their operands and results (a tuple's elements summed); parameters, get-tuple-element and the root
+    tuple are no kernels. Its target description is a Hopper GPU's."""
+    from experiments import xla_kernels
+    rows = xla_kernels.kernels(HLO)
+    assert [(r["name"], r["op"], r["kind"], r["stage"]) for r in rows] == [
+        ("wrapped_transpose", "fusion", "kInput", "gate"),
+        ("mpmd_map.3", "custom-call", "mosaic_gpu_v2", "dq_sums_walk"),
+        ("pallas_call.2", "custom-call", "__gpu$xla.gpu.triton", "fleet_backward_dq"),
+        ("copy.4", "copy", "", "")]
+    q, gate, state = 2 * 64 * 4 * 32 * 2, 2 * 64 * 4 * 4, 2 * 4 * 32 * 32 * 4
+    assert [(r["read_bytes"], r["written_bytes"]) for r in rows] == [
+        (gate, gate), (q + gate, q + state), (q, q), (gate, gate)]
+    config = xla_kernels.target_config("h100")
+    assert "core_count: 132" in config and "major: 9" in config and "H100" in config
+
+
+def test_xla_kernels_compiles_the_op_for_a_gpu_it_does_not_have(capsys):
+    """experiments/xla_kernels.py end to end where jax's CUDA plugin is installed (not in CI): the gated op's
+    forward and backward compile for a described H200 on this host, through the Mosaic walks of the default
+    config, and fleetjax's device queries answer as before afterwards."""
+    pytest.importorskip("jax_plugins.xla_cuda13", reason="jax's CUDA 13 plugin is not installed")
+    from experiments import xla_kernels
+    from fleetjax.pallas import launch
+    assert xla_kernels.main(["--gate-only", "--shape", "1,512,2,128,128"]) == 0
+    out = capsys.readouterr().out
+    for walk in ("forward_walk", "dq_sums_walk", "dv_walk", "dk_sums_walk"):
+        assert f"mosaic_gpu_v2          {walk}" in out, walk
+    assert out.strip().splitlines()[-1].endswith("XLA's") and launch.on_gpu() is False
+
+
 def _ncu_csv(calls: list[list[tuple[str, str, dict]]]) -> str:
     """ncu's --csv output (a log line, then one quoted row per launch and metric) of launches in ``calls``:
     each a list of (kernel name, grid, {metric: (unit, value)})."""
