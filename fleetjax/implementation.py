@@ -28,9 +28,9 @@ class Implementation:
 
     fn(q, k, v, log_decay, log_gate, initial_state, run_ids, *, scale, config, final_state) -> (o [B, T, H, V],
       final state [B, H, K, V] float32), on validated canonical inputs: q, k, v of one float dtype,
-      log_decay [H] float32, log_gate [B, T, H] float32 or None, initial_state float32, run ids int32 [B, T]
-      or None (fleetjax.segments); ``final_state`` says whether the caller uses the final state. The state
-      update at t multiplies by exp(log_decay + log_gate_t).
+      log_decay [H] float32, log_gate [B, T, H] float32 or None, initial_state float32 (None for zeros where
+      takes_no_state), run ids int32 [B, T] or None (fleetjax.segments); ``final_state`` says whether the
+      caller uses the final state. The state update at t multiplies by exp(log_decay + log_gate_t).
     platforms: JAX backends where it runs compiled. interpret: elsewhere it runs in Pallas interpret mode
       (exact but slow: tests keep its shapes small).
     config_type, default_config(q, v): its config dataclass and heuristic default (None: it takes none).
@@ -41,6 +41,8 @@ class Implementation:
     block_kernels: its steps for sequence parallelism without extra passes (fleetjax.state_passing), if any.
     backward_of: the implementation whose backward its VJP runs, from the inputs alone (so its gradients are
       that one's, bit for bit), if any.
+    takes_no_state: fn takes initial_state None for a zero state, which its kernels then neither read nor
+      carry (no array of zeros is formed for them: on a GPU, a kernel of its own).
     """
 
     name: str
@@ -54,6 +56,7 @@ class Implementation:
     higher_order: bool = True
     block_kernels: BlockKernels | None = None
     backward_of: str | None = None
+    takes_no_state: bool = False
 
     @property
     def forward_mode(self) -> bool:
@@ -107,7 +110,8 @@ def run(impl: Implementation, q, k, v, decay, *, scale=None, log_gate=None, init
         run_ids = None if segment_ids is None else run_ids_from_segment_ids(jnp.asarray(segment_ids))
         # Inside jax.shard_map(check_vma=True) (data parallelism): the state and decay enter typed like q, k, v.
         log_decay, state = vary_like(log_decay, q, k, v), vary_like(state, q, k, v)
-        o, final_state = impl.fn(q, k, v, log_decay, log_gate, state, run_ids, scale=scale, config=config,
+        start = None if initial_state is None and impl.takes_no_state else state
+        o, final_state = impl.fn(q, k, v, log_decay, log_gate, start, run_ids, scale=scale, config=config,
                                  final_state=bool(return_final_state))
     o = o.astype(out_dtype)
     return (o, final_state) if return_final_state else o

@@ -728,7 +728,7 @@ def pallas_backward(scale: float, config: PallasConfig, residuals, cotangents):
     dq, dk, dv, d_log_decay, d_gate, d_initial = block_backward(q, k, v, decays, initial_state, run_ids, do,
                                                                 d_final, None, scale=scale, config=config,
                                                                 wanted=wanted)
-    if d_final is not None:
+    if d_final is not None and initial_state is not None:  # None: a zero state, carried nowhere
         carry = vjp.whole_row_carry(decays, run_ids, q.shape[0], q.shape[1])
         if d_initial is not None:
             d_initial = d_initial + carry[..., None, None] * d_final
@@ -770,4 +770,4 @@ IMPLEMENTATION = Implementation(
     "pallas", pallas_impl, "the fused chunked walk: one program per (batch*head, value block[, sequence piece]) "
     "keeps the [K, block_v] state on chip across the chunks", platforms=("gpu",), interpret=True,
     config_type=PallasConfig, default_config=default_config, custom_vjp=True, higher_order=False,
-    block_kernels=BLOCK_KERNELS)
+    block_kernels=BLOCK_KERNELS, takes_no_state=True)
