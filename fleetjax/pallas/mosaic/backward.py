@@ -30,7 +30,8 @@ def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_lo
     with ``log_gate_wanted`` w, u and spanned (fleetjax.vjp.log_gate_grad's parts; spanned from the two walks'
     row and column sums of the chunks' pairs, fleetjax.vjp.spanned_from_sums). The witness: the dq and dv
     walks' states after their pieces, non-finite whenever dq or dv is (their 0 * out terms), which each q_t,
-    k_t, v_t and dO_t reaches through its own pair. ``interpret``: see fleetjax.pallas.mosaic.plain."""
+    k_t, v_t and dO_t reaches through its own pair (the dk walk's states after its pieces, read by nobody, are
+    no witness: it runs with ``witness=False``). ``interpret``: see fleetjax.pallas.mosaic.plain."""
     B, T = q.shape[:2]
     dq_local, dq_local_tangents = (None, None) if dq_local is None else dq_local
     dq_entering = entering_states(None if start is None else jnp.swapaxes(start, -1, -2), dq_local, decays,
@@ -44,7 +45,7 @@ def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_lo
     if not (log_decay_wanted or log_gate_wanted):
         dq, dq_finals = plain(do, v, k, entering=dq_entering, reverse=False, name="dq_walk")
         dv, dv_finals = plain(k, q, do, entering=reverse_entering, reverse=True, name="dv_walk")
-        dk, _ = plain(v, do, q, entering=dk_entering, reverse=True, name="dk_walk")
+        dk, _ = plain(v, do, q, entering=dk_entering, reverse=True, witness=False, name="dk_walk")
         return dq, dk, dv, None, (dq_finals, dv_finals)
     sums = functools.partial(sums_walk, config=dataclasses.replace(config, block_v=config.sums_block_v,
                                                                    stages=config.sums_stages), **common)
@@ -55,11 +56,11 @@ def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_lo
     parts = {"w" if name == "state" else name: jnp.sum(part, axis=0) for name, part in dq_sums.items()}
     dv, dv_finals = plain(k, q, do, entering=reverse_entering, reverse=True, name="dv_walk")
     if log_gate_wanted:  # the gate's gradient takes the dk walk's sums (the decay's come from the dq walk alone)
-        dk, _, dk_sums = sums(v, do, q, entering=dk_entering, reverse=True, rows=k, before=True,
+        dk, _, dk_sums = sums(v, do, q, entering=dk_entering, reverse=True, rows=k, before=True, witness=False,
                               name="dk_sums_walk")
         parts["u"] = jnp.sum(dk_sums["state"], axis=0)
         parts["spanned"] = vjp.spanned_from_sums(parts.pop("before"), jnp.sum(dk_sums["before"], axis=0),
                                                  chunking.chunk_size)
     else:
-        dk, _ = plain(v, do, q, entering=dk_entering, reverse=True, name="dk_walk")
+        dk, _ = plain(v, do, q, entering=dk_entering, reverse=True, witness=False, name="dk_walk")
     return dq, dk, dv, parts, (dq_finals, dv_finals)

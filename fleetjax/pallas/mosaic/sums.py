@@ -28,7 +28,7 @@ from fleetjax.pallas.mosaic.config import MosaicWalkConfig
 
 def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse: bool, scale: float,
               config: MosaicWalkConfig, rows, tangent: bool = False, entering_tangents=None, within=None,
-              before: bool = False, name: str = "sums_walk", interpret=None):
+              before: bool = False, witness: bool = True, name: str = "sums_walk", interpret=None):
     """(out [B, T, H, Dv] in value's dtype, the state after each piece [B, H, P, Dk, Dv] float32, sums): the
     walk of fleetjax.pallas.mosaic.plain (its arguments; one or two warpgroups, see the module's docstring)
     with ``rows`` [B, T, H, Dv] (q in the dq walk, k in the dk walk): sums["state"] [Dv blocks, B, H, T] holds
@@ -44,7 +44,9 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
     strictly before i in the walk's order of the pairs scale (rows_i . value_j)(query_i . key_j) decayed, in
     float32 from the products' accumulators: in the dq walk each query's pairs with earlier keys, in the dk walk
     (reverse) each key's pairs with later queries, the row and column sums of the chunk's pairs whose
-    difference's prefix sum is the intra-chunk part of d log_gate (fleetjax.vjp.spanned_from_sums)."""
+    difference's prefix sum is the intra-chunk part of d log_gate (fleetjax.vjp.spanned_from_sums).
+
+    ``witness``: as plain.walk's (False for the dk walk: 1232 -> 1216 instructions a chunk, the gate's)."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -173,8 +175,9 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
                 steps_in = w.iota((C,), 0, w.wg.reduce(1)) + 1
                 tangent_rows = entering_at_rows * jnp.sum(got["through"] * x, axis=1)
                 sum_smem["decay"][...] = steps_in.astype(f32) * w_rows + tangent_rows + intra_rows
-            # out's value keeps the weighted values from being formed before it.
-            weighted = v_smem[...].astype(f32) * leaving_rows + 0.0 * o
+            # out's value keeps the weighted values from being formed before it (the witness, plain.walk's).
+            weighted = v_smem[...].astype(f32) * leaving_rows
+            weighted = weighted + 0.0 * o if witness else weighted
             out = w.exact_update(step, k_smem, weighted, state, derivative, leave_lag=leave_lag,
                                  tiles=update_tiles, joint=joint_update)
             if not wide:
