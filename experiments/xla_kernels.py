@@ -6,6 +6,7 @@ program's top-level kernels are listed in launch order: XLA's fusions, the Mosai
 
     PYTHONPATH=. python -m experiments.xla_kernels [--gated | --gate-only] [--fwd] [--shape B,T,H,K,V]
                                                    [--dtype bfloat16] [--device h100|h200] [--out FILE]
+                                                   [--label TEXT]
 
 What runs on the GPU between the walks (transposes, the cumulative sums of the decay's gradient, the
 witnesses' reductions, the contained walks' skipped launches) is what this counts; their times stay the
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="h200", choices=sorted(DEVICES))
     ap.add_argument("--out", default=None, help="append one JSON line (the kernels and the fields) to this file")
+    ap.add_argument("--label", default="", help="a note for the record (which tree, say)")
     args = ap.parse_args(argv)
     args.gated = args.gated or args.gate_only
     args.shape = tuple(int(x) for x in args.shape.split(","))
@@ -180,8 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(rows)} kernels: {custom} custom calls, {len(rows) - custom} XLA's")
     if args.out:
         import jax
+        import fleetjax
         record = dict(shape=args.shape, dtype=args.dtype, gated=args.gated, decay=not args.gate_only,
-                      op="fwd" if args.fwd else "fwd_bwd", device=args.device, jax=jax.__version__, kernels=rows)
+                      op="fwd" if args.fwd else "fwd_bwd", device=args.device, jax=jax.__version__,
+                      package=str(Path(fleetjax.__file__).parent), label=args.label, count=len(rows),
+                      custom_calls=custom, kernels=rows)
         with open(args.out, "a") as f:
             f.write(json.dumps(record) + "\n")
     return 0
