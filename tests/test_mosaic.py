@@ -1062,20 +1062,21 @@ def test_the_sums_walks_take_two_warpgroups_where_asked_and_they_can(mosaic_modu
 
 @pytest.mark.parametrize("log_gate", [False, True], ids=["constant", "gated"])
 def test_approx_exp_lowers_the_gated_walks_exp_to_the_hardwares(mosaic_modules, log_gate):
-    """Lowered for an sm_90 GPU (any host): MosaicWalkConfig.approx_exp gives every exp of the gated walks
-    (forward and backward) as exp2 of x log2(e), and leaves every walk without it as before; the constant
-    decay's walks form their factors once and never take it."""
+    """Lowered for an sm_90 GPU (any host): MosaicWalkConfig.approx_exp gives every exp2 of the gated walks
+    (forward and backward: their factors are exp2 of the base-2 log decays) as the hardware's ex2.approx, and
+    leaves every walk without it as before; the constant decay's walks form their factors once and never
+    take it."""
     def lowered(approx_exp):
         walks = mosaic.MosaicWalkConfig(approx_exp=approx_exp)
         return (_lowered_walks(mosaic_modules, walks, log_gate=log_gate, backward=False)
                 + _lowered_walks(mosaic_modules, walks, log_gate=log_gate, backward=True))
 
     def exps(module):
-        """(accurate exp ops, approximate ones): jax 0.10.2 gives approx_math's exp as math.exp2, 0.11.2 as
-        inline ex2.approx, and a scalar's as math.exp with the approximate-function flag (afn)."""
-        accurate = [line for line in module.splitlines() if "math.exp " in line]
+        """(accurate exp and exp2 ops, approximate ones): approx_math gives a vector's exp2 as inline
+        ex2.approx, a scalar's (jax 0.11.2) as math.exp2 with the approximate-function flag (afn)."""
+        accurate = [line for line in module.splitlines() if "math.exp" in line]  # math.exp and math.exp2
         afn = sum("afn" in line for line in accurate)
-        return len(accurate) - afn, module.count("math.exp2") + module.count("ex2.approx") + afn
+        return len(accurate) - afn, module.count("ex2.approx") + afn
 
     approx, accurate = lowered(True), lowered(False)
     assert len(approx) == len(accurate) >= 4  # the forward walk, then the backward's

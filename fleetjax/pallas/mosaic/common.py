@@ -57,9 +57,9 @@ class Walker:
         self.scale_state = jnp.dtype(dtype) == jnp.dtype(jnp.float16)
         self.lazy = config.lazy_carry and not self.scale_state
         self.row_factor = 1.0 if self.scale_state else scale
-        # The gated weights take the scale in their exponent, added to the [C] log decays before they are
-        # broadcast.
-        self.log_scale = math.log(scale) if scale > 0 and scale != 1.0 else None
+        # The gated weights take the scale in their exponent (base 2, as the gated log decays, in_base2), added
+        # to the [C] log decays before they are broadcast.
+        self.log_scale = math.log2(scale) if scale > 0 and scale != 1.0 else None
 
     def lazy_in(self, init):
         """The pipeline's carry from the state's (and, lazy, g = 1)."""
@@ -219,9 +219,11 @@ class Walker:
                 jnp.exp(C * log_gamma))
 
     def factors(self, within_smem, lag):
-        """(weights, entering and leaving rows [C], carry) of a gated chunk from its ``within`` tile L [C]:
-        forward scale exp(L_i - L_j) for j <= i, exp(L_i), exp(L_last - L_i), exp(L_last); in reverse the
-        weights scale exp(L_j - L_i) for j >= i and the entering and leaving rows swapped."""
+        """(weights, entering and leaving rows [C], carry) of a gated chunk from its ``within`` tile L [C], in
+        base 2 (:func:`in_base2`): forward scale 2^(L_i - L_j) for j <= i, 2^L_i, 2^(L_last - L_i), 2^L_last;
+        in reverse the weights scale 2^(L_j - L_i) for j >= i and the entering and leaving rows swapped. Each is
+        one exp2 of a difference (with MosaicWalkConfig.approx_exp the special-function unit's ex2 alone, where
+        exp would multiply every exponent by log2(e) first: 32 instructions a chunk a thread for the weights)."""
         C, wg, reverse, log_scale = self.C, self.wg, self.reverse, self.log_scale
         if self.interpret is None:  # the tile as a column and as a row of the wgmma layout
             at_rows = load(within_smem, layout=wg.reduce(1))
@@ -231,20 +233,20 @@ class Walker:
         else:
             at_rows = at_cols = within_smem[...]
         last = within_smem[C - 1]
-        # log(scale) joins the pairs' exponents through the rows' [C] values (their sign flips in reverse).
+        # log2(scale) joins the pairs' exponents through the rows' [C] values (their sign flips in reverse).
         shifted = at_rows if log_scale is None else at_rows + (-log_scale if reverse else log_scale)
-        pair = (self.laid(lax.broadcast_in_dim(shifted, (C, C), (0,)))
-                - self.laid(lax.broadcast_in_dim(at_cols, (C, C), (1,))))
-        pair = -pair if reverse else pair
+        rows, cols = (self.laid(lax.broadcast_in_dim(x, (C, C), (axis,))) for x, axis in ((shifted, 0), (at_cols, 1)))
+        # In reverse cols - rows, not -(rows - cols): the special-function unit's ex2 takes no negated operand.
+        pair = cols - rows if reverse else rows - cols
         # The row factors' exp on the [C] values (the chunk broadcasts them): a thread holds two rows.
-        from_start, to_end = jnp.exp(at_rows), jnp.exp(last - at_rows)
+        from_start, to_end = jnp.exp2(at_rows), jnp.exp2(last - at_rows)
         enter, leave = (to_end, from_start) if reverse else (from_start, to_end)
         # Unlike fleetjax.chunk.decayed, the exponents are not masked before exp: off the pairs they are
         # differences of finite log decays in the wrong order (>= 0), whose exp at worst overflows to inf,
         # which the select drops (a NaN gate still reaches the pairs, as with the mask).
-        weights = jnp.where(lag >= 0, jnp.exp(pair), 0.0)
+        weights = jnp.where(lag >= 0, jnp.exp2(pair), 0.0)
         weights = weights * self.scale if log_scale is None and self.scale != 1.0 else weights
-        return weights, enter * self.row_factor, leave, jnp.exp(last)
+        return weights, enter * self.row_factor, leave, jnp.exp2(last)
 
     # The float32 state in and out of a program.
 
@@ -318,6 +320,13 @@ class Carry:
         """The chunk's carry out: the values (state first) and, lazy, g."""
         core = values[0] if len(values) == 1 else values
         return (core, jnp.where(self.renorm, 1.0, self.g_next)) if self.g is not None else core
+
+
+def in_base2(within: jax.Array) -> jax.Array:
+    """The gated walks' ``within`` [B, H, T] (the log decay summed within each chunk) in base 2, float32: times
+    log2(e), in XLA beside the sums that form it. Its rounding is relative to the chunk's sums, as the sums'
+    own are (a relative error of about 2^-24 |L| in a factor, 6e-6 at |L| = 64)."""
+    return within.astype(f32) * math.log2(math.e)
 
 
 def interpreter_copies(config, key_dim: int, dtype, per_group: tuple = (), blocks_per_group: bool = False) -> dict:

@@ -116,15 +116,19 @@ class MosaicWalkConfig:
     1.022 ms at B4 H16 T=4096 and 3.544 against 3.567 at T=16384, the forward 0.531 against 0.532 at
     T=16384 and 0.169 against 0.171 at T=4096 (H100, 2026-12-05, bf16, K = V = 128, three alternated rounds,
     experiments/results/2026-12-05-h100-wide_auto_barriers_ab.jsonl).
-    approx_exp: the gated walks form their per-chunk factors' exp as exp2(x log2(e)) (Mosaic GPU's
-    ``approx_math``): a multiply and the special-function unit's base-2 exp for each value, against the
-    accurate exp's longer sequence. The rounding of x log2(e) costs a relative error of about |x| 2^-24 (1e-6
-    at |x| = 20), well inside the gradients' bf16 tolerances; exp(0) is still exactly 1. The constant
-    decay's factors are formed once per program and keep the accurate exp. On by default from its sm_90 SASS
-    (experiments/sass.py on the CPU, jax 0.11.2, 2026-12-05): the gated chunk loops take 809 instead of 1014
-    instructions (forward), 810 / 1015 (dv), 1125 / 1336 (dk), 2144 / 2363 (dq with the decay learned, 300
-    instead of 316 bytes of spills), and the forward 234 registers instead of 255. Not yet timed on a GPU;
-    the interpreter computes the accurate exp either way.
+    approx_exp: the gated walks form their per-chunk factors with Mosaic GPU's ``approx_math``: each the
+    special-function unit's base-2 exp (ex2.approx) of a difference of the chunk's log decays, which the walks
+    take in base 2 (fleetjax.pallas.mosaic.common.in_base2: times log2(e) in XLA, a relative error of about
+    2^-24 |L| in a factor, well inside the gradients' bf16 tolerances; 2^0 is still exactly 1), against the
+    accurate exp2's longer sequence. The constant decay's factors are formed once per program and keep the
+    accurate exp. On by default from its sm_90 SASS (experiments/sass.py on the CPU, jax 0.11.2, 2026-12-05,
+    then exp2(x log2(e)) of natural-log decays): the gated chunk loops took 809 instead of 1014 instructions
+    (forward), 810 / 1015 (dv), 1125 / 1336 (dk), 2144 / 2363 (dq with the decay learned, 300 instead of 316
+    bytes of spills), and the forward 234 registers instead of 255. The base-2 decays took the multiply by
+    log2(e) off each of the chunk's pairs: 821 -> 786 instructions (forward, gate alone), 822 -> 787 (dv),
+    1233 -> 1198 (the gate's dq walk), 1216 -> 1181 (its dk walk), 1727 -> 1701 (dq with the decay learned
+    beside the gate, 420 instead of 392 bytes of spills; 2026-12-06). Not yet timed on a GPU; the interpreter
+    computes the accurate exp2 either way.
     lazy_carry: the bf16 walks hold their float32 state as S = g T with a scalar g, so that a chunk's update
     T <- T + key^T (leaving value / g') skips the carry's multiply of the whole state (g' = g carry; the
     entering rows take g, the leaving ones 1 / g', both on the rows' values), and multiply T by g' only when

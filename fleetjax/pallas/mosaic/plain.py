@@ -22,8 +22,8 @@ import jax
 from jax import lax
 
 from fleetjax.chunking import Chunking
-from fleetjax.pallas.mosaic.common import (Carry, Walker, f32, interpreter_copies, launch, meet, mma_tiles, pipeline,
-                                           warp_specialized)
+from fleetjax.pallas.mosaic.common import (Carry, Walker, f32, in_base2, interpreter_copies, launch, meet,
+                                           mma_tiles, pipeline, warp_specialized)
 from fleetjax.pallas.mosaic.config import MosaicWalkConfig
 
 
@@ -183,7 +183,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     if interpret is not None:
         scratch.update(interpreter_copies(config, K, dtype, per_group))
     inputs = dict(log_decay_gmem=log_decay.astype(f32), q_gmem=query, k_gmem=key, v_gmem=value,
-                  within_gmem=None if within is None else within.astype(f32), start_gmem=entering)
+                  within_gmem=None if within is None else in_base2(within), start_gmem=entering)
     outputs = dict(o_gmem=jax.ShapeDtypeStruct((B, T, H, V), dtype),
                    final_gmem=jax.ShapeDtypeStruct((B, H, P, K, V), f32))
     # On the GPU two warpgroups' float32 tiles share their space with the tiles used only inside the pipeline.

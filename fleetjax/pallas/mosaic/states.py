@@ -10,8 +10,8 @@ from jax import lax
 
 from fleetjax.chunking import Chunking
 from fleetjax.decay import Decays
-from fleetjax.pallas.mosaic.common import (Carry, Walker, f32, interpreter_copies, launch, lowers_concatenate,
-                                           mma_tiles, pipeline)
+from fleetjax.pallas.mosaic.common import (Carry, Walker, f32, in_base2, interpreter_copies, launch,
+                                           lowers_concatenate, mma_tiles, pipeline)
 from fleetjax.pallas.mosaic.config import MosaicWalkConfig
 from fleetjax.state_passing import pass_states
 
@@ -108,7 +108,7 @@ def piece_states(key, value, log_decay, chunking: Chunking, *, reverse: bool, co
     if interpret is not None:
         scratch.update(interpreter_copies(config, K, dtype))
     inputs = dict(log_decay_gmem=log_decay.astype(f32), k_gmem=key, v_gmem=value,
-                  within_gmem=None if within is None else within.astype(f32))
+                  within_gmem=None if within is None else in_base2(within))
     finals = jax.ShapeDtypeStruct((B, H, P - 1, K, V), f32)
     outputs = dict(final_gmem=finals, tangent_final_gmem=finals if tangent else None)
     formed = launch(program, name=STATES_KERNEL, inputs=inputs, outputs=outputs, scratch=scratch,
