@@ -34,6 +34,11 @@ def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_lo
     no witness: it runs with ``witness=False``). ``interpret``: see fleetjax.pallas.mosaic.plain."""
     B, T = q.shape[:2]
     dq_local, dq_local_tangents = (None, None) if dq_local is None else dq_local
+    if start is None and log_decay_wanted and chunking.pieces == 1:
+        # No state: ptxas allocates the tangent's dq walk worse from a known zero than from an array of
+        # zeros (sm_90 SASS: 1447 instructions a chunk and 288 bytes of spills against 1393 and 184,
+        # experiments/results/2026-12-06-cpu-sass-base2.txt); the other walks gain nothing from one.
+        start = jnp.zeros((B, decays.log_decay.shape[0], k.shape[-1], v.shape[-1]), jnp.float32)
     dq_entering = entering_states(None if start is None else jnp.swapaxes(start, -1, -2), dq_local, decays,
                                   chunking, B)
     reverse_entering = entering_states(None, reverse_local, decays, chunking, B, reverse=True)
