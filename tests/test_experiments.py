@@ -545,10 +545,14 @@ HLO = """HloModule jit_f, is_scheduled=true
 ENTRY %main.1 (q.1: bf16[2,64,4,32], gate.1: f32[2,64,4]) -> (bf16[2,64,4,32], f32[2,4,64]) {
   %q.1 = bf16[2,64,4,32]{3,2,1,0} parameter(0), metadata={op_name="q"}
   %gate.1 = f32[2,64,4]{2,1,0} parameter(1), metadata={op_name="gate"}
-  %wrapped_transpose = f32[2,4,64]{2,1,0} fusion(%gate.1), kind=kInput, calls=%fused_transpose, metadata={op_name="gate" scheduling_name="wrapped_transpose"}
-  %mpmd_map.3 = (bf16[2,64,4,32]{3,2,1,0}, f32[2,4,1,32,32]{4,3,2,1,0}) custom-call(%q.1, %wrapped_transpose), custom_call_target="mosaic_gpu_v2", metadata={op_name="jit(loss)/transpose(jvp())/dq_sums_walk/mpmd_map"}
+  %wrapped_transpose = f32[2,4,64]{2,1,0} fusion(%gate.1), kind=kInput, calls=%fused_transpose, \
+metadata={op_name="gate" scheduling_name="wrapped_transpose"}
+  %mpmd_map.3 = (bf16[2,64,4,32]{3,2,1,0}, f32[2,4,1,32,32]{4,3,2,1,0}) custom-call(%q.1, %wrapped_transpose), \
+custom_call_target="mosaic_gpu_v2", metadata={op_name="jit(loss)/transpose(jvp())/dq_sums_walk/mpmd_map"}
   %get-tuple-element.1 = bf16[2,64,4,32]{3,2,1,0} get-tuple-element(%mpmd_map.3), index=0
-  %pallas_call.2 = bf16[2,64,4,32]{3,2,1,0} custom-call(%get-tuple-element.1), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(loss)/transpose(jvp(fleet_backward_dq))/pallas_call"}
+  %pallas_call.2 = bf16[2,64,4,32]{3,2,1,0} custom-call(%get-tuple-element.1), \
+custom_call_target="__gpu$xla.gpu.triton", \
+metadata={op_name="jit(loss)/transpose(jvp(fleet_backward_dq))/pallas_call"}
   %copy.4 = f32[2,4,64]{2,1,0} copy(%wrapped_transpose)
   ROOT %tuple.5 = (bf16[2,64,4,32]{3,2,1,0}, f32[2,4,64]{2,1,0}) tuple(%pallas_call.2, %copy.4)
 }
