@@ -126,9 +126,10 @@ class MosaicWalkConfig:
     (forward), 810 / 1015 (dv), 1125 / 1336 (dk), 2144 / 2363 (dq with the decay learned, 300 instead of 316
     bytes of spills), and the forward 234 registers instead of 255. The base-2 decays took the multiply by
     log2(e) off each of the chunk's pairs: 821 -> 786 instructions (forward, gate alone), 822 -> 787 (dv),
-    1233 -> 1198 (the gate's dq walk), 1216 -> 1181 (its dk walk), 1727 -> 1701 (dq with the decay learned
-    beside the gate, 420 instead of 392 bytes of spills; 2026-12-06). Not yet timed on a GPU; the interpreter
-    computes the accurate exp2 either way.
+    1233 -> 1198 (the gate's dq walk), 1216 -> 1181 (its dk walk), 1727 -> 1699-1701 (dq with the decay
+    learned beside the gate, 420 instead of 392 bytes of spills; 2026-12-06,
+    experiments/results/2026-12-06-cpu-sass-base2.txt). Not yet timed on a GPU; the interpreter computes the
+    accurate exp2 either way.
     lazy_carry: the bf16 walks hold their float32 state as S = g T with a scalar g, so that a chunk's update
     T <- T + key^T (leaving value / g') skips the carry's multiply of the whole state (g' = g carry; the
     entering rows take g, the leaving ones 1 / g', both on the rows' values), and multiply T by g' only when
