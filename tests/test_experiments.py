@@ -585,11 +585,12 @@ def test_xla_kernels_compiles_the_op_for_a_gpu_it_does_not_have(capsys):
     pytest.importorskip("jax_plugins.xla_cuda13", reason="jax's CUDA 13 plugin is not installed")
     from experiments import xla_kernels
     from fleetjax.pallas import launch
+    on_gpu = launch.on_gpu
     assert xla_kernels.main(["--gate-only", "--shape", "1,512,2,128,128"]) == 0
     out = capsys.readouterr().out
     for walk in ("forward_walk", "dq_sums_walk", "dv_walk", "dk_sums_walk"):
         assert f"mosaic_gpu_v2          {walk}" in out, walk
-    assert out.strip().splitlines()[-1].endswith("XLA's") and launch.on_gpu() is False
+    assert out.strip().splitlines()[-1].endswith("XLA's") and launch.on_gpu is on_gpu
 
 
 def _ncu_csv(calls: list[list[tuple[str, str, dict]]]) -> str:
