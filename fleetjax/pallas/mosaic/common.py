@@ -325,7 +325,7 @@ class Carry:
 def in_base2(within: jax.Array) -> jax.Array:
     """The gated walks' ``within`` [B, H, T] (the log decay summed within each chunk) in base 2, float32: times
     log2(e), in XLA beside the sums that form it. Its rounding is relative to the chunk's sums, as the sums'
-    own are (a relative error of about 2^-24 |L| in a factor, 6e-6 at |L| = 64)."""
+    own are (a relative error of about 2^-24 |L| in a factor, 4e-6 at |L| = 64)."""
     return within.astype(f32) * math.log2(math.e)
 
 
