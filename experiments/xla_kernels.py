@@ -93,8 +93,8 @@ def compiled_text(args) -> str:
     from experiments import sass
 
     B, T, H, K, V = args.shape
-    scratch = tempfile.mkdtemp()
-    sass.driver_stand_in(scratch)
+    with tempfile.TemporaryDirectory() as scratch:  # the stand-in stays loaded once its file is gone
+        sass.driver_stand_in(scratch)
     topology = topologies.get_topology_desc(args.device, "cuda", topology="1x1x1",
                                             target_config=target_config(args.device))
     sharding = jax.sharding.SingleDeviceSharding(topology.devices[0])
