@@ -674,10 +674,6 @@ def test_profile_pallas_reads_ncus_dram_traffic(tmp_path, capsys):
     assert capsys.readouterr().out.strip().split(",") == list(profile_pallas.TRAFFIC_METRICS)
 
 
-if __name__ == "__main__" and devices.worker_ids(sys.argv) is not None:
-    _worker(devices.worker_ids(sys.argv))
-
-
 def test_tree_rows_times_each_row_and_checks_it_against_xla(monkeypatch, capsys):
     """tree_rows (a before/after of two checkouts): one JSON line a row picked, its results within bf16's
     rounding of implementation="xla" on the same inputs; a row it does not know is an error that names it."""
@@ -692,3 +688,8 @@ def test_tree_rows_times_each_row_and_checks_it_against_xla(monkeypatch, capsys)
     with pytest.raises(SystemExit):
         tree_rows.main(["--rows", "gate_bwd99"])
     assert "gate_bwd99" in capsys.readouterr().err
+
+
+if __name__ == "__main__" and devices.worker_ids(sys.argv) is not None:
+    _worker(devices.worker_ids(sys.argv))
+
