@@ -16,8 +16,7 @@ a row: bf16, B4 H16, K = V = 128, ``implementation="pallas"``, the median of up 
 - ``gate_fwd``: the gated forward.
 
 ``--rows gate_bwd4096,both_bwd16384`` picks rows by kind and T. ``--check`` also compares each row's results
-with ``implementation="xla"`` on the same inputs (the largest difference relative to the reference's largest
-magnitude, per output).
+with ``implementation="xla"`` on the same inputs (fleetjax.check.relative_error, per output).
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import fleetjax  # noqa: E402
+from fleetjax.check import relative_error  # noqa: E402
 from experiments.inputs import Case, make_inputs  # noqa: E402
 from experiments.timing import jax_sync, time_calls  # noqa: E402
 
@@ -58,15 +58,6 @@ def row_call(kind: str, implementation: str):
             return jax.vjp(lambda q, k, v, d: op(q, k, v, d, None), q, k, v, decay)[1](do)
         raise ValueError(f"unknown row kind {kind!r}; expected one of gate_bwd, both_bwd, decay_bwd, gate_fwd")
     return call
-
-
-def relative_differences(got, ref) -> list[float]:
-    """Per output: max |got - ref| / max |ref|, in float64."""
-    out = []
-    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
-        g, r = np.asarray(g, np.float64), np.asarray(r, np.float64)
-        out.append(float(np.max(np.abs(g - r)) / max(float(np.max(np.abs(r))), 1e-30)))
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         record = dict(tree=args.label, kind=kind, B=B, T=T, H=H, K=K, V=V, ms=t.ms, ms_min=t.ms_min,
                       samples=t.samples, device=jax.devices()[0].device_kind)
         if args.check:
-            record["relative_difference_to_xla"] = relative_differences(
-                run(*sets[0]), jax.jit(row_call(kind, "xla"))(*sets[0]))
+            got, ref = run(*sets[0]), jax.jit(row_call(kind, "xla"))(*sets[0])
+            record["relative_difference_to_xla"] = [relative_error(g, r) for g, r in
+                                                    zip(jax.tree.leaves(got), jax.tree.leaves(ref))]
         print(json.dumps(record), flush=True)
     return 0
 
