@@ -7,8 +7,10 @@ containment, at the default warps and others.
     PYTHONPATH=. python -m experiments.cost_split [--out DIR] [--smoke] [--op-only] [--gated] [--warps 4,8]
 
 ``--op-only`` times the public op alone (it runs against an older checkout too, for a before/after in one
-device call: ``PYTHONPATH=old_tree:. python -m experiments.cost_split --op-only --label old``). Writes
-DIR/cost_split[-label].json. A diagnostic for the speed work: it reaches into fleetjax.pallas.
+device call: ``PYTHONPATH=old_tree:. python -m experiments.cost_split --op-only --label old``, from a directory
+other than the repository's, the trees' processes alternated). ``--gated`` adds ``fwd_bwd_decay``, the gate with
+a learned per-head decay beside it (the gated layers' op). ``--shapes "B,T,H;..."`` replaces the shapes.
+Writes DIR/cost_split[-label].json. A diagnostic for the speed work: it reaches into fleetjax.pallas.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from unittest import mock
@@ -52,7 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warps", default="", help="kernel ablations also at these num_warps, e.g. 4,8")
     parser.add_argument("--gated", action="store_true",
                         help="the op with a per-token log gate (logsigmoid(N(0, 1)) / 16), no per-head decay")
+    parser.add_argument("--shapes", default=None, help="B,T,H;B,T,H;... (default: "
+                        + ";".join(",".join(map(str, shape)) for shape in SHAPES) + ")")
     args = parser.parse_args(argv)
+    if args.shapes is not None and not re.fullmatch(r"\d+,\d+,\d+(;\d+,\d+,\d+)*", args.shapes):
+        parser.error(f"--shapes must be B,T,H triples separated by ';', got {args.shapes!r}")
+    shapes = (((1, 128, 2),) if args.smoke else SHAPES) if args.shapes is None else tuple(
+        tuple(int(x) for x in shape.split(",")) for shape in args.shapes.split(";"))
     rng = np.random.default_rng(0)
     records = []
 
@@ -60,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         records.append(fields)
         print(json.dumps(fields), flush=True)
 
-    for B, T, H in ((1, 128, 2),) if args.smoke else SHAPES:
+    for B, T, H in shapes:
         K = V = 32 if args.smoke else 128
         sets = [tuple(jnp.asarray(rng.standard_normal((B, T, H, d)) / 8, jnp.bfloat16) for d in (K, K, V, V))
                 for _ in range(2)]
@@ -77,9 +86,13 @@ def main(argv: list[str] | None = None) -> int:
             # fwd_bwd differentiates the decay (gated: the gate) as the benchmarks do; fwd_bwd_fixed does not.
             learned = ((lambda q, k, v, g: attend(q, k, v, None, g)), log_gate) if args.gated else (
                 (lambda q, k, v, d: attend(q, k, v, d, None)), decay)
-            return {"fwd": lambda q, k, v, do: fixed(q, k, v),
-                    "fwd_bwd": lambda q, k, v, do: jax.vjp(learned[0], q, k, v, learned[1])[1](do),
-                    "fwd_bwd_fixed": lambda q, k, v, do: jax.vjp(fixed, q, k, v)[1](do)}
+            timed = {"fwd": lambda q, k, v, do: fixed(q, k, v),
+                     "fwd_bwd": lambda q, k, v, do: jax.vjp(learned[0], q, k, v, learned[1])[1](do),
+                     "fwd_bwd_fixed": lambda q, k, v, do: jax.vjp(fixed, q, k, v)[1](do)}
+            if args.gated:  # the gate and a learned per-head decay, both differentiated
+                timed["fwd_bwd_decay"] = lambda q, k, v, do: jax.vjp(attend, q, k, v, jnp.exp(log_decay),
+                                                                     log_gate)[1](do)
+            return timed
 
         for op, fn in ops().items():
             ms, temp = _time(fn, sets)

@@ -674,21 +674,20 @@ def test_profile_pallas_reads_ncus_dram_traffic(tmp_path, capsys):
     assert capsys.readouterr().out.strip().split(",") == list(profile_pallas.TRAFFIC_METRICS)
 
 
-def test_tree_rows_times_each_row_and_checks_it_against_xla(monkeypatch, capsys):
-    """tree_rows (a before/after of two checkouts): one JSON line a row picked, its results within bf16's
-    rounding of implementation="xla" on the same inputs; a row it does not know is an error that names it."""
-    from experiments import tree_rows
-    monkeypatch.setattr(tree_rows, "ROWS", (("gate_bwd", 32), ("both_bwd", 32), ("gate_fwd", 32), ("decay_bwd", 32)))
-    assert tree_rows.main(["--label", "here", "--shape", "1,2,16,16", "--target-s", "0.01", "--check",
-                           "--rows", "both_bwd32,gate_fwd32"]) == 0
-    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [(r["kind"], r["T"], r["tree"]) for r in records] == [("both_bwd", 32, "here"), ("gate_fwd", 32, "here")]
-    assert len(records[0]["relative_difference_to_xla"]) == 5 and len(records[1]["relative_difference_to_xla"]) == 1
-    assert all(0 <= d < 2e-2 for r in records for d in r["relative_difference_to_xla"]) and records[0]["ms"] > 0
+def test_cost_split_times_the_gated_ops_of_any_checkout(tmp_path, capsys):
+    """cost_split --op-only --gated (a before/after of two checkouts): the public op's forward, its backward with
+    the gate learned, with a learned decay beside the gate, and with neither, at the shapes asked for, written
+    under the label; shapes that are not B,T,H triples are an error that quotes them."""
+    from experiments import cost_split
+    assert cost_split.main(["--smoke", "--op-only", "--gated", "--shapes", "1,64,2", "--label", "here",
+                            "--out", str(tmp_path)]) == 0
+    records = json.loads((tmp_path / "cost_split-here.json").read_text())["records"]
+    assert [r["op"] for r in records] == ["fwd", "fwd_bwd", "fwd_bwd_fixed", "fwd_bwd_decay"]
+    assert all((r["B"], r["T"], r["H"], r["gated"]) == (1, 64, 2, True) and r["ms"] > 0 for r in records)
+    capsys.readouterr()
     with pytest.raises(SystemExit):
-        tree_rows.main(["--rows", "gate_bwd99"])
-    assert "gate_bwd99" in capsys.readouterr().err
-
+        cost_split.main(["--op-only", "--shapes", "1,64"])
+    assert "'1,64'" in capsys.readouterr().err
 
 if __name__ == "__main__" and devices.worker_ids(sys.argv) is not None:
     _worker(devices.worker_ids(sys.argv))
