@@ -9,7 +9,8 @@ containment, at the default warps and others.
 ``--op-only`` times the public op alone (it runs against an older checkout too, for a before/after in one
 device call: ``PYTHONPATH=old_tree:. python -m experiments.cost_split --op-only --label old``, from a directory
 other than the repository's, the trees' processes alternated). ``--gated`` adds ``fwd_bwd_decay``, the gate with
-a learned per-head decay beside it (the gated layers' op). ``--shapes "B,T,H;..."`` replaces the shapes.
+a learned per-head decay beside it (the gated layers' op). ``--shapes "B,T,H;..."`` replaces the shapes,
+``--ops fwd_bwd,...`` keeps those ops alone (a short device call).
 Writes DIR/cost_split[-label].json. A diagnostic for the speed work: it reaches into fleetjax.pallas.
 """
 
@@ -57,11 +58,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="the op with a per-token log gate (logsigmoid(N(0, 1)) / 16), no per-head decay")
     parser.add_argument("--shapes", default=None, help="B,T,H;B,T,H;... (default: "
                         + ";".join(",".join(map(str, shape)) for shape in SHAPES) + ")")
+    parser.add_argument("--ops", default=None,
+                        help="the ops to time, comma-separated (default: all of fwd, fwd_bwd, fwd_bwd_fixed and, "
+                             "with --gated, fwd_bwd_decay)")
     args = parser.parse_args(argv)
     if args.shapes is not None and not re.fullmatch(r"\d+,\d+,\d+(;\d+,\d+,\d+)*", args.shapes):
         parser.error(f"--shapes must be B,T,H triples separated by ';', got {args.shapes!r}")
     shapes = (((1, 128, 2),) if args.smoke else SHAPES) if args.shapes is None else tuple(
         tuple(int(x) for x in shape.split(",")) for shape in args.shapes.split(";"))
+    known = ("fwd", "fwd_bwd", "fwd_bwd_fixed") + (("fwd_bwd_decay",) if args.gated else ())
+    chosen = known if args.ops is None else tuple(args.ops.split(","))
+    if not chosen or any(op not in known for op in chosen):
+        parser.error(f"--ops must name some of {', '.join(known)}, got {args.ops!r}")
     rng = np.random.default_rng(0)
     records = []
 
@@ -95,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             return timed
 
         for op, fn in ops().items():
+            if op not in chosen:
+                continue
             ms, temp = _time(fn, sets)
             record(**shape, what="op", op=op, ms=ms, temp_mb=temp)
         if args.op_only or args.gated:  # the kernel ablations below run the constant decay
@@ -104,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
               mock.patch.object(nonfinite, "contained_if_reached", lambda walks: walks(False)[0]),
               mock.patch.object(nonfinite, "contained_on_device", lambda walks: walks(False)[0])):
             for op, fn in ops().items():  # fresh functions: a cached trace would keep the choice
+                if op not in chosen:
+                    continue
                 ms, temp = _time(fn, sets)
                 record(**shape, what="op without the choice", op=op, ms=ms, temp_mb=temp)
         for warps in [None] + [int(w) for w in args.warps.split(",") if w]:

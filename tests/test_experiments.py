@@ -677,17 +677,25 @@ def test_profile_pallas_reads_ncus_dram_traffic(tmp_path, capsys):
 def test_cost_split_times_the_gated_ops_of_any_checkout(tmp_path, capsys):
     """cost_split --op-only --gated (a before/after of two checkouts): the public op's forward, its backward with
     the gate learned, with a learned decay beside the gate, and with neither, at the shapes asked for, written
-    under the label; shapes that are not B,T,H triples are an error that quotes them."""
+    under the label, or the ops asked for alone; shapes that are not B,T,H triples and ops it does not time are
+    errors that quote them."""
     from experiments import cost_split
     assert cost_split.main(["--smoke", "--op-only", "--gated", "--shapes", "1,64,2", "--label", "here",
                             "--out", str(tmp_path)]) == 0
     records = json.loads((tmp_path / "cost_split-here.json").read_text())["records"]
     assert [r["op"] for r in records] == ["fwd", "fwd_bwd", "fwd_bwd_fixed", "fwd_bwd_decay"]
     assert all((r["B"], r["T"], r["H"], r["gated"]) == (1, 64, 2, True) and r["ms"] > 0 for r in records)
+    assert cost_split.main(["--smoke", "--op-only", "--gated", "--shapes", "1,64,2", "--ops", "fwd_bwd_decay,fwd",
+                            "--label", "two", "--out", str(tmp_path)]) == 0
+    records = json.loads((tmp_path / "cost_split-two.json").read_text())["records"]
+    assert [r["op"] for r in records] == ["fwd", "fwd_bwd_decay"]
     capsys.readouterr()
     with pytest.raises(SystemExit):
         cost_split.main(["--op-only", "--shapes", "1,64"])
     assert "'1,64'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # fwd_bwd_decay needs --gated
+        cost_split.main(["--op-only", "--ops", "fwd,fwd_bwd_decay"])
+    assert "'fwd,fwd_bwd_decay'" in capsys.readouterr().err
 
 if __name__ == "__main__" and devices.worker_ids(sys.argv) is not None:
     _worker(devices.worker_ids(sys.argv))
