@@ -738,13 +738,7 @@ def pallas_backward(scale: float, config: PallasConfig, residuals, cotangents):
         if d_gate is not None:
             d_gate = d_gate + term[:, :, None]
     dq, dk, dv = wanted.inputs(dq, dk, dv)
-    if d_gate is not None:
-        # Formed apart from the transpose: fused with it, XLA's GPU transpose emitter read the walks' sums
-        # (33.5 MB) at 0.6 TB/s, 82 us of the gated fwd+bwd at B4 H16 T=16384 (H200 profile, 2026-12-06,
-        # experiments/results/2026-12-06-h200-traffic_gated.txt); apart, a loop fusion reads them and the
-        # transpose moves the 4 MB result.
-        d_gate = jnp.swapaxes(jax.lax.optimization_barrier(d_gate), 1, 2)
-    grads = (dq, dk, dv, d_log_decay, d_gate, d_initial)
+    grads = (dq, dk, dv, d_log_decay, None if d_gate is None else jnp.swapaxes(d_gate, 1, 2), d_initial)
     return tuple(None if g is None else vjp.first_order_only(g) for g in grads) + (None,)
 
 
