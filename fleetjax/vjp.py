@@ -146,7 +146,9 @@ def log_gate_grad(w: jax.Array, u: jax.Array, spanned: jax.Array, x: jax.Array |
     to the flow across one chunk boundary, not to anything absolute in T. The carry of the initial state into
     the final state spans every position: the caller adds it."""
     B, H, T = w.shape
-    C = chunk_size
+    # A sequence shorter than a chunk is one chunk of T: the same sums without the padding, whose fusion
+    # failed XLA's GPU compile at T <= 7 of 64 ("Failed to translate module to LLVM IR", jax 0.11.2).
+    C = min(chunk_size, T)
     n = -(-T // C)
     chunks = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, n * C - T))).reshape(B, H, n, C)  # noqa: E731
     w_c, u_c = chunks(w), chunks(u)
@@ -169,7 +171,7 @@ def spanned_from_sums(row: jax.Array, column: jax.Array, chunk_size: int) -> jax
     the pairs that start before r less those that also end before it. Its rounding is relative to the chunk's
     row and column sums, which a kernel forms in float32 from its products (no triangle product over a tile)."""
     B, H, T = row.shape
-    C = chunk_size
+    C = min(chunk_size, T)  # see log_gate_grad
     n = -(-T // C)
     difference = jnp.pad(column - row, ((0, 0), (0, 0), (0, n * C - T))).reshape(B, H, n, C)
     return (jnp.cumsum(difference, axis=-1) - difference).reshape(B, H, n * C)[..., :T]
