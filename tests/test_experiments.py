@@ -697,6 +697,22 @@ def test_cost_split_times_the_gated_ops_of_any_checkout(tmp_path, capsys):
         cost_split.main(["--op-only", "--ops", "fwd,fwd_bwd_decay"])
     assert "'fwd,fwd_bwd_decay'" in capsys.readouterr().err
 
+
+def test_compile_sweep_lists_its_grid_and_refuses_bad_dims(capsys):
+    """experiments/compile_sweep.py --list: the grid (implementations outermost, each case with and without
+    segments) without compiling anything; head dims that are not KxV pairs are an error that quotes them."""
+    from experiments import compile_sweep
+    assert compile_sweep.main(["--list", "--impls", "pallas,xla", "--T", "1,7", "--dims", "5x24",
+                               "--dtypes", "bfloat16"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 8
+    assert lines[0] == "pallas B2 T1 H3 K5 V24 bfloat16 gated"
+    assert lines[-1] == "xla B2 T7 H3 K5 V24 bfloat16 gated segments+state"
+    for dims in ("5", "5x24x3"):
+        with pytest.raises(SystemExit):
+            compile_sweep.main(["--list", "--dims", dims])
+        assert f"'{dims}'" in capsys.readouterr().err
+
 if __name__ == "__main__" and devices.worker_ids(sys.argv) is not None:
     _worker(devices.worker_ids(sys.argv))
 
