@@ -146,12 +146,8 @@ def log_gate_grad(w: jax.Array, u: jax.Array, spanned: jax.Array, x: jax.Array |
     to the flow across one chunk boundary, not to anything absolute in T. The carry of the initial state into
     the final state spans every position: the caller adds it."""
     B, H, T = w.shape
-    # A sequence shorter than a chunk is one chunk of T: the same sums without the padding, whose fusion
-    # failed XLA's GPU compile at T <= 7 of 64 ("Failed to translate module to LLVM IR", jax 0.11.2).
-    C = min(chunk_size, T)
-    n = -(-T // C)
-    chunks = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, n * C - T))).reshape(B, H, n, C)  # noqa: E731
-    w_c, u_c = chunks(w), chunks(u)
+    w_c, u_c = _in_chunks(w, chunk_size), _in_chunks(u, chunk_size)
+    n, C = w_c.shape[-2:]
     from_here = jnp.flip(jnp.cumsum(jnp.flip(w_c, -1), axis=-1), -1)  # sum over t >= r in the chunk
     before_here = jnp.cumsum(u_c, axis=-1) - u_c  # sum over s < r in the chunk
     into, out_of = jnp.sum(w_c, axis=-1), jnp.sum(u_c, axis=-1)  # [B, H, n]
@@ -171,10 +167,18 @@ def spanned_from_sums(row: jax.Array, column: jax.Array, chunk_size: int) -> jax
     the pairs that start before r less those that also end before it. Its rounding is relative to the chunk's
     row and column sums, which a kernel forms in float32 from its products (no triangle product over a tile)."""
     B, H, T = row.shape
-    C = min(chunk_size, T)  # see log_gate_grad
+    difference = _in_chunks(column - row, chunk_size)
+    return (jnp.cumsum(difference, axis=-1) - difference).reshape(B, H, -1)[..., :T]
+
+
+def _in_chunks(a: jax.Array, chunk_size: int) -> jax.Array:
+    """[B, H, T] -> [B, H, n, C]: a's positions in chunks of C = ``chunk_size``, the last padded with zeros.
+    A sequence shorter than a chunk is one chunk of T: the same sums over it without the padding, whose fusion
+    failed XLA's GPU compile at T <= 7 of 64 ("Failed to translate module to LLVM IR", jax 0.11.2)."""
+    B, H, T = a.shape
+    C = min(chunk_size, T)
     n = -(-T // C)
-    difference = jnp.pad(column - row, ((0, 0), (0, 0), (0, n * C - T))).reshape(B, H, n, C)
-    return (jnp.cumsum(difference, axis=-1) - difference).reshape(B, H, n * C)[..., :T]
+    return jnp.pad(a, ((0, 0), (0, 0), (0, n * C - T))).reshape(B, H, n, C)
 
 
 def whole_row_carry(decays: Decays, run_ids: jax.Array | None, B: int, T: int) -> jax.Array:
