@@ -21,7 +21,6 @@ import dataclasses
 import itertools
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -81,8 +80,7 @@ def compile_case(case: Case, device: str, sharding) -> None:
     operands = (spec((B, T, H, K)), spec((B, T, H, K)), spec((B, T, H, V)), spec((H,), jnp.float32),
                 spec((B, T, H), jnp.float32) if case.gated else None,
                 spec((B, H, K, V), jnp.float32) if case.segments else None, spec((B, T, H, V)))
-    with xla_kernels.as_on_hopper(device):
-        jax.jit(forward_and_backward).trace(*operands).lower(lowering_platforms=("cuda",)).compile()
+    xla_kernels.compiled_for(forward_and_backward, operands, device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,15 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(case.name for case in grid))
         return 0
 
-    import jax
-    from jax.experimental import topologies
-
-    from experiments import sass, xla_kernels
-    with tempfile.TemporaryDirectory() as scratch:  # the stand-in stays loaded once its file is gone
-        sass.driver_stand_in(scratch)
-    topology = topologies.get_topology_desc(args.device, "cuda", topology="1x1x1",
-                                            target_config=xla_kernels.target_config(args.device))
-    sharding = jax.sharding.SingleDeviceSharding(topology.devices[0])
+    from experiments import xla_kernels
+    sharding = xla_kernels.described_device(args.device)
     failed = 0
     for case in grid:
         start = time.perf_counter()

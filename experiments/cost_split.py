@@ -100,11 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.gated:  # the gate and a learned per-head decay, both differentiated
                 timed["fwd_bwd_decay"] = lambda q, k, v, do: jax.vjp(attend, q, k, v, jnp.exp(log_decay),
                                                                      log_gate)[1](do)
-            return timed
+            return {op: fn for op, fn in timed.items() if op in chosen}
 
         for op, fn in ops().items():
-            if op not in chosen:
-                continue
             ms, temp = _time(fn, sets)
             record(**shape, what="op", op=op, ms=ms, temp_mb=temp)
         if args.op_only or args.gated:  # the kernel ablations below run the constant decay
@@ -114,8 +112,6 @@ def main(argv: list[str] | None = None) -> int:
               mock.patch.object(nonfinite, "contained_if_reached", lambda walks: walks(False)[0]),
               mock.patch.object(nonfinite, "contained_on_device", lambda walks: walks(False)[0])):
             for op, fn in ops().items():  # fresh functions: a cached trace would keep the choice
-                if op not in chosen:
-                    continue
                 ms, temp = _time(fn, sets)
                 record(**shape, what="op without the choice", op=op, ms=ms, temp_mb=temp)
         for warps in [None] + [int(w) for w in args.warps.split(",") if w]:

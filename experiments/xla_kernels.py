@@ -87,17 +87,11 @@ def compiled_text(args) -> str:
     """The optimized HLO of the op compiled for the described GPU."""
     import jax
     import jax.numpy as jnp
-    from jax.experimental import topologies
 
     import fleetjax
-    from experiments import sass
 
     B, T, H, K, V = args.shape
-    with tempfile.TemporaryDirectory() as scratch:  # the stand-in stays loaded once its file is gone
-        sass.driver_stand_in(scratch)
-    topology = topologies.get_topology_desc(args.device, "cuda", topology="1x1x1",
-                                            target_config=target_config(args.device))
-    sharding = jax.sharding.SingleDeviceSharding(topology.devices[0])
+    sharding = described_device(args.device)
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)  # noqa: E731
     dtype = jnp.dtype(args.dtype)
     qk, vo = spec((B, T, H, K), dtype), spec((B, T, H, V), dtype)
@@ -111,10 +105,30 @@ def compiled_text(args) -> str:
         out, pullback = jax.vjp(op, q, k, v, decay, gate)
         return out, pullback(do)
 
-    with as_on_hopper(args.device):
-        fn, operands = (op, (qk, qk, vo, decay, gate)) if args.fwd else (forward_and_backward,
-                                                                        (qk, qk, vo, decay, gate, vo))
-        return jax.jit(fn).trace(*operands).lower(lowering_platforms=("cuda",)).compile().as_text()
+    fn, operands = (op, (qk, qk, vo, decay, gate)) if args.fwd else (forward_and_backward,
+                                                                    (qk, qk, vo, decay, gate, vo))
+    return compiled_for(fn, operands, args.device).as_text()
+
+
+def described_device(device: str):
+    """The sharding onto the one GPU of ``device`` (a key of DEVICES), described to XLA's deviceless compile
+    (jax's CUDA plugin with experiments/cuda_shim.c's driver stand-in loaded)."""
+    import jax
+    from jax.experimental import topologies
+
+    from experiments import sass
+    with tempfile.TemporaryDirectory() as scratch:  # the stand-in stays loaded once its file is gone
+        sass.driver_stand_in(scratch)
+    topology = topologies.get_topology_desc(device, "cuda", topology="1x1x1", target_config=target_config(device))
+    return jax.sharding.SingleDeviceSharding(topology.devices[0])
+
+
+def compiled_for(fn, operands, device: str):
+    """``fn`` jitted and compiled for ``device`` at ``operands`` (ShapeDtypeStructs on
+    :func:`described_device`'s sharding), fleetjax's device queries answering as on that GPU."""
+    import jax
+    with as_on_hopper(device):
+        return jax.jit(fn).trace(*operands).lower(lowering_platforms=("cuda",)).compile()
 
 
 _BYTES = {"f64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s16": 2, "pred": 1, "s8": 1, "u8": 1}
