@@ -826,17 +826,18 @@ def test_the_gated_forward_walk_matches_the_oracle_and_the_triton_walk(pieces):
 
 
 @hopper
-@pytest.mark.parametrize("pieces, with_decay", [(1, False), (4, False), (4, True)])
-def test_the_gated_backward_walks_match_the_oracle_and_the_triton_walks(pieces, with_decay):
+@pytest.mark.parametrize("pieces, with_decay, joint", [(1, False, False), (4, False, False), (4, True, False),
+                                                       (1, False, True), (4, True, True)])
+def test_the_gated_backward_walks_match_the_oracle_and_the_triton_walks(pieces, with_decay, joint):
     """The gate alone, and (``with_decay``, MosaicWalkConfig.gated_decay_sums) on top of a learned per-head
-    decay."""
+    decay; ``joint``: dk and dv from one reverse walk (MosaicWalkConfig.joint_reverse)."""
     B, T, H, K, V = 2, 1024, 2, 128, 128
     q, k, v = _inputs(B, T, H, K, V, "bfloat16")
     do = _inputs(B, T, H, K, V, "bfloat16", seed=6)[2]
     log_gate = 0.02 * _log_gate(B, T, H)
     decay = jnp.asarray([0.97, 0.999], jnp.float32)
     grads = {}
-    for walks in (mosaic.MosaicWalkConfig(gated_decay_sums=with_decay), None):
+    for walks in (mosaic.MosaicWalkConfig(gated_decay_sums=with_decay, joint_reverse=joint), None):
         config = dataclasses.replace(chunked.default_config(q, v), num_sequence_pieces=pieces,
                                      backward_num_sequence_pieces=pieces, mosaic_walks=walks)
         if with_decay:
@@ -848,7 +849,8 @@ def test_the_gated_backward_walks_match_the_oracle_and_the_triton_walks(pieces, 
                 q, k, v, None, log_gate=g, implementation="pallas", config=config)
             _, pullback = jax.vjp(jax.jit(f), q, k, v, log_gate)
         if walks is not None:
-            assert jax.jit(pullback).lower(do).as_text().count("custom_call @mosaic_gpu") >= 3
+            kernels = _kernel_names(jax.jit(pullback).lower(do).as_text())
+            assert ({"dkv_walk"} <= kernels) == joint and ({"dv_walk", "dk_sums_walk"} <= kernels) != joint, kernels
         grads[walks is not None] = jax.jit(pullback)(do)
     ref = oracle.gradients(q, k, v, decay if with_decay else jnp.ones((H,), jnp.float32), do=do, log_gate=log_gate)
     names = ("q", "k", "v") + (("decay",) if with_decay else ()) + ("log_gate",)
@@ -1146,14 +1148,17 @@ def test_learned_decay_on_mosaic_at_long_T(aligned, mosaic_states):
 
 @hopper
 @pytest.mark.parametrize("aligned", [False, True], ids=["random", "aligned"])
-@pytest.mark.parametrize("with_decay", [False, True], ids=["gate", "gate+decay"])
-def test_the_gate_on_mosaic_at_long_T(aligned, with_decay):
+@pytest.mark.parametrize("with_decay, joint", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["gate", "gate+decay", "gate-joint", "gate+decay-joint"])
+def test_the_gate_on_mosaic_at_long_T(aligned, with_decay, joint):
     """bfloat16 at T = 16384 (256 chunks, 4 sequence pieces) with small per-token gates: d log_gate at every
     position (and d decay beside it) from the Mosaic walks' sums against the float64 recurrence on the same
     inputs. The flow across each chunk boundary is a difference of the walks' float32 sums, and the chunk's
     own pairs come from the dq and dk walks' row and column sums: neither may lose the constant decay's
-    accuracy at long T. ``aligned`` (q = k, dO = v): every lag-0 pair positive."""
-    B, T, H, K, V = 1, 16384, 2, 64, 64
+    accuracy at long T. ``aligned`` (q = k, dO = v): every lag-0 pair positive. ``joint``: K = V = 128 with
+    dk, dv and the dk side's sums from one reverse walk (MosaicWalkConfig.joint_reverse)."""
+    B, T, H = 1, 16384, 2
+    K = V = 128 if joint else 64
     q, k, v = _inputs(B, T, H, K, V, "bfloat16", scale_values=K ** -0.5)
     do = _inputs(B, T, H, K, V, "bfloat16", seed=6)[2]
     if aligned:
@@ -1161,6 +1166,8 @@ def test_the_gate_on_mosaic_at_long_T(aligned, with_decay):
     log_gate = jnp.asarray(-np.abs(np.random.default_rng(7).standard_normal((B, T, H))) * 1e-2, jnp.float32)
     decay = jnp.asarray([0.999, 0.99], jnp.float32)
     config = dataclasses.replace(chunked.default_config(q, v), backward_num_sequence_pieces=4)
+    if joint:
+        config = dataclasses.replace(config, mosaic_walks=dataclasses.replace(config.mosaic_walks, joint_reverse=True))
 
     def f(q, k, v, *learned):
         return fleetjax.fleet_attention(q, k, v, learned[0] if with_decay else None, log_gate=learned[-1],
@@ -1168,7 +1175,8 @@ def test_the_gate_on_mosaic_at_long_T(aligned, with_decay):
 
     learned = (decay, log_gate) if with_decay else (log_gate,)
     grad = jax.jit(lambda q, k, v, do, *learned: jax.vjp(lambda *x: f(q, k, v, *x), *learned)[1](do))
-    assert _walks(grad.lower(q, k, v, do, *learned).as_text()) >= 3
+    text = grad.lower(q, k, v, do, *learned).as_text()
+    assert _walks(text) >= 2 + (not joint) and ("dkv_walk" in _kernel_names(text)) == joint
     got = grad(q, k, v, do, *learned)
     ref = oracle.recurrent_gated(*(np.asarray(x, np.float32) for x in (q, k, v)), decay if with_decay else None,
                                  np.asarray(log_gate), do=np.asarray(do, np.float32))

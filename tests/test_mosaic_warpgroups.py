@@ -24,7 +24,7 @@ import pytest
 import devices
 import oracle
 from test_mosaic import InterpretGPUParams, _inputs, _log_gate
-from test_op import TOLERANCE
+from test_op import DECAY_GRAD_TOLERANCE, TOLERANCE
 
 DEVICES = 4
 CASES = ["forward", "reverse"]
@@ -35,6 +35,8 @@ TURNS_CASES = ["turns-constant", "turns-gated"]
 # (MosaicWalkConfig.sums_warpgroups; gated, the gate's sums beside it: gate_dq_warpgroups), the gate's dq walk
 # without it (gate_dq_warpgroups) and its dk walk in reverse (gate_dk_warpgroups).
 SUMS_CASES = ["sums-constant", "sums-gated", "sums-gate-dq", "sums-reverse-gated"]
+# dk and dv from one reverse walk of two warpgroups (MosaicWalkConfig.joint_reverse), one and two pieces.
+JOINT_CASES = ["joint-1", "joint-2"]
 
 
 def _run_case(direction: str) -> dict[str, Any]:
@@ -119,11 +121,59 @@ def _run_sums(case_id: str) -> dict[str, bool]:
             "finite": all(bool(jnp.all(jnp.isfinite(two[2][name]))) for name in names)}
 
 
+def _run_joint(case_id: str) -> dict[str, Any]:
+    """fleetjax.pallas.mosaic.joint_walk in one or two pieces from random entering states, a gate with a hard
+    forget: its dk, dv, states after the pieces and sums against the dv walk's and the gate's dk sums walk's
+    (relative errors), and the backward's gradients through it against the float64 oracle."""
+    import dataclasses
+
+    from fleetjax import vjp
+    from fleetjax.chunking import Chunking
+    from fleetjax.decay import Decays
+    from fleetjax.pallas import mosaic
+    from fleetjax.pallas.mosaic import joint
+    pieces = int(case_id.split("-")[1])
+    B, T, H, K, V = 1, 256, 1, 128, 128
+    q, k, v = _inputs(B, T, H, K, V, "bfloat16")
+    do = _inputs(B, T, H, K, V, "bfloat16", seed=4)[2]
+    decays = Decays(jnp.log(jnp.asarray([0.97], jnp.float32)), 0.05 * _log_gate(B, T, H))
+    chunking = Chunking(T, 64, pieces)
+    within = decays.within_chunks(B, T, 64)
+    entering = jnp.asarray(np.random.default_rng(1).standard_normal((B, H, pieces, K, V)), jnp.float32)
+    walks = mosaic.MosaicWalkConfig(joint_reverse=True, gate_dk_warpgroups=1, gate_dq_warpgroups=1)
+    params = InterpretGPUParams()
+    dk, dv, finals, sums = joint.joint_walk(q, k, v, do, entering, chunking, scale=0.2, config=walks, within=within,
+                                            interpret=params)
+    dv_two, finals_two = mosaic.walk(k, q, do, decays.log_decay, entering, chunking, reverse=True, scale=0.2,
+                                     config=walks, within=within, interpret=params)
+    dk_two, _, sums_two = mosaic.sums_walk(
+        v, do, q, decays.log_decay, jnp.swapaxes(entering, -1, -2), chunking, reverse=True, scale=0.2,
+        config=dataclasses.replace(walks, block_v=walks.sums_block_v, stages=walks.sums_stages), rows=k,
+        before=True, witness=False, within=within, interpret=params)
+    result = {"dk": float(oracle.rel_err(dk, dk_two, axis=2)), "dv": float(oracle.rel_err(dv, dv_two, axis=2)),
+              "finals": float(oracle.rel_err(finals, finals_two, axis=None)),
+              "u": float(oracle.rel_err(jnp.sum(sums["state"], 0), jnp.sum(sums_two["state"], 0), axis=None)),
+              "before": float(oracle.rel_err(sums["before"][0], jnp.sum(sums_two["before"], 0), axis=None))}
+    start = jnp.asarray(np.random.default_rng(2).standard_normal((B, H, K, V)), jnp.float32)
+    dq, dk, dv, parts, witness = mosaic.backward_walks(q, k, v, do, decays, start, Chunking(T, 64, 1), None, None,
+                                                       scale=0.1, config=walks, log_decay_wanted=False,
+                                                       log_gate_wanted=True, interpret=params)
+    d_gate = jnp.swapaxes(vjp.log_gate_grad(parts["w"], parts["u"], parts["spanned"], None, 64), 1, 2)
+    ref = oracle.gradients(q, k, v, jnp.asarray([0.97], jnp.float32), do=do, scale=0.1, initial_state=start,
+                           log_gate=decays.log_gate)
+    for got, name in ((dq, "q"), (dk, "k"), (dv, "v")):
+        result[f"oracle_{name}"] = float(oracle.rel_err(got, ref[name], axis=2))
+    result["oracle_log_gate"] = float(oracle.rel_err(d_gate, ref["log_gate"]))
+    result["finite"] = all(bool(jnp.all(jnp.isfinite(x))) for x in witness)
+    return result
+
+
 def _worker(case_ids: list[str]) -> None:
     results: dict[str, Any] = {}
     for case_id in case_ids:
         try:
-            run = _run_turns if case_id in TURNS_CASES else _run_sums if case_id in SUMS_CASES else _run_case
+            run = (_run_turns if case_id in TURNS_CASES else _run_sums if case_id in SUMS_CASES
+                   else _run_joint if case_id in JOINT_CASES else _run_case)
             results[case_id] = run(case_id)
         except Exception as error:  # noqa: BLE001 - reported by that case's test
             results[case_id] = {"exception": f"{type(error).__name__}: {error}"}
@@ -134,7 +184,8 @@ def _worker(case_ids: list[str]) -> None:
 def results() -> dict[str, Any]:
     if InterpretGPUParams is None:
         pytest.skip("no Mosaic GPU interpreter in this jax")
-    return devices.run_workers(__file__, DEVICES, [[case] for case in CASES + TURNS_CASES + SUMS_CASES], timeout=600)
+    return devices.run_workers(__file__, DEVICES, [[case] for case in CASES + TURNS_CASES + SUMS_CASES + JOINT_CASES],
+                               timeout=600)
 
 
 @pytest.mark.parametrize("direction", CASES)
@@ -159,6 +210,23 @@ def test_the_sums_walks_at_two_warpgroups_are_bitwise_the_one_warpgroup_walks(re
     result = results[case]
     assert "exception" not in result, result.get("exception")
     assert result == {"out": True, "finals": True, "sums": True, "finite": True}, result
+
+
+
+@pytest.mark.parametrize("case", JOINT_CASES)
+def test_the_joint_reverse_walk_gives_what_the_two_walks_give(results, case):
+    """dk and dv within bf16 roundings of the two walks' (the joint walk's state copies are hi/lo, the dv
+    walk's one bf16 rounding), u and the column sums within float32's; the gradients through it against the
+    float64 oracle."""
+    result = results[case]
+    assert "exception" not in result, result.get("exception")
+    assert result["dk"] < TOLERANCE["bfloat16"] and result["dv"] < TOLERANCE["bfloat16"], result
+    assert result["finals"] < TOLERANCE["bfloat16"], result
+    assert result["u"] < 1e-4 and result["before"] < 1e-5, result
+    for name in "qkv":
+        assert result[f"oracle_{name}"] < TOLERANCE["bfloat16"], result
+    assert result["oracle_log_gate"] < DECAY_GRAD_TOLERANCE["bfloat16"], result
+    assert result["finite"], result
 
 
 if __name__ == "__main__" and devices.worker_ids(sys.argv) is not None:

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from fleetjax import vjp
 from fleetjax.chunking import Chunking
 from fleetjax.decay import Decays
+from fleetjax.pallas.mosaic import joint
 from fleetjax.pallas.mosaic.config import MosaicWalkConfig
 from fleetjax.pallas.mosaic.states import entering_states, entering_tangents
 from fleetjax.pallas.mosaic.sums import sums_walk
@@ -59,6 +60,12 @@ def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_lo
     dq, dq_finals, dq_sums = sums(do, v, k, entering=dq_entering, reverse=False, rows=q, tangent=log_decay_wanted,
                                   entering_tangents=tangents_entering, before=log_gate_wanted, name="dq_sums_walk")
     parts = {"w" if name == "state" else name: jnp.sum(part, axis=0) for name, part in dq_sums.items()}
+    if log_gate_wanted and joint.serves(config, K=k.shape[-1], V=v.shape[-1]):
+        dk, dv, dv_finals, joint_sums = joint.joint_walk(q, k, v, do, reverse_entering, chunking, scale=scale,
+                                                         config=config, within=within, interpret=interpret)
+        parts["u"] = jnp.sum(joint_sums["state"], axis=0)
+        parts["spanned"] = vjp.spanned_from_sums(parts.pop("before"), joint_sums["before"][0], chunking.chunk_size)
+        return dq, dk, dv, parts, (dq_finals, dv_finals)
     dv, dv_finals = plain(k, q, do, entering=reverse_entering, reverse=True, name="dv_walk")
     if log_gate_wanted:  # the gate's gradient takes the dk walk's sums (the decay's come from the dq walk alone)
         dk, _, dk_sums = sums(v, do, q, entering=dk_entering, reverse=True, rows=k, before=True, witness=False,

@@ -170,6 +170,10 @@ class MosaicWalkConfig:
     experiments/results/2026-12-05-h100-backward_piece_states_ab.jsonl). The gradients differ from those
     through the Triton launches by bf16 roundings: the two walks' states agree within 2e-6 (interpreter).
     The gated decay takes it too, not yet timed.
+    joint_reverse: where the gate's gradient is wanted and K = V = 128, the backward's dv walk and the gate's dk
+    sums walk run as one reverse walk of two compute warpgroups (fleetjax.pallas.mosaic.joint): the chunk's
+    tiles read once, one state updated once, u formed from dv's float32-accurate state product. Off by
+    default until timed on a GPU.
     """
 
     chunk_size: int = 64
@@ -195,6 +199,7 @@ class MosaicWalkConfig:
     split_by_bits: bool = True
     pingpong: bool = False
     backward_piece_states: bool = True
+    joint_reverse: bool = False
 
     def __post_init__(self):
         if self.chunk_size != 64:
