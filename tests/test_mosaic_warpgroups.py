@@ -124,7 +124,8 @@ def _run_sums(case_id: str) -> dict[str, bool]:
 def _run_joint(case_id: str) -> dict[str, Any]:
     """fleetjax.pallas.mosaic.joint_walk in one or two pieces from random entering states, a gate with a hard
     forget: its dk, dv, states after the pieces and sums against the dv walk's and the gate's dk sums walk's
-    (relative errors), and the backward's gradients through it against the float64 oracle."""
+    (relative errors), and the backward's gradients through it (in as many pieces of its own) against the
+    float64 oracle."""
     import dataclasses
 
     from fleetjax import vjp
@@ -154,10 +155,12 @@ def _run_joint(case_id: str) -> dict[str, Any]:
               "finals": float(oracle.rel_err(finals, finals_two, axis=None)),
               "u": float(oracle.rel_err(jnp.sum(sums["state"], 0), jnp.sum(sums_two["state"], 0), axis=None)),
               "before": float(oracle.rel_err(sums["before"][0], jnp.sum(sums_two["before"], 0), axis=None))}
+    # The backward in one piece, the joint walk in its own (MosaicWalkConfig.joint_pieces).
     start = jnp.asarray(np.random.default_rng(2).standard_normal((B, H, K, V)), jnp.float32)
-    dq, dk, dv, parts, witness = mosaic.backward_walks(q, k, v, do, decays, start, Chunking(T, 64, 1), None, None,
-                                                       scale=0.1, config=walks, log_decay_wanted=False,
-                                                       log_gate_wanted=True, interpret=params)
+    dq, dk, dv, parts, witness = mosaic.backward_walks(
+        q, k, v, do, decays, start, Chunking(T, 64, 1), None, None, scale=0.1,
+        config=dataclasses.replace(walks, joint_pieces=pieces), log_decay_wanted=False, log_gate_wanted=True,
+        interpret=params)
     d_gate = jnp.swapaxes(vjp.log_gate_grad(parts["w"], parts["u"], parts["spanned"], None, 64), 1, 2)
     ref = oracle.gradients(q, k, v, jnp.asarray([0.97], jnp.float32), do=do, scale=0.1, initial_state=start,
                            log_gate=decays.log_gate)

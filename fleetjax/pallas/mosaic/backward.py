@@ -14,7 +14,7 @@ from fleetjax.chunking import Chunking
 from fleetjax.decay import Decays
 from fleetjax.pallas.mosaic import joint
 from fleetjax.pallas.mosaic.config import MosaicWalkConfig
-from fleetjax.pallas.mosaic.states import entering_states, entering_tangents
+from fleetjax.pallas.mosaic.states import entering_states, entering_tangents, piece_states
 from fleetjax.pallas.mosaic.sums import sums_walk
 from fleetjax.pallas.mosaic.plain import walk
 
@@ -61,6 +61,11 @@ def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_lo
                                   entering_tangents=tangents_entering, before=log_gate_wanted, name="dq_sums_walk")
     parts = {"w" if name == "state" else name: jnp.sum(part, axis=0) for name, part in dq_sums.items()}
     if log_gate_wanted and joint.serves(config, K=k.shape[-1], V=v.shape[-1]):
+        pieces = Chunking(T, chunking.chunk_size, config.joint_pieces or 1)
+        if chunking.pieces == 1 and pieces.pieces > 1 and pieces.equal_pieces:  # MosaicWalkConfig.joint_pieces
+            local = piece_states(q, do, decays.log_decay, pieces, reverse=True, config=config, within=within,
+                                 exact=True, interpret=interpret)
+            chunking, reverse_entering = pieces, entering_states(None, local, decays, pieces, B, reverse=True)
         dk, dv, dv_finals, joint_sums = joint.joint_walk(q, k, v, do, reverse_entering, chunking, scale=scale,
                                                          config=config, within=within, interpret=interpret)
         parts["u"] = jnp.sum(joint_sums["state"], axis=0)

@@ -174,6 +174,9 @@ class MosaicWalkConfig:
     sums walk run as one reverse walk of two compute warpgroups (fleetjax.pallas.mosaic.joint): the chunk's
     tiles read once, one state updated once, u formed from dv's float32-accurate state product. Off by
     default until timed on a GPU.
+    joint_pieces: where the backward runs in one piece, the joint walk's own sequence pieces (None: one), their
+    entering states from the float32-accurate states walk (:func:`fleetjax.pallas.mosaic.piece_states`): its
+    one program per batch*head holds a whole SM, and B4 H16 fills 64 of an H100's 132.
     """
 
     chunk_size: int = 64
@@ -200,6 +203,7 @@ class MosaicWalkConfig:
     pingpong: bool = False
     backward_piece_states: bool = True
     joint_reverse: bool = False
+    joint_pieces: int | None = None
 
     def __post_init__(self):
         if self.chunk_size != 64:
@@ -212,9 +216,10 @@ class MosaicWalkConfig:
                      "gate_dq_warpgroups"):
             if getattr(self, name) not in (1, 2):
                 raise ValueError(f"MosaicWalkConfig.{name} must be 1 or 2, got {getattr(self, name)!r}")
-        pieces = self.forward_pieces
-        if pieces is not None and (not isinstance(pieces, int) or isinstance(pieces, bool) or pieces < 1):
-            raise ValueError(f"MosaicWalkConfig.forward_pieces must be None or a positive int, got {pieces!r}")
+        for name in ("forward_pieces", "joint_pieces"):
+            pieces = getattr(self, name)
+            if pieces is not None and (not isinstance(pieces, int) or isinstance(pieces, bool) or pieces < 1):
+                raise ValueError(f"MosaicWalkConfig.{name} must be None or a positive int, got {pieces!r}")
         for name in ("stages", "sums_stages"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 8:
