@@ -10,7 +10,9 @@ containment, at the default warps and others.
 device call: ``PYTHONPATH=old_tree:. python -m experiments.cost_split --op-only --label old``, from a directory
 other than the repository's, the trees' processes alternated). ``--gated`` adds ``fwd_bwd_decay``, the gate with
 a learned per-head decay beside it (the gated layers' op). ``--shapes "B,T,H;..."`` replaces the shapes,
-``--ops fwd_bwd,...`` keeps those ops alone (a short device call).
+``--ops fwd_bwd,...`` keeps those ops alone (a short device call). ``--walks JSON`` changes fields of the default
+config's Mosaic walks (an sm_90 GPU's), e.g. ``'{"joint_reverse": true}'``: variants of one checkout, in
+alternated processes as two trees are.
 Writes DIR/cost_split[-label].json. A diagnostic for the speed work: it reaches into fleetjax.pallas.
 """
 
@@ -61,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ops", default=None,
                         help="the ops to time, comma-separated (default: all of fwd, fwd_bwd, fwd_bwd_fixed and, "
                              "with --gated, fwd_bwd_decay)")
+    parser.add_argument("--walks", default=None, metavar="JSON",
+                        help="MosaicWalkConfig fields to change from the default config (sm_90 GPUs), e.g. "
+                             "'{\"joint_reverse\": true}'")
     args = parser.parse_args(argv)
     if args.shapes is not None and not re.fullmatch(r"\d+,\d+,\d+(;\d+,\d+,\d+)*", args.shapes):
         parser.error(f"--shapes must be B,T,H triples separated by ';', got {args.shapes!r}")
@@ -86,10 +91,22 @@ def main(argv: list[str] | None = None) -> int:
         log_gate = (jax.nn.log_sigmoid(jnp.asarray(rng.standard_normal((B, T, H)), jnp.float32)) / 16
                     if args.gated else None)
         decay = None if args.gated else jnp.exp(log_decay)
+        config = None
+        if args.walks is not None:
+            from fleetjax.pallas import chunked
+            config = chunked.default_config(sets[0][0], sets[0][2])
+            if config.mosaic_walks is None:
+                parser.error("--walks: the default config has no Mosaic walks here (not an sm_90 GPU?)")
+            try:
+                config = dataclasses.replace(config, mosaic_walks=dataclasses.replace(config.mosaic_walks,
+                                                                                      **json.loads(args.walks)))
+            except (TypeError, ValueError) as error:
+                parser.error(f"--walks {args.walks!r}: {error}")
+            shape["walks"] = args.walks
 
         def ops():
             attend = lambda q, k, v, decay, log_gate: fleetjax.fleet_attention(  # noqa: E731
-                q, k, v, decay, scale=K ** -0.5, log_gate=log_gate, implementation="pallas")
+                q, k, v, decay, scale=K ** -0.5, log_gate=log_gate, implementation="pallas", config=config)
             fixed = lambda q, k, v: attend(q, k, v, decay, log_gate)  # noqa: E731
             # fwd_bwd differentiates the decay (gated: the gate) as the benchmarks do; fwd_bwd_fixed does not.
             learned = ((lambda q, k, v, g: attend(q, k, v, None, g)), log_gate) if args.gated else (

@@ -696,6 +696,26 @@ def test_cost_split_times_the_gated_ops_of_any_checkout(tmp_path, capsys):
     with pytest.raises(SystemExit):  # fwd_bwd_decay needs --gated
         cost_split.main(["--op-only", "--ops", "fwd,fwd_bwd_decay"])
     assert "'fwd,fwd_bwd_decay'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the Mosaic walks' variants need an sm_90 GPU's default config
+        cost_split.main(["--smoke", "--op-only", "--walks", '{"joint_reverse": true}', "--out", str(tmp_path)])
+    assert "--walks: the default config has no Mosaic walks here" in capsys.readouterr().err
+
+
+def test_cost_split_walks_name_the_field_it_cannot_set(tmp_path, capsys, monkeypatch):
+    """--walks on a config with Mosaic walks (as an sm_90 GPU's default has): a field MosaicWalkConfig lacks,
+    or a value it rejects, is an error that quotes the JSON and says why, before anything is timed."""
+    import dataclasses
+
+    from experiments import cost_split
+    from fleetjax.pallas import chunked, mosaic
+    default = chunked.default_config
+    monkeypatch.setattr(chunked, "default_config", lambda q, v: dataclasses.replace(
+        default(q, v), mosaic_walks=mosaic.MosaicWalkConfig()))
+    for walks, why in (('{"no_such_field": 1}', "no_such_field"), ('{"joint_pieces": 0}', "joint_pieces")):
+        with pytest.raises(SystemExit):
+            cost_split.main(["--smoke", "--op-only", "--walks", walks, "--out", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert repr(walks) in err and why in err, err
 
 
 def test_compile_sweep_lists_its_grid_and_refuses_bad_dims(capsys):

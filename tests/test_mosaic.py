@@ -70,7 +70,7 @@ def test_supports_only_the_cases_the_kernel_serves():
                                           ("warpgroups", 3), ("backward_warpgroups", 0), ("forward_pieces", 0),
                                           ("forward_pieces", True), ("forward_block_v", 48),
                                           ("sums_warpgroups", 4), ("gate_dk_warpgroups", 3),
-                                          ("gate_dq_warpgroups", 0)])
+                                          ("gate_dq_warpgroups", 0), ("joint_pieces", 0), ("joint_pieces", True)])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=f"MosaicWalkConfig.{field}"):
         mosaic.MosaicWalkConfig(**{field: value})

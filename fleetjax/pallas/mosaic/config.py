@@ -172,11 +172,19 @@ class MosaicWalkConfig:
     The gated decay takes it too, not yet timed.
     joint_reverse: where the gate's gradient is wanted and K = V = 128, the backward's dv walk and the gate's dk
     sums walk run as one reverse walk of two compute warpgroups (fleetjax.pallas.mosaic.joint): the chunk's
-    tiles read once, one state updated once, u formed from dv's float32-accurate state product. Off by
-    default until timed on a GPU.
+    tiles read once, one state updated once, u formed from dv's float32-accurate state product; 32 instead of
+    42 products of 64^3 a batch*head and chunk, 2 x 1855 instead of 2 x 787 + 4 x 1181 warpgroup
+    instructions (sm_90 SASS, experiments/sass.py, jax 0.11.2; 264 bytes of spills). Off by default: it
+    lost. The two warpgroups meet twice a chunk (each reads the other's half of the state) and so walk in
+    lockstep, tensor cores and elementwise work never overlapping between them: 1.63 ms for the walk against
+    0.73 + 0.43 for the dk sums and dv walks it replaces at B4 H16 T=16384, fwd+bwd with the gate learned
+    2.59 against 2.13 ms, 0.71 against 0.60 at T=4096 (H100, 2026-12-06, bf16, two alternated rounds,
+    experiments/results/2026-12-06-h100-thirtysixth_joint_ab.jsonl, ...-thirtysixth_split_joint_{off,on}.csv).
     joint_pieces: where the backward runs in one piece, the joint walk's own sequence pieces (None: one), their
     entering states from the float32-accurate states walk (:func:`fleetjax.pallas.mosaic.piece_states`): its
-    one program per batch*head holds a whole SM, and B4 H16 fills 64 of an H100's 132.
+    one program per batch*head holds a whole SM, and B4 H16 fills 64 of an H100's 132. Two pieces: the walk
+    1.20 ms (its chunks 47% slower with every SM busy) and 0.12 ms for the pieces' states, fwd+bwd 2.20
+    against 2.05 ms at T=16384 (same card and date, ...-thirtysixth_joint_pieces.txt).
     """
 
     chunk_size: int = 64
