@@ -35,8 +35,9 @@ TURNS_CASES = ["turns-constant", "turns-gated"]
 # (MosaicWalkConfig.sums_warpgroups; gated, the gate's sums beside it: gate_dq_warpgroups), the gate's dq walk
 # without it (gate_dq_warpgroups) and its dk walk in reverse (gate_dk_warpgroups).
 SUMS_CASES = ["sums-constant", "sums-gated", "sums-gate-dq", "sums-reverse-gated"]
-# dk and dv from one reverse walk of two warpgroups (MosaicWalkConfig.joint_reverse), one and two pieces.
-JOINT_CASES = ["joint-1", "joint-2"]
+# dk and dv from one reverse walk of two warpgroups (MosaicWalkConfig.joint_reverse): one and two pieces, and
+# float16 (its state copies scaled before they are rounded, no lazy carry) in one.
+JOINT_CASES = ["joint-1", "joint-2", "joint-float16"]
 
 
 def _run_case(direction: str) -> dict[str, Any]:
@@ -133,10 +134,11 @@ def _run_joint(case_id: str) -> dict[str, Any]:
     from fleetjax.decay import Decays
     from fleetjax.pallas import mosaic
     from fleetjax.pallas.mosaic import joint
-    pieces = int(case_id.split("-")[1])
+    dtype = "float16" if case_id == "joint-float16" else "bfloat16"
+    pieces = 1 if dtype == "float16" else int(case_id.split("-")[1])
     B, T, H, K, V = 1, 256, 1, 128, 128
-    q, k, v = _inputs(B, T, H, K, V, "bfloat16")
-    do = _inputs(B, T, H, K, V, "bfloat16", seed=4)[2]
+    q, k, v = _inputs(B, T, H, K, V, dtype)
+    do = _inputs(B, T, H, K, V, dtype, seed=4)[2]
     decays = Decays(jnp.log(jnp.asarray([0.97], jnp.float32)), 0.05 * _log_gate(B, T, H))
     chunking = Chunking(T, 64, pieces)
     within = decays.within_chunks(B, T, 64)
@@ -151,7 +153,8 @@ def _run_joint(case_id: str) -> dict[str, Any]:
         v, do, q, decays.log_decay, jnp.swapaxes(entering, -1, -2), chunking, reverse=True, scale=0.2,
         config=dataclasses.replace(walks, block_v=walks.sums_block_v, stages=walks.sums_stages), rows=k,
         before=True, witness=False, within=within, interpret=params)
-    result = {"dk": float(oracle.rel_err(dk, dk_two, axis=2)), "dv": float(oracle.rel_err(dv, dv_two, axis=2)),
+    result = {"dtype": dtype,
+              "dk": float(oracle.rel_err(dk, dk_two, axis=2)), "dv": float(oracle.rel_err(dv, dv_two, axis=2)),
               "finals": float(oracle.rel_err(finals, finals_two, axis=None)),
               "u": float(oracle.rel_err(jnp.sum(sums["state"], 0), jnp.sum(sums_two["state"], 0), axis=None)),
               "before": float(oracle.rel_err(sums["before"][0], jnp.sum(sums_two["before"], 0), axis=None))}
@@ -223,12 +226,13 @@ def test_the_joint_reverse_walk_gives_what_the_two_walks_give(results, case):
     float64 oracle."""
     result = results[case]
     assert "exception" not in result, result.get("exception")
-    assert result["dk"] < TOLERANCE["bfloat16"] and result["dv"] < TOLERANCE["bfloat16"], result
-    assert result["finals"] < TOLERANCE["bfloat16"], result
+    tolerance = TOLERANCE[result["dtype"]]
+    assert result["dk"] < tolerance and result["dv"] < tolerance, result
+    assert result["finals"] < tolerance, result
     assert result["u"] < 1e-4 and result["before"] < 1e-5, result
     for name in "qkv":
-        assert result[f"oracle_{name}"] < TOLERANCE["bfloat16"], result
-    assert result["oracle_log_gate"] < DECAY_GRAD_TOLERANCE["bfloat16"], result
+        assert result[f"oracle_{name}"] < tolerance, result
+    assert result["oracle_log_gate"] < DECAY_GRAD_TOLERANCE[result["dtype"]], result
     assert result["finite"], result
 
 

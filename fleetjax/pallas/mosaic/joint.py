@@ -19,6 +19,9 @@ tiles are read once, the state is updated once and its scores once a warpgroup i
 Serves K = V = 128 (:func:`serves`): the weighted values' and the outputs' tiles then share the space of the
 state's copies (rows [0, C) and [C, 2C) of each), which nobody reads between the second meeting and the next
 chunk's copies; the chunk's q, k, v and dO tiles at two stages take the rest of shared memory.
+
+Off by default (MosaicWalkConfig.joint_reverse, which has its times): meeting twice a chunk, the two
+warpgroups run the same phase at the same time, and the walk lost to the two it replaces on an H100.
 """
 
 from __future__ import annotations
@@ -117,7 +120,7 @@ def joint_walk(q, k, v, do, entering, chunking: Chunking, *, scale: float, confi
             scores, pairs = (got["scores"] * weights).astype(dtype), pairs.astype(dtype)
             meet(rendezvous.at[_COPIED])
 
-            def dk_inter(other):  # v's columns V_other times H[K_g, V_other]^T, from the other's hi copy
+            def dk_inter(other):  # v's columns V_other times H[K_g, V_other]^T, from that warpgroup's hi copy
                 return (v_smem.at[:, pl.ds(other * half, half)],
                         lambda: w.k_t(copy_smem.at[other].at[own]))
 
