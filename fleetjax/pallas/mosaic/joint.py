@@ -9,8 +9,8 @@ warpgroup g holds H's value columns V_g in float32 and, per chunk of C positions
     dk[:, K_g] = (v H[K_g, :]^T) * entering + pairs q[:, K_g]     (H's hi copies of both warpgroups)
     H[:, V_g] <- carry H[:, V_g] + q^T (leaving * dO[:, V_g])     (hi/lo parts of the weighted values)
 
-so each reads the other's copy of its half of H through shared memory, meeting it twice a chunk (both halves
-copied; both read). The gate's sums come out beside: u, each position's k . (dk's state part) = v . (dv's
+so each reads its key half's rows of the other's hi copy through shared memory, meeting it twice a chunk
+(both halves copied; both read). The gate's sums come out beside: u, each position's k . (dk's state part) = v . (dv's
 state part), from the accurate dv product (per warpgroup, over its value columns), and the column sums of the
 chunk's pairs (k_i . q_j)(v_i . dO_j) weighted, j after i (fleetjax.vjp.spanned_from_sums's second), from the
 two score tiles. Against the dv walk beside the gate's dk sums walk (fleetjax.pallas.mosaic.sums) the chunk's
