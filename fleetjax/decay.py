@@ -12,6 +12,7 @@ range's start, so nothing is exponentiated but differences <= 0.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -68,11 +69,13 @@ class Decays:
                                     (B, self.log_decay.shape[0], T))
         return jnp.cumsum(self.per_position(B, T), axis=-1)
 
-    def within_chunks(self, B: int, T: int, chunk_size: int) -> jax.Array:
+    def within_chunks(self, B: int, T: int, chunk_size: int, base2: bool = False) -> jax.Array:
         """[B, H, T]: the sum of la from the start of t's chunk of ``chunk_size`` through t (inclusive), the
-        exponents a chunked walk differences (T a multiple of ``chunk_size``)."""
+        exponents a chunked walk differences (T a multiple of ``chunk_size``); ``base2``: times log2(e), for
+        walks that exponentiate in base 2 (a relative error of about 2^-24 |sum| more)."""
         la = self.per_position(B, T)
-        return jnp.cumsum(la.reshape(B, -1, T // chunk_size, chunk_size), axis=-1).reshape(la.shape)
+        within = jnp.cumsum(la.reshape(B, -1, T // chunk_size, chunk_size), axis=-1).reshape(la.shape)
+        return within * math.log2(math.e) if base2 else within
 
     def gate_tiles(self) -> jax.Array | None:
         """The log gate as the kernels read it, [B, H, T] float32 (None for the constant decay)."""

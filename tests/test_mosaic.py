@@ -573,11 +573,38 @@ def test_the_gated_walk_in_the_interpreter_matches_the_oracle(pieces):
                                  contain=False, gate=decays.gate_tiles())
     entering = mosaic.entering_states(start, local, decays, chunking, B)
     o, finals = mosaic.walk(q, k, v, decays.log_decay, entering, chunking, reverse=False, scale=0.2,
-                            config=mosaic.MosaicWalkConfig(), within=decays.within_chunks(B, T, 64),
+                            config=mosaic.MosaicWalkConfig(), within=decays.within_chunks(B, T, 64, base2=True),
                             interpret=InterpretGPUParams())
     ref, final = oracle.forward(q, k, v, decay, scale=0.2, initial_state=start, log_gate=decays.log_gate)
     assert oracle.rel_err(o, ref, axis=2) < TOLERANCE["bfloat16"]
     assert oracle.rel_err(finals[:, :, -1], final, axis=1) < TOLERANCE["bfloat16"]
+
+
+@interpreted
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("pieces", [2, 3])
+def test_the_first_piece_enters_from_zero_without_a_stored_state(reverse, pieces):
+    """entering_states(zero_first=True) with no start: the states entering the pieces after the first in the
+    walk's order alone (with two pieces the first one's local state, no XLA op between the two walks); the
+    walk then enters the first piece from zero: bitwise the walk from the full [B, H, P] states."""
+    from fleetjax.decay import Decays
+    B, T, H, K, V = 1, 64 * pieces, 2, 64, 64
+    q, k, v = _inputs(B, T, H, K, V, "bfloat16", seed=3)
+    decays = Decays(jnp.log(jnp.asarray([0.97, 1.0], jnp.float32)), 0.05 * _log_gate(B, T, H))
+    chunking, config = Chunking(T, 64, pieces), mosaic.MosaicWalkConfig()
+    within = decays.within_chunks(B, T, 64, base2=True)
+    local = mosaic.piece_states(k, v, decays.log_decay, chunking, reverse=reverse, config=config, within=within,
+                                interpret=InterpretGPUParams())
+    full = mosaic.entering_states(None, local, decays, chunking, B, reverse=reverse)
+    short = mosaic.entering_states(None, local, decays, chunking, B, reverse=reverse, zero_first=True)
+    assert short.shape == (B, H, pieces - 1, K, V)
+    assert jnp.array_equal(short, full[:, :, :-1] if reverse else full[:, :, 1:])
+    if pieces == 2:
+        assert jnp.array_equal(short, local)
+    (o_full, finals_full), (o_short, finals_short) = (
+        mosaic.walk(q, k, v, decays.log_decay, entering, chunking, reverse=reverse, scale=0.2, config=config,
+                    within=within, interpret=InterpretGPUParams()) for entering in (full, short))
+    assert jnp.array_equal(o_short, o_full) and jnp.array_equal(finals_short, finals_full)
 
 
 @interpreted
@@ -593,7 +620,7 @@ def test_the_states_only_walk_gives_the_walks_piece_states(reverse, gated):
     q, k, v = _inputs(B, T, H, K, V, "bfloat16")
     decays = Decays(jnp.log(jnp.asarray([0.97, 1.0], jnp.float32)), 0.05 * _log_gate(B, T, H) if gated else None)
     chunking = Chunking(T, 64, 3)
-    within = decays.within_chunks(B, T, 64) if gated else None
+    within = decays.within_chunks(B, T, 64, base2=True) if gated else None
     states = mosaic.piece_states(k, v, decays.log_decay, chunking, reverse=reverse, config=mosaic.MosaicWalkConfig(),
                                  within=within, interpret=InterpretGPUParams())
     _, finals = mosaic.walk(q, k, v, decays.log_decay, None, chunking, reverse=reverse, scale=0.2,
@@ -619,7 +646,7 @@ def test_the_exact_states_walk_gives_the_dq_sums_walks_piece_states(gated):
     q, k, v = _inputs(B, T, H, K, V, "bfloat16")
     decays = Decays(jnp.log(jnp.asarray([0.97, 1.0], jnp.float32)), 0.05 * _log_gate(B, T, H) if gated else None)
     chunking = Chunking(T, 64, 3)
-    within = decays.within_chunks(B, T, 64) if gated else None
+    within = decays.within_chunks(B, T, 64, base2=True) if gated else None
     walks = mosaic.MosaicWalkConfig()
     states, tangents = mosaic.piece_states(k, v, decays.log_decay, chunking, reverse=False, config=walks,
                                            within=within, exact=True, tangent=True, interpret=InterpretGPUParams())

@@ -56,7 +56,7 @@ def _run_case(direction: str) -> dict[str, Any]:
     configs = [mosaic.MosaicWalkConfig(), mosaic.MosaicWalkConfig(warpgroups=2),
                mosaic.MosaicWalkConfig(warpgroups=2, pingpong=True)]
     got = [mosaic.walk(q, k, v, decays.log_decay, entering, Chunking(T, 64, 2), reverse=reverse, scale=0.2,
-                       config=config, within=decays.within_chunks(B, T, 64), interpret=InterpretGPUParams())
+                       config=config, within=decays.within_chunks(B, T, 64, base2=True), interpret=InterpretGPUParams())
            for config in configs]
     result = {"out_equal": all(bool(jnp.array_equal(got[0][0], other[0])) for other in got[1:]),
               "finals_equal": all(bool(jnp.array_equal(got[0][1], other[1])) for other in got[1:]),
@@ -80,7 +80,7 @@ def _run_turns(case_id: str) -> dict[str, bool]:
     q, k, v = _inputs(B, T, H, K, V, "bfloat16", scale_values=0.5)
     gated = case_id == "turns-gated"
     decays = Decays(jnp.log(jnp.asarray([0.95], jnp.float32)), _log_gate(B, T, H) if gated else None)
-    within = decays.within_chunks(B, T, 64) if gated else None
+    within = decays.within_chunks(B, T, 64, base2=True) if gated else None
     result = {}
     for reverse in (False, True):
         one, two = (mosaic.walk(q, k, v, decays.log_decay, None, Chunking(T, 64, 1), reverse=reverse, scale=0.2,
@@ -112,7 +112,7 @@ def _run_sums(case_id: str) -> dict[str, bool]:
     one, two = (mosaic.sums_walk(q, k, v, decays.log_decay, entering, Chunking(T, 64, 2), reverse=reverse,
                                  scale=0.2, config=walks[wgs], rows=v,
                                  tangent=tangent, entering_tangents=tangents if tangent else None,
-                                 within=decays.within_chunks(B, T, 64) if gated else None, before=gated,
+                                 within=decays.within_chunks(B, T, 64, base2=True) if gated else None, before=gated,
                                  interpret=InterpretGPUParams())
                 for wgs in (1, 2))
     names = ["decay"] * tangent + (["before", "state"] if gated else [])
@@ -141,7 +141,7 @@ def _run_joint(case_id: str) -> dict[str, Any]:
     do = _inputs(B, T, H, K, V, dtype, seed=4)[2]
     decays = Decays(jnp.log(jnp.asarray([0.97], jnp.float32)), 0.05 * _log_gate(B, T, H))
     chunking = Chunking(T, 64, pieces)
-    within = decays.within_chunks(B, T, 64)
+    within = decays.within_chunks(B, T, 64, base2=True)
     entering = jnp.asarray(np.random.default_rng(1).standard_normal((B, H, pieces, K, V)), jnp.float32)
     walks = mosaic.MosaicWalkConfig(joint_reverse=True, gate_dk_warpgroups=1, gate_dq_warpgroups=1)
     params = InterpretGPUParams()

@@ -682,3 +682,50 @@ def test_a_gradient_of_some_inputs_equals_the_full_vjps(implementation):
         jnp.asarray(wo)))
     np.testing.assert_allclose(np.asarray(same(jnp.asarray(q))[0]),
                                np.asarray(sum(both(jnp.asarray(q))[:2])), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("B, T, H, C", [(2, 192, 3, 64), (1, 128, 16, 64), (3, 96, 5, 32)])
+def test_the_gate_sums_kernel_forms_what_decays_forms(B, T, H, C):
+    """fleetjax.pallas.gate: the gate transposed (bitwise), its log decay summed within chunks in base 2 and
+    over blocks of chunks (within float32 roundings of Decays' XLA forms), any head count (padded tiles)."""
+    from fleetjax.decay import Decays
+    from fleetjax.pallas import gate
+    rng = np.random.default_rng(B * T + H)
+    log_gate = jnp.asarray(-rng.exponential(0.5, (B, T, H)), jnp.float32).at[0, 5, 0].set(-40.0)
+    decays = Decays(jnp.asarray(-rng.exponential(0.05, (H,)), jnp.float32), log_gate)
+    formed = gate.formed(decays, C)
+    assert isinstance(formed, gate.FormedDecays) and formed.totals.shape == (B, H, T // C)
+    assert jnp.array_equal(formed.gate_tiles(), decays.gate_tiles())
+    np.testing.assert_allclose(formed.within_chunks(B, T, C, base2=True), decays.within_chunks(B, T, C, base2=True),
+                               rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(formed.within_chunks(B, T, C), decays.within_chunks(B, T, C), rtol=1e-6, atol=1e-5)
+    for length in (C, 2 * C, T, 3 * C // 2):  # 3C/2 is not whole chunks: Decays' own form
+        np.testing.assert_allclose(formed.block_sums(B, T, length), decays.block_sums(B, T, length), rtol=1e-6)
+    assert gate.formed(Decays(decays.log_decay), C).gated is False
+    assert not isinstance(gate.formed(Decays(decays.log_decay, log_gate[:, :T - 1]), C), gate.FormedDecays)
+
+
+@pytest.mark.parametrize("pieces", [1, 3])
+def test_the_formed_gate_sums_serve_the_walks_and_the_backward(pieces):
+    """A config with Mosaic walks forms the gate's sums once and hands them to the backward as a residual; on
+    the CPU the Triton walks then read the formed gate and pieces' sums: the op's outputs and gradients (the
+    gate's too) as without them, within float32 roundings."""
+    from fleetjax.pallas import mosaic
+    q, k, v, decay, s0, _, wo, wf = _inputs(T=128)  # whole chunks of the Mosaic walks' 64
+    log_gate = jnp.asarray(-np.random.default_rng(4).exponential(0.3, q.shape[:3]), jnp.float32)
+    plain = PallasConfig(**SMALL, num_sequence_pieces=pieces, backward_num_sequence_pieces=pieces)
+    formed = dataclasses.replace(plain, mosaic_walks=mosaic.MosaicWalkConfig())
+
+    def run(config):
+        def loss(q, k, v, decay, gate, s0):
+            o, f = fleetjax.fleet_attention(q, k, v, decay, log_gate=gate, initial_state=s0, scale=0.7,
+                                            return_final_state=True, implementation="pallas", config=config)
+            return jnp.sum(o * wo) + jnp.sum(f * wf), (o, f)
+        (_, (o, f)), g = jax.value_and_grad(loss, argnums=range(6), has_aux=True)(q, k, v, decay, log_gate, s0)
+        return (o, f) + tuple(g)
+
+    text = str(jax.make_jaxpr(lambda: run(formed))())
+    assert text.count("name=gate_sums") == 1  # formed in the forward, reused by the backward
+    assert "name=gate_sums" not in str(jax.make_jaxpr(lambda: run(plain))())
+    for name, a, b in zip(("o", "final", "dq", "dk", "dv", "ddecay", "dgate", "dinitial"), run(formed), run(plain)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * float(jnp.abs(b).max()), err_msg=name)

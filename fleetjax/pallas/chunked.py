@@ -34,6 +34,7 @@ from fleetjax.decay import Decays
 from fleetjax.implementation import Implementation
 from fleetjax.pallas import backward as bwd
 from fleetjax.pallas import forward as fwd
+from fleetjax.pallas import gate
 from fleetjax.pallas import marking
 from fleetjax.pallas import mosaic
 from fleetjax.pallas.launch import multiprocessor_count, on_gpu, shared_memory_bytes, shared_memory_per_block
@@ -468,13 +469,16 @@ def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, co
     on_mosaic = mosaic.supports(walks_config, dtype=q.dtype, K=q.shape[-1], V=v.shape[-1],
                                 chunking=mosaic_chunking, segments=run_ids is not None, gated=decays.gated,
                                 exact_state=exact_state)
+    if on_mosaic:  # the gate's sums in one launch, for the Mosaic walks and the contained ones beside them
+        decays = gate.formed(decays, mosaic_chunking.chunk_size)
 
     def walks(contain: bool, skip=None, plain=None):
         """((o, final), witness); with ``skip`` (contained only, the choice on the device) every launch visits
         no chunk where ``skip`` is True and o is then ``plain``'s, whose buffer it takes."""
         local = reuse
         mosaic_here = on_mosaic and not contain
-        within = decays.within_chunks(B, T, chunking.chunk_size) if mosaic_here and decays.gated else None
+        gated = mosaic_here and decays.gated
+        within = decays.within_chunks(B, T, chunking.chunk_size, base2=True) if gated else None
         if mosaic_here and mosaic_chunking is not chunking:  # its own pieces: states from its states-only form
             if mosaic_chunking.pieces > 1:
                 local = mosaic.piece_states(k, v, decays.log_decay, mosaic_chunking, reverse=False,
@@ -487,7 +491,7 @@ def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, co
                                      contain=contain, exact=exact_state, gate=decays.gate_tiles(), skip=skip,
                                      **config.piece_launch("forward", q.dtype))
         if mosaic_here:
-            entering = mosaic.entering_states(start, local, decays, mosaic_chunking, B)
+            entering = mosaic.entering_states(start, local, decays, mosaic_chunking, B, zero_first=True)
             o, finals = mosaic.walk(q, k, v, decays.log_decay, entering, mosaic_chunking, reverse=False,
                                     scale=scale, config=walks_config, within=within, name="forward_walk")
             return (o, finals[:, :, -1]), finals
@@ -536,14 +540,15 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
     do = do.astype(q.dtype)
     B, T = q.shape[:2]
     chunking = config.chunking(T, True)
-    gated = _gated(decays, chunking, B)
     wanted = dataclasses.replace(wanted, log_gate=wanted.log_gate and decays.gated)
-    common = dict(scale=scale, **gated)
-    to_end = decays.to_end(B, T) if decays.gated and exit_cotangent is not None else None
 
     on_mosaic = mosaic.serves_backward(config.mosaic_walks, dtype=q.dtype, K=q.shape[-1], V=v.shape[-1],
                                        chunking=chunking, segments=run_ids is not None, gated=decays.gated,
                                        exit_cotangent=exit_cotangent is not None, wanted=wanted)
+    if on_mosaic:  # as in _forward (in one program with it, the two launches are one)
+        decays = gate.formed(decays, chunking.chunk_size)
+    common = dict(scale=scale, **_gated(decays, chunking, B))
+    to_end = decays.to_end(B, T) if decays.gated and exit_cotangent is not None else None
     # Choosing on the device, the walks hand on d log_gate's parts (w, u, spanned, x), and the gradient is
     # formed once, from the chosen ones: from the gradients, XLA forms both walks' (their cumulative sums over
     # every position) and then selects one.
@@ -566,7 +571,8 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
             counted = wanted.log_decay and not mosaic_here
             # MosaicWalkConfig.backward_piece_states: the pieces' states from the Mosaic states walk.
             mosaic_states = mosaic_here and config.mosaic_walks.backward_piece_states
-            within = decays.within_chunks(B, T, chunking.chunk_size) if mosaic_states and decays.gated else None
+            gated = mosaic_states and decays.gated
+            within = decays.within_chunks(B, T, chunking.chunk_size, base2=True) if gated else None
             if mosaic_states:  # float32-accurate where the dq walk forms sums, with its tangent for the decay's
                 dq_local = mosaic.piece_states(v, k, decays.log_decay, chunking, reverse=False,
                                                config=config.mosaic_walks, within=within,
@@ -699,10 +705,17 @@ def _mark_gradients(dq, dk, dv, d_log_decay, d_gate, d_start, q, k, v, do, *, ru
 
 # ------------------------------------------------------------------------------------------- custom VJP
 
+def _decays(log_decay, log_gate, config: PallasConfig) -> Decays:
+    """The call's decay; where the Mosaic walks may take a gate, with its sums formed in one launch
+    (fleetjax.pallas.gate), which the backward then reuses."""
+    decays = Decays(log_decay, log_gate)
+    return decays if config.mosaic_walks is None else gate.formed(decays, config.mosaic_walks.chunk_size)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
 def _pallas(q, k, v, log_decay, log_gate, initial_state, run_ids, scale, config, exact_state):
-    return _forward(q, k, v, Decays(log_decay, log_gate), initial_state, run_ids, None, scale=scale, config=config,
-                    exact_state=exact_state)
+    return _forward(q, k, v, _decays(log_decay, log_gate, config), initial_state, run_ids, None, scale=scale,
+                    config=config, exact_state=exact_state)
 
 
 def _pallas_fwd(q, k, v, log_decay, log_gate, initial_state, run_ids, scale, config, exact_state):
@@ -711,17 +724,21 @@ def _pallas_fwd(q, k, v, log_decay, log_gate, initial_state, run_ids, scale, con
         (q, k, v, log_decay, log_gate, initial_state, run_ids))
     # A second derivative would differentiate this forward's kernels too: refuse it there as well.
     primals = tuple(None if x is None else vjp.first_order_only(x) for x in floats) + (run_ids,)
-    return _pallas(*primals, scale, config, exact_state), primals + (wanted,)
+    # The decay's formed sums are kept for the backward: a second launch would not be merged with this one
+    # (the two lowered kernels differ in their source locations).
+    decays = _decays(primals[3], primals[4], config)
+    out = _forward(*primals[:3], decays, *primals[5:], None, scale=scale, config=config, exact_state=exact_state)
+    return out, primals + (wanted, decays)
 
 
 def pallas_backward(scale: float, config: PallasConfig, residuals, cotangents):
     """The VJP shared by both Pallas implementations: residuals (q, k, v, log_decay, log_gate, initial_state,
-    run_ids, :class:`fleetjax.vjp.Wanted`), cotangents (dO, d final_state), either possibly a symbolic zero.
-    Returns (dq, dk, dv, d log_decay, d log_gate, d initial_state, None), a decay's gradient None where not
-    wanted: :func:`block_backward` with the final state's cotangent as the exit's, plus the terms of the carry
-    of the initial state into the final state."""
-    q, k, v, log_decay, log_gate, initial_state, run_ids, wanted = residuals
-    decays = Decays(log_decay, log_gate)
+    run_ids, :class:`fleetjax.vjp.Wanted`[, the forward's fleetjax.decay.Decays]), cotangents (dO,
+    d final_state), either possibly a symbolic zero. Returns (dq, dk, dv, d log_decay, d log_gate,
+    d initial_state, None), a decay's gradient None where not wanted: :func:`block_backward` with the final
+    state's cotangent as the exit's, plus the terms of the carry of the initial state into the final state."""
+    q, k, v, log_decay, log_gate, initial_state, run_ids, wanted, *formed = residuals
+    decays = formed[0] if formed else Decays(log_decay, log_gate)
     do, d_final = cotangents
     do = jnp.zeros(v.shape, q.dtype) if vjp.is_zero(do) else do
     d_final = None if vjp.is_zero(d_final) else d_final

@@ -44,7 +44,7 @@ def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_lo
                                   chunking, B)
     reverse_entering = entering_states(None, reverse_local, decays, chunking, B, reverse=True)
     dk_entering = None if reverse_entering is None else jnp.swapaxes(reverse_entering, -1, -2)
-    within = decays.within_chunks(B, T, chunking.chunk_size) if decays.gated else None
+    within = decays.within_chunks(B, T, chunking.chunk_size, base2=True) if decays.gated else None
     common = dict(log_decay=decays.log_decay, chunking=chunking, scale=scale, within=within, interpret=interpret)
     plain = functools.partial(walk, config=dataclasses.replace(config, warpgroups=config.backward_warpgroups),
                               **common)

@@ -57,7 +57,7 @@ class Walker:
         self.scale_state = jnp.dtype(dtype) == jnp.dtype(jnp.float16)
         self.lazy = config.lazy_carry and not self.scale_state
         self.row_factor = 1.0 if self.scale_state else scale
-        # The gated weights take the scale in their exponent (base 2, as the gated log decays, in_base2), added
+        # The gated weights take the scale in their exponent (base 2, as the gated log decays are given), added
         # to the [C] log decays before they are broadcast.
         self.log_scale = math.log2(scale) if scale > 0 and scale != 1.0 else None
 
@@ -220,10 +220,11 @@ class Walker:
 
     def factors(self, within_smem, lag):
         """(weights, entering and leaving rows [C], carry) of a gated chunk from its ``within`` tile L [C], in
-        base 2 (:func:`in_base2`): forward scale 2^(L_i - L_j) for j <= i, 2^L_i, 2^(L_last - L_i), 2^L_last;
-        in reverse the weights scale 2^(L_j - L_i) for j >= i and the entering and leaving rows swapped. Each is
-        one exp2 of a difference (with MosaicWalkConfig.approx_exp the special-function unit's ex2 alone, where
-        exp would multiply every exponent by log2(e) first: 32 instructions a chunk a thread for the weights)."""
+        base 2 (fleetjax.decay.Decays.within_chunks with base2): forward scale 2^(L_i - L_j) for j <= i, 2^L_i,
+        2^(L_last - L_i), 2^L_last; in reverse the weights scale 2^(L_j - L_i) for j >= i and the entering and
+        leaving rows swapped. Each is one exp2 of a difference (with MosaicWalkConfig.approx_exp the
+        special-function unit's ex2 alone, where exp would multiply every exponent by log2(e) first: 32 instructions
+        a chunk a thread for the weights)."""
         C, wg, reverse, log_scale = self.C, self.wg, self.reverse, self.log_scale
         if self.interpret is None:  # the tile as a column and as a row of the wgmma layout
             at_rows = load(within_smem, layout=wg.reduce(1))
@@ -255,9 +256,10 @@ class Walker:
         import jax.experimental.pallas.mosaic_gpu as plgpu
         return plgpu.SMEM((self.K, self.bv), f32, transforms=mma_tiles(f32, self.bv))
 
-    def entered(self, gmem, at: tuple, barrier, tile=None):
+    def entered(self, gmem, at: tuple, barrier, tile=None, zero=None):
         """The state entering the program from ``gmem.at[at]`` [K, block_v] float32 (``gmem`` None: zero)
-        through ``tile`` (None: one scoped here)."""
+        through ``tile`` (None: one scoped here); zero where ``zero`` (a traced bool, see :func:`entering_at`)
+        is True."""
         import jax.experimental.pallas as pl
         import jax.experimental.pallas.mosaic_gpu as plgpu
         if gmem is None:
@@ -268,7 +270,11 @@ class Walker:
             plgpu.barrier_wait(barrier)
             loaded = tile[...] if self.interpret is not None else load(tile, layout=self.wg)
             plgpu.commit_smem()  # every thread has read the tile before its space is reused
-            return loaded
+            if zero is None:
+                return loaded
+            # A select of like-shaped operands: Mosaic GPU does not broadcast a select's scalar predicate.
+            zeros = self.laid(jnp.zeros(loaded.shape, f32))
+            return jnp.where(self.laid(lax.broadcast_in_dim(zero, loaded.shape, ())), zeros, loaded)
 
         return copy_in(tile) if tile is not None else pl.run_scoped(copy_in, self.state_tile())
 
@@ -290,6 +296,17 @@ class Walker:
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         meet(barrier_ref)
         cls.store(state, tile, gmem, at)
+
+
+def entering_at(entering, piece, pieces: int, reverse: bool):
+    """(the index of ``piece``'s entering state in ``entering`` [B, H, P or P-1, K, V], whether it enters from
+    zero or None): with P-1 states the first piece in the walk's order (forward 0, reverse P-1) enters from
+    zero and the others are stored in order (fleetjax.pallas.mosaic.entering_states' ``zero_first``)."""
+    if entering is None or entering.shape[2] == pieces:
+        return piece, None
+    if reverse:
+        return jnp.minimum(piece, pieces - 2), piece == pieces - 1
+    return jnp.maximum(piece - 1, 0), piece == 0
 
 
 class Carry:
@@ -320,13 +337,6 @@ class Carry:
         """The chunk's carry out: the values (state first) and, lazy, g."""
         core = values[0] if len(values) == 1 else values
         return (core, jnp.where(self.renorm, 1.0, self.g_next)) if self.g is not None else core
-
-
-def in_base2(within: jax.Array) -> jax.Array:
-    """The gated walks' ``within`` [B, H, T] (the log decay summed within each chunk) in base 2, float32: times
-    log2(e), in XLA beside the sums that form it. Its rounding is relative to the chunk's sums, as the sums'
-    own are (a relative error of about 2^-24 |L| in a factor, 4e-6 at |L| = 64)."""
-    return within.astype(f32) * math.log2(math.e)
 
 
 def interpreter_copies(config, key_dim: int, dtype, per_group: tuple = (), blocks_per_group: bool = False) -> dict:

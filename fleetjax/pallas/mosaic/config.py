@@ -118,7 +118,7 @@ class MosaicWalkConfig:
     experiments/results/2026-12-05-h100-wide_auto_barriers_ab.jsonl).
     approx_exp: the gated walks form their per-chunk factors with Mosaic GPU's ``approx_math``: each the
     special-function unit's base-2 exp (ex2.approx) of a difference of the chunk's log decays, which the walks
-    take in base 2 (fleetjax.pallas.mosaic.common.in_base2: times log2(e) in XLA, a relative error of about
+    take in base 2 (fleetjax.decay.Decays.within_chunks(base2=True): times log2(e), a relative error of about
     2^-24 |L| in a factor, well inside the gradients' bf16 tolerances; 2^0 is still exactly 1), against the
     accurate exp2's longer sequence. The constant decay's factors are formed once per program and keep the
     accurate exp. On by default from its sm_90 SASS (experiments/sass.py on the CPU, jax 0.11.2, 2026-12-05,

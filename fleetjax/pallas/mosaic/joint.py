@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from fleetjax.chunking import Chunking
-from fleetjax.pallas.mosaic.common import (Carry, Walker, f32, in_base2, interpreter_copies, launch, meet,
+from fleetjax.pallas.mosaic.common import (Carry, Walker, f32, interpreter_copies, launch, meet,
                                            mma_tiles, warp_specialized)
 from fleetjax.pallas.mosaic.config import MosaicWalkConfig
 
@@ -53,7 +53,7 @@ def joint_walk(q, k, v, do, entering, chunking: Chunking, *, scale: float, confi
     """(dk [B, T, H, K], dv [B, T, H, V] in dO's dtype, H after each piece [B, H, P, K, V] float32, sums): the
     gated reverse walks of dk and dv from one state (the module's docstring), from the states entering the
     pieces ``entering`` [B, H, P, K, V] float32 (the dv walk's orientation; None: zero). ``within`` [B, H, T]
-    float32: the log decay summed within each chunk (fleetjax.decay.Decays.within_chunks). sums["state"]
+    float32: the log decay summed within each chunk, in base 2 (fleetjax.decay.Decays.within_chunks). sums["state"]
     [2, B, H, T] float32: each warpgroup's part of u (summed over the two, fleetjax.vjp.log_gate_grad's u);
     sums["before"] [1, B, H, T]: per position i the sum over the chunk's later positions j of
     scale (k_i . q_j)(v_i . dO_j) decayed. ``witness``: H's update takes 0 * dv (plain.walk's), so that its
@@ -175,7 +175,7 @@ def joint_walk(q, k, v, do, entering, chunking: Chunking, *, scale: float, confi
                    rendezvous=plgpu.Barrier(num_arrivals=2, num_barriers=4))
     if interpret is not None:
         scratch.update(interpreter_copies(config, K, dtype, (2,), blocks_per_group=True))
-    inputs = dict(q_gmem=q, k_gmem=k, v_gmem=v, do_gmem=do, within_gmem=in_base2(within), start_gmem=entering)
+    inputs = dict(q_gmem=q, k_gmem=k, v_gmem=v, do_gmem=do, within_gmem=within.astype(f32), start_gmem=entering)
     outputs = dict(dk_gmem=jax.ShapeDtypeStruct((B, T, H, K), dtype), dv_gmem=jax.ShapeDtypeStruct((B, T, H, V), dtype),
                    final_gmem=jax.ShapeDtypeStruct((B, H, P, K, V), f32),
                    state_sums_gmem=jax.ShapeDtypeStruct((2, B, H, T), f32),

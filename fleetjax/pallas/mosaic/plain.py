@@ -22,7 +22,7 @@ import jax
 from jax import lax
 
 from fleetjax.chunking import Chunking
-from fleetjax.pallas.mosaic.common import (Carry, Walker, f32, in_base2, interpreter_copies, launch, meet,
+from fleetjax.pallas.mosaic.common import (Carry, Walker, entering_at, f32, interpreter_copies, launch, meet,
                                            mma_tiles, pipeline, warp_specialized)
 from fleetjax.pallas.mosaic.config import MosaicWalkConfig
 
@@ -32,15 +32,16 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     """(out [B, T, H, Dv] in value's dtype, the state after each piece [B, H, P, Dk, Dv] float32): the plain
     walk of fleetjax.chunk with these roles, forward or ``reverse`` in time, from the states entering the
     pieces ``entering`` [B, H, P, Dk, Dv] float32 (None: zero; reverse: the state from the positions after the
-    piece). query, key [B, T, H, Dk]; value [B, T, H, Dv]; log_decay [H] float32. Assumes
+    piece), or [B, H, P-1, Dk, Dv], the first piece in the walk's order entering from zero
+    (fleetjax.pallas.mosaic.entering_states with ``zero_first``). query, key [B, T, H, Dk]; value [B, T, H, Dv]; log_decay [H] float32. Assumes
     fleetjax.pallas.mosaic.supports. The forward is walk(q, k, v); the backward's plain walks are walk(dO, v, k)
     (dq), reverse walk(k, q, dO) (dv) and reverse walk(v, dO, q) (dk).
 
-    ``within`` [B, H, T] float32 (the gated decay): the log decay summed from each position's chunk start
-    through it (fleetjax.decay.Decays.within_chunks); the walk's factors are then exp of its differences
-    within a chunk (only differences <= 0), and log_decay is not read. ``witness``: the state's update takes
-    0 * out, so that a state after a piece is finite only if every out of the piece was; False where nobody
-    reads those states (the backward's dk walk: 32 instructions fewer a chunk in sm_90 SASS, 639 -> 607,
+    ``within`` [B, H, T] float32 (the gated decay): the log decay summed from each position's chunk start through
+    it, in base 2 (fleetjax.decay.Decays.within_chunks with ``base2``); the walk's factors are then 2 to the power
+    of its differences within a chunk (only differences <= 0), and log_decay is not read. ``witness``: the state's
+    update takes 0 * out, so that a state after a piece is finite only if every out of the piece was; False where
+    nobody reads those states (the backward's dk walk: 32 instructions fewer a chunk in sm_90 SASS, 639 -> 607,
     experiments/sass.py, jax 0.11.2). ``name``: the kernel's, in profiles. ``interpret``: Mosaic GPU's
     interpret-mode parameters (CPU tests)."""
     import jax.experimental.pallas as pl
@@ -139,11 +140,13 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
         if gated:
             loads["within"] = (plgpu.BlockSpec((C,), lambda c: (at(c),)), within_gmem.at[b, h])
         state_at = (b, h, piece, slice(None), columns)
+        entering_piece, zero = entering_at(entering, piece, P, reverse)
+        enter_at = (b, h, entering_piece, slice(None), columns)
         if wide:  # out goes through each warpgroup's own ring (the pipeline's staged outputs serve one)
             staged = [*loads]
 
             def compute(body):
-                entering_state = w.entered(start_gmem, state_at, barrier, f32_smem)
+                entering_state = w.entered(start_gmem, enter_at, barrier, f32_smem, zero)
                 meet(rendezvous.at[0])  # the float32 tiles overlap the other warpgroup's scratch
                 if gated:
                     init = (entering_state, ())
@@ -159,7 +162,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
 
             warp_specialized(chunk, n, loads, compute, stages=config.stages, compute_wgs=wgs)
             return
-        state = w.entered(start_gmem, state_at, barrier)
+        state = w.entered(start_gmem, enter_at, barrier, zero=zero)
         stores = dict(o=(rows_v, o_gmem.at[b, :, h]))
         staged = [*loads, *stores]
         state = pipeline(chunk, n, [spec for spec, _ in loads.values()], [spec for spec, _ in stores.values()],
@@ -183,7 +186,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     if interpret is not None:
         scratch.update(interpreter_copies(config, K, dtype, per_group))
     inputs = dict(log_decay_gmem=log_decay.astype(f32), q_gmem=query, k_gmem=key, v_gmem=value,
-                  within_gmem=None if within is None else in_base2(within), start_gmem=entering)
+                  within_gmem=None if within is None else within.astype(f32), start_gmem=entering)
     outputs = dict(o_gmem=jax.ShapeDtypeStruct((B, T, H, V), dtype),
                    final_gmem=jax.ShapeDtypeStruct((B, H, P, K, V), f32))
     # On the GPU two warpgroups' float32 tiles share their space with the tiles used only inside the pipeline.

@@ -10,7 +10,7 @@ from jax import lax
 
 from fleetjax.chunking import Chunking
 from fleetjax.decay import Decays
-from fleetjax.pallas.mosaic.common import (Carry, Walker, f32, in_base2, interpreter_copies, launch,
+from fleetjax.pallas.mosaic.common import (Carry, Walker, f32, interpreter_copies, launch,
                                            lowers_concatenate, mma_tiles, pipeline)
 from fleetjax.pallas.mosaic.config import MosaicWalkConfig
 from fleetjax.state_passing import pass_states
@@ -108,7 +108,7 @@ def piece_states(key, value, log_decay, chunking: Chunking, *, reverse: bool, co
     if interpret is not None:
         scratch.update(interpreter_copies(config, K, dtype))
     inputs = dict(log_decay_gmem=log_decay.astype(f32), k_gmem=key, v_gmem=value,
-                  within_gmem=None if within is None else in_base2(within))
+                  within_gmem=None if within is None else within.astype(f32))
     finals = jax.ShapeDtypeStruct((B, H, P - 1, K, V), f32)
     outputs = dict(final_gmem=finals, tangent_final_gmem=finals if tangent else None)
     formed = launch(program, name=STATES_KERNEL, inputs=inputs, outputs=outputs, scratch=scratch,
@@ -117,21 +117,33 @@ def piece_states(key, value, log_decay, chunking: Chunking, *, reverse: bool, co
     return tuple(formed) if tangent else formed[0]
 
 
-def entering_states(start, local, decays: Decays, chunking: Chunking, B: int, reverse: bool = False):
+def entering_states(start, local, decays: Decays, chunking: Chunking, B: int, reverse: bool = False,
+                    zero_first: bool = False):
     """The states entering each piece [B, H, P, K, V] float32 (None: one piece and no start), from the
     entering state ``start`` [B, H, K, V] and the local states of the pieces that have a successor ``local``
     [B, H, P-1, K, V] (forward: all but the last; reverse: all but the first), for the constant decay without
     segments: the state passing of fleetjax.state_passing, in XLA (the Triton walks fold them on chip).
+
+    ``zero_first`` with no start: only the states entering the pieces after the first in the walk's order
+    [B, H, P-1, K, V] (forward 1..P-1, reverse 0..P-2), which the plain walk takes (the first then enters
+    from zero): the next piece's is the first one's local state, so two pieces need no XLA kernel between
+    the states walk and the walk (a padded copy of 6 us at B4 H16 T=4096 on an H100).
 
     A closed form (one float32 product of [P, P] weights a row, in place of pass_states' loop) lost to it on
     the H200: fwd+bwd 1.210 against 1.187 ms at B1 H8 T=32768 (16 pieces), forward 0.209 against 0.185, even
     at B1 H16 T=131072 (2026-12-06, experiments/results/2026-12-06-h200-closed_form_ab.jsonl); dropped."""
     if chunking.pieces == 1:
         return None if start is None else start.astype(f32)[:, :, None]
-    if start is None:
-        start = jnp.zeros(local.shape[:2] + local.shape[3:], f32)
     carry = jnp.exp(decays.block_sums(B, chunking.T, chunking.piece_len))
     carry = carry[:, :, 1:] if reverse else carry[:, :, :-1]
+    if start is None and zero_first:  # passed on from the first piece's local state, whose own is zero
+        first, rest = (-1, slice(None, -1)) if reverse else (0, slice(1, None))
+        entering, last = pass_states(local[:, :, first], local[:, :, rest], carry[:, :, rest], reverse=reverse,
+                                     axis=2)
+        parts = [last[:, :, None], entering] if reverse else [entering, last[:, :, None]]
+        return jnp.concatenate(parts, axis=2)
+    if start is None:
+        start = jnp.zeros(local.shape[:2] + local.shape[3:], f32)
     entering, last = pass_states(start.astype(f32), local, carry, reverse=reverse, axis=2)
     parts = [last[:, :, None], entering] if reverse else [entering, last[:, :, None]]
     return jnp.concatenate(parts, axis=2)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from fleetjax.chunking import Chunking
-from fleetjax.pallas.mosaic.common import (Carry, Walker, f32, in_base2, interpreter_copies, launch,
+from fleetjax.pallas.mosaic.common import (Carry, Walker, f32, interpreter_copies, launch,
                                            lowers_concatenate, meet, mma_tiles, pipeline, warp_specialized)
 from fleetjax.pallas.mosaic.config import MosaicWalkConfig
 
@@ -262,7 +262,7 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
     if interpret is not None:
         scratch.update(interpreter_copies(config, K, dtype, per_group, blocks_per_group=wide))
     inputs = dict(log_decay_gmem=log_decay.astype(f32), q_gmem=query, k_gmem=key, v_gmem=value, rows_gmem=rows,
-                  within_gmem=None if within is None else in_base2(within), start_gmem=entering,
+                  within_gmem=None if within is None else within.astype(f32), start_gmem=entering,
                   tangent_start_gmem=entering_tangents)
     outputs = dict(o_gmem=jax.ShapeDtypeStruct((B, T, H, V), dtype),
                    final_gmem=jax.ShapeDtypeStruct((B, H, P, K, V), f32),
