@@ -46,7 +46,7 @@ def walks(B: int, T: int, H: int, P: int, *, stages: int, reverse: bool, gated: 
     log_decay = jnp.asarray(retnet_log_decay(H), jnp.float32)
     entering = None if P == 1 else jnp.asarray(rng.standard_normal((B, H, P, K, V)), jnp.float32)
     gate = jnp.asarray(-0.05 * rng.random((B, T, H)), jnp.float32) if gated else None
-    within = Decays(log_decay, gate).within_chunks(B, T, C) if gated else None
+    within = Decays(log_decay, gate).within_chunks(B, T, C, base2=True) if gated else None
     chunking = Chunking(T, C, P)
 
     def one(warpgroups: int):

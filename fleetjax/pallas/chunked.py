@@ -705,40 +705,30 @@ def _mark_gradients(dq, dk, dv, d_log_decay, d_gate, d_start, q, k, v, do, *, ru
 
 # ------------------------------------------------------------------------------------------- custom VJP
 
-def _decays(log_decay, log_gate, config: PallasConfig) -> Decays:
-    """The call's decay; where the Mosaic walks may take a gate, with its sums formed in one launch
-    (fleetjax.pallas.gate), which the backward then reuses."""
-    decays = Decays(log_decay, log_gate)
-    return decays if config.mosaic_walks is None else gate.formed(decays, config.mosaic_walks.chunk_size)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+def _pallas(q, k, v, log_decay, log_gate, initial_state, run_ids, sums, scale, config, exact_state):
+    return _forward(q, k, v, gate.with_sums(Decays(log_decay, log_gate), sums), initial_state, run_ids, None,
+                    scale=scale, config=config, exact_state=exact_state)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _pallas(q, k, v, log_decay, log_gate, initial_state, run_ids, scale, config, exact_state):
-    return _forward(q, k, v, _decays(log_decay, log_gate, config), initial_state, run_ids, None, scale=scale,
-                    config=config, exact_state=exact_state)
-
-
-def _pallas_fwd(q, k, v, log_decay, log_gate, initial_state, run_ids, scale, config, exact_state):
+def _pallas_fwd(q, k, v, log_decay, log_gate, initial_state, run_ids, sums, scale, config, exact_state):
     wanted = vjp.wanted(log_decay, log_gate, initial_state, q, k, v)
-    *floats, run_ids = jax.custom_derivatives.custom_vjp_primal_tree_values(
-        (q, k, v, log_decay, log_gate, initial_state, run_ids))
+    *floats, run_ids, sums = jax.custom_derivatives.custom_vjp_primal_tree_values(
+        (q, k, v, log_decay, log_gate, initial_state, run_ids, sums))
     # A second derivative would differentiate this forward's kernels too: refuse it there as well.
-    primals = tuple(None if x is None else vjp.first_order_only(x) for x in floats) + (run_ids,)
-    # The decay's formed sums are kept for the backward: a second launch would not be merged with this one
-    # (the two lowered kernels differ in their source locations).
-    decays = _decays(primals[3], primals[4], config)
-    out = _forward(*primals[:3], decays, *primals[5:], None, scale=scale, config=config, exact_state=exact_state)
-    return out, primals + (wanted, decays)
+    primals = tuple(None if x is None else vjp.first_order_only(x) for x in floats) + (run_ids, sums)
+    return _pallas(*primals, scale, config, exact_state), primals + (wanted,)
 
 
 def pallas_backward(scale: float, config: PallasConfig, residuals, cotangents):
     """The VJP shared by both Pallas implementations: residuals (q, k, v, log_decay, log_gate, initial_state,
-    run_ids, :class:`fleetjax.vjp.Wanted`[, the forward's fleetjax.decay.Decays]), cotangents (dO,
-    d final_state), either possibly a symbolic zero. Returns (dq, dk, dv, d log_decay, d log_gate,
-    d initial_state, None), a decay's gradient None where not wanted: :func:`block_backward` with the final
-    state's cotangent as the exit's, plus the terms of the carry of the initial state into the final state."""
-    q, k, v, log_decay, log_gate, initial_state, run_ids, wanted, *formed = residuals
-    decays = formed[0] if formed else Decays(log_decay, log_gate)
+    run_ids[, the gate's sums formed before the forward (fleetjax.pallas.gate.chunk_sums) or None],
+    :class:`fleetjax.vjp.Wanted`), cotangents (dO, d final_state), either possibly a symbolic zero. Returns
+    (dq, dk, dv, d log_decay, d log_gate, d initial_state, None), a decay's gradient None where not wanted:
+    :func:`block_backward` with the final state's cotangent as the exit's, plus the terms of the carry of the
+    initial state into the final state."""
+    q, k, v, log_decay, log_gate, initial_state, run_ids, *sums, wanted = residuals
+    decays = gate.with_sums(Decays(log_decay, log_gate), sums[0] if sums else None)
     do, d_final = cotangents
     do = jnp.zeros(v.shape, q.dtype) if vjp.is_zero(do) else do
     d_final = None if vjp.is_zero(d_final) else d_final
@@ -759,8 +749,9 @@ def pallas_backward(scale: float, config: PallasConfig, residuals, cotangents):
     return tuple(None if g is None else vjp.first_order_only(g) for g in grads) + (None,)
 
 
+# The gate's sums take no cotangent: they enter with their gradient stopped, and d log_gate is the VJP's own.
 _pallas.defvjp(_pallas_fwd, lambda scale, config, exact_state, residuals, cotangents:
-               pallas_backward(scale, config, residuals, cotangents), symbolic_zeros=True)
+               pallas_backward(scale, config, residuals, cotangents) + (None,), symbolic_zeros=True)
 
 # Sequence parallelism (fleetjax.sharding) with no pass over a block beyond what one device's call makes,
 # except the launch of the last (in reverse: the first) piece's local state.
@@ -780,7 +771,12 @@ def pallas_impl(q, k, v, log_decay, log_gate, initial_state, run_ids, *, scale: 
     ``final_state``: the caller uses the final state (its updates are then float32-accurate)."""
     q, k, v = canonical_dtype(q, k, v)
     check_fits(config, q.shape[-1], v.shape[-1], q.dtype)
-    return _pallas(q, k, v, log_decay, log_gate, initial_state, run_ids, scale, config, final_state)
+    # Where the Mosaic walks may take a gate, its sums are formed once here, outside the custom VJP: its
+    # forward and backward read the same launch's, and a forward whose outputs nobody reads (a rematerialized
+    # one) is still dropped as a whole.
+    chunk_size = None if config.mosaic_walks is None else config.mosaic_walks.chunk_size
+    sums = None if log_gate is None or chunk_size is None else gate.chunk_sums_of(log_decay, log_gate, chunk_size)
+    return _pallas(q, k, v, log_decay, log_gate, initial_state, run_ids, sums, scale, config, final_state)
 
 
 IMPLEMENTATION = Implementation(

@@ -84,12 +84,27 @@ class FormedDecays(Decays):
         return jnp.sum(totals.reshape(*totals.shape[:2], n, per_block), axis=-1)
 
 
+def chunk_sums_of(log_decay: jax.Array, log_gate: jax.Array, chunk_size: int):
+    """:func:`chunk_sums` with the gradient stopped (the walks' VJP forms d log_gate itself), or None where the
+    length is not a positive multiple of ``chunk_size``."""
+    T = log_gate.shape[1]
+    if T == 0 or T % chunk_size:
+        return None
+    return chunk_sums(jax.lax.stop_gradient(log_decay), jax.lax.stop_gradient(log_gate), chunk_size)
+
+
+def with_sums(decays: Decays, sums) -> Decays:
+    """``decays`` handing out ``sums`` (:func:`chunk_sums`'s three arrays; None: itself)."""
+    if sums is None or not decays.gated:
+        return decays
+    tiles, within, totals = sums
+    return FormedDecays(decays.log_decay, decays.log_gate, chunk_size=tiles.shape[-1] // totals.shape[-1],
+                        tiles=tiles, within=within, totals=totals)
+
+
 def formed(decays: Decays, chunk_size: int) -> Decays:
     """``decays`` with its gate's sums for chunks of ``chunk_size`` formed in one launch (itself for the
-    constant decay, or where the length is not a multiple of ``chunk_size``)."""
-    T = 0 if decays.log_gate is None else decays.log_gate.shape[1]
-    if not decays.gated or isinstance(decays, FormedDecays) or T == 0 or T % chunk_size:
+    constant decay, where it already has them, or where the length is not a multiple of ``chunk_size``)."""
+    if not decays.gated or isinstance(decays, FormedDecays):
         return decays
-    tiles, within, totals = chunk_sums(decays.log_decay, decays.log_gate, chunk_size)
-    return FormedDecays(decays.log_decay, decays.log_gate, chunk_size=chunk_size, tiles=tiles, within=within,
-                        totals=totals)
+    return with_sums(decays, chunk_sums_of(decays.log_decay, decays.log_gate, chunk_size))
