@@ -889,6 +889,34 @@ def test_the_gated_backward_walks_match_the_oracle_and_the_triton_walks(pieces, 
 
 
 @hopper
+@pytest.mark.parametrize("pieces", [1, 4])
+def test_the_gate_sums_launch_and_the_zero_first_piece_match_the_oracle(pieces):
+    """MosaicWalkConfig.gate_sums (the gate's sums from one Triton launch, read by the forward and the backward)
+    and zero_first (the first piece entered from zero, the others' states alone): the forward and the
+    gradients (the gate's too) against the float64 oracle and the default config's."""
+    B, T, H, K, V = 2, 1024, 2, 128, 128
+    q, k, v = _inputs(B, T, H, K, V, "bfloat16")
+    do = _inputs(B, T, H, K, V, "bfloat16", seed=6)[2]
+    log_gate = 0.02 * _log_gate(B, T, H)
+    results = {}
+    for walks in (mosaic.MosaicWalkConfig(gate_sums=True, zero_first=True), mosaic.MosaicWalkConfig()):
+        config = dataclasses.replace(chunked.default_config(q, v), num_sequence_pieces=pieces,
+                                     backward_num_sequence_pieces=pieces, mosaic_walks=walks)
+        f = lambda q, k, v, g, config=config: fleetjax.fleet_attention(  # noqa: E731
+            q, k, v, None, log_gate=g, implementation="pallas", config=config)
+        both = jax.jit(lambda q, k, v, g, do, f=f: (lambda o, pb: (o,) + pb(do))(*jax.vjp(f, q, k, v, g)))
+        assert both.lower(q, k, v, log_gate, do).as_text().count('name = "gate_sums"') == int(walks.gate_sums)
+        results[walks.gate_sums] = both(q, k, v, log_gate, do)
+    ref_o, _ = oracle.forward(q, k, v, jnp.ones((H,), jnp.float32), log_gate=log_gate)
+    ref = oracle.gradients(q, k, v, jnp.ones((H,), jnp.float32), do=do, log_gate=log_gate)
+    for got, default, name in zip(results[True], results[False], ("o", "q", "k", "v", "log_gate")):
+        tolerance = DECAY_GRAD_TOLERANCE["bfloat16"] if name == "log_gate" else TOLERANCE["bfloat16"]
+        axis = None if name == "log_gate" else 2
+        assert oracle.rel_err(got, ref_o if name == "o" else ref[name], axis=axis) < tolerance, name
+        assert oracle.rel_err(got, default, axis=axis) < tolerance, name
+
+
+@hopper
 def test_the_gated_forward_runs_on_the_mosaic_walk_by_default():
     B, T, H, K, V = 1, 1024, 2, 128, 128
     q, k, v = _inputs(B, T, H, K, V, "bfloat16")

@@ -714,7 +714,7 @@ def test_the_formed_gate_sums_serve_the_walks_and_the_backward(pieces):
     q, k, v, decay, s0, _, wo, wf = _inputs(T=128)  # whole chunks of the Mosaic walks' 64
     log_gate = jnp.asarray(-np.random.default_rng(4).exponential(0.3, q.shape[:3]), jnp.float32)
     plain = PallasConfig(**SMALL, num_sequence_pieces=pieces, backward_num_sequence_pieces=pieces)
-    formed = dataclasses.replace(plain, mosaic_walks=mosaic.MosaicWalkConfig())
+    formed = dataclasses.replace(plain, mosaic_walks=mosaic.MosaicWalkConfig(gate_sums=True))
 
     def run(config):
         def loss(q, k, v, decay, gate, s0):

@@ -469,7 +469,7 @@ def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, co
     on_mosaic = mosaic.supports(walks_config, dtype=q.dtype, K=q.shape[-1], V=v.shape[-1],
                                 chunking=mosaic_chunking, segments=run_ids is not None, gated=decays.gated,
                                 exact_state=exact_state)
-    if on_mosaic:  # the gate's sums in one launch, for the Mosaic walks and the contained ones beside them
+    if on_mosaic and walks_config.gate_sums:  # in one launch, for the Mosaic walks and the contained ones beside
         decays = gate.formed(decays, mosaic_chunking.chunk_size)
 
     def walks(contain: bool, skip=None, plain=None):
@@ -491,7 +491,8 @@ def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, co
                                      contain=contain, exact=exact_state, gate=decays.gate_tiles(), skip=skip,
                                      **config.piece_launch("forward", q.dtype))
         if mosaic_here:
-            entering = mosaic.entering_states(start, local, decays, mosaic_chunking, B, zero_first=True)
+            entering = mosaic.entering_states(start, local, decays, mosaic_chunking, B,
+                                              zero_first=walks_config.zero_first)
             o, finals = mosaic.walk(q, k, v, decays.log_decay, entering, mosaic_chunking, reverse=False,
                                     scale=scale, config=walks_config, within=within, name="forward_walk")
             return (o, finals[:, :, -1]), finals
@@ -545,7 +546,7 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
     on_mosaic = mosaic.serves_backward(config.mosaic_walks, dtype=q.dtype, K=q.shape[-1], V=v.shape[-1],
                                        chunking=chunking, segments=run_ids is not None, gated=decays.gated,
                                        exit_cotangent=exit_cotangent is not None, wanted=wanted)
-    if on_mosaic:  # as in _forward (in one program with it, the two launches are one)
+    if on_mosaic and config.mosaic_walks.gate_sums:  # as in _forward, where the call did not form them
         decays = gate.formed(decays, chunking.chunk_size)
     common = dict(scale=scale, **_gated(decays, chunking, B))
     to_end = decays.to_end(B, T) if decays.gated and exit_cotangent is not None else None
@@ -774,8 +775,9 @@ def pallas_impl(q, k, v, log_decay, log_gate, initial_state, run_ids, *, scale: 
     # Where the Mosaic walks may take a gate, its sums are formed once here, outside the custom VJP: its
     # forward and backward read the same launch's, and a forward whose outputs nobody reads (a rematerialized
     # one) is still dropped as a whole.
-    chunk_size = None if config.mosaic_walks is None else config.mosaic_walks.chunk_size
-    sums = None if log_gate is None or chunk_size is None else gate.chunk_sums_of(log_decay, log_gate, chunk_size)
+    walks = config.mosaic_walks
+    formed = log_gate is not None and walks is not None and walks.gate_sums
+    sums = gate.chunk_sums_of(log_decay, log_gate, walks.chunk_size) if formed else None
     return _pallas(q, k, v, log_decay, log_gate, initial_state, run_ids, sums, scale, config, final_state)
 
 

@@ -185,6 +185,17 @@ class MosaicWalkConfig:
     one program per batch*head holds a whole SM, and B4 H16 fills 64 of an H100's 132. Two pieces: the walk
     1.20 ms (its chunks 47% slower with every SM busy) and 0.12 ms for the pieces' states, fwd+bwd 2.20
     against 2.05 ms at T=16384 (same card and date, ...-thirtysixth_joint_pieces.txt).
+    gate_sums: the gate's sums that the walks read (the gate transposed, summed within each chunk in base 2,
+    summed over each chunk) from one Triton launch (fleetjax.pallas.gate), formed before the custom VJP and
+    read by its forward and backward, instead of XLA's three kernels: at B4 H16 T=4096 the gated forward
+    launches 8 kernels instead of 11 (with ``zero_first``) and fwd+bwd 28 instead of 31, counted on the CPU
+    (experiments/xla_kernels.py, jax 0.11.2, 2026-12-06); the three took 15.8 us of the forward's 165 on an
+    H100 (ncu, experiments/results/2026-12-06-h100-thirtyseventh_split_fwd_gated_T4096.csv). Off by default:
+    built and tested on the CPU (Pallas interpret mode), not yet run on a GPU.
+    zero_first: with no entering state, the forward walk enters its first piece from zero and takes the
+    states of the others alone (fleetjax.pallas.mosaic.entering_states' ``zero_first``): two pieces need no
+    XLA copy between the states walk and the walk (5.9 us at B4 H16 T=4096, same profile). Off by default:
+    bitwise the same walk in Mosaic GPU's interpreter, not yet run on a GPU.
     """
 
     chunk_size: int = 64
@@ -212,6 +223,8 @@ class MosaicWalkConfig:
     backward_piece_states: bool = True
     joint_reverse: bool = False
     joint_pieces: int | None = None
+    gate_sums: bool = False
+    zero_first: bool = False
 
     def __post_init__(self):
         if self.chunk_size != 64:
