@@ -5,8 +5,11 @@ program's top-level kernels are listed in launch order: XLA's fusions, the Mosai
 (by stage name), copies, with the bytes of their operands and results.
 
     PYTHONPATH=. python -m experiments.xla_kernels [--gated | --gate-only] [--fwd] [--shape B,T,H,K,V]
-                                                   [--dtype bfloat16] [--device h100|h200] [--out FILE]
-                                                   [--label TEXT]
+                                                   [--dtype bfloat16] [--device h100|h200] [--walks JSON]
+                                                   [--out FILE] [--label TEXT]
+
+``--walks JSON`` changes fields of the default config's Mosaic walks (as the described GPU's), e.g.
+``'{"gate_sums": true, "zero_first": true}'``: the kernels of a variant of one checkout.
 
 What runs on the GPU between the walks (transposes, the cumulative sums of the decay's gradient, the
 witnesses' reductions, the contained walks' skipped launches) is what this counts; their times stay the
@@ -21,6 +24,7 @@ Needs what experiments/sass.py needs (jax's CUDA plugin for the installed jax, a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import contextlib
 import json
 import os
@@ -98,8 +102,17 @@ def compiled_text(args) -> str:
     gate = spec((B, T, H), jnp.float32) if args.gated else None
     decay = None if args.gate_only else spec((H,), jnp.float32)
 
+    config = None
+    if args.walks:
+        from fleetjax.pallas import chunked
+        with as_on_hopper(args.device):
+            config = chunked.default_config(jnp.zeros((B, T, H, K), dtype), jnp.zeros((B, T, H, V), dtype))
+        if config.mosaic_walks is None:
+            raise ValueError(f"the default config at {args.shape} {args.dtype} has no Mosaic walks to change")
+        config = dataclasses.replace(config, mosaic_walks=dataclasses.replace(config.mosaic_walks, **args.walks))
+
     def op(q, k, v, decay, gate):
-        return fleetjax.fleet_attention(q, k, v, decay, log_gate=gate, implementation="pallas")
+        return fleetjax.fleet_attention(q, k, v, decay, log_gate=gate, implementation="pallas", config=config)
 
     def forward_and_backward(q, k, v, decay, gate, do):  # every input that the call has is differentiated
         out, pullback = jax.vjp(op, q, k, v, decay, gate)
@@ -181,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", default="4,16384,16,128,128", help="B,T,H,K,V (default 4,16384,16,128,128)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="h200", choices=sorted(DEVICES))
+    ap.add_argument("--walks", default=None, metavar="JSON",
+                    help="MosaicWalkConfig fields to change from the default config's, e.g. '{\"gate_sums\": true}'")
     ap.add_argument("--out", default=None, help="append one JSON line (the kernels and the fields) to this file")
     ap.add_argument("--label", default="", help="a note for the record (which tree, say)")
     args = ap.parse_args(argv)
@@ -188,6 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     args.shape = tuple(int(x) for x in args.shape.split(","))
     if len(args.shape) != 5:
         ap.error(f"--shape takes B,T,H,K,V, got {args.shape}")
+    if args.walks is not None:  # checked before the compile: a bad field or value is named at once
+        from fleetjax.pallas import mosaic
+        try:
+            args.walks = json.loads(args.walks)
+            dataclasses.replace(mosaic.MosaicWalkConfig(), **args.walks)
+        except (ValueError, TypeError) as error:
+            ap.error(f"--walks {args.walks!r}: {error}")
     rows = kernels(compiled_text(args))
     for r in rows:
         print(f"{r['op']:11} {r['kind'][:22]:22} {r['stage'][:28]:28} read {r['read_bytes'] / 1e6:9.2f} MB  "
@@ -198,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         import jax
         import fleetjax
         record = dict(shape=args.shape, dtype=args.dtype, gated=args.gated, decay=not args.gate_only,
-                      op="fwd" if args.fwd else "fwd_bwd", device=args.device, jax=jax.__version__,
+                      op="fwd" if args.fwd else "fwd_bwd", device=args.device, walks=args.walks, jax=jax.__version__,
                       package=str(Path(fleetjax.__file__).parent), label=args.label, count=len(rows),
                       custom_calls=custom, kernels=rows)
         with open(args.out, "a") as f:

@@ -596,6 +596,31 @@ def test_xla_kernels_compiles_the_op_for_a_gpu_it_does_not_have(capsys):
     assert out.strip().splitlines()[-1].endswith("XLA's") and launch.on_gpu is on_gpu
 
 
+@pytest.mark.parametrize("walks, named", [('{"nope": 1}', "nope"), ('{"chunk_size": 32}', "chunk_size"),
+                                          ("{not json", "not json")])
+def test_xla_kernels_names_a_bad_walks_field_before_compiling(capsys, walks, named):
+    """--walks is checked against MosaicWalkConfig before anything is compiled (no CUDA plugin needed)."""
+    from experiments import xla_kernels
+    with pytest.raises(SystemExit):
+        xla_kernels.main(["--gate-only", "--fwd", "--walks", walks])
+    err = capsys.readouterr().err
+    assert "--walks" in err and named in err
+
+
+def test_xla_kernels_lists_a_walks_variant(capsys):
+    """--walks: the kernels of the default config with Mosaic walk fields changed (where jax's CUDA plugin is
+    installed, not in CI): the gate's sums in one launch and the first piece from zero drop three kernels of
+    the gated forward at B4 H16 T=4096."""
+    pytest.importorskip("jax_plugins.xla_cuda13", reason="jax's CUDA 13 plugin is not installed")
+    from experiments import xla_kernels
+    counts = []
+    for walks in ([], ["--walks", '{"gate_sums": true, "zero_first": true}']):
+        assert xla_kernels.main(["--gate-only", "--fwd", "--shape", "4,4096,16,128,128", *walks]) == 0
+        out = capsys.readouterr().out
+        counts.append(int(out.strip().splitlines()[-1].split()[0]))
+    assert "gate_sums" in out and counts[1] == counts[0] - 3, counts
+
+
 def _ncu_csv(calls: list[list[tuple[str, str, dict]]]) -> str:
     """ncu's --csv output (a log line, then one quoted row per launch and metric) of launches in ``calls``:
     each a list of (kernel name, grid, {metric: (unit, value)})."""

@@ -33,9 +33,10 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     walk of fleetjax.chunk with these roles, forward or ``reverse`` in time, from the states entering the
     pieces ``entering`` [B, H, P, Dk, Dv] float32 (None: zero; reverse: the state from the positions after the
     piece), or [B, H, P-1, Dk, Dv], the first piece in the walk's order entering from zero
-    (fleetjax.pallas.mosaic.entering_states with ``zero_first``). query, key [B, T, H, Dk]; value [B, T, H, Dv]; log_decay [H] float32. Assumes
-    fleetjax.pallas.mosaic.supports. The forward is walk(q, k, v); the backward's plain walks are walk(dO, v, k)
-    (dq), reverse walk(k, q, dO) (dv) and reverse walk(v, dO, q) (dk).
+    (fleetjax.pallas.mosaic.entering_states with ``zero_first``). query, key [B, T, H, Dk]; value
+    [B, T, H, Dv]; log_decay [H] float32. Assumes fleetjax.pallas.mosaic.supports. The forward is
+    walk(q, k, v); the backward's plain walks are walk(dO, v, k) (dq), reverse walk(k, q, dO) (dv) and reverse
+    walk(v, dO, q) (dk).
 
     ``within`` [B, H, T] float32 (the gated decay): the log decay summed from each position's chunk start through
     it, in base 2 (fleetjax.decay.Decays.within_chunks with ``base2``); the walk's factors are then 2 to the power
