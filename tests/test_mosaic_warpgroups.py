@@ -61,6 +61,15 @@ def _run_case(direction: str) -> dict[str, Any]:
     result = {"out_equal": all(bool(jnp.array_equal(got[0][0], other[0])) for other in got[1:]),
               "finals_equal": all(bool(jnp.array_equal(got[0][1], other[1])) for other in got[1:]),
               "finite": bool(jnp.all(jnp.isfinite(got[1][0].astype(jnp.float32))))}
+    # The first piece in the walk's order entered from zero with the others' states alone (entering_states'
+    # zero_first) at two warpgroups: bitwise the walk from the full states with that piece's zeroed.
+    first = 1 if reverse else 0
+    zeroed = entering.at[:, :, first].set(0.0)
+    short = entering[:, :, :1] if reverse else entering[:, :, 1:]
+    pair = [mosaic.walk(q, k, v, decays.log_decay, e, Chunking(T, 64, 2), reverse=reverse, scale=0.2,
+                        config=configs[1], within=decays.within_chunks(B, T, 64, base2=True),
+                        interpret=InterpretGPUParams()) for e in (zeroed, short)]
+    result["zero_first_equal"] = all(bool(jnp.array_equal(a, b)) for a, b in zip(*pair))
     if not reverse:
         ref, final = oracle.forward(q[:, :64], k[:, :64], v[:, :64], decay, scale=0.2,
                                     initial_state=entering[:, :, 0], log_gate=decays.log_gate[:, :64])
@@ -199,6 +208,7 @@ def test_the_gated_walk_at_two_warpgroups_is_bitwise_the_one_warpgroup_walk(resu
     result = results[direction]
     assert "exception" not in result, result.get("exception")
     assert result["out_equal"] and result["finals_equal"] and result["finite"], result
+    assert result["zero_first_equal"], result
     if direction == "forward":
         assert result["out_error"] < TOLERANCE["bfloat16"], result
         assert result["final_error"] < TOLERANCE["bfloat16"], result
