@@ -138,11 +138,8 @@ def entering_states(start, local, decays: Decays, chunking: Chunking, B: int, re
     carry = carry[:, :, 1:] if reverse else carry[:, :, :-1]
     if start is None and zero_first:  # passed on from the first piece's local state, whose own is zero
         first, rest = (-1, slice(None, -1)) if reverse else (0, slice(1, None))
-        entering, last = pass_states(local[:, :, first], local[:, :, rest], carry[:, :, rest], reverse=reverse,
-                                     axis=2)
-        parts = [last[:, :, None], entering] if reverse else [entering, last[:, :, None]]
-        return jnp.concatenate(parts, axis=2)
-    if start is None:
+        start, local, carry = local[:, :, first], local[:, :, rest], carry[:, :, rest]
+    elif start is None:
         start = jnp.zeros(local.shape[:2] + local.shape[3:], f32)
     entering, last = pass_states(start.astype(f32), local, carry, reverse=reverse, axis=2)
     parts = [last[:, :, None], entering] if reverse else [entering, last[:, :, None]]
