@@ -35,7 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import fleetjax  # noqa: E402
-from experiments.inputs import retnet_log_decay  # noqa: E402
+from experiments.inputs import retnet_log_decay, with_walk_fields  # noqa: E402
 from experiments.timing import jax_sync, time_calls  # noqa: E402
 
 SHAPES = ((4, 16384, 16), (1, 32768, 8))
@@ -94,14 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         config = None
         if args.walks is not None:
             from fleetjax.pallas import chunked
-            config = chunked.default_config(sets[0][0], sets[0][2])
-            if config.mosaic_walks is None:
-                parser.error("--walks: the default config has no Mosaic walks here (not an sm_90 GPU?)")
             try:
-                config = dataclasses.replace(config, mosaic_walks=dataclasses.replace(config.mosaic_walks,
-                                                                                      **json.loads(args.walks)))
-            except (TypeError, ValueError) as error:
-                parser.error(f"--walks {args.walks!r}: {error}")
+                config = with_walk_fields(chunked.default_config(sets[0][0], sets[0][2]), args.walks)
+            except ValueError as error:
+                parser.error(str(error))
             shape["walks"] = args.walks
 
         def ops():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import numpy as np
@@ -87,3 +88,17 @@ def make_inputs(case: Case, seed: int, *, with_do: bool = True) -> dict[str, Any
         return out
 
     return jax.block_until_ready(draw(kq, kk, kv, kd, kg))
+
+
+def with_walk_fields(config, fields: str):
+    """``config`` (a fleetjax PallasConfig) with fields of its Mosaic walks changed, ``fields`` a JSON object
+    such as '{"gate_sums": true}': the variants of one checkout that experiments/cost_split.py and
+    experiments/xla_kernels.py take as ``--walks``. ValueError with the option's message: the config has no
+    Mosaic walks (not an sm_90 GPU's default), the text is not JSON, or MosaicWalkConfig refuses a field or
+    value (quoted)."""
+    if config.mosaic_walks is None:
+        raise ValueError("--walks: the default config has no Mosaic walks here (not an sm_90 GPU?)")
+    try:
+        return dataclasses.replace(config, mosaic_walks=dataclasses.replace(config.mosaic_walks, **json.loads(fields)))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"--walks {fields!r}: {error}") from error

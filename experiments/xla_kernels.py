@@ -24,7 +24,6 @@ Needs what experiments/sass.py needs (jax's CUDA plugin for the installed jax, a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import contextlib
 import json
 import os
@@ -64,22 +63,27 @@ def target_config(device: str) -> str:
 @contextlib.contextmanager
 def as_on_hopper(device: str):
     """fleetjax's device queries (fleetjax.pallas.launch, mosaic.config and their importers) and Pallas's Triton
-    lowering answer as the described GPU would, inside the context."""
-    from jax._src.pallas.triton import gpu_info
+    lowering answer as the described GPU would, inside the context (a jax without Pallas's gpu_info, such as
+    0.10, has no Triton lowering that asks; it builds configs here, and compiles nothing without the plugin)."""
+    try:
+        from jax._src.pallas.triton import gpu_info
+    except ImportError:
+        gpu_info = None
 
     from fleetjax.pallas import chunked, fleet, launch, mosaic, walk
     from fleetjax.pallas.mosaic import config as mosaic_config
     answers = dict(on_gpu=lambda: True, multiprocessor_count=lambda: 132,
                    shared_memory_per_block=lambda: 227 * 1024, on_hopper=lambda: True)
-    version = gpu_info.GpuVersion.H200 if device == "h200" else gpu_info.GpuVersion.H100
     saved = []
     for module in (launch, walk, chunked, fleet, mosaic, mosaic_config):
         for name, answer in answers.items():
             if hasattr(module, name):
                 saved.append((module, name, getattr(module, name)))
                 setattr(module, name, answer)
-    saved.append((gpu_info, "get_gpu_info", gpu_info.get_gpu_info))
-    gpu_info.get_gpu_info = lambda: gpu_info.get_gpu_info_from_version(version)
+    if gpu_info is not None:
+        version = gpu_info.GpuVersion.H200 if device == "h200" else gpu_info.GpuVersion.H100
+        saved.append((gpu_info, "get_gpu_info", gpu_info.get_gpu_info))
+        gpu_info.get_gpu_info = lambda: gpu_info.get_gpu_info_from_version(version)
     try:
         yield
     finally:
@@ -87,8 +91,8 @@ def as_on_hopper(device: str):
             setattr(module, name, value)
 
 
-def compiled_text(args) -> str:
-    """The optimized HLO of the op compiled for the described GPU."""
+def compiled_text(args, config=None) -> str:
+    """The optimized HLO of the op compiled for the described GPU, with ``config`` (None: the op's default)."""
     import jax
     import jax.numpy as jnp
 
@@ -102,15 +106,6 @@ def compiled_text(args) -> str:
     gate = spec((B, T, H), jnp.float32) if args.gated else None
     decay = None if args.gate_only else spec((H,), jnp.float32)
 
-    config = None
-    if args.walks:
-        from fleetjax.pallas import chunked
-        with as_on_hopper(args.device):
-            config = chunked.default_config(jnp.zeros((B, T, H, K), dtype), jnp.zeros((B, T, H, V), dtype))
-        if config.mosaic_walks is None:
-            raise ValueError(f"the default config at {args.shape} {args.dtype} has no Mosaic walks to change")
-        config = dataclasses.replace(config, mosaic_walks=dataclasses.replace(config.mosaic_walks, **args.walks))
-
     def op(q, k, v, decay, gate):
         return fleetjax.fleet_attention(q, k, v, decay, log_gate=gate, implementation="pallas", config=config)
 
@@ -121,6 +116,21 @@ def compiled_text(args) -> str:
     fn, operands = (op, (qk, qk, vo, decay, gate)) if args.fwd else (forward_and_backward,
                                                                     (qk, qk, vo, decay, gate, vo))
     return compiled_for(fn, operands, args.device).as_text()
+
+
+def walks_config(args):
+    """The described GPU's default config at the call's shape with ``args.walks`` (JSON) applied to its Mosaic
+    walks (experiments.inputs.with_walk_fields), or None (the op's own default) without ``--walks``."""
+    if args.walks is None:
+        return None
+    import jax.numpy as jnp
+
+    from experiments.inputs import with_walk_fields
+    from fleetjax.pallas import chunked
+    B, T, H, K, V = args.shape
+    with as_on_hopper(args.device):
+        default = chunked.default_config(jnp.zeros((B, T, H, K), args.dtype), jnp.zeros((B, T, H, V), args.dtype))
+    return with_walk_fields(default, args.walks)
 
 
 def described_device(device: str):
@@ -203,14 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     args.shape = tuple(int(x) for x in args.shape.split(","))
     if len(args.shape) != 5:
         ap.error(f"--shape takes B,T,H,K,V, got {args.shape}")
-    if args.walks is not None:  # checked before the compile: a bad field or value is named at once
-        from fleetjax.pallas import mosaic
-        try:
-            args.walks = json.loads(args.walks)
-            dataclasses.replace(mosaic.MosaicWalkConfig(), **args.walks)
-        except (ValueError, TypeError) as error:
-            ap.error(f"--walks {args.walks!r}: {error}")
-    rows = kernels(compiled_text(args))
+    try:  # before the compile: a bad field or value is named at once
+        config = walks_config(args)
+    except ValueError as error:
+        ap.error(str(error))
+    rows = kernels(compiled_text(args, config))
     for r in rows:
         print(f"{r['op']:11} {r['kind'][:22]:22} {r['stage'][:28]:28} read {r['read_bytes'] / 1e6:9.2f} MB  "
               f"wrote {r['written_bytes'] / 1e6:8.2f} MB  {r['name']}")
