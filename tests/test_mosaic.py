@@ -810,26 +810,53 @@ def test_the_op_through_the_interpreted_walks_matches_the_oracle(monkeypatch, le
 
 
 @interpreted
-def test_the_interpreted_witness_catches_a_nonfinite_value():
+@pytest.mark.parametrize("where", ["q", "k", "v", "do"])
+def test_the_interpreted_backward_witness_catches_a_nonfinite_value(where):
+    """The first rows of the dq and dv walks' states (mosaic.witness_of) catch a NaN in any input, with the
+    first entry of every key of theirs (v in the dq walk, q in the dv walk) 0."""
     B, T, H, K, V = 1, 128, 1, 64, 64
     q, k, v = _inputs(B, T, H, K, V, "bfloat16")
-    do = _inputs(B, T, H, K, V, "bfloat16", seed=4)[2].at[0, 70, 0, 3].set(jnp.nan)
-    *_, witness = _interpreted_backward(q, k, v, do, (0.9,), None, Chunking(T, 64, 1), learned=False, scale=0.1)
+    do = _inputs(B, T, H, K, V, "bfloat16", seed=4)[2]
+    x = dict(q=q.at[..., 0].set(0), k=k, v=v.at[..., 0].set(0), do=do)
+    *_, finite = _interpreted_backward(*x.values(), (0.9,), None, Chunking(T, 64, 1), learned=False, scale=0.1)
+    assert all(w.shape == (B, H, 1, w.shape[-1]) and bool(jnp.all(jnp.isfinite(w))) for w in finite)
+    x[where] = x[where].at[0, 70, 0, 3].set(jnp.nan)
+    *_, witness = _interpreted_backward(*x.values(), (0.9,), None, Chunking(T, 64, 1), learned=False, scale=0.1)
     assert not all(bool(jnp.all(jnp.isfinite(w))) for w in witness)
 
 
-@interpreted
-@pytest.mark.parametrize("position", [None, 10, 70, 127])
-def test_the_forward_walks_state_witnesses_a_nonfinite_query(position):
-    """A query reaches only its outputs, never the state: the 0 * out term carries it there, so the state after
-    the piece is finite exactly when every output is (the caller's witness)."""
+@pytest.mark.parametrize("compiled", [pytest.param(False, marks=interpreted), pytest.param(True, marks=hopper)])
+@pytest.mark.parametrize("where, position", [(None, None), ("q", 10), ("q", 127), ("k", 70), ("v", 0), ("v", 127),
+                                             ("gate", 100), ("entering", None)])
+def test_the_forward_walks_first_state_rows_witness_every_nonfinite_input(where, position, compiled):
+    """A query reaches only its outputs, never the state: the 0 * out term carries it there, and with a key, a
+    value, the gate or the entering state it reaches every row, so the first rows of the states after the
+    pieces (mosaic.witness_of, the caller's witness) are finite exactly when every output is. Every key's first
+    entry is 0 (0 * NaN is NaN), the gate holds a hard forget at 70 after the query at 10, and the value at 0
+    is a column the state's first row meets only through the products. ``compiled``: the Hopper kernel, whose
+    tensor cores must keep 0 * NaN a NaN too."""
+    from fleetjax.decay import Decays
     B, T, H, K, V = 1, 128, 1, 64, 64
     q, k, v = _inputs(B, T, H, K, V, "bfloat16")
-    if position is not None:
-        q = q.at[0, position, 0, 5].set(jnp.inf)
-    o, finals = mosaic.walk(q, k, v, _decays((0.9,)).log_decay, None, Chunking(T, 64, 1), reverse=False,
-                            scale=0.2, config=mosaic.MosaicWalkConfig(), interpret=InterpretGPUParams())
-    assert bool(jnp.all(jnp.isfinite(finals))) == (position is None) == bool(jnp.all(jnp.isfinite(o)))
+    k = k.at[..., 0].set(0)
+    log_gate = _log_gate(B, T, H)
+    entering = None
+    if where in ("q", "k", "v"):
+        x = dict(q=q, k=k, v=v)
+        x[where] = x[where].at[0, position, 0, 5].set(jnp.inf if where == "q" else jnp.nan)
+        q, k, v = x["q"], x["k"], x["v"]
+    elif where == "gate":
+        log_gate = log_gate.at[0, position, 0].set(jnp.nan)
+    elif where == "entering":
+        entering = jnp.zeros((B, H, 1, K, V), jnp.float32).at[0, 0, 0, 7, 9].set(jnp.inf)
+    decays = Decays(jnp.zeros((H,), jnp.float32), log_gate)
+    chunking = Chunking(T, 64, 1)
+    o, finals = mosaic.walk(q, k, v, decays.log_decay, entering, chunking, reverse=False, scale=0.2,
+                            config=mosaic.MosaicWalkConfig(), within=decays.within_chunks(B, T, 64, base2=True),
+                            interpret=None if compiled else InterpretGPUParams())
+    witness = mosaic.witness_of(finals)
+    assert witness.shape == (B, H, 1, V)
+    assert bool(jnp.all(jnp.isfinite(witness))) == (where is None) == bool(jnp.all(jnp.isfinite(o)))
 
 
 @hopper

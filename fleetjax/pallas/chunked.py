@@ -495,7 +495,7 @@ def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, co
                                               zero_first=walks_config.zero_first)
             o, finals = mosaic.walk(q, k, v, decays.log_decay, entering, mosaic_chunking, reverse=False,
                                     scale=scale, config=walks_config, within=within, name="forward_walk")
-            return (o, finals[:, :, -1]), finals
+            return (o, finals[:, :, -1]), mosaic.witness_of(finals)
         o, final, witness = fwd.forward_walk(q, k, v, decays.log_decay, start, run_ids, chunking, scale=scale,
                                              exact_state=exact_state, contain=contain, local=local, skip=skip,
                                              keep_o=None if plain is None else plain[0],

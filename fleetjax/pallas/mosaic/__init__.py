@@ -35,7 +35,8 @@ from fleetjax.pallas.mosaic.config import KEY_DIMS, MosaicWalkConfig, on_hopper,
 from fleetjax.pallas.mosaic.joint import joint_walk
 from fleetjax.pallas.mosaic.states import STATES_KERNEL, entering_states, entering_tangents, piece_states
 from fleetjax.pallas.mosaic.sums import sums_walk
-from fleetjax.pallas.mosaic.plain import walk
+from fleetjax.pallas.mosaic.plain import walk, witness_of
 
 __all__ = ["KEY_DIMS", "STATES_KERNEL", "MosaicWalkConfig", "backward_walks", "entering_states", "entering_tangents",
-           "joint_walk", "on_hopper", "piece_states", "serves_backward", "sums_walk", "supports", "walk"]
+           "joint_walk", "on_hopper", "piece_states", "serves_backward", "sums_walk", "supports", "walk",
+           "witness_of"]

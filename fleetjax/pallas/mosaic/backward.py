@@ -16,7 +16,7 @@ from fleetjax.pallas.mosaic import joint
 from fleetjax.pallas.mosaic.config import MosaicWalkConfig
 from fleetjax.pallas.mosaic.states import entering_states, entering_tangents, piece_states
 from fleetjax.pallas.mosaic.sums import sums_walk
-from fleetjax.pallas.mosaic.plain import walk
+from fleetjax.pallas.mosaic.plain import walk, witness_of
 
 
 def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_local, reverse_local, *,
@@ -29,10 +29,10 @@ def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_lo
     gated decay where ``decays`` has a gate. The sums [B, H, T] (summed over their value blocks): with
     ``log_decay_wanted`` "decay" (each position's summand of d log decay, fleetjax.vjp.log_decay_summand),
     with ``log_gate_wanted`` w, u and spanned (fleetjax.vjp.log_gate_grad's parts; spanned from the two walks'
-    row and column sums of the chunks' pairs, fleetjax.vjp.spanned_from_sums). The witness: the dq and dv
-    walks' states after their pieces, non-finite whenever dq or dv is (their 0 * out terms), which each q_t,
-    k_t, v_t and dO_t reaches through its own pair (the dk walk's states after its pieces, read by nobody, are
-    no witness: it runs with ``witness=False``). ``interpret``: see fleetjax.pallas.mosaic.plain."""
+    row and column sums of the chunks' pairs, fleetjax.vjp.spanned_from_sums). The witness: the first rows of the
+    dq and dv walks' states after their pieces (fleetjax.pallas.mosaic.witness_of), non-finite whenever dq or
+    dv is (their 0 * out terms), which each q_t, k_t, v_t and dO_t reaches through its own pair (the dk walk's
+    states after its pieces, read by nobody, are no witness: it runs with ``witness=False``). ``interpret``: see fleetjax.pallas.mosaic.plain."""
     B, T = q.shape[:2]
     dq_local, dq_local_tangents = (None, None) if dq_local is None else dq_local
     if start is None and log_decay_wanted and chunking.pieces == 1:
@@ -52,7 +52,7 @@ def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_lo
         dq, dq_finals = plain(do, v, k, entering=dq_entering, reverse=False, name="dq_walk")
         dv, dv_finals = plain(k, q, do, entering=reverse_entering, reverse=True, name="dv_walk")
         dk, _ = plain(v, do, q, entering=dk_entering, reverse=True, witness=False, name="dk_walk")
-        return dq, dk, dv, None, (dq_finals, dv_finals)
+        return dq, dk, dv, None, (witness_of(dq_finals), witness_of(dv_finals))
     sums = functools.partial(sums_walk, config=dataclasses.replace(config, block_v=config.sums_block_v,
                                                                    stages=config.sums_stages), **common)
     tangents_entering = (entering_tangents(dq_entering, dq_local_tangents, decays, chunking, B)
@@ -70,7 +70,7 @@ def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_lo
                                                          config=config, within=within, interpret=interpret)
         parts["u"] = jnp.sum(joint_sums["state"], axis=0)
         parts["spanned"] = vjp.spanned_from_sums(parts.pop("before"), joint_sums["before"][0], chunking.chunk_size)
-        return dq, dk, dv, parts, (dq_finals, dv_finals)
+        return dq, dk, dv, parts, (witness_of(dq_finals), witness_of(dv_finals))
     dv, dv_finals = plain(k, q, do, entering=reverse_entering, reverse=True, name="dv_walk")
     if log_gate_wanted:  # the gate's gradient takes the dk walk's sums (the decay's come from the dq walk alone)
         dk, _, dk_sums = sums(v, do, q, entering=dk_entering, reverse=True, rows=k, before=True, witness=False,
@@ -80,4 +80,4 @@ def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_lo
                                                  chunking.chunk_size)
     else:
         dk, _ = plain(v, do, q, entering=dk_entering, reverse=True, witness=False, name="dk_walk")
-    return dq, dk, dv, parts, (dq_finals, dv_finals)
+    return dq, dk, dv, parts, (witness_of(dq_finals), witness_of(dv_finals))

@@ -7,9 +7,9 @@ state S entering it:
     S     <- carry * S + key^T (leaving * value + 0 * out)
 
 The 0 * out term changes no bit of a finite state and makes it NaN otherwise: a finite state after the piece
-says every output of the piece was finite (the caller's witness, fleetjax.nonfinite); a walk whose states
-after the pieces nobody reads leaves it out (``witness=False``). The state enters the
-products rounded to the inputs' dtype, as in the Triton walks' plain form.
+says every output of the piece was finite (the caller's witness, fleetjax.nonfinite; its first row is enough,
+:func:`witness_of`); a walk whose states after the pieces nobody reads leaves it out (``witness=False``). The
+state enters the products rounded to the inputs' dtype, as in the Triton walks' plain form.
 
 Each (value block, batch*head, sequence piece) is one program of one warpgroup, or (``MosaicWalkConfig.
 warpgroups``) two value blocks are one program of two compute warpgroups that share the chunk's query and key
@@ -25,6 +25,19 @@ from fleetjax.chunking import Chunking
 from fleetjax.pallas.mosaic.common import (Carry, Walker, entering_at, f32, interpreter_copies, launch, meet,
                                            mma_tiles, pipeline, warp_specialized)
 from fleetjax.pallas.mosaic.config import MosaicWalkConfig
+
+
+def witness_of(finals: jax.Array) -> jax.Array:
+    """The caller's witness (fleetjax.nonfinite) from a witnessing walk's states after its pieces
+    [..., Dk, Dv]: their first rows [..., Dv], a Dk-th of their bytes for the reduction that reads them.
+
+    Every non-finite input reaches a whole column of S, every row of it: a non-finite out_t (a query, key or
+    the gate at t, which reach it through the pair (t, t), or an entering state's column) enters row t of
+    the update's values through 0 * out_t, and key^T times those values puts it in every row, key_t's zero
+    entries included (0 * NaN is NaN in the tensor cores too: tests/test_mosaic.py checks it on Hopper); a
+    non-finite value column does the same through the values themselves. No decay, however small, clears a
+    NaN, and no select drops one (the walks take no segments)."""
+    return finals[..., 0, :]
 
 
 def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse: bool, scale: float,
