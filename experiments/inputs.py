@@ -92,8 +92,8 @@ def make_inputs(case: Case, seed: int, *, with_do: bool = True) -> dict[str, Any
 
 def with_walk_fields(config, fields: str):
     """``config`` (a fleetjax PallasConfig) with fields of its Mosaic walks changed, ``fields`` a JSON object
-    such as '{"gate_sums": true}': the variants of one checkout that experiments/cost_split.py and
-    experiments/xla_kernels.py take as ``--walks``. ValueError with the option's message: the config has no
+    such as '{"gate_sums": true}': the variants of one checkout that experiments/cost_split.py,
+    experiments/profile_pallas.py and experiments/xla_kernels.py take as ``--walks``. ValueError with the option's message: the config has no
     Mosaic walks (not an sm_90 GPU's default), the text is not JSON, or MosaicWalkConfig refuses a field or
     value (quoted)."""
     if config.mosaic_walks is None:

@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import gzip
-import json
 import sys
 import time
 from pathlib import Path
@@ -51,7 +49,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import fleetjax  # noqa: E402
-from experiments.inputs import retnet_log_decay  # noqa: E402
+from experiments.inputs import retnet_log_decay, with_walk_fields  # noqa: E402
 from experiments.timing import jax_long_op, jax_sync, time_calls  # noqa: E402
 
 
@@ -113,11 +111,11 @@ def main(argv: list[str] | None = None) -> int:
                 if args.gated else None)
     record = fleetjax.IMPLEMENTATIONS["pallas"]
     config = record.config_for(None, q, v)
-    if args.walks:
-        if config.mosaic_walks is None:
-            raise SystemExit("--walks: the default config has no Mosaic walks here (not an sm_90 GPU?)")
-        config = dataclasses.replace(config, mosaic_walks=dataclasses.replace(config.mosaic_walks,
-                                                                              **json.loads(args.walks)))
+    if args.walks is not None:
+        try:
+            config = with_walk_fields(config, args.walks)
+        except ValueError as error:
+            ap.error(str(error))
     print("config", config, "(Pallas interpret mode)" if record.interpreted() else "", flush=True)
     attend = lambda q, k, v, decay, log_gate: fleetjax.fleet_attention(  # noqa: E731
         q, k, v, decay, log_gate=log_gate, implementation="pallas", config=config)

@@ -726,6 +726,16 @@ def test_cost_split_times_the_gated_ops_of_any_checkout(tmp_path, capsys):
     assert "--walks: the default config has no Mosaic walks here" in capsys.readouterr().err
 
 
+def test_profile_pallas_walks_need_the_mosaic_walks(capsys):
+    """profile_pallas --walks changes the default config's Mosaic walk fields (experiments.inputs.with_walk_fields,
+    as cost_split's): on this host's default config, which has none, it stops with the option's message."""
+    from experiments import profile_pallas
+    with pytest.raises(SystemExit):
+        profile_pallas.main(["--B", "1", "--T", "64", "--H", "2", "--K", "32", "--V", "32", "--walks", "{}",
+                             "--untimed"])
+    assert "--walks: the default config has no Mosaic walks here" in capsys.readouterr().err
+
+
 def test_cost_split_walks_name_the_field_it_cannot_set(tmp_path, capsys, monkeypatch):
     """--walks on a config with Mosaic walks (as an sm_90 GPU's default has): a field MosaicWalkConfig lacks,
     or a value it rejects, is an error that quotes the JSON and says why, before anything is timed."""

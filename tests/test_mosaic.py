@@ -826,20 +826,22 @@ def test_the_interpreted_backward_witness_catches_a_nonfinite_value(where):
 
 
 @pytest.mark.parametrize("compiled", [pytest.param(False, marks=interpreted), pytest.param(True, marks=hopper)])
-@pytest.mark.parametrize("where, position", [(None, None), ("q", 10), ("q", 127), ("k", 70), ("v", 0), ("v", 127),
-                                             ("gate", 100), ("entering", None)])
-def test_the_forward_walks_first_state_rows_witness_every_nonfinite_input(where, position, compiled):
+@pytest.mark.parametrize("where, position, gated", [
+    (None, None, True), ("q", 10, True), ("q", 127, True), ("k", 70, True), ("v", 0, True), ("v", 127, True),
+    ("gate", 100, True), ("entering", None, True), (None, None, False), ("q", 70, False), ("v", 30, False),
+    ("entering", None, False)])
+def test_the_forward_walks_first_state_rows_witness_every_nonfinite_input(where, position, gated, compiled):
     """A query reaches only its outputs, never the state: the 0 * out term carries it there, and with a key, a
     value, the gate or the entering state it reaches every row, so the first rows of the states after the
     pieces (mosaic.witness_of, the caller's witness) are finite exactly when every output is. Every key's first
-    entry is 0 (0 * NaN is NaN), the gate holds a hard forget at 70 after the query at 10, and the value at 0
-    is a column the state's first row meets only through the products. ``compiled``: the Hopper kernel, whose
-    tensor cores must keep 0 * NaN a NaN too."""
+    entry is 0, so a NaN reaches the first rows only as 0 * NaN; the gate holds a hard forget at 70, after the
+    query at 10 (``gated``; else the constant decay 0.9). ``compiled``: the Hopper kernel, whose tensor cores
+    must keep 0 * NaN a NaN too."""
     from fleetjax.decay import Decays
     B, T, H, K, V = 1, 128, 1, 64, 64
     q, k, v = _inputs(B, T, H, K, V, "bfloat16")
     k = k.at[..., 0].set(0)
-    log_gate = _log_gate(B, T, H)
+    log_gate = _log_gate(B, T, H) if gated else None
     entering = None
     if where in ("q", "k", "v"):
         x = dict(q=q, k=k, v=v)
@@ -849,10 +851,10 @@ def test_the_forward_walks_first_state_rows_witness_every_nonfinite_input(where,
         log_gate = log_gate.at[0, position, 0].set(jnp.nan)
     elif where == "entering":
         entering = jnp.zeros((B, H, 1, K, V), jnp.float32).at[0, 0, 0, 7, 9].set(jnp.inf)
-    decays = Decays(jnp.zeros((H,), jnp.float32), log_gate)
-    chunking = Chunking(T, 64, 1)
-    o, finals = mosaic.walk(q, k, v, decays.log_decay, entering, chunking, reverse=False, scale=0.2,
-                            config=mosaic.MosaicWalkConfig(), within=decays.within_chunks(B, T, 64, base2=True),
+    decays = Decays(jnp.log(jnp.full((H,), 1.0 if gated else 0.9, jnp.float32)), log_gate)
+    o, finals = mosaic.walk(q, k, v, decays.log_decay, entering, Chunking(T, 64, 1), reverse=False, scale=0.2,
+                            config=mosaic.MosaicWalkConfig(),
+                            within=decays.within_chunks(B, T, 64, base2=True) if gated else None,
                             interpret=None if compiled else InterpretGPUParams())
     witness = mosaic.witness_of(finals)
     assert witness.shape == (B, H, 1, V)

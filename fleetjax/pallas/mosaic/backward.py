@@ -32,7 +32,8 @@ def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_lo
     row and column sums of the chunks' pairs, fleetjax.vjp.spanned_from_sums). The witness: the first rows of the
     dq and dv walks' states after their pieces (fleetjax.pallas.mosaic.witness_of), non-finite whenever dq or
     dv is (their 0 * out terms), which each q_t, k_t, v_t and dO_t reaches through its own pair (the dk walk's
-    states after its pieces, read by nobody, are no witness: it runs with ``witness=False``). ``interpret``: see fleetjax.pallas.mosaic.plain."""
+    states after its pieces, read by nobody, are no witness: it runs with ``witness=False``). ``interpret``:
+    see fleetjax.pallas.mosaic.plain."""
     B, T = q.shape[:2]
     dq_local, dq_local_tangents = (None, None) if dq_local is None else dq_local
     if start is None and log_decay_wanted and chunking.pieces == 1:
