@@ -810,18 +810,21 @@ def test_the_op_through_the_interpreted_walks_matches_the_oracle(monkeypatch, le
 
 
 @interpreted
+@pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("where", ["q", "k", "v", "do"])
-def test_the_interpreted_backward_witness_catches_a_nonfinite_value(where):
+def test_the_interpreted_backward_witness_catches_a_nonfinite_value(where, gated):
     """The first rows of the dq and dv walks' states (mosaic.witness_of) catch a NaN in any input, with the
-    first entry of every key of theirs (v in the dq walk, q in the dv walk) 0."""
+    first entry of every key of theirs (v in the dq walk, q in the dv walk) 0; ``gated``: the gate learned,
+    the dq walk then the sums walk."""
     B, T, H, K, V = 1, 128, 1, 64, 64
     q, k, v = _inputs(B, T, H, K, V, "bfloat16")
     do = _inputs(B, T, H, K, V, "bfloat16", seed=4)[2]
     x = dict(q=q.at[..., 0].set(0), k=k, v=v.at[..., 0].set(0), do=do)
-    *_, finite = _interpreted_backward(*x.values(), (0.9,), None, Chunking(T, 64, 1), learned=False, scale=0.1)
+    common = dict(learned=gated, scale=0.1, log_gate=_log_gate(B, T, H) if gated else None)
+    *_, finite = _interpreted_backward(*x.values(), (1.0 if gated else 0.9,), None, Chunking(T, 64, 1), **common)
     assert all(w.shape == (B, H, 1, w.shape[-1]) and bool(jnp.all(jnp.isfinite(w))) for w in finite)
     x[where] = x[where].at[0, 70, 0, 3].set(jnp.nan)
-    *_, witness = _interpreted_backward(*x.values(), (0.9,), None, Chunking(T, 64, 1), learned=False, scale=0.1)
+    *_, witness = _interpreted_backward(*x.values(), (1.0 if gated else 0.9,), None, Chunking(T, 64, 1), **common)
     assert not all(bool(jnp.all(jnp.isfinite(w))) for w in witness)
 
 
