@@ -91,14 +91,18 @@ def make_inputs(case: Case, seed: int, *, with_do: bool = True) -> dict[str, Any
 
 
 def with_walk_fields(config, fields: str):
-    """``config`` (a fleetjax PallasConfig) with fields of its Mosaic walks changed, ``fields`` a JSON object
-    such as '{"gate_sums": true}': the variants of one checkout that experiments/cost_split.py,
-    experiments/profile_pallas.py and experiments/xla_kernels.py take as ``--walks``. ValueError with the option's message: the config has no
-    Mosaic walks (not an sm_90 GPU's default), the text is not JSON, or MosaicWalkConfig refuses a field or
+    """``config`` (a fleetjax PallasConfig) with fields changed, ``fields`` a JSON object such as
+    '{"gate_sums": true}': fields of its Mosaic walks (MosaicWalkConfig), or of the PallasConfig itself (such
+    as gate_grad_kernel; the two share no name): the variants of one checkout that experiments/cost_split.py,
+    profile_pallas.py and xla_kernels.py take as ``--walks``. ValueError with the option's message: the config
+    has no Mosaic walks (not an sm_90 GPU's default), the text is not JSON, or a config refuses a field or
     value (quoted)."""
     if config.mosaic_walks is None:
         raise ValueError("--walks: the default config has no Mosaic walks here (not an sm_90 GPU?)")
     try:
-        return dataclasses.replace(config, mosaic_walks=dataclasses.replace(config.mosaic_walks, **json.loads(fields)))
-    except (TypeError, ValueError) as error:
+        walks = json.loads(fields)
+        own = {name: walks.pop(name) for name in list(walks)
+               if name != "mosaic_walks" and name in {f.name for f in dataclasses.fields(config)}}
+        return dataclasses.replace(config, mosaic_walks=dataclasses.replace(config.mosaic_walks, **walks), **own)
+    except (TypeError, ValueError, AttributeError) as error:
         raise ValueError(f"--walks {fields!r}: {error}") from error

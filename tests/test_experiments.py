@@ -753,6 +753,20 @@ def test_cost_split_walks_name_the_field_it_cannot_set(tmp_path, capsys, monkeyp
         assert repr(walks) in err and why in err, err
 
 
+def test_walk_fields_change_the_walks_and_the_configs_own_flags():
+    """experiments.inputs.with_walk_fields: MosaicWalkConfig's fields go to the walks, the PallasConfig's own
+    (gate_grad_kernel) to it; a field neither has, a bad value or JSON that is not an object is named."""
+    from experiments.inputs import with_walk_fields
+    from fleetjax.pallas import chunked, mosaic
+    config = chunked.PallasConfig(mosaic_walks=mosaic.MosaicWalkConfig())
+    changed = with_walk_fields(config, '{"gate_sums": true, "gate_grad_kernel": true}')
+    assert changed.mosaic_walks.gate_sums and changed.gate_grad_kernel and not config.gate_grad_kernel
+    for fields, why in (('{"nope": 1}', "nope"), ('{"gate_grad_kernel": 1}', "gate_grad_kernel"), ("[1]", "[1]")):
+        with pytest.raises(ValueError, match="--walks") as error:
+            with_walk_fields(config, fields)
+        assert why in str(error.value)
+
+
 def test_compile_sweep_lists_its_grid_and_refuses_bad_dims(capsys):
     """experiments/compile_sweep.py --list: the grid (implementations outermost, each case with and without
     segments) without compiling anything; head dims that are not KxV pairs are an error that quotes them."""

@@ -744,16 +744,18 @@ def test_the_gated_backward_walks_in_the_interpreter_match_the_oracle(pieces, dt
 
 
 @interpreted
-@pytest.mark.parametrize("learned, pieces, backward_states", [("decay", 2, False), ("decay", 2, True),
-                                                              ("decay", 4, True), ("gate", 1, False),
-                                                              ("gate", 2, False), ("gate", 2, True),
-                                                              ("both", 2, False), ("both", 2, True)])
-def test_the_op_through_the_interpreted_walks_matches_the_oracle(monkeypatch, learned, pieces, backward_states):
+@pytest.mark.parametrize("learned, pieces, backward_states, launch", [
+    ("decay", 2, False, False), ("decay", 2, True, False), ("decay", 4, True, False), ("gate", 1, False, False),
+    ("gate", 2, False, False), ("gate", 2, True, False), ("both", 2, False, False), ("both", 2, True, False),
+    ("gate", 1, False, True), ("gate", 2, True, True)])
+def test_the_op_through_the_interpreted_walks_matches_the_oracle(monkeypatch, learned, pieces, backward_states,
+                                                                 launch):
     """The Pallas op's forward and backward with every walk it can give Mosaic on Mosaic (in its interpreter):
     the glue of fleetjax.pallas.chunked (the pieces' states and tangents, the gradients' sums) end to end;
     ``backward_states``: the backward's pieces' states from Mosaic's states walk too (the dq walk's exact, with
     the tangent where the decay is learned; MosaicWalkConfig.backward_piece_states); four pieces pass their
-    states and tangents through three steps."""
+    states and tangents through three steps. ``launch``: d log_gate from the walks' per-block parts in one
+    launch (PallasConfig.gate_grad_kernel)."""
     from fleetjax.pallas.mosaic import backward as mosaic_backward
     calls = []
 
@@ -779,7 +781,7 @@ def test_the_op_through_the_interpreted_walks_matches_the_oracle(monkeypatch, le
                                     backward_piece_states=backward_states, gate_dk_warpgroups=1,
                                     gate_dq_warpgroups=1)
     config = dataclasses.replace(chunked.default_config(q, v), num_sequence_pieces=1,
-                                 backward_num_sequence_pieces=pieces, mosaic_walks=walks)
+                                 backward_num_sequence_pieces=pieces, mosaic_walks=walks, gate_grad_kernel=launch)
     assert config.chunking(T, True).chunk_size == walks.chunk_size
     if learned == "gate":  # the gate alone, as GLA's: its gradient, not the per-head decay's
         f = lambda q, k, v, g: fleetjax.fleet_attention(q, k, v, None, log_gate=g, implementation="pallas",  # noqa: E731
@@ -807,6 +809,7 @@ def test_the_op_through_the_interpreted_walks_matches_the_oracle(monkeypatch, le
         axis = 2 if name in ("q", "k", "v") else None
         tolerance = TOLERANCE["bfloat16"] if axis else DECAY_GRAD_TOLERANCE["bfloat16"]
         assert oracle.rel_err(got, ref[name], axis=axis) < tolerance, name
+    assert ("name=fleet_gate_grad" in str(jax.make_jaxpr(pullback)(do))) == launch
 
 
 @interpreted
@@ -946,6 +949,36 @@ def test_the_gate_sums_launch_and_the_zero_first_piece_match_the_oracle(pieces):
         axis = None if name == "log_gate" else 2
         assert oracle.rel_err(got, ref_o if name == "o" else ref[name], axis=axis) < tolerance, name
         assert oracle.rel_err(got, default, axis=axis) < tolerance, name
+
+
+@hopper
+@pytest.mark.parametrize("pieces", [1, 4])
+def test_the_gate_grad_launch_matches_the_default_on_the_mosaic_walks(pieces):
+    """PallasConfig.gate_grad_kernel on Hopper (the Mosaic walks' per-block parts, their spanned pairs from row
+    and column sums): dq, dk and dv bitwise the default's, d log_gate within float32 roundings of it and
+    within the float64 oracle's tolerance, one fleet_gate_grad launch; with a NaN key the same NaNs."""
+    B, T, H, K, V = 2, 1024, 2, 128, 128
+    q, k, v = _inputs(B, T, H, K, V, "bfloat16")
+    do = _inputs(B, T, H, K, V, "bfloat16", seed=6)[2]
+    log_gate = 0.02 * _log_gate(B, T, H)
+    results = {}
+    for launch in (True, False):
+        config = dataclasses.replace(chunked.default_config(q, v), num_sequence_pieces=pieces,
+                                     backward_num_sequence_pieces=pieces, gate_grad_kernel=launch)
+        f = lambda q, k, v, g, config=config: fleetjax.fleet_attention(  # noqa: E731
+            q, k, v, None, log_gate=g, implementation="pallas", config=config)
+        grads = jax.jit(lambda q, k, v, g, do, f=f: jax.vjp(f, q, k, v, g)[1](do))
+        assert grads.lower(q, k, v, log_gate, do).as_text().count('name = "fleet_gate_grad"') == int(launch)
+        results[launch] = grads(q, k, v, log_gate, do), grads(q, k.at[1, 300, 1, 7].set(jnp.nan), v, log_gate, do)
+    ref = oracle.gradients(q, k, v, jnp.ones((H,), jnp.float32), do=do, log_gate=log_gate)
+    for got, default, name in zip(results[True][0], results[False][0], ("q", "k", "v", "log_gate")):
+        if name == "log_gate":
+            assert oracle.rel_err(got, ref[name]) < DECAY_GRAD_TOLERANCE["bfloat16"]
+            np.testing.assert_allclose(got, default, rtol=0, atol=1e-5 * float(jnp.abs(default).max()))
+        else:
+            np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(default, np.float32), err_msg=name)
+    for got, default in zip(*(results[launch][1] for launch in (True, False))):
+        np.testing.assert_array_equal(np.isnan(np.asarray(got, np.float32)), np.isnan(np.asarray(default, np.float32)))
 
 
 @hopper

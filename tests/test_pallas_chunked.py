@@ -729,3 +729,55 @@ def test_the_formed_gate_sums_serve_the_walks_and_the_backward(pieces):
     assert "name=gate_sums" not in str(jax.make_jaxpr(lambda: run(plain))())
     for name, a, b in zip(("o", "final", "dq", "dk", "dv", "ddecay", "dgate", "dinitial"), run(formed), run(plain)):
         np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * float(jnp.abs(b).max()), err_msg=name)
+
+
+@pytest.mark.parametrize("B, H, T, C, blocks", [(2, 3, 256, 64, (4, 2)), (1, 2, 48 * 16, 16, (1, 3)),
+                                                (1, 1, 64, 64, (2, 2))])
+@pytest.mark.parametrize("plain_chosen", [True, False])
+def test_the_gate_grad_launch_forms_what_vjp_forms(B, H, T, C, blocks, plain_chosen):
+    """fleetjax.pallas.gate_grad: d log_gate from the chosen side's per-block parts (the plain side's spanned
+    from its row and column sums, the contained side's its own) and NaN where marked, within float32 roundings
+    of fleetjax.vjp.log_gate_grad's XLA form; chunk counts that 16 does not divide (48 = 3 tiles of 16; 1)."""
+    from fleetjax import vjp
+    from fleetjax.pallas import gate_grad
+    rng = np.random.default_rng(T + B)
+    part = lambda n: jnp.asarray(rng.standard_normal((n, B, H, T)), jnp.float32)  # noqa: E731
+    plain = dict(w=part(blocks[0]), u=part(blocks[1]), row=part(blocks[0]), column=part(blocks[1]))
+    contained = dict(w=part(blocks[1]), u=part(blocks[0]), spanned=part(blocks[1]))
+    marks = jnp.asarray(rng.random((B, H, T)) < 0.05)
+    got = gate_grad.log_gate_grad(plain, contained, marks, jnp.asarray(plain_chosen), chunk_size=C)
+    side = {k: jnp.sum(a, axis=0) for k, a in (plain if plain_chosen else contained).items()}
+    if plain_chosen:
+        side["spanned"] = vjp.spanned_from_sums(side.pop("row"), side.pop("column"), C)
+    want = vjp.log_gate_grad(side["w"], side["u"], side["spanned"], None, C)
+    assert got.shape == (B, H, T)
+    np.testing.assert_array_equal(np.isnan(got), np.asarray(marks))
+    np.testing.assert_allclose(np.where(marks, 0, got), np.where(marks, 0, want), rtol=0,
+                               atol=2e-6 * float(jnp.abs(want).max()))
+    assert gate_grad.serves(T, C) and not gate_grad.serves(T + 1, C) and not gate_grad.serves(C // 2, C)
+
+
+@pytest.mark.parametrize("pieces", [1, 3])
+def test_the_gate_grad_launch_gives_the_ops_gradients(pieces):
+    """PallasConfig.gate_grad_kernel: the op's gradients as without it (the gate's within float32 roundings,
+    the others bitwise), also with a NaN key (the contained walks' parts chosen, the same NaNs), with one
+    gate_grad launch in the backward; a learned decay beside the gate keeps XLA's form (no launch)."""
+    q, k, v, _, _, _, wo, _ = (None if x is None else jnp.asarray(x) for x in _inputs(T=128))
+    log_gate = jnp.asarray(-np.random.default_rng(5).exponential(0.3, q.shape[:3]), jnp.float32)
+    plain = PallasConfig(**SMALL, num_sequence_pieces=pieces, backward_num_sequence_pieces=pieces)
+    launch = dataclasses.replace(plain, gate_grad_kernel=True)
+
+    def grads(config, k, decay=None):
+        f = lambda q, k, v, gate, decay: fleetjax.fleet_attention(  # noqa: E731
+            q, k, v, decay, log_gate=gate, implementation="pallas", config=config)
+        argnums = (0, 1, 2, 3) + ((4,) if decay is not None else ())
+        return jax.grad(lambda *a: jnp.sum(f(*a) * wo), argnums=argnums)(q, k, v, log_gate, decay)
+
+    for keys in (k, k.at[0, 70, 1, 3].set(jnp.nan)):
+        for name, a, b in zip(("dq", "dk", "dv", "dgate"), grads(launch, keys), grads(plain, keys)):
+            np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=name)
+            tolerance = 2e-6 * float(jnp.nanmax(jnp.abs(b))) if name == "dgate" else 0
+            np.testing.assert_allclose(np.nan_to_num(a), np.nan_to_num(b), rtol=0, atol=tolerance, err_msg=name)
+    assert str(jax.make_jaxpr(lambda: grads(launch, k))()).count("name=fleet_gate_grad") == 1
+    decay = jnp.full((q.shape[2],), 0.95, jnp.float32)
+    assert "name=fleet_gate_grad" not in str(jax.make_jaxpr(lambda: grads(launch, k, decay))())

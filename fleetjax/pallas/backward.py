@@ -217,7 +217,8 @@ def _summed(out: dict, name: str):
 
 def dq_walk(q, k, v, do, log_decay, start, run_ids, chunking: Chunking, *, scale: float, contain: bool, local,
             block_v: int, num_warps: int, num_stages: int, precision, gate=None, piece_log=None,
-            wanted: Wanted = Wanted(), exact: bool | None = None, intra: bool = True, skip=None, keep=None):
+            wanted: Wanted = Wanted(), exact: bool | None = None, intra: bool = True, skip=None, keep=None,
+            per_block: bool = False):
     """(dq [B, T, H, K] in q's dtype, w, counts, intra, spanned [B, H, T] float32). start: S0 [B, H, K, V] or
     None; local: (the pieces' local states, their crossing counts or None) or None; gate [B, H, T],
     piece_log [B, H, P]: the gated decay. What the decay's gradient needs comes as ``wanted`` asks, else
@@ -225,7 +226,7 @@ def dq_walk(q, k, v, do, log_decay, start, run_ids, chunking: Chunking, *, scale
     ``intra`` (the log decay's, and the plain walks' witness of non-finite inputs). ``exact``: the state's
     products float32-accurate (default: where ``wanted`` asks for sums; a caller that leaves the sums out
     may keep them for a dq bitwise the same). skip, keep: a bool scalar array and an array for dq's buffer
-    (fleetjax.pallas.launch.call)."""
+    (fleetjax.pallas.launch.call). ``per_block``: w and spanned [value blocks, B, H, T], not summed."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     local, local_counts = (None, None) if local is None else local
@@ -245,8 +246,9 @@ def dq_walk(q, k, v, do, log_decay, start, run_ids, chunking: Chunking, *, scale
                             spanned_ref=per_position if gate is not None and wanted.log_gate else None),
                num_warps=num_warps, num_stages=num_stages, skip=skip,
                keep=None if keep is None else dict(dq_ref=keep))
-    return (out["dq_ref"], _summed(out, "w_ref"), _summed(out, "counts_ref"), _summed(out, "intra_ref"),
-            _summed(out, "spanned_ref"))
+    part = (lambda name: out.get(name)) if per_block else functools.partial(_summed, out)
+    return (out["dq_ref"], part("w_ref"), _summed(out, "counts_ref"), _summed(out, "intra_ref"),
+            part("spanned_ref"))
 
 
 def dv_walk(q, k, do, log_decay, exit_state, run_ids, chunking: Chunking, *, scale: float, contain: bool, local,
@@ -273,10 +275,10 @@ def dv_walk(q, k, do, log_decay, exit_state, run_ids, chunking: Chunking, *, sca
 
 def dk_walk(q, k, v, do, log_decay, exit_state, run_ids, chunking: Chunking, *, scale: float, contain: bool, local,
             block_v: int, num_warps: int, num_stages: int, precision, gate=None, piece_log=None, to_end=None,
-            wanted: Wanted = Wanted(), exact: bool | None = None, skip=None, keep=None):
+            wanted: Wanted = Wanted(), exact: bool | None = None, skip=None, keep=None, per_block: bool = False):
     """(dk [B, T, H, K] in k's dtype, u [B, H, T], x [B, H, T] (float32; None without exit_state, both None
     when no decay gradient is ``wanted``)). local: the dv walk's local states [B, H, P-1, K, V] (transposed
-    here); exit_state: dS_T [B, H, K, V] or None. exact, skip, keep: as :func:`dq_walk`'s."""
+    here); exit_state: dS_T [B, H, K, V] or None. exact, skip, keep, per_block (u): as :func:`dq_walk`'s."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     local = None if local is None else jnp.swapaxes(local, -1, -2)
@@ -293,4 +295,4 @@ def dk_walk(q, k, v, do, log_decay, exit_state, run_ids, chunking: Chunking, *, 
                             x_ref=per_position if exit_state is not None else None),
                num_warps=num_warps, num_stages=num_stages, skip=skip,
                keep=None if keep is None else dict(dk_ref=keep))
-    return out["dk_ref"], _summed(out, "u_ref"), _summed(out, "x_ref")
+    return out["dk_ref"], out.get("u_ref") if per_block else _summed(out, "u_ref"), _summed(out, "x_ref")

@@ -34,7 +34,7 @@ from fleetjax.decay import Decays
 from fleetjax.implementation import Implementation
 from fleetjax.pallas import backward as bwd
 from fleetjax.pallas import forward as fwd
-from fleetjax.pallas import gate
+from fleetjax.pallas import gate, gate_grad
 from fleetjax.pallas import marking
 from fleetjax.pallas import mosaic
 from fleetjax.pallas.launch import multiprocessor_count, on_gpu, shared_memory_bytes, shared_memory_per_block
@@ -111,6 +111,9 @@ class PallasConfig:
     (fleetjax.sharding's steps before each exchange) choose on the device too, their pieces' states being
     the witness (not timed on a GPU). False: the lax.cond, as before 2026-12-04, whose branches jax prunes to
     the gradients used (and for the local states a check of their inputs).
+    gate_grad_kernel: where the choice is made on the device and the gate's gradient alone is wanted (no final
+    state's cotangent, whole chunks), d log_gate from the plain and contained walks' per-block parts in one
+    Triton launch (fleetjax.pallas.gate_grad) instead of XLA's fusions (off by default until timed on a GPU).
     """
 
     forward: WalkConfig = WalkConfig()
@@ -123,6 +126,7 @@ class PallasConfig:
     precision: str = "tf32x3"
     mosaic_walks: mosaic.MosaicWalkConfig | None = None
     choice_on_device: bool = True
+    gate_grad_kernel: bool = False
 
     def __post_init__(self):
         for name in ("forward", "dq", "dv", "dk", "piece_states"):
@@ -141,8 +145,9 @@ class PallasConfig:
         if self.mosaic_walks is not None and not isinstance(self.mosaic_walks, mosaic.MosaicWalkConfig):
             raise TypeError(f"PallasConfig.mosaic_walks must be a MosaicWalkConfig or None, got "
                             f"{self.mosaic_walks!r}")
-        if not isinstance(self.choice_on_device, bool):
-            raise TypeError(f"PallasConfig.choice_on_device must be a bool, got {self.choice_on_device!r}")
+        for name in ("choice_on_device", "gate_grad_kernel"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"PallasConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
     def chunking(self, T: int, backward: bool) -> Chunking:
         if backward:
@@ -554,6 +559,9 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
     # formed once, from the chosen ones: from the gradients, XLA forms both walks' (their cumulative sums over
     # every position) and then selects one.
     gate_parts = config.choice_on_device and wanted.log_gate
+    # PallasConfig.gate_grad_kernel: the parts stay per value block, both walks', for one launch to choose and sum.
+    per_block = (gate_parts and config.gate_grad_kernel and not wanted.log_decay and exit_cotangent is None
+                 and gate_grad.serves(T, chunking.chunk_size))
 
     def walks(contain: bool, skip=None, plain=None):
         """((dq, dk, dv, d log_decay, d log_gate, d start), witness); with ``skip`` (contained only, the choice
@@ -600,7 +608,9 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
             dq, dk, dv, parts, witness = mosaic.backward_walks(
                 q, k, v, do, decays, start, chunking, dq_local, reverse_local,
                 scale=scale, config=config.mosaic_walks, log_decay_wanted=wanted.log_decay,
-                log_gate_wanted=wanted.log_gate)
+                log_gate_wanted=wanted.log_gate, per_block=per_block)
+            if per_block:
+                return (dq, dk, dv, None, parts, None), witness
             d_log_decay, d_gate = _decay_gradients(wanted, chunking.chunk_size, gate_parts=gate_parts,
                                                    **(parts or {}))
             return (dq, dk, dv, d_log_decay, d_gate, None), witness
@@ -610,28 +620,32 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
         dq, w, counts, intra, spanned = bwd.dq_walk(q, k, v, do, decays.log_decay, start, run_ids, chunking,
                                                     contain=contain, local=dq_local, wanted=sums, exact=wanted.any,
                                                     intra=sums.log_decay or not contain, skip=skip, keep=kept[0],
-                                                    **common, **config.launch("dq", q.dtype))
+                                                    per_block=per_block, **common, **config.launch("dq", q.dtype))
         dv, reverse_state = bwd.dv_walk(q, k, do, decays.log_decay, exit_cotangent, run_ids, chunking,
                                         contain=contain, local=reverse_local, to_end=to_end,
                                         start_wanted=wanted.initial_state, skip=skip, keep=kept[2], **common,
                                         **config.launch("dv", q.dtype))
         dk, u, x = bwd.dk_walk(q, k, v, do, decays.log_decay, exit_cotangent, run_ids, chunking, contain=contain,
                                local=reverse_local, to_end=to_end, wanted=sums, exact=wanted.any, skip=skip,
-                               keep=kept[1], **common, **config.launch("dk", q.dtype))
+                               keep=kept[1], per_block=per_block, **common, **config.launch("dk", q.dtype))
         d_start = None if reverse_state is None else vjp.only_first_run(scale * reverse_state, run_ids)
-        d_log_decay, d_gate = _decay_gradients(sums, chunking.chunk_size, gate_parts=gate_parts, w=w, u=u,
-                                               counts=counts, intra=intra, spanned=spanned, x=x)
+        d_log_decay, d_gate = ((None, dict(w=w, u=u, spanned=spanned)) if per_block else _decay_gradients(
+            sums, chunking.chunk_size, gate_parts=gate_parts, w=w, u=u, counts=counts, intra=intra,
+            spanned=spanned, x=x))
         grads = (dq, dk, dv, d_log_decay, d_gate, d_start)
         if skip is not None:
             return _marked_on_device(grads, plain, q, k, v, do, run_ids=run_ids, skip=skip,
-                                     chunk_size=chunking.chunk_size), intra
+                                     chunk_size=chunking.chunk_size, per_block=per_block), intra
         # intra_t is the witness: scale sum_s (t - s) (q_t . k_s)(dO_t . v_s) over the chunk holds the pair
         # (t, t), lag 0 times a non-finite product being NaN, for q_t, k_t, v_t and dO_t alike.
         return (_mark_gradients(*grads, q, k, v, do, run_ids=run_ids) if contain else grads), intra
 
     choose = nonfinite.contained_on_device if config.choice_on_device else nonfinite.contained_if_reached
     dq, dk, dv, d_log_decay, d_gate, d_start = choose(walks)
-    if gate_parts:  # the chosen parts and the contained walks' marks (none where the plain walks were chosen)
+    if per_block:  # both walks' parts, per value block, and the contained walks' marks
+        plain_parts, contained_parts, marks, chosen = d_gate
+        d_gate = gate_grad.log_gate_grad(plain_parts, contained_parts, marks, chosen, chunk_size=chunking.chunk_size)
+    elif gate_parts:  # the chosen parts and the contained walks' marks (none where the plain walks were chosen)
         parts, marks = d_gate
         d_gate = nonfinite.mark(vjp.log_gate_grad(**parts, chunk_size=chunking.chunk_size), marks)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_log_decay, d_gate, d_start
@@ -655,12 +669,13 @@ def _decay_gradients(wanted: vjp.Wanted, chunk_size: int, *, gate_parts: bool = 
     return d_log_decay, d_gate
 
 
-def _marked_on_device(grads, plain, q, k, v, do, *, run_ids, skip, chunk_size: int):
+def _marked_on_device(grads, plain, q, k, v, do, *, run_ids, skip, chunk_size: int, per_block: bool = False):
     """:func:`_mark_gradients`'s marks made by kernels (fleetjax.pallas.marking.mark_backward, a launch per
     gradient) that ``skip`` (every input finite) turns into none; then the gradients are the plain walks'
     ``plain``: dq, dk and dv through their buffers, the small ones selected (d log_decay: the plain one,
     marked). d log_gate comes as its parts (``_decay_gradients``'s gate_parts) and leaves as (the parts
-    selected, its marks [B, H, T] bool, none where skipped)."""
+    selected, its marks [B, H, T] bool, none where skipped); ``per_block``: as (the plain parts, the contained
+    ones, the marks, ``skip``), chosen by fleetjax.pallas.gate_grad."""
     dq, dk, dv, d_log_decay, d_gate, d_start = grads
     dq, dk, dv, first, head, gate = marking.mark_backward(dq, dk, dv, q, k, v, do, run_ids, skip=skip,
                                                           gate_marks=d_gate is not None, chunk_size=chunk_size)
@@ -670,7 +685,9 @@ def _marked_on_device(grads, plain, q, k, v, do, *, run_ids, skip, chunk_size: i
         # A head's d log_decay sums over its rows alone: the plain walks' is exact for a head without a bad
         # entry, so the contained walks leave its sums out.
         d_log_decay = nonfinite.mark(plain[3], head)
-    if d_gate is not None:
+    if d_gate is not None and per_block:
+        d_gate = (plain[4], d_gate, gate & ~skip, skip)
+    elif d_gate is not None:
         d_gate = (jax.tree.map(lambda chosen, contained: jnp.where(skip, chosen, contained), plain[4], d_gate),
                   gate & ~skip)
     return dq, dk, dv, d_log_decay, d_gate, d_start

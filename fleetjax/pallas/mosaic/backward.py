@@ -21,7 +21,7 @@ from fleetjax.pallas.mosaic.plain import walk, witness_of
 
 def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_local, reverse_local, *,
                    scale: float, config: MosaicWalkConfig, log_decay_wanted: bool, log_gate_wanted: bool = False,
-                   interpret=None):
+                   per_block: bool = False, interpret=None):
     """(dq, dk, dv, the gradient's per-position sums or None, the witness) where
     fleetjax.pallas.mosaic.serves_backward: the pieces entering from the local states of the dq walk's
     ``dq_local`` (keys v, values k: (states, their derivatives in log gamma or None)) and of the reverse walks'
@@ -32,8 +32,9 @@ def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_lo
     row and column sums of the chunks' pairs, fleetjax.vjp.spanned_from_sums). The witness: the first rows of the
     dq and dv walks' states after their pieces (fleetjax.pallas.mosaic.witness_of), non-finite whenever dq or
     dv is (their 0 * out terms), which each q_t, k_t, v_t and dO_t reaches through its own pair (the dk walk's
-    states after its pieces, read by nobody, are no witness: it runs with ``witness=False``). ``interpret``:
-    see fleetjax.pallas.mosaic.plain."""
+    states after its pieces, read by nobody, are no witness: it runs with ``witness=False``). ``per_block``:
+    the gate's parts per value block [blocks, B, H, T], row and column in place of spanned
+    (fleetjax.pallas.gate_grad). ``interpret``: see fleetjax.pallas.mosaic.plain."""
     B, T = q.shape[:2]
     dq_local, dq_local_tangents = (None, None) if dq_local is None else dq_local
     if start is None and log_decay_wanted and chunking.pieces == 1:
@@ -60,7 +61,16 @@ def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_lo
                          if log_decay_wanted else None)
     dq, dq_finals, dq_sums = sums(do, v, k, entering=dq_entering, reverse=False, rows=q, tangent=log_decay_wanted,
                                   entering_tangents=tangents_entering, before=log_gate_wanted, name="dq_sums_walk")
-    parts = {"w" if name == "state" else name: jnp.sum(part, axis=0) for name, part in dq_sums.items()}
+    summed = (lambda part: part) if per_block else functools.partial(jnp.sum, axis=0)
+    parts = {"w" if name == "state" else name: summed(part) for name, part in dq_sums.items()}
+
+    def with_gate_parts(u, column):
+        """parts with the reverse walk's u and the pairs' column sums [blocks, B, H, T]."""
+        row = parts.pop("before")
+        if per_block:
+            return parts | dict(u=u, row=row, column=column)
+        return parts | dict(u=summed(u), spanned=vjp.spanned_from_sums(row, summed(column), chunking.chunk_size))
+
     if log_gate_wanted and joint.serves(config, K=k.shape[-1], V=v.shape[-1]):
         pieces = Chunking(T, chunking.chunk_size, config.joint_pieces or 1)
         if chunking.pieces == 1 and pieces.pieces > 1 and pieces.equal_pieces:  # MosaicWalkConfig.joint_pieces
@@ -69,16 +79,13 @@ def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_lo
             chunking, reverse_entering = pieces, entering_states(None, local, decays, pieces, B, reverse=True)
         dk, dv, dv_finals, joint_sums = joint.joint_walk(q, k, v, do, reverse_entering, chunking, scale=scale,
                                                          config=config, within=within, interpret=interpret)
-        parts["u"] = jnp.sum(joint_sums["state"], axis=0)
-        parts["spanned"] = vjp.spanned_from_sums(parts.pop("before"), joint_sums["before"][0], chunking.chunk_size)
-        return dq, dk, dv, parts, (witness_of(dq_finals), witness_of(dv_finals))
+        return dq, dk, dv, with_gate_parts(joint_sums["state"], joint_sums["before"]), (witness_of(dq_finals),
+                                                                                        witness_of(dv_finals))
     dv, dv_finals = plain(k, q, do, entering=reverse_entering, reverse=True, name="dv_walk")
     if log_gate_wanted:  # the gate's gradient takes the dk walk's sums (the decay's come from the dq walk alone)
         dk, _, dk_sums = sums(v, do, q, entering=dk_entering, reverse=True, rows=k, before=True, witness=False,
                               name="dk_sums_walk")
-        parts["u"] = jnp.sum(dk_sums["state"], axis=0)
-        parts["spanned"] = vjp.spanned_from_sums(parts.pop("before"), jnp.sum(dk_sums["before"], axis=0),
-                                                 chunking.chunk_size)
+        parts = with_gate_parts(dk_sums["state"], dk_sums["before"])
     else:
         dk, _ = plain(v, do, q, entering=dk_entering, reverse=True, witness=False, name="dk_walk")
     return dq, dk, dv, parts, (witness_of(dq_finals), witness_of(dv_finals))

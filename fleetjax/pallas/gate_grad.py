@@ -1,0 +1,92 @@
+"""d log_gate from the walks' per-block parts in one launch (PallasConfig.gate_grad_kernel, off by default
+until timed on a GPU): :func:`log_gate_grad`, fleetjax.vjp.log_gate_grad formed by one Triton program per
+(batch, head) row, where the choice between the plain and the contained walks is made on the device. XLA
+takes eight fusions for it on an H100 at B4 H16 T=4096 (about 50 us): the choice between the two walks'
+parts, their sums over value blocks, the running sums in two passes and d's transpose. Here the program
+reads the chosen walks' parts (the choice a branch of the program) and writes d; XLA transposes it.
+
+Per position r of chunk m, with the chunk's parts w, u and the pairs spanned across r:
+
+    d_r = spanned_r + sum_{t >= r in m} w_t + sum_{s < r in m} u_s + F_m - out_m,
+    F_m = sum over the chunks after m of (in - out),   in = sum_m w,   out = sum_m u.
+
+The first two sums are one: in_m + sum_{s < r in m} (u_s - w_s), a forward running sum over the chunk (the
+Triton lowering has no reverse one), rounded relative to the chunk's sums as the reference's are. spanned is
+either a walk's own or, from the Mosaic walks, sum_{t < r in m} (column_t - row_t)
+(fleetjax.vjp.spanned_from_sums). The program walks its row's chunks from the end in tiles of whole chunks,
+carrying F into each tile from the chunks after it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from fleetjax.pallas.launch import call
+
+f32 = jnp.float32
+# Chunks a program sums at a time: the largest power of two up to this that divides the row's chunk count.
+MAX_TILE = 16
+NAMES = ("w", "u", "spanned", "row", "column")
+
+
+def serves(T: int, chunk_size: int) -> bool:
+    """Whether :func:`log_gate_grad` takes rows of T positions: whole chunks."""
+    return T >= chunk_size and T % chunk_size == 0
+
+
+def grad_kernel(*, chosen_ref, marks_ref, d_ref, n: int, tile: int, **parts):
+    """One (batch, head) row of n chunks. parts: ``plain_<name>_ref`` and ``contained_<name>_ref`` [blocks, n,
+    C] (name in NAMES; spanned, or row and column); chosen [1] int32: nonzero, the plain walks' parts;
+    marks [n, C] int32 (nonzero: NaN there); d [n, C]."""
+    def summed(side, name, rows):
+        ref = parts[f"{side}_{name}_ref"]
+        return functools.reduce(jnp.add, (ref[j, rows, :] for j in range(ref.shape[0])))
+
+    def chosen_parts(side, rows):
+        w, u = summed(side, "w", rows), summed(side, "u", rows)
+        if f"{side}_spanned_ref" in parts:
+            return w, u, summed(side, "spanned", rows)
+        lag = summed(side, "column", rows) - summed(side, "row", rows)
+        return w, u, jnp.cumsum(lag, axis=1) - lag
+
+    def step(i, after):
+        rows = pl.ds((n // tile - 1 - i) * tile, tile)
+        w, u, spanned = jax.lax.cond(chosen_ref[0] != 0, lambda: chosen_parts("plain", rows),
+                                     lambda: chosen_parts("contained", rows))
+        into, out = jnp.sum(w, axis=1), jnp.sum(u, axis=1)
+        net = into - out
+        tile_net = jnp.sum(net)
+        # The flow across the boundary after each chunk: the tile's later chunks' and those after the tile.
+        flow = after + (tile_net - jnp.cumsum(net))
+        lag = u - w
+        d = spanned + into[:, None] + (jnp.cumsum(lag, axis=1) - lag) + (flow - out)[:, None]
+        d_ref[rows, :] = jnp.where(marks_ref[rows, :] != 0, jnp.nan, d)
+        return after + tile_net
+
+    jax.lax.fori_loop(0, n // tile, step, jnp.zeros((), f32))
+
+
+def log_gate_grad(plain: dict, contained: dict, marks: jax.Array, chosen: jax.Array, *, chunk_size: int) -> jax.Array:
+    """d log_gate [B, H, T] float32 (fleetjax.vjp.log_gate_grad, NaN where ``marks``, bool [B, H, T]) from
+    ``plain``'s parts where ``chosen`` (a bool scalar array), else ``contained``'s: dicts of w, u and either
+    spanned or row and column, each [blocks, B, H, T] float32 (any number of blocks, summed here), T a
+    multiple of ``chunk_size`` (:func:`serves`)."""
+    B, H, T = marks.shape
+    C = chunk_size
+    n = T // C
+    tile = next(t for t in (MAX_TILE >> s for s in range(MAX_TILE.bit_length())) if n % t == 0)
+    row = pl.BlockSpec((None, None, n, C), lambda g: (g // H, g % H, 0, 0))
+    inputs = dict(chosen_ref=(jnp.reshape(chosen, (1,)).astype(jnp.int32), pl.BlockSpec((1,), lambda g: (0,))),
+                  marks_ref=(marks.astype(jnp.int32).reshape(B, H, n, C), row))
+    for side, given in (("plain", plain), ("contained", contained)):
+        for name, part in given.items():
+            blocks = part.shape[0]
+            spec = pl.BlockSpec((blocks, None, None, n, C), lambda g: (0, g // H, g % H, 0, 0))
+            inputs[f"{side}_{name}_ref"] = (part.reshape(blocks, B, H, n, C), spec)
+    out = call(functools.partial(grad_kernel, n=n, tile=tile), name="fleet_gate_grad", grid=(B * H,),
+               inputs=inputs, outputs=dict(d_ref=(((B, H, n, C), f32), row)), num_warps=4, num_stages=1)
+    return out["d_ref"].reshape(B, H, T)
