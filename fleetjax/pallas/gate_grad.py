@@ -5,16 +5,12 @@ takes eight fusions for it on an H100 at B4 H16 T=4096 (about 50 us): the choice
 parts, their sums over value blocks, the running sums in two passes and d's transpose. Here the program
 reads the chosen walks' parts (the choice a branch of the program) and writes d; XLA transposes it.
 
-Per position r of chunk m, with the chunk's parts w, u and the pairs spanned across r:
-
-    d_r = spanned_r + sum_{t >= r in m} w_t + sum_{s < r in m} u_s + F_m - out_m,
-    F_m = sum over the chunks after m of (in - out),   in = sum_m w,   out = sum_m u.
-
-The first two sums are one: in_m + sum_{s < r in m} (u_s - w_s), a forward running sum over the chunk (the
+fleetjax.vjp.log_gate_grad defines d. Its two in-chunk sums are one here: sum_{t >= r} w_t + sum_{s < r} u_s
+= in_m + sum_{s < r} (u_s - w_s) over r's chunk m (in_m: the chunk's sum of w), a forward running sum (the
 Triton lowering has no reverse one), rounded relative to the chunk's sums as the reference's are. spanned is
-either a walk's own or, from the Mosaic walks, sum_{t < r in m} (column_t - row_t)
-(fleetjax.vjp.spanned_from_sums). The program walks its row's chunks from the end in tiles of whole chunks,
-carrying F into each tile from the chunks after it.
+either a walk's own or, from the Mosaic walks, fleetjax.vjp.spanned_from_sums of their row and column sums.
+The program walks its row's chunks from the end in tiles of whole chunks, carrying the flow across the
+chunk boundaries from the chunks after each tile.
 """
 
 from __future__ import annotations
