@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the ops to time, comma-separated (default: all of fwd, fwd_bwd, fwd_bwd_fixed and, "
                              "with --gated, fwd_bwd_decay)")
     parser.add_argument("--walks", default=None, metavar="JSON",
-                        help="MosaicWalkConfig fields to change from the default config (sm_90 GPUs), e.g. "
-                             "'{\"joint_reverse\": true}'")
+                        help="MosaicWalkConfig fields, or the PallasConfig's own, to change from the default "
+                             "config (sm_90 GPUs), e.g. '{\"joint_reverse\": true}'")
     args = parser.parse_args(argv)
     if args.shapes is not None and not re.fullmatch(r"\d+,\d+,\d+(;\d+,\d+,\d+)*", args.shapes):
         parser.error(f"--shapes must be B,T,H triples separated by ';', got {args.shapes!r}")

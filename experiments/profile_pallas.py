@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --gated: a learned per-head decay beside the gate (fleetjax's gated layers), both "
                     "differentiated")
     ap.add_argument("--walks", default=None, metavar="JSON",
-                    help='MosaicWalkConfig fields to change from the default config, e.g. \'{"block_v": 128}\'')
+                    help='MosaicWalkConfig fields, or the PallasConfig\'s own, to change from the default config, '
+                         'e.g. \'{"block_v": 128}\'')
     ap.add_argument("--untimed", action="store_true", help="run the calls only (under a profiler)")
     ap.add_argument("--host-wait", action="store_true",
                     help="also time enqueueing ten calls behind a long XLA op (see host_wait)")

@@ -8,8 +8,9 @@ program's top-level kernels are listed in launch order: XLA's fusions, the Mosai
                                                    [--dtype bfloat16] [--device h100|h200] [--walks JSON]
                                                    [--out FILE] [--label TEXT]
 
-``--walks JSON`` changes fields of the default config's Mosaic walks (as the described GPU's), e.g.
-``'{"gate_sums": true, "zero_first": true}'``: the kernels of a variant of one checkout.
+``--walks JSON`` changes fields of the default config's Mosaic walks (as the described GPU's), or of the
+config itself, e.g. ``'{"gate_sums": true, "gate_grad_kernel": true}'``: the kernels of a variant of one
+checkout.
 
 What runs on the GPU between the walks (transposes, the cumulative sums of the decay's gradient, the
 witnesses' reductions, the contained walks' skipped launches) is what this counts; their times stay the
@@ -205,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="h200", choices=sorted(DEVICES))
     ap.add_argument("--walks", default=None, metavar="JSON",
-                    help="MosaicWalkConfig fields to change from the default config's, e.g. '{\"gate_sums\": true}'")
+                    help="MosaicWalkConfig fields, or the PallasConfig's own, to change from the default config's, "
+                         "e.g. '{\"gate_sums\": true}'")
     ap.add_argument("--out", default=None, help="append one JSON line (the kernels and the fields) to this file")
     ap.add_argument("--label", default="", help="a note for the record (which tree, say)")
     args = ap.parse_args(argv)

@@ -26,7 +26,6 @@ from fleetjax.pallas.launch import call
 f32 = jnp.float32
 # Chunks a program sums at a time: the largest power of two up to this that divides the row's chunk count.
 MAX_TILE = 16
-NAMES = ("w", "u", "spanned", "row", "column")
 
 
 def serves(T: int, chunk_size: int) -> bool:
@@ -36,7 +35,7 @@ def serves(T: int, chunk_size: int) -> bool:
 
 def grad_kernel(*, chosen_ref, marks_ref, d_ref, n: int, tile: int, **parts):
     """One (batch, head) row of n chunks. parts: ``plain_<name>_ref`` and ``contained_<name>_ref`` [blocks, n,
-    C] (name in NAMES; spanned, or row and column); chosen [1] int32: nonzero, the plain walks' parts;
+    C] (name: w, u, and spanned or row and column); chosen [1] int32: nonzero, the plain walks' parts;
     marks [n, C] int32 (nonzero: NaN there); d [n, C]."""
     def summed(side, name, rows):
         ref = parts[f"{side}_{name}_ref"]

@@ -190,12 +190,14 @@ class MosaicWalkConfig:
     read by its forward and backward, instead of XLA's three kernels: at B4 H16 T=4096 the gated forward
     launches 8 kernels instead of 11 (with ``zero_first``) and fwd+bwd 28 instead of 31, counted on the CPU
     (experiments/xla_kernels.py, jax 0.11.2, 2026-12-06); the three took 15.8 us of the forward's 165 on an
-    H100 (ncu, experiments/results/2026-12-06-h100-thirtyseventh_split_fwd_gated_T4096.csv). Off by default:
-    built and tested on the CPU (Pallas interpret mode), not yet run on a GPU.
+    H100 (ncu, experiments/results/2026-12-06-h100-thirtyseventh_split_fwd_gated_T4096.csv). Off: on an H100
+    (2026-12-07, one sample each of cost_split.py, ...-thirtyeighth_witness_knobs_ab.jsonl) the two knobs
+    together gave the forward 165.6 against 164.2 us at T=4096 and 549.8 against 560.5 at T=16384, fwd+bwd
+    667.3 against 630.0 and 2456.6 against 2416.3: no gain beyond the runs' spread.
     zero_first: with no entering state, the forward walk enters its first piece from zero and takes the
     states of the others alone (fleetjax.pallas.mosaic.entering_states' ``zero_first``): two pieces need no
-    XLA copy between the states walk and the walk (5.9 us at B4 H16 T=4096, same profile). Off by default:
-    bitwise the same walk in Mosaic GPU's interpreter, not yet run on a GPU.
+    XLA copy between the states walk and the walk (5.9 us at B4 H16 T=4096, same profile). Off: timed with
+    ``gate_sums`` (above); bitwise the same walk in Mosaic GPU's interpreter, and the oracle's on an H100.
     """
 
     chunk_size: int = 64
