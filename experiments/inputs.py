@@ -92,7 +92,7 @@ def make_inputs(case: Case, seed: int, *, with_do: bool = True) -> dict[str, Any
 
 def with_walk_fields(config, fields: str):
     """``config`` (a fleetjax PallasConfig) with fields changed, ``fields`` a JSON object such as
-    '{"gate_sums": true}': fields of its Mosaic walks (MosaicWalkConfig), or of the PallasConfig itself (such
+    '{"gate_sums": false}': fields of its Mosaic walks (MosaicWalkConfig), or of the PallasConfig itself (such
     as gate_grad_kernel; the two share no name): the variants of one checkout that experiments/cost_split.py,
     profile_pallas.py and xla_kernels.py take as ``--walks``. ValueError with the option's message: the config
     has no Mosaic walks (not an sm_90 GPU's default), the text is not JSON, or a config refuses a field or

@@ -9,7 +9,7 @@ program's top-level kernels are listed in launch order: XLA's fusions, the Mosai
                                                    [--out FILE] [--label TEXT]
 
 ``--walks JSON`` changes fields of the default config's Mosaic walks (as the described GPU's), or of the
-config itself, e.g. ``'{"gate_sums": true, "gate_grad_kernel": true}'``: the kernels of a variant of one
+config itself, e.g. ``'{"gate_sums": false, "gate_grad_kernel": false}'``: the kernels of a variant of one
 checkout.
 
 What runs on the GPU between the walks (transposes, the cumulative sums of the decay's gradient, the
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="h200", choices=sorted(DEVICES))
     ap.add_argument("--walks", default=None, metavar="JSON",
                     help="MosaicWalkConfig fields, or the PallasConfig's own, to change from the default config's, "
-                         "e.g. '{\"gate_sums\": true}'")
+                         "e.g. '{\"gate_sums\": false}'")
     ap.add_argument("--out", default=None, help="append one JSON line (the kernels and the fields) to this file")
     ap.add_argument("--label", default="", help="a note for the record (which tree, say)")
     args = ap.parse_args(argv)

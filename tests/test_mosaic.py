@@ -928,13 +928,14 @@ def test_the_gated_backward_walks_match_the_oracle_and_the_triton_walks(pieces, 
 def test_the_gate_sums_launch_and_the_zero_first_piece_match_the_oracle(pieces):
     """MosaicWalkConfig.gate_sums (the gate's sums from one Triton launch, read by the forward and the backward)
     and zero_first (the first piece entered from zero, the others' states alone): the forward and the
-    gradients (the gate's too) against the float64 oracle and the default config's."""
+    gradients (the gate's too) against the float64 oracle and those without them (XLA's sums, the padded copy)."""
     B, T, H, K, V = 2, 1024, 2, 128, 128
     q, k, v = _inputs(B, T, H, K, V, "bfloat16")
     do = _inputs(B, T, H, K, V, "bfloat16", seed=6)[2]
     log_gate = 0.02 * _log_gate(B, T, H)
     results = {}
-    for walks in (mosaic.MosaicWalkConfig(gate_sums=True, zero_first=True), mosaic.MosaicWalkConfig()):
+    for walks in (mosaic.MosaicWalkConfig(gate_sums=True, zero_first=True),
+                  mosaic.MosaicWalkConfig(gate_sums=False, zero_first=False)):
         config = dataclasses.replace(chunked.default_config(q, v), num_sequence_pieces=pieces,
                                      backward_num_sequence_pieces=pieces, mosaic_walks=walks)
         f = lambda q, k, v, g, config=config: fleetjax.fleet_attention(  # noqa: E731

@@ -764,7 +764,8 @@ def test_the_gate_grad_launch_gives_the_ops_gradients(pieces):
     gate_grad launch in the backward; a learned decay beside the gate keeps XLA's form (no launch)."""
     q, k, v, _, _, _, wo, _ = (None if x is None else jnp.asarray(x) for x in _inputs(T=128))
     log_gate = jnp.asarray(-np.random.default_rng(5).exponential(0.3, q.shape[:3]), jnp.float32)
-    plain = PallasConfig(**SMALL, num_sequence_pieces=pieces, backward_num_sequence_pieces=pieces)
+    plain = PallasConfig(**SMALL, num_sequence_pieces=pieces, backward_num_sequence_pieces=pieces,
+                         gate_grad_kernel=False)
     launch = dataclasses.replace(plain, gate_grad_kernel=True)
 
     def grads(config, k, decay=None):

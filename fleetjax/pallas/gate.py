@@ -1,5 +1,5 @@
-"""The gated decay's sums for the Hopper walks, formed in one launch (MosaicWalkConfig.gate_sums, off: no
-gain timed on an H100): :func:`chunk_sums`, handed out by :class:`FormedDecays`.
+"""The gated decay's sums for the Hopper walks, formed in one launch (MosaicWalkConfig.gate_sums, on by
+default): :func:`chunk_sums`, handed out by :class:`FormedDecays`.
 
 The Mosaic walks read the log gate three ways: transposed to [B, H, T] (the contained Triton walks that the
 choice on the device launches beside them), summed within each chunk (their factors) and summed over whole

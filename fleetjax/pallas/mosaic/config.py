@@ -187,17 +187,16 @@ class MosaicWalkConfig:
     against 2.05 ms at T=16384 (same card and date, ...-thirtysixth_joint_pieces.txt).
     gate_sums: the gate's sums that the walks read (the gate transposed, summed within each chunk in base 2,
     summed over each chunk) from one Triton launch (fleetjax.pallas.gate), formed before the custom VJP and
-    read by its forward and backward, instead of XLA's three kernels: at B4 H16 T=4096 the gated forward
-    launches 8 kernels instead of 11 (with ``zero_first``) and fwd+bwd 28 instead of 31, counted on the CPU
-    (experiments/xla_kernels.py, jax 0.11.2, 2026-12-06); the three took 15.8 us of the forward's 165 on an
-    H100 (ncu, experiments/results/2026-12-06-h100-thirtyseventh_split_fwd_gated_T4096.csv). Off: on an H100
-    (2026-12-07, one sample each of cost_split.py, ...-thirtyeighth_witness_knobs_ab.jsonl) the two knobs
-    together gave the forward 165.6 against 164.2 us at T=4096 and 549.8 against 560.5 at T=16384, fwd+bwd
-    667.3 against 630.0 and 2456.6 against 2416.3: no gain beyond the runs' spread.
+    read by its forward and backward, instead of XLA's three kernels (a transpose, the cumulative sum's
+    reduction, the pieces' sums). On by default, with ``zero_first``: by ncu's kernel times on an H100
+    (2026-12-07, bf16 B4 H16 T=4096, K = V = 128, the gate alone, experiments/results/
+    2026-12-07-h100-thirtyninth_split_*), the gated forward 137.2 us in 7 kernels against 158.3 in 10, and
+    with ``PallasConfig.gate_grad_kernel`` fwd+bwd 716.6 in 21 against 731.8 in 24. (A first timing by
+    cost_split.py's medians, one sample each, had seen no gain: its spread between runs is larger.)
     zero_first: with no entering state, the forward walk enters its first piece from zero and takes the
     states of the others alone (fleetjax.pallas.mosaic.entering_states' ``zero_first``): two pieces need no
-    XLA copy between the states walk and the walk (5.9 us at B4 H16 T=4096, same profile). Off: timed with
-    ``gate_sums`` (above); bitwise the same walk in Mosaic GPU's interpreter, and the oracle's on an H100.
+    XLA copy between the states walk and the walk (6.0 us at B4 H16 T=4096 on an H100). On by default, timed
+    with ``gate_sums`` (above); bitwise the same walk in Mosaic GPU's interpreter, and the oracle's on an H100.
     """
 
     chunk_size: int = 64
@@ -225,8 +224,8 @@ class MosaicWalkConfig:
     backward_piece_states: bool = True
     joint_reverse: bool = False
     joint_pieces: int | None = None
-    gate_sums: bool = False
-    zero_first: bool = False
+    gate_sums: bool = True
+    zero_first: bool = True
 
     def __post_init__(self):
         if self.chunk_size != 64:
