@@ -736,8 +736,9 @@ def test_the_formed_gate_sums_serve_the_walks_and_the_backward(pieces):
 @pytest.mark.parametrize("plain_chosen", [True, False])
 def test_the_gate_grad_launch_forms_what_vjp_forms(B, H, T, C, blocks, plain_chosen):
     """fleetjax.pallas.gate_grad: d log_gate from the chosen side's per-block parts (the plain side's spanned
-    from its row and column sums, the contained side's its own) and NaN where marked, within float32 roundings
-    of fleetjax.vjp.log_gate_grad's XLA form; chunk counts that 16 does not divide (48 = 3 tiles of 16; 1)."""
+    from its row and column sums, the contained side's its own) and NaN where either of the marking's flags
+    is positive, with the contained parts alone (the plain ones never read them), within float32 roundings of
+    fleetjax.vjp.log_gate_grad's XLA form; chunk counts that 16 does not divide (48 = 3 tiles of 16; 1)."""
     from fleetjax import vjp
     from fleetjax.pallas import gate_grad
     rng = np.random.default_rng(T + B)
@@ -745,7 +746,11 @@ def test_the_gate_grad_launch_forms_what_vjp_forms(B, H, T, C, blocks, plain_cho
     plain = dict(w=part(blocks[0]), u=part(blocks[1]), row=part(blocks[0]), column=part(blocks[1]))
     contained = dict(w=part(blocks[1]), u=part(blocks[0]), spanned=part(blocks[1]))
     marks = jnp.asarray(rng.random((B, H, T)) < 0.05)
-    got = gate_grad.log_gate_grad(plain, contained, marks, jnp.asarray(plain_chosen), chunk_size=C)
+    # The marking's two flags, each holding some of the marks; read with the contained parts alone.
+    split = jnp.asarray(rng.random((B, H, T)) < 0.5)
+    reached = (jnp.where(marks & split, 1, 0), jnp.where(marks & ~split, 2, 0))
+    got = gate_grad.log_gate_grad(plain, contained, reached, jnp.asarray(plain_chosen), chunk_size=C)
+    marks = marks & (not plain_chosen)
     side = {k: jnp.sum(a, axis=0) for k, a in (plain if plain_chosen else contained).items()}
     if plain_chosen:
         side["spanned"] = vjp.spanned_from_sums(side.pop("row"), side.pop("column"), C)

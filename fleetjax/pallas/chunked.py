@@ -645,8 +645,9 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
     choose = nonfinite.contained_on_device if config.choice_on_device else nonfinite.contained_if_reached
     dq, dk, dv, d_log_decay, d_gate, d_start = choose(walks)
     if per_block:  # both walks' parts, per value block, and the contained walks' marks
-        plain_parts, contained_parts, marks, chosen = d_gate
-        d_gate = gate_grad.log_gate_grad(plain_parts, contained_parts, marks, chosen, chunk_size=chunking.chunk_size)
+        plain_parts, contained_parts, reached, chosen = d_gate
+        d_gate = gate_grad.log_gate_grad(plain_parts, contained_parts, reached, chosen,
+                                         chunk_size=chunking.chunk_size)
     elif gate_parts:  # the chosen parts and the contained walks' marks (none where the plain walks were chosen)
         parts, marks = d_gate
         d_gate = nonfinite.mark(vjp.log_gate_grad(**parts, chunk_size=chunking.chunk_size), marks)
@@ -677,7 +678,8 @@ def _marked_on_device(grads, plain, q, k, v, do, *, run_ids, skip, chunk_size: i
     ``plain``: dq, dk and dv through their buffers, the small ones selected (d log_decay: the plain one,
     marked). d log_gate comes as its parts (``_decay_gradients``'s gate_parts) and leaves as (the parts
     selected, its marks [B, H, T] bool, none where skipped); ``per_block``: as (the plain parts, the contained
-    ones, the marks, ``skip``), chosen by fleetjax.pallas.gate_grad."""
+    ones, the marking's two int32 flags of fleetjax.pallas.marking.mark_backward, ``skip``), chosen by
+    fleetjax.pallas.gate_grad."""
     dq, dk, dv, d_log_decay, d_gate, d_start = grads
     dq, dk, dv, first, head, gate = marking.mark_backward(dq, dk, dv, q, k, v, do, run_ids, skip=skip,
                                                           gate_marks=d_gate is not None, chunk_size=chunk_size)
@@ -688,10 +690,10 @@ def _marked_on_device(grads, plain, q, k, v, do, *, run_ids, skip, chunk_size: i
         # entry, so the contained walks leave its sums out.
         d_log_decay = nonfinite.mark(plain[3], head)
     if d_gate is not None and per_block:
-        d_gate = (plain[4], d_gate, gate & ~skip, skip)
+        d_gate = (plain[4], d_gate, gate, skip)
     elif d_gate is not None:
         d_gate = (jax.tree.map(lambda chosen, contained: jnp.where(skip, chosen, contained), plain[4], d_gate),
-                  gate & ~skip)
+                  marking.gate_reached(gate, skip))
     return dq, dk, dv, d_log_decay, d_gate, d_start
 
 

@@ -33,24 +33,28 @@ def serves(T: int, chunk_size: int) -> bool:
     return T >= chunk_size and T % chunk_size == 0
 
 
-def grad_kernel(*, chosen_ref, marks_ref, d_ref, n: int, tile: int, **parts):
+def grad_kernel(*, chosen_ref, d_ref, n: int, tile: int, **parts):
     """One (batch, head) row of n chunks. parts: ``plain_<name>_ref`` and ``contained_<name>_ref`` [blocks, n,
-    C] (name: w, u, and spanned or row and column); chosen [1] int32: nonzero, the plain walks' parts;
-    marks [n, C] int32 (nonzero: NaN there); d [n, C]."""
+    C] (name: w, u, and spanned or row and column), ``reached_<i>_ref`` [n, C] int32 (nonzero: NaN there, read
+    with the contained parts alone); chosen [1] int32: nonzero, the plain walks' parts; d [n, C]."""
+    reached = [ref for name, ref in parts.items() if name.startswith("reached_")]
+
     def summed(side, name, rows):
         ref = parts[f"{side}_{name}_ref"]
         return functools.reduce(jnp.add, (ref[j, rows, :] for j in range(ref.shape[0])))
 
     def chosen_parts(side, rows):
         w, u = summed(side, "w", rows), summed(side, "u", rows)
+        bad = (functools.reduce(jnp.maximum, (ref[rows, :] for ref in reached)) if side == "contained" and reached
+               else jnp.zeros(w.shape, jnp.int32))
         if f"{side}_spanned_ref" in parts:
-            return w, u, summed(side, "spanned", rows)
+            return w, u, summed(side, "spanned", rows), bad
         lag = summed(side, "column", rows) - summed(side, "row", rows)
-        return w, u, jnp.cumsum(lag, axis=1) - lag
+        return w, u, jnp.cumsum(lag, axis=1) - lag, bad
 
     def step(i, after):
         rows = pl.ds((n // tile - 1 - i) * tile, tile)
-        w, u, spanned = jax.lax.cond(chosen_ref[0] != 0, lambda: chosen_parts("plain", rows),
+        w, u, spanned, bad = jax.lax.cond(chosen_ref[0] != 0, lambda: chosen_parts("plain", rows),
                                      lambda: chosen_parts("contained", rows))
         into, out = jnp.sum(w, axis=1), jnp.sum(u, axis=1)
         net = into - out
@@ -59,29 +63,34 @@ def grad_kernel(*, chosen_ref, marks_ref, d_ref, n: int, tile: int, **parts):
         flow = after + (tile_net - jnp.cumsum(net))
         lag = u - w
         d = spanned + into[:, None] + (jnp.cumsum(lag, axis=1) - lag) + (flow - out)[:, None]
-        d_ref[rows, :] = jnp.where(marks_ref[rows, :] != 0, jnp.nan, d)
+        d_ref[rows, :] = jnp.where(bad > 0, jnp.nan, d)
         return after + tile_net
 
     jax.lax.fori_loop(0, n // tile, step, jnp.zeros((), f32))
 
 
-def log_gate_grad(plain: dict, contained: dict, marks: jax.Array, chosen: jax.Array, *, chunk_size: int) -> jax.Array:
-    """d log_gate [B, H, T] float32 (fleetjax.vjp.log_gate_grad, NaN where ``marks``, bool [B, H, T]) from
-    ``plain``'s parts where ``chosen`` (a bool scalar array), else ``contained``'s: dicts of w, u and either
-    spanned or row and column, each [blocks, B, H, T] float32 (any number of blocks, summed here), T a
-    multiple of ``chunk_size`` (:func:`serves`)."""
-    B, H, T = marks.shape
+def log_gate_grad(plain: dict, contained: dict, reached: tuple[jax.Array, ...], chosen: jax.Array, *,
+                  chunk_size: int) -> jax.Array:
+    """d log_gate [B, H, T] float32 (fleetjax.vjp.log_gate_grad) from ``plain``'s parts where ``chosen`` (a bool
+    scalar array), else from ``contained``'s with NaN where any of ``reached`` (int32 [B, H, T], nonzero where
+    a non-finite input reaches; not read where ``chosen``, so a skipped marking may leave them undefined):
+    dicts of w, u and either spanned or row and column, each [blocks, B, H, T] float32 (any number of blocks,
+    summed here), T a multiple of ``chunk_size`` (:func:`serves`). The launch writes d as [B, T, H], the op's
+    layout, so that the caller's transpose back to it cancels this one."""
+    B, H, T = plain["w"].shape[1:]
     C = chunk_size
     n = T // C
     tile = next(t for t in (MAX_TILE >> s for s in range(MAX_TILE.bit_length())) if n % t == 0)
     row = pl.BlockSpec((None, None, n, C), lambda g: (g // H, g % H, 0, 0))
-    inputs = dict(chosen_ref=(jnp.reshape(chosen, (1,)).astype(jnp.int32), pl.BlockSpec((1,), lambda g: (0,))),
-                  marks_ref=(marks.astype(jnp.int32).reshape(B, H, n, C), row))
+    inputs = dict(chosen_ref=(jnp.reshape(chosen, (1,)).astype(jnp.int32), pl.BlockSpec((1,), lambda g: (0,))))
+    for i, flags in enumerate(reached):
+        inputs[f"reached_{i}_ref"] = (flags.astype(jnp.int32).reshape(B, H, n, C), row)
     for side, given in (("plain", plain), ("contained", contained)):
         for name, part in given.items():
             blocks = part.shape[0]
             spec = pl.BlockSpec((blocks, None, None, n, C), lambda g: (0, g // H, g % H, 0, 0))
             inputs[f"{side}_{name}_ref"] = (part.reshape(blocks, B, H, n, C), spec)
+    by_token = pl.BlockSpec((None, n, C, None), lambda g: (g // H, 0, 0, g % H))
     out = call(functools.partial(grad_kernel, n=n, tile=tile), name="fleet_gate_grad", grid=(B * H,),
-               inputs=inputs, outputs=dict(d_ref=(((B, H, n, C), f32), row)), num_warps=4, num_stages=1)
-    return out["d_ref"].reshape(B, H, T)
+               inputs=inputs, outputs=dict(d_ref=(((B, n, C, H), f32), by_token)), num_warps=4, num_stages=1)
+    return jnp.swapaxes(out["d_ref"].reshape(B, T, H), 1, 2)

@@ -190,9 +190,10 @@ def mark_backward(dq, dk, dv, q, k, v, do, run_ids, *, skip: jax.Array, gate_mar
     """The marks of a contained backward (fleetjax.pallas.chunked's _mark_gradients), which ``skip`` (a bool
     scalar array) turns into none: (dq, dk, dv [B, T, H, *] with NaN where a non-finite q, k, v or dO reaches,
     in the buffers passed in; ``first`` [B, H, V] bool: the columns of d initial_state that a bad dO of the
-    row's run 0 reaches; ``head`` [H] bool: a bad entry anywhere in the head; ``gate`` [B, H, T] bool or None:
-    the positions of d log_gate that a bad entry reaches, if ``gate_marks``). Skipped: the gradients as
-    passed, no flags. One launch per gradient (dq with ``head``, dv with ``first``, dk), so that jax drops
+    row's run 0 reaches; ``head`` [H] bool: a bad entry anywhere in the head; ``gate``, if ``gate_marks``: the
+    positions of d log_gate that a bad entry reaches, as two int32 [B, H, T] (positive there: the dq walk's
+    pairs after them, the dk walk's before), undefined where skipped (:func:`gate_reached` joins them).
+    Else None). Skipped: the gradients as passed, no flags. One launch per gradient (dq with ``head``, dv with ``first``, dk), so that jax drops
     those of the gradients that a caller does not use, and the walks that would form them."""
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -215,6 +216,11 @@ def mark_backward(dq, dk, dv, q, k, v, do, run_ids, *, skip: jax.Array, gate_mar
                        outputs=dict(dk_ref=((dk.shape, dk.dtype), sk.keys()), before_ref=per_position),
                        keep=dict(dk_ref=dk))
     head = jnp.any(marked_dq["any_ref"][..., 0] > 0, axis=0)
-    gate = (marked_dq["after_ref"] > 0) | (marked_dk["before_ref"] > 0) if gate_marks else None
-    return (marked_dq["dq_ref"], marked_dk["dk_ref"], dv, first, _unless_skipped(skip, head),
-            _unless_skipped(skip, gate))
+    gate = (marked_dq["after_ref"], marked_dk["before_ref"]) if gate_marks else None
+    return marked_dq["dq_ref"], marked_dk["dk_ref"], dv, first, _unless_skipped(skip, head), gate
+
+
+def gate_reached(gate: tuple[jax.Array, jax.Array], skip: jax.Array) -> jax.Array:
+    """:func:`mark_backward`'s ``gate`` as one bool [B, H, T], all False where ``skip``."""
+    after, before = gate
+    return _unless_skipped(skip, (after > 0) | (before > 0))
