@@ -3,7 +3,8 @@
 the choice between the plain and the contained walks is made on the device. XLA takes eight fusions for it on
 an H100 at B4 H16 T=4096 (about 45 us; this launch 21 us): the choice between the two walks' parts, their sums
 over value blocks, the running sums in two passes and d's transpose. Here the program reads the chosen walks'
-parts (the choice a branch of the program) and writes d; XLA transposes it.
+parts (the choice a branch of the program) and the marking's flags as they come, and writes d in the op's
+[B, T, H] layout.
 
 fleetjax.vjp.log_gate_grad defines d. Its two in-chunk sums are one here: sum_{t >= r} w_t + sum_{s < r} u_s
 = in_m + sum_{s < r} (u_s - w_s) over r's chunk m (in_m: the chunk's sum of w), a forward running sum (the
