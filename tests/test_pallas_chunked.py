@@ -562,8 +562,8 @@ def test_the_backward_marking_kernel_marks_what_the_backward_marks(segments):
     """fleetjax.pallas.marking.mark_backward: dq, dk and dv bitwise those of fleetjax.nonfinite.mark_reached as
     the contained backward marks them (k into dq; dO into dv; q, and any entry of a dO row, into dk), and its
     flags those of the XLA marks: d initial_state's columns (a bad dO of run 0), the heads with a bad entry,
-    the positions of d log_gate (a bad k or v before, or a bad q or dO at or after, in the run); skipped: the
-    gradients as passed and no flag."""
+    the positions of d log_gate (a bad k or v before, or a bad q or dO at or after, in the run; the two int32
+    flags as joined by marking.gate_reached); skipped: the gradients as passed and no flag."""
     from fleetjax import nonfinite
     from fleetjax.pallas import marking
     rng = np.random.default_rng(0)
@@ -586,13 +586,15 @@ def test_the_backward_marking_kernel_marks_what_the_backward_marks(segments):
     want["gate"] = jnp.swapaxes(after | before, 1, 2)
     got = marking.mark_backward(dq, dk, dv, q, k, v, do, run_ids, skip=jnp.bool_(False), gate_marks=True,
                                 chunk_size=32)
+    got = got[:5] + (marking.gate_reached(got[5], jnp.bool_(False)),)
     for name, a in zip(("dq", "dk", "dv", "first", "head", "gate"), got):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(want[name]), err_msg=name)
     skipped = marking.mark_backward(dq, dk, dv, q, k, v, do, run_ids, skip=jnp.bool_(True), gate_marks=True,
                                     chunk_size=32)
     for a, b in zip(skipped[:3], (dq, dk, dv)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert not any(np.any(np.asarray(flag)) for flag in skipped[3:])
+    flags = skipped[3:5] + (marking.gate_reached(skipped[5], jnp.bool_(True)),)
+    assert not any(np.any(np.asarray(flag)) for flag in flags)
 
 
 @pytest.mark.parametrize("implementation", ["pallas", "pallas_fleet"])
