@@ -36,7 +36,7 @@ def serves(T: int, chunk_size: int) -> bool:
 
 def grad_kernel(*, chosen_ref, d_ref, n: int, tile: int, **parts):
     """One (batch, head) row of n chunks. parts: ``plain_<name>_ref`` and ``contained_<name>_ref`` [blocks, n,
-    C] (name: w, u, and spanned or row and column), ``reached_<i>_ref`` [n, C] int32 (nonzero: NaN there, read
+    C] (name: w, u, and spanned or row and column), ``reached_<i>_ref`` [n, C] int32 (positive: NaN there, read
     with the contained parts alone); chosen [1] int32: nonzero, the plain walks' parts; d [n, C]."""
     reached = [ref for name, ref in parts.items() if name.startswith("reached_")]
 
@@ -73,7 +73,7 @@ def grad_kernel(*, chosen_ref, d_ref, n: int, tile: int, **parts):
 def log_gate_grad(plain: dict, contained: dict, reached: tuple[jax.Array, ...], chosen: jax.Array, *,
                   chunk_size: int) -> jax.Array:
     """d log_gate [B, H, T] float32 (fleetjax.vjp.log_gate_grad) from ``plain``'s parts where ``chosen`` (a bool
-    scalar array), else from ``contained``'s with NaN where any of ``reached`` (int32 [B, H, T], nonzero where
+    scalar array), else from ``contained``'s with NaN where any of ``reached`` (int32 [B, H, T], positive where
     a non-finite input reaches; not read where ``chosen``, so a skipped marking may leave them undefined):
     dicts of w, u and either spanned or row and column, each [blocks, B, H, T] float32 (any number of blocks,
     summed here), T a multiple of ``chunk_size`` (:func:`serves`). The launch writes d as [B, T, H], the op's

@@ -190,11 +190,12 @@ def mark_backward(dq, dk, dv, q, k, v, do, run_ids, *, skip: jax.Array, gate_mar
     """The marks of a contained backward (fleetjax.pallas.chunked's _mark_gradients), which ``skip`` (a bool
     scalar array) turns into none: (dq, dk, dv [B, T, H, *] with NaN where a non-finite q, k, v or dO reaches,
     in the buffers passed in; ``first`` [B, H, V] bool: the columns of d initial_state that a bad dO of the
-    row's run 0 reaches; ``head`` [H] bool: a bad entry anywhere in the head; ``gate``, if ``gate_marks``: the
-    positions of d log_gate that a bad entry reaches, as two int32 [B, H, T] (positive there: the dq walk's
-    pairs after them, the dk walk's before), undefined where skipped (:func:`gate_reached` joins them).
-    Else None). Skipped: the gradients as passed, no flags. One launch per gradient (dq with ``head``, dv with ``first``, dk), so that jax drops
-    those of the gradients that a caller does not use, and the walks that would form them."""
+    row's run 0 reaches; ``head`` [H] bool: a bad entry anywhere in the head; ``gate``: None, or if
+    ``gate_marks`` the positions of d log_gate that a bad entry reaches as two int32 [B, H, T], positive there
+    (the dq marking's flag for a bad k or v before the position, the dk marking's for a bad q or dO at or after
+    it), undefined where skipped: :func:`gate_reached` joins them). Skipped: the gradients as passed, no flags.
+    One launch per gradient (dq with ``head``, dv with ``first``, dk), so that jax drops those of the gradients
+    that a caller does not use, and the walks that would form them."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     chunking = Chunking(T, chunk_size, 1)

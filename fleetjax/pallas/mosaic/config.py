@@ -189,9 +189,9 @@ class MosaicWalkConfig:
     summed over each chunk) from one Triton launch (fleetjax.pallas.gate), formed before the custom VJP and
     read by its forward and backward, instead of XLA's three kernels (a transpose, the cumulative sum's
     reduction, the pieces' sums). On by default, with ``zero_first``: by ncu's kernel times on an H100
-    (2026-12-07, bf16 B4 H16 T=4096, K = V = 128, the gate alone, experiments/results/
-    2026-12-07-h100-thirtyninth_split_*), the gated forward 137.2 us in 7 kernels against 158.3 in 10, and
-    with ``PallasConfig.gate_grad_kernel`` fwd+bwd 716.6 in 21 against 731.8 in 24. (A first timing by
+    (2026-12-07, bf16 B4 H16 T=4096, K = V = 128, the gate alone, ...-thirtyninth_split_* in
+    experiments/results), the gated forward 137.2 us in 7 kernels against 158.3 in 10, and with
+    ``PallasConfig.gate_grad_kernel`` fwd+bwd 716.6 in 21 against 731.8 in 24. (A first timing by
     cost_split.py's medians, one sample each, had seen no gain: its spread between runs is larger.)
     zero_first: with no entering state, the forward walk enters its first piece from zero and takes the
     states of the others alone (fleetjax.pallas.mosaic.entering_states' ``zero_first``): two pieces need no
