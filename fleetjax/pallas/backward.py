@@ -209,10 +209,12 @@ def _exit_inputs(exit_state, run_ids, s: Specs, kp: int, width: int, dtype=None,
                 to_end_ref=None if to_end is None else (to_end, s.positions()))
 
 
-def _summed(out: dict, name: str):
+def _summed(out: dict, name: str, per_block: bool = False):
     """A per-position output [blocks, B, H, T] summed over the blocks (each holds part of a sum over the key
-    dim) in a fixed order, or None if the launch left it out."""
-    return jnp.sum(out[name], axis=0) if name in out else None
+    dim) in a fixed order (``per_block``: as it is), or None if the launch left it out."""
+    if name not in out:
+        return None
+    return out[name] if per_block else jnp.sum(out[name], axis=0)
 
 
 def dq_walk(q, k, v, do, log_decay, start, run_ids, chunking: Chunking, *, scale: float, contain: bool, local,
@@ -246,9 +248,8 @@ def dq_walk(q, k, v, do, log_decay, start, run_ids, chunking: Chunking, *, scale
                             spanned_ref=per_position if gate is not None and wanted.log_gate else None),
                num_warps=num_warps, num_stages=num_stages, skip=skip,
                keep=None if keep is None else dict(dq_ref=keep))
-    part = (lambda name: out.get(name)) if per_block else functools.partial(_summed, out)
-    return (out["dq_ref"], part("w_ref"), _summed(out, "counts_ref"), _summed(out, "intra_ref"),
-            part("spanned_ref"))
+    return (out["dq_ref"], _summed(out, "w_ref", per_block), _summed(out, "counts_ref"), _summed(out, "intra_ref"),
+            _summed(out, "spanned_ref", per_block))
 
 
 def dv_walk(q, k, do, log_decay, exit_state, run_ids, chunking: Chunking, *, scale: float, contain: bool, local,
@@ -295,4 +296,4 @@ def dk_walk(q, k, v, do, log_decay, exit_state, run_ids, chunking: Chunking, *, 
                             x_ref=per_position if exit_state is not None else None),
                num_warps=num_warps, num_stages=num_stages, skip=skip,
                keep=None if keep is None else dict(dk_ref=keep))
-    return out["dk_ref"], out.get("u_ref") if per_block else _summed(out, "u_ref"), _summed(out, "x_ref")
+    return out["dk_ref"], _summed(out, "u_ref", per_block), _summed(out, "x_ref")
