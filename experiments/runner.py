@@ -22,8 +22,8 @@ from experiments.peers import Impl
 from experiments.plots import plot_results
 from experiments.records import (RESULTS_DIR, ResultsFile, device_info, device_slug, format_table, results_path,
                                  today, versions)
-from experiments.timing import (Budget, CallTimeout, CompileCounter, compile_jax, jax_sync, jit_cache_size,
-                                jax_long_op, queued_calls, sync_wait_us, time_calls, time_limit,
+from experiments.timing import (Budget, CallTimeout, CompileCounter, batched_calls, compile_jax, jax_sync,
+                                jit_cache_size, jax_long_op, queued_calls, sync_wait_us, time_calls, time_limit,
                                 torch_do_bench_ms, torch_long_op, torch_sync)
 
 
@@ -33,9 +33,10 @@ def log(budget: Budget, message: str) -> None:
 
 def measure(impl: Impl, case: Case, op: str, input_sets: list[dict[str, Any]], ref: dict[str, Any],
             log_decay: np.ndarray, *, target_s: float, min_samples: int = 5,
-            sample_floor_s: float = 2e-3) -> dict[str, Any]:
+            sample_floor_s: float = 2e-3, batched: bool = False) -> dict[str, Any]:
     """Time one implementation on one case; its errors against ``ref``; compile time and recompilations
-    (JAX); extra peak memory (fwd_bwd). Returns the record's measured fields."""
+    (JAX); extra peak memory (fwd_bwd). ``batched``: JAX's also as one program over the input sets
+    (ms_batched, timing.batched_calls). Returns the record's measured fields."""
     rec: dict[str, Any] = {}
     bound = impl.bind(case, op, log_decay)
     if bound.notes:
@@ -70,6 +71,9 @@ def measure(impl: Impl, case: Case, op: str, input_sets: list[dict[str, Any]], r
         queued = _queued(bound.jitted, arg_sets, jax_sync, jax_long_op, timing.ms)
         rec["recompiles_on_new_data"] = CompileCounter.count() - count
         rec["jit_cache_size"] = jit_cache_size(bound.jitted)
+        if batched:  # after the count: the program over every set compiles here
+            rec["ms_batched"], rec["batched_calls"] = batched_calls(
+                bound.jitted, arg_sets, target_s=target_s, min_samples=min_samples, sample_floor_s=sample_floor_s)
     else:
         # Timing first: its first call carries Triton's compilation and autotuning (first_call_s), whose
         # scratch buffers must not count as the peer's memory.
@@ -134,6 +138,7 @@ def _record_line(rec: dict[str, Any], label: str) -> str:
     return (f"{rec['impl']:22s} {label}: {rec['ms']:.3f} ms (floor {rec['hbm_floor_ms']:.3f}) relerr "
             + ("-" if relerr is None else f"{relerr:.1e}")
             + (f" queued {rec['ms_queued']:.3f} (host {rec['enqueue_ms']:.3f} a call)" if "ms_queued" in rec else "")
+            + (f" batched {rec['ms_batched']:.3f}" if "ms_batched" in rec else "")
             + (f" compile {rec['compile_s']:.1f}s" if "compile_s" in rec else "")
             + (f" first call {rec['first_call_s']:.1f}s" if rec.get("first_call_s", 0) > 2 else "")
             + (f" extra {rec['extra_peak_mb']:.0f}MB" if rec.get("extra_peak_mb") is not None else ""))
@@ -142,14 +147,14 @@ def _record_line(rec: dict[str, Any], label: str) -> str:
 def run_benchmark(op: str, cases: Sequence[Case], impls: Sequence[Impl], *, results: ResultsFile,
                   budget: Budget, impl_timeout_s: float, target_s: float, n_sets: int = 3,
                   min_samples: int = 5, sample_floor_s: float = 2e-3, gbps: float,
-                  timed_out: set[tuple] | None = None) -> None:
+                  timed_out: set[tuple] | None = None, batched: bool = False) -> None:
     """Every impl on every case, in order; each record added to ``results`` as soon as it exists.
 
     Inputs and the reference of a case are made only if some implementation runs on it. An implementation
     starts only with at least 10 s of budget left and runs under a time limit of min(impl_timeout_s, what
     is left). An implementation that autotunes (``impl.autotunes``) and timed out is not started again on
     a case with the same autotuning key (H, K, V, dtype): it would start the same search again. What does
-    not run is recorded as skipped, with why.
+    not run is recorded as skipped, with why. ``batched``: see :func:`measure`.
     """
     timed_out = set() if timed_out is None else timed_out  # shared between calls by run_main
     for case in cases:
@@ -201,7 +206,8 @@ def run_benchmark(op: str, cases: Sequence[Case], impls: Sequence[Impl], *, resu
                 input_sets, ref = case_data()
                 with time_limit(min(impl_timeout_s, budget.remaining())):
                     rec.update(measure(impl, case, op, input_sets, ref, log_decay, target_s=target_s,
-                                       min_samples=min_samples, sample_floor_s=sample_floor_s))
+                                       min_samples=min_samples, sample_floor_s=sample_floor_s,
+                                       batched=batched))
             except CallTimeout as e:
                 rec.update(ms=None, relerr=None, skipped=f"timeout: {e}")
                 timed_out.add(tune_key)
@@ -245,6 +251,9 @@ def add_common_args(parser) -> None:
                         help="results file name part (default forward/backward; --gated appends -gated)")
     parser.add_argument("--dtypes", default=None, help="comma-separated dtypes of the cases to run (default: all)")
     parser.add_argument("--shapes", default=None, help="B,T,H,K,V;... : run only these shapes (default: all)")
+    parser.add_argument("--batched", action="store_true",
+                        help="also time JAX implementations as one jitted program over the input sets "
+                             "(ms_batched: the device's time per call where the host's is longer)")
     parser.add_argument("--gated", action="store_true",
                         help="per-token log gates [B, T, H] (logsigmoid(N(0,1))/16) and no per-head decay, "
                              "as fla's g=; peers without a per-token gate are skipped; results file "
@@ -316,7 +325,11 @@ def run_main(args, op: str, case_groups: Sequence[Sequence[Case]], impls: Sequen
                                   "as many as the calls last) and synced once, (all done - those ops alone, "
                                   "timed in the same round) / calls, median of 3 rounds: the device's time per "
                                   "call with the host kept ahead (queued_ahead false where it was not); "
-                                  "enqueue_ms: the host's time to enqueue one call"),
+                                  "enqueue_ms: the host's time to enqueue one call"
+                                  + ("; ms_batched (JAX, --batched): one jitted program running the call on "
+                                     "each of its batched_calls input sets in turn, timed as one call, / the "
+                                     "sets: no host between the calls" if getattr(args, "batched", False)
+                                     else "")),
                           memory=("extra_peak_mb = peak device memory of one call above what was live before "
                                   "it, less the call's outputs; JAX: XLA's temp allocation from "
                                   "compiled.memory_analysis() (extra_peak_mb_runtime: device.memory_stats() "
@@ -339,7 +352,8 @@ def run_main(args, op: str, case_groups: Sequence[Sequence[Case]], impls: Sequen
                           impl_timeout_s=args.impl_timeout_s if kind == "quick" else args.autotune_timeout_s,
                           target_s=target_s, n_sets=2 if args.smoke else 3,
                           min_samples=2 if args.smoke else 5, sample_floor_s=args.sample_ms * 1e-3,
-                          gbps=bandwidth["gbps"], timed_out=timed_out)
+                          gbps=bandwidth["gbps"], timed_out=timed_out,
+                          batched=bool(getattr(args, "batched", False)))
     cases = [case for group in case_groups for case in group]
     notes = {name: getattr(sys.modules[name], "fleetjax_note") for name in ("fla",)
              if hasattr(sys.modules.get(name), "fleetjax_note")}

@@ -154,6 +154,21 @@ def queued_calls(call: Callable[..., Any], arg_sets: Sequence[tuple], sync: Call
                   calls=calls, long_ms=statistics.median(longs) * 1e3, ahead=ahead, heads=heads)
 
 
+def batched_calls(fn: Callable[..., Any], arg_sets: Sequence[tuple], *, target_s: float = 0.25,
+                  min_samples: int = 5, sample_floor_s: float = 2e-3) -> tuple[float, int]:
+    """(ms per call, calls per dispatch) of a JAX function run on every argument set in one jitted program:
+    the calls follow each other on the device with no host between them, so the time is the device's even
+    where the host's time per call outlasts it (a short op, whose :func:`queued_calls` then reads
+    ``ahead`` False). Timed as :func:`time_calls` times one call (each sample's dispatches back to back, one
+    sync), divided by the sets. The sets differ, so XLA cannot merge the calls; what does not depend on
+    them (a constant's broadcast) it may form once for all of them."""
+    import jax
+    every = jax.jit(lambda sets: [fn(*args) for args in sets])
+    timing = time_calls(every, [(list(arg_sets),)], jax_sync, target_s=target_s, min_samples=min_samples,
+                        sample_floor_s=sample_floor_s)
+    return timing.ms / len(arg_sets), len(arg_sets)
+
+
 @functools.lru_cache(maxsize=None)
 def jax_long_op(target_ms: float = 20.0) -> Callable[[], Any]:
     """A jitted device op of about ``target_ms`` that reads no host data: float32 products of a fixed

@@ -338,6 +338,26 @@ def test_a_longer_sample_holds_more_calls_and_the_file_records_the_sync_wait(tmp
     assert record["ms_queued"] >= 0 and record["enqueue_ms"] > 0 and record["queued_calls"] >= 2
 
 
+def test_batched_calls_time_one_program_over_the_sets(tmp_path):
+    """timing.batched_calls on the CPU: one jitted program runs the call on every set, timed per call (a
+    third of the program's time for three sets); bench_forward --batched records it for JAX
+    implementations, with the timing note saying what it is."""
+    import jax
+    import jax.numpy as jnp
+    from experiments import bench_forward
+    from experiments.timing import batched_calls
+    step = jax.jit(lambda x: jnp.tanh(x @ x))
+    sets = [(jnp.ones((64, 64)),), (jnp.full((64, 64), 0.5),), (jnp.full((64, 64), 0.25),)]
+    ms, calls = batched_calls(step, sets, target_s=0.01, min_samples=2, sample_floor_s=0.0)
+    assert calls == 3 and ms > 0
+    assert bench_forward.main(["--smoke", "--batched", "--impls", "fleetjax.xla", "--shapes", "1,16,2,32,32",
+                               "--dtypes", "float32", "--out", str(tmp_path)]) == 0
+    [path] = tmp_path.glob("*-forward.json")
+    data = json.loads(path.read_text())
+    [record] = [r for r in data["records"] if r.get("ms")]
+    assert record["ms_batched"] > 0 and record["batched_calls"] == 2 and "ms_batched" in data["timing"]
+
+
 def test_queued_calls_times_the_calls_behind_a_long_device_op():
     """The queued measurement on the CPU: the long op lasts about what was asked, the call count fills it,
     and the result carries the host's own time per call and whether the host stayed ahead."""
