@@ -301,6 +301,7 @@ def run_main(args, op: str, case_groups: Sequence[Sequence[Case]], impls: Sequen
     info = device_info()
     slug = device_slug(info)
     gated = bool(getattr(args, "gated", False))
+    batched = bool(getattr(args, "batched", False))
     base = args.name or name  # --gated suffixes --name too: a call's plain and gated runs keep their own files
     path = results_path(f"{base}-gated" if gated else base, device=slug, out_dir=args.out)
     log(budget, f"{op}: {sum(map(len, case_groups))} cases x {len(impls)} implementations on "
@@ -328,7 +329,7 @@ def run_main(args, op: str, case_groups: Sequence[Sequence[Case]], impls: Sequen
                                   "enqueue_ms: the host's time to enqueue one call"
                                   + ("; ms_batched (JAX, --batched): one jitted program running the call on "
                                      "each of its batched_calls input sets in turn, timed as one call, / the "
-                                     "sets: no host between the calls" if getattr(args, "batched", False)
+                                     "sets: no host between the calls" if batched
                                      else "")),
                           memory=("extra_peak_mb = peak device memory of one call above what was live before "
                                   "it, less the call's outputs; JAX: XLA's temp allocation from "
@@ -353,7 +354,7 @@ def run_main(args, op: str, case_groups: Sequence[Sequence[Case]], impls: Sequen
                           target_s=target_s, n_sets=2 if args.smoke else 3,
                           min_samples=2 if args.smoke else 5, sample_floor_s=args.sample_ms * 1e-3,
                           gbps=bandwidth["gbps"], timed_out=timed_out,
-                          batched=bool(getattr(args, "batched", False)))
+                          batched=batched)
     cases = [case for group in case_groups for case in group]
     notes = {name: getattr(sys.modules[name], "fleetjax_note") for name in ("fla",)
              if hasattr(sys.modules.get(name), "fleetjax_note")}

@@ -56,7 +56,7 @@ def grad_kernel(*, chosen_ref, d_ref, n: int, tile: int, **parts):
     def step(i, after):
         rows = pl.ds((n // tile - 1 - i) * tile, tile)
         w, u, spanned, bad = jax.lax.cond(chosen_ref[0] != 0, lambda: chosen_parts("plain", rows),
-                                     lambda: chosen_parts("contained", rows))
+                                          lambda: chosen_parts("contained", rows))
         into, out = jnp.sum(w, axis=1), jnp.sum(u, axis=1)
         net = into - out
         tile_net = jnp.sum(net)
