@@ -1,22 +1,25 @@
-"""d log_gate from the walks' per-block parts in one launch (PallasConfig.gate_grad_kernel, on by default):
-:func:`log_gate_grad`, fleetjax.vjp.log_gate_grad formed by one Triton program per (batch, head) row, where
-the choice between the plain and the contained walks is made on the device. XLA takes eight fusions for it on
-an H100 at B4 H16 T=4096 (about 45 us; this launch 21 us): the choice between the two walks' parts, their sums
-over value blocks, the running sums in two passes and d's transpose. Here the program reads the chosen walks'
-parts (the choice a branch of the program) and the marking's flags as they come, and writes d in the op's
-[B, T, H] layout.
+"""d log_gate from the walks' per-block parts in two small launches (PallasConfig.gate_grad_kernel, on by
+default): :func:`log_gate_grad`, fleetjax.vjp.log_gate_grad formed by Triton programs over (batch, head) rows
+in tiles of whole chunks, the choice between the plain and the contained walks made on the device. XLA takes
+eight fusions for it on an H100 at B4 H16 T=4096 (about 45 us): the choice between the two walks' parts, their
+sums over value blocks, the running sums in two passes and d's transpose. Here the programs read the chosen
+walks' parts (the choice a branch of the program) and the marking's flags as they come, and write d in the
+op's [B, T, H] layout.
 
 fleetjax.vjp.log_gate_grad defines d. Its two in-chunk sums are one here: sum_{t >= r} w_t + sum_{s < r} u_s
 = in_m + sum_{s < r} (u_s - w_s) over r's chunk m (in_m: the chunk's sum of w), a forward running sum (the
 Triton lowering has no reverse one), rounded relative to the chunk's sums as the reference's are. spanned is
 either a walk's own or, from the Mosaic walks, fleetjax.vjp.spanned_from_sums of their row and column sums.
-The program walks its row's chunks from the end in tiles of whole chunks, carrying the flow across the
-chunk boundaries from the chunks after each tile.
+The flow across a tile's last boundary is what the row's later tiles let in less what they let out: a first
+launch forms each tile's (:func:`nets_kernel`), the second sums those after its tile (:func:`grad_kernel`).
+One program a row, carrying the flow through its tiles in turn, took 22 us at T=4096 and 83 us at T=16384
+(B4 H16, 64 programs; ncu on an H200, 2026-12-07).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -34,40 +37,57 @@ def serves(T: int, chunk_size: int) -> bool:
     return T >= chunk_size and T % chunk_size == 0
 
 
-def grad_kernel(*, chosen_ref, d_ref, n: int, tile: int, **parts):
-    """One (batch, head) row of n chunks. parts: ``plain_<name>_ref`` and ``contained_<name>_ref`` [blocks, n,
-    C] (name: w, u, and spanned or row and column), ``reached_<i>_ref`` [n, C] int32 (positive: NaN there, read
-    with the contained parts alone); chosen [1] int32: nonzero, the plain walks' parts; d [n, C]."""
+def _summed(parts: dict, side: str, name: str):
+    """``side``'s part ``name`` [tile, C], summed over its value blocks."""
+    ref = parts[f"{side}_{name}_ref"]
+    return functools.reduce(jnp.add, (ref[j] for j in range(ref.shape[0])))
+
+
+def _chosen(chosen_ref, parts: dict, form: Callable[[str], Any]):
+    """``form(side)`` of the chosen side: the plain walks' where ``chosen_ref`` [1] is nonzero, else the
+    contained ones'; a branch of the program."""
+    return jax.lax.cond(chosen_ref[0] != 0, lambda: form("plain"), lambda: form("contained"))
+
+
+def nets_kernel(*, chosen_ref, net_ref, **parts):
+    """One tile of one (batch, head) row: its chunks' flow into less out of them, sum (w - u) [1]. parts:
+    ``<side>_w_ref`` and ``<side>_u_ref`` [blocks, tile, C]."""
+    net = _chosen(chosen_ref, parts, lambda side: jnp.sum(_summed(parts, side, "w") - _summed(parts, side, "u")))
+    net_ref[...] = jnp.full((1,), net, f32)
+
+
+def grad_kernel(*, chosen_ref, d_ref, tiles: int, net_ref=None, **parts):
+    """One tile of one (batch, head) row. parts: ``plain_<name>_ref`` and ``contained_<name>_ref`` [blocks,
+    tile, C] (name: w, u, and spanned or row and column), ``reached_<i>_ref`` [tile, C] int32 (positive: NaN
+    there, read with the contained parts alone); chosen [1] int32: nonzero, the plain walks' parts; net [M]
+    (``tiles`` of them and padding; None where the row is one tile): each tile's :func:`nets_kernel`; d [tile,
+    C]."""
     reached = [ref for name, ref in parts.items() if name.startswith("reached_")]
+    if net_ref is None:
+        after = jnp.zeros((), f32)
+    else:  # the flow across the tile's last boundary: what the row's later tiles let in less out
+        later = jax.lax.broadcasted_iota(jnp.int32, net_ref.shape, 0)
+        i = pl.program_id(1)
+        after = jnp.sum(jnp.where((later > i) & (later < tiles), net_ref[...], 0.0))
 
-    def summed(side, name, rows):
-        ref = parts[f"{side}_{name}_ref"]
-        return functools.reduce(jnp.add, (ref[j, rows, :] for j in range(ref.shape[0])))
-
-    def chosen_parts(side, rows):
-        w, u = summed(side, "w", rows), summed(side, "u", rows)
-        bad = (functools.reduce(jnp.maximum, (ref[rows, :] for ref in reached)) if side == "contained" and reached
-               else jnp.zeros(w.shape, jnp.int32))
+    def tile_d(side):
+        w, u = _summed(parts, side, "w"), _summed(parts, side, "u")
         if f"{side}_spanned_ref" in parts:
-            return w, u, summed(side, "spanned", rows), bad
-        lag = summed(side, "column", rows) - summed(side, "row", rows)
-        return w, u, jnp.cumsum(lag, axis=1) - lag, bad
-
-    def step(i, after):
-        rows = pl.ds((n // tile - 1 - i) * tile, tile)
-        w, u, spanned, bad = jax.lax.cond(chosen_ref[0] != 0, lambda: chosen_parts("plain", rows),
-                                          lambda: chosen_parts("contained", rows))
+            spanned = _summed(parts, side, "spanned")
+        else:
+            lag = _summed(parts, side, "column") - _summed(parts, side, "row")
+            spanned = jnp.cumsum(lag, axis=1) - lag
         into, out = jnp.sum(w, axis=1), jnp.sum(u, axis=1)
         net = into - out
-        tile_net = jnp.sum(net)
         # The flow across the boundary after each chunk: the tile's later chunks' and those after the tile.
-        flow = after + (tile_net - jnp.cumsum(net))
+        flow = after + (jnp.sum(net) - jnp.cumsum(net))
         lag = u - w
         d = spanned + into[:, None] + (jnp.cumsum(lag, axis=1) - lag) + (flow - out)[:, None]
-        d_ref[rows, :] = jnp.where(bad > 0, jnp.nan, d)
-        return after + tile_net
+        if side == "contained" and reached:
+            d = jnp.where(functools.reduce(jnp.maximum, (ref[...] for ref in reached)) > 0, jnp.nan, d)
+        return d
 
-    jax.lax.fori_loop(0, n // tile, step, jnp.zeros((), f32))
+    d_ref[...] = _chosen(chosen_ref, parts, tile_d)
 
 
 def log_gate_grad(plain: dict, contained: dict, reached: tuple[jax.Array, ...], chosen: jax.Array, *,
@@ -82,16 +102,27 @@ def log_gate_grad(plain: dict, contained: dict, reached: tuple[jax.Array, ...], 
     C = chunk_size
     n = T // C
     tile = next(t for t in (MAX_TILE >> s for s in range(MAX_TILE.bit_length())) if n % t == 0)
-    row = pl.BlockSpec((None, None, n, C), lambda g: (g // H, g % H, 0, 0))
-    inputs = dict(chosen_ref=(jnp.reshape(chosen, (1,)).astype(jnp.int32), pl.BlockSpec((1,), lambda g: (0,))))
-    for i, flags in enumerate(reached):
-        inputs[f"reached_{i}_ref"] = (flags.astype(jnp.int32).reshape(B, H, n, C), row)
+    tiles = n // tile
+    grid = (B * H, tiles)
+    row_tile = pl.BlockSpec((None, None, tile, C), lambda g, i: (g // H, g % H, i, 0))
+    chosen_in = (jnp.reshape(chosen, (1,)).astype(jnp.int32), pl.BlockSpec((1,), lambda g, i: (0,)))
+    sides = {}
     for side, given in (("plain", plain), ("contained", contained)):
         for name, part in given.items():
             blocks = part.shape[0]
-            spec = pl.BlockSpec((blocks, None, None, n, C), lambda g: (0, g // H, g % H, 0, 0))
-            inputs[f"{side}_{name}_ref"] = (part.reshape(blocks, B, H, n, C), spec)
-    by_token = pl.BlockSpec((None, n, C, None), lambda g: (g // H, 0, 0, g % H))
-    out = call(functools.partial(grad_kernel, n=n, tile=tile), name="fleet_gate_grad", grid=(B * H,),
+            spec = pl.BlockSpec((blocks, None, None, tile, C), lambda g, i: (0, g // H, g % H, i, 0))
+            sides[f"{side}_{name}_ref"] = (part.reshape(blocks, B, H, n, C), spec)
+    inputs = dict(chosen_ref=chosen_in, **sides)
+    if tiles > 1:
+        M = pl.next_power_of_2(tiles)  # a Triton block's length; the padding is never written nor summed
+        flows = {name: x for name, x in sides.items() if name.endswith(("_w_ref", "_u_ref"))}
+        net_spec = pl.BlockSpec((None, None, 1), lambda g, i: (g // H, g % H, i))
+        nets = call(nets_kernel, name="fleet_gate_nets", grid=grid, inputs=dict(chosen_ref=chosen_in, **flows),
+                    outputs=dict(net_ref=(((B, H, M), f32), net_spec)), num_warps=4, num_stages=1)["net_ref"]
+        inputs["net_ref"] = (nets, pl.BlockSpec((None, None, M), lambda g, i: (g // H, g % H, 0)))
+    for i, flags in enumerate(reached):
+        inputs[f"reached_{i}_ref"] = (flags.astype(jnp.int32).reshape(B, H, n, C), row_tile)
+    by_token = pl.BlockSpec((None, tile, C, None), lambda g, i: (g // H, i, 0, g % H))
+    out = call(functools.partial(grad_kernel, tiles=tiles), name="fleet_gate_grad", grid=grid,
                inputs=inputs, outputs=dict(d_ref=(((B, n, C, H), f32), by_token)), num_warps=4, num_stages=1)
     return jnp.swapaxes(out["d_ref"].reshape(B, T, H), 1, 2)
