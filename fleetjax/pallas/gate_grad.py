@@ -13,7 +13,9 @@ either a walk's own or, from the Mosaic walks, fleetjax.vjp.spanned_from_sums of
 The flow across a tile's last boundary is what the row's later tiles let in less what they let out: a first
 launch forms each tile's (:func:`nets_kernel`), the second sums those after its tile (:func:`grad_kernel`).
 One program a row, carrying the flow through its tiles in turn, took 22 us at T=4096 and 83 us at T=16384
-(B4 H16, 64 programs; ncu on an H200, 2026-12-07).
+(B4 H16, 64 programs; ncu on an H200, 2026-12-07); the two launches 6.3 + 12.2 us and 14.0 + 35.6 us against
+22.7 and 82.6 for the one on an H100 (ncu, 2026-12-07, bf16, the gate alone,
+experiments/results/2026-12-07-h100-fortyfirst_split_fwd_bwd_*).
 """
 
 from __future__ import annotations
