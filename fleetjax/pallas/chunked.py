@@ -112,8 +112,9 @@ class PallasConfig:
     the witness (not timed on a GPU). False: the lax.cond, as before 2026-12-04, whose branches jax prunes to
     the gradients used (and for the local states a check of their inputs).
     gate_grad_kernel: where the choice is made on the device and the gate's gradient alone is wanted (no final
-    state's cotangent, whole chunks), d log_gate from the plain and contained walks' per-block parts in one
-    Triton launch (fleetjax.pallas.gate_grad) instead of XLA's eight fusions. On by default: fwd+bwd with the
+    state's cotangent, whole chunks), d log_gate from the plain and contained walks' per-block parts in two
+    small Triton launches (fleetjax.pallas.gate_grad; one where the row is one tile) instead of XLA's eight
+    fusions. On by default: fwd+bwd with the
     gate learned 731.8 us in 24 kernels against 755.9 in 29 by ncu's kernel times on an H100 (2026-12-07,
     bf16 B4 H16 T=4096, K = V = 128, experiments/results/2026-12-07-h100-thirtyninth_split_fwd_bwd_*).
     """
@@ -561,7 +562,7 @@ def block_backward(q, k, v, decays: Decays, start, run_ids, do, exit_cotangent, 
     # formed once, from the chosen ones: from the gradients, XLA forms both walks' (their cumulative sums over
     # every position) and then selects one.
     gate_parts = config.choice_on_device and wanted.log_gate
-    # PallasConfig.gate_grad_kernel: the parts stay per value block, both walks', for one launch to choose and sum.
+    # PallasConfig.gate_grad_kernel: the parts stay per value block, both walks', for its launches to choose and sum.
     per_block = (gate_parts and config.gate_grad_kernel and not wanted.log_decay and exit_cotangent is None
                  and gate_grad.serves(T, chunking.chunk_size))
 
