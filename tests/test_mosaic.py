@@ -70,7 +70,8 @@ def test_supports_only_the_cases_the_kernel_serves():
                                           ("warpgroups", 3), ("backward_warpgroups", 0), ("forward_pieces", 0),
                                           ("forward_pieces", True), ("forward_block_v", 48),
                                           ("sums_warpgroups", 4), ("gate_dk_warpgroups", 3),
-                                          ("gate_dq_warpgroups", 0), ("joint_pieces", 0), ("joint_pieces", True)])
+                                          ("gate_dq_warpgroups", 0), ("joint_pieces", 0), ("joint_pieces", True),
+                                          ("states_block_v", 48)])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=f"MosaicWalkConfig.{field}"):
         mosaic.MosaicWalkConfig(**{field: value})
@@ -631,6 +632,10 @@ def test_the_states_only_walk_gives_the_walks_piece_states(reverse, gated):
                               chunk_size=64, block_v=32, num_warps=4, num_stages=1, precision=None, contain=False,
                               exact=False, gate=decays.gate_tiles())
     assert oracle.rel_err(states, triton, axis=None) < TOLERANCE["bfloat16"]
+    narrow = mosaic.piece_states(k, v, decays.log_decay, chunking, reverse=reverse, within=within,
+                                 config=mosaic.MosaicWalkConfig(states_block_v=32), interpret=InterpretGPUParams())
+    # MosaicWalkConfig.states_block_v: 8e-8 apart in the interpreter (jax 0.10.2), whose dot sums by block
+    assert oracle.rel_err(narrow, states, axis=None) < 1e-6
 
 
 @interpreted

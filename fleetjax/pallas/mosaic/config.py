@@ -197,6 +197,14 @@ class MosaicWalkConfig:
     states of the others alone (fleetjax.pallas.mosaic.entering_states' ``zero_first``): two pieces need no
     XLA copy between the states walk and the walk (6.0 us at B4 H16 T=4096 on an H100). On by default, timed
     with ``gate_sums`` (above); bitwise the same walk in Mosaic GPU's interpreter, and the oracle's on an H100.
+    states_block_v: the value block of the states-only walk (:func:`fleetjax.pallas.mosaic.piece_states`, the
+    pieces' local states; None: the walk's block_v) where it divides V. Its programs hold one warpgroup each
+    and walk a piece's chunks one update product at a time: a smaller block gives more programs a piece,
+    several to an SM, for the chunks' latency to overlap (at B4 H16, bf16, K = V = 128, the gate alone, the
+    forward's states walk took 0.026 and 0.089 ms of the gated fwd+bwd's 0.685 and 2.454 ms of kernels at
+    T=4096 and 16384, in 128 programs: ncu, H100, 2026-12-07, experiments/results/2026-12-07-h100-fortyfirst_
+    split_fwd_bwd_*_main.csv). The same states to float32's rounding (8e-8 apart in the interpreter, whose dot
+    sums each block in its own order). Not yet timed: None.
     """
 
     chunk_size: int = 64
@@ -226,13 +234,14 @@ class MosaicWalkConfig:
     joint_pieces: int | None = None
     gate_sums: bool = True
     zero_first: bool = True
+    states_block_v: int | None = None
 
     def __post_init__(self):
         if self.chunk_size != 64:
             raise ValueError(f"MosaicWalkConfig.chunk_size must be 64, got {self.chunk_size!r}")
-        for name in ("block_v", "sums_block_v", "forward_block_v"):
+        for name in ("block_v", "sums_block_v", "forward_block_v", "states_block_v"):
             value = getattr(self, name)
-            if value not in (32, 64, 128) and not (name == "forward_block_v" and value is None):
+            if value not in (32, 64, 128) and not (name in ("forward_block_v", "states_block_v") and value is None):
                 raise ValueError(f"MosaicWalkConfig.{name} must be 32, 64 or 128, got {value!r}")
         for name in ("warpgroups", "backward_warpgroups", "sums_warpgroups", "gate_dk_warpgroups",
                      "gate_dq_warpgroups"):
