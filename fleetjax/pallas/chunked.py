@@ -114,9 +114,9 @@ class PallasConfig:
     gate_grad_kernel: where the choice is made on the device and the gate's gradient alone is wanted (no final
     state's cotangent, whole chunks), d log_gate from the plain and contained walks' per-block parts in two
     small Triton launches (fleetjax.pallas.gate_grad; one where the row is one tile) instead of XLA's eight
-    fusions. On by default: fwd+bwd with the
-    gate learned 731.8 us in 24 kernels against 755.9 in 29 by ncu's kernel times on an H100 (2026-12-07,
-    bf16 B4 H16 T=4096, K = V = 128, experiments/results/2026-12-07-h100-thirtyninth_split_fwd_bwd_*).
+    fusions. On by default: fwd+bwd with the gate learned 731.8 us in 24 kernels against 755.9 in 29 by ncu's
+    kernel times on an H100 (2026-12-07, bf16 B4 H16 T=4096, K = V = 128, then in one launch,
+    experiments/results/2026-12-07-h100-thirtyninth_split_fwd_bwd_*).
     """
 
     forward: WalkConfig = WalkConfig()
