@@ -270,6 +270,13 @@ class MosaicWalkConfig:
         return self if self.forward_block_v is None else dataclasses.replace(self, block_v=self.forward_block_v,
                                                                            forward_block_v=None)
 
+    def states(self, V: int) -> MosaicWalkConfig:
+        """The states-only walk's tiling for V value columns: block_v set to states_block_v where that divides
+        V."""
+        if self.states_block_v is None or V % self.states_block_v:
+            return self
+        return dataclasses.replace(self, block_v=self.states_block_v, states_block_v=None)
+
     def shared_memory_bytes(self, K: int, itemsize: int) -> int:
         """Shared memory of one forward program, the launch's whole request. One warpgroup: the state's
         16-bit tile and the weighted values' tile, then the larger of the staged q, k, v, o tiles and the

@@ -4,8 +4,6 @@ chunk), and the states entering each piece, passed in XLA from the pieces' local
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -36,8 +34,7 @@ def piece_states(key, value, log_decay, chunking: Chunking, *, reverse: bool, co
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    if config.states_block_v is not None and value.shape[-1] % config.states_block_v == 0:
-        config = dataclasses.replace(config, block_v=config.states_block_v, states_block_v=None)
+    config = config.states(value.shape[-1])
     B, T, H, K = key.shape
     V = value.shape[-1]
     C, bv, P = config.chunk_size, config.block_v, chunking.pieces
