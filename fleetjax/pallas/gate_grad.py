@@ -45,6 +45,12 @@ def _summed(parts: dict, side: str, name: str):
     return functools.reduce(jnp.add, (ref[j] for j in range(ref.shape[0])))
 
 
+def _flows(parts: dict, side: str):
+    """``side``'s w and u [tile, C] and each chunk's flow into and out of it [tile] (their sums)."""
+    w, u = _summed(parts, side, "w"), _summed(parts, side, "u")
+    return w, u, jnp.sum(w, axis=1), jnp.sum(u, axis=1)
+
+
 def _chosen(chosen_ref, parts: dict, form: Callable[[str], Any]):
     """``form(side)`` of the chosen side: the plain walks' where ``chosen_ref`` [1] is nonzero, else the
     contained ones'; a branch of the program."""
@@ -52,10 +58,14 @@ def _chosen(chosen_ref, parts: dict, form: Callable[[str], Any]):
 
 
 def nets_kernel(*, chosen_ref, net_ref, **parts):
-    """One tile of one (batch, head) row: its chunks' flow into less out of them, sum (w - u) [1]. parts:
-    ``<side>_w_ref`` and ``<side>_u_ref`` [blocks, tile, C]."""
-    net = _chosen(chosen_ref, parts, lambda side: jnp.sum(_summed(parts, side, "w") - _summed(parts, side, "u")))
-    net_ref[...] = jnp.full((1,), net, f32)
+    """One tile of one (batch, head) row: its chunks' flows in less out (:func:`_flows`, as
+    :func:`grad_kernel` forms them), summed [1]. parts: ``<side>_w_ref`` and ``<side>_u_ref`` [blocks, tile,
+    C]."""
+    def tile_net(side):
+        _, _, into, out = _flows(parts, side)
+        return jnp.sum(into - out)
+
+    net_ref[...] = jnp.full((1,), _chosen(chosen_ref, parts, tile_net), f32)
 
 
 def grad_kernel(*, chosen_ref, d_ref, tiles: int, net_ref=None, **parts):
@@ -73,13 +83,12 @@ def grad_kernel(*, chosen_ref, d_ref, tiles: int, net_ref=None, **parts):
         after = jnp.sum(jnp.where((later > i) & (later < tiles), net_ref[...], 0.0))
 
     def tile_d(side):
-        w, u = _summed(parts, side, "w"), _summed(parts, side, "u")
+        w, u, into, out = _flows(parts, side)
         if f"{side}_spanned_ref" in parts:
             spanned = _summed(parts, side, "spanned")
         else:
             lag = _summed(parts, side, "column") - _summed(parts, side, "row")
             spanned = jnp.cumsum(lag, axis=1) - lag
-        into, out = jnp.sum(w, axis=1), jnp.sum(u, axis=1)
         net = into - out
         # The flow across the boundary after each chunk: the tile's later chunks' and those after the tile.
         flow = after + (jnp.sum(net) - jnp.cumsum(net))
