@@ -164,8 +164,10 @@ def spanned_from_sums(row: jax.Array, column: jax.Array, chunk_size: int) -> jax
     """log_gate_grad's spanned [B, H, T] from the chunk's pairs' row sums ``row`` (per query i, its pairs with
     the keys j < i of its chunk) and column sums ``column`` (per key j, its pairs with the queries i > j),
     [B, H, T] float32, of chunks of ``chunk_size``: per position r, sum_{t < r in r's chunk} (column_t - row_t),
-    the pairs that start before r less those that also end before it. Its rounding is relative to the chunk's
-    row and column sums, which a kernel forms in float32 from its products (no triangle product over a tile)."""
+    the pairs that start before r less those that also end before it. Both may also hold each position's own
+    pair (t, t), as the Mosaic walks' do: it cancels in their difference. Its rounding is relative to the
+    chunk's row and column sums, which a kernel forms in float32 from its products (no triangle product over a
+    tile)."""
     B, H, T = row.shape
     difference = _in_chunks(column - row, chunk_size)
     return (jnp.cumsum(difference, axis=-1) - difference).reshape(B, H, -1)[..., :T]

@@ -55,8 +55,8 @@ def joint_walk(q, k, v, do, entering, chunking: Chunking, *, scale: float, confi
     pieces ``entering`` [B, H, P, K, V] float32 (the dv walk's orientation; None: zero). ``within`` [B, H, T]
     float32: the log decay summed within each chunk, in base 2 (fleetjax.decay.Decays.within_chunks). sums["state"]
     [2, B, H, T] float32: each warpgroup's part of u (summed over the two, fleetjax.vjp.log_gate_grad's u);
-    sums["before"] [1, B, H, T]: per position i the sum over the chunk's later positions j of
-    scale (k_i . q_j)(v_i . dO_j) decayed. ``witness``: H's update takes 0 * dv (plain.walk's), so that its
+    sums["before"] [1, B, H, T]: per position i the sum over the chunk's positions j from i on of
+    scale (k_i . q_j)(v_i . dO_j) decayed (its own pair too, as the dq sums walk's row sums hold it). ``witness``: H's update takes 0 * dv (plain.walk's), so that its
     state after a piece is finite only if every dv of the piece was. Assumes :func:`serves` and
     fleetjax.pallas.mosaic.serves_backward."""
     import jax.experimental.pallas as pl
@@ -115,8 +115,8 @@ def joint_walk(q, k, v, do, entering, chunking: Chunking, *, scale: float, confi
             step = Carry(carry, g)
             entering_rows, leaving_rows = (w.rows(x) for x in step.rows(entering_rows, leaving_rows))
             pairs = got["pairs"] * weights
-            # lag 0 (a position's pair with itself) is not in the column sums
-            before = jnp.sum(jnp.where(lag > 0, got["scores"] * pairs, 0.0), axis=1)
+            # lag 0 too, as in the dq sums walk's row sums (fleetjax.pallas.mosaic.sums_walk's ``before``)
+            before = jnp.sum(got["scores"] * pairs, axis=1)
             scores, pairs = (got["scores"] * weights).astype(dtype), pairs.astype(dtype)
             meet(rendezvous.at[_COPIED])
 

@@ -41,10 +41,11 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
     lag-weighted pairs in the chunk); all per value block (their sum over blocks is the position's).
 
     With ``before`` (the gated decay) also sums["before"]: per position i the sum over the chunk's positions j
-    strictly before i in the walk's order of the pairs scale (rows_i . value_j)(query_i . key_j) decayed, in
-    float32 from the products' accumulators: in the dq walk each query's pairs with earlier keys, in the dk walk
-    (reverse) each key's pairs with later queries, the row and column sums of the chunk's pairs whose
-    difference's prefix sum is the intra-chunk part of d log_gate (fleetjax.vjp.spanned_from_sums).
+    up to i in the walk's order of the pairs scale (rows_i . value_j)(query_i . key_j) decayed, in float32
+    from the products' accumulators: in the dq walk each query's pairs with earlier keys, in the dk walk
+    (reverse) each key's pairs with later queries, each with its own pair (lag 0) too, the row and column
+    sums of the chunk's pairs whose difference's prefix sum is the intra-chunk part of d log_gate
+    (fleetjax.vjp.spanned_from_sums): a position's own pair is in both and cancels there.
 
     ``witness``: as plain.walk's (False for the dk walk: 1232 -> 1216 instructions a chunk, the gate's)."""
     import jax.experimental.pallas as pl
@@ -161,8 +162,10 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
                 pairs = got["pairs"] * scores
             if tangent:
                 intra_rows = jnp.sum(lags * pairs, axis=1)
-            if before:  # lag 0 (the pair of a position with itself) is in neither the row's nor the column's
-                sum_smem["before"][...] = jnp.sum(jnp.where(lag > 0, pairs, 0.0), axis=1)
+            if before:  # lag 0 too: the dq walk's row sums and the dk walk's column sums both hold it and it
+                # cancels in their difference, where leaving it out took a select of every pair (sm_90 SASS,
+                # experiments/sass.py: 1208 -> 1143 instructions a chunk, spills 68 -> 24 bytes).
+                sum_smem["before"][...] = jnp.sum(pairs, axis=1)
 
             o = w.out(inter, scores, v_smem)
             tile["o"][...] = o.astype(dtype)
