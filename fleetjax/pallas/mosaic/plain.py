@@ -116,8 +116,9 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             else:
                 state = carried
                 chunk_constant, chunk_lag = constant, lag if gated else None
-            weights, entering_rows, leaving_rows, carry = (w.factors(within_smem, chunk_lag) if gated
-                                                           else chunk_constant)
+            # One warpgroup a program has the registers for the causal mask's bias (Walker.factors).
+            weights, entering_rows, leaving_rows, carry = (w.factors(within_smem, chunk_lag, bias=not wide)
+                                                           if gated else chunk_constant)
             step = Carry(carry, g)
             entering_rows, leaving_rows = (w.rows(x) for x in step.rows(entering_rows, leaving_rows))
 
