@@ -76,8 +76,7 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
 
     def program(*, log_decay_gmem, q_gmem, k_gmem, v_gmem, rows_gmem, o_gmem, final_gmem, barrier,
                 within_gmem=None, start_gmem=None, tangent_start_gmem=None, state_sums_gmem=None,
-                decay_sums_gmem=None, before_sums_gmem=None, state_smem=None, state_lo_smem=None,
-                weighted_smem=None, weighted_lo_smem=None, paired_smem=None, paired_lo_smem=None,
+                decay_sums_gmem=None, before_sums_gmem=None, parts_smem=None, weighted_smem=None, weighted_lo_smem=None, paired_smem=None, paired_lo_smem=None,
                 lagged_smem=None, lagged_lo_smem=None, moved_smem=None, moved_lo_smem=None, keys_t_smem=None,
                 block_t_smem=None, register_smem=None, out_smem=None, ring_smem=None, f32_smem=None,
                 rendezvous=None):
@@ -87,10 +86,10 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
         group = lax.axis_index("wg") if wide else 0  # this program's warpgroup
         if wide:
             paired_smem, paired_lo_smem, moved_smem, moved_lo_smem, weighted_smem, weighted_lo_smem, lagged_smem, \
-                lagged_lo_smem, state_smem, state_lo_smem, out_smem, ring_smem, f32_smem, barrier = (
+                lagged_lo_smem, parts_smem, out_smem, ring_smem, f32_smem, barrier = (
                     None if ref is None else ref.at[group]
                     for ref in (paired_smem, paired_lo_smem, moved_smem, moved_lo_smem, weighted_smem,
-                                weighted_lo_smem, lagged_smem, lagged_lo_smem, state_smem, state_lo_smem, out_smem,
+                                weighted_lo_smem, lagged_smem, lagged_lo_smem, parts_smem, out_smem,
                                 ring_smem, f32_smem, barrier))
             if interpret is not None:
                 keys_t_smem, block_t_smem, register_smem = (
@@ -98,6 +97,8 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
         if tangent:  # the state's copies, then its derivative's, side by side (see ``paired_smem`` below)
             state_smem, tangent_smem = (paired_smem.at[:, pl.ds(i * bv, bv)] for i in range(2))
             state_lo_smem, tangent_lo_smem = (paired_lo_smem.at[:, pl.ds(i * bv, bv)] for i in range(2))
+        else:  # the state's hi copy, then its lo copy, side by side (see ``parts_smem`` below)
+            state_smem, state_lo_smem = (parts_smem.at[:, pl.ds(i * bv, bv)] for i in range(2))
         sums_gmem = dict(state=state_sums_gmem, decay=decay_sums_gmem, before=before_sums_gmem)
         w = Walker(config, key_dim=K, dtype=dtype, reverse=reverse, scale=scale, interpret=interpret,
                    keys_t=keys_t_smem, block_t=block_t_smem, register=register_smem)
@@ -146,16 +147,19 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
                                                                      else derivative, dtype, 2)
             plgpu.commit_smem()
 
-            # The products that read only the chunk's tiles and the states' copies go out together. With the
-            # tangent, inter (query S) and through (query D) are one product of twice the columns.
-            held = [paired_smem, paired_lo_smem] if tangent else [state_smem, state_lo_smem]
+            # The products that read only the chunk's tiles and the states' copies go out together, inter as
+            # one product of twice the columns: with the tangent inter (query S) beside through (query D), else
+            # query S_hi beside query S_lo, whose halves add up.
+            held = [paired_smem, paired_lo_smem] if tangent else [parts_smem]
             jobs = dict(scores=((C, C), [(q_smem, lambda: w.k_t(k_smem))]),
-                        inter=((C, (1 + tangent) * bv), [(q_smem, copy) for copy in held]))
+                        inter=((C, 2 * bv), [(q_smem, copy) for copy in held]))
             if tangent or before:  # the pairs (rows_i . value_j) (query_i . key_j), decayed below
                 jobs["pairs"] = ((C, C), [(x_smem, lambda: w.k_t(v_smem))])
             got = w.products(jobs)
             if tangent:
                 got["inter"], got["through"] = got["inter"][:, :bv], got["inter"][:, bv:]
+            else:
+                got["inter"] = got["inter"][:, :bv] + got["inter"][:, bv:]
             scores = got["scores"] * weights
             inter = got["inter"] * entering_rows
             if tangent or before:
@@ -237,12 +241,14 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
     per_group = (wgs,) if wide else ()  # two warpgroups: each its own tiles
     tile_of = lambda rows, columns=bv: plgpu.SMEM((*per_group, rows, columns), dtype, transforms=tiles)  # noqa: E731
     scratch = {} if joint_update else dict(weighted_smem=tile_of(C))
-    if not tangent:
-        scratch["state_smem"] = tile_of(K)
+    if not tangent:  # the state's hi and lo copies in one tile, columns [0, bv) and [bv, 2 bv), so that
+        # query S_hi + query S_lo is one wgmma product of 2 bv columns whose halves add up: half the wgmmas of
+        # the gate's sums walks' inter (sm_90 SASS, experiments/sass.py --gate-only --T 4096, jax 0.11.2: the
+        # dq walk 1143 -> 1114 instructions a chunk, the dk walk 1127 -> 1097, HGMMA 46 -> 38, where each
+        # wgmma takes about six instructions to form its operands' descriptors)
+        scratch["parts_smem"] = tile_of(K, 2 * bv)
     if not joint_update:
         scratch["weighted_lo_smem"] = tile_of(C)
-    if not tangent:
-        scratch["state_lo_smem"] = tile_of(K)
     if tangent:  # the state's and its derivative's hi (lo) copies in one tile: columns [0, bv) and [bv, 2 bv)
         # (whole tiles of the swizzle), so that query S and query D are one wgmma product of 2 bv columns:
         # half the wgmmas and reads of the query tile (dq sums walk, sm_90 SASS counted on the CPU by
@@ -272,7 +278,7 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
                    **{f"{name}_sums_gmem": jax.ShapeDtypeStruct((nv, B, H, T), f32) for name in sums})
     # On the GPU two warpgroups' float32 tiles share their space with the state's copies, used only inside the
     # pipeline.
-    copies = ("paired_smem", "paired_lo_smem") if tangent else ("state_smem", "state_lo_smem")
+    copies = ("paired_smem", "paired_lo_smem") if tangent else ("parts_smem",)
     shared = copies if wide and interpret is None else ()
     out, finals, *formed = launch(program, name=name, inputs=inputs, outputs=outputs, scratch=scratch,
                                   grid=(nv // wgs, B * H, P), interpret=interpret, threads=wgs + 1 if wide else 1,
