@@ -204,7 +204,10 @@ class MosaicWalkConfig:
     forward's states walk took 0.026 and 0.089 ms of the gated fwd+bwd's 0.685 and 2.454 ms of kernels at
     T=4096 and 16384, in 128 programs: ncu, H100, 2026-12-07, experiments/results/2026-12-07-h100-fortyfirst_
     split_fwd_bwd_*_main.csv). The same states to float32's rounding (8e-8 apart in the interpreter, whose dot
-    sums each block in its own order). Not yet timed: None.
+    sums each block in its own order). Off (None): at 32 the states walk took 0.0339 against 0.0286 ms in
+    the forward at T=4096 and 0.1348 against 0.0995 in fwd+bwd at T=16384 (ncu, H100, 2026-12-07, same
+    shapes, ...-fortysecond_split_{fwd_T4096,fwd_bwd_T16384}_{new,sb32}.csv): its programs each read the
+    chunk's whole key tile for a quarter of the values.
     """
 
     chunk_size: int = 64
