@@ -56,8 +56,9 @@ def joint_walk(q, k, v, do, entering, chunking: Chunking, *, scale: float, confi
     float32: the log decay summed within each chunk, in base 2 (fleetjax.decay.Decays.within_chunks). sums["state"]
     [2, B, H, T] float32: each warpgroup's part of u (summed over the two, fleetjax.vjp.log_gate_grad's u);
     sums["before"] [1, B, H, T]: per position i the sum over the chunk's positions j from i on of
-    scale (k_i . q_j)(v_i . dO_j) decayed (its own pair too, as the dq sums walk's row sums hold it). ``witness``: H's update takes 0 * dv (plain.walk's), so that its
-    state after a piece is finite only if every dv of the piece was. Assumes :func:`serves` and
+    scale (k_i . q_j)(v_i . dO_j) decayed (its own pair too, as the dq sums walk's row sums hold it).
+    ``witness``: H's update takes 0 * dv (plain.walk's), so that its state after a piece is finite only if
+    every dv of the piece was. Assumes :func:`serves` and
     fleetjax.pallas.mosaic.serves_backward."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu

@@ -76,10 +76,10 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
 
     def program(*, log_decay_gmem, q_gmem, k_gmem, v_gmem, rows_gmem, o_gmem, final_gmem, barrier,
                 within_gmem=None, start_gmem=None, tangent_start_gmem=None, state_sums_gmem=None,
-                decay_sums_gmem=None, before_sums_gmem=None, parts_smem=None, weighted_smem=None, weighted_lo_smem=None, paired_smem=None, paired_lo_smem=None,
-                lagged_smem=None, lagged_lo_smem=None, moved_smem=None, moved_lo_smem=None, keys_t_smem=None,
-                block_t_smem=None, register_smem=None, out_smem=None, ring_smem=None, f32_smem=None,
-                rendezvous=None):
+                decay_sums_gmem=None, before_sums_gmem=None, parts_smem=None, weighted_smem=None,
+                weighted_lo_smem=None, paired_smem=None, paired_lo_smem=None, lagged_smem=None,
+                lagged_lo_smem=None, moved_smem=None, moved_lo_smem=None, keys_t_smem=None, block_t_smem=None,
+                register_smem=None, out_smem=None, ring_smem=None, f32_smem=None, rendezvous=None):
         """One program's walk, its refs by name: inputs and outputs ``*_gmem``, scratch ``*_smem`` and
         ``barrier``; None where the call has no such ref. Two warpgroups (``wide``): each takes its own slice
         of the scratch that has a leading warpgroup axis, and its out and sums go through its own rings."""
