@@ -254,7 +254,8 @@ class Walker:
         enter, leave = (to_end, from_start) if reverse else (from_start, to_end)
         # Unlike fleetjax.chunk.decayed, the exponents are not masked before exp: off the pairs they are
         # differences of finite log decays in the wrong order (>= 0), whose exp at worst overflows to inf,
-        # which the select drops (a NaN gate still reaches the pairs, as with the mask).
+        # which the select drops; with ``bias`` their exponent is -inf and their exp 0 (a NaN gate still reaches
+        # the pairs, as with the mask).
         if bias:
             weights = jnp.exp2(pair + jnp.where(lag >= 0, 0.0, -jnp.inf))
         else:
