@@ -74,7 +74,8 @@ def as_on_hopper(device: str):
     from fleetjax.pallas import chunked, fleet, launch, mosaic, walk
     from fleetjax.pallas.mosaic import config as mosaic_config
     answers = dict(on_gpu=lambda: True, multiprocessor_count=lambda: 132,
-                   shared_memory_per_block=lambda: 227 * 1024, on_hopper=lambda: True)
+                   shared_memory_per_block=lambda: 227 * 1024, on_hopper=lambda: True,
+                   device_kind=lambda: DEVICES[device]["description"])
     saved = []
     for module in (launch, walk, chunked, fleet, mosaic, mosaic_config):
         for name, answer in answers.items():

@@ -322,7 +322,8 @@ def test_the_default_takes_two_warpgroups_where_the_sequence_is_split(monkeypatc
     pieces where the forward already splits the sequence (B1 H8 T=32768); where one-warpgroup programs fill
     the SMs but two-warpgroup ones would not (B4 H16), two warpgroups in pieces of the Mosaic walk's own
     (MosaicWalkConfig.forward_pieces), the Triton forward's staying whole; one where even those fill them
-    (B8 H16); the backward's walks one in all."""
+    (B8 H16); the backward's walks one in all. Short sequences: two of 32 value columns in one piece, up to a
+    length that is the card's own (2048 on an H200, 8192 on an H100)."""
     monkeypatch.setattr(mosaic, "on_hopper", lambda: True)
     monkeypatch.setattr(chunked, "multiprocessor_count", lambda: 132)
     monkeypatch.setattr(chunked, "shared_memory_per_block", lambda: 227 * 1024)
@@ -336,11 +337,21 @@ def test_the_default_takes_two_warpgroups_where_the_sequence_is_split(monkeypatc
     assert own.mosaic_walks.shared_memory_bytes(128, 2) <= 227 * 1024
     assert own.mosaic_walks.forward_block_v is None
     # Shorter (B4 H16 T=2048): two warpgroups of 32 value columns in one piece fill the SMs, no pieces' states.
-    narrow = chunked.default_config(jnp.zeros((4, 2048, 16, 128), jnp.bfloat16), jnp.zeros((4, 2048, 16, 128)))
+    narrow_shapes = (jnp.zeros((4, 2048, 16, 128), jnp.bfloat16), jnp.zeros((4, 2048, 16, 128)))
+    narrow = chunked.default_config(*narrow_shapes)
     assert (narrow.mosaic_walks.warpgroups, narrow.mosaic_walks.forward_pieces) == (2, 1)
     assert (narrow.mosaic_walks.forward_block_v, narrow.mosaic_walks.block_v) == (32, 64)
     assert narrow.num_sequence_pieces == 1
     assert narrow.mosaic_walks.shared_memory_bytes(128, 2) < own.mosaic_walks.shared_memory_bytes(128, 2)
+    # Up to which length is the card's own: T=8192 on an H100, 2048 on an H200 (timed on each).
+    at_8192 = (jnp.zeros((4, 8192, 16, 128), jnp.bfloat16), jnp.zeros((4, 8192, 16, 128)))
+    monkeypatch.setattr(chunked, "device_kind", lambda: "NVIDIA H100 80GB HBM3")
+    assert chunked.default_config(*at_8192).mosaic_walks.forward_block_v == 32
+    assert chunked.default_config(*at_8192).mosaic_walks.forward_pieces == 1
+    monkeypatch.setattr(chunked, "device_kind", lambda: "NVIDIA H200")
+    assert chunked.default_config(*at_8192).mosaic_walks.forward_block_v is None
+    assert chunked.default_config(*at_8192).mosaic_walks.forward_pieces == 2
+    assert chunked.default_config(*narrow_shapes).mosaic_walks.forward_block_v == 32
     whole = chunked.default_config(jnp.zeros((8, 16384, 16, 128), jnp.bfloat16), jnp.zeros((8, 16384, 16, 128)))
     assert (whole.mosaic_walks.warpgroups, whole.mosaic_walks.forward_pieces) == (1, None)
     assert whole.num_sequence_pieces == 1

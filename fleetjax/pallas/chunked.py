@@ -37,7 +37,8 @@ from fleetjax.pallas import forward as fwd
 from fleetjax.pallas import gate, gate_grad
 from fleetjax.pallas import marking
 from fleetjax.pallas import mosaic
-from fleetjax.pallas.launch import multiprocessor_count, on_gpu, shared_memory_bytes, shared_memory_per_block
+from fleetjax.pallas.launch import (device_kind, multiprocessor_count, on_gpu, shared_memory_bytes,
+                                   shared_memory_per_block)
 from fleetjax.pallas.walk import padded
 from fleetjax.state_passing import BlockKernels
 
@@ -348,8 +349,16 @@ def default_config(q: jax.Array, v: jax.Array) -> PallasConfig:
 
 
 # The longest sequence at which the Mosaic forward takes two warpgroups of 32 value columns in one piece
-# rather than of 64 in pieces of its own (see :func:`_mosaic_walks`).
+# rather than of 64 in pieces of its own (see :func:`_mosaic_walks`), by the card's name (jax's device_kind),
+# each card's from its own runs; NARROW_FORWARD_T for the others.
 NARROW_FORWARD_T = 2048
+NARROW_FORWARD_T_BY_CARD = {"H100": 8192}
+
+
+def narrow_forward_t() -> int:
+    """NARROW_FORWARD_T, or the default device's own entry in NARROW_FORWARD_T_BY_CARD."""
+    kind = device_kind()
+    return next((t for card, t in NARROW_FORWARD_T_BY_CARD.items() if card in kind), NARROW_FORWARD_T)
 
 
 def _mosaic_walks(K: int, V: int, dtype, limit: int, *, pieces: int, T: int, heads: int,
@@ -372,11 +381,15 @@ def _mosaic_walks(K: int, V: int, dtype, limit: int, *, pieces: int, T: int, hea
     0.156 and 0.176 against 0.178 at T=4096, bitwise the same outputs (H200, 2026-12-04, medians of four
     alternated runs, experiments/results/2026-12-04-h200-forward_pieces_ab.jsonl).
 
-    Up to T = NARROW_FORWARD_T, where those pieces' states and their passing cost more than the walk gains,
-    two warpgroups of 32 value columns in one piece instead (MosaicWalkConfig.forward_block_v), where they
-    fill as many SMs: 0.0638 against 0.0692 ms at B4 H16 T=1024, 0.0831 against 0.0884 at T=2048; even at
-    T=4096, slower at T=8192 (0.237 against 0.223) and gated at T=4096 (0.154 against 0.144) (H200,
-    2026-12-04, six alternated runs, ...-narrow_forward_ab.jsonl).
+    Up to T = :func:`narrow_forward_t`, where those pieces' states and their passing cost more than the walk
+    gains, two warpgroups of 32 value columns in one piece instead (MosaicWalkConfig.forward_block_v), where
+    they fill as many SMs. On the H200 up to 2048: 0.0638 against 0.0692 ms at B4 H16 T=1024, 0.0831 against
+    0.0884 at T=2048; even at T=4096, slower at T=8192 (0.237 against 0.223) and gated at T=4096 (0.154
+    against 0.144) (2026-12-04, six alternated runs, ...-narrow_forward_ab.jsonl). On the H100 up to 8192
+    (likely its slower HBM: the states walk reads the first piece's keys and values a second time): the
+    forward's kernels took 0.1138 against 0.1321 ms at B4 H16 T=4096, 0.2079 against 0.2445 at T=8192, gated
+    0.1262 against 0.1368 and 0.2291 against 0.2507 (ncu, one run each, 2026-12-07,
+    experiments/results/2026-12-07-h100-fortythird_narrow_forward.txt); T=16384 was not timed.
 
     The backward's walks keep one warpgroup: with them on two as well, the backward (tune_pallas's fwd_bwd,
     which then timed the backward alone) took 1.295 against 1.233 ms and 7.36 against 6.90 (H200,
@@ -396,7 +409,7 @@ def _mosaic_walks(K: int, V: int, dtype, limit: int, *, pieces: int, T: int, hea
         return wide
     wide_pieces = _pieces(heads * (V // 128), T, fill)
     if pieces == 1 and wide_pieces > 1 and Chunking(T, config.chunk_size, wide_pieces).equal_pieces:
-        if T <= NARROW_FORWARD_T and heads * (V // 64) >= fill:
+        if T <= narrow_forward_t() and heads * (V // 64) >= fill:
             return dataclasses.replace(wide, forward_block_v=32, forward_pieces=1)
         return dataclasses.replace(wide, forward_pieces=wide_pieces)
     return config

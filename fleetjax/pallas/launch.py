@@ -149,6 +149,15 @@ def multiprocessor_count() -> int:
     return int(getattr(jax.devices()[0], "core_count", 0) or 132)
 
 
+@functools.lru_cache(maxsize=None)
+def device_kind() -> str:
+    """The default device's name as jax reports it ("NVIDIA H100 80GB HBM3", "NVIDIA H200"); off-GPU an H100's,
+    as the other queries answer. Defaults that were timed apart on two cards of one kind of SM look it up."""
+    if not on_gpu():
+        return "NVIDIA H100 80GB HBM3"
+    return str(getattr(jax.devices()[0], "device_kind", ""))
+
+
 def shared_memory_bytes(*, loads: tuple[tuple[int, int], ...], staged: tuple[tuple[int, int], ...], dtype,
                         num_stages: int) -> int:
     """The shared memory a walk kernel takes: ``num_stages`` copies of the tiles it loads per chunk
