@@ -346,11 +346,11 @@ def test_the_default_takes_two_warpgroups_where_the_sequence_is_split(monkeypatc
     # Up to which length is the card's own: T=8192 on an H100, 2048 on an H200 (timed on each).
     at_8192 = (jnp.zeros((4, 8192, 16, 128), jnp.bfloat16), jnp.zeros((4, 8192, 16, 128)))
     monkeypatch.setattr(chunked, "device_kind", lambda: "NVIDIA H100 80GB HBM3")
-    assert chunked.default_config(*at_8192).mosaic_walks.forward_block_v == 32
-    assert chunked.default_config(*at_8192).mosaic_walks.forward_pieces == 1
+    on_h100 = chunked.default_config(*at_8192).mosaic_walks
+    assert (on_h100.forward_block_v, on_h100.forward_pieces) == (32, 1)
     monkeypatch.setattr(chunked, "device_kind", lambda: "NVIDIA H200")
-    assert chunked.default_config(*at_8192).mosaic_walks.forward_block_v is None
-    assert chunked.default_config(*at_8192).mosaic_walks.forward_pieces == 2
+    on_h200 = chunked.default_config(*at_8192).mosaic_walks
+    assert (on_h200.forward_block_v, on_h200.forward_pieces) == (None, 2)
     assert chunked.default_config(*narrow_shapes).mosaic_walks.forward_block_v == 32
     whole = chunked.default_config(jnp.zeros((8, 16384, 16, 128), jnp.bfloat16), jnp.zeros((8, 16384, 16, 128)))
     assert (whole.mosaic_walks.warpgroups, whole.mosaic_walks.forward_pieces) == (1, None)

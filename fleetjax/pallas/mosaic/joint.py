@@ -58,8 +58,7 @@ def joint_walk(q, k, v, do, entering, chunking: Chunking, *, scale: float, confi
     sums["before"] [1, B, H, T]: per position i the sum over the chunk's positions j from i on of
     scale (k_i . q_j)(v_i . dO_j) decayed (its own pair too, as the dq sums walk's row sums hold it).
     ``witness``: H's update takes 0 * dv (plain.walk's), so that its state after a piece is finite only if
-    every dv of the piece was. Assumes :func:`serves` and
-    fleetjax.pallas.mosaic.serves_backward."""
+    every dv of the piece was. Assumes :func:`serves` and fleetjax.pallas.mosaic.serves_backward."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
