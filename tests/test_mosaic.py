@@ -323,8 +323,9 @@ def test_the_default_takes_two_warpgroups_where_the_sequence_is_split(monkeypatc
     the SMs but two-warpgroup ones would not (B4 H16), two warpgroups in pieces of the Mosaic walk's own
     (MosaicWalkConfig.forward_pieces), the Triton forward's staying whole; one where even those fill them
     (B8 H16); the backward's walks one in all. Short sequences: two of 32 value columns in one piece, up to a
-    length that is the card's own (2048 on an H200, 8192 on an H100)."""
+    length that is the card's own (2048 on an H200, 32768 on an H100)."""
     monkeypatch.setattr(mosaic, "on_hopper", lambda: True)
+    monkeypatch.setattr(chunked, "device_kind", lambda: "NVIDIA H200")
     monkeypatch.setattr(chunked, "multiprocessor_count", lambda: 132)
     monkeypatch.setattr(chunked, "shared_memory_per_block", lambda: 227 * 1024)
     split = chunked.default_config(jnp.zeros((1, 32768, 8, 128), jnp.bfloat16), jnp.zeros((1, 32768, 8, 128)))
@@ -343,14 +344,15 @@ def test_the_default_takes_two_warpgroups_where_the_sequence_is_split(monkeypatc
     assert (narrow.mosaic_walks.forward_block_v, narrow.mosaic_walks.block_v) == (32, 64)
     assert narrow.num_sequence_pieces == 1
     assert narrow.mosaic_walks.shared_memory_bytes(128, 2) < own.mosaic_walks.shared_memory_bytes(128, 2)
-    # Up to which length is the card's own: T=8192 on an H100, 2048 on an H200 (timed on each).
+    # Up to which length is the card's own: T=32768 on an H100, 2048 on an H200 (timed on each).
     at_8192 = (jnp.zeros((4, 8192, 16, 128), jnp.bfloat16), jnp.zeros((4, 8192, 16, 128)))
-    monkeypatch.setattr(chunked, "device_kind", lambda: "NVIDIA H100 80GB HBM3")
-    on_h100 = chunked.default_config(*at_8192).mosaic_walks
-    assert (on_h100.forward_block_v, on_h100.forward_pieces) == (32, 1)
-    monkeypatch.setattr(chunked, "device_kind", lambda: "NVIDIA H200")
     on_h200 = chunked.default_config(*at_8192).mosaic_walks
     assert (on_h200.forward_block_v, on_h200.forward_pieces) == (None, 2)
+    monkeypatch.setattr(chunked, "device_kind", lambda: "NVIDIA H100 80GB HBM3")
+    for T, layout in ((8192, (32, 1)), (32768, (32, 1)), (65536, (None, 2))):
+        shapes = (jnp.zeros((4, T, 16, 128), jnp.bfloat16), jnp.zeros((4, T, 16, 128)))
+        on_h100 = chunked.default_config(*shapes).mosaic_walks
+        assert (on_h100.forward_block_v, on_h100.forward_pieces) == layout, T
     assert chunked.default_config(*narrow_shapes).mosaic_walks.forward_block_v == 32
     whole = chunked.default_config(jnp.zeros((8, 16384, 16, 128), jnp.bfloat16), jnp.zeros((8, 16384, 16, 128)))
     assert (whole.mosaic_walks.warpgroups, whole.mosaic_walks.forward_pieces) == (1, None)

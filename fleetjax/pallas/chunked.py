@@ -352,7 +352,7 @@ def default_config(q: jax.Array, v: jax.Array) -> PallasConfig:
 # rather than of 64 in pieces of its own (see :func:`_mosaic_walks`), by the card's name (jax's device_kind),
 # each card's from its own runs; NARROW_FORWARD_T for the others.
 NARROW_FORWARD_T = 2048
-NARROW_FORWARD_T_BY_CARD = {"H100": 8192}
+NARROW_FORWARD_T_BY_CARD = {"H100": 32768}
 
 
 def narrow_forward_t() -> int:
@@ -385,11 +385,14 @@ def _mosaic_walks(K: int, V: int, dtype, limit: int, *, pieces: int, T: int, hea
     gains, two warpgroups of 32 value columns in one piece instead (MosaicWalkConfig.forward_block_v), where
     they fill as many SMs. On the H200 up to 2048: 0.0638 against 0.0692 ms at B4 H16 T=1024, 0.0831 against
     0.0884 at T=2048; even at T=4096, slower at T=8192 (0.237 against 0.223) and gated at T=4096 (0.154
-    against 0.144) (2026-12-04, six alternated runs, ...-narrow_forward_ab.jsonl). On the H100 up to 8192
+    against 0.144) (2026-12-04, six alternated runs, ...-narrow_forward_ab.jsonl). On the H100 up to 32768
     (likely its slower HBM: the states walk reads the first piece's keys and values a second time): the
     forward's kernels took 0.1138 against 0.1321 ms at B4 H16 T=4096, 0.2079 against 0.2445 at T=8192, gated
     0.1262 against 0.1368 and 0.2291 against 0.2507 (ncu, one run each, 2026-12-07,
-    experiments/results/2026-12-07-h100-fortythird_narrow_forward.txt); T=16384 was not timed.
+    experiments/results/2026-12-07-h100-fortythird_narrow_forward.txt); again 0.1130 against 0.1322 at
+    T=4096, 0.3995 against 0.4582 at T=16384 and 0.8747 against 0.9134 at T=32768, gated 0.4289 against
+    0.4664 and 0.8834 against 0.9342 (ncu, 2026-12-07, ...-h100-fortyfourth_narrow_forward.txt); the gain
+    shrinks with T (14% at T=4096, 4% at T=32768), so longer sequences keep the pieces until timed.
 
     The backward's walks keep one warpgroup: with them on two as well, the backward (tune_pallas's fwd_bwd,
     which then timed the backward alone) took 1.295 against 1.233 ms and 7.36 against 6.90 (H200,
