@@ -808,3 +808,15 @@ def test_compile_sweep_lists_its_grid_and_refuses_bad_dims(capsys):
 if __name__ == "__main__" and devices.worker_ids(sys.argv) is not None:
     _worker(devices.worker_ids(sys.argv))
 
+
+
+def test_compare_walks_says_why_it_cannot_run_off_an_sm_90_gpu(capsys):
+    """experiments/compare_walks.py changes the default config's Mosaic walks: where the default has none (off
+    an sm_90 GPU) it exits with the reason before timing or comparing anything."""
+    from fleetjax.pallas import mosaic
+    if mosaic.on_hopper():
+        pytest.skip("the default config has Mosaic walks here")
+    from experiments import compare_walks
+    with pytest.raises(SystemExit):
+        compare_walks.main(["--B", "1", "--H", "2", "--K", "64", "--T", "128"])
+    assert "no Mosaic walks here" in capsys.readouterr().err
