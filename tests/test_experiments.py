@@ -805,10 +805,6 @@ def test_compile_sweep_lists_its_grid_and_refuses_bad_dims(capsys):
             compile_sweep.main(["--list", "--dims", dims])
         assert f"'{dims}'" in capsys.readouterr().err
 
-if __name__ == "__main__" and devices.worker_ids(sys.argv) is not None:
-    _worker(devices.worker_ids(sys.argv))
-
-
 
 def test_compare_walks_says_why_it_cannot_run_off_an_sm_90_gpu(capsys):
     """experiments/compare_walks.py changes the default config's Mosaic walks: where the default has none (off
@@ -820,3 +816,7 @@ def test_compare_walks_says_why_it_cannot_run_off_an_sm_90_gpu(capsys):
     with pytest.raises(SystemExit):
         compare_walks.main(["--B", "1", "--H", "2", "--K", "64", "--T", "128"])
     assert "no Mosaic walks here" in capsys.readouterr().err
+
+
+if __name__ == "__main__" and devices.worker_ids(sys.argv) is not None:
+    _worker(devices.worker_ids(sys.argv))
