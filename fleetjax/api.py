@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from fleetjax import reference, validation, xla
+from fleetjax.decay import log_decay_of
 from fleetjax.implementation import Implementation, run
 
 f32 = jnp.float32
@@ -96,7 +97,7 @@ def decode_step(q_t, k_t, v_t, decay, state, *, scale=None, log_gate=None):
     validation.check_step(q_t, k_t, v_t, decay, state, log_gate)
     B, H, K = validation.shape(q_t)
     scale = validation.static_scale(scale, K)
-    log_decay = jnp.zeros((H,), f32) if decay is None else jnp.log(jnp.asarray(decay, f32))
+    log_decay = log_decay_of(decay, H)
     log_factor = log_decay[None, :] + (0.0 if log_gate is None else jnp.asarray(log_gate, f32))
     o_t, state = reference.recurrent_step(q_t, k_t, v_t, jnp.broadcast_to(log_factor, (B, H)),
                                           jnp.asarray(state, f32), scale)

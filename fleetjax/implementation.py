@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from fleetjax import validation
+from fleetjax.decay import log_decay_of
 from fleetjax.segments import run_ids_from_segment_ids
 from fleetjax.state_passing import BlockKernels
 from fleetjax.vma import vary_like
@@ -97,7 +98,7 @@ def run(impl: Implementation, q, k, v, decay, *, scale=None, log_gate=None, init
     out_dtype = jnp.result_type(q, k, v)
     q, k, v = (jnp.asarray(x, out_dtype) for x in (q, k, v))
     config = impl.config_for(config, q, v)
-    log_decay = jnp.zeros((H,), f32) if decay is None else jnp.log(jnp.asarray(decay, f32))
+    log_decay = log_decay_of(decay, H)
     log_gate = None if log_gate is None else jnp.asarray(log_gate, f32)
     state = jnp.zeros((B, H, K, V), f32) if initial_state is None else jnp.asarray(initial_state, f32)
     if sequence_axis_name is not None:

@@ -612,6 +612,19 @@ def test_references_are_public():
                            segment_ids=np.asarray(seg))
 
 
+def test_no_decay_is_zeros_that_xla_keeps_as_a_constant():
+    """decay=None is log gamma = 0 for every head (the test table's no-decay cases check the op against the
+    oracle), formed as a constant XLA keeps: compiled, no broadcast (all zeros, a splat, becomes one, on a
+    GPU a kernel of its own before the Pallas walks)."""
+    from fleetjax.decay import log_decay_of
+    zero = np.asarray(log_decay_of(None, 5))
+    np.testing.assert_array_equal(zero, np.zeros(5, np.float32))
+    compiled = jax.jit(lambda: log_decay_of(None, 5)).lower().compile().as_text()
+    assert "broadcast" not in compiled and "constant(" in compiled
+    assert "broadcast" in jax.jit(lambda: jnp.zeros((5,), jnp.float32)).lower().compile().as_text()
+    np.testing.assert_allclose(np.asarray(log_decay_of(np.float32([0.5, 1.0]), 2)), np.log([0.5, 1.0]))
+
+
 # ------------------------------------------------------------------------------------ the scan's step factor
 
 # Factors near 1 (the long memories, where a factor's error compounds), far from it, a hard forget, and 1.
