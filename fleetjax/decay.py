@@ -27,7 +27,7 @@ def log_decay_of(decay, H: int) -> jax.Array:
         return jnp.log(jnp.asarray(decay, f32))
     # A constant that XLA keeps in the executable: all zeros would be a splat, which XLA turns into a broadcast,
     # on a GPU a kernel of its own before the walks that read it (2.2 us a call on an H100); one entry of -0.0
-    # keeps it a literal. Its uses add, scale and exponentiate it, where -0.0 acts as 0.
+    # keeps it a literal (where H > 1). Its uses add, scale and exponentiate it, where -0.0 acts as 0.
     zero = np.zeros((H,), np.float32)
     zero[-1] = -0.0
     return jnp.asarray(zero)
