@@ -1,5 +1,6 @@
 """The op's output under two variants of the default Pallas config on this GPU: whether they agree bit for bit,
-and each one's relative error against implementation="xla" on the inputs in float32.
+and each one's errors against the benchmarks' float32 reference (experiments/accuracy.py: relerr, relerr_l2)
+on the benchmarks' inputs (experiments/inputs.py's make_inputs, RetNet's decays or the gate alone).
 
     PYTHONPATH=. python -m experiments.compare_walks [--B 4] [--H 16] [--K 128] [--T 4096,16384]
         [--a '{"forward_pieces": 2, "forward_block_v": null}'] [--b '{"forward_pieces": 1, "forward_block_v": 32}']
@@ -25,35 +26,30 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import fleetjax  # noqa: E402
-from experiments.inputs import retnet_log_decay, with_walk_fields  # noqa: E402
+from experiments import accuracy  # noqa: E402
+from experiments.inputs import Case, make_inputs, retnet_log_decay, with_walk_fields  # noqa: E402
 
 
-def rel_err(x: jax.Array, ref: jax.Array) -> float:
-    x, ref = np.asarray(x, np.float64).ravel(), np.asarray(ref, np.float64).ravel()
-    return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
-
-
-def compare(B: int, T: int, H: int, K: int, gated: bool, variants: dict[str, str]) -> dict:
-    rng = np.random.default_rng(T + gated)
-    q, k = (jnp.asarray(rng.standard_normal((B, T, H, K)) / np.sqrt(K), jnp.bfloat16) for _ in range(2))
-    v = jnp.asarray(rng.standard_normal((B, T, H, K)), jnp.bfloat16)
-    decay = None if gated else jnp.asarray(np.exp(retnet_log_decay(H)), jnp.float32)
-    log_gate = (jax.nn.log_sigmoid(jnp.asarray(rng.standard_normal((B, T, H)), jnp.float32)) / 16
-                if gated else None)
+def compare(case: Case, variants: dict[str, str], seed: int = 0) -> dict:
+    """One case's row; ``variants``: two names -> ``--walks`` texts, applied to the default config."""
+    inputs = make_inputs(case, seed, with_do=False)
+    log_decay = retnet_log_decay(case.H)
+    decay = None if case.gated else jnp.asarray(np.exp(log_decay))
+    q, k, v, log_gate = inputs["q"], inputs["k"], inputs["v"], inputs.get("log_gate")
     base = fleetjax.IMPLEMENTATIONS["pallas"].config_for(None, q, v)
     outs = {}
     for name, walks in variants.items():
         config = with_walk_fields(base, walks)
         op = jax.jit(lambda q, k, v, d, g, config=config: fleetjax.fleet_attention(
-            q, k, v, d, log_gate=g, implementation="pallas", config=config))
+            q, k, v, d, log_gate=g, scale=accuracy.SCALE, implementation="pallas", config=config))
         outs[name] = op(q, k, v, decay, log_gate)
-    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-    ref = jax.jit(lambda q, k, v, d, g: fleetjax.fleet_attention(f32(q), f32(k), f32(v), d, log_gate=g,
-                                                               implementation="xla"))(q, k, v, decay, log_gate)
-    (a, out_a), (b, out_b) = outs.items()
-    return dict(B=B, T=T, H=H, K=K, gated=gated, bitwise=bool(jnp.array_equal(out_a, out_b)),
-                **{f"relerr_{a}": rel_err(out_a, ref), f"relerr_{b}": rel_err(out_b, ref)},
-                default=str(base.mosaic_walks), device=jax.devices()[0].device_kind)
+    ref = accuracy.reference_outputs("fwd", inputs, log_decay)["o"]
+    out_a, out_b = outs.values()
+    errors = {f"{key}_{name}": value for name, out in outs.items()
+              for key, value in accuracy.output_errors(out, ref).items()}
+    return dict(B=case.B, T=case.T, H=case.H, K=case.K, gated=case.gated,
+                bitwise=bool(jnp.array_equal(out_a, out_b)), **errors, default=str(base.mosaic_walks),
+                device=jax.devices()[0].device_kind)
 
 
 def main(argv=None) -> int:
@@ -68,7 +64,8 @@ def main(argv=None) -> int:
     for T in (int(t) for t in args.T.split(",")):
         for gated in (False, True):
             try:
-                row = compare(args.B, T, args.H, args.K, gated, {"a": args.a, "b": args.b})
+                case = Case(args.B, T, args.H, args.K, args.K, "bfloat16", gated)
+                row = compare(case, {"a": args.a, "b": args.b})
             except ValueError as error:
                 ap.error(str(error))
             print(json.dumps(row), flush=True)
