@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from fleetjax import fleet_attention, vjp
 from fleetjax.implementation import Implementation
-from fleetjax.decay import Decays
+from fleetjax.decay import Decays, log_decay_of
 from fleetjax.sharding import block_run_ids, exchange, local_runs, pass_forward, tracks_vma
 from fleetjax.vma import vary_like
 
@@ -97,7 +97,7 @@ def sharded_attention(method: str, implementation: str | Implementation, *, axis
                                    sequence_axis_name=axis_name, implementation=record)
         # The canonical inputs of fleetjax.sharding.exchange, as fleet_attention makes them.
         B, _, H, _ = q.shape
-        log_decay = vary_like(jnp.log(jnp.asarray(decay, f32)), q, k, v)
+        log_decay = vary_like(log_decay_of(decay, H), q, k, v)
         state = (jnp.zeros((B, H, K, v.shape[-1]), f32) if initial_state is None
                  else jnp.asarray(initial_state, f32))
         runs = block_run_ids(segment_ids, axis_name)
