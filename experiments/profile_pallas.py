@@ -182,10 +182,13 @@ def host_wait(fn, xs: tuple, calls: int = 10) -> dict:
 
 def last_call(names: list[str]) -> int:
     """The number of kernels of one call: the shortest tail that the two before it repeat (compilation
-    launches its own kernels first, so the calls are found from the end)."""
+    launches its own kernels first, so the calls are found from the end); 1 where every launch is of one
+    kernel (a profile filtered to it)."""
     for m in range(1, len(names) // 3 + 1):
         if names[-m:] == names[-2 * m:-m] == names[-3 * m:-2 * m]:
             return m
+    if names and len(set(names)) == 1:
+        return 1  # one kernel (ncu -k kept only it): its last launch is the last call's
     raise ValueError(f"no call of kernels repeats three times at the end of {len(names)} launches")
 
 

@@ -691,6 +691,13 @@ def test_profile_pallas_reads_ncus_kernel_times_and_stalls(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "wait 1.50, selected 1.00, barrier 0.25" in out and "tensor_op_gmma 31.5%" in out
     assert all(name in profile_pallas.STALL_METRICS[5 + i] for i, name in enumerate(profile_pallas.STALL_REASONS))
+    # A profile that ncu -k filtered to one kernel: two calls' launches of it, the last one read.
+    later = dict(walk, **{"gpu__time_duration.sum": ("usecond", "1,000")})
+    path.write_text(_ncu_csv([[call[0]], [("dq_sums_walk_mosaic_gpu_kernel", "(1, 64, 4)", later)]]))
+    assert [row["ms"] for row in profile_pallas.stall_table(str(path))] == [pytest.approx(1.0)]
+    path.write_text(_ncu_csv([[call[0]], [call[1]]]))
+    with pytest.raises(ValueError, match="repeats three times"):
+        profile_pallas.stall_table(str(path))
 
 
 def test_profile_pallas_reads_ncus_dram_traffic(tmp_path, capsys):
