@@ -27,6 +27,9 @@ counters):
         python -m experiments.profile_pallas --ops fwd_bwd --calls 3 --untimed > stalls.csv
     python -m experiments.profile_pallas --stalls stalls.csv   # the last call's kernels, longest first
 
+One kernel alone is faster to profile: ``ncu -k regex:dq_sums_walk ... --calls 2``; the readers then take its
+last launch.
+
 Whether a call waits on the host for the GPU (a lax.cond's predicate, a blocking copy), which leaves the GPU
 idle between the calls of a training loop, and the host's own time per call: ``--host-wait`` enqueues ten
 calls behind a long XLA op and times that (:func:`host_wait`).
