@@ -825,7 +825,6 @@ def test_compare_walks_says_why_it_cannot_run_off_an_sm_90_gpu(capsys):
     assert "no Mosaic walks here" in capsys.readouterr().err
 
 
-
 @pytest.mark.parametrize("gated", [False, True])
 def test_compare_walks_compares_outputs_and_gradients_over_repeated_calls(gated):
     """experiments/compare_walks.compare_configs (what --op and --repeats run on the GPU) with two PallasConfigs on
@@ -855,6 +854,7 @@ def test_compare_walks_compares_outputs_and_gradients_over_repeated_calls(gated)
     assert forward["bitwise"] and forward["relerr_a"] < 1e-4 and "relerr_o_a" not in forward
     with pytest.raises(ValueError, match="repeats"):
         compare_configs(case, {"a": base, "b": base}, inputs, repeats=0)
+
 
 if __name__ == "__main__" and devices.worker_ids(sys.argv) is not None:
     _worker(devices.worker_ids(sys.argv))
