@@ -28,11 +28,11 @@ if __package__ in (None, ""):
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 import fleetjax  # noqa: E402
 from experiments import accuracy  # noqa: E402
 from experiments.inputs import Case, make_inputs, retnet_log_decay, with_walk_fields  # noqa: E402
+from experiments.peers.base import jax_bound, with_vjp  # noqa: E402
 
 
 def compare(case: Case, variants: dict[str, str], seed: int = 0, *, op: str = "fwd", repeats: int = 1) -> dict:
@@ -53,34 +53,27 @@ def compare_configs(case: Case, configs: dict, inputs: dict, *, op: str = "fwd",
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats!r}")
     log_decay = retnet_log_decay(case.H)
-    decay = None if case.gated else jnp.asarray(np.exp(log_decay))
-    q, k, v, log_gate = inputs["q"], inputs["k"], inputs["v"], inputs.get("log_gate")
+    decay = jnp.exp(jnp.asarray(log_decay, jnp.float32))
     ref = accuracy.reference_outputs(op, inputs, log_decay)
     outs, repeats_equal = {}, {}
     for name, config in configs.items():
-        def attend(q, k, v, d, g, config=config):
-            return fleetjax.fleet_attention(q, k, v, d, log_gate=g, scale=accuracy.SCALE, implementation="pallas",
-                                            config=config)
+        # Bound as the benchmarks bind fleetjax (experiments/peers): the inputs as the jitted call's arguments,
+        # fwd_bwd the gradient of the one decaying input beside q, k, v (the gate's where gated), as the
+        # reference's.
+        attend = functools.partial(fleetjax.fleet_attention, scale=accuracy.SCALE, implementation="pallas",
+                                   config=config)
+        if case.gated:
+            def gated(q, k, v, log_gate, attend=attend):
+                return attend(q, k, v, None, log_gate=log_gate)
 
-        if op == "fwd":
-            def run(q, k, v, d, g, do, attend=attend):
-                return {"o": attend(q, k, v, d, g)}
+            bound = jax_bound(gated, with_vjp(gated), op, inputs=("log_gate",), grads=("dq", "dk", "dv", "dlog_gate"))
         else:
-            # The gradient of the one decaying input differentiated, as the reference's: the gate's where gated.
-            def run(q, k, v, d, g, do, attend=attend):
-                if case.gated:
-                    o, pullback = jax.vjp(lambda q, k, v, g: attend(q, k, v, None, g), q, k, v, g)
-                else:
-                    o, pullback = jax.vjp(lambda q, k, v, d: attend(q, k, v, d, None), q, k, v, d)
-                return dict(zip(("o", "dq", "dk", "dv", "dlog_gate" if case.gated else "ddecay"),
-                                (o, *pullback(do))))
-
-        # The inputs are arguments, not constants closed over (which XLA would fold into the program).
-        run = functools.partial(jax.jit(run), q, k, v, decay, log_gate, inputs.get("do"))
-        first = run()
-        outs[name] = first
+            bound = jax_bound(attend, with_vjp(attend), op, extra=(decay,), grads=("dq", "dk", "dv", "ddecay"))
+        args = bound.prepare(inputs)
+        calls = (bound.unpack(bound.call(*args)) for _ in range(repeats))
+        outs[name] = first = next(calls)
         repeats_equal[name] = all(all(bool(jnp.array_equal(first[key], again[key])) for key in first)
-                                  for again in (run() for _ in range(repeats - 1)))
+                                  for again in calls)
     out_a, out_b = outs.values()
     errors = {}
     for name, out in outs.items():
