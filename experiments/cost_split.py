@@ -11,7 +11,7 @@ device call: ``PYTHONPATH=old_tree:. python -m experiments.cost_split --op-only 
 other than the repository's, the trees' processes alternated). ``--gated`` adds ``fwd_bwd_decay``, the gate with
 a learned per-head decay beside it (the gated layers' op). ``--shapes "B,T,H;..."`` replaces the shapes,
 ``--ops fwd_bwd,...`` keeps those ops alone (a short device call). ``--walks JSON`` changes fields of the default
-config's Mosaic walks (an sm_90 GPU's), e.g. ``'{"joint_reverse": true}'``: variants of one checkout, in
+config's Mosaic walks (an sm_90 GPU's), e.g. ``'{"wide_auto_barriers": false}'``: variants of one checkout, in
 alternated processes as two trees are.
 Writes DIR/cost_split[-label].json. A diagnostic for the speed work: it reaches into fleetjax.pallas.
 """
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                              "with --gated, fwd_bwd_decay)")
     parser.add_argument("--walks", default=None, metavar="JSON",
                         help="MosaicWalkConfig fields, or the PallasConfig's own, to change from the default "
-                             "config (sm_90 GPUs), e.g. '{\"joint_reverse\": true}'")
+                             "config (sm_90 GPUs), e.g. '{\"wide_auto_barriers\": false}'")
     args = parser.parse_args(argv)
     if args.shapes is not None and not re.fullmatch(r"\d+,\d+,\d+(;\d+,\d+,\d+)*", args.shapes):
         parser.error(f"--shapes must be B,T,H triples separated by ';', got {args.shapes!r}")

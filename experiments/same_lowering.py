@@ -1,7 +1,7 @@
 """Whether a change to the Mosaic GPU walks' code changes what they lower to, on a machine without a GPU: the
 op is lowered for sm_90 (experiments/walk_ops.py's capture) in a table of variants that between them take
 every form of the walk kernels (forward and backward; constant decay, gate and decay, gate alone; bfloat16
-and float16; one and two warpgroups, with and without turns and Pallas's automatic barriers, the sums walks
+and float16; one and two warpgroups, with and without Pallas's automatic barriers, the sums walks
 on one and two; own pieces and the states-only walk; scale 1, 0.5 and K^-1/2; K = V = 64; every boolean of
 MosaicWalkConfig flipped; the backward's pieces' states from the Triton launches; the decay fixed, or alone
 learned),
@@ -45,8 +45,7 @@ VARIANTS = {
     "default": {}, "gated": dict(gated=True), "gate_only": dict(gated=True, decay=False),
     "f16": dict(dtype="float16"), "f16_gated": dict(dtype="float16", gated=True),
     "wide": dict(walks=dict(warpgroups=2, backward_warpgroups=2)),
-    "wide_turns": dict(walks=dict(warpgroups=2, backward_warpgroups=2, pingpong=True)),
-    "wide_turns_gated": dict(walks=dict(warpgroups=2, backward_warpgroups=2, pingpong=True), gated=True),
+    "wide_gated": dict(walks=dict(warpgroups=2, backward_warpgroups=2), gated=True),
     "wide_f16": dict(dtype="float16", walks=dict(warpgroups=2, backward_warpgroups=2)),
     "scale1_gated": dict(scale=1.0, gated=True), "scale05": dict(scale=0.5),
     "pieces": _PIECES, "pieces_gated": dict(_PIECES, gated=True),

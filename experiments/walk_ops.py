@@ -158,8 +158,8 @@ def arguments(description: str, argv: list[str] | None):
                     help="a log gate and no per-head decay (the gated benchmarks' op); implies --gated")
     ap.add_argument("--scale", type=float, default=None, help="the op's scale (default None: K^-1/2)")
     ap.add_argument("--walks", default=None, metavar="JSON",
-                    help='MosaicWalkConfig fields to change from its defaults, e.g. \'{"warpgroups": 2, '
-                         '"pingpong": true}\' (the forward on two warpgroups)')
+                    help='MosaicWalkConfig fields to change from its defaults, e.g. \'{"warpgroups": 2}\' (the '
+                         'forward on two warpgroups)')
     ap.add_argument("--T", type=int, default=512, help="the sequence length (default 512)")
     ap.add_argument("--config", default=None, metavar="JSON",
                     help='PallasConfig fields to change from the default config, e.g. \'{"num_sequence_pieces": 2, '

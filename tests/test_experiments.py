@@ -751,7 +751,7 @@ def test_cost_split_times_the_gated_ops_of_any_checkout(tmp_path, capsys):
         cost_split.main(["--op-only", "--ops", "fwd,fwd_bwd_decay"])
     assert "'fwd,fwd_bwd_decay'" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # the Mosaic walks' variants need an sm_90 GPU's default config
-        cost_split.main(["--smoke", "--op-only", "--walks", '{"joint_reverse": true}', "--out", str(tmp_path)])
+        cost_split.main(["--smoke", "--op-only", "--walks", '{"wide_auto_barriers": false}', "--out", str(tmp_path)])
     assert "--walks: the default config has no Mosaic walks here" in capsys.readouterr().err
 
 
@@ -775,7 +775,7 @@ def test_cost_split_walks_name_the_field_it_cannot_set(tmp_path, capsys, monkeyp
     default = chunked.default_config
     monkeypatch.setattr(chunked, "default_config", lambda q, v: dataclasses.replace(
         default(q, v), mosaic_walks=mosaic.MosaicWalkConfig()))
-    for walks, why in (('{"no_such_field": 1}', "no_such_field"), ('{"joint_pieces": 0}', "joint_pieces")):
+    for walks, why in (('{"no_such_field": 1}', "no_such_field"), ('{"forward_pieces": 0}', "forward_pieces")):
         with pytest.raises(SystemExit):
             cost_split.main(["--smoke", "--op-only", "--walks", walks, "--out", str(tmp_path)])
         err = capsys.readouterr().err

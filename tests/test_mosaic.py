@@ -70,8 +70,7 @@ def test_supports_only_the_cases_the_kernel_serves():
                                           ("warpgroups", 3), ("backward_warpgroups", 0), ("forward_pieces", 0),
                                           ("forward_pieces", True), ("forward_block_v", 48),
                                           ("sums_warpgroups", 4), ("gate_dk_warpgroups", 3),
-                                          ("gate_dq_warpgroups", 0), ("joint_pieces", 0), ("joint_pieces", True),
-                                          ("states_block_v", 48)])
+                                          ("gate_dq_warpgroups", 0), ("states_block_v", 48)])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=f"MosaicWalkConfig.{field}"):
         mosaic.MosaicWalkConfig(**{field: value})
@@ -306,13 +305,10 @@ def test_two_warpgroups_give_the_op_bitwise_what_one_gives(pieces, with_start, g
     two = run(mosaic.MosaicWalkConfig(warpgroups=2, backward_warpgroups=2))
     for a, b, name in zip(one, two, ("o", "dq", "dk", "dv")):
         assert jnp.array_equal(a, b), name
-    # Two warpgroups of 32 value columns each (MosaicWalkConfig.forward_block_v) in the forward; two taking
-    # turns on the tensor cores (pingpong).
+    # Two warpgroups of 32 value columns each (MosaicWalkConfig.forward_block_v) in the forward.
     narrow = run(mosaic.MosaicWalkConfig(warpgroups=2, forward_block_v=32))
-    turns = run(mosaic.MosaicWalkConfig(warpgroups=2, backward_warpgroups=2, pingpong=True))
-    for other in (narrow, turns):
-        for a, b, name in zip(one, other, ("o", "dq", "dk", "dv")):
-            assert jnp.array_equal(a, b), name
+    for a, b, name in zip(one, narrow, ("o", "dq", "dk", "dv")):
+        assert jnp.array_equal(a, b), name
     ref = oracle.forward(q, k, v, decay, initial_state=start, log_gate=log_gate)[0]
     assert oracle.rel_err(two[0], ref, axis=2) < TOLERANCE["bfloat16"]
 
@@ -539,22 +535,19 @@ def test_the_lazy_carry_renormalizes_where_the_decay_is_small(lazy):
 @interpreted
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 def test_two_warpgroups_walk_as_one_does_in_the_interpreter(reverse):
-    """MosaicWalkConfig.warpgroups=2 (each warpgroup its own value block, a third copying the shared tiles),
-    also taking turns on the tensor cores (``pingpong``): out and the pieces' final states bitwise those of
-    one warpgroup a program, from random entering states in two pieces, forward and in reverse (the
-    backward's dv and dk walks); the forward also against the float64 oracle. (The gated decay's, and turns
-    over many chunks: tests/test_mosaic_warpgroups.py, with four fake CPU devices.)"""
+    """MosaicWalkConfig.warpgroups=2 (each warpgroup its own value block, a third copying the shared tiles):
+    out and the pieces' final states bitwise those of one warpgroup a program, from random entering states in
+    two pieces, forward and in reverse (the backward's dv and dk walks); the forward also against the float64
+    oracle. (The gated decay's, and many chunks: tests/test_mosaic_warpgroups.py, with four fake CPU
+    devices.)"""
     B, T, H, K, V = 1, 128, 2, 64, 128
     q, k, v = _inputs(B, T, H, K, V, "bfloat16", scale_values=0.5)
     decay = (0.9, 1.0)
     entering = jnp.asarray(np.random.default_rng(1).standard_normal((B, H, 2, K, V)), jnp.float32)
-    configs = [mosaic.MosaicWalkConfig(), mosaic.MosaicWalkConfig(warpgroups=2),
-               mosaic.MosaicWalkConfig(warpgroups=2, pingpong=True)]
     got = [mosaic.walk(q, k, v, _decays(decay).log_decay, entering, Chunking(T, 64, 2), reverse=reverse,
-                       scale=0.2, config=config, interpret=InterpretGPUParams())
-           for config in configs]
-    for other in got[1:]:  # two warpgroups, then two taking turns (MosaicWalkConfig.pingpong)
-        assert jnp.array_equal(got[0][0], other[0]) and jnp.array_equal(got[0][1], other[1])
+                       scale=0.2, config=mosaic.MosaicWalkConfig(warpgroups=wgs), interpret=InterpretGPUParams())
+           for wgs in (1, 2)]
+    assert jnp.array_equal(got[0][0], got[1][0]) and jnp.array_equal(got[0][1], got[1][1])
     if not reverse:
         ref, final = oracle.forward(q[:, :64], k[:, :64], v[:, :64], jnp.asarray(decay), scale=0.2,
                                     initial_state=entering[:, :, 0])
@@ -906,18 +899,17 @@ def test_the_gated_forward_walk_matches_the_oracle_and_the_triton_walk(pieces):
 
 
 @hopper
-@pytest.mark.parametrize("pieces, with_decay, joint", [(1, False, False), (4, False, False), (4, True, False),
-                                                       (1, False, True), (4, True, True)])
-def test_the_gated_backward_walks_match_the_oracle_and_the_triton_walks(pieces, with_decay, joint):
+@pytest.mark.parametrize("pieces, with_decay", [(1, False), (4, False), (4, True)])
+def test_the_gated_backward_walks_match_the_oracle_and_the_triton_walks(pieces, with_decay):
     """The gate alone, and (``with_decay``, MosaicWalkConfig.gated_decay_sums) on top of a learned per-head
-    decay; ``joint``: dk and dv from one reverse walk (MosaicWalkConfig.joint_reverse)."""
+    decay."""
     B, T, H, K, V = 2, 1024, 2, 128, 128
     q, k, v = _inputs(B, T, H, K, V, "bfloat16")
     do = _inputs(B, T, H, K, V, "bfloat16", seed=6)[2]
     log_gate = 0.02 * _log_gate(B, T, H)
     decay = jnp.asarray([0.97, 0.999], jnp.float32)
     grads = {}
-    for walks in (mosaic.MosaicWalkConfig(gated_decay_sums=with_decay, joint_reverse=joint), None):
+    for walks in (mosaic.MosaicWalkConfig(gated_decay_sums=with_decay), None):
         config = dataclasses.replace(chunked.default_config(q, v), num_sequence_pieces=pieces,
                                      backward_num_sequence_pieces=pieces, mosaic_walks=walks)
         if with_decay:
@@ -930,7 +922,7 @@ def test_the_gated_backward_walks_match_the_oracle_and_the_triton_walks(pieces, 
             _, pullback = jax.vjp(jax.jit(f), q, k, v, log_gate)
         if walks is not None:
             kernels = _kernel_names(jax.jit(pullback).lower(do).as_text())
-            assert ({"dkv_walk"} <= kernels) == joint and ({"dv_walk", "dk_sums_walk"} <= kernels) != joint, kernels
+            assert {"dv_walk", "dk_sums_walk"} <= kernels, kernels
         grads[walks is not None] = jax.jit(pullback)(do)
     ref = oracle.gradients(q, k, v, decay if with_decay else jnp.ones((H,), jnp.float32), do=do, log_gate=log_gate)
     names = ("q", "k", "v") + (("decay",) if with_decay else ()) + ("log_gate",)
@@ -1087,18 +1079,17 @@ def mosaic_modules():
         yield modules
 
 
-@pytest.mark.parametrize("K, stages, warpgroups, narrow, pingpong", [
-    (64, 2, 1, None, False), (64, 3, 1, None, False), (128, 2, 1, None, False), (128, 3, 1, None, False),
-    (128, 4, 1, None, False), (64, 3, 2, None, False), (128, 2, 2, None, False), (128, 3, 2, None, False),
-    (128, 3, 2, 32, False), (128, 3, 1, 32, False), (128, 3, 2, None, True)])
+@pytest.mark.parametrize("K, stages, warpgroups, narrow", [
+    (64, 2, 1, None), (64, 3, 1, None), (128, 2, 1, None), (128, 3, 1, None), (128, 4, 1, None),
+    (64, 3, 2, None), (128, 2, 2, None), (128, 3, 2, None), (128, 3, 2, 32), (128, 3, 1, 32)])
 def test_the_shared_memory_model_is_what_the_lowered_forward_walk_asks_for(mosaic_modules, K, stages, warpgroups,
-                                                                           narrow, pingpong):
+                                                                           narrow):
     """Lowered for an sm_90 GPU (any host): the default config picks the walk's stages by
     MosaicWalkConfig.shared_memory_bytes, so that model must be the kernel's own request, byte for byte."""
     modules = mosaic_modules
     q = jnp.zeros((1, 512, 2, K), jnp.bfloat16)
     v = jnp.zeros((1, 512, 2, 64 * warpgroups), jnp.bfloat16)  # whole programs of value blocks of 64
-    walks = mosaic.MosaicWalkConfig(stages=stages, warpgroups=warpgroups, forward_block_v=narrow, pingpong=pingpong)
+    walks = mosaic.MosaicWalkConfig(stages=stages, warpgroups=warpgroups, forward_block_v=narrow)
     config = dataclasses.replace(chunked.default_config(q, v), mosaic_walks=walks)
     f = lambda q, k, v: fleetjax.fleet_attention(q, k, v, jnp.asarray([0.9, 0.99]),  # noqa: E731
                                                  implementation="pallas", config=config)
@@ -1287,17 +1278,16 @@ def test_learned_decay_on_mosaic_at_long_T(aligned, mosaic_states):
 
 @hopper
 @pytest.mark.parametrize("aligned", [False, True], ids=["random", "aligned"])
-@pytest.mark.parametrize("with_decay, joint", [(False, False), (True, False), (False, True), (True, True)],
-                         ids=["gate", "gate+decay", "gate-joint", "gate+decay-joint"])
-def test_the_gate_on_mosaic_at_long_T(aligned, with_decay, joint):
+@pytest.mark.parametrize("with_decay, K", [(False, 64), (True, 64), (False, 128), (True, 128)],
+                         ids=["gate", "gate+decay", "gate-K128", "gate+decay-K128"])
+def test_the_gate_on_mosaic_at_long_T(aligned, with_decay, K):
     """bfloat16 at T = 16384 (256 chunks, 4 sequence pieces) with small per-token gates: d log_gate at every
     position (and d decay beside it) from the Mosaic walks' sums against the float64 recurrence on the same
     inputs. The flow across each chunk boundary is a difference of the walks' float32 sums, and the chunk's
     own pairs come from the dq and dk walks' row and column sums: neither may lose the constant decay's
-    accuracy at long T. ``aligned`` (q = k, dO = v): every lag-0 pair positive. ``joint``: K = V = 128 with
-    dk, dv and the dk side's sums from one reverse walk (MosaicWalkConfig.joint_reverse)."""
+    accuracy at long T. ``aligned`` (q = k, dO = v): every lag-0 pair positive. K = V = 64 or 128."""
     B, T, H = 1, 16384, 2
-    K = V = 128 if joint else 64
+    V = K
     q, k, v = _inputs(B, T, H, K, V, "bfloat16", scale_values=K ** -0.5)
     do = _inputs(B, T, H, K, V, "bfloat16", seed=6)[2]
     if aligned:
@@ -1305,8 +1295,6 @@ def test_the_gate_on_mosaic_at_long_T(aligned, with_decay, joint):
     log_gate = jnp.asarray(-np.abs(np.random.default_rng(7).standard_normal((B, T, H))) * 1e-2, jnp.float32)
     decay = jnp.asarray([0.999, 0.99], jnp.float32)
     config = dataclasses.replace(chunked.default_config(q, v), backward_num_sequence_pieces=4)
-    if joint:
-        config = dataclasses.replace(config, mosaic_walks=dataclasses.replace(config.mosaic_walks, joint_reverse=True))
 
     def f(q, k, v, *learned):
         return fleetjax.fleet_attention(q, k, v, learned[0] if with_decay else None, log_gate=learned[-1],
@@ -1315,7 +1303,7 @@ def test_the_gate_on_mosaic_at_long_T(aligned, with_decay, joint):
     learned = (decay, log_gate) if with_decay else (log_gate,)
     grad = jax.jit(lambda q, k, v, do, *learned: jax.vjp(lambda *x: f(q, k, v, *x), *learned)[1](do))
     text = grad.lower(q, k, v, do, *learned).as_text()
-    assert _walks(text) >= 2 + (not joint) and ("dkv_walk" in _kernel_names(text)) == joint
+    assert _walks(text) >= 3
     got = grad(q, k, v, do, *learned)
     ref = oracle.recurrent_gated(*(np.asarray(x, np.float32) for x in (q, k, v)), decay if with_decay else None,
                                  np.asarray(log_gate), do=np.asarray(do, np.float32))

@@ -17,8 +17,6 @@ whose weights, entering, leaving and carry are exp of differences of the log dec
 - ``states.py``, :func:`piece_states`: the states-only walk of sequence pieces (one product a chunk), and the
   states entering each piece, passed in XLA from the pieces' local states (:func:`entering_states`,
   :func:`entering_tangents`);
-- ``joint.py``, :func:`joint_walk`: the backward's dv walk and the gate's dk sums walk as one reverse walk of two
-  warpgroups holding one state (MosaicWalkConfig.joint_reverse, K = V = 128);
 - ``backward.py``, :func:`backward_walks`: the backward's three walks;
 - ``common.py``: what the kernels form the same way (factors, products, the lazy carry, the launch);
   ``config.py``: :class:`MosaicWalkConfig`, one tiling for all of them.
@@ -32,11 +30,10 @@ at a time instead of emit_pipeline (two warpgroups keep their warp-specialized p
 
 from fleetjax.pallas.mosaic.backward import backward_walks
 from fleetjax.pallas.mosaic.config import KEY_DIMS, MosaicWalkConfig, on_hopper, serves_backward, supports
-from fleetjax.pallas.mosaic.joint import joint_walk
 from fleetjax.pallas.mosaic.states import STATES_KERNEL, entering_states, entering_tangents, piece_states
 from fleetjax.pallas.mosaic.sums import sums_walk
 from fleetjax.pallas.mosaic.plain import walk, witness_of
 
 __all__ = ["KEY_DIMS", "STATES_KERNEL", "MosaicWalkConfig", "backward_walks", "entering_states", "entering_tangents",
-           "joint_walk", "on_hopper", "piece_states", "serves_backward", "sums_walk", "supports", "walk",
+           "on_hopper", "piece_states", "serves_backward", "sums_walk", "supports", "walk",
            "witness_of"]

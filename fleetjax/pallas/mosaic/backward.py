@@ -12,9 +12,8 @@ import jax.numpy as jnp
 from fleetjax import vjp
 from fleetjax.chunking import Chunking
 from fleetjax.decay import Decays
-from fleetjax.pallas.mosaic import joint
 from fleetjax.pallas.mosaic.config import MosaicWalkConfig
-from fleetjax.pallas.mosaic.states import entering_states, entering_tangents, piece_states
+from fleetjax.pallas.mosaic.states import entering_states, entering_tangents
 from fleetjax.pallas.mosaic.sums import sums_walk
 from fleetjax.pallas.mosaic.plain import walk, witness_of
 
@@ -63,29 +62,13 @@ def backward_walks(q, k, v, do, decays: Decays, start, chunking: Chunking, dq_lo
                                   entering_tangents=tangents_entering, before=log_gate_wanted, name="dq_sums_walk")
     summed = (lambda part: part) if per_block else functools.partial(jnp.sum, axis=0)
     parts = {"w" if name == "state" else name: summed(part) for name, part in dq_sums.items()}
-
-    def with_gate_parts(u, column):
-        """parts with the reverse walk's u and the pairs' column sums [blocks, B, H, T]."""
-        row = parts.pop("before")
-        if per_block:
-            return parts | dict(u=u, row=row, column=column)
-        return parts | dict(u=summed(u), spanned=vjp.spanned_from_sums(row, summed(column), chunking.chunk_size))
-
-    if log_gate_wanted and joint.serves(config, K=k.shape[-1], V=v.shape[-1]):
-        pieces = Chunking(T, chunking.chunk_size, config.joint_pieces or 1)
-        if chunking.pieces == 1 and pieces.pieces > 1 and pieces.equal_pieces:  # MosaicWalkConfig.joint_pieces
-            local = piece_states(q, do, decays.log_decay, pieces, reverse=True, config=config, within=within,
-                                 exact=True, interpret=interpret)
-            chunking, reverse_entering = pieces, entering_states(None, local, decays, pieces, B, reverse=True)
-        dk, dv, dv_finals, joint_sums = joint.joint_walk(q, k, v, do, reverse_entering, chunking, scale=scale,
-                                                         config=config, within=within, interpret=interpret)
-        return dq, dk, dv, with_gate_parts(joint_sums["state"], joint_sums["before"]), (witness_of(dq_finals),
-                                                                                        witness_of(dv_finals))
     dv, dv_finals = plain(k, q, do, entering=reverse_entering, reverse=True, name="dv_walk")
     if log_gate_wanted:  # the gate's gradient takes the dk walk's sums (the decay's come from the dq walk alone)
         dk, _, dk_sums = sums(v, do, q, entering=dk_entering, reverse=True, rows=k, before=True, witness=False,
                               name="dk_sums_walk")
-        parts = with_gate_parts(dk_sums["state"], dk_sums["before"])
+        u, column, row = dk_sums["state"], dk_sums["before"], parts.pop("before")  # row: the dq walk's, in parts
+        parts |= (dict(u=u, row=row, column=column) if per_block else
+                  dict(u=summed(u), spanned=vjp.spanned_from_sums(row, summed(column), chunking.chunk_size)))
     else:
         dk, _ = plain(v, do, q, entering=dk_entering, reverse=True, witness=False, name="dk_walk")
     return dq, dk, dv, parts, (witness_of(dq_finals), witness_of(dv_finals))

@@ -122,11 +122,10 @@ class Walker:
         self.register[...] = x
         return self.register
 
-    def products(self, jobs: dict, issued: Callable[[], None] | None = None) -> dict:
+    def products(self, jobs: dict) -> dict:
         """{name: sum of a @ b over its pairs, float32} for jobs {name: (shape, pairs)}: every wgmma is issued
-        before the first result is read, so that they share one wait; ``issued()``, if given, runs between. An
-        operand b may be a thunk, taken just before its wgmma (the interpreter's transposed copies share a
-        buffer per shape)."""
+        before the first result is read, so that they share one wait. An operand b may be a thunk, taken just
+        before its wgmma (the interpreter's transposed copies share a buffer per shape)."""
         import jax.experimental.pallas as pl
         import jax.experimental.pallas.mosaic_gpu as plgpu
         names = list(jobs)
@@ -135,8 +134,6 @@ class Walker:
             for acc, name in zip(accs, names):
                 for a, b_ in jobs[name][1]:
                     plgpu.wgmma(acc, a, b_() if callable(b_) else b_)
-            if issued is not None:
-                issued()
             return [acc[...] for acc in accs]
 
         return dict(zip(names, pl.run_scoped(body, *[plgpu.ACC(jobs[name][0], f32) for name in names])))
@@ -353,15 +350,15 @@ class Carry:
         return (core, jnp.where(self.renorm, 1.0, self.g_next)) if self.g is not None else core
 
 
-def interpreter_copies(config, key_dim: int, dtype, per_group: tuple = (), blocks_per_group: bool = False) -> dict:
+def interpreter_copies(config, key_dim: int, dtype, per_group: tuple = ()) -> dict:
     """The scratch of the interpreter's operand copies (:class:`Walker`'s keys_t, block_t, register), each
-    warpgroup its own (``per_group``) but the value block's, which only walks that transpose their value
-    blocks (the sums walk's pairs) take per warpgroup too (``blocks_per_group``)."""
+    warpgroup its own (``per_group``): where K = block_v the Walker takes one copy for both transposed tiles
+    (it finds them by shape), so a value block's copy shared by two warpgroups raced on their keys'."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
     C, bv = config.chunk_size, config.block_v
-    blocks = per_group if blocks_per_group else ()
     return dict(keys_t_smem=plgpu.SMEM((*per_group, key_dim, C), dtype),
-                block_t_smem=plgpu.SMEM((*blocks, bv, C), dtype), register_smem=plgpu.SMEM((*per_group, C, C), dtype))
+                block_t_smem=plgpu.SMEM((*per_group, bv, C), dtype),
+                register_smem=plgpu.SMEM((*per_group, C, C), dtype))
 
 
 def launch(program: Callable[..., None], *, name: str, inputs: dict, outputs: dict, scratch: dict,

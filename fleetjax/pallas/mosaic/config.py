@@ -150,15 +150,6 @@ class MosaicWalkConfig:
     2.82 against 2.97 ms fwd+bwd at B4 H16 T=16384 and 0.780 against 0.811 at T=4096 (H100, 2026-12-05, bf16,
     K = V = 128, decay learned, five alternated rounds in one process,
     experiments/results/2026-12-05-h100-split_by_bits_ab.jsonl).
-    pingpong: the two compute warpgroups of a two-warpgroup walk (``warpgroups``, ``backward_warpgroups``)
-    take turns on the tensor cores, as FlashAttention-3's two softmax warpgroups do: each issues its chunk's
-    first products (scores, query S), then waits at a barrier of both until the other is about to issue its
-    state update, the second warpgroup starting a turn behind. One warpgroup's products then run while the
-    other forms its elementwise part, where without turns both issue their products at once and then both
-    leave the tensor cores idle. Bitwise the same results. Off by default: it lost, the forward 0.559 against
-    0.557 ms at B4 H16 T=16384 and 0.231 against 0.224 at B1 H8 T=32768, fwd+bwd with ``backward_warpgroups``
-    2 2.99 against 2.87 without turns and 2.80 on one warpgroup (H100, 2026-12-05, bf16, K = V = 128,
-    alternated rounds, experiments/results/2026-12-05-h100-pingpong_ab.jsonl).
     backward_piece_states: where the backward runs on these walks in sequence pieces, the pieces' local states
     come from :func:`fleetjax.pallas.mosaic.piece_states` (one warpgroup, value blocks of ``block_v``;
     float32-accurate, and with the tangent for the decay's gradient, where the walks' sums read them)
@@ -170,21 +161,6 @@ class MosaicWalkConfig:
     experiments/results/2026-12-05-h100-backward_piece_states_ab.jsonl). The gradients differ from those
     through the Triton launches by bf16 roundings: the two walks' states agree within 2e-6 (interpreter).
     The gated decay takes it too, not yet timed.
-    joint_reverse: where the gate's gradient is wanted and K = V = 128, the backward's dv walk and the gate's dk
-    sums walk run as one reverse walk of two compute warpgroups (fleetjax.pallas.mosaic.joint): the chunk's
-    tiles read once, one state updated once, u formed from dv's float32-accurate state product; 32 instead of
-    42 products of 64^3 a batch*head and chunk, 2 x 1855 instead of 2 x 787 + 4 x 1181 warpgroup
-    instructions (sm_90 SASS, experiments/sass.py, jax 0.11.2; 264 bytes of spills). Off by default: it
-    lost. The two warpgroups meet twice a chunk (each reads the other's half of the state) and so walk in
-    lockstep, tensor cores and elementwise work never overlapping between them: 1.63 ms for the walk against
-    0.73 + 0.43 for the dk sums and dv walks it replaces at B4 H16 T=16384, fwd+bwd with the gate learned
-    2.59 against 2.13 ms, 0.71 against 0.60 at T=4096 (H100, 2026-12-06, bf16, two alternated rounds,
-    experiments/results/2026-12-06-h100-thirtysixth_joint_ab.jsonl, ...-thirtysixth_split_joint_{off,on}.csv).
-    joint_pieces: where the backward runs in one piece, the joint walk's own sequence pieces (None: one), their
-    entering states from the float32-accurate states walk (:func:`fleetjax.pallas.mosaic.piece_states`): its
-    one program per batch*head holds a whole SM, and B4 H16 fills 64 of an H100's 132. Two pieces: the walk
-    1.20 ms (its chunks 47% slower with every SM busy) and 0.12 ms for the pieces' states, fwd+bwd 2.20
-    against 2.05 ms at T=16384 (same card and date, ...-thirtysixth_joint_pieces.txt).
     gate_sums: the gate's sums that the walks read (the gate transposed, summed within each chunk in base 2,
     summed over each chunk) from one Triton launch (fleetjax.pallas.gate), formed before the custom VJP and
     read by its forward and backward, instead of XLA's three kernels (a transpose, the cumulative sum's
@@ -208,6 +184,14 @@ class MosaicWalkConfig:
     the forward at T=4096 and 0.1348 against 0.0995 in fwd+bwd at T=16384 (ncu, H100, 2026-12-07, same
     shapes, ...-fortysecond_split_{fwd_T4096,fwd_bwd_T16384}_{new,sb32}.csv): its programs each read the
     chunk's whole key tile for a quarter of the values.
+
+    Two forms lost and were removed (their code is in the tree up to 8609fc5): two compute warpgroups taking
+    turns on the tensor cores (``pingpong``, as FlashAttention-3's softmax warpgroups): the forward 0.559
+    against 0.557 ms at B4 H16 T=16384, fwd+bwd with two warpgroups 2.99 against 2.87 without turns (H100,
+    2026-12-05, experiments/results/2026-12-05-h100-pingpong_ab.jsonl); and the dv walk and the gate's dk sums
+    walk as one reverse walk of two warpgroups holding one state (``joint_reverse``, ``joint_pieces``): meeting
+    twice a chunk, the warpgroups walked in lockstep, fwd+bwd with the gate learned 2.59 against 2.13 ms at
+    T=16384 and 0.71 against 0.60 at T=4096 (H100, 2026-12-06, ...-thirtysixth_joint_ab.jsonl).
     """
 
     chunk_size: int = 64
@@ -231,10 +215,7 @@ class MosaicWalkConfig:
     approx_exp: bool = True
     lazy_carry: bool = True
     split_by_bits: bool = True
-    pingpong: bool = False
     backward_piece_states: bool = True
-    joint_reverse: bool = False
-    joint_pieces: int | None = None
     gate_sums: bool = True
     zero_first: bool = True
     states_block_v: int | None = None
@@ -250,10 +231,9 @@ class MosaicWalkConfig:
                      "gate_dq_warpgroups"):
             if getattr(self, name) not in (1, 2):
                 raise ValueError(f"MosaicWalkConfig.{name} must be 1 or 2, got {getattr(self, name)!r}")
-        for name in ("forward_pieces", "joint_pieces"):
-            pieces = getattr(self, name)
-            if pieces is not None and (not isinstance(pieces, int) or isinstance(pieces, bool) or pieces < 1):
-                raise ValueError(f"MosaicWalkConfig.{name} must be None or a positive int, got {pieces!r}")
+        pieces = self.forward_pieces
+        if pieces is not None and (not isinstance(pieces, int) or isinstance(pieces, bool) or pieces < 1):
+            raise ValueError(f"MosaicWalkConfig.forward_pieces must be None or a positive int, got {pieces!r}")
         for name in ("stages", "sums_stages"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 8:
@@ -287,7 +267,7 @@ class MosaicWalkConfig:
         one for the state's. Two: the staged q, k and v tiles (v two blocks wide), then for each warpgroup the
         state's, the weighted values' and two output tiles, which share their space with the float32 state's
         tiles; two barriers a stage (loaded, consumed), one for each warpgroup's state, two for their
-        rendezvous and, with ``pingpong``, one for their turns. A barrier takes 8 bytes."""
+        rendezvous. A barrier takes 8 bytes."""
         C, bv = self.chunk_size, self.forward().block_v
         if self.warpgroups == 1:
             return (itemsize * (K * bv + C * bv) + max(itemsize * self.stages * (2 * C * K + 2 * C * bv),
@@ -296,7 +276,7 @@ class MosaicWalkConfig:
         wgs = self.warpgroups
         return (itemsize * self.stages * (2 * C * K + wgs * C * bv)
                 + wgs * max(itemsize * (K * bv + 3 * C * bv), 4 * K * bv)
-                + 8 * (2 * self.stages + wgs + 2 + self.pingpong))
+                + 8 * (2 * self.stages + wgs + 2))
 
 
 def on_hopper() -> bool:

@@ -13,7 +13,7 @@ state enters the products rounded to the inputs' dtype, as in the Triton walks' 
 
 Each (value block, batch*head, sequence piece) is one program of one warpgroup, or (``MosaicWalkConfig.
 warpgroups``) two value blocks are one program of two compute warpgroups that share the chunk's query and key
-tiles, a third warpgroup issuing the copies (and, with ``pingpong``, the two taking turns on the tensor cores).
+tiles, a third warpgroup issuing the copies.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
 
     def program(*, log_decay_gmem, q_gmem, k_gmem, v_gmem, o_gmem, final_gmem, state_smem, weighted_smem,
                 barrier, within_gmem=None, start_gmem=None, out_smem=None, f32_smem=None, rendezvous=None,
-                turns=None, keys_t_smem=None, block_t_smem=None, register_smem=None):
+                keys_t_smem=None, block_t_smem=None, register_smem=None):
         """One program's walk, its refs by name: inputs and outputs ``*_gmem``, scratch ``*_smem`` and the
         barriers; None where the call has no such ref. Two warpgroups (``wide``): each takes its own slice of
         the scratch that has a leading warpgroup axis."""
@@ -84,17 +84,10 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             state_smem, weighted_smem, out_smem, f32_smem, barrier = (
                 ref.at[group] for ref in (state_smem, weighted_smem, out_smem, f32_smem, barrier))
             if interpret is not None:
-                keys_t_smem, register_smem = keys_t_smem.at[group], register_smem.at[group]
+                keys_t_smem, block_t_smem, register_smem = (
+                    ref.at[group] for ref in (keys_t_smem, block_t_smem, register_smem))
         w = Walker(config, key_dim=K, dtype=dtype, reverse=reverse, scale=scale, interpret=interpret,
                    keys_t=keys_t_smem, block_t=block_t_smem, register=register_smem)
-
-        def take_turn():
-            """Two compute warpgroups take turns on the tensor cores (``MosaicWalkConfig.pingpong``): they meet
-            at ``turns``. The second one starts a turn behind (see ``compute`` below), so each of its chunks'
-            first products go out while the first one forms its chunk's elementwise part, and its update waits
-            until the first one's next products are out."""
-            if turns is not None:
-                meet(turns)
 
         j, bh, piece = lax.axis_index("v"), lax.axis_index("bh"), lax.axis_index("piece")
         b, h = bh // H, bh % H
@@ -126,7 +119,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             plgpu.commit_smem()
             # The products that read only the chunk's tiles and the state's copy go out together.
             got = w.products(dict(scores=((C, C), [(q_smem, lambda: w.k_t(k_smem))]),
-                                  inter=((C, bv), [(q_smem, state_smem)])), issued=take_turn)
+                                  inter=((C, bv), [(q_smem, state_smem)])))
             scores = got["scores"] * weights
             o = w.out(got["inter"] * entering_rows, scores, v_smem)
             if wide:  # out through a ring of two tiles, each copied out by this warpgroup
@@ -141,7 +134,6 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
             plgpu.commit_smem()
             if wide:
                 plgpu.copy_smem_to_gmem(out_smem.at[slot], o_gmem.at[b, pl.ds(at(c) * C, C), h, columns])
-            take_turn()
             [state] = w.accumulate((step.start(state), w.update(k_smem, weighted_smem)))
             return step.out(state, chunk_constant) if wide else step.out(state)
 
@@ -168,9 +160,7 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
                 else:
                     lag, lags = w.steps()[:2]
                     init = (entering_state, w.constant_factors(log_decay_gmem[h], lag, lags))
-                pl.when(group == 1)(take_turn)  # a turn behind the first warpgroup
                 out = body(w.lazy_in(init))
-                pl.when(group == 0)(take_turn)  # the second one's last turn
                 (state, _), g = w.lazy_out(out)
                 state = state if g is None else state * g
                 w.store_met(state, f32_smem, final_gmem, state_at, rendezvous.at[1])
@@ -196,8 +186,6 @@ def walk(query, key, value, log_decay, entering, chunking: Chunking, *, reverse:
     scratch["barrier"] = plgpu.Barrier(num_barriers=wgs) if wide else plgpu.Barrier()
     if wide:
         scratch["rendezvous"] = plgpu.Barrier(num_arrivals=wgs, num_barriers=2)
-        if config.pingpong:
-            scratch["turns"] = plgpu.Barrier(num_arrivals=wgs)
     if interpret is not None:
         scratch.update(interpreter_copies(config, K, dtype, per_group))
     inputs = dict(log_decay_gmem=log_decay.astype(f32), q_gmem=query, k_gmem=key, v_gmem=value,

@@ -269,7 +269,7 @@ def sums_walk(query, key, value, log_decay, entering, chunking: Chunking, *, rev
     else:
         scratch["barrier"] = plgpu.Barrier()
     if interpret is not None:
-        scratch.update(interpreter_copies(config, K, dtype, per_group, blocks_per_group=wide))
+        scratch.update(interpreter_copies(config, K, dtype, per_group))
     inputs = dict(log_decay_gmem=log_decay.astype(f32), q_gmem=query, k_gmem=key, v_gmem=value, rows_gmem=rows,
                   within_gmem=None if within is None else within.astype(f32), start_gmem=entering,
                   tangent_start_gmem=entering_tangents)
