@@ -351,9 +351,9 @@ class Carry:
 
 
 def interpreter_copies(config, key_dim: int, dtype, per_group: tuple = ()) -> dict:
-    """The scratch of the interpreter's operand copies (:class:`Walker`'s keys_t, block_t, register), each
-    warpgroup its own (``per_group``): where K = block_v the Walker takes one copy for both transposed tiles
-    (it finds them by shape), so a value block's copy shared by two warpgroups raced on their keys'."""
+    """The scratch of the interpreter's operand copies (:class:`Walker`'s keys_t, block_t, register), every one
+    each warpgroup's own (``per_group``): the Walker finds a transposed copy by its shape, so where K = block_v
+    the keys' copy is the value block's, and two warpgroups sharing it would race."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
     C, bv = config.chunk_size, config.block_v
     return dict(keys_t_smem=plgpu.SMEM((*per_group, key_dim, C), dtype),
