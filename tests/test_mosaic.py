@@ -24,6 +24,24 @@ try:  # Mosaic GPU's CPU interpreter (a private module of jax: the tests skip wh
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 except ImportError:  # pragma: no cover
     InterpretGPUParams = None
+try:  # its happens-before race detector (InterpretGPUParams.detect_races), also private
+    from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
+except ImportError:  # pragma: no cover
+    get_races = None
+
+
+def checked(races: list, walk, *args, **kwargs):
+    """``walk(*args, **kwargs)`` in the interpreter with its race detector on; appends to ``races`` whether it
+    found a data race between the program's threads (None where this jax has no detector to ask)."""
+    got = jax.block_until_ready(walk(*args, interpret=InterpretGPUParams(detect_races=True), **kwargs))
+    races.append(None if get_races is None else bool(get_races().races_found))
+    return got
+
+
+def raced(races: list) -> bool | None:
+    """Whether any :func:`checked` walk raced (None: no detector could be asked)."""
+    return None if all(found is None for found in races) else any(races)
+
 # On a GPU host XLA's GPU compiler runs the interpreter's body: its dots at the GPU's default float32
 # precision, looser than these tests' tolerances (the eleventh session's H200 run failed them), and its
 # float32 -> 16-bit -> float32 converts removed where not kept by a barrier; the two-warpgroup walk aborted its
@@ -538,16 +556,18 @@ def test_two_warpgroups_walk_as_one_does_in_the_interpreter(reverse):
     """MosaicWalkConfig.warpgroups=2 (each warpgroup its own value block, a third copying the shared tiles):
     out and the pieces' final states bitwise those of one warpgroup a program, from random entering states in
     two pieces, forward and in reverse (the backward's dv and dk walks); the forward also against the float64
-    oracle. (The gated decay's, and many chunks: tests/test_mosaic_warpgroups.py, with four fake CPU
-    devices.)"""
+    oracle; the two warpgroups' walk with the interpreter's race detector on. (The gated decay's, and many
+    chunks: tests/test_mosaic_warpgroups.py, with four fake CPU devices.)"""
     B, T, H, K, V = 1, 128, 2, 64, 128
     q, k, v = _inputs(B, T, H, K, V, "bfloat16", scale_values=0.5)
     decay = (0.9, 1.0)
     entering = jnp.asarray(np.random.default_rng(1).standard_normal((B, H, 2, K, V)), jnp.float32)
-    got = [mosaic.walk(q, k, v, _decays(decay).log_decay, entering, Chunking(T, 64, 2), reverse=reverse,
-                       scale=0.2, config=mosaic.MosaicWalkConfig(warpgroups=wgs), interpret=InterpretGPUParams())
-           for wgs in (1, 2)]
+    args, races = (q, k, v, _decays(decay).log_decay, entering, Chunking(T, 64, 2)), []
+    got = [mosaic.walk(*args, reverse=reverse, scale=0.2, config=mosaic.MosaicWalkConfig(),
+                       interpret=InterpretGPUParams()),
+           checked(races, mosaic.walk, *args, reverse=reverse, scale=0.2, config=mosaic.MosaicWalkConfig(warpgroups=2))]
     assert jnp.array_equal(got[0][0], got[1][0]) and jnp.array_equal(got[0][1], got[1][1])
+    assert raced(races) is not True, "the interpreter's race detector found a data race"
     if not reverse:
         ref, final = oracle.forward(q[:, :64], k[:, :64], v[:, :64], jnp.asarray(decay), scale=0.2,
                                     initial_state=entering[:, :, 0])

@@ -20,14 +20,13 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import devices
 import oracle
-from test_mosaic import InterpretGPUParams, _inputs, _log_gate
+from test_mosaic import InterpretGPUParams, _inputs, _log_gate, checked, raced
 from test_op import TOLERANCE
 
 DEVICES = 4
@@ -39,25 +38,6 @@ LONG_CASES = ["long-constant", "long-gated"]
 # (MosaicWalkConfig.sums_warpgroups; gated, the gate's sums beside it: gate_dq_warpgroups), the gate's dq walk
 # without it (gate_dq_warpgroups) and its dk walk in reverse (gate_dk_warpgroups).
 SUMS_CASES = ["sums-constant", "sums-gated", "sums-gate-dq", "sums-reverse-gated"]
-
-try:  # the interpreter's happens-before race detector (InterpretGPUParams.detect_races): not public
-    from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
-except ImportError:
-    get_races = None
-
-
-def _checked(races: list, walk, *args, **kwargs):
-    """``walk(*args, **kwargs)`` in the interpreter with its race detector on; appends to ``races`` whether it
-    found a data race between the program's threads (None where this jax has no detector to ask)."""
-    got = jax.block_until_ready(walk(*args, interpret=InterpretGPUParams(detect_races=True), **kwargs))
-    races.append(None if get_races is None else bool(get_races().races_found))
-    return got
-
-
-def _raced(races: list) -> bool | None:
-    """Whether any checked walk raced (None: none could be asked)."""
-    return None if all(found is None for found in races) else any(races)
-
 
 def _run_case(direction: str) -> dict[str, Any]:
     """Out and the pieces' final states at one and at two warpgroups (race-checked): bitwise equal? And the
@@ -76,7 +56,7 @@ def _run_case(direction: str) -> dict[str, Any]:
     one, two, races = mosaic.MosaicWalkConfig(), mosaic.MosaicWalkConfig(warpgroups=2), []
     got = [mosaic.walk(q, k, v, decays.log_decay, entering, Chunking(T, 64, 2), reverse=reverse, scale=0.2,
                        config=one, within=within, interpret=InterpretGPUParams()),
-           _checked(races, mosaic.walk, q, k, v, decays.log_decay, entering, Chunking(T, 64, 2), reverse=reverse,
+           checked(races, mosaic.walk, q, k, v, decays.log_decay, entering, Chunking(T, 64, 2), reverse=reverse,
                     scale=0.2, config=two, within=within)]
     result = {"out_equal": bool(jnp.array_equal(got[0][0], got[1][0])),
               "finals_equal": bool(jnp.array_equal(got[0][1], got[1][1])),
@@ -86,10 +66,10 @@ def _run_case(direction: str) -> dict[str, Any]:
     first = 1 if reverse else 0
     zeroed = entering.at[:, :, first].set(0.0)
     short = entering[:, :, :1] if reverse else entering[:, :, 1:]
-    pair = [_checked(races, mosaic.walk, q, k, v, decays.log_decay, e, Chunking(T, 64, 2), reverse=reverse,
+    pair = [checked(races, mosaic.walk, q, k, v, decays.log_decay, e, Chunking(T, 64, 2), reverse=reverse,
                      scale=0.2, config=two, within=within) for e in (zeroed, short)]
     result["zero_first_equal"] = all(bool(jnp.array_equal(a, b)) for a, b in zip(*pair))
-    result["races"] = _raced(races)
+    result["races"] = raced(races)
     if not reverse:
         ref, final = oracle.forward(q[:, :64], k[:, :64], v[:, :64], decay, scale=0.2,
                                     initial_state=entering[:, :, 0], log_gate=decays.log_gate[:, :64])
@@ -114,11 +94,11 @@ def _run_long(case_id: str) -> dict[str, Any]:
         common = dict(reverse=reverse, scale=0.2, within=within)
         one = mosaic.walk(q, k, v, decays.log_decay, None, Chunking(T, 64, 1), config=mosaic.MosaicWalkConfig(),
                           interpret=InterpretGPUParams(), **common)
-        two = _checked(races, mosaic.walk, q, k, v, decays.log_decay, None, Chunking(T, 64, 1),
+        two = checked(races, mosaic.walk, q, k, v, decays.log_decay, None, Chunking(T, 64, 1),
                        config=mosaic.MosaicWalkConfig(warpgroups=2), **common)
         name = "reverse" if reverse else "forward"
         result[name] = bool(jnp.array_equal(one[0], two[0]) and jnp.array_equal(one[1], two[1]))
-    return result | {"races": _raced(races)}
+    return result | {"races": raced(races)}
 
 
 def _run_sums(case_id: str) -> dict[str, Any]:
@@ -144,9 +124,9 @@ def _run_sums(case_id: str) -> dict[str, Any]:
                   within=decays.within_chunks(B, T, 64, base2=True) if gated else None, before=gated)
     races = []
     one = mosaic.sums_walk(*args, config=walks[1], interpret=InterpretGPUParams(), **common)
-    two = _checked(races, mosaic.sums_walk, *args, config=walks[2], **common)
+    two = checked(races, mosaic.sums_walk, *args, config=walks[2], **common)
     names = ["decay"] * tangent + (["before", "state"] if gated else [])
-    return {"races": _raced(races), "out": bool(jnp.array_equal(one[0], two[0])),
+    return {"races": raced(races), "out": bool(jnp.array_equal(one[0], two[0])),
             "finals": bool(jnp.array_equal(one[1], two[1])),
             "sums": sorted(one[2]) == sorted(two[2]) == sorted(names)
             and all(bool(jnp.array_equal(one[2][name], two[2][name])) for name in names),
