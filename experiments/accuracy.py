@@ -60,6 +60,20 @@ def reference_outputs(op: str, inputs: dict[str, Any], log_decay: np.ndarray) ->
     return dict(zip(("o", "dq", "dk", "dv", last_name), out))
 
 
+def same_bits(a: Any, b: Any) -> bool:
+    """Whether two arrays hold the same bits: shape, dtype and every element's bit pattern, on the device.
+    Stricter than ``jnp.array_equal``, which calls -0.0 and 0.0 equal and a NaN unequal to itself: the A/Bs that
+    call two variants bitwise equal (a form that leaves a barrier out, a second warpgroup) mean this."""
+    import jax
+    import jax.numpy as jnp
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if jnp.issubdtype(a.dtype, jnp.floating):
+        unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[jnp.dtype(a.dtype).itemsize]
+        a, b = (jax.lax.bitcast_convert_type(x, unsigned) for x in (a, b))
+    return bool(jnp.array_equal(a, b))
+
+
 def error_stride(shape: tuple[int, ...], max_elements: int = MAX_ERROR_ELEMENTS) -> int:
     """Every how many positions (axis 1) relerr reads so that at most about ``max_elements`` are compared."""
     size = math.prod(shape)

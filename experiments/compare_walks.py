@@ -72,7 +72,7 @@ def compare_configs(case: Case, configs: dict, inputs: dict, *, op: str = "fwd",
         args = bound.prepare(inputs)
         calls = (bound.unpack(bound.call(*args)) for _ in range(repeats))
         outs[name] = first = next(calls)
-        repeats_equal[name] = all(all(bool(jnp.array_equal(first[key], again[key])) for key in first)
+        repeats_equal[name] = all(all(accuracy.same_bits(first[key], again[key]) for key in first)
                                   for again in calls)
     out_a, out_b = outs.values()
     errors = {}
@@ -81,7 +81,7 @@ def compare_configs(case: Case, configs: dict, inputs: dict, *, op: str = "fwd",
             for key, value in accuracy.output_errors(got, ref[output]).items():
                 errors[f"{key}_{name}" if op == "fwd" else f"{key}_{output}_{name}"] = value
     return dict(B=case.B, T=case.T, H=case.H, K=case.K, gated=case.gated, op=op, repeats=repeats,
-                bitwise=all(bool(jnp.array_equal(out_a[key], out_b[key])) for key in out_a),
+                bitwise=all(accuracy.same_bits(out_a[key], out_b[key]) for key in out_a),
                 **{f"repeats_equal_{name}": same for name, same in repeats_equal.items()}, **errors,
                 device=jax.devices()[0].device_kind)
 

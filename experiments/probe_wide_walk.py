@@ -29,6 +29,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from experiments.accuracy import same_bits  # noqa: E402
 from experiments.inputs import retnet_log_decay  # noqa: E402
 from fleetjax.chunking import Chunking  # noqa: E402
 from fleetjax.decay import Decays  # noqa: E402
@@ -86,7 +87,7 @@ def probe(B: int, T: int, H: int, P: int, *, stages: int, case: str, lower: bool
         return
     from experiments.timing import jax_sync, time_calls
     (o1, f1), (o2, f2) = (fns[n](*inputs) for n in (1, 2))
-    same = bool(jnp.array_equal(o1, o2)) and bool(jnp.array_equal(f1, f2))
+    same = same_bits(o1, o2) and same_bits(f1, f2)
     times = {n: time_calls(lambda *a, fn=fn: fn(*a)[0], [inputs], jax_sync, target_s=0.1).ms
              for n, fn in fns.items()}
     print(f"{name}: bitwise equal {same}; one warpgroup {times[1]:.4f} ms, two {times[2]:.4f} ms "

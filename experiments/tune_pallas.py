@@ -43,6 +43,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import fleetjax  # noqa: E402
+from experiments.accuracy import same_bits  # noqa: E402
 from experiments.inputs import retnet_log_decay  # noqa: E402
 from experiments.runner import parse_shapes  # noqa: E402
 from experiments.timing import jax_sync, time_calls  # noqa: E402
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                            final_state=args.final_state, interpreted=record.interpreted())
                 if args.rounds > 1:
                     compared = outputs[i] is not None and outputs[0] is not None
-                    same = (all(bool(jnp.array_equal(a, b)) for a, b in zip(outputs[0], outputs[i])) if compared
+                    same = (all(same_bits(a, b) for a, b in zip(outputs[0], outputs[i])) if compared
                             else None)
                     # Where not bitwise (a config that rounds differently), how far: the largest of
                     # max |x - default| / max |default| over the outputs.

@@ -143,6 +143,21 @@ def test_output_errors_strides_large_outputs():
     assert nan["relerr"] is None and nan["nonfinite"]
 
 
+def test_same_bits_compares_bit_patterns():
+    """experiments.accuracy.same_bits, the A/Bs' bitwise equality: a NaN equals itself, -0.0 is not 0.0, and
+    arrays of other dtypes or shapes differ (jnp.array_equal says the opposite of the first two)."""
+    import jax.numpy as jnp
+
+    from experiments.accuracy import same_bits
+    x = jnp.asarray([1.0, jnp.nan, 0.0, -2.5], jnp.bfloat16)
+    assert same_bits(x, x + 0) and not bool(jnp.array_equal(x, x))
+    zeros = jnp.asarray([0.0, 1.0], jnp.bfloat16)
+    assert not same_bits(zeros, zeros.at[0].set(-0.0)) and bool(jnp.array_equal(zeros, zeros.at[0].set(-0.0)))
+    assert not same_bits(x, x.at[3].set(-2.0))
+    assert not same_bits(x, x.astype(jnp.float32)) and not same_bits(x, x[:3])
+    assert same_bits(jnp.arange(4), jnp.arange(4)) and not same_bits(jnp.arange(4), jnp.arange(1, 5))
+
+
 def test_long_context_row():
     """The long-context row comes after the main rows, before the secondary group; its HBM floor counts
     2^28 elements per tensor in bfloat16 exactly; the per-position scan is not timed there."""
