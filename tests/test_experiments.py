@@ -398,6 +398,40 @@ def test_queued_calls_times_the_calls_behind_a_long_device_op():
     assert queued_calls(step, sets, jax_sync, long_op, call_ms=0.01, pending_bytes=40 << 10).calls == 2
 
 
+def test_queued_calls_add_long_ops_where_the_host_enqueues_slower_than_call_ms_says(monkeypatch):
+    """queued_calls on a simulated device queue (ops run in order, each from when the host enqueued it; a sync
+    waits for the last) behind 20 ms long ops, calls given as 0.13 ms that the device runs in 0.12 ms. Where the
+    host takes 1 ms to enqueue one, the device runs out of calls and waits for it: with the head sized from
+    call_ms the calls read 0.74 ms. The first round finds the host behind, the timed ones add long ops, and the
+    calls read the device's 0.12 ms with the host ahead. At 0.26 ms the host stays ahead of the device though
+    not of the head (``ahead`` is the stricter of the two), and the added long ops make ``ahead`` hold."""
+    from experiments import timing
+
+    class Device:
+        host = free = 0.0
+
+        def op(self, enqueue_s: float, run_s: float):
+            self.host += enqueue_s
+            self.free = max(self.free, self.host) + run_s
+            return np.zeros(4, np.float32)
+
+        def sync(self, _):
+            self.host = max(self.host, self.free)
+
+    device = Device()
+    monkeypatch.setattr(timing, "_perf", lambda: device.host)
+    long_op = lambda: device.op(1e-6, 20e-3)  # noqa: E731
+    for enqueue_ms in (1.0, 0.26):
+        call = lambda *_, e=enqueue_ms: device.op(e * 1e-3, 0.12e-3)  # noqa: E731
+        behind = timing.queued_calls(call, [()], device.sync, long_op, call_ms=0.13, ahead_margin=1e9)
+        queued = timing.queued_calls(call, [()], device.sync, long_op, call_ms=0.13)
+        assert not behind.ahead and behind.heads == 2, behind
+        assert queued.ahead and queued.heads > 2 and queued.ms == pytest.approx(0.12, rel=1e-6), queued
+        assert queued.enqueue_ms == pytest.approx(enqueue_ms, rel=0.01)
+        if enqueue_ms == 1.0:
+            assert behind.ms > 0.7, behind
+
+
 def test_same_lowering_dumps_the_walks_and_compares_them_names_aside(tmp_path, capsys):
     """experiments/same_lowering: every case of its table is a distinct variant; a dump of two cases (the
     forward walk; the backward with the gate and the decay learned: the dq walk with both sums, dv, dk with
