@@ -116,9 +116,10 @@ def queued_calls(call: Callable[..., Any], arg_sets: Sequence[tuple], sync: Call
     time per call: on an H100 host the fleetjax forward at B4 H16 T=4096 enqueued in 0.26 ms a call behind the
     head against 0.13 ms a call by the wall clock, and its rows read ``ahead`` False (2026-12-07). ``ahead``
     asks more than the measure needs (each call enqueued before the device reaches it, which at a steady
-    enqueueing rate those rows likely met), but it is what can be checked without the device's own time. The calls must run in order on one device queue (one JAX device; torch's current stream). A call's
-    outputs may hold memory until it has run, so the count also keeps the pending outputs within
-    ``pending_bytes``.
+    enqueueing rate those rows likely met), but it is what can be checked without the device's own time.
+
+    The calls must run in order on one device queue (one JAX device; torch's current stream). A call's outputs
+    may hold memory until it has run, so the count also keeps the pending outputs within ``pending_bytes``.
     """
     sync(long_op())
     t0 = _perf()

@@ -103,10 +103,10 @@ def _run_long(case_id: str) -> dict[str, Any]:
 
 def _run_sums(case_id: str) -> dict[str, Any]:
     """A walk forming sums at one and at two compute warpgroups a program (race-checked): out, the pieces'
-    final states and the sums bitwise equal? The dq walk's form (the tangent as a second state, from random entering tangents)
-    with the constant decay or the gated one with a hard forget (and the gate's sums), the gate's dq walk
-    without the tangent, or its dk walk (in reverse); two pieces of three chunks from random entering states,
-    value blocks of 32 (two a program)."""
+    final states and the sums bitwise equal? The dq walk's form (the tangent as a second state, from random
+    entering tangents) with the constant decay or the gated one with a hard forget (and the gate's sums), the
+    gate's dq walk without the tangent, or its dk walk (in reverse); two pieces of three chunks from random
+    entering states, value blocks of 32 (two a program)."""
     from fleetjax.chunking import Chunking
     from fleetjax.decay import Decays
     from fleetjax.pallas import mosaic
