@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 def _kernels(B, T, H, K, V, log_decay, example, warps, contain, config=None):
     """kernel name -> fn(q, k, v, do): each walk kernel of implementation="pallas" launched alone with
     ``config`` (None: the default; ``warps``: num_warps of every walk instead), pieces' states given as
-    zeros."""
+    zeros; the contained forward in one piece, marking as it walks, as the op runs it."""
     from fleetjax.pallas import backward as bwd
     from fleetjax.pallas import forward as fwd
 
@@ -154,14 +154,15 @@ def _kernels(B, T, H, K, V, log_decay, example, warps, contain, config=None):
     f32 = jnp.float32
     scale = K ** -0.5
     forward, backward = config.chunking(T, False), config.chunking(T, True)
+    whole = dataclasses.replace(forward, max_pieces=1)
     zeros = lambda chunking, a, b: (None if chunking.pieces == 1  # noqa: E731
                                     else jnp.zeros((B, H, chunking.pieces - 1, a, b), f32))
     dq_local = None if backward.pieces == 1 else (zeros(backward, V, K), zeros(backward, V, K))
     walk = dict(scale=scale, contain=contain)
     return {
         "forward": lambda q, k, v, do: fwd.forward_walk(
-            q, k, v, log_decay, None, None, forward, exact_state=False, local=zeros(forward, K, V), **walk,
-            **config.launch("forward", q.dtype))[0],
+            q, k, v, log_decay, None, None, whole if contain else forward, exact_state=False,
+            local=None if contain else zeros(forward, K, V), **walk, **config.launch("forward", q.dtype))[0],
         "dq": lambda q, k, v, do: bwd.dq_walk(q, k, v, do, log_decay, None, None, backward, local=dq_local, **walk,
                                               **config.launch("dq", q.dtype))[:4],
         "dv": lambda q, k, v, do: bwd.dv_walk(q, k, do, log_decay, None, None, backward, local=zeros(backward, K, V),

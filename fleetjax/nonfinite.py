@@ -14,7 +14,8 @@ here: output column c at position t depends on the value entries [s, c] of the s
 :func:`contained_if_reached` chooses with a lax.cond, whose predicate XLA's GPU runtime reads on the host.
 implementation="pallas" makes its choices on the device instead by default (:func:`contained_on_device`,
 ``PallasConfig.choice_on_device``), its sequence-parallel local states included: the contained launches run
-always and skip their chunks on finite inputs, the marking being a kernel too (fleetjax.pallas.marking).
+always and skip their chunks on finite inputs, the marking made by kernels too (the forward's contained walk
+marks as it walks; fleetjax.pallas.marking).
 """
 
 from __future__ import annotations

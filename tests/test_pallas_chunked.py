@@ -557,6 +557,38 @@ def test_the_marking_kernel_marks_what_nonfinite_marks(segments, reverse):
             source, run_ids, reverse=reverse, skip=jnp.bool_(skip), chunk_size=32, block=16)), np.asarray(want))
 
 
+@pytest.mark.parametrize("segments, gated", [(False, False), (True, False), (True, True)])
+def test_the_contained_forward_walk_marks_as_it_walks(segments, gated):
+    """fleetjax.pallas.forward.forward_walk with ``contain`` (one piece) marks as it walks: o and the final state
+    bitwise fleetjax.nonfinite.mark_forward of the plain walk over the values with their non-finite entries
+    zeroed (a NaN, an inf and a -inf in v, several chunks and value blocks, the last of each short, an
+    entering state, segments, a log gate); skipped: the o passed in, its buffer taken over."""
+    from fleetjax import nonfinite
+    from fleetjax.chunking import Chunking
+    from fleetjax.decay import Decays
+    from fleetjax.pallas import forward as fwd
+    rng = np.random.default_rng(1)
+    B, T, H, K, V = 2, 150, 2, 5, 40
+    draw = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    q, k, v, s0 = draw(B, T, H, K), draw(B, T, H, K), draw(B, T, H, V), draw(B, H, K, V)
+    v[0, 70, 1, 2], v[1, 3, 0, 35], v[1, 140, 1, 0] = np.nan, np.inf, -np.inf
+    q, k, v, s0 = map(jnp.asarray, (q, k, v, s0))
+    run_ids = jnp.asarray(np.repeat([[0, 1, 2]], B, 0).repeat([40, 50, 60], axis=1), jnp.int32) if segments else None
+    gate = jnp.asarray(-np.abs(draw(B, T, H)) * 0.3) if gated else None
+    decays = Decays(jnp.log(jnp.asarray([0.97, 0.5], jnp.float32)), gate)
+    walk = functools.partial(fwd.forward_walk, log_decay=decays.log_decay, start=s0, run_ids=run_ids,
+                             chunking=Chunking(T, 16, 1), scale=0.7, exact_state=True, local=None,
+                             gate=decays.gate_tiles(), **PallasConfig(**SMALL).launch("forward", jnp.float32))
+    o, final, _ = walk(q, k, v, contain=True, skip=jnp.bool_(False))
+    plain_o, plain_final, _ = walk(q, k, jnp.where(nonfinite.bad(v), 0.0, v), contain=False)
+    want_o, want_final = nonfinite.mark_forward(plain_o, plain_final, v, run_ids)
+    assert np.isnan(np.asarray(o)).any() and np.isnan(np.asarray(final)).any()
+    np.testing.assert_array_equal(np.asarray(o), np.asarray(want_o))
+    np.testing.assert_array_equal(np.asarray(final), np.asarray(want_final))
+    skipped, _, _ = walk(q, k, v, contain=True, skip=jnp.bool_(True), keep_o=plain_o)
+    np.testing.assert_array_equal(np.asarray(skipped), np.asarray(plain_o))
+
+
 @pytest.mark.parametrize("segments", [False, True])
 def test_the_backward_marking_kernel_marks_what_the_backward_marks(segments):
     """fleetjax.pallas.marking.mark_backward: dq, dk and dv bitwise those of fleetjax.nonfinite.mark_reached as

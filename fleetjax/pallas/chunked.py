@@ -507,12 +507,12 @@ def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, co
             if mosaic_chunking.pieces > 1:
                 local = mosaic.piece_states(k, v, decays.log_decay, mosaic_chunking, reverse=False,
                                             config=walks_config, within=within)
-        elif chunking.pieces > 1 and local is None:
+        elif chunking.pieces > 1 and local is None and not contain:
             # Float32-accurate only where the final state is used: otherwise they feed 16-bit outputs alone. The
             # Mosaic walk in the config's pieces takes these too: the states-only form timed even against them
             # at B1 H8 T=32768 (H200, 2026-12-04, experiments/results/...-forward_pieces_ab_b1h8.txt).
             local = fwd.piece_states(k, v, decays.log_decay, run_ids, chunking, reverse=False, all_pieces=False,
-                                     contain=contain, exact=exact_state, gate=decays.gate_tiles(), skip=skip,
+                                     contain=False, exact=exact_state, gate=decays.gate_tiles(),
                                      **config.piece_launch("forward", q.dtype))
         if mosaic_here:
             entering = mosaic.entering_states(start, local, decays, mosaic_chunking, B,
@@ -520,18 +520,19 @@ def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, co
             o, finals = mosaic.walk(q, k, v, decays.log_decay, entering, mosaic_chunking, reverse=False,
                                     scale=scale, config=walks_config, within=within, name="forward_walk")
             return (o, finals[:, :, -1]), mosaic.witness_of(finals)
-        o, final, witness = fwd.forward_walk(q, k, v, decays.log_decay, start, run_ids, chunking, scale=scale,
-                                             exact_state=exact_state, contain=contain, local=local, skip=skip,
+        # Contained: one piece, the walk marking what a non-finite value reaches (a launch, and the pieces'
+        # states, fewer than marking after it; only inputs with a NaN or inf take it).
+        walked = Chunking(T, chunking.chunk_size, 1) if contain else chunking
+        o, final, witness = fwd.forward_walk(q, k, v, decays.log_decay, start, run_ids, walked, scale=scale,
+                                             exact_state=exact_state, contain=contain,
+                                             local=None if contain else local, skip=skip,
                                              keep_o=None if plain is None else plain[0],
-                                             **_gated(decays, chunking, B), **config.launch("forward", q.dtype))
-        if skip is not None:  # the marking on the device too; the final state from the plain walks if skipped
-            o, reached_final = marking.mark_reached(o, v, run_ids, reverse=False, skip=skip,
-                                                    chunk_size=chunking.chunk_size)
-            final = jnp.where(skip, plain[1], nonfinite.mark(final, reached_final[:, :, None]))
-            return (o, final), witness
+                                             **_gated(decays, walked, B), **config.launch("forward", q.dtype))
+        if skip is not None:  # the final state from the plain walks where the contained one was skipped
+            final = jnp.where(skip, plain[1], final)
         # o_t witnesses: q_t, k_t and v_t all reach it through its own pair (t, t); the walk hands on a
         # smaller array that holds a NaN whenever o does.
-        return (nonfinite.mark_forward(o, final, v, run_ids) if contain else (o, final)), witness
+        return (o, final), witness
 
     choose = nonfinite.contained_on_device if config.choice_on_device else nonfinite.contained_if_reached
     return choose(walks)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from fleetjax.chunking import Chunking
 from fleetjax import chunk as cm
+from fleetjax.pallas import marking
 from fleetjax.pallas.launch import call
 from fleetjax.state_passing import pass_states
 from fleetjax.pallas.walk import (Specs, columns, enter_piece, program_id, load_rows, pad_state, padded, piece_edges,
@@ -33,9 +34,12 @@ def forward_kernel(*, log_decay_ref, q_ref, k_ref, v_ref, o_ref, final_ref, star
     start [K, block_v] (the state entering the walk); local [P-1, K, block_v], link [P] (pieces); run [T],
     edge [1] (segments); gate [T], piece_log [P] (gated); skip [1] (see fleetjax.pallas.walk.walk); final
     [K, block_v]: the state after the piece.
-    ``contain``: keep non-finite values where they belong (fleetjax.chunk), for inputs that hold some.
-    Without them and without segments, each chunk's o is the state update's witness (fleetjax.chunk.update):
-    a finite final state then says every o of the piece was finite."""
+    ``contain``: keep non-finite values where they belong (fleetjax.chunk), for inputs that hold some, and
+    mark what they reach (fleetjax.nonfinite.mark_forward): o NaN where a non-finite value reaches it, and
+    the final state's columns that one reaches, with the flag of fleetjax.pallas.marking carried beside the
+    state (one piece only: the flag does not cross the pieces' edges). Without containment and without
+    segments, each chunk's o is the state update's witness (fleetjax.chunk.update): a finite final state
+    then says every o of the piece was finite."""
     j, piece = program_id(0, log_decay_ref), program_id(2, log_decay_ref)
     log_decay = log_decay_ref[0]
     k_cols, v_cols = columns(k_ref, K), columns(v_ref, V, block_v, j)
@@ -45,18 +49,26 @@ def forward_kernel(*, log_decay_ref, q_ref, k_ref, v_ref, o_ref, final_ref, star
         state = enter_piece(state, piece=piece, chunking=chunking, reverse=False, log_decay=log_decay,
                             local_ref=local_ref, link_ref=link_ref, piece_log_ref=piece_log_ref)
 
-    def body(ch: cm.Chunk, state):
+    def body(ch: cm.Chunk, carry):
+        state, seen = carry
         q, k = load_rows(q_ref, ch, k_cols), load_rows(k_ref, ch, k_cols)
-        v = cm.finite_values(load_rows(v_ref, ch, v_cols), contain)
+        v = load_rows(v_ref, ch, v_cols)
+        if contain:
+            v, bad = cm.finite_part(v)
         o, _ = cm.output(q, cm.scores(q, k, ch, precision, contain), v, state, ch, scale=scale, dtype=dtype,
                          precision=precision, exact=False)
         state = cm.update(state, k, v, ch, dtype=dtype, precision=precision, exact=exact_state,
                           witness=None if contain or run_ref is not None else o)
+        if contain:
+            reached, seen = marking.reach(ch, bad, seen)
+            o = jnp.where(reached, jnp.nan, o)
         store_rows(o_ref, ch, o, v_cols)
-        return state
+        return state, seen
 
-    final_ref[...] = walk(body, state, piece=piece, chunking=chunking, reverse=False, log_decay=log_decay,
-                          run_ref=run_ref, edge_ref=edge_ref, gate_ref=gate_ref, skip_ref=skip_ref)
+    seen = jnp.zeros((v_ref.shape[-1],), jnp.int32) if contain else None
+    state, seen = walk(body, (state, seen), piece=piece, chunking=chunking, reverse=False, log_decay=log_decay,
+                       run_ref=run_ref, edge_ref=edge_ref, gate_ref=gate_ref, skip_ref=skip_ref)
+    final_ref[...] = jnp.where(seen[None, :] > 0, jnp.nan, state) if contain else state
 
 
 def piece_states_kernel(*, log_decay_ref, k_ref, v_ref, final_ref, counts_ref=None, tangent_ref=None, run_ref=None,
@@ -135,8 +147,10 @@ def forward_walk(q, k, v, log_decay, start, run_ids, chunking: Chunking, *, scal
     """(o [B, T, H, V] in q's dtype, the state after the walk [B, H, K, V] float32, a witness of o), from the
     entering state ``start`` (None: zero). The witness is NaN somewhere whenever some o is not finite (in
     float32, before its rounding): without ``contain`` and segments, the states after every piece [B, H, P,
-    K', V'] (see :func:`forward_kernel`), a read of a few MB instead of o; else o itself. ``local``: the
-    pieces' local states (see :func:`piece_states`), None with one piece. gate [B, H, T] and piece_log
+    K', V'] (see :func:`forward_kernel`), a read of a few MB instead of o; else o itself. ``contain``: o and
+    the final state come marked NaN where a non-finite value reaches (fleetjax.nonfinite.mark_forward), in one
+    piece (``chunking`` must have one). ``local``: the pieces' local states (see :func:`piece_states`), None
+    with one piece. gate [B, H, T] and piece_log
     [B, H, P] (the pieces' sums of la): the gated decay (None: constant). skip: a bool scalar array; True: the
     programs visit no chunk, o is ``keep_o`` (an o computed elsewhere, whose buffer o takes) and the rest
     undefined (fleetjax.pallas.launch.call)."""
@@ -146,6 +160,7 @@ def forward_walk(q, k, v, log_decay, start, run_ids, chunking: Chunking, *, scal
     bv, nv = value_blocks(V, block_v)
     s = Specs(H, chunking, kp, bv)
     P = chunking.pieces
+    assert P == 1 or not contain, "the contained forward walk marks in one piece"
     edge = piece_edges(run_ids, chunking, False)[0] if run_ids is not None else None
     links = piece_links(run_ids, chunking, False) if P > 1 else None
     kernel = functools.partial(forward_kernel, chunking=chunking, K=K, V=V, block_v=bv, scale=scale,

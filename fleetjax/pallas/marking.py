@@ -5,8 +5,9 @@
 chunks as every walk kernel does (fleetjax.pallas.walk) with a [block] flag per column for its state: the
 columns whose source held a non-finite entry that the state carries into the chunk. In a chunk a row is
 reached through the pairs (a product of the pair mask with the chunk's bad entries, counts of at most C)
-or, where the state enters it, through that flag. After the walk the flag says which columns of the state
-handed on (the final state, forward) a non-finite entry reached.
+or, where the state enters it, through that flag (:func:`reach`, a step that the contained forward walk
+takes too, marking its o as it walks: fleetjax.pallas.forward). After the walk the flag says which columns of
+the state handed on (the final state, forward) a non-finite entry reached.
 
 :func:`mark_backward` makes a contained backward's marks in one launch per gradient: a forward walk per
 row marks dq (by k), reverse walks dv (by dO: :func:`mark_reached`'s) and dk (by q and by whole dO rows), each
@@ -54,6 +55,14 @@ def _handed_on(ch: cm.Chunk, flag, bad):
     return jnp.maximum(jnp.where(ch.carries, flag, 0), jnp.max(jnp.where(leaves & bad, 1, 0), axis=0))
 
 
+def reach(ch: cm.Chunk, bad, seen):
+    """(reached [C, D] bool, the flag [D] handed on) for a chunk's non-finite entries ``bad`` [C, D] and the
+    flag ``seen`` [D] int32 of the state entering it: row i is reached through its pairs with the chunk's bad
+    entries or, where the entering state reaches it, through the flag (:func:`reached_kernel`'s step, and the
+    contained forward walk's, fleetjax.pallas.forward)."""
+    return _through_pairs(ch, bad) | (ch.enters[:, None] & (seen[None, :] > 0)), _handed_on(ch, seen, bad)
+
+
 def _mark(ref, ch: cm.Chunk, cols, reached) -> None:
     """NaN into the chunk's rows of ``ref`` [T, D] where ``reached`` [C, D], in place."""
     store_rows(ref, ch, jnp.where(reached, jnp.nan, load_rows(ref, ch, cols).astype(f32)), cols)
@@ -85,10 +94,10 @@ def reached_kernel(*, source_ref, seen_ref, marked_ref=None, run_ref=None, skip_
     cols = columns(source_ref, width, block, j)
 
     def body(ch: cm.Chunk, seen):
-        bad = _bad(source_ref, ch, cols)
+        reached, seen = reach(ch, _bad(source_ref, ch, cols), seen)
         if marked_ref is not None:
-            _mark(marked_ref, ch, cols, _through_pairs(ch, bad) | (ch.enters[:, None] & (seen[None, :] > 0)))
-        return _handed_on(ch, seen, bad)
+            _mark(marked_ref, ch, cols, reached)
+        return seen
 
     seen = _along(body, jnp.zeros((source_ref.shape[-1],), jnp.int32), chunking=chunking, reverse=reverse,
                   run_ref=run_ref, skip_ref=skip_ref)
@@ -143,13 +152,14 @@ def dq_marks_kernel(*, q_ref, k_ref, v_ref, do_ref, dq_ref, any_ref, after_ref=N
     def step(ch: cm.Chunk, carry):
         seen_k, seen_key_side, anywhere = carry
         bad_k, bad_v = _bad(k_ref, ch, k_cols), _bad(v_ref, ch, v_cols)
-        _mark(dq_ref, ch, k_cols, _through_pairs(ch, bad_k) | (ch.enters[:, None] & (seen_k[None, :] > 0)))
+        reached, handed_k = reach(ch, bad_k, seen_k)
+        _mark(dq_ref, ch, k_cols, reached)
         key_side = _row_bad(bad_k) | _row_bad(bad_v)
         if after_ref is not None:  # the pairs (t, s) with s < t: lag > 0
             inside = jnp.max(jnp.where(ch.pairs & (ch.lag > 0) & key_side[None, :], 1, 0), axis=1)
             store_positions(after_ref, ch, jnp.maximum(inside, jnp.where(ch.enters, seen_key_side, 0)))
         rows = key_side | _row_bad(_bad(q_ref, ch, k_cols)) | _row_bad(_bad(do_ref, ch, v_cols))
-        return (_handed_on(ch, seen_k, bad_k), _handed_on(ch, seen_key_side, key_side),
+        return (handed_k, _handed_on(ch, seen_key_side, key_side),
                 jnp.maximum(anywhere, jnp.max(jnp.where(rows, 1, 0))))
 
     none = jnp.int32(0)
@@ -171,13 +181,13 @@ def dk_marks_kernel(*, q_ref, do_ref, dk_ref, before_ref=None, run_ref=None, ski
         do_row = _row_bad(_bad(do_ref, ch, v_cols))
         row_reached = ((jnp.max(jnp.where(ch.pairs & do_row[None, :], 1, 0), axis=1) > 0)
                        | (ch.enters & (seen_do_row > 0)))
-        _mark(dk_ref, ch, k_cols, _through_pairs(ch, bad_q) | (ch.enters[:, None] & (seen_q[None, :] > 0))
-              | row_reached[:, None])
+        reached, handed_q = reach(ch, bad_q, seen_q)
+        _mark(dk_ref, ch, k_cols, reached | row_reached[:, None])
         query_side = _row_bad(bad_q) | do_row
         if before_ref is not None:  # the pairs (t, s) with s >= t
             inside = jnp.max(jnp.where(ch.pairs & query_side[None, :], 1, 0), axis=1)
             store_positions(before_ref, ch, jnp.maximum(inside, jnp.where(ch.enters, seen_query_side, 0)))
-        return (_handed_on(ch, seen_q, bad_q), _handed_on(ch, seen_do_row, do_row),
+        return (handed_q, _handed_on(ch, seen_do_row, do_row),
                 _handed_on(ch, seen_query_side, query_side))
 
     none = jnp.int32(0)
