@@ -843,6 +843,54 @@ def test_the_op_through_the_interpreted_walks_matches_the_oracle(monkeypatch, le
     assert ("name=fleet_gate_grad" in str(jax.make_jaxpr(pullback)(do))) == launch
 
 
+def _launches(jaxpr, name: str) -> list:
+    """The pallas_call equations named ``name`` in ``jaxpr`` and its sub-jaxprs."""
+    from jax.extend import core as jcore
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call" and eqn.params.get("name") == name:
+            found.append(eqn)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                if isinstance(sub, (jcore.ClosedJaxpr, jcore.Jaxpr)) and eqn.primitive.name != "pallas_call":
+                    found += _launches(getattr(sub, "jaxpr", sub), name)
+    return found
+
+
+@interpreted
+@pytest.mark.parametrize("where", ["q", "v"])
+def test_the_contained_forward_skips_the_rows_whose_witness_is_finite(monkeypatch, where):
+    """After the Mosaic forward walk (in its interpreter) the contained walk, chosen on the device, reads the
+    walk's witness row by row (fleetjax.pallas.launch.call's per-row skip, not the reduction's flag): a NaN
+    in one (batch, head) row gives that row the contained walk's o, the Triton op's, and leaves every other row
+    the Mosaic walk's, bitwise."""
+    def run(*args, interpret=None, **kwargs):
+        return walk(*args, interpret=InterpretGPUParams(), **kwargs)
+
+    walk = mosaic.walk
+    monkeypatch.setattr(mosaic, "walk", run)
+    B, T, H, K, V = 2, 128, 2, 64, 64
+    q, k, v = _inputs(B, T, H, K, V, "bfloat16")
+    decay = jnp.asarray([0.97, 0.9], jnp.float32)
+    x = dict(q=q, k=k, v=v)
+    x[where] = x[where].at[1, 40, 0, 3].set(jnp.nan)
+    config = dataclasses.replace(chunked.default_config(q, v), mosaic_walks=mosaic.MosaicWalkConfig())
+    f = lambda q, k, v, config: fleetjax.fleet_attention(q, k, v, decay, implementation="pallas",  # noqa: E731
+                                                         config=config)
+    # The contained launch's skip, its last input but the kept o, is the walk's states [B, H, 1, K, V] float32.
+    [contained] = _launches(jax.make_jaxpr(f, static_argnums=3)(*x.values(), config).jaxpr, "fleet_forward")
+    assert contained.invars[-2].aval.shape == (B, H, 1, K, V) and contained.invars[-2].aval.dtype == jnp.float32
+    plain = np.asarray(f(q, k, v, config), np.float32)
+    got = np.asarray(f(*x.values(), config), np.float32)
+    triton = np.asarray(f(*x.values(), dataclasses.replace(config, mosaic_walks=None)), np.float32)
+    others = np.ones((B, H), bool)
+    others[1, 0] = False
+    np.testing.assert_array_equal(got.transpose(0, 2, 1, 3)[others], plain.transpose(0, 2, 1, 3)[others])
+    # The Triton op takes its contained walk too (the same launch, skipping no row): the row bitwise.
+    np.testing.assert_array_equal(got[1, :, 0], triton[1, :, 0])
+    assert np.isnan(got[1, 40:, 0]).any() and np.isfinite(got[1, :40]).all()
+
+
 @interpreted
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("where", ["q", "k", "v", "do"])

@@ -562,7 +562,8 @@ def test_the_contained_forward_walk_marks_as_it_walks(segments, gated):
     """fleetjax.pallas.forward.forward_walk with ``contain`` (one piece) marks as it walks: o and the final state
     bitwise fleetjax.nonfinite.mark_forward of the plain walk over the values with their non-finite entries
     zeroed (a NaN, an inf and a -inf in v, several chunks and value blocks, the last of each short, an
-    entering state, segments, a log gate); skipped: the o passed in, its buffer taken over."""
+    entering state, segments, a log gate); skipped: the o passed in, its buffer taken over, in the rows that a
+    per-row witness skips too."""
     from fleetjax import nonfinite
     from fleetjax.chunking import Chunking
     from fleetjax.decay import Decays
@@ -587,6 +588,14 @@ def test_the_contained_forward_walk_marks_as_it_walks(segments, gated):
     np.testing.assert_array_equal(np.asarray(final), np.asarray(want_final))
     skipped, _, _ = walk(q, k, v, contain=True, skip=jnp.bool_(True), keep_o=plain_o)
     np.testing.assert_array_equal(np.asarray(skipped), np.asarray(plain_o))
+    # Skipped row by row (fleetjax.pallas.launch.call): only row (1, 0), whose states' first rows hold a NaN,
+    # walks; row (0, 1)'s NaN is in a second row, which no program reads.
+    rows = jnp.zeros((B, H, 2, 3, 8), jnp.float32).at[1, 0, 1, 0, 5].set(jnp.nan).at[0, 1, 0, 1, 2].set(jnp.nan)
+    by_row = np.asarray(walk(q, k, v, contain=True, skip=rows, keep_o=jnp.zeros_like(o))[0]).transpose(0, 2, 1, 3)
+    walked = np.zeros((B, H), bool)
+    walked[1, 0] = True
+    np.testing.assert_array_equal(by_row[walked], np.asarray(o).transpose(0, 2, 1, 3)[walked])
+    assert not by_row[~walked].any()
 
 
 @pytest.mark.parametrize("segments", [False, True])
@@ -677,6 +686,14 @@ def test_the_triton_kernels_lower_for_a_gpu(monkeypatch, implementation):
             return pullback(out)
 
         jax.jit(step).trace(q, k, v, decay, s0, gate).lower(lowering_platforms=("cuda",))
+    if implementation == "pallas":  # the contained forward skipping row by row, as after the Mosaic walk
+        from fleetjax.chunking import Chunking
+        from fleetjax.pallas import forward
+        contained = lambda q, k, v, rows: forward.forward_walk(  # noqa: E731
+            q, k, v, jnp.log(decay), None, None, Chunking(T, 64, 1), scale=1.0, exact_state=False, contain=True,
+            local=None, skip=rows, keep_o=v, **PallasConfig().launch("forward", q.dtype))[0]
+        states = jnp.zeros((B, H, 2, K, V), jnp.float32)
+        jax.jit(contained).trace(q, k, v, states).lower(lowering_platforms=("cuda",))
     assert modules and not refused, refused
 
 

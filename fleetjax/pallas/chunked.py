@@ -97,21 +97,23 @@ class PallasConfig:
     backward where :func:`fleetjax.pallas.mosaic.serves_backward` does; None: the Triton walks always. The
     default config sets it on Hopper GPUs.
     choice_on_device: the forward and the backward choose between their plain walks and the contained ones
-    (fleetjax.nonfinite) on the device. The contained walks and the NaN marking (fleetjax.pallas.marking, a
-    launch per gradient in the backward) are always launched; on finite inputs they visit no chunk and leave the
-    plain walks' outputs in place (their buffers handed on), so no lax.cond waits for its predicate on the
-    host, and a jitted step with many layers runs without a host round trip per layer. Alternated against
-    the lax.cond (H200, 2026-12-04, bf16, K = V = 128, experiments/results/2026-12-04-h200-choice_*): the
-    forward 0.178 -> 0.136 ms at B4 H16 T=4096 and 0.088 -> 0.057 at B1 H8 T=4096, unchanged at T >= 16384;
-    fwd+bwd within 3% either way. The skipped launches and the contained backward's per-position reductions
-    (which run either way) added about 50 us of kernel time to fwd+bwd at B4 H16 T=16384 (ncu), before the
-    contained walks left out d log_decay's sums (nobody reads them: the plain walks' gradient is marked;
-    extra memory 68 -> 24 MB there, not timed since). Only the
-    gradients the VJP differentiates go through the contained walks (jax never drops a pallas_call, so a VJP
-    over every input whose other gradients go unused runs every walk). Sequence parallelism's local states
-    (fleetjax.sharding's steps before each exchange) choose on the device too, their pieces' states being
-    the witness (not timed on a GPU). False: the lax.cond, as before 2026-12-04, whose branches jax prunes to
-    the gradients used (and for the local states a check of their inputs).
+    (fleetjax.nonfinite) on the device. The contained walks and the NaN marking (fleetjax.pallas.marking, a launch
+    per gradient in the backward; the forward's contained walk marks as it walks) are always launched; on finite
+    inputs they visit no chunk and leave the plain walks' outputs in place (their buffers handed on), so no
+    lax.cond waits for its predicate on the host, and a jitted step with many layers runs without a host round
+    trip per layer. After the Mosaic forward walk the contained launch reads that walk's states and skips row by
+    row, with no reduction launched before it: the forward is the Mosaic walk and one skipped launch (deviceless
+    sm_90 compile, B4 H16 T=4096: 3 kernels where there were 5, 2026-12-08, not timed yet). Alternated against the
+    lax.cond (H200, 2026-12-04, bf16, K = V = 128, experiments/results/2026-12-04-h200-choice_*): the forward
+    0.178 -> 0.136 ms at B4 H16 T=4096 and 0.088 -> 0.057 at B1 H8 T=4096, unchanged at T >= 16384; fwd+bwd within
+    3% either way. The skipped launches and the contained backward's per-position reductions (which run either
+    way) added about 50 us of kernel time to fwd+bwd at B4 H16 T=16384 (ncu), before the contained walks left out
+    d log_decay's sums (nobody reads them: the plain walks' gradient is marked; extra memory 68 -> 24 MB there,
+    not timed since). Only the gradients the VJP differentiates go through the contained walks (jax never drops a
+    pallas_call, so a VJP over every input whose other gradients go unused runs every walk). Sequence
+    parallelism's local states (fleetjax.sharding's steps before each exchange) choose on the device too, their
+    pieces' states being the witness (not timed on a GPU). False: the lax.cond, as before 2026-12-04, whose
+    branches jax prunes to the gradients used (and for the local states a check of their inputs).
     gate_grad_kernel: where the choice is made on the device and the gate's gradient alone is wanted (no final
     state's cotangent, whole chunks), d log_gate from the plain and contained walks' per-block parts in two
     small Triton launches (fleetjax.pallas.gate_grad; one where the row is one tile) instead of XLA's eight
@@ -496,9 +498,14 @@ def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, co
     if on_mosaic and walks_config.gate_sums:  # in one launch, for the Mosaic walks and the contained ones beside
         decays = gate.formed(decays, mosaic_chunking.chunk_size)
 
+    # The Mosaic walk's states after its pieces, [B, H, P, K, V]: the contained launch after it skips row by row
+    # where their first rows (the witness, mosaic.witness_of) are finite, reading them in place.
+    mosaic_finals = {}
+
     def walks(contain: bool, skip=None, plain=None):
         """((o, final), witness); with ``skip`` (contained only, the choice on the device) every launch visits
-        no chunk where ``skip`` is True and o is then ``plain``'s, whose buffer it takes."""
+        no chunk where ``skip`` is True (after the Mosaic walk: row by row) and o is then ``plain``'s, whose
+        buffer it takes."""
         local = reuse
         mosaic_here = on_mosaic and not contain
         gated = mosaic_here and decays.gated
@@ -519,20 +526,28 @@ def _forward(q, k, v, decays: Decays, start, run_ids, reuse, *, scale: float, co
                                               zero_first=walks_config.zero_first)
             o, finals = mosaic.walk(q, k, v, decays.log_decay, entering, mosaic_chunking, reverse=False,
                                     scale=scale, config=walks_config, within=within, name="forward_walk")
+            mosaic_finals["plain"] = finals
             return (o, finals[:, :, -1]), mosaic.witness_of(finals)
         # Contained: one piece, the walk marking what a non-finite value reaches (a launch, and the pieces'
         # states, fewer than marking after it; only inputs with a NaN or inf take it).
         walked = Chunking(T, chunking.chunk_size, 1) if contain else chunking
-        o, final, witness = fwd.forward_walk(q, k, v, decays.log_decay, start, run_ids, walked, scale=scale,
-                                             exact_state=exact_state, contain=contain,
-                                             local=None if contain else local, skip=skip,
-                                             keep_o=None if plain is None else plain[0],
-                                             **_gated(decays, walked, B), **config.launch("forward", q.dtype))
+        # Row by row: every non-finite input of a row reaches its witness (mosaic.witness_of), and no other row's
+        # outputs. States whose pieces or columns are not powers of two leave it to the reduction's flag.
+        rows = mosaic_finals.get("plain") if skip is not None else None
+        if rows is not None and not (_pow2(rows.shape[2]) and _pow2(rows.shape[4])):
+            rows = None
+        o, final, own = fwd.forward_walk(q, k, v, decays.log_decay, start, run_ids, walked, scale=scale,
+                                         exact_state=exact_state, contain=contain, local=None if contain else local,
+                                         skip=skip if rows is None else rows,
+                                         keep_o=None if plain is None else plain[0],
+                                         **_gated(decays, walked, B), **config.launch("forward", q.dtype))
         if skip is not None:  # the final state from the plain walks where the contained one was skipped
+            if rows is not None:
+                skip = jnp.all(jnp.isfinite(mosaic.witness_of(rows)), axis=(2, 3))[:, :, None, None]
             final = jnp.where(skip, plain[1], final)
         # o_t witnesses: q_t, k_t and v_t all reach it through its own pair (t, t); the walk hands on a
         # smaller array that holds a NaN whenever o does.
-        return (o, final), witness
+        return (o, final), own
 
     choose = nonfinite.contained_on_device if config.choice_on_device else nonfinite.contained_if_reached
     return choose(walks)

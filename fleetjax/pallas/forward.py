@@ -151,9 +151,10 @@ def forward_walk(q, k, v, log_decay, start, run_ids, chunking: Chunking, *, scal
     the final state come marked NaN where a non-finite value reaches (fleetjax.nonfinite.mark_forward), in one
     piece (``chunking`` must have one). ``local``: the pieces' local states (see :func:`piece_states`), None
     with one piece. gate [B, H, T] and piece_log
-    [B, H, P] (the pieces' sums of la): the gated decay (None: constant). skip: a bool scalar array; True: the
-    programs visit no chunk, o is ``keep_o`` (an o computed elsewhere, whose buffer o takes) and the rest
-    undefined (fleetjax.pallas.launch.call)."""
+    [B, H, P] (the pieces' sums of la): the gated decay (None: constant). skip: a bool scalar array, or states
+    whose first rows witness each (batch, head) row (fleetjax.pallas.launch.call); where it skips, the
+    programs visit no chunk, o is ``keep_o``'s (an o computed elsewhere, whose buffer o takes) and the rest
+    undefined."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     kp = padded(K)

@@ -38,17 +38,24 @@ def call(kernel: Callable[..., None], *, name: str, grid: tuple[int, ...], input
     BlockSpec); entries that are None are left out (the kernel's parameter keeps its default, None). The
     outputs are typed like the inputs for shard_map's check_vma (fleetjax.vma). Returns name -> array.
 
-    ``skip``: a bool scalar array, passed to the kernel as ``skip_ref`` [1] int32, decided on the device (no
-    host wait, unlike a lax.cond around the call): where it is nonzero, the programs on a GPU return at once
-    and store nothing (0.7-1.6 us less a skipped launch on an H200, 2026-12-07); in the interpreter the
-    kernel runs and its walk visits no chunk (fleetjax.pallas.walk.walk). Each output named in ``keep`` (name
-    -> an array of its shape and dtype) takes that array's buffer: it holds that array when the programs
-    start (a kernel may read it there), and a skipped call leaves it so; the other outputs of a skipped call
-    are undefined."""
+    ``skip``: decided on the device (no host wait, unlike a lax.cond around the call), passed to the kernel as
+    ``skip_ref`` (read by :func:`skipped`): a bool scalar array, True to skip every program; or per row of
+    the grid, its second axis being b * H + h, float states [B, H, n, r, m] (n and m powers of two) whose
+    first rows witness (fleetjax.pallas.mosaic.witness_of): the programs of row (b, h) skip where
+    states[b, h, :, 0] is all finite, read in place (no reduction launched, no copy of the rows made).
+    Skipped programs on a GPU return at once and store nothing (0.7-1.6 us less a skipped launch on an H200,
+    2026-12-07); in the interpreter the kernel runs and its walk visits no chunk (fleetjax.pallas.walk.walk).
+    Each output named in ``keep`` (name -> an array of its shape and dtype) takes that array's buffer: it holds
+    that array when the programs start (a kernel may read it there), and a skipped program leaves its blocks
+    so; its other outputs' blocks are undefined."""
     inputs = {n: x for n, x in inputs.items() if x is not None}
     outputs = {n: x for n, x in outputs.items() if x is not None}
     keep = dict(keep or {})
-    if skip is not None:
+    if skip is not None and jnp.issubdtype(skip.dtype, jnp.floating):
+        H, n, _, m = skip.shape[1:]
+        rows = pl.BlockSpec((None, None, n, None, m), lambda j, g, *_: (g // H, g % H, 0, 0, 0))
+        inputs["skip_ref"] = (skip, rows)
+    elif skip is not None:
         skip_spec = pl.BlockSpec((1,), lambda *_: (0,))
         inputs["skip_ref"] = (jnp.reshape(skip, (1,)).astype(jnp.int32), skip_spec)
     for n, array in keep.items():  # passed for its buffer only: the kernel reads it through the output's ref
@@ -65,7 +72,7 @@ def call(kernel: Callable[..., None], *, name: str, grid: tuple[int, ...], input
             # skip (no chunk visited) is the whole of it.
             kernel(**named)
         else:
-            pl.when(named["skip_ref"][0] == 0)(lambda: kernel(**named))
+            pl.when(jnp.logical_not(skipped(named["skip_ref"])))(lambda: kernel(**named))
 
     def launch(*arrays):
         out_shape = [shape_dtype_like(shape, dtype, *arrays) for (shape, dtype), _ in outputs.values()]
@@ -91,6 +98,14 @@ def call(kernel: Callable[..., None], *, name: str, grid: tuple[int, ...], input
     results = jax.vmap(launch, in_axes=batched)(*gathered)
     index = jax.lax.axis_index(axes)
     return {n: r[index] for n, r in zip(outputs, results)}
+
+
+def skipped(skip_ref) -> jax.Array:
+    """Whether the program skips (a bool scalar), from :func:`call`'s ``skip_ref``: the flag [1] int32,
+    nonzero; or the first rows [n, m] float of the program's row's states, all finite."""
+    if jnp.issubdtype(skip_ref.dtype, jnp.floating):
+        return jnp.max(jnp.where(jnp.isfinite(skip_ref[...]), 0, 1)) == 0
+    return skip_ref[0] != 0
 
 
 def _gather(x: jax.Array, axes: tuple) -> jax.Array:

@@ -19,7 +19,7 @@ from jax.experimental.pallas import triton as plt
 
 from fleetjax.chunking import Chunking
 from fleetjax.chunk import Chunk, chunk
-from fleetjax.pallas.launch import on_gpu
+from fleetjax.pallas.launch import on_gpu, skipped
 
 f32 = jnp.float32
 
@@ -98,13 +98,14 @@ def walk(body: Callable[[Chunk, jax.Array], jax.Array], state, *, piece, chunkin
          log_decay, run_ref=None, edge_ref=None, gate_ref=None, skip_ref=None):
     """``state = body(chunk, state)`` over the chunks of ``piece``, first to last (reverse: last to first);
     ``state`` may be any pytree of arrays. run_ref [T]: run ids; edge_ref [1]: the run of the state entering
-    the piece (None: one run); gate_ref [T]: the log gate (None: the constant decay); skip_ref [1]: nonzero,
-    no chunk is visited and ``state`` comes back as it went in (fleetjax.pallas.launch.call's ``skip``)."""
+    the piece (None: one run); gate_ref [T]: the log gate (None: the constant decay); skip_ref: where
+    fleetjax.pallas.launch.skipped says so, no chunk is visited and ``state`` comes back as it went in
+    (fleetjax.pallas.launch.call's ``skip``)."""
     C, T = chunking.chunk_size, chunking.T
     first = piece * chunking.chunks_per_piece
     count = jnp.minimum(chunking.chunks_per_piece, chunking.n_chunks - first)
     if skip_ref is not None:  # a product, not a select: Pallas-Triton lowers this select's literal as a bool
-        count = count * (skip_ref[0] == 0).astype(jnp.int32)
+        count = count * (1 - skipped(skip_ref).astype(jnp.int32))
 
     def step(c, carry):
         state, edge_run = carry
