@@ -864,11 +864,9 @@ def test_the_contained_forward_skips_the_rows_whose_witness_is_finite(monkeypatc
     walk's witness row by row (fleetjax.pallas.launch.call's per-row skip, not the reduction's flag): a NaN
     in one (batch, head) row gives that row the contained walk's o, the Triton op's, and leaves every other row
     the Mosaic walk's, bitwise."""
-    def run(*args, interpret=None, **kwargs):
-        return walk(*args, interpret=InterpretGPUParams(), **kwargs)
-
     walk = mosaic.walk
-    monkeypatch.setattr(mosaic, "walk", run)
+    monkeypatch.setattr(mosaic, "walk", lambda *args, interpret=None, **kwargs: walk(
+        *args, interpret=InterpretGPUParams(), **kwargs))
     B, T, H, K, V = 2, 128, 2, 64, 64
     q, k, v = _inputs(B, T, H, K, V, "bfloat16")
     decay = jnp.asarray([0.97, 0.9], jnp.float32)
