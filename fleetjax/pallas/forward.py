@@ -145,16 +145,15 @@ def forward_walk(q, k, v, log_decay, start, run_ids, chunking: Chunking, *, scal
                  contain: bool, local, block_v: int, num_warps: int, num_stages: int, precision, gate=None,
                  piece_log=None, skip=None, keep_o=None):
     """(o [B, T, H, V] in q's dtype, the state after the walk [B, H, K, V] float32, a witness of o), from the
-    entering state ``start`` (None: zero). The witness is NaN somewhere whenever some o is not finite (in
-    float32, before its rounding): without ``contain`` and segments, the states after every piece [B, H, P,
-    K', V'] (see :func:`forward_kernel`), a read of a few MB instead of o; else o itself. ``contain``: o and
-    the final state come marked NaN where a non-finite value reaches (fleetjax.nonfinite.mark_forward), in one
-    piece (``chunking`` must have one). ``local``: the pieces' local states (see :func:`piece_states`), None
-    with one piece. gate [B, H, T] and piece_log
-    [B, H, P] (the pieces' sums of la): the gated decay (None: constant). skip: a bool scalar array, or states
-    whose first rows witness each (batch, head) row (fleetjax.pallas.launch.call); where it skips, the
-    programs visit no chunk, o is ``keep_o``'s (an o computed elsewhere, whose buffer o takes) and the rest
-    undefined."""
+    entering state ``start`` (None: zero). The witness is NaN somewhere whenever some o is not finite (in float32,
+    before its rounding): without ``contain`` and segments, the states after every piece [B, H, P, K', V'] (see
+    :func:`forward_kernel`), a read of a few MB instead of o; else o itself. ``contain``: o and the final state
+    come marked NaN where a non-finite value reaches (fleetjax.nonfinite.mark_forward), in one piece (``chunking``
+    must have one). ``local``: the pieces' local states (see :func:`piece_states`), None with one piece.
+    gate [B, H, T] and piece_log [B, H, P] (the pieces' sums of la): the gated decay (None: constant). skip: a
+    bool scalar array, or states whose first rows witness each (batch, head) row (fleetjax.pallas.launch.call);
+    where it skips, the programs visit no chunk, o is ``keep_o``'s (an o computed elsewhere, whose buffer o
+    takes) and the rest undefined."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     kp = padded(K)
