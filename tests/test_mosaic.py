@@ -18,6 +18,7 @@ import oracle
 from fleetjax.chunking import Chunking
 from fleetjax.pallas import chunked, mosaic
 from test_op import DECAY_GRAD_TOLERANCE, TOLERANCE
+from test_pallas_chunked import _plain_eqns
 
 hopper = pytest.mark.skipif(not mosaic.on_hopper(), reason="the Mosaic GPU walk runs on sm_90 GPUs only")
 try:  # Mosaic GPU's CPU interpreter (a private module of jax: the tests skip where it moved)
@@ -843,20 +844,6 @@ def test_the_op_through_the_interpreted_walks_matches_the_oracle(monkeypatch, le
     assert ("name=fleet_gate_grad" in str(jax.make_jaxpr(pullback)(do))) == launch
 
 
-def _launches(jaxpr, name: str) -> list:
-    """The pallas_call equations named ``name`` in ``jaxpr`` and its sub-jaxprs."""
-    from jax.extend import core as jcore
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call" and eqn.params.get("name") == name:
-            found.append(eqn)
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (list, tuple)) else [param]:
-                if isinstance(sub, (jcore.ClosedJaxpr, jcore.Jaxpr)) and eqn.primitive.name != "pallas_call":
-                    found += _launches(getattr(sub, "jaxpr", sub), name)
-    return found
-
-
 @pytest.mark.parametrize("compiled", [pytest.param(False, marks=interpreted), pytest.param(True, marks=hopper)])
 @pytest.mark.parametrize("where", ["q", "v"])
 def test_the_contained_forward_skips_the_rows_whose_witness_is_finite(monkeypatch, where, compiled):
@@ -878,7 +865,8 @@ def test_the_contained_forward_skips_the_rows_whose_witness_is_finite(monkeypatc
     f = lambda q, k, v, config: fleetjax.fleet_attention(q, k, v, decay, implementation="pallas",  # noqa: E731
                                                          config=config)
     # The contained launch's skip, its last input but the kept o, is the walk's states [B, H, 1, K, V] float32.
-    [contained] = _launches(jax.make_jaxpr(f, static_argnums=3)(*x.values(), config).jaxpr, "fleet_forward")
+    jaxpr = jax.make_jaxpr(f, static_argnums=3)(*x.values(), config).jaxpr
+    [contained] = [eqn for eqn in _plain_eqns(jaxpr) if eqn.params.get("name") == "fleet_forward"]
     assert contained.invars[-2].aval.shape == (B, H, 1, K, V) and contained.invars[-2].aval.dtype == jnp.float32
     plain = np.asarray(f(q, k, v, config), np.float32)
     got = np.asarray(f(*x.values(), config), np.float32)
